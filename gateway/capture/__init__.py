@@ -1,0 +1,1 @@
+"""Packets in: the live sniffer (AF_PACKET + kernel BPF), pcap replay, and the frame parser they share."""

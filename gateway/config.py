@@ -1,0 +1,209 @@
+"""Configuration: a TOML file (``/etc/iotgw/iotgw.toml`` by default) overridden by command-line flags.
+
+Every section is a dataclass with defaults, so an empty file (or none at all) is a working configuration.
+A bad file fails with ``ConfigError`` naming the file, the line and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+DEFAULT_PATH = Path("/etc/iotgw/iotgw.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/iotgw")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names file, line and key."""
+
+
+@dataclass
+class DnsConfig:
+    listen: list[str] = field(default_factory=lambda: ["0.0.0.0:53", "[::]:53"])
+    upstreams: list[str] = field(default_factory=lambda: ["1.1.1.1", "9.9.9.9"])
+    # Clients outside these prefixes get REFUSED: never an open resolver.
+    lan: list[str] = field(
+        default_factory=lambda: ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7", "fe80::/10"]
+    )
+    timeout_s: float = 2.0
+    cache_size: int = 10000
+    rate_limit_per_minute: int = 1000  # Pi-hole's default; 0 switches it off
+
+
+@dataclass
+class CaptureConfig:
+    interface: str | None = None
+    sniff: bool = True
+
+
+@dataclass
+class StoreConfig:
+    url: str = ""  # empty: SQLite under [gateway].state_dir
+    querylog_days: int = 90
+    querylog_max_rows: int = 2_000_000
+    flush_interval_s: float = 2.0
+
+
+@dataclass
+class MqttConfig:
+    url: str = ""  # mqtt://host:1883 or mqtts://host:8883; empty switches MQTT off
+    username: str = ""
+    password: str = ""
+    ca_file: str = ""
+    discovery_prefix: str = "homeassistant"
+    outbox_max: int = 10000
+
+
+@dataclass
+class IdentifierConfig:
+    model_dir: str = ""  # empty: the model bundle that ships with the package
+
+
+@dataclass
+class WebConfig:
+    listen: str = "0.0.0.0:8080"
+
+
+@dataclass
+class GatewayConfig:
+    name: str = "iotgw"
+    state_dir: str = str(DEFAULT_STATE_DIR)
+
+
+@dataclass
+class Config:
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    identifier: IdentifierConfig = field(default_factory=IdentifierConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    source: str = "(defaults)"  # the file this came from, for messages
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.gateway.state_dir)
+
+    @property
+    def db_url(self) -> str:
+        return self.store.url or f"sqlite:///{self.state_dir / 'iotgw.sqlite'}"
+
+
+def load(path: str | Path | None = None) -> Config:
+    """Read ``path`` (or the default path if it exists); no file at all gives the defaults."""
+    if path is None:
+        if not DEFAULT_PATH.exists():
+            return Config()
+        path = DEFAULT_PATH
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc  # tomllib's message carries line and column
+    cfg = Config(source=str(path))
+    hints = get_type_hints(Config)
+    for section, values in data.items():
+        if section not in hints or section == "source":
+            raise ConfigError(f"{path}:{_line(text, section, None)}: unknown section [{section}]")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}:{_line(text, None, section)}: {section} must be a [section]")
+        target = getattr(cfg, section)
+        fields = get_type_hints(type(target))
+        for key, value in values.items():
+            where = f"{path}:{_line(text, section, key)}: {section}.{key}"
+            if key not in fields:
+                raise ConfigError(f"{where}: unknown key")
+            setattr(target, key, _coerce(value, fields[key], where))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than a type: addresses and prefixes parse."""
+    for prefix in cfg.dns.lan:
+        try:
+            ipaddress.ip_network(prefix, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"{cfg.source}: dns.lan: {prefix!r} is not a network prefix") from exc
+    for listen in cfg.dns.listen:
+        try:
+            parse_hostport(listen, 53)
+        except ValueError as exc:
+            raise ConfigError(f"{cfg.source}: dns.listen: {exc}") from exc
+    for upstream in cfg.dns.upstreams:
+        try:
+            parse_hostport(upstream, 53)
+        except ValueError as exc:
+            raise ConfigError(f"{cfg.source}: dns.upstreams: {exc}") from exc
+
+
+def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
+    """``1.2.3.4``, ``1.2.3.4:53``, ``[::1]:53`` or ``::1`` -> (host, port)."""
+    text = text.strip()
+    m = re.fullmatch(r"\[([0-9a-fA-F:.%\w]+)\](?::(\d+))?", text)
+    if m:
+        host, port = m.group(1), m.group(2)
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, None
+    try:
+        ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9.-]+", host):
+            raise ValueError(f"{text!r} is not HOST[:PORT]") from None
+    p = int(port) if port else default_port
+    if not 0 <= p <= 65535:
+        raise ValueError(f"{text!r}: port out of range")
+    return host, p
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = get_origin(hint)
+    if origin is list:
+        (item,) = get_args(hint)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
+            raise ConfigError(f"{where}: expected a list of {item.__name__}")
+        return value
+    allowed = tuple(a for a in get_args(hint) if a is not type(None)) or (hint,)
+    if value in (None, "") and type(None) in get_args(hint):
+        return None
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) and bool not in allowed:
+        raise ConfigError(f"{where}: expected {' or '.join(a.__name__ for a in allowed)}, got a boolean")
+    if not isinstance(value, allowed):
+        raise ConfigError(f"{where}: expected {' or '.join(a.__name__ for a in allowed)}, got {value!r}")
+    return value
+
+
+def _line(text: str, section: str | None, key: str | None) -> int:
+    """The line number of ``key`` inside ``[section]`` (tomllib keeps no positions, so look it up)."""
+    current = None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        m = re.fullmatch(r"\[\s*([^\]]+?)\s*\]\s*(#.*)?", stripped)
+        if m:
+            current = m.group(1)
+            if key is None and current == section:
+                return number
+            continue
+        if key and re.match(rf"{re.escape(key)}\s*=", stripped) and (section is None or current == section):
+            return number
+    return 1
+
+
+def asdict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

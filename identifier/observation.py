@@ -1,0 +1,51 @@
+"""What the identifier is told about a device: small immutable records, one per thing seen on the wire.
+
+The gateway's capture, replay and DNS server turn packets into these; training reads the same records from
+captures, so what the model learns from and what it sees at run time cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class DnsObservation:
+    """A DNS query the device sent."""
+
+    ts: float
+    name: str  # lower case, no trailing dot
+    qtype: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DhcpObservation:
+    """A DHCP client message (DISCOVER, REQUEST, INFORM) the device sent."""
+
+    ts: float
+    hostname: str | None = None  # option 12
+    param_list: tuple[int, ...] = ()  # option 55, in the order the client sent it
+    vendor_class: str | None = None  # option 60
+    client_id: str | None = None  # option 61, hex
+    message_type: int | None = None  # option 53
+
+
+@dataclass(frozen=True, slots=True)
+class MdnsObservation:
+    """Names and service types the device announced or asked for over mDNS."""
+
+    ts: float
+    names: tuple[str, ...] = ()
+    services: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PacketObservation:
+    """Any other packet: its protocol and destination port, for devices that send no DNS at first."""
+
+    ts: float
+    proto: str  # "tcp", "udp", "icmp", "icmpv6", "arp", "eapol", "other"
+    port: int | None = None
+
+
+Observation = DnsObservation | DhcpObservation | MdnsObservation | PacketObservation

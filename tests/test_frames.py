@@ -1,0 +1,68 @@
+"""The frame parser on real captures and on frames built with scapy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from scapy.layers.dhcp import BOOTP, DHCP
+from scapy.layers.dns import DNS, DNSQR
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+
+from gateway.capture.frames import MalformedPacket, parse_frame
+from gateway.capture.pcap import PcapError, read_frames
+from gateway.events import AddressSeen, DhcpSeen, DnsQuery, MdnsSeen
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "iot-sentinel" / "captures"
+MAC = "02:11:22:33:44:55"
+
+
+def test_dns_query_frame_gives_query_with_sld():
+    frame = bytes(Ether(src=MAC) / IP(src="10.0.0.7", dst="10.0.0.1") / UDP(sport=40000, dport=53)
+                  / DNS(rd=1, qd=DNSQR(qname="Time.Example.CO.UK.", qtype="AAAA")))
+    (event,) = parse_frame(frame, 5.0)
+    assert isinstance(event, DnsQuery)
+    assert (event.mac, event.client, event.qname, event.sld, event.qtype) == (
+        MAC, "10.0.0.7", "time.example.co.uk", "example.co.uk", 28)
+
+
+def test_dhcp_request_gives_fingerprint_and_address():
+    opts = [("message-type", "request"), ("hostname", b"cam-1"), ("param_req_list", [1, 3, 6, 15, 119]),
+            ("vendor_class_id", b"udhcp 1.2"), ("requested_addr", "10.0.0.9"), "end"]
+    frame = bytes(Ether(src=MAC, dst="ff:ff:ff:ff:ff:ff") / IP(src="0.0.0.0", dst="255.255.255.255")
+                  / UDP(sport=68, dport=67) / BOOTP(chaddr=bytes.fromhex(MAC.replace(":", ""))) / DHCP(options=opts))
+    events = parse_frame(frame, 1.0)
+    dhcp = next(e for e in events if isinstance(e, DhcpSeen))
+    assert dhcp.hostname == "cam-1" and dhcp.param_list == (1, 3, 6, 15, 119)
+    assert dhcp.vendor_class == "udhcp 1.2" and dhcp.message_type == 3 and dhcp.ip == "10.0.0.9"
+    assert AddressSeen(1.0, MAC, "10.0.0.9", "dhcp") in events
+
+
+@pytest.mark.parametrize("payload", [b"\x00", b"\xff" * 11, b"\x12\x34\x01\x00\x00\x05" + b"\x00" * 4])
+def test_garbage_dns_payload_is_malformed(payload):
+    frame = bytes(Ether(src=MAC) / IP(src="10.0.0.7") / UDP(sport=1000, dport=53) / payload)
+    with pytest.raises(MalformedPacket):
+        parse_frame(frame, 0.0)
+
+
+def test_short_frame_is_malformed():
+    with pytest.raises(MalformedPacket):
+        parse_frame(b"\x00" * 10, 0.0)
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="../shared/data is not beside the checkout")
+def test_real_capture_hue_bridge_dhcp_dns_and_mdns():
+    pcap = sorted((DATA / "HueBridge").glob("*.pcap"))[0]
+    events = [e for ts, frame in read_frames(pcap) for e in parse_frame(frame, ts)]
+    mac = (DATA / "HueBridge" / "_iotdevice-mac.txt").read_text().strip().lower()
+    assert any(isinstance(e, DhcpSeen) and e.mac == mac and e.hostname == "Philips-hue" for e in events)
+    assert any(isinstance(e, DnsQuery) and e.sld == "meethue.com" for e in events)
+    assert any(isinstance(e, MdnsSeen) and "_hap._tcp.local" in e.services for e in events)
+
+
+def test_not_a_pcap_names_the_file(tmp_path):
+    bad = tmp_path / "bad.pcap"
+    bad.write_bytes(b"this is not a capture at all")
+    with pytest.raises(PcapError, match="bad.pcap"):
+        list(read_frames(bad))
