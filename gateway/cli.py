@@ -1,0 +1,82 @@
+"""The ``iotgw`` command: the composition root. Each command group lives in ``gateway/commands/<group>.py``
+and registers itself with ``add_commands(subparsers)``; handlers import what they need lazily, so
+``iotgw --help`` stays fast and the daemon never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from gateway.config import Config, ConfigError, load, parse_hostport
+
+COMMAND_MODULES = (
+    "gateway.commands.daemon",  # run, demo, replay
+    "gateway.commands.inspect",  # devices, queries
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"iotgw: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iotgw", description="IoT edge gateway")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
+    return parser
+
+
+def add_state_args(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and ``--db``: every command that reads or writes state takes both."""
+    parser.add_argument("--config", metavar="FILE", help="TOML config (default /etc/iotgw/iotgw.toml if present)")
+    parser.add_argument("--db", metavar="URL", help="database URL (default: SQLite under the state directory)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config file with the command line's flags on top."""
+    cfg = load(args.config)
+    if getattr(args, "db", None):
+        cfg.store.url = args.db
+    for flag, section, key in (
+        ("dns_listen", "dns", "listen"),
+        ("upstream", "dns", "upstreams"),
+        ("lan", "dns", "lan"),
+    ):
+        value = getattr(args, flag, None)
+        if value:
+            setattr(getattr(cfg, section), key, list(value))
+    if getattr(args, "interface", None):
+        cfg.capture.interface = args.interface
+    if getattr(args, "no_sniff", False):
+        cfg.capture.sniff = False
+    if getattr(args, "mqtt", None):
+        cfg.mqtt.url = args.mqtt
+    if getattr(args, "state_dir", None):
+        cfg.gateway.state_dir = args.state_dir
+    for listen in cfg.dns.listen:
+        try:
+            parse_hostport(listen, 53)
+        except ValueError as exc:
+            raise ConfigError(f"--dns-listen: {exc}") from exc
+    return cfg
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Command groups of ``iotgw``; each module registers its subcommands with ``add_commands(subparsers)``."""
