@@ -1,0 +1,121 @@
+"""What the CLI and the web UI do to devices: one set of functions for both, so no logic lives in a view."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import delete, or_, select
+
+from gateway.store.db import Store
+from gateway.store.schema import (
+    Address,
+    Device,
+    DeviceName,
+    DhcpFingerprint,
+    Identification,
+    MdnsService,
+    ObservationWindow,
+)
+
+STATUSES = ("new", "quarantined", "approved")
+DEVICES_REVISION = "devices_revision"  # bumped on every change made outside the daemon
+
+
+class NotFound(LookupError):
+    pass
+
+
+@dataclass
+class DeviceDetail:
+    device: Device
+    addresses: list[Address]
+    names: list[DeviceName]
+    fingerprints: list[DhcpFingerprint]
+    services: list[MdnsService]
+    identifications: list[Identification]
+
+
+def list_devices(store: Store, *, search: str | None = None, status: str | None = None) -> list[Device]:
+    stmt = select(Device).order_by(Device.last_seen.desc())
+    if status:
+        stmt = stmt.where(Device.status == status)
+    if search:
+        like = f"%{search.lower()}%"
+        stmt = stmt.where(
+            or_(
+                Device.mac.like(like),
+                Device.name.ilike(like),
+                Device.vendor.ilike(like),
+                Device.manufacturer.ilike(like),
+                Device.device_type.ilike(like),
+                Device.mac.in_(select(Address.mac).where(Address.ip.like(like))),
+            )
+        )
+    with store.session() as s:
+        return list(s.scalars(stmt))
+
+
+def get_device(store: Store, mac: str) -> DeviceDetail:
+    mac = mac.lower()
+    with store.session() as s:
+        device = s.get(Device, mac)
+        if device is None:
+            raise NotFound(mac)
+        return DeviceDetail(
+            device=device,
+            addresses=list(s.scalars(select(Address).where(Address.mac == mac).order_by(Address.last_seen.desc()))),
+            names=list(s.scalars(select(DeviceName).where(DeviceName.mac == mac))),
+            fingerprints=list(s.scalars(select(DhcpFingerprint).where(DhcpFingerprint.mac == mac))),
+            services=list(s.scalars(select(MdnsService).where(MdnsService.mac == mac))),
+            identifications=list(
+                s.scalars(select(Identification).where(Identification.mac == mac).order_by(Identification.ts))
+            ),
+        )
+
+
+def rename(store: Store, mac: str, name: str) -> None:
+    name = name.strip()[:200]
+    now = time.time()
+    with store.transaction() as s:
+        device = _get(s, mac)
+        device.name, device.name_source = (name, "user") if name else (None, None)
+        if name:
+            s.add(DeviceName(mac=device.mac, name=name, source="user", first_seen=now, last_seen=now))
+    store.bump_revision(DEVICES_REVISION)
+
+
+def set_status(store: Store, mac: str, status: str) -> None:
+    """``approved`` lifts quarantine; ``quarantined`` puts the device back under its quarantine policy."""
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {', '.join(STATUSES)}")
+    with store.transaction() as s:
+        _get(s, mac).status = status
+    store.bump_revision(DEVICES_REVISION)
+
+
+def label(store: Store, mac: str, *, manufacturer: str, device_type: str, category: str) -> None:
+    """The owner confirms or corrects the identity: these labels feed federated training."""
+    with store.transaction() as s:
+        device = _get(s, mac)
+        device.label_manufacturer = manufacturer.strip() or None
+        device.label_device_type = device_type.strip() or None
+        device.label_category = category.strip() or None
+        device.labelled_at = time.time()
+    store.bump_revision(DEVICES_REVISION)
+
+
+def forget(store: Store, mac: str) -> None:
+    with store.transaction() as s:
+        device = _get(s, mac)
+        for table in (Address, DeviceName, DhcpFingerprint, MdnsService, Identification, ObservationWindow):
+            s.execute(delete(table).where(table.mac == device.mac))
+        s.delete(device)
+    store.bump_revision(DEVICES_REVISION)
+
+
+def _get(session, mac: str) -> Device:  # noqa: ANN001 - a Session
+    device = session.get(Device, mac.lower())
+    if device is None:
+        raise NotFound(mac)
+    return device

@@ -1,0 +1,108 @@
+"""Opening the databases, migrating them, and handing out sessions."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from collections.abc import Iterator
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import Engine, Integer, MetaData, Text, cast, create_engine, event, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from gateway.store.schema import ConfigBase, QueryLogBase, Setting
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def querylog_url(url: str) -> str:
+    """The query log's database: a sibling file for SQLite (its writes and pruning then never block the
+    configuration database), the same database for a server URL."""
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite" and u.database not in (None, "", ":memory:"):
+        db = Path(u.database)
+        return str(u.set(database=str(db.with_name(db.stem + "-querylog" + db.suffix))))
+    return url
+
+
+class Store:
+    """Both databases of one gateway. ``Store(url)`` opens and migrates them."""
+
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        self.url = url
+        self.engine = _engine(url)
+        self.querylog_engine = _engine(querylog_url(url)) if querylog_url(url) != url else self.engine
+        self.session = sessionmaker(self.engine, expire_on_commit=False)
+        self.querylog_session = sessionmaker(self.querylog_engine, expire_on_commit=False)
+        if migrate:
+            self.migrate()
+
+    def migrate(self) -> None:
+        """Bring both databases to the newest schema (idempotent)."""
+        for engine, metadata, branch in (
+            (self.engine, ConfigBase.metadata, "config"),
+            (self.querylog_engine, QueryLogBase.metadata, "querylog"),
+        ):
+            _upgrade(engine, metadata, branch)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        with self.session.begin() as session:
+            yield session
+
+    def get_setting(self, key: str, default: str | None = None) -> str | None:
+        with self.session() as s:
+            row = s.get(Setting, key)
+            return row.value if row else default
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self.transaction() as s:
+            s.merge(Setting(key=key, value=value))
+
+    def bump_revision(self, key: str) -> int:
+        """Increment a revision counter (policy, devices) that the daemon polls to notice outside changes."""
+        with self.transaction() as s:
+            # One UPDATE, so two writers (web UI and CLI) can never both read n and write n + 1.
+            bumped = s.execute(
+                update(Setting).where(Setting.key == key).values(value=cast(cast(Setting.value, Integer) + 1, Text))
+            )
+            if bumped.rowcount == 0:
+                s.add(Setting(key=key, value="1"))
+            return int(s.get(Setting, key).value)
+
+    def close(self) -> None:
+        self.engine.dispose()
+        self.querylog_engine.dispose()
+
+
+def _engine(url: str) -> Engine:
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    if u.database not in (None, "", ":memory:"):
+        Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DB-API connection
+        cur = dbapi_conn.cursor()
+        # WAL: readers (the web UI) never block the daemon's writer; NORMAL sync is safe in WAL and spares
+        # the SD card a flush per commit.
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    return engine
+
+
+def _upgrade(engine: Engine, metadata: MetaData, branch: str) -> None:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        cfg.attributes["metadata"] = metadata
+        command.upgrade(cfg, f"{branch}@head")
