@@ -67,6 +67,31 @@ class AddressSeen:
     source: str  # "dhcp" | "neighbour" | "packet"
 
 
+ALERT_KINDS = (
+    "new_device",
+    "device_identified",
+    "unknown_device",
+    "device_online",
+    "device_offline",
+    "blocked_summary",
+    "quarantine_entered",
+    "quarantine_lifted",
+    "anomaly",
+    "model_updated",
+    "federated_round",
+)
+
+
+@dataclass(slots=True)
+class Alert:
+    """Something the owner should hear about (MQTT, Home Assistant, the web UI's alert list)."""
+
+    kind: str  # one of ALERT_KINDS
+    ts: float
+    mac: str | None
+    data: dict = field(default_factory=dict)
+
+
 Event = DnsQuery | DhcpSeen | MdnsSeen | PacketSeen | AddressSeen
 
 
