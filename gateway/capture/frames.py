@@ -43,7 +43,7 @@ def parse_frame(frame: bytes, ts: float, *, others: bool = False, source: str = 
     """
     if len(frame) < 14:
         raise MalformedPacket("frame shorter than an Ethernet header")
-    dst_mac, src_raw = frame[0:6], frame[6:12]
+    src_raw = frame[6:12]
     ethertype = struct.unpack_from("!H", frame, 12)[0]
     off = 14
     while ethertype in ETH_VLAN:

@@ -4,9 +4,8 @@ Revision ID: config_0001
 Revises:
 """
 
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = "config_0001"
 down_revision = None

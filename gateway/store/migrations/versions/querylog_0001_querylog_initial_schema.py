@@ -4,9 +4,8 @@ Revision ID: querylog_0001
 Revises:
 """
 
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = "querylog_0001"
 down_revision = None

@@ -1,0 +1,76 @@
+"""``iotgw devices`` and ``iotgw queries``: read the store, as a table or as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from gateway.cli import add_state_args, config_from_args
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    devices = sub.add_parser("devices", help="list devices")
+    add_state_args(devices)
+    devices.add_argument("--json", action="store_true", help="one JSON array")
+    devices.add_argument("--search", help="match MAC, name, vendor, type or address")
+    devices.set_defaults(func=cmd_devices)
+
+    queries = sub.add_parser("queries", help="the query log, newest first")
+    add_state_args(queries)
+    queries.add_argument("--device", metavar="MAC")
+    queries.add_argument("--search", metavar="TEXT", help="part of the name")
+    queries.add_argument("--limit", type=int, default=50)
+    queries.add_argument("--json", action="store_true", help="one JSON object per line")
+    queries.set_defaults(func=cmd_queries)
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from gateway.devices.service import list_devices
+    from gateway.store.db import Store
+
+    store = Store(config_from_args(args).db_url)
+    rows = [
+        {
+            "mac": d.mac, "name": d.name, "name_source": d.name_source, "vendor": d.vendor, "status": d.status,
+            "manufacturer": d.manufacturer, "device_type": d.device_type, "category": d.category,
+            "confidence": d.confidence, "known": d.known, "decided_after_s": d.decided_after_s,
+            "first_seen": d.first_seen, "last_seen": d.last_seen,
+        }
+        for d in list_devices(store, search=args.search)
+    ]
+    if args.json:
+        json.dump(rows, sys.stdout, indent=1)
+        print()
+        return 0
+    print(f"{'MAC':<20} {'NAME':<24} {'VENDOR':<22} {'TYPE':<20} {'CONF':>5} {'STATUS':<11} LAST SEEN")
+    for r in rows:
+        conf = f"{r['confidence']:.2f}" if r["confidence"] is not None else ""
+        seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_seen"]))
+        print(f"{r['mac']:<20} {_cut(r['name'], 24)} {_cut(r['vendor'], 22)} {_cut(r['device_type'], 20)} "
+              f"{conf:>5} {r['status']:<11} {seen}")
+    return 0
+
+
+def cmd_queries(args: argparse.Namespace) -> int:
+    from gateway.store.db import Store
+    from gateway.store.querylog import recent
+
+    store = Store(config_from_args(args).db_url)
+    for q in recent(store, mac=args.device.lower() if args.device else None, search=args.search,
+                    limit=args.limit):
+        row = {"ts": q.ts, "client": q.client, "mac": q.mac, "qname": q.qname, "qtype": q.qtype, "sld": q.sld,
+               "rcode": q.rcode, "latency_ms": q.latency_ms, "verdict": q.verdict, "rule": q.rule,
+               "source": q.source}
+        if args.json:
+            print(json.dumps(row))
+        else:
+            seen = time.strftime("%H:%M:%S", time.localtime(q.ts))
+            print(f"{seen} {q.client:<16} {q.mac or '':<20} {q.verdict:<11} {q.qname}")
+    return 0
+
+
+def _cut(value: str | None, width: int) -> str:
+    text = (value or "").replace("\n", " ")
+    return (text[: width - 1] + "…" if len(text) > width else text).ljust(width)

@@ -1,0 +1,246 @@
+"""The daemon: wires packet sources (DNS server, sniffer, replay, virtual devices) to the device tracker, the
+identifier, the policy engine, the query log and the alerts.
+
+The DNS hot path only asks the tracker for a MAC, asks the policy for a verdict and appends an event to a
+queue. Everything else (tracking, identification, writes, alerts) runs in the consumer, off the hot path,
+on the same event loop; database writes go to threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from gateway.config import Config
+from gateway.devices.tracker import Change, DeviceTracker
+from gateway.events import Alert, Counters, DnsQuery, Event
+from gateway.observations import to_json, to_observation
+from gateway.store.db import Store
+from gateway.store.querylog import QueryLogWriter
+from gateway.store.schema import Device, Identification, ObservationWindow
+
+log = logging.getLogger(__name__)
+
+WINDOW_S = 60.0  # how long after a device's first packet its traffic feeds identification
+
+
+class Gateway:
+    def __init__(self, cfg: Config, store: Store) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.counters = Counters()
+        self.tracker = DeviceTracker(store)
+        self.querylog = QueryLogWriter(store, flush_interval_s=cfg.store.flush_interval_s,
+                                       days=cfg.store.querylog_days, max_rows=cfg.store.querylog_max_rows)
+        self.identifier = load_identifier(cfg)
+        self.alert_sinks: list[Callable[[Alert], None]] = []
+        self.dns = None
+        self.sniffer = None
+        self._queue: deque[Event] = deque(maxlen=500_000)
+        self._tasks: list[asyncio.Task] = []
+        self._sessions: dict[str, object] = {}  # device key -> identifier session, during its window
+        self._windows: dict[str, list[dict]] = {}  # device key -> observations (JSON) of its first seconds
+        self._window_start: dict[str, float] = {}
+        self._pending_identities: list[tuple[str, float, object]] = []  # written by the next flush
+        self._closed_windows: list[tuple[str, float, list[dict]]] = []
+        self.ready = threading.Event()
+
+    # -- sources ----------------------------------------------------------------------------------------
+    def ingest(self, events: list[Event]) -> None:
+        """Hand events to the consumer; safe from any thread (sniffer, replay, virtual devices)."""
+        self._queue.extend(events)
+
+    def emit_query(self, query: DnsQuery) -> None:
+        """The DNS server's per-query callback: the cheapest possible hand-off."""
+        self._queue.append(query)
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.querylog.start()
+        self._tasks.append(asyncio.create_task(self._consume(), name="consumer"))
+        self._tasks.append(asyncio.create_task(self._flush_loop(), name="flush"))
+        await self._start_dns()
+        self._start_sniffer()
+        self.ready.set()
+
+    async def stop(self) -> None:
+        if self.dns is not None:
+            await self.dns.stop()
+        if self.sniffer is not None:
+            self.sniffer.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._drain()
+        await asyncio.to_thread(self._write, self._take())
+        self.querylog.stop()
+
+    async def _start_dns(self) -> None:
+        if not self.cfg.dns.listen:
+            return
+        from gateway.dns.server import DnsServer
+
+        self.dns = DnsServer(self.cfg.dns, self.counters, mac_for=self.tracker.mac_for, emit=self.emit_query)
+        await self.dns.start()
+
+    def _start_sniffer(self) -> None:
+        if not (self.cfg.capture.sniff and self.cfg.capture.interface):
+            return
+        from gateway.capture.sniffer import Sniffer
+
+        self.sniffer = Sniffer(self.cfg.capture.interface, self.ingest, counters=self.counters)
+        self.sniffer.start()
+
+    # -- the consumer -----------------------------------------------------------------------------------
+    async def _consume(self) -> None:
+        # A fixed tick rather than a wake-up per event: the DNS hot path and the sniffer thread only append
+        # to a deque, and 50 ms is far below what anyone watching a device appear can notice.
+        while True:
+            await asyncio.sleep(0.05)
+            self._drain()
+
+    def _drain(self) -> None:
+        while self._queue:
+            event = self._queue.popleft()
+            try:
+                self._handle(event)
+            except Exception:  # one bad event must not stop the consumer
+                self.counters.add("consumer_errors")
+                log.exception("consumer: failed on %r", event)
+
+    def _handle(self, event: Event) -> None:
+        for change in self.tracker.observe(event):
+            self._on_change(change)
+        if isinstance(event, DnsQuery):
+            self.counters.add("queries")
+            self.querylog.add(event)
+        key = getattr(event, "mac", None)
+        if key is None or key not in self._window_start:
+            return
+        if event.ts - self._window_start[key] > WINDOW_S:
+            self._close_window(key)
+            return
+        obs = to_observation(event)
+        if obs is None:
+            return
+        self._windows[key].append(to_json(obs))
+        session = self._sessions.get(key)
+        if session is not None:
+            identity = session.update(obs)
+            if identity is not None:
+                self._identified(key, identity)
+
+    def _on_change(self, change: Change) -> None:
+        if change.kind == "new_device":
+            ts = self.tracker.devices[change.key].first_seen
+            self._window_start[change.key] = ts
+            self._windows[change.key] = []
+            if self.identifier is not None:
+                self._sessions[change.key] = self.identifier.session(change.key, ts)
+            self.alert(Alert("new_device", ts, change.key, {"mac": change.key}))
+        elif change.kind == "merged" and change.old_key:
+            for table in (self._sessions, self._windows, self._window_start):
+                if change.old_key in table and change.key not in table:
+                    table[change.key] = table.pop(change.old_key)
+                else:
+                    table.pop(change.old_key, None)
+
+    def _identified(self, key: str, identity) -> None:  # noqa: ANN001 - identifier.stream.Identity
+        kind = "device_identified" if identity.known else "unknown_device"
+        data = {
+            "manufacturer": identity.manufacturer,
+            "device_type": identity.device_type,
+            "category": identity.category,
+            "confidence": round(float(identity.confidence), 4),
+            "decided_after_s": identity.decided_after_s,
+            "model_version": identity.model_version,
+        }
+        self._pending_identities.append((key, time.time(), identity))
+        self.alert(Alert(kind, time.time(), key, data))
+
+    def _close_window(self, key: str) -> None:
+        self._sessions.pop(key, None)
+        start = self._window_start.pop(key)
+        self._closed_windows.append((key, start, self._windows.pop(key, [])))
+
+    def alert(self, alert: Alert) -> None:
+        for sink in self.alert_sinks:
+            try:
+                sink(alert)
+            except Exception:
+                log.exception("alert sink failed on %s", alert.kind)
+
+    # -- persistence ------------------------------------------------------------------------------------
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.store.flush_interval_s)
+            try:
+                await asyncio.to_thread(self._write, self._take())
+            except Exception:
+                self.counters.add("flush_errors")
+                log.exception("flush failed")
+
+    def _take(self) -> tuple:
+        """Detach what the next write stores (on the loop thread, so the consumer never races the writer)."""
+        identities, self._pending_identities = self._pending_identities, []
+        windows, self._closed_windows = self._closed_windows, []
+        # Open windows are written too, so a confirmation in the web UI finds what the device sent so far.
+        snapshot = [(k, self._window_start[k], list(v)) for k, v in self._windows.items()]
+        snapshot += [(k, start, obs) for k, start, obs in windows]
+        return self.tracker.take(), identities, snapshot
+
+    def _write(self, batch: tuple) -> None:
+        tracked, identities, windows = batch
+        self.tracker.write(tracked)
+        if not (identities or windows):
+            return
+        with self.store.transaction() as s:
+            for key, ts, identity in identities:
+                device = s.get(Device, key)
+                if device is None:
+                    continue
+                s.add(Identification(
+                    mac=key, ts=ts, manufacturer=identity.manufacturer, device_type=identity.device_type,
+                    category=identity.category, confidence=float(identity.confidence), known=identity.known,
+                    decided_after_s=identity.decided_after_s, alternatives=list(identity.alternatives),
+                    signals=list(identity.signals), model_version=identity.model_version,
+                ))
+                device.manufacturer, device.device_type = identity.manufacturer, identity.device_type
+                device.category, device.confidence = identity.category, float(identity.confidence)
+                device.known, device.decided_after_s = identity.known, identity.decided_after_s
+            for key, start, observations in windows:
+                if s.get(Device, key) is not None:
+                    s.merge(ObservationWindow(mac=key, started_at=start, observations=observations))
+
+
+def load_identifier(cfg: Config):  # noqa: ANN201 - identifier.stream.Identifier | None
+    """The identification model, or None when it cannot be loaded (the gateway still resolves and filters)."""
+    try:
+        from identifier.stream import Identifier
+
+        return Identifier.load(cfg.identifier.model_dir or None)
+    except Exception as exc:  # a missing or broken bundle must not stop DNS
+        log.warning("identification off: %s", exc)
+        return None
+
+
+def run_forever(gateway: Gateway, *, on_started: Callable[[Gateway], None] | None = None) -> None:
+    """Run until SIGINT/SIGTERM."""
+    import signal
+
+    async def main() -> None:
+        await gateway.start()
+        if on_started:
+            on_started(gateway)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await gateway.stop()
+
+    asyncio.run(main())

@@ -1,0 +1,152 @@
+"""``iotgw demo``: the whole gateway on loopback, no root, no LAN, no config.
+
+An embedded upstream answers every name (there is no Internet to forward to), and virtual devices join one
+after another: each sends a real DHCP request and mDNS announcement through the frame parser (the path
+capture and replay use) and real DNS queries over UDP from its own loopback address (127.0.0.N) to the
+gateway's DNS server, so the tracker maps that address to the device's MAC exactly as on a LAN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import dnslib
+
+from gateway.capture.frames import parse_frame
+from gateway.daemon import Gateway
+from identifier.observation import DhcpObservation, DnsObservation, MdnsObservation, Observation
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedUpstream(asyncio.DatagramProtocol):
+    """Answers A/AAAA for any name with a stable documentation address; the demo's stand-in for the Internet."""
+
+    def connection_made(self, transport) -> None:  # noqa: ANN001
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:  # noqa: ANN001
+        try:
+            query = dnslib.DNSRecord.parse(data)
+        except Exception:
+            return
+        reply = query.reply()
+        q = query.q
+        digest = hashlib.blake2b(str(q.qname).encode(), digest_size=2).digest()
+        if q.qtype == dnslib.QTYPE.A:
+            reply.add_answer(dnslib.RR(q.qname, q.qtype, ttl=300, rdata=dnslib.A(f"198.51.100.{digest[0]}")))
+        elif q.qtype == dnslib.QTYPE.AAAA:
+            reply.add_answer(dnslib.RR(q.qname, q.qtype, ttl=300, rdata=dnslib.AAAA(f"2001:db8::{digest.hex()}")))
+        self.transport.sendto(reply.pack(), addr)
+
+
+async def start_upstream(host: str = "127.0.0.1") -> tuple[asyncio.DatagramTransport, int]:
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(EmbeddedUpstream, local_addr=(host, 0))
+    return transport, transport.get_extra_info("sockname")[1]
+
+
+@dataclass
+class VirtualDevice:
+    name: str
+    mac: str
+    ip: str
+    script: list[Observation]  # relative timestamps from the device's join
+
+
+def virtual_devices(gateway: Gateway, count: int = 6, seed: int = 7) -> list[VirtualDevice]:
+    """Devices built from the model bundle's per-type prototypes, so what joins is what the model knows."""
+    rng = random.Random(seed)
+    prototypes = gateway.identifier.prototypes() if gateway.identifier is not None else {}
+    if not prototypes:
+        raise RuntimeError("the demo needs the identification model bundle (its prototypes drive the devices)")
+    chosen = rng.sample(sorted(prototypes), min(count, len(prototypes)))
+    devices = []
+    for n, device_type in enumerate(chosen, start=10):
+        mac = f"02:00:00:{rng.randrange(256):02x}:{rng.randrange(256):02x}:{n:02x}"
+        devices.append(VirtualDevice(device_type, mac, f"127.0.0.{n}", list(prototypes[device_type])))
+    return devices
+
+
+class DeviceRunner(threading.Thread):
+    """Plays one virtual device's script in real time, then keeps it chatting every ``period_s``."""
+
+    def __init__(self, gateway: Gateway, device: VirtualDevice, dns_port: int, *, delay_s: float,
+                 period_s: float = 20.0) -> None:
+        super().__init__(name=f"virtual-{device.name}", daemon=True)
+        self.gateway, self.device, self.dns_port = gateway, device, dns_port
+        self.delay_s, self.period_s = delay_s, period_s
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        if self.stopping.wait(self.delay_s):
+            return
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((self.device.ip, 0))
+        sock.settimeout(1.0)
+        try:
+            self._play(sock, self.device.script)
+            later = [o for o in self.device.script if isinstance(o, DnsObservation)]
+            while later and not self.stopping.wait(self.period_s):
+                self._play(sock, [DnsObservation(0.0, o.name, o.qtype) for o in later[:3]])
+        finally:
+            sock.close()
+
+    def _play(self, sock: socket.socket, script: list[Observation]) -> None:
+        start = time.time()
+        for obs in sorted(script, key=lambda o: o.ts):
+            if self.stopping.wait(max(0.0, start + obs.ts - time.time())):
+                return
+            if isinstance(obs, DnsObservation):
+                query = dnslib.DNSRecord.question(obs.name, dnslib.QTYPE.get(obs.qtype, "A"))
+                sock.sendto(query.pack(), ("127.0.0.1", self.dns_port))
+                try:
+                    sock.recv(4096)
+                except OSError:
+                    pass
+            else:
+                frame = build_frame(self.device, obs)
+                if frame is not None:
+                    self.gateway.ingest(parse_frame(frame, time.time(), source="virtual"))
+
+
+def build_frame(device: VirtualDevice, obs: Observation) -> bytes | None:
+    """The Ethernet frame a real device would send for a DHCP or mDNS observation."""
+    from scapy.layers.dhcp import BOOTP, DHCP
+    from scapy.layers.dns import DNS, DNSRR
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    mac_raw = bytes.fromhex(device.mac.replace(":", ""))
+    if isinstance(obs, DhcpObservation):
+        options: list = [("message-type", obs.message_type or 3), ("requested_addr", device.ip)]
+        if obs.hostname:
+            options.append(("hostname", obs.hostname.encode()))
+        if obs.param_list:
+            options.append(("param_req_list", list(obs.param_list)))
+        if obs.vendor_class:
+            options.append(("vendor_class_id", obs.vendor_class.encode()))
+        options.append("end")
+        pkt = (Ether(src=device.mac, dst="ff:ff:ff:ff:ff:ff") / IP(src="0.0.0.0", dst="255.255.255.255")
+               / UDP(sport=68, dport=67) / BOOTP(chaddr=mac_raw + b"\x00" * 10, xid=random.getrandbits(32))
+               / DHCP(options=options))
+        return bytes(pkt)
+    if isinstance(obs, MdnsObservation):
+        records = [DNSRR(rrname=f"{name}.", type="A", rdata=device.ip, ttl=120)
+                   for name in obs.names if name.endswith(".local") and "._" not in name]
+        records += [DNSRR(rrname=f"{service}.", type="PTR", rdata=f"{device.name}.{service}.", ttl=4500)
+                    for service in obs.services]
+        if not records:
+            return None
+        dns = DNS(qr=1, aa=1, an=records)
+        pkt = (Ether(src=device.mac, dst="01:00:5e:00:00:fb") / IP(src=device.ip, dst="224.0.0.251")
+               / UDP(sport=5353, dport=5353) / dns)
+        return bytes(pkt)
+    return None

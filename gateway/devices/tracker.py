@@ -1,0 +1,279 @@
+"""The device tracker: which device (MAC) is behind each address, what it is called, when it was seen.
+
+It lives in memory (the DNS hot path asks ``mac_for`` on every query: a dict hit) and writes what changed to
+the store in one transaction per flush. Only the daemon's event consumer calls ``observe`` and ``flush``;
+``mac_for`` is safe from the DNS server on the same event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from gateway.events import AddressSeen, DhcpSeen, DnsQuery, Event, MdnsSeen, PacketSeen
+from gateway.store.db import Store
+from gateway.store.schema import (
+    Address,
+    Device,
+    DeviceName,
+    DhcpFingerprint,
+    Identification,
+    MdnsService,
+    ObservationWindow,
+    Query,
+)
+from identifier.oui import vendor
+
+log = logging.getLogger(__name__)
+
+# A device's best name comes from the most trusted source that gave one.
+NAME_RANK = {"user": 0, "dhcp": 1, "mdns": 2, "rdns": 3}
+
+
+def address_key(ip: str) -> str:
+    """The key of a client whose MAC cannot be known (loopback, routed): merged into a MAC when one maps."""
+    return f"ip:{ip}"
+
+
+@dataclass
+class TrackedDevice:
+    key: str
+    first_seen: float
+    last_seen: float
+    name: str | None = None
+    name_source: str | None = None
+    new: bool = False  # not yet in the store
+    dirty: bool = True
+    names: set[tuple[str, str]] = field(default_factory=set)  # (source, name) already stored
+
+
+@dataclass
+class TrackerBatch:
+    """The changes one flush writes."""
+
+    devices: list[tuple[str, float, float, str | None, str | None]]
+    addresses: dict[str, tuple[str, str, float]]
+    names: list[dict]
+    fingerprints: list[dict]
+    services: list[dict]
+    merges: list[tuple[str, str]]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.devices or self.addresses or self.names or self.fingerprints or self.services
+                    or self.merges)
+
+
+@dataclass
+class Change:
+    """What ``observe`` noticed that others care about (alerts, identification)."""
+
+    kind: str  # "new_device" | "merged" | "renamed"
+    key: str
+    old_key: str | None = None
+
+
+class DeviceTracker:
+    def __init__(self, store: Store, *, neighbour_lookup: Callable[[str], str | None] | None = None) -> None:
+        self.store = store
+        self.devices: dict[str, TrackedDevice] = {}
+        self.ip_to_key: dict[str, str] = {}
+        self._neighbour_lookup = neighbour_lookup
+        self._pending_addresses: dict[str, tuple[str, str, float]] = {}  # ip -> (key, source, ts)
+        self._pending_names: list[dict] = []
+        self._pending_fingerprints: list[dict] = []
+        self._pending_services: list[dict] = []
+        self._merges: list[tuple[str, str]] = []
+        self._load()
+
+    # -- the hot path ------------------------------------------------------------------------------------
+    def mac_for(self, ip: str) -> str | None:
+        key = self.ip_to_key.get(ip)
+        if key is not None and not key.startswith("ip:"):
+            return key
+        if self._neighbour_lookup is not None:
+            return self._neighbour_lookup(ip)
+        return None
+
+    # -- the event consumer ------------------------------------------------------------------------------
+    def observe(self, event: Event) -> list[Change]:
+        """Fold one event into the device table; return what changed that others must hear about."""
+        changes: list[Change] = []
+        ts = event.ts
+        if isinstance(event, DnsQuery):
+            key = event.mac or self.mac_for(event.client) or address_key(event.client)
+            event.mac = key
+            changes += self._touch(key, ts)
+            if key.startswith("ip:"):
+                self.ip_to_key.setdefault(event.client, key)
+            else:
+                changes += self._map(event.client, key, "server", ts)
+            return changes
+        mac = event.mac
+        changes += self._touch(mac, ts)
+        if isinstance(event, AddressSeen):
+            changes += self._map(event.ip, mac, event.source, ts)
+        elif isinstance(event, DhcpSeen):
+            if event.hostname:
+                changes += self._name(mac, event.hostname, "dhcp", ts)
+            self._pending_fingerprints.append(
+                dict(mac=mac, first_seen=ts, hostname=event.hostname,
+                     param_list=",".join(map(str, event.param_list)), vendor_class=event.vendor_class,
+                     client_id=event.client_id)
+            )
+        elif isinstance(event, MdnsSeen):
+            for name in event.names:
+                if name.endswith(".local") and "._" not in name:  # a host name, not a service instance
+                    changes += self._name(mac, name.removesuffix(".local"), "mdns", ts)
+            for service in event.services:
+                self._pending_services.append(dict(mac=mac, service=service, first_seen=ts))
+        elif isinstance(event, PacketSeen) and event.ip:
+            changes += self._map(event.ip, mac, "packet", ts)
+        return changes
+
+    def _touch(self, key: str, ts: float) -> list[Change]:
+        dev = self.devices.get(key)
+        if dev is None:
+            self.devices[key] = TrackedDevice(key, ts, ts, new=True)
+            return [Change("new_device", key)]
+        if ts > dev.last_seen:
+            dev.last_seen = ts
+            dev.dirty = True
+        return []
+
+    def _map(self, ip: str, mac: str, source: str, ts: float) -> list[Change]:
+        if ip in ("0.0.0.0", "::") or not ip:
+            return []
+        old = self.ip_to_key.get(ip)
+        self.ip_to_key[ip] = mac
+        self._pending_addresses[ip] = (mac, source, ts)
+        if old and old.startswith("ip:") and old in self.devices:
+            self._merge(old, mac)
+            return [Change("merged", mac, old)]
+        return []
+
+    def _merge(self, old: str, mac: str) -> None:
+        """The address-keyed device turns out to be ``mac``: fold its history in."""
+        gone = self.devices.pop(old)
+        dev = self.devices[mac]
+        dev.first_seen = min(dev.first_seen, gone.first_seen)
+        dev.last_seen = max(dev.last_seen, gone.last_seen)
+        dev.dirty = True
+        if not gone.new:
+            self._merges.append((old, mac))
+        for ip, key in list(self.ip_to_key.items()):
+            if key == old:
+                self.ip_to_key[ip] = mac
+
+    def _name(self, mac: str, name: str, source: str, ts: float) -> list[Change]:
+        name = "".join(ch for ch in name if ch.isprintable())[:200]  # stored as given; shown as text
+        if not name:
+            return []
+        dev = self.devices[mac]
+        if (source, name) not in dev.names:
+            dev.names.add((source, name))
+            self._pending_names.append(dict(mac=mac, name=name, source=source, first_seen=ts, last_seen=ts))
+        if dev.name_source is None or NAME_RANK[source] < NAME_RANK.get(dev.name_source, 9) or (
+            source == dev.name_source and name != dev.name
+        ):
+            dev.name, dev.name_source, dev.dirty = name, source, True
+            return [Change("renamed", mac)]
+        return []
+
+    # -- persistence -------------------------------------------------------------------------------------
+    def take(self) -> TrackerBatch:
+        """Everything changed since the last call, detached from the live state (cheap; on the loop thread)."""
+        batch = TrackerBatch(
+            devices=[(d.key, d.first_seen, d.last_seen, d.name, d.name_source)
+                     for d in self.devices.values() if d.dirty],
+            addresses=self._pending_addresses,
+            names=self._pending_names,
+            fingerprints=self._pending_fingerprints,
+            services=self._pending_services,
+            merges=self._merges,
+        )
+        for dev in self.devices.values():
+            dev.dirty = dev.new = False
+        self._pending_addresses, self._pending_names = {}, []
+        self._pending_fingerprints, self._pending_services, self._merges = [], [], []
+        return batch
+
+    def write(self, batch: TrackerBatch) -> None:
+        """Store a batch in one transaction (in a worker thread: it may wait on the disk)."""
+        if batch.empty:
+            return
+        with self.store.transaction() as s:
+            for old, mac in batch.merges:
+                self._merge_rows(s, old, mac)
+            for dev in batch.devices:
+                self._write_device(s, *dev)
+            for ip, (key, source, ts) in batch.addresses.items():
+                row = s.get(Address, ip)
+                if row is None:
+                    s.add(Address(ip=ip, mac=key, source=source, first_seen=ts, last_seen=ts))
+                else:
+                    row.mac, row.source, row.last_seen = key, source, max(row.last_seen, ts)
+            s.flush()
+            for table, rows in ((DeviceName, batch.names), (DhcpFingerprint, batch.fingerprints),
+                                (MdnsService, batch.services)):
+                _insert_ignore(s, table, rows)
+
+    def flush(self) -> None:
+        self.write(self.take())
+
+    @staticmethod
+    def _write_device(s: Session, key: str, first_seen: float, last_seen: float, name: str | None,
+                      name_source: str | None) -> None:
+        row = s.get(Device, key)
+        if row is None:
+            row = Device(mac=key, first_seen=first_seen, last_seen=last_seen, status="new",
+                         vendor=None if key.startswith("ip:") else vendor(key))
+            s.add(row)
+        row.first_seen = min(row.first_seen, first_seen)
+        row.last_seen = max(row.last_seen, last_seen)
+        if row.name_source != "user" and name:
+            row.name, row.name_source = name, name_source
+
+    def _merge_rows(self, s: Session, old: str, mac: str) -> None:
+        for table in (Address, DeviceName, DhcpFingerprint, MdnsService, Identification, ObservationWindow):
+            s.execute(update(table).where(table.mac == old).values(mac=mac)
+                      .execution_options(synchronize_session=False))
+        old_row = s.get(Device, old)
+        if old_row is not None:
+            s.delete(old_row)
+        with self.store.querylog_session.begin() as qs:  # past queries follow the device
+            qs.execute(update(Query).where(Query.mac == old).values(mac=mac))
+
+    def _load(self) -> None:
+        with self.store.session() as s:
+            for row in s.scalars(select(Device)):
+                self.devices[row.mac] = TrackedDevice(row.mac, row.first_seen, row.last_seen, row.name,
+                                                      row.name_source, dirty=False)
+            for ip, mac in s.execute(select(Address.ip, Address.mac)):
+                self.ip_to_key[ip] = mac
+            for mac, source, name in s.execute(select(DeviceName.mac, DeviceName.source, DeviceName.name)):
+                if mac in self.devices:
+                    self.devices[mac].names.add((source, name))
+        log.info("device tracker: %d devices, %d addresses", len(self.devices), len(self.ip_to_key))
+
+    def forget(self, key: str) -> None:
+        """Drop a device deleted through the services (web UI, CLI)."""
+        self.devices.pop(key, None)
+        for ip in [ip for ip, k in self.ip_to_key.items() if k == key]:
+            del self.ip_to_key[ip]
+
+
+def _insert_ignore(s: Session, table: type, rows: list[dict]) -> None:
+    """INSERT that skips rows violating a unique constraint, on SQLite and PostgreSQL alike."""
+    if not rows:
+        return
+    dialect = s.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    s.execute(insert(table).on_conflict_do_nothing(), rows)
