@@ -21,14 +21,19 @@ from policy import lists
 from policy.lists import ListError, normalise_name
 from policy.matcher import DomainIndex, suffixes
 from policy.model import PolicySet, Rule, category_tag
-from policy.records import ALLOWED, ALLOWED_ANOMALY, DeviceContext, Verdict
+from policy.records import ALLOWED, ALLOWED_ANOMALY, ANSWERS, DeviceContext, Verdict
 from policy.schedule import Schedule
 
 _Pair = tuple[Verdict, Verdict]  # (without anomaly, with anomaly), indexed by the anomaly flag
+_Verdicts = dict[str, _Pair]  # answer mode -> pair: a rule's answer is the asking device's setting
 
 
 def _pair(action: str, rule: str | None, answer: str) -> _Pair:
     return Verdict(action, rule, answer, False), Verdict(action, rule, answer, True)
+
+
+def _verdicts(action: str, rule: str) -> _Verdicts:
+    return {answer: _pair(action, rule, answer) for answer in ANSWERS}
 
 
 @dataclass
@@ -36,12 +41,12 @@ class _Part:
     """The rules of one scope that share a schedule (``None``: always)."""
 
     schedule: Schedule | None
-    allow_names: dict[str, _Pair]
-    block_names: dict[str, _Pair]
+    allow_names: dict[str, _Verdicts]
+    block_names: dict[str, _Verdicts]
     allow_mask: int  # list slots whose hits allow
     block_mask: int
-    slot_pairs: dict[int, _Pair]  # slot -> the verdicts naming the rule and list behind it
-    block_all: _Pair | None
+    slot_verdicts: dict[int, _Verdicts]  # slot -> the verdicts naming the rule and list behind it
+    block_all: _Verdicts | None
 
 
 @dataclass
@@ -60,6 +65,7 @@ class _Resolved:
     chain: tuple[_Scope, ...]
     paused: _Pair | None
     strict: _Pair | None
+    answer: str
     uses_lists: bool
 
 
@@ -117,12 +123,11 @@ class PolicyEngine:
             _pair("allowed", "quarantine allow", data.answer),
         )
         for scope, pol in data.policies.items():
-            answer = pol.answer or data.answer
             grouped: dict[str | None, list[Rule]] = {}
             for rule in pol.rules:
                 grouped.setdefault(rule.schedule, []).append(rule)
             parts = [
-                engine._compile_part(scope, data, rules, slot_of, answer, data.schedules.get(name) if name else None)
+                engine._compile_part(scope, data, rules, slot_of, data.schedules.get(name) if name else None)
                 for name, rules in grouped.items()
             ]
             engine._scopes[scope] = _Scope(scope, parts, pol.strict, pol.paused, pol.answer)
@@ -154,14 +159,13 @@ class PolicyEngine:
         data: PolicySet,
         rules: list[Rule],
         slot_of: dict[str, int],
-        answer: str,
         schedule: Schedule | None,
     ) -> _Part:
         part = _Part(schedule, {}, {}, 0, 0, {}, None)
         for rule in rules:
             label = f"{scope} {rule.label()}"
-            blocked = _pair("blocked", label, answer)
-            allowed = _pair("allowed", label, answer)
+            blocked = _verdicts("blocked", label)
+            allowed = _verdicts("allowed", label)
             if rule.kind == "all":
                 if rule.action == "block":
                     part.block_all = blocked
@@ -179,11 +183,11 @@ class PolicyEngine:
                 if rule.action == "block":
                     part.block_mask |= 1 << base
                     part.allow_mask |= 1 << (base + 1)  # the list's own @@ exceptions
-                    part.slot_pairs.setdefault(base, _pair("blocked", sub, answer))
-                    part.slot_pairs.setdefault(base + 1, _pair("allowed", f"{sub} exception", answer))
+                    part.slot_verdicts.setdefault(base, _verdicts("blocked", sub))
+                    part.slot_verdicts.setdefault(base + 1, _verdicts("allowed", f"{sub} exception"))
                 else:
                     part.allow_mask |= 0b11 << base
-                    part.slot_pairs[base] = part.slot_pairs[base + 1] = _pair("allowed", sub, answer)
+                    part.slot_verdicts[base] = part.slot_verdicts[base + 1] = _verdicts("allowed", sub)
         return part
 
     # -- deciding ---------------------------------------------------------------------------------------------
@@ -212,9 +216,9 @@ class PolicyEngine:
         res = self._resolve(ctx)
         if res.paused is not None:
             return res.paused[anomaly]
-        pair = self._match(res, sfx, now)
-        if pair is not None:
-            return pair[anomaly]
+        matched = self._match(res, sfx, now)
+        if matched is not None:
+            return matched[res.answer][anomaly]
         if res.strict is not None and (profile is None or anomaly):
             return res.strict[anomaly]
         return ALLOWED_ANOMALY if anomaly else ALLOWED
@@ -225,12 +229,13 @@ class PolicyEngine:
         the device asked for, not the CDN behind it."""
         res = self._resolve(ctx)
         for name in names:
-            pair = self._match(res, suffixes(name.rstrip(".").lower()), now)
-            if pair is not None and pair[0].blocked:
-                return Verdict("blocked", f"cname {name.rstrip('.').lower()}: {pair[0].rule}", pair[0].answer)
+            matched = self._match(res, suffixes(name.rstrip(".").lower()), now)
+            if matched is not None and matched[res.answer][0].blocked:
+                return Verdict("blocked", f"cname {name.rstrip('.').lower()}: {matched[res.answer][0].rule}",
+                               res.answer)
         return ALLOWED
 
-    def _match(self, res: _Resolved, sfx: list[str], now: float) -> _Pair | None:
+    def _match(self, res: _Resolved, sfx: list[str], now: float) -> _Verdicts | None:
         mask = self._index.mask(sfx) if res.uses_lists else 0
         for scope in res.chain:
             active = [p for p in scope.parts if p.schedule is None or p.schedule.active(now)]
@@ -238,12 +243,12 @@ class PolicyEngine:
                 if part.allow_names and not part.allow_names.keys().isdisjoint(sfx):
                     return next(part.allow_names[s] for s in sfx if s in part.allow_names)
                 if mask & part.allow_mask:
-                    return part.slot_pairs[_lowest_slot(mask & part.allow_mask)]
+                    return part.slot_verdicts[_lowest_slot(mask & part.allow_mask)]
             for part in active:
                 if part.block_names and not part.block_names.keys().isdisjoint(sfx):
                     return next(part.block_names[s] for s in sfx if s in part.block_names)
                 if mask & part.block_mask:
-                    return part.slot_pairs[_lowest_slot(mask & part.block_mask)]
+                    return part.slot_verdicts[_lowest_slot(mask & part.block_mask)]
                 if part.block_all is not None:
                     return part.block_all
         return None
@@ -267,6 +272,7 @@ class PolicyEngine:
             chain,
             _pair("blocked", f"{paused.key} paused", answer) if paused and paused.paused else None,
             _pair("blocked", f"{strict.key} strict", answer) if strict and strict.strict else None,
+            answer,
             any(p.allow_mask or p.block_mask for s in chain for p in s.parts),
         )
         if len(self._resolved) > 65536:  # bounded: devices come and go
