@@ -12,6 +12,7 @@ Independently, a name outside the device type's profile sets ``anomaly``.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from policy import lists
 from policy.lists import ListError, normalise_name
-from policy.matcher import DomainIndex, suffixes
+from policy.matcher import DomainIndex, hash_names, suffixes
 from policy.model import PolicySet, Rule, category_tag
 from policy.records import ALLOWED, ALLOWED_ANOMALY, ANSWERS, DeviceContext, Verdict
 from policy.schedule import Schedule
@@ -107,7 +108,8 @@ class PolicyEngine:
         engine._answer = data.answer
         used = _used_lists(data)
         slot_of = {list_id: 2 * i for i, list_id in enumerate(used)}  # block entries; +1: exceptions
-        engine._load_lists(data, used, Path(base_dir), previous)
+        if engine._load_lists(data, used, Path(base_dir), previous):
+            _release_free_heap()
 
         profiles: dict[str, set[str]] = {}
         for device_type, names in (learned_profiles or {}).items():
@@ -133,25 +135,31 @@ class PolicyEngine:
             engine._scopes[scope] = _Scope(scope, parts, pol.strict, pol.paused, pol.answer)
         return engine
 
-    def _load_lists(self, data: PolicySet, used: list[str], base: Path, previous: PolicyEngine | None) -> None:
+    def _load_lists(
+        self, data: PolicySet, used: list[str], base: Path, previous: PolicyEngine | None
+    ) -> bool:
+        """Load the lists in use into one index, or reuse ``previous``'s; True if anything was read."""
         paths = [base / data.lists[list_id].path for list_id in used]
         key = tuple((list_id, str(p), *_stamp(p)) for list_id, p in zip(used, paths, strict=True))
         if previous is not None and previous._index_key == key:
             self._index, self._index_key = previous._index, key
             self.list_errors, self.list_sizes = previous.list_errors, previous.list_sizes
-            return
+            return False
         slots = []
         for list_id, path in zip(used, paths, strict=True):
             try:
                 parsed = lists.load(path, source=str(path))
             except OSError as exc:
-                self.list_errors.append(ListError(str(path), 0, "", f"cannot read list {list_id!r}: {exc.strerror}"))
-                parsed = lists.ParsedList(str(path), lists.hash_names(()), lists.hash_names(()))
+                self.list_errors.append(
+                    ListError(str(path), 0, "", f"cannot read list {list_id!r}: {exc.strerror}")
+                )
+                parsed = lists.ParsedList(str(path), hash_names(()), hash_names(()))
             self.list_errors.extend(parsed.errors)
             self.list_sizes[list_id] = len(parsed)
             slots += [parsed.block, parsed.allow]
         self._index = DomainIndex(slots)
         self._index_key = key
+        return bool(used)
 
     def _compile_part(
         self,
@@ -231,8 +239,9 @@ class PolicyEngine:
         for name in names:
             matched = self._match(res, suffixes(name.rstrip(".").lower()), now)
             if matched is not None and matched[res.answer][0].blocked:
-                return Verdict("blocked", f"cname {name.rstrip('.').lower()}: {matched[res.answer][0].rule}",
-                               res.answer)
+                return Verdict(
+                    "blocked", f"cname {name.rstrip('.').lower()}: {matched[res.answer][0].rule}", res.answer
+                )
         return ALLOWED
 
     def _match(self, res: _Resolved, sfx: list[str], now: float) -> _Verdicts | None:
@@ -281,6 +290,15 @@ class PolicyEngine:
         return res
 
 
+def _release_free_heap() -> None:
+    """Hand the heap freed after a bulk list load back to the OS (glibc keeps it otherwise: ~50 MB for a
+    million names, which a Pi feels). Elsewhere this does nothing."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _lowest_slot(mask: int) -> int:
     return (mask & -mask).bit_length() - 1
 
@@ -298,8 +316,13 @@ def _used_lists(data: PolicySet) -> list[str]:
     used: dict[str, None] = {}
     for pol in data.policies.values():
         for rule in pol.rules:
-            ids = [rule.value] if rule.kind == "list" else data.categories.get(rule.value, []) \
-                if rule.kind == "category" else []
+            ids = (
+                [rule.value]
+                if rule.kind == "list"
+                else data.categories.get(rule.value, [])
+                if rule.kind == "category"
+                else []
+            )
             for list_id in ids:
                 if data.lists[list_id].enabled:
                     used[list_id] = None

@@ -55,9 +55,10 @@ class DomainIndex:
         total = sum(sizes)
         if total:
             hashes = np.concatenate([np.asarray(s, dtype=np.uint64) for s in slots])
-            bits = np.repeat(np.left_shift(np.ones(len(slots), dtype=np.uint64), np.arange(len(slots),
-                                                                                            dtype=np.uint64)),
-                             sizes).astype(dtype)
+            bits = np.repeat(
+                np.left_shift(np.ones(len(slots), dtype=np.uint64), np.arange(len(slots), dtype=np.uint64)),
+                sizes,
+            ).astype(dtype)
             order = np.argsort(hashes, kind="stable")
             hashes = hashes[order]
             bits = bits[order]
@@ -82,7 +83,11 @@ class DomainIndex:
 
     @property
     def nbytes(self) -> int:
-        return len(self._data) + self._starts.itemsize * len(self._starts) + self._masks.itemsize * len(self._masks)
+        return (
+            len(self._data)
+            + self._starts.itemsize * len(self._starts)
+            + self._masks.itemsize * len(self._masks)
+        )
 
     def mask_of_hash(self, h: int) -> int:
         """The slot mask of one hashed name (0 when absent)."""

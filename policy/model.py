@@ -36,8 +36,13 @@ CATEGORY_TAGS = {
     "other": "device_other",
 }
 DEFAULT_QUARANTINE_ALLOW = (
-    "pool.ntp.org", "time.google.com", "time.cloudflare.com", "time.apple.com", "time.windows.com",
-    "time.nist.gov", "ntp.ubuntu.com",
+    "pool.ntp.org",
+    "time.google.com",
+    "time.cloudflare.com",
+    "time.apple.com",
+    "time.windows.com",
+    "time.nist.gov",
+    "ntp.ubuntu.com",
 )
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 _ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")

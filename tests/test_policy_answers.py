@@ -35,8 +35,10 @@ def test_null_answer_for_other_types_is_nodata_and_ttl_configurable():
     assert r.answer[0].ttl == 300
 
 
-@pytest.mark.parametrize(("mode", "rcode"), [("nxdomain", dns.rcode.NXDOMAIN), ("nodata", dns.rcode.NOERROR),
-                                             ("refused", dns.rcode.REFUSED)])
+@pytest.mark.parametrize(
+    ("mode", "rcode"),
+    [("nxdomain", dns.rcode.NXDOMAIN), ("nodata", dns.rcode.NOERROR), ("refused", dns.rcode.REFUSED)],
+)
 def test_other_modes(mode, rcode):
     q = _query("ads.example.com", "A", use_edns=0)
     r = dns.message.from_wire(blocked_reply(q.to_wire(), mode))

@@ -64,7 +64,9 @@ def test_lists_categories_exceptions_and_answer_mode(tmp_path):
     engine = PolicyEngine.build(ps, base_dir=tmp_path)
     v = engine.decide(CAM, "x.ads.example", NOW)
     assert (v.action, v.answer, v.rule) == ("blocked", "nxdomain", "global block category=privacy list=ads")
-    assert engine.decide(CAM, "good.ads.example", NOW).rule == "global block category=privacy list=ads exception"
+    assert (
+        engine.decide(CAM, "good.ads.example", NOW).rule == "global block category=privacy list=ads exception"
+    )
     assert engine.decide(CAM, "track.example", NOW).blocked
     assert engine.decide(CAM2, "track.example", NOW).answer == "refused"
     assert engine.decide(PLUG, "track.example", NOW).rule == "type:tplink_plug allow list=trackers"
@@ -98,8 +100,10 @@ def test_missing_list_file_is_reported_not_fatal(tmp_path):
 
 def test_schedule_boundaries_in_a_time_zone():
     # Bedtime in Berlin: Monday 21:00-24:00 and Tuesday 00:00-07:00 (a range never crosses midnight).
-    bedtime = Schedule("Europe/Berlin", {"mon": (parse_clock("21:00"), parse_clock("24:00")),
-                                         "tue": (0, parse_clock("07:00"))})
+    bedtime = Schedule(
+        "Europe/Berlin",
+        {"mon": (parse_clock("21:00"), parse_clock("24:00")), "tue": (0, parse_clock("07:00"))},
+    )
     ps = PolicySet(schedules={"bedtime": bedtime})
     ps.policy("device:aa:bb:cc:00:00:01").rules.append(Rule("block", "all", schedule="bedtime"))
     engine = PolicyEngine.build(ps)
@@ -118,10 +122,13 @@ def test_schedule_boundaries_in_a_time_zone():
     got = [engine.decide(CAM, "anything.example", t).blocked for t, _ in cases]
     assert got == [want for _, want in cases]
     # In order and back again: the cached answer never outlives an edge.
-    assert [engine.decide(CAM, "x.example", t).blocked for t, _ in sorted(cases)] == \
-        [want for _, want in sorted(cases)]
-    assert engine.decide(CAM, "x.example", _ts(tz, 2024, 1, 15, 22, 0, 0)).rule == \
-        "device:aa:bb:cc:00:00:01 block all schedule=bedtime"
+    assert [engine.decide(CAM, "x.example", t).blocked for t, _ in sorted(cases)] == [
+        want for _, want in sorted(cases)
+    ]
+    assert (
+        engine.decide(CAM, "x.example", _ts(tz, 2024, 1, 15, 22, 0, 0)).rule
+        == "device:aa:bb:cc:00:00:01 block all schedule=bedtime"
+    )
     assert not engine.decide(CAM2, "x.example", _ts(tz, 2024, 1, 15, 22, 0, 0)).blocked
 
 
@@ -167,7 +174,9 @@ def test_strict_profile_and_anomaly():
     assert (inside.action, inside.anomaly) == ("allowed", False)
     outside = engine.decide(CAM, "exfil.example", NOW)
     assert (outside.action, outside.rule, outside.anomaly) == ("blocked", "type:acme_cam_v2 strict", True)
-    ntp = engine.decide(CAM, "0.pool.ntp.org", NOW)  # an explicit allow beats strict; still outside the profile
+    ntp = engine.decide(
+        CAM, "0.pool.ntp.org", NOW
+    )  # an explicit allow beats strict; still outside the profile
     assert (ntp.action, ntp.anomaly) == ("allowed", True)
     relaxed = engine.decide(CAM2, "exfil.example", NOW)
     assert (relaxed.action, relaxed.anomaly) == ("allowed", True)
@@ -178,8 +187,9 @@ def test_quarantine_allows_ntp_profile_and_vendor_cloud_until_approved():
     ps = PolicySet()
     ps.quarantine.enabled = True
     engine = PolicyEngine.build(ps, {"acme_cam_v2": ["acme-cloud.com"]})
-    new = DeviceContext("aa:bb:cc:00:00:07", "acme_cam_v2", "camera", "new",
-                        cloud_slds=frozenset({"acme-setup.io"}))
+    new = DeviceContext(
+        "aa:bb:cc:00:00:07", "acme_cam_v2", "camera", "new", cloud_slds=frozenset({"acme-setup.io"})
+    )
     assert engine.is_quarantined(new)
     assert engine.decide(new, "time.google.com", NOW).action == "allowed"
     assert engine.decide(new, "x.acme-cloud.com", NOW).action == "allowed"
@@ -199,7 +209,10 @@ def test_cname_chain_blocks_listed_target_only():
     ps.policy("type:acme_cam_v2").strict = True
     engine = PolicyEngine.build(ps, {"acme_cam_v2": ["acme-cloud.com"]})
     v = engine.check_cname_chain(CAM, ["api.acme-cloud.com.", "edge.tracker-cdn.example."], NOW)
-    assert (v.action, v.rule) == ("blocked", "cname edge.tracker-cdn.example: global block name=tracker-cdn.example")
+    assert (v.action, v.rule) == (
+        "blocked",
+        "cname edge.tracker-cdn.example: global block name=tracker-cdn.example",
+    )
     # A CDN target outside the profile is not a strict-mode block: only listed names count here.
     assert engine.check_cname_chain(CAM, ["d1.cloudfront.net."], NOW).action == "allowed"
 
@@ -213,17 +226,39 @@ MUD = {
     },
     "ietf-access-control-list:acls": {
         "acl": [
-            {"name": "from-ipv4-cam", "type": "ipv4-acl-type", "aces": {"ace": [
-                {"name": "cl0-frdev", "matches": {"ipv4": {"ietf-acldns:dst-dnsname": "api.acme-cloud.com",
-                                                           "protocol": 6}},
-                 "actions": {"forwarding": "accept"}},
-                {"name": "cl1-frdev", "matches": {"ipv4": {"ietf-acldns:dst-dnsname": "bad.example"}},
-                 "actions": {"forwarding": "drop"}},
-            ]}},
-            {"name": "to-ipv4-cam", "type": "ipv4-acl-type", "aces": {"ace": [
-                {"name": "cl0-todev", "matches": {"ipv4": {"ietf-acldns:src-dnsname": "ota.acme-cloud.net"}},
-                 "actions": {"forwarding": "accept"}},
-            ]}},
+            {
+                "name": "from-ipv4-cam",
+                "type": "ipv4-acl-type",
+                "aces": {
+                    "ace": [
+                        {
+                            "name": "cl0-frdev",
+                            "matches": {
+                                "ipv4": {"ietf-acldns:dst-dnsname": "api.acme-cloud.com", "protocol": 6}
+                            },
+                            "actions": {"forwarding": "accept"},
+                        },
+                        {
+                            "name": "cl1-frdev",
+                            "matches": {"ipv4": {"ietf-acldns:dst-dnsname": "bad.example"}},
+                            "actions": {"forwarding": "drop"},
+                        },
+                    ]
+                },
+            },
+            {
+                "name": "to-ipv4-cam",
+                "type": "ipv4-acl-type",
+                "aces": {
+                    "ace": [
+                        {
+                            "name": "cl0-todev",
+                            "matches": {"ipv4": {"ietf-acldns:src-dnsname": "ota.acme-cloud.net"}},
+                            "actions": {"forwarding": "accept"},
+                        },
+                    ]
+                },
+            },
         ]
     },
 }
@@ -250,10 +285,13 @@ def test_mud_import_as_type_profile(tmp_path):
 
 
 def test_policy_set_round_trips_through_json_and_validates():
-    ps = PolicySet(answer="nodata", lists={"ads": ListSpec("lists/ads.txt", url="https://l.example/ads.txt")},
-                   categories={"ads": ["ads"]},
-                   schedules={"night": Schedule("UTC", {"sun": (0, 60_000)})},
-                   profiles={"cam": Profile(["a.example"], "mud:x")})
+    ps = PolicySet(
+        answer="nodata",
+        lists={"ads": ListSpec("lists/ads.txt", url="https://l.example/ads.txt")},
+        categories={"ads": ["ads"]},
+        schedules={"night": Schedule("UTC", {"sun": (0, 60_000)})},
+        profiles={"cam": Profile(["a.example"], "mud:x")},
+    )
     ps.policy("tag:device_tv").rules.append(Rule("block", "category", "ads", schedule="night"))
     ps.policy("device:aa:bb:cc:00:00:01").paused = True
     again = PolicySet.from_dict(json.loads(json.dumps(ps.to_dict())))

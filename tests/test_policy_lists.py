@@ -15,8 +15,10 @@ def _index(path):
 
 def test_hosts_file(tmp_path):
     f = tmp_path / "hosts"
-    f.write_text("# Steven Black style\n127.0.0.1 localhost\n0.0.0.0 ads.example.com tracker.example.net # two\n"
-                 ":: v6.ads.example\n")
+    f.write_text(
+        "# Steven Black style\n127.0.0.1 localhost\n0.0.0.0 ads.example.com tracker.example.net # two\n"
+        ":: v6.ads.example\n"
+    )
     parsed, index = _index(f)
     assert parsed.error_count == 0
     assert len(parsed.block) == 3
@@ -36,8 +38,10 @@ def test_plain_domain_list(tmp_path):
 
 def test_adblock_syntax_with_exceptions(tmp_path):
     f = tmp_path / "adguard.txt"
-    f.write_text("[Adblock Plus 2.0]\n! Title: test\n||ads.example.com^\n||track.example.org^$important\n"
-                 "@@||ok.ads.example.com^\nexample.com##.banner\n")
+    f.write_text(
+        "[Adblock Plus 2.0]\n! Title: test\n||ads.example.com^\n||track.example.org^$important\n"
+        "@@||ok.ads.example.com^\nexample.com##.banner\n"
+    )
     parsed, index = _index(f)
     assert parsed.error_count == 0
     assert len(parsed.block) == 2 and len(parsed.allow) == 1
@@ -47,8 +51,10 @@ def test_adblock_syntax_with_exceptions(tmp_path):
 
 def test_malformed_list_reports_file_and_line_and_loads_good_lines(tmp_path):
     f = tmp_path / "broken.txt"
-    f.write_text("good-one.example\nthis is not a rule\n||bad..name^\n||x.example^$third-party\n"
-                 "*.wild.example\n0.0.0.0 good-two.example\n<script>alert(1)</script>\n")
+    f.write_text(
+        "good-one.example\nthis is not a rule\n||bad..name^\n||x.example^$third-party\n"
+        "*.wild.example\n0.0.0.0 good-two.example\n<script>alert(1)</script>\n"
+    )
     parsed, index = _index(f)
     assert "good-one.example" in index and "good-two.example" in index
     assert [(e.line, e.reason) for e in parsed.errors] == [
