@@ -90,7 +90,7 @@ def main() -> None:
                 "lookup_us_p99": round(times[int(len(times) * 0.99)] / 1000, 2),
                 "queries": len(queries),
                 "blocked_fraction": round(blocked / len(queries), 3),
-                "note": "decide() end to end (normalise, suffixes, policy chain, hashed-list search); shared 2-core machine",
+                "note": "decide() end to end, every parent suffix; shared 2-core machine",
             }
         )
     )

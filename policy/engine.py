@@ -198,7 +198,7 @@ class PolicyEngine:
                     part.slot_verdicts[base] = part.slot_verdicts[base + 1] = _verdicts("allowed", sub)
         return part
 
-    # -- deciding ---------------------------------------------------------------------------------------------
+    # -- deciding -----------------------------------------------------------------------------------------
 
     def is_quarantined(self, ctx: DeviceContext) -> bool:
         """Whether ``ctx`` gets only its quarantine allow list (and its non-DNS traffic is dropped)."""
@@ -209,7 +209,7 @@ class PolicyEngine:
         return self._profiles.get(device_type) if device_type else None
 
     def decide(self, ctx: DeviceContext, qname: str, now: float) -> Verdict:
-        """The verdict for ``qname`` (``example.com`` or ``example.com.``, any case) asked by ``ctx`` at ``now``
+        """The verdict for ``qname`` (``example.com`` or ``example.com.``, any case) from ``ctx`` at ``now``
         (Unix seconds)."""
         sfx = suffixes(qname.rstrip(".").lower())
         profile = self._profiles.get(ctx.device_type) if ctx.device_type else None

@@ -1,8 +1,9 @@
 """Block and allow lists in the formats Pi-hole and AdGuard Home users already have.
 
 One parser reads every line on its own, so files that mix formats work: hosts lines (``0.0.0.0 ads.example``),
-plain domain lists (``ads.example``), and adblock-style rules (``||ads.example^``, exceptions ``@@||ok.example^``).
-Comments (``#``, ``!``), headers (``[Adblock Plus 2.0]``) and browser-only cosmetic rules (``##``) are skipped.
+plain domain lists (``ads.example``), and adblock-style rules (``||ads.example^``, exceptions
+``@@||ok.example^``). Comments (``#``, ``!``), headers (``[Adblock Plus 2.0]``) and browser-only cosmetic
+rules (``##``) are skipped.
 A line that cannot be used is reported with its file and line, and the good lines still load.
 """
 
@@ -79,7 +80,7 @@ class ParsedList:
 
 
 def normalise_name(text: str) -> str:
-    """A domain name in the form the matcher uses (lower case, no trailing dot, IDNA); ValueError if invalid."""
+    """A name as the matcher keeps it (lower case, no trailing dot, IDNA); ValueError if invalid."""
     name = text.strip().rstrip(".").lower()
     if not name.isascii():
         try:
@@ -187,7 +188,7 @@ def fetch(url: str, dest: str | Path, timeout: float = 30.0) -> Path:
         raise ValueError(f"{url}: only http and https lists can be fetched")
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    request = urllib.request.Request(url, headers={"User-Agent": "iotgw"})
+    request = urllib.request.Request(url, headers={"User-Agent": "iotgw"})  # noqa: S310 (scheme checked)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".fetch-")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response, os.fdopen(fd, "wb") as out:  # noqa: S310

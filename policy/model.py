@@ -49,7 +49,7 @@ _ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def category_tag(category: str) -> str:
-    """The device tag of one of our categories (``camera`` -> ``device_camera``, ``plug`` -> ``device_plug``)."""
+    """The device tag of a category (``camera`` -> ``device_camera``, ``plug`` -> ``device_plug``)."""
     category = category.lower()
     return category if category.startswith("device_") else CATEGORY_TAGS.get(category, f"device_{category}")
 
@@ -111,8 +111,8 @@ class Policy:
 
 @dataclass
 class ListSpec:
-    """A block list: a local file (``path``, relative to the state directory or absolute), fetched from ``url``
-    when the user asked for it."""
+    """A block list: a local file (``path``, relative to the state directory or absolute), fetched
+    from ``url`` when the user asked for it."""
 
     path: str
     url: str = ""
@@ -130,7 +130,7 @@ class Profile:
 
 @dataclass
 class Quarantine:
-    """With ``enabled``, devices not yet approved get only ``allow`` plus their type's profile and vendor cloud."""
+    """With ``enabled``, unapproved devices get only ``allow`` plus their type's profile and vendor cloud."""
 
     enabled: bool = False
     allow: list[str] = field(default_factory=lambda: list(DEFAULT_QUARANTINE_ALLOW))

@@ -38,7 +38,8 @@ table inet {table} {{
 
 
 class QuarantineFirewall:
-    """The iotgw nftables table: ``open`` creates it, ``add``/``remove``/``sync`` change the MAC set, ``close``
+    """The iotgw nftables table: ``open`` creates it, ``add``/``remove``/``sync`` change the MAC set,
+    ``close``
     deletes it. Use as a context manager so the table goes away with the daemon."""
 
     def __init__(self, table: str = TABLE, netns: str | None = None) -> None:
@@ -54,7 +55,9 @@ class QuarantineFirewall:
     def _run(self, *args: str, stdin: str | None = None) -> str:
         if self._nft is None:
             raise NftError("nft not found: install nftables to drop quarantined devices' traffic")
-        proc = subprocess.run([*self._prefix, self._nft, *args], input=stdin, capture_output=True, text=True, timeout=10)
+        proc = subprocess.run(
+            [*self._prefix, self._nft, *args], input=stdin, capture_output=True, text=True, timeout=10
+        )
         if proc.returncode != 0:
             raise NftError(f"nft {' '.join(args)}: {proc.stderr.strip() or proc.stdout.strip()}")
         return proc.stdout
@@ -90,7 +93,7 @@ class QuarantineFirewall:
         return {normalise_mac(m.strip()) for m in body.replace("\n", " ").split(",") if m.strip()}
 
     def sync(self, macs: Iterable[str]) -> None:
-        """Make the set exactly ``macs`` in one transaction (what the daemon calls on each policy revision)."""
+        """Make the set exactly ``macs`` in one transaction (the daemon calls this on each revision)."""
         wanted = sorted({normalise_mac(m) for m in macs})
         script = f"flush set inet {self.table} quarantined\n"
         if wanted:

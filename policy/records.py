@@ -1,11 +1,11 @@
-"""The records the policy library takes and returns: who asks (``DeviceContext``) and what to do (``Verdict``)."""
+"""The records the policy library takes and returns: who asks (``DeviceContext``) and the ``Verdict``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 ACTIONS = ("allowed", "blocked")
-# How a blocked query is answered: Pi-hole's default "null" (0.0.0.0 / ::, TTL 2), or NXDOMAIN, NODATA, REFUSED.
+# How a blocked query is answered: Pi-hole's default "null" (0.0.0.0 / ::, TTL 2), NXDOMAIN, NODATA, REFUSED.
 ANSWERS = ("null", "nxdomain", "nodata", "refused")
 
 

@@ -1,6 +1,6 @@
 """Weekly schedules in a time zone, in AdGuard Home's per-client schedule format and semantics.
 
-A schedule has a time zone and, per weekday (``sun`` .. ``sat``), at most one range ``{"start": ms, "end": ms}``
+A schedule has a time zone and, per weekday (``sun``..``sat``), at most one range ``{"start": ms, "end": ms}``
 measured from local midnight: active when ``start <= time of day < end``; ``end`` may be 24 h; a day without a
 range is inactive all day. A range cannot cross midnight: "21:00-07:00" is ``21h-24h`` on one day and ``0-7h``
 on the next, as in AdGuard Home. Time of day is wall-clock time, so "21:00" means 21:00 on DST days too.

@@ -1,4 +1,4 @@
-"""Policy decisions: precedence, lists and categories, schedules, strict profiles, anomalies, quarantine, MUD."""
+"""Policy decisions: precedence, lists, categories, schedules, strict profiles, anomalies, quarantine, MUD."""
 
 from __future__ import annotations
 

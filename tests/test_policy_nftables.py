@@ -67,21 +67,74 @@ def topology():
     try:
         for ns in (cli, gw, srv):
             _sh("ip", "netns", "add", ns)
-        _sh("ip", "link", "add", f"qa{tag}", "netns", cli, "address", CLIENT_MAC, "type", "veth",
-            "peer", "name", f"qb{tag}", "netns", gw)
-        _sh("ip", "link", "add", f"qc{tag}", "netns", gw, "type", "veth", "peer", "name", f"qd{tag}", "netns", srv)
-        for ns, dev, addr in ((cli, f"qa{tag}", "10.77.1.2/24"), (gw, f"qb{tag}", "10.77.1.1/24"),
-                              (gw, f"qc{tag}", "10.77.2.1/24"), (srv, f"qd{tag}", "10.77.2.2/24")):
+        _sh(
+            "ip",
+            "link",
+            "add",
+            f"qa{tag}",
+            "netns",
+            cli,
+            "address",
+            CLIENT_MAC,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            f"qb{tag}",
+            "netns",
+            gw,
+        )
+        _sh(
+            "ip",
+            "link",
+            "add",
+            f"qc{tag}",
+            "netns",
+            gw,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            f"qd{tag}",
+            "netns",
+            srv,
+        )
+        for ns, dev, addr in (
+            (cli, f"qa{tag}", "10.77.1.2/24"),
+            (gw, f"qb{tag}", "10.77.1.1/24"),
+            (gw, f"qc{tag}", "10.77.2.1/24"),
+            (srv, f"qd{tag}", "10.77.2.2/24"),
+        ):
             _sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
             _sh("ip", "-n", ns, "link", "set", dev, "up")
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
         _sh("ip", "-n", cli, "route", "add", "default", "via", "10.77.1.1")
         _sh("ip", "-n", srv, "route", "add", "default", "via", "10.77.2.1")
         _sh("ip", "netns", "exec", gw, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        procs.append(subprocess.Popen(["ip", "netns", "exec", srv, sys.executable, "-m", "http.server", "8080",
-                                       "--bind", "10.77.2.2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        procs.append(subprocess.Popen(["ip", "netns", "exec", gw, sys.executable, "-c", UDP_ECHO, "10.77.1.1"]))
-        procs.append(subprocess.Popen(["ip", "netns", "exec", srv, sys.executable, "-c", UDP_ECHO, "10.77.2.2"]))
+        procs.append(
+            subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    srv,
+                    sys.executable,
+                    "-m",
+                    "http.server",
+                    "8080",
+                    "--bind",
+                    "10.77.2.2",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        procs.append(
+            subprocess.Popen(["ip", "netns", "exec", gw, sys.executable, "-c", UDP_ECHO, "10.77.1.1"])
+        )
+        procs.append(
+            subprocess.Popen(["ip", "netns", "exec", srv, sys.executable, "-c", UDP_ECHO, "10.77.2.2"])
+        )
         deadline = time.monotonic() + 10
         while not _ok(cli, sys.executable, "-c", PROBE_TCP, "10.77.2.2"):
             assert time.monotonic() < deadline, "test server did not come up"
@@ -120,7 +173,9 @@ def test_quarantine_drops_forwarded_traffic_by_mac_and_lifts(topology):
         fw.remove(CLIENT_MAC)
         assert fw.macs() == {"02:77:00:00:00:99"}
         assert _reach(cli)["tcp"] is True
-    tables = subprocess.run(["ip", "netns", "exec", gw, "nft", "list", "tables"], capture_output=True, text=True)
+    tables = subprocess.run(
+        ["ip", "netns", "exec", gw, "nft", "list", "tables"], capture_output=True, text=True
+    )
     assert "iotgw" not in tables.stdout  # removed on exit
 
 
