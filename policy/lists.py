@@ -1,0 +1,205 @@
+"""Block and allow lists in the formats Pi-hole and AdGuard Home users already have.
+
+One parser reads every line on its own, so files that mix formats work: hosts lines (``0.0.0.0 ads.example``),
+plain domain lists (``ads.example``), and adblock-style rules (``||ads.example^``, exceptions
+``@@||ok.example^``). Comments (``#``, ``!``), headers (``[Adblock Plus 2.0]``) and browser-only cosmetic
+rules (``##``) are skipped.
+A line that cannot be used is reported with its file and line, and the good lines still load.
+"""
+
+from __future__ import annotations
+
+import array
+import ipaddress
+import os
+import re
+import tempfile
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from policy.matcher import name_hash
+
+# Names a hosts file maps to itself; they are not block entries.
+_HOSTS_SELF = frozenset(
+    {
+        "localhost",
+        "localhost.localdomain",
+        "local",
+        "broadcasthost",
+        "ip6-localhost",
+        "ip6-loopback",
+        "ip6-localnet",
+        "ip6-mcastprefix",
+        "ip6-allnodes",
+        "ip6-allrouters",
+        "ip6-allhosts",
+        "0.0.0.0",
+    }
+)
+_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+# The three common line forms in one match, so a million-line list loads in seconds; anything else (and
+# anything this does not fully validate) goes through ``parse_line``.
+_FAST = re.compile(r"(?:(?:0\.0\.0\.0|127\.0\.0\.1|::1?|::)[ \t]+|\|\|)?([A-Za-z0-9_.-]+)\^?[ \t]*\r?\n?")
+_ADBLOCK = re.compile(r"(@@)?\|\|([^\^$|/]+)\^?\|?(?:\$(.*))?")
+# Modifiers that do not narrow a rule for a DNS filter; anything else would change its meaning, so such a
+# line is reported rather than silently widened.
+_HARMLESS_MODIFIERS = frozenset({"important", "all", "document", "doc", "popup"})
+MAX_ERRORS_KEPT = 1000
+MAX_FETCH_BYTES = 128 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ListError:
+    """One unusable line: where it is, what it says (as text, never interpreted) and why it was skipped."""
+
+    source: str
+    line: int
+    text: str
+    reason: str
+
+    def __str__(self) -> str:
+        text = self.text if len(self.text) <= 80 else self.text[:77] + "..."
+        return f"{self.source}:{self.line}: {self.reason}: {text!r}"
+
+
+@dataclass
+class ParsedList:
+    """A list loaded into hashes: ``block`` and ``allow`` (``@@`` exceptions) as sorted ``uint64`` arrays."""
+
+    source: str
+    block: np.ndarray
+    allow: np.ndarray
+    errors: list[ListError] = field(default_factory=list)
+    error_count: int = 0  # all bad lines; ``errors`` keeps the first MAX_ERRORS_KEPT
+
+    def __len__(self) -> int:
+        return len(self.block) + len(self.allow)
+
+
+def normalise_name(text: str) -> str:
+    """A name as the matcher keeps it (lower case, no trailing dot, IDNA); ValueError if invalid."""
+    name = text.strip().rstrip(".").lower()
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise ValueError("not a valid internationalised domain name") from exc
+    if not name or len(name) > 253:
+        raise ValueError("not a domain name")
+    if not all(_LABEL.fullmatch(label) for label in name.split(".")):
+        raise ValueError("not a domain name")
+    return name
+
+
+def parse_line(line: str) -> list[tuple[str, bool]]:
+    """The entries of one line as ``(name, is_exception)``; ``[]`` for comments and blanks.
+
+    Raises ``ValueError`` with the reason for a line that cannot be used.
+    """
+    text = line.strip()
+    if not text or text[0] in "#!" or (text[0] == "[" and text[-1] == "]"):
+        return []
+    if "##" in text or "#@#" in text or "#?#" in text:
+        return []  # cosmetic (element hiding) rules are for browsers
+    if text.startswith(("||", "@@")):
+        m = _ADBLOCK.fullmatch(text)
+        if not m:
+            raise ValueError("unsupported adblock rule")
+        exception, host, modifiers = m.groups()
+        if modifiers:
+            unknown = [mod for mod in modifiers.split(",") if mod.strip().lower() not in _HARMLESS_MODIFIERS]
+            if unknown:
+                raise ValueError(f"unsupported modifier ${unknown[0]}")
+        if "*" in host:
+            raise ValueError("wildcards are not supported")
+        return [(normalise_name(host), bool(exception))]
+    if text[0] in "|/":
+        raise ValueError("unsupported adblock rule")
+    fields = text.split("#", 1)[0].split()
+    if len(fields) == 1:
+        if "*" in fields[0]:
+            raise ValueError("wildcards are not supported")
+        return [(normalise_name(fields[0]), False)]
+    try:
+        ipaddress.ip_address(fields[0].split("%")[0])
+    except ValueError:
+        raise ValueError("neither a hosts line, a domain nor an adblock rule") from None
+    return [(normalise_name(n), False) for n in fields[1:] if n.lower() not in _HOSTS_SELF]
+
+
+def _fast_name(line: str) -> str | None:
+    """The name of a plain, hosts or ``||name^`` line if it is certainly valid, else None."""
+    m = _FAST.fullmatch(line)
+    if m is None:
+        return None
+    name = m.group(1).rstrip(".")
+    if (
+        not name
+        or len(name) > 63
+        or ".." in name
+        or ".-" in name
+        or "-." in name
+        or name[0] in ".-"
+        or name[-1] == "-"
+    ):
+        return None  # long names may hold a label over 63 characters: let the full check decide
+    return name.lower()
+
+
+def load(path: str | Path, source: str | None = None) -> ParsedList:
+    """Read a list file into hashes, streaming (a million names never sit in memory as strings)."""
+    path = Path(path)
+    source = source or str(path)
+    hashes = {False: array.array("Q"), True: array.array("Q")}  # hashed at once: no strings pile up
+    block = hashes[False]
+    errors: list[ListError] = []
+    count = 0
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            name = _fast_name(line)  # the common case first: this loop runs a million times
+            if name is not None:
+                if name not in _HOSTS_SELF:
+                    block.append(name_hash(name))
+                continue
+            try:
+                entries = parse_line(line)
+            except ValueError as exc:
+                count += 1
+                if len(errors) < MAX_ERRORS_KEPT:
+                    errors.append(ListError(source, number, line.rstrip("\r\n"), str(exc)))
+                continue
+            for entry, exception in entries:
+                hashes[exception].append(name_hash(entry))
+    return ParsedList(
+        source,
+        np.unique(np.frombuffer(hashes[False], dtype=np.uint64)),
+        np.unique(np.frombuffer(hashes[True], dtype=np.uint64)),
+        errors,
+        count,
+    )
+
+
+def fetch(url: str, dest: str | Path, timeout: float = 30.0) -> Path:
+    """Download a list the user added (an explicit action, never at DNS time) to ``dest``, atomically."""
+    if not url.lower().startswith(("https://", "http://")):
+        raise ValueError(f"{url}: only http and https lists can be fetched")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    request = urllib.request.Request(url, headers={"User-Agent": "iotgw"})  # noqa: S310 (scheme checked)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".fetch-")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response, os.fdopen(fd, "wb") as out:  # noqa: S310
+            total = 0
+            while chunk := response.read(1 << 16):
+                total += len(chunk)
+                if total > MAX_FETCH_BYTES:
+                    raise ValueError(f"{url}: larger than {MAX_FETCH_BYTES >> 20} MB")
+                out.write(chunk)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest

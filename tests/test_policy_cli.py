@@ -1,0 +1,84 @@
+"""``iotgw policy ...`` against a policy file in a temporary state directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from gateway.commands import policy as policy_cmd
+
+
+def _run(state_dir, *argv: str) -> int:
+    # Only the policy group: the other command modules are built elsewhere.
+    parser = argparse.ArgumentParser(prog="iotgw")
+    policy_cmd.add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["policy", "--state-dir", str(state_dir), *argv])
+    return args.func(args)
+
+
+def _test(state_dir, capsys, *argv: str) -> dict:
+    capsys.readouterr()
+    assert _run(state_dir, "test", *argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_cli_edits_policy_file_and_decisions_follow(tmp_path, capsys):
+    state = tmp_path / "state"
+    lst = tmp_path / "ads.txt"
+    lst.write_text("||ads.example^\nthis line is broken\n")
+    mac = "aa:bb:cc:00:00:01"
+    assert _run(state, "list-add", "ads", "--file", str(lst), "--category", "privacy") == 0
+    assert f"{lst}:2: neither a hosts line" in capsys.readouterr().err
+    assert _run(state, "block", "global", "category:privacy") == 0
+    assert _run(state, "allow", f"device:{mac}", "ads.example") == 0
+    assert _run(state, "block", "type:acme_cam", "video.example") == 0
+    assert (
+        _test(state, capsys, "aa:bb:cc:00:00:02", "x.ads.example")["rule"]
+        == "global block category=privacy list=ads"
+    )
+    assert _test(state, capsys, mac, "x.ads.example")["action"] == "allowed"
+    assert _test(state, capsys, mac, "video.example", "--type", "acme_cam")["action"] == "blocked"
+    assert _run(state, "pause", f"device:{mac}") == 0
+    assert _test(state, capsys, mac, "anything.example")["rule"] == f"device:{mac} paused"
+    assert _run(state, "resume", f"device:{mac}") == 0
+    assert _test(state, capsys, mac, "anything.example")["action"] == "allowed"
+    assert _run(state, "quarantine", "on") == 0
+    assert _test(state, capsys, mac, "anything.example", "--status", "new")["rule"] == "quarantine"
+    data = json.loads((state / "policy.json").read_text())
+    assert data["revision"] == 7
+    assert data["categories"] == {"privacy": ["ads"]}
+
+
+def test_cli_schedule_unrule_and_errors(tmp_path, capsys):
+    state = tmp_path / "s"
+    assert _run(state, "schedule", "night", "--tz", "Europe/Berlin", "--day", "mon=21:00-24:00") == 0
+    assert _run(state, "block", "category:tv", "all", "--schedule", "night") == 0
+    assert json.loads((state / "policy.json").read_text())["policies"]["tag:device_tv"]["rules"] == [
+        {"action": "block", "kind": "all", "value": "", "schedule": "night"}
+    ]
+    assert _run(state, "block", "global", "x.example", "--schedule", "nope") == 2
+    assert "unknown schedule" in capsys.readouterr().err
+    assert _run(state, "unrule", "tag:device_tv", "5") == 2
+    assert _run(state, "unrule", "tag:device_tv", "0") == 0
+    assert _run(state, "schedule", "bad", "--day", "mon=22:00-06:00") == 2
+    assert json.loads((state / "policy.json").read_text())["revision"] == 3  # failed edits change nothing
+    with pytest.raises(SystemExit):
+        _run(state, "strict", "global", "maybe")
+
+
+def test_cli_import_mud(tmp_path, capsys):
+    from tests.test_policy_engine import MUD
+
+    f = tmp_path / "cam.json"
+    f.write_text(json.dumps(MUD))
+    state = tmp_path / "s"
+    assert _run(state, "import-mud", "acme_cam", str(f)) == 0
+    assert _run(state, "strict", "type:acme_cam", "on") == 0
+    assert (
+        _test(state, capsys, "aa:bb:cc:00:00:01", "api.acme-cloud.com", "--type", "acme_cam")["action"]
+        == "allowed"
+    )
+    v = _test(state, capsys, "aa:bb:cc:00:00:01", "other.example", "--type", "acme_cam")
+    assert (v["action"], v["anomaly"]) == ("blocked", True)

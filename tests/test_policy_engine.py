@@ -1,0 +1,304 @@
+"""Policy decisions: precedence, lists, categories, schedules, strict profiles, anomalies, quarantine, MUD."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from policy.engine import PolicyEngine
+from policy.model import ListSpec, PolicySet, Profile, Rule, category_tag, normalise_scope
+from policy.mud import MudError, load_mud, profile_from_mud
+from policy.records import DeviceContext
+from policy.schedule import Schedule, parse_clock
+
+CAM = DeviceContext("aa:bb:cc:00:00:01", "acme_cam_v2", "camera", "approved")
+CAM2 = DeviceContext("aa:bb:cc:00:00:02", "acme_cam_v2", "camera", "approved")
+PLUG = DeviceContext("aa:bb:cc:00:00:03", "tplink_plug", "plug", "approved")
+NOW = 1_700_000_000.0
+
+
+def _ts(zone: str, *args: int) -> float:
+    return dt.datetime(*args, tzinfo=ZoneInfo(zone)).timestamp()
+
+
+def test_precedence_device_over_type_over_tag_over_global():
+    ps = PolicySet()
+    ps.policy("global").rules.append(Rule("block", "name", "shared.example"))
+    ps.policy("category:camera").rules.append(Rule("allow", "name", "shared.example"))
+    ps.policy("type:acme_cam_v2").rules.append(Rule("block", "name", "shared.example"))
+    ps.policy("device:AA-BB-CC-00-00-01").rules.append(Rule("allow", "name", "shared.example"))
+    engine = PolicyEngine.build(ps)
+    mine = engine.decide(CAM, "www.shared.example.", NOW)
+    assert (mine.action, mine.rule) == ("allowed", "device:aa:bb:cc:00:00:01 allow name=shared.example")
+    other = engine.decide(CAM2, "shared.example", NOW)
+    assert (other.action, other.rule) == ("blocked", "type:acme_cam_v2 block name=shared.example")
+    untyped = DeviceContext("aa:bb:cc:00:00:09", None, "camera")
+    assert engine.decide(untyped, "shared.example", NOW).rule == "tag:device_camera allow name=shared.example"
+    assert engine.decide(PLUG, "shared.example", NOW).rule == "global block name=shared.example"
+    assert engine.decide(PLUG, "notshared.example", NOW).action == "allowed"
+    assert engine.decide(PLUG, "example", NOW).action == "allowed"  # a parent is not blocked by its child
+
+
+def test_category_tags_follow_adguard_home():
+    assert category_tag("camera") == "device_camera"
+    assert category_tag("tv") == "device_tv"
+    assert category_tag("speaker") == "device_audio"
+    assert category_tag("plug") == "device_plug"
+    assert normalise_scope("tag:device_tv") == normalise_scope("category:tv") == "tag:device_tv"
+    with pytest.raises(ValueError):
+        normalise_scope("device:not-a-mac")
+
+
+def test_lists_categories_exceptions_and_answer_mode(tmp_path):
+    (tmp_path / "ads.txt").write_text("||ads.example^\n@@||good.ads.example^\n")
+    (tmp_path / "trackers.txt").write_text("0.0.0.0 track.example\n")
+    ps = PolicySet(answer="nxdomain")
+    ps.lists = {"ads": ListSpec("ads.txt"), "trackers": ListSpec("trackers.txt")}
+    ps.categories = {"privacy": ["ads", "trackers"]}
+    ps.policy("global").rules.append(Rule("block", "category", "privacy"))
+    ps.policy("type:tplink_plug").rules.append(Rule("allow", "list", "trackers"))
+    ps.policy("device:aa:bb:cc:00:00:02").answer = "refused"
+    engine = PolicyEngine.build(ps, base_dir=tmp_path)
+    v = engine.decide(CAM, "x.ads.example", NOW)
+    assert (v.action, v.answer, v.rule) == ("blocked", "nxdomain", "global block category=privacy list=ads")
+    assert (
+        engine.decide(CAM, "good.ads.example", NOW).rule == "global block category=privacy list=ads exception"
+    )
+    assert engine.decide(CAM, "track.example", NOW).blocked
+    assert engine.decide(CAM2, "track.example", NOW).answer == "refused"
+    assert engine.decide(PLUG, "track.example", NOW).rule == "type:tplink_plug allow list=trackers"
+    assert engine.decide(PLUG, "ads.example", NOW).blocked
+    assert engine.list_sizes == {"ads": 2, "trackers": 1}
+
+
+def test_rebuild_reuses_unchanged_lists_and_reloads_changed(tmp_path):
+    f = tmp_path / "ads.txt"
+    f.write_text("ads.example\n")
+    ps = PolicySet(lists={"ads": ListSpec("ads.txt")})
+    ps.policy("global").rules.append(Rule("block", "list", "ads"))
+    first = PolicyEngine.build(ps, base_dir=tmp_path)
+    ps.policy("global").rules.append(Rule("block", "name", "more.example"))
+    second = PolicyEngine.build(ps, base_dir=tmp_path, previous=first)
+    assert second._index is first._index
+    assert second.decide(CAM, "more.example", NOW).blocked
+    f.write_text("ads.example\nnew.example\n")
+    third = PolicyEngine.build(ps, base_dir=tmp_path, previous=second)
+    assert third._index is not second._index
+    assert third.decide(CAM, "new.example", NOW).blocked
+
+
+def test_missing_list_file_is_reported_not_fatal(tmp_path):
+    ps = PolicySet(lists={"gone": ListSpec("gone.txt")})
+    ps.policy("global").rules += [Rule("block", "list", "gone"), Rule("block", "name", "x.example")]
+    engine = PolicyEngine.build(ps, base_dir=tmp_path)
+    assert "cannot read list 'gone'" in engine.list_errors[0].reason
+    assert engine.decide(CAM, "x.example", NOW).blocked
+
+
+def test_schedule_boundaries_in_a_time_zone():
+    # Bedtime in Berlin: Monday 21:00-24:00 and Tuesday 00:00-07:00 (a range never crosses midnight).
+    bedtime = Schedule(
+        "Europe/Berlin",
+        {"mon": (parse_clock("21:00"), parse_clock("24:00")), "tue": (0, parse_clock("07:00"))},
+    )
+    ps = PolicySet(schedules={"bedtime": bedtime})
+    ps.policy("device:aa:bb:cc:00:00:01").rules.append(Rule("block", "all", schedule="bedtime"))
+    engine = PolicyEngine.build(ps)
+    tz = "Europe/Berlin"
+    cases = [  # 2024-01-15 is a Monday
+        (_ts(tz, 2024, 1, 15, 20, 59, 59), False),
+        (_ts(tz, 2024, 1, 15, 21, 0, 0), True),  # start is inclusive
+        (_ts(tz, 2024, 1, 15, 23, 59, 59), True),
+        (_ts(tz, 2024, 1, 16, 0, 0, 0), True),
+        (_ts(tz, 2024, 1, 16, 6, 59, 59), True),
+        (_ts(tz, 2024, 1, 16, 7, 0, 0), False),  # end is exclusive
+        (_ts(tz, 2024, 1, 16, 21, 30, 0), False),  # Tuesday evening has no range
+        (_ts(tz, 2024, 1, 22, 21, 0, 0), True),  # next Monday
+        (_ts("UTC", 2024, 1, 15, 20, 30, 0), True),  # 20:30 UTC is 21:30 in Berlin (UTC+1)
+    ]
+    got = [engine.decide(CAM, "anything.example", t).blocked for t, _ in cases]
+    assert got == [want for _, want in cases]
+    # In order and back again: the cached answer never outlives an edge.
+    assert [engine.decide(CAM, "x.example", t).blocked for t, _ in sorted(cases)] == [
+        want for _, want in sorted(cases)
+    ]
+    assert (
+        engine.decide(CAM, "x.example", _ts(tz, 2024, 1, 15, 22, 0, 0)).rule
+        == "device:aa:bb:cc:00:00:01 block all schedule=bedtime"
+    )
+    assert not engine.decide(CAM2, "x.example", _ts(tz, 2024, 1, 15, 22, 0, 0)).blocked
+
+
+def test_schedule_wall_clock_across_dst():
+    # 2024-03-31: Berlin skips 02:00-03:00. "From 03:00" still means 03:00 on the clock.
+    s = Schedule("Europe/Berlin", {"sun": (parse_clock("03:00"), parse_clock("04:00"))})
+    assert not s.active(_ts("Europe/Berlin", 2024, 3, 31, 1, 59, 59))
+    assert s.active(_ts("Europe/Berlin", 2024, 3, 31, 3, 0, 0))
+    assert s.active(_ts("UTC", 2024, 3, 31, 1, 0, 0))  # 01:00 UTC is 03:00 CEST
+    assert not s.active(_ts("UTC", 2024, 3, 31, 2, 0, 0))
+
+
+def test_schedule_validation_and_round_trip():
+    with pytest.raises(ValueError, match="start < end"):
+        Schedule("UTC", {"mon": (parse_clock("22:00"), parse_clock("06:00"))})
+    with pytest.raises(ValueError, match="time zone"):
+        Schedule("Mars/Olympus", {})
+    with pytest.raises(ValueError):
+        parse_clock("24:30")
+    s = Schedule("America/New_York", {"fri": (0, 3_600_000)})
+    assert s.to_dict() == {"time_zone": "America/New_York", "fri": {"start": 0, "end": 3_600_000}}
+    assert Schedule.from_dict(s.to_dict()) == s
+
+
+def test_pause_internet_per_device():
+    ps = PolicySet()
+    ps.policy("device:aa:bb:cc:00:00:01").paused = True
+    ps.policy("device:aa:bb:cc:00:00:01").rules.append(Rule("allow", "name", "allowed.example"))
+    engine = PolicyEngine.build(ps)
+    v = engine.decide(CAM, "allowed.example", NOW)
+    assert (v.action, v.rule) == ("blocked", "device:aa:bb:cc:00:00:01 paused")
+    assert not engine.decide(CAM2, "allowed.example", NOW).blocked
+
+
+def test_strict_profile_and_anomaly():
+    learned = {"acme_cam_v2": ["acme-cloud.com", "acme-ota.net"]}
+    ps = PolicySet()
+    ps.policy("type:acme_cam_v2").strict = True
+    ps.policy("device:aa:bb:cc:00:00:02").strict = False  # the owner relaxes one camera
+    ps.policy("global").rules.append(Rule("allow", "name", "pool.ntp.org"))
+    engine = PolicyEngine.build(ps, learned)
+    inside = engine.decide(CAM, "eu.api.acme-cloud.com", NOW)
+    assert (inside.action, inside.anomaly) == ("allowed", False)
+    outside = engine.decide(CAM, "exfil.example", NOW)
+    assert (outside.action, outside.rule, outside.anomaly) == ("blocked", "type:acme_cam_v2 strict", True)
+    ntp = engine.decide(
+        CAM, "0.pool.ntp.org", NOW
+    )  # an explicit allow beats strict; still outside the profile
+    assert (ntp.action, ntp.anomaly) == ("allowed", True)
+    relaxed = engine.decide(CAM2, "exfil.example", NOW)
+    assert (relaxed.action, relaxed.anomaly) == ("allowed", True)
+    assert engine.decide(PLUG, "exfil.example", NOW).anomaly is False  # no profile, no anomaly
+
+
+def test_quarantine_allows_ntp_profile_and_vendor_cloud_until_approved():
+    ps = PolicySet()
+    ps.quarantine.enabled = True
+    engine = PolicyEngine.build(ps, {"acme_cam_v2": ["acme-cloud.com"]})
+    new = DeviceContext(
+        "aa:bb:cc:00:00:07", "acme_cam_v2", "camera", "new", cloud_slds=frozenset({"acme-setup.io"})
+    )
+    assert engine.is_quarantined(new)
+    assert engine.decide(new, "time.google.com", NOW).action == "allowed"
+    assert engine.decide(new, "x.acme-cloud.com", NOW).action == "allowed"
+    assert engine.decide(new, "setup.acme-setup.io", NOW).action == "allowed"
+    v = engine.decide(new, "www.example.com", NOW)
+    assert (v.action, v.rule) == ("blocked", "quarantine")
+    approved = DeviceContext("aa:bb:cc:00:00:07", "acme_cam_v2", "camera", "approved")
+    assert not engine.is_quarantined(approved)
+    assert engine.decide(approved, "www.example.com", NOW).action == "allowed"
+    forced = DeviceContext("aa:bb:cc:00:00:07", "acme_cam_v2", "camera", "approved", quarantined=True)
+    assert engine.decide(forced, "www.example.com", NOW).blocked
+
+
+def test_cname_chain_blocks_listed_target_only():
+    ps = PolicySet()
+    ps.policy("global").rules.append(Rule("block", "name", "tracker-cdn.example"))
+    ps.policy("type:acme_cam_v2").strict = True
+    engine = PolicyEngine.build(ps, {"acme_cam_v2": ["acme-cloud.com"]})
+    v = engine.check_cname_chain(CAM, ["api.acme-cloud.com.", "edge.tracker-cdn.example."], NOW)
+    assert (v.action, v.rule) == (
+        "blocked",
+        "cname edge.tracker-cdn.example: global block name=tracker-cdn.example",
+    )
+    # A CDN target outside the profile is not a strict-mode block: only listed names count here.
+    assert engine.check_cname_chain(CAM, ["d1.cloudfront.net."], NOW).action == "allowed"
+
+
+MUD = {
+    "ietf-mud:mud": {
+        "mud-version": 1,
+        "mud-url": "https://acme.example/cam.json",
+        "from-device-policy": {"access-lists": {"access-list": [{"name": "from-ipv4-cam"}]}},
+        "to-device-policy": {"access-lists": {"access-list": [{"name": "to-ipv4-cam"}]}},
+    },
+    "ietf-access-control-list:acls": {
+        "acl": [
+            {
+                "name": "from-ipv4-cam",
+                "type": "ipv4-acl-type",
+                "aces": {
+                    "ace": [
+                        {
+                            "name": "cl0-frdev",
+                            "matches": {
+                                "ipv4": {"ietf-acldns:dst-dnsname": "api.acme-cloud.com", "protocol": 6}
+                            },
+                            "actions": {"forwarding": "accept"},
+                        },
+                        {
+                            "name": "cl1-frdev",
+                            "matches": {"ipv4": {"ietf-acldns:dst-dnsname": "bad.example"}},
+                            "actions": {"forwarding": "drop"},
+                        },
+                    ]
+                },
+            },
+            {
+                "name": "to-ipv4-cam",
+                "type": "ipv4-acl-type",
+                "aces": {
+                    "ace": [
+                        {
+                            "name": "cl0-todev",
+                            "matches": {"ipv4": {"ietf-acldns:src-dnsname": "ota.acme-cloud.net"}},
+                            "actions": {"forwarding": "accept"},
+                        },
+                    ]
+                },
+            },
+        ]
+    },
+}
+
+
+def test_mud_import_as_type_profile(tmp_path):
+    f = tmp_path / "cam.json"
+    f.write_text(json.dumps(MUD))
+    profile = load_mud(f)
+    assert profile.names == ["api.acme-cloud.com", "ota.acme-cloud.net"]
+    assert profile.source == "mud:https://acme.example/cam.json"
+    ps = PolicySet(profiles={"acme_cam_v2": profile})
+    ps.policy("type:acme_cam_v2").strict = True
+    engine = PolicyEngine.build(ps)
+    assert engine.decide(CAM, "api.acme-cloud.com", NOW).action == "allowed"
+    assert engine.decide(CAM, "bad.example", NOW).blocked
+    assert engine.decide(CAM, "acme-cloud.com", NOW).blocked  # MUD names a host, not its whole domain
+    broken = json.loads(json.dumps(MUD))
+    broken["ietf-mud:mud"]["from-device-policy"]["access-lists"]["access-list"][0]["name"] = "nope"
+    with pytest.raises(MudError, match="unknown ACL 'nope'"):
+        profile_from_mud(broken, "x.json")
+    with pytest.raises(MudError, match="not a MUD file"):
+        profile_from_mud({}, "y.json")
+
+
+def test_policy_set_round_trips_through_json_and_validates():
+    ps = PolicySet(
+        answer="nodata",
+        lists={"ads": ListSpec("lists/ads.txt", url="https://l.example/ads.txt")},
+        categories={"ads": ["ads"]},
+        schedules={"night": Schedule("UTC", {"sun": (0, 60_000)})},
+        profiles={"cam": Profile(["a.example"], "mud:x")},
+    )
+    ps.policy("tag:device_tv").rules.append(Rule("block", "category", "ads", schedule="night"))
+    ps.policy("device:aa:bb:cc:00:00:01").paused = True
+    again = PolicySet.from_dict(json.loads(json.dumps(ps.to_dict())))
+    assert again.to_dict() == ps.to_dict()
+    bad = ps.to_dict()
+    bad["policies"]["global"] = {"rules": [{"action": "block", "kind": "list", "value": "missing"}]}
+    with pytest.raises(ValueError, match="unknown list"):
+        PolicySet.from_dict(bad)
+    with pytest.raises(ValueError, match="malformed"):
+        PolicySet.from_dict({"policies": {"global": {"rules": [{"verb": "x"}]}}})
