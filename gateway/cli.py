@@ -15,6 +15,8 @@ from gateway.config import Config, ConfigError, load, parse_hostport
 COMMAND_MODULES = (
     "gateway.commands.daemon",  # run, demo, replay
     "gateway.commands.inspect",  # devices, queries
+    "gateway.commands.user",  # set-password, token create/list/revoke
+    "gateway.commands.web",  # the web UI
 )
 
 
