@@ -1,5 +1,5 @@
-"""The web UI in a real browser: Debian's Chromium driven by Playwright against the app served by waitress on a
-loopback port, on a temporary SQLite store. Screenshots of the main pages go to ``test-artifacts/``."""
+"""The web UI in a real browser: Debian's Chromium driven by Playwright against the app served by waitress on
+a loopback port, on a temporary SQLite store. Screenshots of the main pages go to ``test-artifacts/``."""
 
 from __future__ import annotations
 
