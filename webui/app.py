@@ -37,10 +37,10 @@ def create_app(store: Store, cfg: Config, *, alerts: AlertSource | None = None) 
         SESSION_COOKIE_SECURE=False,
         PERMANENT_SESSION_LIFETIME=timedelta(seconds=security.SESSION_LIFETIME_S),
         MAX_CONTENT_LENGTH=64 * 1024,  # forms and JSON bodies are small; refuse anything bigger
-        JSON_SORT_KEYS=False,
     )
     # Everything rendered is escaped, whatever a template's file name: names come from the network.
     app.jinja_env.autoescape = True
+    app.json.sort_keys = False  # keep the documented field order in API answers
     app.jinja_env.filters["when"] = _when
     app.jinja_env.filters["ago"] = _ago
     app.jinja_env.filters["pct"] = _pct

@@ -4,6 +4,7 @@ the browser tests."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from waitress import create_server
@@ -23,7 +24,7 @@ class RunningServer:
 
     host: str
     port: int
-    stop: callable
+    stop: Callable[[], None]
 
     @property
     def url(self) -> str:
