@@ -154,4 +154,3 @@ def test_hostile_hostnames_and_query_names_render_as_text(served, page):
     page.goto(f"{base}/devices/{mac}")
     assert page.locator("img[src=x]").count() == 0
     assert page.dialogs == []
-
