@@ -13,7 +13,7 @@ from sqlalchemy import Integer, cast, func, select
 import identifier
 from gateway.config import Config
 from gateway.store.db import Store
-from gateway.store.schema import Device, Identification, Query
+from gateway.store.schema import Device, Query
 
 ONLINE_WINDOW_S = (
     600  # seen within ten minutes counts as online: an idle plug queries DNS a few times an hour
@@ -117,13 +117,6 @@ def domain_timeline(store: Store, mac: str, limit: int = 200) -> list[DomainSeen
     )
     with store.querylog_session() as s:
         return [DomainSeen(sld, f, la, int(n), int(b or 0)) for sld, f, la, n, b in s.execute(stmt)]
-
-
-def latest_identification(store: Store, mac: str) -> Identification | None:
-    with store.session() as s:
-        return s.scalar(
-            select(Identification).where(Identification.mac == mac.lower()).order_by(Identification.id.desc())
-        )
 
 
 def model_dir(cfg: Config) -> Path:
