@@ -16,6 +16,8 @@ COMMAND_MODULES = (
     "gateway.commands.daemon",  # run, demo, replay
     "gateway.commands.inspect",  # devices, queries
     "gateway.commands.policy",  # policy rules, lists, schedules, pause, quarantine
+    "gateway.commands.user",  # set-password, token create/list/revoke
+    "gateway.commands.web",  # the web UI
 )
 
 

@@ -142,3 +142,29 @@ class Query(QueryLogBase):
     verdict: Mapped[str] = mapped_column(String(16))
     rule: Mapped[str | None] = mapped_column(String(255))
     source: Mapped[str] = mapped_column(String(16))
+
+
+class User(ConfigBase):
+    """A web UI account (today only ``admin``); the password is an argon2 hash."""
+
+    __tablename__ = "users"
+
+    username: Mapped[str] = mapped_column(String(64), primary_key=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    password_changed_at: Mapped[float] = mapped_column(Float)
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[float | None] = mapped_column(Float)
+
+
+class ApiToken(ConfigBase):
+    """A bearer token for scripts. Only its SHA-256 is stored: the token itself is shown once, at creation."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(100))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    scope: Mapped[str] = mapped_column(String(8))  # read | write
+    created_at: Mapped[float] = mapped_column(Float)
+    last_used_at: Mapped[float | None] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float)

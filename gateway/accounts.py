@@ -1,0 +1,172 @@
+"""Web UI accounts and API tokens: one set of functions for ``iotgw user`` and the web UI.
+
+The admin password is hashed with argon2id; five wrong passwords in a row lock the account for 15 minutes
+(AdGuard Home's rule), counted in the database so that restarting the web UI does not reset it. API tokens
+are random, shown once, and stored as SHA-256 digests: a leaked database does not leak usable tokens, and a
+token is long enough (256 bits) that a fast unsalted hash is as good as a slow one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from gateway.store.db import Store
+from gateway.store.schema import ApiToken, User
+
+ADMIN = "admin"
+MIN_PASSWORD_LENGTH = 8
+MAX_FAILED_LOGINS = 5
+LOCKOUT_S = 15 * 60
+TOKEN_SCOPES = ("read", "write")
+TOKEN_PREFIX = "iotgw_"  # noqa: S105 - not a secret: makes a leaked token recognisable to scanners
+
+_hasher = PasswordHasher()
+# Verified when the username is unknown, so a wrong name costs the same time as a wrong password.
+_DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
+
+
+class LockedOut(Exception):
+    """Too many failed logins; ``until`` is when the next attempt will be heard."""
+
+    def __init__(self, until: float) -> None:
+        super().__init__(f"locked until {time.strftime('%H:%M:%S', time.localtime(until))}")
+        self.until = until
+
+
+class TokenNotFound(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is making a request: the session's user or an API token; ``can_write`` is false for read tokens."""
+
+    name: str
+    can_write: bool
+    token_id: int | None = None
+
+
+def has_password(store: Store, username: str = ADMIN) -> bool:
+    with store.session() as s:
+        return s.get(User, username) is not None
+
+
+def set_password(store: Store, password: str, username: str = ADMIN) -> None:
+    """Create the account or replace its password; existing web sessions of the user stop working."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise ValueError(f"the password needs at least {MIN_PASSWORD_LENGTH} characters")
+    digest = _hasher.hash(password)
+    now = time.time()
+    with store.transaction() as s:
+        user = s.get(User, username)
+        if user is None:
+            s.add(User(username=username, password_hash=digest, password_changed_at=now, failed_logins=0))
+        else:
+            user.password_hash, user.password_changed_at = digest, now
+            user.failed_logins, user.locked_until = 0, None
+
+
+def set_initial_password(store: Store, password: str, username: str = ADMIN) -> bool:
+    """The first-visit setup: creates the account only if it does not exist yet (False otherwise), so a
+    second visitor racing the owner cannot replace a password that was just set."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise ValueError(f"the password needs at least {MIN_PASSWORD_LENGTH} characters")
+    digest = _hasher.hash(password)
+    try:
+        with store.transaction() as s:
+            s.add(
+                User(
+                    username=username, password_hash=digest, password_changed_at=time.time(), failed_logins=0
+                )
+            )
+    except IntegrityError:
+        return False
+    return True
+
+
+def password_changed_at(store: Store, username: str) -> float | None:
+    """Sessions remember this value at login and are refused once it changes."""
+    with store.session() as s:
+        user = s.get(User, username)
+        return user.password_changed_at if user else None
+
+
+def verify_login(store: Store, username: str, password: str, *, now: float | None = None) -> bool:
+    """True for the right password. Raises ``LockedOut`` while the account is locked, without checking the
+    password at all, so that guessing during a lockout learns nothing."""
+    now = time.time() if now is None else now
+    with store.transaction() as s:
+        user = s.get(User, username)
+        if user is None:
+            _verify(_DUMMY_HASH, password)
+            return False
+        if user.locked_until is not None and now < user.locked_until:
+            raise LockedOut(user.locked_until)
+        if _verify(user.password_hash, password):
+            user.failed_logins, user.locked_until = 0, None
+            if _hasher.check_needs_rehash(user.password_hash):
+                user.password_hash = _hasher.hash(password)
+            return True
+        user.failed_logins += 1
+        if user.failed_logins >= MAX_FAILED_LOGINS:
+            user.failed_logins, user.locked_until = 0, now + LOCKOUT_S
+    return False
+
+
+def create_token(store: Store, name: str, scope: str) -> tuple[ApiToken, str]:
+    """A new token: the record and the secret, which is never stored and cannot be shown again."""
+    if scope not in TOKEN_SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(TOKEN_SCOPES)}")
+    name = name.strip()[:100]
+    if not name:
+        raise ValueError("a token needs a name (what uses it)")
+    secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token = ApiToken(name=name, token_sha256=_sha256(secret), scope=scope, created_at=time.time())
+    with store.transaction() as s:
+        s.add(token)
+    return token, secret
+
+
+def list_tokens(store: Store, *, include_revoked: bool = False) -> list[ApiToken]:
+    stmt = select(ApiToken).order_by(ApiToken.id)
+    if not include_revoked:
+        stmt = stmt.where(ApiToken.revoked_at.is_(None))
+    with store.session() as s:
+        return list(s.scalars(stmt))
+
+
+def revoke_token(store: Store, token_id: int) -> None:
+    with store.transaction() as s:
+        token = s.get(ApiToken, token_id)
+        if token is None or token.revoked_at is not None:
+            raise TokenNotFound(token_id)
+        token.revoked_at = time.time()
+
+
+def authenticate_token(store: Store, secret: str) -> Principal | None:
+    """The principal for a live token, or None for an unknown or revoked one."""
+    with store.transaction() as s:
+        token = s.scalar(select(ApiToken).where(ApiToken.token_sha256 == _sha256(secret)))
+        if token is None or token.revoked_at is not None:
+            return None
+        token.last_used_at = time.time()
+        return Principal(name=f"token:{token.name}", can_write=token.scope == "write", token_id=token.id)
+
+
+def _verify(digest: str, password: str) -> bool:
+    try:
+        return _hasher.verify(digest, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def _sha256(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()

@@ -1,0 +1,101 @@
+"""``iotgw user``: the web UI's admin password and API tokens."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+import time
+
+from gateway.cli import add_state_args, config_from_args
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    user = sub.add_parser("user", help="web UI password and API tokens")
+    user_sub = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
+
+    p = user_sub.add_parser(
+        "set-password", help="set the admin password (prompts, or reads one line from stdin)"
+    )
+    add_state_args(p)
+    p.add_argument("--username", default="admin", help=argparse.SUPPRESS)
+    p.set_defaults(func=_set_password)
+
+    token = user_sub.add_parser("token", help="API bearer tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    p = token_sub.add_parser("create", help="create a token and print it once")
+    add_state_args(p)
+    p.add_argument("name", help="what will use the token, e.g. 'home-assistant'")
+    p.add_argument(
+        "--scope",
+        choices=("read", "write"),
+        default="read",
+        help="read (default) or write (may rename devices and change policies)",
+    )
+    p.set_defaults(func=_token_create)
+    p = token_sub.add_parser("list", help="live tokens")
+    add_state_args(p)
+    p.set_defaults(func=_token_list)
+    p = token_sub.add_parser("revoke", help="revoke a token by id")
+    add_state_args(p)
+    p.add_argument("id", type=int)
+    p.set_defaults(func=_token_revoke)
+
+
+def _store(args: argparse.Namespace):  # noqa: ANN202 - a Store; imported lazily to keep --help fast
+    from gateway.store.db import Store
+
+    return Store(config_from_args(args).db_url)
+
+
+def _set_password(args: argparse.Namespace) -> int:
+    from gateway import accounts
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("New password: ")
+        if getpass.getpass("Again: ") != password:
+            print("iotgw: the passwords differ; nothing changed", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    try:
+        accounts.set_password(_store(args), password, args.username)
+    except ValueError as exc:
+        print(f"iotgw: {exc}", file=sys.stderr)
+        return 1
+    print(f"password set for {args.username}")
+    return 0
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    from gateway import accounts
+
+    try:
+        token, secret = accounts.create_token(_store(args), args.name, args.scope)
+    except ValueError as exc:
+        print(f"iotgw: {exc}", file=sys.stderr)
+        return 1
+    print(secret)
+    print(f"token {token.id} ({token.scope}) created; it is shown only now", file=sys.stderr)
+    return 0
+
+
+def _token_list(args: argparse.Namespace) -> int:
+    from gateway import accounts
+
+    for t in accounts.list_tokens(_store(args)):
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(t.last_used_at)) if t.last_used_at else "never"
+        print(f"{t.id}\t{t.scope}\t{t.name}\tlast used {used}")
+    return 0
+
+
+def _token_revoke(args: argparse.Namespace) -> int:
+    from gateway import accounts
+
+    try:
+        accounts.revoke_token(_store(args), args.id)
+    except accounts.TokenNotFound:
+        print(f"iotgw: no live token {args.id}", file=sys.stderr)
+        return 1
+    print(f"token {args.id} revoked")
+    return 0

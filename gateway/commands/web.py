@@ -1,0 +1,42 @@
+"""``iotgw web``: the web UI and JSON API in their own process, on the daemon's database."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from gateway.cli import add_state_args, config_from_args
+from gateway.config import ConfigError, parse_hostport
+
+log = logging.getLogger(__name__)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("web", help="serve the web UI and JSON API")
+    add_state_args(p)
+    p.add_argument(
+        "--listen", metavar="HOST:PORT", help="address to serve on (default [web].listen, 0.0.0.0:8080)"
+    )
+    p.add_argument("--state-dir", metavar="DIR", help="state directory (holds the session signing key)")
+    p.set_defaults(func=_web)
+
+
+def _web(args: argparse.Namespace) -> int:
+    from gateway import accounts
+    from gateway.store.db import Store
+    from webui.server import serve  # lazily: the daemon and the other commands never import Flask
+
+    cfg = config_from_args(args)
+    if args.listen:
+        cfg.web.listen = args.listen
+    try:
+        host, port = parse_hostport(cfg.web.listen, 8080)
+    except ValueError as exc:
+        raise ConfigError(f"web.listen: {exc}") from exc
+    store = Store(cfg.db_url)
+    shown = f"[{host}]" if ":" in host else host
+    log.info("web UI on http://%s:%d/", shown, port)
+    if not accounts.has_password(store):
+        log.warning("no admin password yet: open the web UI from the LAN, or run `iotgw user set-password`")
+    serve(store, cfg, host, port)
+    return 0

@@ -1,0 +1,117 @@
+"""Accounts: argon2 passwords, lockout after five failures, hashed API tokens, and ``iotgw user``."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+
+import pytest
+from sqlalchemy import inspect, select
+
+from gateway import accounts
+from gateway.commands import user as user_command
+from gateway.store.db import Store
+from gateway.store.schema import ApiToken, User
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(f"sqlite:///{tmp_path / 'iotgw.sqlite'}")
+    yield s
+    s.close()
+
+
+def test_migration_creates_the_account_tables(store):
+    tables = set(inspect(store.engine).get_table_names())
+    assert {"users", "api_tokens"} <= tables
+
+
+def test_password_is_stored_as_argon2_and_verifies(store):
+    assert not accounts.has_password(store)
+    accounts.set_password(store, "correct horse")
+    with store.session() as s:
+        digest = s.get(User, "admin").password_hash
+    assert digest.startswith("$argon2id$") and "correct horse" not in digest
+    assert accounts.verify_login(store, "admin", "correct horse")
+    assert not accounts.verify_login(store, "admin", "wrong horse")
+    assert not accounts.verify_login(store, "nobody", "correct horse")
+
+
+def test_short_password_is_refused(store):
+    with pytest.raises(ValueError, match="at least 8"):
+        accounts.set_password(store, "short")
+    assert not accounts.has_password(store)
+
+
+def test_initial_password_cannot_replace_an_existing_one(store):
+    assert accounts.set_initial_password(store, "first password")
+    assert not accounts.set_initial_password(store, "second password")
+    assert accounts.verify_login(store, "admin", "first password")
+
+
+def test_five_failures_lock_for_fifteen_minutes_even_with_the_right_password(store):
+    accounts.set_password(store, "correct horse")
+    t0 = 1_000_000.0
+    for i in range(accounts.MAX_FAILED_LOGINS):
+        assert not accounts.verify_login(store, "admin", f"guess {i}", now=t0 + i)
+    with pytest.raises(accounts.LockedOut) as locked:
+        accounts.verify_login(store, "admin", "correct horse", now=t0 + 10)
+    assert locked.value.until == pytest.approx(t0 + 4 + accounts.LOCKOUT_S)
+    with pytest.raises(accounts.LockedOut):
+        accounts.verify_login(store, "admin", "correct horse", now=t0 + 4 + accounts.LOCKOUT_S - 1)
+    assert accounts.verify_login(store, "admin", "correct horse", now=t0 + 4 + accounts.LOCKOUT_S + 1)
+
+
+def test_a_success_resets_the_failure_count(store):
+    accounts.set_password(store, "correct horse")
+    for _ in range(accounts.MAX_FAILED_LOGINS - 1):
+        accounts.verify_login(store, "admin", "nope", now=100.0)
+    assert accounts.verify_login(store, "admin", "correct horse", now=101.0)
+    for _ in range(accounts.MAX_FAILED_LOGINS - 1):
+        accounts.verify_login(store, "admin", "nope", now=102.0)
+    assert accounts.verify_login(store, "admin", "correct horse", now=103.0)  # not locked: count restarted
+
+
+def test_tokens_are_stored_hashed_scoped_and_revocable(store):
+    token, secret = accounts.create_token(store, "home-assistant", "read")
+    with store.session() as s:
+        stored = s.scalar(select(ApiToken))
+    assert secret not in stored.token_sha256 and len(stored.token_sha256) == 64
+    principal = accounts.authenticate_token(store, secret)
+    assert principal is not None and not principal.can_write
+    _, write_secret = accounts.create_token(store, "script", "write")
+    assert accounts.authenticate_token(store, write_secret).can_write
+    assert accounts.authenticate_token(store, secret + "x") is None
+    accounts.revoke_token(store, token.id)
+    assert accounts.authenticate_token(store, secret) is None
+    assert [t.name for t in accounts.list_tokens(store)] == ["script"]
+    with pytest.raises(accounts.TokenNotFound):
+        accounts.revoke_token(store, token.id)
+    with pytest.raises(ValueError):
+        accounts.create_token(store, "x", "admin")
+
+
+def _run(argv, monkeypatch, stdin=""):  # noqa: ANN001, ANN202
+    parser = argparse.ArgumentParser()
+    user_command.add_commands(parser.add_subparsers(required=True))
+    args = parser.parse_args(argv)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    return args.func(args)
+
+
+def test_cli_sets_the_password_and_manages_tokens(tmp_path, monkeypatch, capsys):
+    db = ["--db", f"sqlite:///{tmp_path / 'iotgw.sqlite'}"]
+    assert _run(["user", "set-password", *db], monkeypatch, "short\n") == 1
+    assert _run(["user", "set-password", *db], monkeypatch, "a long password\n") == 0
+    assert _run(["user", "token", "create", "ha", "--scope", "write", *db], monkeypatch) == 0
+    secret = capsys.readouterr().out.strip().splitlines()[-1]
+    assert secret.startswith(accounts.TOKEN_PREFIX)
+    assert _run(["user", "token", "list", *db], monkeypatch) == 0
+    assert "\twrite\tha\t" in capsys.readouterr().out
+    assert _run(["user", "token", "revoke", "1", *db], monkeypatch) == 0
+    assert _run(["user", "token", "revoke", "1", *db], monkeypatch) == 1
+    store = Store(db[1])
+    assert accounts.verify_login(store, "admin", "a long password")
+    assert accounts.authenticate_token(store, secret) is None
+    store.close()

@@ -1,0 +1,82 @@
+"""``iotgw web`` as its own process: it migrates the store, serves on ``--listen`` and sends every visitor
+to the login."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from gateway import accounts
+from gateway.store.db import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+# Only the web and user command groups: the daemon's groups are built elsewhere and wired by the lead.
+RUN = (
+    "import argparse, sys\n"
+    "from gateway.commands import web\n"
+    "p = argparse.ArgumentParser(); web.add_commands(p.add_subparsers(required=True))\n"
+    "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))\n"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        return None
+
+
+def test_iotgw_web_serves_the_login_on_the_listen_address(tmp_path):
+    db = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
+    store = Store(db)
+    accounts.set_password(store, "a long password")
+    store.close()
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            RUN,
+            "web",
+            "--db",
+            db,
+            "--state-dir",
+            str(tmp_path),
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        opener = urllib.request.build_opener(_NoRedirect)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                opener.open(f"http://127.0.0.1:{port}/devices", timeout=5)
+            except urllib.error.HTTPError as exc:
+                response = exc
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.monotonic() < deadline, "iotgw web did not start listening"
+                time.sleep(0.2)
+        assert response.code == 302 and response.headers["Location"].startswith("/login")
+        assert response.headers["X-Frame-Options"] == "DENY"
+        login = urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=5)  # noqa: S310 - loopback
+        assert login.status == 200 and b'name="csrf_token"' in login.read()
+        assert (tmp_path / "web-secret-key").stat().st_mode & 0o777 == 0o600
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -1,0 +1,128 @@
+"""The JSON API's answers on a real store, through a write-scoped bearer token (the session path is covered by
+test_webui_security)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from gateway import accounts
+from gateway.devices import service
+from gateway.events import Alert
+from gateway.store.db import Store
+from gateway.store.schema import Query
+from tests.webui_seed import add_device, config
+from webui.app import create_app
+
+MAC = "aa:bb:cc:00:00:01"
+
+
+@pytest.fixture
+def api(tmp_path):
+    cfg = config(tmp_path)
+    cfg.identifier.model_dir = str(tmp_path / "model")
+    store = Store(cfg.db_url)
+    add_device(
+        store,
+        MAC,
+        hostname="plug",
+        identified=True,
+        queries=("a.example.com", "b.example.com", "c.other.net"),
+    )
+    _, secret = accounts.create_token(store, "tests", "write")
+
+    def alerts(_store: Store, limit: int) -> list[Alert]:
+        return [Alert(kind="new_device", ts=1.0, mac=MAC, data={"name": "<b>plug</b>"})][:limit]
+
+    app = create_app(store, cfg, alerts=alerts)
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {secret}"
+    yield client, store, tmp_path
+    store.close()
+
+
+def test_device_detail_carries_identity_alternatives_and_timeline(api):
+    client, _, _ = api
+    d = client.get(f"/api/v1/devices/{MAC.upper()}").json
+    assert d["identity"]["device_type"] == "tplink-plug-hs110" and d["identity"]["decided_after_s"] == 4.2
+    assert d["alternatives"][0] == {"label": "tplink-plug-hs100", "confidence": 0.04}
+    assert d["signals"] == ["dns", "oui", "dhcp"]
+    assert [t["sld"] for t in d["timeline"]] == ["example.com", "other.net"]
+    assert [t["count"] for t in d["timeline"]] == [2, 1]
+    assert client.get("/api/v1/devices/aa:aa:aa:aa:aa:aa").status_code == 404
+
+
+def test_list_search_and_filter(api):
+    client, store, _ = api
+    add_device(store, "aa:bb:cc:00:00:02", hostname="camera", ip="192.168.1.77")
+    assert {d["mac"] for d in client.get("/api/v1/devices").json} == {MAC, "aa:bb:cc:00:00:02"}
+    assert [d["mac"] for d in client.get("/api/v1/devices?q=192.168.1.77").json] == ["aa:bb:cc:00:00:02"]
+    service.set_status(store, MAC, "approved")
+    assert [d["mac"] for d in client.get("/api/v1/devices?status=approved").json] == [MAC]
+    assert client.get("/api/v1/devices?status=bogus").status_code == 400
+    counts = {d["mac"]: (d["queries_24h"], d["blocked_24h"]) for d in client.get("/api/v1/devices").json}
+    assert counts == {MAC: (3, 1), "aa:bb:cc:00:00:02": (0, 0)}
+
+
+def test_updates_label_and_forget(api):
+    client, store, _ = api
+    r = client.patch(f"/api/v1/devices/{MAC}", json={"name": "Plug", "status": "quarantined"})
+    assert r.status_code == 200 and (r.json["name"], r.json["status"]) == ("Plug", "quarantined")
+    assert client.patch(f"/api/v1/devices/{MAC}", json={"status": "owned"}).status_code == 400
+    assert client.patch(f"/api/v1/devices/{MAC}", data="name=x").status_code == 400
+    r = client.put(
+        f"/api/v1/devices/{MAC}/label",
+        json={"manufacturer": "TP-Link", "device_type": "hs100", "category": "plug"},
+    )
+    assert r.json["label"]["device_type"] == "hs100"
+    assert client.delete(f"/api/v1/devices/{MAC}").status_code == 204
+    assert client.get("/api/v1/devices").json == []
+
+
+def test_query_log_filters_and_pages(api):
+    client, store, _ = api
+    now = time.time()
+    with store.querylog_session.begin() as s:
+        s.add_all(
+            Query(
+                ts=now - i,
+                client="192.168.1.9",
+                mac=None,
+                qname=f"q{i}.example.org",
+                qtype=1,
+                sld="example.org",
+                verdict="allowed",
+                source="server",
+            )
+            for i in range(25)
+        )
+    first = client.get("/api/v1/queries?limit=10").json
+    second = client.get(f"/api/v1/queries?limit=10&before={first[-1]['id']}").json
+    assert len(first) == len(second) == 10 and first[-1]["id"] > second[0]["id"]
+    blocked = client.get("/api/v1/queries?verdict=blocked").json
+    assert [q["qname"] for q in blocked] == ["b.example.com"]
+    assert [q["qname"] for q in client.get(f"/api/v1/queries?mac={MAC}&q=c.oth").json] == ["c.other.net"]
+
+
+def test_summary_and_queries_over_time(api):
+    client, _, _ = api
+    s = client.get("/api/v1/summary").json
+    assert s == {"devices": 1, "online": 1, "new": 1, "identifying": 0, "queries_24h": 3, "blocked_24h": 1}
+    buckets = client.get("/api/v1/stats/queries?hours=1&buckets=6").json
+    assert len(buckets) == 6 and buckets[-1]["total"] == 3 and sum(b["total"] for b in buckets) == 3
+
+
+def test_alerts_and_model_status(api):
+    client, store, tmp_path = api
+    assert client.get("/api/v1/alerts").json[0]["data"] == {"name": "<b>plug</b>"}
+    assert client.get("/api/v1/model").json["error"] == "no model bundle installed"
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "bundle.json").write_text(json.dumps({"version": "2026.1", "metrics": {"macro_f1_30s": 0.81}}))
+    (model / "accuracy.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    store.set_setting("federation_last_round", json.dumps({"round": 3, "clients": 5}))
+    m = client.get("/api/v1/model").json
+    assert (m["version"], m["metrics"], m["plots"]) == ("2026.1", {"macro_f1_30s": 0.81}, ["accuracy.png"])
+    assert m["federation"] == {"round": 3, "clients": 5}

@@ -1,0 +1,156 @@
+"""The web UI in a real browser: Debian's Chromium driven by Playwright against the app served by waitress on
+a loopback port, on a temporary SQLite store. Screenshots of the main pages go to ``test-artifacts/``."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gateway import accounts
+from gateway.devices import service
+from gateway.store.db import Store
+from tests.webui_seed import add_device, config
+from webui.server import serve_in_thread
+
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM), reason="Debian's chromium is not installed")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+PASSWORD = "correct horse battery"  # noqa: S105 - the test account's
+SCRIPT = "<script>alert('dhcp')</script>"
+IMG = "<img src=x onerror=alert('mdns')>"
+QUERY = "<img src=x onerror=alert(1)>.evil.example"
+
+
+@pytest.fixture
+def served(tmp_path):
+    cfg = config(tmp_path)
+    store = Store(cfg.db_url)
+    accounts.set_password(store, PASSWORD)
+    server = serve_in_thread(store, cfg, "127.0.0.1", 0)
+    yield server.url.rstrip("/"), store
+    server.stop()
+    store.close()
+
+
+@pytest.fixture
+def page():
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+            ],
+        )
+        context = browser.new_context(viewport={"width": 1100, "height": 900})
+        pg = context.new_page()
+        pg.dialogs = []
+        pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.dismiss()))
+        yield pg
+        context.close()
+        browser.close()
+
+
+def _login(page, base: str) -> None:  # noqa: ANN001
+    page.goto(base + "/devices")
+    assert "/login" in page.url
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(base + "/devices")
+
+
+def _shot(page, name: str) -> None:  # noqa: ANN001
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_log_in_watch_a_device_appear_rename_and_approve_it(served, page):
+    base, store = served
+    _login(page, base)
+    assert page.locator("#devices tbody tr").first.inner_text().startswith("No devices")
+    mac = "aa:bb:cc:00:00:07"
+    add_device(
+        store,
+        mac,
+        hostname="esp-3f2a1c",
+        identified=True,
+        queries=("devs.tplinkcloud.com", "n-devs.tplinkcloud.com", "time.google.com", "ads.tracker.net"),
+    )
+    page.reload()
+    row = page.locator(f"tr[data-mac='{mac}']")
+    assert "esp-3f2a1c" in row.inner_text() and "tplink-plug-hs110" in row.inner_text()
+    _shot(page, "devices")
+
+    row.get_by_role("link", name="esp-3f2a1c").click()
+    page.wait_for_url(f"{base}/devices/{mac}")
+    assert "Identified after 4.2 s" in page.content()
+    assert page.locator("#timeline tbody tr").count() == 3  # three second-level domains
+    page.fill("#rename-form input[name=name]", "Kitchen plug")
+    page.click("#rename-form button")
+    page.wait_for_load_state()
+    assert page.locator("#device-name").inner_text() == "Kitchen plug"
+    page.get_by_role("button", name="Approve").click()
+    page.wait_for_load_state()
+    assert page.get_by_role("button", name="Approve").is_disabled()
+    device = service.get_device(store, mac).device
+    assert (device.name, device.name_source, device.status) == ("Kitchen plug", "user", "approved")
+    page.fill("#label-form input[name=device_type]", "tplink-plug-hs100")
+    page.click("#label-form button")
+    page.wait_for_load_state()
+    assert service.get_device(store, mac).device.label_device_type == "tplink-plug-hs100"
+    _shot(page, "device")
+
+    for path, name in (
+        ("/", "dashboard"),
+        ("/queries", "queries"),
+        ("/policies", "policies"),
+        ("/alerts", "alerts"),
+        ("/model", "model"),
+        ("/settings", "settings"),
+    ):
+        page.goto(base + path)
+        assert page.locator("h1").count() == 1
+        _shot(page, name)
+    page.goto(base + "/")
+    assert page.locator("[data-summary=devices]").inner_text() == "1"
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone
+    page.goto(base + f"/devices/{mac}")
+    _shot(page, "device-phone")
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, f"the device page scrolls sideways on a phone ({width}px)"
+    assert page.dialogs == []
+
+
+def test_hostile_hostnames_and_query_names_render_as_text(served, page):
+    base, store = served
+    mac = "aa:bb:cc:00:00:66"
+    add_device(store, mac, hostname=SCRIPT, queries=(QUERY, "<script>alert(3)</script>.example.com"))
+    with store.transaction() as s:
+        from gateway.store.schema import DeviceName
+
+        s.add(DeviceName(mac=mac, name=IMG, source="mdns", first_seen=0, last_seen=0))
+    _login(page, base)
+    assert page.locator(f"tr[data-mac='{mac}'] a").first.inner_text() == SCRIPT
+    page.goto(f"{base}/devices/{mac}")
+    assert page.locator("#device-name").inner_text() == SCRIPT
+    assert page.get_by_text(IMG, exact=True).count() == 1
+    assert (
+        page.locator("#timeline").get_by_text("<script>alert(3)</script>.example.com").count() == 0
+    )  # sld only
+    assert page.locator("td.qname").get_by_text(QUERY, exact=True).count() == 1
+    page.goto(f"{base}/queries")
+    assert page.locator("td.qname").get_by_text(QUERY, exact=True).count() == 1
+    page.goto(f"{base}/")
+    assert page.get_by_text(SCRIPT, exact=True).count() == 1
+    _shot(page, "hostile-device")
+    # Nothing injected ran, and no element came from the payloads.
+    assert page.dialogs == []
+    page.goto(f"{base}/devices/{mac}")
+    assert page.locator("img[src=x]").count() == 0
+    assert page.dialogs == []

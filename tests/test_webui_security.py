@@ -1,0 +1,294 @@
+"""The web UI's security, through Flask's test client on a real SQLite store: every route needs a login,
+every write needs a CSRF token (or a read-write bearer token), lockout, setup only from the LAN, headers."""
+
+from __future__ import annotations
+
+import re
+import stat
+from pathlib import Path
+
+import pytest
+from flask import url_for
+
+from gateway import accounts
+from gateway.devices import service
+from gateway.store.db import Store
+from tests.webui_seed import add_device, config
+from webui.app import SECRET_KEY_FILE, create_app
+from webui.openapi import DOCUMENT
+
+PASSWORD = "correct horse battery"  # noqa: S105 - the test account's
+MAC = "aa:bb:cc:00:00:01"
+WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+PRE_LOGIN = {"auth.login", "auth.setup"}
+
+
+@pytest.fixture
+def env(tmp_path):
+    cfg = config(tmp_path)
+    store = Store(cfg.db_url)
+    accounts.set_password(store, PASSWORD)
+    add_device(store, MAC, hostname="plug", identified=True, queries=("a.example.com", "b.tracker.net"))
+    token, _ = accounts.create_token(store, "victim", "read")
+    app = create_app(store, cfg)
+    app.testing = True
+    yield app, store, token.id
+    store.close()
+
+
+def _csrf(client) -> str:  # noqa: ANN001
+    client.get("/login")
+    with client.session_transaction() as sess:
+        return sess["csrf_token"]
+
+
+def _login(client) -> str:  # noqa: ANN001
+    token = _csrf(client)
+    r = client.post("/login", data={"username": "admin", "password": PASSWORD, "csrf_token": token})
+    assert r.status_code == 302, r.data
+    with client.session_transaction() as sess:
+        return sess["csrf_token"]
+
+
+def _routes(app, methods: set[str]) -> list[tuple[str, str, str]]:  # noqa: ANN001
+    """(endpoint, method, url) for every rule of the URL map with one of ``methods``."""
+    values = {"mac": MAC, "token_id": 1, "name": "x.png"}
+    out = []
+    with app.test_request_context():
+        for rule in app.url_map.iter_rules():
+            if rule.endpoint == "static":
+                continue
+            url = url_for(rule.endpoint, **{a: values[a] for a in rule.arguments})
+            out.extend((rule.endpoint, m, url) for m in sorted(rule.methods & methods))
+    return out
+
+
+def _state(store, token_id):  # noqa: ANN001, ANN202
+    d = service.get_device(store, MAC).device
+    live = [t.id for t in accounts.list_tokens(store)]
+    return (
+        d.name,
+        d.status,
+        d.label_device_type,
+        token_id in live,
+        accounts.verify_login(store, "admin", PASSWORD),
+    )
+
+
+def test_the_matrix_covers_every_write_route(env):
+    app, _, _ = env
+    endpoints = {e for e, _, _ in _routes(app, WRITE_METHODS)}
+    # A sample, so that an empty enumeration cannot pass the tests below.
+    assert {
+        "pages.device_rename",
+        "pages.device_status",
+        "api.device_update",
+        "api.device_forget",
+        "api.token_create",
+        "auth.logout",
+        "auth.login",
+    } <= endpoints
+
+
+def test_every_write_route_rejects_requests_without_a_session(env):
+    app, store, token_id = env
+    before = _state(store, token_id)
+    client = app.test_client()
+    for endpoint, method, url in _routes(app, WRITE_METHODS):
+        r = client.open(url, method=method, data={"name": "pwned", "status": "approved"})
+        assert r.status_code in (401, 403), (endpoint, method, r.status_code)
+        r = client.open(url, method=method, json={"name": "pwned", "status": "approved"})
+        assert r.status_code in (401, 403), (endpoint, method, r.status_code)
+    assert _state(store, token_id) == before
+
+
+def test_every_write_route_rejects_a_session_without_csrf_token(env):
+    app, store, token_id = env
+    client = app.test_client()
+    _login(client)
+    before = _state(store, token_id)
+    for endpoint, method, url in _routes(app, WRITE_METHODS):
+        for kwargs in (
+            {"data": {"name": "pwned", "status": "approved", "csrf_token": "forged"}},
+            {"json": {"name": "pwned", "status": "approved"}},
+            {"json": {"name": "pwned"}, "headers": {"X-CSRF-Token": "forged"}},
+        ):
+            r = client.open(url, method=method, **kwargs)
+            assert r.status_code == 403, (endpoint, method, kwargs, r.status_code)
+    assert _state(store, token_id) == before
+    assert client.get("/devices").status_code == 200  # still logged in: the refusals were CSRF, not auth
+
+
+def test_writes_with_the_csrf_token_succeed(env):
+    app, store, _ = env
+    client = app.test_client()
+    token = _login(client)
+    r = client.post(f"/devices/{MAC}/status", data={"status": "approved", "csrf_token": token})
+    assert r.status_code == 302 and service.get_device(store, MAC).device.status == "approved"
+    r = client.patch(f"/api/v1/devices/{MAC}", json={"name": "Kitchen plug"}, headers={"X-CSRF-Token": token})
+    assert r.status_code == 200 and r.json["name"] == "Kitchen plug"
+
+
+def test_every_page_and_api_read_needs_a_login(env):
+    app, _, _ = env
+    client = app.test_client()
+    reads = [(e, u) for e, _, u in _routes(app, {"GET"}) if e not in PRE_LOGIN]
+    assert len(reads) >= 15
+    for endpoint, url in reads:
+        r = client.get(url)
+        if url.startswith("/api/"):
+            assert r.status_code == 401 and "error" in r.json, endpoint
+        else:
+            assert r.status_code == 302 and r.location.startswith("/login"), endpoint
+
+
+def test_read_token_reads_and_cannot_write(env):
+    app, store, _ = env
+    _, secret = accounts.create_token(store, "dashboard", "read")
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {secret}"}
+    r = client.get("/api/v1/devices", headers=auth)
+    assert r.status_code == 200 and r.json[0]["mac"] == MAC
+    r = client.patch(f"/api/v1/devices/{MAC}", json={"status": "approved"}, headers=auth)
+    assert r.status_code == 403
+    assert service.get_device(store, MAC).device.status == "new"
+
+
+def test_write_token_writes_without_csrf_and_revocation_takes_effect(env):
+    app, store, _ = env
+    token, secret = accounts.create_token(store, "automation", "write")
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {secret}"}
+    r = client.patch(f"/api/v1/devices/{MAC}", json={"status": "quarantined"}, headers=auth)
+    assert r.status_code == 200 and service.get_device(store, MAC).device.status == "quarantined"
+    # Tokens cannot manage tokens, and are not accepted on pages.
+    assert (
+        client.post("/api/v1/tokens", json={"name": "x", "scope": "write"}, headers=auth).status_code == 403
+    )
+    assert client.get("/devices", headers=auth).status_code == 401
+    accounts.revoke_token(store, token.id)
+    assert client.get("/api/v1/devices", headers=auth).status_code == 401
+
+
+def test_login_locks_out_after_five_failures(env):
+    app, _, _ = env
+    client = app.test_client()
+    token = _csrf(client)
+    for _ in range(accounts.MAX_FAILED_LOGINS):
+        r = client.post("/login", data={"username": "admin", "password": "guess", "csrf_token": token})
+        assert r.status_code == 401
+    r = client.post("/login", data={"username": "admin", "password": PASSWORD, "csrf_token": token})
+    assert r.status_code == 429 and b"Too many failed logins" in r.data
+    assert client.get("/devices").status_code == 302
+
+
+def test_password_change_ends_other_sessions(env):
+    app, store, _ = env
+    other = app.test_client()
+    _login(other)
+    assert other.get("/devices").status_code == 200
+    accounts.set_password(store, "another long password")
+    assert other.get("/devices").status_code == 302
+
+
+def test_login_redirects_only_to_local_paths(env):
+    app, _, _ = env
+    client = app.test_client()
+    token = _csrf(client)
+    data = {"username": "admin", "password": PASSWORD, "csrf_token": token}
+    r = client.post("/login?next=//evil.example/x", data=data)
+    assert r.location == "/"
+
+
+def test_security_headers_and_cookie_flags(env):
+    app, _, _ = env
+    client = app.test_client()
+    r = client.get("/login")
+    csp = r.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+    assert r.headers["X-Frame-Options"] == "DENY"
+    assert r.headers["X-Content-Type-Options"] == "nosniff"
+    assert r.headers["Referrer-Policy"] == "no-referrer"
+    cookie = r.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Secure" not in cookie
+    assert client.get("/api/v1/devices").headers["X-Frame-Options"] == "DENY"
+
+
+def test_setup_page_only_from_the_lan_and_only_once(tmp_path):
+    cfg = config(tmp_path)
+    store = Store(cfg.db_url)
+    app = create_app(store, cfg)
+    outsider = app.test_client()
+    outsider.environ_base["REMOTE_ADDR"] = "8.8.8.8"
+    assert outsider.get("/").status_code == 403
+    assert outsider.get("/setup").status_code == 403
+    lan = app.test_client()
+    lan.environ_base["REMOTE_ADDR"] = "192.168.1.20"
+    assert lan.get("/").location == "/setup"
+    assert lan.get("/api/v1/devices").status_code == 401
+    token = _csrf_from(lan, "/setup")
+    r = lan.post(
+        "/setup", data={"password": "a long password", "confirm": "a long password", "csrf_token": token}
+    )
+    assert r.status_code == 302 and lan.get("/devices").status_code == 200
+    second = app.test_client()
+    token = _csrf_from(second, "/login")
+    r = second.post(
+        "/setup", data={"password": "hijack password", "confirm": "hijack password", "csrf_token": token}
+    )
+    assert r.status_code == 302 and r.location == "/login"
+    assert accounts.verify_login(store, "admin", "a long password")
+    store.close()
+
+
+def _csrf_from(client, path: str) -> str:  # noqa: ANN001
+    client.get(path)
+    with client.session_transaction() as sess:
+        return sess["csrf_token"]
+
+
+def test_secret_key_is_made_once_and_kept_private(env, tmp_path):
+    app, store, _ = env
+    path = Path(app.extensions["iotgw"].cfg.state_dir) / SECRET_KEY_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = create_app(store, app.extensions["iotgw"].cfg)
+    assert again.secret_key == app.secret_key
+
+
+def test_hostile_names_are_escaped(env):
+    app, store, _ = env
+    evil = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+    add_device(store, "aa:bb:cc:00:00:66", hostname=evil, ip="192.168.1.66", queries=(evil + ".evil.com",))
+    client = app.test_client()
+    _login(client)
+    for url in ("/", "/devices", "/devices/aa:bb:cc:00:00:66", "/queries"):
+        html = client.get(url).get_data(as_text=True)
+        assert "<script>alert" not in html and "<img src=x" not in html, url
+        assert "&lt;script&gt;alert(" in html, url
+
+
+def test_openapi_document_matches_the_url_map(env):
+    app, _, _ = env
+    routes = set()
+    for rule in app.url_map.iter_rules():
+        if rule.rule.startswith("/api/"):
+            path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+            routes |= {(path, m.lower()) for m in rule.methods - {"HEAD", "OPTIONS"}}
+    documented = {(p, m) for p, ops in DOCUMENT["paths"].items() for m in ops}
+    assert routes == documented
+
+
+def test_no_template_or_script_bypasses_escaping():
+    root = Path(__file__).resolve().parents[1] / "webui"
+    for path in [*root.rglob("*.html"), *root.rglob("*.js"), *root.rglob("*.py")]:
+        text = path.read_text(encoding="utf-8")
+        for banned in (
+            "|safe",
+            "Markup(",
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "autoescape false",
+            "document.write",
+        ):
+            assert banned not in text, f"{path.name} uses {banned}"

@@ -1,0 +1,178 @@
+"""The JSON API under ``/api/v1``: the same service functions as the pages, for scripts and Home Assistant.
+
+Authentication is a login session (with the ``X-CSRF-Token`` header on writes) or ``Authorization: Bearer``
+with a token from ``iotgw user token create``; see ``webui.security``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+from flask import Blueprint, abort, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from gateway import accounts, overview
+from gateway.devices import service
+from gateway.store import querylog
+from webui import views
+from webui.context import ctx
+from webui.pages import VERDICTS
+from webui.security import api_error
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(exc: HTTPException):  # noqa: ANN202
+    return api_error(exc.code or 500, exc.description or exc.name)
+
+
+@bp.get("/summary")
+def summary():  # noqa: ANN201
+    return jsonify(asdict(overview.summary(ctx().store)))
+
+
+@bp.get("/stats/queries")
+def query_stats():  # noqa: ANN201
+    hours = request.args.get("hours", 24, type=int)
+    buckets = request.args.get("buckets", 24, type=int)
+    return jsonify([asdict(b) for b in overview.queries_over_time(ctx().store, hours=hours, buckets=buckets)])
+
+
+@bp.get("/devices")
+def devices():  # noqa: ANN201
+    store = ctx().store
+    status = request.args.get("status") or None
+    if status not in (None, *service.STATUSES):
+        return api_error(400, f"status must be one of {', '.join(service.STATUSES)}")
+    counts = querylog.counts_since(store, time.time() - 86400)
+    found = service.list_devices(store, search=request.args.get("q") or None, status=status)
+    return jsonify([views.device(d, counts.get(d.mac)) for d in found])
+
+
+@bp.get("/devices/<mac>")
+def device(mac: str):  # noqa: ANN201
+    store = ctx().store
+    try:
+        detail = service.get_device(store, mac)
+    except service.NotFound:
+        return api_error(404, f"no device {mac}")
+    return jsonify(views.device_detail(detail, overview.domain_timeline(store, detail.device.mac)))
+
+
+@bp.patch("/devices/<mac>")
+def device_update(mac: str):  # noqa: ANN201
+    """``{"name": "..."}`` renames (empty clears the user's name); ``{"status": "approved"}`` approves."""
+    body = _json_body()
+    unknown = set(body) - {"name", "status"}
+    if unknown or not body:
+        return api_error(400, "expected an object with 'name' and/or 'status'")
+    store = ctx().store
+    try:
+        if "status" in body:
+            service.set_status(store, mac, str(body["status"]))
+        if "name" in body:
+            service.rename(store, mac, str(body["name"] or ""))
+    except service.NotFound:
+        return api_error(404, f"no device {mac}")
+    except ValueError as exc:
+        return api_error(400, str(exc))
+    return device(mac)
+
+
+@bp.put("/devices/<mac>/label")
+def device_label(mac: str):  # noqa: ANN201
+    """Confirm or correct the identity: ``{"manufacturer", "device_type", "category"}``."""
+    body = _json_body()
+    try:
+        service.label(
+            ctx().store,
+            mac,
+            manufacturer=str(body.get("manufacturer") or ""),
+            device_type=str(body.get("device_type") or ""),
+            category=str(body.get("category") or ""),
+        )
+    except service.NotFound:
+        return api_error(404, f"no device {mac}")
+    return device(mac)
+
+
+@bp.delete("/devices/<mac>")
+def device_forget(mac: str):  # noqa: ANN201
+    try:
+        service.forget(ctx().store, mac)
+    except service.NotFound:
+        return api_error(404, f"no device {mac}")
+    return "", 204
+
+
+@bp.get("/queries")
+def queries():  # noqa: ANN201
+    args = request.args
+    verdict = args.get("verdict") or None
+    if verdict not in (None, *VERDICTS):
+        return api_error(400, f"verdict must be one of {', '.join(VERDICTS)}")
+    rows = querylog.recent(
+        ctx().store,
+        mac=(args.get("mac") or "").lower() or None,
+        search=args.get("q") or None,
+        verdict=verdict,
+        limit=args.get("limit", 100, type=int),
+        before_id=args.get("before", type=int),
+    )
+    return jsonify([views.query(q) for q in rows])
+
+
+@bp.get("/alerts")
+def alerts():  # noqa: ANN201
+    limit = max(1, min(request.args.get("limit", 100, type=int), 1000))
+    return jsonify([views.alert(a) for a in ctx().alerts(ctx().store, limit)])
+
+
+@bp.get("/model")
+def model():  # noqa: ANN201
+    return jsonify(asdict(overview.model_status(ctx().store, ctx().cfg)))
+
+
+@bp.get("/tokens")
+def tokens():  # noqa: ANN201
+    return jsonify([_token(t) for t in accounts.list_tokens(ctx().store)])
+
+
+@bp.post("/tokens")
+def token_create():  # noqa: ANN201
+    body = _json_body()
+    try:
+        token, secret = accounts.create_token(
+            ctx().store, str(body.get("name") or ""), str(body.get("scope") or "")
+        )
+    except ValueError as exc:
+        return api_error(400, str(exc))
+    return jsonify(_token(token) | {"token": secret}), 201
+
+
+@bp.delete("/tokens/<int:token_id>")
+def token_revoke(token_id: int):  # noqa: ANN201
+    try:
+        accounts.revoke_token(ctx().store, token_id)
+    except accounts.TokenNotFound:
+        return api_error(404, f"no live token {token_id}")
+    return "", 204
+
+
+def _json_body() -> dict:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        abort(400, "expected a JSON object with Content-Type: application/json")
+    return body
+
+
+def _token(t) -> dict:  # noqa: ANN001 - an ApiToken
+    return {
+        "id": t.id,
+        "name": t.name,
+        "scope": t.scope,
+        "created_at": t.created_at,
+        "last_used_at": t.last_used_at,
+    }

@@ -1,0 +1,93 @@
+"""The Flask app factory: ``create_app(store, cfg)`` builds the web UI and the JSON API on one store."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import stat
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from flask import Flask
+
+from gateway.config import Config
+from gateway.store.db import Store
+from webui import security
+from webui.context import AlertSource, WebContext, no_alerts
+
+log = logging.getLogger(__name__)
+SECRET_KEY_FILE = "web-secret-key"  # noqa: S105 - a file name
+
+
+def create_app(store: Store, cfg: Config, *, alerts: AlertSource | None = None) -> Flask:
+    """The app. ``alerts(store, limit)`` lists recorded alerts, newest first (none until wired)."""
+    from webui import api, auth_views, openapi, pages  # the blueprints import this module's siblings
+
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=load_secret_key(cfg.state_dir),
+        SESSION_COOKIE_NAME="iotgw_session",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        # Not Secure: the gateway serves plain HTTP on the LAN (a Pi has no certificate a browser trusts),
+        # and a Secure cookie is never sent back over HTTP, so no login would ever stick. Behind HTTPS, set
+        # this to True.
+        SESSION_COOKIE_SECURE=False,
+        PERMANENT_SESSION_LIFETIME=timedelta(seconds=security.SESSION_LIFETIME_S),
+        MAX_CONTENT_LENGTH=64 * 1024,  # forms and JSON bodies are small; refuse anything bigger
+    )
+    # Everything rendered is escaped, whatever a template's file name: names come from the network.
+    app.jinja_env.autoescape = True
+    app.json.sort_keys = False  # keep the documented field order in API answers
+    app.jinja_env.filters["when"] = _when
+    app.jinja_env.filters["ago"] = _ago
+    app.jinja_env.filters["pct"] = _pct
+    app.extensions["iotgw"] = WebContext(store=store, cfg=cfg, alerts=alerts or no_alerts)
+    security.install(app)
+    app.register_blueprint(auth_views.bp)
+    app.register_blueprint(pages.bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(openapi.bp)
+    return app
+
+
+def load_secret_key(state_dir: Path) -> bytes:
+    """The key that signs session cookies: made once, kept 0600 in the state directory, so sessions survive a
+    restart and only the gateway's own user can forge one."""
+    path = Path(state_dir) / SECRET_KEY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            log.warning("%s was readable by others (mode %o); tightening to 0600", path, mode)
+            path.chmod(0o600)
+        key = path.read_bytes()
+        if len(key) < 32:
+            raise RuntimeError(f"{path}: secret key too short; delete the file to make a new one") from None
+        return key
+    key = secrets.token_bytes(32)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return key
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "—"
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "never"
+    s = max(0, time.time() - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= size:
+            return f"{int(s // size)} {unit} ago"
+    return f"{int(s)} s ago"
+
+
+def _pct(value: float | None) -> str:
+    return f"{value * 100:.0f}%" if value is not None else "—"

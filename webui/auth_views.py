@@ -1,0 +1,69 @@
+"""Login, logout and the first-visit setup page."""
+
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, redirect, render_template, request, session, url_for
+
+from gateway import accounts
+from webui.context import ctx
+from webui.security import start_session
+
+bp = Blueprint("auth", __name__)
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login():  # noqa: ANN201
+    error, status = None, 200
+    if request.method == "POST":
+        username = request.form.get("username", accounts.ADMIN).strip() or accounts.ADMIN
+        try:
+            ok = accounts.verify_login(ctx().store, username, request.form.get("password", ""))
+        except accounts.LockedOut as exc:
+            minutes = max(1, round((exc.until - time.time()) / 60))
+            error, status = f"Too many failed logins. Try again in {minutes} min.", 429
+        else:
+            if ok:
+                start_session(username)
+                return redirect(_local(request.args.get("next")))
+            error, status = "Wrong user name or password.", 401
+    return render_template("login.html", error=error), status
+
+
+@bp.post("/logout")
+def logout():  # noqa: ANN201
+    session.clear()
+    return redirect(url_for("auth.login"))
+
+
+@bp.route("/setup", methods=["GET", "POST"])
+def setup():  # noqa: ANN201
+    store = ctx().store
+    if accounts.has_password(store):
+        return redirect(url_for("auth.login"))
+    error = None
+    if request.method == "POST":
+        password = request.form.get("password", "")
+        if password != request.form.get("confirm", ""):
+            error = "The two passwords differ."
+        else:
+            try:
+                created = accounts.set_initial_password(store, password)
+            except ValueError as exc:
+                error = str(exc).capitalize() + "."
+            else:
+                if not created:
+                    return redirect(url_for("auth.login"))
+                start_session(accounts.ADMIN)
+                return redirect(url_for("pages.dashboard"))
+    return render_template(
+        "setup.html", error=error, min_length=accounts.MIN_PASSWORD_LENGTH
+    ), 400 if error else 200
+
+
+def _local(target: str | None) -> str:
+    """Only a path on this site: ``//evil.example`` or ``https://...`` would make login an open redirect."""
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return url_for("pages.dashboard")

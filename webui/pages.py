@@ -1,0 +1,213 @@
+"""The server-rendered pages. Each view calls service functions and hands plain data to a template."""
+
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, abort, flash, redirect, render_template, request, send_from_directory, url_for
+
+from gateway import accounts, overview
+from gateway.devices import service
+from gateway.store import querylog
+from webui import charts, views
+from webui.context import ctx
+
+bp = Blueprint("pages", __name__)
+PAGE_SIZE = 100
+VERDICTS = ("allowed", "blocked", "refused", "ratelimited")
+
+
+@bp.get("/")
+def dashboard():  # noqa: ANN201
+    store = ctx().store
+    now = time.time()
+    devices = service.list_devices(store)
+    return render_template(
+        "dashboard.html",
+        summary=overview.summary(store, now),
+        chart=charts.bars(overview.queries_over_time(store, now=now)),
+        new_devices=[views.device(d) for d in devices if d.status == "new"][:10],
+        alerts=[views.alert(a) for a in ctx().alerts(store, 10)],
+    )
+
+
+@bp.get("/devices")
+def devices():  # noqa: ANN201
+    store = ctx().store
+    search = request.args.get("q", "").strip() or None
+    status = request.args.get("status") or None
+    if status not in (None, *service.STATUSES):
+        abort(400)
+    counts = querylog.counts_since(store, time.time() - 86400)
+    rows = [
+        views.device(d, counts.get(d.mac)) for d in service.list_devices(store, search=search, status=status)
+    ]
+    return render_template(
+        "devices.html", devices=rows, q=search or "", status=status or "", statuses=service.STATUSES
+    )
+
+
+@bp.get("/devices/<mac>")
+def device(mac: str):  # noqa: ANN201
+    store = ctx().store
+    try:
+        detail = service.get_device(store, mac)
+    except service.NotFound:
+        abort(404)
+    data = views.device_detail(detail, overview.domain_timeline(store, detail.device.mac))
+    queries = [views.query(q) for q in querylog.recent(store, mac=detail.device.mac, limit=50)]
+    return render_template("device.html", d=data, queries=queries, statuses=service.STATUSES)
+
+
+@bp.post("/devices/<mac>/name")
+def device_rename(mac: str):  # noqa: ANN201
+    return _device_action(
+        mac, lambda store, m: service.rename(store, m, request.form.get("name", "")), "Renamed."
+    )
+
+
+@bp.post("/devices/<mac>/status")
+def device_status(mac: str):  # noqa: ANN201
+    status = request.form.get("status", "")
+    return _device_action(
+        mac, lambda store, m: service.set_status(store, m, status), f"Status set to {status}."
+    )
+
+
+@bp.post("/devices/<mac>/label")
+def device_label(mac: str):  # noqa: ANN201
+    form = request.form
+    return _device_action(
+        mac,
+        lambda store, m: service.label(
+            store,
+            m,
+            manufacturer=form.get("manufacturer", ""),
+            device_type=form.get("device_type", ""),
+            category=form.get("category", ""),
+        ),
+        "Identity recorded; it will be used for training.",
+    )
+
+
+@bp.post("/devices/<mac>/forget")
+def device_forget(mac: str):  # noqa: ANN201
+    try:
+        service.forget(ctx().store, mac)
+    except service.NotFound:
+        abort(404)
+    flash("Device forgotten.")
+    return redirect(url_for("pages.devices"))
+
+
+@bp.get("/policies")
+def policies():  # noqa: ANN201
+    return render_template("policies.html")
+
+
+@bp.get("/queries")
+def queries():  # noqa: ANN201
+    args = request.args
+    verdict = args.get("verdict") or None
+    if verdict not in (None, *VERDICTS):
+        abort(400)
+    before = args.get("before", type=int)
+    rows = querylog.recent(
+        ctx().store,
+        mac=(args.get("mac") or "").lower() or None,
+        search=args.get("q") or None,
+        verdict=verdict,
+        limit=PAGE_SIZE,
+        before_id=before,
+    )
+    return render_template(
+        "queries.html",
+        queries=[views.query(q) for q in rows],
+        q=args.get("q", ""),
+        mac=args.get("mac", ""),
+        verdict=verdict or "",
+        verdicts=VERDICTS,
+        older=rows[-1].id if len(rows) == PAGE_SIZE else None,
+    )
+
+
+@bp.get("/alerts")
+def alerts():  # noqa: ANN201
+    return render_template("alerts.html", alerts=[views.alert(a) for a in ctx().alerts(ctx().store, 200)])
+
+
+@bp.get("/model")
+def model():  # noqa: ANN201
+    return render_template("model.html", m=overview.model_status(ctx().store, ctx().cfg))
+
+
+@bp.get("/model/plots/<name>")
+def model_plot(name: str):  # noqa: ANN201
+    if not name.endswith(overview.PLOT_SUFFIXES):
+        abort(404)
+    return send_from_directory(overview.model_dir(ctx().cfg), name)  # refuses paths outside the directory
+
+
+@bp.get("/settings")
+def settings():  # noqa: ANN201
+    return render_template(
+        "settings.html", tokens=accounts.list_tokens(ctx().store), min_length=accounts.MIN_PASSWORD_LENGTH
+    )
+
+
+@bp.post("/settings/password")
+def settings_password():  # noqa: ANN201
+    form = request.form
+    store = ctx().store
+    try:
+        ok = accounts.verify_login(store, accounts.ADMIN, form.get("current", ""))
+    except accounts.LockedOut:
+        ok = False
+    if not ok:
+        flash("The current password is wrong.")
+    elif form.get("password", "") != form.get("confirm", ""):
+        flash("The two new passwords differ.")
+    else:
+        try:
+            accounts.set_password(store, form.get("password", ""))
+        except ValueError as exc:
+            flash(str(exc).capitalize() + ".")
+        else:
+            # The change ended every session, this one included; log in again with the new password.
+            return redirect(url_for("auth.login"))
+    return redirect(url_for("pages.settings"))
+
+
+@bp.post("/settings/tokens")
+def settings_token_create():  # noqa: ANN201
+    try:
+        token, secret = accounts.create_token(
+            ctx().store, request.form.get("name", ""), request.form.get("scope", "read")
+        )
+    except ValueError as exc:
+        flash(str(exc).capitalize() + ".")
+        return redirect(url_for("pages.settings"))
+    # Rendered directly, never redirected with the secret in a URL or stored in the session cookie.
+    return render_template("token_created.html", token=token, secret=secret)
+
+
+@bp.post("/settings/tokens/<int:token_id>/revoke")
+def settings_token_revoke(token_id: int):  # noqa: ANN201
+    try:
+        accounts.revoke_token(ctx().store, token_id)
+    except accounts.TokenNotFound:
+        abort(404)
+    flash("Token revoked.")
+    return redirect(url_for("pages.settings"))
+
+
+def _device_action(mac: str, action, done: str):  # noqa: ANN001, ANN202 - action(store, mac)
+    try:
+        action(ctx().store, mac)
+    except service.NotFound:
+        abort(404)
+    except ValueError as exc:
+        flash(str(exc))
+    else:
+        flash(done)
+    return redirect(url_for("pages.device", mac=mac.lower()))

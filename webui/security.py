@@ -1,0 +1,171 @@
+"""Who may do what: login on every route, CSRF on every write made with a session, bearer tokens for
+scripts, the first-visit setup page only from the LAN, and the security headers on every response.
+
+Checked in one ``before_request`` hook rather than per-view decorators, so a new route is protected by default
+and a test can enumerate the URL map to prove it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import secrets
+import time
+
+from flask import Flask, Response, g, jsonify, redirect, request, session, url_for
+
+from gateway import accounts
+from webui.context import ctx
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Reachable without a session: the login and setup forms (still CSRF-checked) and the CSS/JS they need.
+PUBLIC_ENDPOINTS = frozenset({"auth.login", "auth.setup", "static"})
+# Token management needs the admin's session: a leaked token must not be able to mint itself successors.
+SESSION_ONLY_ENDPOINTS = frozenset({"api.tokens", "api.token_create", "api.token_revoke"})
+SESSION_LIFETIME_S = 12 * 3600
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "X-CSRF-Token"
+
+CSP = "; ".join(
+    (
+        "default-src 'self'",
+        "script-src 'self'",  # no inline script anywhere: an injected <script> in a device name cannot run
+        "style-src 'self'",
+        "img-src 'self' data:",
+        "connect-src 'self'",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    )
+)
+HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
+}
+
+
+def install(app: Flask) -> None:
+    app.before_request(_authorize)
+    app.after_request(_add_headers)
+    app.jinja_env.globals["csrf_token"] = csrf_token
+
+
+def csrf_token() -> str:
+    """The session's CSRF token (created on first use, also for the anonymous login form)."""
+    if CSRF_FIELD not in session:
+        session[CSRF_FIELD] = secrets.token_urlsafe(32)
+    return session[CSRF_FIELD]
+
+
+def start_session(username: str) -> None:
+    """After a successful login: a fresh session (new CSRF token) bound to the current password."""
+    session.clear()
+    session.permanent = True
+    session["user"] = username
+    session["pwd_at"] = accounts.password_changed_at(ctx().store, username)
+    session["login_at"] = time.time()
+    csrf_token()
+
+
+def from_lan() -> bool:
+    """True for loopback and the LAN prefixes of ``[dns].lan``. The peer address is waitress's socket peer;
+    X-Forwarded-For is deliberately not trusted."""
+    try:
+        addr = ipaddress.ip_address(request.remote_addr or "")
+    except ValueError:
+        return False
+    if addr.is_loopback:
+        return True
+    return any(addr in ipaddress.ip_network(prefix, strict=False) for prefix in ctx().cfg.dns.lan)
+
+
+def is_api() -> bool:
+    return request.path.startswith("/api/")
+
+
+def api_error(status: int, message: str) -> tuple[Response, int]:
+    return jsonify(error=message), status
+
+
+def _authorize():  # noqa: ANN202 - None or a response
+    g.principal = None
+    if request.endpoint == "static":
+        return None
+    if "Authorization" in request.headers:
+        return _authorize_token()
+    store = ctx().store
+    if not accounts.has_password(store):
+        if not from_lan():
+            return _refuse(403, "No password is set. Run `iotgw user set-password` on the gateway.")
+        if request.endpoint != "auth.setup":
+            return (
+                api_error(401, "no password set: open the web UI to set one")
+                if is_api()
+                else redirect(url_for("auth.setup"))
+            )
+        return _check_csrf()
+    g.principal = _session_principal()
+    if g.principal is None and request.endpoint not in PUBLIC_ENDPOINTS:
+        if is_api():
+            return api_error(401, "login required")
+        if request.method in SAFE_METHODS:
+            return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
+        return _refuse(401, "Login required.")
+    return _check_csrf()
+
+
+def _authorize_token():  # noqa: ANN202
+    scheme, _, secret = request.headers["Authorization"].partition(" ")
+    if not is_api() or scheme.lower() != "bearer" or not secret.strip():
+        return _refuse(401, "Bearer tokens are accepted on /api/ only, as 'Authorization: Bearer TOKEN'.")
+    if request.endpoint in SESSION_ONLY_ENDPOINTS:
+        return api_error(403, "tokens are managed with a login session or `iotgw user token`")
+    principal = accounts.authenticate_token(ctx().store, secret.strip())
+    if principal is None:
+        return api_error(401, "unknown or revoked token")
+    if request.method not in SAFE_METHODS and not principal.can_write:
+        return api_error(403, "this token is read-only")
+    g.principal = principal  # no CSRF check: a browser never attaches this header on its own
+    return None
+
+
+def _session_principal() -> accounts.Principal | None:
+    user = session.get("user")
+    if not user:
+        return None
+    changed_at = accounts.password_changed_at(ctx().store, user)
+    # A password change ends every older session; the signed cookie alone would otherwise live on.
+    if changed_at is None or session.get("pwd_at") != changed_at:
+        return None
+    if time.time() - session.get("login_at", 0) > SESSION_LIFETIME_S:
+        return None
+    return accounts.Principal(name=user, can_write=True)
+
+
+def _check_csrf():  # noqa: ANN202
+    if request.method in SAFE_METHODS:
+        return None
+    sent = request.headers.get(CSRF_HEADER) or request.form.get(CSRF_FIELD, "")
+    expected = session.get(CSRF_FIELD, "")
+    if not sent or not expected or not hmac.compare_digest(sent, expected):
+        return _refuse(403, "Missing or wrong CSRF token: reload the page and try again.")
+    return None
+
+
+def _refuse(status: int, message: str):  # noqa: ANN202
+    if is_api():
+        return api_error(status, message)
+    return Response(message + "\n", status=status, mimetype="text/plain")
+
+
+def _add_headers(response: Response) -> Response:
+    for name, value in HEADERS.items():
+        response.headers.setdefault(name, value)
+    if request.endpoint != "static":
+        response.headers["Cache-Control"] = "no-store"  # pages carry private data; keep them out of caches
+    return response
