@@ -117,9 +117,9 @@ class MqttLink:
                 info.wait_for_publish(timeout)
             except (RuntimeError, ValueError):
                 pass  # the connection went away meanwhile; the broker sends the will instead
+        self.connected.clear()
         self.client.disconnect()
         self.client.loop_stop()
-        self.connected.clear()
 
     def publish(self, topic: str, payload: bytes | str, *, retain: bool = False) -> int:
         """QoS 1; returns the message id whose acknowledgement ``on_ack`` reports. Kept by paho (and resent
