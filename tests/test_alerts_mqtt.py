@@ -4,6 +4,7 @@ an overflowing outbox drops the oldest and says so."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -16,7 +17,7 @@ import pytest
 
 from gateway.alerts import Alerts, PolicyHooks, recent_alerts
 from gateway.config import Config
-from gateway.devices.service import get_device
+from gateway.devices.service import forget, get_device, rename
 from gateway.events import ALERT_KINDS, Alert, DnsQuery
 from gateway.store.db import Store
 from gateway.store.schema import Device, OutboxMessage
@@ -253,6 +254,31 @@ def test_home_assistant_discovery_and_removal(store, broker, running):
     alerts.device_removed(MAC2)
     gone = rec.wait(lambda m: m.topic == f"homeassistant/device/{gid}_020000000002/config")
     assert gone[-1].payload == b""
+
+    # Changes made outside the daemon (web UI): only what differs is sent again.
+    rec.clear()
+    rename(store, MAC1, "Toaster")
+    alerts.sync_devices()
+    renamed = rec.wait(lambda m: m.topic.endswith("/config"))
+    assert [m.topic for m in renamed] == [f"homeassistant/device/{dev1}/config"]
+    assert renamed[0].json()["device"]["name"] == "Toaster"
+    forget(store, MAC1)
+    alerts.sync_devices()
+    assert rec.wait(lambda m: m.topic == f"homeassistant/device/{dev1}/config", count=2)[-1].payload == b""
+    rec.close()
+
+
+def test_configs_of_devices_forgotten_while_down_are_removed(store, broker, running):
+    rec = Recorder(broker, ["homeassistant/#"])
+    ours, theirs = f"iotgw_{GW}_0200000000aa", "iotgw_other_0200000000aa"
+    for nid, via in ((ours, f"iotgw_{GW}"), (theirs, "iotgw_other")):
+        device = {"identifiers": [nid], "via_device": via}
+        stale = {"device": device, "origin": {"name": "iotgw"}, "components": {}}
+        rec.publish(f"homeassistant/device/{nid}/config", json.dumps(stale), retain=True)
+    make_alerts(store, broker.url, running)
+    assert rec.wait(lambda m: m.topic == f"homeassistant/device/{ours}/config" and not m.payload)
+    time.sleep(1)
+    assert not rec.on(lambda m: m.topic == f"homeassistant/device/{theirs}/config" and not m.payload)
     rec.close()
 
 

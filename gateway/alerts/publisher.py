@@ -85,13 +85,20 @@ class Alerts:
         self._inflight: dict[int, int] = {}  # paho message id -> outbox row id
         self._cursor = 0  # the newest outbox row handed to paho
         self._node_macs: dict[str, str] = {}
+        self._published: dict[str, str] = {}  # node id -> the discovery config this connection last sent
+        self._sync = False
         self._next_states = 0.0
         self.link: MqttLink | None = None
         if cfg.mqtt.url:
             self.link = MqttLink(
                 cfg.mqtt,
                 cfg.gateway.name,
-                subscriptions=[ha.command_subscription(self.gateway), f"{self.prefix}/status"],
+                subscriptions=[
+                    ha.command_subscription(self.gateway),
+                    f"{self.prefix}/status",
+                    # Retained configs of ours for devices forgotten while the daemon was down: removed.
+                    ha.discovery_topic(self.prefix, "+"),
+                ],
                 on_connect=self._connected,
                 on_message=self._message,
                 on_ack=self._ack,
@@ -166,6 +173,12 @@ class Alerts:
         with self._todo_lock:
             self._removed.add(mac.lower())
             self._changed.discard(mac.lower())
+        self._wake.set()
+
+    def sync_devices(self) -> None:
+        """Devices changed outside the daemon (web UI, CLI): republish what differs, remove what went."""
+        with self._todo_lock:
+            self._sync = True
         self._wake.set()
 
     def publish_states(self) -> None:
@@ -263,6 +276,9 @@ class Alerts:
                 if payload.strip() == b"online":  # Home Assistant (re)started: it forgot non-retained state
                     self._connected()
                 continue
+            if topic.startswith(f"{self.prefix}/device/"):
+                self._check_retained_config(topic, payload)
+                continue
             parsed = ha.parse_command(self.gateway, topic)
             if parsed is None:
                 continue
@@ -297,6 +313,22 @@ class Alerts:
         else:
             log.warning("MQTT command %r for %s ignored", what, mac)
 
+    def _check_retained_config(self, topic: str, payload: bytes) -> None:
+        """A discovery config on the broker: if it is one of ours (hangs under this gateway) for a device the
+        store no longer has, remove it."""
+        if not payload:
+            return
+        node_id = topic.split("/")[-2]
+        try:
+            via = json.loads(payload).get("device", {}).get("via_device")
+        except (ValueError, AttributeError):
+            return
+        if via == ha.gateway_id(self.gateway) and self._mac_of(node_id) is None:
+            log.info("removing Home Assistant entities of forgotten device %s", node_id)
+            self.link.publish(topic, b"", retain=True)
+            self.link.publish(ha.state_topic(self.gateway, node_id), b"", retain=True)
+            self._published.pop(node_id, None)
+
     def _mac_of(self, node_id: str) -> str | None:
         if node_id not in self._node_macs:
             self._node_macs = {
@@ -307,34 +339,49 @@ class Alerts:
     def _discovery(self) -> None:
         with self._todo_lock:
             everything, self._rediscover = self._rediscover, False
+            full, self._sync = everything or self._sync, False
             changed, self._changed = self._changed, set()
             removed, self._removed = self._removed, set()
             states_due = self._states_due or time.monotonic() >= self._next_states
             self._states_due = False
         options = list(self.policy.options()) if self.policy else None
-        if everything:
+        if everything:  # a new connection or a restarted Home Assistant: send it all again
+            self._published.clear()
             self._publish_json(*ha.gateway_discovery(self.gateway, self.prefix))
-            for device in devices.list_devices(self.store):
-                self._publish_json(*ha.device_discovery(self.gateway, self.prefix, device, options))
-                self._node_macs[ha.device_id(self.gateway, device.mac)] = device.mac
-        for mac in removed:
-            nid = ha.device_id(self.gateway, mac)
+        if full:
+            listed = devices.list_devices(self.store)
+            self._node_macs = {ha.device_id(self.gateway, d.mac): d.mac for d in listed}
+            for device in listed:
+                self._publish_config(device, options)
+        gone = {ha.device_id(self.gateway, mac) for mac in removed}
+        if full:
+            gone |= set(self._published) - set(self._node_macs)
+        for nid in gone:
             self.link.publish(ha.discovery_topic(self.prefix, nid), b"", retain=True)
             self.link.publish(ha.state_topic(self.gateway, nid), b"", retain=True)
             self._node_macs.pop(nid, None)
-        if states_due:
-            self._publish_states()
-            return
+            self._published.pop(nid, None)
         for mac in changed - removed:
             try:
                 device = devices.get_device(self.store, mac).device
             except devices.NotFound:
                 continue
-            if not everything:
-                self._publish_json(*ha.device_discovery(self.gateway, self.prefix, device, options))
-                self._node_macs[ha.device_id(self.gateway, mac)] = mac
-            counts = counts_since(self.store, _midnight()).get(mac, (0, 0))
-            self._publish_device_state(device, counts)
+            self._publish_config(device, options)
+            if not states_due:
+                counts = counts_since(self.store, _midnight()).get(mac, (0, 0))
+                self._publish_device_state(device, counts)
+        if states_due:
+            self._publish_states()
+
+    def _publish_config(self, device: Device, options: list[str] | None) -> None:
+        """A device's discovery config, unless this connection already sent exactly this one."""
+        topic, payload = ha.device_discovery(self.gateway, self.prefix, device, options)
+        nid = ha.device_id(self.gateway, device.mac)
+        text = json.dumps(payload, separators=(",", ":"))
+        self._node_macs[nid] = device.mac
+        if self._published.get(nid) != text:
+            self.link.publish(topic, text, retain=True)
+            self._published[nid] = text
 
     def _publish_states(self) -> None:
         self._next_states = time.monotonic() + self.state_interval_s
