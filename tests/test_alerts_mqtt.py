@@ -251,6 +251,7 @@ def test_home_assistant_discovery_and_removal(store, broker, running):
 
     # A forgotten device's entities are removed with an empty retained config.
     rec.clear()
+    forget(store, MAC2)
     alerts.device_removed(MAC2)
     gone = rec.wait(lambda m: m.topic == f"homeassistant/device/{gid}_020000000002/config")
     assert gone[-1].payload == b""
@@ -259,7 +260,9 @@ def test_home_assistant_discovery_and_removal(store, broker, running):
     rec.clear()
     rename(store, MAC1, "Toaster")
     alerts.sync_devices()
-    renamed = rec.wait(lambda m: m.topic.endswith("/config"))
+    rec.wait(lambda m: m.topic.endswith("/config"))
+    time.sleep(0.5)
+    renamed = rec.on(lambda m: m.topic.endswith("/config"))
     assert [m.topic for m in renamed] == [f"homeassistant/device/{dev1}/config"]
     assert renamed[0].json()["device"]["name"] == "Toaster"
     forget(store, MAC1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import bindparam, delete, func, insert, select
 
 from gateway.events import Alert
 from gateway.store.db import Store
@@ -20,6 +20,12 @@ from gateway.store.schema import AlertRecord, OutboxMessage, Setting
 
 DROPPED_TOTAL = "alerts_dropped_total"
 HISTORY_KEEP = 2000  # alerts kept for the web UI's list
+
+
+_INSERT_ALERT = insert(AlertRecord.__table__)
+_PRUNE_ALERTS = delete(AlertRecord.__table__).where(AlertRecord.__table__.c.id <= bindparam("below"))
+_INSERT_OUTBOX = insert(OutboxMessage.__table__)
+_COUNT_OUTBOX = select(func.count()).select_from(OutboxMessage.__table__)
 
 
 class Outbox:
@@ -39,21 +45,27 @@ class Outbox:
     def put(self, alert: Alert, *, publish: bool = True) -> int:
         """Store ``alert`` in the history and (``publish``: MQTT is on) the outbox, in one transaction.
         Returns how many old alerts were dropped to make room."""
-        with self._lock, self.store.transaction() as s:
-            record = AlertRecord(ts=alert.ts, kind=alert.kind, mac=alert.mac, data=alert.data)
-            s.add(record)
-            s.flush()
-            s.execute(delete(AlertRecord).where(AlertRecord.id <= record.id - self.history_keep))
-            if not publish:
+        row = {"ts": alert.ts, "kind": alert.kind, "mac": alert.mac, "data": alert.data}
+        # Table-level statements on the connection: this runs once per alert, and the ORM's session
+        # machinery costs several times the SQL itself.
+        with self._lock:
+            with self.store.engine.begin() as conn:
+                (record_id,) = conn.execute(_INSERT_ALERT, row).inserted_primary_key
+                conn.execute(_PRUNE_ALERTS, {"below": record_id - self.history_keep})
+                if not publish:
+                    return 0
+                conn.execute(_INSERT_OUTBOX, row)
+                full = conn.execute(_COUNT_OUTBOX).scalar_one() > self.max_rows
+            if not full:
                 return 0
-            s.add(OutboxMessage(ts=alert.ts, kind=alert.kind, mac=alert.mac, data=alert.data))
-            s.flush()
-            excess = (s.scalar(select(func.count()).select_from(OutboxMessage)) or 0) - self.max_rows
-            if excess <= 0:
-                return 0
-            return self._drop_oldest(s, excess)
+            with self.store.transaction() as s:
+                return self._drop_oldest(s)
 
-    def _drop_oldest(self, s, excess: int) -> int:  # noqa: ANN001 - a Session inside put's transaction
+    def _drop_oldest(self, s) -> int:  # noqa: ANN001 - a Session
+        # Counted again inside this transaction: another process (the web UI) may have trimmed meanwhile.
+        excess = (s.scalar(select(func.count()).select_from(OutboxMessage)) or 0) - self.max_rows
+        if excess <= 0:
+            return 0
         victims = s.execute(
             select(OutboxMessage.id, OutboxMessage.ts)
             .where(OutboxMessage.kind != "alerts_dropped")
