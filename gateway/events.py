@@ -79,6 +79,7 @@ ALERT_KINDS = (
     "anomaly",
     "model_updated",
     "federated_round",
+    "alerts_dropped",  # the alert outbox overflowed while the broker was away: how many, from when to when
 )
 
 

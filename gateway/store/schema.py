@@ -126,6 +126,35 @@ class Setting(ConfigBase):
     value: Mapped[str] = mapped_column(Text)
 
 
+class AlertRecord(ConfigBase):
+    """The recent alerts, newest last, for the web UI's alert list; pruned to the last few thousand."""
+
+    __tablename__ = "alerts"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    ts: Mapped[float] = mapped_column(Float, index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    mac: Mapped[str | None] = mapped_column(String(48), index=True)
+    data: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class OutboxMessage(ConfigBase):
+    """An alert written before it is published and deleted when the broker acknowledges it.
+
+    The id orders delivery; AUTOINCREMENT so an id is never reused after the newest row was deleted.
+    """
+
+    __tablename__ = "outbox"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    ts: Mapped[float] = mapped_column(Float)
+    kind: Mapped[str] = mapped_column(String(32))
+    mac: Mapped[str | None] = mapped_column(String(48))
+    data: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
 class Query(QueryLogBase):
     __tablename__ = "queries"
     __table_args__ = (Index("ix_queries_mac_ts", "mac", "ts"),)

@@ -1,0 +1,420 @@
+"""``Alerts``: what the daemon holds. It records every alert (history + durable outbox), publishes the outbox
+over MQTT in order with QoS 1, deleting each row when the broker acknowledges it, keeps Home Assistant's
+discovery and state topics current, obeys the quarantine switch and policy select, and turns the event stream
+into presence and blocked-query summary alerts.
+
+One thread of its own does the database and publishing work; paho's network thread only records acks,
+connects and commands and wakes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from gateway.alerts import homeassistant as ha
+from gateway.alerts.blocked import BlockedSummariser
+from gateway.alerts.mqtt import MqttLink, topic_id
+from gateway.alerts.outbox import Outbox
+from gateway.alerts.payloads import check, envelope
+from gateway.alerts.presence import Presence
+from gateway.config import Config
+from gateway.devices import service as devices
+from gateway.events import Alert, DnsQuery, Event
+from gateway.store.db import Store
+from gateway.store.querylog import counts_since
+from gateway.store.schema import Device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PolicyHooks:
+    """What the policy store offers Home Assistant's policy select: the choices, a device's current one, and
+    how to apply a choice. Supplied by the daemon so that this package needs no policy import."""
+
+    options: Callable[[], Sequence[str]]
+    current: Callable[[str], str | None]
+    apply: Callable[[str, str], None]
+
+
+class Alerts:
+    def __init__(
+        self,
+        store: Store,
+        cfg: Config,
+        *,
+        policy: PolicyHooks | None = None,
+        idle_timeout_s: float = 600.0,
+        blocked_interval_s: float = 300.0,
+        state_interval_s: float = 60.0,
+        max_inflight: int = 100,
+    ) -> None:
+        self.store = store
+        self.gateway = topic_id(cfg.gateway.name)
+        self.prefix = cfg.mqtt.discovery_prefix
+        self.policy = policy
+        self.state_interval_s = state_interval_s
+        self.max_inflight = max_inflight
+        self.outbox = Outbox(store, max_rows=cfg.mqtt.outbox_max)
+        self.presence = Presence(idle_timeout_s)
+        self.blocked = BlockedSummariser(blocked_interval_s)
+        self._feed_lock = (
+            threading.Lock()
+        )  # presence and summariser: fed by the daemon, expired by our thread
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # Filled on paho's thread, emptied on ours (deque appends and pops are atomic).
+        self._acks: deque[int] = deque()
+        self._messages: deque[tuple[str, bytes]] = deque()
+        self._todo_lock = threading.Lock()
+        self._rediscover = False
+        self._states_due = True
+        self._changed: set[str] = set()
+        self._removed: set[str] = set()
+        self._inflight: dict[int, int] = {}  # paho message id -> outbox row id
+        self._cursor = 0  # the newest outbox row handed to paho
+        self._node_macs: dict[str, str] = {}
+        self._published: dict[str, str] = {}  # node id -> the discovery config this connection last sent
+        self._sync = False
+        self._next_states = 0.0
+        self.link: MqttLink | None = None
+        if cfg.mqtt.url:
+            self.link = MqttLink(
+                cfg.mqtt,
+                cfg.gateway.name,
+                subscriptions=[
+                    ha.command_subscription(self.gateway),
+                    f"{self.prefix}/status",
+                    # Retained configs of ours for devices forgotten while the daemon was down: removed.
+                    ha.discovery_topic(self.prefix, "+"),
+                ],
+                on_connect=self._connected,
+                on_message=self._message,
+                on_ack=self._ack,
+                max_inflight=max_inflight,
+            )
+
+    # --- the daemon's side
+
+    def start(self) -> None:
+        now = time.time()
+        for device in devices.list_devices(self.store):
+            self.presence.seed(device.mac, device.last_seen, now)
+        if self.link:
+            self.link.start()
+        self._thread = threading.Thread(target=self._run, name="alerts", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain_s: float = 3.0) -> None:
+        """Summarise what is pending, give the broker ``drain_s`` to take the outbox, then disconnect.
+        Whatever it did not acknowledge stays in the outbox for the next start."""
+        with self._feed_lock:
+            pending = self.blocked.flush(time.time(), all_windows=True)
+        for alert in pending:
+            self.send(alert)
+        deadline = time.monotonic() + drain_s
+        while self.link and self.link.connected.is_set() and time.monotonic() < deadline:
+            if not self._inflight and self.outbox.count() == 0:
+                break
+            self._wake.set()
+            time.sleep(0.05)
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+        if self.link:
+            self.link.stop()
+
+    def send(self, alert: Alert) -> None:
+        """Record ``alert`` durably and wake the publisher. Thread-safe; one small transaction.
+
+        Raises ValueError for an alert that breaks its kind's payload contract (``payloads.ALERT_FIELDS``).
+        """
+        check(alert)
+        if self.outbox.put(alert, publish=self.link is not None):
+            log.warning(
+                "alert outbox full: dropped the oldest alerts (%d in all)", self.outbox.dropped_total()
+            )
+        self._wake.set()
+
+    def observe(self, event: Event) -> None:
+        """Feed every gateway event: presence from any packet, blocked-query summaries from DNS queries."""
+        mac = getattr(event, "mac", None)
+        if not mac:
+            return
+        with self._feed_lock:
+            online = self.presence.seen(mac, event.ts)
+            if isinstance(event, DnsQuery):
+                self.blocked.add(event)
+        if online:
+            self.send(online)
+
+    def device_changed(self, mac: str) -> None:
+        """A device was added, renamed, identified or changed status: republish its discovery and state."""
+        with self._todo_lock:
+            self._changed.add(mac.lower())
+        self._wake.set()
+
+    def device_removed(self, mac: str) -> None:
+        """A device was forgotten: remove its Home Assistant entities (empty retained config)."""
+        with self._feed_lock:
+            self.presence.forget(mac.lower())
+        with self._todo_lock:
+            self._removed.add(mac.lower())
+            self._changed.discard(mac.lower())
+        self._wake.set()
+
+    def sync_devices(self) -> None:
+        """Devices changed outside the daemon (web UI, CLI): republish what differs, remove what went."""
+        with self._todo_lock:
+            self._sync = True
+        self._wake.set()
+
+    def publish_states(self) -> None:
+        """Publish every device's state now (it is also published every ``state_interval_s``)."""
+        with self._todo_lock:
+            self._states_due = True
+        self._wake.set()
+
+    # --- paho's thread: record and wake
+
+    def _connected(self) -> None:
+        with self._todo_lock:
+            self._rediscover = True
+            self._states_due = True
+        self._wake.set()
+
+    def _message(self, topic: str, payload: bytes) -> None:
+        self._messages.append((topic, payload))
+        self._wake.set()
+
+    def _ack(self, mid: int) -> None:
+        self._acks.append(mid)
+        self._wake.set()
+
+    # --- our thread
+
+    def _run(self) -> None:
+        last_tick = 0.0
+        while not self._stop.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            try:
+                if time.monotonic() - last_tick >= 1.0:
+                    last_tick = time.monotonic()
+                    self._tick(time.time())
+                self._take_acks()
+                if self.link and self.link.connected.is_set():
+                    self._handle_messages()
+                    self._discovery()
+                    self._pump()
+            except Exception:  # a locked database or a broken hook must not end alerting
+                log.exception("alerts: publisher step failed; retrying")
+                self._stop.wait(1.0)
+
+    def _tick(self, now: float) -> None:
+        with self._feed_lock:
+            due = self.presence.expire(now) + self.blocked.flush(now)
+        for alert in due:
+            self.send(alert)
+
+    def _take_acks(self) -> None:
+        done = []
+        while self._acks:
+            row = self._inflight.pop(self._acks.popleft(), None)
+            if row is not None:
+                done.append(row)
+        self.outbox.remove(done)
+
+    def _pump(self) -> None:
+        room = self.max_inflight - len(self._inflight)
+        if room <= 0:
+            return
+        rows = self.outbox.pending(self._cursor, room)
+        if not rows:
+            return
+        known = self._device_blocks({r.mac for r in rows if r.mac})
+        for row in rows:
+            alert = Alert(row.kind, row.ts, row.mac, row.data)
+            payload = envelope(alert, self.gateway, known.get(row.mac or ""))
+            mid = self.link.publish(f"iotgw/{self.gateway}/event/{row.kind}", payload)
+            self._inflight[mid] = row.id
+            self._cursor = self.outbox.handed_over = row.id
+
+    def _device_blocks(self, macs: set[str]) -> dict[str, dict[str, Any]]:
+        if not macs:
+            return {}
+        with self.store.session() as s:
+            rows = s.scalars(select(Device).where(Device.mac.in_(macs)))
+            return {
+                d.mac: {
+                    "name": d.name,
+                    "vendor": d.vendor,
+                    "manufacturer": d.manufacturer,
+                    "device_type": d.device_type,
+                    "category": d.category,
+                    "status": d.status,
+                }
+                for d in rows
+            }
+
+    def _handle_messages(self) -> None:
+        while self._messages:
+            topic, payload = self._messages.popleft()
+            if topic == f"{self.prefix}/status":
+                if payload.strip() == b"online":  # Home Assistant (re)started: it forgot non-retained state
+                    self._connected()
+                continue
+            if topic.startswith(f"{self.prefix}/device/"):
+                self._check_retained_config(topic, payload)
+                continue
+            parsed = ha.parse_command(self.gateway, topic)
+            if parsed is None:
+                continue
+            mac = self._mac_of(parsed[0])
+            if mac is None:
+                log.warning("MQTT command for unknown device %r ignored", parsed[0])
+                continue
+            try:
+                self._command(mac, parsed[1], payload.decode("utf-8", "replace").strip())
+            except Exception:
+                log.exception("MQTT command %s on %s failed", parsed[1], mac)
+
+    def _command(self, mac: str, what: str, value: str) -> None:
+        if what == "quarantine":
+            if value not in ("ON", "OFF"):
+                log.warning("quarantine command %r for %s ignored: ON or OFF", value, mac)
+                return
+            device = devices.get_device(self.store, mac).device
+            if (device.status == "quarantined") == (value == "ON"):
+                self.device_changed(mac)  # Home Assistant's view may be stale: tell it again
+                return
+            devices.set_status(self.store, mac, "quarantined" if value == "ON" else "approved")
+            kind = "quarantine_entered" if value == "ON" else "quarantine_lifted"
+            self.send(Alert(kind, time.time(), mac, {"by": "home_assistant"}))
+            self.device_changed(mac)
+        elif what == "policy" and self.policy is not None:
+            if value not in self.policy.options():
+                log.warning("policy command %r for %s ignored: not one of the options", value, mac)
+                return
+            self.policy.apply(mac, value)
+            self.device_changed(mac)
+        else:
+            log.warning("MQTT command %r for %s ignored", what, mac)
+
+    def _check_retained_config(self, topic: str, payload: bytes) -> None:
+        """A discovery config on the broker: if it is one of ours (hangs under this gateway) for a device the
+        store no longer has, remove it."""
+        if not payload:
+            return
+        node_id = topic.split("/")[-2]
+        try:
+            via = json.loads(payload).get("device", {}).get("via_device")
+        except (ValueError, AttributeError):
+            return
+        if via == ha.gateway_id(self.gateway) and self._mac_of(node_id) is None:
+            log.info("removing Home Assistant entities of forgotten device %s", node_id)
+            self.link.publish(topic, b"", retain=True)
+            self.link.publish(ha.state_topic(self.gateway, node_id), b"", retain=True)
+            self._published.pop(node_id, None)
+
+    def _mac_of(self, node_id: str) -> str | None:
+        if node_id not in self._node_macs:
+            self._node_macs = {
+                ha.device_id(self.gateway, d.mac): d.mac for d in devices.list_devices(self.store)
+            }
+        return self._node_macs.get(node_id)
+
+    def _discovery(self) -> None:
+        with self._todo_lock:
+            everything, self._rediscover = self._rediscover, False
+            full, self._sync = everything or self._sync, False
+            changed, self._changed = self._changed, set()
+            removed, self._removed = self._removed, set()
+            states_due = self._states_due or time.monotonic() >= self._next_states
+            self._states_due = False
+        options = list(self.policy.options()) if self.policy else None
+        if everything:  # a new connection or a restarted Home Assistant: send it all again
+            self._published.clear()
+            self._publish_json(*ha.gateway_discovery(self.gateway, self.prefix))
+        if full:
+            listed = devices.list_devices(self.store)
+            self._node_macs = {ha.device_id(self.gateway, d.mac): d.mac for d in listed}
+            for device in listed:
+                self._publish_config(device, options)
+        gone = {ha.device_id(self.gateway, mac) for mac in removed}
+        if full:
+            gone |= set(self._published) - set(self._node_macs)
+        for nid in gone:
+            self.link.publish(ha.discovery_topic(self.prefix, nid), b"", retain=True)
+            self.link.publish(ha.state_topic(self.gateway, nid), b"", retain=True)
+            self._node_macs.pop(nid, None)
+            self._published.pop(nid, None)
+        for mac in changed - removed:
+            try:
+                device = devices.get_device(self.store, mac).device
+            except devices.NotFound:
+                continue
+            self._publish_config(device, options)
+            if not states_due:
+                counts = counts_since(self.store, _midnight()).get(mac, (0, 0))
+                self._publish_device_state(device, counts)
+        if states_due:
+            self._publish_states()
+
+    def _publish_config(self, device: Device, options: list[str] | None) -> None:
+        """A device's discovery config, unless this connection already sent exactly this one."""
+        topic, payload = ha.device_discovery(self.gateway, self.prefix, device, options)
+        nid = ha.device_id(self.gateway, device.mac)
+        text = json.dumps(payload, separators=(",", ":"))
+        self._node_macs[nid] = device.mac
+        if self._published.get(nid) != text:
+            self.link.publish(topic, text, retain=True)
+            self._published[nid] = text
+
+    def _publish_states(self) -> None:
+        self._next_states = time.monotonic() + self.state_interval_s
+        listed = devices.list_devices(self.store)
+        counts = counts_since(self.store, _midnight())
+        for device in listed:
+            self._publish_device_state(device, counts.get(device.mac, (0, 0)))
+        self._publish_json(
+            ha.gateway_state_topic(self.gateway),
+            {
+                "devices": len(listed),
+                "online": sum(self.presence.is_online(d.mac) for d in listed),
+                "queries_today": sum(q for q, _ in counts.values()),
+                "blocked_today": sum(b for _, b in counts.values()),
+                "outbox": self.outbox.count(),
+                "alerts_dropped": self.outbox.dropped_total(),
+            },
+        )
+
+    def _publish_device_state(self, device: Device, counts: tuple[int, int]) -> None:
+        state = ha.device_state(
+            device,
+            online=self.presence.is_online(device.mac),
+            queries=counts[0],
+            blocked=counts[1],
+            policy=self.policy.current(device.mac) if self.policy else None,
+        )
+        self._publish_json(ha.state_topic(self.gateway, ha.device_id(self.gateway, device.mac)), state)
+
+    def _publish_json(self, topic: str, payload: dict[str, Any]) -> None:
+        self.link.publish(topic, json.dumps(payload, separators=(",", ":")), retain=True)
+
+
+def _midnight() -> float:
+    """The start of today, local time: what "today" means on the owner's dashboard."""
+    return datetime.now().replace(hour=0, minute=0, second=0, microsecond=0).timestamp()

@@ -1,0 +1,399 @@
+"""Alerts over a real mosquitto: every kind with its schema, plain and TLS; Home Assistant discovery and the
+quarantine switch end to end; a broker outage under a burst and a killed daemon lose nothing and keep order;
+an overflowing outbox drops the oldest and says so."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.alerts import Alerts, PolicyHooks, recent_alerts
+from gateway.config import Config
+from gateway.devices.service import forget, get_device, rename
+from gateway.events import ALERT_KINDS, Alert, DnsQuery
+from gateway.store.db import Store
+from gateway.store.schema import Device, OutboxMessage
+from tests.broker import Mosquitto, Recorder, make_ca, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+MAC1, MAC2 = "02:00:00:00:00:01", "02:00:00:00:00:02"
+GW = "home_gw"  # the gateway name "home gw" as it appears in topics
+
+# The published contract, written out independently of gateway.alerts.payloads: a change there breaks this.
+OPT_STR, NUM, OPT_NUM = (str, type(None)), (int, float), (int, float, type(None))
+ENVELOPE = {"schema": (int,), "kind": (str,), "gateway": (str,), "ts": NUM, "time": (str,), "mac": OPT_STR,
+            "device": (dict, type(None)), "data": (dict,)}
+DATA = {
+    "new_device": {"vendor": OPT_STR, "name": OPT_STR, "ip": OPT_STR},
+    "device_identified": {"manufacturer": OPT_STR, "device_type": OPT_STR, "category": OPT_STR,
+                          "confidence": NUM, "decided_after_s": OPT_NUM},
+    "unknown_device": {"confidence": NUM, "decided_after_s": OPT_NUM},
+    "device_online": {"offline_s": OPT_NUM},
+    "device_offline": {"last_seen": NUM, "idle_timeout_s": NUM},
+    "blocked_summary": {"count": (int,), "since": NUM, "until": NUM, "top": (list,)},
+    "quarantine_entered": {"by": (str,)},
+    "quarantine_lifted": {"by": (str,)},
+    "anomaly": {"domain": (str,), "reason": (str,)},
+    "model_updated": {"version": (str,), "previous_version": OPT_STR},
+    "federated_round": {"round": (int,), "status": (str,), "error": OPT_STR},
+    "alerts_dropped": {"dropped": (int,), "oldest_ts": NUM, "newest_ts": NUM},
+}
+EXAMPLES = {
+    "new_device": (MAC1, {"vendor": "Espressif", "name": "<script>plug</script>", "ip": "192.168.1.20"}),
+    "device_identified": (MAC1, {"manufacturer": "TP-Link", "device_type": "HS110", "category": "plug",
+                                 "confidence": 0.93, "decided_after_s": 4.2}),
+    "unknown_device": (MAC2, {"confidence": 0.31, "decided_after_s": 30.0}),
+    "device_online": (MAC1, {"offline_s": 912.5}),
+    "device_offline": (MAC1, {"last_seen": 1.7e9, "idle_timeout_s": 600.0}),
+    "blocked_summary": (MAC1, {"count": 12, "since": 1.7e9, "until": 1.7e9 + 200, "top": [
+        {"name": "ads.example.com", "count": 10}]}),
+    "quarantine_entered": (MAC2, {"by": "web"}),
+    "quarantine_lifted": (MAC2, {"by": "web"}),
+    "anomaly": (MAC1, {"domain": "evil.example", "reason": "outside the learned profile"}),
+    "model_updated": (None, {"version": "2", "previous_version": "1"}),
+    "federated_round": (None, {"round": 3, "status": "failed", "error": "too few homes"}),
+    "alerts_dropped": (None, {"dropped": 5, "oldest_ts": 1.0, "newest_ts": 2.0}),
+}
+ID = re.compile(r"[a-zA-Z0-9_-]+")
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = Store(f"sqlite:///{tmp_path / 'state' / 'iotgw.sqlite'}")
+    now = time.time()
+    with s.transaction() as t:
+        t.add(Device(mac=MAC1, first_seen=now, last_seen=now, vendor="Espressif", name="Kitchen plug",
+                     manufacturer="TP-Link", device_type="HS110", category="plug", status="new"))
+        t.add(Device(mac=MAC2, first_seen=now, last_seen=now - 3600, vendor="Raspberry Pi", status="new"))
+    yield s
+    s.close()
+
+
+def _broker(tmp_path: Path, name: str, tls=None) -> Mosquitto:
+    d = tmp_path / name
+    d.mkdir()
+    b = Mosquitto(d, tls=tls)
+    b.start()
+    return b
+
+
+@pytest.fixture
+def broker(tmp_path: Path):
+    b = _broker(tmp_path, "broker")
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def running():
+    started: list[Alerts] = []
+    yield started
+    for a in started:
+        a.stop(drain_s=0)
+
+
+def make_alerts(store: Store, url: str, running: list, *, ca: str = "", outbox_max: int = 10000,
+                policy: PolicyHooks | None = None, name: str = "home gw") -> Alerts:
+    cfg = Config()
+    cfg.gateway.name = name
+    cfg.mqtt.url = url
+    cfg.mqtt.ca_file = ca
+    cfg.mqtt.outbox_max = outbox_max
+    alerts = Alerts(store, cfg, policy=policy, blocked_interval_s=1.0)
+    alerts.start()
+    running.append(alerts)
+    return alerts
+
+
+def check_shape(value: dict, spec: dict, where: str) -> None:
+    for key, types in spec.items():
+        assert key in value, f"{where}: missing {key}"
+        assert isinstance(value[key], types), f"{where}: {key} is {type(value[key]).__name__}"
+
+
+def outbox_rows(store: Store) -> int:
+    with store.session() as s:
+        return s.query(OutboxMessage).count()
+
+
+def test_every_alert_kind_arrives_with_its_schema(store, broker, running):
+    rec = Recorder(broker, ["iotgw/#"])
+    alerts = make_alerts(store, broker.url, running)
+    assert set(EXAMPLES) == set(ALERT_KINDS) == set(DATA)
+    for kind, (mac, data) in EXAMPLES.items():
+        alerts.send(Alert(kind, time.time(), mac, data))
+    got = rec.wait(lambda m: "/event/" in m.topic, count=len(EXAMPLES))
+    assert [m.topic for m in got] == [f"iotgw/{GW}/event/{k}" for k in EXAMPLES]
+    for m in got:
+        assert not m.retain, "events must never be retained"
+        body = m.json()
+        check_shape(body, ENVELOPE, m.topic)
+        assert body["schema"] == 1 and body["gateway"] == GW
+        check_shape(body["data"], DATA[body["kind"]], m.topic)
+        assert (body["mac"], body["data"]) == EXAMPLES[body["kind"]]
+    kitchen = next(m.json() for m in got if m.topic.endswith("/device_identified"))
+    assert kitchen["device"]["name"] == "Kitchen plug"
+    # Status: retained "online" once connected.
+    status = rec.wait(lambda m: m.topic == f"iotgw/{GW}/status")
+    assert status[-1].payload == b"online"
+    wait_until(lambda: outbox_rows(store) == 0)  # acknowledged alerts leave the outbox ...
+    assert [r.kind for r in recent_alerts(store, 100)] == list(reversed(EXAMPLES))  # ... and stay in history
+    rec.close()
+
+
+def test_a_malformed_alert_is_refused_at_its_source(store, running):
+    alerts = make_alerts(store, "", running)  # MQTT off: the history still records
+    with pytest.raises(ValueError, match="device_type"):
+        alerts.send(Alert("device_identified", time.time(), MAC1, {"manufacturer": "x"}))
+    with pytest.raises(ValueError, match="mac"):
+        alerts.send(Alert("new_device", time.time(), None, {"vendor": None, "name": None, "ip": None}))
+    with pytest.raises(ValueError, match="unknown alert kind"):
+        alerts.send(Alert("nonsense", time.time(), None, {}))
+    alerts.send(Alert("model_updated", time.time(), None, {"version": "3", "previous_version": None}))
+    assert [r.kind for r in recent_alerts(store)] == ["model_updated"]
+    assert outbox_rows(store) == 0  # nothing queued for a broker that is not configured
+
+
+def test_tls_with_a_test_ca(store, tmp_path, running):
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    ca, cert, key = make_ca(certs)
+    broker = _broker(tmp_path, "tlsbroker", tls=(ca, cert, key))
+    try:
+        rec = Recorder(broker, ["iotgw/#"], ca=ca)
+        alerts = make_alerts(store, broker.url, running, ca=str(ca))
+        alerts.send(Alert("anomaly", time.time(), MAC1, {"domain": "x.example", "reason": "new"}))
+        got = rec.wait(lambda m: m.topic.endswith("/event/anomaly"))
+        assert got[0].json()["data"]["domain"] == "x.example"
+        # A gateway that does not trust the broker's CA never connects, and keeps its alerts.
+        other = tmp_path / "other"
+        other.mkdir()
+        wrong_ca = make_ca(other)[0]
+        stranger = make_alerts(store, broker.url, running, ca=str(wrong_ca), name="stranger")
+        time.sleep(1.5)
+        assert not stranger.link.connected.is_set()
+        rec.close()
+    finally:
+        broker.stop()
+
+
+def discovery_rules(topic: str, payload: dict, gateway_id: str) -> None:
+    """Home Assistant's rules for device-based discovery, as its MQTT docs state them."""
+    m = re.fullmatch(r"homeassistant/device/([^/]+)/config", topic)
+    assert m and ID.fullmatch(m.group(1)), topic
+    for key in ("device", "origin", "components"):
+        assert key in payload, f"{topic}: {key} is required"
+    assert payload["origin"]["name"]
+    dev = payload["device"]
+    assert dev.get("identifiers") or dev.get("connections")
+    for uid in dev.get("identifiers", []):
+        assert ID.fullmatch(uid)
+    for comp_id, comp in payload["components"].items():
+        assert ID.fullmatch(comp_id) and ID.fullmatch(comp["unique_id"])
+        assert comp["platform"] in {"sensor", "switch", "select", "device_tracker", "binary_sensor"}
+        for key in ("state_topic", "command_topic"):
+            if key in comp:
+                assert re.fullmatch(r"[a-zA-Z0-9_/-]+", comp[key]), comp[key]  # no wildcards, no spaces
+    if dev["identifiers"] != [gateway_id]:
+        assert dev["via_device"] == gateway_id
+
+
+def test_home_assistant_discovery_and_removal(store, broker, running):
+    rec = Recorder(broker, ["homeassistant/#", "iotgw/+/device/#"])
+    policies = {MAC1: "default"}
+    hooks = PolicyHooks(options=lambda: ["default", "strict", "open"], current=policies.get,
+                        apply=policies.__setitem__)
+    alerts = make_alerts(store, broker.url, running, policy=hooks)
+    configs = rec.wait(lambda m: m.topic.endswith("/config"), count=3)
+    by_topic = {m.topic: m for m in configs}
+    gid = f"iotgw_{GW}"
+    dev1 = f"{gid}_020000000001"
+    assert set(by_topic) == {f"homeassistant/device/{n}/config" for n in (gid, dev1, f"{gid}_020000000002")}
+    for m in configs:
+        discovery_rules(m.topic, m.json(), gid)
+    late = Recorder(broker, ["homeassistant/#"], client_id="late-subscriber")  # Home Assistant started later
+    assert all(m.retain for m in late.wait(lambda m: m.topic.endswith("/config"), count=3))
+    late.close()
+    p1 = by_topic[f"homeassistant/device/{dev1}/config"].json()
+    assert p1["device"]["connections"] == [["mac", MAC1]]
+    assert (p1["device"]["manufacturer"], p1["device"]["model"]) == ("TP-Link", "HS110")
+    platforms = sorted(c["platform"] for c in p1["components"].values())
+    assert platforms == ["device_tracker", "select", "sensor", "sensor", "sensor", "sensor", "switch"]
+    counters = [c for c in p1["components"].values() if c.get("state_class") == "total_increasing"]
+    assert {c["name"] for c in counters} == {"Queries today", "Blocked today"}
+    select = next(c for c in p1["components"].values() if c["platform"] == "select")
+    assert select["options"] == ["default", "strict", "open"]
+
+    state = rec.wait(lambda m: m.topic == f"iotgw/{GW}/device/{dev1}/state")[-1].json()
+    assert state["presence"] == "home" and state["quarantine"] == "OFF" and state["policy"] == "default"
+    assert rec.wait(lambda m: m.topic == f"iotgw/{GW}/device/{gid}_020000000002/state")[-1].json()[
+        "presence"] == "not_home"  # last seen an hour ago, beyond the idle timeout
+
+    # The policy select's command reaches the hook the daemon passed in.
+    rec.publish(select["command_topic"], "strict")
+    wait_until(lambda: policies[MAC1] == "strict")
+    rec.publish(select["command_topic"], "not-an-option")
+    time.sleep(0.5)
+    assert policies[MAC1] == "strict"
+
+    # Home Assistant restarts: discovery comes again.
+    rec.clear()
+    rec.publish("homeassistant/status", "online")
+    assert len(rec.wait(lambda m: m.topic.endswith("/config"), count=3)) >= 3
+
+    # A forgotten device's entities are removed with an empty retained config.
+    rec.clear()
+    forget(store, MAC2)
+    alerts.device_removed(MAC2)
+    gone = rec.wait(lambda m: m.topic == f"homeassistant/device/{gid}_020000000002/config")
+    assert gone[-1].payload == b""
+
+    # Changes made outside the daemon (web UI): only what differs is sent again.
+    rec.clear()
+    rename(store, MAC1, "Toaster")
+    alerts.sync_devices()
+    rec.wait(lambda m: m.topic.endswith("/config"))
+    time.sleep(0.5)
+    renamed = rec.on(lambda m: m.topic.endswith("/config"))
+    assert [m.topic for m in renamed] == [f"homeassistant/device/{dev1}/config"]
+    assert renamed[0].json()["device"]["name"] == "Toaster"
+    forget(store, MAC1)
+    alerts.sync_devices()
+    assert rec.wait(lambda m: m.topic == f"homeassistant/device/{dev1}/config", count=2)[-1].payload == b""
+    rec.close()
+
+
+def test_configs_of_devices_forgotten_while_down_are_removed(store, broker, running):
+    rec = Recorder(broker, ["homeassistant/#"])
+    ours, theirs = f"iotgw_{GW}_0200000000aa", "iotgw_other_0200000000aa"
+    for nid, via in ((ours, f"iotgw_{GW}"), (theirs, "iotgw_other")):
+        device = {"identifiers": [nid], "via_device": via}
+        stale = {"device": device, "origin": {"name": "iotgw"}, "components": {}}
+        rec.publish(f"homeassistant/device/{nid}/config", json.dumps(stale), retain=True)
+    make_alerts(store, broker.url, running)
+    assert rec.wait(lambda m: m.topic == f"homeassistant/device/{ours}/config" and not m.payload)
+    time.sleep(1)
+    assert not rec.on(lambda m: m.topic == f"homeassistant/device/{theirs}/config" and not m.payload)
+    rec.close()
+
+
+def test_quarantine_switch_end_to_end(store, broker, running):
+    rec = Recorder(broker, ["homeassistant/#", "iotgw/#"])
+    make_alerts(store, broker.url, running)
+    config = rec.wait(lambda m: m.topic == f"homeassistant/device/iotgw_{GW}_020000000002/config")[-1].json()
+    switch = next(c for c in config["components"].values() if c["platform"] == "switch")
+    rec.publish(switch["command_topic"], "ON")
+    wait_until(lambda: get_device(store, MAC2).device.status == "quarantined")
+    entered = rec.wait(lambda m: m.topic.endswith("/event/quarantine_entered"))[0].json()
+    assert entered["mac"] == MAC2 and entered["data"]["by"] == "home_assistant"
+    rec.wait(lambda m: m.topic.endswith("020000000002/state") and m.json()["quarantine"] == "ON")
+    rec.publish(switch["command_topic"], "OFF")
+    wait_until(lambda: get_device(store, MAC2).device.status == "approved")
+    rec.wait(lambda m: m.topic.endswith("/event/quarantine_lifted"))
+    rec.publish(switch["command_topic"], "maybe")  # hostile payloads change nothing
+    time.sleep(0.5)
+    assert get_device(store, MAC2).device.status == "approved"
+    rec.close()
+
+
+def test_broker_outage_under_a_burst_loses_nothing_and_keeps_order(store, broker, running):
+    rec = Recorder(broker, [f"iotgw/{GW}/event/#"])
+    alerts = make_alerts(store, broker.url, running)
+    n = 600
+    for i in range(n):
+        data = {"round": i, "status": "finished", "error": None}
+        alerts.send(Alert("federated_round", time.time(), None, data))
+        if i == 150:
+            broker.stop()  # mid-burst: some sent, some in flight, the rest not yet handed over
+    time.sleep(2)
+    assert outbox_rows(store) > 0
+    broker.start()
+    got = rec.wait(lambda m: True, count=n, timeout=60)
+    rounds = [m.json()["data"]["round"] for m in got]
+    first_seen = list(dict.fromkeys(rounds))  # QoS 1 is at least once: a resend may repeat, never reorder
+    assert first_seen == list(range(n))
+    wait_until(lambda: outbox_rows(store) == 0)
+    rec.close()
+
+
+def test_daemon_killed_with_unsent_alerts_sends_them_after_restart(store, tmp_path, running):
+    (tmp_path / "kb").mkdir()
+    broker = Mosquitto(tmp_path / "kb")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        # The broker is up: the daemon says online; killed, its last will says offline.
+        broker.start()
+        rec = Recorder(broker, ["iotgw/killtest/#"])
+        daemon = subprocess.Popen([sys.executable, str(ROOT / "tests" / "alerts_daemon.py"), store.url,
+                                   broker.url, "0"], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        rec.wait(lambda m: m.topic == "iotgw/killtest/status" and m.payload == b"online")
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait()
+        rec.wait(lambda m: m.topic == "iotgw/killtest/status" and m.payload == b"offline")
+        broker.stop()
+
+        # The broker is away: alerts pile up in the outbox; the daemon dies with them unsent.
+        daemon = subprocess.Popen([sys.executable, str(ROOT / "tests" / "alerts_daemon.py"), store.url,
+                                   broker.url, "50"], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert daemon.stdout.readline().strip() == "sent"
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait()
+        assert outbox_rows(store) == 50
+
+        broker.start()
+        make_alerts(store, broker.url, running, name="killtest")
+        got = rec.wait(lambda m: "/event/" in m.topic, count=50)
+        assert list(dict.fromkeys(m.json()["data"]["version"] for m in got)) == [f"v{i}" for i in range(50)]
+        wait_until(lambda: outbox_rows(store) == 0)
+        rec.close()
+    finally:
+        broker.stop()
+
+
+def test_overflow_drops_the_oldest_and_says_so(store, tmp_path, running):
+    d = tmp_path / "ob"
+    d.mkdir()
+    broker = Mosquitto(d)  # configured but not started: the gateway cannot publish
+    alerts = make_alerts(store, broker.url, running, outbox_max=10)
+    t0 = time.time()
+    for i in range(25):
+        alerts.send(Alert("model_updated", t0 + i, None, {"version": f"v{i}", "previous_version": None}))
+    assert outbox_rows(store) == 10
+    assert alerts.outbox.dropped_total() == 16  # 15 over the bound, and one more to make room for the notice
+    try:
+        broker.start()
+        rec = Recorder(broker, [f"iotgw/{GW}/event/#"])
+        got = rec.wait(lambda m: True, count=10)
+        bodies = [m.json() for m in got]
+        notice = next(b for b in bodies if b["kind"] == "alerts_dropped")
+        assert notice["data"] == {"dropped": 16, "oldest_ts": t0, "newest_ts": t0 + 15}
+        kept = [b["data"]["version"] for b in bodies if b["kind"] == "model_updated"]
+        assert kept == [f"v{i}" for i in range(16, 25)]  # the newest survive, in order
+        rec.close()
+    finally:
+        broker.stop()
+
+
+def test_observed_events_become_presence_and_blocked_summaries(store, broker, running):
+    rec = Recorder(broker, [f"iotgw/{GW}/event/#"])
+    alerts = make_alerts(store, broker.url, running)
+    now = time.time()
+    for i in range(40):  # MAC2 was idle for an hour: back online with its first query
+        alerts.observe(DnsQuery(now + i * 0.01, "192.168.1.9", MAC2, f"ads{i % 3}.example", 1, "example.com",
+                                verdict="blocked"))
+    online = rec.wait(lambda m: m.topic.endswith("/device_online"))
+    assert online[0].json()["mac"] == MAC2
+    summary = rec.wait(lambda m: m.topic.endswith("/blocked_summary"))  # one per interval, not 40
+    time.sleep(1.5)
+    assert len(rec.on(lambda m: m.topic.endswith("/blocked_summary"))) == 1
+    data = summary[0].json()["data"]
+    assert data["count"] == 40 and data["top"][0] == {"name": "ads0.example", "count": 14}
+    rec.close()
