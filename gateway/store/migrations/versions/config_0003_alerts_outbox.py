@@ -1,14 +1,14 @@
 """config: alerts history and the MQTT outbox
 
-Revision ID: config_0002_alerts
-Revises: config_0001
+Revision ID: config_0003_alerts
+Revises: config_0002_accounts
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "config_0002_alerts"
-down_revision = "config_0001"
+revision = "config_0003_alerts"
+down_revision = "config_0002_accounts"
 branch_labels = None
 depends_on = None
 
