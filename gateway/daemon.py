@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from gateway.alerts import Alerts
 from gateway.config import Config
 from gateway.devices.tracker import Change, DeviceTracker
 from gateway.events import Alert, Counters, DnsQuery, Event
@@ -22,6 +23,7 @@ from gateway.observations import to_json, to_observation
 from gateway.store.db import Store
 from gateway.store.querylog import QueryLogWriter
 from gateway.store.schema import Device, Identification, ObservationWindow
+from identifier.oui import vendor as oui_vendor
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ class Gateway:
         self.querylog = QueryLogWriter(store, flush_interval_s=cfg.store.flush_interval_s,
                                        days=cfg.store.querylog_days, max_rows=cfg.store.querylog_max_rows)
         self.identifier = load_identifier(cfg)
-        self.alert_sinks: list[Callable[[Alert], None]] = []
+        self.alerts = Alerts(store, cfg)
         self.dns = None
         self.sniffer = None
         self._queue: deque[Event] = deque(maxlen=500_000)
@@ -61,6 +63,7 @@ class Gateway:
     # -- lifecycle --------------------------------------------------------------------------------------
     async def start(self) -> None:
         self.querylog.start()
+        self.alerts.start()
         self._tasks.append(asyncio.create_task(self._consume(), name="consumer"))
         self._tasks.append(asyncio.create_task(self._flush_loop(), name="flush"))
         await self._start_dns()
@@ -78,6 +81,7 @@ class Gateway:
         self._drain()
         await asyncio.to_thread(self._write, self._take())
         self.querylog.stop()
+        self.alerts.stop()
 
     async def _start_dns(self) -> None:
         if not self.cfg.dns.listen:
@@ -114,7 +118,8 @@ class Gateway:
 
     def _handle(self, event: Event) -> None:
         for change in self.tracker.observe(event):
-            self._on_change(change)
+            self._on_change(change, event)
+        self.alerts.observe(event)
         if isinstance(event, DnsQuery):
             self.counters.add("queries")
             self.querylog.add(event)
@@ -134,14 +139,16 @@ class Gateway:
             if identity is not None:
                 self._identified(key, identity)
 
-    def _on_change(self, change: Change) -> None:
+    def _on_change(self, change: Change, event: Event) -> None:
         if change.kind == "new_device":
             ts = self.tracker.devices[change.key].first_seen
             self._window_start[change.key] = ts
             self._windows[change.key] = []
             if self.identifier is not None:
                 self._sessions[change.key] = self.identifier.session(change.key, ts)
-            self.alert(Alert("new_device", ts, change.key, {"mac": change.key}))
+            ip = getattr(event, "client", None) or getattr(event, "ip", None)
+            self.alert(Alert("new_device", ts, change.key, {"vendor": oui_vendor(change.key), "name": None,
+                                                            "ip": ip}))
         elif change.kind == "merged" and change.old_key:
             for table in (self._sessions, self._windows, self._window_start):
                 if change.old_key in table and change.key not in table:
@@ -151,14 +158,10 @@ class Gateway:
 
     def _identified(self, key: str, identity) -> None:  # noqa: ANN001 - identifier.stream.Identity
         kind = "device_identified" if identity.known else "unknown_device"
-        data = {
-            "manufacturer": identity.manufacturer,
-            "device_type": identity.device_type,
-            "category": identity.category,
-            "confidence": round(float(identity.confidence), 4),
-            "decided_after_s": identity.decided_after_s,
-            "model_version": identity.model_version,
-        }
+        data = {"confidence": round(float(identity.confidence), 4), "decided_after_s": identity.decided_after_s}
+        if identity.known:
+            data.update(manufacturer=identity.manufacturer, device_type=identity.device_type,
+                        category=identity.category)
         self._pending_identities.append((key, time.time(), identity))
         self.alert(Alert(kind, time.time(), key, data))
 
@@ -168,11 +171,11 @@ class Gateway:
         self._closed_windows.append((key, start, self._windows.pop(key, [])))
 
     def alert(self, alert: Alert) -> None:
-        for sink in self.alert_sinks:
-            try:
-                sink(alert)
-            except Exception:
-                log.exception("alert sink failed on %s", alert.kind)
+        try:
+            self.alerts.send(alert)
+        except Exception:  # a full disk or a bad payload must not stop the consumer
+            self.counters.add("alert_errors")
+            log.exception("alert %s not recorded", alert.kind)
 
     # -- persistence ------------------------------------------------------------------------------------
     async def _flush_loop(self) -> None:
@@ -196,6 +199,8 @@ class Gateway:
     def _write(self, batch: tuple) -> None:
         tracked, identities, windows = batch
         self.tracker.write(tracked)
+        for key, *_ in tracked.devices:
+            self.alerts.device_changed(key)
         if not (identities or windows):
             return
         with self.store.transaction() as s:
@@ -212,6 +217,7 @@ class Gateway:
                 device.manufacturer, device.device_type = identity.manufacturer, identity.device_type
                 device.category, device.confidence = identity.category, float(identity.confidence)
                 device.known, device.decided_after_s = identity.known, identity.decided_after_s
+                self.alerts.device_changed(key)
             for key, start, observations in windows:
                 if s.get(Device, key) is not None:
                     s.merge(ObservationWindow(mac=key, started_at=start, observations=observations))

@@ -12,17 +12,18 @@ from pathlib import Path
 
 from flask import Flask
 
+from gateway.alerts import recent_alerts
 from gateway.config import Config
 from gateway.store.db import Store
 from webui import security
-from webui.context import AlertSource, WebContext, no_alerts
+from webui.context import AlertSource, WebContext
 
 log = logging.getLogger(__name__)
 SECRET_KEY_FILE = "web-secret-key"  # noqa: S105 - a file name
 
 
 def create_app(store: Store, cfg: Config, *, alerts: AlertSource | None = None) -> Flask:
-    """The app. ``alerts(store, limit)`` lists recorded alerts, newest first (none until wired)."""
+    """The app. ``alerts(store, limit)`` lists recorded alerts, newest first (default: the alert history)."""
     from webui import api, auth_views, openapi, pages  # the blueprints import this module's siblings
 
     app = Flask(__name__)
@@ -44,7 +45,7 @@ def create_app(store: Store, cfg: Config, *, alerts: AlertSource | None = None) 
     app.jinja_env.filters["when"] = _when
     app.jinja_env.filters["ago"] = _ago
     app.jinja_env.filters["pct"] = _pct
-    app.extensions["iotgw"] = WebContext(store=store, cfg=cfg, alerts=alerts or no_alerts)
+    app.extensions["iotgw"] = WebContext(store=store, cfg=cfg, alerts=alerts or recent_alerts)
     security.install(app)
     app.register_blueprint(auth_views.bp)
     app.register_blueprint(pages.bp)

@@ -23,8 +23,3 @@ class WebContext:
 
 def ctx() -> WebContext:
     return current_app.extensions["iotgw"]
-
-
-def no_alerts(_store: Store, _limit: int) -> list[Alert]:
-    """The alert source until the MQTT alerts' table is wired in: there is nothing recorded to show."""
-    return []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import secrets
 import sys
 import tempfile
 import time
@@ -53,6 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.accounts import set_password
     from gateway.config import Config
     from gateway.daemon import Gateway
     from gateway.demo import DeviceRunner, start_upstream, virtual_devices
@@ -69,8 +71,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.mqtt:
         cfg.mqtt.url = args.mqtt
     store = Store(cfg.db_url)
+    password = secrets.token_urlsafe(9)  # a fresh one per demo: the UI is never open without a login
+    set_password(store, password)
 
     async def main() -> None:
+        from webui.server import serve_in_thread  # the composition root may start the web layer
+
+        web = serve_in_thread(store, cfg, "127.0.0.1", args.web_port)
         transport, upstream_port = await start_upstream()
         cfg.dns.upstreams = [f"127.0.0.1:{upstream_port}"]
         gateway = Gateway(cfg, store)
@@ -79,7 +86,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                    for i, device in enumerate(virtual_devices(gateway, args.devices))]
         for runner in runners:
             runner.start()
-        print(f"iotgw demo: state in {state}", flush=True)
+        print(f"iotgw demo: open {web.url} and log in as admin / {password}", flush=True)
+        print(f"  state in {state}", flush=True)
         print(f"  DNS on 127.0.0.1:{args.dns_port}; try: dig @127.0.0.1 -p {args.dns_port} example.com", flush=True)
         print(f"  {len(runners)} virtual devices join over the next {4 * len(runners)} s: iotgw devices --db "
               f"{cfg.db_url}", flush=True)
@@ -93,6 +101,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 runner.stopping.set()
             await gateway.stop()
             transport.close()
+            web.stop()
 
     try:
         asyncio.run(main())
