@@ -36,7 +36,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each full-speed dnsperf run")
     parser.add_argument("--names", type=int, default=2000, help="distinct names in the query file")
-    parser.add_argument("--child", nargs=4, metavar=("PORT", "UPSTREAM", "CACHE", "DB"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, metavar=("PORT", "UPSTREAM", "CACHE", "DB"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return run_iotgw(int(args.child[0]), args.child[1], int(args.child[2]), args.child[3])
@@ -53,8 +54,8 @@ def bench(tmp: Path, seconds: float, names: int) -> dict:
     upstream_port, dm_port, dm_cache_port, gw_port, gw_cache_port = free_ports(5)
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(dnsmasq(upstream_port, LOAD_CPU, ["--no-hosts", f"--addn-hosts={hosts}", "--local-ttl=3600",
-                                                       "--cache-size=10000"]))
+        answering = ["--no-hosts", f"--addn-hosts={hosts}", "--local-ttl=3600", "--cache-size=10000"]
+        procs.append(dnsmasq(upstream_port, LOAD_CPU, answering))
         forward = [f"--server=127.0.0.1#{upstream_port}"]
         procs.append(dnsmasq(dm_port, SERVER_CPU, [*forward, "--cache-size=0"]))
         procs.append(dnsmasq(dm_cache_port, SERVER_CPU, [*forward, "--cache-size=10000"]))
@@ -156,7 +157,7 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-# ---- the iotgw side, in its own process (so its CPU is pinned and its RSS is its own) -----------------------
+# ---- the iotgw side, in its own process (so its CPU is pinned and its RSS is its own) -------------------
 
 
 def run_iotgw(port: int, upstream: str, cache: int, db: str) -> int:
@@ -217,7 +218,7 @@ def run_iotgw(port: int, upstream: str, cache: int, db: str) -> int:
             name = name[dot + 1 :]
 
     config = DnsConfig(listen=[f"127.0.0.1:{port}"], upstreams=[upstream], lan=["127.0.0.0/8"], timeout_s=2.0,
-                       cache_size=cache, rate_limit_per_minute=10**9)  # on, but never reached by the benchmark
+                       cache_size=cache, rate_limit_per_minute=10**9)  # checked, never reached
 
     async def serve() -> None:
         server = DnsServer(config, Counters(), mac_for=macs.get, decide=decide, emit=events.append)

@@ -225,14 +225,20 @@ class DnsServer:
             except OSError as exc:
                 log.debug("dns: receive error %s", exc)
                 return
-            handle(data, addr, sock, None)
+            try:
+                handle(data, addr, sock, None)
+            except Exception:  # a bug must cost one query, never the listener
+                self.counters.add("dns_errors")
+                log.exception("dns: query from %s failed", addr[0])
 
     def _handle(self, data: bytes, addr: tuple, sock: socket.socket | None,
                 fut: asyncio.Future | None) -> None:
         """One query from a client: answered from here (refused, policy, cache) or sent upstream."""
         now = time.monotonic()
         counts = data[4:12]
-        if data[2] & 0xF8 == 0 and (counts == wire.COUNTS_EDNS or counts == wire.COUNTS_PLAIN):
+        # Fast path: a standard query (QR clear, opcode QUERY: byte 2 below 8), one question, no additional or
+        # just an OPT.
+        if (counts == wire.COUNTS_EDNS or counts == wire.COUNTS_PLAIN) and len(data) > 16 and data[2] < 8:
             end = data.find(0, 12) + 5
             question_bytes = data[12:end]
             q = self._questions.get(question_bytes)
@@ -388,7 +394,11 @@ class DnsServer:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
                 continue
-            self._answer(p, data, time.monotonic())
+            try:
+                self._answer(p, data, time.monotonic())
+            except Exception:  # a bug (or a hook's) must cost one query, never the upstream socket
+                self.counters.add("dns_errors")
+                log.exception("dns: answer for %s failed", p.question.qname)
 
     def _answer(self, p: _Pending, response: bytes, now: float) -> None:
         """Deliver an upstream answer to the client who asked (and cache it)."""
