@@ -10,7 +10,7 @@ emitted into a deque, and a thread writing the deque to SQLite (WAL) in batches 
 Prints one JSON object: iotgw_qps, dnsmasq_qps, ratio, iotgw_p99_ms_at_2000qps, dnsmasq_p99_ms_at_2000qps,
 lost, iotgw_cached_qps, dnsmasq_cached_qps, cached_ratio, rss_mb (iotgw's peak), logged_rows.
 
-    python benchmarks/dns_throughput.py [--seconds 10] [--names 2000]
+    python benchmarks/dns_throughput.py [--seconds 10] [--rounds 2] [--names 2000]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ LOAD_CPU = "1"
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each full-speed dnsperf run")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating runs per server; the best counts")
     parser.add_argument("--names", type=int, default=2000, help="distinct names in the query file")
     parser.add_argument("--child", nargs=4, metavar=("PORT", "UPSTREAM", "CACHE", "DB"),
                         help=argparse.SUPPRESS)
@@ -42,11 +43,11 @@ def main() -> int:
     if args.child:
         return run_iotgw(int(args.child[0]), args.child[1], int(args.child[2]), args.child[3])
     with tempfile.TemporaryDirectory(prefix="iotgw-dnsbench-") as tmp:
-        print(json.dumps(bench(Path(tmp), args.seconds, args.names)))
+        print(json.dumps(bench(Path(tmp), args.seconds, args.names, args.rounds)))
     return 0
 
 
-def bench(tmp: Path, seconds: float, names: int) -> dict:
+def bench(tmp: Path, seconds: float, names: int, rounds: int) -> dict:
     hosts = tmp / "hosts"
     hosts.write_text("".join(f"192.0.2.{i % 250 + 1} host{i}.bench.test\n" for i in range(names)))
     queries = tmp / "queries.txt"
@@ -67,12 +68,16 @@ def bench(tmp: Path, seconds: float, names: int) -> dict:
         for port in (dm_cache_port, gw_cache_port):  # fill both caches before measuring them
             dnsperf(port, queries, 2, qps=5000)
         result: dict = {}
-        runs = {
-            "dnsmasq": dnsperf(dm_port, queries, seconds),
-            "iotgw": dnsperf(gw_port, queries, seconds),
-            "dnsmasq_cached": dnsperf(dm_cache_port, queries, seconds),
-            "iotgw_cached": dnsperf(gw_cache_port, queries, seconds),
-        }
+        ports = {"dnsmasq": dm_port, "iotgw": gw_port, "dnsmasq_cached": dm_cache_port,
+                 "iotgw_cached": gw_cache_port}
+        # Other work on a shared machine comes and goes: alternate the servers and keep each one's best run.
+        runs: dict[str, dict] = {}
+        for _ in range(rounds):
+            for name, port in ports.items():
+                run = dnsperf(port, queries, seconds)
+                best = runs.setdefault(name, {"qps": 0.0, "lost": 0})
+                best["qps"] = max(best["qps"], run["qps"])
+                best["lost"] += run["lost"]
         for name, run in runs.items():
             result[f"{name}_qps"] = round(run["qps"])
         result["ratio"] = round(runs["iotgw"]["qps"] / runs["dnsmasq"]["qps"], 3)
@@ -85,6 +90,7 @@ def bench(tmp: Path, seconds: float, names: int) -> dict:
         result["rss_mb"] = max(s["rss_mb"] for s in stats)
         result["logged_rows"] = sum(s["logged_rows"] for s in stats)
         result["seconds_per_run"] = seconds
+        result["rounds"] = rounds
         result["load_avg_1m"] = os.getloadavg()[0]
         return result
     finally:

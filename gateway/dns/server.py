@@ -118,8 +118,10 @@ class DnsServer:
         self._upstreams = [_Upstream(*_numeric(parse_hostport(u, 53), u)) for u in config.upstreams]
         if not self._upstreams:
             raise ValueError("dns.upstreams: at least one upstream is needed")
-        self._timeout = config.timeout_s
-        self._attempt_s = config.timeout_s / len(self._upstreams)
+        # The sweep runs every tick, so budget one tick less: SERVFAIL reaches the client within timeout_s.
+        self._tick = max(0.01, min(0.1, config.timeout_s / len(self._upstreams) / 5))
+        self._timeout = max(self._tick, config.timeout_s - self._tick)
+        self._attempt_s = self._timeout / len(self._upstreams)
         self._limit = config.rate_limit_per_minute
         self._cache = AnswerCache(config.cache_size)
         self._questions: dict[bytes, wire.Question] = {}
@@ -152,7 +154,7 @@ class DnsServer:
         except BaseException:
             await self.stop()
             raise
-        self._sweeper = loop.call_later(self._tick(), self._sweep)
+        self._sweeper = loop.call_later(self._tick, self._sweep)
         upstreams = [f"{u.host}:{u.port}" for u in self._upstreams]
         log.info("dns: listening on %s, upstreams %s", self.bound, upstreams)
 
@@ -304,9 +306,12 @@ class DnsServer:
         if self._cache.size:
             key = q.cache_keys[flags]
             cached = self._cache.get(key, now)
-            if cached is not None and len(cached) <= client_max:
+            if cached is not None:
                 self.counters.add("dns_cache_hits")
-                response = data[:2] + cached[2:12] + question_bytes + cached[12 + q.length :]
+                if len(cached) > client_max:  # the client asks again over TCP and gets it whole
+                    response = wire.truncated_reply(data[:2], cached, question_bytes)
+                else:
+                    response = data[:2] + cached[2:12] + question_bytes + cached[12 + q.length :]
                 if self.check_response is not None:
                     decision = self.check_response(client.ip, mac, q.qname, response)
                     if decision is not None:
@@ -340,17 +345,20 @@ class DnsServer:
         if now >= p.t0 + self._timeout:
             return False
         ups = self._upstreams
-        choice = -1
-        for i, up in enumerate(ups):
-            if p.tried >> i & 1:
-                continue
-            if up.down_until <= now:
-                choice = i
-                break
+        if not p.tried and ups[0].down_until <= now:
+            choice = 0  # the common case: first try, first upstream healthy
+        else:
+            choice = -1
+            for i, up in enumerate(ups):
+                if p.tried >> i & 1:
+                    continue
+                if up.down_until <= now:
+                    choice = i
+                    break
+                if choice < 0:
+                    choice = i
             if choice < 0:
-                choice = i
-        if choice < 0:
-            return False
+                return False
         bits = random.getrandbits(18)
         new_id = _IDS[bits & 0xFFFF]
         while new_id in self._pending:
@@ -442,9 +450,6 @@ class DnsServer:
         if not self._send_upstream(p, now):
             self._fail(p, now)
 
-    def _tick(self) -> float:
-        return max(0.01, min(0.1, self._attempt_s / 5))
-
     def _sweep(self) -> None:
         now = time.monotonic()
         deadlines = self._deadlines
@@ -457,7 +462,7 @@ class DnsServer:
                 self._upstreams[p.upstream].down_until = now + DOWN_FOR_S
                 self._retry(p, now)
         assert self._loop is not None
-        self._sweeper = self._loop.call_later(self._tick(), self._sweep)
+        self._sweeper = self._loop.call_later(self._tick, self._sweep)
 
     def _upstream_refused(self, up: _Upstream) -> None:
         """The upstream's host says nothing listens there: move its queries on now rather than at timeout."""
@@ -503,7 +508,10 @@ class DnsServer:
             self.counters.add("dns_notimp")
             reply = wire.error_reply(data, length, wire.NOTIMP, False)
             if fut is None:
-                sock.sendto(reply, addr)  # type: ignore[union-attr]
+                try:
+                    sock.sendto(reply, addr)  # type: ignore[union-attr]
+                except OSError:
+                    self.counters.add("dns_send_errors")
             elif not fut.done():
                 fut.set_result(reply)
             return

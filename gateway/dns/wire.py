@@ -113,7 +113,7 @@ def full_parse(data: bytes) -> tuple[Question, int, int]:
     """
     try:
         msg = dns.message.from_wire(data, ignore_trailing=False, keyring=False)
-    except (dns.exception.DNSException, ValueError, IndexError) as exc:
+    except Exception as exc:  # dnspython raises a zoo of types on hostile input; all mean "malformed"
         raise Malformed(str(exc) or type(exc).__name__) from exc
     if msg.flags & dns.flags.QR or len(msg.question) != 1:
         raise Malformed("not a single-question query")
@@ -179,7 +179,7 @@ def ttl_positions(response: bytes, question_len: int) -> tuple[tuple[int, ...], 
             pos += 10 + rdlen
         if pos > len(response):
             return None
-    except struct.error:
+    except (struct.error, Malformed):
         return None
     if an == 0:
         if negative_ttl is None:
