@@ -121,7 +121,7 @@ def stop_iotgw(proc: subprocess.Popen) -> dict:
 
 def dnsperf(port: int, queries: Path, seconds: float, qps: int | None = None, verbose: bool = False) -> dict:
     cmd = ["taskset", "-c", LOAD_CPU, "dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(queries),
-           "-l", str(seconds), "-t", "2"]
+           "-l", str(seconds)]
     if qps:
         cmd += ["-Q", str(qps)]
     if verbose:
