@@ -92,8 +92,11 @@ def bench(tmp: Path, seconds: float, names: int, rounds: int) -> dict:
         result["cached_cpu_ratio"] = round(cpu["dnsmasq_cached"] / cpu["iotgw_cached"], 3)
         result["ratio"] = round(runs["iotgw"]["qps"] / runs["dnsmasq"]["qps"], 3)
         result["cached_ratio"] = round(runs["iotgw_cached"]["qps"] / runs["dnsmasq_cached"]["qps"], 3)
-        result["iotgw_p99_ms_at_2000qps"] = dnsperf(gw_port, queries, 5, qps=2000, verbose=True)["p99_ms"]
-        result["dnsmasq_p99_ms_at_2000qps"] = dnsperf(dm_port, queries, 5, qps=2000, verbose=True)["p99_ms"]
+        for _ in range(rounds):
+            for name, port in (("iotgw", gw_port), ("dnsmasq", dm_port)):
+                p99 = dnsperf(port, queries, 5, qps=2000, verbose=True)["p99_ms"]
+                key = f"{name}_p99_ms_at_2000qps"
+                result[key] = min(result.get(key, p99), p99)
         result["lost"] = runs["iotgw"]["lost"] + runs["iotgw_cached"]["lost"]
         result["dnsmasq_lost"] = runs["dnsmasq"]["lost"] + runs["dnsmasq_cached"]["lost"]
         stats = [stop_iotgw(p) for p in (gw, gw_cache)]
