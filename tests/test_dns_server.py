@@ -63,7 +63,7 @@ def test_edns_passes_through_and_is_part_of_the_cache_key(upstream):
 
 
 def test_cache_answers_within_ttl_and_asks_upstream_after(tmp_path):
-    upstream = Dnsmasq(tmp_path, ttl=2)
+    upstream = Dnsmasq(tmp_path, ttl=3)
     upstream.start()
     try:
         with running(config([upstream.address], timeout_s=0.5)) as srv:
@@ -74,7 +74,7 @@ def test_cache_answers_within_ttl_and_asks_upstream_after(tmp_path):
             assert cached.question[0].name.to_text() == "www.EXAMPLE.test."  # the asker's own spelling
             assert cached.answer[0].ttl <= first.answer[0].ttl
             assert srv.counters.get("dns_cache_hits") == 1
-            time.sleep(2.2)
+            time.sleep(3.2)
             # Expired: the upstream is asked again, and it is gone.
             assert rcode(ask(srv.port, "www.example.test")) == "SERVFAIL"
     finally:
@@ -85,7 +85,7 @@ def test_cached_ttls_count_down(upstream):
     with running(config([upstream.address])) as srv:
         assert ask(srv.port, "other.example.test").answer[0].ttl == 300
         time.sleep(1.1)
-        assert ask(srv.port, "other.example.test").answer[0].ttl in (298, 299)
+        assert 290 <= ask(srv.port, "other.example.test").answer[0].ttl < 300
 
 
 class TruncatingUpstream:
@@ -167,7 +167,7 @@ def test_silent_upstream_fails_over_then_servfail_within_timeout(upstream):
             assert addresses(ask(srv.port, "www.example.test")) == {"192.0.2.10"}
             assert srv.counters.get("dns_upstream_timeouts") == 1
         with running(config([black_hole], timeout_s=0.5)) as srv:
-            reply = ask(srv.port, "www.example.test", timeout=1.5)  # the client would time out otherwise
+            reply = ask(srv.port, "www.example.test", timeout=3)  # no SERVFAIL: the client would time out
             assert rcode(reply) == "SERVFAIL"
             assert srv.events[-1].rcode == dns.rcode.SERVFAIL
 

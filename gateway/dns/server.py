@@ -322,7 +322,7 @@ class DnsServer:
                 return
         pending = _Pending(data, q, sock, addr, fut, client, mac, verdict, rule, key, now, client_max)
         if not self._send_upstream(pending, now):
-            self._fail(pending, now)
+            self._fail(pending)
 
     def _local(self, response: bytes, sock: socket.socket | None, addr: tuple, fut: asyncio.Future | None,
                client: _Client, mac: str | None, q: wire.Question, t0: float, verdict: str,
@@ -439,7 +439,7 @@ class DnsServer:
 
     # ---- failures, timeouts, truncation ------------------------------------------------------------------
 
-    def _fail(self, p: _Pending, now: float) -> None:
+    def _fail(self, p: _Pending) -> None:
         """No upstream answered in time: SERVFAIL."""
         self.counters.add("dns_servfail")
         edns = p.query[4:12] == wire.COUNTS_EDNS
@@ -448,7 +448,7 @@ class DnsServer:
 
     def _retry(self, p: _Pending, now: float) -> None:
         if not self._send_upstream(p, now):
-            self._fail(p, now)
+            self._fail(p)
 
     def _sweep(self) -> None:
         now = time.monotonic()
