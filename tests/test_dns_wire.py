@@ -6,6 +6,7 @@ import struct
 
 import dns.message
 import dns.name
+import dns.rcode
 import dns.rrset
 import pytest
 from hypothesis import given
@@ -106,3 +107,15 @@ def test_error_reply_is_a_reply_to_the_query(rcode):
     reply = dns.message.from_wire(wire.error_reply(q, wire.parse_question(q).length, rcode, True))
     assert dns.message.from_wire(q).is_response(reply)
     assert reply.rcode() == rcode and reply.edns == 0
+
+
+def test_negative_answers_live_as_long_as_the_soa_says():
+    q = query("nothing.example.test")
+    msg = dns.message.make_response(dns.message.from_wire(q))
+    msg.set_rcode(dns.rcode.NXDOMAIN)
+    msg.authority.append(dns.rrset.from_text("example.test", 3600, "IN", "SOA",
+                                             "ns.example.test. host.example.test. 1 7200 900 1209600 120"))
+    qlen = wire.parse_question(q).length
+    assert wire.ttl_positions(msg.to_wire(), qlen)[2] == 120  # the SOA minimum caps its TTL (RFC 2308)
+    msg.authority.clear()
+    assert wire.ttl_positions(msg.to_wire(), qlen) is None  # no SOA: not cached
