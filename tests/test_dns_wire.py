@@ -113,7 +113,7 @@ def test_negative_answers_live_as_long_as_the_soa_says():
     q = query("nothing.example.test")
     msg = dns.message.make_response(dns.message.from_wire(q))
     msg.set_rcode(dns.rcode.NXDOMAIN)
-    msg.authority.append(dns.rrset.from_text("example.test", 3600, "IN", "SOA",
+    msg.authority.append(dns.rrset.from_text("example.test.", 3600, "IN", "SOA",
                                              "ns.example.test. host.example.test. 1 7200 900 1209600 120"))
     qlen = wire.parse_question(q).length
     assert wire.ttl_positions(msg.to_wire(), qlen)[2] == 120  # the SOA minimum caps its TTL (RFC 2308)
