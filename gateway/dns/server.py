@@ -1,0 +1,589 @@
+"""The DNS forwarder: UDP and TCP listeners, LAN check, rate limit, policy hook, cache, upstream failover.
+
+The UDP hot path avoids asyncio's per-datagram protocol machinery: each non-blocking socket is watched with
+``loop.add_reader`` and drained with ``recvfrom`` until it would block. A forwarded query gets a fresh random
+ID and waits in a table keyed by that ID; one periodic sweep handles every timeout (no timer per query).
+Queries are read with the minimal parser in ``wire`` and the parse is remembered per distinct question, so
+the work per query is a few dict lookups, the hooks, and four syscalls (REFERENCE.md: that is what decides
+the throughput against dnsmasq).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import random
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.config import DnsConfig, parse_hostport
+from gateway.dns import wire
+from gateway.dns.cache import AnswerCache
+from gateway.events import Counters, DnsQuery
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, frozen=True)
+class Decision:
+    """The policy's answer for one query. With ``reply`` the server answers with those bytes (their ID is
+    replaced by the query's); without, it forwards and only records ``verdict`` and ``rule``."""
+
+    verdict: str
+    rule: str | None = None
+    reply: bytes | None = None
+
+
+MacFor = Callable[[str], "str | None"]
+Decide = Callable[[str, "str | None", str, int, bytes], "Decision | None"]
+CheckResponse = Callable[[str, "str | None", str, bytes], "Decision | None"]
+Emit = Callable[[DnsQuery], None]
+
+RATE_WINDOW_S = 60.0  # Pi-hole counts queries per client per minute
+DOWN_FOR_S = 30.0  # an upstream that timed out or refused is tried last for this long
+MAX_CLIENTS = 65536  # per-client state (LAN check, rate window); cleared when exceeded
+MAX_QUESTIONS = 65536  # remembered question parses
+UPSTREAM_SOCKETS = 4  # source ports per upstream: 2 more random bits against spoofed answers
+BURST = 256  # datagrams read per wake-up before other sockets and timers get their turn
+BUFFER_BYTES = 4 << 20  # socket buffers absorb bursts instead of dropping
+TCP_IDLE_S = 10.0
+_IDS = [i.to_bytes(2, "big") for i in range(65536)]
+
+
+class _Client:
+    __slots__ = ("ip", "allowed", "window", "count")
+
+    def __init__(self, ip: str, allowed: bool) -> None:
+        self.ip = ip
+        self.allowed = allowed
+        self.window = 0.0
+        self.count = 0
+
+
+class _Upstream:
+    __slots__ = ("host", "port", "socks", "down_until")
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.socks: list[socket.socket] = []
+        self.down_until = 0.0
+
+
+class _Pending:
+    """A query waiting for an upstream: who asked, how to answer, and what to log."""
+
+    __slots__ = ("query", "question", "sock", "addr", "fut", "client", "mac", "verdict", "rule", "key", "t0",
+                 "client_max", "upstream", "tried", "sent_id")
+
+    def __init__(self, query: bytes, question: wire.Question, sock: socket.socket | None, addr: tuple,
+                 fut: asyncio.Future | None, client: _Client, mac: str | None, verdict: str, rule: str | None,
+                 key: bytes | None, t0: float, client_max: int) -> None:
+        self.query = query
+        self.question = question
+        self.sock = sock
+        self.addr = addr
+        self.fut = fut
+        self.client = client
+        self.mac = mac
+        self.verdict = verdict
+        self.rule = rule
+        self.key = key
+        self.t0 = t0
+        self.client_max = client_max
+        self.upstream = -1
+        self.tried = 0  # bit i set: upstream i was asked
+        self.sent_id = b""
+
+
+class DnsServer:
+    """A forwarding DNS server for the LAN. ``start()`` binds every listen address (UDP and TCP on the same
+    port); ``bound`` then lists the (host, port) pairs, which matters with port 0."""
+
+    def __init__(self, config: DnsConfig, counters: Counters, *, mac_for: MacFor | None = None,
+                 decide: Decide | None = None, check_response: CheckResponse | None = None,
+                 emit: Emit | None = None) -> None:
+        self.config = config
+        self.counters = counters
+        self.mac_for = mac_for
+        self.decide = decide
+        self.check_response = check_response
+        self.emit = emit
+        self.bound: list[tuple[str, int]] = []
+        self._lan = [ipaddress.ip_network(prefix, strict=False) for prefix in config.lan]
+        self._upstreams = [_Upstream(*_numeric(parse_hostport(u, 53), u)) for u in config.upstreams]
+        if not self._upstreams:
+            raise ValueError("dns.upstreams: at least one upstream is needed")
+        # The sweep runs every tick, so budget one tick less: SERVFAIL reaches the client within timeout_s.
+        self._tick = max(0.01, min(0.1, config.timeout_s / len(self._upstreams) / 5))
+        self._timeout = max(self._tick, config.timeout_s - self._tick)
+        self._attempt_s = self._timeout / len(self._upstreams)
+        self._limit = config.rate_limit_per_minute
+        self._cache = AnswerCache(config.cache_size)
+        self._questions: dict[bytes, wire.Question] = {}
+        self._clients: dict[str, _Client] = {}
+        self._pending: dict[bytes, _Pending] = {}
+        self._deadlines: deque[tuple[float, bytes, _Pending]] = deque()
+        self._udp: list[socket.socket] = []
+        self._tcp: list[asyncio.AbstractServer] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        try:
+            for listen in self.config.listen:
+                host, port = parse_hostport(listen, 53)
+                self.bound.append((host, await self._listen(host, port)))
+            for up in self._upstreams:
+                family = socket.AF_INET6 if ":" in up.host else socket.AF_INET
+                for _ in range(UPSTREAM_SOCKETS):
+                    sock = socket.socket(family, socket.SOCK_DGRAM)
+                    up.socks.append(sock)
+                    sock.setblocking(False)
+                    _big_buffers(sock)
+                    sock.connect((up.host, up.port))
+                    loop.add_reader(sock.fileno(), self._on_upstream, up, sock)
+        except BaseException:
+            await self.stop()
+            raise
+        self._sweeper = loop.call_later(self._tick, self._sweep)
+        upstreams = [f"{u.host}:{u.port}" for u in self._upstreams]
+        log.info("dns: listening on %s, upstreams %s", self.bound, upstreams)
+
+    async def stop(self) -> None:
+        loop = self._loop or asyncio.get_running_loop()
+        if self._sweeper:
+            self._sweeper.cancel()
+        for sock in self._udp + [s for up in self._upstreams for s in up.socks]:
+            if sock.fileno() >= 0:
+                loop.remove_reader(sock.fileno())
+                sock.close()
+        self._udp.clear()
+        for up in self._upstreams:
+            up.socks.clear()
+        for server in self._tcp:
+            server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for server in self._tcp:
+            await server.wait_closed()
+        self._tcp.clear()
+        for pending in self._pending.values():
+            if pending.fut is not None and not pending.fut.done():
+                pending.fut.cancel()
+        self._pending.clear()
+        self._deadlines.clear()
+
+    async def __aenter__(self) -> DnsServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _listen(self, host: str, port: int) -> int:
+        """Bind UDP, then TCP on the same port; with port 0, retry if TCP finds the UDP's port taken."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        for _ in range(10):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((host, port))
+                bound_port = sock.getsockname()[1]
+                server = await asyncio.start_server(self._serve_tcp, host, bound_port, reuse_address=True)
+            except OSError:
+                sock.close()
+                if port:
+                    raise
+                continue
+            sock.setblocking(False)
+            _big_buffers(sock)
+            self._udp.append(sock)
+            self._tcp.append(server)
+            assert self._loop is not None
+            self._loop.add_reader(sock.fileno(), self._on_udp, sock)
+            return bound_port
+        raise OSError(f"dns: no free port for both UDP and TCP on {host}")
+
+    # ---- the hot path ------------------------------------------------------------------------------------
+
+    def _on_udp(self, sock: socket.socket) -> None:
+        recvfrom = sock.recvfrom
+        handle = self._handle
+        for _ in range(BURST):
+            try:
+                data, addr = recvfrom(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("dns: receive error %s", exc)
+                return
+            try:
+                handle(data, addr, sock, None)
+            except Exception:  # a bug must cost one query, never the listener
+                self.counters.add("dns_errors")
+                log.exception("dns: query from %s failed", addr[0])
+
+    def _handle(self, data: bytes, addr: tuple, sock: socket.socket | None,
+                fut: asyncio.Future | None) -> None:
+        """One query from a client: answered from here (refused, policy, cache) or sent upstream."""
+        now = time.monotonic()
+        counts = data[4:12]
+        # Fast path: a standard query (QR clear, opcode QUERY: byte 2 below 8), one question, no additional or
+        # just an OPT.
+        if (counts == wire.COUNTS_EDNS or counts == wire.COUNTS_PLAIN) and len(data) > 16 and data[2] < 8:
+            end = data.find(0, 12) + 5
+            question_bytes = data[12:end]
+            q = self._questions.get(question_bytes)
+            if q is None:
+                try:
+                    q = wire.parse_question(data)
+                except wire.Malformed:
+                    self._malformed(fut)
+                    return
+                if q.length + 12 == end:  # else a zero byte inside a label fooled the find(): don't remember
+                    if len(self._questions) >= MAX_QUESTIONS:
+                        self._questions.clear()
+                    self._questions[question_bytes] = q
+                else:
+                    end = 12 + q.length
+                    question_bytes = data[12:end]
+            if counts == wire.COUNTS_EDNS:
+                opt = wire.opt_at(data, end)
+                if opt is None:
+                    self._slow(data, addr, sock, fut, now)
+                    return
+                flags, client_max = opt
+            else:
+                flags, client_max = 0, 512
+            if data[3] & 0x10:
+                flags |= wire.FLAG_CD
+        else:
+            self._slow(data, addr, sock, fut, now)
+            return
+        self._query(data, q, question_bytes, flags, client_max, addr, sock, fut, now)
+
+    def _query(self, data: bytes, q: wire.Question, question_bytes: bytes, flags: int, client_max: int,
+               addr: tuple, sock: socket.socket | None, fut: asyncio.Future | None, now: float) -> None:
+        client = self._clients.get(addr[0]) or self._new_client(addr[0])
+        if fut is not None:
+            client_max = 65535
+        if not client.allowed:
+            self.counters.add("dns_refused")
+            self._local(wire.error_reply(data, q.length, wire.REFUSED, bool(flags & wire.FLAG_EDNS)),
+                        sock, addr, fut, client, None, q, now, "refused", None)
+            return
+        if self._limit:
+            if now - client.window >= RATE_WINDOW_S:
+                client.window = now
+                client.count = 0
+            client.count += 1
+            if client.count > self._limit:
+                self.counters.add("dns_ratelimited")
+                self._local(wire.error_reply(data, q.length, wire.REFUSED, bool(flags & wire.FLAG_EDNS)),
+                            sock, addr, fut, client, None, q, now, "ratelimited", None)
+                return
+        mac = self.mac_for(client.ip) if self.mac_for is not None else None
+        verdict, rule = "allowed", None
+        if self.decide is not None:
+            decision = self.decide(client.ip, mac, q.qname, q.qtype, data)
+            if decision is not None:
+                if decision.reply is not None:
+                    self._local(data[:2] + decision.reply[2:], sock, addr, fut, client, mac, q, now,
+                                decision.verdict, decision.rule)
+                    return
+                verdict, rule = decision.verdict, decision.rule
+        key = None
+        if self._cache.size:
+            key = q.cache_keys[flags]
+            cached = self._cache.get(key, now)
+            if cached is not None:
+                self.counters.add("dns_cache_hits")
+                if len(cached) > client_max:  # the client asks again over TCP and gets it whole
+                    response = wire.truncated_reply(data[:2], cached, question_bytes)
+                else:
+                    response = data[:2] + cached[2:12] + question_bytes + cached[12 + q.length :]
+                if self.check_response is not None:
+                    decision = self.check_response(client.ip, mac, q.qname, response)
+                    if decision is not None:
+                        verdict, rule = decision.verdict, decision.rule
+                        if decision.reply is not None:
+                            response = data[:2] + decision.reply[2:]
+                self._local(response, sock, addr, fut, client, mac, q, now, verdict, rule)
+                return
+        pending = _Pending(data, q, sock, addr, fut, client, mac, verdict, rule, key, now, client_max)
+        if not self._send_upstream(pending, now):
+            self._fail(pending)
+
+    def _local(self, response: bytes, sock: socket.socket | None, addr: tuple, fut: asyncio.Future | None,
+               client: _Client, mac: str | None, q: wire.Question, t0: float, verdict: str,
+               rule: str | None) -> None:
+        """Send an answer made here and log it."""
+        if fut is None:
+            try:
+                sock.sendto(response, addr)  # type: ignore[union-attr]
+            except OSError:
+                self.counters.add("dns_send_errors")
+        elif not fut.done():
+            fut.set_result(response)
+        if self.emit is not None:
+            self.emit(DnsQuery(time.time(), client.ip, mac, q.qname, q.qtype, q.sld, response[3] & 0x0F,
+                               (time.monotonic() - t0) * 1000.0, verdict, rule, "server"))
+
+    def _send_upstream(self, p: _Pending, now: float) -> bool:
+        """Send ``p`` to the first healthy upstream not yet tried (else the first untried); False if none is
+        left or its budget is spent."""
+        if now >= p.t0 + self._timeout:
+            return False
+        ups = self._upstreams
+        if not p.tried and ups[0].down_until <= now:
+            choice = 0  # the common case: first try, first upstream healthy
+        else:
+            choice = -1
+            for i, up in enumerate(ups):
+                if p.tried >> i & 1:
+                    continue
+                if up.down_until <= now:
+                    choice = i
+                    break
+                if choice < 0:
+                    choice = i
+            if choice < 0:
+                return False
+        bits = random.getrandbits(18)
+        new_id = _IDS[bits & 0xFFFF]
+        while new_id in self._pending:
+            new_id = _IDS[random.getrandbits(16)]
+        up = ups[choice]
+        p.upstream = choice
+        p.tried |= 1 << choice
+        p.sent_id = new_id
+        try:
+            up.socks[(bits >> 16) % len(up.socks)].send(new_id + p.query[2:])
+        except OSError:  # an earlier ICMP error surfaces here, or the route is gone
+            up.down_until = now + DOWN_FOR_S
+            return self._send_upstream(p, now)
+        self._pending[new_id] = p
+        self._deadlines.append((min(now + self._attempt_s, p.t0 + self._timeout), new_id, p))
+        return True
+
+    def _on_upstream(self, up: _Upstream, sock: socket.socket) -> None:
+        recv = sock.recv
+        pending = self._pending
+        for _ in range(BURST):
+            try:
+                data = recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionRefusedError:
+                self._upstream_refused(up)
+                continue
+            except OSError as exc:
+                log.debug("dns: upstream %s receive error %s", up.host, exc)
+                return
+            key = data[:2]
+            p = pending.get(key)
+            if (p is None or self._upstreams[p.upstream] is not up
+                    or data[12 : 12 + p.question.length] != p.query[12 : 12 + p.question.length]):
+                self.counters.add("dns_upstream_stray")
+                continue
+            del pending[key]
+            if data[2] & 0x02:  # truncated: ask the same upstream over TCP
+                task = asyncio.ensure_future(self._tcp_retry(p))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                continue
+            try:
+                self._answer(p, data, time.monotonic())
+            except Exception:  # a bug (or a hook's) must cost one query, never the upstream socket
+                self.counters.add("dns_errors")
+                log.exception("dns: answer for %s failed", p.question.qname)
+
+    def _answer(self, p: _Pending, response: bytes, now: float) -> None:
+        """Deliver an upstream answer to the client who asked (and cache it)."""
+        q = p.question
+        if p.key is not None:
+            self._cache.put(p.key, response, q.length, now)
+        verdict, rule = p.verdict, p.rule
+        client = p.client
+        if self.check_response is not None:
+            decision = self.check_response(client.ip, p.mac, q.qname, response)
+            if decision is not None:
+                verdict, rule = decision.verdict, decision.rule
+                if decision.reply is not None:
+                    response = decision.reply
+        query_id = p.query[:2]
+        if len(response) > p.client_max:
+            response = wire.truncated_reply(query_id, response, p.query[12 : 12 + q.length])
+        else:
+            response = query_id + response[2:]
+        if p.fut is None:
+            try:
+                p.sock.sendto(response, p.addr)  # type: ignore[union-attr]
+            except OSError:
+                self.counters.add("dns_send_errors")
+        elif not p.fut.done():
+            p.fut.set_result(response)
+        if self.emit is not None:
+            self.emit(DnsQuery(time.time(), client.ip, p.mac, q.qname, q.qtype, q.sld, response[3] & 0x0F,
+                               (now - p.t0) * 1000.0, verdict, rule, "server"))
+
+    # ---- failures, timeouts, truncation ------------------------------------------------------------------
+
+    def _fail(self, p: _Pending) -> None:
+        """No upstream answered in time: SERVFAIL."""
+        self.counters.add("dns_servfail")
+        edns = p.query[4:12] == wire.COUNTS_EDNS
+        self._local(wire.error_reply(p.query, p.question.length, wire.SERVFAIL, edns), p.sock, p.addr, p.fut,
+                    p.client, p.mac, p.question, p.t0, p.verdict, p.rule)
+
+    def _retry(self, p: _Pending, now: float) -> None:
+        if not self._send_upstream(p, now):
+            self._fail(p)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        deadlines = self._deadlines
+        pending = self._pending
+        while deadlines and deadlines[0][0] <= now:
+            _, key, p = deadlines.popleft()
+            if pending.get(key) is p:
+                del pending[key]
+                self.counters.add("dns_upstream_timeouts")
+                self._upstreams[p.upstream].down_until = now + DOWN_FOR_S
+                self._retry(p, now)
+        assert self._loop is not None
+        self._sweeper = self._loop.call_later(self._tick, self._sweep)
+
+    def _upstream_refused(self, up: _Upstream) -> None:
+        """The upstream's host says nothing listens there: move its queries on now rather than at timeout."""
+        now = time.monotonic()
+        up.down_until = now + DOWN_FOR_S
+        self.counters.add("dns_upstream_refused")
+        for key, p in list(self._pending.items()):
+            if self._upstreams[p.upstream] is up:
+                del self._pending[key]
+                self._retry(p, now)
+
+    async def _tcp_retry(self, p: _Pending) -> None:
+        self.counters.add("dns_tcp_retries")
+        up = self._upstreams[p.upstream]
+        try:
+            response = await asyncio.wait_for(_tcp_exchange(up.host, up.port, p.sent_id + p.query[2:]),
+                                              p.t0 + self._timeout - time.monotonic())
+            if response[:2] != p.sent_id or response[12 : 12 + p.question.length] != p.query[
+                    12 : 12 + p.question.length]:
+                raise wire.Malformed("TCP answer does not match the question")
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, wire.Malformed) as exc:
+            log.debug("dns: TCP retry to %s failed: %s", up.host, exc)
+            up.down_until = time.monotonic() + DOWN_FOR_S
+            self._retry(p, time.monotonic())
+            return
+        self._answer(p, response, time.monotonic())
+
+    # ---- the slow path: odd queries, new clients, TCP clients ----------------------------------------------
+
+    def _slow(self, data: bytes, addr: tuple, sock: socket.socket | None, fut: asyncio.Future | None,
+              now: float) -> None:
+        """Queries the fast path does not recognise: responses (dropped), other opcodes (NOTIMP), queries
+        with several additionals (TSIG, cookies) or an OPT elsewhere."""
+        if len(data) < 12 or data[2] & 0x80:
+            self._malformed(fut)
+            return
+        if data[2] & 0x78:
+            try:
+                length = wire.question_end(data) - 12
+            except wire.Malformed:
+                self._malformed(fut)
+                return
+            self.counters.add("dns_notimp")
+            reply = wire.error_reply(data, length, wire.NOTIMP, False)
+            if fut is None:
+                try:
+                    sock.sendto(reply, addr)  # type: ignore[union-attr]
+                except OSError:
+                    self.counters.add("dns_send_errors")
+            elif not fut.done():
+                fut.set_result(reply)
+            return
+        try:
+            q, flags, client_max = wire.full_parse(data)
+        except wire.Malformed:
+            self._malformed(fut)
+            return
+        self._query(data, q, data[12 : 12 + q.length], flags, client_max, addr, sock, fut, now)
+
+    def _malformed(self, fut: asyncio.Future | None) -> None:
+        self.counters.add("dns_malformed")
+        if fut is not None and not fut.done():
+            fut.set_result(None)  # a TCP client sending garbage loses its connection
+
+    def _new_client(self, raw: str) -> _Client:
+        ip = raw.split("%", 1)[0]
+        address = ipaddress.ip_address(ip)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        client = _Client(ip, any(address in net for net in self._lan))
+        if len(self._clients) >= MAX_CLIENTS:
+            self._clients.clear()
+        self._clients[raw] = client
+        return client
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """DNS over TCP: 2-byte length framing, one query at a time per connection."""
+        peer = writer.get_extra_info("peername")
+        assert self._loop is not None
+        try:
+            while True:
+                head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_S)
+                data = await asyncio.wait_for(reader.readexactly(int.from_bytes(head, "big")), TCP_IDLE_S)
+                fut: asyncio.Future = self._loop.create_future()
+                self._handle(data, peer, None, fut)
+                response = await fut
+                if response is None:
+                    break
+                writer.write(len(response).to_bytes(2, "big") + response)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def _tcp_exchange(host: str, port: int, message: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(len(message).to_bytes(2, "big") + message)
+        await writer.drain()
+        length = int.from_bytes(await reader.readexactly(2), "big")
+        return await reader.readexactly(length)
+    finally:
+        writer.close()
+
+
+def _numeric(hostport: tuple[str, int], text: str) -> tuple[str, int]:
+    """Upstreams must be addresses: resolving a name could ask this very server."""
+    host, port = hostport
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"dns.upstreams: {text!r} is not an IP address") from None
+    return host, port
+
+
+def _big_buffers(sock: socket.socket) -> None:
+    for option in (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, BUFFER_BYTES)
+            return
+        except OSError:
+            continue

@@ -1,0 +1,188 @@
+"""The few pieces of the DNS wire format the forwarder needs, hand-written for the hot path.
+
+A full parse costs 9-41 us a message (REFERENCE.md); the forwarder only needs the question, the EDNS flags
+of a query and the TTL positions of an answer, so it reads those and nothing else. Anything odd goes to
+dnspython on the slow path (``full_parse``), which decides whether the packet is a query at all.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+
+from identifier.domains import sld
+
+HEADER_LEN = 12
+TYPE_OPT = 41
+TYPE_SOA = 6
+NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
+# Header counts of the two query shapes the fast path accepts: one question, and no or one (OPT) additional.
+COUNTS_PLAIN = b"\x00\x01\x00\x00\x00\x00\x00\x00"
+COUNTS_EDNS = b"\x00\x01\x00\x00\x00\x00\x00\x01"
+# OPT record for locally made error replies to EDNS queries: root name, type 41, 1232-byte payload (the DNS
+# flag day 2020 size), no flags, no options.
+_OPT_1232 = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
+# Bytes that dnspython would escape in a presentation name; names with them take the slow text conversion.
+_UNSAFE = re.compile(rb"[^a-z0-9_*-]")
+_TTL = struct.Struct("!I")
+
+
+class Malformed(ValueError):
+    """Not a DNS message the forwarder can handle; counted and dropped."""
+
+
+@dataclass(slots=True, frozen=True)
+class Question:
+    """What the hot path needs from a query's question section, computed once per distinct question."""
+
+    qname: str  # lower case, no trailing dot, escaped as presentation text where needed
+    qtype: int
+    qclass: int
+    sld: str
+    length: int  # bytes of the question section (name + type + class)
+    cache_keys: tuple[bytes, ...]  # indexed by the flag bits of ``query_flags``; case-folded question + flags
+
+
+def question_end(data: bytes, start: int = HEADER_LEN) -> int:
+    """Offset just past the question at ``start`` (name, type, class); raises Malformed.
+
+    A question name in a query has no compression pointer (nothing precedes it to point at).
+    """
+    pos = start
+    n = len(data)
+    while True:
+        if pos >= n:
+            raise Malformed("question name runs past the end")
+        length = data[pos]
+        if length == 0:
+            pos += 1
+            break
+        if length > 63:
+            raise Malformed("compressed or extended label in the question")
+        pos += 1 + length
+    if pos - start > 255:
+        raise Malformed("question name longer than 255 bytes")
+    if pos + 4 > n:
+        raise Malformed("question type and class missing")
+    return pos + 4
+
+
+def parse_question(data: bytes, start: int = HEADER_LEN) -> Question:
+    """The question at ``start``; raises Malformed."""
+    end = question_end(data, start)
+    labels = []
+    pos = start
+    while data[pos]:
+        labels.append(data[pos + 1 : pos + 1 + data[pos]].lower())
+        pos += 1 + data[pos]
+    raw = b".".join(labels)
+    if _UNSAFE.search(raw.replace(b".", b"")):
+        qname = dns.name.Name([*labels, b""]).to_text(omit_final_dot=True)
+    else:
+        qname = raw.decode("ascii")
+    qtype, qclass = struct.unpack_from("!HH", data, end - 4)
+    folded = data[start : end - 4].lower() + data[end - 4 : end]
+    keys = tuple(folded + bytes([flags]) for flags in range(8))
+    return Question(qname, qtype, qclass, sld(qname) if qname else "", end - start, keys)
+
+
+# Flag bits for the cache key: answers differ with EDNS present (OPT in the answer, size), DO (DNSSEC records)
+# and CD (unvalidated data).
+FLAG_EDNS, FLAG_DO, FLAG_CD = 1, 2, 4
+
+
+def opt_at(data: bytes, pos: int) -> tuple[int, int] | None:
+    """(flags, client UDP size) of the OPT record at ``pos``, or None if there is none."""
+    if len(data) < pos + 11 or data[pos] != 0 or data[pos + 1] != 0 or data[pos + 2] != TYPE_OPT:
+        return None
+    flags = FLAG_EDNS | (FLAG_DO if data[pos + 7] & 0x80 else 0)
+    return flags, max(512, (data[pos + 3] << 8) | data[pos + 4])
+
+
+def full_parse(data: bytes) -> tuple[Question, int, int]:
+    """Slow path for queries the fast path does not recognise: (question, flags, client UDP size).
+
+    dnspython validates the whole message (TSIG, several additionals, ...); raises Malformed if it is not a
+    single-question query.
+    """
+    try:
+        msg = dns.message.from_wire(data, ignore_trailing=False, keyring=False)
+    except Exception as exc:  # dnspython raises a zoo of types on hostile input; all mean "malformed"
+        raise Malformed(str(exc) or type(exc).__name__) from exc
+    if msg.flags & dns.flags.QR or len(msg.question) != 1:
+        raise Malformed("not a single-question query")
+    question = parse_question(data)
+    flags = FLAG_EDNS if msg.edns >= 0 else 0
+    if msg.ednsflags & dns.flags.DO:
+        flags |= FLAG_DO
+    if data[3] & 0x10:
+        flags |= FLAG_CD
+    return question, flags, max(512, msg.payload) if msg.edns >= 0 else 512
+
+
+def error_reply(query: bytes, question_len: int, rcode: int, edns: bool) -> bytes:
+    """A reply carrying only the question and ``rcode`` (REFUSED, SERVFAIL, ...), ID, opcode and RD copied."""
+    flags = bytes((0x80 | (query[2] & 0x79), 0x80 | rcode))
+    counts = COUNTS_EDNS if edns else COUNTS_PLAIN
+    tail = _OPT_1232 if edns else b""
+    return query[:2] + flags + counts + query[HEADER_LEN : HEADER_LEN + question_len] + tail
+
+
+def truncated_reply(query_id: bytes, response: bytes, question: bytes) -> bytes:
+    """``response`` cut to its header and question with TC set: tells a UDP client to ask again over TCP."""
+    return query_id + bytes((response[2] | 0x02, response[3])) + COUNTS_PLAIN + question
+
+
+def skip_name(data: bytes, pos: int) -> int:
+    """Offset past a (possibly compressed) name in a resource record; raises Malformed."""
+    n = len(data)
+    while pos < n:
+        length = data[pos]
+        if length == 0:
+            return pos + 1
+        if length & 0xC0 == 0xC0:
+            return pos + 2
+        if length > 63:
+            raise Malformed("bad label type")
+        pos += 1 + length
+    raise Malformed("name runs past the end")
+
+
+def ttl_positions(response: bytes, question_len: int) -> tuple[tuple[int, ...], tuple[int, ...], int] | None:
+    """Where the TTLs of an answer sit, their values, and how long the answer may be cached.
+
+    Answers with records are cached for their smallest TTL; negative answers (NXDOMAIN, NODATA) for the SOA's
+    TTL capped by its minimum field (RFC 2308); a negative answer without an SOA is not cached (None). The OPT
+    record's "TTL" holds EDNS flags and is left alone.
+    """
+    try:
+        an, ns, ar = struct.unpack_from("!HHH", response, 6)
+        pos = HEADER_LEN + question_len
+        offsets: list[int] = []
+        ttls: list[int] = []
+        negative_ttl = None
+        for index in range(an + ns + ar):
+            pos = skip_name(response, pos)
+            rtype, _rclass, ttl, rdlen = struct.unpack_from("!HHIH", response, pos)
+            if rtype != TYPE_OPT:
+                offsets.append(pos + 4)
+                ttls.append(ttl)
+                if rtype == TYPE_SOA and an <= index < an + ns:
+                    minimum = _TTL.unpack_from(response, pos + 10 + rdlen - 4)[0]
+                    negative_ttl = min(ttl, minimum)
+            pos += 10 + rdlen
+        if pos > len(response):
+            return None
+    except (struct.error, Malformed):
+        return None
+    if an == 0:
+        if negative_ttl is None:
+            return None
+        return tuple(offsets), tuple(ttls), min(negative_ttl, *ttls)
+    return tuple(offsets), tuple(ttls), min(ttls)

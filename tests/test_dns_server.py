@@ -1,0 +1,255 @@
+"""The DNS forwarder against a real upstream (dnsmasq on loopback) and a real client (dnspython)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import pytest
+
+from gateway.dns import Decision
+from tests.dns_helpers import Dnsmasq, ask, config, free_port, needs_dnsmasq, rcode, running
+
+pytestmark = needs_dnsmasq
+
+
+@pytest.fixture
+def upstream(tmp_path):
+    server = Dnsmasq(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def addresses(msg: dns.message.Message) -> set[str]:
+    return {rr.to_text() for rrset in msg.answer for rr in rrset}
+
+
+def test_forwards_a_and_aaaa_and_logs_each_query(upstream):
+    macs = {"127.0.0.1": "02:00:00:00:00:01"}
+    with running(config([upstream.address]), mac_for=macs.get) as srv:
+        assert addresses(ask(srv.port, "www.example.test")) == {"192.0.2.10"}
+        assert addresses(ask(srv.port, "WWW.Example.TEST", "AAAA")) == {"2001:db8::10"}
+        assert rcode(ask(srv.port, "nothing.example.test")) == "NXDOMAIN"
+    first, second, third = srv.events
+    assert (first.client, first.mac, first.qname, first.sld, first.qtype) == (
+        "127.0.0.1", "02:00:00:00:00:01", "www.example.test", "example.test", 1)
+    assert (first.rcode, first.verdict, first.source) == (0, "allowed", "server")
+    assert first.latency_ms is not None and first.latency_ms > 0
+    assert (second.qname, second.qtype) == ("www.example.test", dns.rdatatype.AAAA)
+    assert third.rcode == dns.rcode.NXDOMAIN
+
+
+def test_tcp_clients_are_answered(upstream):
+    with running(config([upstream.address])) as srv:
+        reply = ask(srv.port, "www.example.test", tcp=True)
+        assert addresses(reply) == {"192.0.2.10"}
+        assert len(addresses(ask(srv.port, "big.example.test", tcp=True))) == 59
+
+
+def test_edns_passes_through_and_is_part_of_the_cache_key(upstream):
+    with running(config([upstream.address])) as srv:
+        with_edns = ask(srv.port, "www.example.test", use_edns=0, payload=1232)
+        assert with_edns.edns == 0
+        without = ask(srv.port, "www.example.test")  # same name: must not get the EDNS answer from the cache
+        assert without.edns == -1
+        assert addresses(without) == {"192.0.2.10"}
+
+
+def test_cache_answers_within_ttl_and_asks_upstream_after(tmp_path):
+    upstream = Dnsmasq(tmp_path, ttl=3)
+    upstream.start()
+    try:
+        with running(config([upstream.address], timeout_s=0.5)) as srv:
+            first = ask(srv.port, "www.example.test")
+            upstream.stop()
+            cached = ask(srv.port, "www.EXAMPLE.test")
+            assert addresses(cached) == {"192.0.2.10"}
+            assert cached.question[0].name.to_text() == "www.EXAMPLE.test."  # the asker's own spelling
+            assert cached.answer[0].ttl <= first.answer[0].ttl
+            assert srv.counters.get("dns_cache_hits") == 1
+            time.sleep(3.2)
+            # Expired: the upstream is asked again, and it is gone.
+            assert rcode(ask(srv.port, "www.example.test")) == "SERVFAIL"
+    finally:
+        upstream.stop()
+
+
+def test_cached_ttls_count_down(upstream):
+    with running(config([upstream.address])) as srv:
+        assert ask(srv.port, "other.example.test").answer[0].ttl == 300
+        time.sleep(1.1)
+        assert 290 <= ask(srv.port, "other.example.test").answer[0].ttl < 300
+
+
+class TruncatingUpstream:
+    """UDP: answers every query with TC=1 and no records. TCP: relays to the real upstream."""
+
+    def __init__(self, real_port: int) -> None:
+        self.port = free_port()
+        self.real_port = real_port
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> TruncatingUpstream:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.transport.close()
+        self.tcp.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+    async def _start(self) -> None:
+        outer = self
+
+        class Truncate(asyncio.DatagramProtocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def datagram_received(self, data, addr):
+                query = dns.message.from_wire(data)
+                reply = dns.message.make_response(query)
+                reply.flags |= dns.flags.TC
+                self.transport.sendto(reply.to_wire(), addr)
+
+        self.transport, _ = await self.loop.create_datagram_endpoint(
+            Truncate, local_addr=("127.0.0.1", self.port))
+
+        async def relay(reader, writer):
+            head = await reader.readexactly(2)
+            body = await reader.readexactly(int.from_bytes(head, "big"))
+            r, w = await asyncio.open_connection("127.0.0.1", outer.real_port)
+            w.write(head + body)
+            head = await r.readexactly(2)
+            writer.write(head + await r.readexactly(int.from_bytes(head, "big")))
+            await writer.drain()
+            w.close()
+            writer.close()
+
+        self.tcp = await asyncio.start_server(relay, "127.0.0.1", self.port)
+
+
+def test_truncated_upstream_answer_is_fetched_again_over_tcp(upstream):
+    with TruncatingUpstream(upstream.port) as fake, running(config([f"127.0.0.1:{fake.port}"])) as srv:
+        reply = ask(srv.port, "www.example.test", use_edns=0, payload=1232)
+        assert not reply.flags & dns.flags.TC
+        assert addresses(reply) == {"192.0.2.10"}
+        # Too big for a plain 512-byte UDP client: the client is told to come back over TCP.
+        big = ask(srv.port, "big.example.test")
+        assert big.flags & dns.flags.TC
+        assert len(addresses(ask(srv.port, "big.example.test", tcp=True))) == 59  # from the cache
+        assert srv.counters.get("dns_tcp_retries") == 2
+        assert srv.counters.get("dns_cache_hits") == 1
+
+
+def test_dead_upstream_fails_over_to_the_next(upstream):
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens: the kernel answers port unreachable
+    with running(config([dead, upstream.address], timeout_s=2.0)) as srv:
+        assert addresses(ask(srv.port, "www.example.test")) == {"192.0.2.10"}
+        assert addresses(ask(srv.port, "other.example.test")) == {"192.0.2.11"}
+        assert srv.counters.get("dns_upstream_refused") + srv.counters.get("dns_upstream_timeouts") >= 1
+
+
+def test_silent_upstream_fails_over_then_servfail_within_timeout(upstream):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # receives, never answers
+        silent.bind(("127.0.0.1", 0))
+        black_hole = f"127.0.0.1:{silent.getsockname()[1]}"
+        with running(config([black_hole, upstream.address], timeout_s=1.0)) as srv:
+            assert addresses(ask(srv.port, "www.example.test")) == {"192.0.2.10"}
+            assert srv.counters.get("dns_upstream_timeouts") == 1
+        with running(config([black_hole], timeout_s=0.5)) as srv:
+            reply = ask(srv.port, "www.example.test", timeout=3)  # no SERVFAIL: the client would time out
+            assert rcode(reply) == "SERVFAIL"
+            assert srv.events[-1].rcode == dns.rcode.SERVFAIL
+
+
+def test_clients_outside_the_lan_are_refused(upstream):
+    with running(config([upstream.address], lan=["10.0.0.0/8", "fc00::/7"])) as srv:
+        assert rcode(ask(srv.port, "www.example.test")) == "REFUSED"
+        assert rcode(ask(srv.port, "www.example.test", tcp=True)) == "REFUSED"
+        assert [e.verdict for e in srv.events] == ["refused", "refused"]
+        assert srv.counters.get("dns_refused") == 2
+
+
+def test_rate_limit_refuses_beyond_the_limit(upstream):
+    with running(config([upstream.address], rate_limit_per_minute=5)) as srv:
+        codes = [rcode(ask(srv.port, f"n{i}.example.test")) for i in range(7)]
+        assert codes == ["NXDOMAIN"] * 5 + ["REFUSED"] * 2
+        assert [e.verdict for e in srv.events][-2:] == ["ratelimited", "ratelimited"]
+
+
+def test_malformed_packets_are_counted_and_dropped(upstream):
+    good = dns.message.make_query("www.example.test", "A").to_wire()
+    bad = [
+        b"",
+        b"\x12\x34",
+        good[:14],  # question cut short
+        good[:12] + b"\xc0\x0c" + b"\x00\x01\x00\x01",  # compression pointer in the question
+        good[:12] + b"\x40" + b"a" * 64 + b"\x00\x00\x01\x00\x01",  # label longer than 63
+        good[:2] + b"\x81\x80" + good[4:],  # a response, not a query
+        good[:5] + b"\x02" + good[6:],  # two questions announced, one present
+        bytes(range(256)),
+    ]
+    with running(config([upstream.address])) as srv:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for packet in bad:
+                sock.sendto(packet, ("127.0.0.1", srv.port))
+        assert addresses(ask(srv.port, "www.example.test")) == {"192.0.2.10"}
+        assert srv.counters.get("dns_malformed") == len(bad)
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=3) as conn:  # garbage over TCP
+            conn.sendall(b"\x00\x04junk")
+            assert conn.recv(100) == b""  # the server hangs up
+        assert addresses(ask(srv.port, "www.example.test", tcp=True)) == {"192.0.2.10"}
+        assert srv.counters.get("dns_malformed") == len(bad) + 1
+
+
+def test_listens_on_ipv6(upstream):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    with running(config([upstream.address], listen=["[::1]:0", "127.0.0.1:0"])) as srv:
+        host, port = srv.server.bound[0]
+        assert host == "::1"
+        assert addresses(ask(port, "www.example.test", "AAAA", host="::1")) == {"2001:db8::10"}
+        assert addresses(ask(port, "www.example.test", "AAAA", host="::1", tcp=True)) == {"2001:db8::10"}
+        assert srv.events[0].client == "::1"
+
+
+def test_policy_decision_answers_locally_and_check_response_can_override(upstream):
+    def nxdomain(message: bytes) -> bytes:  # what the policy library hands back: a reply to that question
+        question = dns.message.from_wire(message).question[0]
+        reply = dns.message.make_response(dns.message.make_query(question.name, question.rdtype))
+        reply.set_rcode(dns.rcode.NXDOMAIN)
+        return b"\x00\x00" + reply.to_wire()[2:]  # any ID: the server sets the query's
+
+    seen: list[tuple] = []
+
+    def decide(client, mac, qname, qtype, query):
+        seen.append((client, mac, qname, qtype))
+        return Decision("blocked", "ads.example.test", nxdomain(query)) if qname.startswith("ads.") else None
+
+    def check_response(client, mac, qname, response):
+        if b"\xc0\x00\x02\x0b" in response:  # 192.0.2.11: an answer the policy objects to
+            return Decision("blocked", "answer 192.0.2.11", nxdomain(response))
+        return None
+
+    with running(config([upstream.address]), decide=decide, check_response=check_response) as srv:
+        query = dns.message.make_query("ads.example.test", "A")
+        # dnspython raises if the reply's ID is not the query's.
+        reply = dns.query.udp(query, "127.0.0.1", port=srv.port, timeout=3)
+        assert rcode(reply) == "NXDOMAIN"
+        assert rcode(ask(srv.port, "other.example.test")) == "NXDOMAIN"
+        assert rcode(ask(srv.port, "other.example.test")) == "NXDOMAIN"  # also when served from the cache
+        assert addresses(ask(srv.port, "www.example.test")) == {"192.0.2.10"}
+    assert seen[0] == ("127.0.0.1", None, "ads.example.test", 1)
+    assert [(e.verdict, e.rule) for e in srv.events] == [
+        ("blocked", "ads.example.test"), ("blocked", "answer 192.0.2.11"), ("blocked", "answer 192.0.2.11"),
+        ("allowed", None)]
