@@ -60,13 +60,15 @@ with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
 """
 
 FLOOD = """
-import socket, sys
+import socket, sys, time
 from dnslib import DNSRecord
-gw4, n = sys.argv[1], int(sys.argv[2])
+gw4, n, bursts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 1
 query = DNSRecord.question("flood.example.com").pack()
 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-    for _ in range(n):
-        s.sendto(query, (gw4, 53))
+    for burst in range(bursts):
+        time.sleep(0.05 if burst else 0)  # longer than the ring's block timeout: each burst fills a block
+        for _ in range(n):
+            s.sendto(query, (gw4, 53))
 """
 
 UDP_TO_GATEWAY = """
@@ -204,16 +206,18 @@ def test_kernel_drops_are_counted_when_the_sink_falls_behind(veth):
         got(events)
 
     counters = Counters()
-    sniffer = _sniff(veth, slow, counters, rcvbuf=4096, batch=1)
+    sniffer = _sniff(veth, slow, counters, ring_bytes=0)  # the smallest ring: two blocks
     try:
-        veth.client_python(FLOOD, veth.gw_ip4, "300")
+        veth.client_python(FLOOD, veth.gw_ip4, "1")  # its block reaches the sink, which holds the thread
+        # Two bursts fill the two blocks of the ring; the next two find it full, and the kernel drops them.
+        veth.client_python(FLOOD, veth.gw_ip4, "100", "4")
         release.set()
         time.sleep(0.5)
     finally:
         release.set()
         sniffer.stop()
     assert counters.get("capture_dropped") > 0
-    assert counters.get("capture_frames") + counters.get("capture_dropped") == 300
+    assert counters.get("capture_frames") + counters.get("capture_dropped") == 401
     assert len(got.events) == counters.get("capture_frames")
 
 

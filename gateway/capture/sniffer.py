@@ -1,14 +1,17 @@
 """The live passive sniffer: DNS queries, DHCP and mDNS seen on an interface (a mirror port or a bridge).
 
 An AF_PACKET socket with a classic BPF program attached in the kernel, so only the few packets we decode ever
-reach Python (scapy's AsyncSniffer loses packets above ~5k/s here; this keeps up far higher, see
-benchmarks/capture_rate.py). Frames go through the same ``parse_frame`` as pcap replay and the demo.
+reach Python, and a TPACKET_V3 receive ring, so they arrive in blocks without a system call per packet.
+scapy's AsyncSniffer loses packets above ~5k/s here; this keeps up far higher (benchmarks/capture_rate.py).
+Frames go through the same ``parse_frame`` as pcap replay and the demo.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
+import select
 import socket
 import struct
 import threading
@@ -39,14 +42,25 @@ BPF_FILTER: tuple[tuple[int, int, int, int], ...] = (
 
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
+PACKET_RX_RING = 5
 PACKET_STATISTICS = 6
+PACKET_VERSION = 10
+TPACKET_V3 = 2
+TP_STATUS_KERNEL = 0
+TP_STATUS_USER = 1
 SO_ATTACH_FILTER = 26
-SO_RCVBUFFORCE = 33  # root (CAP_NET_ADMIN) may exceed net.core.rmem_max
-SO_TIMESTAMP = 29  # also the SCM_TIMESTAMP control message type
-_TIMEVAL = struct.Struct("@ll")  # struct timeval in the host's native layout
-_ANC_SPACE = socket.CMSG_SPACE(_TIMEVAL.size)
-_STATS = struct.Struct("@II")  # struct tpacket_stats: packets, drops (reading resets both)
-_WAKE_S = 0.2  # how often a blocked receive wakes to notice stop(); also bounds stop()'s latency
+_REQ3 = struct.Struct("@7I")  # struct tpacket_req3
+# struct tpacket3_hdr up to tp_mac: next_offset, sec, nsec, snaplen, len, status, mac
+_PKT_HDR = struct.Struct("@6IH")
+_BLOCK_STATUS = 8  # offsets in struct tpacket_block_desc (its hdr.bh1 starts at 8)
+_BLOCK_PKTS = struct.Struct("@II")  # num_pkts, offset_to_first_pkt at offset 12
+_STATUS = struct.Struct("@I")
+_STATS = struct.Struct("@II")  # struct tpacket_stats_v3 begins with packets, drops (reading resets them)
+_STATS_V3_SIZE = 12
+_BLOCK_SIZE = 1 << 20
+_BLOCK_TIMEOUT_MS = 10  # a partly filled block reaches us after at most this long
+_FRAME_SIZE = 2048  # only checked by the kernel for TPACKET_V3; frames are packed in blocks
+_WAKE_MS = 200  # how often an idle thread wakes to notice stop(); bounds stop()'s latency
 _STATS_EVERY_S = 1.0
 
 
@@ -62,36 +76,39 @@ def _filter_program() -> tuple[bytes, ctypes.Array]:
     return bytes(prog), buf
 
 
-def open_socket(interface: str, rcvbuf: int) -> socket.socket:
-    """An AF_PACKET socket on ``interface`` that only ever receives frames accepted by ``BPF_FILTER``.
+def open_ring(interface: str, ring_bytes: int) -> tuple[socket.socket, mmap.mmap, int]:
+    """An AF_PACKET socket on ``interface`` with ``BPF_FILTER`` and a TPACKET_V3 receive ring.
 
-    The filter is attached before the socket is bound to a protocol, so no unfiltered frame is ever queued.
+    The kernel writes accepted frames into the shared ring in blocks and hands over a block at a time, so
+    Python pays no system call per packet. The filter is attached before the socket is bound to a protocol,
+    so no unfiltered frame is ever queued. Returns the socket, the mapped ring and its number of blocks.
     """
+    blocks = max(2, ring_bytes // _BLOCK_SIZE)
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     try:
         prog, _keep = _filter_program()  # the kernel copies the program during setsockopt
         sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, prog)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-        except PermissionError:  # CAP_NET_RAW without CAP_NET_ADMIN: the sysctl's rmem_max caps it
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
-        # A blocking receive that gives up after _WAKE_S, so the thread can notice stop() without a
-        # poll() before every packet.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 0, int(_WAKE_S * 1e6)))
+        sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+        frames = _BLOCK_SIZE // _FRAME_SIZE * blocks
+        req = _REQ3.pack(_BLOCK_SIZE, blocks, _FRAME_SIZE, frames, _BLOCK_TIMEOUT_MS, 0, 0)
+        sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        ring = mmap.mmap(sock.fileno(), _BLOCK_SIZE * blocks, mmap.MAP_SHARED, prot)
         sock.bind((interface, ETH_P_ALL))
     except BaseException:
         sock.close()
         raise
-    return sock
+    return sock, ring, blocks
 
 
 class Sniffer:
     """Captures DNS queries, DHCP and mDNS on ``interface`` in its own thread and hands events to ``sink``.
 
-    ``sink`` gets one list of events per batch of frames (up to ``batch``); it runs on the sniffer's thread,
-    so it should queue rather than block. Counters: ``capture_frames``, ``capture_malformed``,
-    ``capture_dropped`` (the kernel's count of frames lost because we fell behind), ``capture_sink_errors``.
+    ``sink`` gets one list of events per ring block (every frame that arrived within ~10 ms, or up to 1 MiB of
+    frames); it runs on the sniffer's thread, so it should queue rather than block. ``ring_bytes`` is the
+    kernel buffer that absorbs bursts while Python is busy. Counters: ``capture_frames``,
+    ``capture_malformed``, ``capture_dropped`` (frames the kernel lost because the ring was full),
+    ``capture_sink_errors``.
     """
 
     def __init__(
@@ -100,15 +117,15 @@ class Sniffer:
         sink: Sink,
         counters: Counters | None = None,
         *,
-        rcvbuf: int = 8 << 20,
-        batch: int = 256,
+        ring_bytes: int = 8 << 20,
     ) -> None:
         self.interface = interface
         self.sink = sink
         self.counters = counters if counters is not None else Counters()
-        self.rcvbuf = rcvbuf
-        self.batch = batch
+        self.ring_bytes = ring_bytes
         self._sock: socket.socket | None = None
+        self._ring: mmap.mmap | None = None
+        self._blocks = 0
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._sink_failed = False
@@ -118,7 +135,7 @@ class Sniffer:
         """Open the socket (a missing interface or capability raises here) and start the thread."""
         if self._thread is not None:
             raise RuntimeError("sniffer already started")
-        self._sock = open_socket(self.interface, self.rcvbuf)
+        self._sock, self._ring, self._blocks = open_ring(self.interface, self.ring_bytes)
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name=f"sniffer-{self.interface}", daemon=True)
         self._thread.start()
@@ -133,10 +150,11 @@ class Sniffer:
         if thread.is_alive():
             log.warning("sniffer on %s did not stop within %.1f s", self.interface, timeout)
             return
-        if self._sock is not None:
-            self._read_stats()
-            self._sock.close()
-            self._sock = None
+        self.read_stats()
+        assert self._ring is not None and self._sock is not None
+        self._ring.close()
+        self._sock.close()
+        self._ring = self._sock = None
 
     def __enter__(self) -> Sniffer:
         self.start()
@@ -145,53 +163,60 @@ class Sniffer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def read_stats(self) -> None:
+        """Add the kernel's drop count since the last call to ``capture_dropped`` (done every second)."""
+        if self._sock is None:
+            return
+        try:
+            raw = self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _STATS_V3_SIZE)
+        except OSError:
+            return
+        _packets, drops = _STATS.unpack_from(raw)
+        if drops:
+            self.counters.add("capture_dropped", drops)
+
     def _run(self) -> None:
-        sock = self._sock
-        assert sock is not None
-        recvmsg = sock.recvmsg
-        handle = self._handle
+        ring, sock = self._ring, self._sock
+        assert ring is not None and sock is not None
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLERR)
+        block = 0
         next_stats = time.monotonic() + _STATS_EVERY_S
         while not self._stopping.is_set():
-            try:
-                frame, anc, _flags, _addr = recvmsg(65536, _ANC_SPACE)
-            except (BlockingIOError, InterruptedError):
-                frame = None
-            except OSError as exc:
-                log.error("sniffer on %s stopped: %s", self.interface, exc)
-                return
-            if frame is not None:
-                events: list[Event] = []
-                handle(frame, anc, events)
-                # Drain what is already queued without blocking: one sink call per batch, not per frame.
-                for _ in range(self.batch - 1):
-                    try:
-                        frame, anc, _flags, _addr = recvmsg(65536, _ANC_SPACE, socket.MSG_DONTWAIT)
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    handle(frame, anc, events)
+            base = block * _BLOCK_SIZE
+            if _STATUS.unpack_from(ring, base + _BLOCK_STATUS)[0] & TP_STATUS_USER:
+                events = self._read_block(ring, base)
+                _STATUS.pack_into(ring, base + _BLOCK_STATUS, TP_STATUS_KERNEL)  # hand the block back
+                block = (block + 1) % self._blocks
                 if events:
                     self._deliver(events)
+            else:
+                poller.poll(_WAKE_MS)
             now = time.monotonic()
             if now >= next_stats:
-                self._read_stats()
+                self.read_stats()
                 next_stats = now + _STATS_EVERY_S
 
-    def _handle(self, frame: bytes, anc: list[tuple[int, int, bytes]], events: list[Event]) -> None:
-        ts = 0.0
-        for level, kind, data in anc:
-            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMP and len(data) >= _TIMEVAL.size:
-                sec, usec = _TIMEVAL.unpack_from(data)
-                ts = sec + usec / 1e6
-        self.counters.add("capture_frames")
-        try:
-            events.extend(parse_frame(frame, ts or time.time(), source="capture"))
-        except MalformedPacket:
-            self.counters.add("capture_malformed")
-        except Exception:  # a parser bug on hostile input must not end the capture
-            self.counters.add("capture_malformed")
-            if not self._parser_failed:
-                self._parser_failed = True
-                log.exception("frame parser failed on %s (logged once; frame dropped)", frame[:128].hex())
+    def _read_block(self, ring: mmap.mmap, base: int) -> list[Event]:
+        count, off = _BLOCK_PKTS.unpack_from(ring, base + 12)
+        off += base
+        events: list[Event] = []
+        unpack = _PKT_HDR.unpack_from
+        for _ in range(count):
+            next_off, sec, nsec, snaplen, _len, _status, mac = unpack(ring, off)
+            frame = ring[off + mac : off + mac + snaplen]
+            try:
+                events.extend(parse_frame(frame, sec + nsec / 1e9, source="capture"))
+            except MalformedPacket:
+                self.counters.add("capture_malformed")
+            except Exception:  # a parser bug on hostile input must not end the capture
+                self.counters.add("capture_malformed")
+                if not self._parser_failed:
+                    self._parser_failed = True
+                    log.exception("frame parser failed on %s (logged once; frame dropped)", frame[:128].hex())
+            off += next_off
+        self.counters.add("capture_frames", count)
+        return events
 
     def _deliver(self, events: list[Event]) -> None:
         try:
@@ -201,13 +226,3 @@ class Sniffer:
             if not self._sink_failed:
                 self._sink_failed = True
                 log.exception("capture sink failed (logged once; capture goes on)")
-
-    def _read_stats(self) -> None:
-        assert self._sock is not None
-        try:
-            raw = self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _STATS.size)
-        except OSError:
-            return
-        _packets, drops = _STATS.unpack(raw)
-        if drops:
-            self.counters.add("capture_dropped", drops)
