@@ -43,27 +43,26 @@ def parse_frame(frame: bytes, ts: float, *, others: bool = False, source: str = 
     """
     if len(frame) < 14:
         raise MalformedPacket("frame shorter than an Ethernet header")
-    src_raw = frame[6:12]
-    ethertype = struct.unpack_from("!H", frame, 12)[0]
+    # Byte arithmetic rather than struct calls: this runs for every captured packet.
+    ethertype = (frame[12] << 8) | frame[13]
     off = 14
     while ethertype in ETH_VLAN:
         if len(frame) < off + 4:
             raise MalformedPacket("truncated VLAN tag")
-        ethertype = struct.unpack_from("!H", frame, off + 2)[0]
+        ethertype = (frame[off + 2] << 8) | frame[off + 3]
         off += 4
-    mac = mac_str(src_raw)
-    if src_raw[0] & 0x01:  # a multicast source MAC is not a device
+    if frame[6] & 0x01:  # a multicast source MAC is not a device
         return []
+    mac = frame[6:12].hex(":")
 
     if ethertype == ETH_IPV4:
         if len(frame) < off + 20:
             raise MalformedPacket("truncated IPv4 header")
         ihl = (frame[off] & 0x0F) * 4
         proto = frame[off + 9]
-        src_ip = _ip4(frame[off + 12 : off + 16])
+        src_ip = f"{frame[off + 12]}.{frame[off + 13]}.{frame[off + 14]}.{frame[off + 15]}"
         l4 = off + ihl
-        frag = struct.unpack_from("!H", frame, off + 6)[0] & 0x1FFF
-        if frag:  # a later fragment carries no UDP header
+        if (frame[off + 6] & 0x1F) | frame[off + 7]:  # a later fragment carries no UDP header
             return [PacketSeen(ts, mac, src_ip, "fragment")] if others else []
     elif ethertype == ETH_IPV6:
         if len(frame) < off + 40:
