@@ -7,7 +7,8 @@ them) to an AF_PACKET socket at a fixed rate, in 1 ms bursts. In the gateway nam
 loses a packet, then a binary search narrows the limit; a step is lossless when every frame sent came out as
 an event and the kernel counted no drop. Sender, sniffer and kernel share the machine's cores.
 
-Prints one JSON object: lossless_pps, rss_mb (the capturing process's peak RSS), steps (every rate tried).
+Prints one JSON object: lossless_pps, rss_mb (the capturing process's peak RSS), cpu_us_per_query, limited_by,
+steps (every rate tried).
 Needs root; otherwise prints {"error": ...}.
 
     python benchmarks/capture_rate.py [--seconds 3] [--max-pps 200000]
@@ -88,7 +89,8 @@ def run(seconds: float, start_pps: int, max_pps: int) -> dict:
                 # A sender that could not keep the rate measured less than asked: not a pass at this rate.
                 on_rate = sent["achieved_pps"] >= 0.97 * pps
                 steps.append({"pps": pps, "achieved_pps": sent["achieved_pps"], "sent": sent["sent"],
-                              "recorded": recorded, "dropped": dropped, "lossless": lossless and on_rate})
+                              "recorded": recorded, "dropped": dropped, "lossless": lossless,
+                              "sender_kept_rate": on_rate})
                 return lossless and on_rate
 
             good, bad = 0, None
@@ -111,6 +113,9 @@ def run(seconds: float, start_pps: int, max_pps: int) -> dict:
                 "rss_mb": round(final["peak_rss_mb"], 1),
                 "seconds_per_step": seconds,
                 "steps": steps,
+                # "sender" when the lowest rate that failed did so because the sender could not keep it:
+                # the capture's own limit is then higher than lossless_pps.
+                "limited_by": _limit(steps, bad),
                 "capture_malformed": final["malformed"],
                 # CPU the capturing process spent per recorded query (all threads): 1e6 / this is the rate
                 # one free core would sustain, a figure less at the mercy of the machine's other load.
@@ -120,6 +125,13 @@ def run(seconds: float, start_pps: int, max_pps: int) -> dict:
         finally:
             child.kill()
             child.wait()
+
+
+def _limit(steps: list[dict], bad: int | None) -> str:
+    if bad is None:
+        return "max_pps"
+    failed = next(s for s in steps if s["pps"] == bad)
+    return "capture" if failed["dropped"] or failed["recorded"] < failed["sent"] else "sender"
 
 
 def _settled(stats, expected: int) -> dict:

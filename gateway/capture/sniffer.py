@@ -57,7 +57,10 @@ _BLOCK_PKTS = struct.Struct("@II")  # num_pkts, offset_to_first_pkt at offset 12
 _STATUS = struct.Struct("@I")
 _STATS = struct.Struct("@II")  # struct tpacket_stats_v3 begins with packets, drops (reading resets them)
 _STATS_V3_SIZE = 12
-_BLOCK_SIZE = 1 << 20
+# Small blocks, many of them: at a low rate the kernel closes a block after _BLOCK_TIMEOUT_MS however empty it
+# is, so the ring absorbs blocks * timeout of stalling (2.5 s with 8 MiB); at a high rate blocks fill up and
+# it absorbs ring_bytes of frames (~45,000 DNS queries with 8 MiB).
+_BLOCK_SIZE = 32 << 10
 _BLOCK_TIMEOUT_MS = 10  # a partly filled block reaches us after at most this long
 _FRAME_SIZE = 2048  # only checked by the kernel for TPACKET_V3; frames are packed in blocks
 _WAKE_MS = 200  # how often an idle thread wakes to notice stop(); bounds stop()'s latency
@@ -104,9 +107,9 @@ def open_ring(interface: str, ring_bytes: int) -> tuple[socket.socket, mmap.mmap
 class Sniffer:
     """Captures DNS queries, DHCP and mDNS on ``interface`` in its own thread and hands events to ``sink``.
 
-    ``sink`` gets one list of events per ring block (every frame that arrived within ~10 ms, or up to 1 MiB of
-    frames); it runs on the sniffer's thread, so it should queue rather than block. ``ring_bytes`` is the
-    kernel buffer that absorbs bursts while Python is busy. Counters: ``capture_frames``,
+    ``sink`` gets one list of events per ring block (the frames of up to ~10 ms, at most 32 KiB of them);
+    it runs on the sniffer's thread, so it should queue rather than block. ``ring_bytes`` is the kernel
+    buffer that absorbs bursts and stalls while Python is busy. Counters: ``capture_frames``,
     ``capture_malformed``, ``capture_dropped`` (frames the kernel lost because the ring was full),
     ``capture_sink_errors``.
     """
