@@ -241,3 +241,22 @@ def test_neighbour_table_maps_client_ipv4_and_ipv6_to_its_mac(veth):
         table.ttl = 0
         table.refresh(force=True)
         assert table.lookup(veth.client_ip4, refresh_on_miss=False) is None
+
+
+def test_capture_survives_the_interface_going_down_and_up(veth):
+    got = Collector()
+    sniffer = _sniff(veth, got)
+    try:
+        with veth.enter():
+            sh("ip", "link", "set", veth.gw_if, "down")
+            time.sleep(0.5)
+            cpu = time.process_time()
+            time.sleep(0.5)
+            idle_cpu = time.process_time() - cpu  # a thread spinning on poll() errors would burn ~0.5 s
+            sh("ip", "link", "set", veth.gw_if, "up")
+        veth.client_python(FLOOD, veth.gw_ip4, "1")
+        assert got.wait_for(lambda evs: len(evs) == 1)
+    finally:
+        sniffer.stop()
+    assert sniffer.counters.get("capture_errors") >= 1
+    assert idle_cpu < 0.25

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import os
 import select
 import socket
 import struct
@@ -111,7 +112,7 @@ class Sniffer:
     it runs on the sniffer's thread, so it should queue rather than block. ``ring_bytes`` is the kernel
     buffer that absorbs bursts and stalls while Python is busy. Counters: ``capture_frames``,
     ``capture_malformed``, ``capture_dropped`` (frames the kernel lost because the ring was full),
-    ``capture_sink_errors``.
+    ``capture_sink_errors``, ``capture_errors`` (the interface went down).
     """
 
     def __init__(
@@ -193,12 +194,20 @@ class Sniffer:
                 block = (block + 1) % self._blocks
                 if events:
                     self._deliver(events)
-            else:
-                poller.poll(_WAKE_MS)
+            elif any(mask & select.POLLERR for _fd, mask in poller.poll(_WAKE_MS)):
+                self._socket_error(sock)
             now = time.monotonic()
             if now >= next_stats:
                 self.read_stats()
                 next_stats = now + _STATS_EVERY_S
+
+    def _socket_error(self, sock: socket.socket) -> None:
+        """The interface went down or away: report it, and wait (poll() keeps failing until it is up)."""
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # reading it clears it
+        if err:
+            self.counters.add("capture_errors")
+            log.warning("capture on %s: %s", self.interface, os.strerror(err))
+        self._stopping.wait(_WAKE_MS / 1000)
 
     def _read_block(self, ring: mmap.mmap, base: int) -> list[Event]:
         count, off = _BLOCK_PKTS.unpack_from(ring, base + 12)
