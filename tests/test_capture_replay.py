@@ -1,0 +1,75 @@
+"""Replay of capture files through the live path, on real captures from ../shared/data."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from scapy.layers.dns import DNS, DNSQR
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+from scapy.utils import wrpcap
+
+from gateway.capture.frames import MalformedPacket, parse_frame
+from gateway.capture.pcap import read_frames
+from gateway.capture.replay import replay
+from gateway.events import Counters, DhcpSeen, DnsQuery, Event
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "iot-sentinel" / "captures"
+needs_data = pytest.mark.skipif(not DATA.exists(), reason="../shared/data is not beside the checkout")
+
+
+def _direct(path: Path) -> list[Event]:
+    out: list[Event] = []
+    for ts, frame in read_frames(path):
+        try:
+            out.extend(parse_frame(frame, ts, others=True, source="replay"))
+        except MalformedPacket:
+            pass
+    return out
+
+
+@needs_data
+def test_replay_gives_the_same_events_as_parsing_directly():
+    pcap = sorted((DATA / "HueBridge").glob("*.pcap"))[0]
+    got: list[Event] = []
+    counters = Counters()
+    result = replay([pcap], got.extend, counters=counters)
+    assert got == _direct(pcap)
+    assert any(isinstance(e, DhcpSeen) for e in got) and any(isinstance(e, DnsQuery) for e in got)
+    assert all(e.source == "replay" for e in got if isinstance(e, DnsQuery))
+    assert result.events == len(got) and result.errors == []
+    assert result.frames == counters.get("replay_frames") == sum(1 for _ in read_frames(pcap))
+
+
+@needs_data
+def test_replay_reports_a_corrupt_file_by_name_and_goes_on(tmp_path):
+    first, last = sorted((DATA / "HueBridge").glob("*.pcap"))[:2]
+    garbage = tmp_path / "garbage.pcap"
+    garbage.write_bytes(b"this is not a capture file" * 10)
+    truncated = tmp_path / "truncated.pcap"  # a real capture cut mid-record: what it holds is kept
+    truncated.write_bytes(first.read_bytes()[:5000])
+    got: list[Event] = []
+    result = replay([first, garbage, truncated, tmp_path / "missing.pcap", last], got.extend)
+    assert len(result.errors) == 2
+    assert "garbage.pcap" in result.errors[0] and "missing.pcap" in result.errors[1]
+    expected = _direct(first) + _direct(truncated) + _direct(last)
+    assert got == expected and len(_direct(last)) > 0
+
+
+def test_realtime_replay_keeps_the_recorded_spacing(tmp_path):
+    frames = [Ether(src="02:00:00:00:00:01") / IP(src="10.0.0.2", dst="10.0.0.1") / UDP(sport=4000, dport=53)
+              / DNS(rd=1, qd=DNSQR(qname=f"q{i}.example.com")) for i in range(3)]
+    for i, frame in enumerate(frames):
+        frame.time = 1000.0 + 0.4 * i
+    pcap = tmp_path / "spaced.pcap"
+    wrpcap(str(pcap), frames)
+    arrivals: list[tuple[float, list[str]]] = []
+    replay([pcap], lambda evs: arrivals.append((time.monotonic(), [e.qname for e in evs])), realtime=True)
+    assert [names for _, names in arrivals] == [["q0.example.com"], ["q1.example.com"], ["q2.example.com"]]
+    gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    assert all(gap >= 0.35 for gap in gaps), gaps
+    fast: list[Event] = []
+    replay([pcap], fast.extend)
+    assert [e.ts for e in fast] == pytest.approx([1000.0, 1000.4, 1000.8])  # recorded times, not wall time
