@@ -19,6 +19,7 @@ from gateway.alerts import Alerts
 from gateway.config import Config
 from gateway.devices.tracker import Change, DeviceTracker
 from gateway.events import Alert, Counters, DnsQuery, Event
+from gateway.filtering import Filtering
 from gateway.observations import to_json, to_observation
 from gateway.store.db import Store
 from gateway.store.querylog import QueryLogWriter
@@ -31,7 +32,7 @@ WINDOW_S = 60.0  # how long after a device's first packet its traffic feeds iden
 
 
 class Gateway:
-    def __init__(self, cfg: Config, store: Store) -> None:
+    def __init__(self, cfg: Config, store: Store, *, firewall: bool = False) -> None:
         self.cfg = cfg
         self.store = store
         self.counters = Counters()
@@ -40,6 +41,8 @@ class Gateway:
                                        days=cfg.store.querylog_days, max_rows=cfg.store.querylog_max_rows)
         self.identifier = load_identifier(cfg)
         self.alerts = Alerts(store, cfg)
+        profiles = self.identifier.profiles() if self.identifier is not None else None
+        self.filtering = Filtering(store, cfg.state_dir, profiles=profiles, firewall=firewall)
         self.dns = None
         self.sniffer = None
         self._queue: deque[Event] = deque(maxlen=500_000)
@@ -64,7 +67,10 @@ class Gateway:
     async def start(self) -> None:
         self.querylog.start()
         self.alerts.start()
+        self.filtering.open_firewall()
+        await asyncio.to_thread(self.filtering.refresh)
         self._tasks.append(asyncio.create_task(self._consume(), name="consumer"))
+        self._tasks.append(asyncio.create_task(self._refresh_loop(), name="refresh"))
         self._tasks.append(asyncio.create_task(self._flush_loop(), name="flush"))
         await self._start_dns()
         self._start_sniffer()
@@ -82,13 +88,15 @@ class Gateway:
         await asyncio.to_thread(self._write, self._take())
         self.querylog.stop()
         self.alerts.stop()
+        self.filtering.close()
 
     async def _start_dns(self) -> None:
         if not self.cfg.dns.listen:
             return
         from gateway.dns.server import DnsServer
 
-        self.dns = DnsServer(self.cfg.dns, self.counters, mac_for=self.tracker.mac_for, emit=self.emit_query)
+        self.dns = DnsServer(self.cfg.dns, self.counters, mac_for=self.tracker.mac_for, emit=self.emit_query,
+                             decide=self.filtering.decide, check_response=self.filtering.check_response)
         await self.dns.start()
 
     def _start_sniffer(self) -> None:
@@ -177,6 +185,19 @@ class Gateway:
             self.counters.add("alert_errors")
             log.exception("alert %s not recorded", alert.kind)
 
+    async def _refresh_loop(self) -> None:
+        """Twice a second: apply policy and device changes made elsewhere, raise anomaly alerts."""
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                if await asyncio.to_thread(self.filtering.refresh):
+                    self.alerts.sync_devices()
+                for ts, mac, qname in self.filtering.new_anomalies():
+                    self.alert(Alert("anomaly", ts, mac, {"domain": qname, "reason": "outside the learned profile"}))
+            except Exception:
+                self.counters.add("refresh_errors")
+                log.exception("refresh failed")
+
     # -- persistence ------------------------------------------------------------------------------------
     async def _flush_loop(self) -> None:
         while True:
@@ -218,6 +239,8 @@ class Gateway:
                 device.category, device.confidence = identity.category, float(identity.confidence)
                 device.known, device.decided_after_s = identity.known, identity.decided_after_s
                 self.alerts.device_changed(key)
+        if identities:
+            self.filtering.reload_devices()  # a type's default policy applies from the next query on
             for key, start, observations in windows:
                 if s.get(Device, key) is not None:
                     s.merge(ObservationWindow(mac=key, started_at=start, observations=observations))

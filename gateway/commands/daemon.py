@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -49,8 +51,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     store = Store(cfg.db_url)
-    run_forever(Gateway(cfg, store))
+    # nftables quarantine needs CAP_NET_ADMIN and the nft tool; without them quarantine is DNS-only.
+    firewall = shutil.which("nft") is not None and _has_net_admin()
+    run_forever(Gateway(cfg, store, firewall=firewall))
     return 0
+
+
+def _has_net_admin() -> bool:
+    """CAP_NET_ADMIN in the effective set (systemd grants it to the unprivileged iotgw user)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) & (1 << 12))
+    return os.geteuid() == 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from gateway.cli import add_state_args, config_from_args
-from gateway.config import ConfigError
+from gateway.policyfile import load_policy, save_policy
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -99,34 +97,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _state_dir(args: argparse.Namespace) -> Path:
     return config_from_args(args).state_dir
-
-
-def policy_path(state_dir: Path) -> Path:
-    return state_dir / "policy.json"
-
-
-def load_policy(state_dir: Path):
-    """The ``PolicySet`` in ``state_dir`` (empty if there is none yet)."""
-    from policy.model import PolicySet
-
-    path = policy_path(state_dir)
-    if not path.exists():
-        return PolicySet()
-    try:
-        return PolicySet.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, ValueError) as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-
-
-def save_policy(state_dir: Path, data) -> None:
-    """Validate, bump the revision and write atomically (a reader never sees half a file)."""
-    data.validate()
-    data.revision += 1
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".policy-")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(data.to_dict(), fh, indent=2, sort_keys=True)
-    os.replace(tmp, policy_path(state_dir))
 
 
 def _change(args: argparse.Namespace, edit) -> int:

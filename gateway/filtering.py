@@ -1,0 +1,167 @@
+"""Policy at run time: the DNS server's decision hooks, per-device contexts, reloads within a second, anomaly
+alerts and the nftables quarantine.
+
+``decide`` runs in the DNS hot path for every query: a dict lookup for the device's context and one
+``PolicyEngine.decide``. Rebuilding the engine, reading the store and talking to nftables happen in
+``refresh``, which the daemon calls twice a second off the hot path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from pathlib import Path
+
+from sqlalchemy import select
+
+from gateway.devices.service import DEVICES_REVISION
+from gateway.dns.server import Decision
+from gateway.policyfile import load_policy, policy_path
+from gateway.store.db import Store
+from gateway.store.schema import Device
+from policy.answers import MalformedQuery, blocked_reply
+from policy.engine import PolicyEngine
+from policy.model import PolicySet
+from policy.nftables import QuarantineFirewall
+from policy.records import DeviceContext
+
+log = logging.getLogger(__name__)
+
+_CNAME = 5
+
+
+class Filtering:
+    def __init__(self, store: Store, state_dir: Path, *, profiles: dict[str, list[str]] | None = None,
+                 firewall: bool = False) -> None:
+        self.store = store
+        self.state_dir = state_dir
+        self.profiles = profiles or {}
+        self.engine = PolicyEngine.build(PolicySet(), self.profiles, base_dir=state_dir)
+        self.contexts: dict[str, DeviceContext] = {}
+        self.anomalies: deque[tuple[float, str, str]] = deque(maxlen=10_000)  # (ts, mac, qname), drained
+        self._policy_mtime: float | None = None
+        self._devices_revision: str | None = None
+        self._firewall = QuarantineFirewall() if firewall else None
+        self._firewall_macs: set[str] = set()
+        self._anomalous: set[tuple[str, str]] = set()  # one alert per device and SLD-less name
+
+    # -- the DNS hot path --------------------------------------------------------------------------------
+    def decide(self, client: str, mac: str | None, qname: str, qtype: int, query: bytes) -> Decision | None:
+        ctx = self.contexts.get(mac) if mac else None
+        if ctx is None:
+            ctx = self._context_for_unknown(mac or f"ip:{client}")
+        verdict = self.engine.decide(ctx, qname, time.time())
+        if verdict.anomaly:
+            self.anomalies.append((time.time(), ctx.mac, qname))
+        if not verdict.blocked:
+            return Decision("allowed", verdict.rule) if verdict.rule else None
+        try:
+            reply = blocked_reply(query, verdict.answer)
+        except MalformedQuery:
+            return Decision("blocked", verdict.rule, None)
+        return Decision("blocked", verdict.rule, reply)
+
+    def check_response(self, client: str, mac: str | None, qname: str, response: bytes) -> Decision | None:
+        """Block an answer whose CNAME chain leads to a listed name (a tracker hidden behind a first party)."""
+        if len(response) < 12 or int.from_bytes(response[6:8], "big") < 2:
+            return None  # a chain needs at least a CNAME and its target's record: skip the parse
+        import dnslib
+
+        try:
+            record = dnslib.DNSRecord.parse(response)
+        except Exception:
+            return None
+        targets = [str(rr.rdata).rstrip(".").lower() for rr in record.rr if rr.rtype == _CNAME]
+        if not targets:
+            return None
+        ctx = self.contexts.get(mac) if mac else None
+        verdict = self.engine.check_cname_chain(ctx or self._context_for_unknown(mac or ""), targets, time.time())
+        if not verdict.blocked:
+            return None
+        return Decision("blocked", f"cname:{verdict.rule}", None)
+
+    def _context_for_unknown(self, key: str) -> DeviceContext:
+        # A device the tracker has not written yet: it is new, and so under quarantine if quarantine is on.
+        ctx = DeviceContext(key)
+        self.contexts[key] = ctx
+        return ctx
+
+    # -- off the hot path --------------------------------------------------------------------------------
+    def refresh(self) -> bool:
+        """Reload the policy file and the device table when either changed; True when anything did."""
+        changed = False
+        path = policy_path(self.state_dir)
+        mtime = path.stat().st_mtime if path.exists() else None
+        if mtime != self._policy_mtime:
+            try:
+                data = load_policy(self.state_dir)
+                self.engine = PolicyEngine.build(data, self.profiles, base_dir=self.state_dir, previous=self.engine)
+                for err in self.engine.list_errors[:20]:
+                    log.warning("policy list: %s", err)
+                log.info("policy: revision %s loaded", data.revision)
+            except Exception as exc:  # keep the last good policy; say why the new one is refused
+                log.error("policy: %s not loaded, keeping revision %s: %s", path, self.engine.revision, exc)
+            self._policy_mtime = mtime
+            changed = True
+        revision = self.store.get_setting(DEVICES_REVISION)
+        if changed or revision != self._devices_revision:
+            self._devices_revision = revision
+            self.reload_devices()
+            changed = True
+        return changed
+
+    def reload_devices(self) -> None:
+        with self.store.session() as s:
+            rows = s.execute(select(Device.mac, Device.device_type, Device.category, Device.status,
+                                    Device.label_device_type, Device.label_category, Device.manufacturer)).all()
+        contexts = {}
+        for mac, device_type, category, status, label_type, label_category, manufacturer in rows:
+            device_type = label_type or device_type
+            category = label_category or category
+            profile = self.engine.profile(device_type) or frozenset()
+            contexts[mac] = DeviceContext(
+                mac=mac,
+                device_type=device_type,
+                category=category,
+                status="approved" if status == "approved" else ("identified" if device_type else "new"),
+                quarantined=status == "quarantined",
+                cloud_slds=frozenset(profile) if manufacturer else frozenset(),
+            )
+        self.contexts = contexts
+        self._sync_firewall()
+
+    def _sync_firewall(self) -> None:
+        if self._firewall is None:
+            return
+        macs = {mac for mac, ctx in self.contexts.items()
+                if not mac.startswith("ip:") and self.engine.is_quarantined(ctx)}
+        if macs == self._firewall_macs:
+            return
+        try:
+            self._firewall.sync(macs)
+            self._firewall_macs = macs
+        except Exception as exc:
+            log.error("quarantine: nftables sync failed: %s", exc)
+
+    def open_firewall(self) -> None:
+        if self._firewall is not None:
+            try:
+                self._firewall.open()
+            except Exception as exc:
+                log.warning("quarantine: no nftables (%s); quarantine is DNS-only", exc)
+                self._firewall = None
+
+    def close(self) -> None:
+        if self._firewall is not None:
+            self._firewall.close()
+
+    def new_anomalies(self) -> list[tuple[float, str, str]]:
+        """Anomalies seen since the last call, one per device and name."""
+        out = []
+        while self.anomalies:
+            ts, mac, qname = self.anomalies.popleft()
+            if (mac, qname) not in self._anomalous:
+                self._anomalous.add((mac, qname))
+                out.append((ts, mac, qname))
+        return out

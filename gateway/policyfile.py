@@ -1,0 +1,42 @@
+"""Where the policy lives: ``<state_dir>/policy.json``, a ``PolicySet`` written atomically with a revision
+that the daemon polls (a stat per half second), so a change from the CLI or the web UI applies within a second.
+
+The device and query tables are in the database; the policy stays a file so that it can be edited, diffed
+and backed up by hand like Pi-hole's and AdGuard Home's configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from gateway.config import ConfigError
+from policy.model import PolicySet
+
+
+def policy_path(state_dir: Path) -> Path:
+    return state_dir / "policy.json"
+
+
+def load_policy(state_dir: Path) -> PolicySet:
+    """The ``PolicySet`` in ``state_dir`` (empty if there is none yet)."""
+    path = policy_path(state_dir)
+    if not path.exists():
+        return PolicySet()
+    try:
+        return PolicySet.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def save_policy(state_dir: Path, data: PolicySet) -> None:
+    """Validate, bump the revision and write atomically (a reader never sees half a file)."""
+    data.validate()
+    data.revision += 1
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".policy-")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(data.to_dict(), fh, indent=2, sort_keys=True)
+    os.replace(tmp, policy_path(state_dir))

@@ -1,0 +1,155 @@
+"""The whole daemon on loopback: real dnsmasq upstream, real DNS client sockets, real frames through the
+parser, the store, and a policy change applied while it runs."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import dns.message
+import dns.query
+import pytest
+from scapy.layers.dhcp import BOOTP, DHCP
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+
+from gateway.capture.frames import parse_frame
+from gateway.config import Config
+from gateway.daemon import Gateway
+from gateway.devices.service import get_device, list_devices
+from gateway.policyfile import load_policy, save_policy
+from gateway.store.db import Store
+from gateway.store.querylog import recent
+from policy.model import Policy, Rule
+from tests.dns_helpers import Dnsmasq, free_port, needs_dnsmasq
+
+pytestmark = needs_dnsmasq
+
+
+class RunningGateway:
+    def __init__(self, tmp_path, upstream: Dnsmasq) -> None:
+        cfg = Config()
+        cfg.gateway.state_dir = str(tmp_path / "state")
+        cfg.dns.listen = [f"127.0.0.1:{free_port()}"]
+        cfg.dns.upstreams = [upstream.address]
+        cfg.dns.lan = ["127.0.0.0/8"]
+        cfg.capture.sniff = False
+        cfg.store.flush_interval_s = 0.2
+        self.cfg = cfg
+        self.store = Store(cfg.db_url)
+        self.gateway = Gateway(cfg, self.store)
+        self.port = int(cfg.dns.listen[0].rsplit(":", 1)[1])
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def __enter__(self) -> RunningGateway:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.gateway.start(), self._loop).result(30)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        asyncio.run_coroutine_threadsafe(self.gateway.stop(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def ask(self, name: str, source_ip: str, rdtype: str = "A") -> dns.message.Message:
+        query = dns.message.make_query(name, rdtype)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((source_ip, 0))
+            sock.settimeout(5)
+            sock.sendto(query.to_wire(), ("127.0.0.1", self.port))
+            return dns.message.from_wire(sock.recv(4096))
+
+    def dhcp(self, mac: str, ip: str, hostname: str) -> None:
+        frame = (Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") / IP(src="0.0.0.0", dst="255.255.255.255")
+                 / UDP(sport=68, dport=67) / BOOTP(chaddr=bytes.fromhex(mac.replace(":", "")))
+                 / DHCP(options=[("message-type", "request"), ("requested_addr", ip),
+                                 ("hostname", hostname.encode()), ("param_req_list", [1, 3, 6]), "end"]))
+        self.gateway.ingest(parse_frame(bytes(frame), time.time()))
+
+
+def eventually(check, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except (AssertionError, LookupError):  # not there yet
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def upstream(tmp_path):
+    server = Dnsmasq(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def answers(msg: dns.message.Message) -> set[str]:
+    return {rr.to_text() for rrset in msg.answer for rr in rrset}
+
+
+def test_device_from_dhcp_owns_its_dns_queries_and_policy_applies_live(tmp_path, upstream):
+    mac = "02:aa:bb:cc:dd:01"
+    with RunningGateway(tmp_path, upstream) as gw:
+        gw.dhcp(mac, "127.0.0.21", "living-room-cam")
+        eventually(lambda: gw.gateway.tracker.mac_for("127.0.0.21") == mac)
+        assert answers(gw.ask("www.example.test", "127.0.0.21")) == {"192.0.2.10"}
+
+        def logged():
+            rows = recent(gw.store, mac=mac)
+            assert rows and rows[0].qname == "www.example.test" and rows[0].verdict == "allowed"
+            return rows
+        eventually(logged)
+        detail = eventually(lambda: get_device(gw.store, mac))
+        assert detail.device.name == "living-room-cam" and detail.device.name_source == "dhcp"
+        assert [a.ip for a in detail.addresses] == ["127.0.0.21"]
+
+        # The owner blocks the name for this device only; the running daemon applies it within a second.
+        data = load_policy(gw.cfg.state_dir)
+        data.policies[f"device:{mac}"] = Policy(rules=[Rule("block", "name", "example.test")])
+        save_policy(gw.cfg.state_dir, data)
+        eventually(lambda: answers(gw.ask("www.example.test", "127.0.0.21")) == {"0.0.0.0"}, timeout=5)
+        # Another client is not affected.
+        assert answers(gw.ask("www.example.test", "127.0.0.22")) == {"192.0.2.10"}
+        blocked = eventually(lambda: recent(gw.store, mac=mac, verdict="blocked"))
+        assert blocked[0].rule and mac in blocked[0].rule
+
+
+def test_client_without_mac_is_keyed_by_address_then_merged_into_its_mac(tmp_path, upstream):
+    mac = "02:aa:bb:cc:dd:02"
+    with RunningGateway(tmp_path, upstream) as gw:
+        gw.ask("www.example.test", "127.0.0.31")
+        eventually(lambda: any(d.mac == "ip:127.0.0.31" for d in list_devices(gw.store)))
+        gw.dhcp(mac, "127.0.0.31", "phone")
+        gw.ask("other.example.test", "127.0.0.31")
+
+        def merged():
+            keys = {d.mac for d in list_devices(gw.store)}
+            assert mac in keys and "ip:127.0.0.31" not in keys
+            return True
+        eventually(merged)
+        names = {q.qname for q in recent(gw.store, mac=mac)}
+        assert names == {"www.example.test", "other.example.test"}  # the earlier query followed the device
+
+
+def test_restart_keeps_devices_and_does_not_announce_them_again(tmp_path, upstream):
+    mac = "02:aa:bb:cc:dd:03"
+    with RunningGateway(tmp_path, upstream) as gw:
+        gw.dhcp(mac, "127.0.0.41", "plug")
+        eventually(lambda: any(d.mac == mac for d in list_devices(gw.store)))
+    with RunningGateway(tmp_path, upstream) as gw:
+        assert gw.gateway.tracker.mac_for("127.0.0.41") == mac
+        gw.ask("www.example.test", "127.0.0.41")
+        eventually(lambda: recent(gw.store, mac=mac))
+    from gateway.alerts import recent_alerts
+
+    assert [a.mac for a in recent_alerts(gw.store, kind="new_device")] == [mac]
