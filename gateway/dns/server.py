@@ -78,7 +78,7 @@ class _Pending:
     """A query waiting for an upstream: who asked, how to answer, and what to log."""
 
     __slots__ = ("query", "question", "sock", "addr", "fut", "client", "mac", "verdict", "rule", "key", "t0",
-                 "client_max", "upstream", "tried", "sent_id")
+                 "client_max", "upstream", "tried", "sent_id", "deadline")
 
     def __init__(self, query: bytes, question: wire.Question, sock: socket.socket | None, addr: tuple,
                  fut: asyncio.Future | None, client: _Client, mac: str | None, verdict: str, rule: str | None,
@@ -98,6 +98,7 @@ class _Pending:
         self.upstream = -1
         self.tried = 0  # bit i set: upstream i was asked
         self.sent_id = b""
+        self.deadline = 0.0
 
 
 class DnsServer:
@@ -127,7 +128,9 @@ class DnsServer:
         self._questions: dict[bytes, wire.Question] = {}
         self._clients: dict[str, _Client] = {}
         self._pending: dict[bytes, _Pending] = {}
-        self._deadlines: deque[tuple[float, bytes, _Pending]] = deque()
+        # (deadline, upstream ID) in sending order; answered queries leave their entry to expire here, so it
+        # holds no reference to them.
+        self._deadlines: deque[tuple[float, bytes]] = deque()
         self._udp: list[socket.socket] = []
         self._tcp: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task] = set()
@@ -372,8 +375,9 @@ class DnsServer:
         except OSError:  # an earlier ICMP error surfaces here, or the route is gone
             up.down_until = now + DOWN_FOR_S
             return self._send_upstream(p, now)
+        p.deadline = min(now + self._attempt_s, p.t0 + self._timeout)
         self._pending[new_id] = p
-        self._deadlines.append((min(now + self._attempt_s, p.t0 + self._timeout), new_id, p))
+        self._deadlines.append((p.deadline, new_id))
         return True
 
     def _on_upstream(self, up: _Upstream, sock: socket.socket) -> None:
@@ -455,8 +459,9 @@ class DnsServer:
         deadlines = self._deadlines
         pending = self._pending
         while deadlines and deadlines[0][0] <= now:
-            _, key, p = deadlines.popleft()
-            if pending.get(key) is p:
+            _, key = deadlines.popleft()
+            p = pending.get(key)
+            if p is not None and p.deadline <= now:  # else answered, and the ID maybe reused since
                 del pending[key]
                 self.counters.add("dns_upstream_timeouts")
                 self._upstreams[p.upstream].down_until = now + DOWN_FOR_S
