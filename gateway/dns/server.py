@@ -11,6 +11,7 @@ the throughput against dnsmasq).
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import random
@@ -144,7 +145,16 @@ class DnsServer:
         try:
             for listen in self.config.listen:
                 host, port = parse_hostport(listen, 53)
-                self.bound.append((host, await self._listen(host, port)))
+                try:
+                    self.bound.append((host, await self._listen(host, port)))
+                except OSError as exc:
+                    # The default config listens on [::] too; a Pi with IPv6 switched off still serves IPv4.
+                    if host == "::" and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                        log.warning("dns: no IPv6 here, not listening on %s", listen)
+                        continue
+                    raise OSError(exc.errno, f"dns: cannot listen on {listen}: {exc.strerror}") from exc
+            if not self.bound:
+                raise OSError("dns: no listen address could be bound")
             for up in self._upstreams:
                 family = socket.AF_INET6 if ":" in up.host else socket.AF_INET
                 for _ in range(UPSTREAM_SOCKETS):
@@ -196,7 +206,7 @@ class DnsServer:
         """Bind UDP, then TCP on the same port; with port 0, retry if TCP finds the UDP's port taken."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for _ in range(10):
-            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock = socket.socket(family, socket.SOCK_DGRAM)  # raises EAFNOSUPPORT without IPv6
             try:
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
