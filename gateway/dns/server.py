@@ -52,6 +52,7 @@ UPSTREAM_SOCKETS = 4  # source ports per upstream: 2 more random bits against sp
 BURST = 256  # datagrams read per wake-up before other sockets and timers get their turn
 BUFFER_BYTES = 4 << 20  # socket buffers absorb bursts instead of dropping
 TCP_IDLE_S = 10.0
+MAX_TCP_CLIENTS = 256  # open DNS-over-TCP connections; more are closed at once (file descriptors are finite)
 _IDS = [i.to_bytes(2, "big") for i in range(65536)]
 
 
@@ -135,6 +136,7 @@ class DnsServer:
         self._udp: list[socket.socket] = []
         self._tcp: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task] = set()
+        self._tcp_clients = 0
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -557,6 +559,11 @@ class DnsServer:
         """DNS over TCP: 2-byte length framing, one query at a time per connection."""
         peer = writer.get_extra_info("peername")
         assert self._loop is not None
+        if self._tcp_clients >= MAX_TCP_CLIENTS:
+            self.counters.add("dns_tcp_rejected")
+            writer.close()
+            return
+        self._tcp_clients += 1
         try:
             while True:
                 head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_S)
@@ -571,6 +578,7 @@ class DnsServer:
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             pass
         finally:
+            self._tcp_clients -= 1
             writer.close()
 
 
