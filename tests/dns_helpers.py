@@ -119,11 +119,13 @@ def running(config: DnsConfig, **hooks: object) -> Iterator[Running]:
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     server = DnsServer(config, Counters(), **hooks)
-    asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
     try:
-        yield Running(server, loop, events)
+        asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
+        try:
+            yield Running(server, loop, events)
+        finally:
+            asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
     finally:
-        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()

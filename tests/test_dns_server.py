@@ -253,3 +253,11 @@ def test_policy_decision_answers_locally_and_check_response_can_override(upstrea
     assert [(e.verdict, e.rule) for e in srv.events] == [
         ("blocked", "ads.example.test"), ("blocked", "answer 192.0.2.11"), ("blocked", "answer 192.0.2.11"),
         ("allowed", None)]
+
+
+def test_a_listen_address_in_use_is_a_clear_error(upstream):
+    with running(config([upstream.address])) as srv:
+        taken = f"127.0.0.1:{srv.port}"
+        with pytest.raises(OSError, match=f"cannot listen on {taken}"):
+            with running(config([upstream.address], listen=[taken])):
+                pass

@@ -11,6 +11,7 @@ the throughput against dnsmasq).
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import random
@@ -51,6 +52,7 @@ UPSTREAM_SOCKETS = 4  # source ports per upstream: 2 more random bits against sp
 BURST = 256  # datagrams read per wake-up before other sockets and timers get their turn
 BUFFER_BYTES = 4 << 20  # socket buffers absorb bursts instead of dropping
 TCP_IDLE_S = 10.0
+MAX_TCP_CLIENTS = 256  # open DNS-over-TCP connections; more are closed at once (file descriptors are finite)
 _IDS = [i.to_bytes(2, "big") for i in range(65536)]
 
 
@@ -78,7 +80,7 @@ class _Pending:
     """A query waiting for an upstream: who asked, how to answer, and what to log."""
 
     __slots__ = ("query", "question", "sock", "addr", "fut", "client", "mac", "verdict", "rule", "key", "t0",
-                 "client_max", "upstream", "tried", "sent_id")
+                 "client_max", "upstream", "tried", "sent_id", "deadline")
 
     def __init__(self, query: bytes, question: wire.Question, sock: socket.socket | None, addr: tuple,
                  fut: asyncio.Future | None, client: _Client, mac: str | None, verdict: str, rule: str | None,
@@ -98,6 +100,7 @@ class _Pending:
         self.upstream = -1
         self.tried = 0  # bit i set: upstream i was asked
         self.sent_id = b""
+        self.deadline = 0.0
 
 
 class DnsServer:
@@ -127,10 +130,13 @@ class DnsServer:
         self._questions: dict[bytes, wire.Question] = {}
         self._clients: dict[str, _Client] = {}
         self._pending: dict[bytes, _Pending] = {}
-        self._deadlines: deque[tuple[float, bytes, _Pending]] = deque()
+        # (deadline, upstream ID) in sending order; answered queries leave their entry to expire here, so it
+        # holds no reference to them.
+        self._deadlines: deque[tuple[float, bytes]] = deque()
         self._udp: list[socket.socket] = []
         self._tcp: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task] = set()
+        self._tcp_clients = 0
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -141,7 +147,16 @@ class DnsServer:
         try:
             for listen in self.config.listen:
                 host, port = parse_hostport(listen, 53)
-                self.bound.append((host, await self._listen(host, port)))
+                try:
+                    self.bound.append((host, await self._listen(host, port)))
+                except OSError as exc:
+                    # The default config listens on [::] too; a Pi with IPv6 switched off still serves IPv4.
+                    if host == "::" and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                        log.warning("dns: no IPv6 here, not listening on %s", listen)
+                        continue
+                    raise OSError(exc.errno, f"dns: cannot listen on {listen}: {exc.strerror}") from exc
+            if not self.bound:
+                raise OSError("dns: no listen address could be bound")
             for up in self._upstreams:
                 family = socket.AF_INET6 if ":" in up.host else socket.AF_INET
                 for _ in range(UPSTREAM_SOCKETS):
@@ -193,7 +208,7 @@ class DnsServer:
         """Bind UDP, then TCP on the same port; with port 0, retry if TCP finds the UDP's port taken."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for _ in range(10):
-            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock = socket.socket(family, socket.SOCK_DGRAM)  # raises EAFNOSUPPORT without IPv6
             try:
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -372,8 +387,9 @@ class DnsServer:
         except OSError:  # an earlier ICMP error surfaces here, or the route is gone
             up.down_until = now + DOWN_FOR_S
             return self._send_upstream(p, now)
+        p.deadline = min(now + self._attempt_s, p.t0 + self._timeout)
         self._pending[new_id] = p
-        self._deadlines.append((min(now + self._attempt_s, p.t0 + self._timeout), new_id, p))
+        self._deadlines.append((p.deadline, new_id))
         return True
 
     def _on_upstream(self, up: _Upstream, sock: socket.socket) -> None:
@@ -455,8 +471,9 @@ class DnsServer:
         deadlines = self._deadlines
         pending = self._pending
         while deadlines and deadlines[0][0] <= now:
-            _, key, p = deadlines.popleft()
-            if pending.get(key) is p:
+            _, key = deadlines.popleft()
+            p = pending.get(key)
+            if p is not None and p.deadline <= now:  # else answered, and the ID maybe reused since
                 del pending[key]
                 self.counters.add("dns_upstream_timeouts")
                 self._upstreams[p.upstream].down_until = now + DOWN_FOR_S
@@ -542,6 +559,11 @@ class DnsServer:
         """DNS over TCP: 2-byte length framing, one query at a time per connection."""
         peer = writer.get_extra_info("peername")
         assert self._loop is not None
+        if self._tcp_clients >= MAX_TCP_CLIENTS:
+            self.counters.add("dns_tcp_rejected")
+            writer.close()
+            return
+        self._tcp_clients += 1
         try:
             while True:
                 head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_S)
@@ -556,6 +578,7 @@ class DnsServer:
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             pass
         finally:
+            self._tcp_clients -= 1
             writer.close()
 
 
