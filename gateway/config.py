@@ -109,7 +109,10 @@ def load(path: str | Path | None = None) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc  # tomllib's message carries line and column
+        # tomllib says "(at line L, column C)", or "(at end of document)" for an unclosed value.
+        m = re.search(r"at line (\d+)", str(exc))
+        line = m.group(1) if m else str(len(text.splitlines()) or 1)
+        raise ConfigError(f"{path}:{line}: {exc}") from exc
     cfg = Config(source=str(path))
     hints = get_type_hints(Config)
     for section, values in data.items():

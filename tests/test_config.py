@@ -1,0 +1,53 @@
+"""Configuration: defaults, overrides, and errors that name file, line and key."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.cli import build_parser, config_from_args
+from gateway.config import ConfigError, load
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "iotgw.toml"
+    path.write_text(text)
+    return path
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    cfg = load(write(tmp_path, ""))
+    assert cfg.dns.rate_limit_per_minute == 1000 and "192.168.0.0/16" in cfg.dns.lan
+
+
+def test_wrong_type_names_file_line_and_key(tmp_path):
+    path = write(tmp_path, '[gateway]\nname = "x"\n\n[dns]\nupstreams = ["1.1.1.1"]\ntimeout_s = "fast"\n')
+    with pytest.raises(ConfigError, match=r"iotgw\.toml:6: dns\.timeout_s: expected float"):
+        load(path)
+
+
+def test_unknown_key_and_section_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r":3: dns\.listne: unknown key"):
+        load(write(tmp_path, "[dns]\nlan = []\nlistne = []\n"))
+    with pytest.raises(ConfigError, match=r":1: unknown section \[dnss\]"):
+        load(write(tmp_path, "[dnss]\n"))
+
+
+def test_toml_syntax_error_names_file_and_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"iotgw\.toml:2: "):
+        load(write(tmp_path, "[dns]\nlan = [\n"))
+    with pytest.raises(ConfigError, match=r"iotgw\.toml:3: .*line 3"):
+        load(write(tmp_path, "[dns]\nlan = []\nrate_limit_per_minute = = 5\n[store]\n"))
+
+
+def test_bad_prefix_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="not a network prefix"):
+        load(write(tmp_path, '[dns]\nlan = ["10.0.0.0/33"]\n'))
+
+
+def test_flags_override_the_file(tmp_path):
+    path = write(tmp_path, '[dns]\nupstreams = ["1.1.1.1"]\n')
+    args = build_parser().parse_args(["run", "--config", str(path), "--upstream", "9.9.9.9:5353",
+                                      "--dns-listen", "[::1]:5300", "--db", "sqlite:///x.db", "--no-sniff"])
+    cfg = config_from_args(args)
+    assert cfg.dns.upstreams == ["9.9.9.9:5353"] and cfg.dns.listen == ["[::1]:5300"]
+    assert cfg.db_url == "sqlite:///x.db" and cfg.capture.sniff is False
