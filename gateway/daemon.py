@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from gateway.alerts import Alerts
 from gateway.config import Config
+from gateway.devices.neighbours import NeighbourTable
 from gateway.devices.tracker import Change, DeviceTracker
 from gateway.events import Alert, Counters, DnsQuery, Event
 from gateway.filtering import Filtering
@@ -36,7 +37,9 @@ class Gateway:
         self.cfg = cfg
         self.store = store
         self.counters = Counters()
-        self.tracker = DeviceTracker(store)
+        self.neighbours = NeighbourTable()
+        self._neighbour_missed = False
+        self.tracker = DeviceTracker(store, neighbour_lookup=self._neighbour_mac)
         self.querylog = QueryLogWriter(store, flush_interval_s=cfg.store.flush_interval_s,
                                        days=cfg.store.querylog_days, max_rows=cfg.store.querylog_max_rows)
         self.identifier = load_identifier(cfg)
@@ -185,11 +188,23 @@ class Gateway:
             self.counters.add("alert_errors")
             log.exception("alert %s not recorded", alert.kind)
 
+    def _neighbour_mac(self, ip: str) -> str | None:
+        """The kernel's ARP/NDP entry for ``ip``: how a client's IPv6 address finds its MAC (in the hot path:
+        a dict lookup; a miss asks for a re-read of the table off the hot path)."""
+        mac = self.neighbours.lookup(ip, refresh_on_miss=False)
+        if mac is None and not ip.startswith("127.") and ip != "::1":  # loopback has no neighbours
+            self._neighbour_missed = True
+        return mac
+
     async def _refresh_loop(self) -> None:
-        """Twice a second: apply policy and device changes made elsewhere, raise anomaly alerts."""
+        """Twice a second: apply policy and device changes made elsewhere, re-read the neighbour table after
+        a miss, raise anomaly alerts."""
         while True:
             await asyncio.sleep(0.5)
             try:
+                if self._neighbour_missed:
+                    self._neighbour_missed = False
+                    await asyncio.to_thread(self.neighbours.refresh)
                 if await asyncio.to_thread(self.filtering.refresh):
                     self.alerts.sync_devices()
                 for ts, mac, qname in self.filtering.new_anomalies():

@@ -1,0 +1,84 @@
+"""``iotgw run`` as a real process in a network namespace; a client behind a veth pair queries it over IPv4
+and IPv6 and comes out as one device, keyed by the veth's MAC (found through the kernel neighbour table)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gateway.devices.service import list_devices
+from gateway.store.db import Store
+from gateway.store.querylog import recent
+from tests.capture_netns import sh, veth_pair
+from tests.dns_helpers import needs_dnsmasq
+
+pytestmark = [
+    pytest.mark.root,
+    needs_dnsmasq,
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
+]
+
+QUERY = """
+import sys, dns.message, dns.query
+server, names = sys.argv[1], sys.argv[2:]
+for name in names:
+    reply = dns.query.udp(dns.message.make_query(name, "A"), server, port=53, timeout=5)
+    print(name, dns.rcode.to_text(reply.rcode()), [rr.to_text() for rrset in reply.answer for rr in rrset])
+"""
+
+
+@pytest.fixture
+def veth():
+    with veth_pair(f"g{os.getpid()}") as pair:
+        yield pair
+
+
+def test_ipv4_and_ipv6_of_one_client_are_one_device(tmp_path, veth):
+    upstream = subprocess.Popen(
+        ["ip", "netns", "exec", veth.gw, "dnsmasq", "--no-daemon", "--port=5300", "--listen-address=127.0.0.1",
+         "--bind-interfaces", "--no-resolv", "--no-hosts", "--conf-file=/dev/null", "--user=root",
+         f"--pid-file={tmp_path / 'dnsmasq.pid'}", "--address=/example.test/192.0.2.7"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
+    daemon = subprocess.Popen(
+        ["ip", "netns", "exec", veth.gw, sys.executable, "-m", "gateway.cli", "run", "--db", db, "--no-sniff",
+         "--dns-listen", f"{veth.gw_ip4}:53", "--dns-listen", f"[{veth.gw_ip6}]:53", "--upstream", "127.0.0.1:5300",
+         "--lan", "10.213.0.0/24", "--lan", "fd13:213::/64", "--config", "/dev/null"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=os.getcwd())
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            probe = sh("ip", "netns", "exec", veth.client, sys.executable, "-c", QUERY, veth.gw_ip4,
+                       "probe.example.test", check=False)
+            if "NOERROR" in probe.stdout:
+                break
+            assert time.monotonic() < deadline, f"daemon never answered: {probe.stderr}"
+            time.sleep(0.5)
+        v4 = veth.client_python(QUERY, veth.gw_ip4, "v4.example.test")
+        v6 = veth.client_python(QUERY, veth.gw_ip6, "v6.example.test")
+        assert "192.0.2.7" in v4 and "192.0.2.7" in v6
+        time.sleep(1.5)  # the neighbour table is re-read after a miss; later queries carry the MAC
+        veth.client_python(QUERY, veth.gw_ip4, "v4-again.example.test")
+        veth.client_python(QUERY, veth.gw_ip6, "v6-again.example.test")
+        mac = veth.client_mac
+        store = Store(db, migrate=False)
+        deadline = time.monotonic() + 15
+        while True:
+            keys = {d.mac for d in list_devices(store)}
+            names = {q.qname for q in recent(store, mac=mac)}
+            if keys == {mac} and {"v4-again.example.test", "v6-again.example.test"} <= names:
+                break
+            assert time.monotonic() < deadline, f"devices {keys}, queries of {mac}: {names}"
+            time.sleep(0.5)
+        clients = {q.client for q in recent(store, mac=mac)}
+        assert {veth.client_ip4, veth.client_ip6} <= clients
+    finally:
+        daemon.terminate()
+        out, _ = daemon.communicate(timeout=20)
+        upstream.terminate()
+        upstream.wait(5)
+    assert daemon.returncode == 0, out
