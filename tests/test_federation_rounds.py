@@ -24,7 +24,11 @@ DATA = next(
         for p in Path(__file__).resolve().parents[1].parents
         if (p / "shared" / "data").is_dir()
     ),
-    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "supplychain-domains" / "device_domains.csv",
+    Path(__file__).resolve().parents[1].parent
+    / "shared"
+    / "data"
+    / "supplychain-domains"
+    / "device_domains.csv",
 )
 
 pytestmark = [
@@ -92,17 +96,23 @@ def assert_masked_mean(out: Path, run_id: int, rnd: int, contributors: list[Home
     assert not singles & set(report["strategy_inputs"])
     assert set(report["strategy_inputs"]) >= {updates.digest(aggregate)} or all(
         # the digest is over float32 bytes; the strategy saw the exact array the history was built from
-        s not in singles for s in report["strategy_inputs"]
+        s not in singles
+        for s in report["strategy_inputs"]
     )
 
 
-def test_two_secagg_rounds_with_dropouts_aggregate_the_survivors_mean(fleet: LocalFleet, tmp_path: Path) -> None:
+def test_two_secagg_rounds_with_dropouts_aggregate_the_survivors_mean(
+    fleet: LocalFleet, tmp_path: Path
+) -> None:
     """Round 1 with all five homes; in round 2 one home dies right after setup (before key sharing) and
     another while training: both rounds complete, each aggregate is the mean of the homes that finished,
     and the strategy never holds a single home's update. Homes install the final model."""
     homes = start_homes(fleet, 5)
     out = tmp_path / "out"
-    killers = [kill_at(fleet, homes[3], "2", "setup"), kill_at(fleet, homes[4], "2", "collect_masked_vectors")]
+    killers = [
+        kill_at(fleet, homes[3], "2", "setup"),
+        kill_at(fleet, homes[4], "2", "collect_masked_vectors"),
+    ]
     result = fleet.run({**FAST, "num-rounds": 2, "min-nodes": 3}, out)
     for k in killers:
         k.join(timeout=1)
@@ -130,13 +140,17 @@ def test_pitfall1_stock_workflow_halts_when_a_home_drops_before_key_sharing(
     homes = start_homes(fleet, 4)
     app_dir = tmp_path / "stock_app"
     app_dir.mkdir()
-    pyproject = (Path(__file__).resolve().parents[1] / "identifier/federated/flwr_app/pyproject.toml").read_text()
+    pyproject = (
+        Path(__file__).resolve().parents[1] / "identifier/federated/flwr_app/pyproject.toml"
+    ).read_text()
     (app_dir / "pyproject.toml").write_text(
         pyproject.replace("identifier.federated.server_app:app", "tests.federation_stock_app:app")
     )
     killer = kill_at(fleet, homes[3], "1", "setup")
     out = tmp_path / "out"
-    result = fleet.run({**FAST, "num-rounds": 1, "min-nodes": 3, "threshold-fraction": 0.5}, out, app_dir=app_dir)
+    result = fleet.run(
+        {**FAST, "num-rounds": 1, "min-nodes": 3, "threshold-fraction": 0.5}, out, app_dir=app_dir
+    )
     killer.join(timeout=1)
     assert [r["status"] for r in result.report["rounds"]] == ["failed"], result.output[-3000:]
     survivors_logs = "".join((h.state_dir / "supernode.log").read_text() for h in homes[:3])

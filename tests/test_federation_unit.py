@@ -1,4 +1,4 @@
-"""The federation library without Flower's processes: clipping, digests, install/rollback, home splits, CLI."""
+"""The federation library without Flower's processes: clipping, digests, install, home splits, CLI."""
 
 from __future__ import annotations
 
@@ -16,7 +16,11 @@ DATA = next(
         for p in Path(__file__).resolve().parents[1].parents
         if (p / "shared" / "data").is_dir()
     ),
-    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "supplychain-domains" / "device_domains.csv",
+    Path(__file__).resolve().parents[1].parent
+    / "shared"
+    / "data"
+    / "supplychain-domains"
+    / "device_domains.csv",
 )
 needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"shared data not found at {DATA}")
 

@@ -26,7 +26,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     server = sub.add_parser("server", help="run a SuperLink and one federated run of SecAgg+ rounds")
     server.add_argument("--state-dir", type=Path, required=True, help="SuperLink database, FLWR_HOME, logs")
-    server.add_argument("--out-dir", type=Path, help="where the global model is published (default STATE/model)")
+    server.add_argument(
+        "--out-dir", type=Path, help="where the global model is published (default STATE/model)"
+    )
     server.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on")
     server.add_argument("--port", type=int, default=9092)
     _add_tls_args(server, server_side=True)
@@ -39,7 +41,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="a gateway's public key (from `iotgw federation keygen`); enables SuperNode authentication",
     )
     server.add_argument("--rounds", type=int, default=3)
-    server.add_argument("--min-nodes", type=int, default=3, help="homes a round needs (at least 3 for SecAgg+)")
+    server.add_argument(
+        "--min-nodes", type=int, default=3, help="homes a round needs (at least 3 for SecAgg+)"
+    )
     server.add_argument("--nodes-wait", type=float, default=600.0, help="seconds to wait for --min-nodes")
     server.add_argument("--stage-timeout", type=float, default=120.0, help="seconds per SecAgg+ stage")
     server.add_argument("--clip-norm", type=float, default=1.0)
@@ -60,13 +64,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     keygen.add_argument("--out", type=Path, required=True, help="private key path (the .pub goes beside it)")
     keygen.set_defaults(func=_keygen)
 
-    rollback = sub.add_parser("rollback", help="reinstall the model that was installed before the current one")
+    rollback = sub.add_parser(
+        "rollback", help="reinstall the model that was installed before the current one"
+    )
     rollback.add_argument("--state-dir", type=Path, required=True)
     rollback.set_defaults(func=_rollback)
 
 
 def _add_tls_args(parser: argparse.ArgumentParser, server_side: bool) -> None:
-    parser.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) that signed the SuperLink's certificate")
+    parser.add_argument(
+        "--tls-ca", type=Path, help="CA certificate (PEM) that signed the SuperLink's certificate"
+    )
     if server_side:
         parser.add_argument("--tls-cert", type=Path, help="SuperLink certificate (PEM)")
         parser.add_argument("--tls-key", type=Path, help="SuperLink private key (PEM)")
@@ -100,7 +108,9 @@ def _server(args: argparse.Namespace) -> int:
     out_dir = (args.out_dir or state / "model").resolve()
     state.mkdir(parents=True, exist_ok=True)
     env = processes.flower_env(state)
-    cmd = processes.superlink_cmd(args.host, args.port, state / "superlink.db", tls, bool(args.authorized_key))
+    cmd = processes.superlink_cmd(
+        args.host, args.port, state / "superlink.db", tls, bool(args.authorized_key)
+    )
     with (state / "superlink.log").open("ab") as log:
         link = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -46,7 +46,9 @@ class HomeClient(NumPyClient):
 
     def evaluate(self, parameters: model.Params, config: dict) -> tuple[float, int, dict]:
         dataset = homedata.load(self.data_path)
-        result = updates.ModelStore(self.state_dir / "model").install(parameters, str(config["sha256"]), dataset)
+        result = updates.ModelStore(self.state_dir / "model").install(
+            parameters, str(config["sha256"]), dataset
+        )
         metrics = {"installed": result.installed, "reason": result.reason, "accuracy": result.accuracy_new}
         self._log({"event": "install", **metrics, "accuracy_before": result.accuracy_current})
         return 0.0 if result.accuracy_new else 1.0, len(dataset), metrics
@@ -71,7 +73,12 @@ def stage_log_mod(msg: Message, context: Context, call_next):  # noqa: ANN201, A
         state_dir = Path(str(context.node_config["state-dir"]))
         state_dir.mkdir(parents=True, exist_ok=True)
         with (state_dir / "rounds.log").open("a") as fh:
-            entry = {"ts": time.time(), "event": "stage", "stage": configs[Key.STAGE], "round": msg.metadata.group_id}
+            entry = {
+                "ts": time.time(),
+                "event": "stage",
+                "stage": configs[Key.STAGE],
+                "round": msg.metadata.group_id,
+            }
             fh.write(json.dumps(entry) + "\n")
     return call_next(msg, context)
 

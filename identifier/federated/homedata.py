@@ -125,6 +125,8 @@ def load(path: Path) -> Dataset:
     """A home's confirmed devices; a clear error names the file when it is not a dataset."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return Dataset(x=z["x"].astype(np.float32), y=z["y"].astype(np.int64), classes=tuple(z["classes"]))
+            return Dataset(
+                x=z["x"].astype(np.float32), y=z["y"].astype(np.int64), classes=tuple(z["classes"])
+            )
     except (OSError, KeyError, ValueError) as exc:
         raise ValueError(f"{path}: not a home dataset (.npz with x, y, classes): {exc}") from exc

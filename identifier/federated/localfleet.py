@@ -66,7 +66,9 @@ class LocalFleet:
         self.port = processes.free_port()
         server_dir = self.root / "server"
         server_dir.mkdir(parents=True, exist_ok=True)
-        cmd = processes.superlink_cmd("127.0.0.1", self.port, server_dir / "superlink.db", self.tls, self.node_auth)
+        cmd = processes.superlink_cmd(
+            "127.0.0.1", self.port, server_dir / "superlink.db", self.tls, self.node_auth
+        )
         self.superlink = self._spawn(cmd, self.env, server_dir / "superlink.log")
         processes.wait_for_port("127.0.0.1", self.port)
         processes.write_connection(server_dir, "iotgw", self.address, self.tls.ca if self.tls else None)
@@ -109,7 +111,9 @@ class LocalFleet:
     ) -> RunResult:
         """``flwr run`` the iotgw app; returns when the run ends, with the ServerApp's round report."""
         server_dir = self.root / "server"
-        cfg = processes.write_run_config(server_dir / "run-config.toml", {**run_config, "out-dir": str(out_dir)})
+        cfg = processes.write_run_config(
+            server_dir / "run-config.toml", {**run_config, "out-dir": str(out_dir)}
+        )
         proc = subprocess.run(
             processes.run_cmd("iotgw", cfg, app_dir),
             env=self.env,
@@ -141,6 +145,8 @@ class LocalFleet:
     def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
         log = log_path.open("ab")
         try:
-            return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            return subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         finally:
             log.close()

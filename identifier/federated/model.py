@@ -1,6 +1,6 @@
 """The seam between federation and the identification model: parameters as a list of numpy arrays.
 
-Federation needs exactly three things from a model, all here: ``init_params``, ``local_train`` and ``evaluate``.
+Federation needs three things from a model, all here: ``init_params``, ``local_train``, ``evaluate``.
 The bodies below use a stand-in MLP over fixed-size hashed feature vectors; to federate the identifier's own
 model, make these three functions load/save its weights as a list of arrays (the order of its state dict) and
 call its training step. Nothing else in ``identifier.federated`` knows what the arrays mean.
@@ -65,7 +65,9 @@ def _params(net) -> Params:  # noqa: ANN001
     return [t.detach().cpu().numpy().astype(np.float32).copy() for t in net.parameters()]
 
 
-def local_train(params: Params, dataset: Dataset, *, epochs: int = 20, lr: float = 0.05, seed: int = 0) -> Params:
+def local_train(
+    params: Params, dataset: Dataset, *, epochs: int = 20, lr: float = 0.05, seed: int = 0
+) -> Params:
     """``params`` trained on ``dataset`` with full-batch Adam; returns new arrays, ``params`` is untouched."""
     import torch
 
@@ -84,7 +86,7 @@ def local_train(params: Params, dataset: Dataset, *, epochs: int = 20, lr: float
 
 
 def evaluate(params: Params, dataset: Dataset) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of ``params`` on ``dataset`` (accuracy 0, loss inf when it is empty)."""
+    """Accuracy and mean cross-entropy of ``params`` on ``dataset`` (0 and inf when it is empty)."""
     import torch
 
     if len(dataset) == 0:

@@ -53,7 +53,14 @@ def superlink_cmd(host: str, port: int, database: Path, tls: Tls | None, node_au
     if tls is None:
         cmd.append("--insecure")
     else:
-        cmd += ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)]
+        cmd += [
+            "--ssl-ca-certfile",
+            str(tls.ca),
+            "--ssl-certfile",
+            str(tls.cert),
+            "--ssl-keyfile",
+            str(tls.key),
+        ]
     if node_auth:
         cmd.append("--enable-supernode-auth")
     return cmd
@@ -68,7 +75,7 @@ def supernode_cmd(
     auth_key: Path | None,
     max_wait: float | None = None,
 ) -> list[str]:
-    """``flower-supernode`` for one home; its ClientApp reads ``data`` and keeps its state in ``state_dir``."""
+    """``flower-supernode`` for one home; its ClientApp reads ``data``, keeps state in ``state_dir``."""
     node_config = f"data={json.dumps(str(data))} state-dir={json.dumps(str(state_dir))}"
     cmd = [
         "flower-supernode",
@@ -89,8 +96,16 @@ def write_connection(state_dir: Path, name: str, address: str, root_cert: Path |
     """The ``flwr`` CLI's connection to our SuperLink, in ``$FLWR_HOME/config.toml``."""
     home = state_dir / "flwr"
     home.mkdir(parents=True, exist_ok=True)
-    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]", f"address = {json.dumps(address)}"]
-    lines.append("insecure = true" if root_cert is None else f"root-certificates = {json.dumps(str(root_cert))}")
+    lines = [
+        "[superlink]",
+        f'default = "{name}"',
+        "",
+        f"[superlink.{name}]",
+        f"address = {json.dumps(address)}",
+    ]
+    lines.append(
+        "insecure = true" if root_cert is None else f"root-certificates = {json.dumps(str(root_cert))}"
+    )
     (home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
@@ -152,7 +167,8 @@ def generate_node_key(private_path: Path) -> Path:
         fh.write(private_bytes)
     public_path = private_path.with_name(private_path.name + ".pub")
     public_path.write_bytes(
-        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        + b"\n"
     )
     return public_path
 

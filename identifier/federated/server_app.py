@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,7 +205,9 @@ class RoundGuard:
     done only if the strategy aggregated it; otherwise it is recorded as failed and the model is unchanged.
     """
 
-    def __init__(self, inner: SecAggPlusWorkflow, strategy: MaskedSumFedAvg, report: RunReport) -> None:
+    def __init__(
+        self, inner: Callable[[Grid, Context], None], strategy: MaskedSumFedAvg, report: RunReport
+    ) -> None:
         self.inner = inner
         self.strategy = strategy
         self.report = report
@@ -308,7 +311,9 @@ def initial_params(settings: RunSettings) -> model.Params:
         return model.init_params(settings.n_features, settings.n_classes)
 
 
-def run(grid: Grid, context: Context, workflow_cls: type[SecAggPlusWorkflow] = KeySharersOnlyWorkflow) -> None:
+def run(
+    grid: Grid, context: Context, workflow_cls: type[SecAggPlusWorkflow] = KeySharersOnlyWorkflow
+) -> None:
     """The whole federated run; raises at the end if any round failed, so the run is marked failed."""
     settings = RunSettings.from_context(context)
     strategy = MaskedSumFedAvg(settings, initial_params(settings))
@@ -336,7 +341,9 @@ def run(grid: Grid, context: Context, workflow_cls: type[SecAggPlusWorkflow] = K
     report.write()
     failed = [r.round for r in report.rounds if r.status != "ok"]
     if failed:
-        raise RuntimeError(f"federated rounds failed: {failed} (see {settings.out_dir}/run-{context.run_id}.json)")
+        raise RuntimeError(
+            f"federated rounds failed: {failed} (see {settings.out_dir}/run-{context.run_id}.json)"
+        )
 
 
 app = ServerApp()

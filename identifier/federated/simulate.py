@@ -1,8 +1,11 @@
-"""Federated against centralized training on the same held-out devices (``python -m identifier.federated.simulate``).
+"""Federated against centralized training on the same held-out devices.
+
+Run ``python -m identifier.federated.simulate --data .../device_domains.csv``.
 
 Homes are a Dirichlet split of the shared domain sets (``homedata.split_homes``). The federated side runs the
 exact client computation of ``client_app`` (local training, clipped delta, weighted mean) in one process:
-SecAgg+ returns that mean to within quantisation error (checked end to end in tests/test_federation_rounds.py),
+SecAgg+ returns that mean to within quantisation error (checked end to end in
+tests/test_federation_rounds.py),
 so leaving Flower's processes out changes the figures by nothing but time. Prints one JSON object.
 """
 
@@ -38,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=default_csv)
     parser.add_argument("--homes", type=int, default=10)
-    parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller: homes differ more)")
+    parser.add_argument(
+        "--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller: homes differ more)"
+    )
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=0.05)
@@ -51,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     homes, test = homedata.split_homes(args.data, args.homes, alpha=args.alpha, seed=args.seed)
     start = time.monotonic()
     central = model.local_train(
-        model.init_params(homedata.N_FEATURES, len(test.classes)), homedata.merge(homes), epochs=args.central_epochs
+        model.init_params(homedata.N_FEATURES, len(test.classes)),
+        homedata.merge(homes),
+        epochs=args.central_epochs,
     )
     central_acc = model.evaluate(central, test)["accuracy"]
     _, curve = federated(homes, test, args.rounds, args.epochs, args.lr, args.clip_norm)

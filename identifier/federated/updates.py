@@ -26,7 +26,9 @@ def delta(new: Params, old: Params) -> Params:
 
 
 def apply(params: Params, update: Params) -> Params:
-    return [np.asarray(p, np.float32) + np.asarray(u, np.float32) for p, u in zip(params, update, strict=True)]
+    return [
+        np.asarray(p, np.float32) + np.asarray(u, np.float32) for p, u in zip(params, update, strict=True)
+    ]
 
 
 def l2_norm(arrays: Params) -> float:
