@@ -141,8 +141,7 @@ def _server(args: argparse.Namespace) -> int:
         print(json.dumps({"rounds": report["rounds"], "installs": len(report["installs"])}, indent=2))
         return 0 if all(r["status"] == "ok" for r in report["rounds"]) else 1
     finally:
-        os.killpg(link.pid, signal.SIGTERM)
-        link.wait(timeout=30)
+        _stop(link)
 
 
 def _join(args: argparse.Namespace) -> int:
@@ -168,9 +167,19 @@ def _join(args: argparse.Namespace) -> int:
             time.sleep(1.0)
         return 0
     finally:
-        if node.poll() is None:
-            os.killpg(node.pid, signal.SIGTERM)
-            node.wait(timeout=30)
+        _stop(node)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group, SIGKILL it if it lingers (a SuperNode can ignore SIGTERM mid-round)."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _keygen(args: argparse.Namespace) -> int:
