@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "gateway.commands.policy",  # policy rules, lists, schedules, pause, quarantine
     "gateway.commands.user",  # set-password, token create/list/revoke
     "gateway.commands.web",  # the web UI
+    "gateway.commands.federation",  # federation server, join, keygen, rollback
 )
 
 

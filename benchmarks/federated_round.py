@@ -1,0 +1,127 @@
+"""Round time of plain FedAvg against SecAgg+, bytes per home, and a gateway's peak RSS (one JSON object).
+
+Real Flower processes on loopback (``identifier.federated.localfleet``), homes cut from the shared data.
+Usage: ``python benchmarks/federated_round.py [--homes 5 20] [--rounds 2]``. On a shared machine the
+absolute times are noisy; plain and SecAgg+ run back to back so their ratio is comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from identifier.federated import homedata, model, processes  # noqa: E402
+from identifier.federated.localfleet import Home, LocalFleet  # noqa: E402
+
+RUN = {"epochs": 5, "stage-timeout": 120.0, "nodes-wait": 60.0, "threshold-fraction": 0.6}
+
+
+def plain_app_dir(root: Path) -> Path:
+    app = root / "plain_app"
+    app.mkdir(parents=True, exist_ok=True)
+    text = (processes.APP_DIR / "pyproject.toml").read_text()
+    text = text.replace("identifier.federated.server_app:app", "benchmarks.federated_apps:server")
+    text = text.replace("identifier.federated.client_app:app", "benchmarks.federated_apps:client")
+    (app / "pyproject.toml").write_text(text)
+    return app
+
+
+class RssSampler(threading.Thread):
+    """Peak resident memory of one home's SuperNode and everything it spawned, sampled every 0.25 s."""
+
+    def __init__(self, home: Home) -> None:
+        super().__init__(daemon=True)
+        self.home, self.peak, self.stop = home, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                root = psutil.Process(self.home.proc.pid)
+                procs = [root, *root.children(recursive=True)]
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.25)
+
+
+def payload_bytes(params: model.Params, homes: int) -> dict[str, int]:
+    """Bytes of model payload a home moves per round (HTTP framing excluded): plain sends float32 arrays
+    down and up; SecAgg+ sends the model down, a masked integer vector up, plus keys and key shares."""
+    from flwr.common import ndarray_to_bytes
+    from flwr.common.secure_aggregation.quantization import quantize
+
+    down = sum(len(ndarray_to_bytes(a)) for a in params)
+    masked_up = sum(len(ndarray_to_bytes(a)) for a in quantize(params, 1.0, 1 << 22))
+    keys = 2 * 2 * 91 * homes  # two public keys out, neighbours' keys in (DER P-384 ~91 bytes)
+    shares = 2 * homes * 150  # encrypted (seed, sk1) share per neighbour, out and in
+    return {"plain": 2 * down, "secagg": down + masked_up + keys + shares}
+
+
+def measure(n: int, rounds: int, data: Path, root: Path) -> dict:
+    datasets, test = homedata.split_homes(data, n, seed=3)
+    result: dict = {"homes": n}
+    for mode in ("plain", "secagg"):
+        fleet = LocalFleet(root / f"{mode}{n}")
+        try:
+            fleet.start_superlink()
+            homes = [fleet.add_home(d) for d in datasets]
+            time.sleep(3)
+            sampler = RssSampler(homes[0])
+            sampler.start()
+            app = plain_app_dir(root) if mode == "plain" else processes.APP_DIR
+            run = fleet.run(
+                {**RUN, "num-rounds": rounds, "min-nodes": n}, root / f"out-{mode}{n}", app_dir=app
+            )
+            sampler.stop.set()
+            sampler.join()
+            ok = [r["seconds"] for r in run.report.get("rounds", []) if r["status"] == "ok"]
+            result[f"{mode}_round_s"] = round(float(np.mean(ok)), 2) if len(ok) == rounds else None
+            result[f"{mode}_rss_mb"] = round(sampler.peak / 2**20, 1)
+        finally:
+            fleet.stop()
+    params = model.init_params(homedata.N_FEATURES, len(test.classes))
+    sizes = payload_bytes(params, n)
+    p, s = result["plain_round_s"], result["secagg_round_s"]
+    return {
+        "homes": n,
+        "plain_round_s": p,
+        "secagg_round_s": s,
+        "ratio": round(s / p, 2) if p and s else None,
+        "bytes_per_home": sizes["secagg"],
+        "bytes_per_home_plain": sizes["plain"],
+        "gateway_peak_rss_mb": result["secagg_rss_mb"],
+        "gateway_peak_rss_mb_plain": result["plain_rss_mb"],
+        "parameters": int(sum(a.size for a in params)),
+        "rounds_averaged": rounds,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    default_data = Path(__file__).resolve().parents[2] / "shared/data/supplychain-domains/device_domains.csv"
+    parser.add_argument("--data", type=Path, default=default_data)
+    parser.add_argument("--homes", type=int, nargs="+", default=[5])
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    if not args.data.exists():
+        parser.error(f"{args.data}: not found (give --data)")
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [measure(n, args.rounds, args.data, Path(tmp)) for n in args.homes]
+    out = results[0] if len(results) == 1 else {"runs": results}
+    out["load_average"] = [round(x, 1) for x in psutil.getloadavg()]
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,200 @@
+"""``iotgw federation``: run the fleet's federation server, or take part in a nightly round from a gateway.
+
+``server`` starts a Flower SuperLink and submits iotgw's ServerApp (one run of N SecAgg+ rounds), then exits
+with the rounds' outcome. ``join`` runs this gateway's SuperNode for a time window (a systemd timer starts
+it at night, so Flower is not resident all day). ``keygen`` makes the SuperNode authentication key pair;
+``rollback`` puts the previous installed model back. The machinery is in ``identifier.federated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONNECTION = "iotgw"
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    fed = subparsers.add_parser("federation", help="federated retraining with secure aggregation (Flower)")
+    sub = fed.add_subparsers(dest="federation_command", required=True, metavar="ACTION")
+
+    server = sub.add_parser("server", help="run a SuperLink and one federated run of SecAgg+ rounds")
+    server.add_argument("--state-dir", type=Path, required=True, help="SuperLink database, FLWR_HOME, logs")
+    server.add_argument(
+        "--out-dir", type=Path, help="where the global model is published (default STATE/model)"
+    )
+    server.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on")
+    server.add_argument("--port", type=int, default=9092)
+    _add_tls_args(server, server_side=True)
+    server.add_argument(
+        "--authorized-key",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PUB",
+        help="a gateway's public key (from `iotgw federation keygen`); enables SuperNode authentication",
+    )
+    server.add_argument("--rounds", type=int, default=3)
+    server.add_argument(
+        "--min-nodes", type=int, default=3, help="homes a round needs (at least 3 for SecAgg+)"
+    )
+    server.add_argument("--nodes-wait", type=float, default=600.0, help="seconds to wait for --min-nodes")
+    server.add_argument("--stage-timeout", type=float, default=120.0, help="seconds per SecAgg+ stage")
+    server.add_argument("--clip-norm", type=float, default=1.0)
+    server.add_argument("--dp-noise", type=float, default=0.0, help="DP noise multiplier (0: off)")
+    server.set_defaults(func=_server)
+
+    join = sub.add_parser("join", help="run this gateway's SuperNode for the nightly window")
+    join.add_argument("--superlink", required=True, metavar="HOST:PORT")
+    join.add_argument("--data", type=Path, required=True, help="this home's confirmed devices (.npz)")
+    join.add_argument("--state-dir", type=Path, required=True, help="installed model, round log, FLWR_HOME")
+    join.add_argument("--window", type=float, default=3600.0, help="seconds to stay joined")
+    join.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's runtime API")
+    _add_tls_args(join, server_side=False)
+    join.add_argument("--auth-key", type=Path, help="private key from `iotgw federation keygen`")
+    join.set_defaults(func=_join)
+
+    keygen = sub.add_parser("keygen", help="make this gateway's SuperNode authentication key pair")
+    keygen.add_argument("--out", type=Path, required=True, help="private key path (the .pub goes beside it)")
+    keygen.set_defaults(func=_keygen)
+
+    rollback = sub.add_parser(
+        "rollback", help="reinstall the model that was installed before the current one"
+    )
+    rollback.add_argument("--state-dir", type=Path, required=True)
+    rollback.set_defaults(func=_rollback)
+
+
+def _add_tls_args(parser: argparse.ArgumentParser, server_side: bool) -> None:
+    parser.add_argument(
+        "--tls-ca", type=Path, help="CA certificate (PEM) that signed the SuperLink's certificate"
+    )
+    if server_side:
+        parser.add_argument("--tls-cert", type=Path, help="SuperLink certificate (PEM)")
+        parser.add_argument("--tls-key", type=Path, help="SuperLink private key (PEM)")
+    parser.add_argument(
+        "--insecure", action="store_true", help="no TLS (loopback tests only; updates are still masked)"
+    )
+
+
+def _tls(args: argparse.Namespace, server_side: bool):  # noqa: ANN202
+    from identifier.federated.processes import Tls
+
+    if args.insecure:
+        return None
+    needed = ("tls_ca", "tls_cert", "tls_key") if server_side else ("tls_ca",)
+    missing = [f"--{n.replace('_', '-')}" for n in needed if getattr(args, n) is None]
+    if missing:
+        raise SystemExit(f"iotgw federation: give {', '.join(missing)} or --insecure")
+    for name in needed:
+        if not getattr(args, name).is_file():
+            raise SystemExit(f"iotgw federation: {getattr(args, name)}: no such file")
+    return Tls(args.tls_ca, getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
+
+
+def _server(args: argparse.Namespace) -> int:
+    from identifier.federated import processes
+
+    tls = _tls(args, server_side=True)
+    if args.authorized_key and tls is None:
+        raise SystemExit("iotgw federation: SuperNode authentication needs TLS (Flower refuses it without)")
+    state = args.state_dir.resolve()
+    out_dir = (args.out_dir or state / "model").resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    env = processes.flower_env(state)
+    cmd = processes.superlink_cmd(
+        args.host, args.port, state / "superlink.db", tls, bool(args.authorized_key)
+    )
+    with (state / "superlink.log").open("ab") as log:
+        link = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        processes.wait_for_port(connect_host, args.port)
+        processes.write_connection(state, CONNECTION, f"{connect_host}:{args.port}", tls.ca if tls else None)
+        for key in args.authorized_key:
+            subprocess.run(processes.register_cmd(key, CONNECTION), env=env, check=True, cwd=state)
+        run_config = processes.write_run_config(
+            state / "run-config.toml",
+            {
+                "num-rounds": args.rounds,
+                "min-nodes": args.min_nodes,
+                "nodes-wait": args.nodes_wait,
+                "stage-timeout": args.stage_timeout,
+                "clip-norm": args.clip_norm,
+                "dp-noise": args.dp_noise,
+                "out-dir": str(out_dir),
+            },
+        )
+        before = set(out_dir.glob("run-*.json"))
+        subprocess.run(processes.run_cmd(CONNECTION, run_config), env=env, cwd=state, check=False)
+        reports = sorted(set(out_dir.glob("run-*.json")) - before, key=lambda p: p.stat().st_mtime)
+        if not reports:
+            print("iotgw federation: the run produced no report (see superlink.log)", file=sys.stderr)
+            return 1
+        report = json.loads(reports[-1].read_text())
+        print(json.dumps({"rounds": report["rounds"], "installs": len(report["installs"])}, indent=2))
+        return 0 if all(r["status"] == "ok" for r in report["rounds"]) else 1
+    finally:
+        _stop(link)
+
+
+def _join(args: argparse.Namespace) -> int:
+    from identifier.federated import homedata, processes
+
+    tls = _tls(args, server_side=False)
+    homedata.load(args.data)  # fail now, with the file's name, rather than inside a round
+    state = args.state_dir.resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    cmd = processes.supernode_cmd(
+        args.superlink, args.port, args.data.resolve(), state, tls.ca if tls else None, args.auth_key
+    )
+    with (state / "supernode.log").open("ab") as log:
+        node = subprocess.Popen(
+            cmd, env=processes.flower_env(state), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    deadline = time.monotonic() + args.window
+    try:
+        while time.monotonic() < deadline:
+            if node.poll() is not None:
+                print(f"iotgw federation: SuperNode exited with {node.returncode} (see supernode.log)")
+                return 1
+            time.sleep(1.0)
+        return 0
+    finally:
+        _stop(node)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group, SIGKILL it if it lingers (a SuperNode can ignore SIGTERM mid-round)."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from identifier.federated.processes import generate_node_key
+
+    public = generate_node_key(args.out)
+    print(f"private key: {args.out}\npublic key (give it to the fleet operator): {public}")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from identifier.federated.updates import ModelStore
+
+    if ModelStore(args.state_dir / "model").rollback():
+        print("previous model reinstalled")
+        return 0
+    print("no previous model to roll back to", file=sys.stderr)
+    return 1

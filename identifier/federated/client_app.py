@@ -1,0 +1,91 @@
+"""iotgw's Flower ClientApp: one home's side of a round, always behind ``secaggplus_mod``.
+
+The home trains on its owner's confirmed devices (``node-config`` ``data``: a ``.npz`` written by the
+gateway), sends a clipped, optionally noised delta, and the mod masks it: an update never leaves unmasked,
+and a server without SecAgg+ gets an error instead of an update. At install time the home checks the
+model's digest and that it does no worse on its own devices, keeping the previous model for rollback.
+torch is imported only inside ``model``'s functions (a module-level import made rounds twice as slow).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.client import NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+from identifier.federated import homedata, model, updates
+
+
+class HomeClient(NumPyClient):
+    """Training and install on one gateway; ``state_dir`` holds its model store and round log."""
+
+    def __init__(self, data_path: Path, state_dir: Path) -> None:
+        self.data_path = data_path
+        self.state_dir = state_dir
+
+    def fit(self, parameters: model.Params, config: dict) -> tuple[model.Params, int, dict]:
+        if updates.digest(parameters) != config["sha256"]:
+            raise ValueError("global model does not match the digest the server announced")
+        dataset = homedata.load(self.data_path)
+        if len(dataset) == 0:
+            raise ValueError("no confirmed devices: nothing to train on")
+        rnd = int(config["round"])
+        trained = model.local_train(parameters, dataset, epochs=int(config["epochs"]), lr=float(config["lr"]))
+        update = updates.clip(updates.delta(trained, parameters), float(config["clip-norm"]))
+        update = updates.add_noise(update, float(config["dp-std"]), np.random.default_rng())
+        weight = min(len(dataset), int(config["max-weight"]))
+        self._record_contribution(rnd, config["sha256"], update, weight)
+        return update, weight, {}
+
+    def evaluate(self, parameters: model.Params, config: dict) -> tuple[float, int, dict]:
+        dataset = homedata.load(self.data_path)
+        result = updates.ModelStore(self.state_dir / "model").install(
+            parameters, str(config["sha256"]), dataset
+        )
+        metrics = {"installed": result.installed, "reason": result.reason, "accuracy": result.accuracy_new}
+        self._log({"event": "install", **metrics, "accuracy_before": result.accuracy_current})
+        return 0.0 if result.accuracy_new else 1.0, len(dataset), metrics
+
+    def _record_contribution(self, rnd: int, base_sha: str, update: model.Params, weight: int) -> None:
+        """What this home contributed before masking; it stays here (audit, and the tests' ground truth)."""
+        out = self.state_dir / "contributions"
+        out.mkdir(parents=True, exist_ok=True)
+        arrays = {f"p{i:03d}": a for i, a in enumerate(update)}
+        np.savez(out / f"{base_sha[:16]}-round{rnd}.npz", weight=np.int64(weight), **arrays)
+
+    def _log(self, entry: dict) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with (self.state_dir / "rounds.log").open("a") as fh:
+            fh.write(json.dumps({"ts": time.time(), **entry}) + "\n")
+
+
+def stage_log_mod(msg: Message, context: Context, call_next):  # noqa: ANN201, ANN001
+    """Log each SecAgg+ stage this home enters to ``rounds.log`` (which nights it took part, and how far)."""
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    if configs is not None and Key.STAGE in configs:
+        state_dir = Path(str(context.node_config["state-dir"]))
+        state_dir.mkdir(parents=True, exist_ok=True)
+        with (state_dir / "rounds.log").open("a") as fh:
+            entry = {
+                "ts": time.time(),
+                "event": "stage",
+                "stage": configs[Key.STAGE],
+                "round": msg.metadata.group_id,
+            }
+            fh.write(json.dumps(entry) + "\n")
+    return call_next(msg, context)
+
+
+def client_fn(context: Context):  # noqa: ANN201
+    cfg = context.node_config
+    return HomeClient(Path(str(cfg["data"])), Path(str(cfg["state-dir"]))).to_client()
+
+
+app = ClientApp(client_fn=client_fn, mods=[stage_log_mod, secaggplus_mod])

@@ -1,0 +1,152 @@
+"""A SuperLink and N SuperNodes on loopback, each home with its own dataset and state directory.
+
+What the tests, the benchmark and the simulation's end-to-end check run: real Flower processes, started
+with ``processes``' command lines. Each process gets its own session so a home can be killed with all the
+ClientApp processes it spawned, as a power cut would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from identifier.federated import homedata, processes
+from identifier.federated.model import Dataset
+
+
+@dataclass
+class Home:
+    index: int
+    data: Path
+    state_dir: Path
+    port: int
+    auth_key: Path | None = None
+    proc: subprocess.Popen | None = None
+
+    def stages(self) -> list[tuple[str, str]]:
+        """The (round, SecAgg+ stage) pairs this home's ClientApp has entered, in order."""
+        log = self.state_dir / "rounds.log"
+        if not log.exists():
+            return []
+        entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        return [(e["round"], e["stage"]) for e in entries if e.get("event") == "stage"]
+
+
+@dataclass
+class RunResult:
+    returncode: int
+    run_id: int | None
+    report: dict
+    output: str
+
+
+@dataclass
+class LocalFleet:
+    root: Path
+    tls: processes.Tls | None = None
+    node_auth: bool = False
+    homes: list[Home] = field(default_factory=list)
+    superlink: subprocess.Popen | None = None
+    port: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return processes.flower_env(self.root / "server")
+
+    def start_superlink(self) -> None:
+        self.port = processes.free_port()
+        server_dir = self.root / "server"
+        server_dir.mkdir(parents=True, exist_ok=True)
+        cmd = processes.superlink_cmd(
+            "127.0.0.1", self.port, server_dir / "superlink.db", self.tls, self.node_auth
+        )
+        self.superlink = self._spawn(cmd, self.env, server_dir / "superlink.log")
+        processes.wait_for_port("127.0.0.1", self.port)
+        processes.write_connection(server_dir, "iotgw", self.address, self.tls.ca if self.tls else None)
+
+    def add_home(self, dataset: Dataset, auth_key: Path | None = None) -> Home:
+        index = len(self.homes)
+        home_dir = self.root / f"home{index}"
+        home_dir.mkdir(parents=True, exist_ok=True)
+        data = home_dir / "confirmed.npz"
+        homedata.save(dataset, data)
+        home = Home(index, data, home_dir, processes.free_port(), auth_key)
+        self.homes.append(home)
+        self.start_home(home)
+        return home
+
+    def start_home(self, home: Home, max_wait: float | None = None) -> None:
+        cmd = processes.supernode_cmd(
+            self.address,
+            home.port,
+            home.data,
+            home.state_dir,
+            self.tls.ca if self.tls else None,
+            home.auth_key,
+            max_wait,
+        )
+        home.proc = self._spawn(cmd, processes.flower_env(home.state_dir), home.state_dir / "supernode.log")
+
+    def kill_home(self, home: Home) -> None:
+        """SIGKILL the home's SuperNode and every process it spawned."""
+        if home.proc is not None and home.proc.poll() is None:
+            os.killpg(home.proc.pid, signal.SIGKILL)
+            home.proc.wait()
+
+    def run(
+        self,
+        run_config: dict[str, object],
+        out_dir: Path,
+        timeout: float = 900,
+        app_dir: Path = processes.APP_DIR,
+    ) -> RunResult:
+        """``flwr run`` the iotgw app; returns when the run ends, with the ServerApp's round report."""
+        server_dir = self.root / "server"
+        cfg = processes.write_run_config(
+            server_dir / "run-config.toml", {**run_config, "out-dir": str(out_dir)}
+        )
+        proc = subprocess.run(
+            processes.run_cmd("iotgw", cfg, app_dir),
+            env=self.env,
+            cwd=server_dir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        output = proc.stdout + proc.stderr
+        match = re.search(r"Successfully started run (\d+)", output)
+        run_id = int(match.group(1)) if match else None
+        report_path = out_dir / f"run-{run_id}.json"
+        report = json.loads(report_path.read_text()) if run_id and report_path.exists() else {}
+        return RunResult(proc.returncode, run_id, report, output)
+
+    def stop(self) -> None:
+        for home in self.homes:
+            self.kill_home(home)
+        if self.superlink is not None and self.superlink.poll() is None:
+            os.killpg(self.superlink.pid, signal.SIGTERM)
+            try:
+                self.superlink.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.superlink.pid, signal.SIGKILL)
+                self.superlink.wait()
+
+    @staticmethod
+    def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+        log = log_path.open("ab")
+        try:
+            return subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        finally:
+            log.close()

@@ -1,0 +1,178 @@
+"""Command lines and environment for Flower's processes (SuperLink, SuperNode, ``flwr run``).
+
+One place for what every Flower process must get (pitfall 5): telemetry and update checks off, ``FLWR_HOME``
+under our state directory, no runtime dependency installation, and ``identifier`` importable by the
+ServerApp/ClientApp processes Flower spawns. Used by ``iotgw federation``, the tests and the benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import identifier
+
+APP_DIR = Path(__file__).resolve().parent / "flwr_app"
+PACKAGE_ROOT = Path(identifier.__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Tls:
+    """PEM files: the CA that signed the SuperLink's certificate, and the server's certificate and key."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+
+def flower_env(state_dir: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for any Flower process run for iotgw, with ``FLWR_HOME`` under ``state_dir``."""
+    env = dict(os.environ if base is None else base)
+    env.update(
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_HOME=str(state_dir / "flwr"),
+        PYTHONPATH=os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p),
+    )
+    return env
+
+
+def superlink_cmd(host: str, port: int, database: Path, tls: Tls | None, node_auth: bool) -> list[str]:
+    """``flower-superlink`` serving fleet, control and runtime APIs on ``host:port``."""
+    cmd = [
+        "flower-superlink",
+        "--host", host,
+        "--port", str(port),
+        "--database", str(database),
+        "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+    if tls is None:
+        cmd.append("--insecure")
+    else:
+        cmd += [
+            "--ssl-ca-certfile",
+            str(tls.ca),
+            "--ssl-certfile",
+            str(tls.cert),
+            "--ssl-keyfile",
+            str(tls.key),
+        ]
+    if node_auth:
+        cmd.append("--enable-supernode-auth")
+    return cmd
+
+
+def supernode_cmd(
+    superlink: str,
+    port: int,
+    data: Path,
+    state_dir: Path,
+    root_cert: Path | None,
+    auth_key: Path | None,
+    max_wait: float | None = None,
+) -> list[str]:
+    """``flower-supernode`` for one home; its ClientApp reads ``data``, keeps state in ``state_dir``."""
+    node_config = f"data={json.dumps(str(data))} state-dir={json.dumps(str(state_dir))}"
+    cmd = [
+        "flower-supernode",
+        "--superlink", superlink,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--node-config", node_config,
+    ]  # fmt: skip
+    cmd += ["--insecure"] if root_cert is None else ["--root-certificates", str(root_cert)]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(auth_key)]
+    if max_wait is not None:
+        cmd += ["--max-wait-time", str(max_wait)]
+    return cmd
+
+
+def write_connection(state_dir: Path, name: str, address: str, root_cert: Path | None) -> None:
+    """The ``flwr`` CLI's connection to our SuperLink, in ``$FLWR_HOME/config.toml``."""
+    home = state_dir / "flwr"
+    home.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "[superlink]",
+        f'default = "{name}"',
+        "",
+        f"[superlink.{name}]",
+        f"address = {json.dumps(address)}",
+    ]
+    lines.append(
+        "insecure = true" if root_cert is None else f"root-certificates = {json.dumps(str(root_cert))}"
+    )
+    (home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def write_run_config(path: Path, values: dict[str, object]) -> Path:
+    """A TOML file of run-config overrides for ``flwr run --run-config``."""
+    lines = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        else:
+            text = json.dumps(str(value))
+        lines.append(f"{json.dumps(key)} = {text}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_cmd(connection: str, run_config: Path, app_dir: Path = APP_DIR) -> list[str]:
+    """``flwr run``, streaming logs until the run ends."""
+    return ["flwr", "run", str(app_dir), connection, "--run-config", str(run_config), "--stream"]
+
+
+def wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:
+    """Block until something accepts TCP connections on ``host:port``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f} s") from None
+            time.sleep(0.2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def generate_node_key(private_path: Path) -> Path:
+    """A SuperNode authentication key pair (EC P-384, OpenSSH format, as Flower expects).
+
+    The private key stays on the gateway (mode 0600); the ``.pub`` beside it is what the fleet operator
+    registers with ``flwr supernode register``. Returns the public key's path.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private_path.parent.mkdir(parents=True, exist_ok=True)
+    private_bytes = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(private_bytes)
+    public_path = private_path.with_name(private_path.name + ".pub")
+    public_path.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        + b"\n"
+    )
+    return public_path
+
+
+def register_cmd(public_key: Path, connection: str) -> list[str]:
+    """``flwr supernode register``: allow the SuperNode holding the matching private key to join."""
+    return ["flwr", "supernode", "register", str(public_key), connection]
