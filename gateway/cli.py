@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "gateway.commands.daemon",  # run, demo, replay
     "gateway.commands.inspect",  # devices, queries
     "gateway.commands.doctor",  # doctor
+    "gateway.commands.setup",  # setup (first boot)
 )
 
 
