@@ -1,5 +1,5 @@
-"""The Debian package: ``firmware/build-deb.sh`` builds it, its metadata and contents are right, the venv works
-from /opt/iotgw, and it installs, removes and purges cleanly in a throwaway root (dpkg --root, with the
+"""The Debian package: ``firmware/build-deb.sh`` builds it, its metadata and contents are right, the venv
+works from /opt/iotgw, and it installs, removes and purges cleanly in a throwaway root (dpkg --root, with the
 maintainer scripts run chrootless under DPKG_ROOT)."""
 
 from __future__ import annotations
@@ -128,14 +128,14 @@ def test_venv_is_relocated_to_opt_iotgw(deb: Path, extracted: Path) -> None:
     ).stdout
     assert leftovers == ""
     pyc = next(venv.glob("lib/python3.*/site-packages/gateway/__pycache__/doctor.*.pyc"))
-    code = marshal.loads(pyc.read_bytes()[16:])
+    code = marshal.loads(pyc.read_bytes()[16:])  # noqa: S302 - our own build's file
     assert code.co_filename.startswith("/opt/iotgw/lib/python3.") and code.co_filename.endswith(
         "/gateway/doctor.py"
     )
 
 
 def throwaway_root(path: Path) -> Path:
-    """An empty dpkg database and an /etc with root only: enough for dpkg --root and the maintainer scripts."""
+    """An empty dpkg database and an /etc with only root: enough for dpkg --root and the scripts."""
     (path / "var/lib/dpkg/info").mkdir(parents=True)
     (path / "var/lib/dpkg/updates").mkdir()
     (path / "var/lib/dpkg/status").touch()
@@ -193,7 +193,8 @@ def test_install_run_remove_purge_in_a_throwaway_root(deb: Path, tmp_path: Path)
     config = tmp_path / "iotgw.toml"
     (tmp_path / "state").mkdir()
     config.write_text(
-        f'[gateway]\nstate_dir = "{tmp_path / "state"}"\n[dns]\nlisten = ["127.0.0.1:0"]\n[capture]\nsniff = false\n'
+        f'[gateway]\nstate_dir = "{tmp_path / "state"}"\n'
+        '[dns]\nlisten = ["127.0.0.1:0"]\n[capture]\nsniff = false\n'
     )
     run = subprocess.run(
         [str(python), "-c", DOCTOR, "doctor", "--config", str(config)],
