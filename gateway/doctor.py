@@ -254,6 +254,14 @@ def check_database(cfg: Config) -> Finding:
             "`systemctl start iotgw` creates it (StateDirectory=) with the database inside",
         )
     owner = _state_owner(cfg)
+    # Loaded before the fork: the child, as another user, then needs to read nothing but the database.
+    import sqlite3  # noqa: F401
+
+    import alembic.runtime.migration  # noqa: F401
+    import sqlalchemy.dialects.sqlite  # noqa: F401
+
+    import gateway.store.db  # noqa: F401
+
     if owner is None:
         ok, detail = _open_database(cfg.db_url)
     else:

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -237,3 +238,22 @@ def test_doctor_is_registered_in_the_cli() -> None:
     from gateway.cli import COMMAND_MODULES
 
     assert "gateway.commands.doctor" in COMMAND_MODULES
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_root_doctor_leaves_the_database_owned_by_the_state_owner() -> None:
+    """Run as root (sudo iotgw doctor), the database is created as the state directory's owner, so the
+    daemon (user iotgw) can still write it afterwards."""
+    # Not tmp_path: pytest's base directory is root-only, and the other user must reach the state directory.
+    base = Path(tempfile.mkdtemp(prefix="iotgw-doctor-"))
+    try:
+        base.chmod(0o755)
+        cfg = write_config(base, free_port())
+        os.chown(base / "state", 65534, 65534)
+        code, findings, err = doctor(cfg)
+        assert findings["database"]["status"] == "ok", (findings["database"], err)
+        created = list((base / "state").iterdir())
+        assert created and all(p.stat().st_uid == 65534 for p in created)
+    finally:
+        shutil.rmtree(base)
