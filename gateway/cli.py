@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "gateway.commands.user",  # set-password, token create/list/revoke
     "gateway.commands.web",  # the web UI
     "gateway.commands.federation",  # federation server, join, keygen, rollback
+    "gateway.commands.doctor",  # doctor
+    "gateway.commands.setup",  # setup (first boot)
 )
 
 

@@ -1,0 +1,45 @@
+"""``iotgw doctor``: check the install and say how to fix what is wrong (checks in ``gateway/doctor.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from gateway.config import ConfigError, load
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "doctor", help="check port 53, capabilities, interface, database, broker, model, clock"
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML config (default /etc/iotgw/iotgw.toml if present)")
+    p.add_argument("--json", action="store_true", help="one JSON list of findings")
+    p.set_defaults(func=doctor)
+
+
+def doctor(args: argparse.Namespace) -> int:
+    from gateway.doctor import Finding, run_all  # late: psutil and the store load only here
+
+    try:
+        findings = run_all(load(args.config))
+    except ConfigError as exc:
+        findings = [
+            Finding(
+                "config",
+                "fail",
+                str(exc),
+                "fix the file at the line named, or move it aside to run on the defaults",
+            )
+        ]
+    if args.json:
+        json.dump([asdict(f) for f in findings], sys.stdout, indent=1)
+        print()
+    else:
+        for f in findings:
+            mark = f.status.upper() if f.status == "fail" else f.status
+            print(f"{mark:<5} {f.check:<13} {f.detail}")
+            for i, line in enumerate(f.fix.splitlines()):
+                print(f"{'':<5} {'':<13} {'fix: ' if i == 0 else '     '}{line}")
+    return 1 if any(f.status == "fail" for f in findings) else 0

@@ -1,0 +1,164 @@
+"""``iotgw setup``: the first-boot steps. Choose the LAN interface (written into the config file, comments
+kept), set the admin password (``iotgw user set-password``, when the web UI is installed), say how to make the
+router hand out this machine as DNS server (DHCP option 6), then run the doctor's checks."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from gateway.config import DEFAULT_PATH, ConfigError, load
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("setup", help="first-boot setup: LAN interface, admin password, router DNS")
+    p.add_argument("--config", metavar="FILE", default=str(DEFAULT_PATH), help="config file to update")
+    p.add_argument(
+        "--interface", metavar="IF", help="the LAN interface (default: ask, offering the default route's)"
+    )
+    p.add_argument("--no-password", action="store_true", help="skip setting the admin password")
+    p.set_defaults(func=setup)
+
+
+def setup(args: argparse.Namespace) -> int:
+    from gateway.doctor import run_all  # late: the checks load psutil and the store
+
+    path = Path(args.config)
+    candidates = lan_interfaces()
+    name = args.interface or ask_interface(candidates)
+    if name not in candidates:
+        print(
+            f"iotgw setup: {name!r} is not an interface with an IPv4 address here; "
+            f"choose one of: {', '.join(candidates) or '(none)'}",
+            file=sys.stderr,
+        )
+        return 2
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    updated = set_key(text, "capture", "interface", f'"{name}"')
+    write_checked(path, updated)
+    print(f"LAN interface: {name} (written to {path})")
+
+    if not args.no_password:
+        set_admin_password(path)
+
+    address = candidates[name]
+    print(ROUTER_GUIDE.format(ip=address))
+
+    cfg = load(path)
+    findings = run_all(cfg)
+    for f in findings:
+        print(f"  {f.status:<5} {f.check:<13} {f.detail}")
+        if f.fix:
+            print(f"  {'':<5} {'':<13} fix: {f.fix.splitlines()[0]}")
+    try:
+        cfg.state_dir.joinpath(".setup-done").touch()  # stops the login reminder (firmware/pi-gen)
+    except OSError:
+        pass
+    return 1 if any(f.status == "fail" for f in findings) else 0
+
+
+def lan_interfaces() -> dict[str, str]:
+    """Interface name -> its first IPv4 address, for every interface that is up and has one."""
+    import psutil
+
+    stats = psutil.net_if_stats()
+    found: dict[str, str] = {}
+    for name, addrs in psutil.net_if_addrs().items():
+        if not stats.get(name) or not stats[name].isup:
+            continue
+        for addr in addrs:
+            if addr.family == socket.AF_INET:
+                found[name] = addr.address
+                break
+    return found
+
+
+def default_route_interface() -> str | None:
+    try:
+        lines = Path("/proc/net/route").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 2 and fields[1] == "00000000":
+            return fields[0]
+    return None
+
+
+def ask_interface(candidates: dict[str, str]) -> str:
+    default = default_route_interface()
+    if default not in candidates:
+        default = next((n for n in candidates if n != "lo"), "")
+    if not sys.stdin.isatty():
+        return default
+    print("Interfaces with an IPv4 address:")
+    for name, address in candidates.items():
+        print(f"  {name:<12} {address}{'   (default route)' if name == default_route_interface() else ''}")
+    answer = input(f"LAN interface [{default}]: ").strip()
+    return answer or default
+
+
+def set_key(text: str, section: str, key: str, literal: str) -> str:
+    """``text`` with ``key = literal`` in ``[section]``: replaces the key's line (or its commented example),
+    else adds it under the section header, else appends the section. Other lines stay as they are."""
+    lines = text.splitlines()
+    start = next(
+        (i for i, line in enumerate(lines) if re.fullmatch(rf"\s*\[{section}\]\s*(#.*)?", line)), None
+    )
+    if start is None:
+        return text.rstrip("\n") + ("\n\n" if text.strip() else "") + f"[{section}]\n{key} = {literal}\n"
+    end = next((i for i in range(start + 1, len(lines)) if re.match(r"\s*\[", lines[i])), len(lines))
+    pattern = re.compile(rf"\s*(#\s*)?{re.escape(key)}\s*=")
+    setting = [i for i in range(start + 1, end) if pattern.match(lines[i])]
+    live = [i for i in setting if not lines[i].lstrip().startswith("#")]
+    target = (live or setting or [None])[0]
+    if target is None:
+        lines.insert(start + 1, f"{key} = {literal}")
+    else:
+        lines[target] = f"{key} = {literal}"
+    return "\n".join(lines) + "\n"
+
+
+def write_checked(path: Path, text: str) -> None:
+    """Write ``text`` only if it loads as a config, atomically, keeping the file's owner and mode."""
+    tmp = path.with_name(path.name + ".iotgw-setup")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(text, encoding="utf-8")
+    try:
+        load(tmp)
+        if path.exists():
+            st = path.stat()
+            os.chown(tmp, st.st_uid, st.st_gid)
+            os.chmod(tmp, st.st_mode & 0o7777)
+        os.replace(tmp, path)
+    except (ConfigError, OSError):
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def set_admin_password(config: Path) -> None:
+    if importlib.util.find_spec("webui") is None or not sys.stdin.isatty():
+        print("Admin password: run `sudo iotgw user set-password` to set it.")
+        return
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "user", "set-password", "--config", str(config)]
+    )
+    if proc.returncode != 0:
+        print("Admin password not set: run `sudo iotgw user set-password` to set it.")
+
+
+ROUTER_GUIDE = """
+Make your router hand out this gateway as the DNS server (DHCP option 6):
+  1. Give this machine a fixed address on the router (a static DHCP lease for {ip}).
+  2. In the router's DHCP settings, set the DNS server to {ip} (often "Local DNS server" or "DNS server 1").
+     OpenWrt:  uci add_list dhcp.lan.dhcp_option='6,{ip}' && uci commit dhcp && /etc/init.d/dnsmasq restart
+     dnsmasq:  dhcp-option=option:dns-server,{ip}
+  3. Devices switch when they renew their lease (reconnect them, or wait).
+  More (IPv6, devices with hard-coded DNS): /usr/share/doc/iotgw/openwrt.md
+"""

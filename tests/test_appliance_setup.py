@@ -1,0 +1,94 @@
+"""``iotgw setup`` on a copy of the shipped example config: the interface lands in [capture] with every
+comment kept, the router guidance names this machine's address, and the doctor's checks run."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from gateway.commands.setup import set_key
+from gateway.config import load
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNER = """
+import argparse, sys
+from gateway.commands import setup
+parser = argparse.ArgumentParser(prog="iotgw")
+setup.add_commands(parser.add_subparsers())
+args = parser.parse_args(sys.argv[1:])
+sys.exit(args.func(args))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def example_config(tmp_path: Path) -> Path:
+    text = (ROOT / "firmware/iotgw.toml").read_text()
+    text = set_key(text, "gateway", "state_dir", f'"{tmp_path / "state"}"')
+    text = set_key(text, "dns", "listen", f'["127.0.0.1:{free_port()}"]')
+    (tmp_path / "state").mkdir()
+    path = tmp_path / "iotgw.toml"
+    path.write_text(text)
+    path.chmod(0o640)
+    return path
+
+
+def run_setup(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", RUNNER, "setup", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_setup_writes_the_interface_and_guides_the_router(tmp_path: Path) -> None:
+    path = example_config(tmp_path)
+    before = path.read_text()
+    proc = run_setup("--config", str(path), "--interface", "lo", "--no-password")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    after = path.read_text()
+    assert load(path).capture.interface == "lo"
+    assert (
+        '# interface = "eth0"' in before
+        and 'interface = "lo"' in after
+        and '# interface = "eth0"' not in after
+    )
+    # Only that line changed: every other line, comments included, is as shipped.
+    changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b]
+    assert changed == [('# interface = "eth0"', 'interface = "lo"')]
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert "6,127.0.0.1" in proc.stdout and "DHCP option 6" in proc.stdout
+    assert "iotgw user set-password" in proc.stdout or "--no-password" in proc.args
+    assert "ok    database" in proc.stdout
+    assert (tmp_path / "state" / ".setup-done").exists()
+
+
+def test_setup_refuses_an_unknown_interface(tmp_path: Path) -> None:
+    path = example_config(tmp_path)
+    before = path.read_text()
+    proc = run_setup("--config", str(path), "--interface", "nosuch0", "--no-password")
+    assert proc.returncode == 2 and "nosuch0" in proc.stderr and "lo" in proc.stderr
+    assert path.read_text() == before
+
+
+def test_set_key_cases() -> None:
+    assert set_key("", "capture", "interface", '"eth0"') == '[capture]\ninterface = "eth0"\n'
+    live = '[capture]\n# interface = "x"\ninterface = "wlan0"\n[web]\ninterface = "no"\n'
+    assert set_key(live, "capture", "interface", '"eth0"') == (
+        '[capture]\n# interface = "x"\ninterface = "eth0"\n[web]\ninterface = "no"\n'
+    )
+    assert set_key("[dns]\n[capture]\nsniff = true\n", "capture", "interface", '"e"') == (
+        '[dns]\n[capture]\ninterface = "e"\nsniff = true\n'
+    )
+    assert set_key('[gateway]\nname = "x"\n', "capture", "interface", '"e"').endswith(
+        '\n\n[capture]\ninterface = "e"\n'
+    )
