@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from gateway import sdnotify
 from gateway.alerts import Alerts
 from gateway.config import Config
 from gateway.devices.neighbours import NeighbourTable
@@ -280,11 +281,23 @@ def run_forever(gateway: Gateway, *, on_started: Callable[[Gateway], None] | Non
         await gateway.start()
         if on_started:
             on_started(gateway)
+        sdnotify.notify("READY=1")
+        interval = sdnotify.watchdog_interval()
+        if interval:
+            # Pinged from the event loop itself, so a wedged loop stops the pings and systemd restarts us.
+            gateway._tasks.append(asyncio.create_task(_watchdog(interval / 2), name="watchdog"))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        sdnotify.notify("STOPPING=1")
         await gateway.stop()
 
     asyncio.run(main())
+
+
+async def _watchdog(period: float) -> None:
+    while True:
+        sdnotify.notify("WATCHDOG=1")
+        await asyncio.sleep(period)
