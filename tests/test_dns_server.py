@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 
+import dns.exception
 import dns.flags
 import dns.message
 import dns.rcode
@@ -261,3 +262,17 @@ def test_a_listen_address_in_use_is_a_clear_error(upstream):
         with pytest.raises(OSError, match=f"cannot listen on {taken}"):
             with running(config([upstream.address], listen=[taken])):
                 pass
+
+
+def test_a_failing_hook_costs_one_query_not_the_server(upstream):
+    def decide(client, mac, qname, qtype, query):
+        if qname.startswith("boom."):
+            raise RuntimeError("policy bug")
+        return None
+
+    with running(config([upstream.address]), decide=decide) as srv:
+        for tcp in (False, True):
+            with pytest.raises((dns.exception.Timeout, EOFError, ConnectionError)):
+                ask(srv.port, "boom.example.test", tcp=tcp, timeout=0.5)
+            assert addresses(ask(srv.port, "www.example.test", tcp=tcp)) == {"192.0.2.10"}
+        assert srv.counters.get("dns_errors") == 2
