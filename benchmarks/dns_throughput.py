@@ -3,12 +3,13 @@
 Layout on a 2-core machine: the server under test is pinned to core 0; dnsperf and the shared upstream (a
 dnsmasq answering from a hosts file, never forwarding) run on core 1. Four servers are measured in turn:
 dnsmasq ``--cache-size=0`` and iotgw with its cache off forward every query to the upstream; dnsmasq with its
-cache and iotgw with its cache answer repeats themselves. iotgw runs with the daemon's per-query work on: a
-device-tracker lookup (``mac_for``), a policy decision (``decide``, a set lookup on the SLD), every query
-emitted into a deque, and a thread writing the deque to SQLite (WAL) in batches through SQLAlchemy.
+cache and iotgw with its cache answer repeats themselves. iotgw runs as the daemon
+(``gateway.daemon.Gateway``: device tracker, policy, consumer, query log, alerts); on a branch without the
+daemon an emulation stands in for it (a MAC lookup, a block-list lookup, each query into a deque, a thread
+writing the deque to SQLite in batches through SQLAlchemy). The ``daemon`` key says which ran.
 
 Prints one JSON object: iotgw_qps, dnsmasq_qps, ratio, iotgw_p99_ms_at_2000qps, dnsmasq_p99_ms_at_2000qps,
-lost, iotgw_cached_qps, dnsmasq_cached_qps, cached_ratio, rss_mb (iotgw's peak), logged_rows; and CPU time
+lost, iotgw_cached_qps, dnsmasq_cached_qps, cached_ratio, rss_mb (iotgw's peak), logged_rows, daemon; CPU time
 per answered query for each server (``*_cpu_us_per_query``, ``cpu_ratio``, ``cached_cpu_ratio``: dnsmasq's
 over iotgw's), which a loaded machine disturbs less than queries per second.
 
@@ -39,7 +40,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each full-speed dnsperf run")
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per server; the best counts")
     parser.add_argument("--names", type=int, default=2000, help="distinct names in the query file")
-    parser.add_argument("--child", nargs=4, metavar=("PORT", "UPSTREAM", "CACHE", "DB"),
+    parser.add_argument("--child", nargs=4, metavar=("PORT", "UPSTREAM", "CACHE", "STATE_DIR"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -62,8 +63,8 @@ def bench(tmp: Path, seconds: float, names: int, rounds: int) -> dict:
         forward = [f"--server=127.0.0.1#{upstream_port}"]
         procs.append(dnsmasq(dm_port, SERVER_CPU, [*forward, "--cache-size=0"]))
         procs.append(dnsmasq(dm_cache_port, SERVER_CPU, [*forward, "--cache-size=10000"]))
-        gw = iotgw(gw_port, upstream_port, 0, tmp / "log.sqlite")
-        gw_cache = iotgw(gw_cache_port, upstream_port, 10000, tmp / "log-cached.sqlite")
+        gw = iotgw(gw_port, upstream_port, 0, tmp / "state")
+        gw_cache = iotgw(gw_cache_port, upstream_port, 10000, tmp / "state-cached")
         procs += [gw, gw_cache]
         for port in (upstream_port, dm_port, dm_cache_port, gw_port, gw_cache_port):
             wait_answering(port)
@@ -102,9 +103,7 @@ def bench(tmp: Path, seconds: float, names: int, rounds: int) -> dict:
         stats = [stop_iotgw(p) for p in (gw, gw_cache)]
         result["rss_mb"] = max(s["rss_mb"] for s in stats)
         result["logged_rows"] = sum(s["logged_rows"] for s in stats)
-        # The query-log writer's share of iotgw's CPU per query (it runs in the daemon, on the same core).
-        writer_cpu = sum(s["writer_cpu_s"] for s in stats)
-        result["store_cpu_us_per_row"] = round(writer_cpu / max(1, result["logged_rows"]) * 1e6, 1)
+        result["daemon"] = stats[0]["daemon"]
         result["seconds_per_run"] = seconds
         result["rounds"] = rounds
         result["load_avg_1m"] = os.getloadavg()[0]
@@ -123,9 +122,9 @@ def dnsmasq(port: int, cpu: str, extra: list[str]) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def iotgw(port: int, upstream_port: int, cache: int, db: Path) -> subprocess.Popen:
+def iotgw(port: int, upstream_port: int, cache: int, state: Path) -> subprocess.Popen:
     cmd = ["taskset", "-c", SERVER_CPU, sys.executable, __file__, "--child", str(port),
-           f"127.0.0.1:{upstream_port}", str(cache), str(db)]
+           f"127.0.0.1:{upstream_port}", str(cache), str(state)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
 
 
@@ -189,22 +188,67 @@ def free_ports(n: int) -> list[int]:
 # ---- the iotgw side, in its own process (so its CPU is pinned and its RSS is its own) -------------------
 
 
-def run_iotgw(port: int, upstream: str, cache: int, db: str) -> int:
+def run_iotgw(port: int, upstream: str, cache: int, state: str) -> int:
+    """Serve until SIGTERM, then print peak RSS and how many queries reached the query log."""
     import asyncio
     import resource
+
+    sys.path.insert(0, str(ROOT))
+    from gateway.config import Config, DnsConfig
+
+    dns = DnsConfig(listen=[f"127.0.0.1:{port}"], upstreams=[upstream], lan=["127.0.0.0/8"], timeout_s=2.0,
+                    cache_size=cache, rate_limit_per_minute=10**9)  # checked on every query, never reached
+    try:
+        from gateway.daemon import Gateway
+    except ImportError:  # a branch without the daemon: emulate its hot-path hooks and its query log
+        serve, logged, daemon = emulated_daemon(dns, Path(state))
+    else:
+        cfg = Config(source="(benchmark)")
+        cfg.gateway.state_dir = state
+        cfg.dns = dns
+        cfg.capture.sniff = False
+        serve, logged, daemon = real_daemon(Gateway, cfg)
+
+    async def main() -> None:
+        stop = await serve()
+        done = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, done.set)
+        await done.wait()
+        await stop()
+
+    asyncio.run(main())
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"rss_mb": round(rss_mb, 1), "logged_rows": logged(), "daemon": daemon}))
+    return 0
+
+
+def real_daemon(gateway_class: type, cfg: object) -> tuple:
+    """``iotgw run`` as it is: device tracker, policy, consumer, identifier, alerts and query log all on."""
+    from gateway.store.db import Store
+
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    gateway = gateway_class(cfg, Store(cfg.db_url))
+
+    async def serve():  # noqa: ANN202
+        await gateway.start()
+        return gateway.stop
+
+    return serve, lambda: gateway.querylog.written, "gateway.daemon.Gateway"
+
+
+def emulated_daemon(dns: object, state: Path) -> tuple:
+    """What the daemon adds per query, for a branch without it: a MAC lookup, a block-list lookup, each query
+    appended to a deque, and a thread writing the deque to SQLite (WAL) in batches through SQLAlchemy."""
     import threading
     from collections import deque
 
-    sys.path.insert(0, str(ROOT))
     from sqlalchemy import Column, Float, Integer, MetaData, String, Table, create_engine, event, insert
 
-    from gateway.config import DnsConfig
     from gateway.dns import Decision, DnsServer
     from gateway.events import Counters, DnsQuery
 
-    # Emulates the daemon around the server: the lead's store is not on this branch yet, so the query log
-    # is a table of the same shape written the same way (batches, WAL).
-    engine = create_engine(f"sqlite:///{db}")
+    state.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(f"sqlite:///{state / 'querylog.sqlite'}")
     event.listen(engine, "connect", lambda conn, _: conn.execute("PRAGMA journal_mode=WAL"))
     meta = MetaData()
     table = Table("queries", meta, Column("id", Integer, primary_key=True), Column("ts", Float),
@@ -217,12 +261,10 @@ def run_iotgw(port: int, upstream: str, cache: int, db: str) -> int:
     fields = DnsQuery.__slots__
     stop = threading.Event()
     written = [0]
-    writer_cpu = [0.0]
 
     def writer() -> None:
         while True:
             stopping = stop.wait(1.0)
-            started = time.thread_time()
             batch = []
             while events:
                 q = events.popleft()
@@ -231,7 +273,6 @@ def run_iotgw(port: int, upstream: str, cache: int, db: str) -> int:
                 with engine.begin() as conn:
                     conn.execute(insert(table), batch)
                 written[0] += len(batch)
-            writer_cpu[0] += time.thread_time() - started
             if stopping:
                 return
 
@@ -239,8 +280,7 @@ def run_iotgw(port: int, upstream: str, cache: int, db: str) -> int:
     blocked = {"ads.example", "tracker.example"}
 
     def decide(client: str, mac: str | None, qname: str, qtype: int, query: bytes) -> Decision | None:
-        # What a block-list lookup costs: the name and each parent against a set (none match here).
-        name = qname
+        name = qname  # the name and each parent against a set (none match here)
         while True:
             if name in blocked:
                 return Decision("blocked", name, None)
@@ -249,25 +289,20 @@ def run_iotgw(port: int, upstream: str, cache: int, db: str) -> int:
                 return None
             name = name[dot + 1 :]
 
-    config = DnsConfig(listen=[f"127.0.0.1:{port}"], upstreams=[upstream], lan=["127.0.0.0/8"], timeout_s=2.0,
-                       cache_size=cache, rate_limit_per_minute=10**9)  # checked, never reached
-
-    async def serve() -> None:
-        server = DnsServer(config, Counters(), mac_for=macs.get, decide=decide, emit=events.append)
+    async def serve():  # noqa: ANN202
+        server = DnsServer(dns, Counters(), mac_for=macs.get, decide=decide, emit=events.append)
         await server.start()
-        done = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, done.set)
-        await done.wait()
-        await server.stop()
+        thread = threading.Thread(target=writer, daemon=True)
+        thread.start()
 
-    thread = threading.Thread(target=writer, daemon=True)
-    thread.start()
-    asyncio.run(serve())
-    stop.set()
-    thread.join()
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"rss_mb": round(rss_mb, 1), "logged_rows": written[0], "writer_cpu_s": writer_cpu[0]}))
-    return 0
+        async def stop_all() -> None:
+            await server.stop()
+            stop.set()
+            thread.join()
+
+        return stop_all
+
+    return serve, lambda: written[0], "emulated"
 
 
 if __name__ == "__main__":

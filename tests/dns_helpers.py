@@ -88,7 +88,8 @@ def ask(port: int, name: str, rdtype: str = "A", *, host: str = "127.0.0.1", tcp
 
 
 class Running:
-    """A started DnsServer on its own event loop thread, with the events it emitted."""
+    """A started DnsServer on its own event loop thread, with the events it emitted (the server emits after
+    answering, so read them once the ``running`` block has ended)."""
 
     def __init__(self, server: DnsServer, loop: asyncio.AbstractEventLoop, events: list[DnsQuery]) -> None:
         self.server = server

@@ -569,7 +569,12 @@ class DnsServer:
                 head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_S)
                 data = await asyncio.wait_for(reader.readexactly(int.from_bytes(head, "big")), TCP_IDLE_S)
                 fut: asyncio.Future = self._loop.create_future()
-                self._handle(data, peer, None, fut)
+                try:
+                    self._handle(data, peer, None, fut)
+                except Exception:
+                    self.counters.add("dns_errors")
+                    log.exception("dns: TCP query from %s failed", peer[0])
+                    break
                 response = await fut
                 if response is None:
                     break
