@@ -3,7 +3,6 @@ keeps each device's first seconds as an observation window)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 from gateway.events import DhcpSeen, DnsQuery, Event, MdnsSeen, PacketSeen
@@ -39,7 +38,8 @@ def to_observation(event: Event) -> Observation | None:
 
 
 def to_json(obs: Observation) -> dict[str, Any]:
-    return {"kind": _KIND_OF[type(obs)], **asdict(obs)}
+    # Shallow on purpose: called for every packet of a new device, and asdict() deep-copies.
+    return {"kind": _KIND_OF[type(obs)], **{name: getattr(obs, name) for name in obs.__slots__}}
 
 
 def from_json(data: dict[str, Any]) -> Observation:

@@ -13,12 +13,14 @@ import logging
 import subprocess
 import time
 from collections.abc import Callable
+from functools import lru_cache
 
 log = logging.getLogger(__name__)
 
 _NO_MAC_STATES = {"FAILED", "INCOMPLETE", "NOARP"}
 
 
+@lru_cache(maxsize=4096)  # asked on every miss in the DNS hot path; ipaddress parsing costs microseconds
 def normalise_ip(ip: str) -> str:
     """One spelling per address (``fe80:0::1`` and ``fe80::1`` are the same key); a scope id is dropped."""
     try:
