@@ -15,6 +15,7 @@ from gateway.config import Config, ConfigError, load, parse_hostport
 COMMAND_MODULES = (
     "gateway.commands.daemon",  # run, demo, replay
     "gateway.commands.inspect",  # devices, queries
+    "gateway.commands.identify",  # identify, train, evaluate
 )
 
 

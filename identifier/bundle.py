@@ -34,7 +34,8 @@ class BundleError(Exception):
 @dataclass
 class Thresholds:
     commit: float = 0.9  # calibrated device-type probability at which a decision is committed
-    revise: float = 0.97  # a committed decision changes only for another type at least this sure
+    revise: float = 0.9  # a committed decision changes only for another type at least this sure ...
+    abandon: float = 0.1  # ... while the committed type has fallen to at most this
     known: float = 0.5  # below this manufacturer probability the device is judged unknown
     min_specific: int = 1  # known needs this many tokens that were specific to <= 2 vendors in training
 

@@ -16,7 +16,7 @@ from identifier.observation import DnsObservation, Observation
 UNKNOWN = "Unknown"  # the domains list's placeholder for an unlabelled vendor or type: never a training target
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: a window is one capture, and training caches its vectors by it
 class LabelledWindow:
     """One device's observations with its labels; ``group`` keeps a capture (or device) on one side of a split."""
 

@@ -90,6 +90,7 @@ class Session:
         self.x = self.state.vector()
         self.z1 = ident.net.first_layer(self.x)
         self.specific = 0
+        self.own_words = False  # a DNS name, DHCP or mDNS token: something the device said, not its MAC
         self.committed: Identity | None = None
         self.last_ts = first_ts
         self._count_specific(self.state.tokens)
@@ -98,8 +99,9 @@ class Session:
 
     def _count_specific(self, tokens) -> None:
         for token in tokens:
-            if is_specific(token) and self.ident.seen[seen_bit(token)]:
-                self.specific += 1
+            if is_specific(token):
+                self.own_words |= not token.startswith("oui")
+                self.specific += bool(self.ident.seen[seen_bit(token)])
 
     def update(self, obs: Observation) -> Identity | None:
         """Fold in one observation; returns an Identity only when a decision is committed or revised."""
@@ -123,14 +125,19 @@ class Session:
         p_type = self._probs[1]
         best = int(p_type.argmax())
         if self.committed is None:
-            if p_type[best] >= th.commit and self._known():
+            # the MAC prefix alone names a vendor, never a product: wait for the device's own words
+            if p_type[best] >= th.commit and self._known() and self.own_words:
                 self.committed = self._identity(ts - self.state.first_ts)
                 return self.committed
             return None
-        if self.ident.labels["device_type"][best] != self.committed.device_type and p_type[best] >= th.revise:
-            self.committed = self._identity(ts - self.state.first_ts)
-            return self.committed
-        return None
+        labels = self.ident.labels["device_type"]
+        if labels[best] == self.committed.device_type or p_type[best] < th.revise:
+            return None
+        held = labels.index(self.committed.device_type) if self.committed.known else None
+        if held is not None and p_type[held] > th.abandon:
+            return None  # the committed type is still plausible: not strong contrary evidence
+        self.committed = self._identity(ts - self.state.first_ts)
+        return self.committed
 
     def _known(self) -> bool:
         th = self.ident.bundle.thresholds

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import weakref
 from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 
@@ -23,7 +24,7 @@ from identifier.inference import HEADS
 from identifier.observation import DnsObservation, Observation, PacketObservation
 from identifier.stream import is_specific
 
-CUTOFFS = (0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0)
+CUTOFFS = (1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 DNS_ONLY = ("dns",)
 SUBSETS = 4  # random halves per whole-capture name set
 NAME_SET_WEIGHT = (4.0, 1.0, 1.0)  # per head: name sets are what teaches most vendors, captures the types
@@ -46,6 +47,17 @@ def label_space(windows: list[LabelledWindow]) -> dict[str, list[str]]:
     return space
 
 
+_VECTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _timed_vectors(win: LabelledWindow, config: FeatureConfig) -> tuple[np.ndarray, list[set[str]]]:
+    """A capture's prefix vectors; cached per window, since cross-validation trains on each capture many times."""
+    per_window = _VECTORS.setdefault(win, {})
+    if config not in per_window:
+        per_window[config] = window_vectors(win.observations, win.mac, win.first_ts, config, list(CUTOFFS))
+    return per_window[config]
+
+
 def build_samples(windows: list[LabelledWindow], space: dict[str, list[str]], config: FeatureConfig,
                   seed: int = 0) -> Samples:
     rng = np.random.default_rng(seed)
@@ -64,8 +76,7 @@ def build_samples(windows: list[LabelledWindow], space: dict[str, list[str]], co
     for win in windows:
         if win.timed:
             for signals in (config.signals, DNS_ONLY):
-                vecs, toks = window_vectors(win.observations, win.mac, win.first_ts,
-                                            config.with_signals(signals), list(CUTOFFS))
+                vecs, toks = _timed_vectors(win, config.with_signals(signals))
                 for v, t in zip(vecs, toks):
                     add(v, t, win, (1.0, 1.0, 1.0))
         else:
