@@ -109,7 +109,8 @@ class Session:
         changed = self.state.add(obs)
         if not changed:
             return None
-        if self.state.fresh:
+        fresh = bool(self.state.fresh)
+        if fresh:
             self._count_specific(self.state.fresh)
             self.state.fresh.clear()
         w1 = self.ident.net.w["w1"]
@@ -117,6 +118,8 @@ class Session:
             new = np.log1p(self.state.counts[b])
             self.z1 += (new - self.x[b]) * w1[b]
             self.x[b] = new
+        if self.committed is not None and not fresh:
+            return None  # a repeat of what was seen can move a committed decision by a hair, never overturn it
         self._probs = self.ident.net.from_first_layer(self.z1)
         return self._decide(obs.ts)
 
