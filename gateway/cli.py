@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "gateway.commands.federation",  # federation server, join, keygen, rollback
     "gateway.commands.doctor",  # doctor
     "gateway.commands.setup",  # setup (first boot)
+    "gateway.commands.identify",  # identify, train, evaluate
 )
 
 

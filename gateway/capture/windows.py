@@ -1,0 +1,96 @@
+"""A capture's events grouped per device MAC into observation windows, for identification and training.
+
+Each device's window starts at its own first packet (not the capture's): that is what the daemon sees when
+a new device joins, and what ``--window`` counts from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.capture.frames import MalformedPacket, parse_frame
+from gateway.capture.pcap import read_frames
+from gateway.events import DhcpSeen, DnsQuery, Event, MdnsSeen, PacketSeen
+from identifier.dataset import LabelledWindow, read_labels
+from identifier.observation import (
+    DhcpObservation,
+    DnsObservation,
+    MdnsObservation,
+    Observation,
+    PacketObservation,
+)
+
+
+def observation_of(event: Event) -> Observation | None:
+    """The identifier's record for a gateway event, or None for events that say nothing about identity."""
+    if isinstance(event, DnsQuery):
+        return DnsObservation(event.ts, event.qname, event.qtype)
+    if isinstance(event, DhcpSeen):
+        return DhcpObservation(event.ts, event.hostname, event.param_list, event.vendor_class,
+                               event.client_id, event.message_type)
+    if isinstance(event, MdnsSeen):
+        return MdnsObservation(event.ts, event.names, event.services)
+    if isinstance(event, PacketSeen):
+        return PacketObservation(event.ts, event.proto, event.port)
+    return None
+
+
+@dataclass
+class DeviceWindow:
+    """One device's observations in one capture, from its first packet; ``first_ts`` is that packet's time."""
+
+    mac: str
+    first_ts: float
+    observations: list[Observation] = field(default_factory=list)
+
+
+@dataclass
+class CaptureWindows:
+    devices: dict[str, DeviceWindow]
+    malformed: int  # frames dropped because their DNS/DHCP/mDNS payload did not decode
+
+
+def capture_windows(path: str | Path, window: float | None = None) -> CaptureWindows:
+    """Every device MAC that sent at least one packet in ``path``, with its observations.
+
+    Only the first ``window`` seconds after each device's first packet are kept (all when None).
+    Raises ``gateway.capture.pcap.PcapError`` naming the file when it cannot be read.
+    """
+    devices: dict[str, DeviceWindow] = {}
+    malformed = 0
+    for ts, frame in read_frames(path):
+        try:
+            events = parse_frame(frame, ts, others=True, source="replay")
+        except MalformedPacket:
+            malformed += 1
+            continue
+        for event in events:
+            obs = observation_of(event)
+            mac = getattr(event, "mac", None)
+            if obs is None or not mac:
+                continue
+            dev = devices.get(mac)
+            if dev is None:
+                dev = devices[mac] = DeviceWindow(mac, ts)
+            if window is None or ts - dev.first_ts <= window:
+                dev.observations.append(obs)
+    return CaptureWindows(devices, malformed)
+
+
+def labelled_captures(root: str | Path, window: float = 60.0) -> list[LabelledWindow]:
+    """The iot-sentinel captures under ``root`` (``labels.csv`` + ``captures/<folder>/*.pcap``) as labelled
+    windows of the device's own MAC only: the WeMo captures also carry the setup phone's traffic."""
+    root = Path(root)
+    labels = read_labels(root / "labels.csv")
+    out: list[LabelledWindow] = []
+    for folder, label in sorted(labels.items()):
+        device_dir = root / "captures" / folder
+        mac = (device_dir / "_iotdevice-mac.txt").read_text(encoding="utf-8").strip().lower()
+        for pcap in sorted(device_dir.glob("*.pcap")):
+            dev = capture_windows(pcap, window).devices.get(mac)
+            if dev is None:
+                continue
+            out.append(LabelledWindow(dev.observations, mac, dev.first_ts, label.manufacturer, label.device_type,
+                                      label.category, f"{folder}/{pcap.name}", "iot-sentinel", timed=True))
+    return out

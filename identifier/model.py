@@ -1,0 +1,142 @@
+"""The torch model and its training loop: a shared trunk with heads for manufacturer, device type and category.
+
+Layer norm rather than batch norm: each home sees a handful of devices, so batch statistics would be
+meaningless there (and federated updates from non-IID homes would fight over them). Training stops early on a
+validation split held out by group (capture file), then one temperature per head is fitted on that split so the
+softmax confidence means what it says. Torch is only needed here; the daemon runs ``identifier.inference``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from identifier.inference import HEADS
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    hidden: int = 64
+    input_dropout: float = 0.2
+    dropout: float = 0.1
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    max_epochs: int = 60
+    patience: int = 8
+    val_fraction: float = 0.15
+
+
+class IdentifierNet(nn.Module):
+    def __init__(self, dim: int, hidden: int, sizes: tuple[int, int, int], input_dropout: float, dropout: float):
+        super().__init__()
+        self.input_dropout = nn.Dropout(input_dropout)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.ln1 = nn.LayerNorm(hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.ln2 = nn.LayerNorm(hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.heads = nn.ModuleList(nn.Linear(hidden, n) for n in sizes)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        h = torch.relu(self.ln1(self.fc1(self.input_dropout(x))))
+        h = torch.relu(self.ln2(self.fc2(self.dropout(h))))
+        return [head(h) for head in self.heads]
+
+
+def _split_groups(groups: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """A boolean validation mask that keeps every group (capture) wholly on one side."""
+    uniq = np.unique(groups)
+    val = rng.choice(uniq, size=max(1, int(round(len(uniq) * fraction))), replace=False)
+    return np.isin(groups, val)
+
+
+def _loss(logits: list[torch.Tensor], y: torch.Tensor, w: torch.Tensor, temps: list[float] | None = None):
+    total = torch.zeros(())
+    for k, out in enumerate(logits):
+        mask = y[:, k] >= 0
+        if not mask.any():
+            continue
+        t = temps[k] if temps else 1.0
+        ce = nn.functional.cross_entropy(out[mask] / t, y[mask, k], reduction="none")
+        total = total + (ce * w[mask, k]).sum() / w[mask, k].sum()
+    return total
+
+
+def fit(x: np.ndarray, y: np.ndarray, w: np.ndarray, groups: np.ndarray, sizes: tuple[int, int, int],
+        seed: int, config: TrainConfig = TrainConfig(), progress: bool = False) -> dict[str, np.ndarray]:
+    """Train on ``x`` (n, dim) with labels ``y`` (n, 3; -1 where a head has no label) and per-head weights
+    ``w`` (n, 3); returns the exported numpy weights (``identifier.inference`` format) with temperatures."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)  # a small net: more threads only contend (the gateway shares two cores)
+    rng = np.random.default_rng(seed)
+    val = _split_groups(groups, config.val_fraction, rng)
+    xt, yt, wt = (torch.as_tensor(a) for a in (x.astype(np.float32), y.astype(np.int64), w.astype(np.float32)))
+    tr_idx = np.flatnonzero(~val)
+    xv, yv, wv = xt[val], yt[val], wt[val]
+    net = IdentifierNet(x.shape[1], config.hidden, sizes, config.input_dropout, config.dropout)
+    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    best, best_state, stale = float("inf"), None, 0
+    epochs = range(config.max_epochs)
+    if progress:
+        from tqdm import tqdm
+
+        epochs = tqdm(epochs, desc="training", unit="epoch")
+    for _ in epochs:
+        net.train()
+        order = rng.permutation(tr_idx)
+        for start in range(0, len(order), config.batch_size):
+            batch = torch.as_tensor(order[start : start + config.batch_size])
+            opt.zero_grad()
+            _loss(net(xt[batch]), yt[batch], wt[batch]).backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad():
+            vlogits = net(xv)
+            vloss = float(_loss(vlogits, yv, wv))
+            # stop on device-type errors, loss only breaking ties: the loss of inherently ambiguous early
+            # windows rises (overconfidence) long before the later windows stop improving
+            labelled = yv[:, 1] >= 0
+            verr = float((vlogits[1][labelled].argmax(1) != yv[labelled, 1]).float().mean())
+        score = verr + 0.01 * vloss
+        if progress:
+            epochs.set_postfix(val_loss=f"{vloss:.3f}", val_type_error=f"{verr:.3f}")
+        if score < best - 1e-4:
+            best, stale = score, 0
+            best_state = {k: v.clone() for k, v in net.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    net.load_state_dict(best_state)
+    net.eval()
+    with torch.no_grad():
+        vlogits = net(xv)
+    temps = [_temperature(vlogits[k], yv[:, k]) for k in range(len(sizes))]
+    return export(net, temps)
+
+
+def _temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """The temperature that minimises validation NLL (Guo et al. 2017), searched on a log grid: robust and cheap."""
+    mask = y >= 0
+    if mask.sum() < 5:
+        return 1.0
+    grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 41))
+    nll = [float(nn.functional.cross_entropy(logits[mask] / t, y[mask])) for t in grid]
+    return float(grid[int(np.argmin(nll))])
+
+
+def export(net: IdentifierNet, temps: list[float]) -> dict[str, np.ndarray]:
+    sd = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+    out = {
+        "w1": sd["fc1.weight"].T.copy(), "b1": sd["fc1.bias"], "g1": sd["ln1.weight"], "be1": sd["ln1.bias"],
+        "w2": sd["fc2.weight"].T.copy(), "b2": sd["fc2.bias"], "g2": sd["ln2.weight"], "be2": sd["ln2.bias"],
+        "temps": np.asarray(temps, dtype=np.float32),
+    }
+    for k, name in enumerate(HEADS):
+        out[f"h_{name}_w"] = sd[f"heads.{k}.weight"].T.copy()
+        out[f"h_{name}_b"] = sd[f"heads.{k}.bias"]
+    return out

@@ -1,0 +1,170 @@
+"""The streaming decision the daemon runs: one session per device, updated with each observation.
+
+A session keeps the device's feature counts and the first layer's pre-activation, so an observation costs the
+few buckets it changed plus two 64-wide layers (numpy only, no torch). A decision is committed as soon as the
+calibrated device-type probability reaches the bundle's ``commit`` threshold, and revised only when another
+type reaches ``revise``. A device whose evidence matches no vendor seen in training is "unknown" (open set)
+rather than a confident wrong name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from identifier.bundle import Bundle, observation_from_json
+from identifier.features import FeatureConfig, FeatureState, seen_bit
+from identifier.inference import NumpyNet
+from identifier.observation import Observation
+
+UNKNOWN_LABEL = "unknown"
+# Token kinds that can name a vendor; timing and counts tokens say nothing about which vendor it is.
+SPECIFIC_PREFIXES = ("sld:", "dhcp55:", "dhcp60:", "dhcp12:", "mdns:", "mdnssvc:", "oui:", "ouiprefix:")
+_SIGNAL_OF = {"sld": "dns", "host": "dns", "qtype": "dns", "dhcp": "dhcp", "mdns": "mdns", "oui": "oui",
+              "pkt": "packet"}
+
+
+@dataclass
+class Identity:
+    manufacturer: str
+    device_type: str
+    category: str
+    confidence: float
+    known: bool
+    decided_after_s: float | None
+    alternatives: list[tuple[str, float]] = field(default_factory=list)
+    signals: list[str] = field(default_factory=list)
+    model_version: str = ""
+
+
+def is_specific(token: str) -> bool:
+    return token.startswith(SPECIFIC_PREFIXES)
+
+
+def signal_of(token: str) -> str:
+    """The signal a token came from (``dhcp55:...`` -> ``dhcp``), for ``Identity.signals``."""
+    head = token.split(":", 1)[0]
+    if head == "first":
+        head = token.split(":", 2)[1]
+    for prefix, signal in _SIGNAL_OF.items():
+        if head.startswith(prefix):
+            return signal
+    return "dns" if head in ("sld", "dns") else head
+
+
+class Identifier:
+    """A loaded bundle; ``session()`` starts the streaming decision for one device."""
+
+    def __init__(self, bundle: Bundle, signals: tuple[str, ...] | None = None):
+        self.bundle = bundle
+        self.net = NumpyNet(bundle.weights)
+        self.features: FeatureConfig = bundle.features.with_signals(signals) if signals else bundle.features
+        self.seen = np.unpackbits(bundle.seen).astype(bool)
+        self.labels = bundle.labels
+        self.version = bundle.version
+
+    @classmethod
+    def load(cls, model_dir: str | None = None, signals: tuple[str, ...] | None = None) -> Identifier:
+        """The bundle in ``model_dir`` (None: the shipped default); ``signals`` restricts the inputs used."""
+        return cls(Bundle.load(model_dir), signals)
+
+    def session(self, mac: str, first_ts: float) -> Session:
+        return Session(self, mac.lower(), first_ts)
+
+    def prototypes(self) -> dict[str, list[Observation]]:
+        """Per device type, a short synthetic observation sequence (timestamps from 0) for virtual devices."""
+        return {t: [observation_from_json(o) for o in seq] for t, seq in self.bundle.prototypes.items()}
+
+    def profiles(self) -> dict[str, list[str]]:
+        """Per device type, the SLDs its class normally contacts in the training data."""
+        return {t: list(slds) for t, slds in self.bundle.profiles.items()}
+
+
+class Session:
+    """One device's streaming identification."""
+
+    def __init__(self, ident: Identifier, mac: str, first_ts: float):
+        self.ident = ident
+        self.state = FeatureState(ident.features, mac, first_ts)
+        self.x = self.state.vector()
+        self.z1 = ident.net.first_layer(self.x)
+        self.specific = 0
+        self.own_words = False  # a DNS name, DHCP or mDNS token: something the device said, not its MAC
+        self.committed: Identity | None = None
+        self.last_ts = first_ts
+        self._count_specific(self.state.tokens)
+        self.state.fresh.clear()
+        self._probs = ident.net.from_first_layer(self.z1)
+
+    def _count_specific(self, tokens) -> None:
+        for token in tokens:
+            if is_specific(token):
+                self.own_words |= not token.startswith("oui")
+                self.specific += bool(self.ident.seen[seen_bit(token)])
+
+    def update(self, obs: Observation) -> Identity | None:
+        """Fold in one observation; returns an Identity only when a decision is committed or revised."""
+        self.last_ts = max(self.last_ts, obs.ts)
+        changed = self.state.add(obs)
+        if not changed:
+            return None
+        fresh = bool(self.state.fresh)
+        if fresh:
+            self._count_specific(self.state.fresh)
+            self.state.fresh.clear()
+        w1 = self.ident.net.w["w1"]
+        for b in set(changed):
+            new = np.log1p(self.state.counts[b])
+            self.z1 += (new - self.x[b]) * w1[b]
+            self.x[b] = new
+        if self.committed is not None and not fresh:
+            return None  # a repeat of what was seen can move a committed decision by a hair, never overturn it
+        self._probs = self.ident.net.from_first_layer(self.z1)
+        return self._decide(obs.ts)
+
+    def _decide(self, ts: float) -> Identity | None:
+        th = self.ident.bundle.thresholds
+        p_type = self._probs[1]
+        best = int(p_type.argmax())
+        if self.committed is None:
+            # the MAC prefix alone names a vendor, never a product: wait for the device's own words
+            if p_type[best] >= th.commit and self._known() and self.own_words:
+                self.committed = self._identity(ts - self.state.first_ts)
+                return self.committed
+            return None
+        labels = self.ident.labels["device_type"]
+        if labels[best] == self.committed.device_type or p_type[best] < th.revise:
+            return None
+        held = labels.index(self.committed.device_type) if self.committed.known else None
+        if held is not None and p_type[held] > th.abandon:
+            return None  # the committed type is still plausible: not strong contrary evidence
+        self.committed = self._identity(ts - self.state.first_ts)
+        return self.committed
+
+    def _known(self) -> bool:
+        th = self.ident.bundle.thresholds
+        return self.specific >= th.min_specific and float(self._probs[0].max()) >= th.known
+
+    def _identity(self, decided_after_s: float | None) -> Identity:
+        labels = self.ident.labels
+        p_man, p_type, p_cat = self._probs
+        order = np.argsort(-p_type)[:3]
+        alternatives = [(labels["device_type"][i], round(float(p_type[i]), 4)) for i in order]
+        known = self._known()
+        dtype = labels["device_type"][int(order[0])]
+        info = self.ident.bundle.type_info.get(dtype, {})
+        # a known type names its own manufacturer and category; the heads answer for the generic types
+        manufacturer = info.get("manufacturer") or labels["manufacturer"][int(p_man.argmax())]
+        category = info.get("category") or labels["category"][int(p_cat.argmax())]
+        signals = sorted({signal_of(t) for t in self.state.tokens})
+        if not known:
+            manufacturer = dtype = category = UNKNOWN_LABEL
+        return Identity(manufacturer, dtype, category, round(float(p_type[order[0]]), 4), known, decided_after_s,
+                        alternatives, signals, self.ident.version)
+
+    def current(self) -> Identity:
+        """The committed decision if there is one, else the provisional best guess (``decided_after_s`` None)."""
+        if self.committed is not None:
+            return self.committed
+        return self._identity(None)

@@ -1,0 +1,183 @@
+"""Training: labelled observation windows in, a model bundle out.
+
+Each timed window (a capture) becomes several samples: its prefixes at ``CUTOFFS`` seconds, each with all
+signals and with DNS alone, so one model serves early decisions and DNS-only gateways. Each whole-capture name
+set (the domains list) becomes its full set plus random halves, standing in for the partial view of a device's
+first minute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import weakref
+from collections import Counter, defaultdict
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from identifier.bundle import Bundle, Thresholds, observation_to_json
+from identifier.dataset import LabelledWindow
+from identifier.domains import sld
+from identifier.features import SEEN_BITS, FeatureConfig, seen_bit, window_vectors
+from identifier.inference import HEADS
+from identifier.observation import DnsObservation, Observation, PacketObservation
+from identifier.stream import is_specific
+
+CUTOFFS = (1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
+DNS_ONLY = ("dns",)
+SUBSETS = 4  # random halves per whole-capture name set
+NAME_SET_WEIGHT = (4.0, 1.0, 1.0)  # per head: name sets are what teaches most vendors, captures the types
+
+
+@dataclass
+class Samples:
+    x: np.ndarray
+    y: np.ndarray  # (n, 3) class ids, -1 where unlabelled
+    w: np.ndarray  # (n, 3) per-head weights
+    groups: np.ndarray
+    tokens: list[set[str]]
+
+
+def label_space(windows: list[LabelledWindow]) -> dict[str, list[str]]:
+    """Sorted label values per head, from the windows' own labels."""
+    space = {}
+    for head in HEADS:
+        space[head] = sorted({getattr(w, head) for w in windows if getattr(w, head)})
+    return space
+
+
+_VECTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _timed_vectors(win: LabelledWindow, config: FeatureConfig) -> tuple[np.ndarray, list[set[str]]]:
+    """A capture's prefix vectors; cached per window, since cross-validation trains on each capture many times."""
+    per_window = _VECTORS.setdefault(win, {})
+    if config not in per_window:
+        per_window[config] = window_vectors(win.observations, win.mac, win.first_ts, config, list(CUTOFFS))
+    return per_window[config]
+
+
+def build_samples(windows: list[LabelledWindow], space: dict[str, list[str]], config: FeatureConfig,
+                  seed: int = 0) -> Samples:
+    rng = np.random.default_rng(seed)
+    index = {head: {v: i for i, v in enumerate(values)} for head, values in space.items()}
+    xs, ys, ws, groups, tokens = [], [], [], [], []
+
+    def add(vec: np.ndarray, toks: set[str], win: LabelledWindow, weight: tuple[float, float, float]) -> None:
+        if not vec.any():
+            return  # nothing seen yet: teaches only the prior
+        xs.append(vec)
+        ys.append([index[h].get(getattr(win, h) or "", -1) for h in HEADS])
+        ws.append(weight)
+        groups.append(win.group)
+        tokens.append(toks)
+
+    for win in windows:
+        if win.timed:
+            for signals in (config.signals, DNS_ONLY):
+                vecs, toks = _timed_vectors(win, config.with_signals(signals))
+                for v, t in zip(vecs, toks):
+                    add(v, t, win, (1.0, 1.0, 1.0))
+        else:
+            dns_config = config.with_signals(DNS_ONLY)
+            subsets = [win.observations]
+            n = len(win.observations)
+            for _ in range(SUBSETS if n > 1 else 0):
+                keep = np.sort(rng.choice(n, size=max(1, n // 2), replace=False))
+                subsets.append([win.observations[i] for i in keep])
+            for obs in subsets:
+                vecs, toks = window_vectors(obs, "", 0.0, dns_config, [0.0])
+                add(vecs[0], toks[0], win, NAME_SET_WEIGHT)
+    return Samples(np.stack(xs).astype(np.float32), np.asarray(ys, dtype=np.int64),
+                   np.asarray(ws, dtype=np.float32), np.asarray(groups), tokens)
+
+
+def specific_bitmap(samples: Samples, space: dict[str, list[str]], max_vendors: int = 2) -> np.ndarray:
+    """Bits of the tokens that, in training, came from at most ``max_vendors`` manufacturers: the open-set
+    evidence (a device showing none of them is from a vendor the model never saw)."""
+    vendors: dict[str, set[int]] = defaultdict(set)
+    for toks, y in zip(samples.tokens, samples.y):
+        if y[0] < 0:
+            continue
+        for t in toks:
+            if is_specific(t):
+                vendors[t].add(int(y[0]))
+    bits = np.zeros(SEEN_BITS, dtype=bool)
+    for t, vs in vendors.items():
+        if len(vs) <= max_vendors:
+            bits[seen_bit(t)] = True
+    return np.packbits(bits)
+
+
+def data_hash(windows: list[LabelledWindow]) -> str:
+    """SHA-256 over the training windows' labels and observations, in a canonical order."""
+    h = hashlib.sha256()
+    for w in sorted(windows, key=lambda w: w.group):
+        h.update(repr((w.group, w.manufacturer, w.device_type, w.category, w.mac, w.first_ts)).encode())
+        for o in w.observations:
+            h.update(repr(o).encode())
+    return h.hexdigest()
+
+
+def prototypes(windows: list[LabelledWindow], max_obs: int = 40, horizon: float = 30.0) -> dict[str, list[dict]]:
+    """Per device type, the first ``horizon`` seconds of its first capture, relative timestamps, with runs of
+    identical packets collapsed so a prototype stays a few dozen records."""
+    out: dict[str, list[dict]] = {}
+    for w in sorted(windows, key=lambda w: (not w.timed, w.group)):
+        if not w.device_type or w.device_type in out:
+            continue
+        seq: list[Observation] = []
+        packets: Counter = Counter()
+        for o in w.observations:
+            rel = o.ts - w.first_ts
+            if rel > horizon or len(seq) >= max_obs:
+                break
+            if isinstance(o, PacketObservation):
+                packets[(o.proto, o.port)] += 1
+                if packets[(o.proto, o.port)] > 2:
+                    continue
+            seq.append(replace(o, ts=rel if w.timed else float(len(seq))))
+        if seq:
+            out[w.device_type] = [observation_to_json(o) for o in seq]
+    return out
+
+
+def profiles(windows: list[LabelledWindow], min_share: float = 0.25) -> dict[str, list[str]]:
+    """Per device type, the SLDs at least ``min_share`` of its windows queried."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    totals: Counter = Counter()
+    for w in windows:
+        if not w.device_type:
+            continue
+        totals[w.device_type] += 1
+        counts[w.device_type].update({sld(o.name) for o in w.observations if isinstance(o, DnsObservation)})
+    return {t: sorted(s for s, n in c.items() if n >= min_share * totals[t]) for t, c in counts.items()}
+
+
+def type_info(windows: list[LabelledWindow]) -> dict[str, dict[str, str]]:
+    """Device types that belong to a single manufacturer and category (the captured products)."""
+    seen: dict[str, set[tuple[str | None, str | None]]] = defaultdict(set)
+    for w in windows:
+        if w.device_type and w.timed:
+            seen[w.device_type].add((w.manufacturer, w.category))
+    return {t: {"manufacturer": m, "category": c} for t, pairs in seen.items() if len(pairs) == 1
+            for (m, c) in pairs if m and c}
+
+
+def train(windows: list[LabelledWindow], seed: int = 0, config: FeatureConfig = FeatureConfig(),
+          thresholds: Thresholds | None = None, progress: bool = False, train_config=None) -> Bundle:
+    """Train a bundle on ``windows``; torch is imported here, never by the daemon."""
+    from identifier.model import TrainConfig, fit
+
+    space = label_space(windows)
+    samples = build_samples(windows, space, config, seed)
+    weights = fit(samples.x, samples.y, samples.w, samples.groups,
+                  tuple(len(space[h]) for h in HEADS), seed, train_config or TrainConfig(), progress)
+    digest = data_hash(windows)
+    return Bundle(
+        weights=weights, features=config, labels=space, seen=specific_bitmap(samples, space),
+        version=f"{time.strftime('%Y%m%d')}-{digest[:8]}-s{seed}", thresholds=thresholds or Thresholds(),
+        type_info=type_info(windows), training_data_sha256=digest,
+        prototypes=prototypes(windows), profiles=profiles(windows),
+    )
