@@ -255,11 +255,11 @@ class Gateway:
                 device.category, device.confidence = identity.category, float(identity.confidence)
                 device.known, device.decided_after_s = identity.known, identity.decided_after_s
                 self.alerts.device_changed(key)
-        if identities:
-            self.filtering.reload_devices()  # a type's default policy applies from the next query on
             for key, start, observations in windows:
                 if s.get(Device, key) is not None:
                     s.merge(ObservationWindow(mac=key, started_at=start, observations=observations))
+        if identities:
+            self.filtering.reload_devices()  # a type's default policy applies from the next query on
 
 
 def load_identifier(cfg: Config):  # noqa: ANN201 - identifier.stream.Identifier | None

@@ -92,7 +92,11 @@ class DeviceRunner(threading.Thread):
         sock.bind((self.device.ip, 0))
         sock.settimeout(1.0)
         try:
-            self._play(sock, self.device.script)
+            script = self.device.script
+            if not any(isinstance(o, DhcpObservation) for o in script):
+                # Every real device asks for an address before it speaks; that is how its MAC is learnt.
+                script = [DhcpObservation(0.0, message_type=3), *script]
+            self._play(sock, script)
             later = [o for o in self.device.script if isinstance(o, DnsObservation)]
             while later and not self.stopping.wait(self.period_s):
                 self._play(sock, [DnsObservation(0.0, o.name, o.qtype) for o in later[:3]])

@@ -11,29 +11,11 @@ from pathlib import Path
 
 from gateway.capture.frames import MalformedPacket, parse_frame
 from gateway.capture.pcap import read_frames
-from gateway.events import DhcpSeen, DnsQuery, Event, MdnsSeen, PacketSeen
+from gateway.observations import to_observation
 from identifier.dataset import LabelledWindow, read_labels
 from identifier.observation import (
-    DhcpObservation,
-    DnsObservation,
-    MdnsObservation,
     Observation,
-    PacketObservation,
 )
-
-
-def observation_of(event: Event) -> Observation | None:
-    """The identifier's record for a gateway event, or None for events that say nothing about identity."""
-    if isinstance(event, DnsQuery):
-        return DnsObservation(event.ts, event.qname, event.qtype)
-    if isinstance(event, DhcpSeen):
-        return DhcpObservation(event.ts, event.hostname, event.param_list, event.vendor_class,
-                               event.client_id, event.message_type)
-    if isinstance(event, MdnsSeen):
-        return MdnsObservation(event.ts, event.names, event.services)
-    if isinstance(event, PacketSeen):
-        return PacketObservation(event.ts, event.proto, event.port)
-    return None
 
 
 @dataclass
@@ -66,7 +48,7 @@ def capture_windows(path: str | Path, window: float | None = None) -> CaptureWin
             malformed += 1
             continue
         for event in events:
-            obs = observation_of(event)
+            obs = to_observation(event)
             mac = getattr(event, "mac", None)
             if obs is None or not mac:
                 continue

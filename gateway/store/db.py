@@ -49,8 +49,17 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        with self.session.begin() as session:
-            yield session
+        """A write transaction. On SQLite it starts with BEGIN IMMEDIATE: a deferred transaction that reads
+        and then writes fails at once with "database is locked" when another process wrote in between (WAL
+        cannot upgrade a stale snapshot), while an immediate one waits its turn under busy_timeout."""
+        with self.session() as session:
+            session.connection(execution_options={"immediate": True})  # begins the transaction
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
 
     def get_setting(self, key: str, default: str | None = None) -> str | None:
         with self.session() as s:
@@ -87,6 +96,7 @@ def _engine(url: str) -> Engine:
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DB-API connection
+        dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (below), not the driver
         cur = dbapi_conn.cursor()
         # WAL: readers (the web UI) never block the daemon's writer; NORMAL sync is safe in WAL and spares
         # the SD card a flush per commit.
@@ -95,6 +105,10 @@ def _engine(url: str) -> Engine:
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=30000")
         cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn) -> None:  # noqa: ANN001 - Connection
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("immediate") else "BEGIN")
 
     return engine
 
