@@ -16,13 +16,14 @@ from collections import deque
 from collections.abc import Callable
 
 from gateway import sdnotify
-from gateway.alerts import Alerts
+from gateway.alerts import Alerts, PolicyHooks
 from gateway.config import Config
 from gateway.devices.neighbours import NeighbourTable
 from gateway.devices.tracker import Change, DeviceTracker
 from gateway.events import Alert, Counters, DnsQuery, Event
 from gateway.filtering import Filtering
 from gateway.observations import to_json, to_observation
+from gateway.policyfile import DEVICE_MODES, device_mode, set_device_mode
 from gateway.store.db import Store
 from gateway.store.querylog import QueryLogWriter
 from gateway.store.schema import Device, Identification, ObservationWindow
@@ -44,7 +45,12 @@ class Gateway:
         self.querylog = QueryLogWriter(store, flush_interval_s=cfg.store.flush_interval_s,
                                        days=cfg.store.querylog_days, max_rows=cfg.store.querylog_max_rows)
         self.identifier = load_identifier(cfg)
-        self.alerts = Alerts(store, cfg)
+        state_dir = cfg.state_dir
+        self.alerts = Alerts(store, cfg, policy=PolicyHooks(
+            options=lambda: DEVICE_MODES,
+            current=lambda mac: device_mode(state_dir, mac),
+            apply=lambda mac, mode: set_device_mode(state_dir, mac, mode),  # the daemon reloads it within 0.5 s
+        ))
         profiles = self.identifier.profiles() if self.identifier is not None else None
         self.filtering = Filtering(store, cfg.state_dir, profiles=profiles, firewall=firewall)
         self.dns = None

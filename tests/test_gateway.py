@@ -153,3 +153,18 @@ def test_restart_keeps_devices_and_does_not_announce_them_again(tmp_path, upstre
     from gateway.alerts import recent_alerts
 
     assert [a.mac for a in recent_alerts(gw.store, kind="new_device")] == [mac]
+
+
+def test_paused_device_mode_blocks_everything_for_that_device_only(tmp_path, upstream):
+    from gateway.policyfile import device_mode, set_device_mode
+
+    mac = "02:aa:bb:cc:dd:04"
+    with RunningGateway(tmp_path, upstream) as gw:
+        gw.dhcp(mac, "127.0.0.51", "tablet")
+        eventually(lambda: gw.gateway.tracker.mac_for("127.0.0.51") == mac)
+        set_device_mode(gw.cfg.state_dir, mac, "paused")  # what Home Assistant's policy select calls
+        assert device_mode(gw.cfg.state_dir, mac) == "paused"
+        eventually(lambda: answers(gw.ask("www.example.test", "127.0.0.51")) == {"0.0.0.0"}, timeout=5)
+        assert answers(gw.ask("www.example.test", "127.0.0.52")) == {"192.0.2.10"}
+        set_device_mode(gw.cfg.state_dir, mac, "default")
+        eventually(lambda: answers(gw.ask("www.example.test", "127.0.0.51")) == {"192.0.2.10"}, timeout=5)

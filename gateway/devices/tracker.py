@@ -207,10 +207,11 @@ class DeviceTracker:
         if batch.empty:
             return
         with self.store.transaction() as s:
+            for dev in batch.devices:  # first: merged rows and addresses point at these
+                self._write_device(s, *dev)
+            s.flush()
             for old, mac in batch.merges:
                 self._merge_rows(s, old, mac)
-            for dev in batch.devices:
-                self._write_device(s, *dev)
             for ip, (key, source, ts) in batch.addresses.items():
                 row = s.get(Address, ip)
                 if row is None:
