@@ -33,19 +33,27 @@ class NumpyNet:
         self._heads_w = np.concatenate([self.w[f"h_{n}_w"] / t for n, t in zip(HEADS, self.temps, strict=True)], 1)
         self._heads_b = np.concatenate([self.w[f"h_{n}_b"] / t for n, t in zip(HEADS, self.temps, strict=True)])
         self._splits = np.cumsum([self.w[f"h_{n}_b"].size for n in HEADS])[:-1]
+        # the first layer and the wide path read the same input: one matrix, so a session updates both at once
+        self.hidden = self.w["w1"].shape[1]
+        col_temps = np.concatenate([np.full(self.w[f"h_{n}_b"].size, t, np.float32)
+                                    for n, t in zip(HEADS, self.temps, strict=True)])
+        self.w_in = np.concatenate([self.w["w1"], self.w["wide"] / col_temps], 1)
+        self.b_in = np.concatenate([self.w["b1"], np.zeros(col_temps.size, np.float32)])
 
     @property
     def dim(self) -> int:
         return self.w["w1"].shape[0]
 
     def first_layer(self, x: np.ndarray) -> np.ndarray:
-        return x @ self.w["w1"] + self.w["b1"]
+        """The first layer's pre-activation and the wide path's type logits, side by side."""
+        return x @ self.w_in + self.b_in
 
-    def from_first_layer(self, z1: np.ndarray) -> list[np.ndarray]:
+    def from_first_layer(self, z: np.ndarray) -> list[np.ndarray]:
         w = self.w
-        h = np.maximum(_layer_norm(z1, w["g1"], w["be1"]), 0.0)
+        h = np.maximum(_layer_norm(z[..., : self.hidden], w["g1"], w["be1"]), 0.0)
         h = np.maximum(_layer_norm(h @ w["w2"] + w["b2"], w["g2"], w["be2"]), 0.0)
-        return [_softmax(z) for z in np.split(h @ self._heads_w + self._heads_b, self._splits, axis=-1)]
+        logits = h @ self._heads_w + self._heads_b + z[..., self.hidden :]
+        return [_softmax(part) for part in np.split(logits, self._splits, axis=-1)]
 
     def probabilities(self, x: np.ndarray) -> list[np.ndarray]:
         return self.from_first_layer(self.first_layer(x))

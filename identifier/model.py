@@ -40,11 +40,19 @@ class IdentifierNet(nn.Module):
         self.ln2 = nn.LayerNorm(hidden)
         self.dropout = nn.Dropout(dropout)
         self.heads = nn.ModuleList(nn.Linear(hidden, n) for n in sizes)
+        # a linear path from the tokens to every head ("wide and deep"): a sibling model is often told apart
+        # by one rare token (hs110 vs hs100, s150 vs s220), a vendor by one SLD, which the 64-wide trunk
+        # tends to wash out
+        self.wide = nn.Linear(dim, sum(sizes), bias=False)
+        nn.init.zeros_(self.wide.weight)
+        self.sizes = list(sizes)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h = torch.relu(self.ln1(self.fc1(self.input_dropout(x))))
+        x = self.input_dropout(x)
+        h = torch.relu(self.ln1(self.fc1(x)))
         h = torch.relu(self.ln2(self.fc2(self.dropout(h))))
-        return [head(h) for head in self.heads]
+        wide = torch.split(self.wide(x), self.sizes, dim=-1)
+        return [head(h) + w for head, w in zip(self.heads, wide, strict=True)]
 
 
 def _split_groups(groups: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -67,32 +75,29 @@ def _loss(logits: list[torch.Tensor], y: torch.Tensor, w: torch.Tensor, temps: l
 
 
 def fit(x: np.ndarray, y: np.ndarray, w: np.ndarray, groups: np.ndarray, sizes: tuple[int, int, int],
-        seed: int, config: TrainConfig = TrainConfig(), progress: bool = False) -> dict[str, np.ndarray]:
+        seed: int, config: TrainConfig | None = None, progress: bool = False) -> dict[str, np.ndarray]:
     """Train on ``x`` (n, dim) with labels ``y`` (n, 3; -1 where a head has no label) and per-head weights
-    ``w`` (n, 3); returns the exported numpy weights (``identifier.inference`` format) with temperatures."""
-    torch.manual_seed(seed)
+    ``w`` (n, 3); returns the exported numpy weights (``identifier.inference`` format) with temperatures.
+
+    The validation split (whole captures) picks the epoch and fits the temperatures.
+    """
+    config = config or TrainConfig()
     torch.set_num_threads(1)  # a small net: more threads only contend (the gateway shares two cores)
     rng = np.random.default_rng(seed)
     val = _split_groups(groups, config.val_fraction, rng)
     xt, yt, wt = (torch.as_tensor(a) for a in (x.astype(np.float32), y.astype(np.int64), w.astype(np.float32)))
-    tr_idx = np.flatnonzero(~val)
     xv, yv, wv = xt[val], yt[val], wt[val]
+    torch.manual_seed(seed)
     net = IdentifierNet(x.shape[1], config.hidden, sizes, config.input_dropout, config.dropout)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    best, best_state, stale = float("inf"), None, 0
+    best, best_state, best_epoch, stale = float("inf"), None, 0, 0
     epochs = range(config.max_epochs)
     if progress:
         from tqdm import tqdm
 
         epochs = tqdm(epochs, desc="training", unit="epoch")
-    for _ in epochs:
-        net.train()
-        order = rng.permutation(tr_idx)
-        for start in range(0, len(order), config.batch_size):
-            batch = torch.as_tensor(order[start : start + config.batch_size])
-            opt.zero_grad()
-            _loss(net(xt[batch]), yt[batch], wt[batch]).backward()
-            opt.step()
+    for epoch in epochs:
+        _epoch(net, opt, xt, yt, wt, np.flatnonzero(~val), config.batch_size, rng)
         net.eval()
         with torch.no_grad():
             vlogits = net(xv)
@@ -105,7 +110,7 @@ def fit(x: np.ndarray, y: np.ndarray, w: np.ndarray, groups: np.ndarray, sizes: 
         if progress:
             epochs.set_postfix(val_loss=f"{vloss:.3f}", val_type_error=f"{verr:.3f}")
         if score < best - 1e-4:
-            best, stale = score, 0
+            best, best_epoch, stale = score, epoch, 0
             best_state = {k: v.clone() for k, v in net.state_dict().items()}
         else:
             stale += 1
@@ -117,6 +122,16 @@ def fit(x: np.ndarray, y: np.ndarray, w: np.ndarray, groups: np.ndarray, sizes: 
         vlogits = net(xv)
     temps = [_temperature(vlogits[k], yv[:, k]) for k in range(len(sizes))]
     return export(net, temps)
+
+
+def _epoch(net, opt, xt, yt, wt, idx: np.ndarray, batch_size: int, rng: np.random.Generator) -> None:
+    net.train()
+    order = rng.permutation(idx)
+    for start in range(0, len(order), batch_size):
+        batch = torch.as_tensor(order[start : start + batch_size])
+        opt.zero_grad()
+        _loss(net(xt[batch]), yt[batch], wt[batch]).backward()
+        opt.step()
 
 
 def _temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -134,7 +149,7 @@ def export(net: IdentifierNet, temps: list[float]) -> dict[str, np.ndarray]:
     out = {
         "w1": sd["fc1.weight"].T.copy(), "b1": sd["fc1.bias"], "g1": sd["ln1.weight"], "be1": sd["ln1.bias"],
         "w2": sd["fc2.weight"].T.copy(), "b2": sd["fc2.bias"], "g2": sd["ln2.weight"], "be2": sd["ln2.bias"],
-        "temps": np.asarray(temps, dtype=np.float32),
+        "temps": np.asarray(temps, dtype=np.float32), "wide": sd["wide.weight"].T.copy(),
     }
     for k, name in enumerate(HEADS):
         out[f"h_{name}_w"] = sd[f"heads.{k}.weight"].T.copy()

@@ -113,10 +113,10 @@ class Session:
         if fresh:
             self._count_specific(self.state.fresh)
             self.state.fresh.clear()
-        w1 = self.ident.net.w["w1"]
+        w_in = self.ident.net.w_in
         for b in set(changed):
             new = np.log1p(self.state.counts[b])
-            self.z1 += (new - self.x[b]) * w1[b]
+            self.z1 += (new - self.x[b]) * w_in[b]
             self.x[b] = new
         if self.committed is not None and not fresh:
             return None  # a repeat of what was seen can move a committed decision by a hair, never overturn it
