@@ -44,7 +44,8 @@ def read_labels(path: str | Path) -> dict[str, Label]:
         return {r["folder"]: Label(r["device_type"], r["manufacturer"], r["category"]) for r in csv.DictReader(fh)}
 
 
-def domain_windows(path: str | Path, categories: set[str], exclude_sources: tuple[str, ...] = ()) -> list[LabelledWindow]:
+def domain_windows(path: str | Path, categories: set[str],
+                   exclude_sources: tuple[str, ...] = ()) -> list[LabelledWindow]:
     """One DNS-only window per device of ``device_domains.csv``: its names as queries at t = 0, no MAC.
 
     The list's ``type`` column is the device type; it also becomes the category when its lower-case form is one

@@ -110,7 +110,7 @@ def fit(x: np.ndarray, y: np.ndarray, w: np.ndarray, groups: np.ndarray, sizes: 
         if progress:
             epochs.set_postfix(val_loss=f"{vloss:.3f}", val_type_error=f"{verr:.3f}")
         if score < best - 1e-4:
-            best, best_epoch, stale = score, epoch, 0
+            best, stale = score, 0
             best_state = {k: v.clone() for k, v in net.state_dict().items()}
         else:
             stale += 1
