@@ -90,13 +90,13 @@ def fit(x: np.ndarray, y: np.ndarray, w: np.ndarray, groups: np.ndarray, sizes: 
     torch.manual_seed(seed)
     net = IdentifierNet(x.shape[1], config.hidden, sizes, config.input_dropout, config.dropout)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    best, best_state, best_epoch, stale = float("inf"), None, 0, 0
+    best, best_state, stale = float("inf"), None, 0
     epochs = range(config.max_epochs)
     if progress:
         from tqdm import tqdm
 
         epochs = tqdm(epochs, desc="training", unit="epoch")
-    for epoch in epochs:
+    for _ in epochs:
         _epoch(net, opt, xt, yt, wt, np.flatnonzero(~val), config.batch_size, rng)
         net.eval()
         with torch.no_grad():
