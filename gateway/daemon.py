@@ -209,9 +209,9 @@ class Gateway:
         while True:
             await asyncio.sleep(0.5)
             try:
-                if self._neighbour_missed:
+                # The flag stays up until a re-read really happened (refresh() is rate-limited).
+                if self._neighbour_missed and await asyncio.to_thread(self.neighbours.refresh):
                     self._neighbour_missed = False
-                    await asyncio.to_thread(self.neighbours.refresh)
                 if await asyncio.to_thread(self.filtering.refresh):
                     self.alerts.sync_devices()
                 for ts, mac, qname in self.filtering.new_anomalies():

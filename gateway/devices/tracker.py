@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from gateway.events import AddressSeen, DhcpSeen, DnsQuery, Event, MdnsSeen, PacketSeen
@@ -240,9 +240,13 @@ class DeviceTracker:
             row.name, row.name_source = name, name_source
 
     def _merge_rows(self, s: Session, old: str, mac: str) -> None:
-        for table in (Address, DeviceName, DhcpFingerprint, MdnsService, Identification, ObservationWindow):
+        # The daemon moved the live observation window to the MAC already: the old row is superseded.
+        s.execute(delete(ObservationWindow).where(ObservationWindow.mac == old))
+        for table in (Address, DeviceName, DhcpFingerprint, MdnsService, Identification):
+            # A row the MAC's device already has (same name, same fingerprint) stays once: OR IGNORE, then drop.
             s.execute(update(table).where(table.mac == old).values(mac=mac)
-                      .execution_options(synchronize_session=False))
+                      .prefix_with("OR IGNORE", dialect="sqlite").execution_options(synchronize_session=False))
+            s.execute(delete(table).where(table.mac == old).execution_options(synchronize_session=False))
         old_row = s.get(Device, old)
         if old_row is not None:
             s.delete(old_row)
