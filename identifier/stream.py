@@ -21,8 +21,15 @@ from identifier.observation import Observation
 UNKNOWN_LABEL = "unknown"
 # Token kinds that can name a vendor; timing and counts tokens say nothing about which vendor it is.
 SPECIFIC_PREFIXES = ("sld:", "dhcp55:", "dhcp60:", "dhcp12:", "mdns:", "mdnssvc:", "oui:", "ouiprefix:")
-_SIGNAL_OF = {"sld": "dns", "host": "dns", "qtype": "dns", "dhcp": "dhcp", "mdns": "mdns", "oui": "oui",
-              "pkt": "packet"}
+_SIGNAL_OF = {
+    "sld": "dns",
+    "host": "dns",
+    "qtype": "dns",
+    "dhcp": "dhcp",
+    "mdns": "mdns",
+    "oui": "oui",
+    "pkt": "packet",
+}
 
 
 @dataclass
@@ -119,7 +126,9 @@ class Session:
             self.z1 += (new - self.x[b]) * w_in[b]
             self.x[b] = new
         if self.committed is not None and not fresh:
-            return None  # a repeat of what was seen can move a committed decision by a hair, never overturn it
+            return (
+                None  # a repeat of what was seen can move a committed decision by a hair, never overturn it
+            )
         self._probs = self.ident.net.from_first_layer(self.z1)
         return self._decide(obs.ts)
 
@@ -160,11 +169,20 @@ class Session:
         signals = sorted({signal_of(t) for t in self.state.tokens})
         if not known:
             manufacturer = dtype = category = UNKNOWN_LABEL
-        return Identity(manufacturer, dtype, category, round(float(p_type[order[0]]), 4), known, decided_after_s,
-                        alternatives, signals, self.ident.version)
+        return Identity(
+            manufacturer,
+            dtype,
+            category,
+            round(float(p_type[order[0]]), 4),
+            known,
+            decided_after_s,
+            alternatives,
+            signals,
+            self.ident.version,
+        )
 
     def current(self) -> Identity:
-        """The committed decision if there is one, else the provisional best guess (``decided_after_s`` None)."""
+        """The committed decision if any, else the provisional best guess (``decided_after_s`` None)."""
         if self.committed is not None:
             return self.committed
         return self._identity(None)

@@ -27,8 +27,14 @@ def observation_of(event: Event) -> Observation | None:
     if isinstance(event, DnsQuery):
         return DnsObservation(event.ts, event.qname, event.qtype)
     if isinstance(event, DhcpSeen):
-        return DhcpObservation(event.ts, event.hostname, event.param_list, event.vendor_class,
-                               event.client_id, event.message_type)
+        return DhcpObservation(
+            event.ts,
+            event.hostname,
+            event.param_list,
+            event.vendor_class,
+            event.client_id,
+            event.message_type,
+        )
     if isinstance(event, MdnsSeen):
         return MdnsObservation(event.ts, event.names, event.services)
     if isinstance(event, PacketSeen):
@@ -91,6 +97,17 @@ def labelled_captures(root: str | Path, window: float = 60.0) -> list[LabelledWi
             dev = capture_windows(pcap, window).devices.get(mac)
             if dev is None:
                 continue
-            out.append(LabelledWindow(dev.observations, mac, dev.first_ts, label.manufacturer, label.device_type,
-                                      label.category, f"{folder}/{pcap.name}", "iot-sentinel", timed=True))
+            out.append(
+                LabelledWindow(
+                    dev.observations,
+                    mac,
+                    dev.first_ts,
+                    label.manufacturer,
+                    label.device_type,
+                    label.category,
+                    f"{folder}/{pcap.name}",
+                    "iot-sentinel",
+                    timed=True,
+                )
+            )
     return out
