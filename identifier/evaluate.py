@@ -45,13 +45,13 @@ def stream(ident: Identifier, win: LabelledWindow, windows=WINDOWS) -> Predictio
     pending = list(windows)
     for obs in win.observations:
         while pending and obs.ts - win.first_ts > pending[0]:
-            at[pending[0]], scores[pending[0]] = session.current(), float(session._probs[1].max())
+            at[pending[0]], scores[pending[0]] = session.current(), float(session.probabilities()[1].max())
             pending.pop(0)
         decided = session.update(obs)
         if decided is not None and first is None:
             first = decided
     for w in pending:
-        at[w], scores[w] = session.current(), float(session._probs[1].max())
+        at[w], scores[w] = session.current(), float(session.probabilities()[1].max())
     return Prediction(win, at, first, scores)
 
 
