@@ -60,20 +60,38 @@ def main() -> None:
 
     # what the daemon would carry if it ran the torch model instead (measured in a fresh process)
     torch_rss = subprocess.run(
-        [sys.executable, "-c", "import resource, torch; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
-        capture_output=True, text=True, check=False).stdout.strip()
-    print(json.dumps({
-        "source": source, "devices": len(devices), "updates": len(times),
-        "update_us_p50": pct(times, 0.5), "update_us_p90": pct(times, 0.9), "update_us_p99": pct(times, 0.99),
-        "model_bytes": sum(f.stat().st_size for f in DEFAULT_DIR.iterdir()),
-        "weights_npz_bytes": (DEFAULT_DIR / "weights.npz").stat().st_size,
-        "parameters": int(sum(v.size for v in ident.net.w.values())),
-        "load_s": round(load_s, 3), "rss_mb_after_numpy": round(rss_numpy / 1024, 1),
-        "rss_mb_after_bundle_load": round(rss_loaded / 1024, 1),
-        "torch_imported": "torch" in sys.modules,
-        "rss_mb_python_with_torch_imported": round(int(torch_rss) / 1024, 1) if torch_rss.isdigit() else None,
-        "note": "2-core machine shared with other jobs: times are noisy",
-    }))
+        [
+            sys.executable,
+            "-c",
+            "import resource, torch; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    print(
+        json.dumps(
+            {
+                "source": source,
+                "devices": len(devices),
+                "updates": len(times),
+                "update_us_p50": pct(times, 0.5),
+                "update_us_p90": pct(times, 0.9),
+                "update_us_p99": pct(times, 0.99),
+                "model_bytes": sum(f.stat().st_size for f in DEFAULT_DIR.iterdir()),
+                "weights_npz_bytes": (DEFAULT_DIR / "weights.npz").stat().st_size,
+                "parameters": int(sum(v.size for v in ident.net.w.values())),
+                "load_s": round(load_s, 3),
+                "rss_mb_after_numpy": round(rss_numpy / 1024, 1),
+                "rss_mb_after_bundle_load": round(rss_loaded / 1024, 1),
+                "torch_imported": "torch" in sys.modules,
+                "rss_mb_python_with_torch_imported": round(int(torch_rss) / 1024, 1)
+                if torch_rss.isdigit()
+                else None,
+                "note": "2-core machine shared with other jobs: times are noisy",
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

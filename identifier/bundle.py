@@ -48,7 +48,9 @@ class Bundle:
     seen: np.ndarray  # packed bitmap of vendor-specific training tokens (features.seen_bit)
     version: str
     thresholds: Thresholds = field(default_factory=Thresholds)
-    type_info: dict[str, dict[str, str]] = field(default_factory=dict)  # device_type -> manufacturer, category
+    type_info: dict[str, dict[str, str]] = field(
+        default_factory=dict
+    )  # device_type -> manufacturer, category
     metrics: dict = field(default_factory=dict)
     training_data_sha256: str = ""
     prototypes: dict[str, list[dict]] = field(default_factory=dict)
@@ -58,13 +60,20 @@ class Bundle:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         # float16 halves the file (the shipped bundle must stay < 1 MB); the net is computed in float32
-        np.savez_compressed(d / "weights.npz", seen=self.seen,
-                            **{k: v.astype(np.float16) for k, v in self.weights.items()})
+        np.savez_compressed(
+            d / "weights.npz", seen=self.seen, **{k: v.astype(np.float16) for k, v in self.weights.items()}
+        )
         meta = {
-            "format": FORMAT, "version": self.version, "features": self.features.to_json(),
-            "labels": self.labels, "thresholds": vars(self.thresholds), "type_info": self.type_info,
-            "metrics": self.metrics, "training_data_sha256": self.training_data_sha256,
-            "prototypes": self.prototypes, "profiles": self.profiles,
+            "format": FORMAT,
+            "version": self.version,
+            "features": self.features.to_json(),
+            "labels": self.labels,
+            "thresholds": vars(self.thresholds),
+            "type_info": self.type_info,
+            "metrics": self.metrics,
+            "training_data_sha256": self.training_data_sha256,
+            "prototypes": self.prototypes,
+            "profiles": self.profiles,
         }
         (d / "bundle.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         return d
@@ -83,10 +92,16 @@ class Bundle:
         seen = arrays.pop("seen")
         return cls(
             weights={k: v.astype(np.float32) for k, v in arrays.items()},
-            features=FeatureConfig.from_json(meta["features"]), labels=meta["labels"], seen=seen,
-            version=meta["version"], thresholds=Thresholds(**meta["thresholds"]), type_info=meta["type_info"],
-            metrics=meta["metrics"], training_data_sha256=meta["training_data_sha256"],
-            prototypes=meta["prototypes"], profiles=meta["profiles"],
+            features=FeatureConfig.from_json(meta["features"]),
+            labels=meta["labels"],
+            seen=seen,
+            version=meta["version"],
+            thresholds=Thresholds(**meta["thresholds"]),
+            type_info=meta["type_info"],
+            metrics=meta["metrics"],
+            training_data_sha256=meta["training_data_sha256"],
+            prototypes=meta["prototypes"],
+            profiles=meta["profiles"],
         )
 
 
@@ -94,10 +109,21 @@ def observation_to_json(obs: Observation) -> dict:
     if isinstance(obs, DnsObservation):
         return {"kind": "dns", "t": round(obs.ts, 3), "name": obs.name, "qtype": obs.qtype}
     if isinstance(obs, DhcpObservation):
-        return {"kind": "dhcp", "t": round(obs.ts, 3), "hostname": obs.hostname, "param_list": list(obs.param_list),
-                "vendor_class": obs.vendor_class, "message_type": obs.message_type}
+        return {
+            "kind": "dhcp",
+            "t": round(obs.ts, 3),
+            "hostname": obs.hostname,
+            "param_list": list(obs.param_list),
+            "vendor_class": obs.vendor_class,
+            "message_type": obs.message_type,
+        }
     if isinstance(obs, MdnsObservation):
-        return {"kind": "mdns", "t": round(obs.ts, 3), "names": list(obs.names), "services": list(obs.services)}
+        return {
+            "kind": "mdns",
+            "t": round(obs.ts, 3),
+            "names": list(obs.names),
+            "services": list(obs.services),
+        }
     return {"kind": "packet", "t": round(obs.ts, 3), "proto": obs.proto, "port": obs.port}
 
 
@@ -107,8 +133,14 @@ def observation_from_json(data: dict) -> Observation:
     if kind == "dns":
         return DnsObservation(t, data["name"], int(data.get("qtype", 1)))
     if kind == "dhcp":
-        return DhcpObservation(t, data.get("hostname"), tuple(data.get("param_list", ())), data.get("vendor_class"),
-                               None, data.get("message_type"))
+        return DhcpObservation(
+            t,
+            data.get("hostname"),
+            tuple(data.get("param_list", ())),
+            data.get("vendor_class"),
+            None,
+            data.get("message_type"),
+        )
     if kind == "mdns":
         return MdnsObservation(t, tuple(data.get("names", ())), tuple(data.get("services", ())))
     return PacketObservation(t, data["proto"], data.get("port"))

@@ -13,12 +13,14 @@ from pathlib import Path
 
 from identifier.observation import DnsObservation, Observation
 
-UNKNOWN = "Unknown"  # the domains list's placeholder for an unlabelled vendor or type: never a training target
+UNKNOWN = (
+    "Unknown"  # the domains list's placeholder for an unlabelled vendor or type: never a training target
+)
 
 
 @dataclass(eq=False)  # identity semantics: a window is one capture, and training caches its vectors by it
 class LabelledWindow:
-    """One device's observations with its labels; ``group`` keeps a capture (or device) on one side of a split."""
+    """One device's observations with labels; ``group`` keeps a capture (or device) on one side of a split."""
 
     observations: list[Observation]
     mac: str
@@ -41,14 +43,18 @@ class Label:
 def read_labels(path: str | Path) -> dict[str, Label]:
     """``labels.csv``: capture folder -> labels."""
     with open(path, newline="", encoding="utf-8") as fh:
-        return {r["folder"]: Label(r["device_type"], r["manufacturer"], r["category"]) for r in csv.DictReader(fh)}
+        return {
+            r["folder"]: Label(r["device_type"], r["manufacturer"], r["category"]) for r in csv.DictReader(fh)
+        }
 
 
-def domain_windows(path: str | Path, categories: set[str],
-                   exclude_sources: tuple[str, ...] = ()) -> list[LabelledWindow]:
+def domain_windows(
+    path: str | Path, categories: set[str], exclude_sources: tuple[str, ...] = ()
+) -> list[LabelledWindow]:
     """One DNS-only window per device of ``device_domains.csv``: its names as queries at t = 0, no MAC.
 
-    The list's ``type`` column is the device type; it also becomes the category when its lower-case form is one
+    The list's ``type`` column is the device type; it also becomes the category when its lower-case form is
+    one
     of ``categories`` (Camera -> camera), so both data sets teach the category head.
     """
     names: dict[tuple[str, str, str, str], list[str]] = defaultdict(list)
@@ -61,11 +67,17 @@ def domain_windows(path: str | Path, categories: set[str],
     out = []
     for (folder, source, vendor, dtype), domains in sorted(names.items()):
         obs: list[Observation] = [DnsObservation(0.0, d) for d in sorted(set(domains)) if d]
-        out.append(LabelledWindow(
-            obs, "", 0.0,
-            None if vendor == UNKNOWN else vendor,
-            None if dtype == UNKNOWN else dtype,
-            dtype.lower() if dtype.lower() in categories else None,
-            f"domains:{folder}", source, timed=False,
-        ))
+        out.append(
+            LabelledWindow(
+                obs,
+                "",
+                0.0,
+                None if vendor == UNKNOWN else vendor,
+                None if dtype == UNKNOWN else dtype,
+                dtype.lower() if dtype.lower() in categories else None,
+                f"domains:{folder}",
+                source,
+                timed=False,
+            )
+        )
     return out

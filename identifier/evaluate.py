@@ -1,7 +1,8 @@
 """Cross-validated evaluation: accuracy and macro-F1 against seconds, over seeds, with baselines and open set.
 
 Every figure comes from captures the model under test never trained on: folds group by capture file and are
-stratified by device type, and every seed reshuffles the folds, so no result rests on one lucky split. The seed
+stratified by device type, and every seed reshuffles the folds, so no result rests on one lucky split. The
+seed
 paper (Thompson et al. 2021) is reproduced as it was described (32 hashed SLD buckets of query rate, min-max
 scaling, 2x64 ReLU, Adam) but with a stable hash and without choosing the model on the test split.
 """
@@ -16,7 +17,7 @@ import numpy as np
 
 from identifier.dataset import LabelledWindow
 from identifier.domains import sld
-from identifier.features import FeatureConfig, bucket, window_vector
+from identifier.features import DEFAULT_FEATURES, FeatureConfig, bucket, window_vector
 from identifier.inference import HEADS
 from identifier.observation import DhcpObservation, DnsObservation
 from identifier.stream import Identifier, Identity
@@ -44,13 +45,13 @@ def stream(ident: Identifier, win: LabelledWindow, windows=WINDOWS) -> Predictio
     pending = list(windows)
     for obs in win.observations:
         while pending and obs.ts - win.first_ts > pending[0]:
-            at[pending[0]], scores[pending[0]] = session.current(), float(session._probs[1].max())
+            at[pending[0]], scores[pending[0]] = session.current(), float(session.probabilities()[1].max())
             pending.pop(0)
         decided = session.update(obs)
         if decided is not None and first is None:
             first = decided
     for w in pending:
-        at[w], scores[w] = session.current(), float(session._probs[1].max())
+        at[w], scores[w] = session.current(), float(session.probabilities()[1].max())
     return Prediction(win, at, first, scores)
 
 
@@ -82,13 +83,22 @@ def scores(preds: list[Prediction], window: float) -> dict[str, dict[str, float]
         truth = [_truth(p.window, head) for p in preds]
         # an "unknown" answer counts as wrong: the figures are those of the product, open set included
         guess = [getattr(p.at[window], head) for p in preds]
-        acc = float(np.mean([a == b for a, b in zip(truth, guess)]))
-        out[head] = {"accuracy": acc, "macro_f1": float(f1_score(truth, guess, average="macro", zero_division=0))}
+        acc = float(np.mean([a == b for a, b in zip(truth, guess, strict=False)]))
+        out[head] = {
+            "accuracy": acc,
+            "macro_f1": float(f1_score(truth, guess, average="macro", zero_division=0)),
+        }
     return out
 
 
-def cross_validate(captures: list[LabelledWindow], name_sets: list[LabelledWindow], seed: int, k: int = 5,
-                   signals_variants=(None, DNS_ONLY), progress=None) -> dict[str, list[Prediction]]:
+def cross_validate(
+    captures: list[LabelledWindow],
+    name_sets: list[LabelledWindow],
+    seed: int,
+    k: int = 5,
+    signals_variants=(None, DNS_ONLY),
+    progress=None,
+) -> dict[str, list[Prediction]]:
     """Predictions for every capture from the fold that held it out; name sets always train."""
     out: dict[str, list[Prediction]] = {"all": [], "dns": []}
     for fold in stratified_folds(captures, k, seed):
@@ -105,11 +115,15 @@ def cross_validate(captures: list[LabelledWindow], name_sets: list[LabelledWindo
 
 
 def summary(values: list[float]) -> dict[str, float]:
-    return {"mean": round(statistics.fmean(values), 4),
-            "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0}
+    return {
+        "mean": round(statistics.fmean(values), 4),
+        "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+    }
 
 
-# --- the seed paper, reproduced ------------------------------------------------------------------------------
+# --- the seed paper, reproduced
+# ------------------------------------------------------------------------------
+
 
 def seed_features(win: LabelledWindow, window: float, n_buckets: int = 32) -> np.ndarray:
     """Query rate per hashed SLD bucket in the ``window`` seconds after the device's first DHCP packet."""
@@ -131,7 +145,9 @@ def seed_paper(captures: list[LabelledWindow], seed: int, k: int = 5, windows=WI
 
     warnings.filterwarnings("ignore", category=ConvergenceWarning)  # 200 Adam epochs, as a fixed budget
 
-    correct: dict[float, dict[str, list[bool]]] = {w: {"manufacturer": [], "device_type": []} for w in windows}
+    correct: dict[float, dict[str, list[bool]]] = {
+        w: {"manufacturer": [], "device_type": []} for w in windows
+    }
     for fold in stratified_folds(captures, k, seed):
         held = set(fold)
         tr = [w for i, w in enumerate(captures) if i not in held]
@@ -141,17 +157,26 @@ def seed_paper(captures: list[LabelledWindow], seed: int, k: int = 5, windows=WI
             xte = np.stack([seed_features(w, window) for w in te])
             scaler = MinMaxScaler().fit(xtr)
             for head in ("manufacturer", "device_type"):
-                clf = MLPClassifier((64, 64), activation="relu", solver="adam", max_iter=200, random_state=seed)
+                clf = MLPClassifier(
+                    (64, 64), activation="relu", solver="adam", max_iter=200, random_state=seed
+                )
                 clf.fit(scaler.transform(xtr), [getattr(w, head) for w in tr])
                 guess = clf.predict(scaler.transform(xte))
-                correct[window][head].extend(g == getattr(w, head) for g, w in zip(guess, te))
-    return {w: {h: float(np.mean(v)) for h, v in c.items()} for w, c in correct.items()}
+                correct[window][head].extend(g == getattr(w, head) for g, w in zip(guess, te, strict=False))
+    return {str(w): {h: float(np.mean(v)) for h, v in c.items()} for w, c in correct.items()}
 
 
-# --- scikit-learn baselines on the same features ---------------------------------------------------------------
+# --- scikit-learn baselines on the same features
+# ---------------------------------------------------------------
 
-def sklearn_baselines(captures: list[LabelledWindow], seed: int, k: int = 5, windows=WINDOWS,
-                      config: FeatureConfig = FeatureConfig()) -> dict[str, dict[float, dict[str, float]]]:
+
+def sklearn_baselines(
+    captures: list[LabelledWindow],
+    seed: int,
+    k: int = 5,
+    windows=WINDOWS,
+    config: FeatureConfig = DEFAULT_FEATURES,
+) -> dict[str, dict[float, dict[str, float]]]:
     """Logistic regression and random forest on the hashed feature vector of each window."""
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
@@ -171,12 +196,17 @@ def sklearn_baselines(captures: list[LabelledWindow], seed: int, k: int = 5, win
             for name, make in models.items():
                 for head in ("manufacturer", "device_type"):
                     guess = make().fit(xtr, [getattr(w, head) for w in tr]).predict(xte)
-                    correct[name][window][head].extend(g == getattr(w, head) for g, w in zip(guess, te))
-    return {m: {w: {h: float(np.mean(v)) for h, v in c.items()} for w, c in per.items()}
-            for m, per in correct.items()}
+                    hits = (g == getattr(w, head) for g, w in zip(guess, te, strict=True))
+                    correct[name][window][head].extend(hits)
+    return {
+        m: {str(w): {h: float(np.mean(v)) for h, v in c.items()} for w, c in per.items()}
+        for m, per in correct.items()
+    }
 
 
-# --- open set -------------------------------------------------------------------------------------------------
+# --- open set
+# -------------------------------------------------------------------------------------------------
+
 
 def auroc(known_scores: list[float], unknown_scores: list[float]) -> float:
     """Probability that a known device scores higher than an unknown one (ties count half)."""
@@ -186,8 +216,14 @@ def auroc(known_scores: list[float], unknown_scores: list[float]) -> float:
     return float(roc_auc_score(y, known_scores + unknown_scores))
 
 
-def leave_one_type_out(captures: list[LabelledWindow], name_sets: list[LabelledWindow], seed: int,
-                       window: float = 30.0, rounds: int = 9, progress=None) -> dict:
+def leave_one_type_out(
+    captures: list[LabelledWindow],
+    name_sets: list[LabelledWindow],
+    seed: int,
+    window: float = 30.0,
+    rounds: int = 9,
+    progress=None,
+) -> dict:
     """Every device type is left out of training once (``rounds`` trainings, each leaving out every
     ``rounds``-th type); the max device-type probability of its captures is compared with that of held-out
     captures of the known types (one fold of them, so they are unseen too)."""
@@ -199,7 +235,9 @@ def leave_one_type_out(captures: list[LabelledWindow], name_sets: list[LabelledW
         train_windows = [w for i, w in enumerate(captures) if w.device_type not in left_out and i not in fold]
         train_windows += [w for w in name_sets if w.device_type not in left_out]
         ident = Identifier(train(train_windows, seed=seed))
-        known = [stream(ident, captures[i], (window,)) for i in fold if captures[i].device_type not in left_out]
+        known = [
+            stream(ident, captures[i], (window,)) for i in fold if captures[i].device_type not in left_out
+        ]
         ks = [p.open_score[window] for p in known]
         known_all += ks
         for t in sorted(left_out):
@@ -210,11 +248,16 @@ def leave_one_type_out(captures: list[LabelledWindow], name_sets: list[LabelledW
             unknown_flagged += [not p.at[window].known for p in unknown]
         if progress:
             progress.update(1)
-    return {"auroc_pooled": round(auroc(known_all, unknown_all), 4), "auroc_per_type": per_type,
-            "held_out_type_flagged_unknown": round(float(np.mean(unknown_flagged)), 4)}
+    return {
+        "auroc_pooled": round(auroc(known_all, unknown_all), 4),
+        "auroc_per_type": per_type,
+        "held_out_type_flagged_unknown": round(float(np.mean(unknown_flagged)), 4),
+    }
 
 
-def unseen_lab(captures: list[LabelledWindow], name_sets: list[LabelledWindow], seed: int, progress=None) -> dict:
+def unseen_lab(
+    captures: list[LabelledWindow], name_sets: list[LabelledWindow], seed: int, progress=None
+) -> dict:
     """Leave each source dataset of the domains list out: manufacturer accuracy (DNS only) on its devices of
     vendors seen in training, and the share of its devices of never-seen vendors that come out unknown."""
     per_source = {}
@@ -225,16 +268,28 @@ def unseen_lab(captures: list[LabelledWindow], name_sets: list[LabelledWindow], 
         ident = Identifier(train(train_windows, seed=seed), DNS_ONLY)
         held = [w for w in name_sets if w.source == source and w.manufacturer]
         c = [stream(ident, w, (0.0,)).at[0.0] for w in held if w.manufacturer in vendors]
-        c_ok = [i.manufacturer == w.manufacturer for i, w in zip(c, [w for w in held if w.manufacturer in vendors])]
+        c_ok = [
+            i.manufacturer == w.manufacturer
+            for i, w in zip(c, [w for w in held if w.manufacturer in vendors], strict=False)
+        ]
         f = [not stream(ident, w, (0.0,)).at[0.0].known for w in held if w.manufacturer not in vendors]
-        per_source[source] = {"known_vendor_devices": len(c_ok), "manufacturer_accuracy": _mean(c_ok),
-                              "new_vendor_devices": len(f), "new_vendor_unknown": _mean(f)}
+        per_source[source] = {
+            "known_vendor_devices": len(c_ok),
+            "manufacturer_accuracy": _mean(c_ok),
+            "new_vendor_devices": len(f),
+            "new_vendor_unknown": _mean(f),
+        }
         correct += c_ok
         flagged += f
         if progress:
             progress.update(1)
-    return {"manufacturer_accuracy": _mean(correct), "known_vendor_devices": len(correct),
-            "new_vendor_unknown": _mean(flagged), "new_vendor_devices": len(flagged), "per_source": per_source}
+    return {
+        "manufacturer_accuracy": _mean(correct),
+        "known_vendor_devices": len(correct),
+        "new_vendor_unknown": _mean(flagged),
+        "new_vendor_devices": len(flagged),
+        "per_source": per_source,
+    }
 
 
 def _mean(values: list[bool]) -> float | None:
@@ -246,7 +301,7 @@ def has_dns(win: LabelledWindow, window: float) -> bool:
 
 
 def fold_metrics(preds: dict[str, list[Prediction]], windows=WINDOWS) -> dict:
-    """Scores per window (all signals; DNS only on captures with a query in the window) and decision timing."""
+    """Scores per window (all signals; DNS only on captures with a query in the window), decision timing."""
     out: dict = {"all": {}, "dns": {}}
     for w in windows:
         out["all"][str(w)] = scores(preds["all"], w)
@@ -258,13 +313,17 @@ def fold_metrics(preds: dict[str, list[Prediction]], windows=WINDOWS) -> dict:
     out["decision"] = {
         "committed_share": round(len(committed) / max(1, len(preds["all"])), 4),
         "median_decided_after_s": round(float(np.median(times)), 3) if times else None,
-        "committed_type_accuracy": round(float(np.mean(
-            [p.committed.device_type == p.window.device_type for p in committed])), 4) if committed else None,
+        "committed_type_accuracy": round(
+            float(np.mean([p.committed.device_type == p.window.device_type for p in committed])), 4
+        )
+        if committed
+        else None,
     }
     return out
 
 
-def cross_validated_metrics(captures: list[LabelledWindow], name_sets: list[LabelledWindow], seed: int = 0,
-                            k: int = 5) -> dict:
+def cross_validated_metrics(
+    captures: list[LabelledWindow], name_sets: list[LabelledWindow], seed: int = 0, k: int = 5
+) -> dict:
     """One seed of k-fold cross-validation, as recorded in a bundle's metrics."""
     return {"seed": seed, "folds": k, **fold_metrics(cross_validate(captures, name_sets, seed, k))}

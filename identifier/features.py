@@ -1,8 +1,9 @@
 """Observation windows to fixed-size feature vectors through stable token hashing.
 
-Every signal becomes text tokens (``sld:amazonaws.com``, ``dhcp55:1,3,6,12``, ``mdns:dch``); each token is hashed
-with blake2b (never Python's ``hash()``, which changes per process) into one of ``dim`` buckets, so no vocabulary
-has to be shared between homes and a model trained anywhere reads features computed anywhere. A bucket's value is
+Every signal becomes text tokens (``sld:amazonaws.com``, ``dhcp55:1,3,6,12``, ``mdns:dch``); each token is
+hashed with blake2b (never Python's ``hash()``, which changes per process) into one of ``dim`` buckets, so no
+vocabulary has to be shared between homes and a model trained anywhere reads features computed anywhere.
+A bucket's value is
 ``log1p`` of its token count: repeated DNS queries (the seed paper's query rate) count, but saturate.
 
 ``FeatureState`` is incremental: the streaming identifier feeds it one observation at a time and learns which
@@ -53,6 +54,9 @@ class FeatureConfig:
         return FeatureConfig(self.dim, signals, self.version)
 
 
+DEFAULT_FEATURES = FeatureConfig()
+
+
 @lru_cache(maxsize=1 << 16)
 def token_hash(token: str) -> int:
     """A 64-bit hash of ``token`` that is the same in every process, on every machine."""
@@ -97,14 +101,20 @@ def start_tokens(mac: str, signals: tuple[str, ...]) -> list[str]:
     return [f"oui:{org.lower()}", f"ouiprefix:{mac.lower()[:8]}"]
 
 
-def observation_tokens(obs: Observation, since_first: float, signals: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """(counted tokens, once tokens) for one observation; once tokens count only the first time they appear."""
+def observation_tokens(
+    obs: Observation, since_first: float, signals: tuple[str, ...]
+) -> tuple[list[str], list[str]]:
+    """(counted tokens, once tokens) of one observation; once tokens count only the first time they appear."""
     if isinstance(obs, DnsObservation):
         if "dns" not in signals or not obs.name:
             return [], []
         domain = sld(obs.name)
-        once = [f"host:{obs.name}", f"qtype:{obs.qtype}", f"first:sld:{domain}:{time_bin(since_first)}",
-                f"first:dns:{time_bin(since_first)}"]
+        once = [
+            f"host:{obs.name}",
+            f"qtype:{obs.qtype}",
+            f"first:sld:{domain}:{time_bin(since_first)}",
+            f"first:dns:{time_bin(since_first)}",
+        ]
         return [f"sld:{domain}"], once
     if isinstance(obs, DhcpObservation):
         if "dhcp" not in signals:
@@ -147,8 +157,12 @@ class FeatureState:
     first_ts: float = 0.0
     counts: np.ndarray = field(init=False)
     once: set[str] = field(default_factory=set)
-    tokens: dict[str, float] = field(default_factory=dict)  # token -> count, for explanations and the seen-bitmap
-    fresh: list[str] = field(default_factory=list)  # tokens seen for the first time, until a consumer clears it
+    tokens: dict[str, float] = field(
+        default_factory=dict
+    )  # token -> count, for explanations and the seen-bitmap
+    fresh: list[str] = field(
+        default_factory=list
+    )  # tokens seen for the first time, until a consumer clears it
 
     def __post_init__(self) -> None:
         self.counts = np.zeros(self.config.dim, dtype=np.float32)
@@ -166,7 +180,7 @@ class FeatureState:
         return b
 
     def add(self, obs: Observation) -> list[int]:
-        """Fold ``obs`` in; returns the buckets whose count changed (empty when the observation said nothing new)."""
+        """Fold ``obs`` in; returns the buckets whose count changed (none: it said nothing new)."""
         counted, once = observation_tokens(obs, obs.ts - self.first_ts, self.config.signals)
         changed = [self._add(t) for t in counted]
         for token in once:
@@ -179,8 +193,13 @@ class FeatureState:
         return np.log1p(self.counts)
 
 
-def window_vector(observations: list[Observation], mac: str, first_ts: float, config: FeatureConfig,
-                  until: float | None = None) -> np.ndarray:
+def window_vector(
+    observations: list[Observation],
+    mac: str,
+    first_ts: float,
+    config: FeatureConfig,
+    until: float | None = None,
+) -> np.ndarray:
     """The feature vector of the observations up to ``until`` seconds after ``first_ts`` (all when None)."""
     state = FeatureState(config, mac, first_ts)
     for obs in observations:
@@ -190,9 +209,10 @@ def window_vector(observations: list[Observation], mac: str, first_ts: float, co
     return state.vector()
 
 
-def window_vectors(observations: list[Observation], mac: str, first_ts: float, config: FeatureConfig,
-                   cutoffs: list[float]) -> tuple[np.ndarray, list[set[str]]]:
-    """Vectors (and token sets) at several cut-offs in one pass: ``cutoffs`` ascending, seconds from first_ts."""
+def window_vectors(
+    observations: list[Observation], mac: str, first_ts: float, config: FeatureConfig, cutoffs: list[float]
+) -> tuple[np.ndarray, list[set[str]]]:
+    """Vectors and token sets at several cut-offs (ascending seconds from first_ts) in one pass."""
     state = FeatureState(config, mac, first_ts)
     rows: list[np.ndarray] = []
     tokens: list[set[str]] = []

@@ -30,13 +30,18 @@ class NumpyNet:
         self.w = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
         self.temps = [float(t) for t in self.w["temps"]]
         # the three heads as one product, temperatures folded in: fewer numpy calls per observation
-        self._heads_w = np.concatenate([self.w[f"h_{n}_w"] / t for n, t in zip(HEADS, self.temps, strict=True)], 1)
-        self._heads_b = np.concatenate([self.w[f"h_{n}_b"] / t for n, t in zip(HEADS, self.temps, strict=True)])
+        self._heads_w = np.concatenate(
+            [self.w[f"h_{n}_w"] / t for n, t in zip(HEADS, self.temps, strict=True)], 1
+        )
+        self._heads_b = np.concatenate(
+            [self.w[f"h_{n}_b"] / t for n, t in zip(HEADS, self.temps, strict=True)]
+        )
         self._splits = np.cumsum([self.w[f"h_{n}_b"].size for n in HEADS])[:-1]
         # the first layer and the wide path read the same input: one matrix, so a session updates both at once
         self.hidden = self.w["w1"].shape[1]
-        col_temps = np.concatenate([np.full(self.w[f"h_{n}_b"].size, t, np.float32)
-                                    for n, t in zip(HEADS, self.temps, strict=True)])
+        col_temps = np.concatenate(
+            [np.full(self.w[f"h_{n}_b"].size, t, np.float32) for n, t in zip(HEADS, self.temps, strict=True)]
+        )
         self.w_in = np.concatenate([self.w["w1"], self.w["wide"] / col_temps], 1)
         self.b_in = np.concatenate([self.w["b1"], np.zeros(col_temps.size, np.float32)])
 

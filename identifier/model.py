@@ -1,9 +1,10 @@
-"""The torch model and its training loop: a shared trunk with heads for manufacturer, device type and category.
+"""The torch model and its training loop: a shared trunk, heads for manufacturer, device type and category.
 
 Layer norm rather than batch norm: each home sees a handful of devices, so batch statistics would be
 meaningless there (and federated updates from non-IID homes would fight over them). Training stops early on a
-validation split held out by group (capture file), then one temperature per head is fitted on that split so the
-softmax confidence means what it says. Torch is only needed here; the daemon runs ``identifier.inference``.
+validation split held out by group (capture file), then one temperature per head is fitted on that split so
+the softmax confidence means what it says. Torch is needed only here; the daemon runs
+``identifier.inference``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ class TrainConfig:
 
 
 class IdentifierNet(nn.Module):
-    def __init__(self, dim: int, hidden: int, sizes: tuple[int, int, int], input_dropout: float, dropout: float):
+    def __init__(
+        self, dim: int, hidden: int, sizes: tuple[int, int, int], input_dropout: float, dropout: float
+    ):
         super().__init__()
         self.input_dropout = nn.Dropout(input_dropout)
         self.fc1 = nn.Linear(dim, hidden)
@@ -74,8 +77,16 @@ def _loss(logits: list[torch.Tensor], y: torch.Tensor, w: torch.Tensor, temps: l
     return total
 
 
-def fit(x: np.ndarray, y: np.ndarray, w: np.ndarray, groups: np.ndarray, sizes: tuple[int, int, int],
-        seed: int, config: TrainConfig | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+def fit(
+    x: np.ndarray,
+    y: np.ndarray,
+    w: np.ndarray,
+    groups: np.ndarray,
+    sizes: tuple[int, int, int],
+    seed: int,
+    config: TrainConfig | None = None,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
     """Train on ``x`` (n, dim) with labels ``y`` (n, 3; -1 where a head has no label) and per-head weights
     ``w`` (n, 3); returns the exported numpy weights (``identifier.inference`` format) with temperatures.
 
@@ -85,7 +96,9 @@ def fit(x: np.ndarray, y: np.ndarray, w: np.ndarray, groups: np.ndarray, sizes: 
     torch.set_num_threads(1)  # a small net: more threads only contend (the gateway shares two cores)
     rng = np.random.default_rng(seed)
     val = _split_groups(groups, config.val_fraction, rng)
-    xt, yt, wt = (torch.as_tensor(a) for a in (x.astype(np.float32), y.astype(np.int64), w.astype(np.float32)))
+    xt, yt, wt = (
+        torch.as_tensor(a) for a in (x.astype(np.float32), y.astype(np.int64), w.astype(np.float32))
+    )
     xv, yv, wv = xt[val], yt[val], wt[val]
     torch.manual_seed(seed)
     net = IdentifierNet(x.shape[1], config.hidden, sizes, config.input_dropout, config.dropout)
@@ -135,7 +148,7 @@ def _epoch(net, opt, xt, yt, wt, idx: np.ndarray, batch_size: int, rng: np.rando
 
 
 def _temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
-    """The temperature that minimises validation NLL (Guo et al. 2017), searched on a log grid: robust and cheap."""
+    """The temperature minimising validation NLL (Guo et al. 2017), searched on a log grid: robust, cheap."""
     mask = y >= 0
     if mask.sum() < 5:
         return 1.0
@@ -147,9 +160,16 @@ def _temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
 def export(net: IdentifierNet, temps: list[float]) -> dict[str, np.ndarray]:
     sd = {k: v.detach().numpy() for k, v in net.state_dict().items()}
     out = {
-        "w1": sd["fc1.weight"].T.copy(), "b1": sd["fc1.bias"], "g1": sd["ln1.weight"], "be1": sd["ln1.bias"],
-        "w2": sd["fc2.weight"].T.copy(), "b2": sd["fc2.bias"], "g2": sd["ln2.weight"], "be2": sd["ln2.bias"],
-        "temps": np.asarray(temps, dtype=np.float32), "wide": sd["wide.weight"].T.copy(),
+        "w1": sd["fc1.weight"].T.copy(),
+        "b1": sd["fc1.bias"],
+        "g1": sd["ln1.weight"],
+        "be1": sd["ln1.bias"],
+        "w2": sd["fc2.weight"].T.copy(),
+        "b2": sd["fc2.bias"],
+        "g2": sd["ln2.weight"],
+        "be2": sd["ln2.bias"],
+        "temps": np.asarray(temps, dtype=np.float32),
+        "wide": sd["wide.weight"].T.copy(),
     }
     for k, name in enumerate(HEADS):
         out[f"h_{name}_w"] = sd[f"heads.{k}.weight"].T.copy()

@@ -47,8 +47,14 @@ def _collect(runs: list[dict]) -> dict:
     return out
 
 
-def run_report(captures: list[LabelledWindow], names: list[LabelledWindow], out: Path, seeds: int = 5,
-               folds: int = 5, skip: set[str] = frozenset()) -> dict:
+def run_report(
+    captures: list[LabelledWindow],
+    names: list[LabelledWindow],
+    out: Path,
+    seeds: int = 5,
+    folds: int = 5,
+    skip: set[str] = frozenset(),
+) -> dict:
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -60,28 +66,39 @@ def run_report(captures: list[LabelledWindow], names: list[LabelledWindow], out:
             runs.append(fold_metrics(preds))
             confusion_preds = confusion_preds or preds
     report["model"] = _collect(runs)
+    _write(out, report)  # each stage is saved as it ends: a late failure loses nothing measured
     if "seed-paper" not in skip:
-        report["seed_paper"] = _collect([seed_paper(captures, s, folds) for s in tqdm(range(seeds), desc="seed paper")])
+        report["seed_paper"] = _collect(
+            [seed_paper(captures, s, folds) for s in tqdm(range(seeds), desc="seed paper")]
+        )
     if "baselines" not in skip:
         report["baselines"] = sklearn_baselines(captures, 0, folds)
+        _write(out, report)
     if "open-set" not in skip:
         with tqdm(total=9, desc="leave types out") as bar:
             report["open_set"] = leave_one_type_out(captures, names, 0, progress=bar)
+        _write(out, report)
     if "lab" not in skip:
         with tqdm(total=len({w.source for w in names}), desc="leave one lab out") as bar:
             report["unseen_lab"] = unseen_lab(captures, names, 0, progress=bar)
     report["headline"] = _headline(report)
-    (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    _write(out, report)
     _plot_accuracy(report, out / "accuracy_vs_seconds.png")
     _plot_confusion(confusion_preds["all"], 30.0, out / "confusion_30s.png")
     return report
+
+
+def _write(out: Path, report: dict) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _headline(report: dict) -> dict:
     m = report["model"]
     head = {
         f"{sig}_{w}s_{h}": m[sig][str(w)][h]["accuracy"]["mean"]
-        for sig in ("all", "dns") for w in (2.0, 5.0, 30.0) for h in ("manufacturer", "device_type")
+        for sig in ("all", "dns")
+        for w in (2.0, 5.0, 30.0)
+        for h in ("manufacturer", "device_type")
         if str(w) in m[sig]
     }
     head["median_decided_after_s"] = m["decision"]["median_decided_after_s"]["mean"]
@@ -108,13 +125,22 @@ def _plot_accuracy(report: dict, path: Path) -> None:
     for sig, style in (("all", "-"), ("dns", "--")):
         for h, color in (("device_type", "C0"), ("manufacturer", "C1")):
             pts = [(w, m[sig][str(w)][h]["accuracy"]) for w in xs if str(w) in m[sig]]
-            ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts], yerr=[p[1]["std"] for p in pts],
-                        linestyle=style, color=color, marker="o", capsize=3, label=f"iotgw {h} ({sig})")
+            ax.errorbar(
+                [p[0] for p in pts],
+                [p[1]["mean"] for p in pts],
+                yerr=[p[1]["std"] for p in pts],
+                linestyle=style,
+                color=color,
+                marker="o",
+                capsize=3,
+                label=f"iotgw {h} ({sig})",
+            )
     if "seed_paper" in report:
         sp = report["seed_paper"]
         for h, color in (("device_type", "C2"), ("manufacturer", "C3")):
-            ax.plot(xs, [sp[str(w)][h]["mean"] for w in xs], ":", color=color, marker="s",
-                    label=f"seed paper {h}")
+            ax.plot(
+                xs, [sp[str(w)][h]["mean"] for w in xs], ":", color=color, marker="s", label=f"seed paper {h}"
+            )
     ax.set_xscale("log")
     ax.set_xticks(xs, [f"{w:g}" for w in xs])
     ax.set_xlabel("seconds after the device's first packet")
@@ -138,7 +164,7 @@ def _plot_confusion(preds, window: float, path: Path) -> None:
     guess = [p.at[window].device_type for p in preds]
     cols = labels + sorted(set(guess) - set(labels))
     mat = np.zeros((len(labels), len(cols)), dtype=int)
-    for t, g in zip(truth, guess):
+    for t, g in zip(truth, guess, strict=False):
         mat[labels.index(t), cols.index(g)] += 1
     fig, ax = plt.subplots(figsize=(9, 8))
     ax.imshow(mat, cmap="Blues")

@@ -21,8 +21,15 @@ from identifier.observation import Observation
 UNKNOWN_LABEL = "unknown"
 # Token kinds that can name a vendor; timing and counts tokens say nothing about which vendor it is.
 SPECIFIC_PREFIXES = ("sld:", "dhcp55:", "dhcp60:", "dhcp12:", "mdns:", "mdnssvc:", "oui:", "ouiprefix:")
-_SIGNAL_OF = {"sld": "dns", "host": "dns", "qtype": "dns", "dhcp": "dhcp", "mdns": "mdns", "oui": "oui",
-              "pkt": "packet"}
+_SIGNAL_OF = {
+    "sld": "dns",
+    "host": "dns",
+    "qtype": "dns",
+    "dhcp": "dhcp",
+    "mdns": "mdns",
+    "oui": "oui",
+    "pkt": "packet",
+}
 
 
 @dataclass
@@ -96,6 +103,7 @@ class Session:
         self._count_specific(self.state.tokens)
         self.state.fresh.clear()
         self._probs = ident.net.from_first_layer(self.z1)
+        self._stale = False  # counts moved since the net last ran (it re-runs lazily, see update)
 
     def _count_specific(self, tokens) -> None:
         for token in tokens:
@@ -114,14 +122,30 @@ class Session:
             self._count_specific(self.state.fresh)
             self.state.fresh.clear()
         w_in = self.ident.net.w_in
+        doubled = False
         for b in set(changed):
-            new = np.log1p(self.state.counts[b])
+            count = self.state.counts[b]
+            new = np.log1p(count)
             self.z1 += (new - self.x[b]) * w_in[b]
             self.x[b] = new
-        if self.committed is not None and not fresh:
-            return None  # a repeat of what was seen can move a committed decision by a hair, never overturn it
-        self._probs = self.ident.net.from_first_layer(self.z1)
+            doubled |= (int(count) & (int(count) - 1)) == 0
+        # the net re-runs when the evidence moved materially: a new token, or a count reaching a power of two
+        # (log1p changes little between); a repeat never overturns a committed decision
+        if not fresh and (self.committed is not None or not doubled):
+            self._stale = True
+            return None
+        self._refresh()
         return self._decide(obs.ts)
+
+    def _refresh(self) -> None:
+        self._probs = self.ident.net.from_first_layer(self.z1)
+        self._stale = False
+
+    def probabilities(self) -> list[np.ndarray]:
+        """Calibrated (manufacturer, device type, category) distributions on everything seen so far."""
+        if self._stale:
+            self._refresh()
+        return self._probs
 
     def _decide(self, ts: float) -> Identity | None:
         th = self.ident.bundle.thresholds
@@ -160,11 +184,21 @@ class Session:
         signals = sorted({signal_of(t) for t in self.state.tokens})
         if not known:
             manufacturer = dtype = category = UNKNOWN_LABEL
-        return Identity(manufacturer, dtype, category, round(float(p_type[order[0]]), 4), known, decided_after_s,
-                        alternatives, signals, self.ident.version)
+        return Identity(
+            manufacturer,
+            dtype,
+            category,
+            round(float(p_type[order[0]]), 4),
+            known,
+            decided_after_s,
+            alternatives,
+            signals,
+            self.ident.version,
+        )
 
     def current(self) -> Identity:
-        """The committed decision if there is one, else the provisional best guess (``decided_after_s`` None)."""
+        """The committed decision if any, else the provisional best guess (``decided_after_s`` None)."""
         if self.committed is not None:
             return self.committed
+        self.probabilities()
         return self._identity(None)

@@ -19,7 +19,7 @@ import numpy as np
 from identifier.bundle import Bundle, Thresholds, observation_to_json
 from identifier.dataset import LabelledWindow
 from identifier.domains import sld
-from identifier.features import SEEN_BITS, FeatureConfig, seen_bit, window_vectors
+from identifier.features import DEFAULT_FEATURES, SEEN_BITS, FeatureConfig, seen_bit, window_vectors
 from identifier.inference import HEADS
 from identifier.observation import DnsObservation, Observation, PacketObservation
 from identifier.stream import is_specific
@@ -51,15 +51,16 @@ _VECTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _timed_vectors(win: LabelledWindow, config: FeatureConfig) -> tuple[np.ndarray, list[set[str]]]:
-    """A capture's prefix vectors; cached per window, since cross-validation trains on each capture many times."""
+    """A capture's prefix vectors, cached per window: cross-validation trains on each capture many times."""
     per_window = _VECTORS.setdefault(win, {})
     if config not in per_window:
         per_window[config] = window_vectors(win.observations, win.mac, win.first_ts, config, list(CUTOFFS))
     return per_window[config]
 
 
-def build_samples(windows: list[LabelledWindow], space: dict[str, list[str]], config: FeatureConfig,
-                  seed: int = 0) -> Samples:
+def build_samples(
+    windows: list[LabelledWindow], space: dict[str, list[str]], config: FeatureConfig, seed: int = 0
+) -> Samples:
     rng = np.random.default_rng(seed)
     index = {head: {v: i for i, v in enumerate(values)} for head, values in space.items()}
     xs, ys, ws, groups, tokens = [], [], [], [], []
@@ -77,7 +78,7 @@ def build_samples(windows: list[LabelledWindow], space: dict[str, list[str]], co
         if win.timed:
             for signals in (config.signals, DNS_ONLY):
                 vecs, toks = _timed_vectors(win, config.with_signals(signals))
-                for v, t in zip(vecs, toks):
+                for v, t in zip(vecs, toks, strict=False):
                     add(v, t, win, (1.0, 1.0, 1.0))
         else:
             dns_config = config.with_signals(DNS_ONLY)
@@ -89,15 +90,20 @@ def build_samples(windows: list[LabelledWindow], space: dict[str, list[str]], co
             for obs in subsets:
                 vecs, toks = window_vectors(obs, "", 0.0, dns_config, [0.0])
                 add(vecs[0], toks[0], win, NAME_SET_WEIGHT)
-    return Samples(np.stack(xs).astype(np.float32), np.asarray(ys, dtype=np.int64),
-                   np.asarray(ws, dtype=np.float32), np.asarray(groups), tokens)
+    return Samples(
+        np.stack(xs).astype(np.float32),
+        np.asarray(ys, dtype=np.int64),
+        np.asarray(ws, dtype=np.float32),
+        np.asarray(groups),
+        tokens,
+    )
 
 
 def specific_bitmap(samples: Samples, space: dict[str, list[str]], max_vendors: int = 2) -> np.ndarray:
     """Bits of the tokens that, in training, came from at most ``max_vendors`` manufacturers: the open-set
     evidence (a device showing none of them is from a vendor the model never saw)."""
     vendors: dict[str, set[int]] = defaultdict(set)
-    for toks, y in zip(samples.tokens, samples.y):
+    for toks, y in zip(samples.tokens, samples.y, strict=False):
         if y[0] < 0:
             continue
         for t in toks:
@@ -120,7 +126,9 @@ def data_hash(windows: list[LabelledWindow]) -> str:
     return h.hexdigest()
 
 
-def prototypes(windows: list[LabelledWindow], max_obs: int = 40, horizon: float = 30.0) -> dict[str, list[dict]]:
+def prototypes(
+    windows: list[LabelledWindow], max_obs: int = 40, horizon: float = 30.0
+) -> dict[str, list[dict]]:
     """Per device type, the first ``horizon`` seconds of its first capture, relative timestamps, with runs of
     identical packets collapsed so a prototype stays a few dozen records."""
     out: dict[str, list[dict]] = {}
@@ -161,23 +169,48 @@ def type_info(windows: list[LabelledWindow]) -> dict[str, dict[str, str]]:
     for w in windows:
         if w.device_type and w.timed:
             seen[w.device_type].add((w.manufacturer, w.category))
-    return {t: {"manufacturer": m, "category": c} for t, pairs in seen.items() if len(pairs) == 1
-            for (m, c) in pairs if m and c}
+    return {
+        t: {"manufacturer": m, "category": c}
+        for t, pairs in seen.items()
+        if len(pairs) == 1
+        for (m, c) in pairs
+        if m and c
+    }
 
 
-def train(windows: list[LabelledWindow], seed: int = 0, config: FeatureConfig = FeatureConfig(),
-          thresholds: Thresholds | None = None, progress: bool = False, train_config=None) -> Bundle:
+def train(
+    windows: list[LabelledWindow],
+    seed: int = 0,
+    config: FeatureConfig = DEFAULT_FEATURES,
+    thresholds: Thresholds | None = None,
+    progress: bool = False,
+    train_config=None,
+) -> Bundle:
     """Train a bundle on ``windows``; torch is imported here, never by the daemon."""
     from identifier.model import TrainConfig, fit
 
     space = label_space(windows)
     samples = build_samples(windows, space, config, seed)
-    weights = fit(samples.x, samples.y, samples.w, samples.groups,
-                  tuple(len(space[h]) for h in HEADS), seed, train_config or TrainConfig(), progress)
+    weights = fit(
+        samples.x,
+        samples.y,
+        samples.w,
+        samples.groups,
+        tuple(len(space[h]) for h in HEADS),
+        seed,
+        train_config or TrainConfig(),
+        progress,
+    )
     digest = data_hash(windows)
     return Bundle(
-        weights=weights, features=config, labels=space, seen=specific_bitmap(samples, space),
-        version=f"{time.strftime('%Y%m%d')}-{digest[:8]}-s{seed}", thresholds=thresholds or Thresholds(),
-        type_info=type_info(windows), training_data_sha256=digest,
-        prototypes=prototypes(windows), profiles=profiles(windows),
+        weights=weights,
+        features=config,
+        labels=space,
+        seen=specific_bitmap(samples, space),
+        version=f"{time.strftime('%Y%m%d')}-{digest[:8]}-s{seed}",
+        thresholds=thresholds or Thresholds(),
+        type_info=type_info(windows),
+        training_data_sha256=digest,
+        prototypes=prototypes(windows),
+        profiles=profiles(windows),
     )

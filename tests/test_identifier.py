@@ -1,4 +1,4 @@
-"""Device identification on real captures: the `iotgw identify` contract, streaming, hashing, the shipped bundle."""
+"""Identification on real captures: the `iotgw identify` contract, streaming, hashing, the shipped bundle."""
 
 from __future__ import annotations
 
@@ -49,19 +49,30 @@ def iotgw(monkeypatch, capsys):
 
 
 @needs_data
-@pytest.mark.parametrize("folder,device_type,manufacturer", [
-    ("D-LinkSiren", "D-LinkSiren", "D-Link"),
-    ("HueBridge", "HueBridge", "Philips"),
-    ("WeMoSwitch", "WeMoSwitch", "Belkin"),
-])
+@pytest.mark.parametrize(
+    "folder,device_type,manufacturer",
+    [
+        ("D-LinkSiren", "D-LinkSiren", "D-Link"),
+        ("HueBridge", "HueBridge", "Philips"),
+        ("WeMoSwitch", "WeMoSwitch", "Belkin"),
+    ],
+)
 def test_identify_json_names_the_device_in_a_real_capture(iotgw, folder, device_type, manufacturer):
     pcap, mac = first_capture(folder)
     code, rows, _ = iotgw("identify", "--json", str(pcap))
     assert code == 0
     assert {r["mac"] for r in rows} == set(capture_windows(pcap, 30.0).devices)
     (row,) = [r for r in rows if r["mac"] == mac]
-    assert set(row) == {"source", "mac", "manufacturer", "device_type", "category", "confidence",
-                        "decided_after_s", "known"}
+    assert set(row) == {
+        "source",
+        "mac",
+        "manufacturer",
+        "device_type",
+        "category",
+        "confidence",
+        "decided_after_s",
+        "known",
+    }
     assert row["source"] == str(pcap)
     assert (row["manufacturer"], row["device_type"], row["known"]) == (manufacturer, device_type, True)
     assert 0.0 <= row["confidence"] <= 1.0
@@ -91,7 +102,10 @@ def test_corrupt_pcap_is_named_and_the_others_still_processed(iotgw, tmp_path):
 def test_sessions_jsonl_gives_one_line_per_input(iotgw, tmp_path):
     sessions = tmp_path / "s.jsonl"
     lines = [
-        {"id": "plug", "queries": [{"t": 0.0, "name": "devs.tplinkcloud.com"}, {"t": 1.0, "name": "uk.pool.ntp.org"}]},
+        {
+            "id": "plug",
+            "queries": [{"t": 0.0, "name": "devs.tplinkcloud.com"}, {"t": 1.0, "name": "uk.pool.ntp.org"}],
+        },
         {"id": "kettle", "queries": [{"t": 0.5, "name": "a.b.example.invalid"}], "mac": "00:11:22:33:44:55"},
     ]
     sessions.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
@@ -126,8 +140,11 @@ def test_feature_hashing_is_stable_across_processes():
     outputs = set()
     for seed in ("1", "12345"):
         env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)}
-        outputs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                                   check=True, cwd=ROOT).stdout)
+        outputs.add(
+            subprocess.run(
+                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=ROOT
+            ).stdout
+        )
     assert len(outputs) == 1
     assert int(outputs.pop().split()[1]) >= 10  # the tokens really landed in buckets
 
@@ -141,8 +158,14 @@ def test_the_daemon_path_never_imports_torch():
         "s.update(DnsObservation(0.2, 'devs.tplinkcloud.com'))\n"
         "print(s.current().manufacturer, 'torch' in sys.modules, 'sklearn' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    ).stdout.split()
     assert out == ["TP-Link", "False", "False"]
 
 
@@ -174,7 +197,7 @@ def test_shipped_bundle_is_small_and_serves_demo_prototypes_and_profiles():
     sentinel_types = [t for t in protos if t in ident.bundle.type_info]
     for dtype in sentinel_types:
         seq = protos[dtype]
-        assert seq[0].ts >= 0.0 and all(a.ts <= b.ts for a, b in zip(seq, seq[1:]))
+        assert seq[0].ts >= 0.0 and all(a.ts <= b.ts for a, b in zip(seq, seq[1:], strict=False))
         s = ident.session("02:00:00:00:00:01", 0.0)  # a virtual device: local MAC, no vendor prefix
         for obs in seq:
             s.update(obs)
@@ -188,7 +211,10 @@ def test_shipped_bundle_is_small_and_serves_demo_prototypes_and_profiles():
 def test_identifier_imports_nothing_from_the_layers_above():
     for path in (ROOT / "identifier").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            )
             for name in names:
                 assert name.split(".")[0] not in ("gateway", "policy", "webui"), f"{path.name} imports {name}"

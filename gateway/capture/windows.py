@@ -73,6 +73,17 @@ def labelled_captures(root: str | Path, window: float = 60.0) -> list[LabelledWi
             dev = capture_windows(pcap, window).devices.get(mac)
             if dev is None:
                 continue
-            out.append(LabelledWindow(dev.observations, mac, dev.first_ts, label.manufacturer, label.device_type,
-                                      label.category, f"{folder}/{pcap.name}", "iot-sentinel", timed=True))
+            out.append(
+                LabelledWindow(
+                    dev.observations,
+                    mac,
+                    dev.first_ts,
+                    label.manufacturer,
+                    label.device_type,
+                    label.category,
+                    f"{folder}/{pcap.name}",
+                    "iot-sentinel",
+                    timed=True,
+                )
+            )
     return out

@@ -18,9 +18,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("identify", help="identify the devices in pcaps (or DNS sessions) with the model")
     p.add_argument("pcaps", nargs="*", metavar="PCAP")
     p.add_argument("--model", metavar="DIR", help="model bundle directory (default: the shipped one)")
-    p.add_argument("--window", type=float, default=30.0, metavar="SECONDS",
-                   help="seconds from each device's first packet that count (default 30)")
-    p.add_argument("--signals", choices=("all", "dns"), default="all", help="use every signal or DNS names only")
+    p.add_argument(
+        "--window",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="seconds from each device's first packet that count (default 30)",
+    )
+    p.add_argument(
+        "--signals", choices=("all", "dns"), default="all", help="use every signal or DNS names only"
+    )
     p.add_argument("--sessions", metavar="FILE.jsonl", help="identify DNS sessions given as JSON lines")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_identify)
@@ -29,26 +36,41 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=str(DEFAULT_DATA), metavar="DIR", help="the shared data directory")
     p.add_argument("--out", metavar="DIR", help="bundle directory (default: the shipped identifier/bundle)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cv-folds", type=int, default=5, help="folds of the cross-validation recorded in the bundle "
-                   "(0: none)")
+    p.add_argument(
+        "--cv-folds",
+        type=int,
+        default=5,
+        help="folds of the cross-validation recorded in the bundle (0: none)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="cross-validated accuracy, baselines, open set and plots")
     p.add_argument("--data", default=str(DEFAULT_DATA), metavar="DIR", help="the shared data directory")
-    p.add_argument("--out", default="evaluation", metavar="DIR", help="where the JSON report and PNG plots go")
+    p.add_argument(
+        "--out", default="evaluation", metavar="DIR", help="where the JSON report and PNG plots go"
+    )
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--skip", action="append", default=[], choices=("baselines", "seed-paper", "open-set", "lab"),
-                   help="leave a part out (repeatable)")
+    p.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=("baselines", "seed-paper", "open-set", "lab"),
+        help="leave a part out (repeatable)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
 
-# --- identify -------------------------------------------------------------------------------------------------
+# --- identify
+# -------------------------------------------------------------------------------------------------
+
 
 def _record(identity, window: float) -> dict:
     decided = identity.decided_after_s
     return {
-        "manufacturer": identity.manufacturer, "device_type": identity.device_type, "category": identity.category,
+        "manufacturer": identity.manufacturer,
+        "device_type": identity.device_type,
+        "category": identity.category,
         "confidence": identity.confidence,
         "decided_after_s": round(decided, 3) if decided is not None and decided <= window else None,
         "known": identity.known,
@@ -110,8 +132,10 @@ def cmd_identify(args: argparse.Namespace) -> int:
         for r in rows:
             where = r.get("id") or f"{r['source']} {r['mac']}"
             when = "-" if r["decided_after_s"] is None else f"{r['decided_after_s']:.1f}s"
-            print(f"{where}  {r['manufacturer']} / {r['device_type']} / {r['category']}  "
-                  f"conf {r['confidence']:.2f}  decided {when}{'' if r['known'] else '  (unknown)'}")
+            print(
+                f"{where}  {r['manufacturer']} / {r['device_type']} / {r['category']}  "
+                f"conf {r['confidence']:.2f}  decided {when}{'' if r['known'] else '  (unknown)'}"
+            )
     return 1 if failed else 0
 
 
@@ -121,7 +145,8 @@ class SessionError(ValueError):
 
 def read_sessions(path: str):
     """(id, mac, observations) per line of a sessions JSONL file: ``{"id", "queries": [{"t", "name"}], "mac"?,
-    "dhcp"?}`` where ``dhcp`` is one object or a list with ``hostname``, ``param_list``, ``vendor_class``, ``t``."""
+    "dhcp"?}``; ``dhcp`` is one object or a list (``hostname``, ``param_list``, ``vendor_class``, ``t``).
+    """
     from identifier.observation import DhcpObservation, DnsObservation
 
     with open(path, encoding="utf-8") as fh:
@@ -130,22 +155,37 @@ def read_sessions(path: str):
                 continue
             try:
                 item = json.loads(line)
-                observations = [DnsObservation(float(q.get("t", 0.0)), str(q["name"]).rstrip(".").lower(),
-                                               int(q.get("qtype", 1))) for q in item.get("queries", [])]
+                observations = [
+                    DnsObservation(
+                        float(q.get("t", 0.0)), str(q["name"]).rstrip(".").lower(), int(q.get("qtype", 1))
+                    )
+                    for q in item.get("queries", [])
+                ]
                 dhcp = item.get("dhcp") or []
                 for d in [dhcp] if isinstance(dhcp, dict) else dhcp:
-                    observations.append(DhcpObservation(
-                        float(d.get("t", 0.0)), d.get("hostname"), tuple(int(c) for c in d.get("param_list", ())),
-                        d.get("vendor_class"), None, d.get("message_type")))
+                    observations.append(
+                        DhcpObservation(
+                            float(d.get("t", 0.0)),
+                            d.get("hostname"),
+                            tuple(int(c) for c in d.get("param_list", ())),
+                            d.get("vendor_class"),
+                            None,
+                            d.get("message_type"),
+                        )
+                    )
                 sid = str(item["id"])
                 mac = str(item.get("mac") or "").lower()
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise SessionError(f"{path}:{lineno}: not a session ({exc.__class__.__name__}: {exc})") from exc
+                raise SessionError(
+                    f"{path}:{lineno}: not a session ({exc.__class__.__name__}: {exc})"
+                ) from exc
             observations.sort(key=lambda o: o.ts)
             yield sid, mac, observations
 
 
-# --- train ----------------------------------------------------------------------------------------------------
+# --- train
+# ----------------------------------------------------------------------------------------------------
+
 
 def load_training_data(data: str | Path):
     """The labelled capture windows and domain name sets under ``data`` (../shared/data)."""
@@ -155,10 +195,14 @@ def load_training_data(data: str | Path):
     data = Path(data)
     sentinel, domains = data / "iot-sentinel", data / "supplychain-domains" / "device_domains.csv"
     if not (sentinel / "labels.csv").exists() or not domains.exists():
-        raise SystemExit(f"iotgw: no training data under {data} (want iot-sentinel/ and supplychain-domains/)")
+        raise SystemExit(
+            f"iotgw: no training data under {data} (want iot-sentinel/ and supplychain-domains/)"
+        )
     captures = labelled_captures(sentinel, 60.0)
     # the list's own IoT-Sentinel rows repeat these captures under other labels (MAX! Cube as Ubiquiti)
-    names = domain_windows(domains, {w.category for w in captures if w.category}, exclude_sources=("IoT-Sentinel",))
+    names = domain_windows(
+        domains, {w.category for w in captures if w.category}, exclude_sources=("IoT-Sentinel",)
+    )
     return captures, names
 
 
@@ -174,7 +218,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         bundle.metrics = cross_validated_metrics(captures, names, seed=args.seed, k=args.cv_folds)
     out = bundle.save(args.out or DEFAULT_DIR)
     size = sum(f.stat().st_size for f in out.iterdir())
-    print(json.dumps({"bundle": str(out), "version": bundle.version, "bytes": size, "metrics": bundle.metrics}))
+    print(
+        json.dumps({"bundle": str(out), "version": bundle.version, "bytes": size, "metrics": bundle.metrics})
+    )
     return 0
 
 
@@ -182,6 +228,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from identifier.report import run_report
 
     captures, names = load_training_data(args.data)
-    report = run_report(captures, names, Path(args.out), seeds=args.seeds, folds=args.folds, skip=set(args.skip))
+    report = run_report(
+        captures, names, Path(args.out), seeds=args.seeds, folds=args.folds, skip=set(args.skip)
+    )
     print(json.dumps(report["headline"], indent=1))
     return 0
