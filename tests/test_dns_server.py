@@ -20,14 +20,6 @@ from tests.dns_helpers import Dnsmasq, ask, config, free_port, needs_dnsmasq, rc
 pytestmark = needs_dnsmasq
 
 
-@pytest.fixture
-def upstream(tmp_path):
-    server = Dnsmasq(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
 def addresses(msg: dns.message.Message) -> set[str]:
     return {rr.to_text() for rrset in msg.answer for rr in rrset}
 

@@ -10,7 +10,6 @@ import time
 
 import dns.message
 import dns.query
-import pytest
 from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
@@ -83,14 +82,6 @@ def eventually(check, timeout: float = 10.0):
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.1)
-
-
-@pytest.fixture
-def upstream(tmp_path):
-    server = Dnsmasq(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 def answers(msg: dns.message.Message) -> set[str]:
