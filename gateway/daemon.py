@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -62,7 +61,6 @@ class Gateway:
         self._window_start: dict[str, float] = {}
         self._pending_identities: list[tuple[str, float, object]] = []  # written by the next flush
         self._closed_windows: list[tuple[str, float, list[dict]]] = []
-        self.ready = threading.Event()
 
     # -- sources ----------------------------------------------------------------------------------------
     def ingest(self, events: list[Event]) -> None:
@@ -84,7 +82,6 @@ class Gateway:
         self._tasks.append(asyncio.create_task(self._flush_loop(), name="flush"))
         await self._start_dns()
         self._start_sniffer()
-        self.ready.set()
 
     async def stop(self) -> None:
         if self.dns is not None:

@@ -73,3 +73,23 @@ def test_realtime_replay_keeps_the_recorded_spacing(tmp_path):
     fast: list[Event] = []
     replay([pcap], fast.extend)
     assert [e.ts for e in fast] == pytest.approx([1000.0, 1000.4, 1000.8])  # recorded times, not wall time
+
+
+@needs_data
+def test_iotgw_replay_stores_the_devices_and_names_a_bad_file(tmp_path):
+    import subprocess
+    import sys
+
+    from gateway.devices.service import get_device
+    from gateway.store.db import Store
+
+    bad = tmp_path / "bad.pcap"
+    bad.write_bytes(b"not a capture")
+    pcap = sorted((DATA / "HueBridge").glob("*.pcap"))[0]
+    db = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
+    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "replay", "--db", db, str(bad), str(pcap)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "bad.pcap" in proc.stderr and "replayed 1 of 2 files" in proc.stdout
+    mac = (DATA / "HueBridge" / "_iotdevice-mac.txt").read_text().strip().lower()
+    device = get_device(Store(db, migrate=False), mac).device
+    assert device.name == "Philips-hue" and device.manufacturer == "Philips"

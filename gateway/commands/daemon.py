@@ -8,9 +8,7 @@ import logging
 import os
 import secrets
 import shutil
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 from gateway.cli import add_state_args, config_from_args
@@ -123,8 +121,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from gateway.capture.frames import MalformedPacket, parse_frame
-    from gateway.capture.pcap import PcapError, read_frames
+    from gateway.capture.replay import replay
     from gateway.daemon import Gateway
     from gateway.store.db import Store
 
@@ -132,29 +129,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     cfg.dns.listen = []
     cfg.capture.sniff = False
     gateway = Gateway(cfg, Store(cfg.db_url))
-    failed = 0
 
-    async def main() -> None:
-        nonlocal failed
+    async def main():  # noqa: ANN202 - a ReplayResult
         await gateway.start()
-        for path in args.pcaps:
-            start_wall, start_ts = time.time(), None
-            try:
-                for ts, frame in read_frames(path):
-                    if args.realtime:
-                        start_ts = ts if start_ts is None else start_ts
-                        await asyncio.sleep(max(0.0, (ts - start_ts) - (time.time() - start_wall)))
-                    try:
-                        gateway.ingest(parse_frame(frame, ts, others=True, source="replay"))
-                    except MalformedPacket:
-                        gateway.counters.add("replay_malformed")
-            except PcapError as exc:
-                print(f"iotgw replay: {exc}", file=sys.stderr)
-                failed += 1
-            await asyncio.sleep(0)
-        await gateway.stop()
+        try:  # the same parser and sink as live capture, in a thread so the consumer keeps draining
+            return await asyncio.to_thread(replay, args.pcaps, gateway.ingest, args.realtime, gateway.counters)
+        finally:
+            await gateway.stop()
 
-    asyncio.run(main())
-    print(f"replayed {len(args.pcaps) - failed} of {len(args.pcaps)} files; "
+    result = asyncio.run(main())  # a file that cannot be read is logged by name; the others still run
+    print(f"replayed {len(args.pcaps) - len(result.errors)} of {len(args.pcaps)} files; "
           f"{len(gateway.tracker.devices)} devices; counters {gateway.counters.values}")
-    return 1 if failed else 0
+    return 1 if result.errors else 0
