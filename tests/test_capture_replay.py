@@ -15,9 +15,7 @@ from gateway.capture.frames import MalformedPacket, parse_frame
 from gateway.capture.pcap import read_frames
 from gateway.capture.replay import replay
 from gateway.events import Counters, DhcpSeen, DnsQuery, Event
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "iot-sentinel" / "captures"
-needs_data = pytest.mark.skipif(not DATA.exists(), reason="../shared/data is not beside the checkout")
+from tests.shared_data import CAPTURES, needs_data
 
 
 def _direct(path: Path) -> list[Event]:
@@ -32,7 +30,7 @@ def _direct(path: Path) -> list[Event]:
 
 @needs_data
 def test_replay_gives_the_same_events_as_parsing_directly():
-    pcap = sorted((DATA / "HueBridge").glob("*.pcap"))[0]
+    pcap = sorted((CAPTURES / "HueBridge").glob("*.pcap"))[0]
     got: list[Event] = []
     counters = Counters()
     result = replay([pcap], got.extend, counters=counters)
@@ -45,7 +43,7 @@ def test_replay_gives_the_same_events_as_parsing_directly():
 
 @needs_data
 def test_replay_reports_a_corrupt_file_by_name_and_goes_on(tmp_path):
-    first, last = sorted((DATA / "HueBridge").glob("*.pcap"))[:2]
+    first, last = sorted((CAPTURES / "HueBridge").glob("*.pcap"))[:2]
     garbage = tmp_path / "garbage.pcap"
     garbage.write_bytes(b"this is not a capture file" * 10)
     truncated = tmp_path / "truncated.pcap"  # a real capture cut mid-record: what it holds is kept
@@ -85,11 +83,11 @@ def test_iotgw_replay_stores_the_devices_and_names_a_bad_file(tmp_path):
 
     bad = tmp_path / "bad.pcap"
     bad.write_bytes(b"not a capture")
-    pcap = sorted((DATA / "HueBridge").glob("*.pcap"))[0]
+    pcap = sorted((CAPTURES / "HueBridge").glob("*.pcap"))[0]
     db = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
     proc = subprocess.run([sys.executable, "-m", "gateway.cli", "replay", "--db", db, str(bad), str(pcap)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "bad.pcap" in proc.stderr and "replayed 1 of 2 files" in proc.stdout
-    mac = (DATA / "HueBridge" / "_iotdevice-mac.txt").read_text().strip().lower()
+    mac = (CAPTURES / "HueBridge" / "_iotdevice-mac.txt").read_text().strip().lower()
     device = get_device(Store(db, migrate=False), mac).device
     assert device.name == "Philips-hue" and device.manufacturer == "Philips"

@@ -16,24 +16,13 @@ import pytest
 
 from identifier.federated import homedata, model, updates
 from identifier.federated.localfleet import Home, LocalFleet
+from tests.shared_data import DOMAINS, needs_data
 
 # the shared data sits beside the repository (/work/main -> /work/shared); worktrees are one level deeper
-DATA = next(
-    (
-        p / "shared" / "data" / "supplychain-domains" / "device_domains.csv"
-        for p in Path(__file__).resolve().parents[1].parents
-        if (p / "shared" / "data").is_dir()
-    ),
-    Path(__file__).resolve().parents[1].parent
-    / "shared"
-    / "data"
-    / "supplychain-domains"
-    / "device_domains.csv",
-)
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not DATA.exists(), reason=f"shared data not found at {DATA}"),
+    needs_data,
     pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="flwr is not installed"),
 ]
 
@@ -49,7 +38,7 @@ def fleet(tmp_path: Path):
 
 
 def start_homes(fleet: LocalFleet, n: int) -> list[Home]:
-    homes, _ = homedata.split_homes(DATA, n, seed=1)
+    homes, _ = homedata.split_homes(DOMAINS, n, seed=1)
     started = [fleet.add_home(h) for h in homes]
     time.sleep(3)  # let every SuperNode register before the run samples them
     return started

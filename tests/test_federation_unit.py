@@ -9,20 +9,7 @@ import numpy as np
 import pytest
 
 from identifier.federated import homedata, model, processes, updates
-
-DATA = next(
-    (
-        p / "shared" / "data" / "supplychain-domains" / "device_domains.csv"
-        for p in Path(__file__).resolve().parents[1].parents
-        if (p / "shared" / "data").is_dir()
-    ),
-    Path(__file__).resolve().parents[1].parent
-    / "shared"
-    / "data"
-    / "supplychain-domains"
-    / "device_domains.csv",
-)
-needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"shared data not found at {DATA}")
+from tests.shared_data import DOMAINS, needs_data
 
 
 def test_clip_bounds_the_norm_and_keeps_small_updates() -> None:
@@ -56,7 +43,7 @@ def test_published_model_is_checked_against_its_digest(tmp_path: Path) -> None:
 
 @needs_data
 def test_install_checks_digest_and_regression_and_rolls_back(tmp_path: Path) -> None:
-    homes, _ = homedata.split_homes(DATA, 3, seed=2)
+    homes, _ = homedata.split_homes(DOMAINS, 3, seed=2)
     home = homes[0]
     store = updates.ModelStore(tmp_path / "model")
     fresh = model.init_params(homedata.N_FEATURES, len(home.classes))
@@ -76,7 +63,7 @@ def test_install_checks_digest_and_regression_and_rolls_back(tmp_path: Path) -> 
 
 @needs_data
 def test_dirichlet_homes_differ_and_hold_out_one_device_per_vendor() -> None:
-    homes, test = homedata.split_homes(DATA, 5, alpha=0.3, seed=0)
+    homes, test = homedata.split_homes(DOMAINS, 5, alpha=0.3, seed=0)
     assert all(len(h) > 0 for h in homes)
     vendor_sets = [set(h.y.tolist()) for h in homes]
     assert len(set(test.y.tolist())) == len(test.classes)  # every vendor has a held-out device

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.dns import DNS, DNSQR
@@ -13,8 +11,8 @@ from scapy.layers.l2 import Ether
 from gateway.capture.frames import MalformedPacket, parse_frame
 from gateway.capture.pcap import PcapError, read_frames
 from gateway.events import AddressSeen, DhcpSeen, DnsQuery, MdnsSeen
+from tests.shared_data import CAPTURES, needs_data
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "iot-sentinel" / "captures"
 MAC = "02:11:22:33:44:55"
 
 
@@ -51,11 +49,11 @@ def test_short_frame_is_malformed():
         parse_frame(b"\x00" * 10, 0.0)
 
 
-@pytest.mark.skipif(not DATA.exists(), reason="../shared/data is not beside the checkout")
+@needs_data
 def test_real_capture_hue_bridge_dhcp_dns_and_mdns():
-    pcap = sorted((DATA / "HueBridge").glob("*.pcap"))[0]
+    pcap = sorted((CAPTURES / "HueBridge").glob("*.pcap"))[0]
     events = [e for ts, frame in read_frames(pcap) for e in parse_frame(frame, ts)]
-    mac = (DATA / "HueBridge" / "_iotdevice-mac.txt").read_text().strip().lower()
+    mac = (CAPTURES / "HueBridge" / "_iotdevice-mac.txt").read_text().strip().lower()
     assert any(isinstance(e, DhcpSeen) and e.mac == mac and e.hostname == "Philips-hue" for e in events)
     assert any(isinstance(e, DnsQuery) and e.sld == "meethue.com" for e in events)
     assert any(isinstance(e, MdnsSeen) and "_hap._tcp.local" in e.services for e in events)

@@ -15,11 +15,9 @@ from gateway import cli
 from gateway.capture.windows import capture_windows
 from identifier.bundle import DEFAULT_DIR
 from identifier.stream import Identifier
+from tests.shared_data import CAPTURES, needs_data
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("IOTGW_DATA") or ROOT.parent / "shared" / "data")
-CAPTURES = DATA / "iot-sentinel" / "captures"
-needs_data = pytest.mark.skipif(not CAPTURES.is_dir(), reason=f"no shared data at {DATA} (set IOTGW_DATA)")
 
 
 def first_capture(folder: str) -> tuple[Path, str]:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
 from gateway.capture.windows import labelled_captures
@@ -12,13 +9,11 @@ from identifier.dataset import domain_windows
 from identifier.evaluate import stratified_folds, stream
 from identifier.stream import Identifier
 from identifier.train import train
+from tests.shared_data import DATA, needs_data
 
-DATA = Path(os.environ.get("IOTGW_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        not (DATA / "iot-sentinel").is_dir(), reason=f"no shared data at {DATA} (set IOTGW_DATA)"
-    ),
+    needs_data,
 ]
 HELD_OUT_VENDORS = {"Fitbit", "Withings"}  # the two scales: vendors nothing else in the data comes from
 
