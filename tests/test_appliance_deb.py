@@ -21,14 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FIRMWARE = ROOT / "firmware"
 SCRIPTS = [FIRMWARE / "debian" / name for name in ("postinst", "prerm", "postrm")]
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-DOCTOR = """
-import argparse, sys
-from gateway.commands import doctor
-parser = argparse.ArgumentParser(prog="iotgw")
-doctor.add_commands(parser.add_subparsers())
-args = parser.parse_args(sys.argv[1:])
-sys.exit(args.func(args))
-"""
 
 
 @pytest.mark.parametrize(
@@ -197,7 +189,7 @@ def test_install_run_remove_purge_in_a_throwaway_root(deb: Path, tmp_path: Path)
         '[dns]\nlisten = ["127.0.0.1:0"]\n[capture]\nsniff = false\n'
     )
     run = subprocess.run(
-        [str(python), "-c", DOCTOR, "doctor", "--config", str(config)],
+        [str(python), "-m", "gateway.cli", "doctor", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=120,

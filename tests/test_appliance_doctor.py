@@ -18,23 +18,9 @@ import pytest
 
 from gateway.config import Config
 from gateway.doctor import check_capabilities, check_clock
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-# The doctor's own parser: the test exercises the command, whatever other command groups are present.
-RUNNER = """
-import argparse, sys
-from gateway.commands import doctor
-parser = argparse.ArgumentParser(prog="iotgw")
-doctor.add_commands(parser.add_subparsers())
-args = parser.parse_args(sys.argv[1:])
-sys.exit(args.func(args))
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(tmp_path: Path, port: int, extra: str = "", listen: str | None = None) -> Path:
@@ -51,7 +37,7 @@ def write_config(tmp_path: Path, port: int, extra: str = "", listen: str | None 
 
 def doctor(config: Path, *prefix: str) -> tuple[int, dict[str, dict], str]:
     proc = subprocess.run(
-        [*prefix, sys.executable, "-c", RUNNER, "doctor", "--config", str(config), "--json"],
+        [*prefix, sys.executable, "-m", "gateway.cli", "doctor", "--config", str(config), "--json"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -76,7 +62,7 @@ def test_text_output_names_the_fix(tmp_path: Path) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
         held.bind(("127.0.0.1", port))
         proc = subprocess.run(
-            [sys.executable, "-c", RUNNER, "doctor", "--config", str(write_config(tmp_path, port))],
+            [sys.executable, "-m", "gateway.cli", "doctor", "--config", str(write_config(tmp_path, port))],
             capture_output=True,
             text=True,
             timeout=120,

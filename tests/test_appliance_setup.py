@@ -3,29 +3,15 @@ comment kept, the router guidance names this machine's address, and the doctor's
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from gateway.commands.setup import set_key
 from gateway.config import load
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNNER = """
-import argparse, sys
-from gateway.commands import setup
-parser = argparse.ArgumentParser(prog="iotgw")
-setup.add_commands(parser.add_subparsers())
-args = parser.parse_args(sys.argv[1:])
-sys.exit(args.func(args))
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def example_config(tmp_path: Path) -> Path:
@@ -41,7 +27,7 @@ def example_config(tmp_path: Path) -> Path:
 
 def run_setup(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", RUNNER, "setup", *args],
+        [sys.executable, "-m", "gateway.cli", "setup", *args],
         capture_output=True,
         text=True,
         timeout=120,

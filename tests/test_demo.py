@@ -10,7 +10,7 @@ from pathlib import Path
 
 from gateway.devices.service import list_devices
 from gateway.store.db import Store
-from tests.dns_helpers import free_port
+from tests.ports import free_port
 
 
 def test_demo_devices_appear_get_identified_and_the_ui_asks_for_login(tmp_path):

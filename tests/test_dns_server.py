@@ -15,7 +15,8 @@ import dns.rdatatype
 import pytest
 
 from gateway.dns import Decision
-from tests.dns_helpers import Dnsmasq, ask, config, free_port, needs_dnsmasq, rcode, running
+from tests.dns_helpers import Dnsmasq, ask, config, needs_dnsmasq, rcode, running
+from tests.ports import free_port
 
 pytestmark = needs_dnsmasq
 

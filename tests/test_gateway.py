@@ -22,7 +22,8 @@ from gateway.policyfile import load_policy, save_policy
 from gateway.store.db import Store
 from gateway.store.querylog import recent
 from policy.model import Policy, Rule
-from tests.dns_helpers import Dnsmasq, free_port, needs_dnsmasq
+from tests.dns_helpers import Dnsmasq, needs_dnsmasq
+from tests.ports import free_port
 
 pytestmark = needs_dnsmasq
 
