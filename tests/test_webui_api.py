@@ -9,6 +9,7 @@ import time
 import pytest
 
 from gateway import accounts
+from gateway.alerts import Alerts
 from gateway.devices import service
 from gateway.events import Alert
 from gateway.store.db import Store
@@ -33,10 +34,10 @@ def api(tmp_path):
     )
     _, secret = accounts.create_token(store, "tests", "write")
 
-    def alerts(_store: Store, limit: int) -> list[Alert]:
-        return [Alert(kind="new_device", ts=1.0, mac=MAC, data={"name": "<b>plug</b>"})][:limit]
-
-    app = create_app(store, cfg, alerts=alerts)
+    # Recorded the way the daemon records it (MQTT is off in this config, so only the history is written).
+    Alerts(store, cfg).send(Alert(kind="new_device", ts=1.0, mac=MAC, data={"vendor": None, "name": "<b>plug</b>",
+                                                                          "ip": None}))
+    app = create_app(store, cfg)
     client = app.test_client()
     client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {secret}"
     yield client, store, tmp_path
@@ -116,7 +117,7 @@ def test_summary_and_queries_over_time(api):
 
 def test_alerts_and_model_status(api):
     client, store, tmp_path = api
-    assert client.get("/api/v1/alerts").json[0]["data"] == {"name": "<b>plug</b>"}
+    assert client.get("/api/v1/alerts").json[0]["data"]["name"] == "<b>plug</b>"
     assert client.get("/api/v1/model").json["error"] == "no model bundle installed"
     model = tmp_path / "model"
     model.mkdir()

@@ -13,6 +13,7 @@ from flask import Blueprint, abort, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from gateway import accounts, overview
+from gateway.alerts import recent_alerts
 from gateway.devices import service
 from gateway.store import querylog
 from webui import views
@@ -127,7 +128,7 @@ def queries():  # noqa: ANN201
 @bp.get("/alerts")
 def alerts():  # noqa: ANN201
     limit = max(1, min(request.args.get("limit", 100, type=int), 1000))
-    return jsonify([views.alert(a) for a in ctx().alerts(ctx().store, limit)])
+    return jsonify([views.alert(a) for a in recent_alerts(ctx().store, limit)])
 
 
 @bp.get("/model")

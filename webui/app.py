@@ -12,18 +12,17 @@ from pathlib import Path
 
 from flask import Flask
 
-from gateway.alerts import recent_alerts
 from gateway.config import Config
 from gateway.store.db import Store
 from webui import security
-from webui.context import AlertSource, WebContext
+from webui.context import WebContext
 
 log = logging.getLogger(__name__)
 SECRET_KEY_FILE = "web-secret-key"  # noqa: S105 - a file name
 
 
-def create_app(store: Store, cfg: Config, *, alerts: AlertSource | None = None) -> Flask:
-    """The app. ``alerts(store, limit)`` lists recorded alerts, newest first (default: the alert history)."""
+def create_app(store: Store, cfg: Config) -> Flask:
+    """The app, on the daemon's database."""
     from webui import api, auth_views, openapi, pages  # the blueprints import this module's siblings
 
     app = Flask(__name__)
@@ -45,7 +44,7 @@ def create_app(store: Store, cfg: Config, *, alerts: AlertSource | None = None) 
     app.jinja_env.filters["when"] = _when
     app.jinja_env.filters["ago"] = _ago
     app.jinja_env.filters["pct"] = _pct
-    app.extensions["iotgw"] = WebContext(store=store, cfg=cfg, alerts=alerts or recent_alerts)
+    app.extensions["iotgw"] = WebContext(store=store, cfg=cfg)
     security.install(app)
     app.register_blueprint(auth_views.bp)
     app.register_blueprint(pages.bp)

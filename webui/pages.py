@@ -7,6 +7,7 @@ import time
 from flask import Blueprint, abort, flash, redirect, render_template, request, send_from_directory, url_for
 
 from gateway import accounts, overview
+from gateway.alerts import recent_alerts
 from gateway.devices import service
 from gateway.store import querylog
 from webui import charts, views
@@ -27,7 +28,7 @@ def dashboard():  # noqa: ANN201
         summary=overview.summary(store, now),
         chart=charts.bars(overview.queries_over_time(store, now=now)),
         new_devices=[views.device(d) for d in devices if d.status == "new"][:10],
-        alerts=[views.alert(a) for a in ctx().alerts(store, 10)],
+        alerts=[views.alert(a) for a in recent_alerts(store, 10)],
     )
 
 
@@ -133,7 +134,7 @@ def queries():  # noqa: ANN201
 
 @bp.get("/alerts")
 def alerts():  # noqa: ANN201
-    return render_template("alerts.html", alerts=[views.alert(a) for a in ctx().alerts(ctx().store, 200)])
+    return render_template("alerts.html", alerts=[views.alert(a) for a in recent_alerts(ctx().store, 200)])
 
 
 @bp.get("/model")

@@ -13,7 +13,6 @@ from waitress.wasyncore import close_all
 from gateway.config import Config
 from gateway.store.db import Store
 from webui.app import create_app
-from webui.context import AlertSource
 
 THREADS = 4  # a Pi has four cores; the views spend their time in SQLite, not in Python
 
@@ -32,11 +31,11 @@ class RunningServer:
         return f"http://{host}:{self.port}/"
 
 
-def make_server(store: Store, cfg: Config, host: str, port: int, *, alerts: AlertSource | None = None):  # noqa: ANN201
+def make_server(store: Store, cfg: Config, host: str, port: int):  # noqa: ANN201
     """A waitress server for the app, bound (port 0 picks a free one: see ``effective_port``)."""
     # No proxy headers are trusted: the peer address decides whether the setup page is offered.
     return create_server(
-        create_app(store, cfg, alerts=alerts),
+        create_app(store, cfg),
         host=host,
         port=port,
         threads=THREADS,
@@ -45,9 +44,9 @@ def make_server(store: Store, cfg: Config, host: str, port: int, *, alerts: Aler
     )
 
 
-def serve(store: Store, cfg: Config, host: str, port: int, *, alerts: AlertSource | None = None) -> None:
+def serve(store: Store, cfg: Config, host: str, port: int) -> None:
     """Serve until interrupted."""
-    server = make_server(store, cfg, host, port, alerts=alerts)
+    server = make_server(store, cfg, host, port)
     try:
         server.run()
     finally:
@@ -55,10 +54,10 @@ def serve(store: Store, cfg: Config, host: str, port: int, *, alerts: AlertSourc
 
 
 def serve_in_thread(
-    store: Store, cfg: Config, host: str = "127.0.0.1", port: int = 0, *, alerts: AlertSource | None = None
+    store: Store, cfg: Config, host: str = "127.0.0.1", port: int = 0
 ) -> RunningServer:
     """Start serving in a daemon thread; ``.stop()`` closes every connection and joins the thread."""
-    server = make_server(store, cfg, host, port, alerts=alerts)
+    server = make_server(store, cfg, host, port)
     thread = threading.Thread(target=server.run, name="iotgw-web", daemon=True)
     thread.start()
 
