@@ -21,11 +21,12 @@ from gateway.devices.neighbours import NeighbourTable
 from gateway.devices.tracker import Change, DeviceTracker
 from gateway.events import Alert, Counters, DnsQuery, Event
 from gateway.filtering import Filtering
-from gateway.observations import to_json, to_observation
+from gateway.observations import to_observation
 from gateway.policyfile import DEVICE_MODES, device_mode, set_device_mode
 from gateway.store.db import Store
 from gateway.store.querylog import QueryLogWriter
 from gateway.store.schema import Device, Identification, ObservationWindow
+from identifier.observation import to_json
 from identifier.oui import vendor as oui_vendor
 
 log = logging.getLogger(__name__)

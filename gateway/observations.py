@@ -1,9 +1,6 @@
-"""Gateway events to the identifier's observation records, and observations to and from JSON (the store
-keeps each device's first seconds as an observation window)."""
+"""Gateway events to the identifier's observation records."""
 
 from __future__ import annotations
-
-from typing import Any
 
 from gateway.events import DhcpSeen, DnsQuery, Event, MdnsSeen, PacketSeen
 from identifier.observation import (
@@ -13,14 +10,6 @@ from identifier.observation import (
     Observation,
     PacketObservation,
 )
-
-_KINDS: dict[str, type] = {
-    "dns": DnsObservation,
-    "dhcp": DhcpObservation,
-    "mdns": MdnsObservation,
-    "packet": PacketObservation,
-}
-_KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
 
 
 def to_observation(event: Event) -> Observation | None:
@@ -35,17 +24,3 @@ def to_observation(event: Event) -> Observation | None:
     if isinstance(event, PacketSeen):
         return PacketObservation(event.ts, event.proto, event.port)
     return None
-
-
-def to_json(obs: Observation) -> dict[str, Any]:
-    # Shallow on purpose: called for every packet of a new device, and asdict() deep-copies.
-    return {"kind": _KIND_OF[type(obs)], **{name: getattr(obs, name) for name in obs.__slots__}}
-
-
-def from_json(data: dict[str, Any]) -> Observation:
-    data = dict(data)
-    cls = _KINDS[data.pop("kind")]
-    for key in ("param_list", "names", "services"):
-        if key in data:
-            data[key] = tuple(data[key])
-    return cls(**data)

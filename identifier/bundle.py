@@ -15,13 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from identifier.features import FeatureConfig
-from identifier.observation import (
-    DhcpObservation,
-    DnsObservation,
-    MdnsObservation,
-    Observation,
-    PacketObservation,
-)
 
 FORMAT = 1
 DEFAULT_DIR = Path(__file__).resolve().parent / "bundle"
@@ -103,44 +96,3 @@ class Bundle:
             prototypes=meta["prototypes"],
             profiles=meta["profiles"],
         )
-
-
-def observation_to_json(obs: Observation) -> dict:
-    if isinstance(obs, DnsObservation):
-        return {"kind": "dns", "t": round(obs.ts, 3), "name": obs.name, "qtype": obs.qtype}
-    if isinstance(obs, DhcpObservation):
-        return {
-            "kind": "dhcp",
-            "t": round(obs.ts, 3),
-            "hostname": obs.hostname,
-            "param_list": list(obs.param_list),
-            "vendor_class": obs.vendor_class,
-            "message_type": obs.message_type,
-        }
-    if isinstance(obs, MdnsObservation):
-        return {
-            "kind": "mdns",
-            "t": round(obs.ts, 3),
-            "names": list(obs.names),
-            "services": list(obs.services),
-        }
-    return {"kind": "packet", "t": round(obs.ts, 3), "proto": obs.proto, "port": obs.port}
-
-
-def observation_from_json(data: dict) -> Observation:
-    t = float(data["t"])
-    kind = data["kind"]
-    if kind == "dns":
-        return DnsObservation(t, data["name"], int(data.get("qtype", 1)))
-    if kind == "dhcp":
-        return DhcpObservation(
-            t,
-            data.get("hostname"),
-            tuple(data.get("param_list", ())),
-            data.get("vendor_class"),
-            None,
-            data.get("message_type"),
-        )
-    if kind == "mdns":
-        return MdnsObservation(t, tuple(data.get("names", ())), tuple(data.get("services", ())))
-    return PacketObservation(t, data["proto"], data.get("port"))

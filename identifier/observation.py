@@ -49,3 +49,45 @@ class PacketObservation:
 
 
 Observation = DnsObservation | DhcpObservation | MdnsObservation | PacketObservation
+
+
+def to_json(obs: Observation) -> dict:
+    """A compact JSON form (millisecond times; no per-unit client id): model bundles and stored windows."""
+    if isinstance(obs, DnsObservation):
+        return {"kind": "dns", "t": round(obs.ts, 3), "name": obs.name, "qtype": obs.qtype}
+    if isinstance(obs, DhcpObservation):
+        return {
+            "kind": "dhcp",
+            "t": round(obs.ts, 3),
+            "hostname": obs.hostname,
+            "param_list": list(obs.param_list),
+            "vendor_class": obs.vendor_class,
+            "message_type": obs.message_type,
+        }
+    if isinstance(obs, MdnsObservation):
+        return {
+            "kind": "mdns",
+            "t": round(obs.ts, 3),
+            "names": list(obs.names),
+            "services": list(obs.services),
+        }
+    return {"kind": "packet", "t": round(obs.ts, 3), "proto": obs.proto, "port": obs.port}
+
+
+def from_json(data: dict) -> Observation:
+    t = float(data["t"])
+    kind = data["kind"]
+    if kind == "dns":
+        return DnsObservation(t, data["name"], int(data.get("qtype", 1)))
+    if kind == "dhcp":
+        return DhcpObservation(
+            t,
+            data.get("hostname"),
+            tuple(data.get("param_list", ())),
+            data.get("vendor_class"),
+            None,
+            data.get("message_type"),
+        )
+    if kind == "mdns":
+        return MdnsObservation(t, tuple(data.get("names", ())), tuple(data.get("services", ())))
+    return PacketObservation(t, data["proto"], data.get("port"))

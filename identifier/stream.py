@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from identifier.bundle import Bundle, observation_from_json
+from identifier.bundle import Bundle
 from identifier.features import FeatureConfig, FeatureState, seen_bit
 from identifier.inference import NumpyNet
 from identifier.observation import Observation
+from identifier.observation import from_json as observation_from_json
 
 UNKNOWN_LABEL = "unknown"
 # Token kinds that can name a vendor; timing and counts tokens say nothing about which vendor it is.

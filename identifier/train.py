@@ -16,12 +16,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from identifier.bundle import Bundle, Thresholds, observation_to_json
+from identifier.bundle import Bundle, Thresholds
 from identifier.dataset import LabelledWindow
 from identifier.domains import sld
 from identifier.features import DEFAULT_FEATURES, SEEN_BITS, FeatureConfig, seen_bit, window_vectors
 from identifier.inference import HEADS
 from identifier.observation import DnsObservation, Observation, PacketObservation
+from identifier.observation import to_json as observation_to_json
 from identifier.stream import is_specific
 
 CUTOFFS = (1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
