@@ -6,7 +6,6 @@ A bad file fails with ``ConfigError`` naming the file, the line and the key.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import re
 import tomllib
@@ -206,7 +205,3 @@ def _line(text: str, section: str | None, key: str | None) -> int:
         if key and re.match(rf"{re.escape(key)}\s*=", stripped) and (section is None or current == section):
             return number
     return 1
-
-
-def asdict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)

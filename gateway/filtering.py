@@ -20,6 +20,7 @@ from gateway.dns.server import Decision
 from gateway.policyfile import load_policy, policy_path
 from gateway.store.db import Store
 from gateway.store.schema import Device
+from identifier.domains import sld
 from policy.answers import MalformedQuery, blocked_reply
 from policy.engine import PolicyEngine
 from policy.model import PolicySet
@@ -44,16 +45,17 @@ class Filtering:
         self._devices_revision: str | None = None
         self._firewall = QuarantineFirewall() if firewall else None
         self._firewall_macs: set[str] = set()
-        self._anomalous: set[tuple[str, str]] = set()  # one alert per device and SLD-less name
+        self._anomalous: set[tuple[str, str]] = set()  # (mac, SLD) already reported: one alert each
 
     # -- the DNS hot path --------------------------------------------------------------------------------
     def decide(self, client: str, mac: str | None, qname: str, qtype: int, query: bytes) -> Decision | None:
         ctx = self.contexts.get(mac) if mac else None
         if ctx is None:
             ctx = self._context_for_unknown(mac or f"ip:{client}")
-        verdict = self.engine.decide(ctx, qname, time.time())
+        now = time.time()
+        verdict = self.engine.decide(ctx, qname, now)
         if verdict.anomaly:
-            self.anomalies.append((time.time(), ctx.mac, qname))
+            self.anomalies.append((now, ctx.mac, qname))
         if not verdict.blocked:
             return Decision("allowed", verdict.rule) if verdict.rule else None
         try:
@@ -157,11 +159,12 @@ class Filtering:
             self._firewall.close()
 
     def new_anomalies(self) -> list[tuple[float, str, str]]:
-        """Anomalies seen since the last call, one per device and name."""
+        """Anomalies seen since the last call, one per device and second-level domain (profiles are SLDs)."""
         out = []
         while self.anomalies:
             ts, mac, qname = self.anomalies.popleft()
-            if (mac, qname) not in self._anomalous:
-                self._anomalous.add((mac, qname))
+            key = (mac, sld(qname))
+            if key not in self._anomalous:
+                self._anomalous.add(key)
                 out.append((ts, mac, qname))
         return out

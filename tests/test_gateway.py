@@ -160,3 +160,26 @@ def test_paused_device_mode_blocks_everything_for_that_device_only(tmp_path, ups
         assert answers(gw.ask("www.example.test", "127.0.0.52")) == {"192.0.2.10"}
         set_device_mode(gw.cfg.state_dir, mac, "default")
         eventually(lambda: answers(gw.ask("www.example.test", "127.0.0.51")) == {"192.0.2.10"}, timeout=5)
+
+
+def test_query_outside_the_learned_profile_raises_one_anomaly_alert_per_domain(tmp_path, upstream):
+    from gateway.alerts import recent_alerts
+    from gateway.devices.service import label
+
+    mac = "02:aa:bb:cc:dd:05"
+    with RunningGateway(tmp_path, upstream) as gw:
+        profile = gw.gateway.filtering.engine.profile("HueBridge")
+        assert profile, "the shipped model bundle has a learned profile for the Hue bridge"
+        gw.dhcp(mac, "127.0.0.61", "Philips-hue")
+        eventually(lambda: any(d.mac == mac for d in list_devices(gw.store)))
+        label(gw.store, mac, manufacturer="Philips", device_type="HueBridge", category="hub")
+        eventually(lambda: gw.gateway.filtering.contexts.get(mac) is not None
+                   and gw.gateway.filtering.contexts[mac].device_type == "HueBridge")
+        for name in ("www.example.test", "other.example.test", "www.example.test"):
+            gw.ask(name, "127.0.0.61")
+        inside = next(iter(profile))
+        gw.ask(f"www.{inside}", "127.0.0.61")  # inside the profile: no alert (the upstream says NXDOMAIN)
+        alerts = eventually(lambda: recent_alerts(gw.store, kind="anomaly", mac=mac))
+        time.sleep(1.5)  # let any further (wrong) alerts arrive
+        alerts = recent_alerts(gw.store, kind="anomaly", mac=mac)
+        assert [a.data["domain"] for a in alerts] == ["www.example.test"]  # one per SLD, none for the profile

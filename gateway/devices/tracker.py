@@ -265,12 +265,6 @@ class DeviceTracker:
                     self.devices[mac].names.add((source, name))
         log.info("device tracker: %d devices, %d addresses", len(self.devices), len(self.ip_to_key))
 
-    def forget(self, key: str) -> None:
-        """Drop a device deleted through the services (web UI, CLI)."""
-        self.devices.pop(key, None)
-        for ip in [ip for ip, k in self.ip_to_key.items() if k == key]:
-            del self.ip_to_key[ip]
-
 
 def _insert_ignore(s: Session, table: type, rows: list[dict]) -> None:
     """INSERT that skips rows violating a unique constraint, on SQLite and PostgreSQL alike."""
