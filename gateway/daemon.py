@@ -31,7 +31,10 @@ from identifier.oui import vendor as oui_vendor
 
 log = logging.getLogger(__name__)
 
-WINDOW_S = 60.0  # how long after a device's first packet its traffic feeds identification
+WINDOW_S = 60.0
+# Events waiting for the consumer. A home sends tens of queries a second; this bound only bites under a flood,
+# where it keeps a Pi's memory in check (about 1 kB an event) at the cost of query-log rows, which are counted.
+QUEUE_MAX = 50_000  # how long after a device's first packet its traffic feeds identification
 
 
 class Gateway:
@@ -55,7 +58,7 @@ class Gateway:
         self.filtering = Filtering(store, cfg.state_dir, profiles=profiles, firewall=firewall)
         self.dns = None
         self.sniffer = None
-        self._queue: deque[Event] = deque(maxlen=500_000)
+        self._queue: deque[Event] = deque()
         self._tasks: list[asyncio.Task] = []
         self._sessions: dict[str, object] = {}  # device key -> identifier session, during its window
         self._windows: dict[str, list[dict]] = {}  # device key -> observations (JSON) of its first seconds
@@ -66,10 +69,16 @@ class Gateway:
     # -- sources ----------------------------------------------------------------------------------------
     def ingest(self, events: list[Event]) -> None:
         """Hand events to the consumer; safe from any thread (sniffer, replay, virtual devices)."""
+        if len(self._queue) >= QUEUE_MAX:
+            self.counters.add("events_dropped", len(events))
+            return
         self._queue.extend(events)
 
     def emit_query(self, query: DnsQuery) -> None:
         """The DNS server's per-query callback: the cheapest possible hand-off."""
+        if len(self._queue) >= QUEUE_MAX:  # a flood outruns the consumer: answer on, log what fits, count the rest
+            self.counters.add("events_dropped")
+            return
         self._queue.append(query)
 
     # -- lifecycle --------------------------------------------------------------------------------------

@@ -183,3 +183,21 @@ def test_query_outside_the_learned_profile_raises_one_anomaly_alert_per_domain(t
         time.sleep(1.5)  # let any further (wrong) alerts arrive
         alerts = recent_alerts(gw.store, kind="anomaly", mac=mac)
         assert [a.data["domain"] for a in alerts] == ["www.example.test"]  # one per SLD, none for the profile
+
+
+def test_a_flood_beyond_the_event_queue_is_counted_not_silently_lost(tmp_path, monkeypatch):
+    import gateway.daemon
+    from gateway.events import DnsQuery
+
+    monkeypatch.setattr(gateway.daemon, "QUEUE_MAX", 5)
+    cfg = Config()
+    cfg.gateway.state_dir = str(tmp_path)
+    gw = Gateway(cfg, Store(cfg.db_url))  # not started: nothing drains the queue
+    query = DnsQuery(1.0, "127.0.0.9", None, "x.example.test", 1, "example.test")
+    for _ in range(4):
+        gw.emit_query(query)
+    gw.ingest([query, query])  # fits: the bound is checked before a batch
+    gw.emit_query(query)
+    gw.ingest([query] * 3)
+    assert len(gw._queue) == 6
+    assert gw.counters.get("events_dropped") == 4
