@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 WINDOW_S = 60.0
 # Events waiting for the consumer. A home sends tens of queries a second; this bound only bites under a flood,
 # where it keeps a Pi's memory in check (about 1 kB an event) at the cost of query-log rows, which are counted.
-QUEUE_MAX = 50_000  # how long after a device's first packet its traffic feeds identification
+QUEUE_MAX = 50_000
+# What a window keeps: far more than identification ever looks at, and a bound on a chatty device's memory.
+WINDOW_MAX_OBS = 2000  # how long after a device's first packet its traffic feeds identification
 
 
 class Gateway:
@@ -65,6 +67,7 @@ class Gateway:
         self._window_start: dict[str, float] = {}
         self._pending_identities: list[tuple[str, float, object]] = []  # written by the next flush
         self._closed_windows: list[tuple[str, float, list[dict]]] = []
+        self._changed_windows: set[str] = set()  # open windows with observations the store has not seen
 
     # -- sources ----------------------------------------------------------------------------------------
     def ingest(self, events: list[Event]) -> None:
@@ -157,7 +160,10 @@ class Gateway:
         obs = to_observation(event)
         if obs is None:
             return
-        self._windows[key].append(to_json(obs))
+        window = self._windows[key]
+        if len(window) < WINDOW_MAX_OBS:
+            window.append(to_json(obs))
+            self._changed_windows.add(key)
         session = self._sessions.get(key)
         if session is not None:
             identity = session.update(obs)
@@ -180,6 +186,9 @@ class Gateway:
                     table[change.key] = table.pop(change.old_key)
                 else:
                     table.pop(change.old_key, None)
+            self._changed_windows.discard(change.old_key)
+            if change.key in self._windows:
+                self._changed_windows.add(change.key)
 
     def _identified(self, key: str, identity) -> None:  # noqa: ANN001 - identifier.stream.Identity
         kind = "device_identified" if identity.known else "unknown_device"
@@ -193,6 +202,7 @@ class Gateway:
     def _close_window(self, key: str) -> None:
         self._sessions.pop(key, None)
         start = self._window_start.pop(key)
+        self._changed_windows.discard(key)
         self._closed_windows.append((key, start, self._windows.pop(key, [])))
 
     def alert(self, alert: Alert) -> None:
@@ -241,8 +251,9 @@ class Gateway:
         """Detach what the next write stores (on the loop thread, so the consumer never races the writer)."""
         identities, self._pending_identities = self._pending_identities, []
         windows, self._closed_windows = self._closed_windows, []
-        # Open windows are written too, so a confirmation in the web UI finds what the device sent so far.
-        snapshot = [(k, self._window_start[k], list(v)) for k, v in self._windows.items()]
+        # Open windows that grew are written too, so a confirmation in the web UI finds what the device sent.
+        snapshot = [(k, self._window_start[k], list(self._windows[k])) for k in self._changed_windows]
+        self._changed_windows.clear()
         snapshot += [(k, start, obs) for k, start, obs in windows]
         return self.tracker.take(), identities, snapshot
 
