@@ -116,6 +116,11 @@ def device_mode(state_dir: Path, mac: str) -> str:
     return mode_of(load(state_dir).policies.get(key))
 
 
+def device_modes(data: PolicySet) -> dict[str, str]:
+    """MAC -> mode of every device with a policy of its own (the device list's policy column)."""
+    return {k[len("device:"):]: mode_of(p) for k, p in data.policies.items() if k.startswith("device:")}
+
+
 def set_device_mode(state_dir: Path, mac: str, mode: str) -> None:
     set_mode(state_dir, scope_key("device", mac), mode)
 
