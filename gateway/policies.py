@@ -10,6 +10,7 @@ of ``describe_scope`` and ``overview``: the API returns them and the pages rende
 from __future__ import annotations
 
 import fcntl
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ STRICT_CHOICES = {"on": True, "off": False, "inherit": None}
 LISTS_DIR = "lists"  # under the state directory: fetched lists, and files the web UI may add
 MAX_REPORTED_ERRORS = 20
 _LOCK_FILE = ".policy.lock"
+_SCHEDULE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # it goes into URLs and rule labels
 
 
 # -- reading and changing ------------------------------------------------------------------------------------
@@ -332,8 +334,8 @@ def parse_days(specs: list[str]) -> dict[str, tuple[int, int]]:
 
 def set_schedule(state_dir: Path, name: str, time_zone: str, days: list[str]) -> None:
     name = (name or "").strip()
-    if not name:
-        raise ValueError("a schedule needs a name")
+    if not _SCHEDULE_NAME.fullmatch(name):
+        raise ValueError(f"schedule name {name!r}: 1-64 letters, digits, '_', '-' or '.'")
     schedule = Schedule((time_zone or "UTC").strip(), parse_days(days))
     with editing(state_dir) as data:
         data.schedules[name] = schedule

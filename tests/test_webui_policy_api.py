@@ -167,3 +167,20 @@ def test_session_writes_need_the_csrf_header(api):
     r = client.put(f"/api/v1/policies/device/{MAC}", json=body, headers={"X-CSRF-Token": token})
     assert r.status_code == 200 and r.json["mode"] == "paused"
     assert _cli(state_dir, "show").count('"paused": true') == 1
+
+
+def test_hostile_type_names_render_as_text_on_the_policies_page(api):
+    app, _, write, _ = api
+    evil = "<img src=x onerror=alert(1)>"
+    client = app.test_client()
+    assert client.put(f"/api/v1/policies/type/{evil}", json={"paused": True}, headers=write).status_code == 200
+    r = client.put("/api/v1/policies/schedules/a b", json={"days": {}}, headers=write)
+    assert r.status_code == 400 and "schedule name 'a b'" in r.json["error"]
+    store = app.extensions["iotgw"].store
+    accounts.set_password(store, "correct horse battery")
+    client.get("/login")
+    with client.session_transaction() as sess:
+        token = sess["csrf_token"]
+    client.post("/login", data={"username": "admin", "password": "correct horse battery", "csrf_token": token})
+    html = client.get("/policies").get_data(as_text=True)
+    assert "<img src=x" not in html and "type:&lt;img src=x onerror=alert(1)&gt;" in html
