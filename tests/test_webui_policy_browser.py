@@ -92,10 +92,10 @@ def test_block_a_domain_for_one_device_in_the_browser_and_its_dns_is_blocked(tmp
             page.click("#default-rule-form button")
             page.wait_for_url(f"{base}/policies")
             assert "Not changed: 'not a domain!' is not a domain name" in page.locator(".flash").inner_text()
-            _shot(page, "policies")
+            _shot(page, "policies-edited")
             page.set_viewport_size({"width": 390, "height": 844})
             page.reload()
-            _shot(page, "policies-phone")
+            _shot(page, "policies-edited-phone")
             width = page.evaluate("document.documentElement.scrollWidth")
             assert width <= 390, f"the Policies page scrolls sideways on a phone ({width}px)"
             page.goto(f"{base}/devices/{MAC}")
