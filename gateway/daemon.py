@@ -22,7 +22,7 @@ from gateway.devices.tracker import Change, DeviceTracker
 from gateway.events import Alert, Counters, DnsQuery, Event
 from gateway.filtering import Filtering
 from gateway.observations import to_observation
-from gateway.policyfile import DEVICE_MODES, device_mode, set_device_mode
+from gateway.policies import MODES, device_mode, set_device_mode
 from gateway.store.db import Store
 from gateway.store.querylog import QueryLogWriter
 from gateway.store.schema import Device, Identification, ObservationWindow
@@ -52,7 +52,7 @@ class Gateway:
         self.identifier = load_identifier(cfg)
         state_dir = cfg.state_dir
         self.alerts = Alerts(store, cfg, policy=PolicyHooks(
-            options=lambda: DEVICE_MODES,
+            options=lambda: MODES,
             current=lambda mac: device_mode(state_dir, mac),
             apply=lambda mac, mode: set_device_mode(state_dir, mac, mode),  # the daemon reloads it within 0.5 s
         ))

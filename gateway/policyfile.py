@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from gateway.config import ConfigError
-from policy.model import Policy, PolicySet
+from policy.model import PolicySet
 
 
 def policy_path(state_dir: Path) -> Path:
@@ -41,26 +41,3 @@ def save_policy(state_dir: Path, data: PolicySet) -> None:
         json.dump(data.to_dict(), fh, indent=2, sort_keys=True)
     os.replace(tmp, policy_path(state_dir))
 
-
-# The per-device choice Home Assistant's policy select and the web UI offer: the device's own rules stay as
-# they are; the mode only says whether it follows them, only its learned profile, or nothing at all.
-DEVICE_MODES = ("default", "strict", "paused")
-
-
-def device_mode(state_dir: Path, mac: str) -> str:
-    policy = load_policy(state_dir).policies.get(f"device:{mac}")
-    if policy is not None and policy.paused:
-        return "paused"
-    if policy is not None and policy.strict:
-        return "strict"
-    return "default"
-
-
-def set_device_mode(state_dir: Path, mac: str, mode: str) -> None:
-    if mode not in DEVICE_MODES:
-        raise ValueError(f"mode must be one of {', '.join(DEVICE_MODES)}")
-    data = load_policy(state_dir)
-    policy = data.policies.setdefault(f"device:{mac}", Policy())
-    policy.paused = True if mode == "paused" else None
-    policy.strict = True if mode == "strict" else None
-    save_policy(state_dir, data)

@@ -148,7 +148,7 @@ def test_restart_keeps_devices_and_does_not_announce_them_again(tmp_path, upstre
 
 
 def test_paused_device_mode_blocks_everything_for_that_device_only(tmp_path, upstream):
-    from gateway.policyfile import device_mode, set_device_mode
+    from gateway.policies import device_mode, set_device_mode
 
     mac = "02:aa:bb:cc:dd:04"
     with RunningGateway(tmp_path, upstream) as gw:

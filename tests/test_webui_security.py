@@ -21,6 +21,9 @@ PASSWORD = "correct horse battery"  # noqa: S105 - the test account's
 MAC = "aa:bb:cc:00:00:01"
 WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 PRE_LOGIN = {"auth.login", "auth.setup"}
+# What a forged write sends: enough for a device change and for a policy change to succeed if let through.
+FORGED = {"name": "pwned", "status": "approved", "scope": "global", "action": "block", "target": "pwned.example",
+          "mode": "paused", "rules": [{"action": "block", "kind": "all"}], "enabled": True}
 
 
 @pytest.fixture
@@ -52,7 +55,8 @@ def _login(client) -> str:  # noqa: ANN001
 
 def _routes(app, methods: set[str]) -> list[tuple[str, str, str]]:  # noqa: ANN001
     """(endpoint, method, url) for every rule of the URL map with one of ``methods``."""
-    values = {"mac": MAC, "token_id": 1, "name": "x.png"}
+    values = {"mac": MAC, "token_id": 1, "name": "x.png", "device_type": "cam", "tag": "device_tv",
+              "list_id": "ads"}
     out = []
     with app.test_request_context():
         for rule in app.url_map.iter_rules():
@@ -63,8 +67,9 @@ def _routes(app, methods: set[str]) -> list[tuple[str, str, str]]:  # noqa: ANN0
     return out
 
 
-def _state(store, token_id):  # noqa: ANN001, ANN202
+def _state(app, store, token_id):  # noqa: ANN001, ANN202
     d = service.get_device(store, MAC).device
+    policy_file = Path(app.extensions["iotgw"].cfg.state_dir) / "policy.json"
     live = [t.id for t in accounts.list_tokens(store)]
     return (
         d.name,
@@ -72,6 +77,7 @@ def _state(store, token_id):  # noqa: ANN001, ANN202
         d.label_device_type,
         token_id in live,
         accounts.verify_login(store, "admin", PASSWORD),
+        policy_file.exists(),  # any policy write, refused or not, would create it
     )
 
 
@@ -87,35 +93,40 @@ def test_the_matrix_covers_every_write_route(env):
         "api.token_create",
         "auth.logout",
         "auth.login",
+        "pages.policy_rule_add",
+        "pages.policy_mode",
+        "api.policy_device_put",
+        "api.policy_global_put",
+        "api.policy_list_add",
     } <= endpoints
 
 
 def test_every_write_route_rejects_requests_without_a_session(env):
     app, store, token_id = env
-    before = _state(store, token_id)
+    before = _state(app, store, token_id)
     client = app.test_client()
     for endpoint, method, url in _routes(app, WRITE_METHODS):
-        r = client.open(url, method=method, data={"name": "pwned", "status": "approved"})
+        r = client.open(url, method=method, data={k: v for k, v in FORGED.items() if isinstance(v, str)})
         assert r.status_code in (401, 403), (endpoint, method, r.status_code)
-        r = client.open(url, method=method, json={"name": "pwned", "status": "approved"})
+        r = client.open(url, method=method, json=FORGED)
         assert r.status_code in (401, 403), (endpoint, method, r.status_code)
-    assert _state(store, token_id) == before
+    assert _state(app, store, token_id) == before
 
 
 def test_every_write_route_rejects_a_session_without_csrf_token(env):
     app, store, token_id = env
     client = app.test_client()
     _login(client)
-    before = _state(store, token_id)
+    before = _state(app, store, token_id)
     for endpoint, method, url in _routes(app, WRITE_METHODS):
         for kwargs in (
-            {"data": {"name": "pwned", "status": "approved", "csrf_token": "forged"}},
-            {"json": {"name": "pwned", "status": "approved"}},
-            {"json": {"name": "pwned"}, "headers": {"X-CSRF-Token": "forged"}},
+            {"data": {k: v for k, v in FORGED.items() if isinstance(v, str)} | {"csrf_token": "forged"}},
+            {"json": FORGED},
+            {"json": FORGED, "headers": {"X-CSRF-Token": "forged"}},
         ):
             r = client.open(url, method=method, **kwargs)
             assert r.status_code == 403, (endpoint, method, kwargs, r.status_code)
-    assert _state(store, token_id) == before
+    assert _state(app, store, token_id) == before
     assert client.get("/devices").status_code == 200  # still logged in: the refusals were CSRF, not auth
 
 

@@ -65,7 +65,7 @@ def device(mac: str):  # noqa: ANN201
 @bp.patch("/devices/<mac>")
 def device_update(mac: str):  # noqa: ANN201
     """``{"name": "..."}`` renames (empty clears the user's name); ``{"status": "approved"}`` approves."""
-    body = _json_body()
+    body = json_body()
     unknown = set(body) - {"name", "status"}
     if unknown or not body:
         return api_error(400, "expected an object with 'name' and/or 'status'")
@@ -85,7 +85,7 @@ def device_update(mac: str):  # noqa: ANN201
 @bp.put("/devices/<mac>/label")
 def device_label(mac: str):  # noqa: ANN201
     """Confirm or correct the identity: ``{"manufacturer", "device_type", "category"}``."""
-    body = _json_body()
+    body = json_body()
     try:
         service.label(
             ctx().store,
@@ -143,7 +143,7 @@ def tokens():  # noqa: ANN201
 
 @bp.post("/tokens")
 def token_create():  # noqa: ANN201
-    body = _json_body()
+    body = json_body()
     try:
         token, secret = accounts.create_token(
             ctx().store, str(body.get("name") or ""), str(body.get("scope") or "")
@@ -162,7 +162,7 @@ def token_revoke(token_id: int):  # noqa: ANN201
     return "", 204
 
 
-def _json_body() -> dict:
+def json_body() -> dict:
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         abort(400, "expected a JSON object with Content-Type: application/json")

@@ -23,7 +23,8 @@ SECRET_KEY_FILE = "web-secret-key"  # noqa: S105 - a file name
 
 def create_app(store: Store, cfg: Config) -> Flask:
     """The app, on the daemon's database."""
-    from webui import api, auth_views, openapi, pages  # the blueprints import this module's siblings
+    # The blueprints import this module's siblings; the policy modules add their routes to api and pages.
+    from webui import api, auth_views, openapi, pages, policy_api, policy_pages  # noqa: F401
 
     app = Flask(__name__)
     app.config.update(

@@ -15,7 +15,7 @@ _ERRORS = {
     },
     "401": {"description": "not logged in, or unknown or revoked token"},
     "403": {"description": "missing CSRF token (session), or a read-only token on a write"},
-    "404": {"description": "no such device or token"},
+    "404": {"description": "no such device, token or policy"},
 }
 
 
@@ -96,6 +96,62 @@ DOCUMENT: dict = {
         },
         "/api/v1/alerts": {"get": _op("Alerts, newest first", params=("limit",))},
         "/api/v1/model": {"get": _op("Identification model version, metrics, plots, last federated round")},
+        "/api/v1/policies": {
+            "get": _op("Every policy scope, block list, category, schedule and the quarantine", schema="Policies")
+        },
+        "/api/v1/policies/global": {
+            "get": _op("The global policy", schema="ScopePolicy"),
+            "put": _op("Replace the global policy", body="ScopePolicy", schema="ScopePolicy"),
+        },
+        "/api/v1/policies/device/{mac}": {
+            "get": _op(
+                "A device's own policy and the scopes it inherits from", params=("mac",), schema="ScopePolicy"
+            ),
+            "put": _op("Replace a device's own policy", params=("mac",), body="ScopePolicy", schema="ScopePolicy"),
+            "delete": _op("Drop a device's own policy (it inherits again)", params=("mac",), status="204"),
+        },
+        "/api/v1/policies/type/{device_type}": {
+            "get": _op("A device type's default policy", params=("device_type",), schema="ScopePolicy"),
+            "put": _op(
+                "Replace a device type's default policy",
+                params=("device_type",),
+                body="ScopePolicy",
+                schema="ScopePolicy",
+            ),
+            "delete": _op("Drop a device type's default policy", params=("device_type",), status="204"),
+        },
+        "/api/v1/policies/tag/{tag}": {
+            "get": _op(
+                "A category's default policy (AdGuard Home device tags: device_camera, device_tv, ...)",
+                params=("tag",),
+                schema="ScopePolicy",
+            ),
+            "put": _op(
+                "Replace a category's default policy", params=("tag",), body="ScopePolicy", schema="ScopePolicy"
+            ),
+            "delete": _op("Drop a category's default policy", params=("tag",), status="204"),
+        },
+        "/api/v1/policies/lists": {
+            "post": _op(
+                "Add a block list from a URL (downloaded now) or a file name in <state_dir>/lists",
+                body="ListAdd",
+                status="201",
+                schema="ListReport",
+            ),
+        },
+        "/api/v1/policies/lists/{list_id}": {
+            "delete": _op("Remove a list no rule uses", params=("list_id",), status="204"),
+        },
+        "/api/v1/policies/lists/{list_id}/update": {
+            "post": _op("Download a URL list again", params=("list_id",), schema="ListReport"),
+        },
+        "/api/v1/policies/schedules/{name}": {
+            "put": _op("Create or replace a weekly schedule", params=("schedule",), body="Schedule"),
+            "delete": _op("Remove a schedule no rule uses", params=("schedule",), status="204"),
+        },
+        "/api/v1/policies/quarantine": {
+            "put": _op("Switch quarantine of new devices and set its allow list", body="Quarantine"),
+        },
         "/api/v1/tokens": {
             "get": _op("Live API tokens (session only)"),
             "post": _op(
@@ -115,6 +171,10 @@ DOCUMENT: dict = {
         },
         "parameters": {
             "mac": {"name": "mac", "in": "path", "required": True, "schema": _STR},
+            "device_type": {"name": "device_type", "in": "path", "required": True, "schema": _STR},
+            "tag": {"name": "tag", "in": "path", "required": True, "schema": _STR},
+            "list_id": {"name": "list_id", "in": "path", "required": True, "schema": _STR},
+            "schedule": {"name": "name", "in": "path", "required": True, "schema": _STR},
             "token_id": {"name": "token_id", "in": "path", "required": True, "schema": {"type": "integer"}},
             "q": {"name": "q", "in": "query", "schema": _STR, "description": "substring search"},
             "status": {
@@ -174,6 +234,75 @@ DOCUMENT: dict = {
             "Label": {
                 "type": "object",
                 "properties": {"manufacturer": _STR, "device_type": _STR, "category": _STR},
+            },
+            "Rule": {
+                "type": "object",
+                "required": ["action", "kind"],
+                "properties": {
+                    "action": {"enum": ["block", "allow"]},
+                    "kind": {"enum": ["name", "list", "category", "all"]},
+                    "value": {"type": "string", "description": "the domain (and its subdomains), list or category"},
+                    "schedule": _NULL_STR,
+                    "label": {"type": "string", "readOnly": True},
+                },
+            },
+            "ScopePolicy": {
+                "type": "object",
+                "description": "A scope's own policy; null settings inherit (device, type, tag, global). "
+                "scope, mode and inherits are read-only.",
+                "properties": {
+                    "scope": {"type": "string", "readOnly": True},
+                    "rules": {"type": "array", "items": {"$ref": "#/components/schemas/Rule"}},
+                    "strict": {"type": ["boolean", "null"]},
+                    "paused": {"type": ["boolean", "null"]},
+                    "answer": {"enum": ["null", "nxdomain", "nodata", "refused", None]},
+                    "mode": {"enum": ["default", "strict", "paused"], "readOnly": True},
+                    "inherits": {"type": "array", "readOnly": True, "items": {"type": "object"}},
+                },
+            },
+            "Policies": {
+                "type": "object",
+                "properties": {
+                    "revision": {"type": "integer"},
+                    "policies": {"type": "array", "items": {"$ref": "#/components/schemas/ScopePolicy"}},
+                    "lists": {"type": "array", "items": {"type": "object"}},
+                    "categories": {"type": "object"},
+                    "schedules": {"type": "object"},
+                    "quarantine": {"$ref": "#/components/schemas/Quarantine"},
+                    "profiles": {"type": "object"},
+                },
+            },
+            "ListAdd": {
+                "type": "object",
+                "required": ["id"],
+                "properties": {"id": _STR, "url": _STR, "file": _STR, "category": _STR},
+            },
+            "ListReport": {
+                "type": "object",
+                "properties": {
+                    "list_id": _STR,
+                    "path": _STR,
+                    "blocked": {"type": "integer"},
+                    "exceptions": {"type": "integer"},
+                    "error_count": {"type": "integer"},
+                    "errors": {"type": "array", "items": _STR},
+                },
+            },
+            "Schedule": {
+                "type": "object",
+                "properties": {
+                    "time_zone": _STR,
+                    "days": {
+                        "type": "object",
+                        "description": 'weekday -> "HH:MM-HH:MM", e.g. {"mon": "21:00-24:00"}',
+                        "additionalProperties": _STR,
+                    },
+                },
+            },
+            "Quarantine": {
+                "type": "object",
+                "required": ["enabled"],
+                "properties": {"enabled": {"type": "boolean"}, "allow": {"type": "array", "items": _STR}},
             },
             "TokenCreate": {
                 "type": "object",

@@ -6,7 +6,7 @@ import time
 
 from flask import Blueprint, abort, flash, redirect, render_template, request, send_from_directory, url_for
 
-from gateway import accounts, overview
+from gateway import accounts, overview, policies
 from gateway.alerts import recent_alerts
 from gateway.devices import service
 from gateway.store import querylog
@@ -40,8 +40,10 @@ def devices():  # noqa: ANN201
     if status not in (None, *service.STATUSES):
         abort(400)
     counts = querylog.counts_since(store, time.time() - 86400)
+    modes = policies.device_modes(policies.load(ctx().cfg.state_dir))
     rows = [
-        views.device(d, counts.get(d.mac)) for d in service.list_devices(store, search=search, status=status)
+        views.device(d, counts.get(d.mac)) | {"mode": modes.get(d.mac, "default")}
+        for d in service.list_devices(store, search=search, status=status)
     ]
     return render_template(
         "devices.html", devices=rows, q=search or "", status=status or "", statuses=service.STATUSES
@@ -55,9 +57,24 @@ def device(mac: str):  # noqa: ANN201
         detail = service.get_device(store, mac)
     except service.NotFound:
         abort(404)
-    data = views.device_detail(detail, overview.domain_timeline(store, detail.device.mac))
-    queries = [views.query(q) for q in querylog.recent(store, mac=detail.device.mac, limit=50)]
-    return render_template("device.html", d=data, queries=queries, statuses=service.STATUSES)
+    d = detail.device
+    data = views.device_detail(detail, overview.domain_timeline(store, d.mac))
+    queries = [views.query(q) for q in querylog.recent(store, mac=d.mac, limit=50)]
+    policy_data = policies.load(ctx().cfg.state_dir)
+    editor = None
+    if not d.mac.startswith("ip:"):  # a device known only by its address has no policy of its own yet
+        editor = policies.device_view(
+            policy_data, d.mac, d.label_device_type or d.device_type, d.label_category or d.category
+        )
+    return render_template(
+        "device.html",
+        d=data,
+        queries=queries,
+        statuses=service.STATUSES,
+        policy=editor,
+        modes=policies.MODES,
+        schedules=sorted(policy_data.schedules),
+    )
 
 
 @bp.post("/devices/<mac>/name")
@@ -99,11 +116,6 @@ def device_forget(mac: str):  # noqa: ANN201
         abort(404)
     flash("Device forgotten.")
     return redirect(url_for("pages.devices"))
-
-
-@bp.get("/policies")
-def policies():  # noqa: ANN201
-    return render_template("policies.html")
 
 
 @bp.get("/queries")

@@ -1,7 +1,7 @@
-"""``iotgw policy ...``: view and change filtering policy.
+"""``iotgw policy ...``: view and change filtering policy, through ``gateway.policies`` (as the web UI does).
 
-Until the store holds policy, it lives in ``<state_dir>/policy.json`` (a ``PolicySet``); every change bumps
-its revision, which is how the daemon notices it. Lists fetched from a URL are kept in ``<state_dir>/lists``.
+The policy is ``<state_dir>/policy.json``; every change bumps its revision, which is how the daemon notices
+it. Lists fetched from a URL are kept in ``<state_dir>/lists``.
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
+from gateway import policies
 from gateway.cli import add_state_args, config_from_args
-from gateway.policyfile import load_policy, save_policy
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -92,207 +92,133 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_test)
 
 
-# -- the policy file ---------------------------------------------------------------------------------------
+# -- actions: each calls gateway.policies and prints what happened -------------------------------------------
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
     return config_from_args(args).state_dir
 
 
-def _change(args: argparse.Namespace, edit) -> int:
+def _run(args: argparse.Namespace, change: Callable[[Path], str]) -> int:
+    """Apply ``change`` and print its message with the new revision, or the reason it was refused."""
     state_dir = _state_dir(args)
-    data = load_policy(state_dir)
     try:
-        message = edit(data, state_dir)
-        save_policy(state_dir, data)
+        message = change(state_dir)
     except ValueError as exc:
         print(f"iotgw policy: {exc}", file=sys.stderr)
         return 2
-    print(f"{message} (revision {data.revision})")
+    except OSError as exc:  # a list that cannot be fetched or read
+        print(f"iotgw policy: {exc}", file=sys.stderr)
+        return 1
+    print(f"{message} (revision {policies.load(state_dir).revision})")
     return 0
 
 
-# -- actions -----------------------------------------------------------------------------------------------
+def _print_report(report: policies.ListReport) -> None:
+    print(f"{report.path}: {report.summary()}")
+    for error in report.errors:
+        print(f"  {error}", file=sys.stderr)
+    if report.error_count > len(report.errors):
+        print(f"  ... and {report.error_count - len(report.errors)} more", file=sys.stderr)
 
 
 def _show(args: argparse.Namespace) -> int:
-    print(json.dumps(load_policy(_state_dir(args)).to_dict(), indent=2, sort_keys=True))
+    print(json.dumps(policies.load(_state_dir(args)).to_dict(), indent=2, sort_keys=True))
     return 0
 
 
 def _add_rule(args: argparse.Namespace) -> int:
-    from policy.model import Rule
-
-    def edit(data, _):
-        kind, _, value = args.target.partition(":")
-        if args.target == "all":
-            rule = Rule(args.action, "all", "", args.schedule)
-        elif kind in ("list", "category") and value:
-            rule = Rule(args.action, kind, value, args.schedule)
-        else:
-            rule = Rule(args.action, "name", args.target, args.schedule)
-        data.policy(args.scope).rules.append(rule)
+    def change(state_dir: Path) -> str:
+        rule = policies.add_rule(
+            state_dir, args.scope, policies.rule_from_target(args.action, args.target, args.schedule)
+        )
         return f"{args.scope}: {rule.label()}"
 
-    return _change(args, edit)
+    return _run(args, change)
 
 
 def _remove_rule(args: argparse.Namespace) -> int:
-    def edit(data, _):
-        rules = data.policy(args.scope).rules
-        if not 0 <= args.index < len(rules):
-            raise ValueError(f"{args.scope} has no rule {args.index} (it has {len(rules)})")
-        return f"{args.scope}: removed {rules.pop(args.index).label()}"
-
-    return _change(args, edit)
-
-
-def _report_list(path: Path) -> None:
-    from policy import lists
-
-    parsed = lists.load(path)
-    print(
-        f"{path}: {len(parsed.block)} blocked, {len(parsed.allow)} exceptions, {parsed.error_count} bad lines"
-    )
-    for error in parsed.errors[:20]:
-        print(f"  {error}", file=sys.stderr)
-    if parsed.error_count > 20:
-        print(f"  ... and {parsed.error_count - 20} more", file=sys.stderr)
+    return _run(args, lambda d: f"{args.scope}: removed {policies.remove_rule(d, args.scope, args.index).label()}")
 
 
 def _list_add(args: argparse.Namespace) -> int:
-    from policy import lists
-    from policy.model import ListSpec
-
-    def edit(data, state_dir: Path):
-        if args.url:
-            rel = f"lists/{args.id}.txt"
-            lists.fetch(args.url, state_dir / rel)
-            spec = ListSpec(rel, url=args.url, name=args.id)
-        else:
-            spec = ListSpec(str(Path(args.file).resolve()), name=args.id)
-        data.lists[args.id] = spec
-        _report_list(state_dir / spec.path)
-        if args.category:
-            members = data.categories.setdefault(args.category, [])
-            if args.id not in members:
-                members.append(args.id)
+    def change(state_dir: Path) -> str:
+        report = policies.add_list(
+            state_dir, args.id, path=args.file, url=args.url, category=args.category, any_path=True
+        )
+        _print_report(report)
         return f"list {args.id} added" + (f" to category {args.category}" if args.category else "")
 
-    try:
-        return _change(args, edit)
-    except OSError as exc:
-        print(f"iotgw policy: {exc}", file=sys.stderr)
-        return 1
+    return _run(args, change)
 
 
 def _list_update(args: argparse.Namespace) -> int:
-    from policy import lists
+    def change(state_dir: Path) -> str:
+        _print_report(policies.update_list(state_dir, args.id))
+        return f"list {args.id} updated"
 
-    state_dir = _state_dir(args)
-    spec = load_policy(state_dir).lists.get(args.id)
-    if spec is None or not spec.url:
-        print(f"iotgw policy: no URL list {args.id!r}", file=sys.stderr)
-        return 2
-    try:
-        lists.fetch(spec.url, state_dir / spec.path)
-    except (OSError, ValueError) as exc:
-        print(f"iotgw policy: {exc}", file=sys.stderr)
-        return 1
-    _report_list(state_dir / spec.path)
-    return _change(args, lambda data, _: f"list {args.id} updated")
+    return _run(args, change)
 
 
 def _schedule(args: argparse.Namespace) -> int:
-    from policy.schedule import Schedule, parse_clock
-
-    def edit(data, _):
-        days = {}
-        for spec in args.day:
-            day, _, span = spec.partition("=")
-            start, _, end = span.partition("-")
-            if not end:
-                raise ValueError(f"--day {spec!r}: use DAY=HH:MM-HH:MM")
-            days[day.lower()] = (parse_clock(start), parse_clock(end))
-        data.schedules[args.name] = Schedule(args.tz, days)
+    def change(state_dir: Path) -> str:
+        policies.set_schedule(state_dir, args.name, args.tz, args.day)
         return f"schedule {args.name} set"
 
-    return _change(args, edit)
+    return _run(args, change)
 
 
 def _pause(args: argparse.Namespace) -> int:
-    def edit(data, _):
-        data.policy(args.scope).paused = True if args.paused else None
+    def change(state_dir: Path) -> str:
+        policies.set_paused(state_dir, args.scope, args.paused)
         return f"{args.scope}: {'paused' if args.paused else 'resumed'}"
 
-    return _change(args, edit)
+    return _run(args, change)
 
 
 def _strict(args: argparse.Namespace) -> int:
-    def edit(data, _):
-        data.policy(args.scope).strict = {"on": True, "off": False, "inherit": None}[args.mode]
+    def change(state_dir: Path) -> str:
+        policies.set_strict(state_dir, args.scope, args.mode)
         return f"{args.scope}: strict {args.mode}"
 
-    return _change(args, edit)
+    return _run(args, change)
 
 
 def _answer(args: argparse.Namespace) -> int:
-    def edit(data, _):
-        if args.scope == "global":
-            data.answer = "null" if args.mode == "inherit" else args.mode
-        else:
-            data.policy(args.scope).answer = None if args.mode == "inherit" else args.mode
+    def change(state_dir: Path) -> str:
+        policies.set_answer(state_dir, args.scope, args.mode)
         return f"{args.scope}: blocked queries answered {args.mode}"
 
-    return _change(args, edit)
+    return _run(args, change)
 
 
 def _quarantine(args: argparse.Namespace) -> int:
-    from policy.lists import normalise_name
+    def change(state_dir: Path) -> str:
+        allowed = policies.set_quarantine(state_dir, args.mode == "on", args.allow)
+        return f"quarantine {args.mode}, allowing {', '.join(allowed)}"
 
-    def edit(data, _):
-        data.quarantine.enabled = args.mode == "on"
-        if args.allow:
-            data.quarantine.allow = [normalise_name(n) for n in args.allow]
-        return f"quarantine {args.mode}, allowing {', '.join(data.quarantine.allow)}"
-
-    return _change(args, edit)
+    return _run(args, change)
 
 
 def _import_mud(args: argparse.Namespace) -> int:
-    from policy.mud import load_mud
+    def change(state_dir: Path) -> str:
+        count = policies.import_mud(state_dir, args.device_type, args.file)
+        return f"type {args.device_type}: profile of {count} names from {args.file}"
 
-    def edit(data, _):
-        profile = load_mud(args.file)
-        data.profiles[args.device_type] = profile
-        return f"type {args.device_type}: profile of {len(profile.names)} names from {profile.source}"
-
-    return _change(args, edit)
+    return _run(args, change)
 
 
 def _test(args: argparse.Namespace) -> int:
-    from policy.engine import PolicyEngine
-    from policy.model import normalise_mac
-    from policy.records import DeviceContext
-
-    state_dir = _state_dir(args)
-    engine = PolicyEngine.build(load_policy(state_dir), base_dir=state_dir)
-    for error in engine.list_errors[:20]:
-        print(f"  {error}", file=sys.stderr)
     try:
-        ctx = DeviceContext(normalise_mac(args.mac), args.device_type, args.category, args.status)
+        verdict, errors = policies.decide(
+            _state_dir(args), args.mac, args.name,
+            device_type=args.device_type, category=args.category, status=args.status,
+        )
     except ValueError as exc:
         print(f"iotgw policy: {exc}", file=sys.stderr)
         return 2
-    verdict = engine.decide(ctx, args.name, time.time())
-    print(
-        json.dumps(
-            {
-                "action": verdict.action,
-                "rule": verdict.rule,
-                "answer": verdict.answer,
-                "anomaly": verdict.anomaly,
-            }
-        )
-    )
+    for error in errors[: policies.MAX_REPORTED_ERRORS]:
+        print(f"  {error}", file=sys.stderr)
+    print(json.dumps({"action": verdict.action, "rule": verdict.rule, "answer": verdict.answer,
+                      "anomaly": verdict.anomaly}))
     return 0

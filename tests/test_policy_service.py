@@ -1,0 +1,142 @@
+"""``gateway.policies``, the functions the CLI, the web UI and Home Assistant share, on a real policy file."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import multiprocessing
+import threading
+
+import pytest
+
+from gateway import policies
+from policy.model import Rule
+
+MAC = "aa:bb:cc:00:00:01"
+
+
+def _add_names(state_dir, prefix: str, count: int) -> None:
+    for i in range(count):
+        policies.add_rule(state_dir, "global", Rule("block", "name", f"{prefix}{i}.example"))
+
+
+def test_concurrent_writers_lose_no_edit(tmp_path):
+    # Two processes (a browser and a script, say) each adding rules at once: every rule survives.
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_add_names, args=(tmp_path, p, 25)) for p in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    data = policies.load(tmp_path)
+    assert len(data.policies["global"].rules) == 50
+    assert data.revision == 50
+
+
+def test_replace_scope_names_each_problem_and_writes_nothing(tmp_path):
+    scope = f"device:{MAC}"
+    policies.replace_scope(tmp_path, scope, {"rules": [{"action": "block", "kind": "name", "value": "Ads.Example."}]})
+    assert policies.describe_scope(policies.load(tmp_path), scope)["rules"] == [
+        {"action": "block", "kind": "name", "value": "ads.example", "schedule": None, "label": "block name=ads.example"}
+    ]
+    bad = [
+        ([], "expected a JSON object"),
+        ({"rules": "x"}, "rules: expected a list"),
+        ({"rules": [{"action": "drop", "kind": "name", "value": "a.example"}]}, "rules[0].action"),
+        ({"rules": [{"action": "block", "value": "not a name!"}]}, "rules[0].value: 'not a name!' is not a domain"),
+        ({"rules": [{"action": "block", "kind": "list", "value": "nope"}]}, "rules[0]: no list 'nope'"),
+        ({"rules": [{"action": "block", "kind": "all", "schedule": "night"}]}, "rules[0]: no schedule 'night'"),
+        ({"paused": "yes"}, "paused: expected true, false or null"),
+        ({"answer": "drop"}, "answer: expected one of null"),
+        ({"rulez": []}, "unknown field 'rulez'"),
+    ]
+    for body, message in bad:
+        with pytest.raises(ValueError, match=None) as exc:
+            policies.replace_scope(tmp_path, scope, body)
+        assert message in str(exc.value), (body, str(exc.value))
+    assert policies.load(tmp_path).revision == 1
+    with pytest.raises(ValueError, match="not a MAC address"):
+        policies.replace_scope(tmp_path, "device:12:34", {"rules": []})
+
+
+def test_modes_and_the_device_view(tmp_path):
+    policies.set_device_mode(tmp_path, MAC.upper(), "paused")
+    assert policies.device_mode(tmp_path, MAC) == "paused"
+    assert policies.device_mode(tmp_path, "ip:192.168.1.9") == "default"  # no policy of its own, no error
+    policies.add_rule(tmp_path, "type:acme_cam", policies.rule_from_target("block", "video.example"))
+    policies.set_mode(tmp_path, "category:camera", "strict")
+    view = policies.device_view(policies.load(tmp_path), MAC, "acme_cam", "camera")
+    assert view["mode"] == "paused"
+    assert [s["scope"] for s in view["inherits"]] == ["type:acme_cam", "tag:device_camera", "global"]
+    assert view["inherits"][1]["mode"] == "strict"
+    with pytest.raises(ValueError, match="mode must be one of default, strict, paused"):
+        policies.set_device_mode(tmp_path, MAC, "off")
+
+
+def test_web_lists_are_confined_to_the_lists_directory(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0\n")
+    for path in (str(secret), "../secret.txt", ".hidden"):
+        with pytest.raises(ValueError, match="file name in"):
+            policies.add_list(tmp_path / "state", "x", path=path)
+    lists = policies.lists_dir(tmp_path / "state")
+    lists.mkdir(parents=True)
+    (lists / "ads.txt").write_text("||ads.example^\n0.0.0.0 t.example\n@@||ok.ads.example^\nbad line here\n")
+    report = policies.add_list(tmp_path / "state", "ads", path="ads.txt", category="privacy")
+    assert (report.blocked, report.exceptions, report.error_count) == (2, 1, 1)
+    assert "ads.txt:4: neither a hosts line" in report.errors[0]
+    data = policies.load(tmp_path / "state")
+    assert data.lists["ads"].path == "lists/ads.txt" and data.categories == {"privacy": ["ads"]}
+    with pytest.raises(ValueError, match="list id"):
+        policies.add_list(tmp_path / "state", "a/b", path="ads.txt")
+
+
+def test_url_list_is_fetched_from_a_real_server_and_removed_only_when_unused(tmp_path):
+    body = b"# a list\nads.example\ntracker.example\n"
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:  # noqa: ANN002
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/hosts.txt"
+        report = policies.add_list(tmp_path, "remote", url=url)
+        assert report.blocked == 2 and (tmp_path / "lists" / "remote.txt").read_bytes() == body
+        body = b"only.example\n"
+        assert policies.update_list(tmp_path, "remote").blocked == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ValueError, match="only http and https"):
+        policies.add_list(tmp_path, "f", url="file:///etc/passwd")
+    policies.add_rule(tmp_path, f"device:{MAC}", policies.rule_from_target("block", "list:remote"))
+    with pytest.raises(ValueError, match=f"used by device:{MAC}: block list=remote"):
+        policies.remove_list(tmp_path, "remote")
+    policies.remove_rule(tmp_path, f"device:{MAC}", 0)
+    policies.remove_list(tmp_path, "remote")
+    assert not (tmp_path / "lists" / "remote.txt").exists()
+    assert json.loads((tmp_path / "policy.json").read_text())["lists"] == {}
+
+
+def test_schedules_and_overview(tmp_path):
+    policies.set_schedule(tmp_path, "night", "Europe/Berlin", ["mon=21:00-24:00", "tue=00:00-07:00"])
+    with pytest.raises(ValueError, match="unknown time zone"):
+        policies.set_schedule(tmp_path, "x", "Mars/Olympus", [])
+    with pytest.raises(ValueError, match="'funday=1:00-2:00': the day is one of"):
+        policies.set_schedule(tmp_path, "x", "UTC", ["funday=1:00-2:00"])
+    policies.add_rule(tmp_path, "tag:device_tv", policies.rule_from_target("block", "all", "night"))
+    with pytest.raises(ValueError, match="schedule night is used by tag:device_tv"):
+        policies.remove_schedule(tmp_path, "night")
+    view = policies.overview(policies.load(tmp_path))
+    assert view["schedules"] == {
+        "night": {"time_zone": "Europe/Berlin", "days": {"mon": "21:00-24:00", "tue": "00:00-07:00"}}
+    }
+    assert [p["scope"] for p in view["policies"]] == ["global", "tag:device_tv"]

@@ -1,0 +1,186 @@
+"""``/api/v1/policies`` on a real store and policy file: tokens and sessions, clear refusals, and changes that
+show in ``policy.json`` and in the real ``iotgw policy`` command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway import accounts
+from gateway.store.db import Store
+from tests.webui_seed import add_device, config
+from webui.app import create_app
+
+MAC = "aa:bb:cc:00:00:01"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def api(tmp_path):
+    cfg = config(tmp_path)
+    store = Store(cfg.db_url)
+    add_device(store, MAC, hostname="plug", identified=True)  # tplink-plug-hs110, category plug
+    _, write = accounts.create_token(store, "automation", "write")
+    _, read = accounts.create_token(store, "dashboard", "read")
+    app = create_app(store, cfg)
+    yield app, cfg.state_dir, {"Authorization": f"Bearer {write}"}, {"Authorization": f"Bearer {read}"}
+    store.close()
+
+
+def _cli(state_dir: Path, *argv: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "policy", "--state-dir", str(state_dir), *argv],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_read_token_reads_but_cannot_change_policy(api):
+    app, state_dir, _, read = api
+    client = app.test_client()
+    assert client.get("/api/v1/policies", headers=read).json["policies"][0]["scope"] == "global"
+    body = {"rules": [{"action": "block", "kind": "name", "value": "ads.example"}]}
+    for method, url in (
+        ("PUT", f"/api/v1/policies/device/{MAC}"),
+        ("PUT", "/api/v1/policies/global"),
+        ("DELETE", "/api/v1/policies/type/cam"),
+        ("PUT", "/api/v1/policies/quarantine"),
+        ("POST", "/api/v1/policies/lists"),
+    ):
+        r = client.open(url, method=method, json=body, headers=read)
+        assert r.status_code == 403 and r.json["error"] == "this token is read-only", url
+    assert not (state_dir / "policy.json").exists()
+
+
+def test_device_policy_put_shows_in_policy_json_and_in_iotgw_policy(api):
+    app, state_dir, write, _ = api
+    client = app.test_client()
+    body = {"rules": [{"action": "block", "kind": "name", "value": "Ads.Example."}], "answer": "nxdomain"}
+    r = client.put(f"/api/v1/policies/device/{MAC.upper()}", json=body, headers=write)
+    assert r.status_code == 200, r.json
+    assert r.json["scope"] == f"device:{MAC}" and r.json["rules"][0]["value"] == "ads.example"
+    assert [s["scope"] for s in r.json["inherits"]] == ["global"]  # no type or tag default yet
+    saved = json.loads((state_dir / "policy.json").read_text())
+    assert saved["policies"][f"device:{MAC}"]["rules"] == [
+        {"action": "block", "kind": "name", "value": "ads.example", "schedule": None}
+    ]
+    assert saved["policies"][f"device:{MAC}"]["answer"] == "nxdomain"
+    shown = json.loads(_cli(state_dir, "show"))
+    assert shown["policies"][f"device:{MAC}"]["rules"][0]["value"] == "ads.example"
+    verdict = json.loads(_cli(state_dir, "test", MAC, "x.ads.example").strip().splitlines()[-1])
+    assert verdict == {"action": "blocked", "rule": f"device:{MAC} block name=ads.example", "answer": "nxdomain",
+                       "anomaly": False}
+    other = json.loads(_cli(state_dir, "test", "aa:bb:cc:00:00:02", "x.ads.example").strip().splitlines()[-1])
+    assert other["action"] == "allowed"
+
+    # A type default shows up in the device's chain; the CLI's change shows in the API.
+    _cli(state_dir, "block", "type:tplink-plug-hs110", "video.example")
+    r = client.get(f"/api/v1/policies/device/{MAC}", headers=write)
+    assert [s["scope"] for s in r.json["inherits"]] == ["type:tplink-plug-hs110", "global"]
+    assert client.get("/api/v1/policies/type/tplink-plug-hs110", headers=write).json["rules"][0]["value"] == (
+        "video.example"
+    )
+    assert client.delete(f"/api/v1/policies/device/{MAC}", headers=write).status_code == 204
+    assert client.delete(f"/api/v1/policies/device/{MAC}", headers=write).status_code == 404
+    assert f"device:{MAC}" not in json.loads((state_dir / "policy.json").read_text())["policies"]
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "message"),
+    [
+        ("/api/v1/policies/global", {"rules": [{"action": "block", "value": "not a name"}]},
+         "rules[0].value: 'not a name' is not a domain name"),
+        ("/api/v1/policies/global", {"rules": [{"action": "deny", "value": "a.example"}]},
+         "rules[0].action: expected one of block, allow"),
+        ("/api/v1/policies/tag/device_tv", {"rules": [{"action": "block", "kind": "list", "value": "oisd"}]},
+         "rules[0]: no list 'oisd'"),
+        ("/api/v1/policies/device/not-a-mac", {"rules": []}, "'not-a-mac' is not a MAC address"),
+        ("/api/v1/policies/global", ["block", "ads.example"], "expected a JSON object"),
+        ("/api/v1/policies/quarantine", {"enabled": "yes"}, "enabled: expected true or false"),
+        ("/api/v1/policies/quarantine", {"enabled": True, "allow": ["ntp.example", "no way"]},
+         "'no way' is not a domain name"),
+        ("/api/v1/policies/schedules/night", {"time_zone": "Mars/Base", "days": {"mon": "21:00-24:00"}},
+         "unknown time zone 'Mars/Base'"),
+        ("/api/v1/policies/schedules/night", {"days": {"mon": "22:00-06:00"}}, "a range needs 0 <= start < end"),
+    ],
+)
+def test_bad_input_is_a_400_with_a_clear_message_and_changes_nothing(api, url, body, message):
+    app, state_dir, write, _ = api
+    r = app.test_client().put(url, json=body, headers=write)
+    assert r.status_code == 400 and message in r.json["error"], r.json
+    assert not (state_dir / "policy.json").exists()
+
+
+def test_lists_schedules_and_quarantine_through_the_api(api, tmp_path):
+    app, state_dir, write, _ = api
+    client = app.test_client()
+    outside = tmp_path / "ads.txt"
+    outside.write_text("ads.example\n")
+    r = client.post("/api/v1/policies/lists", json={"id": "ads", "file": str(outside)}, headers=write)
+    assert r.status_code == 400 and "a file name in" in r.json["error"]
+    (state_dir / "lists").mkdir(parents=True)
+    (state_dir / "lists" / "ads.txt").write_text("ads.example\n||t.example^\n<script>x</script>\n")
+    r = client.post("/api/v1/policies/lists", json={"id": "ads", "file": "ads.txt", "category": "privacy"},
+                    headers=write)
+    assert r.status_code == 201 and (r.json["blocked"], r.json["error_count"]) == (2, 1)
+    assert "ads.txt:3:" in r.json["errors"][0]
+    r = client.put("/api/v1/policies/tag/device_plug",
+                   json={"rules": [{"action": "block", "kind": "category", "value": "privacy"}]}, headers=write)
+    assert r.status_code == 200
+    r = client.put(f"/api/v1/policies/device/{MAC}",
+                   json={"rules": [{"action": "allow", "kind": "list", "value": "ads"}]}, headers=write)
+    assert r.status_code == 200
+    r = client.delete("/api/v1/policies/lists/ads", headers=write)
+    assert r.status_code == 400 and f"used by device:{MAC}: allow list=ads" in r.json["error"]
+    assert client.delete(f"/api/v1/policies/device/{MAC}", headers=write).status_code == 204
+    r = client.put("/api/v1/policies/schedules/night",
+                   json={"time_zone": "Europe/Berlin", "days": {"mon": "21:00-24:00"}}, headers=write)
+    assert r.json == {"time_zone": "Europe/Berlin", "days": {"mon": "21:00-24:00"}}
+    r = client.put("/api/v1/policies/quarantine", json={"enabled": True, "allow": ["pool.ntp.org"]}, headers=write)
+    assert r.json == {"enabled": True, "allow": ["pool.ntp.org"]}
+    view = client.get("/api/v1/policies", headers=write).json
+    assert view["lists"] == [{"id": "ads", "path": "lists/ads.txt", "url": "", "enabled": True,
+                              "categories": ["privacy"]}]
+    assert view["quarantine"]["enabled"] is True and "night" in view["schedules"]
+    verdict = json.loads(_cli(state_dir, "test", MAC, "x.t.example", "--category", "plug").strip().splitlines()[-1])
+    assert verdict["rule"] == "tag:device_plug block category=privacy list=ads"
+
+
+def test_session_writes_need_the_csrf_header(api):
+    app, state_dir, _, _ = api
+    store = app.extensions["iotgw"].store
+    accounts.set_password(store, "correct horse battery")
+    client = app.test_client()
+    client.get("/login")
+    with client.session_transaction() as sess:
+        token = sess["csrf_token"]
+    client.post("/login", data={"username": "admin", "password": "correct horse battery", "csrf_token": token})
+    with client.session_transaction() as sess:
+        token = sess["csrf_token"]
+    body = {"paused": True}
+    assert client.put(f"/api/v1/policies/device/{MAC}", json=body).status_code == 403
+    r = client.put(f"/api/v1/policies/device/{MAC}", json=body, headers={"X-CSRF-Token": token})
+    assert r.status_code == 200 and r.json["mode"] == "paused"
+    assert _cli(state_dir, "show").count('"paused": true') == 1
+
+
+def test_hostile_type_names_render_as_text_on_the_policies_page(api):
+    app, _, write, _ = api
+    evil = "<img src=x onerror=alert(1)>"
+    client = app.test_client()
+    assert client.put(f"/api/v1/policies/type/{evil}", json={"paused": True}, headers=write).status_code == 200
+    r = client.put("/api/v1/policies/schedules/a b", json={"days": {}}, headers=write)
+    assert r.status_code == 400 and "schedule name 'a b'" in r.json["error"]
+    store = app.extensions["iotgw"].store
+    accounts.set_password(store, "correct horse battery")
+    client.get("/login")
+    with client.session_transaction() as sess:
+        token = sess["csrf_token"]
+    client.post("/login", data={"username": "admin", "password": "correct horse battery", "csrf_token": token})
+    html = client.get("/policies").get_data(as_text=True)
+    assert "<img src=x" not in html and "type:&lt;img src=x onerror=alert(1)&gt;" in html

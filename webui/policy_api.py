@@ -1,0 +1,182 @@
+"""``/api/v1/policies``: the filtering policy as JSON, through ``gateway.policies`` like the pages and the CLI.
+
+Reads need a login or any token; writes need a read-write token or a session with its CSRF header
+(``webui.security`` enforces both for every route). A change bumps the policy revision and the running daemon
+applies it within a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from flask import jsonify, request
+
+from gateway import policies
+from gateway.config import ConfigError
+from gateway.devices import service
+from webui.api import bp, json_body
+from webui.context import ctx
+from webui.security import api_error
+
+
+@bp.errorhandler(ConfigError)
+def _broken_policy_file(exc: ConfigError):  # noqa: ANN202
+    return api_error(500, f"the policy file cannot be read: {exc}")
+
+
+@bp.errorhandler(ValueError)
+def _refused(exc: ValueError):  # noqa: ANN202
+    # Every refusal of gateway.policies says what is wrong; elsewhere a ValueError is a bug, not bad input.
+    if not (request.endpoint or "").startswith("api.policy"):
+        raise exc
+    return api_error(400, str(exc))
+
+
+@bp.get("/policies")
+def policies_overview():  # noqa: ANN201
+    return jsonify(policies.overview(_data()))
+
+
+@bp.get("/policies/global")
+def policy_global():  # noqa: ANN201
+    return jsonify(policies.describe_scope(_data(), "global"))
+
+
+@bp.put("/policies/global")
+def policy_global_put():  # noqa: ANN201
+    policies.replace_scope(_dir(), "global", json_body())
+    return policy_global()
+
+
+@bp.get("/policies/device/<mac>")
+def policy_device(mac: str):  # noqa: ANN201
+    device_type, category = _identity(mac)
+    return jsonify(policies.device_view(_data(), mac, device_type, category))
+
+
+@bp.put("/policies/device/<mac>")
+def policy_device_put(mac: str):  # noqa: ANN201
+    policies.replace_scope(_dir(), policies.scope_key("device", mac), json_body())
+    return policy_device(mac)
+
+
+@bp.delete("/policies/device/<mac>")
+def policy_device_delete(mac: str):  # noqa: ANN201
+    return _clear(policies.scope_key("device", mac))
+
+
+@bp.get("/policies/type/<device_type>")
+def policy_type(device_type: str):  # noqa: ANN201
+    return jsonify(policies.describe_scope(_data(), policies.scope_key("type", device_type)))
+
+
+@bp.put("/policies/type/<device_type>")
+def policy_type_put(device_type: str):  # noqa: ANN201
+    policies.replace_scope(_dir(), policies.scope_key("type", device_type), json_body())
+    return policy_type(device_type)
+
+
+@bp.delete("/policies/type/<device_type>")
+def policy_type_delete(device_type: str):  # noqa: ANN201
+    return _clear(policies.scope_key("type", device_type))
+
+
+@bp.get("/policies/tag/<tag>")
+def policy_tag(tag: str):  # noqa: ANN201
+    return jsonify(policies.describe_scope(_data(), policies.scope_key("tag", tag)))
+
+
+@bp.put("/policies/tag/<tag>")
+def policy_tag_put(tag: str):  # noqa: ANN201
+    policies.replace_scope(_dir(), policies.scope_key("tag", tag), json_body())
+    return policy_tag(tag)
+
+
+@bp.delete("/policies/tag/<tag>")
+def policy_tag_delete(tag: str):  # noqa: ANN201
+    return _clear(policies.scope_key("tag", tag))
+
+
+@bp.post("/policies/lists")
+def policy_list_add():  # noqa: ANN201
+    """``{"id", "url"}`` (fetched now) or ``{"id", "file"}`` (a file name in ``<state_dir>/lists``)."""
+    body = json_body()
+    report = policies.add_list(
+        _dir(),
+        _text(body, "id"),
+        path=_text(body, "file") or None,
+        url=_text(body, "url") or None,
+        category=_text(body, "category") or None,
+    )
+    return jsonify(asdict(report)), 201
+
+
+@bp.post("/policies/lists/<list_id>/update")
+def policy_list_update(list_id: str):  # noqa: ANN201
+    return jsonify(asdict(policies.update_list(_dir(), list_id)))
+
+
+@bp.delete("/policies/lists/<list_id>")
+def policy_list_delete(list_id: str):  # noqa: ANN201
+    policies.remove_list(_dir(), list_id)
+    return "", 204
+
+
+@bp.put("/policies/schedules/<name>")
+def policy_schedule_put(name: str):  # noqa: ANN201
+    """``{"time_zone": "Europe/Berlin", "days": {"mon": "21:00-24:00", ...}}``."""
+    body = json_body()
+    days = body.get("days", {})
+    if not isinstance(days, dict) or not all(isinstance(v, str) for v in days.values()):
+        return api_error(400, 'days: expected an object like {"mon": "21:00-24:00"}')
+    policies.set_schedule(_dir(), name, _text(body, "time_zone") or "UTC", [f"{d}={r}" for d, r in days.items()])
+    return jsonify(policies.overview(_data())["schedules"][name])
+
+
+@bp.delete("/policies/schedules/<name>")
+def policy_schedule_delete(name: str):  # noqa: ANN201
+    policies.remove_schedule(_dir(), name)
+    return "", 204
+
+
+@bp.put("/policies/quarantine")
+def policy_quarantine_put():  # noqa: ANN201
+    """``{"enabled": true, "allow": ["pool.ntp.org", ...]}`` (``allow`` optional: keeps the list)."""
+    body = json_body()
+    allow = body.get("allow")
+    if not isinstance(body.get("enabled"), bool):
+        return api_error(400, "enabled: expected true or false")
+    if allow is not None and not (isinstance(allow, list) and all(isinstance(n, str) for n in allow)):
+        return api_error(400, "allow: expected a list of domain names")
+    allowed = policies.set_quarantine(_dir(), body["enabled"], allow)
+    return jsonify({"enabled": body["enabled"], "allow": allowed})
+
+
+def _dir():  # noqa: ANN202
+    return ctx().cfg.state_dir
+
+
+def _data():  # noqa: ANN202
+    return policies.load(_dir())
+
+
+def _clear(scope: str):  # noqa: ANN202
+    if not policies.clear_scope(_dir(), scope):
+        return api_error(404, f"{scope} has no policy of its own")
+    return "", 204
+
+
+def _identity(mac: str) -> tuple[str | None, str | None]:
+    """The device's type and category as its policy sees them (the owner's label first), if it is known."""
+    try:
+        d = service.get_device(ctx().store, mac).device
+    except service.NotFound:
+        return None, None
+    return d.label_device_type or d.device_type, d.label_category or d.category
+
+
+def _text(body: dict, key: str) -> str:
+    value = body.get(key) or ""
+    if not isinstance(value, str):
+        raise ValueError(f"{key}: expected a string")
+    return value.strip()
