@@ -9,6 +9,7 @@ alerts and the nftables quarantine.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -45,6 +46,7 @@ class Filtering:
         self._devices_revision: str | None = None
         self._firewall = QuarantineFirewall() if firewall else None
         self._firewall_macs: set[str] = set()
+        self._firewall_lock = threading.Lock()  # refresh and the flush after an identification both sync
         self._anomalous: set[tuple[str, str]] = set()  # (mac, SLD) already reported: one alert each
 
     # -- the DNS hot path --------------------------------------------------------------------------------
@@ -85,9 +87,16 @@ class Filtering:
 
     def _context_for_unknown(self, key: str) -> DeviceContext:
         # A device the tracker has not written yet: it is new, and so under quarantine if quarantine is on.
+        # The next refresh puts its MAC into the nftables set.
         ctx = DeviceContext(key)
         self.contexts[key] = ctx
         return ctx
+
+    def seen(self, key: str) -> None:
+        """A device the tracker met for the first time, maybe through DHCP or the sniffer rather than a DNS
+        query: quarantine applies to it from now on, not only once it asks the gateway for a name."""
+        if not key.startswith("ip:") and key not in self.contexts:
+            self._context_for_unknown(key)
 
     # -- off the hot path --------------------------------------------------------------------------------
     def refresh(self) -> bool:
@@ -111,13 +120,18 @@ class Filtering:
             self._devices_revision = revision
             self.reload_devices()
             changed = True
+        else:
+            self._sync_firewall()  # devices first met since the last reload
         return changed
 
     def reload_devices(self) -> None:
         with self.store.session() as s:
             rows = s.execute(select(Device.mac, Device.device_type, Device.category, Device.status,
                                     Device.label_device_type, Device.label_category, Device.manufacturer)).all()
-        contexts = {}
+        # Devices met but not written yet keep the context the hot path gave them (else they would leave the
+        # nftables set until their next query); address-keyed ones are made again on demand.
+        contexts = {key: ctx for key, ctx in list(self.contexts.items())
+                    if not key.startswith("ip:") and ctx == DeviceContext(key)}
         for mac, device_type, category, status, label_type, label_category, manufacturer in rows:
             device_type = label_type or device_type
             category = label_category or category
@@ -136,15 +150,17 @@ class Filtering:
     def _sync_firewall(self) -> None:
         if self._firewall is None:
             return
-        macs = {mac for mac, ctx in self.contexts.items()
-                if not mac.startswith("ip:") and self.engine.is_quarantined(ctx)}
-        if macs == self._firewall_macs:
-            return
-        try:
-            self._firewall.sync(macs)
-            self._firewall_macs = macs
-        except Exception as exc:
-            log.error("quarantine: nftables sync failed: %s", exc)
+        with self._firewall_lock:
+            # list() copies in one step: the hot path may add a context meanwhile (this runs in a thread).
+            macs = {mac for mac, ctx in list(self.contexts.items())
+                    if not mac.startswith("ip:") and self.engine.is_quarantined(ctx)}
+            if macs == self._firewall_macs:
+                return
+            try:
+                self._firewall.sync(macs)
+                self._firewall_macs = macs
+            except Exception as exc:
+                log.error("quarantine: nftables sync failed: %s", exc)
 
     def open_firewall(self) -> None:
         if self._firewall is not None:

@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 
-from gateway.devices.service import list_devices
+from gateway.devices.service import list_devices, set_status
 from gateway.store.db import Store
 from gateway.store.querylog import recent
 from tests.dns_helpers import needs_dnsmasq
@@ -74,3 +74,93 @@ def test_a_block_for_one_mac_applies_to_that_client_only_and_lifts(tmp_path, lan
         assert all(f"device:{a.mac}" in q.rule and "ads.example.test" in q.rule for q in blocked)
         assert not [q for q in recent(store, mac=b.mac, search="ads.example.test") if q.verdict == "blocked"]
         assert {d.mac for d in list_devices(store)} >= {a.mac, b.mac}
+
+
+def _identifiable_type(mac: str, first: list[str]) -> tuple[str, list[str]]:
+    """A device type of the shipped model that its own prototype's DNS names identify (after ``first``), and
+    those names: the virtual device the daemon must identify. Chosen by running the identifier here, so the
+    test follows the model bundle when it is retrained."""
+    from identifier.observation import DnsObservation
+    from identifier.stream import Identifier
+
+    ident = Identifier.load()
+    for device_type, script in sorted(ident.prototypes().items()):
+        names = [o.name for o in script if isinstance(o, DnsObservation) and o.name]
+        session = ident.session(mac, 0.0)
+        for k, name in enumerate([*first, *names]):
+            identity = session.update(DnsObservation(0.1 * k, name, 1))
+            if identity is not None:
+                if identity.known and identity.device_type == device_type:
+                    return device_type, names
+                break
+    raise AssertionError("no prototype of the model bundle is identified from its DNS names alone")
+
+
+def test_type_default_applies_after_identification_and_a_device_rule_overrides_it(tmp_path, lan: Lan):
+    a, b = lan.clients
+    social, video = "social.example.test", "video.example.test"
+    device_type, names = _identifiable_type(a.mac, [social, video])
+    with running_daemon(lan, tmp_path / "state") as daemon:
+        daemon.policy("block", f"type:{device_type}", social)
+        daemon.policy("block", f"type:{device_type}", video)
+        daemon.policy("block", "global", "loaded.example.test")  # applied => the earlier revisions are too
+        _until(b.agent, "loaded.example.test", NULL_BLOCKED, "policy loaded")
+
+        # Not identified yet: the type's default does not apply.
+        assert a.agent.resolve(social) == RESOLVED
+        assert a.agent.resolve(video) == RESOLVED
+        for name in names:  # the device's first seconds, as real queries
+            assert a.agent.resolve(name) == RESOLVED
+        store = Store(daemon.db_url, migrate=False)
+        poll(lambda: any(d.mac == a.mac and d.device_type == device_type for d in list_devices(store)), 15,
+             lambda: f"not identified as {device_type}: {[(d.mac, d.device_type) for d in list_devices(store)]}")
+        _until(a.agent, social, NULL_BLOCKED, f"type {device_type} default applied after identification")
+        assert a.agent.resolve(video) == NULL_BLOCKED
+        assert b.agent.resolve(social) == RESOLVED  # not identified as that type: its default is not b's
+
+        daemon.policy("allow", f"device:{a.mac}", social)  # the owner overrides the type for this device
+        _until(a.agent, social, RESOLVED, "device rule overrides the type default")
+        assert a.agent.resolve(video) == NULL_BLOCKED  # the rest of the type's default still holds
+        poll(lambda: {q.rule for q in recent(store, mac=a.mac, search=video) if q.verdict == "blocked"},
+             APPLIES_WITHIN_S, "the type's block never reached the query log")
+        rules = {q.rule for q in recent(store, mac=a.mac, search=video) if q.verdict == "blocked"}
+        assert all(rule.startswith(f"type:{device_type}") for rule in rules), rules
+
+
+def test_quarantine_restricts_dns_and_drops_forwarded_traffic_until_approved(tmp_path, lan: Lan):
+    a, b = lan.clients
+    assert a.agent.connects() and b.agent.connects()  # the LAN routes before any daemon runs
+    with running_daemon(lan, tmp_path / "state") as daemon:
+        daemon.policy("quarantine", "on", "--allow", "time.example.test")
+        for client in (a, b):  # new devices: only the quarantine allow list resolves
+            _until(client.agent, "shop.example.test", NULL_BLOCKED, f"{client.mac} in quarantine")
+            assert client.agent.resolve("time.example.test") == RESOLVED
+            assert client.agent.resolve("pool.time.example.test") == RESOLVED
+        # ... and what they send through the gateway, other than DNS, is dropped by MAC.
+        for client in (a, b):
+            seconds = poll(lambda c=client: not c.agent.connects(), APPLIES_WITHIN_S,
+                           lambda: f"forwarded traffic still passes; nft set: {lan.nft_quarantined()}")
+            print(f"{client.mac} dropped by nftables: {seconds:.2f} s")
+        assert a.mac in lan.nft_quarantined() and b.mac in lan.nft_quarantined()
+
+        store = Store(daemon.db_url, migrate=False)
+        poll(lambda: {a.mac, b.mac} <= {d.mac for d in list_devices(store)}, APPLIES_WITHIN_S,
+             "the devices never reached the store")
+        set_status(store, a.mac, "approved")  # what the web UI's and the CLI's "approve" call
+        _until(a.agent, "shop.example.test", RESOLVED, "approval lifts the DNS restriction")
+        seconds = poll(a.agent.connects, APPLIES_WITHIN_S,
+                       lambda: f"approved device still dropped; nft set: {lan.nft_quarantined()}")
+        print(f"approval lifts the nftables drop: {seconds:.2f} s")
+        assert a.mac not in lan.nft_quarantined()
+        # The other device is still new: quarantined on both counts.
+        assert b.agent.resolve("shop.example.test") == NULL_BLOCKED
+        assert not b.agent.connects()
+        assert b.mac in lan.nft_quarantined()
+
+        set_status(store, a.mac, "quarantined")  # the owner puts a device back
+        _until(a.agent, "shop.example.test", NULL_BLOCKED, "quarantine again")
+        poll(lambda: not a.agent.connects(), APPLIES_WITHIN_S, "re-quarantined device not dropped")
+
+        daemon.stop()
+        assert "table inet iotgw" not in lan.nft_tables()  # the daemon removes its table on exit
+        assert b.agent.connects()  # and with it the drop
