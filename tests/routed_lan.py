@@ -44,6 +44,11 @@ for line in sys.stdin:
                    "answers": [rr.to_text() for rrset in reply.answer for rr in rrset]}
         except dns.exception.Timeout:
             out = {"rcode": "TIMEOUT", "answers": []}
+    elif req["op"] == "frame":
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+            raw.bind((req["ifname"], 0))
+            raw.send(bytes.fromhex(req["hex"]))
+        out = {"ok": True}
     else:
         try:
             socket.create_connection((req["host"], req["port"]), timeout=1.0).close()
@@ -78,9 +83,9 @@ class Agent:
         """Whether a TCP connection through the gateway to the server opens within a second."""
         return self._ask(op="tcp", host=host, port=port)["ok"]
 
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(5)
+    def send_frame(self, frame: bytes, ifname: str = "eth0") -> None:
+        """Put an Ethernet frame on the wire as it is (a DHCP request built by ``gateway.demo.build_frame``)."""
+        self._ask(op="frame", hex=frame.hex(), ifname=ifname)
 
 
 @dataclass
@@ -175,7 +180,8 @@ def poll(check: Callable[[], object], seconds: float, message: str | Callable[[]
 class Daemon:
     """``iotgw run`` in the gateway namespace with its own state directory, and the CLI pointed at it."""
 
-    def __init__(self, lan: Lan, state_dir: Path) -> None:
+    def __init__(self, lan: Lan, state_dir: Path, *, sniff: bool = False) -> None:
+        """``sniff``: also capture passively on the LAN bridge (DHCP and mDNS reach the daemon that way)."""
         self.lan = lan
         self.state_dir = state_dir
         self.config = state_dir / "iotgw.toml"
@@ -185,7 +191,7 @@ class Daemon:
             f'[gateway]\nstate_dir = "{state_dir}"\n'
             f'[store]\nflush_interval_s = 0.5\n'
             f'[dns]\nlisten = ["{GW_IP}:53"]\nupstreams = ["127.0.0.1:5300"]\nlan = ["10.215.0.0/24"]\n'
-            f'[capture]\nsniff = false\n'
+            + ('[capture]\ninterface = "br0"\nsniff = true\n' if sniff else '[capture]\nsniff = false\n')
         )
         self.upstream: subprocess.Popen | None = None
         self.proc: subprocess.Popen | None = None
@@ -226,8 +232,8 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def running_daemon(lan: Lan, state_dir: Path) -> Iterator[Daemon]:
-    daemon = Daemon(lan, state_dir)
+def running_daemon(lan: Lan, state_dir: Path, *, sniff: bool = False) -> Iterator[Daemon]:
+    daemon = Daemon(lan, state_dir, sniff=sniff)
     try:
         daemon.start()
         yield daemon

@@ -164,3 +164,25 @@ def test_quarantine_restricts_dns_and_drops_forwarded_traffic_until_approved(tmp
         daemon.stop()
         assert "table inet iotgw" not in lan.nft_tables()  # the daemon removes its table on exit
         assert b.agent.connects()  # and with it the drop
+
+
+def test_quarantine_holds_for_a_device_that_never_asks_the_gateway_for_a_name(tmp_path, lan: Lan):
+    """A device seen only through its DHCP request (the passive capture on the LAN bridge) and then talking
+    straight to an address: no DNS query ever names it to the policy, yet its traffic is dropped."""
+    from gateway.demo import VirtualDevice, build_frame
+    from identifier.observation import DhcpObservation
+
+    a, _ = lan.clients
+    assert a.agent.connects()
+    with running_daemon(lan, tmp_path / "state", sniff=True) as daemon:
+        daemon.policy("quarantine", "on")
+        device = VirtualDevice("silent", a.mac, a.ip, [])
+        a.agent.send_frame(build_frame(device, DhcpObservation(0.0, hostname="silent-cam", message_type=1)))
+        store = Store(daemon.db_url, migrate=False)
+        poll(lambda: any(d.mac == a.mac and d.name == "silent-cam" for d in list_devices(store)),
+             APPLIES_WITHIN_S, "the DHCP request never made a device")
+        seconds = poll(lambda: not a.agent.connects(), APPLIES_WITHIN_S,
+                       lambda: f"a silent new device passes; nft set: {lan.nft_quarantined()}")
+        print(f"silent device dropped by nftables: {seconds:.2f} s")
+        set_status(store, a.mac, "approved")
+        poll(a.agent.connects, APPLIES_WITHIN_S, "approval did not lift the drop")
