@@ -13,7 +13,13 @@ lost, iotgw_cached_qps, dnsmasq_cached_qps, cached_ratio, rss_mb (iotgw's peak),
 per answered query for each server (``*_cpu_us_per_query``, ``cpu_ratio``, ``cached_cpu_ratio``: dnsmasq's
 over iotgw's), which a loaded machine disturbs less than queries per second.
 
-    python benchmarks/dns_throughput.py [--seconds 10] [--rounds 2] [--names 2000]
+``--blocklist N`` loads a synthetic block list of N names (a plain domain file in the temporary directory,
+blocked globally through ``<state_dir>/policy.json``) into both iotgw servers before they answer, so every
+query pays the full list lookup (each parent suffix of the name; the queried names are not listed, so they
+are still forwarded or cached). The JSON then also says ``blocklist_names`` (what the daemon loaded) and
+``rss_current_mb`` (iotgw's resident size at the end of the run, beside the peak ``rss_mb``).
+
+    python benchmarks/dns_throughput.py [--seconds 10] [--rounds 2] [--names 2000] [--blocklist 1000000]
 """
 
 from __future__ import annotations
@@ -40,17 +46,21 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each full-speed dnsperf run")
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per server; the best counts")
     parser.add_argument("--names", type=int, default=2000, help="distinct names in the query file")
+    parser.add_argument("--blocklist", type=int, default=0, metavar="N",
+                        help="load a synthetic block list of N names into iotgw (default: none)")
     parser.add_argument("--child", nargs=4, metavar=("PORT", "UPSTREAM", "CACHE", "STATE_DIR"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return run_iotgw(int(args.child[0]), args.child[1], int(args.child[2]), args.child[3])
     with tempfile.TemporaryDirectory(prefix="iotgw-dnsbench-") as tmp:
-        print(json.dumps(bench(Path(tmp), args.seconds, args.names, args.rounds)))
+        print(json.dumps(bench(Path(tmp), args.seconds, args.names, args.rounds, args.blocklist)))
     return 0
 
 
-def bench(tmp: Path, seconds: float, names: int, rounds: int) -> dict:
+def bench(tmp: Path, seconds: float, names: int, rounds: int, blocklist: int = 0) -> dict:
+    if blocklist:
+        write_blocklist(tmp, blocklist, [tmp / "state", tmp / "state-cached"])
     hosts = tmp / "hosts"
     hosts.write_text("".join(f"192.0.2.{i % 250 + 1} host{i}.bench.test\n" for i in range(names)))
     queries = tmp / "queries.txt"
@@ -67,7 +77,11 @@ def bench(tmp: Path, seconds: float, names: int, rounds: int) -> dict:
         gw_cache = iotgw(gw_cache_port, upstream_port, 10000, tmp / "state-cached")
         procs += [gw, gw_cache]
         for port in (upstream_port, dm_port, dm_cache_port, gw_port, gw_cache_port):
-            wait_answering(port)
+            wait_answering(port, timeout_s=120 if blocklist else 15)  # a million names take a while to load
+        if blocklist:
+            for port in (gw_port, gw_cache_port):  # the list is live, not merely written
+                if answer_of(port, listed_name(blocklist - 1)) != "0.0.0.0":
+                    raise RuntimeError(f"iotgw on port {port} does not block a listed name")
         for port in (dm_cache_port, gw_cache_port):  # fill both caches before measuring them
             dnsperf(port, queries, 2, qps=5000)
         result: dict = {}
@@ -102,6 +116,8 @@ def bench(tmp: Path, seconds: float, names: int, rounds: int) -> dict:
         result["dnsmasq_lost"] = runs["dnsmasq"]["lost"] + runs["dnsmasq_cached"]["lost"]
         stats = [stop_iotgw(p) for p in (gw, gw_cache)]
         result["rss_mb"] = max(s["rss_mb"] for s in stats)
+        result["rss_current_mb"] = max(s.get("rss_current_mb", 0.0) for s in stats)
+        result["blocklist_names"] = min(s.get("blocklist_names", 0) for s in stats)
         result["logged_rows"] = sum(s["logged_rows"] for s in stats)
         result["daemon"] = stats[0]["daemon"]
         result["seconds_per_run"] = seconds
@@ -159,9 +175,39 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wait_answering(port: int) -> None:
+def write_blocklist(tmp: Path, count: int, state_dirs: list[Path]) -> None:
+    """A plain domain list of ``count`` names, blocked globally in each state directory's policy."""
+    sys.path.insert(0, str(ROOT))
+    from gateway.policyfile import save_policy
+    from policy.model import ListSpec, PolicySet, Rule
+
+    path = tmp / "blocklist.txt"
+    with path.open("w") as fh:
+        for start in range(0, count, 100_000):
+            fh.write("".join(f"{listed_name(i)}\n" for i in range(start, min(count, start + 100_000))))
+    for state in state_dirs:
+        data = PolicySet()
+        data.lists["bench"] = ListSpec(str(path), name="bench")
+        data.policy("global").rules.append(Rule("block", "list", "bench"))
+        save_policy(state, data)
+
+
+def listed_name(i: int) -> str:
+    # Spread over many parents, as real lists are (ad and tracker hosts under many registrable domains).
+    return f"t{i}.ads{i % 5000}.example"
+
+
+def answer_of(port: int, name: str) -> str:
+    """The first A record iotgw returns for ``name`` ('' if none)."""
+    import dnslib
+
+    reply = dnslib.DNSRecord.parse(dnslib.DNSRecord.question(name).send("127.0.0.1", port, timeout=5))
+    return str(reply.rr[0].rdata) if reply.rr else ""
+
+
+def wait_answering(port: int, timeout_s: float = 15) -> None:
     query = bytes.fromhex("abcd01000001000000000000") + b"\x05host0\x05bench\x04test\x00\x00\x01\x00\x01"
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + timeout_s
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(0.2)
         while time.monotonic() < deadline:
@@ -202,12 +248,15 @@ def run_iotgw(port: int, upstream: str, cache: int, state: str) -> int:
         from gateway.daemon import Gateway
     except ImportError:  # a branch without the daemon: emulate its hot-path hooks and its query log
         serve, logged, daemon = emulated_daemon(dns, Path(state))
+
+        def listed() -> int:  # the emulation loads no policy
+            return 0
     else:
         cfg = Config(source="(benchmark)")
         cfg.gateway.state_dir = state
         cfg.dns = dns
         cfg.capture.sniff = False
-        serve, logged, daemon = real_daemon(Gateway, cfg)
+        serve, logged, daemon, listed = real_daemon(Gateway, cfg)
 
     async def main() -> None:
         stop = await serve()
@@ -218,8 +267,16 @@ def run_iotgw(port: int, upstream: str, cache: int, state: str) -> int:
 
     asyncio.run(main())
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"rss_mb": round(rss_mb, 1), "logged_rows": logged(), "daemon": daemon}))
+    print(json.dumps({"rss_mb": round(rss_mb, 1), "rss_current_mb": round(current_rss_mb(), 1),
+                      "logged_rows": logged(), "blocklist_names": listed(), "daemon": daemon}))
     return 0
+
+
+def current_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def real_daemon(gateway_class: type, cfg: object) -> tuple:
@@ -233,7 +290,8 @@ def real_daemon(gateway_class: type, cfg: object) -> tuple:
         await gateway.start()
         return gateway.stop
 
-    return serve, lambda: gateway.querylog.written, "gateway.daemon.Gateway"
+    return (serve, lambda: gateway.querylog.written, "gateway.daemon.Gateway",
+            lambda: sum(gateway.filtering.engine.list_sizes.values()))
 
 
 def emulated_daemon(dns: object, state: Path) -> tuple:

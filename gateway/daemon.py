@@ -175,6 +175,7 @@ class Gateway:
             ts = self.tracker.devices[change.key].first_seen
             self._window_start[change.key] = ts
             self._windows[change.key] = []
+            self.filtering.seen(change.key)  # quarantine holds from its first packet, DNS or not
             if self.identifier is not None:
                 self._sessions[change.key] = self.identifier.session(change.key, ts)
             ip = getattr(event, "client", None) or getattr(event, "ip", None)

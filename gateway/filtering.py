@@ -9,6 +9,7 @@ alerts and the nftables quarantine.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -39,12 +40,16 @@ class Filtering:
         self.state_dir = state_dir
         self.profiles = profiles or {}
         self.engine = PolicyEngine.build(PolicySet(), self.profiles, base_dir=state_dir)
-        self.contexts: dict[str, DeviceContext] = {}
+        self.contexts: dict[str, DeviceContext] = {}  # the hot path adds devices it meets; refresh updates
+        self._stored: set[str] = set()  # the devices whose contexts came from the device table
         self.anomalies: deque[tuple[float, str, str]] = deque(maxlen=10_000)  # (ts, mac, qname), drained
         self._policy_mtime: float | None = None
         self._devices_revision: str | None = None
         self._firewall = QuarantineFirewall() if firewall else None
         self._firewall_macs: set[str] = set()
+        # refresh and the flush after an identification both reload (each in a worker thread): one at a time,
+        # so the later read of the device table is the one that stays
+        self._lock = threading.RLock()
         self._anomalous: set[tuple[str, str]] = set()  # (mac, SLD) already reported: one alert each
 
     # -- the DNS hot path --------------------------------------------------------------------------------
@@ -85,9 +90,16 @@ class Filtering:
 
     def _context_for_unknown(self, key: str) -> DeviceContext:
         # A device the tracker has not written yet: it is new, and so under quarantine if quarantine is on.
+        # The next refresh puts its MAC into the nftables set.
         ctx = DeviceContext(key)
         self.contexts[key] = ctx
         return ctx
+
+    def seen(self, key: str) -> None:
+        """A device the tracker met for the first time, maybe through DHCP or the sniffer rather than a DNS
+        query: quarantine applies to it from now on, not only once it asks the gateway for a name."""
+        if not key.startswith("ip:") and key not in self.contexts:
+            self._context_for_unknown(key)
 
     # -- off the hot path --------------------------------------------------------------------------------
     def refresh(self) -> bool:
@@ -111,18 +123,24 @@ class Filtering:
             self._devices_revision = revision
             self.reload_devices()
             changed = True
+        else:
+            self._sync_firewall()  # devices first met since the last reload
         return changed
 
     def reload_devices(self) -> None:
+        with self._lock:
+            self._reload_devices()
+
+    def _reload_devices(self) -> None:
         with self.store.session() as s:
             rows = s.execute(select(Device.mac, Device.device_type, Device.category, Device.status,
                                     Device.label_device_type, Device.label_category, Device.manufacturer)).all()
-        contexts = {}
+        fresh: dict[str, DeviceContext] = {}
         for mac, device_type, category, status, label_type, label_category, manufacturer in rows:
             device_type = label_type or device_type
             category = label_category or category
             profile = self.engine.profile(device_type) or frozenset()
-            contexts[mac] = DeviceContext(
+            fresh[mac] = DeviceContext(
                 mac=mac,
                 device_type=device_type,
                 category=category,
@@ -130,21 +148,29 @@ class Filtering:
                 quarantined=status == "quarantined",
                 cloud_slds=frozenset(profile) if manufacturer else frozenset(),
             )
-        self.contexts = contexts
+        # Updated in place, not replaced: a device the hot path met meanwhile (and one met but not written yet)
+        # keeps its context, so it stays in the nftables set. Forgotten devices and address-keyed contexts go;
+        # the hot path makes them again, as new, when they next ask.
+        for key in [k for k in list(self.contexts) if k.startswith("ip:")] + list(self._stored - fresh.keys()):
+            self.contexts.pop(key, None)
+        self.contexts.update(fresh)
+        self._stored = set(fresh)
         self._sync_firewall()
 
     def _sync_firewall(self) -> None:
         if self._firewall is None:
             return
-        macs = {mac for mac, ctx in self.contexts.items()
-                if not mac.startswith("ip:") and self.engine.is_quarantined(ctx)}
-        if macs == self._firewall_macs:
-            return
-        try:
-            self._firewall.sync(macs)
-            self._firewall_macs = macs
-        except Exception as exc:
-            log.error("quarantine: nftables sync failed: %s", exc)
+        with self._lock:
+            # list() copies in one step: the hot path may add a context meanwhile (this runs in a thread).
+            macs = {mac for mac, ctx in list(self.contexts.items())
+                    if not mac.startswith("ip:") and self.engine.is_quarantined(ctx)}
+            if macs == self._firewall_macs:
+                return
+            try:
+                self._firewall.sync(macs)
+                self._firewall_macs = macs
+            except Exception as exc:
+                log.error("quarantine: nftables sync failed: %s", exc)
 
     def open_firewall(self) -> None:
         if self._firewall is not None:

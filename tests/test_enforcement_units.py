@@ -1,0 +1,64 @@
+"""The daemon's policy state across device-table reloads, without root: a real SQLite store, the real tracker
+and ``Filtering`` answering real DNS query bytes (what ``iotgw run`` does per query, minus the sockets)."""
+
+from __future__ import annotations
+
+import time
+
+import dnslib
+
+from gateway.devices.service import forget, set_status
+from gateway.devices.tracker import DeviceTracker
+from gateway.events import DnsQuery
+from gateway.filtering import Filtering
+from gateway.policyfile import save_policy
+from gateway.store.db import Store
+from policy.model import PolicySet
+
+MAC = "02:15:00:00:00:42"
+
+
+def _decide(filtering: Filtering, mac: str, name: str) -> str:
+    query = dnslib.DNSRecord.question(name).pack()
+    decision = filtering.decide("10.0.0.42", mac, name, 1, query)
+    return "allowed" if decision is None else decision.verdict
+
+
+def _quarantine_on(state) -> None:  # noqa: ANN001 - a Path
+    data = PolicySet()
+    data.quarantine.enabled = True
+    data.quarantine.allow = ["time.example"]
+    save_policy(state, data)
+
+
+def test_a_device_met_before_its_row_is_written_stays_quarantined_across_reloads(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'iotgw.sqlite'}")
+    _quarantine_on(tmp_path)
+    filtering = Filtering(store, tmp_path)
+    filtering.refresh()
+    filtering.seen(MAC)  # the tracker met it (a DHCP request, say); nothing is in the store yet
+    filtering.reload_devices()  # an unrelated change elsewhere reloads the device table
+    assert MAC in filtering.contexts
+    assert filtering.engine.is_quarantined(filtering.contexts[MAC])
+    assert _decide(filtering, MAC, "shop.example") == "blocked"
+    assert _decide(filtering, MAC, "pool.time.example") == "allowed"
+
+
+def test_approval_applies_and_a_forgotten_device_is_new_again(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'iotgw.sqlite'}")
+    _quarantine_on(tmp_path)
+    tracker = DeviceTracker(store)
+    tracker.observe(DnsQuery(time.time(), "10.0.0.42", MAC, "shop.example", 1, "shop.example"))
+    tracker.write(tracker.take())
+    filtering = Filtering(store, tmp_path)
+    filtering.refresh()
+    assert _decide(filtering, MAC, "shop.example") == "blocked"
+
+    set_status(store, MAC, "approved")
+    assert filtering.refresh()  # the devices revision moved
+    assert _decide(filtering, MAC, "shop.example") == "allowed"
+
+    forget(store, MAC)
+    assert filtering.refresh()
+    assert _decide(filtering, MAC, "shop.example") == "blocked"  # not still approved from before
+    assert not filtering.refresh()  # nothing changed since
