@@ -44,10 +44,12 @@ def test_ipv4_and_ipv6_of_one_client_are_one_device(tmp_path, veth):
          f"--pid-file={tmp_path / 'dnsmasq.pid'}", "--address=/example.test/192.0.2.7"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
+    config = tmp_path / "iotgw.toml"  # keeps the policy and other state out of /var/lib/iotgw
+    config.write_text(f'[gateway]\nstate_dir = "{tmp_path}"\n')
     daemon = subprocess.Popen(
         ["ip", "netns", "exec", veth.gw, sys.executable, "-m", "gateway.cli", "run", "--db", db, "--no-sniff",
          "--dns-listen", f"{veth.gw_ip4}:53", "--dns-listen", f"[{veth.gw_ip6}]:53", "--upstream", "127.0.0.1:5300",
-         "--lan", "10.213.0.0/24", "--lan", "fd13:213::/64", "--config", "/dev/null"],
+         "--lan", "10.213.0.0/24", "--lan", "fd13:213::/64", "--config", str(config)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=os.getcwd())
     try:
         deadline = time.monotonic() + 30
