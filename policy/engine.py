@@ -201,7 +201,7 @@ class PolicyEngine:
     # -- deciding -----------------------------------------------------------------------------------------
 
     def is_quarantined(self, ctx: DeviceContext) -> bool:
-        """Whether ``ctx`` gets only its quarantine allow list (and its non-DNS traffic is dropped)."""
+        """Whether ``ctx`` gets only its quarantine allow list (and its traffic through the gateway is dropped)."""
         return ctx.quarantined or (self._quarantine_on and ctx.status != "approved")
 
     def profile(self, device_type: str | None) -> frozenset[str] | None:

@@ -1,8 +1,10 @@
-"""Quarantine enforcement: drop forwarded non-DNS traffic from quarantined MACs with nftables.
+"""Quarantine enforcement: drop everything quarantined MACs send through the gateway, with nftables.
 
 iotgw owns one table, ``inet iotgw``: a set of quarantined MACs and a forward-hook chain that drops what
-those MACs send through the gateway, except DNS to the gateway itself (which is the gateway's input, not its
-forward path, so it is never touched) and DHCP. Only this table is ever changed; it is deleted on close.
+those MACs send through the gateway. DNS to the gateway itself and DHCP are the gateway's input, not its
+forward path, so they are never touched: the device still resolves, under its quarantine policy. DNS to an
+outside resolver is dropped too, or a device with a hard-coded 8.8.8.8 would escape that policy. Only this
+table is ever changed; it is deleted on close.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ class NftError(RuntimeError):
 
 def _ruleset(table: str) -> str:
     # Traffic *to* the gateway (DNS on :53, DHCP) takes the input hook and passes; the forward hook sees only
-    # what the gateway routes onward, and quarantined devices get nothing there but a DNS relay, if any.
+    # what the gateway routes onward, and quarantined devices get nothing there.
     return f"""
 table inet {table} {{
     set quarantined {{
@@ -30,7 +32,6 @@ table inet {table} {{
     }}
     chain forward {{
         type filter hook forward priority filter - 10; policy accept;
-        ether saddr @quarantined meta l4proto {{ tcp, udp }} th dport 53 accept
         ether saddr @quarantined counter drop
     }}
 }}

@@ -165,7 +165,8 @@ def test_quarantine_drops_forwarded_traffic_by_mac_and_lifts(topology):
         assert _reach(cli) == everything  # the table alone changes nothing
         fw.add(CLIENT_MAC.upper())
         assert fw.macs() == {CLIENT_MAC}
-        assert _reach(cli) == {"ping": False, "tcp": False, "dns_to_gateway": True, "dns_forwarded": True}
+        # Only the gateway's own DNS stays reachable: a hard-coded outside resolver would bypass the policy.
+        assert _reach(cli) == {"ping": False, "tcp": False, "dns_to_gateway": True, "dns_forwarded": False}
         fw.sync([])  # approved
         assert _reach(cli) == everything
         fw.sync([CLIENT_MAC, "02:77:00:00:00:99"])
