@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dns.message
@@ -31,6 +33,7 @@ FLUSH_S = 1.0  # the query log writer's interval in these tests
 # when the kill lands, and scheduling on a shared 2-core machine. One more interval covers all three.
 SLACK_S = 1.0
 PLUG = "02:aa:bb:cc:dd:01"
+NEWCOMER = "127.0.0.99"
 
 
 def write_config(path: Path, state: Path, port: int, upstream: str, flush_s: float) -> Path:
@@ -216,3 +219,84 @@ def test_kill_9_under_load_keeps_the_databases_whole_and_loses_at_most_one_flush
         time.sleep(0.2)
     assert logged <= logged_names(querylog, "load-%")
     store.close()
+
+
+@contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "iotgw-test", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Write zeros until the filesystem says it is full."""
+    filler = directory / "filler"
+    chunk = b"\0" * 65536
+    with filler.open("wb") as fh:
+        try:
+            while True:
+                fh.write(chunk)
+                fh.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def wait_logged(querylog: Path, names: set[str], like: str, timeout: float = 20) -> set[str]:
+    deadline = time.monotonic() + timeout
+    while not names <= (logged := logged_names(querylog, like)):
+        assert time.monotonic() < deadline, f"{len(names - logged)} of {len(names)} never logged"
+        time.sleep(0.3)
+    return logged
+
+
+def wait_device(db: Path, key: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with sqlite3.connect(db) as conn:
+            if conn.execute("SELECT 1 FROM devices WHERE mac = ?", (key,)).fetchone():
+                return
+        assert time.monotonic() < deadline, f"{key} never stored"
+        time.sleep(0.3)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_full_disk_keeps_dns_answering_logs_once_and_resumes_writing(tmp_path, gateway_files):
+    state, daemon = gateway_files
+    querylog = state / "iotgw-querylog.sqlite"
+    with small_tmpfs(state, "16m"):
+        daemon.start()
+        with Load(daemon.port, tag="before") as load:
+            time.sleep(2)
+        wait_logged(querylog, set(load.snapshot()), "before-%")
+
+        filler = fill(state)
+        mark = len(daemon.log.read_text())
+        with Load(daemon.port, tag="full") as load:
+            # A device that first appears while the disk is full: kept, and stored once there is room.
+            assert ask(daemon.port, "newcomer.example.test", NEWCOMER) is not None
+            time.sleep(6)  # six flush intervals with nowhere to write
+        full = load.snapshot()
+        assert len(full) > 300, "the load never got going"
+        assert load.unanswered <= len(full) // 100, f"{load.unanswered} queries unanswered on a full disk"
+        assert not logged_names(querylog, "full-%"), "rows written to a full disk?"
+
+        filler.unlink()
+        with Load(daemon.port, tag="after") as load:
+            time.sleep(2)
+        # The rows kept in memory while the disk was full are written too: nothing lost.
+        wait_logged(querylog, set(full), "full-%")
+        wait_logged(querylog, set(load.snapshot()), "after-%")
+        wait_device(state / "iotgw.sqlite", f"ip:{NEWCOMER}")
+        log = daemon.log.read_text()[mark:]
+        assert integrity(querylog) == "ok" and integrity(state / "iotgw.sqlite") == "ok"
+    # Said once for each database (the query log and the device changes), not at every query or flush.
+    errors = [line for line in log.splitlines() if " ERROR " in line or " WARNING " in line]
+    assert len(errors) == 2, "\n".join(errors)
+    assert "query log: cannot write" in errors[0] + errors[1] and "store: cannot write" in errors[0] + errors[1]
+    assert "Traceback" not in log, log
+    assert "query log: writing again" in log and "store: writing again" in log
