@@ -14,6 +14,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from sqlalchemy.exc import OperationalError
+
 from gateway import sdnotify
 from gateway.alerts import Alerts, PolicyHooks
 from gateway.config import Config
@@ -68,6 +70,7 @@ class Gateway:
         self._pending_identities: list[tuple[str, float, object]] = []  # written by the next flush
         self._closed_windows: list[tuple[str, float, list[dict]]] = []
         self._changed_windows: set[str] = set()  # open windows with observations the store has not seen
+        self._store_failing = False  # the configuration database refused a write (full disk) and has not since
 
     # -- sources ----------------------------------------------------------------------------------------
     def ingest(self, events: list[Event]) -> None:
@@ -209,6 +212,9 @@ class Gateway:
     def alert(self, alert: Alert) -> None:
         try:
             self.alerts.send(alert)
+        except OperationalError as exc:  # nowhere to store it: lost, counted, and said once
+            self.counters.add("alert_errors")
+            self._store_error(f"alert {alert.kind}", exc)
         except Exception:  # a full disk or a bad payload must not stop the consumer
             self.counters.add("alert_errors")
             log.exception("alert %s not recorded", alert.kind)
@@ -242,11 +248,39 @@ class Gateway:
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.store.flush_interval_s)
+            batch = self._take()
             try:
-                await asyncio.to_thread(self._write, self._take())
+                await asyncio.to_thread(self._write, batch)
+            except OperationalError as exc:  # a full or read-only disk: keep the batch for the next try
+                self._restore(batch)
+                self._store_error("device changes", exc)
+                continue
             except Exception:
                 self.counters.add("flush_errors")
                 log.exception("flush failed")
+                continue
+            tracked, identities, windows = batch
+            if self._store_failing and not (tracked.empty and not identities and not windows):
+                log.info("store: writing again")
+                self._store_failing = False
+
+    def _store_error(self, what: str, exc: OperationalError) -> None:
+        """Said once until a write succeeds again, not at every flush or alert while the disk stays full."""
+        self.counters.add("store_errors")
+        if not self._store_failing:
+            log.error("store: cannot write %s (%s); DNS keeps answering, retrying every flush", what, exc.orig)
+            self._store_failing = True
+
+    def _restore(self, batch: tuple) -> None:
+        """Undo ``_take`` for a batch the store refused (on the loop thread, like ``_take``)."""
+        tracked, identities, windows = batch
+        self.tracker.restore(tracked)
+        self._pending_identities[:0] = identities
+        for key, start, observations in windows:
+            if key in self._windows:  # still open: its newest state is written, not this copy
+                self._changed_windows.add(key)
+            else:
+                self._closed_windows.insert(0, (key, start, observations))
 
     def _take(self) -> tuple:
         """Detach what the next write stores (on the loop thread, so the consumer never races the writer)."""

@@ -202,6 +202,18 @@ class DeviceTracker:
         self._pending_fingerprints, self._pending_services, self._merges = [], [], []
         return batch
 
+    def restore(self, batch: TrackerBatch) -> None:
+        """Take back a batch the store refused (a full disk): the next ``take`` carries it again, with what
+        changed since on top."""
+        for key, *_ in batch.devices:
+            if key in self.devices:  # the live record is newer than the batch's copy and is what gets written
+                self.devices[key].dirty = True
+        self._pending_addresses = {**batch.addresses, **self._pending_addresses}
+        self._pending_names[:0] = batch.names
+        self._pending_fingerprints[:0] = batch.fingerprints
+        self._pending_services[:0] = batch.services
+        self._merges[:0] = batch.merges
+
     def write(self, batch: TrackerBatch) -> None:
         """Store a batch in one transaction (in a worker thread: it may wait on the disk)."""
         if batch.empty:
