@@ -32,12 +32,20 @@ def load_policy(state_dir: Path) -> PolicySet:
 
 
 def save_policy(state_dir: Path, data: PolicySet) -> None:
-    """Validate, bump the revision and write atomically (a reader never sees half a file)."""
+    """Validate, bump the revision and write atomically: a reader never sees half a file, a power cut leaves
+    the old or the new policy, and a full disk leaves the old one with no temporary file behind."""
     data.validate()
     data.revision += 1
     state_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".policy-")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(data.to_dict(), fh, indent=2, sort_keys=True)
-    os.replace(tmp, policy_path(state_dir))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data.to_dict(), fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, policy_path(state_dir))
+    except BaseException:
+        data.revision -= 1
+        Path(tmp).unlink(missing_ok=True)
+        raise
 

@@ -21,7 +21,7 @@ import pytest
 from gateway.devices.service import get_device, rename
 from gateway.policyfile import load_policy, save_policy
 from gateway.store.db import Store
-from policy.model import Policy, Rule
+from policy.model import Policy, PolicySet, Rule
 from tests.dns_helpers import needs_dnsmasq
 from tests.ports import free_port
 
@@ -234,14 +234,13 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
 def fill(directory: Path) -> Path:
     """Write zeros until the filesystem says it is full."""
     filler = directory / "filler"
-    chunk = b"\0" * 65536
-    with filler.open("wb") as fh:
-        try:
-            while True:
-                fh.write(chunk)
-                fh.flush()
-        except OSError:
-            pass
+    with filler.open("wb", buffering=0) as fh:
+        for size in (65536, 4096, 1):  # smaller writes take the last free pages too
+            try:
+                while True:
+                    fh.write(b"\0" * size)
+            except OSError:
+                pass
     return filler
 
 
@@ -274,8 +273,14 @@ def test_full_disk_keeps_dns_answering_logs_once_and_resumes_writing(tmp_path, g
             time.sleep(2)
         wait_logged(querylog, set(load.snapshot()), "before-%")
 
+        save_policy(state, PolicySet())
+        before = (state / "policy.json").read_bytes()
         filler = fill(state)
         mark = len(daemon.log.read_text())
+        with pytest.raises(OSError):  # a policy change on a full disk fails cleanly
+            save_policy(state, PolicySet())
+        assert (state / "policy.json").read_bytes() == before
+        assert not list(state.glob(".policy-*")), "a temporary policy file was left behind"
         with Load(daemon.port, tag="full") as load:
             # A device that first appears while the disk is full: kept, and stored once there is room.
             assert ask(daemon.port, "newcomer.example.test", NEWCOMER) is not None
