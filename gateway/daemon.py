@@ -9,6 +9,7 @@ on the same event loop; database writes go to threads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -65,6 +66,7 @@ class Gateway:
         self._sessions: dict[str, object] = {}  # device key -> identifier session, during its window
         self._windows: dict[str, list[dict]] = {}  # device key -> observations (JSON) of its first seconds
         self._window_start: dict[str, float] = {}
+        self._window_due: dict[str, float] = {}  # device key -> monotonic time its window closes by itself
         self._pending_identities: list[tuple[str, float, object]] = []  # written by the next flush
         self._closed_windows: list[tuple[str, float, list[dict]]] = []
         self._changed_windows: set[str] = set()  # open windows with observations the store has not seen
@@ -174,6 +176,7 @@ class Gateway:
         if change.kind == "new_device":
             ts = self.tracker.devices[change.key].first_seen
             self._window_start[change.key] = ts
+            self._window_due[change.key] = time.monotonic() + WINDOW_S
             self._windows[change.key] = []
             if self.identifier is not None:
                 self._sessions[change.key] = self.identifier.session(change.key, ts)
@@ -181,7 +184,7 @@ class Gateway:
             self.alert(Alert("new_device", ts, change.key, {"vendor": oui_vendor(change.key), "name": None,
                                                             "ip": ip}))
         elif change.kind == "merged" and change.old_key:
-            for table in (self._sessions, self._windows, self._window_start):
+            for table in (self._sessions, self._windows, self._window_start, self._window_due):
                 if change.old_key in table and change.key not in table:
                     table[change.key] = table.pop(change.old_key)
                 else:
@@ -200,10 +203,37 @@ class Gateway:
         self.alert(Alert(kind, time.time(), key, data))
 
     def _close_window(self, key: str) -> None:
-        self._sessions.pop(key, None)
+        """End a device's observation window; a session that never became confident concludes "unknown"
+        (its best guesses kept as alternatives), so every device gets an answer within its window."""
+        session = self._sessions.pop(key, None)
         start = self._window_start.pop(key)
+        self._window_due.pop(key, None)
         self._changed_windows.discard(key)
         self._closed_windows.append((key, start, self._windows.pop(key, [])))
+        if session is not None and session.committed is None:
+            from identifier.stream import UNKNOWN_LABEL  # loaded already: the session came from it
+
+            guess = session.current()
+            self._identified(key, dataclasses.replace(
+                guess, manufacturer=UNKNOWN_LABEL, device_type=UNKNOWN_LABEL, category=UNKNOWN_LABEL,
+                known=False, decided_after_s=round(WINDOW_S, 3)))
+
+    def _close_due_windows(self) -> None:
+        """Windows of devices that went quiet: the event path only closes a window on the next packet."""
+        now = time.monotonic()
+        for key in [k for k, due in self._window_due.items() if due <= now]:
+            self._close_window(key)
+
+    def _forget(self, key: str) -> None:
+        """A device deleted in the store (web UI, CLI): drop everything held for it, so its next packet
+        makes it a new device again."""
+        self.tracker.forget(key)
+        for table in (self._sessions, self._windows, self._window_start, self._window_due):
+            table.pop(key, None)
+        self._changed_windows.discard(key)
+        self._pending_identities = [p for p in self._pending_identities if p[0] != key]
+        self._closed_windows = [w for w in self._closed_windows if w[0] != key]
+        self.alerts.device_removed(key)
 
     def alert(self, alert: Alert) -> None:
         try:
@@ -221,8 +251,8 @@ class Gateway:
         return mac
 
     async def _refresh_loop(self) -> None:
-        """Twice a second: apply policy and device changes made elsewhere, re-read the neighbour table after
-        a miss, raise anomaly alerts."""
+        """Twice a second: apply policy and device changes made elsewhere (a deleted device is forgotten),
+        re-read the neighbour table after a miss, close the windows of quiet devices, raise anomaly alerts."""
         while True:
             await asyncio.sleep(0.5)
             try:
@@ -231,6 +261,10 @@ class Gateway:
                     self._neighbour_missed = False
                 if await asyncio.to_thread(self.filtering.refresh):
                     self.alerts.sync_devices()
+                    generation, stored = await asyncio.to_thread(self.tracker.stored_keys)
+                    for key in self.tracker.forget_missing(generation, stored):
+                        self._forget(key)
+                self._close_due_windows()
                 for ts, mac, qname in self.filtering.new_anomalies():
                     self.alert(Alert("anomaly", ts, mac, {"domain": qname, "reason": "outside the learned profile"}))
             except Exception:
@@ -242,7 +276,8 @@ class Gateway:
         while True:
             await asyncio.sleep(self.cfg.store.flush_interval_s)
             try:
-                await asyncio.to_thread(self._write, self._take())
+                for key in await asyncio.to_thread(self._write, self._take()):
+                    self._forget(key)
             except Exception:
                 self.counters.add("flush_errors")
                 log.exception("flush failed")
@@ -257,13 +292,15 @@ class Gateway:
         snapshot += [(k, start, obs) for k, start, obs in windows]
         return self.tracker.take(), identities, snapshot
 
-    def _write(self, batch: tuple) -> None:
+    def _write(self, batch: tuple) -> set[str]:
+        """Store one flush's batch (in a worker thread); returns the devices found deleted meanwhile."""
         tracked, identities, windows = batch
-        self.tracker.write(tracked)
+        gone = self.tracker.write(tracked)
         for key, *_ in tracked.devices:
-            self.alerts.device_changed(key)
+            if key not in gone:
+                self.alerts.device_changed(key)
         if not (identities or windows):
-            return
+            return gone
         with self.store.transaction() as s:
             for key, ts, identity in identities:
                 device = s.get(Device, key)
@@ -284,6 +321,7 @@ class Gateway:
                     s.merge(ObservationWindow(mac=key, started_at=start, observations=observations))
         if identities:
             self.filtering.reload_devices()  # a type's default policy applies from the next query on
+        return gone
 
 
 def load_identifier(cfg: Config):  # noqa: ANN201 - identifier.stream.Identifier | None
