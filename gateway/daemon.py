@@ -32,12 +32,14 @@ from identifier.oui import vendor as oui_vendor
 
 log = logging.getLogger(__name__)
 
-WINDOW_S = 60.0
+WINDOW_S = 60.0  # how long after a device's first packet its traffic feeds identification
 # Events waiting for the consumer. A home sends tens of queries a second; this bound only bites under a flood,
 # where it keeps a Pi's memory in check (about 1 kB an event) at the cost of query-log rows, which are counted.
 QUEUE_MAX = 50_000
-# What a window keeps: far more than identification ever looks at, and a bound on a chatty device's memory.
-WINDOW_MAX_OBS = 2000  # how long after a device's first packet its traffic feeds identification
+# What a window keeps, and all identification sees of it: far more than a device sends in its first minute,
+# and a bound on what a chatty (or flooding) device costs in memory and in model updates.
+WINDOW_MAX_OBS = 2000
+LOG_CHUNK = 1024  # queries handed to the query log at once: one lock round each, and its writer woken in time
 
 
 class Gateway:
@@ -138,34 +140,47 @@ class Gateway:
             self._drain()
 
     def _drain(self) -> None:
-        while self._queue:
-            event = self._queue.popleft()
+        queue, handle = self._queue, self._handle
+        queries: list[DnsQuery] = []
+        while queue:
+            event = queue.popleft()
             try:
-                self._handle(event)
+                handle(event)
             except Exception:  # one bad event must not stop the consumer
                 self.counters.add("consumer_errors")
                 log.exception("consumer: failed on %r", event)
+            if type(event) is DnsQuery:  # logged even when handling it failed: the log loses nothing
+                queries.append(event)
+                if len(queries) >= LOG_CHUNK:
+                    self._log(queries)
+                    queries = []
+        if queries:
+            self._log(queries)
+
+    def _log(self, queries: list[DnsQuery]) -> None:
+        self.counters.add("queries", len(queries))
+        dropped = self.querylog.add(queries)
+        if dropped:
+            self.counters.add("querylog_dropped", dropped)
 
     def _handle(self, event: Event) -> None:
         for change in self.tracker.observe(event):
             self._on_change(change, event)
         self.alerts.observe(event)
-        if isinstance(event, DnsQuery):
-            self.counters.add("queries")
-            self.querylog.add(event)
-        key = getattr(event, "mac", None)
-        if key is None or key not in self._window_start:
+        key = event.mac
+        if key not in self._window_start:
             return
         if event.ts - self._window_start[key] > WINDOW_S:
             self._close_window(key)
             return
+        window = self._windows[key]
+        if len(window) >= WINDOW_MAX_OBS:
+            return
         obs = to_observation(event)
         if obs is None:
             return
-        window = self._windows[key]
-        if len(window) < WINDOW_MAX_OBS:
-            window.append(to_json(obs))
-            self._changed_windows.add(key)
+        window.append(to_json(obs))
+        self._changed_windows.add(key)
         session = self._sessions.get(key)
         if session is not None:
             identity = session.update(obs)
@@ -245,8 +260,10 @@ class Gateway:
     def _neighbour_mac(self, ip: str) -> str | None:
         """The kernel's ARP/NDP entry for ``ip``: how a client's IPv6 address finds its MAC (in the hot path:
         a dict lookup; a miss asks for a re-read of the table off the hot path)."""
+        if ip.startswith("127.") or ip == "::1":  # loopback has no neighbours
+            return None
         mac = self.neighbours.lookup(ip, refresh_on_miss=False)
-        if mac is None and not ip.startswith("127.") and ip != "::1":  # loopback has no neighbours
+        if mac is None:
             self._neighbour_missed = True
         return mac
 
