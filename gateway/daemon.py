@@ -9,6 +9,7 @@ on the same event loop; database writes go to threads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -33,12 +34,14 @@ from identifier.oui import vendor as oui_vendor
 
 log = logging.getLogger(__name__)
 
-WINDOW_S = 60.0
+WINDOW_S = 60.0  # how long after a device's first packet its traffic feeds identification
 # Events waiting for the consumer. A home sends tens of queries a second; this bound only bites under a flood,
 # where it keeps a Pi's memory in check (about 1 kB an event) at the cost of query-log rows, which are counted.
 QUEUE_MAX = 50_000
-# What a window keeps: far more than identification ever looks at, and a bound on a chatty device's memory.
-WINDOW_MAX_OBS = 2000  # how long after a device's first packet its traffic feeds identification
+# What a window keeps, and all identification sees of it: far more than a device sends in its first minute,
+# and a bound on what a chatty (or flooding) device costs in memory and in model updates.
+WINDOW_MAX_OBS = 2000
+LOG_CHUNK = 1024  # queries handed to the query log at once: one lock round each, and its writer woken in time
 
 
 class Gateway:
@@ -67,6 +70,7 @@ class Gateway:
         self._sessions: dict[str, object] = {}  # device key -> identifier session, during its window
         self._windows: dict[str, list[dict]] = {}  # device key -> observations (JSON) of its first seconds
         self._window_start: dict[str, float] = {}
+        self._window_due: dict[str, float] = {}  # device key -> monotonic time its window closes by itself
         self._pending_identities: list[tuple[str, float, object]] = []  # written by the next flush
         self._closed_windows: list[tuple[str, float, list[dict]]] = []
         self._changed_windows: set[str] = set()  # open windows with observations the store has not seen
@@ -139,34 +143,47 @@ class Gateway:
             self._drain()
 
     def _drain(self) -> None:
-        while self._queue:
-            event = self._queue.popleft()
+        queue, handle = self._queue, self._handle
+        queries: list[DnsQuery] = []
+        while queue:
+            event = queue.popleft()
             try:
-                self._handle(event)
+                handle(event)
             except Exception:  # one bad event must not stop the consumer
                 self.counters.add("consumer_errors")
                 log.exception("consumer: failed on %r", event)
+            if type(event) is DnsQuery:  # logged even when handling it failed: the log loses nothing
+                queries.append(event)
+                if len(queries) >= LOG_CHUNK:
+                    self._log(queries)
+                    queries = []
+        if queries:
+            self._log(queries)
+
+    def _log(self, queries: list[DnsQuery]) -> None:
+        self.counters.add("queries", len(queries))
+        dropped = self.querylog.add(queries)
+        if dropped:
+            self.counters.add("querylog_dropped", dropped)
 
     def _handle(self, event: Event) -> None:
         for change in self.tracker.observe(event):
             self._on_change(change, event)
         self.alerts.observe(event)
-        if isinstance(event, DnsQuery):
-            self.counters.add("queries")
-            self.querylog.add(event)
-        key = getattr(event, "mac", None)
-        if key is None or key not in self._window_start:
+        key = event.mac
+        if key not in self._window_start:
             return
         if event.ts - self._window_start[key] > WINDOW_S:
             self._close_window(key)
             return
+        window = self._windows[key]
+        if len(window) >= WINDOW_MAX_OBS:
+            return
         obs = to_observation(event)
         if obs is None:
             return
-        window = self._windows[key]
-        if len(window) < WINDOW_MAX_OBS:
-            window.append(to_json(obs))
-            self._changed_windows.add(key)
+        window.append(to_json(obs))
+        self._changed_windows.add(key)
         session = self._sessions.get(key)
         if session is not None:
             identity = session.update(obs)
@@ -177,6 +194,7 @@ class Gateway:
         if change.kind == "new_device":
             ts = self.tracker.devices[change.key].first_seen
             self._window_start[change.key] = ts
+            self._window_due[change.key] = time.monotonic() + WINDOW_S
             self._windows[change.key] = []
             self.filtering.seen(change.key)  # quarantine holds from its first packet, DNS or not
             if self.identifier is not None:
@@ -185,7 +203,7 @@ class Gateway:
             self.alert(Alert("new_device", ts, change.key, {"vendor": oui_vendor(change.key), "name": None,
                                                             "ip": ip}))
         elif change.kind == "merged" and change.old_key:
-            for table in (self._sessions, self._windows, self._window_start):
+            for table in (self._sessions, self._windows, self._window_start, self._window_due):
                 if change.old_key in table and change.key not in table:
                     table[change.key] = table.pop(change.old_key)
                 else:
@@ -204,10 +222,37 @@ class Gateway:
         self.alert(Alert(kind, time.time(), key, data))
 
     def _close_window(self, key: str) -> None:
-        self._sessions.pop(key, None)
+        """End a device's observation window; a session that never became confident concludes "unknown"
+        (its best guesses kept as alternatives), so every device gets an answer within its window."""
+        session = self._sessions.pop(key, None)
         start = self._window_start.pop(key)
+        self._window_due.pop(key, None)
         self._changed_windows.discard(key)
         self._closed_windows.append((key, start, self._windows.pop(key, [])))
+        if session is not None and session.committed is None:
+            from identifier.stream import UNKNOWN_LABEL  # loaded already: the session came from it
+
+            guess = session.current()
+            self._identified(key, dataclasses.replace(
+                guess, manufacturer=UNKNOWN_LABEL, device_type=UNKNOWN_LABEL, category=UNKNOWN_LABEL,
+                known=False, decided_after_s=round(WINDOW_S, 3)))
+
+    def _close_due_windows(self) -> None:
+        """Windows of devices that went quiet: the event path only closes a window on the next packet."""
+        now = time.monotonic()
+        for key in [k for k, due in self._window_due.items() if due <= now]:
+            self._close_window(key)
+
+    def _forget(self, key: str) -> None:
+        """A device deleted in the store (web UI, CLI): drop everything held for it, so its next packet
+        makes it a new device again."""
+        self.tracker.forget(key)
+        for table in (self._sessions, self._windows, self._window_start, self._window_due):
+            table.pop(key, None)
+        self._changed_windows.discard(key)
+        self._pending_identities = [p for p in self._pending_identities if p[0] != key]
+        self._closed_windows = [w for w in self._closed_windows if w[0] != key]
+        self.alerts.device_removed(key)
 
     def alert(self, alert: Alert) -> None:
         try:
@@ -222,14 +267,16 @@ class Gateway:
     def _neighbour_mac(self, ip: str) -> str | None:
         """The kernel's ARP/NDP entry for ``ip``: how a client's IPv6 address finds its MAC (in the hot path:
         a dict lookup; a miss asks for a re-read of the table off the hot path)."""
+        if ip.startswith("127.") or ip == "::1":  # loopback has no neighbours
+            return None
         mac = self.neighbours.lookup(ip, refresh_on_miss=False)
-        if mac is None and not ip.startswith("127.") and ip != "::1":  # loopback has no neighbours
+        if mac is None:
             self._neighbour_missed = True
         return mac
 
     async def _refresh_loop(self) -> None:
-        """Twice a second: apply policy and device changes made elsewhere, re-read the neighbour table after
-        a miss, raise anomaly alerts."""
+        """Twice a second: apply policy and device changes made elsewhere (a deleted device is forgotten),
+        re-read the neighbour table after a miss, close the windows of quiet devices, raise anomaly alerts."""
         while True:
             await asyncio.sleep(0.5)
             try:
@@ -238,6 +285,10 @@ class Gateway:
                     self._neighbour_missed = False
                 if await asyncio.to_thread(self.filtering.refresh):
                     self.alerts.sync_devices()
+                    generation, stored = await asyncio.to_thread(self.tracker.stored_keys)
+                    for key in self.tracker.forget_missing(generation, stored):
+                        self._forget(key)
+                self._close_due_windows()
                 for ts, mac, qname in self.filtering.new_anomalies():
                     self.alert(Alert("anomaly", ts, mac, {"domain": qname, "reason": "outside the learned profile"}))
             except Exception:
@@ -250,7 +301,7 @@ class Gateway:
             await asyncio.sleep(self.cfg.store.flush_interval_s)
             batch = self._take()
             try:
-                await asyncio.to_thread(self._write, batch)
+                gone = await asyncio.to_thread(self._write, batch)
             except OperationalError as exc:  # a full or read-only disk: keep the batch for the next try
                 self._restore(batch)
                 self._store_error("device changes", exc)
@@ -259,6 +310,8 @@ class Gateway:
                 self.counters.add("flush_errors")
                 log.exception("flush failed")
                 continue
+            for key in gone:
+                self._forget(key)
             tracked, identities, windows = batch
             if self._store_failing and not (tracked.empty and not identities and not windows):
                 log.info("store: writing again")
@@ -292,13 +345,15 @@ class Gateway:
         snapshot += [(k, start, obs) for k, start, obs in windows]
         return self.tracker.take(), identities, snapshot
 
-    def _write(self, batch: tuple) -> None:
+    def _write(self, batch: tuple) -> set[str]:
+        """Store one flush's batch (in a worker thread); returns the devices found deleted meanwhile."""
         tracked, identities, windows = batch
-        self.tracker.write(tracked)
+        gone = self.tracker.write(tracked)
         for key, *_ in tracked.devices:
-            self.alerts.device_changed(key)
+            if key not in gone:
+                self.alerts.device_changed(key)
         if not (identities or windows):
-            return
+            return gone
         with self.store.transaction() as s:
             for key, ts, identity in identities:
                 device = s.get(Device, key)
@@ -319,6 +374,7 @@ class Gateway:
                     s.merge(ObservationWindow(mac=key, started_at=start, observations=observations))
         if identities:
             self.filtering.reload_devices()  # a type's default policy applies from the next query on
+        return gone
 
 
 def load_identifier(cfg: Config):  # noqa: ANN201 - identifier.stream.Identifier | None

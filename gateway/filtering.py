@@ -54,9 +54,8 @@ class Filtering:
 
     # -- the DNS hot path --------------------------------------------------------------------------------
     def decide(self, client: str, mac: str | None, qname: str, qtype: int, query: bytes) -> Decision | None:
-        ctx = self.contexts.get(mac) if mac else None
-        if ctx is None:
-            ctx = self._context_for_unknown(mac or f"ip:{client}")
+        key = mac or f"ip:{client}"
+        ctx = self.contexts.get(key) or self._context_for_unknown(key)  # made once per key, not per query
         now = time.time()
         verdict = self.engine.decide(ctx, qname, now)
         if verdict.anomaly:

@@ -71,6 +71,22 @@ with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.sendto(query, (gw4, 53))
 """
 
+SEND_TAGGED = """
+import sys
+from scapy.all import BOOTP, DHCP, DNS, DNSQR, IP, UDP, Dot1Q, Ether, get_if_hwaddr, sendp
+iface, gw4 = sys.argv[1:3]
+mac = get_if_hwaddr(iface)
+# The receiving kernel takes the outer tag off; the inner one stays in the frame the sniffer reads.
+qinq = Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") / Dot1Q(vlan=100) / Dot1Q(vlan=7)
+opts = [("message-type", "discover"), ("hostname", b"tagged-cam"), ("param_req_list", [1, 3, 6]), "end"]
+sendp([qinq / IP(src="10.213.0.2", dst=gw4) / UDP(sport=4000, dport=53) / DNS(rd=1, qd=DNSQR(qname="qinq.example.com")),
+       qinq / IP(src="0.0.0.0", dst="255.255.255.255") / UDP(sport=68, dport=67)
+       / BOOTP(chaddr=bytes.fromhex(mac.replace(":", ""))) / DHCP(options=opts),
+       Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") / Dot1Q(vlan=100) / IP(src="10.213.0.2", dst=gw4)
+       / UDP(sport=4001, dport=53) / DNS(rd=1, qd=DNSQR(qname="single.example.com"))],
+      iface=iface, verbose=False)
+"""
+
 UDP_TO_GATEWAY = """
 import socket, sys
 for addr in sys.argv[1:]:
@@ -159,6 +175,26 @@ def test_malformed_frames_are_counted_and_capture_goes_on(veth):
         sniffer.stop()
     assert sniffer.counters.get("capture_malformed") == 4
     assert sniffer.counters.get("capture_frames") == 5
+
+
+def test_vlan_tagged_frames_are_captured_with_one_or_two_tags(veth):
+    got = Collector()
+    sniffer = _sniff(veth, got)
+    try:
+        veth.client_python(SEND_TAGGED, veth.client_if, veth.gw_ip4)
+
+        def complete(events):
+            names = {e.qname for e in events if isinstance(e, DnsQuery)}
+            return {"qinq.example.com", "single.example.com"} <= names and any(
+                isinstance(e, DhcpSeen) for e in events)
+        assert got.wait_for(complete), got.events
+    finally:
+        sniffer.stop()
+    mac = veth.client_mac
+    dhcp = next(e for e in got.events if isinstance(e, DhcpSeen))
+    assert (dhcp.mac, dhcp.hostname) == (mac, "tagged-cam")
+    assert {(e.mac, e.client) for e in got.events if isinstance(e, DnsQuery)} == {(mac, veth.client_ip4)}
+    assert sniffer.counters.get("capture_malformed") == 0
 
 
 def test_own_outgoing_queries_are_not_reported(veth):

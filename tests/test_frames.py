@@ -6,7 +6,8 @@ import pytest
 from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.dns import DNS, DNSQR
 from scapy.layers.inet import IP, UDP
-from scapy.layers.l2 import Ether
+from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
+from scapy.utils import wrpcap
 
 from gateway.capture.frames import MalformedPacket, parse_frame
 from gateway.capture.pcap import PcapError, read_frames
@@ -42,6 +43,17 @@ def test_garbage_dns_payload_is_malformed(payload):
     frame = bytes(Ether(src=MAC) / IP(src="10.0.0.7") / UDP(sport=1000, dport=53) / payload)
     with pytest.raises(MalformedPacket):
         parse_frame(frame, 0.0)
+
+
+def test_vlan_tags_in_a_pcap_are_skipped(tmp_path):
+    dns = IP(src="10.0.0.7", dst="10.0.0.1") / UDP(sport=40000, dport=53) / DNS(rd=1, qd=DNSQR(qname="a.example.org"))
+    frames = [Ether(src=MAC) / Dot1Q(vlan=10) / dns,
+              Ether(src=MAC) / Dot1AD(vlan=100) / Dot1Q(vlan=10) / dns,
+              Ether(src=MAC, type=0x9100) / Dot1Q(vlan=100) / Dot1Q(vlan=10) / dns]
+    pcap = tmp_path / "tagged.pcap"
+    wrpcap(str(pcap), frames)
+    events = [e for ts, frame in read_frames(pcap) for e in parse_frame(frame, ts)]
+    assert [(e.mac, e.client, e.qname) for e in events] == [(MAC, "10.0.0.7", "a.example.org")] * 3
 
 
 def test_short_frame_is_malformed():

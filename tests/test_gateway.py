@@ -201,3 +201,81 @@ def test_a_flood_beyond_the_event_queue_is_counted_not_silently_lost(tmp_path, m
     gw.ingest([query] * 3)
     assert len(gw._queue) == 6
     assert gw.counters.get("events_dropped") == 4
+
+
+def test_a_device_deleted_in_the_web_ui_is_forgotten_and_comes_back_as_new(tmp_path, upstream):
+    from gateway.alerts import recent_alerts
+    from gateway.devices.service import forget, set_status
+
+    mac = "02:aa:bb:cc:dd:06"
+    with RunningGateway(tmp_path, upstream) as gw:
+        gw.dhcp(mac, "127.0.0.71", "old-name")
+        first = eventually(lambda: get_device(gw.store, mac)).device.first_seen
+        set_status(gw.store, mac, "approved")
+        time.sleep(0.05)
+        forget(gw.store, mac)  # what the web UI's delete button calls
+        eventually(lambda: mac not in gw.gateway.tracker.devices)
+        assert gw.gateway.tracker.mac_for("127.0.0.71") is None  # its addresses went with it
+        gw.ask("www.example.test", "127.0.0.71")
+        time.sleep(4 * gw.cfg.store.flush_interval_s)
+        assert mac not in {d.mac for d in list_devices(gw.store)}  # not written back by a stale tracker
+
+        gw.dhcp(mac, "127.0.0.71", "new-name")  # re-detection: a genuinely new device
+        detail = eventually(lambda: get_device(gw.store, mac))
+        assert detail.device.status == "new" and detail.device.first_seen > first
+        assert {n.name for n in detail.names} == {"new-name"}
+        eventually(lambda: [a.mac for a in recent_alerts(gw.store, kind="new_device")].count(mac) == 2)
+
+
+def test_a_device_deleted_between_flushes_is_not_written_back(tmp_path):
+    """The race the refresh loop cannot close alone: traffic after the delete, flushed before it is noticed."""
+    from gateway.devices.service import forget
+    from gateway.devices.tracker import DeviceTracker
+    from gateway.events import AddressSeen, DhcpSeen
+
+    mac = "02:aa:bb:cc:dd:07"
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    tracker = DeviceTracker(store)
+
+    def seen(ts: float) -> list[str]:
+        changes = tracker.observe(DhcpSeen(ts, mac, "10.0.0.7", hostname="cam"))
+        changes += tracker.observe(AddressSeen(ts, mac, "10.0.0.7", "dhcp"))
+        return [c.kind for c in changes]
+
+    assert seen(1.0) == ["new_device", "renamed"]
+    tracker.flush()
+    forget(store, mac)
+    assert seen(2.0) == []  # the delete is not noticed yet
+    tracker.flush()
+    assert list_devices(store) == []
+    assert mac not in tracker.devices and tracker.mac_for("10.0.0.7") is None
+    assert seen(3.0) == ["new_device", "renamed"]
+    tracker.flush()
+    assert get_device(store, mac).device.first_seen == 3.0
+
+
+def test_a_quiet_device_window_closes_on_time_and_its_identification_concludes(tmp_path, upstream, monkeypatch):
+    import gateway.daemon
+    from gateway.alerts import recent_alerts
+    from gateway.store.schema import Identification, ObservationWindow
+
+    monkeypatch.setattr(gateway.daemon, "WINDOW_S", 1.0)
+    mac = "02:aa:bb:cc:dd:08"
+    with RunningGateway(tmp_path, upstream) as gw:
+        assert gw.gateway.identifier is not None, "the shipped model bundle loads"
+        gw.dhcp(mac, "127.0.0.81", "thing")  # one packet, then silence: no later packet closes the window
+        gw.ask("www.example.test", "127.0.0.81")
+        alert = eventually(lambda: recent_alerts(gw.store, kind="unknown_device", mac=mac), timeout=5)[0]
+        assert alert.data["decided_after_s"] == 1.0
+        assert mac not in gw.gateway._sessions and mac not in gw.gateway._windows
+
+        def stored():
+            with gw.store.session() as s:
+                idents = s.query(Identification).filter_by(mac=mac).all()
+                window = s.get(ObservationWindow, mac)
+                assert len(idents) == 1 and window is not None
+                return idents[0], window
+        ident, window = eventually(stored)
+        assert not ident.known and ident.device_type == "unknown" and ident.alternatives
+        assert {o["kind"] for o in window.observations} >= {"dhcp", "dns"}
+        assert get_device(gw.store, mac).device.device_type == "unknown"

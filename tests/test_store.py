@@ -33,15 +33,56 @@ def test_querylog_batches_and_prunes_by_age_and_size(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'iotgw.sqlite'}")
     writer = QueryLogWriter(store, days=1, max_rows=50)
     now = time.time()
-    for i in range(80):
-        ts = now - 3 * 86400 if i < 10 else now - i
-        writer.add(DnsQuery(ts, "10.0.0.2", "02:00:00:00:00:01", f"n{i}.example.com", 1, "example.com"))
+    writer.add(DnsQuery(now - 3 * 86400 if i < 10 else now - i, "10.0.0.2", "02:00:00:00:00:01",
+                        f"n{i}.example.com", 1, "example.com") for i in range(80))
     assert writer.flush() == 80
     writer.prune(now)
     with store.querylog_session() as s:
         assert s.scalar(select(func.count()).select_from(Query)) == 50
         assert s.scalar(select(func.min(Query.ts))) > now - 86400
     assert recent(store, limit=1)[0].qname == "n79.example.com"
+
+
+def _queries(n: int, start: int = 0):
+    now = time.time()
+    return [DnsQuery(now, "10.0.0.2", "02:00:00:00:00:01", f"n{i}.example.com", 1, "example.com")
+            for i in range(start, start + n)]
+
+
+def test_querylog_buffer_is_bounded_and_counts_what_it_drops(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'iotgw.sqlite'}")
+    writer = QueryLogWriter(store, max_buffer=100)  # not started: nothing writes until flush()
+    assert writer.add(_queries(60)) == 0
+    assert writer.add(_queries(60, start=60)) == 20  # the first rows are kept, the overflow counted
+    assert writer.add(_queries(5, start=120)) == 5
+    assert writer.dropped == 25
+    assert writer.flush() == 100
+    assert writer.add(_queries(5, start=200)) == 0  # room again once written
+    assert writer.flush() == 5
+    with store.querylog_session() as s:
+        names = set(s.scalars(select(Query.qname)))
+    assert names == {f"n{i}.example.com" for i in [*range(100), *range(200, 205)]}
+
+
+def test_querylog_writes_a_full_batch_without_waiting_for_the_interval(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'iotgw.sqlite'}")
+    writer = QueryLogWriter(store, flush_interval_s=60, batch_rows=500, max_buffer=2000)
+    writer.start()
+    try:
+        writer.add(_queries(100))
+        time.sleep(0.3)
+        assert writer.written == 0  # a small batch waits for the interval
+        for start in range(100, 1500, 100):  # a burst: the writer drains it as it comes, nothing is dropped
+            writer.add(_queries(100, start))
+        deadline = time.monotonic() + 10
+        while writer.written < 500 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert writer.written >= 500 and writer.dropped == 0
+    finally:
+        writer.stop()
+    assert writer.written == 1500  # stop() wrote the rest
+    with store.querylog_session() as s:
+        assert s.scalar(select(func.count()).select_from(Query)) == 1500
 
 
 def test_revision_counter_increments(tmp_path):

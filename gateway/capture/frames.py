@@ -18,7 +18,7 @@ from identifier.domains import sld
 ETH_IPV4 = 0x0800
 ETH_IPV6 = 0x86DD
 ETH_ARP = 0x0806
-ETH_VLAN = (0x8100, 0x88A8)
+ETH_VLAN = (0x8100, 0x88A8, 0x9100)  # 802.1Q, 802.1ad, and the older QinQ type the BPF filter accepts too
 ETH_EAPOL = 0x888E
 DNS_PORT = 53
 MDNS_PORT = 5353

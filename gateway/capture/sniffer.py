@@ -26,19 +26,31 @@ log = logging.getLogger(__name__)
 
 Sink = Callable[[list[Event]], None]
 
-# Regenerate with:
-#   tcpdump -ddd -y EN10MB 'inbound and udp and (dst port 53 or port 67 or port 68 or port 5353)'
+# Regenerate with (F = 'udp and (dst port 53 or port 67 or port 68 or port 5353)'):
+#   tcpdump -ddd -y EN10MB "inbound and (F or (vlan and (F or (vlan and F))))"
 # (the first line of the output is the instruction count; each further line is "code jt jf k").
 # "inbound" compiles to a test of the kernel's packet type (SKF_AD_PKTTYPE), so frames the host sends itself
 # (PACKET_OUTGOING) never reach us: on lo and veth every packet would otherwise be seen twice. DNS answers
 # (source port 53) are left out because the parser reports queries only. IPv4 later fragments are rejected.
+# The kernel takes the outer 802.1Q/802.1ad tag off before we see a frame, but a second tag (QinQ, or a tag
+# on a trunk it does not untag) stays in the frame: the "vlan" branches accept one or two tags in place.
+# libpcap's "vlan" shifts the offsets of everything after it, so the second tag is nested inside the first
+# branch rather than written as a separate alternative (which would test for three tags).
 BPF_FILTER: tuple[tuple[int, int, int, int], ...] = (
-    (40, 0, 0, 4294963204), (21, 27, 0, 4), (40, 0, 0, 12), (21, 0, 12, 2048), (48, 0, 0, 23),
-    (21, 0, 23, 17), (40, 0, 0, 20), (69, 21, 0, 8191), (177, 0, 0, 14), (72, 0, 0, 16), (21, 17, 0, 53),
-    (21, 16, 0, 67), (21, 15, 0, 68), (21, 14, 0, 5353), (72, 0, 0, 14), (21, 12, 10, 67), (21, 0, 12, 34525),
-    (48, 0, 0, 20), (21, 0, 10, 17), (40, 0, 0, 56), (21, 7, 0, 53), (21, 6, 0, 67), (21, 5, 0, 68),
-    (21, 4, 0, 5353), (40, 0, 0, 54), (21, 2, 0, 67), (21, 1, 0, 68), (21, 0, 1, 5353), (6, 0, 0, 262144),
-    (6, 0, 0, 0),
+    (40, 0, 0, 4294963204), (21, 81, 0, 4), (40, 0, 0, 12), (21, 0, 12, 2048), (48, 0, 0, 23), (21, 0, 77, 17),
+    (40, 0, 0, 20), (69, 75, 0, 8191), (177, 0, 0, 14), (72, 0, 0, 16), (21, 71, 0, 53), (21, 70, 0, 67),
+    (21, 69, 0, 68), (21, 68, 0, 5353), (72, 0, 0, 14), (21, 66, 64, 67), (21, 0, 9, 34525), (48, 0, 0, 20),
+    (21, 0, 64, 17), (40, 0, 0, 56), (21, 61, 0, 53), (21, 60, 0, 67), (21, 59, 0, 68), (21, 58, 0, 5353),
+    (40, 0, 0, 54), (21, 56, 54, 67), (21, 2, 0, 33024), (21, 1, 0, 34984), (21, 0, 54, 37120), (40, 0, 0, 16),
+    (21, 0, 12, 2048), (48, 0, 0, 27), (21, 0, 50, 17), (40, 0, 0, 24), (69, 48, 0, 8191), (177, 0, 0, 18),
+    (72, 0, 0, 20), (21, 44, 0, 53), (21, 43, 0, 67), (21, 42, 0, 68), (21, 41, 0, 5353), (72, 0, 0, 18),
+    (21, 39, 37, 67), (21, 0, 9, 34525), (48, 0, 0, 24), (21, 0, 37, 17), (40, 0, 0, 60), (21, 34, 0, 53),
+    (21, 33, 0, 67), (21, 32, 0, 68), (21, 31, 0, 5353), (40, 0, 0, 58), (21, 29, 27, 67), (21, 2, 0, 33024),
+    (21, 1, 0, 34984), (21, 0, 27, 37120), (40, 0, 0, 20), (21, 0, 12, 2048), (48, 0, 0, 31), (21, 0, 23, 17),
+    (40, 0, 0, 28), (69, 21, 0, 8191), (177, 0, 0, 22), (72, 0, 0, 24), (21, 17, 0, 53), (21, 16, 0, 67),
+    (21, 15, 0, 68), (21, 14, 0, 5353), (72, 0, 0, 22), (21, 12, 10, 67), (21, 0, 12, 34525), (48, 0, 0, 28),
+    (21, 0, 10, 17), (40, 0, 0, 64), (21, 7, 0, 53), (21, 6, 0, 67), (21, 5, 0, 68), (21, 4, 0, 5353),
+    (40, 0, 0, 62), (21, 2, 0, 67), (21, 1, 0, 68), (21, 0, 1, 5353), (6, 0, 0, 262144), (6, 0, 0, 0),
 )
 
 ETH_P_ALL = 0x0003

@@ -48,6 +48,8 @@ class TrackedDevice:
     name_source: str | None = None
     new: bool = False  # not yet in the store
     dirty: bool = True
+    # The batch (``take`` generation) that first wrote it; 0 when loaded from the store, None before any.
+    stored: int | None = None
     names: set[tuple[str, str]] = field(default_factory=set)  # (source, name) already stored
 
 
@@ -55,12 +57,13 @@ class TrackedDevice:
 class TrackerBatch:
     """The changes one flush writes."""
 
-    devices: list[tuple[str, float, float, str | None, str | None]]
+    devices: list[tuple[str, float, float, str | None, str | None, bool]]  # ..., new
     addresses: dict[str, tuple[str, str, float]]
     names: list[dict]
     fingerprints: list[dict]
     services: list[dict]
     merges: list[tuple[str, str]]
+    generation: int = 0
 
     @property
     def empty(self) -> bool:
@@ -88,6 +91,8 @@ class DeviceTracker:
         self._pending_fingerprints: list[dict] = []
         self._pending_services: list[dict] = []
         self._merges: list[tuple[str, str]] = []
+        self._generation = 0  # of the last batch taken
+        self.written = 0  # generation of the last batch committed (set by the writer thread)
         self._load()
 
     # -- the hot path ------------------------------------------------------------------------------------
@@ -187,16 +192,20 @@ class DeviceTracker:
     # -- persistence -------------------------------------------------------------------------------------
     def take(self) -> TrackerBatch:
         """Everything changed since the last call, detached from the live state (cheap; on the loop thread)."""
+        self._generation += 1
         batch = TrackerBatch(
-            devices=[(d.key, d.first_seen, d.last_seen, d.name, d.name_source)
+            devices=[(d.key, d.first_seen, d.last_seen, d.name, d.name_source, d.new)
                      for d in self.devices.values() if d.dirty],
             addresses=self._pending_addresses,
             names=self._pending_names,
             fingerprints=self._pending_fingerprints,
             services=self._pending_services,
             merges=self._merges,
+            generation=self._generation,
         )
         for dev in self.devices.values():
+            if dev.new:
+                dev.stored = self._generation
             dev.dirty = dev.new = False
         self._pending_addresses, self._pending_names = {}, []
         self._pending_fingerprints, self._pending_services, self._merges = [], [], []
@@ -205,26 +214,40 @@ class DeviceTracker:
     def restore(self, batch: TrackerBatch) -> None:
         """Take back a batch the store refused (a full disk): the next ``take`` carries it again, with what
         changed since on top."""
-        for key, *_ in batch.devices:
-            if key in self.devices:  # the live record is newer than the batch's copy and is what gets written
-                self.devices[key].dirty = True
+        for key, *_, new in batch.devices:
+            dev = self.devices.get(key)
+            if dev is None:
+                continue
+            dev.dirty = True  # the live record is newer than the batch's copy and is what gets written
+            if new:  # never stored after all: it must not pass for a device deleted in the store
+                dev.new, dev.stored = True, None
         self._pending_addresses = {**batch.addresses, **self._pending_addresses}
         self._pending_names[:0] = batch.names
         self._pending_fingerprints[:0] = batch.fingerprints
         self._pending_services[:0] = batch.services
         self._merges[:0] = batch.merges
 
-    def write(self, batch: TrackerBatch) -> None:
-        """Store a batch in one transaction (in a worker thread: it may wait on the disk)."""
+    def write(self, batch: TrackerBatch) -> set[str]:
+        """Store a batch in one transaction (in a worker thread: it may wait on the disk).
+
+        Returns the devices it found deleted from the store (by the web UI or the CLI) since they were
+        written: their changes are not written back, and the caller should ``forget`` them.
+        """
         if batch.empty:
-            return
+            self.written = max(self.written, batch.generation)
+            return set()
+        gone: set[str] = set()
         with self.store.transaction() as s:
-            for dev in batch.devices:  # first: merged rows and addresses point at these
-                self._write_device(s, *dev)
+            for key, first_seen, last_seen, name, name_source, new in batch.devices:
+                # first: merged rows and addresses point at these
+                if not self._write_device(s, key, first_seen, last_seen, name, name_source, new):
+                    gone.add(key)
             s.flush()
             for old, mac in batch.merges:
                 self._merge_rows(s, old, mac)
             for ip, (key, source, ts) in batch.addresses.items():
+                if key in gone:
+                    continue
                 row = s.get(Address, ip)
                 if row is None:
                     s.add(Address(ip=ip, mac=key, source=source, first_seen=ts, last_seen=ts))
@@ -233,16 +256,22 @@ class DeviceTracker:
             s.flush()
             for table, rows in ((DeviceName, batch.names), (DhcpFingerprint, batch.fingerprints),
                                 (MdnsService, batch.services)):
-                _insert_ignore(s, table, rows)
+                _insert_ignore(s, table, [row for row in rows if row["mac"] not in gone])
+        self.written = max(self.written, batch.generation)
+        return gone
 
     def flush(self) -> None:
-        self.write(self.take())
+        for key in self.write(self.take()):
+            self.forget(key)
 
     @staticmethod
     def _write_device(s: Session, key: str, first_seen: float, last_seen: float, name: str | None,
-                      name_source: str | None) -> None:
+                      name_source: str | None, new: bool) -> bool:
+        """Insert or update a device's row; False (and nothing written) when a stored device was deleted."""
         row = s.get(Device, key)
         if row is None:
+            if not new:  # deleted behind our back: writing it again would undo the owner's delete
+                return False
             row = Device(mac=key, first_seen=first_seen, last_seen=last_seen, status="new",
                          vendor=None if key.startswith("ip:") else vendor(key))
             s.add(row)
@@ -250,6 +279,7 @@ class DeviceTracker:
         row.last_seen = max(row.last_seen, last_seen)
         if row.name_source != "user" and name:
             row.name, row.name_source = name, name_source
+        return True
 
     def _merge_rows(self, s: Session, old: str, mac: str) -> None:
         # The daemon moved the live observation window to the MAC already: the old row is superseded.
@@ -265,11 +295,37 @@ class DeviceTracker:
         with self.store.querylog_session.begin() as qs:  # past queries follow the device
             qs.execute(update(Query).where(Query.mac == old).values(mac=mac))
 
+    def stored_keys(self) -> tuple[int, set[str]]:
+        """The generation committed so far and every device key in the store, read in that order (a thread
+        may call this): a device written by that generation or earlier and missing from the set was deleted."""
+        generation = self.written
+        with self.store.session() as s:
+            return generation, set(s.scalars(select(Device.mac)))
+
+    def forget_missing(self, generation: int, stored: set[str]) -> list[str]:
+        """Forget the devices ``stored_keys`` shows deleted from the store; returns their keys."""
+        gone = [key for key, dev in self.devices.items()
+                if dev.stored is not None and dev.stored <= generation and key not in stored]
+        for key in gone:
+            self.forget(key)
+        return gone
+
+    def forget(self, key: str) -> None:
+        """Drop a device deleted in the store, addresses and unwritten changes included: its next packet
+        makes it a new device again."""
+        self.devices.pop(key, None)
+        for ip in [ip for ip, k in self.ip_to_key.items() if k == key]:
+            del self.ip_to_key[ip]
+        self._pending_addresses = {ip: v for ip, v in self._pending_addresses.items() if v[0] != key}
+        self._pending_names = [row for row in self._pending_names if row["mac"] != key]
+        self._pending_fingerprints = [row for row in self._pending_fingerprints if row["mac"] != key]
+        self._pending_services = [row for row in self._pending_services if row["mac"] != key]
+
     def _load(self) -> None:
         with self.store.session() as s:
             for row in s.scalars(select(Device)):
                 self.devices[row.mac] = TrackedDevice(row.mac, row.first_seen, row.last_seen, row.name,
-                                                      row.name_source, dirty=False)
+                                                      row.name_source, dirty=False, stored=0)
             for ip, mac in s.execute(select(Address.ip, Address.mac)):
                 self.ip_to_key[ip] = mac
             for mac, source, name in s.execute(select(DeviceName.mac, DeviceName.source, DeviceName.name)):

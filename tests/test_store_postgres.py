@@ -1,0 +1,148 @@
+"""The store against a real PostgreSQL server: migrations, devices (tracker and the web UI's service functions)
+and the query log. The test starts its own server (initdb + pg_ctl on a loopback port) and removes it after.
+
+Needs PostgreSQL's server binaries (Debian ``postgresql``) and psycopg (the ``postgres`` extra); skips with the
+reason when either is missing.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import func, select
+
+from gateway.devices.service import forget, get_device, list_devices, rename, set_status
+from gateway.devices.tracker import DeviceTracker
+from gateway.events import AddressSeen, DhcpSeen, DnsQuery, MdnsSeen
+from gateway.store.db import Store
+from gateway.store.querylog import QueryLogWriter, counts_since, recent
+from gateway.store.schema import ConfigBase, Query, QueryLogBase
+from tests.ports import free_port
+
+psycopg = pytest.importorskip("psycopg", reason="psycopg not installed (pip install -e '.[postgres]')")
+
+_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+
+
+def _run_as_owner(cmd: list[str]) -> None:
+    """PostgreSQL refuses to run as root: as root, run it as the ``postgres`` system user."""
+    if os.geteuid() == 0:
+        cmd = ["runuser", "-u", "postgres", "--", *cmd]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    if not _BIN:
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    bindir = Path(_BIN[-1])
+    if os.geteuid() == 0:
+        try:
+            import pwd
+
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the server as")
+    # Not pytest's tmp_path: its parent is private to root, and the server runs as 'postgres'.
+    data = Path(tempfile.mkdtemp(prefix="iotgw-pg-"))
+    if os.geteuid() == 0:
+        os.chown(data, owner.pw_uid, owner.pw_gid)
+    port = free_port(kind=socket.SOCK_STREAM)
+    started = False
+    try:
+        _run_as_owner([str(bindir / "initdb"), "-D", str(data / "db"), "-U", "iotgw", "--auth=trust", "-E", "UTF8",
+                       "--no-sync"])
+        _run_as_owner([str(bindir / "pg_ctl"), "-D", str(data / "db"), "-l", str(data / "server.log"), "-w",
+                       "-t", "60", "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off",
+                       "start"])
+        started = True
+        with psycopg.connect(f"host=127.0.0.1 port={port} user=iotgw dbname=postgres", autocommit=True) as conn:
+            conn.execute("CREATE DATABASE iotgw")
+        yield f"postgresql+psycopg://iotgw@127.0.0.1:{port}/iotgw"
+    finally:
+        if started:
+            _run_as_owner([str(bindir / "pg_ctl"), "-D", str(data / "db"), "-m", "fast", "-w", "stop"])
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def store(pg_url: str) -> Iterator[Store]:
+    store = Store(pg_url)
+    yield store
+    store.close()
+
+
+def test_migrations_build_the_models_schema_and_run_twice(store):
+    assert store.engine.dialect.name == "postgresql"
+    store.migrate()  # a second time: nothing to do, nothing fails
+    with store.engine.connect() as conn:  # one database holds both (querylog_url: a server URL is shared)
+        diff = compare_metadata(MigrationContext.configure(conn), [ConfigBase.metadata, QueryLogBase.metadata])
+    assert diff == [], f"the migrations and the models differ on PostgreSQL: {diff}"
+
+
+def test_devices_tracked_merged_renamed_and_forgotten(store):
+    mac = "02:aa:00:00:00:01"
+    tracker = DeviceTracker(store)
+    # A client first known only by its address, then its DHCP request shows the MAC: one device.
+    tracker.observe(DnsQuery(1.0, "10.9.0.7", None, "a.example.com", 1, "example.com"))
+    tracker.flush()
+    assert [d.mac for d in list_devices(store)] == ["ip:10.9.0.7"]
+    for event in (DhcpSeen(2.0, mac, "10.9.0.7", hostname="cam", param_list=(1, 3, 6), vendor_class="udhcp"),
+                  AddressSeen(2.0, mac, "10.9.0.7", "dhcp"),
+                  MdnsSeen(3.0, mac, "10.9.0.7", names=("cam.local",), services=("_hap._tcp.local",)),
+                  DhcpSeen(4.0, mac, "10.9.0.7", hostname="cam", param_list=(1, 3, 6), vendor_class="udhcp")):
+        tracker.observe(event)
+    tracker.flush()
+    tracker.observe(MdnsSeen(5.0, mac, "10.9.0.7", names=("cam.local",), services=("_hap._tcp.local",)))
+    tracker.flush()  # the same service again: the unique constraint skips it (ON CONFLICT DO NOTHING)
+
+    detail = get_device(store, mac)
+    assert [d.mac for d in list_devices(store)] == [mac]
+    assert (detail.device.first_seen, detail.device.last_seen) == (1.0, 5.0)
+    assert (detail.device.name, detail.device.name_source) == ("cam", "dhcp")
+    assert [a.ip for a in detail.addresses] == ["10.9.0.7"]
+    assert {(n.source, n.name) for n in detail.names} == {("dhcp", "cam"), ("mdns", "cam")}
+    assert [s.service for s in detail.services] == ["_hap._tcp.local"]
+    assert detail.fingerprints and detail.fingerprints[0].param_list == "1,3,6"
+
+    rename(store, mac, "Front door")
+    set_status(store, mac, "approved")
+    assert list_devices(store, search="front")[0].status == "approved"
+    tracker.observe(DhcpSeen(6.0, mac, "10.9.0.7", hostname="other"))
+    tracker.flush()
+    assert get_device(store, mac).device.name == "Front door"  # the owner's name wins over DHCP
+
+    forget(store, mac)
+    tracker.observe(DhcpSeen(7.0, mac, "10.9.0.7", hostname="cam"))
+    tracker.flush()  # the tracker had not heard of the delete: it must not write the device back
+    assert list_devices(store) == []
+    assert store.bump_revision("devices_revision") >= 2
+
+
+def test_query_log_written_read_counted_and_pruned(store):
+    writer = QueryLogWriter(store, days=1, max_rows=30)
+    now = time.time()
+    mac = "02:aa:00:00:00:02"
+    writer.add(DnsQuery(now - 2 * 86400 if i < 5 else now - 60 + i, "10.9.0.8", mac, f"n{i}.example.com", 1,
+                        "example.com", 0, 1.5, "blocked" if i % 10 == 0 else "allowed", None, "server")
+               for i in range(40))
+    assert writer.flush() == 40
+    rows = recent(store, mac=mac, limit=5)
+    assert [r.qname for r in rows] == [f"n{i}.example.com" for i in range(39, 34, -1)]
+    assert (rows[0].latency_ms, rows[0].verdict, rows[0].source) == (1.5, "allowed", "server")
+    assert recent(store, search="n3", verdict="blocked")[0].qname == "n30.example.com"
+    assert counts_since(store, now - 3600)[mac] == (35, 3)
+    assert writer.prune(now) == 10  # 5 older than a day, then the oldest beyond 30 rows
+    with store.querylog_session() as s:
+        assert s.scalar(select(func.count()).select_from(Query)) == 30
