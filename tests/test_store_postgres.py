@@ -69,7 +69,7 @@ def pg_url() -> Iterator[str]:
         started = True
         with psycopg.connect(f"host=127.0.0.1 port={port} user=iotgw dbname=postgres", autocommit=True) as conn:
             conn.execute("CREATE DATABASE iotgw")
-        yield f"postgresql+psycopg://iotgw@127.0.0.1:{port}/iotgw"
+        yield f"postgresql://iotgw@127.0.0.1:{port}/iotgw"  # the psycopg driver is implied
     finally:
         if started:
             _run_as_owner([str(bindir / "pg_ctl"), "-D", str(data / "db"), "-m", "fast", "-w", "stop"])

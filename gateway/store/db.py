@@ -88,8 +88,10 @@ class Store:
 
 def _engine(url: str) -> Engine:
     u = make_url(url)
+    if u.drivername == "postgresql":  # the driver the `postgres` extra installs, not SQLAlchemy's psycopg2
+        u = u.set(drivername="postgresql+psycopg")
     if u.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(u, pool_pre_ping=True)
     if u.database not in (None, "", ":memory:"):
         Path(u.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
