@@ -131,7 +131,8 @@ class Gateway:
             return
         from gateway.capture.sniffer import Sniffer
 
-        self.sniffer = Sniffer(self.cfg.capture.interface, self.ingest, counters=self.counters)
+        self.sniffer = Sniffer(self.cfg.capture.interface, self.ingest, counters=self.counters,
+                               skip_dns_to_self=self.dns is not None)
         self.sniffer.start()
 
     # -- the consumer -----------------------------------------------------------------------------------

@@ -211,6 +211,32 @@ def test_own_outgoing_queries_are_not_reported(veth):
     assert [e.qname for e in got.events if isinstance(e, DnsQuery)] == ["flood.example.com"]
 
 
+SEND_TO_SELF_AND_OUTSIDE = """
+import socket, sys
+from dnslib import DNSRecord
+from scapy.all import IP, UDP, Ether, get_if_hwaddr, sendp
+iface, gw4, gw6, gw_mac = sys.argv[1:5]
+for family, server in ((socket.AF_INET, gw4), (socket.AF_INET6, gw6)):
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.sendto(DNSRecord.question("self.example.com").pack(), (server, 53))
+# A device with a hard-coded resolver: the frame goes to the gateway's MAC, routed onward.
+sendp(Ether(src=get_if_hwaddr(iface), dst=gw_mac) / IP(src="10.213.0.2", dst="192.0.2.53")
+      / UDP(sport=4000, dport=53) / DNSRecord.question("outside.example.com").pack(), iface=iface, verbose=False)
+"""
+
+
+def test_queries_to_the_gateways_own_dns_are_left_to_the_dns_server(veth):
+    got = Collector()
+    sniffer = _sniff(veth, got, skip_dns_to_self=True)
+    try:
+        veth.client_python(SEND_TO_SELF_AND_OUTSIDE, veth.client_if, veth.gw_ip4, veth.gw_ip6, veth.gw_mac)
+        assert got.wait_for(lambda evs: any(getattr(e, "qname", "") == "outside.example.com" for e in evs))
+        time.sleep(0.3)  # the queries to the gateway were sent first
+    finally:
+        sniffer.stop()
+    assert [e.qname for e in got.events if isinstance(e, DnsQuery)] == ["outside.example.com"]
+
+
 def test_sink_exception_is_counted_and_capture_goes_on(veth):
     got = Collector()
     failed = threading.Event()

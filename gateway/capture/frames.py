@@ -34,11 +34,13 @@ def mac_str(raw: bytes) -> str:
     return raw.hex(":")
 
 
-def parse_frame(frame: bytes, ts: float, *, others: bool = False, source: str = "capture") -> list[Event]:
+def parse_frame(frame: bytes, ts: float, *, others: bool = False, source: str = "capture",
+                skip_dns_to: frozenset[str] = frozenset()) -> list[Event]:
     """Decode one Ethernet frame into events.
 
     ``others`` also reports packets that are not DNS, DHCP or mDNS (as ``PacketSeen``): replay wants them for
     identification of devices that send no DNS; live capture filters them out in the kernel.
+    ``skip_dns_to``: DNS queries to these addresses are left out (the gateway's own DNS server reports them).
     Raises ``MalformedPacket`` for a frame whose DNS, DHCP or mDNS payload does not decode.
     """
     if len(frame) < 14:
@@ -92,6 +94,8 @@ def parse_frame(frame: bytes, ts: float, *, others: bool = False, source: str = 
     ip = None if src_ip in ("0.0.0.0", "::") else src_ip
 
     if dport == DNS_PORT:
+        if skip_dns_to and _dst_ip(frame, off, ethertype) in skip_dns_to:
+            return []
         return _dns_query(payload, ts, src_ip, mac, source)
     if sport == DNS_PORT:
         return []  # answers: the query was already reported
@@ -102,6 +106,12 @@ def parse_frame(frame: bytes, ts: float, *, others: bool = False, source: str = 
     if others:
         return [PacketSeen(ts, mac, ip, "udp", dport)]
     return []
+
+
+def _dst_ip(frame: bytes, off: int, ethertype: int) -> str:
+    if ethertype == ETH_IPV4:
+        return _ip4(frame[off + 16 : off + 20])
+    return str(ipaddress.IPv6Address(frame[off + 24 : off + 40]))
 
 
 def _ip4(raw: bytes) -> str:

@@ -19,6 +19,8 @@ import threading
 import time
 from collections.abc import Callable
 
+import psutil
+
 from gateway.capture.frames import MalformedPacket, parse_frame
 from gateway.events import Counters, Event
 
@@ -125,6 +127,9 @@ class Sniffer:
     buffer that absorbs bursts and stalls while Python is busy. Counters: ``capture_frames``,
     ``capture_malformed``, ``capture_dropped`` (frames the kernel lost because the ring was full),
     ``capture_sink_errors``, ``capture_errors`` (the interface went down).
+
+    ``skip_dns_to_self`` leaves out DNS queries addressed to the interface's own addresses: when the gateway's
+    DNS server answers there, it reports them itself, and capturing them too would count every query twice.
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class Sniffer:
         counters: Counters | None = None,
         *,
         ring_bytes: int = 8 << 20,
+        skip_dns_to_self: bool = False,
     ) -> None:
         self.interface = interface
         self.sink = sink
@@ -146,6 +152,8 @@ class Sniffer:
         self._stopping = threading.Event()
         self._sink_failed = False
         self._parser_failed = False
+        self.skip_dns_to_self = skip_dns_to_self
+        self._own: frozenset[str] = frozenset()
 
     def start(self) -> None:
         """Open the socket (a missing interface or capability raises here) and start the thread."""
@@ -197,6 +205,7 @@ class Sniffer:
         poller = select.poll()
         poller.register(sock, select.POLLIN | select.POLLERR)
         block = 0
+        self._read_own_addresses()
         next_stats = time.monotonic() + _STATS_EVERY_S
         while not self._stopping.is_set():
             base = block * _BLOCK_SIZE
@@ -211,7 +220,15 @@ class Sniffer:
             now = time.monotonic()
             if now >= next_stats:
                 self.read_stats()
+                self._read_own_addresses()  # DHCP or SLAAC may change them
                 next_stats = now + _STATS_EVERY_S
+
+    def _read_own_addresses(self) -> None:
+        # On the sniffer's thread: it was started in the capture's network namespace, and psutil reads that one.
+        if self.skip_dns_to_self:
+            addrs = psutil.net_if_addrs().get(self.interface, ())
+            self._own = frozenset(a.address.split("%")[0] for a in addrs
+                                  if a.family in (socket.AF_INET, socket.AF_INET6))
 
     def _socket_error(self, sock: socket.socket) -> None:
         """The interface went down or away: report it, and wait (poll() keeps failing until it is up)."""
@@ -230,7 +247,7 @@ class Sniffer:
             next_off, sec, nsec, snaplen, _len, _status, mac = unpack(ring, off)
             frame = ring[off + mac : off + mac + snaplen]
             try:
-                events.extend(parse_frame(frame, sec + nsec / 1e9, source="capture"))
+                events.extend(parse_frame(frame, sec + nsec / 1e9, source="capture", skip_dns_to=self._own))
             except MalformedPacket:
                 self.counters.add("capture_malformed")
             except Exception:  # a parser bug on hostile input must not end the capture
