@@ -53,6 +53,9 @@ BURST = 256  # datagrams read per wake-up before other sockets and timers get th
 BUFFER_BYTES = 4 << 20  # socket buffers absorb bursts instead of dropping
 TCP_IDLE_S = 10.0
 MAX_TCP_CLIENTS = 256  # open DNS-over-TCP connections; more are closed at once (file descriptors are finite)
+# Queries waiting for an upstream. Beyond this (a flood towards a silent upstream) new ones get SERVFAIL at once:
+# the 16-bit ID space must never fill, or picking a free ID would never end.
+MAX_PENDING = 16384
 _IDS = [i.to_bytes(2, "big") for i in range(65536)]
 
 
@@ -374,6 +377,9 @@ class DnsServer:
                     choice = i
             if choice < 0:
                 return False
+        if len(self._pending) >= MAX_PENDING:
+            self.counters.add("dns_pending_full")
+            return False
         bits = random.getrandbits(18)
         new_id = _IDS[bits & 0xFFFF]
         while new_id in self._pending:
@@ -413,6 +419,11 @@ class DnsServer:
                 self.counters.add("dns_upstream_stray")
                 continue
             del pending[key]
+            if data[3] & 0x0F in (wire.SERVFAIL, wire.REFUSED) and self._untried(p):
+                # A broken or misconfigured upstream: another may answer (dnsmasq does the same).
+                self.counters.add("dns_upstream_failed")
+                self._retry(p, time.monotonic())
+                continue
             if data[2] & 0x02:  # truncated: ask the same upstream over TCP
                 task = asyncio.ensure_future(self._tcp_retry(p))
                 self._tasks.add(task)
@@ -462,6 +473,9 @@ class DnsServer:
         self._local(wire.error_reply(p.query, p.question.length, wire.SERVFAIL, edns), p.sock, p.addr, p.fut,
                     p.client, p.mac, p.question, p.t0, p.verdict, p.rule)
 
+    def _untried(self, p: _Pending) -> bool:
+        return p.tried != (1 << len(self._upstreams)) - 1
+
     def _retry(self, p: _Pending, now: float) -> None:
         if not self._send_upstream(p, now):
             self._fail(p)
@@ -495,8 +509,10 @@ class DnsServer:
         self.counters.add("dns_tcp_retries")
         up = self._upstreams[p.upstream]
         try:
+            # What is left of this upstream's attempt: a TCP side that accepts and stalls must leave time
+            # for the next upstream.
             response = await asyncio.wait_for(_tcp_exchange(up.host, up.port, p.sent_id + p.query[2:]),
-                                              p.t0 + self._timeout - time.monotonic())
+                                              p.deadline - time.monotonic())
             if response[:2] != p.sent_id or response[12 : 12 + p.question.length] != p.query[
                     12 : 12 + p.question.length]:
                 raise wire.Malformed("TCP answer does not match the question")
