@@ -102,7 +102,9 @@ async def serve(upstream: str) -> None:
             return
         stats = {"port": port, "answered": answered, "pending": len(server._pending),
                  "tcp_tasks": len(server._tasks), "udp_drops": udp_drops(port), "rss_mb": me.memory_info().rss / 2**20,
-                 "fds": me.num_fds(), "counters": dict(server.counters.values)}
+                 "fds": me.num_fds(), "counters": dict(server.counters.values),
+                 "memo": {"questions": len(server._questions), "cache": len(server._cache),
+                          "clients": len(server._clients)}}
         sys.stdout.write(json.dumps(stats) + "\n")
         sys.stdout.flush()
 
@@ -500,6 +502,7 @@ def run(tmp: Path, packets: int, tcp_share: float, seed: int) -> dict:
         "rss_mb_end": round(end["rss_mb"], 1),
         "fds_start": start["fds"],
         "fds_end": end["fds"],
+        "bounded_state_end": end["memo"],  # what the RSS growth holds (capped: 65,536 questions, the cache size)
         "seeds": {"hypothesis": len(valid), "scapy_fuzz": len(fuzzed), "seconds": round(seed_s, 1)},
         "udp_seconds": round(udp_s, 1),
         "seconds": round(elapsed, 1),
