@@ -358,6 +358,25 @@ class CaptureFuzz:
                 self.crash_samples.append(f"{bytes(frame).hex()}: {traceback.format_exc(limit=3)}")
 
 
+def question_memo_worst_mb() -> float:
+    """Memory of the server's question memo filled to its cap with the longest names (what a hostile client
+    can make it hold: the memo is filled before the LAN check and the rate limit)."""
+    import tracemalloc
+
+    from gateway.dns import server, wire
+
+    r = random.Random(0)
+    tracemalloc.start()
+    memo = {}
+    for _ in range(server.MAX_QUESTIONS):
+        labels = [r.randbytes(62).translate(bytes(97 + b % 26 for b in range(256))) for _ in range(4)]
+        data = query(0, labels, 1, 1, 0x0100, None)
+        memo[data[12:]] = wire.parse_question(data)
+    size = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return round(size / 2**20, 1)
+
+
 # ---- the run -----------------------------------------------------------------------------------------------
 
 
@@ -502,7 +521,8 @@ def run(tmp: Path, packets: int, tcp_share: float, seed: int) -> dict:
         "rss_mb_end": round(end["rss_mb"], 1),
         "fds_start": start["fds"],
         "fds_end": end["fds"],
-        "bounded_state_end": end["memo"],  # what the RSS growth holds (capped: 65,536 questions, the cache size)
+        "bounded_state_end": end["memo"],  # what the RSS growth holds (capped: MAX_QUESTIONS, the cache size)
+        "question_memo_worst_mb": question_memo_worst_mb(),
         "seeds": {"hypothesis": len(valid), "scapy_fuzz": len(fuzzed), "seconds": round(seed_s, 1)},
         "udp_seconds": round(udp_s, 1),
         "seconds": round(elapsed, 1),

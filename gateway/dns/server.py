@@ -47,7 +47,9 @@ Emit = Callable[[DnsQuery], None]
 RATE_WINDOW_S = 60.0  # Pi-hole counts queries per client per minute
 DOWN_FOR_S = 30.0  # an upstream that timed out or refused is tried last for this long
 MAX_CLIENTS = 65536  # per-client state (LAN check, rate window); cleared when exceeded
-MAX_QUESTIONS = 65536  # remembered question parses
+# Remembered question parses. Filled before the LAN check and the rate limit, so any client can fill it: at
+# 8,192 long names it holds ~28 MB (benchmarks/fuzz_dns.py, question_memo_worst_mb); 65,536 held ~230 MB.
+MAX_QUESTIONS = 8192
 UPSTREAM_SOCKETS = 4  # source ports per upstream: 2 more random bits against spoofed answers
 BURST = 256  # datagrams read per wake-up before other sockets and timers get their turn
 BUFFER_BYTES = 4 << 20  # socket buffers absorb bursts instead of dropping
