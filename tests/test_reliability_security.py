@@ -21,6 +21,7 @@ import dns.message
 import dns.query
 import pytest
 
+from gateway.dns import server as server_module
 from gateway.store.db import Store
 from identifier.federated import processes
 from tests.dns_helpers import config, needs_dnsmasq, rcode, running
@@ -190,3 +191,30 @@ def wait_for(opener: urllib.request.OpenerDirector, url: str, proc: subprocess.P
 
 def post(opener: urllib.request.OpenerDirector, url: str, fields: dict[str, str]):  # noqa: ANN201
     return opener.open(urllib.request.Request(url, data=urllib.parse.urlencode(fields).encode()), timeout=10)
+
+
+def test_idle_tcp_connections_cannot_starve_the_resolver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client holding open many silent TCP connections uses up only the TCP slots: UDP clients are still
+    answered, the connection over the cap is closed at once, and a slot frees when an idle one goes."""
+    monkeypatch.setattr(server_module, "MAX_TCP_CLIENTS", 5)
+    with FakeUpstream(answer("192.0.2.10")) as up, running(config([up.address])) as srv:
+        idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=3, source_address=(OUTSIDER, 0))
+                for _ in range(5)]
+        try:
+            time.sleep(0.2)  # let the server accept them
+            assert rcode(ask_from(LAN_CLIENT, srv.port, "www.example.test")) == "NOERROR"
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=3) as extra:
+                assert extra.recv(10) == b""  # closed without a word
+            assert srv.counters.get("dns_tcp_rejected") == 1
+            idle.pop().close()
+            deadline = time.monotonic() + 5
+            while True:  # the server sees the hang-up on its next turn
+                try:
+                    assert rcode(ask_from(LAN_CLIENT, srv.port, "www.example.test", tcp=True)) == "NOERROR"
+                    break
+                except (EOFError, ConnectionError):
+                    assert time.monotonic() < deadline, "the freed TCP slot was never reused"
+                    time.sleep(0.1)
+        finally:
+            for conn in idle:
+                conn.close()
