@@ -47,12 +47,17 @@ Emit = Callable[[DnsQuery], None]
 RATE_WINDOW_S = 60.0  # Pi-hole counts queries per client per minute
 DOWN_FOR_S = 30.0  # an upstream that timed out or refused is tried last for this long
 MAX_CLIENTS = 65536  # per-client state (LAN check, rate window); cleared when exceeded
-MAX_QUESTIONS = 65536  # remembered question parses
+# Remembered question parses. Filled before the LAN check and the rate limit, so any client can fill it: at
+# 8,192 long names it holds ~28 MB (benchmarks/fuzz_dns.py, question_memo_worst_mb); 65,536 held ~230 MB.
+MAX_QUESTIONS = 8192
 UPSTREAM_SOCKETS = 4  # source ports per upstream: 2 more random bits against spoofed answers
 BURST = 256  # datagrams read per wake-up before other sockets and timers get their turn
 BUFFER_BYTES = 4 << 20  # socket buffers absorb bursts instead of dropping
 TCP_IDLE_S = 10.0
 MAX_TCP_CLIENTS = 256  # open DNS-over-TCP connections; more are closed at once (file descriptors are finite)
+# Queries waiting for an upstream. Beyond this (a flood towards a silent upstream) new ones get SERVFAIL at once:
+# the 16-bit ID space must never fill, or picking a free ID would never end.
+MAX_PENDING = 16384
 _IDS = [i.to_bytes(2, "big") for i in range(65536)]
 
 
@@ -374,6 +379,9 @@ class DnsServer:
                     choice = i
             if choice < 0:
                 return False
+        if len(self._pending) >= MAX_PENDING:
+            self.counters.add("dns_pending_full")
+            return False
         bits = random.getrandbits(18)
         new_id = _IDS[bits & 0xFFFF]
         while new_id in self._pending:
@@ -413,6 +421,11 @@ class DnsServer:
                 self.counters.add("dns_upstream_stray")
                 continue
             del pending[key]
+            if data[3] & 0x0F in (wire.SERVFAIL, wire.REFUSED) and self._untried(p):
+                # A broken or misconfigured upstream: another may answer (dnsmasq does the same).
+                self.counters.add("dns_upstream_failed")
+                self._retry(p, time.monotonic())
+                continue
             if data[2] & 0x02:  # truncated: ask the same upstream over TCP
                 task = asyncio.ensure_future(self._tcp_retry(p))
                 self._tasks.add(task)
@@ -462,6 +475,9 @@ class DnsServer:
         self._local(wire.error_reply(p.query, p.question.length, wire.SERVFAIL, edns), p.sock, p.addr, p.fut,
                     p.client, p.mac, p.question, p.t0, p.verdict, p.rule)
 
+    def _untried(self, p: _Pending) -> bool:
+        return p.tried != (1 << len(self._upstreams)) - 1
+
     def _retry(self, p: _Pending, now: float) -> None:
         if not self._send_upstream(p, now):
             self._fail(p)
@@ -495,8 +511,10 @@ class DnsServer:
         self.counters.add("dns_tcp_retries")
         up = self._upstreams[p.upstream]
         try:
+            # What is left of this upstream's attempt: a TCP side that accepts and stalls must leave time
+            # for the next upstream.
             response = await asyncio.wait_for(_tcp_exchange(up.host, up.port, p.sent_id + p.query[2:]),
-                                              p.t0 + self._timeout - time.monotonic())
+                                              p.deadline - time.monotonic())
             if response[:2] != p.sent_id or response[12 : 12 + p.question.length] != p.query[
                     12 : 12 + p.question.length]:
                 raise wire.Malformed("TCP answer does not match the question")

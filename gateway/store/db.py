@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -94,6 +95,9 @@ def _engine(url: str) -> Engine:
         return create_engine(u, pool_pre_ping=True)
     if u.database not in (None, "", ":memory:"):
         Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+        # Password hashes, token digests and the household's query log: the owner's only. SQLite gives the
+        # -wal and -shm files the database file's mode.
+        os.close(os.open(u.database, os.O_RDWR | os.O_CREAT, 0o600))
     engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")

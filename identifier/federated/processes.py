@@ -163,6 +163,7 @@ def generate_node_key(private_path: Path) -> Path:
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     )
     fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT: a new key must not inherit 0644
     with os.fdopen(fd, "wb") as fh:
         fh.write(private_bytes)
     public_path = private_path.with_name(private_path.name + ".pub")

@@ -189,6 +189,11 @@ class MaskedSumFedAvg(FedAvg):
         if len(set(self.seen[-len(results) :])) != 1:
             raise RuntimeError("strategy was handed distinct per-home updates: secure aggregation bypassed")
         mean_delta = parameters_to_ndarrays(results[0][1].parameters)
+        # A home that skipped clipping or sent garbage shows in the mean: the round fails (RoundGuard) and
+        # the model stays as it was.
+        s = self.settings
+        bound = updates.update_bound(s.clip_norm, s.dp_noise * s.clip_norm, sum(a.size for a in self.global_params))
+        updates.check_update(mean_delta, self.global_params, bound)
         self.global_params = updates.apply(self.global_params, mean_delta)
         self.aggregated_rounds.add(server_round)
         self.homes_in_round[server_round] = len(results)

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,28 @@ def clip(update: Params, max_norm: float) -> Params:
     return [(a * scale).astype(np.float32) for a in update]
 
 
+def update_bound(clip_norm: float, noise_std: float, size: int) -> float:
+    """The largest L2 norm an honest update (or a mean of them) can have: the clip norm, 1% for SecAgg+'s
+    quantisation, and the noise's norm (about ``std * sqrt(size)``) with six standard deviations of room."""
+    return clip_norm * 1.01 + noise_std * (float(np.sqrt(size)) + 6.0)
+
+
+def check_update(update: Params, like: Params, max_norm: float) -> None:
+    """Raise ``ValueError`` unless ``update`` fits ``like`` (same number of arrays, same shapes: numpy would
+    broadcast a wrong one silently), is finite, and its norm is within ``max_norm``."""
+    if len(update) != len(like):
+        raise ValueError(f"update has {len(update)} arrays, the model {len(like)}")
+    for i, (u, p) in enumerate(zip(update, like, strict=True)):
+        u = np.asarray(u)
+        if u.shape != np.shape(p):
+            raise ValueError(f"update array {i} has shape {u.shape}, the model {np.shape(p)}")
+        if u.dtype.kind != "f" or not np.all(np.isfinite(u)):
+            raise ValueError(f"update array {i} is not finite floating point")
+    norm = l2_norm(update)
+    if norm > max_norm:
+        raise ValueError(f"update norm {norm:.3g} exceeds the bound {max_norm:.3g}")
+
+
 def add_noise(update: Params, std: float, rng: np.random.Generator) -> Params:
     """Gaussian noise of ``std`` per coordinate (local DP; ``std`` = noise multiplier x clip norm)."""
     if std <= 0:
@@ -57,8 +80,13 @@ def to_bytes(params: Params) -> bytes:
 
 
 def from_bytes(data: bytes) -> Params:
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        return [z[k] for k in sorted(z.files)]
+    """The arrays of ``to_bytes``; raises ``ValueError`` for anything else (numpy and zipfile raise several
+    types on a damaged file)."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return [z[k] for k in sorted(z.files)]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"not a parameter file: {exc}") from exc
 
 
 def digest(params: Params) -> str:

@@ -1,0 +1,114 @@
+"""Hostile federation input, on the real code paths without Flower's processes: a malformed or oversized update
+fails the round and leaves the global model as it was; a global model that does not match its digest, or is not
+a model file at all, is refused. (Digest checks on install and publish are in test_federation_unit.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.common import Code, ConfigRecord, Context, FitRes, RecordDict, Status, ndarrays_to_parameters
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
+
+from identifier.federated import model, updates
+from identifier.federated.client_app import HomeClient
+from identifier.federated.server_app import MaskedSumFedAvg, RoundGuard, RunReport, RunSettings
+
+CLIP = 1.0
+
+
+def settings(tmp_path: Path, dp_noise: float = 0.0) -> RunSettings:
+    return RunSettings(num_rounds=1, stage_timeout=10, min_nodes=2, nodes_wait=1, share_fraction=1.0,
+                       threshold_fraction=0.5, clip_norm=CLIP, dp_noise=dp_noise, epochs=1, lr=0.1, max_weight=100,
+                       out_dir=tmp_path / "out", n_features=16, n_classes=3)
+
+
+def honest(params: model.Params, seed: int, noise_std: float = 0.0) -> model.Params:
+    rng = np.random.default_rng(seed)
+    delta = updates.clip([rng.normal(0, 1, a.shape).astype(np.float32) for a in params], CLIP)
+    return updates.add_noise(delta, noise_std, rng)
+
+
+def bad_updates(params: model.Params) -> dict[str, model.Params]:
+    good = honest(params, 0)
+    nan = [a.copy() for a in good]
+    nan[0].flat[0] = np.nan
+    return {
+        "one array missing": good[:-1],
+        "broadcastable wrong shape": [good[0][:1], *good[1:]],  # numpy would add it to every row silently
+        "not finite": nan,
+        "integers": [a.astype(np.int64) for a in good],
+        "oversized (clipping skipped)": [a * 50 for a in good],
+    }
+
+
+def aggregate(strategy: MaskedSumFedAvg, mean_delta: model.Params) -> object:
+    """What SecAgg+ hands the strategy: every home's result carries the same unmasked mean."""
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(mean_delta), 10, {})
+    return strategy.aggregate_fit(1, [(None, res), (None, res)], [])
+
+
+def test_honest_updates_pass_with_and_without_noise() -> None:
+    params = model.init_params(16, 3)
+    size = sum(a.size for a in params)
+    for seed in range(20):
+        updates.check_update(honest(params, seed), params, updates.update_bound(CLIP, 0.0, size))
+        noisy = honest(params, seed, noise_std=0.5 * CLIP)
+        updates.check_update(noisy, params, updates.update_bound(CLIP, 0.5 * CLIP, size))
+
+
+@pytest.mark.parametrize("kind", list(bad_updates(model.init_params(16, 3))))
+def test_a_bad_update_is_rejected_with_its_reason(kind: str) -> None:
+    params = model.init_params(16, 3)
+    bound = updates.update_bound(CLIP, 0.0, sum(a.size for a in params))
+    with pytest.raises(ValueError, match="arrays|shape|finite|exceeds"):
+        updates.check_update(bad_updates(params)[kind], params, bound)
+
+
+def test_a_bad_aggregate_fails_the_round_and_keeps_the_model(tmp_path: Path) -> None:
+    initial = model.init_params(16, 3)
+    s = settings(tmp_path)
+    for kind, mean in bad_updates(initial).items():
+        strategy = MaskedSumFedAvg(s, initial)
+        report = RunReport(s.out_dir, run_id=1)
+        context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: 1})
+        RoundGuard(lambda grid, ctx, m=mean, st=strategy: aggregate(st, m), strategy, report)(None, context)
+        assert [r.status for r in report.rounds] == ["failed"], kind
+        assert "ValueError" in report.rounds[0].error, kind
+        assert updates.digest(strategy.global_params) == updates.digest(initial), kind
+        assert not (s.out_dir / "global.npz").exists(), kind  # nothing published
+    # The same path with an honest mean aggregates and publishes.
+    strategy = MaskedSumFedAvg(s, initial)
+    report = RunReport(s.out_dir, run_id=2)
+    context = Context(run_id=2, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: 1})
+    mean = honest(initial, 1)
+    RoundGuard(lambda grid, ctx: aggregate(strategy, mean), strategy, report)(None, context)
+    assert [r.status for r in report.rounds] == ["ok"]
+    published, _ = updates.read_published(s.out_dir)
+    assert updates.digest(published) == updates.digest(updates.apply(initial, mean))
+
+
+def test_a_global_model_with_a_bad_digest_is_refused_before_training_or_install(tmp_path: Path) -> None:
+    params = model.init_params(16, 3)
+    announced = updates.digest(params)
+    tampered = [a.copy() for a in params]
+    tampered[0].flat[0] += 0.5
+    client = HomeClient(tmp_path / "no-data-needed.jsonl", tmp_path / "state")
+    with pytest.raises(ValueError, match="does not match the digest"):
+        client.fit(tampered, {"sha256": announced, "round": 1})
+    store = updates.ModelStore(tmp_path / "model")
+    result = store.install(tampered, announced, dataset=None)  # refused before the dataset is looked at
+    assert (result.installed, result.reason) == (False, "digest mismatch")
+    assert store.current() is None and not (tmp_path / "state" / "contributions").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", b"PK\x03\x04" + b"\x00" * 40,
+                                     b"\x93NUMPY\x01\x00" + b"\xff" * 20])
+def test_a_damaged_published_model_is_a_clear_error(tmp_path: Path, content: bytes) -> None:
+    updates.publish(model.init_params(16, 3), tmp_path, {"round": 1})
+    (tmp_path / "global.npz").write_bytes(content)
+    with pytest.raises(ValueError, match="not a parameter file"):
+        updates.read_published(tmp_path)

@@ -1,0 +1,150 @@
+"""Upstream faults against the real forwarder: dead, slow, SERVFAIL, truncating, spoofed, and silent over TCP.
+
+Each fault is a small real upstream on loopback (asyncio UDP and TCP sockets) where dnsmasq cannot produce it.
+The server runs with its default 2-second budget; clients wait 2.5 s (0.5 s of scheduling slack on a shared
+2-core machine), so a reply that comes at all came within the budget.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from contextlib import nullcontext
+
+import dns.message
+import dns.rcode
+import pytest
+
+from gateway.dns import server as server_module
+from tests.dns_helpers import ask, config, needs_dnsmasq, rcode, running
+from tests.fake_upstream import FakeUpstream, answer, rcode_reply, silent, slow, truncated, wrong_id
+from tests.ports import free_port
+
+BUDGET_S = 2.0
+CLIENT_WAIT_S = BUDGET_S + 0.5
+
+def timed_ask(port: int, name: str, **kw: object) -> tuple[dns.message.Message, float]:
+    t0 = time.monotonic()
+    reply = ask(port, name, timeout=CLIENT_WAIT_S, **kw)
+    return reply, time.monotonic() - t0
+
+
+def a_records(msg: dns.message.Message) -> set[str]:
+    return {rr.to_text() for rrset in msg.answer for rr in rrset}
+
+
+# (fault, its UDP and TCP behaviour, what a client gets when it is the only upstream)
+FAULTS = {
+    "dead": (None, None, "SERVFAIL"),
+    "slow-3s": (slow(3.0, answer("192.0.2.1")), None, "SERVFAIL"),
+    "servfail": (rcode_reply(dns.rcode.SERVFAIL), None, "SERVFAIL"),
+    "refused": (rcode_reply(dns.rcode.REFUSED), None, "REFUSED"),
+    "truncates-tcp-answers": (truncated, answer("192.0.2.7"), "NOERROR"),
+    "truncates-tcp-silent": (truncated, silent, "SERVFAIL"),
+    "truncates-no-tcp": (truncated, None, "SERVFAIL"),
+    "spoofed-id": (wrong_id, None, "SERVFAIL"),
+    "silent": (silent, None, "SERVFAIL"),
+}
+
+
+def fault_upstream(name: str) -> FakeUpstream | None:
+    udp, tcp, _ = FAULTS[name]
+    return None if udp is None else FakeUpstream(udp, tcp)
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_faulty_upstream_alone_gives_an_answer_or_servfail_within_the_budget(fault: str) -> None:
+    upstream = fault_upstream(fault)
+    address = upstream.address if upstream else f"127.0.0.1:{free_port()}"  # dead: nothing listens
+    expected = FAULTS[fault][2]
+    with upstream or nullcontext(), running(config([address], timeout_s=BUDGET_S)) as srv:
+        for tcp in (False, True):
+            reply, _ = timed_ask(srv.port, f"q{int(tcp)}.example.test", tcp=tcp)
+            assert rcode(reply) == expected, (fault, tcp)
+            if expected == "NOERROR":
+                assert a_records(reply) == {"192.0.2.7"}
+        assert not srv.call(lambda: len(srv.server._pending))  # nothing left waiting
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_faulty_first_upstream_fails_over_to_the_second(fault: str) -> None:
+    upstream = fault_upstream(fault)
+    address = upstream.address if upstream else f"127.0.0.1:{free_port()}"
+    with upstream or nullcontext(), FakeUpstream(answer("192.0.2.53")) as good, \
+            running(config([address, good.address], timeout_s=BUDGET_S)) as srv:
+        reply, _ = timed_ask(srv.port, "first.example.test")
+        if fault == "truncates-tcp-answers":  # not a fault: the first upstream answers over TCP
+            assert a_records(reply) == {"192.0.2.7"}
+            return
+        assert a_records(reply) == {"192.0.2.53"}, fault
+        # A second query, other name: answered from the good upstream again (a timed-out or refusing
+        # upstream is tried last for a while; one that answered SERVFAIL is still asked first).
+        assert a_records(timed_ask(srv.port, "second.example.test")[0]) == {"192.0.2.53"}
+        assert a_records(timed_ask(srv.port, "third.example.test", tcp=True)[0]) == {"192.0.2.53"}
+        if fault in ("servfail", "refused"):
+            assert srv.counters.get("dns_upstream_failed") >= 1
+        if fault == "spoofed-id":
+            assert srv.counters.get("dns_upstream_stray") >= 1
+
+
+def test_other_clients_are_served_while_an_upstream_stalls() -> None:
+    """Queries stuck on a slow name do not hold up anyone else; each stuck one ends in SERVFAIL."""
+    fast, stall = answer("192.0.2.80"), slow(3.0, answer("192.0.2.81"))
+
+    def by_name(query: dns.message.Message) -> tuple[float, bytes | None]:
+        return (stall if query.question[0].name.to_text().startswith("stall") else fast)(query)
+
+    with FakeUpstream(by_name) as up, running(config([up.address], timeout_s=BUDGET_S)) as srv:
+        stuck = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        stuck.bind(("127.0.0.2", 0))
+        stuck.settimeout(CLIENT_WAIT_S)
+        ids = set()
+        for i in range(200):
+            query = dns.message.make_query(f"stall{i}.example.test", "A")
+            ids.add(query.id)
+            stuck.sendto(query.to_wire(), ("127.0.0.1", srv.port))
+        assert a_records(ask(srv.port, "fast.example.test", timeout=1.0)) == {"192.0.2.80"}
+        assert a_records(ask(srv.port, "fast2.example.test", tcp=True, timeout=1.0)) == {"192.0.2.80"}
+        assert srv.call(lambda: len(srv.server._pending)) > 0  # the stalled ones were still waiting
+        codes = []
+        with stuck:
+            while len(codes) < 200:
+                reply = dns.message.from_wire(stuck.recv(4096))
+                ids.discard(reply.id)
+                codes.append(rcode(reply))
+        assert codes == ["SERVFAIL"] * 200 and not ids
+        assert not srv.call(lambda: len(srv.server._pending))
+
+
+def test_a_flood_towards_a_silent_upstream_is_capped_and_answered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond MAX_PENDING waiting queries new ones get SERVFAIL at once: the ID table never fills."""
+    monkeypatch.setattr(server_module, "MAX_PENDING", 20)
+    with FakeUpstream(silent) as up, running(config([up.address], timeout_s=BUDGET_S)) as srv:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(CLIENT_WAIT_S)
+            for i in range(50):
+                client.sendto(dns.message.make_query(f"n{i}.example.test", "A").to_wire(), ("127.0.0.1", srv.port))
+            codes = [rcode(dns.message.from_wire(client.recv(4096))) for _ in range(50)]
+        assert codes == ["SERVFAIL"] * 50
+        assert srv.counters.get("dns_pending_full") == 30
+        assert up.queries == 20
+
+
+@needs_dnsmasq
+def test_failover_to_dnsmasq_keeps_answering_after_the_first_upstream_dies(upstream) -> None:
+    """A working upstream that goes away mid-run: the next query moves to dnsmasq within the budget."""
+    with FakeUpstream(answer("192.0.2.1")) as first, \
+            running(config([first.address, upstream.address], timeout_s=BUDGET_S, cache_size=0)) as srv:
+        assert a_records(timed_ask(srv.port, "www.example.test")[0]) == {"192.0.2.1"}
+        first.close()
+        for name in ("www.example.test", "other.example.test"):
+            reply, _ = timed_ask(srv.port, name)
+            assert rcode(reply) == "NOERROR" and a_records(reply) <= {"192.0.2.10", "192.0.2.11"}
+
+
+def test_client_timeout_figure_is_the_config_default() -> None:
+    """The budget these tests hold the server to is what a default install uses."""
+    from gateway.config import DnsConfig
+
+    assert DnsConfig(upstreams=["127.0.0.1"]).timeout_s == BUDGET_S
+
