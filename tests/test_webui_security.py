@@ -3,6 +3,7 @@ every write needs a CSRF token (or a read-write bearer token), lockout, setup on
 
 from __future__ import annotations
 
+import logging
 import re
 import stat
 from pathlib import Path
@@ -181,16 +182,22 @@ def test_write_token_writes_without_csrf_and_revocation_takes_effect(env):
     assert client.get("/api/v1/devices", headers=auth).status_code == 401
 
 
-def test_login_locks_out_after_five_failures(env):
+def test_login_locks_out_after_five_failures(env, caplog):
     app, _, _ = env
     client = app.test_client()
     token = _csrf(client)
+    caplog.set_level(logging.WARNING, logger="webui.auth_views")
     for _ in range(accounts.MAX_FAILED_LOGINS):
         r = client.post("/login", data={"username": "admin", "password": "guess", "csrf_token": token})
         assert r.status_code == 401
     r = client.post("/login", data={"username": "admin", "password": PASSWORD, "csrf_token": token})
     assert r.status_code == 429 and b"Too many failed logins" in r.data
     assert client.get("/devices").status_code == 302
+    # Each failure is logged with its source address (for an audit or fail2ban), never with a password.
+    failed = [m for m in caplog.messages if m.startswith("failed login for 'admin' from ")]
+    assert len(failed) == accounts.MAX_FAILED_LOGINS
+    assert any("locked out" in m for m in caplog.messages)
+    assert "guess" not in caplog.text and PASSWORD not in caplog.text
 
 
 def test_password_change_ends_other_sessions(env):

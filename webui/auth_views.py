@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from flask import Blueprint, redirect, render_template, request, session, url_for
@@ -11,6 +12,7 @@ from webui.context import ctx
 from webui.security import start_session
 
 bp = Blueprint("auth", __name__)
+log = logging.getLogger(__name__)
 
 
 @bp.route("/login", methods=["GET", "POST"])
@@ -22,11 +24,14 @@ def login():  # noqa: ANN201
             ok = accounts.verify_login(ctx().store, username, request.form.get("password", ""))
         except accounts.LockedOut as exc:
             minutes = max(1, round((exc.until - time.time()) / 60))
+            log.warning("login refused for %r from %s: locked out", username[:64], request.remote_addr)
             error, status = f"Too many failed logins. Try again in {minutes} min.", 429
         else:
             if ok:
                 start_session(username)
                 return redirect(_local(request.args.get("next")))
+            # For an audit or fail2ban; %r keeps a hostile user name on one line. Never the password.
+            log.warning("failed login for %r from %s", username[:64], request.remote_addr)
             error, status = "Wrong user name or password.", 401
     return render_template("login.html", error=error), status
 
