@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.cookiejar
 import json
+import os
 import re
 import socket
 import stat
@@ -98,6 +99,23 @@ def test_secret_files_are_private_even_where_a_readable_file_was(tmp_path: Path)
         assert {p.name for p in files} >= {"iotgw.sqlite", "iotgw-querylog.sqlite", "iotgw.sqlite-wal"}
         assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == dict.fromkeys(
             (p.name for p in files), 0o600)
+    finally:
+        store.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing a file to another user needs root")
+def test_a_store_created_by_root_belongs_to_the_state_directorys_owner(tmp_path: Path) -> None:
+    """`sudo iotgw user set-password` before the service ever ran must not lock the service user out."""
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 4242, 4243)  # the service user's state directory
+    store = Store(f"sqlite:///{state / 'iotgw.sqlite'}")
+    try:
+        with store.transaction() as s:
+            s.execute(store_write_probe())
+        files = list(state.glob("iotgw*.sqlite*"))
+        assert {p.name for p in files} >= {"iotgw.sqlite", "iotgw-querylog.sqlite", "iotgw.sqlite-wal"}
+        assert {(p.stat().st_uid, p.stat().st_gid) for p in files} == {(4242, 4243)}
     finally:
         store.close()
 

@@ -87,6 +87,25 @@ class Store:
         self.querylog_engine.dispose()
 
 
+def _create_private(path: Path) -> None:
+    """Create the database file if missing, readable by its owner only: password hashes, token digests and
+    the household's query log. SQLite gives the -wal and -shm files the database file's mode and owner.
+
+    Created by root (``sudo iotgw user set-password`` before the service first ran), it is handed to the
+    state directory's owner, or the service user could not open its own database.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    try:
+        parent = path.parent.stat()
+        if os.geteuid() == 0 and parent.st_uid != 0:
+            os.fchown(fd, parent.st_uid, parent.st_gid)
+    finally:
+        os.close(fd)
+
+
 def _engine(url: str) -> Engine:
     u = make_url(url)
     if u.drivername == "postgresql":  # the driver the `postgres` extra installs, not SQLAlchemy's psycopg2
@@ -95,9 +114,7 @@ def _engine(url: str) -> Engine:
         return create_engine(u, pool_pre_ping=True)
     if u.database not in (None, "", ":memory:"):
         Path(u.database).parent.mkdir(parents=True, exist_ok=True)
-        # Password hashes, token digests and the household's query log: the owner's only. SQLite gives the
-        # -wal and -shm files the database file's mode.
-        os.close(os.open(u.database, os.O_RDWR | os.O_CREAT, 0o600))
+        _create_private(Path(u.database))
     engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")
