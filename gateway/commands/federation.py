@@ -46,7 +46,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     server.add_argument("--nodes-wait", type=float, default=600.0, help="seconds to wait for --min-nodes")
     server.add_argument("--stage-timeout", type=float, default=120.0, help="seconds per SecAgg+ stage")
-    server.add_argument("--clip-norm", type=float, default=1.0)
+    server.add_argument("--clip-norm", type=float, default=5.0, help="L2 bound of a home's update")
     server.add_argument("--dp-noise", type=float, default=0.0, help="DP noise multiplier (0: off)")
     server.set_defaults(func=_server)
 
