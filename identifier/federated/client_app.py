@@ -95,6 +95,7 @@ def stage_log_mod(msg: Message, context: Context, call_next):  # noqa: ANN201, A
                 "event": "stage",
                 "stage": configs[Key.STAGE],
                 "round": msg.metadata.group_id,
+                "run": msg.metadata.run_id,
             }
             fh.write(json.dumps(entry) + "\n")
     return call_next(msg, context)

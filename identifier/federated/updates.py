@@ -128,7 +128,9 @@ class ModelStore:
     def installed(self) -> Bundle:
         if (self.current_dir / "bundle.json").exists():
             return Bundle.load(self.current_dir)
-        return Bundle.load(self.default)
+        # a gateway configured to run ``current/`` itself runs the shipped bundle until the first install
+        default = self.default if self.default and self.default.resolve() != self.current_dir.resolve() else None
+        return Bundle.load(default)
 
     def install(
         self, params: Params, expected_digest: str, expected_schema: str, data: Samples, info: dict
