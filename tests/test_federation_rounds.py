@@ -33,9 +33,11 @@ FAST = {"epochs": 5, "stage-timeout": 60.0, "nodes-wait": 30.0, "threshold-fract
 @pytest.fixture
 def fleet(tmp_path: Path):
     fleet = LocalFleet(tmp_path)
-    fleet.start_superlink()
-    yield fleet
-    fleet.stop()
+    try:
+        fleet.start_superlink()
+        yield fleet
+    finally:  # also when the SuperLink never came up: it may still be starting
+        fleet.stop()
 
 
 def start_homes(fleet: LocalFleet, n: int) -> list[Home]:
@@ -184,3 +186,64 @@ def test_pitfall3_bounded_waits_fail_fast(fleet: LocalFleet, tmp_path: Path) -> 
     assert [r["status"] for r in waiting.report["rounds"]] == ["failed"], waiting.output[-3000:]
     short = fleet.run({**FAST, "num-rounds": 1, "min-nodes": 3, "stage-timeout": 2.0}, tmp_path / "b")
     assert [r["status"] for r in short.report["rounds"]] == ["failed"], short.output[-3000:]
+
+
+def test_a_gateway_joins_from_its_store_and_reports_the_round(fleet: LocalFleet, tmp_path: Path) -> None:
+    """``iotgw federation join`` on a gateway whose store was filled by replaying real captures and whose
+    owner confirmed two devices: it exports them, takes part in a SecAgg+ round with two other homes, installs
+    the model as a bundle and records ``federated_round`` and ``model_updated`` alerts in its outbox."""
+    import signal
+    import subprocess
+    import sys
+
+    from gateway.alerts.outbox import recent_alerts
+    from gateway.devices import service
+    from gateway.store.db import Store
+    from identifier.federated import processes
+    from tests.shared_data import CAPTURES
+
+    gateway = tmp_path / "gateway"
+    gateway.mkdir()
+    config = gateway / "iotgw.toml"
+    config.write_text(f'[gateway]\nstate_dir = "{gateway}"\n')
+    pcaps = [str(CAPTURES / d / "Setup-A-1-STA.pcap") for d in ("TP-LinkPlugHS110", "D-LinkCam")]
+    cli = [sys.executable, "-m", "gateway.cli"]
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([*cli, "replay", "--config", str(config), *pcaps], cwd=root, check=True, capture_output=True)
+    store = Store(f"sqlite:///{gateway / 'iotgw.sqlite'}")
+    service.label(store, "50:c7:bf:00:c7:03", manufacturer="TP-Link", device_type="TP-LinkPlugHS110",
+                  category="plug")
+    service.label(store, "b0:c5:54:25:5b:0e", manufacturer="D-Link", device_type="D-LinkDayCam",
+                  category="camera")  # a correction: the model said D-LinkCam
+    start_homes(fleet, 2)
+    join = subprocess.Popen(
+        [*cli, "federation", "join", "--config", str(config), "--superlink", fleet.address, "--insecure",
+         "--port", str(processes.free_port()), "--window", "600"],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        time.sleep(5)
+        result = fleet.run({**FAST, "num-rounds": 1, "min-nodes": 3}, tmp_path / "out")
+        assert [r["status"] for r in result.report["rounds"]] == ["ok"], result.output[-3000:]
+        log = gateway / "federation" / "rounds.log"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and '"install"' not in log.read_text():
+            time.sleep(0.5)
+        time.sleep(2)  # join's next poll of the round log
+    finally:
+        join.send_signal(signal.SIGINT)
+        output = join.communicate(timeout=60)[0]
+    assert "training data: 2 confirmed devices" in output
+    exported = homedata.load(gateway / "federation" / "confirmed.jsonl")
+    assert {w.device_type for w in exported} == {"TP-LinkPlugHS110", "D-LinkDayCam"}
+    (round_alert,) = recent_alerts(store, kind="federated_round")
+    assert (round_alert.data["round"], round_alert.data["status"]) == (1, "ok")
+    _, manifest = updates.read_published(tmp_path / "out")
+    (decision,) = [json.loads(line) for line in log.read_text().splitlines() if '"install"' in line]
+    if decision["installed"]:  # no worse on the two confirmed devices
+        (alert,) = recent_alerts(store, kind="model_updated")
+        assert alert.data["version"] == manifest["version"] and alert.data["previous_version"] == Bundle.load().version
+        assert Bundle.load(gateway / "federation" / "model" / "current").version == manifest["version"]
+    else:
+        assert not recent_alerts(store, kind="model_updated") and "worse" in decision["reason"]
+    store.close()
