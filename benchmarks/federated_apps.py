@@ -14,6 +14,7 @@ from flwr.server.workflow import DefaultWorkflow
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
 
+from identifier.bundle import Bundle
 from identifier.federated import server_app, updates
 from identifier.federated.client_app import client_fn
 
@@ -37,7 +38,8 @@ server = ServerApp()
 @server.main()
 def main(grid: Grid, context: Context) -> None:
     settings = server_app.RunSettings.from_context(context)
-    strategy = PlainFedAvg(settings, server_app.initial_params(settings))
+    base = Bundle.load(settings.bundle)
+    strategy = PlainFedAvg(settings, base, server_app.initial_params(settings, base))
     report = server_app.RunReport(settings.out_dir, context.run_id)
     legacy = LegacyContext(
         context,

@@ -1,6 +1,7 @@
 """Round time of plain FedAvg against SecAgg+, bytes per home, and a gateway's peak RSS (one JSON object).
 
-Real Flower processes on loopback (``identifier.federated.localfleet``), homes cut from the shared data.
+Real Flower processes on loopback (``identifier.federated.localfleet``), the identifier's shipped model, homes
+cut from the shared supply-chain name sets (a Dirichlet split), local training as the run config's defaults.
 Usage: ``python benchmarks/federated_round.py [--homes 5 20] [--rounds 2]``. On a shared machine the
 absolute times are noisy; plain and SecAgg+ run back to back so their ratio is comparable.
 """
@@ -20,10 +21,12 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from identifier.bundle import Bundle  # noqa: E402
+from identifier.dataset import domain_windows  # noqa: E402
 from identifier.federated import homedata, model, processes  # noqa: E402
 from identifier.federated.localfleet import Home, LocalFleet  # noqa: E402
 
-RUN = {"epochs": 5, "stage-timeout": 120.0, "nodes-wait": 60.0, "threshold-fraction": 0.6}
+RUN = {"stage-timeout": 120.0, "nodes-wait": 60.0, "threshold-fraction": 0.6}
 
 
 def plain_app_dir(root: Path) -> Path:
@@ -68,7 +71,7 @@ def payload_bytes(params: model.Params, homes: int) -> dict[str, int]:
 
 
 def measure(n: int, rounds: int, data: Path, root: Path) -> dict:
-    datasets, test = homedata.split_homes(data, n, seed=3)
+    datasets, _ = homedata.split_homes(domain_windows(data, set()), n, seed=3)
     result: dict = {"homes": n}
     for mode in ("plain", "secagg"):
         fleet = LocalFleet(root / f"{mode}{n}")
@@ -89,7 +92,7 @@ def measure(n: int, rounds: int, data: Path, root: Path) -> dict:
             result[f"{mode}_rss_mb"] = round(sampler.peak / 2**20, 1)
         finally:
             fleet.stop()
-    params = model.init_params(homedata.N_FEATURES, len(test.classes))
+    params = model.params_of(Bundle.load())
     sizes = payload_bytes(params, n)
     p, s = result["plain_round_s"], result["secagg_round_s"]
     return {

@@ -175,3 +175,66 @@ def export(net: IdentifierNet, temps: list[float]) -> dict[str, np.ndarray]:
         out[f"h_{name}_w"] = sd[f"heads.{k}.weight"].T.copy()
         out[f"h_{name}_b"] = sd[f"heads.{k}.bias"]
     return out
+
+
+# --- hooks for federated retraining (identifier.federated.model): start from given weights, train a while ---
+
+
+def init_weights(dim: int, sizes: tuple[int, int, int], seed: int, config: TrainConfig | None = None):
+    """Fresh exported weights (temperatures 1): the common starting point when comparing training regimes."""
+    config = config or TrainConfig()
+    torch.manual_seed(seed)
+    net = IdentifierNet(dim, config.hidden, sizes, config.input_dropout, config.dropout)
+    return export(net, [1.0] * len(sizes))
+
+
+def from_export(weights: dict[str, np.ndarray], config: TrainConfig | None = None) -> IdentifierNet:
+    """The net holding exported ``weights`` (the inverse of ``export``; the temperatures are not in the net)."""
+    config = config or TrainConfig()
+    sizes = tuple(int(weights[f"h_{name}_b"].size) for name in HEADS)
+    net = IdentifierNet(weights["w1"].shape[0], weights["w1"].shape[1], sizes, config.input_dropout,
+                        config.dropout)
+    state = {
+        "fc1.weight": weights["w1"].T,
+        "fc1.bias": weights["b1"],
+        "ln1.weight": weights["g1"],
+        "ln1.bias": weights["be1"],
+        "fc2.weight": weights["w2"].T,
+        "fc2.bias": weights["b2"],
+        "ln2.weight": weights["g2"],
+        "ln2.bias": weights["be2"],
+        "wide.weight": weights["wide"].T,
+    }
+    for k, name in enumerate(HEADS):
+        state[f"heads.{k}.weight"] = weights[f"h_{name}_w"].T
+        state[f"heads.{k}.bias"] = weights[f"h_{name}_b"]
+    net.load_state_dict({k: torch.as_tensor(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()})
+    return net
+
+
+def train_epochs(
+    weights: dict[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    w: np.ndarray,
+    *,
+    epochs: int,
+    lr: float,
+    seed: int,
+    config: TrainConfig | None = None,
+) -> dict[str, np.ndarray]:
+    """``weights`` trained ``epochs`` more epochs on (x, y, w) with ``fit``'s step, no early stopping and no
+    validation split (a home has too few devices for one); the temperatures are kept as they were."""
+    config = config or TrainConfig()
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net = from_export(weights, config)
+    xt, yt, wt = (
+        torch.as_tensor(a) for a in (x.astype(np.float32), y.astype(np.int64), w.astype(np.float32))
+    )
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=config.weight_decay)
+    for _ in range(epochs):
+        _epoch(net, opt, xt, yt, wt, np.arange(len(x)), config.batch_size, rng)
+    net.eval()
+    return export(net, [float(t) for t in weights["temps"]])

@@ -6,6 +6,7 @@ process. Stage timeouts are the shortest that stayed safe on a loaded 2-core mac
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -14,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from identifier.bundle import Bundle
+from identifier.dataset import domain_windows
 from identifier.federated import homedata, model, updates
 from identifier.federated.localfleet import Home, LocalFleet
 from tests.shared_data import DOMAINS, needs_data
-
-# the shared data sits beside the repository (/work/main -> /work/shared); worktrees are one level deeper
 
 pytestmark = [
     pytest.mark.slow,
@@ -32,13 +33,16 @@ FAST = {"epochs": 5, "stage-timeout": 60.0, "nodes-wait": 30.0, "threshold-fract
 @pytest.fixture
 def fleet(tmp_path: Path):
     fleet = LocalFleet(tmp_path)
-    fleet.start_superlink()
-    yield fleet
-    fleet.stop()
+    try:
+        fleet.start_superlink()
+        yield fleet
+    finally:  # also when the SuperLink never came up: it may still be starting
+        fleet.stop()
 
 
 def start_homes(fleet: LocalFleet, n: int) -> list[Home]:
-    homes, _ = homedata.split_homes(DOMAINS, n, seed=1)
+    """``n`` homes, each with a Dirichlet share of the supply-chain name sets as its confirmed devices."""
+    homes, _ = homedata.split_homes(domain_windows(DOMAINS, set()), n, seed=1)
     started = [fleet.add_home(h) for h in homes]
     time.sleep(3)  # let every SuperNode register before the run samples them
     return started
@@ -114,11 +118,17 @@ def test_two_secagg_rounds_with_dropouts_aggregate_the_survivors_mean(
     assert len(result.report["strategy_inputs"]) == 8 and len(set(result.report["strategy_inputs"])) == 2
     published, manifest = updates.read_published(out)
     assert manifest["round"] == 2 and manifest["sha256"] == rounds[1]["sha256"]
+    # every survivor decided on the final model: installed it as its bundle, or kept its own as no worse
     installs = result.report["installs"]
-    assert len(installs) == 3 and all(i["installed"] for i in installs)
+    assert len(installs) == 3
     for home in homes[:3]:
-        installed = updates.ModelStore(home.state_dir / "model").current()
-        assert installed is not None and updates.digest(installed) == manifest["sha256"]
+        log = [json.loads(line) for line in (home.state_dir / "rounds.log").read_text().splitlines()]
+        (decision,) = [e for e in log if e["event"] == "install"]
+        installed = updates.ModelStore(home.state_dir / "model").installed()
+        if decision["installed"]:
+            assert installed.version == manifest["version"] and decision["accuracy"] >= decision["accuracy_before"]
+        else:
+            assert installed.version == Bundle.load().version and decision["accuracy"] < decision["accuracy_before"]
 
 
 def test_pitfall1_stock_workflow_halts_when_a_home_drops_before_key_sharing(
@@ -152,8 +162,9 @@ def test_too_many_dropouts_fail_the_round_and_keep_the_model(fleet: LocalFleet, 
     failed, the published model is untouched, the run ends failed."""
     homes = start_homes(fleet, 5)
     out = tmp_path / "out"
-    before = model.init_params(homedata.N_FEATURES, 35, seed=7)
-    sha_before = updates.publish(before, out, {"round": 0})
+    shipped = Bundle.load()
+    before = [a * 0.9 for a in model.params_of(shipped)]
+    sha_before = updates.publish(before, out, {"round": 0}, shipped)
     killers = [kill_at(fleet, h, "1", "collect_masked_vectors") for h in homes[2:]]
     result = fleet.run({**FAST, "num-rounds": 1, "min-nodes": 3}, out)
     for k in killers:
@@ -175,3 +186,64 @@ def test_pitfall3_bounded_waits_fail_fast(fleet: LocalFleet, tmp_path: Path) -> 
     assert [r["status"] for r in waiting.report["rounds"]] == ["failed"], waiting.output[-3000:]
     short = fleet.run({**FAST, "num-rounds": 1, "min-nodes": 3, "stage-timeout": 2.0}, tmp_path / "b")
     assert [r["status"] for r in short.report["rounds"]] == ["failed"], short.output[-3000:]
+
+
+def test_a_gateway_joins_from_its_store_and_reports_the_round(fleet: LocalFleet, tmp_path: Path) -> None:
+    """``iotgw federation join`` on a gateway whose store was filled by replaying real captures and whose
+    owner confirmed two devices: it exports them, takes part in a SecAgg+ round with two other homes, installs
+    the model as a bundle and records ``federated_round`` and ``model_updated`` alerts in its outbox."""
+    import signal
+    import subprocess
+    import sys
+
+    from gateway.alerts.outbox import recent_alerts
+    from gateway.devices import service
+    from gateway.store.db import Store
+    from identifier.federated import processes
+    from tests.shared_data import CAPTURES
+
+    gateway = tmp_path / "gateway"
+    gateway.mkdir()
+    config = gateway / "iotgw.toml"
+    config.write_text(f'[gateway]\nstate_dir = "{gateway}"\n')
+    pcaps = [str(CAPTURES / d / "Setup-A-1-STA.pcap") for d in ("TP-LinkPlugHS110", "D-LinkCam")]
+    cli = [sys.executable, "-m", "gateway.cli"]
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([*cli, "replay", "--config", str(config), *pcaps], cwd=root, check=True, capture_output=True)
+    store = Store(f"sqlite:///{gateway / 'iotgw.sqlite'}")
+    service.label(store, "50:c7:bf:00:c7:03", manufacturer="TP-Link", device_type="TP-LinkPlugHS110",
+                  category="plug")
+    service.label(store, "b0:c5:54:25:5b:0e", manufacturer="D-Link", device_type="D-LinkDayCam",
+                  category="camera")  # a correction: the model said D-LinkCam
+    start_homes(fleet, 2)
+    join = subprocess.Popen(
+        [*cli, "federation", "join", "--config", str(config), "--superlink", fleet.address, "--insecure",
+         "--port", str(processes.free_port()), "--window", "600"],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        time.sleep(5)
+        result = fleet.run({**FAST, "num-rounds": 1, "min-nodes": 3}, tmp_path / "out")
+        assert [r["status"] for r in result.report["rounds"]] == ["ok"], result.output[-3000:]
+        log = gateway / "federation" / "rounds.log"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and '"install"' not in log.read_text():
+            time.sleep(0.5)
+        time.sleep(2)  # join's next poll of the round log
+    finally:
+        join.send_signal(signal.SIGINT)
+        output = join.communicate(timeout=60)[0]
+    assert "training data: 2 confirmed devices" in output
+    exported = homedata.load(gateway / "federation" / "confirmed.jsonl")
+    assert {w.device_type for w in exported} == {"TP-LinkPlugHS110", "D-LinkDayCam"}
+    (round_alert,) = recent_alerts(store, kind="federated_round")
+    assert (round_alert.data["round"], round_alert.data["status"]) == (1, "ok")
+    _, manifest = updates.read_published(tmp_path / "out")
+    (decision,) = [json.loads(line) for line in log.read_text().splitlines() if '"install"' in line]
+    if decision["installed"]:  # no worse on the two confirmed devices
+        (alert,) = recent_alerts(store, kind="model_updated")
+        assert alert.data["version"] == manifest["version"] and alert.data["previous_version"] == Bundle.load().version
+        assert Bundle.load(gateway / "federation" / "model" / "current").version == manifest["version"]
+    else:
+        assert not recent_alerts(store, kind="model_updated") and "worse" in decision["reason"]
+    store.close()

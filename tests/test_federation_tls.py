@@ -10,11 +10,12 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from identifier.federated import model, processes
+from identifier.dataset import LabelledWindow
+from identifier.federated import processes
 from identifier.federated.localfleet import LocalFleet
+from identifier.observation import DnsObservation
 
 pytestmark = [
     pytest.mark.slow,
@@ -72,7 +73,8 @@ def test_tls_and_node_auth_refuse_an_unregistered_gateway(tmp_path: Path) -> Non
             capture_output=True,
         )
         processes.generate_node_key(stranger_key)
-        data = model.Dataset(np.zeros((1, 8), np.float32), np.zeros(1, np.int64), ("a",))
+        data = [LabelledWindow([DnsObservation(1.0, "a.example")], "02:00:00:00:00:01", 1.0, "A", None, None,
+                               "a", "owner", True)]
         home_a = fleet.add_home(data, auth_key=registered_key)
         home_b = fleet.add_home(data, auth_key=stranger_key)
         assert home_b.proc is not None and home_b.proc.wait(timeout=120) != 0

@@ -1,4 +1,4 @@
-"""The federation library without Flower's processes: clipping, digests, install, home splits, CLI."""
+"""The federation library without Flower's processes: clipping, digests, the model seam, install, homes, CLI."""
 
 from __future__ import annotations
 
@@ -8,8 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from identifier.bundle import Bundle
+from identifier.dataset import domain_windows
 from identifier.federated import homedata, model, processes, updates
 from tests.shared_data import DOMAINS, needs_data
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Bundle:
+    return Bundle.load()
+
+
+@pytest.fixture(scope="module")
+def name_sets() -> list:
+    return domain_windows(DOMAINS, {"camera", "plug", "hub", "sensor"})
 
 
 def test_clip_bounds_the_norm_and_keeps_small_updates() -> None:
@@ -22,61 +34,112 @@ def test_clip_bounds_the_norm_and_keeps_small_updates() -> None:
     assert all(np.array_equal(a, b) for a, b in zip(updates.clip(small, 1.0), small, strict=True))
 
 
-def test_digest_follows_the_numbers_and_bytes_round_trip() -> None:
-    params = model.init_params(16, 3)
+def test_digest_follows_the_numbers_and_bytes_round_trip(shipped: Bundle) -> None:
+    params = model.params_of(shipped)
     assert updates.digest(updates.from_bytes(updates.to_bytes(params))) == updates.digest(params)
-    params[0][0, 0] += 1e-6
-    assert updates.digest(params) != updates.digest(model.init_params(16, 3))
+    changed = [a.copy() for a in params]
+    changed[0].flat[0] += 1e-3
+    assert updates.digest(changed) != updates.digest(params)
 
 
-def test_published_model_is_checked_against_its_digest(tmp_path: Path) -> None:
-    params = model.init_params(16, 3)
-    sha = updates.publish(params, tmp_path, {"round": 1})
+def test_the_seam_is_the_bundle_s_weights_and_the_model_hook_inverts_export(shipped: Bundle) -> None:
+    from identifier.model import export, from_export
+
+    params = model.params_of(shipped)
+    assert len(params) == len(shipped.weights) - 1  # every trained array, not the temperatures
+    again = model.weights_of(shipped, params)
+    assert all(np.array_equal(again[k], shipped.weights[k]) for k in shipped.weights)
+    exported = export(from_export(shipped.weights), list(shipped.weights["temps"]))
+    assert all(np.array_equal(exported[k], shipped.weights[k]) for k in shipped.weights)
+    with pytest.raises(ValueError, match="do not fit"):
+        model.weights_of(shipped, params[:-1])
+
+
+def test_published_model_is_a_bundle_checked_against_its_digest(tmp_path: Path, shipped: Bundle) -> None:
+    params = [a * 0.5 for a in model.params_of(shipped)]
+    sha = updates.publish(params, tmp_path, {"round": 1, "run_id": 7}, shipped)
     again, manifest = updates.read_published(tmp_path)
     assert manifest["sha256"] == sha and updates.digest(again) == sha
+    assert manifest["schema"] == model.schema(shipped) and manifest["version"] == f"fed-7-r1-{sha[:8]}"
+    written = Bundle.load(tmp_path / "bundle")  # the global model as the daemon loads it
+    assert written.version == manifest["version"] and written.labels == shipped.labels
+    assert written.features == shipped.features
+    assert np.allclose(written.weights["w1"], params[model.keys(shipped).index("w1")], atol=1e-3)
     tampered = [a.copy() for a in params]
-    tampered[-1][0] = 5.0
+    tampered[-1].flat[0] = 5.0
     (tmp_path / "global.npz").write_bytes(updates.to_bytes(tampered))
     with pytest.raises(ValueError, match="does not match"):
         updates.read_published(tmp_path)
 
 
 @needs_data
-def test_install_checks_digest_and_regression_and_rolls_back(tmp_path: Path) -> None:
-    homes, _ = homedata.split_homes(DOMAINS, 3, seed=2)
-    home = homes[0]
+def test_install_checks_digest_schema_and_regression_and_rolls_back(
+    tmp_path: Path, shipped: Bundle, name_sets: list
+) -> None:
+    homes, _ = homedata.split_homes(name_sets, 3, seed=2)
+    data = model.samples(shipped, homes[0])
     store = updates.ModelStore(tmp_path / "model")
-    fresh = model.init_params(homedata.N_FEATURES, len(home.classes))
-    good = model.local_train(fresh, home, epochs=30)
-    assert not store.install(good, "0" * 64, home).installed  # wrong digest
-    assert store.current() is None
-    first = store.install(fresh, updates.digest(fresh), home)
-    assert first.installed
-    second = store.install(good, updates.digest(good), home)
-    assert second.installed and second.accuracy_new > second.accuracy_current
-    worse = store.install(fresh, updates.digest(fresh), home)  # regression on this home's devices
-    assert not worse.installed and "worse" in worse.reason
-    assert updates.digest(store.current()) == updates.digest(good)
-    assert store.rollback() and updates.digest(store.current()) == updates.digest(fresh)
-    assert not store.rollback()
+    assert store.installed().version == shipped.version  # before any federated install: the shipped one
+    base = model.params_of(shipped)
+    good = model.local_train(shipped, base, data, epochs=3, lr=0.01)
+    bad = [np.zeros_like(a) for a in base]  # a model that knows nothing
+    info = {"round": 1, "run_id": 1}
+    schema = model.schema(shipped)
+    assert store.install(good, "0" * 64, schema, data, info).reason == "digest mismatch"
+    assert "label sets" in store.install(good, updates.digest(good), "f" * 64, data, info).reason
+    worse = store.install(bad, updates.digest(bad), schema, data, info)
+    assert not worse.installed and "worse" in worse.reason and worse.accuracy_new < worse.accuracy_current
+    assert not (tmp_path / "model" / "current").exists()
+    first = store.install(good, updates.digest(good), schema, data, info)
+    assert first.installed and first.accuracy_new >= first.accuracy_current
+    assert first.previous_version == shipped.version
+    installed = store.installed()
+    assert installed.version == first.version == f"fed-1-r1-{updates.digest(good)[:8]}"
+    assert installed.labels == shipped.labels and installed.metrics["federated"]["round"] == 1
+    assert store.rollback() == (shipped.version, first.version)
+    assert store.installed().version == shipped.version
+    assert store.rollback() is None
 
 
 @needs_data
-def test_dirichlet_homes_differ_and_hold_out_one_device_per_vendor() -> None:
-    homes, test = homedata.split_homes(DOMAINS, 5, alpha=0.3, seed=0)
-    assert all(len(h) > 0 for h in homes)
-    vendor_sets = [set(h.y.tolist()) for h in homes]
-    assert len(set(test.y.tolist())) == len(test.classes)  # every vendor has a held-out device
-    assert max(len(v) for v in vendor_sets) < len(test.classes)  # no home sees every vendor
-    assert len({frozenset(v) for v in vendor_sets}) == 5
-    assert sum(len(h) for h in homes) + len(test) > 0 and test.x.shape[1] == homedata.N_FEATURES
+def test_local_training_learns_the_home_s_devices(shipped: Bundle, name_sets: list) -> None:
+    """From fresh weights, a few epochs on a home's windows beat chance by far on those windows."""
+    from identifier.federated.simulate import fresh
+
+    start = fresh(shipped, seed=0)
+    homes, _ = homedata.split_homes(name_sets, 3, seed=2)
+    data = model.samples(start, homes[0])
+    before = model.evaluate(start, model.params_of(start), data)
+    trained = model.local_train(start, model.params_of(start), data, epochs=20, lr=0.01)
+    after = model.evaluate(start, trained, data)
+    assert after["manufacturer_accuracy"] > 0.8 > before["manufacturer_accuracy"]
 
 
-def test_bad_home_dataset_names_the_file(tmp_path: Path) -> None:
-    bad = tmp_path / "confirmed.npz"
-    bad.write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="confirmed.npz"):
-        homedata.load(bad)
+@needs_data
+def test_dirichlet_homes_differ_and_hold_out_some_of_every_kind(name_sets: list) -> None:
+    homes, test = homedata.split_homes(name_sets, 5, alpha=0.3, seed=0)
+    assert all(homes)
+    kinds = [{w.manufacturer for w in h} for h in homes]
+    multi = {w.manufacturer for w in name_sets if sum(x.manufacturer == w.manufacturer for x in name_sets) > 1}
+    assert {w.manufacturer for w in test} == multi - {None}  # every vendor with two devices has one held out
+    assert max(len(k) for k in kinds) < len(multi)  # no home sees every vendor
+    assert len({frozenset(k) for k in kinds}) == 5
+    held = {id(w) for w in test}
+    assert not any(id(w) in held for h in homes for w in h)
+
+
+def test_home_windows_round_trip_and_a_bad_line_names_file_and_line(tmp_path: Path, name_sets: list) -> None:
+    path = tmp_path / "confirmed.jsonl"
+    homedata.save(name_sets[:3], path)
+    again = homedata.load(path)
+    assert [(w.manufacturer, w.device_type, w.observations) for w in again] == [
+        (w.manufacturer, w.device_type, w.observations) for w in name_sets[:3]
+    ]
+    path.write_text(path.read_text() + '{"mac": "aa", "observations": [{"kind": "dns"}]}\n')
+    with pytest.raises(ValueError, match="confirmed.jsonl:4"):
+        homedata.load(path)
+    with pytest.raises(ValueError, match="missing.jsonl"):
+        homedata.load(tmp_path / "missing.jsonl")
 
 
 def test_every_flower_process_gets_the_safe_environment(tmp_path: Path) -> None:
@@ -84,8 +147,11 @@ def test_every_flower_process_gets_the_safe_environment(tmp_path: Path) -> None:
     assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
     assert env["FLWR_HOME"] == str(tmp_path / "flwr")
     assert str(processes.PACKAGE_ROOT) in env["PYTHONPATH"].split(":")
+    assert env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == str(processes.TASK_POLL_S)
     cmd = processes.superlink_cmd("127.0.0.1", 9092, tmp_path / "db", None, node_auth=False)
     assert "--disable-runtime-dependency-installation" in cmd
+    node = processes.supernode_cmd("127.0.0.1:9092", 9094, tmp_path / "d.jsonl", tmp_path, None, None)
+    assert node[1:3] == ["-m", "identifier.federated.supernode"]  # Flower's SuperNode with our idle poll
 
 
 def test_node_key_is_an_openssh_p384_pair_with_a_private_file(tmp_path: Path) -> None:

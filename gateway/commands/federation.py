@@ -1,9 +1,11 @@
 """``iotgw federation``: run the fleet's federation server, or take part in a nightly round from a gateway.
 
 ``server`` starts a Flower SuperLink and submits iotgw's ServerApp (one run of N SecAgg+ rounds), then exits
-with the rounds' outcome. ``join`` runs this gateway's SuperNode for a time window (a systemd timer starts
-it at night, so Flower is not resident all day). ``keygen`` makes the SuperNode authentication key pair;
-``rollback`` puts the previous installed model back. The machinery is in ``identifier.federated``.
+with the rounds' outcome. ``join`` exports the home's confirmed devices from the store and runs this gateway's
+SuperNode for a time window (a systemd timer starts it at night, so Flower is not resident all day), raising
+``federated_round`` / ``model_updated`` alerts as rounds end. ``keygen`` makes the SuperNode authentication
+key pair; ``rollback`` puts the previous installed model back. The machinery is in ``identifier.federated``;
+the store side in ``gateway.federation``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from gateway.cli import add_state_args, config_from_args
 
 CONNECTION = "iotgw"
 
@@ -46,15 +50,29 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     server.add_argument("--nodes-wait", type=float, default=600.0, help="seconds to wait for --min-nodes")
     server.add_argument("--stage-timeout", type=float, default=120.0, help="seconds per SecAgg+ stage")
-    server.add_argument("--clip-norm", type=float, default=1.0)
+    server.add_argument("--clip-norm", type=float, default=5.0, help="L2 bound of a home's update")
     server.add_argument("--dp-noise", type=float, default=0.0, help="DP noise multiplier (0: off)")
+    server.add_argument("--epochs", type=int, default=5, help="local epochs per round on each home")
+    server.add_argument("--lr", type=float, default=0.01, help="local learning rate")
+    server.add_argument(
+        "--bundle", type=Path, help="model bundle the federation starts from (default: the shipped one)"
+    )
     server.set_defaults(func=_server)
 
-    join = sub.add_parser("join", help="run this gateway's SuperNode for the nightly window")
+    join = sub.add_parser(
+        "join", help="export this home's confirmed devices and run its SuperNode for the nightly window"
+    )
+    add_state_args(join)
     join.add_argument("--superlink", required=True, metavar="HOST:PORT")
-    join.add_argument("--data", type=Path, required=True, help="this home's confirmed devices (.npz)")
-    join.add_argument("--state-dir", type=Path, required=True, help="installed model, round log, FLWR_HOME")
     join.add_argument("--window", type=float, default=3600.0, help="seconds to stay joined")
+    join.add_argument(
+        "--pseudo-labels",
+        action="store_true",
+        help="also train on unconfirmed identifications the model is very sure of (off by default)",
+    )
+    join.add_argument(
+        "--poll", type=float, default=1.0, help="seconds between the SuperNode's polls while joined"
+    )
     join.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's runtime API")
     _add_tls_args(join, server_side=False)
     join.add_argument("--auth-key", type=Path, help="private key from `iotgw federation keygen`")
@@ -67,8 +85,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     rollback = sub.add_parser(
         "rollback", help="reinstall the model that was installed before the current one"
     )
-    rollback.add_argument("--state-dir", type=Path, required=True)
+    add_state_args(rollback)
     rollback.set_defaults(func=_rollback)
+
+
+def federation_dir(cfg) -> Path:  # noqa: ANN001 - gateway.config.Config, imported lazily
+    """Where a gateway keeps its federation state: installed bundles, round log, exported windows, FLWR_HOME."""
+    return (cfg.state_dir / "federation").resolve()
 
 
 def _add_tls_args(parser: argparse.ArgumentParser, server_side: bool) -> None:
@@ -128,6 +151,9 @@ def _server(args: argparse.Namespace) -> int:
                 "stage-timeout": args.stage_timeout,
                 "clip-norm": args.clip_norm,
                 "dp-noise": args.dp_noise,
+                "epochs": args.epochs,
+                "lr": args.lr,
+                "bundle": str(args.bundle.resolve()) if args.bundle else "",
                 "out-dir": str(out_dir),
             },
         )
@@ -145,29 +171,52 @@ def _server(args: argparse.Namespace) -> int:
 
 
 def _join(args: argparse.Namespace) -> int:
-    from identifier.federated import homedata, processes
+    from gateway.federation import RoundAlerts, export_windows, outbox_sender
+    from gateway.store.db import Store
+    from identifier.federated import processes
 
     tls = _tls(args, server_side=False)
-    homedata.load(args.data)  # fail now, with the file's name, rather than inside a round
-    state = args.state_dir.resolve()
+    cfg = config_from_args(args)
+    state = federation_dir(cfg)
     state.mkdir(parents=True, exist_ok=True)
-    cmd = processes.supernode_cmd(
-        args.superlink, args.port, args.data.resolve(), state, tls.ca if tls else None, args.auth_key
-    )
-    with (state / "supernode.log").open("ab") as log:
-        node = subprocess.Popen(
-            cmd, env=processes.flower_env(state), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    deadline = time.monotonic() + args.window
+    data = state / "confirmed.jsonl"
+    store = Store(cfg.db_url)
     try:
-        while time.monotonic() < deadline:
-            if node.poll() is not None:
-                print(f"iotgw federation: SuperNode exited with {node.returncode} (see supernode.log)")
-                return 1
-            time.sleep(1.0)
-        return 0
+        exported = export_windows(store, data, pseudo_labels=args.pseudo_labels)
+        print(
+            f"training data: {exported.owner} confirmed devices, {exported.pseudo} pseudo-labelled"
+            + (f" ({exported.without_window} confirmed without a stored window)" if exported.without_window else "")
+        )
+        if exported.owner + exported.pseudo == 0:
+            print("iotgw federation: no confirmed devices yet (confirm some in the web UI); not joining")
+            return 0
+        bundle = Path(cfg.identifier.model_dir).resolve() if cfg.identifier.model_dir else None
+        cmd = processes.supernode_cmd(
+            args.superlink, args.port, data, state, tls.ca if tls else None, args.auth_key, bundle=bundle
+        )
+        alerts = RoundAlerts(state / "rounds.log", outbox_sender(store, cfg))
+        with (state / "supernode.log").open("ab") as log:
+            node = subprocess.Popen(
+                cmd,
+                env=processes.flower_env(state, poll_s=args.poll),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + args.window
+        try:
+            while time.monotonic() < deadline:
+                alerts.poll()
+                if node.poll() is not None:
+                    print(f"iotgw federation: SuperNode exited with {node.returncode} (see supernode.log)")
+                    return 1
+                time.sleep(1.0)
+            return 0
+        finally:
+            _stop(node)
+            alerts.finish()
     finally:
-        _stop(node)
+        store.close()
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -191,10 +240,23 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
+    from gateway.events import Alert
+    from gateway.federation import outbox_sender
+    from gateway.store.db import Store
     from identifier.federated.updates import ModelStore
 
-    if ModelStore(args.state_dir / "model").rollback():
-        print("previous model reinstalled")
-        return 0
-    print("no previous model to roll back to", file=sys.stderr)
-    return 1
+    cfg = config_from_args(args)
+    default = Path(cfg.identifier.model_dir) if cfg.identifier.model_dir else None
+    swapped = ModelStore(federation_dir(cfg) / "model", default).rollback()
+    if swapped is None:
+        print("no previous model to roll back to", file=sys.stderr)
+        return 1
+    restored, replaced = swapped
+    store = Store(cfg.db_url)
+    try:
+        data = {"version": restored, "previous_version": replaced, "rolled_back": True}
+        outbox_sender(store, cfg)(Alert("model_updated", time.time(), None, data))
+    finally:
+        store.close()
+    print(f"model {restored} reinstalled (was {replaced})")
+    return 0

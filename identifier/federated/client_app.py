@@ -1,10 +1,11 @@
 """iotgw's Flower ClientApp: one home's side of a round, always behind ``secaggplus_mod``.
 
-The home trains on its owner's confirmed devices (``node-config`` ``data``: a ``.npz`` written by the
-gateway), sends a clipped, optionally noised delta, and the mod masks it: an update never leaves unmasked,
+The home trains its installed bundle's model on its owner's confirmed devices (``node-config`` ``data``: the
+windows file ``iotgw federation join`` exports; ``bundle``: the gateway's model before any federated install),
+sends a clipped, optionally noised delta, and the mod masks it: an update never leaves unmasked,
 and a server without SecAgg+ gets an error instead of an update. At install time the home checks the
 model's digest and that it does no worse on its own devices, keeping the previous model for rollback.
-torch is imported only inside ``model``'s functions (a module-level import made rounds twice as slow).
+torch is imported only inside ``model.local_train`` (a module-level import made rounds twice as slow).
 """
 
 from __future__ import annotations
@@ -24,34 +25,51 @@ from identifier.federated import homedata, model, updates
 
 
 class HomeClient(NumPyClient):
-    """Training and install on one gateway; ``state_dir`` holds its model store and round log."""
+    """Training and install on one gateway; ``state_dir`` holds its model store and round log, ``default``
+    the bundle it runs before any federated install (None: the shipped one)."""
 
-    def __init__(self, data_path: Path, state_dir: Path) -> None:
+    def __init__(self, data_path: Path, state_dir: Path, default: Path | None = None) -> None:
         self.data_path = data_path
         self.state_dir = state_dir
+        self.store = updates.ModelStore(state_dir / "model", default)
 
     def fit(self, parameters: model.Params, config: dict) -> tuple[model.Params, int, dict]:
         if updates.digest(parameters) != config["sha256"]:
             raise ValueError("global model does not match the digest the server announced")
-        dataset = homedata.load(self.data_path)
-        if len(dataset) == 0:
-            raise ValueError("no confirmed devices: nothing to train on")
+        bundle = self.store.installed()
+        if model.schema(bundle) != config["schema"]:
+            raise ValueError("global model has other features or label sets than this home's model")
+        data = model.samples(bundle, homedata.load(self.data_path))
+        if not model.has_labels(data):
+            raise ValueError("no confirmed devices with labels the model knows: nothing to train on")
         rnd = int(config["round"])
-        trained = model.local_train(parameters, dataset, epochs=int(config["epochs"]), lr=float(config["lr"]))
+        trained = model.local_train(
+            bundle, parameters, data, epochs=int(config["epochs"]), lr=float(config["lr"]), seed=rnd
+        )
         update = updates.clip(updates.delta(trained, parameters), float(config["clip-norm"]))
         update = updates.add_noise(update, float(config["dp-std"]), np.random.default_rng())
-        weight = min(len(dataset), int(config["max-weight"]))
+        weight = min(len(data.y), int(config["max-weight"]))
         self._record_contribution(rnd, config["sha256"], update, weight)
+        self._log({"event": "fit", "round": rnd, "weight": weight})
         return update, weight, {}
 
     def evaluate(self, parameters: model.Params, config: dict) -> tuple[float, int, dict]:
-        dataset = homedata.load(self.data_path)
-        result = updates.ModelStore(self.state_dir / "model").install(
-            parameters, str(config["sha256"]), dataset
-        )
+        bundle = self.store.installed()
+        data = model.samples(bundle, homedata.load(self.data_path))
+        info = {"round": int(config["round"]), "run_id": int(config["run-id"]), "sha256": str(config["sha256"])}
+        result = self.store.install(parameters, str(config["sha256"]), str(config["schema"]), data, info)
         metrics = {"installed": result.installed, "reason": result.reason, "accuracy": result.accuracy_new}
-        self._log({"event": "install", **metrics, "accuracy_before": result.accuracy_current})
-        return 0.0 if result.accuracy_new else 1.0, len(dataset), metrics
+        self._log(
+            {
+                "event": "install",
+                **metrics,
+                "accuracy_before": result.accuracy_current,
+                "round": info["round"],
+                "version": result.version,
+                "previous_version": result.previous_version,
+            }
+        )
+        return 0.0 if result.accuracy_new else 1.0, len(data.y), metrics
 
     def _record_contribution(self, rnd: int, base_sha: str, update: model.Params, weight: int) -> None:
         """What this home contributed before masking; it stays here (audit, and the tests' ground truth)."""
@@ -65,7 +83,6 @@ class HomeClient(NumPyClient):
         with (self.state_dir / "rounds.log").open("a") as fh:
             fh.write(json.dumps({"ts": time.time(), **entry}) + "\n")
 
-
 def stage_log_mod(msg: Message, context: Context, call_next):  # noqa: ANN201, ANN001
     """Log each SecAgg+ stage this home enters to ``rounds.log`` (which nights it took part, and how far)."""
     configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
@@ -78,6 +95,7 @@ def stage_log_mod(msg: Message, context: Context, call_next):  # noqa: ANN201, A
                 "event": "stage",
                 "stage": configs[Key.STAGE],
                 "round": msg.metadata.group_id,
+                "run": msg.metadata.run_id,
             }
             fh.write(json.dumps(entry) + "\n")
     return call_next(msg, context)
@@ -85,7 +103,10 @@ def stage_log_mod(msg: Message, context: Context, call_next):  # noqa: ANN201, A
 
 def client_fn(context: Context):  # noqa: ANN201
     cfg = context.node_config
-    return HomeClient(Path(str(cfg["data"])), Path(str(cfg["state-dir"]))).to_client()
+    default = str(cfg.get("bundle", ""))
+    return HomeClient(
+        Path(str(cfg["data"])), Path(str(cfg["state-dir"])), Path(default) if default else None
+    ).to_client()
 
 
 app = ClientApp(client_fn=client_fn, mods=[stage_log_mod, secaggplus_mod])

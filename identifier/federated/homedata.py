@@ -1,132 +1,126 @@
-"""Per-home datasets: confirmed devices as hashed second-level-domain vectors, and how homes are simulated.
+"""A home's training data: its confirmed devices' observation windows, one JSON object per line.
 
-A home's dataset is what its owner confirmed in the web UI; it is written to one ``.npz`` on the gateway and
-never leaves the home. For tests and the simulation, homes are cut from the shared supply-chain domain sets
-(``device_domains.csv``): labels are vendors, a Dirichlet split gives each home a few vendors the way real
-homes differ, and one device of every vendor is held out for evaluation.
+The gateway writes this file from its store (``iotgw federation join`` exports the devices the owner
+confirmed or corrected); it never leaves the home. Each line is one device::
+
+    {"mac": "aa:bb:..", "first_ts": 1700000000.0, "manufacturer": "TP-Link", "device_type": "TP-LinkPlugHS110",
+     "category": "plug", "source": "owner", "observations": [{"kind": "dns", "t": 1700000000.3, ...}, ...]}
+
+with observations in ``identifier.observation``'s JSON form (absolute times) and ``source`` ``owner`` (a
+confirmation or correction) or ``pseudo`` (an unconfirmed confident identification, only when the owner
+turned pseudo-labels on). For tests and the simulation, homes are cut from the shared data the way real homes
+differ: a Dirichlet split of device types (or vendors) over homes, with some devices of each held out.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
+import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from identifier.domains import sld
-from identifier.federated.model import Dataset
+from identifier.dataset import LabelledWindow
+from identifier.observation import from_json, to_json
 
-N_FEATURES = 512
-
-
-def bucket(name: str, n_features: int = N_FEATURES) -> int:
-    """The feature index of a DNS name: its SLD hashed (stable across processes, unlike ``hash()``)."""
-    digest = hashlib.blake2b(sld(name).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % n_features
+SOURCES = ("owner", "pseudo")
 
 
-def vectorize(names: set[str] | list[str], n_features: int = N_FEATURES) -> np.ndarray:
-    """A binary bag of hashed SLDs."""
-    vec = np.zeros(n_features, np.float32)
-    for name in names:
-        vec[bucket(name, n_features)] = 1.0
-    return vec
-
-
-def read_devices(csv_path: Path) -> dict[str, tuple[str, set[str]]]:
-    """device -> (vendor, its DNS names), from ``device_domains.csv``."""
-    devices: dict[str, tuple[str, set[str]]] = {}
-    with csv_path.open(newline="") as fh:
-        for line_no, row in enumerate(csv.DictReader(fh), start=2):
-            try:
-                device, vendor, domain = row["device_folder"], row["vendor"], row["domain"]
-            except KeyError as exc:
-                raise ValueError(f"{csv_path}:{line_no}: missing column {exc}") from exc
-            devices.setdefault(device, (vendor, set()))[1].add(domain)
-    return devices
-
-
-def _windows(names: set[str], n: int, keep: float, rng: np.random.Generator) -> list[np.ndarray]:
-    """``n`` partial observation windows of one device: each keeps a random share of its names."""
-    ordered = sorted(names)
-    out = []
-    for _ in range(n):
-        kept = [d for d in ordered if rng.random() < keep] or [ordered[int(rng.integers(len(ordered)))]]
-        out.append(vectorize(kept))
-    return out
-
-
-def split_homes(
-    csv_path: Path,
-    n_homes: int,
-    *,
-    alpha: float = 0.5,
-    windows_per_device: int = 8,
-    keep: float = 0.6,
-    seed: int = 0,
-) -> tuple[list[Dataset], Dataset]:
-    """``n_homes`` home datasets and one held-out test set over the same vendor classes.
-
-    Vendors with at least two devices (not "Unknown") are the classes; one device per vendor is held out.
-    Each remaining device goes to a home drawn from that vendor's Dirichlet(alpha) distribution over homes,
-    so a home sees a few vendors, unevenly, and every home gets at least one device.
-    """
-    rng = np.random.default_rng(seed)
-    by_vendor: dict[str, list[str]] = defaultdict(list)
-    devices = read_devices(csv_path)
-    for device, (vendor, _) in sorted(devices.items()):
-        if vendor != "Unknown":
-            by_vendor[vendor].append(device)
-    classes = tuple(sorted(v for v, devs in by_vendor.items() if len(devs) >= 2))
-    home_of: dict[str, int] = {}
-    test_devices: list[str] = []
-    for label in classes:
-        devs = list(by_vendor[label])
-        rng.shuffle(devs)
-        test_devices.append(devs[0])
-        weights = rng.dirichlet([alpha] * n_homes)
-        for device in devs[1:]:
-            home_of[device] = int(rng.choice(n_homes, p=weights))
-    for home in range(n_homes):  # no empty homes: move a device from the fullest home
-        if home not in home_of.values():
-            fullest = max(range(n_homes), key=lambda h: sum(1 for v in home_of.values() if v == h))
-            home_of[next(d for d, h in home_of.items() if h == fullest)] = home
-
-    def build(device_list: list[str]) -> Dataset:
-        xs, ys = [], []
-        for device in device_list:
-            vendor, names = devices[device]
-            for vec in _windows(names, windows_per_device, keep, rng):
-                xs.append(vec)
-                ys.append(classes.index(vendor))
-        x = np.stack(xs) if xs else np.zeros((0, N_FEATURES), np.float32)
-        return Dataset(x=x, y=np.asarray(ys, np.int64), classes=classes)
-
-    homes = [build(sorted(d for d, h in home_of.items() if h == home)) for home in range(n_homes)]
-    return homes, build(test_devices)
-
-
-def merge(datasets: list[Dataset]) -> Dataset:
-    """All datasets as one (centralized training on the union of the homes)."""
-    return Dataset(
-        x=np.concatenate([d.x for d in datasets]),
-        y=np.concatenate([d.y for d in datasets]),
-        classes=datasets[0].classes,
+def to_line(window: LabelledWindow, source: str = "owner") -> str:
+    return json.dumps(
+        {
+            "mac": window.mac,
+            "first_ts": window.first_ts,
+            "manufacturer": window.manufacturer,
+            "device_type": window.device_type,
+            "category": window.category,
+            "source": source,
+            "observations": [to_json(o) for o in window.observations],
+        },
+        separators=(",", ":"),
     )
 
 
-def save(dataset: Dataset, path: Path) -> None:
-    np.savez(path, x=dataset.x, y=dataset.y, classes=np.asarray(dataset.classes))
+def save(windows: list[LabelledWindow], path: Path, source: str = "owner") -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(to_line(w, source) + "\n" for w in windows), encoding="utf-8")
+    tmp.replace(path)
 
 
-def load(path: Path) -> Dataset:
-    """A home's confirmed devices; a clear error names the file when it is not a dataset."""
+def load(path: Path) -> list[LabelledWindow]:
+    """A home's windows; a bad line raises ``ValueError`` naming the file and line."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return Dataset(
-                x=z["x"].astype(np.float32), y=z["y"].astype(np.int64), classes=tuple(z["classes"])
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not readable as a home's windows: {exc}") from exc
+    windows = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            source = row.get("source", "owner")
+            if source not in SOURCES:
+                raise ValueError(f"source {source!r} is not one of {SOURCES}")
+            observations = sorted((from_json(o) for o in row["observations"]), key=lambda o: o.ts)
+            windows.append(
+                LabelledWindow(
+                    observations,
+                    str(row["mac"]),
+                    float(row["first_ts"]),
+                    row.get("manufacturer") or None,
+                    row.get("device_type") or None,
+                    row.get("category") or None,
+                    group=f"{source}:{row['mac']}",
+                    source=source,
+                    timed=True,
+                )
             )
-    except (OSError, KeyError, ValueError) as exc:
-        raise ValueError(f"{path}: not a home dataset (.npz with x, y, classes): {exc}") from exc
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path}:{line_no}: not a device window: {exc}") from exc
+    return windows
+
+
+def _kind(window: LabelledWindow) -> str | None:
+    """What makes homes differ: the device type of a capture, the vendor of a name set."""
+    return window.device_type if window.timed else window.manufacturer
+
+
+def split_homes(
+    windows: list[LabelledWindow],
+    n_homes: int,
+    *,
+    alpha: float = 0.5,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> tuple[list[list[LabelledWindow]], list[LabelledWindow]]:
+    """``n_homes`` homes and one held-out test set.
+
+    Windows are grouped by kind (device type, or vendor for name sets); of each kind with at least two
+    windows, ``test_fraction`` (at least one) is held out, and every other window goes to a home drawn from
+    that kind's Dirichlet(alpha) distribution over homes, so a home has a few kinds, unevenly. Every home
+    gets at least one window.
+    """
+    rng = np.random.default_rng(seed)
+    by_kind: dict[str, list[LabelledWindow]] = defaultdict(list)
+    for w in windows:
+        kind = _kind(w)
+        if kind:
+            by_kind[kind].append(w)
+    homes: list[list[LabelledWindow]] = [[] for _ in range(n_homes)]
+    test: list[LabelledWindow] = []
+    for kind in sorted(by_kind):
+        members = sorted(by_kind[kind], key=lambda w: w.group)
+        if len(members) < 2:
+            continue
+        order = rng.permutation(len(members))
+        n_test = max(1, int(round(len(members) * test_fraction)))
+        test += [members[i] for i in order[:n_test]]
+        share = rng.dirichlet([alpha] * n_homes)
+        for i in order[n_test:]:
+            homes[int(rng.choice(n_homes, p=share))].append(members[i])
+    for home in homes:  # no empty homes: take a window from the fullest home
+        if not home:
+            fullest = max(homes, key=len)
+            home.append(fullest.pop())
+    return homes, test

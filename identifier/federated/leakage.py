@@ -1,11 +1,12 @@
 """Deep leakage from gradients against one home's update (``python -m identifier.federated.leakage``).
 
 The attack (Zhu et al. 2019, with the cosine objective of Geiping et al. 2020, which ignores the update's
-scale, so clipping does not stop it): optimise dummy feature vectors and soft labels until the gradient
-they produce matches the observed update; read the recovered SLD buckets off the dummies. Run against
+scale, so clipping does not stop it): optimise dummy feature vectors and soft labels (one per head) until the
+gradient they produce in the identifier's model matches the observed update; read the recovered feature
+buckets (hashed tokens: SLDs, DHCP options, ...) off the dummies. Run against
 (a) a home's plain one-step update, and (b) what the server holds of that home under SecAgg+: its masked
 vector (quantised update plus Flower's pseudo-random masks, mod 2^32), dequantised as if it were an update.
-Scored on the hashed SLD features the home's devices use: recall and precision, beside random guessing.
+Scored on the feature buckets the home's devices use: recall and precision, beside random guessing.
 Prints one JSON object.
 """
 
@@ -17,19 +18,37 @@ from pathlib import Path
 
 import numpy as np
 
+from identifier.bundle import Bundle
+from identifier.dataset import domain_windows
 from identifier.federated import homedata, model, updates
+from identifier.federated.simulate import fresh
+from identifier.inference import HEADS
+from identifier.train import Samples
 
 
-def gradient(params: model.Params, dataset: model.Dataset) -> model.Params:
-    """The full-batch gradient of the loss: what one local SGD step sends, up to its (unknown) scale."""
+def _net(start: Bundle):  # noqa: ANN202 - the identifier's torch module, in eval mode (no dropout noise)
+    from identifier.model import from_export
+
+    net = from_export(start.weights)
+    net.eval()
+    return net
+
+
+def gradient(start: Bundle, home: Samples) -> list[np.ndarray]:
+    """The full-batch gradient of the training loss (the net's parameter order): what one local step sends,
+    up to its (unknown) scale."""
     import torch
 
-    net = model._module(params)  # noqa: SLF001 - same module the home trains
-    loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(dataset.x)), torch.from_numpy(dataset.y))
-    return [g.detach().numpy().copy() for g in torch.autograd.grad(loss, list(net.parameters()))]
+    from identifier.model import _loss
+
+    net = _net(start)
+    loss = _loss(net(torch.from_numpy(home.x)), torch.from_numpy(home.y), torch.from_numpy(home.w))
+    params = list(net.parameters())
+    grads = torch.autograd.grad(loss, params, allow_unused=True)  # a head no sample is labelled for: none
+    return [np.zeros(p.shape, np.float32) if g is None else g.detach().numpy().copy() for p, g in zip(params, grads)]
 
 
-def masked_view(update: model.Params, clip_range: float, seed: int) -> model.Params:
+def masked_view(update: list[np.ndarray], clip_range: float, seed: int) -> list[np.ndarray]:
     """What the server receives from this home in SecAgg+'s stage 2, dequantised: Flower's own quantiser
     and mask generator, with a private mask and one pairwise mask from random seeds."""
     import os
@@ -50,24 +69,24 @@ def masked_view(update: model.Params, clip_range: float, seed: int) -> model.Par
     return [a.astype(np.float32) for a in dequantize([m % target for m in masked], clip_range, target)]
 
 
-def dlg(
-    params: model.Params, observed: model.Params, n_classes: int, n_dummy: int, steps: int, seed: int
-) -> np.ndarray:
-    """Dummy inputs (n_dummy x d, in [0, 1]) whose gradient best matches ``observed`` by cosine distance."""
+def dlg(start: Bundle, observed: list[np.ndarray], n_dummy: int, steps: int, seed: int) -> np.ndarray:
+    """Dummy inputs (n_dummy x dim, in [0, 1]) whose gradient best matches ``observed`` by cosine distance."""
     import torch
 
     torch.manual_seed(seed)
-    net = model._module(params)  # noqa: SLF001
+    net = _net(start)
     target = [torch.from_numpy(np.asarray(o, np.float32)) for o in observed]
-    z = torch.full((n_dummy, params[0].shape[1]), -2.0, requires_grad=True)
-    label_logits = torch.randn(n_dummy, n_classes, requires_grad=True)
-    opt = torch.optim.Adam([z, label_logits], lr=0.1)
+    z = torch.full((n_dummy, start.features.dim), -2.0, requires_grad=True)
+    labels = [torch.randn(n_dummy, len(start.labels[h]), requires_grad=True) for h in HEADS]
+    opt = torch.optim.Adam([z, *labels], lr=0.1)
     for _ in range(steps):
         opt.zero_grad()
-        x = torch.sigmoid(z)
-        out = net(x)
-        loss = torch.sum(-torch.softmax(label_logits, 1) * torch.log_softmax(out, 1), 1).mean()
-        grads = torch.autograd.grad(loss, list(net.parameters()), create_graph=True)
+        outs = net(torch.sigmoid(z))
+        loss = sum(
+            torch.sum(-torch.softmax(lab, 1) * torch.log_softmax(out, 1), 1).mean()
+            for lab, out in zip(labels, outs, strict=True)
+        )
+        grads = torch.autograd.grad(loss, list(net.parameters()), create_graph=True)  # dummies use every head
         dot = sum((g * t).sum() for g, t in zip(grads, target, strict=True))
         norm_g = torch.sqrt(sum((g * g).sum() for g in grads))
         norm_t = torch.sqrt(sum((t * t).sum() for t in target))
@@ -77,9 +96,9 @@ def dlg(
     return torch.sigmoid(z).detach().numpy()
 
 
-def score(recovered: set[int], home: model.Dataset) -> dict[str, float]:
-    """Recall and precision of the recovered SLD features against the home's own, beside chance: a guess of
-    as many features at random has recall |guess|/d and precision |home|/d."""
+def score(recovered: set[int], home: Samples) -> dict[str, float]:
+    """Recall and precision of the recovered feature buckets against the home's own, beside chance: a guess
+    of as many buckets at random has recall |guess|/d and precision |home|/d."""
     true = set(np.flatnonzero(home.x.max(0) > 0).tolist())
     d = home.x.shape[1]
     return {
@@ -92,10 +111,12 @@ def score(recovered: set[int], home: model.Dataset) -> dict[str, float]:
     }
 
 
-def attack(params: model.Params, observed: model.Params, home: model.Dataset, n_classes: int, args) -> dict:  # noqa: ANN001
-    """DLG, and the shortcut a first linear layer allows: features whose weight column moved at all."""
-    dummies = dlg(params, observed, n_classes, args.dummies, args.steps, args.seed)
-    support = set(np.flatnonzero(np.abs(observed[0]).sum(0) > 0).tolist())
+def attack(start: Bundle, observed: list[np.ndarray], home: Samples, args) -> dict:  # noqa: ANN001
+    """DLG, and the shortcut the first layer and the wide path allow: input columns whose weights moved."""
+    dummies = dlg(start, observed, args.dummies, args.steps, args.seed)
+    names = [name for name, _ in _net(start).named_parameters()]
+    first = [np.abs(observed[names.index(n)]).sum(0) for n in ("fc1.weight", "wide.weight")]
+    support = set(np.flatnonzero(sum(first) > 0).tolist())
     return {
         "dlg": score(set(np.flatnonzero(dummies.max(0) > 0.5).tolist()), home),
         "first_layer_support": score(support, home),
@@ -110,22 +131,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", type=int, default=0, help="which home is attacked")
     parser.add_argument("--dummies", type=int, default=16)
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--clip-norm", type=float, default=1.0)
+    parser.add_argument("--clip-norm", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not args.data.exists():
         parser.error(f"{args.data}: not found (give --data)")
-    homes, test = homedata.split_homes(args.data, args.homes, seed=args.seed)
-    home = homes[args.home]
-    params = model.init_params(homedata.N_FEATURES, len(test.classes), seed=args.seed)
-    plain = updates.clip([-g for g in gradient(params, home)], args.clip_norm)  # one SGD step, clipped
+    homes, _ = homedata.split_homes(domain_windows(args.data, set()), args.homes, seed=args.seed)
+    start = fresh(Bundle.load(), args.seed)  # the first round of a federation from fresh weights
+    home = model.samples(start, homes[args.home], args.seed)
+    plain = updates.clip([-g for g in gradient(start, home)], args.clip_norm)  # one SGD step, clipped
     masked = masked_view(plain, args.clip_norm, args.seed)
-    n_classes = len(test.classes)
     result = {
         "home": args.home,
-        "home_windows": len(home),
-        "plain_update": attack(params, plain, home, n_classes, args),
-        "secagg_masked_view": attack(params, masked, home, n_classes, args),
+        "home_windows": len(homes[args.home]),
+        "home_samples": len(home.y),
+        "plain_update": attack(start, plain, home, args),
+        "secagg_masked_view": attack(start, masked, home, args),
     }
     print(json.dumps(result))
     return 0

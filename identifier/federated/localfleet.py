@@ -15,8 +15,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from identifier.dataset import LabelledWindow
 from identifier.federated import homedata, processes
-from identifier.federated.model import Dataset
 
 
 @dataclass
@@ -73,12 +73,12 @@ class LocalFleet:
         processes.wait_for_port("127.0.0.1", self.port)
         processes.write_connection(server_dir, "iotgw", self.address, self.tls.ca if self.tls else None)
 
-    def add_home(self, dataset: Dataset, auth_key: Path | None = None) -> Home:
+    def add_home(self, windows: list[LabelledWindow], auth_key: Path | None = None) -> Home:
         index = len(self.homes)
         home_dir = self.root / f"home{index}"
         home_dir.mkdir(parents=True, exist_ok=True)
-        data = home_dir / "confirmed.npz"
-        homedata.save(dataset, data)
+        data = home_dir / "confirmed.jsonl"
+        homedata.save(windows, data)
         home = Home(index, data, home_dir, processes.free_port(), auth_key)
         self.homes.append(home)
         self.start_home(home)

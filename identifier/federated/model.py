@@ -1,99 +1,101 @@
-"""The seam between federation and the identification model: parameters as a list of numpy arrays.
+"""The seam between federation and the identification model: a bundle's weights as a list of numpy arrays.
 
-Federation needs three things from a model, all here: ``init_params``, ``local_train``, ``evaluate``.
-The bodies below use a stand-in MLP over fixed-size hashed feature vectors; to federate the identifier's own
-model, make these three functions load/save its weights as a list of arrays (the order of its state dict) and
-call its training step. Nothing else in ``identifier.federated`` knows what the arrays mean.
-torch is imported inside the functions: the ClientApp's processes must not pay for it at import time.
+Federation moves ``Params``: the identifier's exported weights (``identifier.model.export``, the arrays of a
+bundle's ``weights.npz``) in sorted name order, without the temperatures, which stay the base bundle's (they
+are calibration, fitted on a validation split no home has). A home's examples are its confirmed observation
+windows, turned into samples by the identifier's own ``build_samples`` with the bundle's feature config and
+label sets, so a federated model reads exactly the features the daemon computes. Training is
+``identifier.model.train_epochs``; evaluation runs the numpy net the daemon uses. torch is imported only
+inside ``local_train`` (through ``identifier.model``): the ClientApp's processes must not pay for it at import.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import replace
 
 import numpy as np
 
+from identifier.bundle import Bundle
+from identifier.dataset import LabelledWindow
+from identifier.inference import HEADS, NumpyNet
+from identifier.train import Samples, build_samples
+
 Params = list[np.ndarray]
 
-HIDDEN = 64
+CALIBRATION = ("temps",)  # bundle weights that are not trained by federation
 
 
-@dataclass(frozen=True)
-class Dataset:
-    """Feature vectors ``x`` (float32, n x d) with class indices ``y`` (int64, n) into ``classes``."""
-
-    x: np.ndarray
-    y: np.ndarray
-    classes: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
+def keys(bundle: Bundle) -> list[str]:
+    """The names of the federated arrays, in ``Params`` order."""
+    return sorted(k for k in bundle.weights if k not in CALIBRATION)
 
 
-def init_params(n_features: int, n_classes: int, seed: int = 0) -> Params:
-    """Fresh weights of the stand-in MLP (d -> HIDDEN -> LayerNorm -> classes), float32."""
-    rng = np.random.default_rng(seed)
-    w1 = rng.normal(0.0, 1.0 / np.sqrt(n_features), (HIDDEN, n_features)).astype(np.float32)
-    w2 = rng.normal(0.0, 1.0 / np.sqrt(HIDDEN), (n_classes, HIDDEN)).astype(np.float32)
-    return [
-        w1,
-        np.zeros(HIDDEN, np.float32),
-        np.ones(HIDDEN, np.float32),  # LayerNorm gain
-        np.zeros(HIDDEN, np.float32),  # LayerNorm bias
-        w2,
-        np.zeros(n_classes, np.float32),
-    ]
+def params_of(bundle: Bundle) -> Params:
+    return [np.asarray(bundle.weights[k], np.float32) for k in keys(bundle)]
 
 
-def _module(params: Params):  # noqa: ANN202 - torch types stay out of the module's import-time surface
-    import torch
+def weights_of(bundle: Bundle, params: Params) -> dict[str, np.ndarray]:
+    """The full weight dict of ``bundle`` with ``params`` in place of its trained arrays."""
+    names = keys(bundle)
+    if len(names) != len(params) or any(
+        bundle.weights[k].shape != p.shape for k, p in zip(names, params, strict=False)
+    ):
+        raise ValueError("parameters do not fit the bundle's model (other feature size or label sets)")
+    weights = dict(zip(names, (np.asarray(p, np.float32) for p in params), strict=True))
+    weights.update({k: bundle.weights[k] for k in CALIBRATION})
+    return weights
 
-    n_features, n_classes = params[0].shape[1], params[4].shape[0]
-    net = torch.nn.Sequential(
-        torch.nn.Linear(n_features, HIDDEN),
-        torch.nn.ReLU(),
-        torch.nn.LayerNorm(HIDDEN),
-        torch.nn.Linear(HIDDEN, n_classes),
+
+def with_params(bundle: Bundle, params: Params, version: str, info: dict) -> Bundle:
+    """``bundle`` with federated ``params``: same features, labels, thresholds, calibration; ``info``
+    (round, run, digest) recorded under ``metrics["federated"]``."""
+    return replace(
+        bundle,
+        weights=weights_of(bundle, params),
+        version=version,
+        metrics={**bundle.metrics, "federated": info},
     )
-    with torch.no_grad():
-        for tensor, array in zip(net.parameters(), params, strict=True):
-            tensor.copy_(torch.from_numpy(np.asarray(array, np.float32)))
-    return net
 
 
-def _params(net) -> Params:  # noqa: ANN001
-    return [t.detach().cpu().numpy().astype(np.float32).copy() for t in net.parameters()]
+def schema(bundle: Bundle) -> str:
+    """SHA-256 of what a model must share with a home's bundle to be usable there: features and labels."""
+    body = json.dumps({"features": bundle.features.to_json(), "labels": bundle.labels}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def samples(bundle: Bundle, windows: list[LabelledWindow], seed: int = 0) -> Samples:
+    """A home's windows as the identifier's training samples; labels outside the bundle's sets are ignored."""
+    return build_samples(windows, bundle.labels, bundle.features, seed)
+
+
+def has_labels(data: Samples) -> bool:
+    return bool(len(data.y)) and bool((data.y >= 0).any())
 
 
 def local_train(
-    params: Params, dataset: Dataset, *, epochs: int = 20, lr: float = 0.05, seed: int = 0
+    bundle: Bundle, params: Params, data: Samples, *, epochs: int, lr: float, seed: int = 0
 ) -> Params:
-    """``params`` trained on ``dataset`` with full-batch Adam; returns new arrays, ``params`` is untouched."""
-    import torch
+    """``params`` trained ``epochs`` epochs on ``data`` with the identifier's training step."""
+    from identifier.model import train_epochs
 
-    torch.manual_seed(seed)
-    torch.set_num_threads(1)  # a gateway is small and homes share CPUs in tests: one thread trains fastest
-    net = _module(params)
-    if len(dataset) == 0:
-        return _params(net)
-    x, y = torch.from_numpy(dataset.x), torch.from_numpy(dataset.y)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    for _ in range(epochs):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(x), y).backward()
-        opt.step()
-    return _params(net)
+    trained = train_epochs(
+        weights_of(bundle, params), data.x, data.y, data.w, epochs=epochs, lr=lr, seed=seed
+    )
+    return [trained[k].astype(np.float32) for k in keys(bundle)]
 
 
-def evaluate(params: Params, dataset: Dataset) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of ``params`` on ``dataset`` (0 and inf when it is empty)."""
-    import torch
-
-    if len(dataset) == 0:
-        return {"accuracy": 0.0, "loss": float("inf")}
-    net = _module(params)
-    with torch.no_grad():
-        logits = net(torch.from_numpy(dataset.x))
-        loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(dataset.y)).item()
-        accuracy = (logits.argmax(1).numpy() == dataset.y).mean().item()
-    return {"accuracy": float(accuracy), "loss": float(loss)}
+def evaluate(bundle: Bundle, params: Params, data: Samples) -> dict[str, float]:
+    """Accuracy per head on the samples labelled for it, and ``accuracy``: their mean over labelled heads
+    (what install-if-no-worse compares). Empty data scores 0."""
+    probs = NumpyNet(weights_of(bundle, params)).probabilities(data.x) if len(data.y) else None
+    out: dict[str, float] = {}
+    for k, head in enumerate(HEADS):
+        labelled = data.y[:, k] >= 0 if probs is not None else np.zeros(0, bool)
+        if labelled.any():
+            out[f"{head}_accuracy"] = float((probs[k][labelled].argmax(1) == data.y[labelled, k]).mean())
+    heads = [v for v in out.values()]
+    out["accuracy"] = float(np.mean(heads)) if heads else 0.0
+    out["samples"] = float(len(data.y))
+    return out

@@ -10,14 +10,21 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import identifier
+from identifier.federated.supernode import POLL_ENV
 
 APP_DIR = Path(__file__).resolve().parent / "flwr_app"
 PACKAGE_ROOT = Path(identifier.__file__).resolve().parents[1]
+# Polling, Flower's round-trip tax: a SuperNode waits up to 3 s before it sees a message (each SecAgg+ stage
+# is one), its SuperExec up to 1 s before it starts the ClientApp. Shorter polls cost SuperLink requests
+# (one per home per poll, only while a gateway is joined); see docs/federation.md, "Round cost".
+POLL_S = 1.0
+TASK_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -29,13 +36,15 @@ class Tls:
     key: Path | None = None
 
 
-def flower_env(state_dir: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+def flower_env(state_dir: Path, base: dict[str, str] | None = None, poll_s: float = POLL_S) -> dict[str, str]:
     """The environment for any Flower process run for iotgw, with ``FLWR_HOME`` under ``state_dir``."""
     env = dict(os.environ if base is None else base)
     env.update(
         FLWR_TELEMETRY_ENABLED="0",
         FLWR_DISABLE_UPDATE_CHECK="1",
         FLWR_HOME=str(state_dir / "flwr"),
+        FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(TASK_POLL_S),
+        **{POLL_ENV: str(poll_s)},
         PYTHONPATH=os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p),
     )
     return env
@@ -74,11 +83,17 @@ def supernode_cmd(
     root_cert: Path | None,
     auth_key: Path | None,
     max_wait: float | None = None,
+    bundle: Path | None = None,
 ) -> list[str]:
-    """``flower-supernode`` for one home; its ClientApp reads ``data``, keeps state in ``state_dir``."""
-    node_config = f"data={json.dumps(str(data))} state-dir={json.dumps(str(state_dir))}"
+    """``flower-supernode`` (with our idle poll, ``identifier.federated.supernode``) for one home; its
+    ClientApp reads ``data``, keeps state in ``state_dir`` and starts from ``bundle`` (None: the shipped one)
+    until a federated model is installed."""
+    node_config = (
+        f"data={json.dumps(str(data))} state-dir={json.dumps(str(state_dir))} "
+        f"bundle={json.dumps(str(bundle or ''))}"
+    )
     cmd = [
-        "flower-supernode",
+        sys.executable, "-m", "identifier.federated.supernode",
         "--superlink", superlink,
         "--host", "127.0.0.1",
         "--port", str(port),

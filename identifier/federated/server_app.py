@@ -41,6 +41,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.serverapp import Grid, ServerApp
 
+from identifier.bundle import Bundle
 from identifier.federated import model, updates
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,7 @@ class RunSettings:
     lr: float
     max_weight: int  # a home's weight is its number of confirmed windows, capped here
     out_dir: Path
-    n_features: int
-    n_classes: int
+    bundle: Path | None  # the model bundle the federation starts from (None: the shipped one)
 
     @classmethod
     def from_context(cls, context: Context) -> RunSettings:
@@ -83,8 +83,7 @@ class RunSettings:
             lr=float(c["lr"]),
             max_weight=int(c["max-weight"]),
             out_dir=Path(str(c["out-dir"])),
-            n_features=int(c["n-features"]),
-            n_classes=int(c["n-classes"]),
+            bundle=Path(str(c["bundle"])) if c.get("bundle") else None,
         )
 
 
@@ -143,7 +142,7 @@ class MaskedSumFedAvg(FedAvg):
     among them.
     """
 
-    def __init__(self, settings: RunSettings, initial: model.Params) -> None:
+    def __init__(self, settings: RunSettings, base: Bundle, initial: model.Params) -> None:
         super().__init__(
             fraction_fit=1.0,
             fraction_evaluate=1.0,
@@ -153,6 +152,8 @@ class MaskedSumFedAvg(FedAvg):
             initial_parameters=ndarrays_to_parameters(initial),
         )
         self.settings = settings
+        self.base = base
+        self.schema = model.schema(base)
         self.global_params = initial
         self.aggregated_rounds: set[int] = set()
         self.homes_in_round: dict[int, int] = {}
@@ -163,6 +164,7 @@ class MaskedSumFedAvg(FedAvg):
         config: dict[str, Scalar] = {
             "round": server_round,
             "sha256": updates.digest(self.global_params),
+            "schema": self.schema,
             "epochs": s.epochs,
             "lr": s.lr,
             "clip-norm": s.clip_norm,
@@ -232,6 +234,7 @@ class RoundGuard:
                 self.strategy.global_params,
                 self.report.out_dir,
                 {"round": current, "run_id": context.run_id, "published_at": time.time()},
+                self.strategy.base,
             )
             self.report.keep(current, self.strategy.global_params)
             record = RoundRecord(current, "ok", seconds, self.strategy.homes_in_round[current], sha)
@@ -255,7 +258,14 @@ class InstallStep:
         if current != self.num_rounds or not self.strategy.aggregated_rounds:
             return
         params = self.strategy.global_params
-        ins = EvaluateIns(ndarrays_to_parameters(params), {"install": True, "sha256": updates.digest(params)})
+        config: dict[str, Scalar] = {
+            "install": True,
+            "sha256": updates.digest(params),
+            "schema": self.strategy.schema,
+            "round": max(self.strategy.aggregated_rounds),
+            "run-id": context.run_id,
+        }
+        ins = EvaluateIns(ndarrays_to_parameters(params), config)
         assert isinstance(context, LegacyContext)
         messages = [
             Message(
@@ -307,13 +317,17 @@ class RunReport:
         (self.out_dir / f"run-{self.run_id}.json").write_text(json.dumps(body, indent=2))
 
 
-def initial_params(settings: RunSettings) -> model.Params:
-    """The last published global model (runs resume from it), else fresh weights."""
+def initial_params(settings: RunSettings, base: Bundle) -> model.Params:
+    """The last published global model if it fits ``base`` (runs resume from it), else ``base``'s weights."""
     try:
-        params, _ = updates.read_published(settings.out_dir)
-        return params
+        params, manifest = updates.read_published(settings.out_dir)
     except FileNotFoundError:
-        return model.init_params(settings.n_features, settings.n_classes)
+        return model.params_of(base)
+    if manifest.get("schema") != model.schema(base):
+        raise ValueError(
+            f"{settings.out_dir}/global.npz was made for other features or label sets than {base.version}"
+        )
+    return params
 
 
 def run(
@@ -321,7 +335,8 @@ def run(
 ) -> None:
     """The whole federated run; raises at the end if any round failed, so the run is marked failed."""
     settings = RunSettings.from_context(context)
-    strategy = MaskedSumFedAvg(settings, initial_params(settings))
+    base = Bundle.load(settings.bundle)
+    strategy = MaskedSumFedAvg(settings, base, initial_params(settings, base))
     report = RunReport(settings.out_dir, context.run_id)
     report.keep(0, strategy.global_params)
     legacy = LegacyContext(

@@ -2,8 +2,9 @@
 
 An update is ``local - global``, clipped to an L2 norm (bounds any one home's influence and keeps every value
 inside SecAgg+'s quantisation range), with optional Gaussian noise for differential privacy. A global model
-is a canonical ``.npz`` whose SHA-256 is its identity; a gateway installs one only if the digest checks and
-it does no worse on the home's own confirmed devices, and keeps the previous one for rollback.
+is a canonical ``.npz`` whose SHA-256 is its identity, published beside the model bundle it makes; a gateway
+installs it (as a bundle) only if the digest checks and it does no worse on the home's own confirmed devices,
+and keeps the previous bundle for rollback.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from identifier.federated.model import Dataset, Params, evaluate
+from identifier.bundle import Bundle, BundleError
+from identifier.federated import model
+from identifier.federated.model import Params
+from identifier.train import Samples
 
 
 def delta(new: Params, old: Params) -> Params:
@@ -100,13 +104,21 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def publish(params: Params, out_dir: Path, info: dict) -> str:
-    """Write the global model and its manifest (digest, round, ...) to ``out_dir``; returns the digest."""
+def publish(params: Params, out_dir: Path, info: dict, base: Bundle) -> str:
+    """Write the global model, its manifest (digest, schema, version, round, ...) and the bundle it makes
+    (``out_dir/bundle``: ``base`` with these weights) to ``out_dir``; returns the digest."""
     out_dir.mkdir(parents=True, exist_ok=True)
     sha = digest(params)
+    manifest = {**info, "sha256": sha, "schema": model.schema(base), "version": version_of(info, sha)}
+    model.with_params(base, params, manifest["version"], manifest).save(out_dir / "bundle")
     _write_atomic(out_dir / "global.npz", to_bytes(params))
-    _write_atomic(out_dir / "global.json", json.dumps({**info, "sha256": sha}, indent=2).encode())
+    _write_atomic(out_dir / "global.json", json.dumps(manifest, indent=2).encode())
     return sha
+
+
+def version_of(info: dict, sha: str) -> str:
+    """A federated bundle's version: run, round and digest prefix (``fed-<run>-r<round>-<sha8>``)."""
+    return f"fed-{info.get('run_id', 0)}-r{info.get('round', 0)}-{sha[:8]}"
 
 
 def read_published(out_dir: Path) -> tuple[Params, dict]:
@@ -124,37 +136,71 @@ class InstallResult:
     reason: str
     accuracy_new: float
     accuracy_current: float
+    version: str = ""
+    previous_version: str | None = None
 
 
 class ModelStore:
-    """A gateway's installed model (``current.npz``) and the one before it (``previous.npz``)."""
+    """A gateway's installed bundle (``current/``) and the one before it (``previous/``).
 
-    def __init__(self, root: Path) -> None:
+    Before any federated install the installed model is ``default`` (the gateway's configured bundle, else
+    the shipped one); point the daemon's ``identifier.model_dir`` at ``current/`` to use federated models.
+    """
+
+    def __init__(self, root: Path, default: Path | None = None) -> None:
         self.root = root
-        self.current_path = root / "current.npz"
-        self.previous_path = root / "previous.npz"
+        self.default = default
+        self.current_dir = root / "current"
+        self.previous_dir = root / "previous"
 
-    def current(self) -> Params | None:
-        return from_bytes(self.current_path.read_bytes()) if self.current_path.exists() else None
+    def installed(self) -> Bundle:
+        if (self.current_dir / "bundle.json").exists():
+            return Bundle.load(self.current_dir)
+        # a gateway configured to run ``current/`` itself runs the shipped bundle until the first install
+        default = self.default if self.default and self.default.resolve() != self.current_dir.resolve() else None
+        return Bundle.load(default)
 
-    def install(self, params: Params, expected_digest: str, dataset: Dataset) -> InstallResult:
-        """Install ``params`` if their digest is ``expected_digest`` and they do no worse on ``dataset``."""
+    def install(
+        self, params: Params, expected_digest: str, expected_schema: str, data: Samples, info: dict
+    ) -> InstallResult:
+        """Install ``params`` (as the installed bundle with these weights) if their digest is
+        ``expected_digest``, they fit this home's bundle (``expected_schema``) and they do no worse on
+        ``data``, this home's confirmed devices."""
+        current = self.installed()
         if digest(params) != expected_digest:
-            return InstallResult(False, "digest mismatch", 0.0, 0.0)
-        current = self.current()
-        acc_new = evaluate(params, dataset)["accuracy"]
-        acc_cur = evaluate(current, dataset)["accuracy"] if current is not None else 0.0
-        if current is not None and acc_new < acc_cur:
-            return InstallResult(False, "worse on this home's confirmed devices", acc_new, acc_cur)
+            return InstallResult(False, "digest mismatch", 0.0, 0.0, previous_version=current.version)
+        if model.schema(current) != expected_schema:
+            return InstallResult(
+                False, "other features or label sets than this home's model", 0.0, 0.0,
+                previous_version=current.version,
+            )
+        acc_new = model.evaluate(current, params, data)["accuracy"]
+        acc_cur = model.evaluate(current, model.params_of(current), data)["accuracy"]
+        if acc_new < acc_cur:
+            return InstallResult(
+                False, "worse on this home's confirmed devices", acc_new, acc_cur,
+                previous_version=current.version,
+            )
+        new = model.with_params(current, params, version_of(info, expected_digest), info)
         self.root.mkdir(parents=True, exist_ok=True)
-        if self.current_path.exists():
-            shutil.copyfile(self.current_path, self.previous_path)
-        _write_atomic(self.current_path, to_bytes(params))
-        return InstallResult(True, "installed", acc_new, acc_cur)
+        staged = new.save(self.root / "staged")
+        shutil.rmtree(self.previous_dir, ignore_errors=True)
+        if self.current_dir.exists():
+            os.replace(self.current_dir, self.previous_dir)
+        else:  # the first federated install: the default bundle becomes the one to roll back to
+            current.save(self.previous_dir)
+        os.replace(staged, self.current_dir)
+        return InstallResult(True, "installed", acc_new, acc_cur, new.version, current.version)
 
-    def rollback(self) -> bool:
-        """Put the previous model back; False when there is none."""
-        if not self.previous_path.exists():
-            return False
-        os.replace(self.previous_path, self.current_path)
-        return True
+    def rollback(self) -> tuple[str, str] | None:
+        """Put the previous bundle back; returns (restored version, replaced version), None when there is none."""
+        if not (self.previous_dir / "bundle.json").exists():
+            return None
+        try:
+            replaced = Bundle.load(self.current_dir).version
+            restored = Bundle.load(self.previous_dir).version
+        except BundleError:
+            return None
+        shutil.rmtree(self.current_dir)
+        os.replace(self.previous_dir, self.current_dir)
+        return restored, replaced

@@ -1,0 +1,174 @@
+"""The gateway's side of federation: confirmed devices out of a real store, round alerts through the outbox.
+
+The store is filled the real way: ``iotgw replay`` feeds IoT-Sentinel captures through the capture path
+(devices, identifications, observation windows), and the owner's confirmations go through the device service
+the web UI calls. Alerts go through the durable outbox and are published by the daemon's ``Alerts`` to a real
+mosquitto.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from gateway.alerts.outbox import recent_alerts
+from gateway.alerts.publisher import Alerts
+from gateway.config import Config
+from gateway.devices import service
+from gateway.federation import PSEUDO_MIN_CONFIDENCE, RoundAlerts, export_windows, outbox_sender
+from gateway.store.db import Store
+from gateway.store.schema import Device, ObservationWindow, OutboxMessage
+from identifier.bundle import Bundle
+from identifier.federated import homedata, model
+from tests.broker import Mosquitto, Recorder
+from tests.shared_data import CAPTURES, needs_data
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUG, CAM, HUB = "50:c7:bf:00:c7:03", "b0:c5:54:25:5b:0e", "00:17:88:24:76:ff"
+
+
+def iotgw(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def replayed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A gateway state directory after replaying a TP-Link plug, a D-Link camera and a Hue bridge joining."""
+    if not CAPTURES.is_dir():
+        pytest.skip("no shared data")
+    state = tmp_path_factory.mktemp("gateway")
+    config = state / "iotgw.toml"
+    config.write_text(f'[gateway]\nstate_dir = "{state}"\n')
+    pcaps = [str(CAPTURES / d / "Setup-A-1-STA.pcap") for d in ("TP-LinkPlugHS110", "D-LinkCam", "HueBridge")]
+    done = iotgw("replay", "--config", str(config), *pcaps)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return state
+
+
+@needs_data
+def test_export_writes_the_owner_s_confirmed_devices_with_their_windows(replayed: Path, tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{replayed / 'iotgw.sqlite'}")
+    try:
+        with store.session() as s:
+            identified = {d.mac: d for d in s.query(Device).filter(Device.device_type.is_not(None))}
+            stored = {w.mac: w for w in s.query(ObservationWindow)}
+        assert {PLUG, CAM, HUB} <= set(identified)  # the replay identified all three ...
+        assert identified[HUB].confidence >= PSEUDO_MIN_CONFIDENCE > identified[PLUG].confidence  # ... unevenly
+        out = tmp_path / "confirmed.jsonl"
+        assert export_windows(store, out).owner == 0 and out.read_text() == ""  # nothing confirmed yet
+
+        service.label(store, PLUG, manufacturer="TP-Link", device_type="TP-LinkPlugHS110", category="plug")
+        service.label(store, CAM, manufacturer="D-Link", device_type="D-LinkDayCam", category="camera")  # corrected
+        exported = export_windows(store, out)
+        assert (exported.owner, exported.pseudo, exported.without_window) == (2, 0, 0)
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [(r["mac"], r["device_type"], r["source"]) for r in lines] == [
+            (PLUG, "TP-LinkPlugHS110", "owner"),
+            (CAM, "D-LinkDayCam", "owner"),  # the owner's correction, not the model's guess
+        ]
+        windows = homedata.load(out)
+        for window, mac in zip(windows, (PLUG, CAM), strict=True):
+            assert [o.ts for o in window.observations] == [o["t"] for o in stored[mac].observations]
+        shipped = Bundle.load()
+        data = model.samples(shipped, windows)  # what the ClientApp trains on: timed prefixes, real features
+        type_ids = {shipped.labels["device_type"][i] for i in data.y[:, 1] if i >= 0}
+        assert type_ids == {"D-LinkDayCam", "TP-LinkPlugHS110"} and len(data.y) > 8
+
+        with_pseudo = export_windows(store, out, pseudo_labels=True)
+        assert (with_pseudo.owner, with_pseudo.pseudo) == (2, 1)
+        pseudo = [json.loads(line) for line in out.read_text().splitlines()][-1]
+        assert (pseudo["mac"], pseudo["source"], pseudo["device_type"]) == (HUB, "pseudo", "HueBridge")
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def broker(tmp_path: Path):
+    b = Mosquitto(tmp_path)
+    b.start()
+    yield b
+    b.stop()
+
+
+def test_round_log_becomes_alerts_published_from_the_outbox(tmp_path: Path, broker: Mosquitto) -> None:
+    """A night as the ClientApp logs it: round 1 completes and the model is installed, round 2 stops after
+    key sharing. The alerts land in the outbox (and history), and the daemon's publisher sends them."""
+    store = Store(f"sqlite:///{tmp_path / 'iotgw.sqlite'}")
+    cfg = Config()
+    cfg.gateway.name = "home"
+    cfg.mqtt.url = broker.url
+    log = tmp_path / "rounds.log"
+    log.write_text(json.dumps({"ts": 1.0, "event": "stage", "stage": "unmask", "round": "9", "run": 1}) + "\n")
+    alerts = RoundAlerts(log, outbox_sender(store, cfg))  # last night's entries were reported last night
+    night = [
+        *({"event": "stage", "stage": st, "round": "1", "run": 5} for st in ("setup", "share_keys")),
+        {"event": "stage", "stage": "collect_masked_vectors", "round": "1", "run": 5},
+        {"event": "fit", "round": 1, "weight": 40},
+        {"event": "stage", "stage": "unmask", "round": "1", "run": 5},
+        {"event": "install", "installed": True, "reason": "installed", "accuracy": 0.9, "accuracy_before": 0.8,
+         "round": 1, "version": "fed-5-r1-abcd1234", "previous_version": "20261121-d67c5e54-s0"},
+        *({"event": "stage", "stage": st, "round": "2", "run": 5} for st in ("setup", "share_keys")),
+    ]
+    with log.open("a") as fh:
+        for i, entry in enumerate(night):
+            fh.write(json.dumps({"ts": 100.0 + i, **entry}) + "\n")
+        fh.write('{"ts": 200.0, "event": "sta')  # a line being written: not read yet
+    alerts.poll()
+    kinds = [(a.kind, a.data.get("round"), a.data.get("status")) for a in reversed(recent_alerts(store))]
+    assert kinds == [("federated_round", 1, "ok"), ("model_updated", 1, None)]
+    alerts.finish()  # the window ends with round 2 open
+    last = recent_alerts(store, 1)[0]
+    assert (last.kind, last.data["round"], last.data["status"]) == ("federated_round", 2, "failed")
+    assert "share_keys" in last.data["error"]
+    with store.session() as s:
+        assert s.query(OutboxMessage).count() == 3  # durable until the broker acknowledges them
+
+    recorder = Recorder(broker, ["iotgw/home/event/#"])
+    publisher = Alerts(store, cfg)
+    publisher.start()
+    try:
+        got = recorder.wait(lambda m: True, count=3)
+        assert [m.topic.rsplit("/", 1)[1] for m in got] == ["federated_round", "model_updated", "federated_round"]
+        body = got[1].json()["data"]
+        assert (body["version"], body["previous_version"]) == ("fed-5-r1-abcd1234", "20261121-d67c5e54-s0")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and store.session().query(OutboxMessage).count():
+            time.sleep(0.05)
+        with store.session() as s:
+            assert s.query(OutboxMessage).count() == 0
+    finally:
+        publisher.stop(drain_s=0)
+        recorder.close()
+        store.close()
+
+
+def test_rollback_reinstalls_the_previous_bundle_and_says_so(tmp_path: Path) -> None:
+    shipped = Bundle.load()
+    state = tmp_path / "federation"  # under the gateway's state directory
+    replace(shipped, version="fed-1-r3-00000001").save(state / "model" / "previous")
+    replace(shipped, version="fed-2-r3-00000002").save(state / "model" / "current")
+    config = tmp_path / "iotgw.toml"
+    config.write_text(f'[gateway]\nstate_dir = "{tmp_path}"\n')
+    done = iotgw("federation", "rollback", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert Bundle.load(state / "model" / "current").version == "fed-1-r3-00000001"
+    store = Store(f"sqlite:///{tmp_path / 'iotgw.sqlite'}")
+    try:
+        (alert,) = recent_alerts(store)
+        assert alert.kind == "model_updated" and alert.data == {
+            "version": "fed-1-r3-00000001", "previous_version": "fed-2-r3-00000002", "rolled_back": True,
+        }
+        with store.session() as s:
+            assert s.query(OutboxMessage).count() == 0  # MQTT is off in this config: history only
+    finally:
+        store.close()
+    again = iotgw("federation", "rollback", "--config", str(config))
+    assert again.returncode == 1 and "no previous model" in again.stderr
