@@ -11,17 +11,19 @@ import pytest
 from flwr.common import Code, ConfigRecord, Context, FitRes, RecordDict, Status, ndarrays_to_parameters
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 
+from identifier.bundle import Bundle
 from identifier.federated import model, updates
 from identifier.federated.client_app import HomeClient
 from identifier.federated.server_app import MaskedSumFedAvg, RoundGuard, RunReport, RunSettings
 
 CLIP = 1.0
+BASE = Bundle.load()  # the shipped bundle: its weights are what homes and server exchange
 
 
 def settings(tmp_path: Path, dp_noise: float = 0.0) -> RunSettings:
     return RunSettings(num_rounds=1, stage_timeout=10, min_nodes=2, nodes_wait=1, share_fraction=1.0,
                        threshold_fraction=0.5, clip_norm=CLIP, dp_noise=dp_noise, epochs=1, lr=0.1, max_weight=100,
-                       out_dir=tmp_path / "out", n_features=16, n_classes=3)
+                       out_dir=tmp_path / "out", bundle=None)
 
 
 def honest(params: model.Params, seed: int, noise_std: float = 0.0) -> model.Params:
@@ -50,7 +52,7 @@ def aggregate(strategy: MaskedSumFedAvg, mean_delta: model.Params) -> object:
 
 
 def test_honest_updates_pass_with_and_without_noise() -> None:
-    params = model.init_params(16, 3)
+    params = model.params_of(BASE)
     size = sum(a.size for a in params)
     for seed in range(20):
         updates.check_update(honest(params, seed), params, updates.update_bound(CLIP, 0.0, size))
@@ -58,19 +60,19 @@ def test_honest_updates_pass_with_and_without_noise() -> None:
         updates.check_update(noisy, params, updates.update_bound(CLIP, 0.5 * CLIP, size))
 
 
-@pytest.mark.parametrize("kind", list(bad_updates(model.init_params(16, 3))))
+@pytest.mark.parametrize("kind", list(bad_updates(model.params_of(BASE))))
 def test_a_bad_update_is_rejected_with_its_reason(kind: str) -> None:
-    params = model.init_params(16, 3)
+    params = model.params_of(BASE)
     bound = updates.update_bound(CLIP, 0.0, sum(a.size for a in params))
     with pytest.raises(ValueError, match="arrays|shape|finite|exceeds"):
         updates.check_update(bad_updates(params)[kind], params, bound)
 
 
 def test_a_bad_aggregate_fails_the_round_and_keeps_the_model(tmp_path: Path) -> None:
-    initial = model.init_params(16, 3)
+    initial = model.params_of(BASE)
     s = settings(tmp_path)
     for kind, mean in bad_updates(initial).items():
-        strategy = MaskedSumFedAvg(s, initial)
+        strategy = MaskedSumFedAvg(s, BASE, initial)
         report = RunReport(s.out_dir, run_id=1)
         context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: 1})
@@ -80,7 +82,7 @@ def test_a_bad_aggregate_fails_the_round_and_keeps_the_model(tmp_path: Path) -> 
         assert updates.digest(strategy.global_params) == updates.digest(initial), kind
         assert not (s.out_dir / "global.npz").exists(), kind  # nothing published
     # The same path with an honest mean aggregates and publishes.
-    strategy = MaskedSumFedAvg(s, initial)
+    strategy = MaskedSumFedAvg(s, BASE, initial)
     report = RunReport(s.out_dir, run_id=2)
     context = Context(run_id=2, node_id=0, node_config={}, state=RecordDict(), run_config={})
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: 1})
@@ -92,23 +94,24 @@ def test_a_bad_aggregate_fails_the_round_and_keeps_the_model(tmp_path: Path) -> 
 
 
 def test_a_global_model_with_a_bad_digest_is_refused_before_training_or_install(tmp_path: Path) -> None:
-    params = model.init_params(16, 3)
+    params = model.params_of(BASE)
     announced = updates.digest(params)
     tampered = [a.copy() for a in params]
     tampered[0].flat[0] += 0.5
     client = HomeClient(tmp_path / "no-data-needed.jsonl", tmp_path / "state")
     with pytest.raises(ValueError, match="does not match the digest"):
-        client.fit(tampered, {"sha256": announced, "round": 1})
+        client.fit(tampered, {"sha256": announced, "schema": model.schema(BASE), "round": 1})
     store = updates.ModelStore(tmp_path / "model")
-    result = store.install(tampered, announced, dataset=None)  # refused before the dataset is looked at
+    # Refused before the home's data is looked at (there is none here).
+    result = store.install(tampered, announced, model.schema(BASE), data=None, info={"round": 1})
     assert (result.installed, result.reason) == (False, "digest mismatch")
-    assert store.current() is None and not (tmp_path / "state" / "contributions").exists()
+    assert not store.current_dir.exists() and not (tmp_path / "state" / "contributions").exists()
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage", b"PK\x03\x04" + b"\x00" * 40,
                                      b"\x93NUMPY\x01\x00" + b"\xff" * 20])
 def test_a_damaged_published_model_is_a_clear_error(tmp_path: Path, content: bytes) -> None:
-    updates.publish(model.init_params(16, 3), tmp_path, {"round": 1})
+    updates.publish(model.params_of(BASE), tmp_path, {"round": 1}, BASE)
     (tmp_path / "global.npz").write_bytes(content)
     with pytest.raises(ValueError, match="not a parameter file"):
         updates.read_published(tmp_path)
