@@ -90,6 +90,20 @@ class Config:
         return Path(self.gateway.state_dir)
 
     @property
+    def federation_dir(self) -> Path:
+        """Federated retraining's state: the home's exported windows, round log and installed models."""
+        return self.state_dir / "federation"
+
+    @property
+    def model_dir(self) -> Path | None:
+        """The identification bundle the gateway runs: ``[identifier].model_dir`` when set, else the one
+        federated retraining installed, else None (the bundle shipped with the package)."""
+        if self.identifier.model_dir:
+            return Path(self.identifier.model_dir)
+        installed = self.federation_dir / "model" / "current"
+        return installed if (installed / "bundle.json").exists() else None
+
+    @property
     def db_url(self) -> str:
         return self.store.url or f"sqlite:///{self.state_dir / 'iotgw.sqlite'}"
 

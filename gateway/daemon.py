@@ -55,6 +55,7 @@ class Gateway:
         self.querylog = QueryLogWriter(store, flush_interval_s=cfg.store.flush_interval_s,
                                        days=cfg.store.querylog_days, max_rows=cfg.store.querylog_max_rows)
         self.identifier = load_identifier(cfg)
+        self._model_stamp = model_stamp(cfg)
         state_dir = cfg.state_dir
         self.alerts = Alerts(store, cfg, policy=PolicyHooks(
             options=lambda: MODES,
@@ -290,11 +291,25 @@ class Gateway:
                     for key in self.tracker.forget_missing(generation, stored):
                         self._forget(key)
                 self._close_due_windows()
+                if (stamp := model_stamp(self.cfg)) != self._model_stamp:
+                    self._model_stamp = stamp
+                    await self._reload_identifier()
                 for ts, mac, qname in self.filtering.new_anomalies():
                     self.alert(Alert("anomaly", ts, mac, {"domain": qname, "reason": "outside the learned profile"}))
             except Exception:
                 self.counters.add("refresh_errors")
                 log.exception("refresh failed")
+
+    async def _reload_identifier(self) -> None:
+        """A new bundle (a federated install or rollback): devices met from now on are identified by it, and
+        its learned profiles drive strict mode; sessions already running finish on the model they began with."""
+        identifier = await asyncio.to_thread(load_identifier, self.cfg)
+        if identifier is None:
+            return  # said why; the current model goes on
+        self.identifier = identifier
+        self.filtering.set_profiles(identifier.profiles())
+        log.info("identification: model %s loaded from %s", identifier.bundle.version,
+                 self.cfg.model_dir or "the package")
 
     # -- persistence ------------------------------------------------------------------------------------
     async def _flush_loop(self) -> None:
@@ -378,12 +393,23 @@ class Gateway:
         return gone
 
 
+def model_stamp(cfg: Config) -> tuple[str, float] | None:
+    """Which bundle the gateway should run, and when it was written: a change means load it."""
+    directory = cfg.model_dir
+    if directory is None:
+        return None
+    try:
+        return str(directory), (directory / "bundle.json").stat().st_mtime
+    except OSError:
+        return str(directory), 0.0
+
+
 def load_identifier(cfg: Config):  # noqa: ANN201 - identifier.stream.Identifier | None
     """The identification model, or None when it cannot be loaded (the gateway still resolves and filters)."""
     try:
         from identifier.stream import Identifier
 
-        return Identifier.load(cfg.identifier.model_dir or None)
+        return Identifier.load(cfg.model_dir)
     except Exception as exc:  # a missing or broken bundle must not stop DNS
         log.warning("identification off: %s", exc)
         return None

@@ -401,7 +401,7 @@ def check_model(cfg: Config) -> Finding:
     except ImportError:
         return Finding("model", "skip", "this build has no identifier bundle support")
     try:
-        bundle = Bundle.load(cfg.identifier.model_dir or None)
+        bundle = Bundle.load(cfg.model_dir)
     except BundleError as exc:
         return Finding(
             "model",

@@ -101,6 +101,11 @@ class Filtering:
             self._context_for_unknown(key)
 
     # -- off the hot path --------------------------------------------------------------------------------
+    def set_profiles(self, profiles: dict[str, list[str]]) -> None:
+        """New learned profiles (a new model): the policy is rebuilt with them at the next ``refresh``."""
+        self.profiles = profiles
+        self._policy_mtime = -1.0  # never a real mtime
+
     def refresh(self) -> bool:
         """Reload the policy file and the device table when either changed; True when anything did."""
         changed = False

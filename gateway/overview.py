@@ -120,12 +120,8 @@ def domain_timeline(store: Store, mac: str, limit: int = 200) -> list[DomainSeen
 
 
 def model_dir(cfg: Config) -> Path:
-    """The bundle the daemon loads: ``[identifier].model_dir`` or the one shipped with the package."""
-    return (
-        Path(cfg.identifier.model_dir)
-        if cfg.identifier.model_dir
-        else Path(identifier.__file__).parent / "bundle"
-    )
+    """The bundle the daemon loads (``Config.model_dir``: configured, federated or shipped)."""
+    return cfg.model_dir or Path(identifier.__file__).parent / "bundle"
 
 
 def model_status(store: Store, cfg: Config) -> ModelStatus:

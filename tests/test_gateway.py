@@ -4,9 +4,11 @@ parser, the store, and a policy change applied while it runs."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
+from dataclasses import replace
 
 import dns.message
 import dns.query
@@ -21,6 +23,7 @@ from gateway.devices.service import get_device, list_devices
 from gateway.policyfile import load_policy, save_policy
 from gateway.store.db import Store
 from gateway.store.querylog import recent
+from identifier.bundle import Bundle
 from policy.model import Policy, Rule
 from tests.dns_helpers import Dnsmasq, needs_dnsmasq
 from tests.ports import free_port
@@ -279,3 +282,29 @@ def test_a_quiet_device_window_closes_on_time_and_its_identification_concludes(t
         assert not ident.known and ident.device_type == "unknown" and ident.alternatives
         assert {o["kind"] for o in window.observations} >= {"dhcp", "dns"}
         assert get_device(gw.store, mac).device.device_type == "unknown"
+
+
+def test_a_model_installed_by_federated_retraining_is_picked_up_without_a_restart(tmp_path, upstream):
+    shipped = Bundle.load()
+    with RunningGateway(tmp_path, upstream) as gw:
+        assert gw.gateway.identifier.bundle.version == shipped.version
+        installed = gw.cfg.federation_dir / "model" / "current"
+        installed.parent.mkdir(parents=True)
+        (installed.parent / "broken").mkdir()
+        (installed.parent / "broken" / "bundle.json").write_text("{")
+        os.symlink(installed.parent / "broken", installed)  # a damaged install: the running model goes on
+        time.sleep(1.5)
+        assert gw.gateway.identifier.bundle.version == shipped.version
+        os.unlink(installed)
+        replace(shipped, version="federated-r7").save(installed)  # what ModelStore.install leaves there
+        deadline = time.monotonic() + 5
+        while gw.gateway.identifier.bundle.version != "federated-r7":
+            assert time.monotonic() < deadline, "the installed model was never loaded"
+            time.sleep(0.1)
+        # Devices met from now on are identified by it.
+        gw.ask("fresh.example.test", "127.0.0.77")
+        deadline = time.monotonic() + 5
+        while "ip:127.0.0.77" not in gw.gateway._sessions:
+            assert time.monotonic() < deadline, "no identification session for a new device"
+            time.sleep(0.1)
+        assert gw.gateway._sessions["ip:127.0.0.77"].ident.bundle.version == "federated-r7"

@@ -91,7 +91,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def federation_dir(cfg) -> Path:  # noqa: ANN001 - gateway.config.Config, imported lazily
     """Where a gateway keeps its federation state: installed bundles, round log, exported windows, FLWR_HOME."""
-    return (cfg.state_dir / "federation").resolve()
+    return cfg.federation_dir.resolve()
 
 
 def _add_tls_args(parser: argparse.ArgumentParser, server_side: bool) -> None:

@@ -144,7 +144,7 @@ class ModelStore:
     """A gateway's installed bundle (``current/``) and the one before it (``previous/``).
 
     Before any federated install the installed model is ``default`` (the gateway's configured bundle, else
-    the shipped one); point the daemon's ``identifier.model_dir`` at ``current/`` to use federated models.
+    the shipped one). The gateway's daemon runs ``current/`` once it holds a bundle (``gateway.config``).
     """
 
     def __init__(self, root: Path, default: Path | None = None) -> None:
