@@ -35,7 +35,7 @@ class TrainConfig:
     max_epochs: int = 60
     patience: int = 8
     val_fraction: float = 0.15
-    logistic_l2: float | None = 1e-4  # L2 of the ensembled logistic regression (None: the net alone)
+    logistic_l2: float | None = 1e-5  # L2 of the ensembled logistic regression (None: the net alone)
 
 
 class IdentifierNet(nn.Module):
