@@ -67,12 +67,20 @@ def virtual_devices(gateway: Gateway, count: int = 6, seed: int = 7) -> list[Vir
     prototypes = gateway.identifier.prototypes() if gateway.identifier is not None else {}
     if not prototypes:
         raise RuntimeError("the demo needs the identification model bundle (its prototypes drive the devices)")
+    ouis = gateway.identifier.oui_prefixes()
     chosen = rng.sample(sorted(prototypes), min(count, len(prototypes)))
     devices = []
     for n, device_type in enumerate(chosen, start=10):
-        mac = f"02:00:00:{rng.randrange(256):02x}:{rng.randrange(256):02x}:{n:02x}"
-        devices.append(VirtualDevice(device_type, mac, f"127.0.0.{n}", list(prototypes[device_type])))
+        devices.append(VirtualDevice(device_type, demo_mac(ouis.get(device_type), n), f"127.0.0.{n}",
+                                     list(prototypes[device_type])))
     return devices
+
+
+def demo_mac(oui: str | None, n: int) -> str:
+    """A demo device's MAC: its prototype vendor's real prefix (so the demo shows the OUI signal) with the
+    device part de:40:NN, which marks it as a demo address; without a known prefix, a locally administered
+    02:00:00:de:40:NN. The demo runs on loopback only, so no real device can see these addresses."""
+    return f"{oui or '02:00:00'}:de:40:{n:02x}"
 
 
 class DeviceRunner(threading.Thread):

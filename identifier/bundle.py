@@ -2,7 +2,8 @@
 
 ``bundle.json`` holds everything needed to use the weights and to trust them: the bundle format and model
 version, the feature config, label sets, decision thresholds, metrics, the SHA-256 of the training data, the
-per-type prototypes (synthetic observation sequences for the demo) and profiles (the SLDs each type contacts).
+per-type prototypes (synthetic observation sequences for the demo), the MAC vendor prefix each captured type
+was seen with (so the demo's devices carry a real OUI) and profiles (the SLDs each type contacts).
 The shipped default lives in ``identifier/bundle/``.
 """
 
@@ -48,6 +49,7 @@ class Bundle:
     training_data_sha256: str = ""
     prototypes: dict[str, list[dict]] = field(default_factory=dict)
     profiles: dict[str, list[str]] = field(default_factory=dict)
+    oui_prefixes: dict[str, str] = field(default_factory=dict)  # device_type -> "74:da:38" (captured types)
 
     def save(self, directory: str | Path) -> Path:
         d = Path(directory)
@@ -67,6 +69,7 @@ class Bundle:
             "training_data_sha256": self.training_data_sha256,
             "prototypes": self.prototypes,
             "profiles": self.profiles,
+            "oui_prefixes": self.oui_prefixes,
         }
         (d / "bundle.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         return d
@@ -95,4 +98,5 @@ class Bundle:
             training_data_sha256=meta["training_data_sha256"],
             prototypes=meta["prototypes"],
             profiles=meta["profiles"],
+            oui_prefixes=meta.get("oui_prefixes", {}),  # absent from bundles written before it existed
         )

@@ -24,6 +24,10 @@ from identifier.stream import Identifier, Identity
 from identifier.train import DNS_ONLY, train
 
 WINDOWS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+# Products whose first minute is the same traffic (same ESP8266 firmware, DHCP request and packets; only the
+# unit's own MAC suffix differs, which names the unit, not the product): a secondary figure counts them as one.
+# The headline figures never merge anything.
+INDISTINGUISHABLE = {"SmarterCoffee": "iKettle2"}
 
 
 @dataclass
@@ -300,6 +304,15 @@ def has_dns(win: LabelledWindow, window: float) -> bool:
     return any(isinstance(o, DnsObservation) and o.ts - win.first_ts <= window for o in win.observations)
 
 
+def merged_type_accuracy(preds: list[Prediction], window: float) -> float:
+    """Device-type accuracy with the ``INDISTINGUISHABLE`` products counted as one (a secondary figure)."""
+
+    def merge(t: str | None) -> str | None:
+        return INDISTINGUISHABLE.get(t or "", t)
+
+    return float(np.mean([merge(p.at[window].device_type) == merge(p.window.device_type) for p in preds]))
+
+
 def fold_metrics(preds: dict[str, list[Prediction]], windows=WINDOWS) -> dict:
     """Scores per window (all signals; DNS only on captures with a query in the window), decision timing."""
     out: dict = {"all": {}, "dns": {}}
@@ -308,6 +321,9 @@ def fold_metrics(preds: dict[str, list[Prediction]], windows=WINDOWS) -> dict:
         dns = [p for p in preds["dns"] if has_dns(p.window, w)]
         if dns:
             out["dns"][str(w)] = {**scores(dns, w), "captures": len(dns)}
+    out["all_siblings_merged"] = {
+        str(w): {"device_type": {"accuracy": merged_type_accuracy(preds["all"], w)}} for w in windows
+    }
     committed = [p for p in preds["all"] if p.committed is not None]
     times = [p.committed.decided_after_s for p in committed]
     out["decision"] = {

@@ -1,10 +1,16 @@
-"""The torch model and its training loop: a shared trunk, heads for manufacturer, device type and category.
+"""The torch model and its training loop: a shared trunk, heads for manufacturer, device type and category,
+ensembled with a logistic regression on the same hashed tokens.
 
 Layer norm rather than batch norm: each home sees a handful of devices, so batch statistics would be
 meaningless there (and federated updates from non-IID homes would fight over them). Training stops early on a
 validation split held out by group (capture file), then one temperature per head is fitted on that split so
 the softmax confidence means what it says. Torch is needed only here; the daemon runs
 ``identifier.inference``.
+
+The logistic regression is trained apart from the net (full batch, on sparse inputs) and its logits are added
+to the net's: alone it beats the net on rare decisive tokens (an SLD, a DHCP option, a late ARP), the net beats
+it on early windows and committed decisions. Being linear in the tokens, it folds into the net's wide path at
+export, so the bundle, its size and the daemon's per-observation cost do not change.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ class TrainConfig:
     max_epochs: int = 60
     patience: int = 8
     val_fraction: float = 0.15
+    logistic_l2: float | None = 1e-5  # L2 of the ensembled logistic regression (None: the net alone)
 
 
 class IdentifierNet(nn.Module):
@@ -133,8 +140,40 @@ def fit(
     net.eval()
     with torch.no_grad():
         vlogits = net(xv)
+    linear = None
+    if config.logistic_l2 is not None:
+        train_rows = np.flatnonzero(~val)
+        linear = fit_logistic(x[train_rows], y[train_rows], w[train_rows], sizes, config.logistic_l2)
+        lin_w, lin_b = (torch.as_tensor(a) for a in linear)
+        extra = torch.split(xv @ lin_w + lin_b, list(sizes), dim=-1)
+        vlogits = [a + b for a, b in zip(vlogits, extra, strict=True)]
     temps = [_temperature(vlogits[k], yv[:, k]) for k in range(len(sizes))]
-    return export(net, temps)
+    return export(net, temps, linear)
+
+
+def fit_logistic(
+    x: np.ndarray, y: np.ndarray, w: np.ndarray, sizes: tuple[int, int, int], l2: float, max_iter: int = 150
+) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression per head (weights ``(dim, sum(sizes))``, biases), the same weighted
+    loss as the net plus ``l2`` times the squared weights; L-BFGS on the full batch. A window holds a few dozen
+    tokens of 2,048 buckets, so the input is sparse: seconds, where a dense product would take minutes."""
+    xs = torch.as_tensor(x.astype(np.float32)).to_sparse()
+    yt, wt = torch.as_tensor(y.astype(np.int64)), torch.as_tensor(w.astype(np.float32))
+    weight = torch.zeros(x.shape[1], sum(sizes), requires_grad=True)
+    bias = torch.zeros(sum(sizes), requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        logits = list(torch.split(xs @ weight + bias, list(sizes), dim=-1))
+        loss = _loss(logits, yt, wt) + l2 * (weight**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return weight.detach().numpy(), bias.detach().numpy()
 
 
 def _epoch(net, opt, xt, yt, wt, idx: np.ndarray, batch_size: int, rng: np.random.Generator) -> None:
@@ -157,7 +196,11 @@ def _temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float(grid[int(np.argmin(nll))])
 
 
-def export(net: IdentifierNet, temps: list[float]) -> dict[str, np.ndarray]:
+def export(
+    net: IdentifierNet, temps: list[float], linear: tuple[np.ndarray, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """The net's weights for ``identifier.inference``; ``linear`` (weights, biases of ``fit_logistic``), when
+    given, is added to the wide path and the head biases: the same logits, no extra arrays."""
     sd = {k: v.detach().numpy() for k, v in net.state_dict().items()}
     out = {
         "w1": sd["fc1.weight"].T.copy(),
@@ -173,7 +216,12 @@ def export(net: IdentifierNet, temps: list[float]) -> dict[str, np.ndarray]:
     }
     for k, name in enumerate(HEADS):
         out[f"h_{name}_w"] = sd[f"heads.{k}.weight"].T.copy()
-        out[f"h_{name}_b"] = sd[f"heads.{k}.bias"]
+        out[f"h_{name}_b"] = sd[f"heads.{k}.bias"].copy()
+    if linear is not None:
+        lin_w, lin_b = linear
+        out["wide"] = out["wide"] + lin_w
+        for name, part in zip(HEADS, np.split(lin_b, np.cumsum(net.sizes)[:-1]), strict=True):
+            out[f"h_{name}_b"] = out[f"h_{name}_b"] + part
     return out
 
 

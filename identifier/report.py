@@ -101,6 +101,9 @@ def _headline(report: dict) -> dict:
         for h in ("manufacturer", "device_type")
         if str(w) in m[sig]
     }
+    merged = m.get("all_siblings_merged", {}).get("30.0")
+    if merged:
+        head["secondary_all_30.0s_device_type_siblings_merged"] = merged["device_type"]["accuracy"]["mean"]
     head["median_decided_after_s"] = m["decision"]["median_decided_after_s"]["mean"]
     head["committed_type_accuracy"] = m["decision"]["committed_type_accuracy"]["mean"]
     if "seed_paper" in report:

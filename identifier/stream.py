@@ -84,6 +84,10 @@ class Identifier:
         """Per device type, a short synthetic observation sequence (timestamps from 0) for virtual devices."""
         return {t: [observation_from_json(o) for o in seq] for t, seq in self.bundle.prototypes.items()}
 
+    def oui_prefixes(self) -> dict[str, str]:
+        """Per captured device type, the registered MAC prefix ("74:da:38") its real captures came from."""
+        return dict(self.bundle.oui_prefixes)
+
     def profiles(self) -> dict[str, list[str]]:
         """Per device type, the SLDs its class normally contacts in the training data."""
         return {t: list(slds) for t, slds in self.bundle.profiles.items()}

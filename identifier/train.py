@@ -23,6 +23,7 @@ from identifier.features import DEFAULT_FEATURES, SEEN_BITS, FeatureConfig, seen
 from identifier.inference import HEADS
 from identifier.observation import DnsObservation, Observation, PacketObservation
 from identifier.observation import to_json as observation_to_json
+from identifier.oui import vendor
 from identifier.stream import is_specific
 
 CUTOFFS = (1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
@@ -152,6 +153,15 @@ def prototypes(
     return out
 
 
+def oui_prefixes(windows: list[LabelledWindow]) -> dict[str, str]:
+    """Per captured device type, the registered MAC vendor prefix of its capture (the demo's devices use it)."""
+    out: dict[str, str] = {}
+    for w in sorted(windows, key=lambda w: w.group):
+        if w.timed and w.device_type and w.mac and w.device_type not in out and vendor(w.mac):
+            out[w.device_type] = w.mac.lower()[:8]
+    return out
+
+
 def profiles(windows: list[LabelledWindow], min_share: float = 0.25) -> dict[str, list[str]]:
     """Per device type, the SLDs at least ``min_share`` of its windows queried."""
     counts: dict[str, Counter] = defaultdict(Counter)
@@ -214,4 +224,5 @@ def train(
         training_data_sha256=digest,
         prototypes=prototypes(windows),
         profiles=profiles(windows),
+        oui_prefixes=oui_prefixes(windows),
     )

@@ -13,7 +13,9 @@ import pytest
 
 from gateway import cli
 from gateway.capture.windows import capture_windows
+from gateway.demo import demo_mac
 from identifier.bundle import DEFAULT_DIR
+from identifier.oui import vendor
 from identifier.stream import Identifier
 from tests.shared_data import CAPTURES, needs_data
 
@@ -184,10 +186,16 @@ def test_shipped_bundle_is_small_and_serves_demo_prototypes_and_profiles():
     assert "HueBridge" in protos and "WeMoSwitch" in protos
     hits = 0
     sentinel_types = [t for t in protos if t in ident.bundle.type_info]
+    ouis = ident.oui_prefixes()
+    assert set(ouis) == set(sentinel_types)
     for dtype in sentinel_types:
         seq = protos[dtype]
         assert seq[0].ts >= 0.0 and all(a.ts <= b.ts for a, b in zip(seq, seq[1:], strict=False))
-        s = ident.session("02:00:00:00:00:01", 0.0)  # a virtual device: local MAC, no vendor prefix
+        # the demo's virtual device: its prototype's registered vendor prefix, a recognisable demo device part
+        mac = demo_mac(ouis[dtype], 10)
+        assert mac.endswith(":de:40:0a") and vendor(mac) is not None
+        assert vendor(mac) == vendor(ouis[dtype] + ":00:00:00")
+        s = ident.session(mac, 0.0)
         for obs in seq:
             s.update(obs)
         hits += s.current().device_type == dtype
