@@ -60,8 +60,8 @@ def test_export_writes_the_owner_s_confirmed_devices_with_their_windows(replayed
         with store.session() as s:
             identified = {d.mac: d for d in s.query(Device).filter(Device.device_type.is_not(None))}
             stored = {w.mac: w for w in s.query(ObservationWindow)}
-        assert {PLUG, CAM, HUB} <= set(identified)  # the replay identified all three ...
-        assert identified[HUB].confidence >= PSEUDO_MIN_CONFIDENCE > identified[PLUG].confidence  # ... unevenly
+        assert {PLUG, CAM, HUB} <= set(identified)  # the replay identified all three
+        assert identified[HUB].confidence >= PSEUDO_MIN_CONFIDENCE
         out = tmp_path / "confirmed.jsonl"
         assert export_windows(store, out).owner == 0 and out.read_text() == ""  # nothing confirmed yet
 
@@ -82,10 +82,17 @@ def test_export_writes_the_owner_s_confirmed_devices_with_their_windows(replayed
         type_ids = {shipped.labels["device_type"][i] for i in data.y[:, 1] if i >= 0}
         assert type_ids == {"D-LinkDayCam", "TP-LinkPlugHS110"} and len(data.y) > 8
 
+        # Pseudo-labels: the unconfirmed identifications sure enough, and no other.
+        unsure = next(mac for mac in identified if mac not in (PLUG, CAM, HUB))
+        with store.transaction() as s:
+            s.get(Device, unsure).confidence = PSEUDO_MIN_CONFIDENCE - 0.2
+        sure = {mac for mac, d in identified.items()
+                if mac not in (PLUG, CAM, unsure) and d.confidence >= PSEUDO_MIN_CONFIDENCE and mac in stored}
         with_pseudo = export_windows(store, out, pseudo_labels=True)
-        assert (with_pseudo.owner, with_pseudo.pseudo) == (2, 1)
-        pseudo = [json.loads(line) for line in out.read_text().splitlines()][-1]
-        assert (pseudo["mac"], pseudo["source"], pseudo["device_type"]) == (HUB, "pseudo", "HueBridge")
+        assert (with_pseudo.owner, with_pseudo.pseudo) == (2, len(sure))
+        pseudo = {r["mac"]: r for r in map(json.loads, out.read_text().splitlines()) if r["source"] == "pseudo"}
+        assert set(pseudo) == sure and HUB in sure and unsure not in pseudo
+        assert pseudo[HUB]["device_type"] == "HueBridge"
     finally:
         store.close()
 
