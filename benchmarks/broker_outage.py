@@ -137,6 +137,9 @@ def run(down_s: float, rate: float, before_s: float, after_s: float, drain_timeo
             while len(sub.distinct()) < sent and time.monotonic() < deadline:
                 time.sleep(0.1)
             drained_at = time.monotonic()
+            # The last acknowledgements reach the outbox a moment after the subscriber has the alerts.
+            while alerts.outbox.count() and time.monotonic() < deadline:
+                time.sleep(0.1)
             got = sub.distinct()
             return {
                 "down_s": down_s,
