@@ -21,6 +21,7 @@ from gateway.alerts.outbox import Outbox
 from gateway.alerts.payloads import check
 from gateway.config import Config
 from gateway.events import Alert
+from gateway.overview import FEDERATION_SETTING
 from gateway.store.db import Store
 from gateway.store.schema import Device, ObservationWindow
 from identifier.dataset import LabelledWindow
@@ -88,12 +89,16 @@ def _window(
 
 def outbox_sender(store: Store, cfg: Config) -> Callable[[Alert], None]:
     """Record an alert the way the daemon does (checked against its payload contract, history + durable
-    outbox); the running daemon's publisher sends it over MQTT when MQTT is configured."""
+    outbox); the running daemon's publisher sends it over MQTT when MQTT is configured. A round's outcome is
+    also kept as the last round, which the web UI's model page shows."""
     outbox = Outbox(store, max_rows=cfg.mqtt.outbox_max)
 
     def send(alert: Alert) -> None:
         check(alert)
         outbox.put(alert, publish=bool(cfg.mqtt.url))
+        if alert.kind == "federated_round":
+            at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(alert.ts))
+            store.set_setting(FEDERATION_SETTING, json.dumps({**alert.data, "at": at}))
 
     return send
 

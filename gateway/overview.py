@@ -19,7 +19,7 @@ ONLINE_WINDOW_S = (
     600  # seen within ten minutes counts as online: an idle plug queries DNS a few times an hour
 )
 IDENTIFY_WINDOW_S = 300  # an unidentified device younger than this is still being watched
-FEDERATION_SETTING = "federation_last_round"  # JSON written by the federation client after each round
+FEDERATION_SETTING = "federation_last_round"  # JSON written by `iotgw federation join` after each round
 PLOT_SUFFIXES = (".png", ".svg")
 
 

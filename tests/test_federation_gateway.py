@@ -22,6 +22,7 @@ from gateway.alerts.publisher import Alerts
 from gateway.config import Config
 from gateway.devices import service
 from gateway.federation import PSEUDO_MIN_CONFIDENCE, RoundAlerts, export_windows, outbox_sender
+from gateway.overview import model_status
 from gateway.store.db import Store
 from gateway.store.schema import Device, ObservationWindow, OutboxMessage
 from identifier.bundle import Bundle
@@ -135,6 +136,8 @@ def test_round_log_becomes_alerts_published_from_the_outbox(tmp_path: Path, brok
     last = recent_alerts(store, 1)[0]
     assert (last.kind, last.data["round"], last.data["status"]) == ("federated_round", 2, "failed")
     assert "share_keys" in last.data["error"]
+    shown = model_status(store, cfg).federation  # the web UI's model page: the last round, as it ended
+    assert (shown["round"], shown["status"], shown["run_id"]) == (2, "failed", 5) and shown["at"]
     with store.session() as s:
         assert s.query(OutboxMessage).count() == 3  # durable until the broker acknowledges them
 
