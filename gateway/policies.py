@@ -485,12 +485,8 @@ def _rule_from_json(index: int, raw: Any) -> Rule:
 def _check_references(data: PolicySet, scope: str) -> None:
     """Name the rule of ``scope`` that refers to a list, category or schedule that does not exist."""
     for i, rule in enumerate(data.policies[scope].rules):
-        if rule.kind == "list" and rule.value not in data.lists:
-            raise ValueError(f"rules[{i}]: no list {rule.value!r}")
-        if rule.kind == "category" and rule.value not in data.categories:
-            raise ValueError(f"rules[{i}]: no category {rule.value!r}")
-        if rule.schedule is not None and rule.schedule not in data.schedules:
-            raise ValueError(f"rules[{i}]: no schedule {rule.schedule!r}")
+        if missing := data.missing_reference(rule):
+            raise ValueError(f"rules[{i}]: no {missing}")
 
 
 def _name(text: str) -> str:

@@ -177,12 +177,18 @@ class PolicySet:
                     raise ValueError(f"{where}: kind must be one of {', '.join(RULE_KINDS)}")
                 if rule.kind == "name":
                     normalise_name(rule.value)
-                if rule.kind == "list" and rule.value not in self.lists:
-                    raise ValueError(f"{where}: unknown list")
-                if rule.kind == "category" and rule.value not in self.categories:
-                    raise ValueError(f"{where}: unknown category")
-                if rule.schedule is not None and rule.schedule not in self.schedules:
-                    raise ValueError(f"{where}: unknown schedule")
+                if missing := self.missing_reference(rule):
+                    raise ValueError(f"{where}: unknown {missing}")
+
+    def missing_reference(self, rule: Rule) -> str | None:
+        """What ``rule`` names that this set does not have (``"list 'x'"``), or None."""
+        if rule.kind == "list" and rule.value not in self.lists:
+            return f"list {rule.value!r}"
+        if rule.kind == "category" and rule.value not in self.categories:
+            return f"category {rule.value!r}"
+        if rule.schedule is not None and rule.schedule not in self.schedules:
+            return f"schedule {rule.schedule!r}"
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return {
