@@ -50,6 +50,7 @@ class Bundle:
     prototypes: dict[str, list[dict]] = field(default_factory=dict)
     profiles: dict[str, list[str]] = field(default_factory=dict)
     oui_prefixes: dict[str, str] = field(default_factory=dict)  # device_type -> "74:da:38" (captured types)
+    mac_blocks: dict[str, list[str]] = field(default_factory=dict)  # oui.blocks() -> types captured in it
 
     def save(self, directory: str | Path) -> Path:
         d = Path(directory)
@@ -70,6 +71,7 @@ class Bundle:
             "prototypes": self.prototypes,
             "profiles": self.profiles,
             "oui_prefixes": self.oui_prefixes,
+            "mac_blocks": self.mac_blocks,
         }
         (d / "bundle.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         return d
@@ -98,5 +100,7 @@ class Bundle:
             training_data_sha256=meta["training_data_sha256"],
             prototypes=meta["prototypes"],
             profiles=meta["profiles"],
-            oui_prefixes=meta.get("oui_prefixes", {}),  # absent from bundles written before it existed
+            # absent from bundles written before they existed
+            oui_prefixes=meta.get("oui_prefixes", {}),
+            mac_blocks=meta.get("mac_blocks", {}),
         )

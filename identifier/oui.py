@@ -21,3 +21,17 @@ def vendor(mac: str) -> str | None:
         return str(eui.oui.registration().org).strip() or None
     except (NotRegisteredError, IndexError):
         return None
+
+
+# Hex digits of the MAC blocks under the registered prefix (36 and 32 bits), finest first: makers number a
+# production run consecutively, so units of one model tend to share a block that a sibling model lacks.
+BLOCK_DIGITS = (9, 8)
+
+
+def blocks(mac: str) -> list[str]:
+    """The MAC's production blocks (``"908d78a8e"``, ``"908d78a8"``), finest first; none for an unregistered
+    or randomised MAC, whose lower bits say nothing about a product."""
+    if not mac or vendor(mac) is None:
+        return []
+    digits = mac.lower().replace(":", "").replace("-", "")
+    return [digits[:n] for n in BLOCK_DIGITS]

@@ -18,8 +18,13 @@ from identifier.features import FeatureConfig, FeatureState, seen_bit
 from identifier.inference import NumpyNet
 from identifier.observation import Observation
 from identifier.observation import from_json as observation_from_json
+from identifier.oui import blocks
 
 UNKNOWN_LABEL = "unknown"
+# How much likelier a device type captured in the device's MAC production block is than any other type. Blocks
+# are evidence, not proof (a maker may build two models in one run), so they weigh the net's answer rather than
+# replace it; a MAC in no known block changes nothing.
+BLOCK_LIKELIHOOD = 20.0
 # Token kinds that can name a vendor; timing and counts tokens say nothing about which vendor it is.
 SPECIFIC_PREFIXES = ("sld:", "dhcp55:", "dhcp60:", "dhcp12:", "mdns:", "mdnssvc:", "oui:", "ouiprefix:")
 _SIGNAL_OF = {
@@ -71,6 +76,7 @@ class Identifier:
         self.seen = np.unpackbits(bundle.seen).astype(bool)
         self.labels = bundle.labels
         self.version = bundle.version
+        self.mac_blocks = bundle.mac_blocks if "oui" in self.features.signals else {}
 
     @classmethod
     def load(cls, model_dir: str | None = None, signals: tuple[str, ...] | None = None) -> Identifier:
@@ -79,6 +85,18 @@ class Identifier:
 
     def session(self, mac: str, first_ts: float) -> Session:
         return Session(self, mac.lower(), first_ts)
+
+    def block_prior(self, mac: str) -> np.ndarray | None:
+        """Device-type weights from the finest MAC production block of ``mac`` that training captured a unit
+        in (``BLOCK_LIKELIHOOD`` for its types, 1 for the rest); None when it is in no such block."""
+        index = {t: i for i, t in enumerate(self.labels["device_type"])}
+        for block in blocks(mac) if self.mac_blocks else []:
+            types = [index[t] for t in self.mac_blocks.get(block, ()) if t in index]
+            if types:
+                prior = np.ones(len(index), dtype=np.float32)
+                prior[types] = BLOCK_LIKELIHOOD
+                return prior
+        return None
 
     def prototypes(self) -> dict[str, list[Observation]]:
         """Per device type, a short synthetic observation sequence (timestamps from 0) for virtual devices."""
@@ -107,8 +125,8 @@ class Session:
         self.last_ts = first_ts
         self._count_specific(self.state.tokens)
         self.state.fresh.clear()
-        self._probs = ident.net.from_first_layer(self.z1)
-        self._stale = False  # counts moved since the net last ran (it re-runs lazily, see update)
+        self.block_prior = ident.block_prior(mac)
+        self._refresh()
 
     def _count_specific(self, tokens) -> None:
         for token in tokens:
@@ -144,7 +162,10 @@ class Session:
 
     def _refresh(self) -> None:
         self._probs = self.ident.net.from_first_layer(self.z1)
-        self._stale = False
+        if self.block_prior is not None:
+            weighted = self._probs[1] * self.block_prior
+            self._probs[1] = weighted / weighted.sum()
+        self._stale = False  # counts moved since the net last ran (it re-runs lazily, see update)
 
     def probabilities(self) -> list[np.ndarray]:
         """Calibrated (manufacturer, device type, category) distributions on everything seen so far."""

@@ -23,7 +23,7 @@ from identifier.features import DEFAULT_FEATURES, SEEN_BITS, FeatureConfig, seen
 from identifier.inference import HEADS
 from identifier.observation import DnsObservation, Observation, PacketObservation
 from identifier.observation import to_json as observation_to_json
-from identifier.oui import vendor
+from identifier.oui import blocks, vendor
 from identifier.stream import is_specific
 
 CUTOFFS = (1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
@@ -162,6 +162,16 @@ def oui_prefixes(windows: list[LabelledWindow]) -> dict[str, str]:
     return out
 
 
+def mac_blocks(windows: list[LabelledWindow]) -> dict[str, list[str]]:
+    """Per MAC production block (``oui.blocks``) of a captured unit, the device types captured in it."""
+    out: dict[str, set[str]] = defaultdict(set)
+    for w in windows:
+        if w.timed and w.device_type:
+            for block in blocks(w.mac):
+                out[block].add(w.device_type)
+    return {b: sorted(types) for b, types in sorted(out.items())}
+
+
 def profiles(windows: list[LabelledWindow], min_share: float = 0.25) -> dict[str, list[str]]:
     """Per device type, the SLDs at least ``min_share`` of its windows queried."""
     counts: dict[str, Counter] = defaultdict(Counter)
@@ -225,4 +235,5 @@ def train(
         prototypes=prototypes(windows),
         profiles=profiles(windows),
         oui_prefixes=oui_prefixes(windows),
+        mac_blocks=mac_blocks(windows),
     )

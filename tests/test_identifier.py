@@ -15,7 +15,7 @@ from gateway import cli
 from gateway.capture.windows import capture_windows
 from gateway.demo import demo_mac
 from identifier.bundle import DEFAULT_DIR
-from identifier.oui import vendor
+from identifier.oui import blocks, vendor
 from identifier.stream import Identifier
 from tests.shared_data import CAPTURES, needs_data
 
@@ -176,6 +176,28 @@ def test_streaming_commits_early_and_only_once_confident():
     assert len(first.alternatives) == 3 and first.alternatives[0][0] == "HueBridge"
     assert first.model_version == ident.version and first.signals
     assert session.current() == decisions[-1]
+
+
+@needs_data
+def test_the_mac_production_block_tells_apart_siblings_whose_traffic_is_the_same():
+    """iKettle2 and SmarterCoffee send the same first minute; the block their unit's MAC was made in differs."""
+    ident = Identifier.load()
+    pcap, kettle = first_capture("iKettle2")
+    _, coffee = first_capture("SmarterCoffee")
+    observations = capture_windows(pcap, 30.0).devices[kettle].observations
+
+    def answer(identifier: Identifier, mac: str) -> str:
+        session = identifier.session(mac, observations[0].ts)
+        for obs in observations:
+            session.update(obs)
+        return session.current().device_type
+
+    assert answer(ident, kettle) == "iKettle2"
+    assert answer(ident, coffee) == "SmarterCoffee"  # the kettle's own packets, from a coffee machine's MAC
+    assert blocks(kettle) == [kettle.replace(":", "")[:9], kettle.replace(":", "")[:8]]
+    assert ident.block_prior(kettle[:9] + "ff:ff:ff") is None  # another run: the net alone decides
+    assert blocks("02:11:22:33:44:55") == []  # a randomised MAC names no production run
+    assert Identifier.load(signals=("dns",)).block_prior(kettle) is None  # DNS only sees no MAC
 
 
 def test_shipped_bundle_is_small_and_serves_demo_prototypes_and_profiles():
