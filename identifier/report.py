@@ -101,9 +101,11 @@ def _headline(report: dict) -> dict:
         for h in ("manufacturer", "device_type")
         if str(w) in m[sig]
     }
-    merged = m.get("all_siblings_merged", {}).get("30.0")
-    if merged:
-        head["secondary_all_30.0s_device_type_siblings_merged"] = merged["device_type"]["accuracy"]["mean"]
+    if "new_unit" in m:
+        for w in ("5.0", "30.0"):
+            head[f"secondary_new_unit_{w}s_device_type"] = m["new_unit"][w]["device_type"]["accuracy"]["mean"]
+        merged = m["new_unit_siblings_merged"]["30.0"]["device_type"]["accuracy"]["mean"]
+        head["secondary_new_unit_30.0s_device_type_siblings_merged"] = merged
     head["median_decided_after_s"] = m["decision"]["median_decided_after_s"]["mean"]
     head["committed_type_accuracy"] = m["decision"]["committed_type_accuracy"]["mean"]
     if "seed_paper" in report:

@@ -65,3 +65,30 @@ def test_iotgw_train_writes_a_loadable_versioned_bundle(tmp_path):
     assert "Xiaomi" in bundle.labels["manufacturer"] and "Unknown" not in bundle.labels["manufacturer"]
     ident = Identifier(bundle)
     assert set(ident.prototypes()) >= {r["device_type"] for r in rows}
+
+
+def test_iotgw_evaluate_reports_cross_validated_figures_with_plots(tmp_path):
+    import json
+
+    from gateway import cli
+
+    out = tmp_path / "evaluation"
+    skips = [a for part in ("baselines", "seed-paper", "open-set", "lab") for a in ("--skip", part)]
+    argv = ["evaluate", "--data", str(DATA), "--out", str(out), "--seeds", "2", "--folds", "2", *skips]
+    assert cli.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    model = report["model"]
+    assert report["seeds"] == 2 and report["folds"] == 2
+    for key in ("all", "dns", "new_unit"):
+        acc = model[key]["30.0"]["device_type"]["accuracy"]
+        assert 0.5 < acc["mean"] <= 1.0 and acc["std"] >= 0.0, key  # 27 types: chance is under 0.1
+    # a capture of a unit training saw is named from its MAC block too; another unit has only its traffic
+    assert model["all"]["30.0"]["device_type"]["accuracy"]["mean"] >= model["new_unit"]["30.0"]["device_type"][
+        "accuracy"
+    ]["mean"]
+    assert report["headline"]["secondary_new_unit_30.0s_device_type"] == model["new_unit"]["30.0"][
+        "device_type"
+    ]["accuracy"]["mean"]
+    assert 0 < report["headline"]["median_decided_after_s"] < 60
+    for png in ("accuracy_vs_seconds.png", "confusion_30s.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
