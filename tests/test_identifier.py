@@ -200,6 +200,32 @@ def test_the_mac_production_block_tells_apart_siblings_whose_traffic_is_the_same
     assert Identifier.load(signals=("dns",)).block_prior(kettle) is None  # DNS only sees no MAC
 
 
+@needs_data
+def test_a_device_its_type_places_surely_is_known_though_the_manufacturer_head_is_unsure():
+    import dataclasses
+
+    import numpy as np
+
+    from identifier.bundle import Bundle
+
+    bundle = Bundle.load()
+    makers = len(bundle.labels["manufacturer"])
+    weights = dict(bundle.weights)  # the manufacturer head silenced: uniform over every vendor
+    weights["h_manufacturer_w"] = np.zeros_like(weights["h_manufacturer_w"])
+    weights["h_manufacturer_b"] = np.zeros_like(weights["h_manufacturer_b"])
+    weights["wide"] = weights["wide"].copy()
+    weights["wide"][:, :makers] = 0.0
+    ident = Identifier(dataclasses.replace(bundle, weights=weights))
+    pcap, mac = first_capture("HueBridge")
+    dev = capture_windows(pcap, 30.0).devices[mac]
+    session = ident.session(mac, dev.first_ts)
+    for obs in dev.observations:
+        session.update(obs)
+    assert float(session.probabilities()[0].max()) < 0.05
+    answer = session.current()
+    assert answer.known and answer.manufacturer == "Philips" and answer.device_type == "HueBridge"
+
+
 def test_shipped_bundle_is_small_and_serves_demo_prototypes_and_profiles():
     size = sum(f.stat().st_size for f in DEFAULT_DIR.iterdir())
     assert size < 1_000_000
