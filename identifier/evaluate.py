@@ -115,8 +115,8 @@ def cross_validate(
 ) -> dict[str, list[Prediction]]:
     """Predictions for every capture from the fold that held it out; name sets always train.
 
-    ``all`` and ``dns`` hold the captures as recorded; ``new_unit`` holds them (all signals) with the MAC moved
-    out of every block training saw (``new_unit``)."""
+    ``all`` and ``dns`` hold the captures as recorded; ``new_unit`` holds them (all signals) as a unit of another
+    production run would show them (see ``new_unit``)."""
     out: dict[str, list[Prediction]] = {"all": [], "dns": [], "new_unit": []}
     for fold in stratified_folds(captures, k, seed):
         held = set(fold)

@@ -4,7 +4,8 @@ A session keeps the device's feature counts and the first layer's pre-activation
 few buckets it changed plus two 64-wide layers (numpy only, no torch). A decision is committed as soon as the
 calibrated device-type probability reaches the bundle's ``commit`` threshold, and revised only when another
 type reaches ``revise``. A device whose evidence matches no vendor seen in training is "unknown" (open set)
-rather than a confident wrong name.
+rather than a confident wrong name. A MAC from a production block that training captured units in weighs the
+device types captured there (``BLOCK_LIKELIHOOD``).
 """
 
 from __future__ import annotations
