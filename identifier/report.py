@@ -127,9 +127,9 @@ def _plot_accuracy(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = list(WINDOWS)
     m = report["model"]
-    for sig, style in (("all", "-"), ("dns", "--")):
+    for sig, style in (("all", "-"), ("new_unit", "-."), ("dns", "--")):
         for h, color in (("device_type", "C0"), ("manufacturer", "C1")):
-            pts = [(w, m[sig][str(w)][h]["accuracy"]) for w in xs if str(w) in m[sig]]
+            pts = [(w, m[sig][str(w)][h]["accuracy"]) for w in xs if str(w) in m.get(sig, {})]
             ax.errorbar(
                 [p[0] for p in pts],
                 [p[1]["mean"] for p in pts],
