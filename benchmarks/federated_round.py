@@ -74,8 +74,7 @@ def measure(n: int, rounds: int, data: Path, root: Path) -> dict:
     datasets, _ = homedata.split_homes(domain_windows(data, set()), n, seed=3)
     result: dict = {"homes": n}
     for mode in ("plain", "secagg"):
-        fleet = LocalFleet(root / f"{mode}{n}")
-        try:
+        with LocalFleet(root / f"{mode}{n}") as fleet:  # ends every Flower process, also on a failure
             fleet.start_superlink()
             homes = [fleet.add_home(d) for d in datasets]
             time.sleep(3)
@@ -90,8 +89,6 @@ def measure(n: int, rounds: int, data: Path, root: Path) -> dict:
             ok = [r["seconds"] for r in run.report.get("rounds", []) if r["status"] == "ok"]
             result[f"{mode}_round_s"] = round(float(np.mean(ok)), 2) if len(ok) == rounds else None
             result[f"{mode}_rss_mb"] = round(sampler.peak / 2**20, 1)
-        finally:
-            fleet.stop()
     params = model.params_of(Bundle.load())
     sizes = payload_bytes(params, n)
     p, s = result["plain_round_s"], result["secagg_round_s"]

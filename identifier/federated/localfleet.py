@@ -1,8 +1,10 @@
 """A SuperLink and N SuperNodes on loopback, each home with its own dataset and state directory.
 
 What the tests, the benchmark and the simulation's end-to-end check run: real Flower processes, started
-with ``processes``' command lines. Each process gets its own session so a home can be killed with all the
-ClientApp processes it spawned, as a power cut would.
+with ``processes``' command lines. Each SuperNode gets its own session so a home can be killed with all the
+ClientApp processes it spawned, as a power cut would. Every process the fleet starts, and every process those
+start, carries the fleet's mark (``processes.MARK_ENV``): ``stop`` (or leaving ``with LocalFleet(...)``)
+ends them all, also the ServerApp that Flower starts outside the SuperLink's session.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +56,13 @@ class LocalFleet:
     homes: list[Home] = field(default_factory=list)
     superlink: subprocess.Popen | None = None
     port: int = 0
+    mark: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __enter__(self) -> LocalFleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     @property
     def address(self) -> str:
@@ -60,7 +70,10 @@ class LocalFleet:
 
     @property
     def env(self) -> dict[str, str]:
-        return processes.flower_env(self.root / "server")
+        return self._env(self.root / "server")
+
+    def _env(self, state_dir: Path) -> dict[str, str]:
+        return {**processes.flower_env(state_dir), processes.MARK_ENV: self.mark}
 
     def start_superlink(self) -> None:
         self.port = processes.free_port()
@@ -94,7 +107,7 @@ class LocalFleet:
             home.auth_key,
             max_wait,
         )
-        home.proc = self._spawn(cmd, processes.flower_env(home.state_dir), home.state_dir / "supernode.log")
+        home.proc = self._spawn(cmd, self._env(home.state_dir), home.state_dir / "supernode.log")
 
     def kill_home(self, home: Home) -> None:
         """SIGKILL the home's SuperNode and every process it spawned."""
@@ -131,15 +144,13 @@ class LocalFleet:
         return RunResult(proc.returncode, run_id, report, output)
 
     def stop(self) -> None:
+        """End every process this fleet started, directly or not, whatever state the run is in."""
         for home in self.homes:
             self.kill_home(home)
-        if self.superlink is not None and self.superlink.poll() is None:
-            os.killpg(self.superlink.pid, signal.SIGTERM)
-            try:
-                self.superlink.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.superlink.pid, signal.SIGKILL)
-                self.superlink.wait()
+        processes.stop_marked(self.mark)
+        for proc in [self.superlink, *(h.proc for h in self.homes)]:
+            if proc is not None:
+                proc.wait()  # reap our own children
 
     @staticmethod
     def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
