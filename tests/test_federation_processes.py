@@ -1,4 +1,4 @@
-"""A local fleet that fails leaves no Flower process behind (real processes on loopback).
+"""The Flower processes a local fleet runs, and that a failed one leaves none behind (real processes).
 
 Flower's SuperLink starts its SuperExec in a session of its own, and that SuperExec starts the
 ``flwr-serverapp`` process: killing the SuperLink's process group left ServerApps running idle after failed
@@ -29,9 +29,15 @@ pytestmark = [
 ]
 
 
-def descendants() -> set[psutil.Process]:
-    """Every live process below this test's process (psutil.Process compares pid and start time)."""
-    return set(psutil.Process().children(recursive=True))
+def collect(seen: dict[psutil.Process, list[str]]) -> None:
+    """Add every live process below this test's process (psutil.Process compares pid and start time) to
+    ``seen``, with its command line."""
+    for p in psutil.Process().children(recursive=True):
+        seen[p] = cmdline(p) or seen.get(p, [])
+
+
+def running(seen: dict[psutil.Process, list[str]], command: str) -> bool:
+    return any(command in part for cmd in seen.values() for part in cmd)
 
 
 def alive(procs: set[psutil.Process]) -> list[str]:
@@ -45,16 +51,16 @@ def alive(procs: set[psutil.Process]) -> list[str]:
     return out
 
 
-def is_serverapp(p: psutil.Process) -> bool:
+def cmdline(p: psutil.Process) -> list[str]:
     try:
-        return any("flwr-serverapp" in part for part in p.cmdline())
+        return p.cmdline()
     except psutil.Error:
-        return False
+        return []
 
 
 def test_closing_a_fleet_whose_superlink_died_mid_round_ends_every_flower_process(tmp_path: Path) -> None:
     homes, _ = homedata.split_homes(domain_windows(DOMAINS, set()), 2, seed=1)
-    seen: set[psutil.Process] = set()
+    seen: dict[psutil.Process, list[str]] = {}
     with LocalFleet(tmp_path) as fleet:
         fleet.start_superlink()
         started = [fleet.add_home(h) for h in homes]
@@ -66,15 +72,20 @@ def test_closing_a_fleet_whose_superlink_died_mid_round_ends_every_flower_proces
         # Mid-round: the ServerApp runs and at least one home's ClientApp has entered a SecAgg+ stage.
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
-            seen |= descendants()
-            if any(is_serverapp(p) for p in seen) and any(h.stages() for h in started):
+            collect(seen)
+            if running(seen, "flwr-serverapp") and any(h.stages() for h in started):
                 break
             time.sleep(0.1)
         else:
             pytest.fail("the round never reached a SecAgg+ stage")
-        seen |= descendants()
+        collect(seen)
         os.kill(fleet.superlink.pid, signal.SIGKILL)
     assert len(seen) >= 7, seen  # SuperLink, its SuperExec, ServerApp, `flwr run`, two SuperNodes + SuperExecs
-    assert alive(seen) == []
+    # Every ClientApp ran through the home's light launcher (supernode.install_launcher), not Flower's script.
+    clientapps = [cmd for cmd in seen.values() if any(part.endswith("flwr-clientapp") for part in cmd)]
+    assert clientapps
+    homes_bin = {str(h.state_dir / "flwr" / "bin" / "flwr-clientapp") for h in started}
+    assert all(set(c) & homes_bin for c in clientapps), clientapps
+    assert alive(set(seen)) == []
     runner.join(timeout=10)
     assert not runner.is_alive()  # `flwr run` was ended with the rest
