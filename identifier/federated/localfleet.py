@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,9 +80,9 @@ class LocalFleet:
         self.port = processes.free_port()
         server_dir = self.root / "server"
         server_dir.mkdir(parents=True, exist_ok=True)
-        cmd = processes.superlink_cmd(
-            "127.0.0.1", self.port, server_dir / "superlink.db", self.tls, self.node_auth
-        )
+        # In memory: nothing of a local fleet outlives it, and with 20 homes polling, the SQLite file's write
+        # lock made the SuperLink answer pushes with "database is locked" (docs/federation.md, "Round cost").
+        cmd = processes.superlink_cmd("127.0.0.1", self.port, processes.IN_MEMORY, self.tls, self.node_auth)
         self.superlink = self._spawn(cmd, self.env, server_dir / "superlink.log")
         processes.wait_for_port("127.0.0.1", self.port)
         processes.write_connection(server_dir, "iotgw", self.address, self.tls.ca if self.tls else None)
@@ -108,6 +109,19 @@ class LocalFleet:
             max_wait,
         )
         home.proc = self._spawn(cmd, self._env(home.state_dir), home.state_dir / "supernode.log")
+
+    def wait_connected(self, timeout: float = 300.0) -> None:
+        """Block until every home's SuperNode has connected to the SuperLink (it logs its node ID then), so
+        that a run does not spend its first round waiting for homes that are still starting."""
+        deadline = time.monotonic() + timeout
+        for home in self.homes:
+            log = home.state_dir / "supernode.log"
+            while not (log.exists() and "SuperNode ID:" in log.read_text(errors="replace")):
+                if home.proc is not None and home.proc.poll() is not None:
+                    raise RuntimeError(f"home {home.index}'s SuperNode exited (see {log})")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"home {home.index}'s SuperNode did not connect in {timeout:.0f} s")
+                time.sleep(0.2)
 
     def kill_home(self, home: Home) -> None:
         """SIGKILL the home's SuperNode and every process it spawned."""

@@ -114,8 +114,13 @@ def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Proce
         time.sleep(0.05)
 
 
-def superlink_cmd(host: str, port: int, database: Path, tls: Tls | None, node_auth: bool) -> list[str]:
-    """``flower-superlink`` serving fleet, control and runtime APIs on ``host:port``."""
+# flwr 1.41's name for state kept in the SuperLink's memory (``flwr.supercore.constant.FLWR_IN_MEMORY_DB_NAME``)
+IN_MEMORY = ":flwr-in-memory:"
+
+
+def superlink_cmd(host: str, port: int, database: Path | str, tls: Tls | None, node_auth: bool) -> list[str]:
+    """``flower-superlink`` serving fleet, control and runtime APIs on ``host:port``, keeping its state in
+    ``database`` (an SQLite file, or ``IN_MEMORY``)."""
     cmd = [
         "flower-superlink",
         "--host", host,
