@@ -58,7 +58,7 @@ def install_launcher(bin_dir: Path) -> bool:
         "from identifier.federated.clientapp_process import main\n"
         "main()\n"
     )
-    tmp.chmod(0o755)
+    tmp.chmod(0o700)  # run by this user only, like the rest of the state directory
     tmp.replace(launcher)
     if not os.access(launcher, os.X_OK):
         return False
