@@ -50,7 +50,7 @@ def main(grid: Grid, context: Context) -> None:
     DefaultWorkflow(
         fit_workflow=server_app.RoundGuard(default_fit_workflow, strategy, report),
         evaluate_workflow=lambda grid, context: None,
-    )(grid, legacy)
+    )(server_app.PromptGrid(grid), legacy)  # the same reply polling as iotgw's ServerApp
 
 
 client = ClientApp(client_fn=client_fn)

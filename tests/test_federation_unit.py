@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,39 @@ def test_every_flower_process_gets_the_safe_environment(tmp_path: Path) -> None:
     assert "--disable-runtime-dependency-installation" in cmd
     node = processes.supernode_cmd("127.0.0.1:9092", 9094, tmp_path / "d.jsonl", tmp_path, None, None)
     assert node[1:3] == ["-m", "identifier.federated.supernode"]  # Flower's SuperNode with our idle poll
+
+
+def test_the_clientapp_launcher_runs_flower_s_clientapp_without_the_supernode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the SuperExec finds as ``flwr-clientapp`` first on PATH: Flower's own command line, with the
+    SuperNode's packages (FastAPI app, SQL stores) not imported, nor the model code by our ClientApp module."""
+    import os
+    import shutil
+    import subprocess
+
+    from identifier.federated.supernode import install_launcher
+
+    monkeypatch.setenv("PATH", os.environ["PATH"])  # restored after the test
+    assert install_launcher(tmp_path / "bin")
+    assert shutil.which("flwr-clientapp") == str(tmp_path / "bin" / "flwr-clientapp")
+    usage = subprocess.run(
+        ["flwr-clientapp", "--help"], capture_output=True, text=True, check=True, cwd=tmp_path
+    ).stdout
+    assert "--runtime-api-address" in usage  # Flower's parser
+    probe = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print(sorted(m for m in sys.modules if m.startswith(('flwr.supernode.cli.', "
+        "'sqlalchemy', 'identifier.federated.home_client', 'torch')))))\n"
+        "import identifier.federated.client_app\n"  # what every ClientApp process loads, SecAgg+ stage or not
+        "from identifier.federated.clientapp_process import main\n"
+        "sys.argv = ['flwr-clientapp', '--help']\n"
+        "main()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=processes.PACKAGE_ROOT
+    ).stdout
+    assert out.strip().splitlines()[-1] == "['flwr.supernode.cli.flwr_clientapp']"
 
 
 def test_node_key_is_an_openssh_p384_pair_with_a_private_file(tmp_path: Path) -> None:

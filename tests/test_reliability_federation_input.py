@@ -13,7 +13,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 
 from identifier.bundle import Bundle
 from identifier.federated import model, updates
-from identifier.federated.client_app import HomeClient
+from identifier.federated.home_client import HomeClient
 from identifier.federated.server_app import MaskedSumFedAvg, RoundGuard, RunReport, RunSettings
 
 CLIP = 1.0

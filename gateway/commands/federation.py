@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from gateway.cli import add_state_args, config_from_args
@@ -130,7 +131,8 @@ def _server(args: argparse.Namespace) -> int:
     state = args.state_dir.resolve()
     out_dir = (args.out_dir or state / "model").resolve()
     state.mkdir(parents=True, exist_ok=True)
-    env = processes.flower_env(state)
+    mark = uuid.uuid4().hex  # to end the ServerApp too, which Flower starts outside the SuperLink's session
+    env = {**processes.flower_env(state), processes.MARK_ENV: mark}
     cmd = processes.superlink_cmd(
         args.host, args.port, state / "superlink.db", tls, bool(args.authorized_key)
     )
@@ -168,6 +170,7 @@ def _server(args: argparse.Namespace) -> int:
         return 0 if all(r["status"] == "ok" for r in report["rounds"]) else 1
     finally:
         _stop(link)
+        processes.stop_marked(mark)
 
 
 def _join(args: argparse.Namespace) -> int:

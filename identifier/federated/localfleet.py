@@ -1,8 +1,10 @@
 """A SuperLink and N SuperNodes on loopback, each home with its own dataset and state directory.
 
 What the tests, the benchmark and the simulation's end-to-end check run: real Flower processes, started
-with ``processes``' command lines. Each process gets its own session so a home can be killed with all the
-ClientApp processes it spawned, as a power cut would.
+with ``processes``' command lines. Each SuperNode gets its own session so a home can be killed with all the
+ClientApp processes it spawned, as a power cut would. Every process the fleet starts, and every process those
+start, carries the fleet's mark (``processes.MARK_ENV``): ``stop`` (or leaving ``with LocalFleet(...)``)
+ends them all, also the ServerApp that Flower starts outside the SuperLink's session.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import os
 import re
 import signal
 import subprocess
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +57,13 @@ class LocalFleet:
     homes: list[Home] = field(default_factory=list)
     superlink: subprocess.Popen | None = None
     port: int = 0
+    mark: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __enter__(self) -> LocalFleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     @property
     def address(self) -> str:
@@ -60,15 +71,18 @@ class LocalFleet:
 
     @property
     def env(self) -> dict[str, str]:
-        return processes.flower_env(self.root / "server")
+        return self._env(self.root / "server")
+
+    def _env(self, state_dir: Path) -> dict[str, str]:
+        return {**processes.flower_env(state_dir), processes.MARK_ENV: self.mark}
 
     def start_superlink(self) -> None:
         self.port = processes.free_port()
         server_dir = self.root / "server"
         server_dir.mkdir(parents=True, exist_ok=True)
-        cmd = processes.superlink_cmd(
-            "127.0.0.1", self.port, server_dir / "superlink.db", self.tls, self.node_auth
-        )
+        # In memory: nothing of a local fleet outlives it, and with 20 homes polling, the SQLite file's write
+        # lock made the SuperLink answer pushes with "database is locked" (docs/federation.md, "Round cost").
+        cmd = processes.superlink_cmd("127.0.0.1", self.port, processes.IN_MEMORY, self.tls, self.node_auth)
         self.superlink = self._spawn(cmd, self.env, server_dir / "superlink.log")
         processes.wait_for_port("127.0.0.1", self.port)
         processes.write_connection(server_dir, "iotgw", self.address, self.tls.ca if self.tls else None)
@@ -94,7 +108,20 @@ class LocalFleet:
             home.auth_key,
             max_wait,
         )
-        home.proc = self._spawn(cmd, processes.flower_env(home.state_dir), home.state_dir / "supernode.log")
+        home.proc = self._spawn(cmd, self._env(home.state_dir), home.state_dir / "supernode.log")
+
+    def wait_connected(self, timeout: float = 300.0) -> None:
+        """Block until every home's SuperNode has connected to the SuperLink (it logs its node ID then), so
+        that a run does not spend its first round waiting for homes that are still starting."""
+        deadline = time.monotonic() + timeout
+        for home in self.homes:
+            log = home.state_dir / "supernode.log"
+            while not (log.exists() and "SuperNode ID:" in log.read_text(errors="replace")):
+                if home.proc is not None and home.proc.poll() is not None:
+                    raise RuntimeError(f"home {home.index}'s SuperNode exited (see {log})")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"home {home.index}'s SuperNode did not connect in {timeout:.0f} s")
+                time.sleep(0.2)
 
     def kill_home(self, home: Home) -> None:
         """SIGKILL the home's SuperNode and every process it spawned."""
@@ -131,15 +158,13 @@ class LocalFleet:
         return RunResult(proc.returncode, run_id, report, output)
 
     def stop(self) -> None:
+        """End every process this fleet started, directly or not, whatever state the run is in."""
         for home in self.homes:
             self.kill_home(home)
-        if self.superlink is not None and self.superlink.poll() is None:
-            os.killpg(self.superlink.pid, signal.SIGTERM)
-            try:
-                self.superlink.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.superlink.pid, signal.SIGKILL)
-                self.superlink.wait()
+        processes.stop_marked(self.mark)
+        for proc in [self.superlink, *(h.proc for h in self.homes)]:
+            if proc is not None:
+                proc.wait()  # reap our own children
 
     @staticmethod
     def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:

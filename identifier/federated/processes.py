@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 import identifier
 from identifier.federated.supernode import POLL_ENV
@@ -50,8 +53,74 @@ def flower_env(state_dir: Path, base: dict[str, str] | None = None, poll_s: floa
     return env
 
 
-def superlink_cmd(host: str, port: int, database: Path, tls: Tls | None, node_auth: bool) -> list[str]:
-    """``flower-superlink`` serving fleet, control and runtime APIs on ``host:port``."""
+# Flower starts processes that leave their parent's session (the SuperLink's SuperExec) and outlive it (a
+# ServerApp whose SuperLink died stays idle forever), so neither process groups nor parentage find them all.
+# Every process inherits its environment, though: a fleet's processes carry this variable with a token of its
+# own, and ``stop_marked`` ends every process that carries it.
+MARK_ENV = "IOTGW_FLOWER_FLEET"
+
+
+def marked(token: str) -> list[psutil.Process]:
+    """The live processes whose environment carries ``MARK_ENV=token`` (readable ones: ours, or all as root)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get(MARK_ENV) == token:
+                found.append(proc)
+        except psutil.Error:  # gone, a zombie, or another user's
+            pass
+    return found
+
+
+def stop_marked(token: str, grace: float = 5.0) -> None:
+    """SIGTERM every process marked with ``token``, SIGKILL those still alive after ``grace`` seconds, and
+    repeat until none is left (a process may start a child between one scan and the next)."""
+    sig = signal.SIGTERM
+    for _ in range(20):
+        procs = marked(token)
+        if not procs:
+            return
+        for proc in procs:
+            try:
+                proc.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        lingering = _wait_gone(procs, grace)
+        for proc in lingering:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        _wait_gone(lingering, grace)
+        sig = signal.SIGKILL  # whatever appeared since the first scan is being torn down with the rest
+    raise RuntimeError(f"processes marked {MARK_ENV}={token} keep appearing: {[p.pid for p in marked(token)]}")
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until ``procs`` have exited; the ones still running after ``timeout``. A zombie counts as gone:
+    an orphan's zombie stays until init reaps it, and some inits (containers, VMs) never do."""
+    deadline = time.monotonic() + timeout
+    while True:
+        running = []
+        for proc in procs:
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    running.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        if not running or time.monotonic() > deadline:
+            return running
+        procs = running
+        time.sleep(0.05)
+
+
+# flwr 1.41's name for state kept in the SuperLink's memory (``flwr.supercore.constant.FLWR_IN_MEMORY_DB_NAME``)
+IN_MEMORY = ":flwr-in-memory:"
+
+
+def superlink_cmd(host: str, port: int, database: Path | str, tls: Tls | None, node_auth: bool) -> list[str]:
+    """``flower-superlink`` serving fleet, control and runtime APIs on ``host:port``, keeping its state in
+    ``database`` (an SQLite file, or ``IN_MEMORY``)."""
     cmd = [
         "flower-superlink",
         "--host", host,
