@@ -21,6 +21,7 @@ from gateway import sdnotify
 from gateway.alerts import Alerts, PolicyHooks
 from gateway.config import Config
 from gateway.devices.neighbours import NeighbourTable
+from gateway.devices.service import confirmed_types
 from gateway.devices.tracker import Change, DeviceTracker
 from gateway.events import Alert, Counters, DnsQuery, Event
 from gateway.filtering import Filtering
@@ -55,6 +56,7 @@ class Gateway:
         self.querylog = QueryLogWriter(store, flush_interval_s=cfg.store.flush_interval_s,
                                        days=cfg.store.querylog_days, max_rows=cfg.store.querylog_max_rows)
         self.identifier = load_identifier(cfg)
+        self._teach_confirmed(self.identifier)
         self._model_stamp = model_stamp(cfg)
         state_dir = cfg.state_dir
         self.alerts = Alerts(store, cfg, policy=PolicyHooks(
@@ -287,6 +289,7 @@ class Gateway:
                     self._neighbour_missed = False
                 if await asyncio.to_thread(self.filtering.refresh):
                     self.alerts.sync_devices()
+                    await asyncio.to_thread(self._teach_confirmed, self.identifier)
                     generation, stored = await asyncio.to_thread(self.tracker.stored_keys)
                     for key in self.tracker.forget_missing(generation, stored):
                         self._forget(key)
@@ -306,10 +309,17 @@ class Gateway:
         identifier = await asyncio.to_thread(load_identifier, self.cfg)
         if identifier is None:
             return  # said why; the current model goes on
+        await asyncio.to_thread(self._teach_confirmed, identifier)
         self.identifier = identifier
         self.filtering.set_profiles(identifier.profiles())
         log.info("identification: model %s loaded from %s", identifier.bundle.version,
                  self.cfg.model_dir or "the package")
+
+    def _teach_confirmed(self, identifier) -> None:  # noqa: ANN001 - identifier.stream.Identifier | None
+        """The owner's confirmed device types name their MACs' production blocks for this home's model
+        (``Identifier.set_confirmed``); run again whenever devices change, as a confirmation is such a change."""
+        if identifier is not None:
+            identifier.set_confirmed(confirmed_types(self.store))
 
     # -- persistence ------------------------------------------------------------------------------------
     async def _flush_loop(self) -> None:

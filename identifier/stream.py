@@ -10,6 +10,7 @@ device types captured there (``BLOCK_LIKELIHOOD``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,6 +90,21 @@ class Identifier:
 
     def session(self, mac: str, first_ts: float) -> Session:
         return Session(self, mac.lower(), first_ts)
+
+    def set_confirmed(self, units: Iterable[tuple[str, str]]) -> None:
+        """Add one home's confirmed devices, (MAC, device type), to the bundle's MAC blocks: a second unit of a
+        product the owner confirmed, bought with the first, likely comes from its production run. Replaces the
+        previous call's; types the model does not know are left out. It stays in the home, like the MACs."""
+        if "oui" not in self.features.signals:
+            return
+        known = set(self.labels["device_type"])
+        merged = {block: list(types) for block, types in self.bundle.mac_blocks.items()}
+        for mac, device_type in units:
+            if device_type in known:
+                for block in blocks(mac):
+                    if device_type not in merged.setdefault(block, []):
+                        merged[block].append(device_type)
+        self.mac_blocks = merged  # one assignment: sessions starting meanwhile see the old table or the new
 
     def block_prior(self, mac: str) -> np.ndarray | None:
         """Device-type weights from the finest MAC production block of ``mac`` that training captured a unit

@@ -308,3 +308,20 @@ def test_a_model_installed_by_federated_retraining_is_picked_up_without_a_restar
             assert time.monotonic() < deadline, "no identification session for a new device"
             time.sleep(0.1)
         assert gw.gateway._sessions["ip:127.0.0.77"].ident.bundle.version == "federated-r7"
+
+
+def test_a_confirmed_device_names_its_production_block_for_the_next_unit(tmp_path, upstream):
+    from gateway.devices.service import label
+
+    first, second = "5c:cf:7f:99:90:01", "5c:cf:7f:99:90:02"  # one production run, unknown to the bundle
+    with RunningGateway(tmp_path, upstream) as gw:
+        assert gw.gateway.identifier.block_prior(second) is None
+        gw.dhcp(first, "127.0.0.62", "ESP_999001")
+        eventually(lambda: any(d.mac == first for d in list_devices(gw.store)))
+        label(gw.store, first, manufacturer="Smarter", device_type="SmarterCoffee", category="appliance")
+        eventually(lambda: gw.gateway.identifier.block_prior(second) is not None)
+        prior = gw.gateway.identifier.block_prior(second)
+        types = gw.gateway.identifier.labels["device_type"]
+        assert types[int(prior.argmax())] == "SmarterCoffee"
+    with RunningGateway(tmp_path, upstream) as gw:  # after a restart, from the store
+        assert gw.gateway.identifier.block_prior(second) is not None

@@ -199,6 +199,16 @@ def test_the_mac_production_block_tells_apart_siblings_whose_traffic_is_the_same
     assert blocks("02:11:22:33:44:55") == []  # a randomised MAC names no production run
     assert Identifier.load(signals=("dns",)).block_prior(kettle) is None  # DNS only sees no MAC
 
+    # A home's confirmed device names its block for that home: a second unit from the same run follows it.
+    bought_together = ("5c:cf:7f:99:90:01", "5c:cf:7f:99:90:02")  # a run the bundle has never seen
+    assert ident.block_prior(bought_together[1]) is None
+    for confirmed in ("SmarterCoffee", "iKettle2"):
+        ident.set_confirmed([(bought_together[0], confirmed), ("02:11:22:33:44:55", "iKettle2")])
+        assert answer(ident, bought_together[1]) == confirmed
+    ident.set_confirmed([])  # the confirmation withdrawn (or the device deleted)
+    assert ident.block_prior(bought_together[1]) is None
+    assert answer(ident, coffee) == "SmarterCoffee"  # the shipped blocks stay
+
 
 @needs_data
 def test_a_device_its_type_places_surely_is_known_though_the_manufacturer_head_is_unsure():

@@ -105,6 +105,13 @@ def label(store: Store, mac: str, *, manufacturer: str, device_type: str, catego
     store.bump_revision(DEVICES_REVISION)
 
 
+def confirmed_types(store: Store) -> list[tuple[str, str]]:
+    """(MAC, device type) of every device whose owner confirmed or corrected its type."""
+    with store.session() as s:
+        rows = s.execute(select(Device.mac, Device.label_device_type).where(Device.label_device_type.is_not(None)))
+        return [(mac, device_type) for mac, device_type in rows]
+
+
 def forget(store: Store, mac: str) -> None:
     with store.transaction() as s:
         device = _get(s, mac)
