@@ -236,7 +236,10 @@ class Session:
         # a known type names its own manufacturer and category; the heads answer for the generic types
         manufacturer = info.get("manufacturer") or labels["manufacturer"][int(p_man.argmax())]
         category = info.get("category") or labels["category"][int(p_cat.argmax())]
-        signals = sorted({signal_of(t) for t in self.state.tokens})
+        signals = {signal_of(t) for t in self.state.tokens}
+        if self.block_prior is not None:
+            signals.add("macblock")  # the MAC's production block weighed in (shown as a signal in the web UI)
+        signals = sorted(signals)
         if not known:
             manufacturer = dtype = category = UNKNOWN_LABEL
         return Identity(

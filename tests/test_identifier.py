@@ -16,7 +16,7 @@ from gateway.capture.windows import capture_windows
 from gateway.demo import demo_mac
 from identifier.bundle import DEFAULT_DIR
 from identifier.oui import blocks, vendor
-from identifier.stream import Identifier
+from identifier.stream import Identifier, Identity
 from tests.shared_data import CAPTURES, needs_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,13 +186,18 @@ def test_the_mac_production_block_tells_apart_siblings_whose_traffic_is_the_same
     _, coffee = first_capture("SmarterCoffee")
     observations = capture_windows(pcap, 30.0).devices[kettle].observations
 
-    def answer(identifier: Identifier, mac: str) -> str:
+    def identity(identifier: Identifier, mac: str) -> Identity:
         session = identifier.session(mac, observations[0].ts)
         for obs in observations:
             session.update(obs)
-        return session.current().device_type
+        return session.current()
+
+    def answer(identifier: Identifier, mac: str) -> str:
+        return identity(identifier, mac).device_type
 
     assert answer(ident, kettle) == "iKettle2"
+    assert "macblock" in identity(ident, kettle).signals
+    assert "macblock" not in identity(ident, kettle[:9] + "ff:ff:ff").signals
     assert answer(ident, coffee) == "SmarterCoffee"  # the kettle's own packets, from a coffee machine's MAC
     assert blocks(kettle) == [kettle.replace(":", "")[:9], kettle.replace(":", "")[:8]]
     assert ident.block_prior(kettle[:9] + "ff:ff:ff") is None  # another run: the net alone decides
