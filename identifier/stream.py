@@ -79,9 +79,6 @@ class Identifier:
         self.labels = bundle.labels
         self.version = bundle.version
         self.mac_blocks = bundle.mac_blocks if "oui" in self.features.signals else {}
-        # per device type, the manufacturer it implies ("" for types several vendors make)
-        info = bundle.type_info
-        self.makers = np.array([info.get(t, {}).get("manufacturer", "") for t in self.labels["device_type"]])
 
     @classmethod
     def load(cls, model_dir: str | None = None, signals: tuple[str, ...] | None = None) -> Identifier:
@@ -214,16 +211,8 @@ class Session:
 
     def _known(self) -> bool:
         th = self.ident.bundle.thresholds
-        return self.specific >= th.min_specific and self._vendor_probability() >= th.known
-
-    def _vendor_probability(self) -> float:
-        """How sure the model is of the vendor: the manufacturer head's best, or, when the best device type
-        names its maker, the device-type mass on that maker's types (the two heads are trained apart and can
-        disagree; a device the type head places surely in one maker's products is that maker's)."""
-        p_man, p_type = self._probs[0], self._probs[1]
-        maker = self.ident.makers[int(p_type.argmax())]
-        by_type = float(p_type[self.ident.makers == maker].sum()) if maker else 0.0
-        return max(float(p_man.max()), by_type)
+        needed = th.known if self.specific >= th.min_specific else th.known_without_specific
+        return float(self._probs[0].max()) >= needed
 
     def _identity(self, decided_after_s: float | None) -> Identity:
         labels = self.ident.labels

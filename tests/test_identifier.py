@@ -216,29 +216,20 @@ def test_the_mac_production_block_tells_apart_siblings_whose_traffic_is_the_same
 
 
 @needs_data
-def test_a_device_its_type_places_surely_is_known_though_the_manufacturer_head_is_unsure():
-    import dataclasses
-
-    import numpy as np
-
-    from identifier.bundle import Bundle
-
-    bundle = Bundle.load()
-    makers = len(bundle.labels["manufacturer"])
-    weights = dict(bundle.weights)  # the manufacturer head silenced: uniform over every vendor
-    weights["h_manufacturer_w"] = np.zeros_like(weights["h_manufacturer_w"])
-    weights["h_manufacturer_b"] = np.zeros_like(weights["h_manufacturer_b"])
-    weights["wide"] = weights["wide"].copy()
-    weights["wide"][:, :makers] = 0.0
-    ident = Identifier(dataclasses.replace(bundle, weights=weights))
-    pcap, mac = first_capture("HueBridge")
-    dev = capture_windows(pcap, 30.0).devices[mac]
-    session = ident.session(mac, dev.first_ts)
-    for obs in dev.observations:
-        session.update(obs)
-    assert float(session.probabilities()[0].max()) < 0.05
-    answer = session.current()
-    assert answer.known and answer.manufacturer == "Philips" and answer.device_type == "HueBridge"
+def test_without_a_vendor_specific_name_only_a_nearly_certain_combination_is_known(iotgw, tmp_path):
+    # An Edimax plug's first 20 s of DNS: www.google.com at once, then nothing; no name only Edimax uses, but
+    # no other vendor in training opens like that, and the model is nearly certain.
+    pcap = CAPTURES / "EdimaxPlug1101W" / "Setup-A-1-STA.pcap"
+    code, rows, _ = iotgw("identify", "--json", "--signals", "dns", "--window", "20", str(pcap))
+    assert code == 0
+    row = next(r for r in rows if r["mac"] == "74:da:38:4a:76:49")
+    assert row["known"] and row["manufacturer"] == "Edimax"
+    # Names many vendors use, without that opening: no vendor is nearly certain, so unknown.
+    sessions = tmp_path / "generic.jsonl"
+    queries = [{"t": 0.0, "name": "www.google.com"}, {"t": 0.0, "name": "pool.ntp.org"}]
+    sessions.write_text(json.dumps({"id": "generic", "queries": queries}) + "\n")
+    code, rows, _ = iotgw("identify", "--json", "--sessions", str(sessions))
+    assert code == 0 and rows[0]["known"] is False
 
 
 def test_shipped_bundle_is_small_and_serves_demo_prototypes_and_profiles():
