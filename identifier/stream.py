@@ -4,8 +4,8 @@ A session keeps the device's feature counts and the first layer's pre-activation
 few buckets it changed plus two 64-wide layers (numpy only, no torch). A decision is committed as soon as the
 calibrated device-type probability reaches the bundle's ``commit`` threshold, and revised only when another
 type reaches ``revise``. A device whose evidence matches no vendor seen in training is "unknown" (open set)
-rather than a confident wrong name. A MAC from a production block that training captured units in weighs the
-device types captured there (``BLOCK_LIKELIHOOD``).
+rather than a confident wrong name. A MAC from a production block that holds units training captured (or the
+home's owner confirmed) weighs those units' device types (``BLOCK_LIKELIHOOD``).
 """
 
 from __future__ import annotations
@@ -104,8 +104,9 @@ class Identifier:
         self.mac_blocks = merged  # one assignment: sessions starting meanwhile see the old table or the new
 
     def block_prior(self, mac: str) -> np.ndarray | None:
-        """Device-type weights from the finest MAC production block of ``mac`` that training captured a unit
-        in (``BLOCK_LIKELIHOOD`` for its types, 1 for the rest); None when it is in no such block."""
+        """Device-type weights from the finest MAC production block of ``mac`` that holds a unit training
+        captured or this home confirmed (``BLOCK_LIKELIHOOD`` for its types, 1 for the rest); None when it is in
+        no such block."""
         index = {t: i for i, t in enumerate(self.labels["device_type"])}
         for block in blocks(mac) if self.mac_blocks else []:
             types = [index[t] for t in self.mac_blocks.get(block, ()) if t in index]
@@ -225,10 +226,9 @@ class Session:
         # a known type names its own manufacturer and category; the heads answer for the generic types
         manufacturer = info.get("manufacturer") or labels["manufacturer"][int(p_man.argmax())]
         category = info.get("category") or labels["category"][int(p_cat.argmax())]
-        signals = {signal_of(t) for t in self.state.tokens}
+        sources = {signal_of(t) for t in self.state.tokens}
         if self.block_prior is not None:
-            signals.add("macblock")  # the MAC's production block weighed in (shown as a signal in the web UI)
-        signals = sorted(signals)
+            sources.add("macblock")  # the MAC's production block weighed in (shown as a signal in the web UI)
         if not known:
             manufacturer = dtype = category = UNKNOWN_LABEL
         return Identity(
@@ -239,7 +239,7 @@ class Session:
             known,
             decided_after_s,
             alternatives,
-            signals,
+            sorted(sources),
             self.ident.version,
         )
 
