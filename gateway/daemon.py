@@ -217,6 +217,7 @@ class Gateway:
                 self._changed_windows.add(change.key)
 
     def _identified(self, key: str, identity) -> None:  # noqa: ANN001 - identifier.stream.Identity
+        identity = identity.claimed()  # an unknown device's closest match stays among its alternatives
         kind = "device_identified" if identity.known else "unknown_device"
         data = {"confidence": round(float(identity.confidence), 4), "decided_after_s": identity.decided_after_s}
         if identity.known:
@@ -234,12 +235,8 @@ class Gateway:
         self._changed_windows.discard(key)
         self._closed_windows.append((key, start, self._windows.pop(key, [])))
         if session is not None and session.committed is None:
-            from identifier.stream import UNKNOWN_LABEL  # loaded already: the session came from it
-
             guess = session.current()
-            self._identified(key, dataclasses.replace(
-                guess, manufacturer=UNKNOWN_LABEL, device_type=UNKNOWN_LABEL, category=UNKNOWN_LABEL,
-                known=False, decided_after_s=round(WINDOW_S, 3)))
+            self._identified(key, dataclasses.replace(guess, known=False, decided_after_s=round(WINDOW_S, 3)))
 
     def _close_due_windows(self) -> None:
         """Windows of devices that went quiet: the event path only closes a window on the next packet."""

@@ -35,6 +35,10 @@ class Thresholds:
     # ... without them, known needs this vendor probability: then only the combination (which names, in which
     # order) is specific, and it has to be nearly certain
     known_without_specific: float = 0.95
+    # DNS names no device in training used are a new vendor's own cloud: above this share of a device's names
+    # it is unknown whatever the heads say; with none of them, its names vouch for it like a specific token
+    # (measured on the leave-one-lab-out split, docs/identification.md)
+    max_new_names: float = 1 / 3
 
 
 @dataclass
@@ -54,13 +58,18 @@ class Bundle:
     profiles: dict[str, list[str]] = field(default_factory=dict)
     oui_prefixes: dict[str, str] = field(default_factory=dict)  # device_type -> "74:da:38" (captured types)
     mac_blocks: dict[str, list[str]] = field(default_factory=dict)  # oui.blocks() -> types captured in it
+    # packed bitmap of every DNS name (SLD) token in training, any vendor; empty: not recorded (older bundles)
+    names: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))
 
     def save(self, directory: str | Path) -> Path:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         # float16 halves the file (the shipped bundle must stay < 1 MB); the net is computed in float32
         np.savez_compressed(
-            d / "weights.npz", seen=self.seen, **{k: v.astype(np.float16) for k, v in self.weights.items()}
+            d / "weights.npz",
+            seen=self.seen,
+            names=self.names,
+            **{k: v.astype(np.float16) for k, v in self.weights.items()},
         )
         meta = {
             "format": FORMAT,
@@ -91,6 +100,7 @@ class Bundle:
         if meta.get("format") != FORMAT:
             raise BundleError(f"{d}: bundle format {meta.get('format')} is not {FORMAT}")
         seen = arrays.pop("seen")
+        names = arrays.pop("names", np.zeros(0, dtype=np.uint8))
         return cls(
             weights={k: v.astype(np.float32) for k, v in arrays.items()},
             features=FeatureConfig.from_json(meta["features"]),
@@ -106,4 +116,5 @@ class Bundle:
             # absent from bundles written before they existed
             oui_prefixes=meta.get("oui_prefixes", {}),
             mac_blocks=meta.get("mac_blocks", {}),
+            names=names,
         )

@@ -11,7 +11,7 @@ home's owner confirmed) weighs those units' device types (``BLOCK_LIKELIHOOD``).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -27,6 +27,7 @@ UNKNOWN_LABEL = "unknown"
 # are evidence, not proof (a maker may build two models in one run), so they weigh the net's answer rather than
 # replace it; a MAC in no known block changes nothing.
 BLOCK_LIKELIHOOD = 20.0
+NAME_PREFIX = "sld:"  # a DNS name's token; whether training saw it is open-set evidence (``Bundle.names``)
 # Token kinds that can name a vendor; timing and counts tokens say nothing about which vendor it is.
 SPECIFIC_PREFIXES = ("sld:", "dhcp55:", "dhcp60:", "dhcp12:", "mdns:", "mdnssvc:", "oui:", "ouiprefix:")
 _SIGNAL_OF = {
@@ -42,6 +43,10 @@ _SIGNAL_OF = {
 
 @dataclass
 class Identity:
+    """What a session says of a device. The labels are always the closest match the model has; ``known`` is
+    the open-set verdict (False: the device looks like none the model was trained on), so a consumer can show
+    "unknown, closest: ..." rather than lose the guess. ``claimed()`` is what the gateway asserts."""
+
     manufacturer: str
     device_type: str
     category: str
@@ -51,6 +56,13 @@ class Identity:
     alternatives: list[tuple[str, float]] = field(default_factory=list)
     signals: list[str] = field(default_factory=list)
     model_version: str = ""
+
+    def claimed(self) -> Identity:
+        """This identity if known, else the same with every label ``unknown``: what the gateway stores, alerts
+        on and applies type policies to, so a guess is never acted on as a name."""
+        if self.known:
+            return self
+        return replace(self, manufacturer=UNKNOWN_LABEL, device_type=UNKNOWN_LABEL, category=UNKNOWN_LABEL)
 
 
 def is_specific(token: str) -> bool:
@@ -76,6 +88,7 @@ class Identifier:
         self.net = NumpyNet(bundle.weights)
         self.features: FeatureConfig = bundle.features.with_signals(signals) if signals else bundle.features
         self.seen = np.unpackbits(bundle.seen).astype(bool)
+        self.names = np.unpackbits(bundle.names).astype(bool) if bundle.names.size else None
         self.labels = bundle.labels
         self.version = bundle.version
         self.mac_blocks = bundle.mac_blocks if "oui" in self.features.signals else {}
@@ -138,6 +151,8 @@ class Session:
         self.x = self.state.vector()
         self.z1 = ident.net.first_layer(self.x)
         self.specific = 0
+        self.names = 0  # distinct DNS names (SLDs) so far ...
+        self.new_names = 0  # ... of which training never saw
         self.own_words = False  # a DNS name, DHCP or mDNS token: something the device said, not its MAC
         self.committed: Identity | None = None
         self.last_ts = first_ts
@@ -151,6 +166,9 @@ class Session:
             if is_specific(token):
                 self.own_words |= not token.startswith("oui")
                 self.specific += bool(self.ident.seen[seen_bit(token)])
+            if token.startswith(NAME_PREFIX) and self.ident.names is not None:
+                self.names += 1
+                self.new_names += not self.ident.names[seen_bit(token)]
 
     def update(self, obs: Observation) -> Identity | None:
         """Fold in one observation; returns an Identity only when a decision is committed or revised."""
@@ -212,8 +230,10 @@ class Session:
 
     def _known(self) -> bool:
         th = self.ident.bundle.thresholds
-        needed = th.known if self.specific >= th.min_specific else th.known_without_specific
-        return float(self._probs[0].max()) >= needed
+        if self.names and self.new_names / self.names > th.max_new_names:
+            return False  # mostly names no device in training used: a vendor's own cloud the model never saw
+        vouched = self.specific >= th.min_specific or (self.names > 0 and not self.new_names)
+        return float(self._probs[0].max()) >= (th.known if vouched else th.known_without_specific)
 
     def _identity(self, decided_after_s: float | None) -> Identity:
         labels = self.ident.labels
@@ -229,8 +249,6 @@ class Session:
         sources = {signal_of(t) for t in self.state.tokens}
         if self.block_prior is not None:
             sources.add("macblock")  # the MAC's production block weighed in (shown as a signal in the web UI)
-        if not known:
-            manufacturer = dtype = category = UNKNOWN_LABEL
         return Identity(
             manufacturer,
             dtype,

@@ -24,7 +24,7 @@ from identifier.inference import HEADS
 from identifier.observation import DnsObservation, Observation, PacketObservation
 from identifier.observation import to_json as observation_to_json
 from identifier.oui import blocks, vendor
-from identifier.stream import is_specific
+from identifier.stream import NAME_PREFIX, is_specific
 
 CUTOFFS = (1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 DNS_ONLY = ("dns",)
@@ -115,6 +115,16 @@ def specific_bitmap(samples: Samples, space: dict[str, list[str]], max_vendors: 
     for t, vs in vendors.items():
         if len(vs) <= max_vendors:
             bits[seen_bit(t)] = True
+    return np.packbits(bits)
+
+
+def names_bitmap(samples: Samples) -> np.ndarray:
+    """Bits of every DNS name (SLD) token in training: a device naming none of them speaks a new vendor's."""
+    bits = np.zeros(SEEN_BITS, dtype=bool)
+    for toks in samples.tokens:
+        for t in toks:
+            if t.startswith(NAME_PREFIX):
+                bits[seen_bit(t)] = True
     return np.packbits(bits)
 
 
@@ -236,4 +246,5 @@ def train(
         profiles=profiles(windows),
         oui_prefixes=oui_prefixes(windows),
         mac_blocks=mac_blocks(windows),
+        names=names_bitmap(samples),
     )

@@ -15,6 +15,7 @@ from gateway import cli
 from gateway.capture.windows import capture_windows
 from gateway.demo import demo_mac
 from identifier.bundle import DEFAULT_DIR
+from identifier.observation import DnsObservation
 from identifier.oui import blocks, vendor
 from identifier.stream import Identifier, Identity
 from tests.shared_data import CAPTURES, needs_data
@@ -106,6 +107,30 @@ def test_sessions_jsonl_gives_one_line_per_input(iotgw, tmp_path):
     assert "source" not in rows[0] and "mac" not in rows[0]
     assert rows[0]["manufacturer"] == "TP-Link" and rows[0]["known"] is True
     assert rows[1]["known"] is False  # a name no vendor in training ever used
+
+
+def test_mostly_new_names_make_a_device_unknown_and_its_closest_match_is_kept(iotgw, tmp_path):
+    # TP-Link's cloud name beside names no device in training ever queried: a vendor the model never saw (one
+    # building on TP-Link's cloud, say). More than a third of its names new: unknown, though the heads are sure.
+    plug = [{"t": 0.0, "name": "devs.tplinkcloud.com"}, {"t": 0.5, "name": "uk.pool.ntp.org"}]
+    new = [{"t": 1.0, "name": "api.cloud-never-seen.example"}, {"t": 1.5, "name": "t.other-never-seen.example"}]
+    sessions = tmp_path / "s.jsonl"
+    cases = {"plug": plug, "one-new": plug + new[:1], "two-new": plug + new}
+    sessions.write_text("".join(json.dumps({"id": k, "queries": q}) + "\n" for k, q in cases.items()))
+    code, rows, _ = iotgw("identify", "--json", "--signals", "dns", "--sessions", str(sessions))
+    assert code == 0
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["plug"]["known"] and by_id["one-new"]["known"]  # a third of its names new: still TP-Link
+    assert by_id["two-new"]["known"] is False
+    # the contract keeps the closest match; what the gateway acts on claims nothing
+    assert by_id["two-new"]["manufacturer"] == "TP-Link"
+    ident = Identifier.load(None, ("dns",))
+    session = ident.session("", 0.0)
+    for q in plug + new:
+        session.update(DnsObservation(q["t"], q["name"], 1))
+    claimed = session.current().claimed()
+    assert (claimed.manufacturer, claimed.device_type, claimed.known) == ("unknown", "unknown", False)
+    assert claimed.alternatives[0][0].startswith("TP-Link")
 
 
 def test_bad_session_line_names_file_and_line(iotgw, tmp_path):

@@ -66,6 +66,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _record(identity, window: float) -> dict:
+    """The JSON contract's fields: the closest match always, ``known`` saying whether it is trusted."""
     decided = identity.decided_after_s
     return {
         "manufacturer": identity.manufacturer,
@@ -132,9 +133,10 @@ def cmd_identify(args: argparse.Namespace) -> int:
         for r in rows:
             where = r.get("id") or f"{r['source']} {r['mac']}"
             when = "-" if r["decided_after_s"] is None else f"{r['decided_after_s']:.1f}s"
+            names = f"{r['manufacturer']} / {r['device_type']} / {r['category']}"
             print(
-                f"{where}  {r['manufacturer']} / {r['device_type']} / {r['category']}  "
-                f"conf {r['confidence']:.2f}  decided {when}{'' if r['known'] else '  (unknown)'}"
+                f"{where}  {names if r['known'] else f'unknown (closest: {names})'}  "
+                f"conf {r['confidence']:.2f}  decided {when}"
             )
     return 1 if failed else 0
 
