@@ -321,9 +321,9 @@ def has_dns(win: LabelledWindow, window: float) -> bool:
 
 
 def dns_type_ceiling(captures: list[LabelledWindow], window: float) -> float:
-    """The best device-type accuracy any answer that depends only on *which* DNS names a capture queried could
-    reach (each set of names given its commonest type, counted on the captures themselves: optimistic). Sibling
-    products that query the same names bound what ``--signals dns`` can do."""
+    """The best device-type accuracy an answer that depends only on *which* registrable domains (SLDs) a capture
+    queried could reach, as the seed paper's features do (each set given its commonest type, counted on the
+    captures themselves: optimistic). Sibling products that query the same domains are what it loses."""
     by_names: dict[frozenset[str], Counter[str]] = defaultdict(Counter)
     for w in captures:
         names = frozenset(
