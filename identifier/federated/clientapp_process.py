@@ -16,12 +16,17 @@ import types
 from pathlib import Path
 
 
-def main() -> None:
+def register_light_cli() -> None:
+    """Make ``flwr.supernode.cli`` an empty namespace, so importing one of its modules skips the rest."""
     import flwr.supernode
 
     cli = types.ModuleType("flwr.supernode.cli")
     cli.__path__ = [str(Path(flwr.supernode.__file__).parent / "cli")]
     sys.modules.setdefault("flwr.supernode.cli", cli)
+
+
+def main() -> None:
+    register_light_cli()
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
     sys.argv[0] = "flwr-clientapp"  # Flower names its exit events after argv[0]
