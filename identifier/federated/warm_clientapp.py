@@ -54,8 +54,7 @@ def launch(argv: list[str], path: str) -> int | None:
         except ProcessLookupError:  # exited already; its status is on its way
             pass
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
+    before = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         try:
             sock.settimeout(REPLY_TIMEOUT_S)
@@ -66,11 +65,9 @@ def launch(argv: list[str], path: str) -> int | None:
         except OSError:  # no server, a stale socket, or a server that does not answer
             reply = []
         if not reply:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, signal.SIG_DFL)
-            for sig in pending:  # asked to stop before anything started
-                return -sig
-            return None
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+            return -pending[0] if pending else None  # asked to stop before anything started: done
         child.append(int(reply[1]))
         for sig in pending:
             os.kill(child[0], sig)
@@ -100,6 +97,7 @@ def main() -> None:
     if code < 0:  # end the way the child ended, for whoever waits on this process
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
+        code = 128 - code  # a signal whose default is not to end a process: the shell's convention
     sys.exit(code)
 
 
