@@ -90,6 +90,7 @@ def measure(n: int, rounds: int, data: Path, root: Path) -> dict:
             ok = [r["seconds"] for r in run.report.get("rounds", []) if r["status"] == "ok"]
             result[f"{mode}_round_s"] = round(float(np.mean(ok)), 2) if len(ok) == rounds else None
             result[f"{mode}_rss_mb"] = round(sampler.peak / 2**20, 1)
+            result[f"{mode}_warm"] = sum(h.warm_clientapps() for h in homes)
     params = model.params_of(Bundle.load())
     sizes = payload_bytes(params, n)
     p, s = result["plain_round_s"], result["secagg_round_s"]
@@ -104,6 +105,8 @@ def measure(n: int, rounds: int, data: Path, root: Path) -> dict:
         "gateway_peak_rss_mb_plain": result["plain_rss_mb"],
         "parameters": int(sum(a.size for a in params)),
         "rounds_averaged": rounds,
+        # ClientApp processes forked by the homes' warm servers (warm_clientapp), all homes, all rounds
+        "warm_clientapps": {"plain": result["plain_warm"], "secagg": result["secagg_warm"]},
     }
 
 

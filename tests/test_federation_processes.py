@@ -86,6 +86,10 @@ def test_closing_a_fleet_whose_superlink_died_mid_round_ends_every_flower_proces
     assert clientapps
     homes_bin = {str(h.state_dir / "flwr" / "bin" / "flwr-clientapp") for h in started}
     assert all(set(c) & homes_bin for c in clientapps), clientapps
+    # ...and each ran in a child forked by the home's warm server (warm_clientapp), not started cold: every
+    # stage a home's ClientApp logged came from a fork (a silent fallback to cold starts fails here)
+    assert all(h.warm_clientapps() >= len(h.stages()) for h in started)
+    assert sum(h.warm_clientapps() for h in started) > 0
     assert alive(set(seen)) == []
     runner.join(timeout=10)
     assert not runner.is_alive()  # `flwr run` was ended with the rest

@@ -121,6 +121,9 @@ def test_two_secagg_rounds_with_dropouts_aggregate_the_survivors_mean(
     # every survivor decided on the final model: installed it as its bundle, or kept its own as no worse
     installs = result.report["installs"]
     assert len(installs) == 3
+    # the survivors' ClientApps (8 SecAgg+ stages and the install) were forked warm, none started cold
+    for home in homes[:3]:
+        assert len(home.stages()) == 8 and home.warm_clientapps() >= 9
     for home in homes[:3]:
         log = [json.loads(line) for line in (home.state_dir / "rounds.log").read_text().splitlines()]
         (decision,) = [e for e in log if e["event"] == "install"]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from identifier.dataset import LabelledWindow
-from identifier.federated import homedata, processes
+from identifier.federated import homedata, processes, warm_clientapp
 
 
 @dataclass
@@ -39,6 +39,11 @@ class Home:
             return []
         entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         return [(e["round"], e["stage"]) for e in entries if e.get("event") == "stage"]
+
+    def warm_clientapps(self) -> int:
+        """How many ClientApp processes the home's warm server forked (it logs each to the SuperNode's log)."""
+        log = self.state_dir / "supernode.log"
+        return log.read_text(errors="replace").count(warm_clientapp.FORK_LOG) if log.exists() else 0
 
 
 @dataclass

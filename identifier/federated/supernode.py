@@ -9,9 +9,10 @@ Everything is Flower's own ``flower-supernode``, with two changes to what a roun
   (``processes.POLL_S``) and the local waits at ``LOCAL_WAIT_S``. A shorter idle poll means more requests to
   the SuperLink while a gateway is joined (one per poll per home), which is why it is a setting and only
   applies during the nightly window; the local waits only look at this node's own state.
-- The SuperExec starts ``flwr-clientapp`` (found on PATH) for every message; ``install_launcher`` puts
-  ``clientapp_process`` first on PATH under that name, which skips the SuperNode imports Flower's console
-  script makes.
+- The SuperExec starts ``flwr-clientapp`` (found on PATH) for every message; ``install_launcher`` puts our
+  launcher first on PATH under that name, and ``main`` starts the home's warm ClientApp server
+  (``warm_clientapp``): the launcher has the server fork a ClientApp that has flwr imported already, or
+  runs ``clientapp_process`` (which skips the SuperNode imports Flower's console script makes) without it.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class _CappedSleep(ModuleType):
 
 
 def install_launcher(bin_dir: Path) -> bool:
-    """Write ``bin_dir/flwr-clientapp`` running ``clientapp_process`` with this interpreter and this copy of
+    """Write ``bin_dir/flwr-clientapp`` running ``warm_clientapp.main`` with this interpreter and this copy of
     ``identifier``, and put ``bin_dir`` first on PATH for the processes this one starts. False (and PATH
     untouched) if it cannot be run from there (a noexec mount): Flower's own console script is used then."""
     import identifier
@@ -55,7 +56,7 @@ def install_launcher(bin_dir: Path) -> bool:
         f"#!{sys.executable}\n"
         "import sys\n"
         f"sys.path.insert(0, {str(package_root)!r})\n"
-        "from identifier.federated.clientapp_process import main\n"
+        "from identifier.federated.warm_clientapp import main\n"
         "main()\n"
     )
     tmp.chmod(0o700)  # run by this user only, like the rest of the state directory
@@ -78,7 +79,10 @@ def main() -> None:
     if cap <= 0:
         raise SystemExit(f"{POLL_ENV} must be a positive number of seconds, not {cap}")
     loop.time = _CappedSleep(cap)  # type: ignore[assignment]
-    install_launcher(get_flwr_home() / "bin")
+    if install_launcher(get_flwr_home() / "bin"):
+        from identifier.federated import warm_clientapp
+
+        warm_clientapp.start(get_flwr_home() / "warm")
     sys.argv[0] = "flower-supernode"
     sys.exit(flower_supernode())
 
