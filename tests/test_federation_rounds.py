@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
@@ -219,9 +220,10 @@ def test_a_gateway_joins_from_its_store_and_reports_the_round(fleet: LocalFleet,
     service.label(store, "b0:c5:54:25:5b:0e", manufacturer="D-Link", device_type="D-LinkDayCam",
                   category="camera")  # a correction: the model said D-LinkCam
     start_homes(fleet, 2)
+    node_port = processes.free_port()
     join = subprocess.Popen(
         [*cli, "federation", "join", "--config", str(config), "--superlink", fleet.address, "--insecure",
-         "--port", str(processes.free_port()), "--window", "600"],
+         "--port", str(node_port), "--window", "600"],
         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -234,8 +236,12 @@ def test_a_gateway_joins_from_its_store_and_reports_the_round(fleet: LocalFleet,
             time.sleep(0.5)
         time.sleep(2)  # join's next poll of the round log
     finally:
-        join.send_signal(signal.SIGINT)
+        join.send_signal(signal.SIGTERM)  # what systemd sends at the end of the window's unit
         output = join.communicate(timeout=60)[0]
+    # it ended through its cleanup (130, as for Ctrl-C), which stopped the SuperNode it started
+    assert join.returncode == 130, output[-3000:]
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", node_port), timeout=2).close()
     assert "training data: 2 confirmed devices" in output
     exported = homedata.load(gateway / "federation" / "confirmed.jsonl")
     assert {w.device_type for w in exported} == {"TP-LinkPlugHS110", "D-LinkDayCam"}

@@ -139,6 +139,7 @@ def _server(args: argparse.Namespace) -> int:
     with (state / "superlink.log").open("ab") as log:
         link = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        _interrupt_on_stop_signals()
         connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         processes.wait_for_port(connect_host, args.port)
         processes.write_connection(state, CONNECTION, f"{connect_host}:{args.port}", tls.ca if tls else None)
@@ -208,6 +209,7 @@ def _join(args: argparse.Namespace) -> int:
             )
         deadline = time.monotonic() + args.window
         try:
+            _interrupt_on_stop_signals()
             while time.monotonic() < deadline:
                 alerts.poll()
                 if node.poll() is not None:
@@ -220,6 +222,18 @@ def _join(args: argparse.Namespace) -> int:
             alerts.finish()
     finally:
         store.close()
+
+
+def _interrupt_on_stop_signals() -> None:
+    """SIGTERM (systemd, ``kill``) and SIGINT both end the command the way Ctrl-C does, so its ``finally`` stops
+    the Flower processes it started in sessions of their own. Set explicitly, like the daemon's handlers: a
+    background job inherits SIGINT ignored."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -125,6 +125,11 @@ def socket_path(state: Path) -> Path:
     return state / SOCKET_NAME
 
 
+def temp_path(path: Path, pid: int) -> Path:
+    """Where the server binds before renaming the socket into place (``path``)."""
+    return path.with_name(f".{path.name}.{pid}")
+
+
 class Server:
     """Accepts launchers on ``path`` and runs each one's task in a forked child until ``parent_pid`` exits.
 
@@ -146,7 +151,7 @@ class Server:
         self.selector.register(self.parent, selectors.EVENT_READ, ("parent", None))
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(path.parent, 0o700)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp = temp_path(path, os.getpid())
         tmp.unlink(missing_ok=True)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.listener.bind(str(tmp))
@@ -299,7 +304,7 @@ def start(state: Path) -> bool:
     import identifier
 
     path = socket_path(state)
-    if len(os.fsencode(path)) >= 108:  # sun_path
+    if len(os.fsencode(temp_path(path, 4194304))) >= 108:  # sun_path, with the longest pid Linux gives
         print(f"warm clientapp: {path} is too long for a unix socket; ClientApps start cold", file=sys.stderr)
         return False
     root = str(Path(identifier.__file__).resolve().parents[1])
