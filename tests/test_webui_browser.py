@@ -127,6 +127,35 @@ def test_log_in_watch_a_device_appear_rename_and_approve_it(served, page):
     assert page.dialogs == []
 
 
+def test_an_unknown_device_offers_its_closest_matches_but_no_prefilled_guess(served, page):
+    base, store = served
+    mac = "aa:bb:cc:00:00:08"
+    add_device(store, mac, hostname="mystery", identified=True)
+    with store.transaction() as s:  # as the daemon records an unknown device: labels unknown, guesses kept
+        from gateway.store.schema import Device, Identification
+
+        device = s.get(Device, mac)
+        device.manufacturer = device.device_type = device.category = "unknown"
+        device.known = False
+        for row in s.query(Identification).filter_by(mac=mac):
+            row.manufacturer = row.device_type = row.category = "unknown"
+            row.known = False
+    _login(page, base)
+    page.goto(f"{base}/devices/{mac}")
+    assert page.get_by_role("heading", name="Closest matches").count() == 1
+    assert page.get_by_role("heading", name="Alternatives").count() == 0
+    form = page.locator("#label-form")
+    # confirming must not record "unknown" as the owner's label: the owner types what it is
+    assert [form.locator(f"input[name={f}]").input_value() for f in ("manufacturer", "device_type", "category")] \
+        == ["", "", ""]
+    assert form.locator("input[name=device_type]").get_attribute("placeholder") == "closest: tplink-plug-hs100"
+    page.fill("#label-form input[name=device_type]", "tplink-plug-hs100")
+    page.click("#label-form button")
+    page.wait_for_load_state()
+    device = service.get_device(store, mac).device
+    assert (device.label_device_type, device.label_manufacturer) == ("tplink-plug-hs100", None)
+
+
 def test_hostile_hostnames_and_query_names_render_as_text(served, page):
     base, store = served
     mac = "aa:bb:cc:00:00:66"
