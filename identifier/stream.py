@@ -88,8 +88,10 @@ class Identifier:
         self.net = NumpyNet(bundle.weights)
         self.features: FeatureConfig = bundle.features.with_signals(signals) if signals else bundle.features
         self.seen = np.unpackbits(bundle.seen).astype(bool)
-        self.names = np.unpackbits(bundle.names).astype(bool) if bundle.names.size else None
+        # None for a bundle that did not record its names: the new-names rule then never applies
+        self.trained_names = np.unpackbits(bundle.names).astype(bool) if bundle.names.size else None
         self.labels = bundle.labels
+        self.type_index = {t: i for i, t in enumerate(bundle.labels["device_type"])}
         self.version = bundle.version
         self.mac_blocks = bundle.mac_blocks if "oui" in self.features.signals else {}
 
@@ -107,10 +109,9 @@ class Identifier:
         previous call's; types the model does not know are left out. It stays in the home, like the MACs."""
         if "oui" not in self.features.signals:
             return
-        known = set(self.labels["device_type"])
         merged = {block: list(types) for block, types in self.bundle.mac_blocks.items()}
         for mac, device_type in units:
-            if device_type in known:
+            if device_type in self.type_index:
                 for block in blocks(mac):
                     if device_type not in merged.setdefault(block, []):
                         merged[block].append(device_type)
@@ -120,7 +121,7 @@ class Identifier:
         """Device-type weights from the finest MAC production block of ``mac`` that holds a unit training
         captured or this home confirmed (``BLOCK_LIKELIHOOD`` for its types, 1 for the rest); None when it is in
         no such block."""
-        index = {t: i for i, t in enumerate(self.labels["device_type"])}
+        index = self.type_index
         for block in blocks(mac) if self.mac_blocks else []:
             types = [index[t] for t in self.mac_blocks.get(block, ()) if t in index]
             if types:
@@ -166,9 +167,9 @@ class Session:
             if is_specific(token):
                 self.own_words |= not token.startswith("oui")
                 self.specific += bool(self.ident.seen[seen_bit(token)])
-            if token.startswith(NAME_PREFIX) and self.ident.names is not None:
+            if token.startswith(NAME_PREFIX) and self.ident.trained_names is not None:
                 self.names += 1
-                self.new_names += not self.ident.names[seen_bit(token)]
+                self.new_names += not self.ident.trained_names[seen_bit(token)]
 
     def update(self, obs: Observation) -> Identity | None:
         """Fold in one observation; returns an Identity only when a decision is committed or revised."""
@@ -222,7 +223,7 @@ class Session:
         labels = self.ident.labels["device_type"]
         if labels[best] == self.committed.device_type or p_type[best] < th.revise:
             return None
-        held = labels.index(self.committed.device_type) if self.committed.known else None
+        held = self.ident.type_index[self.committed.device_type] if self.committed.known else None
         if held is not None and p_type[held] > th.abandon:
             return None  # the committed type is still plausible: not strong contrary evidence
         self.committed = self._identity(ts - self.state.first_ts)

@@ -119,7 +119,8 @@ def specific_bitmap(samples: Samples, space: dict[str, list[str]], max_vendors: 
 
 
 def names_bitmap(samples: Samples) -> np.ndarray:
-    """Bits of every DNS name (SLD) token in training: a device naming none of them speaks a new vendor's."""
+    """Bits of every DNS name (SLD) token in training: names no training device used are a new vendor's cloud
+    (the open set's ``Thresholds.max_new_names``)."""
     bits = np.zeros(SEEN_BITS, dtype=bool)
     for toks in samples.tokens:
         for t in toks:

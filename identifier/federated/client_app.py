@@ -1,10 +1,11 @@
 """iotgw's Flower ClientApp: one home's side of a round, always behind ``secaggplus_mod``.
 
 An update never leaves unmasked: the mod masks what ``home_client.HomeClient`` returns, and a server without
-SecAgg+ gets an error instead of an update. Flower loads this module in a new process for every message
-(four per SecAgg+ round), and three of those are SecAgg+ stages that never reach the client: so at module
-level it imports flwr and nothing else, and the model code (``home_client``: numpy, the identifier's
-features, torch inside training) only when a home trains or installs.
+SecAgg+ gets an error instead of an update. Flower runs a new process for every message (four per SecAgg+
+round; ``warm_clientapp`` forks them from a server that has this module loaded, else each loads it), and
+three of those are SecAgg+ stages that never reach the client: so at module level it imports flwr and
+nothing else, and the model code (``home_client``: numpy, the identifier's features, torch inside training)
+only when a home trains or installs.
 """
 
 from __future__ import annotations
