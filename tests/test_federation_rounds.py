@@ -49,13 +49,22 @@ def start_homes(fleet: LocalFleet, n: int) -> list[Home]:
     return started
 
 
-def kill_at(fleet: LocalFleet, home: Home, rnd: str, stage: str) -> threading.Thread:
-    """Kill ``home`` as soon as its ClientApp enters ``stage`` of round ``rnd``."""
+def kill_at(fleet: LocalFleet, home: Home, rnd: str, stage: str, after_reply: bool = False) -> threading.Thread:
+    """Kill ``home`` as soon as its ClientApp enters ``stage`` of round ``rnd`` or, with ``after_reply``, once
+    its SuperNode has sent its first reply of round ``rnd`` (the setup stage's). A warm ClientApp answers setup
+    within milliseconds, so a kill at entry races the reply's upload; a home that drops "before key sharing"
+    has sent its setup reply."""
+    log = home.state_dir / "supernode.log"
+
+    def replied() -> bool:
+        text = log.read_text(errors="replace")
+        start = text.find(f"ROUND {rnd}]")  # the SuperNode announces the round's first message
+        return start >= 0 and "Sent successfully" in text[start:]
 
     def watch() -> None:
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
-            if (rnd, stage) in home.stages():
+            if (rnd, stage) in home.stages() and (not after_reply or replied()):
                 fleet.kill_home(home)
                 return
             time.sleep(0.05)
@@ -104,7 +113,7 @@ def test_two_secagg_rounds_with_dropouts_aggregate_the_survivors_mean(
     homes = start_homes(fleet, 5)
     out = tmp_path / "out"
     killers = [
-        kill_at(fleet, homes[3], "2", "setup"),
+        kill_at(fleet, homes[3], "2", "setup", after_reply=True),
         kill_at(fleet, homes[4], "2", "collect_masked_vectors"),
     ]
     result = fleet.run({**FAST, "num-rounds": 2, "min-nodes": 3}, out)
