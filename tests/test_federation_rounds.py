@@ -149,7 +149,6 @@ def test_two_secagg_rounds_with_dropouts_aggregate_the_survivors_mean(
             assert installed.version == Bundle.load().version and decision["accuracy"] < decision["accuracy_before"]
 
 
-@pytest.mark.xfail(strict=True, reason="Flower's grid waits 180 s for a half-uploaded reply's objects; fix follows")
 def test_a_home_dying_while_it_uploads_its_setup_reply_drops_out_of_the_round(
     fleet: LocalFleet, tmp_path: Path
 ) -> None:
