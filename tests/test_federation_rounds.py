@@ -57,8 +57,9 @@ def start_homes(fleet: LocalFleet, n: int, cut: ReplyCut | None = None, victim: 
 def kill_at(fleet: LocalFleet, home: Home, rnd: str, stage: str, after_reply: bool = False) -> threading.Thread:
     """Kill ``home`` as soon as its ClientApp enters ``stage`` of round ``rnd`` or, with ``after_reply``, once
     its SuperNode has sent its first reply of round ``rnd`` (the setup stage's). A warm ClientApp answers setup
-    within milliseconds, so a kill at entry races the reply's upload; a home that drops "before key sharing"
-    has sent its setup reply."""
+    within milliseconds, so a kill at entry races the reply's upload (that case, deterministically, is
+    ``test_a_home_dying_while_it_uploads...``); a home that drops "before key sharing" has sent its setup
+    reply."""
     log = home.state_dir / "supernode.log"
 
     def replied() -> bool:
