@@ -20,6 +20,7 @@ from identifier.bundle import Bundle
 from identifier.dataset import domain_windows
 from identifier.federated import homedata, model, updates
 from identifier.federated.localfleet import Home, LocalFleet
+from tests.reply_cut import ReplyCut
 from tests.shared_data import DOMAINS, needs_data
 
 pytestmark = [
@@ -41,10 +42,14 @@ def fleet(tmp_path: Path):
         fleet.stop()
 
 
-def start_homes(fleet: LocalFleet, n: int) -> list[Home]:
-    """``n`` homes, each with a Dirichlet share of the supply-chain name sets as its confirmed devices."""
+def start_homes(fleet: LocalFleet, n: int, cut: ReplyCut | None = None, victim: int = -1) -> list[Home]:
+    """``n`` homes, each with a Dirichlet share of the supply-chain name sets as its confirmed devices; with
+    ``cut``, each connects through its own port of that relay, home ``victim`` as the one to cut."""
     homes, _ = homedata.split_homes(domain_windows(DOMAINS, set()), n, seed=1)
-    started = [fleet.add_home(h) for h in homes]
+    started = [
+        fleet.add_home(h, superlink=cut.listen(f"home{i}", victim=i == victim) if cut else "")
+        for i, h in enumerate(homes)
+    ]
     time.sleep(3)  # let every SuperNode register before the run samples them
     return started
 
@@ -52,8 +57,9 @@ def start_homes(fleet: LocalFleet, n: int) -> list[Home]:
 def kill_at(fleet: LocalFleet, home: Home, rnd: str, stage: str, after_reply: bool = False) -> threading.Thread:
     """Kill ``home`` as soon as its ClientApp enters ``stage`` of round ``rnd`` or, with ``after_reply``, once
     its SuperNode has sent its first reply of round ``rnd`` (the setup stage's). A warm ClientApp answers setup
-    within milliseconds, so a kill at entry races the reply's upload; a home that drops "before key sharing"
-    has sent its setup reply."""
+    within milliseconds, so a kill at entry races the reply's upload (that case, deterministically, is
+    ``test_a_home_dying_while_it_uploads...``); a home that drops "before key sharing" has sent its setup
+    reply."""
     log = home.state_dir / "supernode.log"
 
     def replied() -> bool:
@@ -142,6 +148,38 @@ def test_two_secagg_rounds_with_dropouts_aggregate_the_survivors_mean(
             assert installed.version == manifest["version"] and decision["accuracy"] >= decision["accuracy_before"]
         else:
             assert installed.version == Bundle.load().version and decision["accuracy"] < decision["accuracy_before"]
+
+
+def test_a_home_dying_while_it_uploads_its_setup_reply_drops_out_of_the_round(
+    fleet: LocalFleet, tmp_path: Path
+) -> None:
+    """A home loses power between uploading its setup reply's message and its objects (the relay passes the
+    message on, holds the objects, and the home is killed), and its reply is the first the ServerApp pulls:
+    the round completes with the other homes' masked mean. Flower's grid waited for those objects until the
+    SuperLink's object-push session expired (180 s), past the stage's end, and never pulled the replies that
+    came meanwhile: the round halted ("Insufficient available nodes")."""
+    cut = ReplyCut(fleet.address, group="1")
+    try:
+        homes = start_homes(fleet, 4, cut, victim=3)
+
+        def kill_mid_upload() -> None:
+            if cut.held.wait(600):
+                fleet.kill_home(homes[3])
+                time.sleep(3)  # the ServerApp, polling every 0.2 s, pulls the half reply before any other
+            cut.release()
+
+        killer = threading.Thread(target=kill_mid_upload, daemon=True)
+        killer.start()
+        out = tmp_path / "out"
+        result = fleet.run({**FAST, "num-rounds": 1, "min-nodes": 3}, out)
+        killer.join(timeout=1)
+    finally:
+        cut.close()
+    assert cut.held.is_set() and homes[3].proc is not None and homes[3].proc.returncode == -9
+    rounds = result.report["rounds"]
+    assert [r["status"] for r in rounds] == ["ok"], result.output[-3000:]
+    assert rounds[0]["homes"] == 3
+    assert_masked_mean(out, result.run_id, 1, homes[:3], result.report)
 
 
 def test_pitfall1_stock_workflow_halts_when_a_home_drops_before_key_sharing(

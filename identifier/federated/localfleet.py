@@ -31,6 +31,7 @@ class Home:
     port: int
     auth_key: Path | None = None
     proc: subprocess.Popen | None = None
+    superlink: str = ""  # the address its SuperNode connects to; empty: the fleet's SuperLink
 
     def stages(self) -> list[tuple[str, str]]:
         """The (round, SecAgg+ stage) pairs this home's ClientApp has entered, in order."""
@@ -92,20 +93,22 @@ class LocalFleet:
         processes.wait_for_port("127.0.0.1", self.port)
         processes.write_connection(server_dir, "iotgw", self.address, self.tls.ca if self.tls else None)
 
-    def add_home(self, windows: list[LabelledWindow], auth_key: Path | None = None) -> Home:
+    def add_home(
+        self, windows: list[LabelledWindow], auth_key: Path | None = None, superlink: str = ""
+    ) -> Home:
         index = len(self.homes)
         home_dir = self.root / f"home{index}"
         home_dir.mkdir(parents=True, exist_ok=True)
         data = home_dir / "confirmed.jsonl"
         homedata.save(windows, data)
-        home = Home(index, data, home_dir, processes.free_port(), auth_key)
+        home = Home(index, data, home_dir, processes.free_port(), auth_key, superlink=superlink)
         self.homes.append(home)
         self.start_home(home)
         return home
 
     def start_home(self, home: Home, max_wait: float | None = None) -> None:
         cmd = processes.supernode_cmd(
-            self.address,
+            home.superlink or self.address,
             home.port,
             home.data,
             home.state_dir,

@@ -8,7 +8,8 @@ Flower's SecAgg+ workflow it adds what deployment needs (see docs/federation.md,
    the model stays unchanged, and the run ends failed.
 3. Stage timeouts and a bounded wait for the minimum number of homes (Flower's default wait is a day).
 
-and ``PromptGrid``: replies are collected as they arrive, not on Flower's 3-second beat.
+and ``PromptGrid``: replies are collected as they arrive, not on Flower's 3-second beat, and a home dying
+while it uploads a reply drops out of the round instead of stalling it past its stage's timeout.
 
 Each successful round publishes the global model with its SHA-256 (``updates.publish``); after the last
 round every home is asked to install it (digest and no-regression checks happen on the home).
@@ -19,8 +20,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
+from flwr.superlink.grid import http_grid
 
 from identifier.bundle import Bundle
 from identifier.federated import model, updates
@@ -52,6 +56,10 @@ log = logging.getLogger(__name__)
 
 # How often the ServerApp asks the SuperLink for replies while a stage is waiting for them (Flower: 3 s).
 REPLY_POLL_S = 0.2
+# How long a reply's objects are waited for once its message is in, even after its stage's deadline: a live
+# home sends them right after the message.
+OBJECT_WAIT_MIN_S = 10.0
+_FLOWER_PULL_OBJECTS = http_grid.pull_objects
 
 
 @dataclass(frozen=True)
@@ -121,12 +129,20 @@ class KeySharersOnlyWorkflow(SecAggPlusWorkflow):
 
 
 class PromptGrid(Grid):
-    """The ServerApp's Grid, asking for replies every ``REPLY_POLL_S`` seconds instead of every 3.
+    """The ServerApp's Grid: replies asked for every ``REPLY_POLL_S`` seconds instead of every 3, and a stage's
+    timeout kept also when a home died half way through uploading its reply.
 
     Flower's HTTP grid sleeps 3 s between pulls in ``send_and_receive``, so every stage of a round ended up
     to 3 s after its last reply arrived: once per plain round, four times per SecAgg+ round. The cost of
     polling faster is one request from the ServerApp (not from every home) per poll, only while a stage
     waits. Everything else is the wrapped grid's.
+
+    A home uploads a reply as its message, then its objects. One that dies in between leaves the SuperLink a
+    message whose objects never come, and Flower's ``pull_messages`` retried them until the SuperLink's
+    object-push session expired (``OBJECT_PUSH_SESSION_TTL_SECONDS``, 180 s), far past the stage's timeout;
+    ``send_and_receive`` then returned without pulling the replies that had arrived meanwhile, and the round
+    halted for want of homes. Here those retries end at the stage's deadline (the reply then comes back as
+    Flower's error reply for missing objects: that home has dropped out) and the last pull is made after it.
     """
 
     def __init__(self, grid: Grid, poll_s: float = REPLY_POLL_S) -> None:
@@ -159,18 +175,38 @@ class PromptGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Flower's semantics (push, then pull until every reply is in or ``timeout`` passed; None: no
-        limit), polled every ``poll_s``."""
+        limit), polled every ``poll_s``, with a last pull once ``timeout`` passed."""
         pending = set(self.grid.push_messages(messages))
-        deadline = time.monotonic() + (timeout or 0.0)
+        deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
-        while timeout is None or time.monotonic() < deadline:
-            got = list(self.grid.pull_messages(pending))
+        while True:
+            last = deadline is not None and time.monotonic() >= deadline
+            with reply_objects_awaited_until(deadline, self.poll_s):
+                got = list(self.grid.pull_messages(pending))
             replies += got
             pending -= {m.metadata.reply_to_message_id for m in got}
-            if not pending:
-                break
-            time.sleep(self.poll_s)
-        return replies
+            if not pending or last:
+                return replies
+            time.sleep(self.poll_s if deadline is None else max(0.0, min(self.poll_s, deadline - time.monotonic())))
+
+
+@contextmanager
+def reply_objects_awaited_until(deadline: float | None, poll_s: float) -> Iterator[None]:
+    """Within this block, Flower's HTTP grid waits for a pulled reply's objects until ``deadline`` (and at
+    least ``OBJECT_WAIT_MIN_S``), asking every ``poll_s`` to 1 s, instead of up to 180 s (None: unchanged)."""
+    if deadline is None:
+        yield
+        return
+    http_grid.pull_objects = partial(
+        _FLOWER_PULL_OBJECTS,
+        max_time=max(deadline - time.monotonic(), OBJECT_WAIT_MIN_S),
+        initial_backoff=poll_s,
+        backoff_cap=1.0,
+    )
+    try:
+        yield
+    finally:
+        http_grid.pull_objects = _FLOWER_PULL_OBJECTS
 
 
 class BoundedWaitClientManager(SimpleClientManager):
