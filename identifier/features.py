@@ -3,8 +3,9 @@
 Every signal becomes text tokens (``sld:amazonaws.com``, ``dhcp55:1,3,6,12``, ``mdns:dch``); each token is
 hashed with blake2b (never Python's ``hash()``, which changes per process) into one of ``dim`` buckets, so no
 vocabulary has to be shared between homes and a model trained anywhere reads features computed anywhere.
-A bucket's value is
-``log1p`` of its token count: repeated DNS queries (the seed paper's query rate) count, but saturate.
+A bucket's value is ``log1p`` of its token count: repeated DNS queries (the seed paper's query rate) count, but
+saturate. Two names of one domain queried in a row also give a ``next:`` token with the pause between them: sibling
+products of one vendor often query the same names, in another order or rhythm.
 
 ``FeatureState`` is incremental: the streaming identifier feeds it one observation at a time and learns which
 buckets changed, so inference updates only what moved. Training builds vectors through the same class, so the
@@ -41,7 +42,7 @@ class FeatureConfig:
 
     dim: int = 2048
     signals: tuple[str, ...] = SIGNALS
-    version: int = 1
+    version: int = 2  # 2 adds the next: tokens (query order and pause); a version 1 bundle is fed without them
 
     def to_json(self) -> dict:
         return {"dim": self.dim, "signals": list(self.signals), "version": self.version}
@@ -89,6 +90,12 @@ def name_words(text: str) -> list[str]:
 def time_bin(seconds: float) -> int:
     """Half-octave bins of seconds since the device's first packet: fine early, coarse late."""
     return int(2 * math.log2(1.0 + max(seconds, 0.0)))
+
+
+def gap_bin(seconds: float) -> int:
+    """Half-octave bins of the gap between two queries, fine below a second: a firmware's query order and the
+    pause it keeps between two names tell sibling products apart when their names are the same."""
+    return int(2 * math.log2(1.0 + 4.0 * max(seconds, 0.0)))
 
 
 def start_tokens(mac: str, signals: tuple[str, ...]) -> list[str]:
@@ -163,6 +170,7 @@ class FeatureState:
     fresh: list[str] = field(
         default_factory=list
     )  # tokens seen for the first time, until a consumer clears it
+    last_query: tuple[str, float] | None = None  # (name, ts) of the previous DNS query, for the next: token
 
     def __post_init__(self) -> None:
         self.counts = np.zeros(self.config.dim, dtype=np.float32)
@@ -182,6 +190,15 @@ class FeatureState:
     def add(self, obs: Observation) -> list[int]:
         """Fold ``obs`` in; returns the buckets whose count changed (none: it said nothing new)."""
         counted, once = observation_tokens(obs, obs.ts - self.first_ts, self.config.signals)
+        if isinstance(obs, DnsObservation) and counted and self.config.version >= 2:
+            if self.last_query is not None:
+                name, ts = self.last_query
+                # Names of one registrable domain only: the firmware's own sequence, not the third-party names
+                # (NTP pools, ad networks) that vary between homes. Queries at one instant carry no order (a
+                # domain list's name set).
+                if obs.ts > ts and sld(name) == sld(obs.name):
+                    once.append(f"next:{name}>{obs.name}:{gap_bin(obs.ts - ts)}")
+            self.last_query = (obs.name, obs.ts)
         changed = [self._add(t) for t in counted]
         for token in once:
             if token not in self.once:
@@ -210,7 +227,11 @@ def window_vector(
 
 
 def window_vectors(
-    observations: list[Observation], mac: str, first_ts: float, config: FeatureConfig, cutoffs: list[float]
+    observations: list[Observation],
+    mac: str,
+    first_ts: float,
+    config: FeatureConfig,
+    cutoffs: list[float],
 ) -> tuple[np.ndarray, list[set[str]]]:
     """Vectors and token sets at several cut-offs (ascending seconds from first_ts) in one pass."""
     state = FeatureState(config, mac, first_ts)

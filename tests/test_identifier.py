@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from gateway import cli
 from gateway.capture.windows import capture_windows
 from gateway.demo import demo_mac
 from identifier.bundle import DEFAULT_DIR
+from identifier.features import DEFAULT_FEATURES, FeatureState
 from identifier.observation import DnsObservation
 from identifier.oui import blocks, vendor
 from identifier.stream import Identifier, Identity
@@ -131,6 +133,42 @@ def test_mostly_new_names_make_a_device_unknown_and_its_closest_match_is_kept(io
     claimed = session.current().claimed()
     assert (claimed.manufacturer, claimed.device_type, claimed.known) == ("unknown", "unknown", False)
     assert claimed.alternatives[0][0].startswith("TP-Link")
+
+
+def test_dns_order_and_pauses_tell_apart_siblings_that_query_the_same_names(iotgw, tmp_path):
+    # D-Link's hub, switch and sensors all query wrpd.dlink.com, ntp1.dlink.com and one amazonaws.com name in
+    # their first seconds. The hub asks for the time first and waits; the switch asks for it at once after
+    # wrpd; the sensors (motion, siren, water: truly alike) a second later. Timings are not any capture's.
+    wrpd6 = {"name": "wrpd.dlink.com", "qtype": 28}
+    elb6 = {"name": "dualstack.ipv6-1927743757.us-west-2.elb.amazonaws.com", "qtype": 28}
+    wrpd, ntp = {"name": "wrpd.dlink.com"}, {"name": "ntp1.dlink.com"}
+    cases = {
+        "hub": [(1.2, ntp), (3.8, wrpd6), (3.85, elb6), (3.9, wrpd)],
+        "switch": [(6.5, wrpd6), (6.55, ntp), (6.6, elb6), (6.6, wrpd)],
+        "sensor": [(6.5, wrpd6), (6.55, elb6), (6.6, wrpd), (7.6, ntp)],
+    }
+    sessions = tmp_path / "s.jsonl"
+    sessions.write_text(
+        "".join(json.dumps({"id": k, "queries": [{"t": t, **q} for t, q in v]}) + "\n" for k, v in cases.items())
+    )
+    code, rows, _ = iotgw("identify", "--json", "--signals", "dns", "--sessions", str(sessions))
+    assert code == 0
+    types = {r["id"]: r["device_type"] for r in rows}
+    assert types["hub"] == "D-LinkHomeHub" and types["switch"] == "D-LinkSwitch"
+    assert types["sensor"] in ("D-LinkSensor", "D-LinkSiren", "D-LinkWaterSensor")
+
+
+def test_order_tokens_come_only_from_timed_names_of_one_domain():
+    def tokens(queries, version=DEFAULT_FEATURES.version):
+        state = FeatureState(replace(DEFAULT_FEATURES, version=version))
+        for t, name in queries:
+            state.add(DnsObservation(t, name, 1))
+        return {t for t in state.tokens if t.startswith("next:")}
+
+    timed = [(1.0, "ntp1.dlink.com"), (1.5, "time.google.com"), (3.6, "wrpd.dlink.com"), (3.7, "api.dlink.com")]
+    assert tokens(timed) == {"next:wrpd.dlink.com>api.dlink.com:0"}  # the google name breaks ntp1 -> wrpd
+    assert tokens([(0.0, n) for _, n in timed]) == set()  # a name set (a domain list) has no order
+    assert tokens(timed, version=1) == set()  # a version 1 bundle is fed the features it was trained on
 
 
 def test_bad_session_line_names_file_and_line(iotgw, tmp_path):
