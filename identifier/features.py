@@ -227,11 +227,7 @@ def window_vector(
 
 
 def window_vectors(
-    observations: list[Observation],
-    mac: str,
-    first_ts: float,
-    config: FeatureConfig,
-    cutoffs: list[float],
+    observations: list[Observation], mac: str, first_ts: float, config: FeatureConfig, cutoffs: list[float]
 ) -> tuple[np.ndarray, list[set[str]]]:
     """Vectors and token sets at several cut-offs (ascending seconds from first_ts) in one pass."""
     state = FeatureState(config, mac, first_ts)
