@@ -170,7 +170,7 @@ class FeatureState:
     fresh: list[str] = field(
         default_factory=list
     )  # tokens seen for the first time, until a consumer clears it
-    last_query: tuple[str, float] | None = None  # (name, ts) of the previous DNS query, for the next: token
+    last_query: tuple[str, str, float] | None = None  # (name, its SLD, ts) of the previous DNS query, for next:
 
     def __post_init__(self) -> None:
         self.counts = np.zeros(self.config.dim, dtype=np.float32)
@@ -191,14 +191,15 @@ class FeatureState:
         """Fold ``obs`` in; returns the buckets whose count changed (none: it said nothing new)."""
         counted, once = observation_tokens(obs, obs.ts - self.first_ts, self.config.signals)
         if isinstance(obs, DnsObservation) and counted and self.config.version >= 2:
+            domain = sld(obs.name)
             if self.last_query is not None:
-                name, ts = self.last_query
+                name, last_domain, ts = self.last_query
                 # Names of one registrable domain only: the firmware's own sequence, not the third-party names
                 # (NTP pools, ad networks) that vary between homes. Queries at one instant carry no order (a
                 # domain list's name set).
-                if obs.ts > ts and sld(name) == sld(obs.name):
+                if obs.ts > ts and domain == last_domain:
                     once.append(f"next:{name}>{obs.name}:{gap_bin(obs.ts - ts)}")
-            self.last_query = (obs.name, obs.ts)
+            self.last_query = (obs.name, domain, obs.ts)
         changed = [self._add(t) for t in counted]
         for token in once:
             if token not in self.once:
