@@ -16,6 +16,8 @@ from gateway import cli
 from gateway.capture.windows import capture_windows
 from gateway.demo import demo_mac
 from identifier.bundle import DEFAULT_DIR
+from identifier.dataset import LabelledWindow
+from identifier.evaluate import sibling_type_ceiling
 from identifier.features import DEFAULT_FEATURES, FeatureState
 from identifier.observation import DnsObservation
 from identifier.oui import blocks, vendor
@@ -169,6 +171,18 @@ def test_order_tokens_come_only_from_timed_names_of_one_domain():
     assert tokens(timed) == {"next:wrpd.dlink.com>api.dlink.com:0"}  # the google name breaks ntp1 -> wrpd
     assert tokens([(0.0, n) for _, n in timed]) == set()  # a name set (a domain list) has no order
     assert tokens(timed, version=1) == set()  # a version 1 bundle is fed the features it was trained on
+
+
+def test_sibling_ceiling_gives_each_group_its_commonest_product_and_counts_only_captures_with_dns():
+    def capture(device_type, query_at):
+        observations = [] if query_at is None else [DnsObservation(query_at, "devs.tplinkcloud.com", 1)]
+        return LabelledWindow(observations, "", 0.0, "TP-Link", device_type, "plug", device_type, "test", True)
+
+    captures = [capture("TP-LinkPlugHS100", 1.0)] * 3 + [capture("TP-LinkPlugHS110", 2.0)] * 2
+    captures += [capture("Aria", 1.0), capture("Aria", None), capture("Lightify", 40.0)]
+    assert sibling_type_ceiling(captures, 30.0) == round(4 / 6, 4)  # HS110 lost; no DNS by 30 s: not counted
+    assert sibling_type_ceiling(captures, 60.0) == round(5 / 7, 4)
+    assert sibling_type_ceiling(captures, 30.0, groups={}) == 1.0
 
 
 def test_bad_session_line_names_file_and_line(iotgw, tmp_path):

@@ -90,5 +90,9 @@ def test_iotgw_evaluate_reports_cross_validated_figures_with_plots(tmp_path):
         "device_type"
     ]["accuracy"]["mean"]
     assert 0 < report["headline"]["median_decided_after_s"] < 60
+    # DNS alone: counting the siblings that send the same DNS as one product can only add right answers
+    dns_30 = model["dns"]["30.0"]["device_type"]["accuracy"]["mean"]
+    assert report["headline"]["secondary_dns_30.0s_device_type_siblings_merged"] >= dns_30
+    assert 0.5 < report["headline"]["dns_30.0s_device_type_sibling_ceiling"] <= 1.0
     for png in ("accuracy_vs_seconds.png", "confusion_30s.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
