@@ -126,6 +126,7 @@ def _headline(report: dict) -> dict:
     if "unseen_lab" in report:
         head["unseen_lab_manufacturer"] = report["unseen_lab"]["manufacturer_accuracy"]
         head["unseen_lab_manufacturer_known"] = report["unseen_lab"]["manufacturer_known_accuracy"]
+        head["unseen_lab_manufacturer_names_1s_apart"] = report["unseen_lab"]["manufacturer_accuracy_names_1s_apart"]
         head["new_vendor_unknown"] = report["unseen_lab"]["new_vendor_unknown"]
     return head
 

@@ -17,7 +17,7 @@ from gateway.capture.windows import capture_windows
 from gateway.demo import demo_mac
 from identifier.bundle import DEFAULT_DIR
 from identifier.dataset import LabelledWindow
-from identifier.evaluate import sibling_type_ceiling
+from identifier.evaluate import sibling_type_ceiling, spread_in_time
 from identifier.features import DEFAULT_FEATURES, FeatureState
 from identifier.observation import DnsObservation
 from identifier.oui import blocks, vendor
@@ -183,6 +183,19 @@ def test_sibling_ceiling_gives_each_group_its_commonest_product_and_counts_only_
     assert sibling_type_ceiling(captures, 30.0) == round(4 / 6, 4)  # HS110 lost; no DNS by 30 s: not counted
     assert sibling_type_ceiling(captures, 60.0) == round(5 / 7, 4)
     assert sibling_type_ceiling(captures, 30.0, groups={}) == 1.0
+
+
+def test_a_name_set_spread_in_time_keeps_its_names_in_order_gap_seconds_apart():
+    names = [DnsObservation(5.0, n, 1) for n in ("a.example.com", "b.example.com", "a.example.com")]
+    name_set = LabelledWindow(names, "", 5.0, "Blink", "Hub", "hub", "Blink Hub", "lab", False)
+    spread = spread_in_time(name_set, 1.5)
+    assert [(o.ts, o.name) for o in spread.observations] == [
+        (5.0, "a.example.com"),
+        (6.5, "b.example.com"),
+        (8.0, "a.example.com"),
+    ]
+    assert spread.timed and (spread.manufacturer, spread.group) == ("Blink", "Blink Hub")
+    assert [o.ts for o in name_set.observations] == [5.0] * 3  # the name set itself is left as it was
 
 
 def test_bad_session_line_names_file_and_line(iotgw, tmp_path):
