@@ -38,6 +38,7 @@ _SIGNAL_OF = {
     "mdns": "mdns",
     "oui": "oui",
     "pkt": "packet",
+    "next": "dns",
 }
 
 
@@ -94,6 +95,8 @@ class Identifier:
         self.type_index = {t: i for i, t in enumerate(bundle.labels["device_type"])}
         self.version = bundle.version
         self.mac_blocks = bundle.mac_blocks if "oui" in self.features.signals else {}
+        makers = [bundle.type_info.get(t, {}).get("manufacturer") for t in bundle.labels["device_type"]]
+        self._types_of = {m: np.flatnonzero([n in (None, m) for n in makers]) for m in bundle.labels["manufacturer"]}
 
     @classmethod
     def load(cls, model_dir: str | None = None, signals: tuple[str, ...] | None = None) -> Identifier:
@@ -130,6 +133,10 @@ class Identifier:
                 return prior
         return None
 
+    def types_of(self, manufacturer: str) -> np.ndarray:
+        """Indices of the device types ``manufacturer`` makes, and of the generic types (any maker's)."""
+        return self._types_of[manufacturer]
+
     def prototypes(self) -> dict[str, list[Observation]]:
         """Per device type, a short synthetic observation sequence (timestamps from 0) for virtual devices."""
         return {t: [observation_from_json(o) for o in seq] for t, seq in self.bundle.prototypes.items()}
@@ -155,6 +162,7 @@ class Session:
         self.names = 0  # distinct DNS names (SLDs) so far ...
         self.new_names = 0  # ... of which training never saw
         self.own_words = False  # a DNS name, DHCP or mDNS token: something the device said, not its MAC
+        self.dns_only = True  # every token so far came from DNS names (see _best_type)
         self.committed: Identity | None = None
         self.last_ts = first_ts
         self._count_specific(self.state.tokens)
@@ -164,6 +172,7 @@ class Session:
 
     def _count_specific(self, tokens) -> None:
         for token in tokens:
+            self.dns_only &= signal_of(token) == "dns"
             if is_specific(token):
                 self.own_words |= not token.startswith("oui")
                 self.specific += bool(self.ident.seen[seen_bit(token)])
@@ -213,7 +222,7 @@ class Session:
     def _decide(self, ts: float) -> Identity | None:
         th = self.ident.bundle.thresholds
         p_type = self._probs[1]
-        best = int(p_type.argmax())
+        best = self._best_type()
         if self.committed is None:
             # the MAC prefix alone names a vendor, never a product: wait for the device's own words
             if p_type[best] >= th.commit and self._known() and self.own_words:
@@ -236,13 +245,25 @@ class Session:
         vouched = self.specific >= th.min_specific or (self.names > 0 and not self.new_names)
         return float(self._probs[0].max()) >= (th.known if vouched else th.known_without_specific)
 
+    def _best_type(self) -> int:
+        """The device type to name: the likeliest, except on DNS names alone, where it is the likeliest of the
+        types whose maker the manufacturer head names, or of the generic types. The manufacturer head learned 76
+        vendors from the domain list's name sets, the type head mostly the captured products' timed queries: a
+        vendor's names spread over seconds drift, in the type head alone, to the nearest captured product."""
+        p_man, p_type, _ = self._probs
+        if not self.dns_only:
+            return int(p_type.argmax())
+        fits = self.ident.types_of(self.ident.labels["manufacturer"][int(p_man.argmax())])
+        return int(fits[int(p_type[fits].argmax())]) if fits.size else int(p_type.argmax())
+
     def _identity(self, decided_after_s: float | None) -> Identity:
         labels = self.ident.labels
         p_man, p_type, p_cat = self._probs
         order = np.argsort(-p_type)[:3]
         alternatives = [(labels["device_type"][i], round(float(p_type[i]), 4)) for i in order]
         known = self._known()
-        dtype = labels["device_type"][int(order[0])]
+        best = self._best_type()
+        dtype = labels["device_type"][best]
         info = self.ident.bundle.type_info.get(dtype, {})
         # a known type names its own manufacturer and category; the heads answer for the generic types
         manufacturer = info.get("manufacturer") or labels["manufacturer"][int(p_man.argmax())]
@@ -254,7 +275,7 @@ class Session:
             manufacturer,
             dtype,
             category,
-            round(float(p_type[order[0]]), 4),
+            round(float(p_type[best]), 4),
             known,
             decided_after_s,
             alternatives,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import csv
 import json
 import os
 import subprocess
@@ -22,7 +23,7 @@ from identifier.features import DEFAULT_FEATURES, FeatureState
 from identifier.observation import DnsObservation
 from identifier.oui import blocks, vendor
 from identifier.stream import Identifier, Identity
-from tests.shared_data import CAPTURES, needs_data
+from tests.shared_data import CAPTURES, DOMAINS, needs_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,6 +136,26 @@ def test_mostly_new_names_make_a_device_unknown_and_its_closest_match_is_kept(io
     claimed = session.current().claimed()
     assert (claimed.manufacturer, claimed.device_type, claimed.known) == ("unknown", "unknown", False)
     assert claimed.alternatives[0][0].startswith("TP-Link")
+
+
+@needs_data
+def test_on_dns_alone_the_vendor_comes_from_the_manufacturer_head_and_the_type_fits_it(iotgw, tmp_path):
+    # Blink's hub as one lab listed it, its names 3 s apart as a real hub sends them. The type head alone drifts to
+    # the nearest captured product (a WeMo switch, so "Belkin"); the manufacturer head, taught by the name sets,
+    # knows immedia-semi.com is Blink's. The answer must be Blink's, with a type Blink makes or a generic one.
+    with DOMAINS.open(newline="") as f:
+        names = [row["domain"] for row in csv.DictReader(f) if row["device_folder"] == "Blink Hub_Mon(us)"]
+    assert len(names) == 6
+    sessions = tmp_path / "s.jsonl"
+    queries = [{"t": 3.0 * i, "name": name} for i, name in enumerate(names)]
+    sessions.write_text(json.dumps({"id": "hub", "queries": queries}) + "\n")
+    code, rows, _ = iotgw("identify", "--json", "--signals", "dns", "--sessions", str(sessions))
+    assert code == 0
+    assert rows[0]["manufacturer"] == "Blink"
+    assert Identifier.load().bundle.type_info.get(rows[0]["device_type"], {}).get("manufacturer") in (None, "Blink")
+    # the rule follows what was seen, not the flag: all signals, but a session of names alone, answers the same
+    code, rows_all, _ = iotgw("identify", "--json", "--sessions", str(sessions))
+    assert code == 0 and rows_all[0]["manufacturer"] == "Blink"
 
 
 def test_dns_order_and_pauses_tell_apart_siblings_that_query_the_same_names(iotgw, tmp_path):
