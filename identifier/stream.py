@@ -259,10 +259,11 @@ class Session:
     def _identity(self, decided_after_s: float | None) -> Identity:
         labels = self.ident.labels
         p_man, p_type, p_cat = self._probs
-        order = np.argsort(-p_type)[:3]
+        best = self._best_type()
+        # the named type first, so "closest: alternatives[0]" is always the type named
+        order = [best] + [int(i) for i in np.argsort(-p_type)[:3] if i != best][:2]
         alternatives = [(labels["device_type"][i], round(float(p_type[i]), 4)) for i in order]
         known = self._known()
-        best = self._best_type()
         dtype = labels["device_type"][best]
         info = self.ident.bundle.type_info.get(dtype, {})
         # a known type names its own manufacturer and category; the heads answer for the generic types

@@ -153,6 +153,12 @@ def test_on_dns_alone_the_vendor_comes_from_the_manufacturer_head_and_the_type_f
     assert code == 0
     assert rows[0]["manufacturer"] == "Blink"
     assert Identifier.load().bundle.type_info.get(rows[0]["device_type"], {}).get("manufacturer") in (None, "Blink")
+    ident = Identifier.load(None, ("dns",))
+    session = ident.session("", 0.0)
+    for q in queries:
+        session.update(DnsObservation(q["t"], q["name"], 1))
+    named = session.current()
+    assert named.alternatives[0] == (named.device_type, named.confidence)  # "closest:" shows the type named
     # the rule follows what was seen, not the flag: all signals, but a session of names alone, answers the same
     code, rows_all, _ = iotgw("identify", "--json", "--sessions", str(sessions))
     assert code == 0 and rows_all[0]["manufacturer"] == "Blink"
