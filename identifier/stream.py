@@ -165,12 +165,14 @@ class Session:
         self.dns_only = True  # every token so far came from DNS names (see _best_type)
         self.committed: Identity | None = None
         self.last_ts = first_ts
-        self._count_specific(self.state.tokens)
+        self._note_tokens(self.state.tokens)
         self.state.fresh.clear()
         self.block_prior = ident.block_prior(mac)
         self._refresh()
 
-    def _count_specific(self, tokens) -> None:
+    def _note_tokens(self, tokens) -> None:
+        """Book a session's new tokens: vendor-specific ones seen in training, names training never saw, and
+        whether anything but DNS has been seen (the open-set verdict and ``_best_type`` read these)."""
         for token in tokens:
             self.dns_only &= signal_of(token) == "dns"
             if is_specific(token):
@@ -188,7 +190,7 @@ class Session:
             return None
         fresh = bool(self.state.fresh)
         if fresh:
-            self._count_specific(self.state.fresh)
+            self._note_tokens(self.state.fresh)
             self.state.fresh.clear()
         w_in = self.ident.net.w_in
         doubled = False
