@@ -97,7 +97,8 @@ def fit(
     """Train on ``x`` (n, dim) with labels ``y`` (n, 3; -1 where a head has no label) and per-head weights
     ``w`` (n, 3); returns the exported numpy weights (``identifier.inference`` format) with temperatures.
 
-    The validation split (whole captures) picks the epoch and fits the temperatures.
+    The validation split (whole captures and name sets) picks the epoch and fits the temperatures; the
+    logistic regression is then refit on every row.
     """
     config = config or TrainConfig()
     torch.set_num_threads(1)  # a small net: more threads only contend (the gateway shares two cores)
@@ -148,6 +149,10 @@ def fit(
         extra = torch.split(xv @ lin_w + lin_b, list(sizes), dim=-1)
         vlogits = [a + b for a, b in zip(vlogits, extra, strict=True)]
     temps = [_temperature(vlogits[k], yv[:, k]) for k in range(len(sizes))]
+    if linear is not None:
+        # the logistic regression needs no held-out rows (no epochs to pick), so the shipped one learns every
+        # row: a vendor known from a single name set is otherwise unlearned whenever the split draws it
+        linear = fit_logistic(x, y, w, sizes, config.logistic_l2)
     return export(net, temps, linear)
 
 

@@ -39,3 +39,18 @@ def test_logistic_head_learns_real_windows_and_folds_into_the_wide_path():
         # softmax(a + b) is softmax(a) * exp(b), renormalised: check the folded model is exactly that
         expected = p_plain * np.exp((part - part.max(1, keepdims=True)) / t)
         np.testing.assert_allclose(p_folded, expected / expected.sum(1, keepdims=True), rtol=2e-3, atol=1e-6)
+
+
+def test_a_vendor_known_from_rows_the_validation_split_draws_is_still_learned():
+    # 30 vendors, each known from one name set (one row, one group) with its own name: the split that picks the
+    # epoch and the temperatures draws some of them. The shipped weights must still name every one.
+    from identifier.model import TrainConfig, fit
+
+    n = 30
+    x = np.zeros((n, 64), np.float32)
+    x[np.arange(n), np.arange(n)] = np.log1p(1.0)
+    y = np.repeat(np.arange(n)[:, None], 3, axis=1)
+    weights = fit(x, y, np.ones(y.shape, np.float32), np.arange(n).astype(str), (n, n, n), seed=0,
+                  config=TrainConfig(hidden=8, max_epochs=5, patience=2))
+    for head in NumpyNet(weights).probabilities(x):
+        assert list(head.argmax(1)) == list(range(n))
