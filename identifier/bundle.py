@@ -30,15 +30,16 @@ class Thresholds:
     commit: float = 0.9  # calibrated device-type probability at which a decision is committed
     revise: float = 0.9  # a committed decision changes only for another type at least this sure ...
     abandon: float = 0.1  # ... while the committed type has fallen to at most this
-    known: float = 0.5  # below this manufacturer probability the device is judged unknown
+    known: float = 0.4  # below this manufacturer probability the device is judged unknown
     min_specific: int = 1  # known at ``known`` needs this many tokens that were specific to <= 2 vendors in training
     # ... without them, known needs this vendor probability: then only the combination (which names, in which
     # order) is specific, and it has to be nearly certain
     known_without_specific: float = 0.95
-    # DNS names no device in training used are a new vendor's own cloud: above this share of a device's names
-    # it is unknown whatever the heads say; with none of them, its names vouch for it like a specific token
+    # identifying tokens no device in training showed (its DNS names, DHCP fingerprint and hostname, mDNS
+    # names, MAC vendor) are a new vendor's: above this share of a device's ones it is unknown whatever the
+    # heads say; with none of them, they vouch for it like a specific token
     # (measured on the leave-one-lab-out split, docs/identification.md)
-    max_new_names: float = 1 / 3
+    max_new_names: float = 0.25
 
 
 @dataclass
@@ -58,8 +59,8 @@ class Bundle:
     profiles: dict[str, list[str]] = field(default_factory=dict)
     oui_prefixes: dict[str, str] = field(default_factory=dict)  # device_type -> "74:da:38" (captured types)
     mac_blocks: dict[str, list[str]] = field(default_factory=dict)  # oui.blocks() -> types captured in it
-    # packed bitmap of every DNS name (SLD) token in training, any vendor; empty: not recorded (older bundles)
-    names: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))
+    # packed bitmap of every token in training (features.seen_bit); empty: not recorded (older bundles)
+    vocabulary: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))
 
     def save(self, directory: str | Path) -> Path:
         d = Path(directory)
@@ -68,7 +69,7 @@ class Bundle:
         np.savez_compressed(
             d / "weights.npz",
             seen=self.seen,
-            names=self.names,
+            vocabulary=self.vocabulary,
             **{k: v.astype(np.float16) for k, v in self.weights.items()},
         )
         meta = {
@@ -100,7 +101,8 @@ class Bundle:
         if meta.get("format") != FORMAT:
             raise BundleError(f"{d}: bundle format {meta.get('format')} is not {FORMAT}")
         seen = arrays.pop("seen")
-        names = arrays.pop("names", np.zeros(0, dtype=np.uint8))
+        vocabulary = arrays.pop("vocabulary", np.zeros(0, dtype=np.uint8))
+        arrays.pop("names", None)  # older bundles' bitmap of the DNS names alone
         return cls(
             weights={k: v.astype(np.float32) for k, v in arrays.items()},
             features=FeatureConfig.from_json(meta["features"]),
@@ -116,5 +118,5 @@ class Bundle:
             # absent from bundles written before they existed
             oui_prefixes=meta.get("oui_prefixes", {}),
             mac_blocks=meta.get("mac_blocks", {}),
-            names=names,
+            vocabulary=vocabulary,
         )

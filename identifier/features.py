@@ -7,6 +7,10 @@ A bucket's value is ``log1p`` of its token count: repeated DNS queries (the seed
 saturate. Two names of one domain queried in a row also give a ``next:`` token with the pause between them: sibling
 products of one vendor often query the same names, in another order or rhythm.
 
+At inference a bundle's vocabulary, the bits (``seen_bit``) of every token it was trained on, keeps the tokens
+training never saw out of the vector: some 2,500 trained tokens share 2,048 buckets, so a new token's bucket
+usually carries another token's weights.
+
 ``FeatureState`` is incremental: the streaming identifier feeds it one observation at a time and learns which
 buckets changed, so inference updates only what moved. Training builds vectors through the same class, so the
 two paths cannot drift apart.
@@ -162,6 +166,8 @@ class FeatureState:
     config: FeatureConfig
     mac: str = ""
     first_ts: float = 0.0
+    # the bits (``seen_bit``) of the tokens the model was trained on; None counts every token (training)
+    vocabulary: np.ndarray | None = None
     counts: np.ndarray = field(init=False)
     once: set[str] = field(default_factory=set)
     tokens: dict[str, float] = field(
@@ -177,18 +183,24 @@ class FeatureState:
         for token in start_tokens(self.mac, self.config.signals):
             self._add(token)
 
-    def _add(self, token: str) -> int:
+    def _add(self, token: str) -> int | None:
+        """Count ``token``; returns its bucket, or None when it is outside the vocabulary (then it is only
+        recorded): a token training never saw has no weights of its own, and its hash bucket holds the
+        evidence of the trained tokens that share it, so counting it would add another vendor's evidence."""
         count = self.tokens.get(token)
         if count is None:
             self.fresh.append(token)
             count = 0.0
         self.tokens[token] = count + 1.0
+        if self.vocabulary is not None and not self.vocabulary[seen_bit(token)]:
+            return None
         b = bucket(token, self.config.dim)
         self.counts[b] += 1.0
         return b
 
     def add(self, obs: Observation) -> list[int]:
-        """Fold ``obs`` in; returns the buckets whose count changed (none: it said nothing new)."""
+        """Fold ``obs`` in; returns the buckets whose count changed (none: it said nothing new, or nothing the
+        vocabulary holds; its new tokens are still in ``fresh``)."""
         counted, once = observation_tokens(obs, obs.ts - self.first_ts, self.config.signals)
         if isinstance(obs, DnsObservation) and counted and self.config.version >= 2:
             domain = sld(obs.name)
@@ -200,12 +212,12 @@ class FeatureState:
                 if obs.ts > ts and domain == last_domain:
                     once.append(f"next:{name}>{obs.name}:{gap_bin(obs.ts - ts)}")
             self.last_query = (obs.name, domain, obs.ts)
-        changed = [self._add(t) for t in counted]
+        added = [self._add(t) for t in counted]
         for token in once:
             if token not in self.once:
                 self.once.add(token)
-                changed.append(self._add(token))
-        return changed
+                added.append(self._add(token))
+        return [b for b in added if b is not None]
 
     def vector(self) -> np.ndarray:
         return np.log1p(self.counts)

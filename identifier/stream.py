@@ -27,7 +27,6 @@ UNKNOWN_LABEL = "unknown"
 # are evidence, not proof (a maker may build two models in one run), so they weigh the net's answer rather than
 # replace it; a MAC in no known block changes nothing.
 BLOCK_LIKELIHOOD = 20.0
-NAME_PREFIX = "sld:"  # a DNS name's token; whether training saw it is open-set evidence (``Bundle.names``)
 # Token kinds that can name a vendor; timing and counts tokens say nothing about which vendor it is.
 SPECIFIC_PREFIXES = ("sld:", "dhcp55:", "dhcp60:", "dhcp12:", "mdns:", "mdnssvc:", "oui:", "ouiprefix:")
 _SIGNAL_OF = {
@@ -89,8 +88,8 @@ class Identifier:
         self.net = NumpyNet(bundle.weights)
         self.features: FeatureConfig = bundle.features.with_signals(signals) if signals else bundle.features
         self.seen = np.unpackbits(bundle.seen).astype(bool)
-        # None for a bundle that did not record its names: the new-names rule then never applies
-        self.trained_names = np.unpackbits(bundle.names).astype(bool) if bundle.names.size else None
+        # None for a bundle that did not record it: every token counts and the new-names rule never applies
+        self.vocabulary = np.unpackbits(bundle.vocabulary).astype(bool) if bundle.vocabulary.size else None
         self.labels = bundle.labels
         self.type_index = {t: i for i, t in enumerate(bundle.labels["device_type"])}
         self.version = bundle.version
@@ -155,12 +154,12 @@ class Session:
 
     def __init__(self, ident: Identifier, mac: str, first_ts: float):
         self.ident = ident
-        self.state = FeatureState(ident.features, mac, first_ts)
+        self.state = FeatureState(ident.features, mac, first_ts, ident.vocabulary)
         self.x = self.state.vector()
         self.z1 = ident.net.first_layer(self.x)
         self.specific = 0
-        self.names = 0  # distinct DNS names (SLDs) so far ...
-        self.new_names = 0  # ... of which training never saw
+        self.words = 0  # distinct identifying tokens (SPECIFIC_PREFIXES: names, DHCP, mDNS, MAC vendor) ...
+        self.new_words = 0  # ... of which training never saw (outside ``Bundle.vocabulary``)
         self.own_words = False  # a DNS name, DHCP or mDNS token: something the device said, not its MAC
         self.dns_only = True  # every token so far came from DNS names (see _best_type)
         self.committed: Identity | None = None
@@ -171,24 +170,24 @@ class Session:
         self._refresh()
 
     def _note_tokens(self, tokens) -> None:
-        """Book a session's new tokens: vendor-specific ones seen in training, names training never saw, and
-        whether anything but DNS has been seen (the open-set verdict and ``_best_type`` read these)."""
+        """Book a session's new tokens: vendor-specific ones seen in training, identifying ones training never
+        saw, and whether anything but DNS has been seen (the open-set verdict and ``_best_type`` read these)."""
         for token in tokens:
             self.dns_only &= signal_of(token) == "dns"
             if is_specific(token):
                 self.own_words |= not token.startswith("oui")
                 self.specific += bool(self.ident.seen[seen_bit(token)])
-            if token.startswith(NAME_PREFIX) and self.ident.trained_names is not None:
-                self.names += 1
-                self.new_names += not self.ident.trained_names[seen_bit(token)]
+                if self.ident.vocabulary is not None:
+                    self.words += 1
+                    self.new_words += not self.ident.vocabulary[seen_bit(token)]
 
     def update(self, obs: Observation) -> Identity | None:
         """Fold in one observation; returns an Identity only when a decision is committed or revised."""
         self.last_ts = max(self.last_ts, obs.ts)
         changed = self.state.add(obs)
-        if not changed:
+        fresh = bool(self.state.fresh)  # new tokens, maybe outside the vocabulary: still open-set evidence
+        if not changed and not fresh:
             return None
-        fresh = bool(self.state.fresh)
         if fresh:
             self._note_tokens(self.state.fresh)
             self.state.fresh.clear()
@@ -242,9 +241,10 @@ class Session:
 
     def _known(self) -> bool:
         th = self.ident.bundle.thresholds
-        if self.names and self.new_names / self.names > th.max_new_names:
-            return False  # mostly names no device in training used: a vendor's own cloud the model never saw
-        vouched = self.specific >= th.min_specific or (self.names > 0 and not self.new_names)
+        if self.words and self.new_words / self.words > th.max_new_names:
+            # much that no device in training said: a vendor's own cloud, DHCP client or MAC the model never saw
+            return False
+        vouched = self.specific >= th.min_specific or (self.words > 0 and not self.new_words)
         return float(self._probs[0].max()) >= (th.known if vouched else th.known_without_specific)
 
     def _best_type(self) -> int:

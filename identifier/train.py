@@ -24,7 +24,7 @@ from identifier.inference import HEADS
 from identifier.observation import DnsObservation, Observation, PacketObservation
 from identifier.observation import to_json as observation_to_json
 from identifier.oui import blocks, vendor
-from identifier.stream import NAME_PREFIX, is_specific
+from identifier.stream import is_specific
 
 CUTOFFS = (1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 DNS_ONLY = ("dns",)
@@ -118,14 +118,13 @@ def specific_bitmap(samples: Samples, space: dict[str, list[str]], max_vendors: 
     return np.packbits(bits)
 
 
-def names_bitmap(samples: Samples) -> np.ndarray:
-    """Bits of every DNS name (SLD) token in training: names no training device used are a new vendor's cloud
-    (the open set's ``Thresholds.max_new_names``)."""
+def vocabulary_bitmap(samples: Samples) -> np.ndarray:
+    """Bits of every token in training: inference counts only these (``features.FeatureState``), and a device's
+    identifying tokens outside it are a new vendor's (the open set's ``Thresholds.max_new_names``)."""
     bits = np.zeros(SEEN_BITS, dtype=bool)
     for toks in samples.tokens:
         for t in toks:
-            if t.startswith(NAME_PREFIX):
-                bits[seen_bit(t)] = True
+            bits[seen_bit(t)] = True
     return np.packbits(bits)
 
 
@@ -247,5 +246,5 @@ def train(
         profiles=profiles(windows),
         oui_prefixes=oui_prefixes(windows),
         mac_blocks=mac_blocks(windows),
-        names=names_bitmap(samples),
+        vocabulary=vocabulary_bitmap(samples),
     )
