@@ -88,7 +88,7 @@ class Identifier:
         self.net = NumpyNet(bundle.weights)
         self.features: FeatureConfig = bundle.features.with_signals(signals) if signals else bundle.features
         self.seen = np.unpackbits(bundle.seen).astype(bool)
-        # None for a bundle that did not record it: every token counts and the new-names rule never applies
+        # None for a bundle that did not record it: every token counts and the new-tokens rule never applies
         self.vocabulary = np.unpackbits(bundle.vocabulary).astype(bool) if bundle.vocabulary.size else None
         self.labels = bundle.labels
         self.type_index = {t: i for i, t in enumerate(bundle.labels["device_type"])}

@@ -143,7 +143,6 @@ def test_mostly_new_names_make_a_device_unknown_and_its_closest_match_is_kept(io
     assert ident.bundle.type_info.get(closest, {}).get("manufacturer") in (None, "TP-Link") and "Plug" in closest
 
 
-
 def test_a_name_training_never_saw_moves_no_probability_and_still_counts_as_new():
     # Its tokens' hash buckets hold other, trained tokens' weights: counted, a new vendor's cloud name would add
     # some unrelated vendor's evidence. It is kept out of the vector and still weighs in the open-set verdict.
@@ -161,6 +160,7 @@ def test_a_name_training_never_saw_moves_no_probability_and_still_counts_as_new(
     for name in ("devs.tplinkcloud.com", "api.xbcs.net"):
         with_known.update(DnsObservation(0.0, name, 1))
     assert with_known.probabilities()[0].tolist() != plain.probabilities()[0].tolist()
+
 
 @needs_data
 def test_on_dns_alone_the_vendor_comes_from_the_manufacturer_head_and_the_type_fits_it(iotgw, tmp_path):
