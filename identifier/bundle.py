@@ -39,7 +39,7 @@ class Thresholds:
     # names, MAC vendor) are a new vendor's: above this share of a device's ones it is unknown whatever the
     # heads say; with none of them, they vouch for it like a specific token
     # (measured on the leave-one-lab-out split, docs/identification.md)
-    max_new_names: float = 0.25
+    max_new_names: float = 0.2
 
 
 @dataclass
@@ -61,6 +61,8 @@ class Bundle:
     mac_blocks: dict[str, list[str]] = field(default_factory=dict)  # oui.blocks() -> types captured in it
     # packed bitmap of every token in training (features.seen_bit); empty: not recorded (older bundles)
     vocabulary: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))
+    # SLD -> {manufacturer: training devices that queried it} (train.name_vendors); empty in older bundles
+    name_vendors: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def save(self, directory: str | Path) -> Path:
         d = Path(directory)
@@ -85,6 +87,7 @@ class Bundle:
             "profiles": self.profiles,
             "oui_prefixes": self.oui_prefixes,
             "mac_blocks": self.mac_blocks,
+            "name_vendors": self.name_vendors,
         }
         (d / "bundle.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         return d
@@ -119,4 +122,5 @@ class Bundle:
             oui_prefixes=meta.get("oui_prefixes", {}),
             mac_blocks=meta.get("mac_blocks", {}),
             vocabulary=vocabulary,
+            name_vendors=meta.get("name_vendors", {}),
         )

@@ -4,8 +4,9 @@ A session keeps the device's feature counts and the first layer's pre-activation
 few buckets it changed plus two 64-wide layers (numpy only, no torch). A decision is committed as soon as the
 calibrated device-type probability reaches the bundle's ``commit`` threshold, and revised only when another
 type reaches ``revise``. A device whose evidence matches no vendor seen in training is "unknown" (open set)
-rather than a confident wrong name. A MAC from a production block that holds units training captured (or the
-home's owner confirmed) weighs those units' device types (``BLOCK_LIKELIHOOD``).
+rather than a confident wrong name. The vendors of a device's DNS names in training, counted by device, weigh
+the manufacturer head (``NAME_VOTE_FLOOR``). A MAC from a production block that holds units training captured
+(or the home's owner confirmed) weighs those units' device types (``BLOCK_LIKELIHOOD``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ UNKNOWN_LABEL = "unknown"
 # are evidence, not proof (a maker may build two models in one run), so they weigh the net's answer rather than
 # replace it; a MAC in no known block changes nothing.
 BLOCK_LIKELIHOOD = 20.0
+# The manufacturer head is weighed by ``floor`` plus the vote of the device's DNS names: each name's training
+# devices per vendor (``Bundle.name_vendors``) as shares, summed over its names. The net learns from windows, so
+# the vendors captured many times (TP-Link, D-Link) pull the names they share with everyone (NTP pools, clouds)
+# their way, and a brand known from one listed device loses to them on its own name; the vote counts devices.
+# The floor keeps the net's say: a vendor no name votes for is weighed down, not ruled out (chosen on the
+# leave-one-lab-out split, docs/identification.md).
+NAME_VOTE_FLOOR = 0.2
 # Token kinds that can name a vendor; timing and counts tokens say nothing about which vendor it is.
 SPECIFIC_PREFIXES = ("sld:", "dhcp55:", "dhcp60:", "dhcp12:", "mdns:", "mdnssvc:", "oui:", "ouiprefix:")
 _SIGNAL_OF = {
@@ -80,6 +88,20 @@ def signal_of(token: str) -> str:
     return "dns" if head in ("sld", "dns") else head
 
 
+def name_shares(bundle: Bundle) -> dict[str, np.ndarray]:
+    """Per ``sld:`` token, the share of its training devices each manufacturer holds (``NAME_VOTE_FLOOR``)."""
+    index = {m: i for i, m in enumerate(bundle.labels["manufacturer"])}
+    out: dict[str, np.ndarray] = {}
+    for name, vendors in bundle.name_vendors.items():
+        share = np.zeros(len(index), dtype=np.float32)
+        for maker, devices in vendors.items():
+            if maker in index:
+                share[index[maker]] = devices
+        if share.any():
+            out[f"sld:{name}"] = share / share.sum()
+    return out
+
+
 class Identifier:
     """A loaded bundle; ``session()`` starts the streaming decision for one device."""
 
@@ -94,6 +116,7 @@ class Identifier:
         self.type_index = {t: i for i, t in enumerate(bundle.labels["device_type"])}
         self.version = bundle.version
         self.mac_blocks = bundle.mac_blocks if "oui" in self.features.signals else {}
+        self.name_shares = name_shares(bundle)
         makers = [bundle.type_info.get(t, {}).get("manufacturer") for t in bundle.labels["device_type"]]
         self._types_of = {m: np.flatnonzero([n in (None, m) for n in makers]) for m in bundle.labels["manufacturer"]}
 
@@ -162,6 +185,7 @@ class Session:
         self.new_words = 0  # ... of which training never saw (outside ``Bundle.vocabulary``)
         self.own_words = False  # a DNS name, DHCP or mDNS token: something the device said, not its MAC
         self.dns_only = True  # every token so far came from DNS names (see _best_type)
+        self.name_votes = np.zeros(len(ident.labels["manufacturer"]), dtype=np.float32)  # NAME_VOTE_FLOOR
         self.committed: Identity | None = None
         self.last_ts = first_ts
         self._note_tokens(self.state.tokens)
@@ -171,9 +195,13 @@ class Session:
 
     def _note_tokens(self, tokens) -> None:
         """Book a session's new tokens: vendor-specific ones seen in training, identifying ones training never
-        saw, and whether anything but DNS has been seen (the open-set verdict and ``_best_type`` read these)."""
+        saw, and whether anything but DNS has been seen (the open-set verdict and ``_best_type`` read these);
+        each DNS name's vendor vote (``NAME_VOTE_FLOOR``)."""
         for token in tokens:
             self.dns_only &= signal_of(token) == "dns"
+            share = self.ident.name_shares.get(token)
+            if share is not None:
+                self.name_votes += share
             if is_specific(token):
                 self.own_words |= not token.startswith("oui")
                 self.specific += bool(self.ident.seen[seen_bit(token)])
@@ -209,6 +237,9 @@ class Session:
 
     def _refresh(self) -> None:
         self._probs = self.ident.net.from_first_layer(self.z1)
+        if self.name_votes.any():
+            weighted = self._probs[0] * (self.name_votes + NAME_VOTE_FLOOR)
+            self._probs[0] = weighted / weighted.sum()
         if self.block_prior is not None:
             weighted = self._probs[1] * self.block_prior
             self._probs[1] = weighted / weighted.sum()

@@ -194,6 +194,23 @@ def profiles(windows: list[LabelledWindow], min_share: float = 0.25) -> dict[str
     return {t: sorted(s for s, n in c.items() if n >= min_share * totals[t]) for t, c in counts.items()}
 
 
+def name_vendors(windows: list[LabelledWindow]) -> dict[str, dict[str, int]]:
+    """Per SLD, how many training devices of each manufacturer queried it, counting devices rather than
+    windows: a captured product once however many captures it has (its first ``CUTOFFS[-1]`` seconds, what
+    training reads), each listed device once. The net learns from windows, so a vendor captured twenty times
+    outweighs one known from a single name set even on names they share; ``stream.Session`` weighs the
+    manufacturer head by these counts."""
+    devices: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for w in windows:
+        if not w.manufacturer:
+            continue
+        device = w.device_type if w.timed and w.device_type else w.group
+        horizon = w.first_ts + CUTOFFS[-1] if w.timed else float("inf")
+        for name in {sld(o.name) for o in w.observations if isinstance(o, DnsObservation) and o.ts <= horizon}:
+            devices[name][w.manufacturer].add(device)
+    return {name: {v: len(d) for v, d in sorted(per.items())} for name, per in sorted(devices.items()) if name}
+
+
 def type_info(windows: list[LabelledWindow]) -> dict[str, dict[str, str]]:
     """Device types that belong to a single manufacturer and category (the captured products)."""
     seen: dict[str, set[tuple[str | None, str | None]]] = defaultdict(set)
@@ -247,4 +264,5 @@ def train(
         oui_prefixes=oui_prefixes(windows),
         mac_blocks=mac_blocks(windows),
         vocabulary=vocabulary_bitmap(samples),
+        name_vendors=name_vendors(windows),
     )
