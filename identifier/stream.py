@@ -28,7 +28,7 @@ UNKNOWN_LABEL = "unknown"
 # are evidence, not proof (a maker may build two models in one run), so they weigh the net's answer rather than
 # replace it; a MAC in no known block changes nothing.
 BLOCK_LIKELIHOOD = 20.0
-# The manufacturer head is weighed by ``floor`` plus the vote of the device's DNS names: each name's training
+# The manufacturer head is weighed by this floor plus the vote of the device's DNS names: each name's training
 # devices per vendor (``Bundle.name_vendors``) as shares, summed over its names. The net learns from windows, so
 # the vendors captured many times (TP-Link, D-Link) pull the names they share with everyone (NTP pools, clouds)
 # their way, and a brand known from one listed device loses to them on its own name; the vote counts devices.

@@ -195,11 +195,9 @@ def profiles(windows: list[LabelledWindow], min_share: float = 0.25) -> dict[str
 
 
 def name_vendors(windows: list[LabelledWindow]) -> dict[str, dict[str, int]]:
-    """Per SLD, how many training devices of each manufacturer queried it, counting devices rather than
-    windows: a captured product once however many captures it has (its first ``CUTOFFS[-1]`` seconds, what
-    training reads), each listed device once. The net learns from windows, so a vendor captured twenty times
-    outweighs one known from a single name set even on names they share; ``stream.Session`` weighs the
-    manufacturer head by these counts."""
+    """Per SLD, how many training devices of each manufacturer queried it: a captured product once however many
+    captures it has (its first ``CUTOFFS[-1]`` seconds, what training reads), each listed device once. The votes
+    that weigh the manufacturer head (``stream.NAME_VOTE_FLOOR`` says why devices, not windows)."""
     devices: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
     for w in windows:
         if not w.manufacturer:
