@@ -9,6 +9,7 @@ first minute.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import weakref
 from collections import Counter, defaultdict
@@ -138,6 +139,20 @@ def data_hash(windows: list[LabelledWindow]) -> str:
     return h.hexdigest()
 
 
+def answers_hash(bundle: Bundle) -> str:
+    """SHA-256 over what decides a bundle's answers (weights, bitmaps, thresholds, labels, MAC blocks, name
+    votes), for its version: retrained on the same data the same day under other rules, it still gets a new one.
+    The weights are hashed as saved (float16), so a loaded bundle hashes as it did when trained."""
+    h = hashlib.sha256()
+    for key in sorted(bundle.weights):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(bundle.weights[key], dtype=np.float16).tobytes())
+    h.update(bundle.seen.tobytes() + bundle.vocabulary.tobytes())
+    rules = [bundle.features.to_json(), bundle.labels, vars(bundle.thresholds), bundle.mac_blocks, bundle.name_vendors]
+    h.update(json.dumps(rules, sort_keys=True).encode())
+    return h.hexdigest()
+
+
 def prototypes(
     windows: list[LabelledWindow], max_obs: int = 40, horizon: float = 30.0
 ) -> dict[str, list[dict]]:
@@ -248,12 +263,12 @@ def train(
         progress,
     )
     digest = data_hash(windows)
-    return Bundle(
+    bundle = Bundle(
         weights=weights,
         features=config,
         labels=space,
         seen=specific_bitmap(samples, space),
-        version=f"{time.strftime('%Y%m%d')}-{digest[:8]}-s{seed}",
+        version="",
         thresholds=thresholds or Thresholds(),
         type_info=type_info(windows),
         training_data_sha256=digest,
@@ -264,3 +279,5 @@ def train(
         vocabulary=vocabulary_bitmap(samples),
         name_vendors=name_vendors(windows),
     )
+    bundle.version = f"{time.strftime('%Y%m%d')}-{digest[:8]}-s{seed}-{answers_hash(bundle)[:6]}"
+    return bundle

@@ -16,14 +16,14 @@ import pytest
 from gateway import cli
 from gateway.capture.windows import capture_windows
 from gateway.demo import demo_mac
-from identifier.bundle import DEFAULT_DIR, Bundle
+from identifier.bundle import DEFAULT_DIR, Bundle, Thresholds
 from identifier.dataset import LabelledWindow
 from identifier.evaluate import sibling_type_ceiling, spread_in_time
 from identifier.features import DEFAULT_FEATURES, FeatureState
 from identifier.observation import DnsObservation
 from identifier.oui import blocks, vendor
 from identifier.stream import NAME_VOTE_FLOOR, Identifier, Identity
-from identifier.train import name_vendors
+from identifier.train import answers_hash, name_vendors
 from tests.shared_data import CAPTURES, DOMAINS, needs_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,6 +275,16 @@ def test_name_vendors_count_devices_not_captures_and_only_what_training_reads():
         "ntp.org": {"Blink": 1, "TP-Link": 2},  # twenty-one captures of two products: two devices
         "tplinkcloud.com": {"TP-Link": 2},
     }  # after CUTOFFS[-1] seconds a capture is not read; a window without a manufacturer votes for none
+
+
+def test_a_bundle_version_names_what_decides_its_answers():
+    shipped = Bundle.load()
+    assert shipped.version.endswith("-" + answers_hash(shipped)[:6])  # as trained, as loaded
+    assert answers_hash(replace(shipped, metrics={}, prototypes={})) == answers_hash(shipped)  # no answer moves
+    votes = dict(shipped.name_vendors, **{"netatmo.net": {"Netatmo": 2}})
+    others = [replace(shipped, name_vendors=votes), replace(shipped, thresholds=Thresholds(max_new_names=0.3))]
+    others.append(replace(shipped, weights={**shipped.weights, "b1": shipped.weights["b1"] + 0.01}))
+    assert len({answers_hash(b) for b in [shipped, *others]}) == 4
 
 
 def test_a_name_set_spread_in_time_keeps_its_names_in_order_gap_seconds_apart():
