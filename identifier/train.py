@@ -140,15 +140,16 @@ def data_hash(windows: list[LabelledWindow]) -> str:
 
 
 def answers_hash(bundle: Bundle) -> str:
-    """SHA-256 over what decides a bundle's answers (weights, bitmaps, thresholds, labels, MAC blocks, name
-    votes), for its version: retrained on the same data the same day under other rules, it still gets a new one.
-    The weights are hashed as saved (float16), so a loaded bundle hashes as it did when trained."""
+    """SHA-256 over what decides a bundle's answers (weights, bitmaps, thresholds, labels, type makers, MAC
+    blocks, name votes), for its version: retrained on the same data the same day under other rules, it still
+    gets a new one. The weights are hashed as saved (float16), so a loaded bundle hashes as it did when trained."""
     h = hashlib.sha256()
     for key in sorted(bundle.weights):
         h.update(key.encode())
         h.update(np.ascontiguousarray(bundle.weights[key], dtype=np.float16).tobytes())
     h.update(bundle.seen.tobytes() + bundle.vocabulary.tobytes())
-    rules = [bundle.features.to_json(), bundle.labels, vars(bundle.thresholds), bundle.mac_blocks, bundle.name_vendors]
+    rules = [bundle.features.to_json(), bundle.labels, vars(bundle.thresholds), bundle.type_info]
+    rules += [bundle.mac_blocks, bundle.name_vendors]
     h.update(json.dumps(rules, sort_keys=True).encode())
     return h.hexdigest()
 
