@@ -30,7 +30,7 @@ class Thresholds:
     commit: float = 0.9  # calibrated device-type probability at which a decision is committed
     revise: float = 0.9  # a committed decision changes only for another type at least this sure ...
     abandon: float = 0.1  # ... while the committed type has fallen to at most this
-    known: float = 0.4  # below this manufacturer probability the device is judged unknown
+    known: float = 0.2  # below this manufacturer probability the device is judged unknown
     min_specific: int = 1  # known at ``known`` needs this many tokens that were specific to <= 2 vendors in training
     # ... without them, known needs this vendor probability: then only the combination (which names, in which
     # order) is specific, and it has to be nearly certain

@@ -21,3 +21,10 @@ def sld(name: str) -> str:
     if not name:
         return ""
     return _PSL.privatesuffix(name) or name
+
+
+def brand(registrable: str) -> str | None:
+    """The first label of a registrable domain (``tplinkcloud.com.cn`` -> ``tplinkcloud``): a vendor's name under
+    every country's suffix. None below four letters, where other owners' names are as likely (mi, jd, qq)."""
+    label = registrable.split(".", 1)[0]
+    return label if len(label) >= 4 else None

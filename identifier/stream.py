@@ -5,18 +5,20 @@ few buckets it changed plus two 64-wide layers (numpy only, no torch). A decisio
 calibrated device-type probability reaches the bundle's ``commit`` threshold, and revised only when another
 type reaches ``revise``. A device whose evidence matches no vendor seen in training is "unknown" (open set)
 rather than a confident wrong name. The vendors of a device's DNS names in training, counted by device, weigh
-the manufacturer head (``NAME_VOTE_FLOOR``). A MAC from a production block that holds units training captured
-(or the home's owner confirmed) weighs those units' device types (``BLOCK_LIKELIHOOD``).
+the manufacturer head (``NAME_VOTE_FLOOR``); a name training never saw votes as the trained names of its brand
+(``domains.brand``: tplinkcloud.com.cn as tplinkcloud.com). A MAC from a production block that holds units
+training captured (or the home's owner confirmed) weighs those units' device types (``BLOCK_LIKELIHOOD``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from identifier.bundle import Bundle
+from identifier.domains import brand
 from identifier.features import FeatureConfig, FeatureState, seen_bit
 from identifier.inference import NumpyNet
 from identifier.observation import Observation
@@ -32,9 +34,13 @@ BLOCK_LIKELIHOOD = 20.0
 # devices per vendor (``Bundle.name_vendors``) as shares, summed over its names. The net learns from windows, so
 # the vendors captured many times (TP-Link, D-Link) pull the names they share with everyone (NTP pools, clouds)
 # their way, and a brand known from one listed device loses to them on its own name; the vote counts devices.
-# The floor keeps the net's say: a vendor no name votes for is weighed down, not ruled out (chosen on the
-# leave-one-lab-out split, docs/identification.md).
-NAME_VOTE_FLOOR = 0.2
+# The floor keeps the net's say: a vendor no name votes for is weighed down, not ruled out.
+NAME_VOTE_FLOOR = 0.1
+# ... and the net's manufacturer distribution enters the product at this power, a square root: trained on some
+# 300 windows of each captured product, it is surer of the captured vendors than one device's names warrant (a
+# Sengled bulb querying only sengled.com, all of whose training devices are Sengled's, came out "Meross"). Both
+# chosen, with the ``known`` bar, on the leave-one-lab-out split (docs/identification.md).
+NAME_VOTE_NET_POWER = 0.5
 # Token kinds that can name a vendor; timing and counts tokens say nothing about which vendor it is.
 SPECIFIC_PREFIXES = ("sld:", "dhcp55:", "dhcp60:", "dhcp12:", "mdns:", "mdnssvc:", "oui:", "ouiprefix:")
 _SIGNAL_OF = {
@@ -88,18 +94,20 @@ def signal_of(token: str) -> str:
     return "dns" if head in ("sld", "dns") else head
 
 
-def name_shares(bundle: Bundle) -> dict[str, np.ndarray]:
-    """Per ``sld:`` token, the share of its training devices each manufacturer holds (``NAME_VOTE_FLOOR``)."""
+def name_shares(bundle: Bundle, key: Callable[[str], str | None] = lambda name: f"sld:{name}") -> dict[str, np.ndarray]:
+    """Per ``key`` of a trained SLD (by default its ``sld:`` token), the share of the training devices of its
+    SLDs each manufacturer holds (``NAME_VOTE_FLOOR``); SLDs whose key is None are left out."""
     index = {m: i for i, m in enumerate(bundle.labels["manufacturer"])}
-    out: dict[str, np.ndarray] = {}
+    counts: dict[str, np.ndarray] = {}
     for name, vendors in bundle.name_vendors.items():
-        share = np.zeros(len(index), dtype=np.float32)
+        k = key(name)
+        if k is None:
+            continue
+        count = counts.setdefault(k, np.zeros(len(index), dtype=np.float32))
         for maker, devices in vendors.items():
             if maker in index:
-                share[index[maker]] = devices
-        if share.any():
-            out[f"sld:{name}"] = share / share.sum()
-    return out
+                count[index[maker]] += devices
+    return {k: count / count.sum() for k, count in counts.items() if count.any()}
 
 
 class Identifier:
@@ -117,6 +125,7 @@ class Identifier:
         self.version = bundle.version
         self.mac_blocks = bundle.mac_blocks if "oui" in self.features.signals else {}
         self.name_shares = name_shares(bundle)
+        self.brand_shares = name_shares(bundle, brand)  # for the names training never saw
         makers = [bundle.type_info.get(t, {}).get("manufacturer") for t in bundle.labels["device_type"]]
         self._types_of = {m: np.flatnonzero([n in (None, m) for n in makers]) for m in bundle.labels["manufacturer"]}
 
@@ -124,6 +133,14 @@ class Identifier:
     def load(cls, model_dir: str | None = None, signals: tuple[str, ...] | None = None) -> Identifier:
         """The bundle in ``model_dir`` (None: the shipped default); ``signals`` restricts the inputs used."""
         return cls(Bundle.load(model_dir), signals)
+
+    def name_vote(self, token: str) -> np.ndarray | None:
+        """The vendor shares a DNS name's ``sld:`` token votes (``NAME_VOTE_FLOOR``): its own training devices',
+        or for a name training never saw, its brand's; None when neither was trained (and for other tokens)."""
+        share = self.name_shares.get(token)
+        if share is None and token.startswith("sld:"):
+            share = self.brand_shares.get(brand(token[4:]))
+        return share
 
     def session(self, mac: str, first_ts: float) -> Session:
         return Session(self, mac.lower(), first_ts)
@@ -199,7 +216,7 @@ class Session:
         each DNS name's vendor vote (``NAME_VOTE_FLOOR``)."""
         for token in tokens:
             self.dns_only &= signal_of(token) == "dns"
-            share = self.ident.name_shares.get(token)
+            share = self.ident.name_vote(token)
             if share is not None:
                 self.name_votes += share
             if is_specific(token):
@@ -238,7 +255,7 @@ class Session:
     def _refresh(self) -> None:
         self._probs = self.ident.net.from_first_layer(self.z1)
         if self.name_votes.any():
-            weighted = self._probs[0] * (self.name_votes + NAME_VOTE_FLOOR)
+            weighted = self._probs[0] ** NAME_VOTE_NET_POWER * (self.name_votes + NAME_VOTE_FLOOR)
             self._probs[0] = weighted / weighted.sum()
         if self.block_prior is not None:
             weighted = self._probs[1] * self.block_prior

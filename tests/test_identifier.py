@@ -18,11 +18,12 @@ from gateway.capture.windows import capture_windows
 from gateway.demo import demo_mac
 from identifier.bundle import DEFAULT_DIR, Bundle, Thresholds
 from identifier.dataset import LabelledWindow
+from identifier.domains import brand
 from identifier.evaluate import sibling_type_ceiling, spread_in_time
 from identifier.features import DEFAULT_FEATURES, FeatureState
 from identifier.observation import DnsObservation
 from identifier.oui import blocks, vendor
-from identifier.stream import NAME_VOTE_FLOOR, Identifier, Identity
+from identifier.stream import NAME_VOTE_FLOOR, NAME_VOTE_NET_POWER, Identifier, Identity
 from identifier.train import answers_hash, name_vendors
 from tests.shared_data import CAPTURES, DOMAINS, needs_data
 
@@ -177,10 +178,29 @@ def test_the_training_vendors_of_its_names_counted_by_device_weigh_the_manufactu
             session.update(DnsObservation(float(t), name, 1))
     (net, *net_rest), (weighed, *weighed_rest) = (s.probabilities() for s in sessions)
     votes = voted.name_shares["sld:netatmo.net"] + voted.name_shares["sld:ntp.org"]
-    expected = net * (votes + NAME_VOTE_FLOOR)
+    expected = net**NAME_VOTE_NET_POWER * (votes + NAME_VOTE_FLOOR)
     assert weighed == pytest.approx(expected / expected.sum(), abs=1e-6)
     assert sessions[1].current().manufacturer == "Netatmo"
     assert [p.tolist() for p in net_rest] == [p.tolist() for p in weighed_rest]  # the other heads: the net's
+
+
+def test_a_name_training_never_saw_votes_as_the_trained_names_of_its_brand():
+    # No lab listed tplinkcloud.de, but TP-Link's cloud is tplinkcloud.com (and .com.cn): a plug sold in Germany
+    # should still be named by it. Short first labels are anyone's: mi.de is not Xiaomi's mi.com.
+    assert (brand("tplinkcloud.com.cn"), brand("mi.com")) == ("tplinkcloud", None)
+    ident = Identifier.load(None, ("dns",))
+    assert "sld:tplinkcloud.de" not in ident.name_shares and "sld:mi.com" in ident.name_shares
+    session = ident.session("", 0.0)
+    session.update(DnsObservation(0.0, "n-devs.tplinkcloud.de", 1))
+    assert session.name_votes.tolist() == ident.brand_shares["tplinkcloud"].tolist()
+    assert ident.labels["manufacturer"][int(session.name_votes.argmax())] == "TP-Link"
+    assert session.current().manufacturer == "TP-Link"
+    assert ident.name_vote("sld:tplinkcloud.de") is ident.brand_shares["tplinkcloud"]
+    assert ident.name_vote("sld:tplinkcloud.com") is ident.name_shares["sld:tplinkcloud.com"]  # its own first
+    assert ident.name_vote("sld:no-vendor-ever.example") is None and ident.name_vote("dhcp12:tplink") is None
+    other = ident.session("", 0.0)
+    other.update(DnsObservation(0.0, "www.mi.de", 1))
+    assert not other.name_votes.any()
 
 
 @needs_data
