@@ -299,9 +299,11 @@ def unseen_lab(
 ) -> dict:
     """Leave each source dataset of the domains list out: manufacturer accuracy (DNS only) on its devices of
     vendors seen in training, and the share of its devices of never-seen vendors that come out unknown. Also
-    the accuracy with each held-out name set sent 1 s apart, as a device would, rather than at one instant."""
+    the accuracy with each held-out name set sent 1 s apart, as a device would, rather than at one instant; and
+    what the names alone allow: how many known-vendor devices have their vendor among their names' training
+    vendors at all, and for how many the name vote (``Identifier.name_vote``) alone puts it first (or tied)."""
     per_source = {}
-    correct, flagged, spread_ok = [], [], []
+    correct, flagged, spread_ok, among, first = [], [], [], [], []
     for source in sorted({w.source for w in name_sets}):
         train_windows = captures + [w for w in name_sets if w.source != source]
         vendors = {w.manufacturer for w in train_windows}
@@ -315,6 +317,12 @@ def unseen_lab(
             for w in held
             if w.manufacturer in vendors
         ]
+        for w in held:
+            if w.manufacturer in vendors:
+                votes = _name_votes(ident, w)
+                share = votes[ident.labels["manufacturer"].index(w.manufacturer)]
+                among.append(bool(share > 0))
+                first.append(bool(share > 0 and share == votes.max()))
         per_source[source] = {
             "known_vendor_devices": len(c_ok),
             "manufacturer_accuracy": _mean([ok for ok, _ in c_ok]),
@@ -335,8 +343,20 @@ def unseen_lab(
         "known_vendor_devices": len(correct),
         "new_vendor_unknown": _mean(flagged),
         "new_vendor_devices": len(flagged),
+        "vendor_among_names_training_vendors": _mean(among),
+        "name_vote_alone_puts_vendor_first": _mean(first),
         "per_source": per_source,
     }
+
+
+def _name_votes(ident: Identifier, win: LabelledWindow) -> np.ndarray:
+    """The sum of the name votes of the window's distinct SLDs, as a session adds them up."""
+    votes = np.zeros(len(ident.labels["manufacturer"]), dtype=np.float32)
+    for name in {sld(o.name) for o in win.observations if isinstance(o, DnsObservation)}:
+        share = ident.name_vote(f"sld:{name}")
+        if share is not None:
+            votes += share
+    return votes
 
 
 def _mean(values: list[bool]) -> float | None:

@@ -128,6 +128,9 @@ def _headline(report: dict) -> dict:
         head["unseen_lab_manufacturer_known"] = report["unseen_lab"]["manufacturer_known_accuracy"]
         head["unseen_lab_manufacturer_names_1s_apart"] = report["unseen_lab"]["manufacturer_accuracy_names_1s_apart"]
         head["new_vendor_unknown"] = report["unseen_lab"]["new_vendor_unknown"]
+        # what names alone allow there: the vendor among the names' training vendors; the names' vote alone
+        head["unseen_lab_vendor_among_names_ceiling"] = report["unseen_lab"]["vendor_among_names_training_vendors"]
+        head["unseen_lab_name_vote_alone"] = report["unseen_lab"]["name_vote_alone_puts_vendor_first"]
     return head
 
 
