@@ -301,7 +301,7 @@ def unseen_lab(
     vendors seen in training, and the share of its devices of never-seen vendors that come out unknown. Also
     the accuracy with each held-out name set sent 1 s apart, as a device would, rather than at one instant; and
     what the names alone allow: how many known-vendor devices have their vendor among their names' training
-    vendors at all, and for how many the name vote (``Identifier.name_vote``) alone puts it first (or tied)."""
+    vendors at all, and for how many the name vote (``Session.name_votes``) alone puts it first (or tied)."""
     per_source = {}
     correct, flagged, spread_ok, among, first = [], [], [], [], []
     for source in sorted({w.source for w in name_sets}):
@@ -350,13 +350,11 @@ def unseen_lab(
 
 
 def _name_votes(ident: Identifier, win: LabelledWindow) -> np.ndarray:
-    """The sum of the name votes of the window's distinct SLDs, as a session adds them up."""
-    votes = np.zeros(len(ident.labels["manufacturer"]), dtype=np.float32)
-    for name in {sld(o.name) for o in win.observations if isinstance(o, DnsObservation)}:
-        share = ident.name_vote(f"sld:{name}")
-        if share is not None:
-            votes += share
-    return votes
+    """The name votes a session adds up over ``win`` (``Session.name_votes``), the net aside."""
+    session = ident.session(win.mac, win.first_ts)
+    for obs in win.observations:
+        session.update(obs)
+    return session.name_votes
 
 
 def _mean(values: list[bool]) -> float | None:
