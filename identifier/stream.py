@@ -293,7 +293,8 @@ class Session:
             # much that no device in training said: a vendor's own cloud, DHCP client or MAC the model never saw
             return False
         vouched = self.specific >= th.min_specific or (self.words > 0 and not self.new_words)
-        return float(self._probs[0].max()) >= (th.known if vouched else th.known_without_specific)
+        bar = th.known if self.name_votes.any() else th.known_unvoted  # the head _refresh weighed, or the net's
+        return float(self._probs[0].max()) >= (bar if vouched else th.known_without_specific)
 
     def _best_type(self) -> int:
         """The device type to name: the likeliest, except on DNS names alone, where it is the likeliest of the

@@ -21,7 +21,7 @@ from identifier.dataset import LabelledWindow
 from identifier.domains import brand
 from identifier.evaluate import sibling_type_ceiling, spread_in_time
 from identifier.features import DEFAULT_FEATURES, FeatureState
-from identifier.observation import DnsObservation
+from identifier.observation import DhcpObservation, DnsObservation
 from identifier.oui import blocks, vendor
 from identifier.stream import NAME_VOTE_FLOOR, NAME_VOTE_NET_POWER, Identifier, Identity
 from identifier.train import answers_hash, name_vendors
@@ -182,6 +182,29 @@ def test_the_training_vendors_of_its_names_counted_by_device_weigh_the_manufactu
     assert weighed == pytest.approx(expected / expected.sum(), abs=1e-6)
     assert sessions[1].current().manufacturer == "Netatmo"
     assert [p.tolist() for p in net_rest] == [p.tolist() for p in weighed_rest]  # the other heads: the net's
+
+
+def test_a_device_no_name_votes_for_is_judged_on_the_nets_own_head_against_its_own_bar():
+    # The names' votes come with the head at its square root, which flattens it (known from 0.2). A device with no
+    # name to vote (only its DHCP request so far) has the net's own head, and the bar chosen on that scale (0.4).
+    shipped = Bundle.load()
+
+    def session(known: float, known_unvoted: float, *names: str):
+        bars = replace(shipped.thresholds, known=known, known_unvoted=known_unvoted)
+        s = Identifier(replace(shipped, thresholds=bars)).session("90:8d:78:00:00:01", 0.0)
+        s.update(DhcpObservation(0.1, "DCH-S220", (1, 3, 6, 12, 15, 28, 42), "udhcp 1.21.1--LSDK-10.2-00082-4"))
+        for name in names:
+            s.update(DnsObservation(0.5, name, 1))
+        return s
+
+    unvoted = session(0.2, 0.4)
+    assert not unvoted.name_votes.any()
+    p = float(unvoted.probabilities()[0].max())
+    assert unvoted.current().known
+    assert session(1.0, p - 1e-3).current().known  # ``known`` is not its bar ...
+    assert not session(0.0, p + 1e-3).current().known  # ... ``known_unvoted`` is
+    voted = session(1.0, 0.0, "api.dch.dlink.com")
+    assert voted.name_votes.any() and not voted.current().known  # a name votes: ``known`` is the bar again
 
 
 def test_a_name_training_never_saw_votes_as_the_trained_names_of_its_brand():
