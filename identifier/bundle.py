@@ -33,8 +33,8 @@ class Thresholds:
     # below this manufacturer probability the device is judged unknown: the head as its DNS names' votes weigh it,
     # taken at its square root (``stream.NAME_VOTE_NET_POWER``), which flattens it ...
     known: float = 0.2
-    # ... and, with no name that votes (no DNS yet, or only names no device in training queried), the net's own
-    # head: a bar on each scale, as each was chosen (docs/identification.md, Open set)
+    # ... and, with no name that votes (no DNS yet, or only names that neither training nor their brand's trained
+    # names know), the net's own head: a bar on each scale, as each was chosen (docs/identification.md, Open set)
     known_unvoted: float = 0.4
     min_specific: int = 1  # known at ``known`` needs this many tokens that were specific to <= 2 vendors in training
     # ... without them, known needs this vendor probability: then only the combination (which names, in which
