@@ -44,7 +44,11 @@ class Thresholds:
     # names, MAC vendor) are a new vendor's: above this share of a device's ones it is unknown whatever the
     # heads say; with none of them, they vouch for it like a specific token
     # (measured on the leave-one-lab-out split, docs/identification.md)
-    max_new_names: float = 0.2
+    max_new_words: float = 0.2
+
+
+# threshold keys bundles stored under an earlier name: max_new_names counted every identifying token, not names
+_RENAMED_THRESHOLDS = {"max_new_names": "max_new_words"}
 
 
 @dataclass
@@ -117,7 +121,7 @@ class Bundle:
             labels=meta["labels"],
             seen=seen,
             version=meta["version"],
-            thresholds=Thresholds(**meta["thresholds"]),
+            thresholds=_thresholds(d, meta["thresholds"]),
             type_info=meta["type_info"],
             metrics=meta["metrics"],
             training_data_sha256=meta["training_data_sha256"],
@@ -129,3 +133,14 @@ class Bundle:
             vocabulary=vocabulary,
             name_vendors=meta.get("name_vendors", {}),
         )
+
+
+def _thresholds(directory: Path, stored: dict) -> Thresholds:
+    """The stored thresholds, earlier names read as today's; a key this code does not know (a bundle from a
+    newer iotgw) is an error naming it, not a decision taken without it."""
+    known = set(vars(Thresholds()))
+    values = {_RENAMED_THRESHOLDS.get(key, key): value for key, value in stored.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise BundleError(f"{directory}: bundle.json has thresholds this iotgw does not know: {', '.join(unknown)}")
+    return Thresholds(**values)

@@ -289,7 +289,7 @@ class Session:
 
     def _known(self) -> bool:
         th = self.ident.bundle.thresholds
-        if self.words and self.new_words / self.words > th.max_new_names:
+        if self.words and self.new_words / self.words > th.max_new_words:
             # much that no device in training said: a vendor's own cloud, DHCP client or MAC the model never saw
             return False
         vouched = self.specific >= th.min_specific or (self.words > 0 and not self.new_words)

@@ -121,7 +121,7 @@ def specific_bitmap(samples: Samples, space: dict[str, list[str]], max_vendors: 
 
 def vocabulary_bitmap(samples: Samples) -> np.ndarray:
     """Bits of every token in training: inference counts only these (``features.FeatureState``), and a device's
-    identifying tokens outside it are a new vendor's (the open set's ``Thresholds.max_new_names``)."""
+    identifying tokens outside it are a new vendor's (the open set's ``Thresholds.max_new_words``)."""
     bits = np.zeros(SEEN_BITS, dtype=bool)
     for toks in samples.tokens:
         for t in toks:

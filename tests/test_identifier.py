@@ -16,7 +16,7 @@ import pytest
 from gateway import cli
 from gateway.capture.windows import capture_windows
 from gateway.demo import demo_mac
-from identifier.bundle import DEFAULT_DIR, Bundle, Thresholds
+from identifier.bundle import DEFAULT_DIR, Bundle, BundleError, Thresholds
 from identifier.dataset import LabelledWindow
 from identifier.domains import brand
 from identifier.evaluate import sibling_type_ceiling, spread_in_time
@@ -325,9 +325,22 @@ def test_a_bundle_version_names_what_decides_its_answers():
     assert shipped.version.endswith("-" + answers_hash(shipped)[:6])  # as trained, as loaded
     assert answers_hash(replace(shipped, metrics={}, prototypes={})) == answers_hash(shipped)  # no answer moves
     votes = dict(shipped.name_vendors, **{"netatmo.net": {"Netatmo": 2}})
-    others = [replace(shipped, name_vendors=votes), replace(shipped, thresholds=Thresholds(max_new_names=0.3))]
+    others = [replace(shipped, name_vendors=votes), replace(shipped, thresholds=Thresholds(max_new_words=0.3))]
     others.append(replace(shipped, weights={**shipped.weights, "b1": shipped.weights["b1"] + 0.01}))
     assert len({answers_hash(b) for b in [shipped, *others]}) == 4
+
+
+def test_a_bundle_reads_a_threshold_stored_under_its_earlier_name_and_refuses_one_it_does_not_know(tmp_path):
+    shipped = Bundle.load()
+    old = replace(shipped, thresholds=Thresholds(max_new_words=0.35)).save(tmp_path / "old")
+    meta = json.loads((old / "bundle.json").read_text())
+    meta["thresholds"]["max_new_names"] = meta["thresholds"].pop("max_new_words")  # its name until 2026-11
+    (old / "bundle.json").write_text(json.dumps(meta))
+    assert Bundle.load(old).thresholds.max_new_words == 0.35
+    meta["thresholds"]["known_for_new_things"] = 0.5  # a newer iotgw's rule this one would silently skip
+    (old / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=rf"{old}: .*known_for_new_things"):
+        Bundle.load(old)
 
 
 def test_a_name_set_spread_in_time_keeps_its_names_in_order_gap_seconds_apart():
