@@ -48,7 +48,6 @@ class DomainIndex:
         """``slots[i]`` holds the ``uint64`` hashes (from ``name_hash``/``hash_names``) of slot ``i``."""
         if len(slots) > self.MAX_SLOTS:
             raise ValueError(f"at most {self.MAX_SLOTS} list slots in one index, got {len(slots)}")
-        self.slot_count = len(slots)
         typecode = "B" if len(slots) <= 8 else "H" if len(slots) <= 16 else "I" if len(slots) <= 32 else "Q"
         dtype = {"B": np.uint8, "H": np.uint16, "I": np.uint32, "Q": np.uint64}[typecode]
         sizes = [len(s) for s in slots]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ACTIONS = ("allowed", "blocked")
 # How a blocked query is answered: Pi-hole's default "null" (0.0.0.0 / ::, TTL 2), NXDOMAIN, NODATA, REFUSED.
 ANSWERS = ("null", "nxdomain", "nodata", "refused")
 
@@ -38,7 +37,7 @@ class Verdict:
     name lies outside it: the gateway raises an event, whatever the action.
     """
 
-    action: str
+    action: str  # "allowed" or "blocked"
     rule: str | None = None
     answer: str = "null"
     anomaly: bool = False

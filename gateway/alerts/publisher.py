@@ -181,12 +181,6 @@ class Alerts:
             self._sync = True
         self._wake.set()
 
-    def publish_states(self) -> None:
-        """Publish every device's state now (it is also published every ``state_interval_s``)."""
-        with self._todo_lock:
-            self._states_due = True
-        self._wake.set()
-
     # --- paho's thread: record and wake
 
     def _connected(self) -> None:
