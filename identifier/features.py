@@ -103,12 +103,14 @@ def gap_bin(seconds: float) -> int:
 
 
 def start_tokens(mac: str, signals: tuple[str, ...]) -> list[str]:
-    """Tokens known before any packet is decoded: the MAC's registered vendor and prefix."""
+    """Tokens known before any packet is decoded: the MAC's registered vendor and prefix. None for a MAC with no
+    registered vendor (a phone's private address, the demo's generic devices): it says nothing of the maker, and
+    as an identifying token training never saw it would count toward the open set's new vendor."""
     if "oui" not in signals or not mac:
         return []
     org = vendor(mac)
     if org is None:
-        return ["oui:none"]
+        return []
     return [f"oui:{org.lower()}", f"ouiprefix:{mac.lower()[:8]}"]
 
 
