@@ -146,6 +146,27 @@ def test_mostly_new_names_make_a_device_unknown_and_its_closest_match_is_kept(io
     assert ident.bundle.type_info.get(closest, {}).get("manufacturer") in (None, "TP-Link") and "Plug" in closest
 
 
+def test_a_mac_with_no_registered_vendor_is_no_evidence_of_a_new_vendor(iotgw, tmp_path):
+    # a phone's private address, or the demo's generic devices: the MAC says nothing of the maker, so a TP-Link
+    # plug behind one is judged as if no MAC were known, not as a vendor the model never saw
+    names = [{"t": 0.0, "name": "devs.tplinkcloud.com"}, {"t": 1.0, "name": "pool.ntp.org"}]
+    names.append({"t": 2.0, "name": "www.tplinkcloud.com"})
+    macs = {"none": None, "private": "02:11:22:33:44:55", "demo": demo_mac(None, 7)}
+    sessions = tmp_path / "s.jsonl"
+    lines = [dict({"id": k, "queries": names}, **({"mac": m} if m else {})) for k, m in macs.items()]
+    sessions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    code, rows, _ = iotgw("identify", "--json", "--sessions", str(sessions))
+    assert code == 0
+    by_id = {r.pop("id"): r for r in rows}
+    assert by_id["none"]["known"] and by_id["none"]["manufacturer"] == "TP-Link"
+    assert by_id["private"] == by_id["none"] and by_id["demo"] == by_id["none"]
+    session = Identifier.load().session("02:11:22:33:44:55", 0.0)
+    for q in names:
+        session.update(DnsObservation(q["t"], q["name"], 1))
+    assert session.words == 2 and session.new_words == 0  # the two SLDs; no token for the MAC
+    assert "oui" not in session.current().signals
+
+
 def test_a_name_training_never_saw_moves_no_probability_and_still_counts_as_new():
     # Its tokens' hash buckets hold other, trained tokens' weights: counted, a new vendor's cloud name would add
     # some unrelated vendor's evidence. It is kept out of the vector and still weighs in the open-set verdict.
@@ -356,13 +377,42 @@ def test_a_name_set_spread_in_time_keeps_its_names_in_order_gap_seconds_apart():
     assert [o.ts for o in name_set.observations] == [5.0] * 3  # the name set itself is left as it was
 
 
-def test_bad_session_line_names_file_and_line(iotgw, tmp_path):
+def test_a_bad_session_line_is_named_by_file_and_line_and_loses_none_of_the_others(iotgw, tmp_path, capsys):
+    plug = '"queries": [{"t": 0.0, "name": "devs.tplinkcloud.com"}]'
+    bad = [
+        b'{"id": "b", "queries": [{"t": 0}]}',  # no name
+        b"[1, 2]",
+        b'{"id": "c", "queries": [{"t": NaN, "name": "x.example.com"}]}',
+        b'{"id": "d", "queries": [{"t": 1e400, "name": "x.example.com"}]}',
+        b'{"id": null, "queries": []}',
+        b'{"id": "e", "queries": [{"t": 0, "name": null}]}',
+        b'{"id": "f", "dhcp": {"hostname": 5}}',
+        b'{"id": "g", "queries": [{"t": 0, "name": "caf\xe9.example.com"}]}',  # not UTF-8
+    ]
+    good = [f'{{"id": "{i}", {plug}}}'.encode() for i in ("a", "", "h", "z")]
+    lines = [good[0], bad[0], bad[1], good[1], *bad[2:5], good[2], *bad[5:], good[3]]
     sessions = tmp_path / "s.jsonl"
-    sessions.write_text('{"id": "a", "queries": []}\n{"id": "b", "queries": [{"t": 0}]}\n')
+    sessions.write_bytes(b"\n".join(lines) + b"\n")
     code, rows, err = iotgw("identify", "--json", "--sessions", str(sessions))
-    assert code != 0
-    assert f"{sessions}:2" in err
-    assert [r["id"] for r in rows] == ["a"]
+    assert code == 1 and "Traceback" not in err
+    assert [r["id"] for r in rows] == ["a", "", "h", "z"] and all(r["manufacturer"] == "TP-Link" for r in rows)
+    assert [f"{sessions}:{n}: " in err for n in range(1, len(lines) + 1)] == [line in bad for line in lines]
+    assert cli.main(["identify", "--sessions", str(sessions)]) == 1  # the same as text: one line per session
+    assert len(capsys.readouterr().out.splitlines()) == 4
+
+
+def test_a_session_observation_without_a_time_is_at_the_sessions_first(iotgw, tmp_path):
+    # a DHCP request given without "t" beside queries timed in epoch seconds: at their start, not at 0, where
+    # every query would fall outside the window
+    queries = [{"t": 1700000000.0, "name": "devs.tplinkcloud.com"}, {"t": 1700000001.0, "name": "pool.ntp.org"}]
+    dhcp = {"hostname": "HS110", "param_list": [1, 3, 6, 12, 15, 28, 42]}
+    lines = [{"id": "untimed", "queries": queries, "dhcp": dhcp}]
+    lines.append({"id": "timed", "queries": queries, "dhcp": dict(dhcp, t=1700000000.0)})
+    sessions = tmp_path / "s.jsonl"
+    sessions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    code, rows, _ = iotgw("identify", "--json", "--sessions", str(sessions))
+    assert code == 0 and rows[0]["manufacturer"] == "TP-Link" and rows[0]["known"]
+    assert {k: v for k, v in rows[0].items() if k != "id"} == {k: v for k, v in rows[1].items() if k != "id"}
 
 
 def test_feature_hashing_is_stable_across_processes():

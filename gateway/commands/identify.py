@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 # -------------------------------------------------------------------------------------------------
 
 
-def _record(identity, window: float) -> dict:
+def _record(identity) -> dict:
     """The JSON contract's fields: the closest match always, ``known`` saying whether it is trusted."""
     decided = identity.decided_after_s
     return {
@@ -73,7 +74,7 @@ def _record(identity, window: float) -> dict:
         "device_type": identity.device_type,
         "category": identity.category,
         "confidence": identity.confidence,
-        "decided_after_s": round(decided, 3) if decided is not None and decided <= window else None,
+        "decided_after_s": round(decided, 3) if decided is not None else None,  # _classify stops at the window
         "known": identity.known,
     }
 
@@ -102,13 +103,20 @@ def cmd_identify(args: argparse.Namespace) -> int:
         print(f"iotgw identify: {exc}", file=sys.stderr)
         return 2
     failed = 0
-    rows: list[dict] = []
 
     def emit(row: dict) -> None:
+        """One device's line, printed at once: an input that fails later loses nothing already identified."""
         if args.json:
             print(json.dumps(row), flush=True)
-        else:
-            rows.append(row)
+            return
+        where = row["id"] if "id" in row else f"{row['source']} {row['mac']}"
+        when = "-" if row["decided_after_s"] is None else f"{row['decided_after_s']:.1f}s"
+        names = f"{row['manufacturer']} / {row['device_type']} / {row['category']}"
+        print(
+            f"{where}  {names if row['known'] else f'unknown (closest: {names})'}  "
+            f"conf {row['confidence']:.2f}  decided {when}",
+            flush=True,
+        )
 
     for path in args.pcaps:
         try:
@@ -119,25 +127,20 @@ def cmd_identify(args: argparse.Namespace) -> int:
             continue
         for mac, dev in windows.devices.items():
             identity = _classify(ident, mac, dev.first_ts, dev.observations, args.window)
-            emit({"source": path, "mac": mac, **_record(identity, args.window)})
+            emit({"source": path, "mac": mac, **_record(identity)})
     if args.sessions:
         try:
-            for sid, mac, observations in read_sessions(args.sessions):
+            for item in read_sessions(args.sessions):
+                if isinstance(item, SessionError):  # this line is lost, the lines after it are not
+                    print(f"iotgw identify: {item}", file=sys.stderr)
+                    failed += 1
+                    continue
+                sid, mac, observations = item
                 first = min((o.ts for o in observations), default=0.0)
-                identity = _classify(ident, mac, first, observations, args.window)
-                emit({"id": sid, **_record(identity, args.window)})
-        except (SessionError, OSError) as exc:
+                emit({"id": sid, **_record(_classify(ident, mac, first, observations, args.window))})
+        except OSError as exc:
             print(f"iotgw identify: {exc}", file=sys.stderr)
             failed += 1
-    if not args.json:
-        for r in rows:
-            where = r.get("id") or f"{r['source']} {r['mac']}"
-            when = "-" if r["decided_after_s"] is None else f"{r['decided_after_s']:.1f}s"
-            names = f"{r['manufacturer']} / {r['device_type']} / {r['category']}"
-            print(
-                f"{where}  {names if r['known'] else f'unknown (closest: {names})'}  "
-                f"conf {r['confidence']:.2f}  decided {when}"
-            )
     return 1 if failed else 0
 
 
@@ -146,43 +149,59 @@ class SessionError(ValueError):
 
 
 def read_sessions(path: str):
-    """(id, mac, observations) per line of a sessions JSONL file: ``{"id", "queries": [{"t", "name"}], "mac"?,
-    "dhcp"?}``; ``dhcp`` is one object or a list (``hostname``, ``param_list``, ``vendor_class``, ``t``).
+    """Per line of a sessions JSONL file, ``(id, mac, observations)``, or a ``SessionError`` naming the file and
+    line when it is not a session, so one bad line loses none of the others. A line is ``{"id", "queries":
+    [{"t", "name", "qtype"?}], "mac"?, "dhcp"?}``; ``dhcp`` is one object or a list (``t``, ``hostname``,
+    ``param_list``, ``vendor_class``, ``message_type``). An observation without ``t`` is at the session's first
+    timed one (a DHCP request comes first), or at 0 when none is timed.
     """
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+                if line.strip():
+                    yield _session(json.loads(line))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:  # UnicodeDecodeError is a ValueError
+                yield SessionError(f"{path}:{lineno}: not a session ({exc.__class__.__name__}: {exc})")
+
+
+def _session(item: dict):
     from identifier.observation import DhcpObservation, DnsObservation
 
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                observations = [
-                    DnsObservation(
-                        float(q.get("t", 0.0)), str(q["name"]).rstrip(".").lower(), int(q.get("qtype", 1))
-                    )
-                    for q in item.get("queries", [])
-                ]
-                dhcp = item.get("dhcp") or []
-                for d in [dhcp] if isinstance(dhcp, dict) else dhcp:
-                    observations.append(
-                        DhcpObservation(
-                            float(d.get("t", 0.0)),
-                            d.get("hostname"),
-                            tuple(int(c) for c in d.get("param_list", ())),
-                            d.get("vendor_class"),
-                            None,
-                            d.get("message_type"),
-                        )
-                    )
-                sid = str(item["id"])
-                mac = str(item.get("mac") or "").lower()
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise SessionError(
-                    f"{path}:{lineno}: not a session ({exc.__class__.__name__}: {exc})"
-                ) from exc
-            observations.sort(key=lambda o: o.ts)
-            yield sid, mac, observations
+    if not isinstance(item.get("id"), (str, int)) or isinstance(item["id"], bool):
+        raise ValueError('"id" must be a string')
+    queries = item.get("queries", [])
+    dhcp = item.get("dhcp") or []
+    dhcp = [dhcp] if isinstance(dhcp, dict) else dhcp
+    timed = [_seconds(o["t"]) for o in [*queries, *dhcp] if "t" in o]
+    start = min(timed, default=0.0)
+    observations = []
+    for q in queries:
+        name = q["name"]
+        if not isinstance(name, str) or not name.strip("."):
+            raise ValueError(f"query name {name!r} is not a DNS name")
+        t = _seconds(q["t"]) if "t" in q else start
+        observations.append(DnsObservation(t, name.rstrip(".").lower(), int(q.get("qtype", 1))))
+    for d in dhcp:
+        t = _seconds(d["t"]) if "t" in d else start
+        hostname, vendor_class, message_type = d.get("hostname"), d.get("vendor_class"), d.get("message_type")
+        if not all(isinstance(v, (str, type(None))) for v in (hostname, vendor_class)):
+            raise ValueError("dhcp hostname and vendor_class must be strings")
+        params = tuple(int(c) for c in d.get("param_list", ()))
+        kind = None if message_type is None else int(message_type)
+        observations.append(DhcpObservation(t, hostname, params, vendor_class, None, kind))
+    mac = item.get("mac") or ""
+    if not isinstance(mac, str):
+        raise ValueError('"mac" must be a string')
+    observations.sort(key=lambda o: o.ts)
+    return str(item["id"]), mac.lower(), observations
+
+
+def _seconds(value) -> float:
+    t = float(value)
+    if not math.isfinite(t) or isinstance(value, bool):
+        raise ValueError(f"t must be a finite number of seconds, not {value!r}")
+    return t
 
 
 # --- train
