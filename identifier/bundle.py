@@ -110,29 +110,48 @@ class Bundle:
                 arrays = {k: npz[k] for k in npz.files}
         except (OSError, ValueError, KeyError) as exc:
             raise BundleError(f"{d}: not a model bundle ({exc})") from exc
-        if meta.get("format") != FORMAT:
-            raise BundleError(f"{d}: bundle format {meta.get('format')} is not {FORMAT}")
-        seen = arrays.pop("seen")
-        vocabulary = arrays.pop("vocabulary", np.zeros(0, dtype=np.uint8))
-        arrays.pop("names", None)  # older bundles' bitmap of the DNS names alone
-        return cls(
-            weights={k: v.astype(np.float32) for k, v in arrays.items()},
-            features=FeatureConfig.from_json(meta["features"]),
-            labels=meta["labels"],
-            seen=seen,
-            version=meta["version"],
-            thresholds=_thresholds(d, meta["thresholds"]),
-            type_info=meta["type_info"],
-            metrics=meta["metrics"],
-            training_data_sha256=meta["training_data_sha256"],
-            prototypes=meta["prototypes"],
-            profiles=meta["profiles"],
-            # absent from bundles written before they existed
-            oui_prefixes=meta.get("oui_prefixes", {}),
-            mac_blocks=meta.get("mac_blocks", {}),
-            vocabulary=vocabulary,
-            name_vendors=meta.get("name_vendors", {}),
-        )
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise BundleError(f"{d}: bundle format {found} is not {FORMAT}")
+        try:
+            seen = arrays.pop("seen")
+            vocabulary = arrays.pop("vocabulary", np.zeros(0, dtype=np.uint8))
+            arrays.pop("names", None)  # older bundles' bitmap of the DNS names alone
+            bundle = cls(
+                weights={k: v.astype(np.float32) for k, v in arrays.items()},
+                features=FeatureConfig.from_json(meta["features"]),
+                labels=meta["labels"],
+                seen=seen,
+                version=meta["version"],
+                thresholds=_thresholds(d, meta["thresholds"]),
+                type_info=meta["type_info"],
+                metrics=meta["metrics"],
+                training_data_sha256=meta["training_data_sha256"],
+                prototypes=meta["prototypes"],
+                profiles=meta["profiles"],
+                # absent from bundles written before they existed
+                oui_prefixes=meta.get("oui_prefixes", {}),
+                mac_blocks=meta.get("mac_blocks", {}),
+                vocabulary=vocabulary,
+                name_vendors=meta.get("name_vendors", {}),
+            )
+            _check_shapes(bundle)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise BundleError(f"{d}: not a model bundle ({exc.__class__.__name__}: {exc})") from exc
+        return bundle
+
+
+def _check_shapes(bundle: Bundle) -> None:
+    """Run the net once on an empty window: weights that do not fit the feature config or the label sets fail
+    when the bundle is loaded, not at some device's first observation."""
+    from identifier.inference import HEADS, NumpyNet
+
+    if bundle.weights["w1"].shape[0] != bundle.features.dim:
+        raise ValueError(f"w1 has {bundle.weights['w1'].shape[0]} rows for {bundle.features.dim} feature buckets")
+    probabilities = NumpyNet(bundle.weights).probabilities(np.zeros(bundle.features.dim, dtype=np.float32))
+    for head, p in zip(HEADS, probabilities, strict=True):
+        if p.size != len(bundle.labels[head]):
+            raise ValueError(f"the {head} head has {p.size} outputs for {len(bundle.labels[head])} labels")
 
 
 def _thresholds(directory: Path, stored: dict) -> Thresholds:
@@ -143,4 +162,7 @@ def _thresholds(directory: Path, stored: dict) -> Thresholds:
     unknown = sorted(set(values) - known)
     if unknown:
         raise BundleError(f"{directory}: bundle.json has thresholds this iotgw does not know: {', '.join(unknown)}")
+    for key, value in values.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise BundleError(f"{directory}: threshold {key} is {value!r}, not a number")
     return Thresholds(**values)

@@ -364,6 +364,25 @@ def test_a_bundle_reads_a_threshold_stored_under_its_earlier_name_and_refuses_on
         Bundle.load(old)
 
 
+@pytest.mark.parametrize(
+    "break_it,says",
+    [
+        (lambda meta: meta.pop("version"), "KeyError: 'version'"),
+        (lambda meta: meta["labels"]["device_type"].pop(), "device_type head has 51 outputs for 50 labels"),
+        (lambda meta: meta["features"].update(dim=1024), "w1 has 2048 rows for 1024 feature buckets"),
+        (lambda meta: meta["thresholds"].update(commit="high"), "threshold commit is 'high', not a number"),
+    ],
+)
+def test_a_bundle_that_does_not_fit_together_is_refused_when_loaded_naming_it(tmp_path, break_it, says):
+    broken = Bundle.load().save(tmp_path / "broken")
+    meta = json.loads((broken / "bundle.json").read_text())
+    break_it(meta)
+    (broken / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError) as refused:
+        Bundle.load(broken)
+    assert str(refused.value).startswith(f"{broken}: ") and says in str(refused.value)
+
+
 def test_a_name_set_spread_in_time_keeps_its_names_in_order_gap_seconds_apart():
     names = [DnsObservation(5.0, n, 1) for n in ("a.example.com", "b.example.com", "a.example.com")]
     name_set = LabelledWindow(names, "", 5.0, "Blink", "Hub", "hub", "Blink Hub", "lab", False)
