@@ -98,6 +98,24 @@ def test_corrupt_pcap_is_named_and_the_others_still_processed(iotgw, tmp_path):
     assert any(r["mac"] == mac and r["device_type"] == "HueBridge" for r in rows)
 
 
+@needs_data
+def test_malformed_frames_in_a_capture_are_counted_and_the_device_still_named(iotgw, tmp_path):
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.utils import rdpcap, wrpcap
+
+    good, mac = first_capture("HueBridge")
+    frames = list(rdpcap(str(good)))
+    garbage = Ether(src=mac) / IP(src="10.0.0.7") / UDP(sport=1000, dport=53) / (b"\xff" * 11)
+    garbage.time = frames[0].time + 0.5
+    frames[1:1] = [garbage, garbage.copy()]
+    spoiled = tmp_path / "spoiled.pcap"
+    wrpcap(str(spoiled), frames)
+    code, rows, err = iotgw("identify", "--json", str(spoiled))
+    assert code == 0 and f"{spoiled}: 2 malformed frames dropped" in err
+    assert any(r["mac"] == mac and r["device_type"] == "HueBridge" for r in rows)
+
+
 def test_sessions_jsonl_gives_one_line_per_input(iotgw, tmp_path):
     sessions = tmp_path / "s.jsonl"
     lines = [

@@ -125,6 +125,8 @@ def cmd_identify(args: argparse.Namespace) -> int:
             print(f"iotgw identify: {exc if str(path) in str(exc) else f'{path}: {exc}'}", file=sys.stderr)
             failed += 1
             continue
+        if windows.malformed:  # counted and dropped; the rest of the capture still counts
+            print(f"iotgw identify: {path}: {windows.malformed} malformed frames dropped", file=sys.stderr)
         for mac, dev in windows.devices.items():
             identity = _classify(ident, mac, dev.first_ts, dev.observations, args.window)
             emit({"source": path, "mac": mac, **_record(identity)})
