@@ -2,8 +2,9 @@
 
 ``bundle.json`` holds everything needed to use the weights and to trust them: the bundle format and model
 version, the feature config, label sets, decision thresholds, metrics, the SHA-256 of the training data, the
-per-type prototypes (synthetic observation sequences for the demo), the MAC vendor prefix each captured type
-was seen with (so the demo's devices carry a real OUI) and profiles (the SLDs each type contacts).
+per-type prototypes (the first 30 s of one real capture, repeats collapsed, for the demo), the MAC vendor prefix
+each captured type was seen with (so the demo's devices carry a real OUI) and profiles (the SLDs each type
+contacts).
 The shipped default lives in ``identifier/bundle/``.
 """
 
@@ -36,7 +37,7 @@ class Thresholds:
     # ... and, with no name that votes (no DNS yet, or only names that neither training nor their brand's trained
     # names know), the net's own head: a bar on each scale, as each was chosen (docs/identification.md, Open set)
     known_unvoted: float = 0.4
-    min_specific: int = 1  # known at ``known`` needs this many tokens that were specific to <= 2 vendors in training
+    min_specific: int = 1  # known at either bar needs this many tokens that were specific to <= 2 vendors in training
     # ... without them, known needs this vendor probability: then only the combination (which names, in which
     # order) is specific, and it has to be nearly certain
     known_without_specific: float = 0.95
@@ -56,7 +57,7 @@ class Bundle:
     weights: dict[str, np.ndarray]
     features: FeatureConfig
     labels: dict[str, list[str]]  # head -> label values, index = class id
-    seen: np.ndarray  # packed bitmap of vendor-specific training tokens (features.seen_bit)
+    specific: np.ndarray  # packed bitmap of the training tokens at most 2 vendors showed (features.seen_bit)
     version: str
     thresholds: Thresholds = field(default_factory=Thresholds)
     type_info: dict[str, dict[str, str]] = field(
@@ -79,7 +80,7 @@ class Bundle:
         # float16 halves the file (the shipped bundle must stay < 1 MB); the net is computed in float32
         np.savez_compressed(
             d / "weights.npz",
-            seen=self.seen,
+            seen=self.specific,  # the file's key predates the name
             vocabulary=self.vocabulary,
             **{k: v.astype(np.float16) for k, v in self.weights.items()},
         )
@@ -114,14 +115,14 @@ class Bundle:
             found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
             raise BundleError(f"{d}: bundle format {found} is not {FORMAT}")
         try:
-            seen = arrays.pop("seen")
+            specific = arrays.pop("seen")
             vocabulary = arrays.pop("vocabulary", np.zeros(0, dtype=np.uint8))
             arrays.pop("names", None)  # older bundles' bitmap of the DNS names alone
             bundle = cls(
                 weights={k: v.astype(np.float32) for k, v in arrays.items()},
                 features=FeatureConfig.from_json(meta["features"]),
                 labels=meta["labels"],
-                seen=seen,
+                specific=specific,
                 version=meta["version"],
                 thresholds=_thresholds(d, meta["thresholds"]),
                 type_info=meta["type_info"],

@@ -11,6 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from identifier.domains import sld
 from identifier.observation import DnsObservation, Observation
 
 UNKNOWN = (
@@ -31,6 +32,11 @@ class LabelledWindow:
     group: str
     source: str  # "iot-sentinel" or the domains list's source_dataset
     timed: bool  # False for whole-capture name sets, which carry no timing
+
+    def slds(self, within: float = float("inf")) -> set[str]:
+        """The registrable domains (SLDs) the device queried within ``within`` seconds of its first packet."""
+        dns = (o for o in self.observations if isinstance(o, DnsObservation))
+        return {sld(o.name) for o in dns if o.ts - self.first_ts <= within}
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,7 @@ def cross_validate(
         bundle = train(train_windows, seed=seed)
         for variant in signals_variants:
             ident = Identifier(bundle, variant)
-            key = "dns" if variant else "all"
+            key = "+".join(variant) if variant else "all"
             out[key].extend(stream(ident, captures[i]) for i in fold)
             if variant is None:
                 out["new_unit"].extend(stream(ident, new_unit(captures[i], seed)) for i in fold)
@@ -371,9 +371,7 @@ def dns_type_ceiling(captures: list[LabelledWindow], window: float) -> float:
     captures themselves: optimistic). Sibling products that query the same domains are what it loses."""
     by_names: dict[frozenset[str], Counter[str]] = defaultdict(Counter)
     for w in captures:
-        names = frozenset(
-            sld(o.name) for o in w.observations if isinstance(o, DnsObservation) and o.ts - w.first_ts <= window
-        )
+        names = frozenset(w.slds(window))
         if names:
             by_names[names][w.device_type or ""] += 1
     total = sum(sum(c.values()) for c in by_names.values())

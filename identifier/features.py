@@ -174,7 +174,7 @@ class FeatureState:
     once: set[str] = field(default_factory=set)
     tokens: dict[str, float] = field(
         default_factory=dict
-    )  # token -> count, for explanations and the seen-bitmap
+    )  # every token seen (its count): Identity.signals and the open set read which, not how often
     fresh: list[str] = field(
         default_factory=list
     )  # tokens seen for the first time, until a consumer clears it

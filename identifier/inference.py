@@ -45,12 +45,8 @@ class NumpyNet:
         self.w_in = np.concatenate([self.w["w1"], self.w["wide"] / col_temps], 1)
         self.b_in = np.concatenate([self.w["b1"], np.zeros(col_temps.size, np.float32)])
 
-    @property
-    def dim(self) -> int:
-        return self.w["w1"].shape[0]
-
     def first_layer(self, x: np.ndarray) -> np.ndarray:
-        """The first layer's pre-activation and the wide path's type logits, side by side."""
+        """The first layer's pre-activation and the wide path's logits for every head, side by side."""
         return x @ self.w_in + self.b_in
 
     def from_first_layer(self, z: np.ndarray) -> list[np.ndarray]:

@@ -44,7 +44,7 @@ class PacketObservation:
     """Any other packet: its protocol and destination port, for devices that send no DNS at first."""
 
     ts: float
-    proto: str  # "tcp", "udp", "icmp", "icmpv6", "arp", "eapol", "other"
+    proto: str  # "tcp", "udp", "icmp", "icmpv6", "igmp", "arp", "eapol", "fragment", "other"
     port: int | None = None
 
 

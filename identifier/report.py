@@ -75,16 +75,19 @@ def run_report(
         report["seed_paper"] = _collect(
             [seed_paper(captures, s, folds) for s in tqdm(range(seeds), desc="seed paper")]
         )
+        _write(out, report)
     if "baselines" not in skip:
         report["baselines"] = sklearn_baselines(captures, 0, folds)
         _write(out, report)
     if "open-set" not in skip:
-        with tqdm(total=9, desc="leave types out") as bar:
-            report["open_set"] = leave_one_type_out(captures, names, 0, progress=bar)
+        rounds = 9  # trainings, each leaving out every 9th type
+        with tqdm(total=rounds, desc="leave types out") as bar:
+            report["open_set"] = leave_one_type_out(captures, names, 0, rounds=rounds, progress=bar)
         _write(out, report)
     if "lab" not in skip:
         with tqdm(total=len({w.source for w in names}), desc="leave one lab out") as bar:
             report["unseen_lab"] = unseen_lab(captures, names, 0, progress=bar)
+        _write(out, report)
     report["headline"] = _headline(report)
     _write(out, report)
     _plot_accuracy(report, out / "accuracy_vs_seconds.png")

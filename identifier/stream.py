@@ -42,7 +42,7 @@ NAME_VOTE_FLOOR = 0.1
 # chosen, with the ``known`` bar, on the leave-one-lab-out split (docs/identification.md).
 NAME_VOTE_NET_POWER = 0.5
 # Token kinds that can name a vendor; timing and counts tokens say nothing about which vendor it is.
-SPECIFIC_PREFIXES = ("sld:", "dhcp55:", "dhcp60:", "dhcp12:", "mdns:", "mdnssvc:", "oui:", "ouiprefix:")
+IDENTIFYING_PREFIXES = ("sld:", "dhcp55:", "dhcp60:", "dhcp12:", "mdns:", "mdnssvc:", "oui:", "ouiprefix:")
 _SIGNAL_OF = {
     "sld": "dns",
     "host": "dns",
@@ -79,8 +79,8 @@ class Identity:
         return replace(self, manufacturer=UNKNOWN_LABEL, device_type=UNKNOWN_LABEL, category=UNKNOWN_LABEL)
 
 
-def is_specific(token: str) -> bool:
-    return token.startswith(SPECIFIC_PREFIXES)
+def is_identifying(token: str) -> bool:
+    return token.startswith(IDENTIFYING_PREFIXES)
 
 
 def signal_of(token: str) -> str:
@@ -91,7 +91,7 @@ def signal_of(token: str) -> str:
     for prefix, signal in _SIGNAL_OF.items():
         if head.startswith(prefix):
             return signal
-    return "dns" if head in ("sld", "dns") else head
+    return head
 
 
 def name_shares(bundle: Bundle, key: Callable[[str], str | None] = lambda name: f"sld:{name}") -> dict[str, np.ndarray]:
@@ -117,7 +117,7 @@ class Identifier:
         self.bundle = bundle
         self.net = NumpyNet(bundle.weights)
         self.features: FeatureConfig = bundle.features.with_signals(signals) if signals else bundle.features
-        self.seen = np.unpackbits(bundle.seen).astype(bool)
+        self.specific = np.unpackbits(bundle.specific).astype(bool)
         # None for a bundle that did not record it: every token counts and the new-tokens rule never applies
         self.vocabulary = np.unpackbits(bundle.vocabulary).astype(bool) if bundle.vocabulary.size else None
         self.labels = bundle.labels
@@ -177,7 +177,8 @@ class Identifier:
         return self._types_of[manufacturer]
 
     def prototypes(self) -> dict[str, list[Observation]]:
-        """Per device type, a short synthetic observation sequence (timestamps from 0) for virtual devices."""
+        """Per device type, the first seconds of one real capture (timestamps from 0, repeats collapsed) for virtual
+        devices."""
         return {t: [observation_from_json(o) for o in seq] for t, seq in self.bundle.prototypes.items()}
 
     def oui_prefixes(self) -> dict[str, str]:
@@ -198,13 +199,12 @@ class Session:
         self.x = self.state.vector()
         self.z1 = ident.net.first_layer(self.x)
         self.specific = 0
-        self.words = 0  # distinct identifying tokens (SPECIFIC_PREFIXES: names, DHCP, mDNS, MAC vendor) ...
+        self.words = 0  # distinct identifying tokens (IDENTIFYING_PREFIXES: names, DHCP, mDNS, MAC vendor) ...
         self.new_words = 0  # ... of which training never saw (outside ``Bundle.vocabulary``)
         self.own_words = False  # a DNS name, DHCP or mDNS token: something the device said, not its MAC
         self.dns_only = True  # every token so far came from DNS names (see _best_type)
         self.name_votes = np.zeros(len(ident.labels["manufacturer"]), dtype=np.float32)  # NAME_VOTE_FLOOR
         self.committed: Identity | None = None
-        self.last_ts = first_ts
         self._note_tokens(self.state.tokens)
         self.state.fresh.clear()
         self.block_prior = ident.block_prior(mac)
@@ -219,16 +219,15 @@ class Session:
             share = self.ident.name_vote(token)
             if share is not None:
                 self.name_votes += share
-            if is_specific(token):
+            if is_identifying(token):
                 self.own_words |= not token.startswith("oui")
-                self.specific += bool(self.ident.seen[seen_bit(token)])
+                self.specific += bool(self.ident.specific[seen_bit(token)])
                 if self.ident.vocabulary is not None:
                     self.words += 1
                     self.new_words += not self.ident.vocabulary[seen_bit(token)]
 
     def update(self, obs: Observation) -> Identity | None:
         """Fold in one observation; returns an Identity only when a decision is committed or revised."""
-        self.last_ts = max(self.last_ts, obs.ts)
         changed = self.state.add(obs)
         fresh = bool(self.state.fresh)  # new tokens, maybe outside the vocabulary: still open-set evidence
         if not changed and not fresh:
@@ -298,7 +297,7 @@ class Session:
 
     def _best_type(self) -> int:
         """The device type to name: the likeliest, except on DNS names alone, where it is the likeliest of the
-        types whose maker the manufacturer head names, or of the generic types. The manufacturer head learned 76
+        types whose maker the manufacturer head names, or of the generic types. The manufacturer head learned 72
         vendors from the domain list's name sets, the type head mostly the captured products' timed queries: a
         vendor's names spread over seconds drift, in the type head alone, to the nearest captured product."""
         p_man, p_type, _ = self._probs

@@ -19,13 +19,12 @@ import numpy as np
 
 from identifier.bundle import Bundle, Thresholds
 from identifier.dataset import LabelledWindow
-from identifier.domains import sld
 from identifier.features import DEFAULT_FEATURES, SEEN_BITS, FeatureConfig, seen_bit, window_vectors
 from identifier.inference import HEADS
-from identifier.observation import DnsObservation, Observation, PacketObservation
+from identifier.observation import Observation, PacketObservation
 from identifier.observation import to_json as observation_to_json
 from identifier.oui import blocks, vendor
-from identifier.stream import is_specific
+from identifier.stream import is_identifying
 
 CUTOFFS = (1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 DNS_ONLY = ("dns",)
@@ -110,7 +109,7 @@ def specific_bitmap(samples: Samples, space: dict[str, list[str]], max_vendors: 
         if y[0] < 0:
             continue
         for t in toks:
-            if is_specific(t):
+            if is_identifying(t):
                 vendors[t].add(int(y[0]))
     bits = np.zeros(SEEN_BITS, dtype=bool)
     for t, vs in vendors.items():
@@ -147,7 +146,7 @@ def answers_hash(bundle: Bundle) -> str:
     for key in sorted(bundle.weights):
         h.update(key.encode())
         h.update(np.ascontiguousarray(bundle.weights[key], dtype=np.float16).tobytes())
-    h.update(bundle.seen.tobytes() + bundle.vocabulary.tobytes())
+    h.update(bundle.specific.tobytes() + bundle.vocabulary.tobytes())
     rules = [bundle.features.to_json(), bundle.labels, vars(bundle.thresholds), bundle.type_info]
     rules += [bundle.mac_blocks, bundle.name_vendors]
     h.update(json.dumps(rules, sort_keys=True).encode())
@@ -206,7 +205,7 @@ def profiles(windows: list[LabelledWindow], min_share: float = 0.25) -> dict[str
         if not w.device_type:
             continue
         totals[w.device_type] += 1
-        counts[w.device_type].update({sld(o.name) for o in w.observations if isinstance(o, DnsObservation)})
+        counts[w.device_type].update(w.slds())
     return {t: sorted(s for s, n in c.items() if n >= min_share * totals[t]) for t, c in counts.items()}
 
 
@@ -219,8 +218,7 @@ def name_vendors(windows: list[LabelledWindow]) -> dict[str, dict[str, int]]:
         if not w.manufacturer:
             continue
         device = w.device_type if w.timed and w.device_type else w.group
-        horizon = w.first_ts + CUTOFFS[-1] if w.timed else float("inf")
-        for name in {sld(o.name) for o in w.observations if isinstance(o, DnsObservation) and o.ts <= horizon}:
+        for name in w.slds(CUTOFFS[-1] if w.timed else float("inf")):
             devices[name][w.manufacturer].add(device)
     return {name: {v: len(d) for v, d in sorted(per.items())} for name, per in sorted(devices.items()) if name}
 
@@ -240,19 +238,12 @@ def type_info(windows: list[LabelledWindow]) -> dict[str, dict[str, str]]:
     }
 
 
-def train(
-    windows: list[LabelledWindow],
-    seed: int = 0,
-    config: FeatureConfig = DEFAULT_FEATURES,
-    thresholds: Thresholds | None = None,
-    progress: bool = False,
-    train_config=None,
-) -> Bundle:
+def train(windows: list[LabelledWindow], seed: int = 0, progress: bool = False) -> Bundle:
     """Train a bundle on ``windows``; torch is imported here, never by the daemon."""
     from identifier.model import TrainConfig, fit
 
     space = label_space(windows)
-    samples = build_samples(windows, space, config, seed)
+    samples = build_samples(windows, space, DEFAULT_FEATURES, seed)
     weights = fit(
         samples.x,
         samples.y,
@@ -260,17 +251,17 @@ def train(
         samples.groups,
         tuple(len(space[h]) for h in HEADS),
         seed,
-        train_config or TrainConfig(),
+        TrainConfig(),
         progress,
     )
     digest = data_hash(windows)
     bundle = Bundle(
         weights=weights,
-        features=config,
+        features=DEFAULT_FEATURES,
         labels=space,
-        seen=specific_bitmap(samples, space),
+        specific=specific_bitmap(samples, space),
         version="",
-        thresholds=thresholds or Thresholds(),
+        thresholds=Thresholds(),
         type_info=type_info(windows),
         training_data_sha256=digest,
         prototypes=prototypes(windows),
