@@ -198,9 +198,9 @@ class Session:
         self.state = FeatureState(ident.features, mac, first_ts, ident.vocabulary)
         self.x = self.state.vector()
         self.z1 = ident.net.first_layer(self.x)
-        self.specific = 0
         self.words = 0  # distinct identifying tokens (IDENTIFYING_PREFIXES: names, DHCP, mDNS, MAC vendor) ...
-        self.new_words = 0  # ... of which training never saw (outside ``Bundle.vocabulary``)
+        self.new_words = 0  # ... of which training never saw (outside ``Bundle.vocabulary``) ...
+        self.specific_words = 0  # ... and those that came from at most two vendors in training (Bundle.specific)
         self.own_words = False  # a DNS name, DHCP or mDNS token: something the device said, not its MAC
         self.dns_only = True  # every token so far came from DNS names (see _best_type)
         self.name_votes = np.zeros(len(ident.labels["manufacturer"]), dtype=np.float32)  # NAME_VOTE_FLOOR
@@ -221,7 +221,7 @@ class Session:
                 self.name_votes += share
             if is_identifying(token):
                 self.own_words |= not token.startswith("oui")
-                self.specific += bool(self.ident.specific[seen_bit(token)])
+                self.specific_words += bool(self.ident.specific[seen_bit(token)])
                 if self.ident.vocabulary is not None:
                     self.words += 1
                     self.new_words += not self.ident.vocabulary[seen_bit(token)]
@@ -291,7 +291,7 @@ class Session:
         if self.words and self.new_words / self.words > th.max_new_words:
             # much that no device in training said: a vendor's own cloud, DHCP client or MAC the model never saw
             return False
-        vouched = self.specific >= th.min_specific or (self.words > 0 and not self.new_words)
+        vouched = self.specific_words >= th.min_specific or (self.words > 0 and not self.new_words)
         bar = th.known if self.name_votes.any() else th.known_unvoted  # the head _refresh weighed, or the net's
         return float(self._probs[0].max()) >= (bar if vouched else th.known_without_specific)
 
