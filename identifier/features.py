@@ -171,7 +171,6 @@ class FeatureState:
     # the bits (``seen_bit``) of the tokens the model was trained on; None counts every token (training)
     vocabulary: np.ndarray | None = None
     counts: np.ndarray = field(init=False)
-    once: set[str] = field(default_factory=set)
     tokens: dict[str, float] = field(
         default_factory=dict
     )  # every token seen (its count): Identity.signals and the open set read which, not how often
@@ -215,10 +214,9 @@ class FeatureState:
                     once.append(f"next:{name}>{obs.name}:{gap_bin(obs.ts - ts)}")
             self.last_query = (obs.name, domain, obs.ts)
         added = [self._add(t) for t in counted]
-        for token in once:
-            if token not in self.once:
-                self.once.add(token)
-                added.append(self._add(token))
+        # counted and once tokens have distinct prefixes, so a once token in ``tokens`` was added by an earlier
+        # observation (or earlier in this one)
+        added.extend(self._add(token) for token in once if token not in self.tokens)
         return [b for b in added if b is not None]
 
     def vector(self) -> np.ndarray:
@@ -233,12 +231,8 @@ def window_vector(
     until: float | None = None,
 ) -> np.ndarray:
     """The feature vector of the observations up to ``until`` seconds after ``first_ts`` (all when None)."""
-    state = FeatureState(config, mac, first_ts)
-    for obs in observations:
-        if until is not None and obs.ts - first_ts > until:
-            break
-        state.add(obs)
-    return state.vector()
+    vectors, _ = window_vectors(observations, mac, first_ts, config, [math.inf if until is None else until])
+    return vectors[0]
 
 
 def window_vectors(
