@@ -17,8 +17,7 @@ def to_observation(event: Event) -> Observation | None:
     if isinstance(event, DnsQuery):
         return DnsObservation(event.ts, event.qname, event.qtype)
     if isinstance(event, DhcpSeen):
-        return DhcpObservation(event.ts, event.hostname, event.param_list, event.vendor_class, event.client_id,
-                               event.message_type)
+        return DhcpObservation(event.ts, event.hostname, event.param_list, event.vendor_class, event.message_type)
     if isinstance(event, MdnsSeen):
         return MdnsObservation(event.ts, event.names, event.services)
     if isinstance(event, PacketSeen):

@@ -26,7 +26,6 @@ class DhcpObservation:
     hostname: str | None = None  # option 12
     param_list: tuple[int, ...] = ()  # option 55, in the order the client sent it
     vendor_class: str | None = None  # option 60
-    client_id: str | None = None  # option 61, hex
     message_type: int | None = None  # option 53
 
 
@@ -85,7 +84,6 @@ def from_json(data: dict) -> Observation:
             data.get("hostname"),
             tuple(data.get("param_list", ())),
             data.get("vendor_class"),
-            None,
             data.get("message_type"),
         )
     if kind == "mdns":

@@ -191,7 +191,7 @@ def _session(item: dict):
             raise ValueError("dhcp hostname and vendor_class must be strings")
         params = tuple(int(c) for c in d.get("param_list", ()))
         kind = None if message_type is None else int(message_type)
-        observations.append(DhcpObservation(t, hostname, params, vendor_class, None, kind))
+        observations.append(DhcpObservation(t, hostname, params, vendor_class, kind))
     mac = item.get("mac") or ""
     if not isinstance(mac, str):
         raise ValueError('"mac" must be a string')
