@@ -9,7 +9,6 @@ on the same event loop; database writes go to threads.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections import deque
@@ -227,16 +226,17 @@ class Gateway:
         self.alert(Alert(kind, time.time(), key, data))
 
     def _close_window(self, key: str) -> None:
-        """End a device's observation window; a session that never became confident concludes "unknown"
-        (its best guesses kept as alternatives), so every device gets an answer within its window."""
+        """End a device's observation window. A session that never committed concludes with its best guess,
+        known or unknown as the open set judged it and ``decided_after_s`` None, exactly what ``iotgw identify``
+        answers: every device gets an answer within its window, and a product the model knows but could not yet
+        tell from its sibling (or that said nothing but its MAC) is not called unknown for it."""
         session = self._sessions.pop(key, None)
         start = self._window_start.pop(key)
         self._window_due.pop(key, None)
         self._changed_windows.discard(key)
         self._closed_windows.append((key, start, self._windows.pop(key, [])))
         if session is not None and session.committed is None:
-            guess = session.current()
-            self._identified(key, dataclasses.replace(guess, known=False, decided_after_s=round(WINDOW_S, 3)))
+            self._identified(key, session.current())
 
     def _close_due_windows(self) -> None:
         """Windows of devices that went quiet: the event path only closes a window on the next packet."""

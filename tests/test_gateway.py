@@ -269,7 +269,7 @@ def test_a_quiet_device_window_closes_on_time_and_its_identification_concludes(t
         gw.dhcp(mac, "127.0.0.81", "thing")  # one packet, then silence: no later packet closes the window
         gw.ask("www.example.test", "127.0.0.81")
         alert = eventually(lambda: recent_alerts(gw.store, kind="unknown_device", mac=mac), timeout=5)[0]
-        assert alert.data["decided_after_s"] == 1.0
+        assert alert.data["decided_after_s"] is None  # concluded at the window's end, never decided
         assert mac not in gw.gateway._sessions and mac not in gw.gateway._windows
 
         def stored():
@@ -282,6 +282,37 @@ def test_a_quiet_device_window_closes_on_time_and_its_identification_concludes(t
         assert not ident.known and ident.device_type == "unknown" and ident.alternatives
         assert {o["kind"] for o in window.observations} >= {"dhcp", "dns"}
         assert get_device(gw.store, mac).device.device_type == "unknown"
+
+
+def test_a_known_product_never_sure_of_its_model_concludes_as_its_best_guess_not_unknown(tmp_path, upstream,
+                                                                                           monkeypatch):
+    """A Smarter kettle from a production run the model never saw: iKettle2 and SmarterCoffee send the same first
+    minute, so the type never reaches the bar to commit, yet the maker is plain. At the window's end it is
+    named, as ``iotgw identify`` names it (known, ``decided_after_s`` None), not called an unknown device."""
+    import gateway.daemon
+    from gateway.alerts import recent_alerts
+    from gateway.demo import VirtualDevice, build_frame
+    from identifier.observation import DhcpObservation
+
+    monkeypatch.setattr(gateway.daemon, "WINDOW_S", 1.0)
+    mac = "5c:cf:7f:99:a0:01"
+    with RunningGateway(tmp_path, upstream) as gw:
+        kettle = gw.gateway.identifier.prototypes()["iKettle2"]
+        virtual = VirtualDevice("kettle", mac, "127.0.0.82", kettle)
+        for obs in kettle:
+            if isinstance(obs, DhcpObservation):
+                gw.gateway.ingest(parse_frame(build_frame(virtual, obs), time.time()))
+        alert = eventually(lambda: recent_alerts(gw.store, kind="device_identified", mac=mac), timeout=5)[0]
+        assert alert.data["manufacturer"] == "Smarter" and alert.data["decided_after_s"] is None
+        assert alert.data["device_type"] in ("iKettle2", "SmarterCoffee") and alert.data["confidence"] < 0.9
+        assert not recent_alerts(gw.store, kind="unknown_device", mac=mac)
+        def stored():
+            detail = get_device(gw.store, mac)
+            assert detail.identifications
+            return detail.device, detail.identifications[0]
+        device, ident = eventually(stored)
+        assert ident.known and ident.device_type == alert.data["device_type"] and ident.decided_after_s is None
+        assert device.known and device.device_type == ident.device_type and device.decided_after_s is None
 
 
 def test_a_model_installed_by_federated_retraining_is_picked_up_without_a_restart(tmp_path, upstream):

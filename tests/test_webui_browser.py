@@ -156,6 +156,27 @@ def test_an_unknown_device_offers_its_closest_matches_but_no_prefilled_guess(ser
     assert (device.label_device_type, device.label_manufacturer) == ("tplink-plug-hs100", None)
 
 
+def test_a_device_named_only_at_its_windows_end_is_shown_as_a_best_guess_to_confirm(served, page):
+    base, store = served
+    mac, decided = "aa:bb:cc:00:00:09", "aa:bb:cc:00:00:0a"
+    add_device(store, mac, hostname="kettle", identified=True)
+    add_device(store, decided, hostname="plug", ip="192.168.1.51", identified=True)
+    with store.transaction() as s:  # as the daemon records a known device that never committed
+        from gateway.store.schema import Device, Identification
+
+        s.get(Device, mac).decided_after_s = None
+        for row in s.query(Identification).filter_by(mac=mac):
+            row.decided_after_s = None
+    _login(page, base)
+    page.goto(f"{base}/devices/{mac}")
+    assert "Best guess after its first minute by model test-1" in page.locator("#best-guess").inner_text()
+    assert page.get_by_text("Identified after").count() == 0
+    assert page.locator("#label-form input[name=device_type]").input_value() == "tplink-plug-hs110"
+    page.goto(f"{base}/devices/{decided}")
+    assert page.locator("#best-guess").count() == 0
+    assert page.get_by_text("Identified after 4.2 s by model test-1.").count() == 1
+
+
 def test_hostile_hostnames_and_query_names_render_as_text(served, page):
     base, store = served
     mac = "aa:bb:cc:00:00:66"
