@@ -68,8 +68,10 @@ class Filtering:
             return Decision("blocked", verdict.rule, None)
         return Decision("blocked", verdict.rule, reply)
 
-    def check_response(self, client: str, mac: str | None, qname: str, response: bytes) -> Decision | None:
-        """Block an answer whose CNAME chain leads to a listed name (a tracker hidden behind a first party)."""
+    def check_response(self, client: str, mac: str | None, qname: str, response: bytes,
+                       query: bytes) -> Decision | None:
+        """Block an answer whose CNAME chain leads to a listed name (a tracker hidden behind a first party):
+        the client gets the blocked reply to ``query``, never the tracker's address."""
         if len(response) < 12 or int.from_bytes(response[6:8], "big") < 2:
             return None  # a chain needs at least a CNAME and its target's record: skip the parse
         import dnslib
@@ -85,7 +87,8 @@ class Filtering:
         verdict = self.engine.check_cname_chain(ctx or self._context_for_unknown(mac or ""), targets, time.time())
         if not verdict.blocked:
             return None
-        return Decision("blocked", f"cname:{verdict.rule}", None)
+        # No fallback to forwarding: the server parsed this query already, and a leak would defeat the block.
+        return Decision("blocked", f"cname:{verdict.rule}", blocked_reply(query, verdict.answer))
 
     def _context_for_unknown(self, key: str) -> DeviceContext:
         # A device the tracker has not written yet: it is new, and so under quarantine if quarantine is on.

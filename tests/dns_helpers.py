@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,9 +25,10 @@ needs_dnsmasq = pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="dnsm
 
 
 class Dnsmasq:
-    """dnsmasq answering for example.test from host records with a known TTL, never forwarding."""
+    """dnsmasq answering for example.test from host records with a known TTL, never forwarding; ``extra``
+    options add records a test needs (a CNAME chain, say)."""
 
-    def __init__(self, tmp: Path, ttl: int = 300) -> None:
+    def __init__(self, tmp: Path, ttl: int = 300, extra: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.cmd = [
             "dnsmasq", "--no-daemon", "--keep-in-foreground", f"--port={self.port}",
@@ -39,6 +40,7 @@ class Dnsmasq:
             "--host-record=other.example.test,192.0.2.11",
             # A big answer: more than a 512-byte UDP reply holds.
             *[f"--host-record=big.example.test,192.0.2.{i}" for i in range(1, 60)],
+            *extra,
         ]
         self.proc: subprocess.Popen | None = None
 

@@ -15,6 +15,9 @@ import dns.rdatatype
 import pytest
 
 from gateway.dns import Decision
+from gateway.filtering import Filtering
+from policy.engine import PolicyEngine
+from policy.model import Policy, PolicySet, Rule
 from tests.dns_helpers import Dnsmasq, ask, config, needs_dnsmasq, rcode, running
 from tests.ports import free_port
 
@@ -230,9 +233,9 @@ def test_policy_decision_answers_locally_and_check_response_can_override(upstrea
         seen.append((client, mac, qname, qtype))
         return Decision("blocked", "ads.example.test", nxdomain(query)) if qname.startswith("ads.") else None
 
-    def check_response(client, mac, qname, response):
+    def check_response(client, mac, qname, response, query):
         if b"\xc0\x00\x02\x0b" in response:  # 192.0.2.11: an answer the policy objects to
-            return Decision("blocked", "answer 192.0.2.11", nxdomain(response))
+            return Decision("blocked", "answer 192.0.2.11", nxdomain(query))
         return None
 
     with running(config([upstream.address]), decide=decide, check_response=check_response) as srv:
@@ -247,6 +250,27 @@ def test_policy_decision_answers_locally_and_check_response_can_override(upstrea
     assert [(e.verdict, e.rule) for e in srv.events] == [
         ("blocked", "ads.example.test"), ("blocked", "answer 192.0.2.11"), ("blocked", "answer 192.0.2.11"),
         ("allowed", None)]
+
+
+def test_cname_to_a_blocked_name_is_answered_blocked_from_upstream_and_from_the_cache(tmp_path):
+    tracker = Dnsmasq(tmp_path, extra=["--local=/tracker.test/", "--host-record=ads.tracker.test,192.0.2.66",
+                                       "--cname=metrics.example.test,ads.tracker.test"])
+    tracker.start()
+    filtering = Filtering(store=None, state_dir=tmp_path)  # type: ignore[arg-type] - no device table needed
+    rules = PolicySet(policies={"global": Policy(rules=[Rule("block", "name", "tracker.test")])})
+    filtering.engine = PolicyEngine.build(rules, base_dir=tmp_path)
+    try:
+        with running(config([tracker.address]), decide=filtering.decide,
+                     check_response=filtering.check_response) as srv:
+            for _ in range(2):  # the upstream's answer, then the cached one
+                reply = ask(srv.port, "metrics.example.test")
+                assert rcode(reply) == "NOERROR"
+                assert addresses(reply) == {"0.0.0.0"}
+            assert srv.counters.get("dns_cache_hits") == 1
+    finally:
+        tracker.stop()
+    assert [(e.qname, e.verdict) for e in srv.events] == [("metrics.example.test", "blocked")] * 2
+    assert all("ads.tracker.test" in e.rule for e in srv.events)
 
 
 def test_a_listen_address_in_use_is_a_clear_error(upstream):

@@ -41,7 +41,8 @@ class Decision:
 
 MacFor = Callable[[str], "str | None"]
 Decide = Callable[[str, "str | None", str, int, bytes], "Decision | None"]
-CheckResponse = Callable[[str, "str | None", str, bytes], "Decision | None"]
+# (client, mac, qname, response, query): the query lets the hook build the reply that replaces the response
+CheckResponse = Callable[[str, "str | None", str, bytes, bytes], "Decision | None"]
 Emit = Callable[[DnsQuery], None]
 
 RATE_WINDOW_S = 60.0  # Pi-hole counts queries per client per minute
@@ -333,7 +334,7 @@ class DnsServer:
                 else:
                     response = data[:2] + cached[2:12] + question_bytes + cached[12 + q.length :]
                 if self.check_response is not None:
-                    decision = self.check_response(client.ip, mac, q.qname, response)
+                    decision = self.check_response(client.ip, mac, q.qname, response, data)
                     if decision is not None:
                         verdict, rule = decision.verdict, decision.rule
                         if decision.reply is not None:
@@ -445,7 +446,7 @@ class DnsServer:
         verdict, rule = p.verdict, p.rule
         client = p.client
         if self.check_response is not None:
-            decision = self.check_response(client.ip, p.mac, q.qname, response)
+            decision = self.check_response(client.ip, p.mac, q.qname, response, p.query)
             if decision is not None:
                 verdict, rule = decision.verdict, decision.rule
                 if decision.reply is not None:
