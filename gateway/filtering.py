@@ -24,13 +24,22 @@ from gateway.store.schema import Device
 from identifier.domains import sld
 from policy.answers import MalformedQuery, blocked_reply
 from policy.engine import PolicyEngine
-from policy.model import PolicySet
+from policy.model import PolicySet, normalise_mac
 from policy.nftables import QuarantineFirewall
 from policy.records import DeviceContext
 
 log = logging.getLogger(__name__)
 
 _CNAME = 5
+
+
+def _is_mac(key: str) -> bool:
+    """True for a context key nftables can match on (contexts are also keyed ``ip:<address>``)."""
+    try:
+        normalise_mac(key)
+    except ValueError:
+        return False
+    return True
 
 
 class Filtering:
@@ -83,8 +92,9 @@ class Filtering:
         targets = [str(rr.rdata).rstrip(".").lower() for rr in record.rr if rr.rtype == _CNAME]
         if not targets:
             return None
-        ctx = self.contexts.get(mac) if mac else None
-        verdict = self.engine.check_cname_chain(ctx or self._context_for_unknown(mac or ""), targets, time.time())
+        key = mac or f"ip:{client}"  # as decide keys it: the same device, the same context
+        ctx = self.contexts.get(key) or self._context_for_unknown(key)
+        verdict = self.engine.check_cname_chain(ctx, targets, time.time())
         if not verdict.blocked:
             return None
         # No fallback to forwarding: the server parsed this query already, and a leak would defeat the block.
@@ -169,8 +179,9 @@ class Filtering:
             return
         with self._lock:
             # list() copies in one step: the hot path may add a context meanwhile (this runs in a thread).
+            # Address-keyed contexts (no MAC known) cannot go into a MAC set; one bad key must not fail every sync.
             macs = {mac for mac, ctx in list(self.contexts.items())
-                    if not mac.startswith("ip:") and self.engine.is_quarantined(ctx)}
+                    if _is_mac(mac) and self.engine.is_quarantined(ctx)}
             if macs == self._firewall_macs:
                 return
             try:

@@ -3,9 +3,12 @@ and ``Filtering`` answering real DNS query bytes (what ``iotgw run`` does per qu
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 
 import dnslib
+import pytest
 
 from gateway.devices.service import forget, set_status
 from gateway.devices.tracker import DeviceTracker
@@ -14,6 +17,7 @@ from gateway.filtering import Filtering
 from gateway.policyfile import save_policy
 from gateway.store.db import Store
 from policy.model import PolicySet
+from policy.nftables import QuarantineFirewall
 
 MAC = "02:15:00:00:00:42"
 
@@ -62,3 +66,33 @@ def test_approval_applies_and_a_forgotten_device_is_new_again(tmp_path):
     assert filtering.refresh()
     assert _decide(filtering, MAC, "shop.example") == "blocked"  # not still approved from before
     assert not filtering.refresh()  # nothing changed since
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and nftables need root")
+def test_a_client_without_a_mac_getting_a_cname_answer_keeps_the_quarantine_set_in_sync(tmp_path):
+    netns = f"iqu{os.getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", netns], check=True, capture_output=True, timeout=20)
+    filtering = Filtering(Store(f"sqlite:///{tmp_path / 'iotgw.sqlite'}"), tmp_path, firewall=True)
+    filtering._firewall = QuarantineFirewall(netns=netns)  # the daemon's own namespace is the host's
+    try:
+        _quarantine_on(tmp_path)
+        filtering.refresh()
+        filtering.open_firewall()
+        filtering.seen(MAC)
+        filtering.refresh()
+        assert filtering._firewall.macs() == {MAC}
+
+        query = dnslib.DNSRecord.question("www.example.test")
+        reply = query.reply()
+        reply.add_answer(*dnslib.RR.fromZone("www.example.test. 60 IN CNAME cdn.example.net.\n"
+                                             "cdn.example.net. 60 IN A 192.0.2.1"))
+        filtering.check_response("10.0.0.50", None, "www.example.test", reply.pack(), query.pack())
+        assert "ip:10.0.0.50" in filtering.contexts  # keyed as decide keys a client without a MAC
+
+        other = "02:15:00:00:00:43"
+        filtering.seen(other)
+        filtering.refresh()
+        assert filtering._firewall.macs() == {MAC, other}
+    finally:
+        filtering.close()
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True, timeout=20)
