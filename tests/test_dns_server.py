@@ -10,11 +10,14 @@ import time
 import dns.exception
 import dns.flags
 import dns.message
+import dns.opcode
+import dns.query
 import dns.rcode
 import dns.rdatatype
 import pytest
 
 from gateway.dns import Decision
+from gateway.dns.server import MAX_TCP_CLIENTS
 from gateway.filtering import Filtering
 from policy.engine import PolicyEngine
 from policy.model import Policy, PolicySet, Rule
@@ -172,9 +175,46 @@ def test_silent_upstream_fails_over_then_servfail_within_timeout(upstream):
 def test_clients_outside_the_lan_are_refused(upstream):
     with running(config([upstream.address], lan=["10.0.0.0/8", "fc00::/7"])) as srv:
         assert rcode(ask(srv.port, "www.example.test")) == "REFUSED"
-        assert rcode(ask(srv.port, "www.example.test", tcp=True)) == "REFUSED"
+        with pytest.raises((EOFError, ConnectionError)):  # over TCP the connection is closed at once
+            ask(srv.port, "www.example.test", tcp=True)
+        assert srv.counters.get("dns_refused") == 1
+        assert srv.counters.get("dns_tcp_refused") == 1
+    assert [e.verdict for e in srv.events] == ["refused"]
+
+
+def test_clients_outside_the_lan_are_refused_whatever_the_opcode(upstream):
+    with running(config([upstream.address], lan=["10.0.0.0/8"])) as srv:
+        for opcode in (dns.opcode.STATUS, dns.opcode.NOTIFY):
+            query = dns.message.make_query("www.example.test", "A")
+            query.set_opcode(opcode)
+            assert rcode(dns.query.udp(query, "127.0.0.1", port=srv.port, timeout=3)) == "REFUSED"
         assert srv.counters.get("dns_refused") == 2
-    assert [e.verdict for e in srv.events] == ["refused", "refused"]
+        assert srv.counters.get("dns_notimp") == 0
+    with running(config([upstream.address])) as srv:  # from the LAN: still not implemented
+        query = dns.message.make_query("www.example.test", "A")
+        query.set_opcode(dns.opcode.STATUS)
+        assert rcode(dns.query.udp(query, "127.0.0.1", port=srv.port, timeout=3)) == "NOTIMP"
+
+
+def test_tcp_connections_from_outside_the_lan_take_no_slot(upstream):
+    lan_client, outsider = "127.0.0.2", "127.0.0.1"
+    with running(config([upstream.address], lan=[f"{lan_client}/32"])) as srv:
+        outside: list[socket.socket] = []
+        try:
+            for _ in range(MAX_TCP_CLIENTS):
+                conn = socket.socket()
+                outside.append(conn)
+                conn.bind((outsider, 0))
+                conn.connect(("127.0.0.1", srv.port))
+            # Accepted in order: on the old code every slot was taken before this connection came.
+            query = dns.message.make_query("www.example.test", "A")
+            reply = dns.query.tcp(query, "127.0.0.1", port=srv.port, source=lan_client, timeout=3)
+            assert addresses(reply) == {"192.0.2.10"}
+            outside[-1].settimeout(3)
+            assert outside[-1].recv(10) == b""  # turned away, not left waiting
+        finally:
+            for conn in outside:
+                conn.close()
 
 
 def test_rate_limit_refuses_beyond_the_limit(upstream):

@@ -530,8 +530,8 @@ class DnsServer:
 
     def _slow(self, data: bytes, addr: tuple, sock: socket.socket | None, fut: asyncio.Future | None,
               now: float) -> None:
-        """Queries the fast path does not recognise: responses (dropped), other opcodes (NOTIMP), queries
-        with several additionals (TSIG, cookies) or an OPT elsewhere."""
+        """Queries the fast path does not recognise: responses (dropped), other opcodes (NOTIMP, REFUSED from
+        outside the LAN), queries with several additionals (TSIG, cookies) or an OPT elsewhere."""
         if len(data) < 12 or data[2] & 0x80:
             self._malformed(fut)
             return
@@ -541,8 +541,13 @@ class DnsServer:
             except wire.Malformed:
                 self._malformed(fut)
                 return
-            self.counters.add("dns_notimp")
-            reply = wire.error_reply(data, length, wire.NOTIMP, False)
+            # The LAN check comes first: outsiders are refused whatever they ask, as _query refuses their queries.
+            if not (self._clients.get(addr[0]) or self._new_client(addr[0])).allowed:
+                self.counters.add("dns_refused")
+                reply = wire.error_reply(data, length, wire.REFUSED, False)
+            else:
+                self.counters.add("dns_notimp")
+                reply = wire.error_reply(data, length, wire.NOTIMP, False)
             if fut is None:
                 try:
                     sock.sendto(reply, addr)  # type: ignore[union-attr]
@@ -578,6 +583,12 @@ class DnsServer:
         """DNS over TCP: 2-byte length framing, one query at a time per connection."""
         peer = writer.get_extra_info("peername")
         assert self._loop is not None
+        # Outsiders are turned away before they take a slot: else they could hold every one and shut the LAN out.
+        client = (self._clients.get(peer[0]) or self._new_client(peer[0])) if peer else None
+        if client is None or not client.allowed:
+            self.counters.add("dns_tcp_refused")
+            writer.close()
+            return
         if self._tcp_clients >= MAX_TCP_CLIENTS:
             self.counters.add("dns_tcp_rejected")
             writer.close()
