@@ -41,6 +41,13 @@ def test_hostile_names_come_out_as_escaped_text():
     assert "\x00" not in q.qname and "\\" in q.qname
 
 
+def test_a_dot_inside_a_label_is_escaped_not_taken_as_a_separator():
+    name = dns.name.Name([b"www.google", b"com", b""])
+    q = wire.parse_question(query(name))
+    assert q.qname == "www\\.google.com" == name.to_text(omit_final_dot=True)
+    assert q.sld == "www\\.google.com"  # its own registrable domain, not google.com
+
+
 def test_cache_keys_fold_case_and_keep_flags_apart():
     lower = wire.parse_question(query("www.example.test"))
     upper = wire.parse_question(query("WWW.EXAMPLE.TEST"))

@@ -81,15 +81,27 @@ def parse_question(data: bytes, start: int = HEADER_LEN) -> Question:
     while data[pos]:
         labels.append(data[pos + 1 : pos + 1 + data[pos]].lower())
         pos += 1 + data[pos]
-    raw = b".".join(labels)
-    if _UNSAFE.search(raw.replace(b".", b"")):
+    # Searched label by label, not in the dotted text: a '.' byte inside a label must be escaped too, or
+    # "www\.google.com" would be logged and judged as www.google.com.
+    if _UNSAFE.search(b"".join(labels)):
         qname = dns.name.Name([*labels, b""]).to_text(omit_final_dot=True)
+        registrable = _escaped_sld(labels)
     else:
-        qname = raw.decode("ascii")
+        qname = b".".join(labels).decode("ascii")
+        registrable = sld(qname) if qname else ""
     qtype, qclass = struct.unpack_from("!HH", data, end - 4)
     folded = data[start : end - 4].lower() + data[end - 4 : end]
     keys = tuple(folded + bytes([flags]) for flags in range(8))
-    return Question(qname, qtype, qclass, sld(qname) if qname else "", end - start, keys)
+    return Question(qname, qtype, qclass, registrable, end - start, keys)
+
+
+def _escaped_sld(labels: list[bytes]) -> str:
+    """The registrable domain of a name with escaped labels, counted in labels: ``sld`` of the text would split
+    at the '.' inside "www\\.google.com" and answer google.com. A label with unsafe bytes is never a suffix rule's
+    own label, so a plain stand-in ('_') gets the same label count from the suffix list."""
+    probe = ".".join("_" if _UNSAFE.search(label) else label.decode("ascii") for label in labels)
+    count = sld(probe).count(".") + 1
+    return dns.name.Name(labels[-count:]).to_text()
 
 
 # Flag bits for the cache key: answers differ with EDNS present (OPT in the answer, size), DO (DNSSEC records)
