@@ -10,7 +10,7 @@ import importlib
 import logging
 import sys
 
-from gateway.config import Config, ConfigError, load, parse_hostport
+from gateway.config import Config, ConfigError, load, parse_hostport, upstream_address
 
 COMMAND_MODULES = (
     "gateway.commands.daemon",  # run, demo, replay
@@ -83,6 +83,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
             parse_hostport(listen, 53)
         except ValueError as exc:
             raise ConfigError(f"--dns-listen: {exc}") from exc
+    for upstream in cfg.dns.upstreams:
+        try:
+            upstream_address(upstream)
+        except ValueError as exc:
+            raise ConfigError(f"--upstream: {exc}") from exc
     return cfg
 
 

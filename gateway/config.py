@@ -140,27 +140,51 @@ def load(path: str | Path | None = None) -> Config:
             if key not in fields:
                 raise ConfigError(f"{where}: unknown key")
             setattr(target, key, _coerce(value, fields[key], where))
-    validate(cfg)
+    validate(cfg, text)
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    """Checks that need more than a type: addresses and prefixes parse."""
+def validate(cfg: Config, text: str | None = None) -> None:
+    """Checks that need more than a type: addresses and prefixes parse, upstreams are IP addresses, numbers are
+    in range. ``text`` is the file's text, to name the line of a bad value."""
+
+    def where(key: str) -> str:
+        line = f":{_line(text, 'dns', key)}" if text is not None else ""
+        return f"{cfg.source}{line}: dns.{key}"
+
     for prefix in cfg.dns.lan:
         try:
             ipaddress.ip_network(prefix, strict=False)
         except ValueError as exc:
-            raise ConfigError(f"{cfg.source}: dns.lan: {prefix!r} is not a network prefix") from exc
+            raise ConfigError(f"{where('lan')}: {prefix!r} is not a network prefix") from exc
     for listen in cfg.dns.listen:
         try:
             parse_hostport(listen, 53)
         except ValueError as exc:
-            raise ConfigError(f"{cfg.source}: dns.listen: {exc}") from exc
+            raise ConfigError(f"{where('listen')}: {exc}") from exc
     for upstream in cfg.dns.upstreams:
         try:
-            parse_hostport(upstream, 53)
+            upstream_address(upstream)
         except ValueError as exc:
-            raise ConfigError(f"{cfg.source}: dns.upstreams: {exc}") from exc
+            raise ConfigError(f"{where('upstreams')}: {exc}") from exc
+    # Each of these loads fine out of range and then breaks every query (a negative cache size fails each
+    # forwarded answer, a negative rate limit refuses everything, a zero timeout SERVFAILs everything).
+    for key in ("cache_size", "rate_limit_per_minute"):
+        value = getattr(cfg.dns, key)
+        if value < 0:
+            raise ConfigError(f"{where(key)}: must be 0 or more (0 switches it off), got {value}")
+    if not cfg.dns.timeout_s > 0:
+        raise ConfigError(f"{where('timeout_s')}: must be more than 0 seconds, got {cfg.dns.timeout_s}")
+
+
+def upstream_address(text: str) -> tuple[str, int]:
+    """An upstream's (IP address, port); ValueError for a host name: resolving it could ask this very server."""
+    host, port = parse_hostport(text, 53)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+    return host, port
 
 
 def parse_hostport(text: str, default_port: int) -> tuple[str, int]:

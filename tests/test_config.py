@@ -44,6 +44,33 @@ def test_bad_prefix_is_refused(tmp_path):
         load(write(tmp_path, '[dns]\nlan = ["10.0.0.0/33"]\n'))
 
 
+def test_bad_addresses_name_file_and_line(tmp_path):
+    head = '[gateway]\nname = "x"\n\n[dns]\ncache_size = 10\n'
+    with pytest.raises(ConfigError, match=r"iotgw\.toml:6: dns\.lan: '10\.0\.0\.0/33' is not a network prefix"):
+        load(write(tmp_path, head + 'lan = ["10.0.0.0/33"]\n'))
+    with pytest.raises(ConfigError, match=r"iotgw\.toml:6: dns\.listen: 'a b' is not HOST\[:PORT\]"):
+        load(write(tmp_path, head + 'listen = ["a b"]\n'))
+    # A host name would be resolved through the system resolver, which may be this very server.
+    with pytest.raises(ConfigError, match=r"iotgw\.toml:6: dns\.upstreams: 'dns\.google' is not an IP address"):
+        load(write(tmp_path, head + 'upstreams = ["1.1.1.1", "dns.google"]\n'))
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("cache_size = -1", r"dns\.cache_size: must be 0 or more"),
+    ("rate_limit_per_minute = -5", r"dns\.rate_limit_per_minute: must be 0 or more"),
+    ("timeout_s = 0", r"dns\.timeout_s: must be more than 0"),
+    ("timeout_s = -1.5", r"dns\.timeout_s: must be more than 0"),
+])
+def test_out_of_range_dns_numbers_name_file_and_line(tmp_path, line, message):
+    with pytest.raises(ConfigError, match=rf"iotgw\.toml:3: {message}"):
+        load(write(tmp_path, f'[dns]\nupstreams = ["1.1.1.1"]\n{line}\n'))
+
+
+def test_zero_switches_the_cache_and_the_rate_limit_off(tmp_path):
+    cfg = load(write(tmp_path, "[dns]\ncache_size = 0\nrate_limit_per_minute = 0\n"))
+    assert (cfg.dns.cache_size, cfg.dns.rate_limit_per_minute) == (0, 0)
+
+
 def test_flags_override_the_file(tmp_path):
     path = write(tmp_path, '[dns]\nupstreams = ["1.1.1.1"]\n')
     args = build_parser().parse_args(["run", "--config", str(path), "--upstream", "9.9.9.9:5353",
@@ -51,3 +78,9 @@ def test_flags_override_the_file(tmp_path):
     cfg = config_from_args(args)
     assert cfg.dns.upstreams == ["9.9.9.9:5353"] and cfg.dns.listen == ["[::1]:5300"]
     assert cfg.db_url == "sqlite:///x.db" and cfg.capture.sniff is False
+
+
+def test_an_upstream_flag_with_a_host_name_is_refused(tmp_path):
+    args = build_parser().parse_args(["run", "--config", str(write(tmp_path, "")), "--upstream", "dns.google"])
+    with pytest.raises(ConfigError, match=r"--upstream: 'dns\.google' is not an IP address"):
+        config_from_args(args)

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.config import DnsConfig, parse_hostport
+from gateway.config import DnsConfig, parse_hostport, upstream_address
 from gateway.dns import wire
 from gateway.dns.cache import AnswerCache
 from gateway.events import Counters, DnsQuery
@@ -124,7 +124,7 @@ class DnsServer:
         self.emit = emit
         self.bound: list[tuple[str, int]] = []
         self._lan = [ipaddress.ip_network(prefix, strict=False) for prefix in config.lan]
-        self._upstreams = [_Upstream(*_numeric(parse_hostport(u, 53), u)) for u in config.upstreams]
+        self._upstreams = [_Upstream(*_upstream(u)) for u in config.upstreams]
         if not self._upstreams:
             raise ValueError("dns.upstreams: at least one upstream is needed")
         # The sweep runs every tick, so budget one tick less: SERVFAIL reaches the client within timeout_s.
@@ -628,14 +628,12 @@ async def _tcp_exchange(host: str, port: int, message: bytes) -> bytes:
         writer.close()
 
 
-def _numeric(hostport: tuple[str, int], text: str) -> tuple[str, int]:
-    """Upstreams must be addresses: resolving a name could ask this very server."""
-    host, port = hostport
+def _upstream(text: str) -> tuple[str, int]:
+    """The config file's upstreams were checked by config.validate; a DnsConfig built in code is checked here."""
     try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"dns.upstreams: {text!r} is not an IP address") from None
-    return host, port
+        return upstream_address(text)
+    except ValueError as exc:
+        raise ValueError(f"dns.upstreams: {exc}") from None
 
 
 def _big_buffers(sock: socket.socket) -> None:
