@@ -151,6 +151,18 @@ def test_truncated_upstream_answer_is_fetched_again_over_tcp(upstream):
         assert srv.counters.get("dns_cache_hits") == 1
 
 
+def test_a_failing_hook_on_an_answer_fetched_over_tcp_closes_the_client_connection(upstream):
+    def check_response(client, mac, qname, response, query):
+        raise RuntimeError("hook bug")
+
+    with TruncatingUpstream(upstream.port) as fake, running(config([f"127.0.0.1:{fake.port}"]),
+                                                               check_response=check_response) as srv:
+        with pytest.raises((EOFError, ConnectionError)):  # closed, not left waiting until the client gives up
+            ask(srv.port, "www.example.test", tcp=True, timeout=5)
+        assert srv.counters.get("dns_tcp_retries") == 1
+        assert srv.counters.get("dns_errors") == 1
+
+
 def test_dead_upstream_fails_over_to_the_next(upstream):
     dead = f"127.0.0.1:{free_port()}"  # nothing listens: the kernel answers port unreachable
     with running(config([dead, upstream.address], timeout_s=2.0)) as srv:

@@ -432,11 +432,18 @@ class DnsServer:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
                 continue
-            try:
-                self._answer(p, data, time.monotonic())
-            except Exception:  # a bug (or a hook's) must cost one query, never the upstream socket
-                self.counters.add("dns_errors")
-                log.exception("dns: answer for %s failed", p.question.qname)
+            self._answer_safely(p, data)
+
+    def _answer_safely(self, p: _Pending, response: bytes) -> None:
+        """``_answer``, where a bug (or a hook's) costs one query, never the upstream socket; a TCP client's
+        connection is closed rather than left waiting with its slot."""
+        try:
+            self._answer(p, response, time.monotonic())
+        except Exception:
+            self.counters.add("dns_errors")
+            log.exception("dns: answer for %s failed", p.question.qname)
+            if p.fut is not None and not p.fut.done():
+                p.fut.set_result(None)
 
     def _answer(self, p: _Pending, response: bytes, now: float) -> None:
         """Deliver an upstream answer to the client who asked (and cache it)."""
@@ -524,7 +531,7 @@ class DnsServer:
             up.down_until = time.monotonic() + DOWN_FOR_S
             self._retry(p, time.monotonic())
             return
-        self._answer(p, response, time.monotonic())
+        self._answer_safely(p, response)
 
     # ---- the slow path: odd queries, new clients, TCP clients ----------------------------------------------
 
@@ -605,7 +612,8 @@ class DnsServer:
                     self.counters.add("dns_errors")
                     log.exception("dns: TCP query from %s failed", peer[0])
                     break
-                response = await fut
+                # Every path resolves fut within the upstream timeout; the bound is for a bug that does not.
+                response = await asyncio.wait_for(fut, self._timeout + TCP_IDLE_S)
                 if response is None:
                     break
                 writer.write(len(response).to_bytes(2, "big") + response)
