@@ -157,7 +157,8 @@ def load(path: str | Path, source: str | None = None) -> ParsedList:
     block = hashes[False]
     errors: list[ListError] = []
     count = 0
-    with path.open(encoding="utf-8", errors="replace") as fh:
+    # utf-8-sig: a list saved by Windows Notepad starts with a BOM, which would spoil its first entry
+    with path.open(encoding="utf-8-sig", errors="replace") as fh:
         for number, line in enumerate(fh, 1):
             name = _fast_name(line)  # the common case first: this loop runs a million times
             if name is not None:

@@ -69,6 +69,16 @@ def test_malformed_list_reports_file_and_line_and_loads_good_lines(tmp_path):
     assert "'<script>alert(1)</script>'" in str(parsed.errors[-1])  # shown as quoted text
 
 
+def test_a_list_saved_with_a_utf8_bom_keeps_its_first_entry(tmp_path):
+    hosts, adblock = tmp_path / "hosts", tmp_path / "adblock"
+    hosts.write_bytes("0.0.0.0 first.example\n0.0.0.0 second.example\n".encode("utf-8-sig"))  # as Notepad saves
+    adblock.write_bytes("||first.example.net^\n||second.example.net^\n".encode("utf-8-sig"))
+    for path, first in ((hosts, "first.example"), (adblock, "first.example.net")):
+        parsed, index = _index(path)
+        assert parsed.error_count == 0
+        assert first in index and len(parsed.block) == 2
+
+
 def test_fetch_refuses_non_http(tmp_path):
     with pytest.raises(ValueError, match="only http and https"):
         lists.fetch("file:///etc/passwd", tmp_path / "x")
