@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 
@@ -31,6 +32,9 @@ TOKEN_PREFIX = "iotgw_"  # noqa: S105 - not a secret: makes a leaked token recog
 _hasher = PasswordHasher()
 # Verified when the username is unknown, so a wrong name costs the same time as a wrong password.
 _DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
+# Each argon2 check takes ~64 MiB and a core for tens of milliseconds; more at once only queue for the CPU.
+MAX_PASSWORD_CHECKS = 2
+_password_checks = threading.BoundedSemaphore(MAX_PASSWORD_CHECKS)
 
 
 class LockedOut(Exception):
@@ -101,19 +105,32 @@ def password_changed_at(store: Store, username: str) -> float | None:
 
 def verify_login(store: Store, username: str, password: str, *, now: float | None = None) -> bool:
     """True for the right password. Raises ``LockedOut`` while the account is locked, without checking the
-    password at all, so that guessing during a lockout learns nothing."""
+    password at all, so that guessing during a lockout learns nothing.
+
+    The slow argon2 check runs with no transaction open and at most ``MAX_PASSWORD_CHECKS`` at a time: a login
+    flood must not hold the database's write lock (every other writer would wait) nor take every core."""
     now = time.time() if now is None else now
+    with store.session() as s:
+        user = s.get(User, username)
+        digest, locked_until = (user.password_hash, user.locked_until) if user else (None, None)
+    if locked_until is not None and now < locked_until:
+        raise LockedOut(locked_until)
+    with _password_checks:
+        ok = _verify(digest or _DUMMY_HASH, password)
+        rehashed = _hasher.hash(password) if ok and digest and _hasher.check_needs_rehash(digest) else None
+    if digest is None:
+        return False
+    # A short transaction: another login may have counted a failure or locked the account meanwhile.
     with store.transaction() as s:
         user = s.get(User, username)
-        if user is None:
-            _verify(_DUMMY_HASH, password)
-            return False
+        if user is None or user.password_hash != digest:
+            return False  # deleted or re-set during the check: it checked a password that no longer applies
         if user.locked_until is not None and now < user.locked_until:
             raise LockedOut(user.locked_until)
-        if _verify(user.password_hash, password):
+        if ok:
             user.failed_logins, user.locked_until = 0, None
-            if _hasher.check_needs_rehash(user.password_hash):
-                user.password_hash = _hasher.hash(password)
+            if rehashed:
+                user.password_hash = rehashed
             return True
         user.failed_logins += 1
         if user.failed_logins >= MAX_FAILED_LOGINS:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+import threading
 
 import pytest
 from sqlalchemy import inspect, select
@@ -71,6 +72,61 @@ def test_a_success_resets_the_failure_count(store):
     for _ in range(accounts.MAX_FAILED_LOGINS - 1):
         accounts.verify_login(store, "admin", "nope", now=102.0)
     assert accounts.verify_login(store, "admin", "correct horse", now=103.0)  # not locked: count restarted
+
+
+@pytest.mark.parametrize(
+    ("username", "password", "expected"),
+    [("admin", "correct horse", True), ("admin", "wrong horse", False), ("nobody", "correct horse", False)],
+)
+def test_password_check_holds_no_write_lock_so_other_writers_go_on(store, monkeypatch, username, password, expected):
+    accounts.set_password(store, "correct horse")
+    checking, release = threading.Event(), threading.Event()
+    real_verify = accounts._verify
+
+    def held_verify(digest: str, pw: str) -> bool:  # the real argon2 check, held open until the writer is done
+        checking.set()
+        release.wait()
+        return real_verify(digest, pw)
+
+    monkeypatch.setattr(accounts, "_verify", held_verify)
+    results: list[bool] = []
+    login = threading.Thread(target=lambda: results.append(accounts.verify_login(store, username, password)))
+    login.start()
+    try:
+        assert checking.wait(timeout=60)  # guard against a hang only
+        store.set_setting("written-during-check", "yes")  # any other writer: the daemon, token auth, the CLI
+        assert not release.is_set()  # so the write finished while the password check was still in progress
+    finally:
+        release.set()
+        login.join()
+    assert results == [expected]
+    assert store.get_setting("written-during-check") == "yes"
+
+
+def test_failures_counted_during_a_password_check_are_kept(store, monkeypatch):
+    """The failure count is updated in its own short transaction, so concurrent wrong guesses all count."""
+    accounts.set_password(store, "correct horse")
+    checking, release = threading.Event(), threading.Event()
+    real_verify = accounts._verify
+
+    def held_verify(digest: str, pw: str) -> bool:
+        checking.set()
+        release.wait()
+        return real_verify(digest, pw)
+
+    monkeypatch.setattr(accounts, "_verify", held_verify)
+    slow = threading.Thread(target=accounts.verify_login, args=(store, "admin", "slow guess"), kwargs={"now": 100.0})
+    slow.start()
+    try:
+        assert checking.wait(timeout=60)
+        monkeypatch.setattr(accounts, "_verify", real_verify)
+        for i in range(accounts.MAX_FAILED_LOGINS - 1):
+            assert not accounts.verify_login(store, "admin", f"guess {i}", now=100.0)
+    finally:
+        release.set()
+        slow.join()
+    with pytest.raises(accounts.LockedOut):  # the slow guess was the fifth failure
+        accounts.verify_login(store, "admin", "correct horse", now=101.0)
 
 
 def test_tokens_are_stored_hashed_scoped_and_revocable(store):
