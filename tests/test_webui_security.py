@@ -209,13 +209,27 @@ def test_password_change_ends_other_sessions(env):
     assert other.get("/devices").status_code == 302
 
 
-def test_login_redirects_only_to_local_paths(env):
+@pytest.mark.parametrize(
+    "next_url",
+    ["//evil.example/x", "/%09/evil.example", "/%0d/evil.example", "/%0a/evil.example", "/%0d%0aSet-Cookie:%20x=1",
+     "https://evil.example/", "/%5c/evil.example", "/%20/evil.example", "javascript:alert(1)", "devices", "/%00"],
+)
+def test_login_redirects_only_to_local_paths(env, next_url):
     app, _, _ = env
     client = app.test_client()
     token = _csrf(client)
     data = {"username": "admin", "password": PASSWORD, "csrf_token": token}
-    r = client.post("/login?next=//evil.example/x", data=data)
-    assert r.location == "/"
+    r = client.post(f"/login?next={next_url}", data=data)
+    assert r.status_code == 302 and r.location == "/"
+
+
+def test_login_redirects_to_a_local_path_with_its_query(env):
+    app, _, _ = env
+    client = app.test_client()
+    token = _csrf(client)
+    data = {"username": "admin", "password": PASSWORD, "csrf_token": token}
+    r = client.post("/login?next=/devices%3Fq%3D//x", data=data)
+    assert r.status_code == 302 and r.location == "/devices?q=//x"
 
 
 def test_security_headers_and_cookie_flags(env):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from urllib.parse import urlsplit
 
 from flask import Blueprint, redirect, render_template, request, session, url_for
 
@@ -68,7 +69,12 @@ def setup():  # noqa: ANN201
 
 
 def _local(target: str | None) -> str:
-    """Only a path on this site: ``//evil.example`` or ``https://...`` would make login an open redirect."""
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
-        return target
-    return url_for("pages.dashboard")
+    """Only a path on this site, else the dashboard: ``//evil.example`` or ``https://...`` would make login an
+    open redirect, and browsers drop tabs and newlines from a URL (``/%09/evil.example`` is ``//evil.example``)
+    while a CR or LF cannot go into a header at all."""
+    if not target or not target.isprintable() or " " in target or "\\" in target:
+        return url_for("pages.dashboard")
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not parts.path.startswith("/") or parts.path.startswith("//"):
+        return url_for("pages.dashboard")
+    return target
