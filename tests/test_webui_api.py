@@ -82,6 +82,17 @@ def test_updates_label_and_forget(api):
     assert client.get("/api/v1/devices").json == []
 
 
+def test_renaming_back_to_an_earlier_name_keeps_one_history_row(api):
+    client, store, _ = api
+    for name in ("Kitchen plug", "Living room", "Kitchen plug"):
+        r = client.patch(f"/api/v1/devices/{MAC}", json={"name": name})
+        assert r.status_code == 200 and r.json["name"] == name
+    user_names = [n for n in service.get_device(store, MAC).names if n.source == "user"]
+    assert sorted(n.name for n in user_names) == ["Kitchen plug", "Living room"]
+    kitchen, living = sorted(user_names, key=lambda n: n.name)
+    assert kitchen.last_seen >= living.last_seen >= kitchen.first_seen
+
+
 def test_query_log_filters_and_pages(api):
     client, store, _ = api
     now = time.time()

@@ -75,13 +75,23 @@ def get_device(store: Store, mac: str) -> DeviceDetail:
 
 
 def rename(store: Store, mac: str, name: str) -> None:
+    """The owner's name for the device (an empty one clears it); every name given is kept in its history."""
     name = name.strip()[:200]
     now = time.time()
     with store.transaction() as s:
         device = _get(s, mac)
         device.name, device.name_source = (name, "user") if name else (None, None)
         if name:
-            s.add(DeviceName(mac=device.mac, name=name, source="user", first_seen=now, last_seen=now))
+            # A name the owner gave before is one history row (unique per mac, source, name): seen again now.
+            earlier = s.scalar(
+                select(DeviceName).where(
+                    DeviceName.mac == device.mac, DeviceName.source == "user", DeviceName.name == name
+                )
+            )
+            if earlier is None:
+                s.add(DeviceName(mac=device.mac, name=name, source="user", first_seen=now, last_seen=now))
+            else:
+                earlier.last_seen = now
     store.bump_revision(DEVICES_REVISION)
 
 
