@@ -19,7 +19,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from gateway.store.db import Store
+from gateway.store.db import INT64_LIMIT, Store
 from gateway.store.schema import ApiToken, User
 
 ADMIN = "admin"
@@ -161,6 +161,9 @@ def list_tokens(store: Store, *, include_revoked: bool = False) -> list[ApiToken
 
 
 def revoke_token(store: Store, token_id: int) -> None:
+    """Raises ``TokenNotFound`` for an unknown or already revoked id, also for one no database row can have."""
+    if not 0 < token_id < INT64_LIMIT:  # the driver refuses such an integer with OverflowError
+        raise TokenNotFound(token_id)
     with store.transaction() as s:
         token = s.get(ApiToken, token_id)
         if token is None or token.revoked_at is not None:

@@ -118,6 +118,15 @@ def test_query_log_filters_and_pages(api):
     assert [q["qname"] for q in client.get(f"/api/v1/queries?mac={MAC}&q=c.oth").json] == ["c.other.net"]
 
 
+@pytest.mark.parametrize(
+    "before", [str(2**63), str(-(2**63) - 1), "9" * 5000, "abc"], ids=["2**63", "-2**63-1", "5000 digits", "text"]
+)
+def test_query_cursor_no_row_id_can_be_is_a_400(api, before):
+    client, _, _ = api
+    r = client.get(f"/api/v1/queries?before={before}")
+    assert r.status_code == 400 and "before" in r.json["error"]
+
+
 def test_summary_and_queries_over_time(api):
     client, _, _ = api
     s = client.get("/api/v1/summary").json

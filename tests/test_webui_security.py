@@ -232,6 +232,17 @@ def test_login_redirects_to_a_local_path_with_its_query(env):
     assert r.status_code == 302 and r.location == "/devices?q=//x"
 
 
+def test_query_cursor_and_token_id_beyond_64_bits_are_client_errors(env):
+    app, store, token_id = env
+    client = app.test_client()
+    csrf = _login(client)
+    assert client.get(f"/queries?before={2**63}").status_code == 400
+    assert client.get(f"/api/v1/queries?before={2**63}").status_code == 400
+    assert client.post(f"/settings/tokens/{2**63}/revoke", data={"csrf_token": csrf}).status_code == 404
+    assert client.delete(f"/api/v1/tokens/{2**63}", headers={"X-CSRF-Token": csrf}).status_code == 404
+    assert token_id in [t.id for t in accounts.list_tokens(store)]
+
+
 def test_security_headers_and_cookie_flags(env):
     app, _, _ = env
     client = app.test_client()

@@ -18,7 +18,7 @@ from gateway.devices import service
 from gateway.store import querylog
 from webui import views
 from webui.context import ctx
-from webui.pages import VERDICTS
+from webui.pages import VERDICTS, before_id
 from webui.security import api_error
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -120,7 +120,7 @@ def queries():  # noqa: ANN201
         search=args.get("q") or None,
         verdict=verdict,
         limit=args.get("limit", 100, type=int),
-        before_id=args.get("before", type=int),
+        before_id=before_id(),
     )
     return jsonify([views.query(q) for q in rows])
 

@@ -10,12 +10,28 @@ from gateway import accounts, overview, policies
 from gateway.alerts import recent_alerts
 from gateway.devices import service
 from gateway.store import querylog
+from gateway.store.db import INT64_LIMIT
 from webui import charts, views
 from webui.context import ctx
 
 bp = Blueprint("pages", __name__)
 PAGE_SIZE = 100
 VERDICTS = ("allowed", "blocked", "refused", "ratelimited")
+
+
+def before_id() -> int | None:
+    """The query log page's ``before`` cursor (a query id), or None; 400 for anything no row id can be, which
+    the database driver would otherwise refuse with an OverflowError (a 500)."""
+    raw = request.args.get("before", "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        abort(400, "before must be a query id")
+    if not -INT64_LIMIT <= value < INT64_LIMIT:
+        abort(400, "before is out of range")
+    return value
 
 
 @bp.get("/")
@@ -124,7 +140,7 @@ def queries():  # noqa: ANN201
     verdict = args.get("verdict") or None
     if verdict not in (None, *VERDICTS):
         abort(400)
-    before = args.get("before", type=int)
+    before = before_id()
     rows = querylog.recent(
         ctx().store,
         mac=(args.get("mac") or "").lower() or None,

@@ -16,6 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from gateway.store.schema import ConfigBase, QueryLogBase, Setting
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+# Integers SQLite and PostgreSQL's BIGINT can hold are below this (signed 64-bit); the drivers refuse larger ones.
+INT64_LIMIT = 2**63
 
 
 def querylog_url(url: str) -> str:
