@@ -82,6 +82,43 @@ def test_updates_label_and_forget(api):
     assert client.get("/api/v1/devices").json == []
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("", {"name": {"first": "evil"}}),
+        ("", {"name": ["x"]}),
+        ("", {"status": 1}),
+        ("", {"name": "x" * 201}),
+        ("/label", {"manufacturer": ["TP-Link"]}),
+        ("/label", {"device_type": 42}),
+        ("/label", {"category": {"x": 1}}),
+        ("/label", {"manufacturer": "x" * 20000}),
+        ("/label", {"category": "x" * 51}),
+        ("/label", {"manufacturer": "TP-Link", "vendor": "TP-Link"}),
+        ("/label", {}),
+    ],
+)
+def test_device_writes_refuse_wrong_types_long_texts_and_unknown_keys_and_keep_the_device(api, path, body):
+    client, store, _ = api
+    service.rename(store, MAC, "Plug")
+    service.label(store, MAC, manufacturer="TP-Link", device_type="hs110", category="plug")
+    before = client.get(f"/api/v1/devices/{MAC}").json
+    method = client.put if path else client.patch
+    r = method(f"/api/v1/devices/{MAC}{path}", json=body)
+    assert r.status_code == 400 and r.json["error"]
+    after = client.get(f"/api/v1/devices/{MAC}").json
+    assert (after["name"], after["status"], after["label"]) == (before["name"], before["status"], before["label"])
+
+
+def test_device_writes_take_null_as_clear_and_texts_at_their_limits(api):
+    client, _, _ = api
+    r = client.put(f"/api/v1/devices/{MAC}/label", json={"manufacturer": "m" * 100, "category": None})
+    assert r.status_code == 200
+    assert r.json["label"]["manufacturer"] == "m" * 100 and r.json["label"]["category"] is None
+    assert client.patch(f"/api/v1/devices/{MAC}", json={"name": "n" * 200}).json["name"] == "n" * 200
+    assert client.patch(f"/api/v1/devices/{MAC}", json={"name": None}).json["name"] != "n" * 200
+
+
 def test_renaming_back_to_an_earlier_name_keeps_one_history_row(api):
     client, store, _ = api
     for name in ("Kitchen plug", "Living room", "Kitchen plug"):

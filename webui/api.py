@@ -64,17 +64,18 @@ def device(mac: str):  # noqa: ANN201
 
 @bp.patch("/devices/<mac>")
 def device_update(mac: str):  # noqa: ANN201
-    """``{"name": "..."}`` renames (empty clears the user's name); ``{"status": "approved"}`` approves."""
+    """``{"name": "..."}`` renames (empty or null clears the user's name); ``{"status": "approved"}`` approves."""
     body = json_body()
     unknown = set(body) - {"name", "status"}
     if unknown or not body:
         return api_error(400, "expected an object with 'name' and/or 'status'")
+    fields = _texts(body, {"name": service.NAME_MAX, "status": None})  # set_status checks the status itself
     store = ctx().store
     try:
-        if "status" in body:
-            service.set_status(store, mac, str(body["status"]))
-        if "name" in body:
-            service.rename(store, mac, str(body["name"] or ""))
+        if "status" in fields:
+            service.set_status(store, mac, fields["status"])
+        if "name" in fields:
+            service.rename(store, mac, fields["name"])
     except service.NotFound:
         return api_error(404, f"no device {mac}")
     except ValueError as exc:
@@ -84,15 +85,20 @@ def device_update(mac: str):  # noqa: ANN201
 
 @bp.put("/devices/<mac>/label")
 def device_label(mac: str):  # noqa: ANN201
-    """Confirm or correct the identity: ``{"manufacturer", "device_type", "category"}``."""
+    """Confirm or correct the identity: ``{"manufacturer", "device_type", "category"}``; a field left out or
+    null is cleared."""
     body = json_body()
+    unknown = set(body) - set(service.LABEL_MAX)
+    if unknown or not body:
+        return api_error(400, "expected an object with 'manufacturer', 'device_type' and/or 'category'")
+    fields = _texts(body, service.LABEL_MAX)
     try:
         service.label(
             ctx().store,
             mac,
-            manufacturer=str(body.get("manufacturer") or ""),
-            device_type=str(body.get("device_type") or ""),
-            category=str(body.get("category") or ""),
+            manufacturer=fields.get("manufacturer", ""),
+            device_type=fields.get("device_type", ""),
+            category=fields.get("category", ""),
         )
     except service.NotFound:
         return api_error(404, f"no device {mac}")
@@ -167,6 +173,24 @@ def json_body() -> dict:
     if not isinstance(body, dict):
         abort(400, "expected a JSON object with Content-Type: application/json")
     return body
+
+
+def _texts(body: dict, limits: dict[str, int | None]) -> dict[str, str]:
+    """The fields of ``limits`` that ``body`` has, as text (null is ""). Aborts with 400 for any other JSON type
+    (its Python repr would be stored) or for a text longer than its limit, if it has one."""
+    out = {}
+    for key, limit in limits.items():
+        if key not in body:
+            continue
+        value = body[key]
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            abort(400, f"'{key}' must be a string or null")
+        if limit is not None and len(value.strip()) > limit:
+            abort(400, f"'{key}' is longer than {limit} characters")
+        out[key] = value
+    return out
 
 
 def _token(t) -> dict:  # noqa: ANN001 - an ApiToken

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
+from gateway.devices import service
+
 bp = Blueprint("openapi", __name__)
 
 _JSON = "application/json"
@@ -229,11 +231,21 @@ DOCUMENT: dict = {
             },
             "DeviceUpdate": {
                 "type": "object",
-                "properties": {"name": _STR, "status": {"enum": ["new", "quarantined", "approved"]}},
+                "minProperties": 1,
+                "additionalProperties": False,
+                "properties": {
+                    "name": {"type": ["string", "null"], "maxLength": service.NAME_MAX},
+                    "status": {"enum": list(service.STATUSES)},
+                },
             },
             "Label": {
                 "type": "object",
-                "properties": {"manufacturer": _STR, "device_type": _STR, "category": _STR},
+                "description": "a field left out or null is cleared",
+                "minProperties": 1,
+                "additionalProperties": False,
+                "properties": {
+                    key: {"type": ["string", "null"], "maxLength": limit} for key, limit in service.LABEL_MAX.items()
+                },
             },
             "Rule": {
                 "type": "object",

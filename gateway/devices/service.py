@@ -20,6 +20,9 @@ from gateway.store.schema import (
 
 STATUSES = ("new", "quarantined", "approved")
 DEVICES_REVISION = "devices_revision"  # bumped on every change made outside the daemon
+# The longest owner-given texts, as long as their columns (PostgreSQL refuses longer ones; SQLite would keep them).
+NAME_MAX = 200
+LABEL_MAX = {"manufacturer": 100, "device_type": 100, "category": 50}
 
 
 class NotFound(LookupError):
@@ -76,7 +79,7 @@ def get_device(store: Store, mac: str) -> DeviceDetail:
 
 def rename(store: Store, mac: str, name: str) -> None:
     """The owner's name for the device (an empty one clears it); every name given is kept in its history."""
-    name = name.strip()[:200]
+    name = name.strip()[:NAME_MAX]
     now = time.time()
     with store.transaction() as s:
         device = _get(s, mac)
@@ -108,9 +111,9 @@ def label(store: Store, mac: str, *, manufacturer: str, device_type: str, catego
     """The owner confirms or corrects the identity: these labels feed federated training."""
     with store.transaction() as s:
         device = _get(s, mac)
-        device.label_manufacturer = manufacturer.strip() or None
-        device.label_device_type = device_type.strip() or None
-        device.label_category = category.strip() or None
+        device.label_manufacturer = manufacturer.strip()[: LABEL_MAX["manufacturer"]] or None
+        device.label_device_type = device_type.strip()[: LABEL_MAX["device_type"]] or None
+        device.label_category = category.strip()[: LABEL_MAX["category"]] or None
         device.labelled_at = time.time()
     store.bump_revision(DEVICES_REVISION)
 
