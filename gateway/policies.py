@@ -31,6 +31,7 @@ MODES = ("default", "strict", "paused")
 STRICT_CHOICES = {"on": True, "off": False, "inherit": None}
 LISTS_DIR = "lists"  # under the state directory: fetched lists, and files the web UI may add
 MAX_REPORTED_ERRORS = 20
+MAX_FILE_NAME_BYTES = 255  # NAME_MAX of Linux file systems: a longer name is an OSError, not a missing file
 _LOCK_FILE = ".policy.lock"
 _SCHEDULE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # it goes into URLs and rule labels
 
@@ -289,13 +290,23 @@ def remove_list(state_dir: Path, list_id: str) -> None:
 
 
 def _local_list(state_dir: Path, path: str, any_path: bool) -> str:
+    """The list file's path as the policy stores it; ValueError (a 400 in the web UI) for a name that is not a
+    readable file, including one the OS would refuse outright (too long, or with a NUL)."""
     path = path.strip()
-    if any_path:
-        return str(Path(path).resolve())
-    if not path or "/" in path or "\\" in path or path.startswith("."):
-        raise ValueError(f"a local list is a file name in {lists_dir(state_dir)}, not a path")
-    if not (lists_dir(state_dir) / path).is_file():
-        raise ValueError(f"no file {path!r} in {lists_dir(state_dir)}")
+    shown = repr(path[:80]) + ("..." if len(path) > 80 else "")
+    try:
+        if any_path:
+            return str(Path(path).resolve())
+        if not path or "/" in path or "\\" in path or path.startswith("."):
+            raise ValueError(f"a local list is a file name in {lists_dir(state_dir)}, not a path")
+        if not path.isprintable():
+            raise ValueError(f"a list's file name has no control characters: {shown}")
+        if len(path.encode("utf-8", "surrogatepass")) > MAX_FILE_NAME_BYTES:
+            raise ValueError(f"a list's file name has at most {MAX_FILE_NAME_BYTES} bytes: {shown}")
+        if not (lists_dir(state_dir) / path).is_file():
+            raise ValueError(f"no file {shown} in {lists_dir(state_dir)}")
+    except OSError as exc:
+        raise ValueError(f"cannot use list file {shown}: {exc.strerror or exc}") from exc
     return f"{LISTS_DIR}/{path}"
 
 

@@ -151,6 +151,33 @@ def test_lists_schedules_and_quarantine_through_the_api(api, tmp_path):
     assert verdict["rule"] == "tag:device_plug block category=privacy list=ads"
 
 
+@pytest.mark.parametrize(
+    ("file", "message"),
+    [("x" * 300, "at most 255 bytes"), ("x" * 5000, "at most 255 bytes"), ("é" * 200, "at most 255 bytes"),
+     ("ads\x00.txt", "no control characters"), ("ads\n.txt", "no control characters")],
+    ids=["300", "5000", "400 bytes", "nul", "newline"],
+)
+def test_list_file_name_the_os_would_refuse_is_a_400_on_the_api_and_the_page(api, file, message):
+    app, state_dir, write, _ = api
+    (state_dir / "lists").mkdir(parents=True)
+    client = app.test_client()
+    r = client.post("/api/v1/policies/lists", json={"id": "l1", "file": file}, headers=write)
+    assert r.status_code == 400 and message in r.json["error"] and len(r.json["error"]) < 300
+    store = app.extensions["iotgw"].store
+    accounts.set_password(store, "correct horse battery")
+    client.get("/login")
+    with client.session_transaction() as sess:
+        token = sess["csrf_token"]
+    client.post("/login", data={"username": "admin", "password": "correct horse battery", "csrf_token": token})
+    with client.session_transaction() as sess:
+        token = sess["csrf_token"]
+    r = client.post("/policies/lists", data={"list_id": "l1", "file": file, "csrf_token": token})
+    assert r.status_code in (302, 400)
+    with client.session_transaction() as sess:
+        assert any(message in text for _, text in sess.get("_flashes", []))
+    assert not (state_dir / "policy.json").exists()
+
+
 def test_session_writes_need_the_csrf_header(api):
     app, state_dir, _, _ = api
     store = app.extensions["iotgw"].store
