@@ -67,6 +67,24 @@ def test_list_search_and_filter(api):
     assert counts == {MAC: (3, 1), "aa:bb:cc:00:00:02": (0, 0)}
 
 
+def test_device_list_comes_a_page_at_a_time_with_a_link_to_the_next(api):
+    client, store, _ = api
+    for i in range(2, 6):
+        add_device(store, f"aa:bb:cc:00:00:0{i}", hostname=f"h{i}", ip=f"192.168.1.{60 + i}")
+    seen, url = [], "/api/v1/devices?limit=2"
+    while url:
+        r = client.get(url)
+        assert r.status_code == 200 and len(r.json) <= 2
+        seen += [d["mac"] for d in r.json]
+        url = r.headers["Link"].split(">")[0].lstrip("<") if "Link" in r.headers else None
+    assert sorted(seen) == [f"aa:bb:cc:00:00:0{i}" for i in range(1, 6)]  # each device once, none left out
+    assert len(client.get("/api/v1/devices").json) == 5
+    assert len(client.get("/api/v1/devices?limit=0").json) == 1  # clamped to 1, like 10**30 to 1000
+    assert len(client.get(f"/api/v1/devices?limit={10**30}&offset={10**30}").json) == 0
+    assert client.get("/api/v1/devices?limit=all").status_code == 400
+    assert [d["mac"] for d in client.get("/api/v1/devices?q=h4&limit=1").json] == ["aa:bb:cc:00:00:04"]
+
+
 def test_updates_label_and_forget(api):
     client, store, _ = api
     r = client.patch(f"/api/v1/devices/{MAC}", json={"name": "Plug", "status": "quarantined"})

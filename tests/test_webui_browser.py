@@ -127,6 +127,21 @@ def test_log_in_watch_a_device_appear_rename_and_approve_it(served, page):
     assert page.dialogs == []
 
 
+def test_device_list_pages_with_a_more_link(served, page):
+    base, store = served
+    for i in range(1, 4):
+        add_device(store, f"aa:bb:cc:00:01:0{i}", hostname=f"dev{i}", ip=f"192.168.1.{60 + i}")
+    _login(page, base)
+    page.goto(base + "/devices?limit=2")
+    first = page.locator("#devices tbody tr").evaluate_all("rows => rows.map(r => r.dataset.mac)")
+    assert len(first) == 2
+    page.get_by_role("link", name="More devices").click()
+    page.wait_for_load_state()
+    second = page.locator("#devices tbody tr").evaluate_all("rows => rows.map(r => r.dataset.mac)")
+    assert sorted(first + second) == [f"aa:bb:cc:00:01:0{i}" for i in range(1, 4)]
+    assert page.get_by_role("link", name="More devices").count() == 0
+
+
 def test_an_unknown_device_offers_its_closest_matches_but_no_prefilled_guess(served, page):
     base, store = served
     mac = "aa:bb:cc:00:00:08"

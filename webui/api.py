@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 
-from flask import Blueprint, abort, jsonify, request
+from flask import Blueprint, abort, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
 from gateway import accounts, overview
@@ -18,7 +18,7 @@ from gateway.devices import service
 from gateway.store import querylog
 from webui import views
 from webui.context import ctx
-from webui.pages import VERDICTS, before_id
+from webui.pages import VERDICTS, before_id, device_page
 from webui.security import api_error
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -47,9 +47,15 @@ def devices():  # noqa: ANN201
     status = request.args.get("status") or None
     if status not in (None, *service.STATUSES):
         return api_error(400, f"status must be one of {', '.join(service.STATUSES)}")
+    limit, offset = device_page()
+    search = request.args.get("q") or None
+    found = service.list_devices(store, search=search, status=status, limit=limit + 1, offset=offset)
     counts = querylog.counts_since(store, time.time() - 86400)
-    found = service.list_devices(store, search=request.args.get("q") or None, status=status)
-    return jsonify([views.device(d, counts.get(d.mac)) for d in found])
+    response = jsonify([views.device(d, counts.get(d.mac)) for d in found[:limit]])
+    if len(found) > limit:  # the next page, as GitHub's API says it
+        args = {"q": search, "status": status, "limit": limit, "offset": offset + limit}
+        response.headers["Link"] = f'<{url_for("api.devices", **args)}>; rel="next"'
+    return response
 
 
 @bp.get("/devices/<mac>")

@@ -65,7 +65,13 @@ DOCUMENT: dict = {
         "/api/v1/stats/queries": {
             "get": _op("Queries and blocked queries per time bucket", params=("hours", "buckets"))
         },
-        "/api/v1/devices": {"get": _op("Devices, most recently seen first", params=("q", "status"))},
+        "/api/v1/devices": {
+            "get": _op(
+                "Devices, most recently seen first, a page at a time; when there are more, the Link header"
+                ' (rel="next") has the next page\'s URL, or ask again with offset=offset+limit',
+                params=("q", "status", "device_limit", "offset"),
+            )
+        },
         "/api/v1/devices/{mac}": {
             "get": _op(
                 "A device with identity, alternatives, signals, names and domain timeline",
@@ -192,6 +198,18 @@ DOCUMENT: dict = {
             },
             "before": {"name": "before", "in": "query", "schema": {"type": "integer"}},
             "limit": {"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 1000}},
+            "device_limit": {
+                "name": "limit",
+                "in": "query",
+                "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 200},
+                "description": "devices per page; a larger value is taken as 1000",
+            },
+            "offset": {
+                "name": "offset",
+                "in": "query",
+                "schema": {"type": "integer", "minimum": 0, "default": 0},
+                "description": "how many devices to skip",
+            },
             "hours": {"name": "hours", "in": "query", "schema": {"type": "integer", "default": 24}},
             "buckets": {"name": "buckets", "in": "query", "schema": {"type": "integer", "default": 24}},
         },

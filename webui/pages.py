@@ -16,6 +16,8 @@ from webui.context import ctx
 
 bp = Blueprint("pages", __name__)
 PAGE_SIZE = 100
+DEVICE_PAGE_SIZE = 200
+MAX_DEVICE_PAGE = 1000
 VERDICTS = ("allowed", "blocked", "refused", "ratelimited")
 
 
@@ -34,16 +36,33 @@ def before_id() -> int | None:
     return value
 
 
+def int_arg(name: str, default: int, low: int, high: int) -> int:
+    """An integer query argument clamped to [low, high]; 400 if it is not an integer at all."""
+    raw = request.args.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        abort(400, f"{name} must be an integer")
+    return max(low, min(value, high))
+
+
+def device_page() -> tuple[int, int]:
+    """``limit`` (default 200, at most 1000) and ``offset`` of a device list page."""
+    return int_arg("limit", DEVICE_PAGE_SIZE, 1, MAX_DEVICE_PAGE), int_arg("offset", 0, 0, INT64_LIMIT - 1)
+
+
 @bp.get("/")
 def dashboard():  # noqa: ANN201
     store = ctx().store
     now = time.time()
-    devices = service.list_devices(store)
+    new_devices = service.list_devices(store, status="new", limit=10)
     return render_template(
         "dashboard.html",
         summary=overview.summary(store, now),
         chart=charts.bars(overview.queries_over_time(store, now=now)),
-        new_devices=[views.device(d) for d in devices if d.status == "new"][:10],
+        new_devices=[views.device(d) for d in new_devices],
         alerts=[views.alert(a) for a in recent_alerts(store, 10)],
     )
 
@@ -55,14 +74,20 @@ def devices():  # noqa: ANN201
     status = request.args.get("status") or None
     if status not in (None, *service.STATUSES):
         abort(400)
+    limit, offset = device_page()
+    # One more than shown tells whether there is a next page.
+    found = service.list_devices(store, search=search, status=status, limit=limit + 1, offset=offset)
     counts = querylog.counts_since(store, time.time() - 86400)
     modes = policies.device_modes(policies.load(ctx().cfg.state_dir))
-    rows = [
-        views.device(d, counts.get(d.mac)) | {"mode": modes.get(d.mac, "default")}
-        for d in service.list_devices(store, search=search, status=status)
-    ]
+    rows = [views.device(d, counts.get(d.mac)) | {"mode": modes.get(d.mac, "default")} for d in found[:limit]]
     return render_template(
-        "devices.html", devices=rows, q=search or "", status=status or "", statuses=service.STATUSES
+        "devices.html",
+        devices=rows,
+        q=search or "",
+        status=status or "",
+        statuses=service.STATUSES,
+        limit=limit if limit != DEVICE_PAGE_SIZE else None,
+        more=offset + limit if len(found) > limit else None,
     )
 
 

@@ -39,8 +39,19 @@ class DeviceDetail:
     identifications: list[Identification]
 
 
-def list_devices(store: Store, *, search: str | None = None, status: str | None = None) -> list[Device]:
-    stmt = select(Device).order_by(Device.last_seen.desc())
+def list_devices(
+    store: Store,
+    *,
+    search: str | None = None,
+    status: str | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+) -> list[Device]:
+    """Devices, most recently seen first; ``limit`` and ``offset`` page through them (a LAN host spoofing MACs
+    can make thousands). Ties are ordered by MAC so that pages neither repeat nor skip one."""
+    stmt = select(Device).order_by(Device.last_seen.desc(), Device.mac)
+    if limit is not None:
+        stmt = stmt.limit(limit).offset(offset)
     if status:
         stmt = stmt.where(Device.status == status)
     if search:
