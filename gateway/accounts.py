@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from gateway.store.db import INT64_LIMIT, Store
@@ -101,6 +101,22 @@ def password_changed_at(store: Store, username: str) -> float | None:
     with store.session() as s:
         user = s.get(User, username)
         return user.password_changed_at if user else None
+
+
+def session_state(store: Store, username: str) -> tuple[float, int] | None:
+    """(password_changed_at, session_generation): a session remembers both at login and is refused once either
+    changes. None for an unknown user."""
+    with store.session() as s:
+        user = s.get(User, username)
+        return (user.password_changed_at, user.session_generation) if user else None
+
+
+def end_sessions(store: Store, username: str) -> None:
+    """Logout: every session of the user made so far stops working, a copied cookie included."""
+    with store.transaction() as s:
+        s.execute(
+            update(User).where(User.username == username).values(session_generation=User.session_generation + 1)
+        )
 
 
 def verify_login(store: Store, username: str, password: str, *, now: float | None = None) -> bool:

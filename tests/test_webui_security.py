@@ -209,6 +209,23 @@ def test_password_change_ends_other_sessions(env):
     assert other.get("/devices").status_code == 302
 
 
+def test_logout_ends_the_session_on_the_server_so_a_copied_cookie_stops_working(env):
+    app, _, _ = env
+    client = app.test_client()
+    csrf = _login(client)
+    copied = client.get_cookie("iotgw_session").value
+    assert client.post("/logout", data={"csrf_token": csrf}).status_code == 302
+    replay = app.test_client()
+    replay.set_cookie("iotgw_session", copied)
+    assert replay.get("/api/v1/summary").status_code == 401
+    r = replay.patch(f"/api/v1/devices/{MAC}", json={"name": "after-logout"}, headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 401
+    assert service.get_device(env[1], MAC).device.name == "plug"
+    again = app.test_client()
+    _login(again)  # a new login after the logout works
+    assert again.get("/api/v1/summary").status_code == 200
+
+
 @pytest.mark.parametrize(
     "next_url",
     ["//evil.example/x", "/%09/evil.example", "/%0d/evil.example", "/%0a/evil.example", "/%0d%0aSet-Cookie:%20x=1",

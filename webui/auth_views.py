@@ -6,7 +6,7 @@ import logging
 import time
 from urllib.parse import urlsplit
 
-from flask import Blueprint, redirect, render_template, request, session, url_for
+from flask import Blueprint, g, redirect, render_template, request, session, url_for
 
 from gateway import accounts
 from webui.context import ctx
@@ -39,6 +39,9 @@ def login():  # noqa: ANN201
 
 @bp.post("/logout")
 def logout():  # noqa: ANN201
+    """Ends the session on the server too (every session of the user), so a copied cookie stops working."""
+    if g.principal is not None and g.principal.token_id is None:
+        accounts.end_sessions(ctx().store, g.principal.name)
     session.clear()
     return redirect(url_for("auth.login"))
 

@@ -67,7 +67,8 @@ def start_session(username: str) -> None:
     session.clear()
     session.permanent = True
     session["user"] = username
-    session["pwd_at"] = accounts.password_changed_at(ctx().store, username)
+    state = accounts.session_state(ctx().store, username)
+    session["pwd_at"], session["gen"] = state if state else (None, None)
     session["login_at"] = time.time()
     csrf_token()
 
@@ -138,9 +139,9 @@ def _session_principal() -> accounts.Principal | None:
     user = session.get("user")
     if not user:
         return None
-    changed_at = accounts.password_changed_at(ctx().store, user)
-    # A password change ends every older session; the signed cookie alone would otherwise live on.
-    if changed_at is None or session.get("pwd_at") != changed_at:
+    state = accounts.session_state(ctx().store, user)
+    # A password change or a logout ends every older session; the signed cookie alone would otherwise live on.
+    if state is None or (session.get("pwd_at"), session.get("gen")) != state:
         return None
     if time.time() - session.get("login_at", 0) > SESSION_LIFETIME_S:
         return None

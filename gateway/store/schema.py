@@ -183,6 +183,9 @@ class User(ConfigBase):
     password_changed_at: Mapped[float] = mapped_column(Float)
     failed_logins: Mapped[int] = mapped_column(Integer, default=0)
     locked_until: Mapped[float | None] = mapped_column(Float)
+    # Bumped at logout: a session remembers it at login and is refused once it differs (the cookie is signed,
+    # not stored, so without this a copied cookie would outlive the logout).
+    session_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class ApiToken(ConfigBase):
