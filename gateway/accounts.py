@@ -96,13 +96,6 @@ def set_initial_password(store: Store, password: str, username: str = ADMIN) -> 
     return True
 
 
-def password_changed_at(store: Store, username: str) -> float | None:
-    """Sessions remember this value at login and are refused once it changes."""
-    with store.session() as s:
-        user = s.get(User, username)
-        return user.password_changed_at if user else None
-
-
 def session_state(store: Store, username: str) -> tuple[float, int] | None:
     """(password_changed_at, session_generation): a session remembers both at login and is refused once either
     changes. None for an unknown user."""
