@@ -6,8 +6,8 @@ import pytest
 from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.dns import DNS, DNSQR
 from scapy.layers.inet import IP, UDP
-from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
-from scapy.utils import wrpcap
+from scapy.layers.l2 import CookedLinux, Dot1AD, Dot1Q, Ether
+from scapy.utils import PcapNgWriter, PcapWriter, wrpcap
 
 from gateway.capture.frames import MalformedPacket, parse_frame
 from gateway.capture.pcap import PcapError, read_frames
@@ -76,3 +76,68 @@ def test_not_a_pcap_names_the_file(tmp_path):
     bad.write_bytes(b"this is not a capture at all")
     with pytest.raises(PcapError, match="bad.pcap"):
         list(read_frames(bad))
+
+
+def _dns_frames(n: int) -> list[Ether]:
+    frames = [Ether(src=MAC) / IP(src="10.0.0.7", dst="10.0.0.1") / UDP(sport=40000 + i, dport=53)
+              / DNS(rd=1, qd=DNSQR(qname=f"q{i}.example.org")) for i in range(n)]
+    for i, frame in enumerate(frames):
+        frame.time = 1700000000.25 + 0.5 * i
+    return frames
+
+
+def test_a_nanosecond_pcap_gives_the_recorded_times(tmp_path):
+    pcap = tmp_path / "nano.pcap"
+    writer = PcapWriter(str(pcap), nano=True, linktype=1)
+    for frame in _dns_frames(3):
+        writer.write(frame)
+    writer.close()
+    times = [ts for ts, _ in read_frames(pcap)]
+    assert times == pytest.approx([1700000000.25, 1700000000.75, 1700000001.25], rel=0, abs=1e-6)
+
+
+def test_a_pcapng_that_is_not_ethernet_is_refused_naming_the_file(tmp_path):
+    pcapng = tmp_path / "cooked.pcapng"  # what `dumpcap -i any` writes: Linux cooked (SLL) frames
+    writer = PcapNgWriter(str(pcapng))
+    writer.write(CookedLinux(pkttype=0, lladdrtype=1, lladdrlen=6, src=bytes.fromhex("50c7bf0000010000"),
+                             proto=0x0800) / IP(src="10.0.0.7", dst="10.0.0.1") / UDP(sport=4000, dport=53)
+                 / DNS(rd=1, qd=DNSQR(qname="a.example.org")))
+    writer.close()
+    with pytest.raises(PcapError, match=r"cooked.pcapng: link type 113 is not Ethernet"):
+        list(read_frames(pcapng))
+
+
+def test_a_pcap_record_longer_than_the_snaplen_is_corrupt_after_the_frames_before_it(tmp_path):
+    pcap = tmp_path / "huge.pcap"
+    wrpcap(str(pcap), _dns_frames(3))
+    data = bytearray(pcap.read_bytes())
+    third = 24 + 2 * (16 + len(bytes(_dns_frames(3)[0])))  # every frame here has the same length
+    data[third + 8 : third + 16] = (0x7FFFFFFF).to_bytes(4, "little") * 2  # caplen and wirelen
+    pcap.write_bytes(bytes(data))
+    got = []
+    with pytest.raises(PcapError, match=r"huge.pcap: corrupt record 3: 2147483647 bytes"):
+        for ts, _ in read_frames(pcap):
+            got.append(ts)
+    assert got == pytest.approx([1700000000.25, 1700000000.75], rel=0, abs=1e-6)
+
+
+def test_a_pcapng_cut_inside_a_block_is_corrupt_after_the_frames_before_it(tmp_path):
+    pcapng = tmp_path / "cut.pcapng"
+    writer = PcapNgWriter(str(pcapng))
+    for frame in _dns_frames(3):
+        writer.write(frame)
+    writer.close()
+    whole = pcapng.read_bytes()
+    pcapng.write_bytes(whole[:-10])
+    got = []
+    with pytest.raises(PcapError, match="cut.pcapng: corrupt record"):
+        for ts, _ in read_frames(pcapng):
+            got.append(ts)
+    assert got == pytest.approx([1700000000.25, 1700000000.75], rel=0, abs=1e-6)
+
+
+def test_a_pcap_whose_last_record_is_cut_short_keeps_the_frames_before_it(tmp_path):
+    pcap = tmp_path / "cut.pcap"
+    wrpcap(str(pcap), _dns_frames(3))
+    pcap.write_bytes(pcap.read_bytes()[:-10])
+    assert [ts for ts, _ in read_frames(pcap)] == pytest.approx([1700000000.25, 1700000000.75], rel=0, abs=1e-6)
