@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway import cli
+from gateway.capture.pcap import read_frames
 from gateway.capture.windows import capture_windows
 from gateway.demo import demo_mac
 from identifier.bundle import DEFAULT_DIR, Bundle, BundleError, Thresholds
@@ -96,6 +97,24 @@ def test_corrupt_pcap_is_named_and_the_others_still_processed(iotgw, tmp_path):
     assert code != 0
     assert str(bad) in err
     assert any(r["mac"] == mac and r["device_type"] == "HueBridge" for r in rows)
+
+
+@needs_data
+def test_a_capture_corrupt_part_way_is_named_and_the_devices_before_the_damage_still_answered(iotgw, tmp_path):
+    import struct
+
+    good, mac = first_capture("HueBridge")
+    data = bytearray(good.read_bytes())
+    off = 24
+    for _ in range(len(list(read_frames(good))) - 1):  # to the last record, long after the bridge's first packets
+        off += 16 + struct.unpack_from("<I", data, off + 8)[0]
+    struct.pack_into("<II", data, off + 8, 0x7FFFFFFF, 0x7FFFFFFF)  # caplen and wirelen: impossible
+    damaged = tmp_path / "damaged.pcap"
+    damaged.write_bytes(bytes(data))
+    code, rows, err = iotgw("identify", "--json", str(damaged), str(good))
+    assert code != 0 and f"{damaged}: corrupt record" in err
+    assert any(r["source"] == str(damaged) and r["mac"] == mac for r in rows)
+    assert any(r["source"] == str(good) and r["mac"] == mac for r in rows)
 
 
 @needs_data

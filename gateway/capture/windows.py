@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.capture.frames import MalformedPacket, parse_frame
-from gateway.capture.pcap import read_frames
+from gateway.capture.pcap import PcapError, read_frames
 from gateway.observations import to_observation
 from identifier.dataset import LabelledWindow, read_labels
 from identifier.observation import (
@@ -31,17 +31,29 @@ class DeviceWindow:
 class CaptureWindows:
     devices: dict[str, DeviceWindow]
     malformed: int  # frames dropped because their DNS/DHCP/mDNS payload did not decode
+    error: str | None = None  # with ``keep_partial``: why the file was not read to its end (names the file)
 
 
-def capture_windows(path: str | Path, window: float | None = None) -> CaptureWindows:
+def capture_windows(path: str | Path, window: float | None = None, keep_partial: bool = False) -> CaptureWindows:
     """Every device MAC that sent at least one packet in ``path``, with its observations.
 
     Only the first ``window`` seconds after each device's first packet are kept (all when None).
-    Raises ``gateway.capture.pcap.PcapError`` naming the file when it cannot be read.
+    Raises ``gateway.capture.pcap.PcapError`` naming the file when it cannot be read; with ``keep_partial``, a
+    file corrupt part-way instead gives what was read before the damage and the error in ``error``, as replay
+    does (training leaves it off: half a capture is not a labelled window).
     """
     devices: dict[str, DeviceWindow] = {}
     malformed = 0
-    for ts, frame in read_frames(path):
+    frames = read_frames(path)
+    while True:
+        try:
+            ts, frame = next(frames)
+        except StopIteration:
+            break
+        except PcapError as exc:
+            if not keep_partial:
+                raise
+            return CaptureWindows(devices, malformed, str(exc))
         try:
             events = parse_frame(frame, ts, others=True, source="replay")
         except MalformedPacket:

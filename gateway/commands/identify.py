@@ -120,11 +120,14 @@ def cmd_identify(args: argparse.Namespace) -> int:
 
     for path in args.pcaps:
         try:
-            windows = capture_windows(path, args.window)
+            windows = capture_windows(path, args.window, keep_partial=True)
         except (PcapError, OSError) as exc:
             print(f"iotgw identify: {exc if str(path) in str(exc) else f'{path}: {exc}'}", file=sys.stderr)
             failed += 1
             continue
+        if windows.error:  # corrupt part-way: devices seen before the damage are still answered, as replay does
+            print(f"iotgw identify: {windows.error}", file=sys.stderr)
+            failed += 1
         if windows.malformed:  # counted and dropped; the rest of the capture still counts
             print(f"iotgw identify: {path}: {windows.malformed} malformed frames dropped", file=sys.stderr)
         for mac, dev in windows.devices.items():
