@@ -38,6 +38,17 @@ def test_dhcp_request_gives_fingerprint_and_address():
     assert AddressSeen(1.0, MAC, "10.0.0.9", "dhcp") in events
 
 
+@pytest.mark.parametrize("message_type", ["decline", "release"])
+def test_a_dhcp_decline_or_release_maps_no_address_to_the_client(message_type):
+    # a DECLINE's option 50 is an address the client found in use by another host; a RELEASE gives one up
+    opts = [("message-type", message_type), ("requested_addr", "10.0.0.9"), ("server_id", "10.0.0.1"), "end"]
+    frame = bytes(Ether(src=MAC, dst="ff:ff:ff:ff:ff:ff") / IP(src="0.0.0.0", dst="255.255.255.255")
+                  / UDP(sport=68, dport=67) / BOOTP(chaddr=bytes.fromhex(MAC.replace(":", ""))) / DHCP(options=opts))
+    events = parse_frame(frame, 1.0)
+    assert [type(e) for e in events] == [DhcpSeen]
+    assert events[0].message_type == {"decline": 4, "release": 7}[message_type]
+
+
 @pytest.mark.parametrize("payload", [b"\x00", b"\xff" * 11, b"\x12\x34\x01\x00\x00\x05" + b"\x00" * 4])
 def test_garbage_dns_payload_is_malformed(payload):
     frame = bytes(Ether(src=MAC) / IP(src="10.0.0.7") / UDP(sport=1000, dport=53) / payload)

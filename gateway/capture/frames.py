@@ -24,6 +24,9 @@ DNS_PORT = 53
 MDNS_PORT = 5353
 DHCP_PORTS = (67, 68)
 _MAGIC = b"\x63\x82\x53\x63"
+# DHCP message types whose address (ciaddr or option 50) is the client's own: DISCOVER, REQUEST, INFORM.
+# A DECLINE names an address another host was found using, and a RELEASE gives one up: neither maps it.
+_CLAIMS_ADDRESS = (1, 3, 8)
 
 
 class MalformedPacket(ValueError):
@@ -243,7 +246,7 @@ def _dhcp(payload: bytes, ts: float, mac: str) -> list[Event]:
         message_type=opts[53][0] if opts.get(53) else None,
     )
     events: list[Event] = [seen]
-    if ip:
+    if ip and seen.message_type in _CLAIMS_ADDRESS:
         events.append(AddressSeen(ts, chaddr, ip, "dhcp"))
     return events
 
