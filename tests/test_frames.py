@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from scapy.layers.dhcp import BOOTP, DHCP
-from scapy.layers.dns import DNS, DNSQR
+from scapy.layers.dns import DNS, DNSQR, DNSRR
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import CookedLinux, Dot1AD, Dot1Q, Ether
 from scapy.utils import PcapNgWriter, PcapWriter, wrpcap
@@ -80,6 +80,30 @@ def test_real_capture_hue_bridge_dhcp_dns_and_mdns():
     assert any(isinstance(e, DhcpSeen) and e.mac == mac and e.hostname == "Philips-hue" for e in events)
     assert any(isinstance(e, DnsQuery) and e.sld == "meethue.com" for e in events)
     assert any(isinstance(e, MdnsSeen) and "_hap._tcp.local" in e.services for e in events)
+
+
+def test_an_mdns_querys_known_answers_are_not_credited_to_the_asker():
+    # RFC 6762 7.1: a query's answer section lists records the asker cached from other hosts
+    query = (Ether(src=MAC, dst="01:00:5e:00:00:fb") / IP(src="10.0.0.20", dst="224.0.0.251")
+             / UDP(sport=5353, dport=5353)
+             / DNS(qr=0, qd=[DNSQR(qname="_hap._tcp.local", qtype="PTR"), DNSQR(qname="lamp.local", qtype="A")],
+                   an=[DNSRR(rrname="_hap._tcp.local", type="PTR", ttl=4500, rdata="Lamp._hap._tcp.local"),
+                       DNSRR(rrname="lamp.local", type="A", ttl=120, rdata="10.0.0.60"),
+                       DNSRR(rrname="_airplay._tcp.local", type="PTR", ttl=4500, rdata="TV._airplay._tcp.local")]))
+    events = parse_frame(bytes(query), 1.0)
+    assert events == [MdnsSeen(1.0, MAC, "10.0.0.20", (), ("_hap._tcp.local",)),
+                      AddressSeen(1.0, MAC, "10.0.0.20", "packet")]
+
+
+def test_an_mdns_probe_credits_its_authority_records_and_a_response_its_answers():
+    probe = (Ether(src=MAC) / IP(src="10.0.0.20", dst="224.0.0.251") / UDP(sport=5353, dport=5353)
+             / DNS(qr=0, qd=[DNSQR(qname="plug-1.local", qtype=255)],
+                   ns=[DNSRR(rrname="plug-1.local", type="A", ttl=120, rdata="10.0.0.20")]))
+    response = (Ether(src=MAC) / IP(src="10.0.0.20", dst="224.0.0.251") / UDP(sport=5353, dport=5353)
+                / DNS(qr=1, aa=1, an=[DNSRR(rrname="plug-1.local", type="A", ttl=120, rdata="10.0.0.20")]))
+    for frame in (probe, response):
+        (seen, _) = parse_frame(bytes(frame), 1.0)
+        assert seen.names == ("plug-1.local",)
 
 
 def test_not_a_pcap_names_the_file(tmp_path):

@@ -179,7 +179,10 @@ def _mdns(payload: bytes, ts: float, mac: str, ip: str | None) -> list[Event]:
         raise MalformedPacket(f"mDNS: {exc}") from exc
     names: list[str] = []
     services: list[str] = []
-    for rr in [*msg.rr, *msg.ar, *msg.auth]:
+    # A query's answer section holds known answers, records the asker cached from other hosts (RFC 6762 7.1);
+    # its questions and a probe's authority records are its own.
+    answers = msg.rr if msg.header.qr else []
+    for rr in [*answers, *msg.ar, *msg.auth]:
         rname = _name(rr.rname)
         if rr.rtype in (dnslib.QTYPE.A, dnslib.QTYPE.AAAA) and rname not in names:
             names.append(rname)
