@@ -14,14 +14,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from gateway import sdnotify
 from gateway.alerts import Alerts, PolicyHooks
 from gateway.config import Config
 from gateway.devices.neighbours import NeighbourTable
 from gateway.devices.service import confirmed_types
-from gateway.devices.tracker import Change, DeviceTracker
+from gateway.devices.tracker import Change, DeviceTracker, TrackerBatch
 from gateway.events import Alert, Counters, DnsQuery, Event
 from gateway.filtering import Filtering
 from gateway.observations import to_observation
@@ -329,6 +329,12 @@ class Gateway:
                 self._restore(batch)
                 self._store_error("device changes", exc)
                 continue
+            except SQLAlchemyError:  # a row the database refuses (DataError...): it must not cost the others
+                self.counters.add("flush_errors")
+                log.exception("flush failed; writing each device's changes on their own")
+                gone, refused = await asyncio.to_thread(self._write_apart, batch)
+                for part in refused:  # its rows are dropped; its device is written again at the next flush
+                    self.tracker.restore(TrackerBatch(part.devices, {}, [], [], [], [], part.generation))
             except Exception:
                 self.counters.add("flush_errors")
                 log.exception("flush failed")
@@ -367,6 +373,24 @@ class Gateway:
         self._changed_windows.clear()
         snapshot += [(k, start, obs) for k, start, obs in windows]
         return self.tracker.take(), identities, snapshot
+
+    def _write_apart(self, batch: tuple) -> tuple[set[str], list[TrackerBatch]]:
+        """Write a batch the store refused as a whole one device at a time (in a worker thread), so a row the
+        database rejects loses only its own device's changes. Returns the devices found deleted and the
+        tracker parts that were refused."""
+        tracked, identities, windows = batch
+        gone: set[str] = set()
+        refused: list[TrackerBatch] = []
+        for key in tracked.keys() | {i[0] for i in identities} | {w[0] for w in windows}:
+            part = tracked.part(key)
+            try:
+                mine = [i for i in identities if i[0] == key], [w for w in windows if w[0] == key]
+                gone |= self._write((part, *mine))
+            except SQLAlchemyError:
+                self.counters.add("flush_errors")
+                log.exception("device %s: changes refused by the store, dropped", key)
+                refused.append(part)
+        return gone, refused
 
     def _write(self, batch: tuple) -> set[str]:
         """Store one flush's batch (in a worker thread); returns the devices found deleted meanwhile."""

@@ -230,6 +230,35 @@ def test_a_device_deleted_in_the_web_ui_is_forgotten_and_comes_back_as_new(tmp_p
         eventually(lambda: [a.mac for a in recent_alerts(gw.store, kind="new_device")].count(mac) == 2)
 
 
+def test_a_row_the_database_refuses_loses_only_its_own_devices_changes(tmp_path, upstream):
+    from sqlalchemy import text
+
+    good, refused = "02:aa:bb:cc:dd:0a", "02:aa:bb:cc:dd:0b"
+    with RunningGateway(tmp_path, upstream) as gw:
+        with gw.store.transaction() as s:  # a refusal that is no full disk (an IntegrityError, not Operational)
+            s.execute(text("CREATE TRIGGER refuse BEFORE INSERT ON device_names WHEN NEW.name = 'refused-name' "
+                           "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"))
+        frames = []
+        for mac, ip, name in ((good, "127.0.0.81", "good-name"), (refused, "127.0.0.82", "refused-name")):
+            frames.append(Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") / IP(src="0.0.0.0", dst="255.255.255.255")
+                          / UDP(sport=68, dport=67) / BOOTP(chaddr=bytes.fromhex(mac.replace(":", "")))
+                          / DHCP(options=[("message-type", "request"), ("requested_addr", ip),
+                                          ("hostname", name.encode()), "end"]))
+        # one ingest: both devices are in the same flush
+        gw.gateway.ingest([e for frame in frames for e in parse_frame(bytes(frame), time.time())])
+        detail = eventually(lambda: get_device(gw.store, good))
+        assert [n.name for n in detail.names] == ["good-name"] and [a.ip for a in detail.addresses] == ["127.0.0.81"]
+        eventually(lambda: get_device(gw.store, refused))  # its device row is written, its refused name dropped
+        assert get_device(gw.store, refused).names == []
+        assert gw.gateway.counters.get("flush_errors") >= 1
+        gw.ask("www.example.test", "127.0.0.81")
+        gw.ask("www.example.test", "127.0.0.82")
+        eventually(lambda: len(recent(gw.store, mac=refused)) == 1)
+        # neither was taken for deleted by the owner
+        assert {good, refused} <= set(gw.gateway.tracker.devices)
+        assert {good, refused} <= {d.mac for d in list_devices(gw.store)}
+
+
 def test_a_device_deleted_between_flushes_is_not_written_back(tmp_path):
     """The race the refresh loop cannot close alone: traffic after the delete, flushed before it is noticed."""
     from gateway.devices.service import forget

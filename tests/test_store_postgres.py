@@ -130,6 +130,37 @@ def test_devices_tracked_merged_renamed_and_forgotten(store):
     assert store.bump_revision("devices_revision") >= 2
 
 
+@pytest.mark.parametrize("options", [
+    [("param_req_list", list(range(100, 200)))],  # legal, and 400 characters as "100,101,..."
+    [("hostname", b"cam\x00era"), ("vendor_class_id", b"udhcp\x001.2")],  # PostgreSQL refuses NUL in text
+    [("hostname", b"h" * 150), ("hostname", b"h" * 150)],  # RFC 3396: a 300-byte name in two option 12s
+], ids=["long-param-list", "nul", "split-hostname"])
+def test_a_hostile_dhcp_request_loses_no_other_devices_changes(store, options):
+    from scapy.layers.dhcp import BOOTP, DHCP
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    from gateway.capture.frames import parse_frame
+
+    ordinary, hostile = "02:aa:00:00:03:01", "02:aa:00:00:03:02"
+    frame = bytes(Ether(src=hostile, dst="ff:ff:ff:ff:ff:ff") / IP(src="0.0.0.0", dst="255.255.255.255")
+                  / UDP(sport=68, dport=67) / BOOTP(chaddr=bytes.fromhex(hostile.replace(":", "")))
+                  / DHCP(options=[("message-type", "request"), *options, "end"]))
+    tracker = DeviceTracker(store)
+    tracker.observe(DnsQuery(1.0, "10.9.3.1", ordinary, "www.example.com", 1, "example.com"))
+    for event in parse_frame(frame, 2.0):
+        tracker.observe(event)
+    tracker.flush()
+    assert {ordinary, hostile} <= {d.mac for d in list_devices(store)}
+    (fingerprint,) = get_device(store, hostile).fingerprints
+    assert all(len(v or "") <= 255 and "\x00" not in (v or "")
+               for v in (fingerprint.hostname, fingerprint.param_list, fingerprint.vendor_class))
+    tracker.observe(DnsQuery(60.0, "10.9.3.1", ordinary, "www.example.com", 1, "example.com"))
+    assert tracker.write(tracker.take()) == set()  # nobody is taken for deleted by the owner
+    forget(store, ordinary)
+    forget(store, hostile)
+
+
 def test_query_log_written_read_counted_and_pruned(store):
     writer = QueryLogWriter(store, days=1, max_rows=30)
     now = time.time()

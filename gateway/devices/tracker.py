@@ -34,6 +34,20 @@ log = logging.getLogger(__name__)
 NAME_RANK = {"user": 0, "dhcp": 1, "mdns": 2, "rdns": 3}
 
 
+def clean_text(value: str | None, limit: int = 255) -> str | None:
+    """``value`` without control characters (PostgreSQL refuses NUL) and cut to ``limit`` characters (the
+    column's size): a device chooses these strings, and one hostile value must not fail a whole batch."""
+    if value is None:
+        return None
+    return "".join(ch for ch in value if ch.isprintable())[:limit] or None
+
+
+def _param_list(codes: tuple[int, ...]) -> str:
+    """Option 55 as "1,3,6", cut after the last whole code that fits its column (a client may ask for 255)."""
+    text = ",".join(map(str, codes))
+    return text if len(text) <= 255 else text[:256].rsplit(",", 1)[0]
+
+
 def address_key(ip: str) -> str:
     """The key of a client whose MAC cannot be known (loopback, routed): merged into a MAC when one maps."""
     return f"ip:{ip}"
@@ -69,6 +83,23 @@ class TrackerBatch:
     def empty(self) -> bool:
         return not (self.devices or self.addresses or self.names or self.fingerprints or self.services
                     or self.merges)
+
+    def keys(self) -> set[str]:
+        """Every device this batch changes something of."""
+        return ({d[0] for d in self.devices} | {v[0] for v in self.addresses.values()} | {m[1] for m in self.merges}
+                | {row["mac"] for rows in (self.names, self.fingerprints, self.services) for row in rows})
+
+    def part(self, key: str) -> TrackerBatch:
+        """Only ``key``'s changes (a merge goes with the device it merges into), to be written on their own."""
+        return TrackerBatch(
+            devices=[d for d in self.devices if d[0] == key],
+            addresses={ip: v for ip, v in self.addresses.items() if v[0] == key},
+            names=[r for r in self.names if r["mac"] == key],
+            fingerprints=[r for r in self.fingerprints if r["mac"] == key],
+            services=[r for r in self.services if r["mac"] == key],
+            merges=[m for m in self.merges if m[1] == key],
+            generation=self.generation,
+        )
 
 
 @dataclass
@@ -126,15 +157,15 @@ class DeviceTracker:
             if event.hostname:
                 changes += self._name(mac, event.hostname, "dhcp", ts)
             self._pending_fingerprints.append(
-                dict(mac=mac, first_seen=ts, hostname=event.hostname,
-                     param_list=",".join(map(str, event.param_list)), vendor_class=event.vendor_class,
-                     client_id=event.client_id)
+                dict(mac=mac, first_seen=ts, hostname=clean_text(event.hostname),
+                     param_list=_param_list(event.param_list), vendor_class=clean_text(event.vendor_class),
+                     client_id=clean_text(event.client_id))
             )
         elif isinstance(event, MdnsSeen):
             for name in event.names:
                 if name.endswith(".local") and "._" not in name:  # a host name, not a service instance
                     changes += self._name(mac, name.removesuffix(".local"), "mdns", ts)
-            for service in event.services:
+            for service in filter(None, map(clean_text, event.services)):
                 self._pending_services.append(dict(mac=mac, service=service, first_seen=ts))
         elif isinstance(event, PacketSeen) and event.ip:
             changes += self._map(event.ip, mac, "packet", ts)
@@ -175,7 +206,7 @@ class DeviceTracker:
                 self.ip_to_key[ip] = mac
 
     def _name(self, mac: str, name: str, source: str, ts: float) -> list[Change]:
-        name = "".join(ch for ch in name if ch.isprintable())[:200]  # stored as given; shown as text
+        name = clean_text(name, 200)  # Device.name's size; shown as text
         if not name:
             return []
         dev = self.devices[mac]
