@@ -43,6 +43,16 @@ def test_querylog_batches_and_prunes_by_age_and_size(tmp_path):
     assert recent(store, limit=1)[0].qname == "n79.example.com"
 
 
+def test_querylog_recent_clamps_a_negative_or_huge_limit(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'iotgw.sqlite'}")
+    writer = QueryLogWriter(store)
+    writer.add(_queries(1005))
+    writer.flush()
+    assert len(recent(store, limit=-1)) == 1  # SQLite reads LIMIT -1 as no limit
+    assert len(recent(store, limit=0)) == 1
+    assert len(recent(store, limit=5000)) == 1000
+
+
 def _queries(n: int, start: int = 0):
     now = time.time()
     return [DnsQuery(now, "10.0.0.2", "02:00:00:00:00:01", f"n{i}.example.com", 1, "example.com")

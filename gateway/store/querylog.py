@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from operator import attrgetter
 
 from sqlalchemy import Integer, delete, func, select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from gateway.events import DnsQuery
 from gateway.store.db import Store
@@ -19,6 +19,21 @@ from gateway.store.schema import Query
 log = logging.getLogger(__name__)
 _COLUMNS = DnsQuery.__slots__  # the same names, in the same order, as the columns of ``queries``
 _row = attrgetter(*_COLUMNS)  # one C call per query gives its row as a tuple
+# The text columns a query's content can overflow (dnslib spells an unprintable byte as \ddd, so a legal 228-byte
+# name is 770 characters), as (position in the row, column length). PostgreSQL refuses an over-long value.
+_BOUNDED = tuple((i, Query.__table__.c[name].type.length) for i, name in enumerate(_COLUMNS)
+                 if name in ("qname", "sld", "rule"))
+
+
+def _fit(row: tuple) -> tuple:
+    """The row with its names cut to their columns' sizes, so one long name cannot fail a whole batch."""
+    if all(row[i] is None or len(row[i]) <= n for i, n in _BOUNDED):
+        return row
+    cells = list(row)
+    for i, n in _BOUNDED:
+        if cells[i] is not None:
+            cells[i] = cells[i][:n]
+    return tuple(cells)
 
 
 class QueryLogWriter:
@@ -30,8 +45,9 @@ class QueryLogWriter:
     per row than answering the query did. At most ``max_buffer`` rows wait in memory (about 200 bytes each);
     beyond that new rows are dropped and counted (``dropped``), which only a flood far beyond what the writer
     keeps up with (>50k rows/s), or a full disk, ever reaches. When the disk is full the batch is kept within
-    that bound and the error is logged once; writing resumes when space returns. A crash loses at most one
-    interval.
+    that bound and the error is logged once; writing resumes when space returns. A row the database refuses
+    (PostgreSQL and a NUL character) is logged and dropped alone, counted in ``rejected``; the rest of its batch
+    is written. A crash loses at most one interval.
     """
 
     def __init__(self, store: Store, *, flush_interval_s: float = 2.0, days: int = 90, max_rows: int = 2_000_000,
@@ -52,11 +68,12 @@ class QueryLogWriter:
         self._last_prune = 0.0
         self.written = 0
         self.dropped = 0
+        self.rejected = 0
 
     def add(self, queries: Iterable[DnsQuery]) -> int:
         """Queue queries for the next write; returns how many were dropped because the buffer is full.
         Thread-safe, one lock round per call: pass many at once."""
-        rows = list(map(_row, queries))
+        rows = [_fit(_row(q)) for q in queries]
         dropped = 0
         with self._lock:
             room = max(0, self.max_buffer - len(self._buffer))
@@ -82,25 +99,62 @@ class QueryLogWriter:
         self.flush()
 
     def flush(self) -> int:
+        """Write what is waiting; returns how many rows were written."""
         with self._lock:
             batch, self._buffer = self._buffer, []
         if not batch:
             return 0
         try:
-            with self.store.querylog_engine.begin() as conn:
-                conn.exec_driver_sql(self._insert, batch)
+            self._write(batch)
         except OperationalError as exc:
-            with self._lock:  # keep the rows for the next try, oldest first, within the bound
-                self._buffer = (batch + self._buffer)[-self.max_buffer :]
-            if not self._failing:
-                log.error("query log: cannot write (%s); DNS keeps answering, rows are kept in memory", exc.orig)
-                self._failing = True
+            self._keep(batch, exc)
             return 0
-        if self._failing:
+        except SQLAlchemyError:
+            written = self._write_without_refused_rows(batch)
+        else:
+            written = len(batch)
+        if self._failing and written:
             log.info("query log: writing again")
             self._failing = False
-        self.written += len(batch)
-        return len(batch)
+        self.written += written
+        return written
+
+    def _write(self, rows: list[tuple]) -> None:
+        with self.store.querylog_engine.begin() as conn:
+            conn.exec_driver_sql(self._insert, rows)
+
+    def _keep(self, rows: list[tuple], exc: OperationalError) -> None:
+        """The database cannot be written (a full disk, a lost server): keep the rows for the next try."""
+        with self._lock:  # oldest first, within the bound
+            self._buffer = (rows + self._buffer)[-self.max_buffer :]
+        if not self._failing:
+            log.error("query log: cannot write (%s); DNS keeps answering, rows are kept in memory", exc.orig)
+            self._failing = True
+
+    def _write_without_refused_rows(self, batch: list[tuple]) -> int:
+        """Write a batch the database refused in halves, so that only the rows it refuses on their own are
+        dropped; returns how many were written. A rare path: a refused batch costs about log2(n) transactions
+        per bad row."""
+        written = 0
+        chunks = [batch]  # a stack, the oldest rows last, so they are written first
+        while chunks:
+            chunk = chunks.pop()
+            try:
+                self._write(chunk)
+            except OperationalError as exc:
+                self._keep([row for c in (chunk, *reversed(chunks)) for row in c], exc)
+                break
+            except SQLAlchemyError as exc:
+                if len(chunk) > 1:
+                    half = len(chunk) // 2
+                    chunks += (chunk[half:], chunk[:half])
+                    continue
+                self.rejected += 1
+                log.error("query log: the database refused a query's row, dropped (%s): %.300r",
+                          getattr(exc, "orig", exc), chunk[0])
+            else:
+                written += len(chunk)
+        return written
 
     def prune(self, now: float | None = None) -> int:
         """Delete rows older than ``days`` and the oldest beyond ``max_rows``."""
@@ -119,13 +173,16 @@ class QueryLogWriter:
             self._due.clear()
             if self._stop.is_set():
                 return  # stop() writes what is left
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # the thread must outlive any one batch, or the log stops for good
+                log.exception("query log: a batch could not be written")
             if time.monotonic() - self._last_prune > 3600:
                 self._last_prune = time.monotonic()
                 try:
                     self.prune()
-                except OperationalError as exc:
-                    log.warning("query log: prune failed: %s", exc.orig)
+                except SQLAlchemyError as exc:
+                    log.warning("query log: prune failed: %s", getattr(exc, "orig", exc))
 
 
 def _insert_sql(paramstyle: str) -> str:
@@ -141,7 +198,8 @@ def _insert_sql(paramstyle: str) -> str:
 def recent(store: Store, *, mac: str | None = None, search: str | None = None, verdict: str | None = None,
            limit: int = 100, before_id: int | None = None) -> list[Query]:
     """Newest first; ``before_id`` pages backwards (stable while new rows arrive)."""
-    stmt = select(Query).order_by(Query.id.desc()).limit(min(limit, 1000))
+    # Clamped at both ends: SQLite reads a negative LIMIT as no limit at all.
+    stmt = select(Query).order_by(Query.id.desc()).limit(max(1, min(limit, 1000)))
     if mac:
         stmt = stmt.where(Query.mac == mac)
     if search:
