@@ -286,6 +286,26 @@ def test_a_device_deleted_between_flushes_is_not_written_back(tmp_path):
     assert get_device(store, mac).device.first_seen == 3.0
 
 
+def test_dhcp_renewals_without_vendor_class_store_their_fingerprint_once(tmp_path):
+    """NULLs never match a UNIQUE constraint: the tracker itself must know the fingerprints it stored."""
+    from gateway.devices.tracker import DeviceTracker
+    from gateway.events import DhcpSeen
+
+    mac = "02:aa:bb:cc:dd:08"
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    renewal = DhcpSeen(1.0, mac, "10.0.0.8", hostname=None, param_list=(1, 3, 6, 15), vendor_class=None)
+    tracker = DeviceTracker(store)
+    for day in range(3):
+        tracker.observe(replace(renewal, ts=1.0 + day * 86400))
+        tracker.flush()
+    tracker = DeviceTracker(store)  # a restart
+    tracker.observe(replace(renewal, ts=4 * 86400))
+    tracker.observe(replace(renewal, ts=4 * 86400, hostname="esp_1234"))  # a new fingerprint is still stored
+    tracker.flush()
+    assert sorted((f.param_list, f.hostname or "") for f in get_device(store, mac).fingerprints) == [
+        ("1,3,6,15", ""), ("1,3,6,15", "esp_1234")]
+
+
 def test_a_quiet_device_window_closes_on_time_and_its_identification_concludes(tmp_path, upstream, monkeypatch):
     import gateway.daemon
     from gateway.alerts import recent_alerts

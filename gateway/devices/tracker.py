@@ -65,6 +65,9 @@ class TrackedDevice:
     # The batch (``take`` generation) that first wrote it; 0 when loaded from the store, None before any.
     stored: int | None = None
     names: set[tuple[str, str]] = field(default_factory=set)  # (source, name) already stored
+    # (param_list, vendor_class, hostname) already stored. Kept here because the table's UNIQUE cannot dedupe
+    # them: SQL NULLs are distinct, so a request without option 60 or 12 added a row at every renewal.
+    fingerprints: set[tuple[str, str | None, str | None]] = field(default_factory=set)
 
 
 @dataclass
@@ -156,11 +159,15 @@ class DeviceTracker:
         elif isinstance(event, DhcpSeen):
             if event.hostname:
                 changes += self._name(mac, event.hostname, "dhcp", ts)
-            self._pending_fingerprints.append(
-                dict(mac=mac, first_seen=ts, hostname=clean_text(event.hostname),
-                     param_list=_param_list(event.param_list), vendor_class=clean_text(event.vendor_class),
-                     client_id=clean_text(event.client_id))
-            )
+            fingerprint = (_param_list(event.param_list), clean_text(event.vendor_class), clean_text(event.hostname))
+            seen = self.devices[mac].fingerprints
+            if fingerprint not in seen:
+                seen.add(fingerprint)
+                param_list, vendor_class, hostname = fingerprint
+                self._pending_fingerprints.append(
+                    dict(mac=mac, first_seen=ts, hostname=hostname, param_list=param_list,
+                         vendor_class=vendor_class, client_id=clean_text(event.client_id))
+                )
         elif isinstance(event, MdnsSeen):
             for name in event.names:
                 if name.endswith(".local") and "._" not in name:  # a host name, not a service instance
@@ -198,6 +205,7 @@ class DeviceTracker:
         dev = self.devices[mac]
         dev.first_seen = min(dev.first_seen, gone.first_seen)
         dev.last_seen = max(dev.last_seen, gone.last_seen)
+        dev.fingerprints |= gone.fingerprints
         dev.dirty = True
         if not gone.new:
             self._merges.append((old, mac))
@@ -362,6 +370,11 @@ class DeviceTracker:
             for mac, source, name in s.execute(select(DeviceName.mac, DeviceName.source, DeviceName.name)):
                 if mac in self.devices:
                     self.devices[mac].names.add((source, name))
+            fingerprints = select(DhcpFingerprint.mac, DhcpFingerprint.param_list, DhcpFingerprint.vendor_class,
+                                  DhcpFingerprint.hostname)
+            for mac, *fingerprint in s.execute(fingerprints):
+                if mac in self.devices:
+                    self.devices[mac].fingerprints.add(tuple(fingerprint))
         log.info("device tracker: %d devices, %d addresses", len(self.devices), len(self.ip_to_key))
 
 
