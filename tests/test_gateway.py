@@ -286,6 +286,24 @@ def test_a_device_deleted_between_flushes_is_not_written_back(tmp_path):
     assert get_device(store, mac).device.first_seen == 3.0
 
 
+def test_an_address_keyed_device_is_merged_into_its_mac_after_a_restart(tmp_path):
+    from gateway.devices.tracker import DeviceTracker
+    from gateway.events import AddressSeen, DhcpSeen, DnsQuery
+
+    mac = "02:aa:bb:cc:dd:09"
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    tracker = DeviceTracker(store)
+    tracker.observe(DnsQuery(1.0, "10.0.0.9", None, "a.example.com", 1, "example.com"))
+    tracker.flush()
+    tracker = DeviceTracker(store)  # a restart: an ip: device has no addresses row to find it by
+    changes = tracker.observe(DhcpSeen(2.0, mac, "10.0.0.9", hostname="cam"))
+    changes += tracker.observe(AddressSeen(2.0, mac, "10.0.0.9", "dhcp"))
+    tracker.flush()
+    assert ("merged", mac, "ip:10.0.0.9") in [(c.kind, c.key, c.old_key) for c in changes]
+    assert [d.mac for d in list_devices(store)] == [mac]
+    assert get_device(store, mac).device.first_seen == 1.0
+
+
 def test_dhcp_renewals_without_vendor_class_store_their_fingerprint_once(tmp_path):
     """NULLs never match a UNIQUE constraint: the tracker itself must know the fingerprints it stored."""
     from gateway.devices.tracker import DeviceTracker

@@ -365,6 +365,8 @@ class DeviceTracker:
             for row in s.scalars(select(Device)):
                 self.devices[row.mac] = TrackedDevice(row.mac, row.first_seen, row.last_seen, row.name,
                                                       row.name_source, dirty=False, stored=0)
+                if row.mac.startswith("ip:"):  # it has no addresses row: its key is its address
+                    self.ip_to_key.setdefault(row.mac[3:], row.mac)
             for ip, mac in s.execute(select(Address.ip, Address.mac)):
                 self.ip_to_key[ip] = mac
             for mac, source, name in s.execute(select(DeviceName.mac, DeviceName.source, DeviceName.name)):
