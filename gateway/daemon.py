@@ -399,6 +399,10 @@ class Gateway:
         for key, *_ in tracked.devices:
             if key not in gone:
                 self.alerts.device_changed(key)
+        # A merged address-keyed device is gone from the store: without this its Home Assistant device stayed
+        # until the next full sync. Said after the merge is written, so an earlier batch cannot republish it.
+        for old_key, _ in tracked.merges:
+            self.alerts.device_removed(old_key)
         if not (identities or windows):
             return gone
         with self.store.transaction() as s:

@@ -271,6 +271,46 @@ def test_home_assistant_discovery_and_removal(store, broker, running):
     rec.close()
 
 
+def test_an_address_keyed_device_merged_into_its_mac_leaves_home_assistant(tmp_path, broker):
+    import asyncio
+    import threading
+
+    from gateway.alerts.homeassistant import device_id
+    from gateway.daemon import Gateway
+    from gateway.events import AddressSeen, DhcpSeen
+
+    cfg = Config()
+    cfg.gateway.name = "home gw"
+    cfg.gateway.state_dir = str(tmp_path / "gw")
+    cfg.dns.listen = []  # events are handed in; no DNS server needed
+    cfg.capture.sniff = False
+    cfg.store.flush_interval_s = 0.2
+    cfg.mqtt.url = broker.url
+    gw_store = Store(cfg.db_url)
+    gateway = Gateway(cfg, gw_store)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    rec = Recorder(broker, ["homeassistant/#"])
+    mac = "02:00:00:00:00:55"
+    old_topic, new_topic = (f"homeassistant/device/{device_id('home gw', key)}/config" for key in ("ip:10.0.0.5", mac))
+    try:
+        asyncio.run_coroutine_threadsafe(gateway.start(), loop).result(30)
+        gateway.ingest([DnsQuery(time.time(), "10.0.0.5", None, "a.example.com", 1, "example.com")])
+        assert rec.wait(lambda m: m.topic == old_topic and m.payload)
+        now = time.time()
+        gateway.ingest([DhcpSeen(now, mac, "10.0.0.5", hostname="cam", message_type=3),
+                        AddressSeen(now, mac, "10.0.0.5", "dhcp")])
+        assert rec.wait(lambda m: m.topic == new_topic and m.payload)
+        assert rec.wait(lambda m: m.topic == old_topic and not m.payload)  # the ghost is removed
+    finally:
+        asyncio.run_coroutine_threadsafe(gateway.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        rec.close()
+        gw_store.close()
+
+
 def test_configs_of_devices_forgotten_while_down_are_removed(store, broker, running):
     rec = Recorder(broker, ["homeassistant/#"])
     ours, theirs = f"iotgw_{GW}_0200000000aa", "iotgw_other_0200000000aa"
