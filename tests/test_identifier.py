@@ -89,6 +89,22 @@ def test_window_limits_what_counts(iotgw):
 
 
 @needs_data
+def test_a_capture_out_of_time_order_is_answered_as_the_same_capture_in_order(iotgw, tmp_path):
+    from scapy.utils import rdpcap, wrpcap
+
+    pcap, mac = first_capture("Aria")
+    frames = list(rdpcap(str(pcap)))
+    unsorted = tmp_path / "unsorted.pcap"
+    wrpcap(str(unsorted), frames[-5:] + frames[:-5])  # as `mergecap -a` appends a capture taken a minute later
+    assert capture_windows(unsorted).devices[mac].first_ts == capture_windows(pcap).devices[mac].first_ts
+    code, rows, _ = iotgw("identify", "--json", str(pcap), str(unsorted))
+    assert code == 0
+    ordered, shuffled = ([{**r, "source": None} for r in rows if r["source"] == str(p)] for p in (pcap, unsorted))
+    assert shuffled == ordered
+    assert all(r["decided_after_s"] is None or r["decided_after_s"] >= 0 for r in shuffled)
+
+
+@needs_data
 def test_corrupt_pcap_is_named_and_the_others_still_processed(iotgw, tmp_path):
     good, mac = first_capture("HueBridge")
     bad = tmp_path / "broken.pcap"

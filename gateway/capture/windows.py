@@ -42,7 +42,7 @@ def capture_windows(path: str | Path, window: float | None = None, keep_partial:
     file corrupt part-way instead gives what was read before the damage and the error in ``error``, as replay
     does (training leaves it off: half a capture is not a labelled window).
     """
-    devices: dict[str, DeviceWindow] = {}
+    seen: dict[str, list[Observation]] = {}
     malformed = 0
     frames = read_frames(path)
     while True:
@@ -53,7 +53,7 @@ def capture_windows(path: str | Path, window: float | None = None, keep_partial:
         except PcapError as exc:
             if not keep_partial:
                 raise
-            return CaptureWindows(devices, malformed, str(exc))
+            return CaptureWindows(_windows(seen, window), malformed, str(exc))
         try:
             events = parse_frame(frame, ts, others=True, source="replay")
         except MalformedPacket:
@@ -64,12 +64,21 @@ def capture_windows(path: str | Path, window: float | None = None, keep_partial:
             mac = getattr(event, "mac", None)
             if obs is None or not mac:
                 continue
-            dev = devices.get(mac)
-            if dev is None:
-                dev = devices[mac] = DeviceWindow(mac, ts)
-            if window is None or ts - dev.first_ts <= window:
-                dev.observations.append(obs)
-    return CaptureWindows(devices, malformed)
+            seen.setdefault(mac, []).append(obs)
+    return CaptureWindows(_windows(seen, window), malformed)
+
+
+def _windows(seen: dict[str, list[Observation]], window: float | None) -> dict[str, DeviceWindow]:
+    """Each device's observations in time order from its earliest, not its first in the file: records out of
+    order (``mergecap -a``, two interfaces in one pcapng) gave a window that started late and decisions made
+    a negative number of seconds after the device's first packet."""
+    devices: dict[str, DeviceWindow] = {}
+    for mac, observations in seen.items():
+        observations.sort(key=lambda obs: obs.ts)  # stable: equal times keep the file's order
+        first_ts = observations[0].ts
+        kept = observations if window is None else [obs for obs in observations if obs.ts - first_ts <= window]
+        devices[mac] = DeviceWindow(mac, first_ts, kept)
+    return devices
 
 
 def labelled_captures(root: str | Path, window: float = 60.0) -> list[LabelledWindow]:
