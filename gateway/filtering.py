@@ -98,7 +98,7 @@ class Filtering:
         if not verdict.blocked:
             return None
         # No fallback to forwarding: the server parsed this query already, and a leak would defeat the block.
-        return Decision("blocked", f"cname:{verdict.rule}", blocked_reply(query, verdict.answer))
+        return Decision("blocked", verdict.rule, blocked_reply(query, verdict.answer))  # "cname <target>: <rule>"
 
     def _context_for_unknown(self, key: str) -> DeviceContext:
         # A device the tracker has not written yet: it is new, and so under quarantine if quarantine is on.
