@@ -192,3 +192,37 @@ def test_a_long_or_refused_query_name_loses_only_its_own_row(store):
     rows = recent(store, mac=mac)
     assert [r.qname for r in rows] == ["later.example.com", "after.example.com", long_name[:255], "before.example.com"]
     assert len(rows[1].rule) == 255
+
+
+def test_alerts_two_processes_enqueue_reach_the_publisher_in_id_order(store):
+    """The web UI's alert got its id first but commits after the daemon's: the publisher's cursor must not pass
+    it. Writer A stands for the other process, mid-transaction after ``lock_order`` and its insert."""
+    import threading
+
+    from sqlalchemy import delete, insert
+
+    from gateway.alerts.outbox import Outbox, lock_order
+    from gateway.events import Alert
+    from gateway.store.schema import OutboxMessage
+
+    with store.transaction() as s:
+        s.execute(delete(OutboxMessage))
+    box = Outbox(store)
+    with store.engine.connect() as conn:
+        tx = conn.begin()
+        lock_order(conn)
+        conn.execute(insert(OutboxMessage.__table__),
+                     {"ts": time.time(), "kind": "quarantine_entered", "mac": "02:00:00:00:00:01",
+                      "data": {"by": "web"}})
+        daemon = threading.Thread(target=box.put, args=(Alert("device_online", time.time(), "02:00:00:00:00:02",
+                                                              {"offline_s": 5.0}),))
+        daemon.start()
+        daemon.join(1.0)
+        # what the publisher sees meanwhile: nothing committed past the uncommitted row
+        seen_meanwhile = [r.kind for r in box.pending(0, 10)]
+        tx.commit()
+    daemon.join(10)
+    assert not daemon.is_alive()
+    assert seen_meanwhile == []
+    rows = box.pending(0, 10)
+    assert [r.kind for r in rows] == ["quarantine_entered", "device_online"] and rows[0].id < rows[1].id

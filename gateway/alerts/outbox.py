@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
-from sqlalchemy import bindparam, delete, func, insert, select
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, text
 
 from gateway.events import Alert
 from gateway.store.db import Store
@@ -26,6 +26,17 @@ _INSERT_ALERT = insert(AlertRecord.__table__)
 _PRUNE_ALERTS = delete(AlertRecord.__table__).where(AlertRecord.__table__.c.id <= bindparam("below"))
 _INSERT_OUTBOX = insert(OutboxMessage.__table__)
 _COUNT_OUTBOX = select(func.count()).select_from(OutboxMessage.__table__)
+# PostgreSQL hands out ids when a row is inserted, not when it commits: writers in two processes (the daemon,
+# the web UI) could commit id 2 before id 1, and the publisher, whose cursor had passed 2, would never send 1.
+# One transaction-scoped advisory lock per insert makes commit order the id order. SQLite's single writer
+# already does.
+_OUTBOX_ORDER = text("SELECT pg_advisory_xact_lock(7306381101)")  # any constant, the same in every process
+
+
+def lock_order(conn: Connection) -> None:
+    """Within the caller's transaction, wait until no other outbox insert is uncommitted (PostgreSQL)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(_OUTBOX_ORDER)
 
 
 class Outbox:
@@ -54,6 +65,7 @@ class Outbox:
                 conn.execute(_PRUNE_ALERTS, {"below": record_id - self.history_keep})
                 if not publish:
                     return 0
+                lock_order(conn)
                 conn.execute(_INSERT_OUTBOX, row)
                 full = conn.execute(_COUNT_OUTBOX).scalar_one() > self.max_rows
             if not full:
@@ -92,6 +104,7 @@ class Outbox:
             }
         else:
             data = {"dropped": n, "oldest_ts": oldest, "newest_ts": newest}
+            lock_order(s.connection())
             s.add(OutboxMessage(ts=newest, kind="alerts_dropped", mac=None, data=data))
             s.add(AlertRecord(ts=newest, kind="alerts_dropped", mac=None, data=data))
         total = s.get(Setting, DROPPED_TOTAL)
