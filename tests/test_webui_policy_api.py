@@ -151,6 +151,18 @@ def test_lists_schedules_and_quarantine_through_the_api(api, tmp_path):
     assert verdict["rule"] == "tag:device_plug block category=privacy list=ads"
 
 
+def _log_in(app):  # noqa: ANN001, ANN202 - a Flask app; (test client, its CSRF token)
+    """A browser session logged in as admin, and its CSRF token."""
+    accounts.set_password(app.extensions["iotgw"].store, "correct horse battery")
+    client = app.test_client()
+    client.get("/login")
+    with client.session_transaction() as sess:
+        token = sess["csrf_token"]
+    client.post("/login", data={"username": "admin", "password": "correct horse battery", "csrf_token": token})
+    with client.session_transaction() as sess:  # login starts a new session with its own token
+        return client, sess["csrf_token"]
+
+
 @pytest.mark.parametrize(
     ("file", "message"),
     [("x" * 300, "at most 255 bytes"), ("x" * 5000, "at most 255 bytes"), ("é" * 200, "at most 255 bytes"),
@@ -163,14 +175,7 @@ def test_list_file_name_the_os_would_refuse_is_a_400_on_the_api_and_the_page(api
     client = app.test_client()
     r = client.post("/api/v1/policies/lists", json={"id": "l1", "file": file}, headers=write)
     assert r.status_code == 400 and message in r.json["error"] and len(r.json["error"]) < 300
-    store = app.extensions["iotgw"].store
-    accounts.set_password(store, "correct horse battery")
-    client.get("/login")
-    with client.session_transaction() as sess:
-        token = sess["csrf_token"]
-    client.post("/login", data={"username": "admin", "password": "correct horse battery", "csrf_token": token})
-    with client.session_transaction() as sess:
-        token = sess["csrf_token"]
+    client, token = _log_in(app)
     r = client.post("/policies/lists", data={"list_id": "l1", "file": file, "csrf_token": token})
     assert r.status_code in (302, 400)
     with client.session_transaction() as sess:
@@ -180,15 +185,7 @@ def test_list_file_name_the_os_would_refuse_is_a_400_on_the_api_and_the_page(api
 
 def test_session_writes_need_the_csrf_header(api):
     app, state_dir, _, _ = api
-    store = app.extensions["iotgw"].store
-    accounts.set_password(store, "correct horse battery")
-    client = app.test_client()
-    client.get("/login")
-    with client.session_transaction() as sess:
-        token = sess["csrf_token"]
-    client.post("/login", data={"username": "admin", "password": "correct horse battery", "csrf_token": token})
-    with client.session_transaction() as sess:
-        token = sess["csrf_token"]
+    client, token = _log_in(app)
     body = {"paused": True}
     assert client.put(f"/api/v1/policies/device/{MAC}", json=body).status_code == 403
     r = client.put(f"/api/v1/policies/device/{MAC}", json=body, headers={"X-CSRF-Token": token})
@@ -203,11 +200,6 @@ def test_hostile_type_names_render_as_text_on_the_policies_page(api):
     assert client.put(f"/api/v1/policies/type/{evil}", json={"paused": True}, headers=write).status_code == 200
     r = client.put("/api/v1/policies/schedules/a b", json={"days": {}}, headers=write)
     assert r.status_code == 400 and "schedule name 'a b'" in r.json["error"]
-    store = app.extensions["iotgw"].store
-    accounts.set_password(store, "correct horse battery")
-    client.get("/login")
-    with client.session_transaction() as sess:
-        token = sess["csrf_token"]
-    client.post("/login", data={"username": "admin", "password": "correct horse battery", "csrf_token": token})
+    client, _ = _log_in(app)
     html = client.get("/policies").get_data(as_text=True)
     assert "<img src=x" not in html and "type:&lt;img src=x onerror=alert(1)&gt;" in html
