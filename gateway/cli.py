@@ -10,7 +10,7 @@ import importlib
 import logging
 import sys
 
-from gateway.config import Config, ConfigError, load, parse_hostport, upstream_address
+from gateway.config import Config, ConfigError, check_addresses, load
 
 COMMAND_MODULES = (
     "gateway.commands.daemon",  # run, demo, replay
@@ -62,14 +62,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
     cfg = load(args.config)
     if getattr(args, "db", None):
         cfg.store.url = args.db
-    for flag, section, key in (
-        ("dns_listen", "dns", "listen"),
-        ("upstream", "dns", "upstreams"),
-        ("lan", "dns", "lan"),
-    ):
+    for flag, key in (("dns_listen", "listen"), ("upstream", "upstreams"), ("lan", "lan")):
         value = getattr(args, flag, None)
         if value:
-            setattr(getattr(cfg, section), key, list(value))
+            try:  # named by the flag: the config file's checks name its file and line
+                check_addresses(key, list(value))
+            except ValueError as exc:
+                raise ConfigError(f"--{flag.replace('_', '-')}: {exc}") from exc
+            setattr(cfg.dns, key, list(value))
     if getattr(args, "interface", None):
         cfg.capture.interface = args.interface
     if getattr(args, "no_sniff", False):
@@ -78,16 +78,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cfg.mqtt.url = args.mqtt
     if getattr(args, "state_dir", None):
         cfg.gateway.state_dir = args.state_dir
-    for listen in cfg.dns.listen:
-        try:
-            parse_hostport(listen, 53)
-        except ValueError as exc:
-            raise ConfigError(f"--dns-listen: {exc}") from exc
-    for upstream in cfg.dns.upstreams:
-        try:
-            upstream_address(upstream)
-        except ValueError as exc:
-            raise ConfigError(f"--upstream: {exc}") from exc
     return cfg
 
 

@@ -152,21 +152,11 @@ def validate(cfg: Config, text: str | None = None) -> None:
         line = f":{_line(text, 'dns', key)}" if text is not None else ""
         return f"{cfg.source}{line}: dns.{key}"
 
-    for prefix in cfg.dns.lan:
+    for key in ADDRESS_CHECKS:
         try:
-            ipaddress.ip_network(prefix, strict=False)
+            check_addresses(key, getattr(cfg.dns, key))
         except ValueError as exc:
-            raise ConfigError(f"{where('lan')}: {prefix!r} is not a network prefix") from exc
-    for listen in cfg.dns.listen:
-        try:
-            parse_hostport(listen, 53)
-        except ValueError as exc:
-            raise ConfigError(f"{where('listen')}: {exc}") from exc
-    for upstream in cfg.dns.upstreams:
-        try:
-            upstream_address(upstream)
-        except ValueError as exc:
-            raise ConfigError(f"{where('upstreams')}: {exc}") from exc
+            raise ConfigError(f"{where(key)}: {exc}") from exc
     # Each of these loads fine out of range and then breaks every query (a negative cache size fails each
     # forwarded answer, a negative rate limit refuses everything, a zero timeout SERVFAILs everything).
     for key in ("cache_size", "rate_limit_per_minute"):
@@ -206,6 +196,28 @@ def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
     if not 0 <= p <= 65535:
         raise ValueError(f"{text!r}: port out of range")
     return host, p
+
+
+def _network(text: str) -> None:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a network prefix") from None
+
+
+# dns.<key> -> the check of one value (ValueError): one table for the config file and the command-line flags
+ADDRESS_CHECKS = {
+    "lan": _network,
+    "listen": lambda text: parse_hostport(text, 53),
+    "upstreams": upstream_address,
+}
+
+
+def check_addresses(key: str, values: list[str]) -> None:
+    """Raise ValueError for the first of ``values`` that is not a valid ``dns.<key>`` entry."""
+    for value in values:
+        ADDRESS_CHECKS[key](value)
+
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

@@ -84,3 +84,9 @@ def test_an_upstream_flag_with_a_host_name_is_refused(tmp_path):
     args = build_parser().parse_args(["run", "--config", str(write(tmp_path, "")), "--upstream", "dns.google"])
     with pytest.raises(ConfigError, match=r"--upstream: 'dns\.google' is not an IP address"):
         config_from_args(args)
+
+
+def test_a_lan_flag_that_is_not_a_prefix_is_refused_naming_the_flag(tmp_path):
+    args = build_parser().parse_args(["run", "--config", str(write(tmp_path, "")), "--lan", "10.0.0.0/33"])
+    with pytest.raises(ConfigError, match=r"--lan: '10\.0\.0\.0/33' is not a network prefix"):
+        config_from_args(args)
