@@ -21,31 +21,30 @@ MAX_DEVICE_PAGE = 1000
 VERDICTS = ("allowed", "blocked", "refused", "ratelimited")
 
 
-def before_id() -> int | None:
-    """The query log page's ``before`` cursor (a query id), or None; 400 for anything no row id can be, which
-    the database driver would otherwise refuse with an OverflowError (a 500)."""
-    raw = request.args.get("before", "").strip()
+def _int_arg(name: str) -> int | None:
+    """The integer query argument ``name``, or None when absent; 400 when it is not an integer."""
+    raw = request.args.get(name, "").strip()
     if not raw:
         return None
     try:
-        value = int(raw)
+        return int(raw)
     except ValueError:
-        abort(400, "before must be a query id")
-    if not -INT64_LIMIT <= value < INT64_LIMIT:
+        abort(400, f"{name} must be an integer")
+
+
+def before_id() -> int | None:
+    """The query log page's ``before`` cursor (a query id), or None; 400 for anything no row id can be, which
+    the database driver would otherwise refuse with an OverflowError (a 500)."""
+    value = _int_arg("before")
+    if value is not None and not -INT64_LIMIT <= value < INT64_LIMIT:
         abort(400, "before is out of range")
     return value
 
 
 def int_arg(name: str, default: int, low: int, high: int) -> int:
     """An integer query argument clamped to [low, high]; 400 if it is not an integer at all."""
-    raw = request.args.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        abort(400, f"{name} must be an integer")
-    return max(low, min(value, high))
+    value = _int_arg(name)
+    return default if value is None else max(low, min(value, high))
 
 
 def device_page() -> tuple[int, int]:

@@ -21,8 +21,10 @@ from gateway.store.schema import (
 STATUSES = ("new", "quarantined", "approved")
 DEVICES_REVISION = "devices_revision"  # bumped on every change made outside the daemon
 # The longest owner-given texts, as long as their columns (PostgreSQL refuses longer ones; SQLite would keep them).
-NAME_MAX = 200
-LABEL_MAX = {"manufacturer": 100, "device_type": 100, "category": 50}
+NAME_MAX: int = Device.__table__.c.name.type.length
+LABEL_MAX: dict[str, int] = {
+    key: Device.__table__.c[f"label_{key}"].type.length for key in ("manufacturer", "device_type", "category")
+}
 
 
 class NotFound(LookupError):

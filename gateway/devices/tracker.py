@@ -34,7 +34,11 @@ log = logging.getLogger(__name__)
 NAME_RANK = {"user": 0, "dhcp": 1, "mdns": 2, "rdns": 3}
 
 
-def clean_text(value: str | None, limit: int = 255) -> str | None:
+_NAME_MAX: int = Device.__table__.c.name.type.length
+_FINGERPRINT_MAX: int = DhcpFingerprint.__table__.c.param_list.type.length  # each text column of the fingerprint
+
+
+def clean_text(value: str | None, limit: int = _FINGERPRINT_MAX) -> str | None:
     """``value`` without control characters (PostgreSQL refuses NUL) and cut to ``limit`` characters (the
     column's size): a device chooses these strings, and one hostile value must not fail a whole batch."""
     if value is None:
@@ -45,7 +49,7 @@ def clean_text(value: str | None, limit: int = 255) -> str | None:
 def _param_list(codes: tuple[int, ...]) -> str:
     """Option 55 as "1,3,6", cut after the last whole code that fits its column (a client may ask for 255)."""
     text = ",".join(map(str, codes))
-    return text if len(text) <= 255 else text[:256].rsplit(",", 1)[0]
+    return text if len(text) <= _FINGERPRINT_MAX else text[: _FINGERPRINT_MAX + 1].rsplit(",", 1)[0]
 
 
 def address_key(ip: str) -> str:
@@ -214,7 +218,7 @@ class DeviceTracker:
                 self.ip_to_key[ip] = mac
 
     def _name(self, mac: str, name: str, source: str, ts: float) -> list[Change]:
-        name = clean_text(name, 200)  # Device.name's size; shown as text
+        name = clean_text(name, _NAME_MAX)  # shown as text
         if not name:
             return []
         dev = self.devices[mac]
