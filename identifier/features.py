@@ -216,7 +216,9 @@ class FeatureState:
         added = [self._add(t) for t in counted]
         # counted and once tokens have distinct prefixes, so a once token in ``tokens`` was added by an earlier
         # observation (or earlier in this one)
-        added.extend(self._add(token) for token in once if token not in self.tokens)
+        for token in once:
+            if token not in self.tokens:
+                added.append(self._add(token))
         return [b for b in added if b is not None]
 
     def vector(self) -> np.ndarray:
