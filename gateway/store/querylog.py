@@ -26,7 +26,7 @@ _BOUNDED = tuple((i, Query.__table__.c[name].type.length) for i, name in enumera
 
 
 def _fit(row: tuple) -> tuple:
-    """The row with its names cut to their columns' sizes, so one long name cannot fail a whole batch."""
+    """The row with its names cut to their columns' sizes (PostgreSQL refuses a longer one; SQLite keeps it)."""
     if all(row[i] is None or len(row[i]) <= n for i, n in _BOUNDED):
         return row
     cells = list(row)
@@ -73,7 +73,7 @@ class QueryLogWriter:
     def add(self, queries: Iterable[DnsQuery]) -> int:
         """Queue queries for the next write; returns how many were dropped because the buffer is full.
         Thread-safe, one lock round per call: pass many at once."""
-        rows = [_fit(_row(q)) for q in queries]
+        rows = list(map(_row, queries))
         dropped = 0
         with self._lock:
             room = max(0, self.max_buffer - len(self._buffer))
@@ -132,11 +132,11 @@ class QueryLogWriter:
             self._failing = True
 
     def _write_without_refused_rows(self, batch: list[tuple]) -> int:
-        """Write a batch the database refused in halves, so that only the rows it refuses on their own are
-        dropped; returns how many were written. A rare path: a refused batch costs about log2(n) transactions
-        per bad row."""
+        """Write a batch the database refused: its names cut to their columns' sizes, then in halves, so that
+        only the rows it refuses on their own are dropped; returns how many were written. A rare path (a refused
+        batch costs about log2(n) transactions per bad row), so the common one pays for neither."""
         written = 0
-        chunks = [batch]  # a stack, the oldest rows last, so they are written first
+        chunks = [list(map(_fit, batch))]  # a stack, the oldest rows last, so they are written first
         while chunks:
             chunk = chunks.pop()
             try:
