@@ -66,6 +66,9 @@ class IdentifierConfig:
 @dataclass
 class WebConfig:
     listen: str = "0.0.0.0:8080"
+    # Host names the web UI answers to besides its addresses and LAN-only names (see webui.security.host_allowed);
+    # ".example.org" also allows every name under it.
+    hosts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -148,9 +151,9 @@ def validate(cfg: Config, text: str | None = None) -> None:
     """Checks that need more than a type: addresses and prefixes parse, upstreams are IP addresses, numbers are
     in range. ``text`` is the file's text, to name the line of a bad value."""
 
-    def where(key: str) -> str:
-        line = f":{_line(text, 'dns', key)}" if text is not None else ""
-        return f"{cfg.source}{line}: dns.{key}"
+    def where(key: str, section: str = "dns") -> str:
+        line = f":{_line(text, section, key)}" if text is not None else ""
+        return f"{cfg.source}{line}: {section}.{key}"
 
     for key in ADDRESS_CHECKS:
         try:
@@ -165,6 +168,12 @@ def validate(cfg: Config, text: str | None = None) -> None:
             raise ConfigError(f"{where(key)}: must be 0 or more (0 switches it off), got {value}")
     if not cfg.dns.timeout_s > 0:
         raise ConfigError(f"{where('timeout_s')}: must be more than 0 seconds, got {cfg.dns.timeout_s}")
+    for host in cfg.web.hosts:
+        if not HOST_NAME.fullmatch(host):
+            raise ConfigError(f"{where('hosts', 'web')}: {host!r} is not a host name (or .domain for all under it)")
+
+
+HOST_NAME = re.compile(r"\.?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
 
 
 def upstream_address(text: str) -> tuple[str, int]:

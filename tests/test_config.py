@@ -66,6 +66,13 @@ def test_out_of_range_dns_numbers_name_file_and_line(tmp_path, line, message):
         load(write(tmp_path, f'[dns]\nupstreams = ["1.1.1.1"]\n{line}\n'))
 
 
+def test_web_hosts_take_names_and_domains_and_a_url_names_file_and_line(tmp_path):
+    cfg = load(write(tmp_path, '[web]\nhosts = ["iotgw.example.org", ".home.example.net"]\n'))
+    assert cfg.web.hosts == ["iotgw.example.org", ".home.example.net"]
+    with pytest.raises(ConfigError, match=r"iotgw\.toml:3: web\.hosts: 'http://iotgw\.example\.org' is not a host"):
+        load(write(tmp_path, '[web]\nlisten = "0.0.0.0:8080"\nhosts = ["http://iotgw.example.org"]\n'))
+
+
 def test_zero_switches_the_cache_and_the_rate_limit_off(tmp_path):
     cfg = load(write(tmp_path, "[dns]\ncache_size = 0\nrate_limit_per_minute = 0\n"))
     assert (cfg.dns.cache_size, cfg.dns.rate_limit_per_minute) == (0, 0)

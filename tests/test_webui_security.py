@@ -301,6 +301,43 @@ def test_setup_page_only_from_the_lan_and_only_once(tmp_path):
     store.close()
 
 
+def test_a_page_rebound_to_the_gateways_address_cannot_take_its_setup(tmp_path):
+    """DNS rebinding: a LAN browser on an attacker's page, whose name now resolves to the gateway, passes the
+    LAN check; its Host header is the attacker's name, and that is refused before the setup form is given."""
+    cfg = config(tmp_path)
+    store = Store(cfg.db_url)
+    app = create_app(store, cfg)
+    lan = app.test_client()
+    lan.environ_base["REMOTE_ADDR"] = "192.168.1.20"
+    rebound = {"Host": "rebind.attacker.example:8080"}
+    r = lan.get("/setup", headers=rebound)
+    assert r.status_code == 403 and b"does not answer to the name" in r.data
+    assert b"[web]" in r.data and b"csrf_token" not in r.data
+    form = {"password": "attacker password", "confirm": "attacker password", "csrf_token": "x"}
+    assert lan.post("/setup", data=form, headers=rebound).status_code == 403
+    assert lan.get("/static/style.css", headers=rebound).status_code == 403
+    assert not accounts.has_password(store)
+    for host in ("192.168.1.2:8080", "[fd00::1]:8080", "iotgw.local:8080", "raspberrypi", "gw.home.arpa.",
+                 "localhost:8080"):
+        assert lan.get("/setup", headers={"Host": host}).status_code == 200, host
+    store.close()
+
+
+def test_the_names_of_web_hosts_are_answered_and_a_lookalike_is_not(tmp_path):
+    cfg = config(tmp_path)
+    cfg.web.hosts = ["iotgw.example.org", ".home.example.net"]
+    store = Store(cfg.db_url)
+    client = create_app(store, cfg).test_client()
+    for host in ("iotgw.example.org", "IOTGW.example.org:8443", "home.example.net", "pi.home.example.net"):
+        assert client.get("/setup", headers={"Host": host}).status_code == 200, host
+    for host in ("example.org", "evil-iotgw.example.org", "evilhome.example.net", "iotgw.example.org.evil.net",
+                 "iotgw.example.org:bad"):
+        assert client.get("/setup", headers={"Host": host}).status_code == 403, host
+    assert client.get("/api/v1/devices", headers={"Host": "x.attacker.example"}).json["error"].startswith(
+        "This gateway does not answer")
+    store.close()
+
+
 def _csrf_from(client, path: str) -> str:  # noqa: ANN001
     client.get(path)
     with client.session_transaction() as sess:

@@ -1,5 +1,6 @@
 """Who may do what: login on every route, CSRF on every write made with a session, bearer tokens for
-scripts, the first-visit setup page only from the LAN, and the security headers on every response.
+scripts, the first-visit setup page only from the LAN, requests only under the gateway's own names (no DNS
+rebinding), and the security headers on every response.
 
 Checked in one ``before_request`` hook rather than per-view decorators, so a new route is protected by default
 and a test can enumerate the URL map to prove it.
@@ -9,13 +10,18 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
 import secrets
 import time
+from urllib.parse import urlsplit
 
 from flask import Flask, Response, g, jsonify, redirect, request, session, url_for
 
 from gateway import accounts
+from gateway.config import DEFAULT_PATH
 from webui.context import ctx
+
+log = logging.getLogger(__name__)
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Reachable without a session: the login and setup forms (still CSRF-checked) and the CSS/JS they need.
@@ -25,6 +31,9 @@ SESSION_ONLY_ENDPOINTS = frozenset({"api.tokens", "api.token_create", "api.token
 SESSION_LIFETIME_S = 12 * 3600
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
+# Names that only the LAN resolves (mDNS, router and RFC 8375 home domains): no one on the internet can point one
+# at the gateway, so they need no configuration. Single-label names (``raspberrypi``) are local in the same way.
+LOCAL_SUFFIXES = (".local", ".lan", ".home", ".home.arpa", ".internal", ".localdomain", ".localhost")
 
 CSP = "; ".join(
     (
@@ -85,6 +94,34 @@ def from_lan() -> bool:
     return any(addr in ipaddress.ip_network(prefix, strict=False) for prefix in ctx().cfg.dns.lan)
 
 
+def host_allowed(host: str, configured: list[str]) -> bool:
+    """Whether the web UI answers a request whose Host header is ``host``.
+
+    DNS rebinding: a web page from the internet makes its own name resolve to the gateway and then reads and
+    posts as a same-origin page, from the browser of someone on the LAN (who passes the LAN check and can
+    reach the password-less first-visit setup). Its Host header is then the attacker's name, so only the
+    gateway's addresses, LAN-only names and the names of ``[web] hosts`` are answered.
+    """
+    try:
+        name = (urlsplit("//" + host).hostname or "").rstrip(".")
+    except ValueError:  # a malformed port or bracket
+        return False
+    if not name:
+        return False
+    try:
+        ipaddress.ip_address(name.split("%")[0])
+        return True
+    except ValueError:
+        pass
+    if name == "localhost" or "." not in name or name.endswith(LOCAL_SUFFIXES):
+        return True
+    for entry in configured:
+        entry = entry.lower().rstrip(".")
+        if name == entry.lstrip(".") or (entry.startswith(".") and name.endswith(entry)):
+            return True
+    return False
+
+
 def is_api() -> bool:
     return request.path.startswith("/api/")
 
@@ -95,6 +132,14 @@ def api_error(status: int, message: str) -> tuple[Response, int]:
 
 def _authorize():  # noqa: ANN202 - None or a response
     g.principal = None
+    cfg = ctx().cfg
+    if not host_allowed(request.host, cfg.web.hosts):
+        log.warning("refused a request for host %r from %s", request.host[:100], request.remote_addr)
+        source = cfg.source if cfg.source != "(defaults)" else str(DEFAULT_PATH)
+        return _refuse(
+            403, f"This gateway does not answer to the name {request.host[:100]!r}. If it is one of its names, "
+            f"add it to hosts in the [web] section of {source}."
+        )
     if request.endpoint == "static":
         return None
     if "Authorization" in request.headers:
