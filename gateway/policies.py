@@ -10,7 +10,9 @@ of ``describe_scope`` and ``overview``: the API returns them and the pages rende
 from __future__ import annotations
 
 import fcntl
+import os
 import re
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -233,9 +235,10 @@ def add_list(
     if bool(path) == bool(url):
         raise ValueError("give either a local file or a URL")
     category = (category or "").strip() or None
-    with editing(state_dir) as data:
+    url = url.strip() if url else None
+
+    def stage(data: PolicySet) -> ListSpec:
         if url:
-            url = url.strip()
             if not url.lower().startswith(("https://", "http://")):
                 raise ValueError(f"{url}: only http and https lists can be fetched")
             spec = ListSpec(f"{LISTS_DIR}/{list_id}.txt", url=url, name=list_id)
@@ -247,9 +250,21 @@ def add_list(
             if list_id not in members:
                 members.append(list_id)
         data.validate()  # the id, before it names a file
-        if url:
-            fetch(url, state_dir / spec.path)
-        report = _report(list_id, state_dir / spec.path)
+        return spec
+
+    downloaded = None
+    if url:
+        stage(load(state_dir))  # a bad id or URL is refused before the download, not after it
+        downloaded = _download(state_dir, url, fetch)
+    try:
+        with editing(state_dir) as data:
+            spec = stage(data)
+            if downloaded is not None:
+                os.replace(downloaded, state_dir / spec.path)
+            report = _report(list_id, state_dir / spec.path)
+    finally:
+        if downloaded is not None:
+            downloaded.unlink(missing_ok=True)
     return report
 
 
@@ -258,13 +273,35 @@ def update_list(
 ) -> ListReport:
     """Fetch a URL list again; the new revision makes the daemon reload it."""
     state_dir = Path(state_dir)
-    with editing(state_dir) as data:
-        spec = data.lists.get(list_id)
-        if spec is None or not spec.url:
-            raise ValueError(f"no URL list {list_id!r}")
-        fetch(spec.url, state_dir / spec.path)
-        report = _report(list_id, state_dir / spec.path)
+    spec = load(state_dir).lists.get(list_id)
+    if spec is None or not spec.url:
+        raise ValueError(f"no URL list {list_id!r}")
+    downloaded = _download(state_dir, spec.url, fetch)
+    try:
+        with editing(state_dir) as data:
+            current = data.lists.get(list_id)
+            if current is None or (current.url, current.path) != (spec.url, spec.path):
+                raise ValueError(f"list {list_id!r} was changed while it was fetched; update it again")
+            os.replace(downloaded, state_dir / spec.path)
+            report = _report(list_id, state_dir / spec.path)
+    finally:
+        downloaded.unlink(missing_ok=True)
     return report
+
+
+def _download(state_dir: Path, url: str, fetch: Callable[[str, Path], object]) -> Path:
+    """``url`` fetched into a hidden file of the lists directory, before the policy lock is taken: a slow list
+    server would otherwise hold up every other change to the policy, from the web UI, the CLI and MQTT."""
+    directory = lists_dir(state_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=directory, prefix=".download-")
+    os.close(fd)
+    try:
+        fetch(url, Path(name))
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return Path(name)
 
 
 def remove_list(state_dir: Path, list_id: str) -> None:

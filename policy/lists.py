@@ -10,10 +10,13 @@ A line that cannot be used is reported with its file and line, and the good line
 from __future__ import annotations
 
 import array
+import http.client
 import ipaddress
 import os
 import re
 import tempfile
+import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +52,22 @@ _ADBLOCK = re.compile(r"(@@)?\|\|([^\^$|/]+)\^?\|?(?:\$(.*))?")
 _HARMLESS_MODIFIERS = frozenset({"important", "all", "document", "doc", "popup"})
 MAX_ERRORS_KEPT = 1000
 MAX_FETCH_BYTES = 128 * 1024 * 1024
+FETCH_DEADLINE_S = 120.0  # for the whole download: a server trickling bytes never hits the per-read timeout
+# Only http(s), also after a redirect: urllib's default opener would follow one to ftp://.
+_OPENER = urllib.request.OpenerDirector()
+for _handler in (
+    urllib.request.ProxyHandler(),
+    urllib.request.HTTPHandler(),
+    urllib.request.HTTPSHandler(),
+    urllib.request.HTTPDefaultErrorHandler(),
+    urllib.request.HTTPRedirectHandler(),
+    urllib.request.HTTPErrorProcessor(),
+):
+    _OPENER.add_handler(_handler)
+
+
+class FetchError(ValueError):
+    """A list that could not be downloaded: the message names the URL and the reason."""
 
 
 @dataclass(frozen=True)
@@ -183,23 +202,35 @@ def load(path: str | Path, source: str | None = None) -> ParsedList:
     )
 
 
-def fetch(url: str, dest: str | Path, timeout: float = 30.0) -> Path:
-    """Download a list the user added (an explicit action, never at DNS time) to ``dest``, atomically."""
+def fetch(url: str, dest: str | Path, timeout: float = 30.0, deadline_s: float = FETCH_DEADLINE_S) -> Path:
+    """Download a list the user added (an explicit action, never at DNS time) to ``dest``, atomically.
+
+    ``FetchError`` when the server cannot be reached, answers an error, sends too much or takes longer than
+    ``deadline_s`` in all; ``dest`` is then left as it was."""
     if not url.lower().startswith(("https://", "http://")):
         raise ValueError(f"{url}: only http and https lists can be fetched")
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     request = urllib.request.Request(url, headers={"User-Agent": "iotgw"})  # noqa: S310 (scheme checked)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".fetch-")
+    give_up = time.monotonic() + deadline_s
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response, os.fdopen(fd, "wb") as out:  # noqa: S310
+        with _OPENER.open(request, timeout=timeout) as response, os.fdopen(fd, "wb") as out:
             total = 0
-            while chunk := response.read(1 << 16):
+            while chunk := response.read1(1 << 16):  # what has come, so the deadline is checked as it trickles
                 total += len(chunk)
                 if total > MAX_FETCH_BYTES:
-                    raise ValueError(f"{url}: larger than {MAX_FETCH_BYTES >> 20} MB")
+                    raise FetchError(f"{url}: larger than {MAX_FETCH_BYTES >> 20} MB")
+                if time.monotonic() > give_up:
+                    raise FetchError(f"{url}: not downloaded within {deadline_s:.0f} s")
                 out.write(chunk)
         os.replace(tmp, dest)
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        Path(tmp).unlink(missing_ok=True)
+        # An HTTPError says its status; a URLError wraps the socket's reason.
+        plain_url_error = isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError)
+        reason = exc.reason if plain_url_error else exc
+        raise FetchError(f"{url}: cannot be fetched: {reason}") from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

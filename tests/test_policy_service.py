@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import http.server
 import json
 import multiprocessing
 import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 
 from gateway import policies
+from policy import lists
 from policy.model import Rule
 
 MAC = "aa:bb:cc:00:00:01"
@@ -124,6 +129,105 @@ def test_url_list_is_fetched_from_a_real_server_and_removed_only_when_unused(tmp
     policies.remove_list(tmp_path, "remote")
     assert not (tmp_path / "lists" / "remote.txt").exists()
     assert json.loads((tmp_path / "policy.json").read_text())["lists"] == {}
+
+
+@contextmanager
+def _list_server(do_get: Callable[[http.server.BaseHTTPRequestHandler], None]) -> Iterator[str]:
+    """A real HTTP server on loopback whose GET is ``do_get``; yields its base URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            do_get(self)
+
+        def log_message(self, *args) -> None:  # noqa: ANN002
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_slow_list_server_does_not_hold_up_other_policy_changes(tmp_path):
+    asked, release = threading.Event(), threading.Event()
+
+    def slow(handler: http.server.BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.end_headers()
+        handler.wfile.write(b"ads.example\n")
+        handler.wfile.flush()
+        asked.set()
+        release.wait(30)
+        handler.wfile.write(b"tracker.example\n")
+
+    with _list_server(slow) as base:
+        added: list[policies.ListReport] = []
+        adding = threading.Thread(target=lambda: added.append(policies.add_list(tmp_path, "slow", url=f"{base}/l")))
+        adding.start()
+        assert asked.wait(30)
+        # While the download is under way, a change from the web UI or MQTT goes through.
+        rule = Rule("block", "name", "x.example")
+        editing = threading.Thread(target=policies.add_rule, args=(tmp_path, "global", rule))
+        editing.start()
+        editing.join(20)
+        finished_during_download = not editing.is_alive()
+        release.set()
+        adding.join(30)
+        editing.join(30)
+    assert finished_during_download
+    assert added and added[0].blocked == 2
+    data = policies.load(tmp_path)
+    assert "slow" in data.lists and [r.value for r in data.policies["global"].rules] == ["x.example"]
+    assert sorted(p.name for p in (tmp_path / "lists").iterdir()) == ["slow.txt"]  # no download left behind
+
+
+def test_a_list_server_that_trickles_is_given_up_at_the_deadline_keeping_the_old_copy(tmp_path):
+    body = [b"ads.example\n"]
+
+    def serve(handler: http.server.BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.end_headers()
+        handler.wfile.write(body[0])
+        while body[0] == b"":  # a byte at a time, each well within the per-read timeout
+            handler.wfile.write(b"#")
+            handler.wfile.flush()
+            time.sleep(0.05)
+
+    with _list_server(serve) as base:
+        policies.add_list(tmp_path, "l", url=f"{base}/l")
+        body[0] = b""
+        impatient = functools.partial(lists.fetch, deadline_s=0.5)
+        with pytest.raises(lists.FetchError, match=rf"{base}/l: not downloaded within 0 s"):
+            policies.update_list(tmp_path, "l", fetch=impatient)
+    assert (tmp_path / "lists" / "l.txt").read_bytes() == b"ads.example\n"
+    assert sorted(p.name for p in (tmp_path / "lists").iterdir()) == ["l.txt"]
+
+
+def test_an_unreachable_or_failing_list_server_is_a_clear_refusal(tmp_path):
+    def answer(handler: http.server.BaseHTTPRequestHandler) -> None:
+        if handler.path == "/ftp":  # a redirect off http(s) is not followed
+            handler.send_response(302)
+            handler.send_header("Location", "ftp://127.0.0.1/list.txt")
+            handler.end_headers()
+        else:
+            handler.send_error(404)
+
+    with _list_server(answer) as base:
+        with pytest.raises(lists.FetchError, match=rf"{base}/gone: cannot be fetched: HTTP Error 404"):
+            policies.add_list(tmp_path, "gone", url=f"{base}/gone")
+        with pytest.raises(lists.FetchError, match=rf"{base}/ftp: cannot be fetched: HTTP Error 302"):
+            policies.add_list(tmp_path, "ftp", url=f"{base}/ftp")
+        port = int(base.rsplit(":", 1)[1])
+    with pytest.raises(lists.FetchError, match=r"cannot be fetched: \[Errno 111\] Connection refused"):
+        policies.add_list(tmp_path, "down", url=f"http://127.0.0.1:{port}/l")
+    assert policies.load(tmp_path).lists == {}
+    assert not list((tmp_path / "lists").iterdir())
+    with pytest.raises(ValueError, match="list id"):  # refused before anything is downloaded
+        policies.add_list(tmp_path, "a/b", url=f"http://127.0.0.1:{port}/l")
 
 
 def test_schedules_and_overview(tmp_path):

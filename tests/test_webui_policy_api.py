@@ -4,6 +4,7 @@ show in ``policy.json`` and in the real ``iotgw policy`` command."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -180,6 +181,22 @@ def test_list_file_name_the_os_would_refuse_is_a_400_on_the_api_and_the_page(api
     assert r.status_code in (302, 400)
     with client.session_transaction() as sess:
         assert any(message in text for _, text in sess.get("_flashes", []))
+    assert not (state_dir / "policy.json").exists()
+
+
+def test_a_list_whose_server_is_down_is_a_502_on_the_api_and_a_message_on_the_page(api):
+    app, state_dir, write, _ = api
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/hosts.txt"
+    client = app.test_client()
+    r = client.post("/api/v1/policies/lists", json={"id": "ads", "url": url}, headers=write)
+    assert r.status_code == 502 and r.json["error"].startswith(f"{url}: cannot be fetched: ")
+    client, token = _log_in(app)
+    r = client.post("/policies/lists", data={"list_id": "ads", "url": url, "csrf_token": token})
+    assert r.status_code == 302
+    with client.session_transaction() as sess:
+        assert any(text.startswith(f"Not changed: {url}: cannot be fetched") for _, text in sess["_flashes"])
     assert not (state_dir / "policy.json").exists()
 
 

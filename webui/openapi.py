@@ -28,8 +28,9 @@ def _op(
     body: str | None = None,
     status: str = "200",
     schema: str | None = None,
+    errors: dict | None = None,
 ) -> dict:
-    op: dict = {"summary": summary, "responses": dict(_ERRORS)}
+    op: dict = {"summary": summary, "responses": dict(_ERRORS) | (errors or {})}
     if params:
         op["parameters"] = [{"$ref": f"#/components/parameters/{p}"} for p in params]
     if body:
@@ -44,6 +45,7 @@ def _op(
     return op
 
 
+_FETCH_FAILED = {"502": {"description": "the list's server could not be reached, answered an error or was too slow"}}
 _STR = {"type": "string"}
 _NUM = {"type": "number"}
 _NULL_STR = {"type": ["string", "null"]}
@@ -145,13 +147,14 @@ DOCUMENT: dict = {
                 body="ListAdd",
                 status="201",
                 schema="ListReport",
+                errors=_FETCH_FAILED,
             ),
         },
         "/api/v1/policies/lists/{list_id}": {
             "delete": _op("Remove a list no rule uses", params=("list_id",), status="204"),
         },
         "/api/v1/policies/lists/{list_id}/update": {
-            "post": _op("Download a URL list again", params=("list_id",), schema="ListReport"),
+            "post": _op("Download a URL list again", params=("list_id",), schema="ListReport", errors=_FETCH_FAILED),
         },
         "/api/v1/policies/schedules/{name}": {
             "put": _op("Create or replace a weekly schedule", params=("schedule",), body="Schedule"),

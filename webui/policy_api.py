@@ -14,6 +14,7 @@ from flask import jsonify, request
 from gateway import policies
 from gateway.config import ConfigError
 from gateway.devices import service
+from policy.lists import FetchError
 from webui.api import bp, json_body
 from webui.context import ctx
 from webui.security import api_error
@@ -30,6 +31,11 @@ def _refused(exc: ValueError):  # noqa: ANN202
     if not (request.endpoint or "").startswith("api.policy"):
         raise exc
     return api_error(400, str(exc))
+
+
+@bp.errorhandler(FetchError)
+def _list_not_fetched(exc: FetchError):  # noqa: ANN202
+    return api_error(502, str(exc))  # the list's server failed, not the request
 
 
 @bp.get("/policies")
