@@ -319,10 +319,14 @@ def test_cname_to_a_blocked_name_is_answered_blocked_from_upstream_and_from_the_
                 assert rcode(reply) == "NOERROR"
                 assert addresses(reply) == {"0.0.0.0"}
             assert srv.counters.get("dns_cache_hits") == 1
+            # A blocked name asked with EDNS is answered with EDNS, as the forwarded answers are.
+            reply = ask(srv.port, "ads.tracker.test", use_edns=0, payload=1232)
+            assert addresses(reply) == {"0.0.0.0"} and reply.edns == 0
     finally:
         tracker.stop()
-    assert [(e.qname, e.verdict) for e in srv.events] == [("metrics.example.test", "blocked")] * 2
-    assert {e.rule for e in srv.events} == {"cname ads.tracker.test: global block name=tracker.test"}
+    assert [(e.qname, e.verdict) for e in srv.events] == [("metrics.example.test", "blocked")] * 2 + [
+        ("ads.tracker.test", "blocked")]
+    assert {e.rule for e in srv.events[:2]} == {"cname ads.tracker.test: global block name=tracker.test"}
 
 
 def test_a_listen_address_in_use_is_a_clear_error(upstream):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dns.edns
 import dns.flags
 import dns.message
 import dns.rcode
@@ -43,6 +44,18 @@ def test_other_modes(mode, rcode):
     q = _query("ads.example.com", "A", use_edns=0)
     r = dns.message.from_wire(blocked_reply(q.to_wire(), mode))
     assert r.rcode() == rcode and r.answer == [] and r.question == q.question and r.id == q.id
+
+
+@pytest.mark.parametrize("mode", ["null", "nxdomain", "nodata", "refused"])
+@pytest.mark.parametrize("rdtype", ["A", "AAAA", "HTTPS"])
+def test_an_edns_query_gets_an_opt_record_back_and_a_plain_one_does_not(mode, rdtype):
+    cookie = dns.edns.GenericOption(dns.edns.OptionType.COOKIE, b"\x01" * 8)
+    q = _query("ads.example.com", rdtype, use_edns=0, payload=4096, want_dnssec=True, options=[cookie])
+    r = dns.message.from_wire(blocked_reply(q.to_wire(), mode))
+    assert r.edns == 0 and r.payload == 1232 and r.options == () and not r.ednsflags & dns.flags.DO
+    assert r.question == q.question and r.rcode() == dns.message.from_wire(blocked_reply(
+        _query("ads.example.com", rdtype).to_wire(), mode)).rcode()
+    assert dns.message.from_wire(blocked_reply(_query("ads.example.com", rdtype).to_wire(), mode)).edns == -1
 
 
 def test_bad_input():
