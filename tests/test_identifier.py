@@ -151,6 +151,60 @@ def test_malformed_frames_in_a_capture_are_counted_and_the_device_still_named(io
     assert any(r["mac"] == mac and r["device_type"] == "HueBridge" for r in rows)
 
 
+@needs_data
+def test_a_devices_window_starts_at_its_first_frame_even_one_that_gives_no_observation(iotgw, tmp_path):
+    from scapy.layers.dns import DNS, DNSQR, DNSRR
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.utils import rdpcap, wrpcap
+
+    pcap, mac = first_capture("Aria")
+    frames = list(rdpcap(str(pcap)))
+    start = min(f.time for f in frames if f.src == mac)
+    # the scale answers a DNS query 20 s before its own traffic: an answer is no observation, but it is a packet
+    answer = Ether(src=mac, dst="00:11:22:33:44:55") / IP(src="192.168.1.5", dst="192.168.1.1") / UDP(
+        sport=53, dport=40000
+    ) / DNS(qr=1, qd=DNSQR(qname="a.example.com"), an=DNSRR(rrname="a.example.com", rdata="10.0.0.1"))
+    answer.time = start - 20
+    early = tmp_path / "early.pcap"
+    wrpcap(str(early), [answer, *frames])
+    dev = capture_windows(early, 5.0).devices[mac]
+    assert dev.first_ts == pytest.approx(float(answer.time), abs=1e-6) and dev.observations == []
+    code, rows, _ = iotgw("identify", "--json", "--window", "5", str(early))
+    (row,) = [r for r in rows if r["mac"] == mac]
+    assert code == 0 and row["decided_after_s"] is None  # its first 5 s said nothing: nothing to decide on
+
+
+def test_every_unicast_sender_gets_a_line_even_with_only_answers_replies_or_malformed_frames(iotgw, tmp_path):
+    from scapy.layers.dhcp import BOOTP, DHCP
+    from scapy.layers.dns import DNS, DNSQR, DNSRR
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.utils import wrpcap
+
+    client, resolver, router, broken = (f"02:00:00:00:00:{n}" for n in ("01", "53", "67", "77"))
+    frames = [
+        Ether(src=client) / IP(src="10.0.0.7", dst="10.0.0.1") / UDP(sport=40000, dport=53)
+        / DNS(rd=1, qd=DNSQR(qname="time.google.com")),
+        Ether(src=resolver) / IP(src="10.0.0.1", dst="10.0.0.7") / UDP(sport=53, dport=40000)
+        / DNS(qr=1, qd=DNSQR(qname="time.google.com"), an=DNSRR(rrname="time.google.com", rdata="10.9.9.9")),
+        Ether(src=router, dst=client) / IP(src="10.0.0.254", dst="10.0.0.7") / UDP(sport=67, dport=68)
+        / BOOTP(op=2, chaddr=bytes.fromhex(client.replace(":", "")), yiaddr="10.0.0.7")
+        / DHCP(options=[("message-type", "ack"), "end"]),
+        Ether(src=broken) / IP(src="10.0.0.8", dst="10.0.0.1") / UDP(sport=1000, dport=53) / (b"\xff" * 11),
+        Ether(src="01:00:5e:00:00:fb") / IP(src="10.0.0.9", dst="224.0.0.251") / UDP(sport=5353, dport=5353)
+        / DNS(qd=DNSQR(qname="x.local")),  # a multicast source is no device
+    ]
+    for i, frame in enumerate(frames):
+        frame.time = 1000.0 + i
+    pcap = tmp_path / "silent.pcap"
+    wrpcap(str(pcap), frames)
+    code, rows, err = iotgw("identify", "--json", str(pcap))
+    assert code == 0 and f"{pcap}: 1 malformed frames dropped" in err
+    assert [r["mac"] for r in rows] == [client, resolver, router, broken]
+    assert all(r["decided_after_s"] is None for r in rows if r["mac"] != client)
+
+
 def test_sessions_jsonl_gives_one_line_per_input(iotgw, tmp_path):
     sessions = tmp_path / "s.jsonl"
     lines = [

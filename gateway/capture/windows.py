@@ -6,6 +6,7 @@ a new device joins, and what ``--window`` counts from.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from identifier.observation import (
 
 @dataclass
 class DeviceWindow:
-    """One device's observations in one capture, from its first packet; ``first_ts`` is that packet's time."""
+    """One device's observations in one capture, from its first packet; ``first_ts`` is that packet's time,
+    whether or not that packet gave an observation (a DNS answer, a malformed frame)."""
 
     mac: str
     first_ts: float
@@ -35,14 +37,17 @@ class CaptureWindows:
 
 
 def capture_windows(path: str | Path, window: float | None = None, keep_partial: bool = False) -> CaptureWindows:
-    """Every device MAC that sent at least one packet in ``path``, with its observations.
+    """Every device MAC that sent at least one packet in ``path``, with its observations (maybe none).
 
-    Only the first ``window`` seconds after each device's first packet are kept (all when None).
+    A device is every unicast Ethernet source, and its window starts at its first frame, even one that gives
+    no observation or does not decode. Only the first ``window`` seconds of each device's window are kept
+    (all when None).
     Raises ``gateway.capture.pcap.PcapError`` naming the file when it cannot be read; with ``keep_partial``, a
     file corrupt part-way instead gives what was read before the damage and the error in ``error``, as replay
     does (training leaves it off: half a capture is not a labelled window).
     """
     seen: dict[str, list[Observation]] = {}
+    first: dict[str, float] = {}  # each unicast source MAC's earliest frame, read before the frame is parsed
     malformed = 0
     frames = read_frames(path)
     while True:
@@ -53,7 +58,12 @@ def capture_windows(path: str | Path, window: float | None = None, keep_partial:
         except PcapError as exc:
             if not keep_partial:
                 raise
-            return CaptureWindows(_windows(seen, window), malformed, str(exc))
+            return CaptureWindows(_windows(seen, first, window), malformed, str(exc))
+        # the sender is present from this frame on even when it says nothing the parser reports (a DNS answer,
+        # a BOOTREPLY, a nameless mDNS packet) or says it badly; a multicast source is no device
+        if len(frame) >= 14 and not frame[6] & 0x01:
+            sender = frame[6:12].hex(":")
+            first[sender] = min(first.get(sender, ts), ts)
         try:
             events = parse_frame(frame, ts, others=True, source="replay")
         except MalformedPacket:
@@ -65,20 +75,25 @@ def capture_windows(path: str | Path, window: float | None = None, keep_partial:
             if obs is None or not mac:
                 continue
             seen.setdefault(mac, []).append(obs)
-    return CaptureWindows(_windows(seen, window), malformed)
+    return CaptureWindows(_windows(seen, first, window), malformed)
 
 
-def _windows(seen: dict[str, list[Observation]], window: float | None) -> dict[str, DeviceWindow]:
-    """Each device's observations in time order from its earliest, not its first in the file: records out of
-    order (``mergecap -a``, two interfaces in one pcapng) gave a window that started late and decisions made
-    a negative number of seconds after the device's first packet."""
-    devices: dict[str, DeviceWindow] = {}
-    for mac, observations in seen.items():
+def _windows(
+    seen: dict[str, list[Observation]], first: dict[str, float], window: float | None
+) -> dict[str, DeviceWindow]:
+    """Each device's observations in time order from its earliest frame, not its first in the file: records out
+    of order (``mergecap -a``, two interfaces in one pcapng) gave a window that started late and decisions made
+    a negative number of seconds after the device's first packet. A relayed DHCP message credits a client that
+    may send no frame of its own here: its window starts at its first observation."""
+    devices: list[DeviceWindow] = []
+    for mac in [*first, *(mac for mac in seen if mac not in first)]:
+        observations = seen.get(mac, [])
         observations.sort(key=lambda obs: obs.ts)  # stable: equal times keep the file's order
-        first_ts = observations[0].ts
+        first_ts = min(first.get(mac, math.inf), observations[0].ts if observations else math.inf)
         kept = observations if window is None else [obs for obs in observations if obs.ts - first_ts <= window]
-        devices[mac] = DeviceWindow(mac, first_ts, kept)
-    return devices
+        devices.append(DeviceWindow(mac, first_ts, kept))
+    devices.sort(key=lambda dev: dev.first_ts)  # in the order they first sent, however the file is ordered
+    return {dev.mac: dev for dev in devices}
 
 
 def labelled_captures(root: str | Path, window: float = 60.0) -> list[LabelledWindow]:
