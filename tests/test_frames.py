@@ -49,6 +49,33 @@ def test_a_dhcp_decline_or_release_maps_no_address_to_the_client(message_type):
     assert events[0].message_type == {"decline": 4, "release": 7}[message_type]
 
 
+def _dhcp_request(src: str, chaddr: str, giaddr: str = "0.0.0.0") -> bytes:
+    opts = [("message-type", "request"), ("hostname", b"cam-1"), ("requested_addr", "10.0.0.9"), "end"]
+    return bytes(Ether(src=src, dst="ff:ff:ff:ff:ff:ff") / IP(src="0.0.0.0", dst="255.255.255.255")
+                 / UDP(sport=68, dport=67) / BOOTP(chaddr=bytes.fromhex(chaddr.replace(":", "")), giaddr=giaddr)
+                 / DHCP(options=opts))
+
+
+@pytest.mark.parametrize("chaddr", ["ff:ff:ff:ff:ff:ff", "00:00:00:00:00:00", "02:99:99:99:99:99"])
+def test_a_dhcp_request_is_credited_to_its_sender_not_to_the_chaddr_it_claims(chaddr):
+    events = parse_frame(_dhcp_request(MAC, chaddr), 1.0)
+    assert [type(e) for e in events] == [DhcpSeen, AddressSeen]
+    assert {e.mac for e in events} == {MAC}
+
+
+def test_a_relayed_dhcp_request_is_credited_to_the_client_its_chaddr_names():
+    client = "02:99:99:99:99:99"
+    events = parse_frame(_dhcp_request(MAC, client, giaddr="10.1.0.1"), 1.0)  # MAC is the relay agent here
+    assert events[0].hostname == "cam-1" and {e.mac for e in events} == {client}
+    assert AddressSeen(1.0, client, "10.0.0.9", "dhcp") in events
+
+
+@pytest.mark.parametrize("chaddr", ["ff:ff:ff:ff:ff:ff", "01:00:5e:00:00:01", "00:00:00:00:00:00"])
+def test_a_relayed_dhcp_request_naming_no_client_is_malformed(chaddr):
+    with pytest.raises(MalformedPacket, match="relayed"):
+        parse_frame(_dhcp_request(MAC, chaddr, giaddr="10.1.0.1"), 1.0)
+
+
 @pytest.mark.parametrize("payload", [b"\x00", b"\xff" * 11, b"\x12\x34\x01\x00\x00\x05" + b"\x00" * 4])
 def test_garbage_dns_payload_is_malformed(payload):
     frame = bytes(Ether(src=MAC) / IP(src="10.0.0.7") / UDP(sport=1000, dport=53) / payload)

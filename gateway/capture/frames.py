@@ -213,11 +213,18 @@ def _name(label: dnslib.DNSLabel) -> str:
 
 
 def _dhcp(payload: bytes, ts: float, mac: str) -> list[Event]:
+    """A DHCP client message credited to ``mac``, the frame's sender, or to its chaddr when relayed: a forged
+    chaddr (broadcast, another device's) must not make a line, a name or an address for a MAC that sent nothing."""
     if len(payload) < 240 or payload[236:240] != _MAGIC:
         raise MalformedPacket("DHCP: no BOOTP header or magic cookie")
     if payload[0] != 1:  # BOOTREPLY: the server's answer, not the device's fingerprint
         return []
-    chaddr = mac_str(payload[28:34])
+    if payload[24:28] != b"\0\0\0\0":
+        # giaddr set: a relay agent forwarding another segment's client, which chaddr names. On the segment we
+        # sniff a client sends its own requests, and a chaddr that differs from the sender's is not believed.
+        if payload[28] & 0x01 or payload[28:34] == b"\0" * 6:
+            raise MalformedPacket("DHCP: relayed message without a client's hardware address")
+        mac = mac_str(payload[28:34])
     ciaddr = _ip4(payload[12:16])
     opts: dict[int, bytes] = {}
     i = 240
@@ -240,7 +247,7 @@ def _dhcp(payload: bytes, ts: float, mac: str) -> list[Event]:
     ip = ciaddr if ciaddr != "0.0.0.0" else requested
     seen = DhcpSeen(
         ts,
-        chaddr,
+        mac,
         ip,
         hostname=_text(opts.get(12)),
         param_list=tuple(opts.get(55, b"")),
@@ -250,7 +257,7 @@ def _dhcp(payload: bytes, ts: float, mac: str) -> list[Event]:
     )
     events: list[Event] = [seen]
     if ip and seen.message_type in _CLAIMS_ADDRESS:
-        events.append(AddressSeen(ts, chaddr, ip, "dhcp"))
+        events.append(AddressSeen(ts, mac, ip, "dhcp"))
     return events
 
 
