@@ -514,17 +514,24 @@ def test_a_bad_session_line_is_named_by_file_and_line_and_loses_none_of_the_othe
         b'{"id": "e", "queries": [{"t": 0, "name": null}]}',
         b'{"id": "f", "dhcp": {"hostname": 5}}',
         b'{"id": "g", "queries": [{"t": 0, "name": "caf\xe9.example.com"}]}',  # not UTF-8
+        # numbers too big for a float: OverflowError, not ValueError
+        b'{"id": "i", "queries": [{"t": 1' + b"0" * 400 + b', "name": "x.example.com"}]}',
+        b'{"id": "j", "queries": [{"t": 0, "name": "x.example.com", "qtype": Infinity}]}',
+        b'{"id": "k", "dhcp": {"param_list": [Infinity]}, "queries": []}',
+        b'{"id": "l", "dhcp": {"message_type": 1e999}, "queries": []}',
+        b'{"id": "m", "queries": [{"t": 0, "name": "x.example.com", "qtype": 1e300}]}',  # no 16-bit qtype
+        b'{"id": "n", "dhcp": {"param_list": [1, 3, 256]}, "queries": []}',  # DHCP options are 0..255
     ]
-    good = [f'{{"id": "{i}", {plug}}}'.encode() for i in ("a", "", "h", "z")]
-    lines = [good[0], bad[0], bad[1], good[1], *bad[2:5], good[2], *bad[5:], good[3]]
+    good = [f'{{"id": "{i}", {plug}}}'.encode() for i in ("a", "", "h", "y", "z")]
+    lines = [good[0], bad[0], bad[1], good[1], *bad[2:5], good[2], *bad[5:8], good[3], *bad[8:], good[4]]
     sessions = tmp_path / "s.jsonl"
     sessions.write_bytes(b"\n".join(lines) + b"\n")
     code, rows, err = iotgw("identify", "--json", "--sessions", str(sessions))
     assert code == 1 and "Traceback" not in err
-    assert [r["id"] for r in rows] == ["a", "", "h", "z"] and all(r["manufacturer"] == "TP-Link" for r in rows)
+    assert [r["id"] for r in rows] == ["a", "", "h", "y", "z"] and all(r["manufacturer"] == "TP-Link" for r in rows)
     assert [f"{sessions}:{n}: " in err for n in range(1, len(lines) + 1)] == [line in bad for line in lines]
     assert cli.main(["identify", "--sessions", str(sessions)]) == 1  # the same as text: one line per session
-    assert len(capsys.readouterr().out.splitlines()) == 4
+    assert len(capsys.readouterr().out.splitlines()) == 5
 
 
 def test_a_session_observation_without_a_time_is_at_the_sessions_first(iotgw, tmp_path):

@@ -166,7 +166,9 @@ def read_sessions(path: str):
                 line = raw.decode("utf-8")
                 if line.strip():
                     yield _session(json.loads(line))
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:  # UnicodeDecodeError is a ValueError
+            # UnicodeDecodeError is a ValueError; OverflowError is a number too big for a float (a 400-digit
+            # "t", an Infinity qtype): every one is this line's fault, never the file's
+            except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
                 yield SessionError(f"{path}:{lineno}: not a session ({exc.__class__.__name__}: {exc})")
 
 
@@ -186,20 +188,28 @@ def _session(item: dict):
         if not isinstance(name, str) or not name.strip("."):
             raise ValueError(f"query name {name!r} is not a DNS name")
         t = _seconds(q["t"]) if "t" in q else start
-        observations.append(DnsObservation(t, name.rstrip(".").lower(), int(q.get("qtype", 1))))
+        qtype = _code(q.get("qtype", 1), "qtype", 0xFFFF)
+        observations.append(DnsObservation(t, name.rstrip(".").lower(), qtype))
     for d in dhcp:
         t = _seconds(d["t"]) if "t" in d else start
         hostname, vendor_class, message_type = d.get("hostname"), d.get("vendor_class"), d.get("message_type")
         if not all(isinstance(v, (str, type(None))) for v in (hostname, vendor_class)):
             raise ValueError("dhcp hostname and vendor_class must be strings")
-        params = tuple(int(c) for c in d.get("param_list", ()))
-        kind = None if message_type is None else int(message_type)
+        params = tuple(_code(c, "dhcp param_list entry", 0xFF) for c in d.get("param_list", ()))
+        kind = None if message_type is None else _code(message_type, "dhcp message_type", 0xFF)
         observations.append(DhcpObservation(t, hostname, params, vendor_class, kind))
     mac = item.get("mac") or ""
     if not isinstance(mac, str):
         raise ValueError('"mac" must be a string')
     observations.sort(key=lambda o: o.ts)
     return str(item["id"]), mac.lower(), observations
+
+
+def _code(value, what: str, top: int) -> int:
+    """A protocol number as the wire carries it (0..top): 1e300 or 1.5 is no qtype or DHCP option."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
+        raise ValueError(f"{what} must be a whole number from 0 to {top}, not {value!r}")
+    return value
 
 
 def _seconds(value) -> float:
