@@ -274,6 +274,25 @@ def test_a_mac_with_no_registered_vendor_is_no_evidence_of_a_new_vendor(iotgw, t
     assert "oui" not in session.current().signals
 
 
+def test_a_session_mac_in_any_common_notation_gets_the_answer_of_its_colon_form_and_a_non_mac_is_a_bad_line(
+    iotgw, tmp_path
+):
+    # the vendor prefix and the MAC blocks are read from the colon form: in another notation the same Aria was
+    # once judged unknown, or a TP-Link speaker
+    names = [{"t": 0.0, "name": "time.google.com"}, {"t": 0.5, "name": "devs.tplinkcloud.com"}]
+    macs = ["20:f8:5e:ca:91:52", "20:F8:5E:CA:91:52", "20-F8-5E-CA-91-52", "20f85eca9152", "20f8.5eca.9152"]
+    macs += ["zz", "a" * 1000, "20:f8:5e:ca:91:52:00", "1"]
+    sessions = tmp_path / "s.jsonl"
+    lines = [{"id": str(i), "mac": m, "queries": names} for i, m in enumerate(macs)]
+    sessions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    code, rows, err = iotgw("identify", "--json", "--sessions", str(sessions))
+    assert code == 1 and "Traceback" not in err
+    assert [r.pop("id") for r in rows] == ["0", "1", "2", "3", "4"]
+    assert all(r == rows[0] for r in rows) and rows[0]["manufacturer"] == "Fitbit"
+    assert [f"{sessions}:{n}: " in err for n in range(1, len(macs) + 1)] == [False] * 5 + [True] * 4
+    assert "a" * 41 not in err  # a hostile value is quoted, not echoed whole
+
+
 def test_a_name_training_never_saw_moves_no_probability_and_still_counts_as_new():
     # Its tokens' hash buckets hold other, trained tokens' weights: counted, a new vendor's cloud name would add
     # some unrelated vendor's evidence. It is kept out of the vector and still weighs in the open-set verdict.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -157,8 +158,9 @@ def read_sessions(path: str):
     """Per line of a sessions JSONL file, ``(id, mac, observations)``, or a ``SessionError`` naming the file and
     line when it is not a session, so one bad line loses none of the others. A line is ``{"id", "queries":
     [{"t", "name", "qtype"?}], "mac"?, "dhcp"?}``; ``dhcp`` is one object or a list (``t``, ``hostname``,
-    ``param_list``, ``vendor_class``, ``message_type``). An observation without ``t`` is at the session's first
-    timed one (a DHCP request comes first), or at 0 when none is timed.
+    ``param_list``, ``vendor_class``, ``message_type``); ``mac`` in any common notation (``_mac``). An
+    observation without ``t`` is at the session's first timed one (a DHCP request comes first), or at 0 when none
+    is timed.
     """
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
@@ -202,7 +204,26 @@ def _session(item: dict):
     if not isinstance(mac, str):
         raise ValueError('"mac" must be a string')
     observations.sort(key=lambda o: o.ts)
-    return str(item["id"]), mac.lower(), observations
+    return str(item["id"]), _mac(mac) if mac else "", observations
+
+
+# the notations a MAC is written in: 20:f8:5e:ca:91:52 (also 2:f8:...), 20-F8-5E-CA-91-52, 20f85eca9152, 20f8.5eca.9152
+_MAC_NOTATIONS = (
+    re.compile(r"([0-9a-f]{1,2}):([0-9a-f]{1,2}):([0-9a-f]{1,2}):([0-9a-f]{1,2}):([0-9a-f]{1,2}):([0-9a-f]{1,2})"),
+    re.compile(r"([0-9a-f]{2})-([0-9a-f]{2})-([0-9a-f]{2})-([0-9a-f]{2})-([0-9a-f]{2})-([0-9a-f]{2})"),
+    re.compile(r"([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})"),
+    re.compile(r"([0-9a-f]{2})([0-9a-f]{2})\.([0-9a-f]{2})([0-9a-f]{2})\.([0-9a-f]{2})([0-9a-f]{2})"),
+)
+
+
+def _mac(text: str) -> str:
+    """``text`` in lower-case colon form, the one the identifier's vendor prefix and MAC blocks are read from:
+    in another notation the same device would get another answer. ValueError if it is not a MAC."""
+    for notation in _MAC_NOTATIONS:
+        found = notation.fullmatch(text.strip().lower())
+        if found:
+            return ":".join(part.zfill(2) for part in found.groups())
+    raise ValueError(f'"mac" {text[:40]!r} is not a MAC address (aa:bb:cc:dd:ee:ff, aa-bb-..., aabb.ccdd.eeff)')
 
 
 def _code(value, what: str, top: int) -> int:
