@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import sys
 
 from gateway.config import Config, ConfigError, check_addresses, load
@@ -55,6 +56,18 @@ def add_state_args(parser: argparse.ArgumentParser) -> None:
     """``--config`` and ``--db``: every command that reads or writes state takes both."""
     parser.add_argument("--config", metavar="FILE", help="TOML config (default /etc/iotgw/iotgw.toml if present)")
     parser.add_argument("--db", metavar="URL", help="database URL (default: SQLite under the state directory)")
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type for a span of seconds: a finite number above 0. A negative, zero, NaN or infinite
+    ``--window`` would otherwise count nothing, or everything, without a word."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds above 0")
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

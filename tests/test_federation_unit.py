@@ -212,3 +212,13 @@ def test_cli_requires_tls_or_an_explicit_insecure(tmp_path: Path) -> None:
     )
     with pytest.raises(SystemExit, match="needs TLS"):
         args.func(args)
+
+
+@pytest.mark.parametrize("window", ["-5", "0", "nan", "inf"])
+def test_a_join_window_that_is_not_a_finite_number_of_seconds_above_0_is_a_usage_error(window: str, capsys) -> None:
+    # a NaN window ended the join at once with exit 0, an infinite one never
+    from gateway import cli
+
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["federation", "join", "--superlink", "127.0.0.1:9092", "--insecure", f"--window={window}"])
+    assert usage.value.code == 2 and "argument --window: " in capsys.readouterr().err

@@ -88,6 +88,18 @@ def test_window_limits_what_counts(iotgw):
     assert row["decided_after_s"] is None or row["decided_after_s"] <= 0.001
 
 
+@pytest.mark.parametrize("window", ["-5", "0", "nan", "inf", "-inf", "thirty"])
+def test_a_window_that_is_not_a_finite_number_of_seconds_above_0_is_a_usage_error_naming_the_flag(
+    iotgw, capsys, tmp_path, window
+):
+    sessions = tmp_path / "s.jsonl"
+    sessions.write_text(json.dumps({"id": "a", "queries": [{"t": 0, "name": "devs.tplinkcloud.com"}]}) + "\n")
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["identify", "--json", f"--window={window}", "--sessions", str(sessions)])
+    out, err = capsys.readouterr()
+    assert usage.value.code == 2 and out == "" and "argument --window: " in err
+
+
 @needs_data
 def test_a_capture_out_of_time_order_is_answered_as_the_same_capture_in_order(iotgw, tmp_path):
     from scapy.utils import rdpcap, wrpcap

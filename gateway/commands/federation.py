@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from gateway.cli import add_state_args, config_from_args
+from gateway.cli import add_state_args, config_from_args, positive_seconds
 
 CONNECTION = "iotgw"
 
@@ -65,7 +65,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     add_state_args(join)
     join.add_argument("--superlink", required=True, metavar="HOST:PORT")
-    join.add_argument("--window", type=float, default=3600.0, help="seconds to stay joined")
+    join.add_argument("--window", type=positive_seconds, default=3600.0, help="seconds to stay joined")
     join.add_argument(
         "--pseudo-labels",
         action="store_true",

@@ -13,6 +13,8 @@ import re
 import sys
 from pathlib import Path
 
+from gateway.cli import positive_seconds
+
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the checkout
 
 
@@ -22,7 +24,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", metavar="DIR", help="model bundle directory (default: the shipped one)")
     p.add_argument(
         "--window",
-        type=float,
+        type=positive_seconds,
         default=30.0,
         metavar="SECONDS",
         help="seconds from each device's first packet that count (default 30)",
