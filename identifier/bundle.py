@@ -11,12 +11,14 @@ The shipped default lives in ``identifier/bundle/``.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from identifier.features import FeatureConfig
+from identifier.features import SEEN_BITS, SIGNALS, FeatureConfig
 
 FORMAT = 1
 DEFAULT_DIR = Path(__file__).resolve().parent / "bundle"
@@ -137,6 +139,7 @@ class Bundle:
                 name_vendors=meta.get("name_vendors", {}),
             )
             _check_shapes(bundle)
+            _check_contents(bundle)
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise BundleError(f"{d}: not a model bundle ({exc.__class__.__name__}: {exc})") from exc
         return bundle
@@ -155,6 +158,51 @@ def _check_shapes(bundle: Bundle) -> None:
             raise ValueError(f"the {head} head has {p.size} outputs for {len(bundle.labels[head])} labels")
 
 
+def _check_contents(bundle: Bundle) -> None:
+    """The parts the net does not read, checked for the types the identifier reads them as: a wrong one would
+    fail at some device's first packet (a short bitmap, a list for a map) or silently change every answer (an
+    unknown signal, a string of labels)."""
+    unknown = sorted(set(bundle.features.signals) - set(SIGNALS))
+    if unknown or not bundle.features.signals:
+        raise ValueError(f"features.signals {list(bundle.features.signals)!r} are not among {', '.join(SIGNALS)}")
+    for name, bitmap, sizes in (
+        ("seen", bundle.specific, (SEEN_BITS // 8,)),
+        ("vocabulary", bundle.vocabulary, (0, SEEN_BITS // 8)),  # 0: not recorded (older bundles)
+    ):
+        if bitmap.dtype != np.uint8 or bitmap.ndim != 1 or bitmap.size not in sizes:
+            raise ValueError(f"the {name} bitmap is {bitmap.dtype} of shape {bitmap.shape}, not {SEEN_BITS // 8} bytes")
+    for head, values in bundle.labels.items():
+        if not _list_of_str(values):
+            raise ValueError(f"labels.{head} is not a list of names")
+    _require(bundle.type_info, "type_info", lambda v: _str_map(v, lambda x: isinstance(x, str)))
+    _require(bundle.mac_blocks, "mac_blocks", _list_of_str)
+    _require(bundle.oui_prefixes, "oui_prefixes", lambda v: isinstance(v, str))
+    _require(bundle.profiles, "profiles", _list_of_str)
+    _require(bundle.prototypes, "prototypes", lambda v: isinstance(v, list) and all(isinstance(o, dict) for o in v))
+    _require(bundle.name_vendors, "name_vendors", lambda v: _str_map(v, _count))
+
+
+def _list_of_str(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _str_map(value: object, fits: Callable[[object], bool]) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and fits(v) for k, v in value.items())
+
+
+def _require(value: object, name: str, fits: Callable[[object], bool]) -> None:
+    """``value`` is a JSON object whose values all satisfy ``fits``; ValueError naming ``name`` otherwise."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} is a {type(value).__name__}, not an object")
+    bad = next((k for k, v in value.items() if not fits(v)), None)
+    if bad is not None:
+        raise ValueError(f"{name}[{bad!r}] is {value[bad]!r:.80}, which this iotgw cannot read")
+
+
 def _thresholds(directory: Path, stored: dict) -> Thresholds:
     """The stored thresholds, earlier names read as today's; a key this code does not know (a bundle from a
     newer iotgw) is an error naming it, not a decision taken without it."""
@@ -164,6 +212,6 @@ def _thresholds(directory: Path, stored: dict) -> Thresholds:
     if unknown:
         raise BundleError(f"{directory}: bundle.json has thresholds this iotgw does not know: {', '.join(unknown)}")
     for key, value in values.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise BundleError(f"{directory}: threshold {key} is {value!r}, not a number")
     return Thresholds(**values)

@@ -11,6 +11,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gateway import cli
@@ -505,17 +506,31 @@ def test_a_bundle_reads_a_threshold_stored_under_its_earlier_name_and_refuses_on
 @pytest.mark.parametrize(
     "break_it,says",
     [
-        (lambda meta: meta.pop("version"), "KeyError: 'version'"),
-        (lambda meta: meta["labels"]["device_type"].pop(), "device_type head has 51 outputs for 50 labels"),
-        (lambda meta: meta["features"].update(dim=1024), "w1 has 2048 rows for 1024 feature buckets"),
-        (lambda meta: meta["thresholds"].update(commit="high"), "threshold commit is 'high', not a number"),
+        (lambda meta, _: meta.pop("version"), "KeyError: 'version'"),
+        (lambda meta, _: meta["labels"]["device_type"].pop(), "device_type head has 51 outputs for 50 labels"),
+        (lambda meta, _: meta["features"].update(dim=1024), "w1 has 2048 rows for 1024 feature buckets"),
+        (lambda meta, _: meta["thresholds"].update(commit="high"), "threshold commit is 'high', not a number"),
+        # each of these loaded, then crashed at a device's first packet or silently changed the answers
+        (lambda meta, _: meta["thresholds"].update(commit=float("nan")), "threshold commit is nan, not a number"),
+        (lambda meta, _: meta["features"].update(signals=["bogus"]), "features.signals ['bogus'] are not among"),
+        (lambda meta, _: meta["labels"].update(device_type="x" * 51), "labels.device_type is not a list of names"),
+        (lambda meta, _: meta.update(type_info=[]), "type_info is a list, not an object"),
+        (lambda meta, _: meta.update(mac_blocks=[]), "mac_blocks is a list, not an object"),
+        (lambda meta, _: meta.update(mac_blocks={"20f85eca9": "Aria"}), "mac_blocks['20f85eca9'] is 'Aria'"),
+        (lambda meta, _: meta.update(name_vendors=[]), "name_vendors is a list, not an object"),
+        (lambda meta, _: meta.update(name_vendors={"x.com": {"Acme": "many"}}), "name_vendors['x.com'] is"),
+        (lambda _, arrays: arrays.update(seen=arrays["seen"][:80]), "the seen bitmap is uint8 of shape (80,)"),
+        (lambda _, arrays: arrays.update(vocabulary=arrays["vocabulary"][:80]), "the vocabulary bitmap is uint8"),
     ],
 )
 def test_a_bundle_that_does_not_fit_together_is_refused_when_loaded_naming_it(tmp_path, break_it, says):
     broken = Bundle.load().save(tmp_path / "broken")
     meta = json.loads((broken / "bundle.json").read_text())
-    break_it(meta)
+    with np.load(broken / "weights.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    break_it(meta, arrays)
     (broken / "bundle.json").write_text(json.dumps(meta))
+    np.savez_compressed(broken / "weights.npz", **arrays)
     with pytest.raises(BundleError) as refused:
         Bundle.load(broken)
     assert str(refused.value).startswith(f"{broken}: ") and says in str(refused.value)
