@@ -192,14 +192,42 @@ def test_a_pcapng_cut_inside_a_block_is_corrupt_after_the_frames_before_it(tmp_p
     whole = pcapng.read_bytes()
     pcapng.write_bytes(whole[:-10])
     got = []
-    with pytest.raises(PcapError, match="cut.pcapng: corrupt record"):
+    with pytest.raises(PcapError, match="cut.pcapng: truncated after 2 records"):
         for ts, _ in read_frames(pcapng):
             got.append(ts)
     assert got == pytest.approx([1700000000.25, 1700000000.75], rel=0, abs=1e-6)
 
 
-def test_a_pcap_whose_last_record_is_cut_short_keeps_the_frames_before_it(tmp_path):
+@pytest.mark.parametrize("cut,inside", [(10, "after 64 of its 74 bytes"), (80, "inside its header")])
+def test_a_pcap_whose_last_record_is_cut_short_keeps_the_frames_before_it_and_names_the_file(
+    tmp_path, caplog, capfd, cut, inside
+):
+    # a capture stopped while writing: its records are kept, and it is not taken for a whole file
     pcap = tmp_path / "cut.pcap"
     wrpcap(str(pcap), _dns_frames(3))
-    pcap.write_bytes(pcap.read_bytes()[:-10])
-    assert [ts for ts, _ in read_frames(pcap)] == pytest.approx([1700000000.25, 1700000000.75], rel=0, abs=1e-6)
+    pcap.write_bytes(pcap.read_bytes()[:-cut])
+    got = []
+    with pytest.raises(PcapError, match=f"cut.pcap: truncated after 2 records: the record at byte 204 ends {inside}"):
+        for ts, _ in read_frames(pcap):
+            got.append(ts)
+    assert got == pytest.approx([1700000000.25, 1700000000.75], rel=0, abs=1e-6)
+    assert "truncated" not in caplog.text + capfd.readouterr().err  # no scapy warning that names no file
+
+
+def test_a_pcapng_packet_naming_an_interface_never_described_is_corrupt_naming_the_file(tmp_path):
+    import struct
+
+    pcapng = tmp_path / "iface.pcapng"
+    writer = PcapNgWriter(str(pcapng))
+    for frame in _dns_frames(2):
+        writer.write(frame)
+    writer.close()
+    data = bytearray(pcapng.read_bytes())
+    last_epb = data.rindex(struct.pack("<I", 6))  # the second Enhanced Packet Block's type
+    struct.pack_into("<I", data, last_epb + 8, 5)  # its interface id: the file describes only interface 0
+    pcapng.write_bytes(bytes(data))
+    got = []
+    with pytest.raises(PcapError, match="iface.pcapng: corrupt after 1 records: .*interface 5"):
+        for ts, _ in read_frames(pcapng):
+            got.append(ts)
+    assert got == pytest.approx([1700000000.25], rel=0, abs=1e-6)

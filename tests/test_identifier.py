@@ -147,6 +147,17 @@ def test_a_capture_corrupt_part_way_is_named_and_the_devices_before_the_damage_s
 
 
 @needs_data
+def test_a_capture_cut_short_is_named_with_exit_1_and_its_complete_records_still_answered(iotgw, tmp_path):
+    good, mac = first_capture("HueBridge")
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(good.read_bytes()[:-5])  # a capture stopped while writing its last record
+    code, rows, err = iotgw("identify", "--json", str(cut), str(good))
+    assert code == 1 and f"{cut}: truncated after " in err
+    assert any(r["source"] == str(cut) and r["mac"] == mac for r in rows)
+    assert any(r["source"] == str(good) and r["mac"] == mac for r in rows)
+
+
+@needs_data
 def test_malformed_frames_in_a_capture_are_counted_and_the_device_still_named(iotgw, tmp_path):
     from scapy.layers.inet import IP, UDP
     from scapy.layers.l2 import Ether
