@@ -7,6 +7,7 @@ A bad file fails with ``ConfigError`` naming the file, the line and the key.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -160,17 +161,70 @@ def validate(cfg: Config, text: str | None = None) -> None:
             check_addresses(key, getattr(cfg.dns, key))
         except ValueError as exc:
             raise ConfigError(f"{where(key)}: {exc}") from exc
-    # Each of these loads fine out of range and then breaks every query (a negative cache size fails each
-    # forwarded answer, a negative rate limit refuses everything, a zero timeout SERVFAILs everything).
-    for key in ("cache_size", "rate_limit_per_minute"):
-        value = getattr(cfg.dns, key)
-        if value < 0:
-            raise ConfigError(f"{where(key)}: must be 0 or more (0 switches it off), got {value}")
-    if not cfg.dns.timeout_s > 0:
-        raise ConfigError(f"{where('timeout_s')}: must be more than 0 seconds, got {cfg.dns.timeout_s}")
+    # Each of these loads fine out of range and then breaks later: a negative cache size fails each forwarded
+    # answer, a zero timeout SERVFAILs everything, a zero querylog_days makes the prune delete every row.
+    for (section, key), limits in NUMBER_RANGES.items():
+        problem = _range_problem(getattr(getattr(cfg, section), key), *limits)
+        if problem:
+            raise ConfigError(f"{where(key, section)}: {problem}")
+    if cfg.mqtt.url:
+        try:
+            check_mqtt_url(cfg.mqtt.url)
+        except ValueError as exc:
+            raise ConfigError(f"{where('url', 'mqtt')}: {exc}") from exc
+    try:
+        parse_hostport(cfg.web.listen, 8080)
+    except ValueError as exc:
+        raise ConfigError(f"{where('listen', 'web')}: {exc}") from exc
     for host in cfg.web.hosts:
         if not HOST_NAME.fullmatch(host):
             raise ConfigError(f"{where('hosts', 'web')}: {host!r} is not a host name (or .domain for all under it)")
+
+
+# (section, key) -> (lowest, highest, whether the lowest itself is refused, what to say after the lowest).
+# Highest: far beyond any real use, and small enough for a database integer.
+NUMBER_RANGES: dict[tuple[str, str], tuple[float, float, bool, str]] = {
+    ("dns", "cache_size"): (0, 10**9, False, " (0 switches it off)"),
+    ("dns", "rate_limit_per_minute"): (0, 10**9, False, " (0 switches it off)"),
+    ("dns", "timeout_s"): (0, 60, True, " seconds"),
+    ("store", "querylog_days"): (1, 36500, False, " (days of queries to keep)"),
+    ("store", "querylog_max_rows"): (1000, 10**12, False, " (queries to keep)"),
+    ("store", "flush_interval_s"): (0, 3600, True, " seconds"),
+    ("mqtt", "outbox_max"): (2, 10**9, False, " (the outbox keeps a drop notice besides the alerts)"),
+}
+
+
+def _range_problem(value: float, low: float, high: float, low_refused: bool, note: str) -> str | None:
+    """What is wrong with ``value`` for a key with these limits, or None; inf and nan are never in range."""
+    if not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if low_refused and value <= low:
+        return f"must be more than {low}{note}, got {value}"
+    if value < low:
+        return f"must be {low} or more{note}, got {value}"
+    if value > high:
+        return f"must be at most {high}, got {value}"
+    return None
+
+
+def check_mqtt_url(url: str) -> None:
+    """ValueError (password hidden) unless ``url`` is one the daemon's MQTT link takes."""
+    from gateway.alerts.mqtt import parse_url  # late: paho loads only when MQTT is configured
+
+    parse_url(url)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its ``user:password@`` part replaced by ``***``: URLs end up in messages.
+    Works on URLs that do not parse, since those are the ones printed in errors."""
+    m = re.match(r"([^:/?#]*:)?//([^/?#]*)", url)
+    if not m or "@" not in m.group(2):
+        return url
+    userinfo, _, hostport = m.group(2).rpartition("@")
+    if ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return url[: m.start(2)] + f"{user}:***@{hostport}" + url[m.end(2) :]
 
 
 HOST_NAME = re.compile(r"\.?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")

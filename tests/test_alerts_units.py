@@ -124,6 +124,18 @@ def test_broker_urls():
             parse_url(bad)
 
 
+
+@pytest.mark.parametrize("url", [
+    "mqtt://alerts:S3cretPw@127.0.0.1:18830x",
+    "tcp://alerts:S3cretPw@127.0.0.1:1883",
+    "mqtt://alerts:S3cretPw@[::1",
+    "mqtt://alerts:S3c@retPw@h:99999",
+])
+def test_a_refused_broker_url_shows_the_user_but_not_the_password(url):
+    with pytest.raises(ValueError, match="MQTT URL 'mqtt://alerts:\\*\\*\\*@|MQTT URL 'tcp://alerts:\\*\\*\\*@") as err:
+        parse_url(url)
+    assert "S3c" not in str(err.value)
+
 @given(st.text(min_size=1, max_size=40))
 def test_home_assistant_ids_are_always_valid(key):
     assert ID.fullmatch(device_id("my gateway/#+", key))

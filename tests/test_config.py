@@ -66,6 +66,41 @@ def test_out_of_range_dns_numbers_name_file_and_line(tmp_path, line, message):
         load(write(tmp_path, f'[dns]\nupstreams = ["1.1.1.1"]\n{line}\n'))
 
 
+@pytest.mark.parametrize(("section", "line", "message"), [
+    # Each of these loaded and then deleted every logged query at the first prune, or failed only later.
+    ("store", "querylog_days = 0", r"store\.querylog_days: must be 1 or more"),
+    ("store", "querylog_days = -5", r"store\.querylog_days: must be 1 or more"),
+    ("store", "querylog_max_rows = 0", r"store\.querylog_max_rows: must be 1000 or more"),
+    ("store", "querylog_max_rows = -1", r"store\.querylog_max_rows: must be 1000 or more"),
+    ("store", "flush_interval_s = 0", r"store\.flush_interval_s: must be more than 0"),
+    ("store", "flush_interval_s = nan", r"store\.flush_interval_s: must be a finite number"),
+    ("mqtt", "outbox_max = 1", r"mqtt\.outbox_max: must be 2 or more"),
+    ("dns", "timeout_s = inf", r"dns\.timeout_s: must be a finite number, got inf"),
+    ("dns", "cache_size = 99999999999999999", r"dns\.cache_size: must be at most"),
+    ("web", 'listen = "0.0.0.0:80800"', r"web\.listen: '0\.0\.0\.0:80800': port out of range"),
+    ("web", 'listen = "not a host:port:x"', r"web\.listen: 'not a host:port:x' is not HOST\[:PORT\]"),
+    ("mqtt", 'url = "mqtt://127.0.0.1:99999"', r"mqtt\.url: MQTT URL 'mqtt://127\.0\.0\.1:99999': Port out of range"),
+    ("mqtt", 'url = "mqtt://[::1"', r"mqtt\.url: MQTT URL 'mqtt://\[::1': Invalid IPv6 URL"),
+    ("mqtt", 'url = "tcp://broker.lan:1883"', r"mqtt\.url: .*scheme must be mqtt:// or mqtts://"),
+])
+def test_out_of_range_numbers_and_bad_addresses_in_every_section_name_file_and_line(tmp_path, section, line, message):
+    with pytest.raises(ConfigError, match=rf"iotgw\.toml:4: {message}"):
+        load(write(tmp_path, f'[gateway]\nname = "x"\n[{section}]\n{line}\n'))
+
+
+def test_numbers_at_the_edge_of_their_range_load(tmp_path):
+    cfg = load(write(tmp_path, "[store]\nquerylog_days = 1\nquerylog_max_rows = 1000\nflush_interval_s = 0.1\n"
+                               '[mqtt]\noutbox_max = 2\nurl = "mqtts://u:p@[::1]:8883"\n[web]\nlisten = "[::]:8080"\n'))
+    assert (cfg.store.querylog_days, cfg.store.querylog_max_rows, cfg.mqtt.outbox_max) == (1, 1000, 2)
+
+
+def test_a_bad_mqtt_url_never_shows_its_password(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, '[mqtt]\nurl = "mqtt://alerts:S3cretPw@127.0.0.1:18830x"\n'))
+    assert "S3cretPw" not in str(err.value) and "mqtt://alerts:***@127.0.0.1:18830x" in str(err.value)
+    assert str(err.value).startswith(f"{tmp_path / 'iotgw.toml'}:2: mqtt.url: ")
+
+
 def test_web_hosts_take_names_and_domains_and_a_url_names_file_and_line(tmp_path):
     cfg = load(write(tmp_path, '[web]\nhosts = ["iotgw.example.org", ".home.example.net"]\n'))
     assert cfg.web.hosts == ["iotgw.example.org", ".home.example.net"]

@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.config import MqttConfig
+from gateway.config import MqttConfig, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +41,18 @@ class Broker:
 
 
 def parse_url(url: str, username: str = "", password: str = "") -> Broker:
-    """``mqtt://[user:pass@]host[:port]`` or ``mqtts://...``; the config's credentials win."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts"):
-        raise ValueError(f"MQTT URL {url!r}: scheme must be mqtt:// or mqtts://")
-    if not parts.hostname:
-        raise ValueError(f"MQTT URL {url!r}: no host")
+    """``mqtt://[user:pass@]host[:port]`` or ``mqtts://...``; the config's credentials win.
+    ValueError names the URL with its password replaced by ``***``: the message is printed and logged."""
+    shown = redact_url(url)
     try:
+        parts = urlsplit(url)
         port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"MQTT URL {url!r}: {exc}") from None
+    except ValueError as exc:  # "mqtt://[::1" (unclosed bracket), a port out of range or not a number
+        raise ValueError(f"MQTT URL {shown!r}: {exc}") from None
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError(f"MQTT URL {shown!r}: scheme must be mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise ValueError(f"MQTT URL {shown!r}: no host")
     tls = parts.scheme == "mqtts"
     return Broker(
         host=parts.hostname,
