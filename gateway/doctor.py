@@ -79,11 +79,40 @@ def check_dns_port(cfg: Config) -> Finding:
             )
         elif error.errno == errno.EAFNOSUPPORT:
             notes.append(f"{listen} skipped (IPv6 disabled)")
-        else:
+        elif error.errno == errno.EADDRINUSE:
             problems.append(_port_taken(listen, host, port, owner))
+        else:
+            problems.append(_unbindable(listen, host, error))
     if problems:
         return problems[0]
     return Finding("dns-port", "ok", "; ".join(notes))
+
+
+def _unbindable(listen: str, host: str, error: OSError) -> Finding:
+    """A listen address that cannot be bound for a reason other than the port being in use."""
+    if isinstance(error, socket.gaierror):
+        scope = host.partition("%")[2]
+        if scope and not _interface_exists(scope):
+            reason = f"there is no interface named {scope!r}"
+        else:
+            reason = f"{host!r} is not an IP address ({error.strerror})"
+    else:
+        reason = f"cannot bind {host}: {error.strerror or error}"
+    return Finding(
+        "dns-port",
+        "fail",
+        f"{listen}: {reason}",
+        "set [dns] listen to IP addresses of this machine (`ip -brief addr`); a link-local IPv6 address "
+        "needs its interface, as in [fe80::1%eth0]:53",
+    )
+
+
+def _interface_exists(name: str) -> bool:
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
 
 
 def _port_taken(listen: str, host: str, port: int, owner: tuple[int, str] | None) -> Finding:
@@ -218,18 +247,22 @@ def check_interface(cfg: Config) -> Finding:
             "no LAN interface chosen: DHCP and mDNS are not captured",
             f"run `iotgw setup`, or set [capture] interface to one of: {', '.join(available) or '(none)'}",
         )
+    # Looked up among the listed names, never joined onto the path: ".." or "../../etc" is a name, not a path.
     path = Path("/sys/class/net") / name
-    if not path.exists():
+    try:
+        if name not in {p.name for p in Path("/sys/class/net").iterdir()}:
+            raise FileNotFoundError(name)
+        flags = int((path / "flags").read_text(), 16)
+        carrier = (path / "operstate").read_text().strip()
+    except (OSError, ValueError):
         return Finding(
             "interface",
             "fail",
             f"interface {name!r} does not exist",
             f"set [capture] interface to one of: {', '.join(available) or '(none)'}",
         )
-    flags = int((path / "flags").read_text(), 16)
     if not flags & 0x1:  # IFF_UP
         return Finding("interface", "fail", f"interface {name} is down", f"ip link set {name} up")
-    carrier = (path / "operstate").read_text().strip()
     if carrier == "down":
         return Finding(
             "interface",
@@ -344,25 +377,30 @@ def check_broker(cfg: Config, timeout: float = 5.0) -> Finding:
         return Finding("broker", "skip", "MQTT is off (mqtt.url is empty)")
     import paho.mqtt.client as mqtt  # late: only needed when MQTT is on
 
-    parts = urlsplit(cfg.mqtt.url)
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        return Finding(
-            "broker",
-            "fail",
-            f"mqtt.url {cfg.mqtt.url!r} is not mqtt://HOST[:PORT] or mqtts://...",
-            "fix [mqtt] url in the config",
-        )
-    port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+    from gateway.alerts.mqtt import parse_url  # the daemon's own reading of the URL and the credentials
+
+    try:
+        broker = parse_url(cfg.mqtt.url, cfg.mqtt.username, cfg.mqtt.password)
+    except ValueError as exc:  # its message hides the password
+        return Finding("broker", "fail", str(exc), "fix [mqtt] url: mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
     result: dict[str, object] = {}
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"iotgw-doctor-{os.getpid()}")
     client.on_connect = lambda _c, _u, _f, reason, _p: result.setdefault("reason", reason)
-    if cfg.mqtt.username:
-        client.username_pw_set(cfg.mqtt.username, cfg.mqtt.password or None)
-    if parts.scheme == "mqtts":
-        client.tls_set(ca_certs=cfg.mqtt.ca_file or None)
-    where = f"{parts.hostname}:{port}"
+    if broker.username:
+        client.username_pw_set(broker.username, broker.password or None)
+    where = f"{broker.host}:{broker.port}"
+    if broker.tls:
+        try:
+            client.tls_set(ca_certs=cfg.mqtt.ca_file or None)
+        except (OSError, ValueError) as exc:  # a missing or unreadable CA file, or one that is no certificate
+            return Finding(
+                "broker",
+                "fail",
+                f"{where}: cannot set up TLS with ca_file {cfg.mqtt.ca_file!r}: {exc}",
+                "point [mqtt] ca_file at the broker's CA certificate (PEM), or leave it empty for the system's",
+            )
     try:
-        client.connect(parts.hostname, port, keepalive=10)
+        client.connect(broker.host, broker.port, keepalive=10)
     except (OSError, ValueError) as exc:
         return Finding(
             "broker",
@@ -387,7 +425,8 @@ def check_broker(cfg: Config, timeout: float = 5.0) -> Finding:
             "broker",
             "fail",
             f"{where}: the broker refused: {reason}",
-            "check [mqtt] username and password against the broker's password file",
+            "check [mqtt] username and password (or the user:password@ in [mqtt] url) against the broker's "
+            "password file",
         )
     return Finding("broker", "ok", f"{where} accepts the connection")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import Config
-from gateway.doctor import check_capabilities, check_clock
+from gateway.doctor import check_broker, check_capabilities, check_clock
 from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,6 +162,25 @@ def test_interface_missing_and_present(tmp_path: Path) -> None:
 
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="creating a veth pair needs root")
+@pytest.mark.parametrize("name", ["..", "../../etc", "lo/../lo"])
+def test_interface_name_that_is_a_path_is_a_missing_interface(tmp_path: Path, name: str) -> None:
+    code, findings, err = doctor(write_config(tmp_path, free_port(), extra=f'interface = "{name}"\n'))
+    assert code == 1 and "Traceback" not in err
+    assert findings["interface"]["status"] == "fail"
+    assert findings["interface"]["detail"] == f"interface {name!r} does not exist"
+
+
+@pytest.mark.parametrize(("listen", "detail"), [
+    ("foo.invalid", "'foo.invalid' is not an IP address"),
+    ("[fe80::1%nosuchif]", "there is no interface named 'nosuchif'"),
+])
+def test_dns_listen_that_cannot_be_bound_says_why_not_port_taken(tmp_path: Path, listen: str, detail: str) -> None:
+    listen = f"{listen}:{free_port()}"
+    code, findings, err = doctor(write_config(tmp_path, 0, listen=listen))
+    assert code == 1 and findings["dns-port"]["status"] == "fail", (findings, err)
+    assert findings["dns-port"]["detail"].startswith(f"{listen}: {detail}")
+
+
 def test_interface_down(tmp_path: Path) -> None:
     name = f"iotgwd{os.getpid() % 100000}"
     add = ["ip", "link", "add", name, "type", "veth", "peer", "name", f"{name}p"]
@@ -199,6 +218,59 @@ def test_broker_reachable_and_not(tmp_path: Path) -> None:
     code, findings, _ = doctor(up)  # the same config, the broker gone
     assert code == 1 and findings["broker"]["status"] == "fail"
     assert "cannot connect" in findings["broker"]["detail"]
+
+
+def start_mosquitto(tmp_path: Path, port: int, extra: str = "") -> subprocess.Popen:
+    conf = tmp_path / "mosquitto.conf"
+    # user root: started as root, mosquitto would drop to its own user, which cannot read pytest's tmp_path.
+    conf.write_text(f"user root\nlistener {port} 127.0.0.1\n{extra}")
+    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.05)
+    return broker
+
+
+@pytest.mark.skipif(not shutil.which("mosquitto_passwd"), reason="mosquitto not installed")
+def test_broker_credentials_in_the_url_are_used_as_the_daemon_uses_them(tmp_path: Path) -> None:
+    passwords = tmp_path / "passwords"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(passwords), "alerts", "S3cretPw"], check=True)
+    port = free_port()
+    broker = start_mosquitto(tmp_path, port, f"allow_anonymous false\npassword_file {passwords}\n")
+    try:
+        good = f'[mqtt]\nurl = "mqtt://alerts:S3cretPw@127.0.0.1:{port}"\n'
+        code, findings, err = doctor(write_config(tmp_path, free_port(), extra=good))
+        assert findings["broker"]["status"] == "ok", (findings["broker"], err)
+        wrong = f'[mqtt]\nurl = "mqtt://alerts:wrong@127.0.0.1:{port}"\n'
+        code, findings, err = doctor(write_config(tmp_path, free_port(), extra=wrong))
+        assert findings["broker"]["status"] == "fail" and "refused" in findings["broker"]["detail"]
+    finally:
+        broker.terminate()
+        broker.wait(timeout=10)
+
+
+@pytest.mark.parametrize(("url", "ca_file", "detail"), [
+    ("mqtt://127.0.0.1:99999", "", "Port out of range"),
+    ("mqtt://[::1", "", "Invalid IPv6 URL"),
+    ("tcp://alerts:S3cretPw@127.0.0.1:1883", "", "'tcp://alerts:***@127.0.0.1:1883': scheme must be mqtt://"),
+    ("mqtts://127.0.0.1:18883", "/nonexistent/ca.pem", "cannot set up TLS with ca_file '/nonexistent/ca.pem'"),
+])
+def test_broker_url_or_ca_file_the_daemon_cannot_use_is_a_fail_finding(url: str, ca_file: str, detail: str) -> None:
+    cfg = Config()
+    cfg.mqtt.url, cfg.mqtt.ca_file = url, ca_file
+    finding = check_broker(cfg, timeout=1)
+    assert finding.status == "fail" and detail in finding.detail and finding.fix
+    assert "S3cretPw" not in finding.detail
+
+
+def test_mqtts_with_a_missing_ca_file_is_a_fail_line(tmp_path: Path) -> None:
+    extra = '[mqtt]\nurl = "mqtts://127.0.0.1:18883"\nca_file = "/nonexistent/ca.pem"\n'
+    code, findings, err = doctor(write_config(tmp_path, free_port(), extra=extra))
+    assert code == 1 and findings["broker"]["status"] == "fail" and "Traceback" not in err
+    assert "/nonexistent/ca.pem" in findings["broker"]["detail"]
 
 
 def test_model_dir_that_is_not_a_bundle(tmp_path: Path) -> None:
