@@ -18,9 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
 
-from gateway.config import Config, parse_hostport
+from gateway.config import Config, parse_hostport, redact_url
 
 Status = Literal["ok", "warn", "fail", "skip"]
 
@@ -363,10 +362,8 @@ def _as_user(owner: tuple[int, int], fn: Callable[[], tuple[bool, str]]) -> tupl
 
 
 def _safe_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@")
-    return url
+    """``url`` with its password as ``***``; also for a URL that does not parse (urlsplit would raise)."""
+    return redact_url(url)
 
 
 # ---------------------------------------------------------------- MQTT broker

@@ -120,6 +120,13 @@ def test_database_file_that_is_not_a_database(tmp_path: Path) -> None:
     assert "not a database" in findings["database"]["detail"]
 
 
+def test_database_url_that_does_not_parse_is_a_finding_without_its_password(tmp_path: Path) -> None:
+    extra = '[store]\nurl = "postgresql://u:s3cretpw@[::1/x"\n'
+    code, findings, err = doctor(write_config(tmp_path, free_port(), extra=extra))
+    assert code == 1 and findings["database"]["status"] == "fail", (findings, err)
+    assert "postgresql://u:***@[::1/x" in findings["database"]["detail"] and "s3cretpw" not in json.dumps(findings)
+
+
 def test_bad_config_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "iotgw.toml"
     path.write_text('[gateway]\nname = "home"\n[dns]\nlisten = 53\n')
