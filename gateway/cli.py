@@ -39,8 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"iotgw: configuration error: {exc}", file=sys.stderr)
         return 2
+    except PermissionError as exc:  # the usual cause: a root-only command run from a user's shell
+        print(f"iotgw: {permission_message(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+
+
+def permission_message(exc: PermissionError) -> str:
+    """One line for a PermissionError: the path refused and who can do it."""
+    what = exc.filename if exc.filename is not None else exc
+    return f"permission denied: {what}: run this as root (sudo) or as the iotgw user"
 
 
 def build_parser() -> argparse.ArgumentParser:

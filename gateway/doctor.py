@@ -46,7 +46,19 @@ class Finding:
 
 
 def run_all(cfg: Config) -> list[Finding]:
-    return [check(cfg) for check in CHECKS]
+    return [_run(check, cfg) for check in CHECKS]
+
+
+def _run(check: Callable[[Config], Finding], cfg: Config) -> Finding:
+    """One check; a file it may not read is a finding (doctor is often first run from a user's shell)."""
+    try:
+        return check(cfg)
+    except PermissionError as exc:
+        name = check.__name__.removeprefix("check_").replace("_", "-")
+        what = exc.filename if exc.filename is not None else exc
+        return Finding(
+            name, "fail", f"permission denied: {what}", "run it as root (`sudo iotgw doctor`) or as the iotgw user"
+        )
 
 
 # ---------------------------------------------------------------- port 53

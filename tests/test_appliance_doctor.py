@@ -149,6 +149,36 @@ def test_missing_capabilities_fail(tmp_path: Path) -> None:
     assert "not tested" in findings["dns-port"]["detail"]
 
 
+# root without the capabilities that let it read and write every file: as a user's shell would be
+NO_DAC = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_state_directory_it_may_not_read_is_a_finding_not_a_traceback(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, free_port())
+    state = tmp_path / "state"
+    os.chown(state, 65534, 65534)  # the service user's 0700 directory
+    state.chmod(0o700)
+    code, findings, err = doctor(cfg, *NO_DAC)
+    assert code == 1 and "Traceback" not in err, err
+    assert findings["model"]["status"] == "fail"
+    assert findings["model"]["detail"].startswith(f"permission denied: {state}")
+    assert "sudo iotgw doctor" in findings["model"]["fix"]
+    assert findings["clock"]["status"] in ("ok", "warn")  # the checks after it still ran
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_config_it_may_not_read_says_to_run_as_root(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, free_port())
+    os.chown(cfg, 65534, 65534)
+    cfg.chmod(0o600)
+    code, findings, err = doctor(cfg, *NO_DAC)
+    assert code == 1 and findings["config"]["detail"] == f"{cfg}: cannot read: Permission denied", err
+    assert "sudo iotgw doctor" in findings["config"]["fix"] and "line" not in findings["config"]["fix"]
+
+
 def test_capabilities_check_against_a_bitmask() -> None:
     cfg = Config()
     cfg.capture.interface = "eth0"

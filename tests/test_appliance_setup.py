@@ -3,9 +3,13 @@ comment kept, the router guidance names this machine's address, and the doctor's
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from gateway.commands.setup import set_key
 from gateway.config import load
@@ -25,9 +29,9 @@ def example_config(tmp_path: Path) -> Path:
     return path
 
 
-def run_setup(*args: str) -> subprocess.CompletedProcess[str]:
+def run_setup(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "setup", *args],
+        [*prefix, sys.executable, "-m", "gateway.cli", "setup", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -63,6 +67,25 @@ def test_setup_refuses_an_unknown_interface(tmp_path: Path) -> None:
     before = path.read_text()
     proc = run_setup("--config", str(path), "--interface", "nosuch0", "--no-password")
     assert proc.returncode == 2 and "nosuch0" in proc.stderr and "lo" in proc.stderr
+    assert path.read_text() == before
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_setup_without_root_says_to_run_as_root_in_one_line(tmp_path: Path) -> None:
+    path = example_config(tmp_path)
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    path = path.rename(etc / "iotgw.toml")
+    os.chown(etc, 65534, 65534)  # a directory only its owner may write, as /etc is root's
+    before = path.read_text()
+    # root without the capabilities that let it write every file: as a user's shell would be
+    no_dac = ("setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search")
+    proc = run_setup("--config", str(path), "--interface", "lo", "--no-password", prefix=no_dac)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"iotgw: permission denied: {path}.iotgw-setup: run this as root (sudo) or as the iotgw user"
+    ]
     assert path.read_text() == before
 
 

@@ -25,12 +25,15 @@ def doctor(args: argparse.Namespace) -> int:
     try:
         findings = run_all(load(args.config))
     except ConfigError as exc:
+        unreadable = isinstance(exc.__cause__, PermissionError)
         findings = [
             Finding(
                 "config",
                 "fail",
                 str(exc),
-                "fix the file at the line named, or move it aside to run on the defaults",
+                "run it as root (`sudo iotgw doctor`) or as the iotgw user: this user may not read the file"
+                if unreadable
+                else "fix the file at the line named, or move it aside to run on the defaults",
             )
         ]
     if args.json:
