@@ -120,9 +120,10 @@ def load(path: str | Path | None = None) -> Config:
         path = DEFAULT_PATH
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    text = decode(path, raw)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -146,6 +147,17 @@ def load(path: str | Path | None = None) -> Config:
             setattr(target, key, _coerce(value, fields[key], where))
     validate(cfg, text)
     return cfg
+
+
+def decode(path: Path, raw: bytes) -> str:
+    """``raw`` as UTF-8 (TOML's only encoding); ConfigError names the line and byte of the first bad one."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 (byte {exc.start} is {raw[exc.start]:#04x}): save the file as UTF-8"
+        ) from exc
 
 
 def validate(cfg: Config, text: str | None = None) -> None:
@@ -305,16 +317,27 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 
 def _line(text: str, section: str | None, key: str | None) -> int:
-    """The line number of ``key`` inside ``[section]`` (tomllib keeps no positions, so look it up)."""
+    """The line number of ``key`` inside ``[section]`` (tomllib keeps no positions, so look it up). Keys may be
+    quoted (``"timeout_s" = 0``) or dotted (``timeout_s.x = 1``, or ``dns.timeout_s = 0`` before any header)."""
     current = None
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
         m = re.fullmatch(r"\[\s*([^\]]+?)\s*\]\s*(#.*)?", stripped)
         if m:
-            current = m.group(1)
+            current = re.sub(r"""["'\s]""", "", m.group(1))
             if key is None and current == section:
                 return number
             continue
-        if key and re.match(rf"{re.escape(key)}\s*=", stripped) and (section is None or current == section):
+        if not key:
+            continue
+        if (section is None or current == section) and re.match(rf"{_key_path(key)}\s*[=.]", stripped):
+            return number
+        if section and current is None and re.match(rf"{_key_path(section, key)}\s*[=.]", stripped):
             return number
     return 1
+
+
+def _key_path(*names: str) -> str:
+    """A regex for the dotted key ``names``, each bare or quoted, as TOML allows."""
+    parts = (rf"""(?:{re.escape(n)}|"{re.escape(n)}"|'{re.escape(n)}')""" for n in names)
+    return r"\s*\.\s*".join(parts)

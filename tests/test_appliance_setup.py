@@ -70,6 +70,30 @@ def test_setup_refuses_an_unknown_interface(tmp_path: Path) -> None:
     assert path.read_text() == before
 
 
+def test_setup_names_the_users_file_and_line_for_a_mistake_already_in_it(tmp_path: Path) -> None:
+    path = tmp_path / "iotgw.toml"
+    path.write_text(f'[gateway]\nstate_dir = "{tmp_path}"\n[dns]\nlistenx = ["127.0.0.1:1"]\n')
+    before = path.read_text()
+    proc = run_setup("--config", str(path), "--interface", "lo", "--no-password")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{path}:4: dns.listenx: unknown key" in proc.stderr and ".iotgw-setup" not in proc.stderr
+    assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["iotgw.toml"]
+
+
+def test_setup_refuses_a_config_that_is_a_directory_or_not_utf8(tmp_path: Path) -> None:
+    folder = tmp_path / "dir.toml"
+    folder.mkdir()
+    proc = run_setup("--config", str(folder), "--interface", "lo", "--no-password")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"iotgw: configuration error: {folder}: cannot read: Is a directory"
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b'[gateway]\nname = "caf\xe9"\n')
+    proc = run_setup("--config", str(latin1), "--interface", "lo", "--no-password")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{latin1}:2: not UTF-8 (byte 21 is 0xe9)" in proc.stderr
+    assert latin1.read_bytes() == b'[gateway]\nname = "caf\xe9"\n'
+
+
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
 def test_setup_without_root_says_to_run_as_root_in_one_line(tmp_path: Path) -> None:
@@ -91,6 +115,9 @@ def test_setup_without_root_says_to_run_as_root_in_one_line(tmp_path: Path) -> N
 
 def test_set_key_cases() -> None:
     assert set_key("", "capture", "interface", '"eth0"') == '[capture]\ninterface = "eth0"\n'
+    # TOML allows spaces inside the brackets: the same section, not one to append a second time
+    spaced = "[ capture ]  # LAN\nsniff = true\n"
+    assert set_key(spaced, "capture", "interface", '"eth0"') == '[ capture ]  # LAN\ninterface = "eth0"\nsniff = true\n'
     live = '[capture]\n# interface = "x"\ninterface = "wlan0"\n[web]\ninterface = "no"\n'
     assert set_key(live, "capture", "interface", '"eth0"') == (
         '[capture]\n# interface = "x"\ninterface = "eth0"\n[web]\ninterface = "no"\n'

@@ -39,6 +39,24 @@ def test_toml_syntax_error_names_file_and_line(tmp_path):
         load(write(tmp_path, "[dns]\nlan = []\nrate_limit_per_minute = = 5\n[store]\n"))
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ('[gateway]\nname = "x"\n[dns]\n"timeout_s" = 0\n', r":4: dns\.timeout_s: must be more than 0"),
+    ("[gateway]\nname = 'x'\n[dns]\ntimeout_s.x = 1\n", r":4: dns\.timeout_s: expected float"),
+    ('# before any [section]\n\n\ndns.timeout_s = 0\n[gateway]\n', r":4: dns\.timeout_s: must be more than 0"),
+    ('[gateway]\nname = "x"\n[ "dns" ]\ncache_size = -1\n', r":4: dns\.cache_size: must be 0 or more"),
+])
+def test_quoted_and_dotted_keys_are_found_on_their_line(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=rf"iotgw\.toml{message}"):
+        load(write(tmp_path, text))
+
+
+def test_a_file_that_is_not_utf8_names_its_line_and_byte(tmp_path):
+    path = tmp_path / "iotgw.toml"
+    path.write_bytes(b'[gateway]\nname = "\xff"\n')
+    with pytest.raises(ConfigError, match=rf"^{path}:2: not UTF-8 \(byte 18 is 0xff\): save the file as UTF-8$"):
+        load(path)
+
+
 def test_bad_prefix_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="not a network prefix"):
         load(write(tmp_path, '[dns]\nlan = ["10.0.0.0/33"]\n'))

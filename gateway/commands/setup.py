@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gateway.config import DEFAULT_PATH, ConfigError, load
+from gateway.config import DEFAULT_PATH, ConfigError, decode, load
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +39,7 @@ def setup(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    text = read_config(path)
     updated = set_key(text, "capture", "interface", f'"{name}"')
     write_checked(path, updated)
     print(f"LAN interface: {name} (written to {path})")
@@ -104,12 +104,26 @@ def ask_interface(candidates: dict[str, str]) -> str:
     return answer or default
 
 
+def read_config(path: Path) -> str:
+    """The config's text, or "" when there is none yet; ConfigError for a directory, an unreadable file or
+    one that is not UTF-8, so nothing is written over it."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return ""
+    except PermissionError:
+        raise  # the CLI says to run as root
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    return decode(path, raw)
+
+
 def set_key(text: str, section: str, key: str, literal: str) -> str:
     """``text`` with ``key = literal`` in ``[section]``: replaces the key's line (or its commented example),
     else adds it under the section header, else appends the section. Other lines stay as they are."""
     lines = text.splitlines()
     start = next(
-        (i for i, line in enumerate(lines) if re.fullmatch(rf"\s*\[{section}\]\s*(#.*)?", line)), None
+        (i for i, line in enumerate(lines) if re.fullmatch(rf"\s*\[\s*{section}\s*\]\s*(#.*)?", line)), None
     )
     if start is None:
         return text.rstrip("\n") + ("\n\n" if text.strip() else "") + f"[{section}]\n{key} = {literal}\n"
@@ -131,7 +145,10 @@ def write_checked(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(text, encoding="utf-8")
     try:
-        load(tmp)
+        try:
+            load(tmp)
+        except ConfigError as exc:  # the temporary file is gone when the user reads this: name theirs
+            raise ConfigError(str(exc).replace(str(tmp), str(path))) from exc
         if path.exists():
             st = path.stat()
             os.chown(tmp, st.st_uid, st.st_gid)
