@@ -12,6 +12,7 @@ import hashlib
 import secrets
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass
 
 from argon2 import PasswordHasher
@@ -154,6 +155,9 @@ def create_token(store: Store, name: str, scope: str) -> tuple[ApiToken, str]:
     name = name.strip()[:100]
     if not name:
         raise ValueError("a token needs a name (what uses it)")
+    bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")), None)
+    if bad is not None:  # a tab, newline or ESC would break `token list` lines or drive the terminal
+        raise ValueError(f"a token name may not contain control characters (found U+{ord(bad):04X})")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     token = ApiToken(name=name, token_sha256=_sha256(secret), scope=scope, created_at=time.time())
     with store.transaction() as s:

@@ -148,6 +148,13 @@ def test_tokens_are_stored_hashed_scoped_and_revocable(store):
         accounts.create_token(store, "x", "admin")
 
 
+@pytest.mark.parametrize("name", ["ha\tread", "two\nlines", "red\x1b[31mtext", "back\u202eward", "del\x7f"])
+def test_token_names_with_control_characters_are_refused_and_nothing_is_stored(store, name):
+    with pytest.raises(ValueError, match="may not contain control characters"):
+        accounts.create_token(store, name, "read")
+    assert accounts.list_tokens(store) == []
+
+
 def _run(argv, monkeypatch, stdin=""):  # noqa: ANN001, ANN202
     parser = argparse.ArgumentParser()
     user_command.add_commands(parser.add_subparsers(required=True))
@@ -165,6 +172,8 @@ def test_cli_sets_the_password_and_manages_tokens(tmp_path, monkeypatch, capsys)
     assert secret.startswith(accounts.TOKEN_PREFIX)
     assert _run(["user", "token", "list", *db], monkeypatch) == 0
     assert "\twrite\tha\t" in capsys.readouterr().out
+    assert _run(["user", "token", "create", "ha\x1b]0;x\x07", *db], monkeypatch) == 1
+    assert "control characters" in capsys.readouterr().err
     assert _run(["user", "token", "revoke", "1", *db], monkeypatch) == 0
     assert _run(["user", "token", "revoke", "1", *db], monkeypatch) == 1
     store = Store(db[1])
