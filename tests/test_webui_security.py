@@ -260,6 +260,17 @@ def test_query_cursor_and_token_id_beyond_64_bits_are_client_errors(env):
     assert token_id in [t.id for t in accounts.list_tokens(store)]
 
 
+def test_token_names_with_control_characters_are_refused_by_the_form_and_the_api(env):
+    app, store, token_id = env
+    client = app.test_client()
+    csrf = _login(client)
+    r = client.post("/api/v1/tokens", json={"name": "a\x1b[2Jb", "scope": "read"}, headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 400 and "control characters" in r.get_json()["error"]
+    r = client.post("/settings/tokens", data={"name": "a\nb", "scope": "read", "csrf_token": csrf})
+    assert r.status_code == 302 and "control characters" in client.get("/settings").get_data(as_text=True)
+    assert [t.id for t in accounts.list_tokens(store)] == [token_id]
+
+
 def test_security_headers_and_cookie_flags(env):
     app, _, _ = env
     client = app.test_client()
