@@ -12,7 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
-import tempfile
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.policyfile import load_policy, save_policy
+from gateway.statedir import create_private
 from policy import lists
 from policy.lists import normalise_name
 from policy.model import RULE_ACTIONS, RULE_KINDS, ListSpec, Policy, PolicySet, Rule, normalise_scope
@@ -51,7 +52,8 @@ def editing(state_dir: Path) -> Iterator[PolicySet]:
     """The policy to change in place; saved (validated, next revision) when the block ends without error."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / _LOCK_FILE, "a") as lock:
+    # Owned like the state directory, so a lock file made by `sudo iotgw policy ...` does not shut the service out.
+    with open(create_private(state_dir / _LOCK_FILE, exclusive=False), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             data = load_policy(state_dir)
@@ -293,15 +295,17 @@ def _download(state_dir: Path, url: str, fetch: Callable[[str, Path], object]) -
     """``url`` fetched into a hidden file of the lists directory, before the policy lock is taken: a slow list
     server would otherwise hold up every other change to the policy, from the web UI, the CLI and MQTT."""
     directory = lists_dir(state_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=directory, prefix=".download-")
-    os.close(fd)
+    create_private(directory, directory=True)
+    name = directory / f".download-{secrets.token_hex(8)}"
+    os.close(create_private(name))
     try:
-        fetch(url, Path(name))
+        fetch(url, name)
+        # fetch puts a file of its own in place, root's under sudo: the daemon must be able to read the list.
+        os.close(create_private(name, exclusive=False))
     except BaseException:
-        Path(name).unlink(missing_ok=True)
+        name.unlink(missing_ok=True)
         raise
-    return Path(name)
+    return name
 
 
 def remove_list(state_dir: Path, list_id: str) -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 from gateway.config import ConfigError
+from gateway.statedir import create_private
 from policy.model import PolicySet
 
 
@@ -37,7 +38,9 @@ def save_policy(state_dir: Path, data: PolicySet) -> None:
     data.validate()
     data.revision += 1
     state_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".policy-")
+    # Owned like the state directory: a policy saved by `sudo iotgw policy ...` stays readable by the daemon.
+    tmp = state_dir / f".policy-{secrets.token_hex(8)}"
+    fd = create_private(tmp)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data.to_dict(), fh, indent=2, sort_keys=True)

@@ -9,6 +9,8 @@ mosquitto.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 import time
@@ -158,6 +160,31 @@ def test_round_log_becomes_alerts_published_from_the_outbox(tmp_path: Path, brok
         publisher.stop(drain_s=0)
         recorder.close()
         store.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing a file to another user needs root")
+def test_keygen_and_join_run_as_root_leave_the_federation_state_to_the_state_directorys_owner(tmp_path: Path) -> None:
+    """docs/federation.md has the admin run keygen with sudo; the nightly join then runs as the service user,
+    which owns the state directory and must be able to read the key and replace the exported windows."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o750)
+    os.chown(state, 4242, 4243)
+    config = tmp_path / "iotgw.toml"
+    config.write_text(f'[gateway]\nstate_dir = "{state}"\n')
+    made = iotgw("federation", "keygen", "--out", str(state / "federation" / "node_key"))
+    assert made.returncode == 0, made.stderr
+    joined = iotgw("federation", "join", "--config", str(config), "--superlink", "127.0.0.1:9", "--insecure")
+    assert joined.returncode == 0 and "no confirmed devices yet" in joined.stdout, joined.stderr
+    fed = state / "federation"
+    found = {p.name: (p.stat().st_uid, p.stat().st_gid, stat.S_IMODE(p.stat().st_mode))
+             for p in (fed, fed / "node_key", fed / "node_key.pub", fed / "confirmed.jsonl")}
+    assert found == {
+        "federation": (4242, 4243, 0o700),
+        "node_key": (4242, 4243, 0o600),
+        "node_key.pub": (4242, 4243, 0o644),
+        "confirmed.jsonl": (4242, 4243, 0o600),  # the household's devices and their traffic
+    }
+    assert sorted(p.name for p in fed.iterdir()) == ["confirmed.jsonl", "node_key", "node_key.pub"]
 
 
 def test_rollback_reinstalls_the_previous_bundle_and_says_so(tmp_path: Path) -> None:

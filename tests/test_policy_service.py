@@ -6,10 +6,14 @@ import functools
 import http.server
 import json
 import multiprocessing
+import os
+import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -228,6 +232,45 @@ def test_an_unreachable_or_failing_list_server_is_a_clear_refusal(tmp_path):
     assert not list((tmp_path / "lists").iterdir())
     with pytest.raises(ValueError, match="list id"):  # refused before anything is downloaded
         policies.add_list(tmp_path, "a/b", url=f"http://127.0.0.1:{port}/l")
+
+
+def _edit_as(state_dir: Path, uid: int, gid: int) -> None:
+    """In a forked child: become the service user, then change the policy and refresh its URL list."""
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    policies.add_rule(state_dir, "global", Rule("block", "name", "service.example"))
+    policies.update_list(state_dir, "ads")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing a file to another user needs root")
+def test_policy_changes_made_as_root_stay_usable_by_the_state_directorys_owner():
+    """`sudo iotgw policy ...`: every file it makes belongs to the service user, which owns the state directory,
+    so the daemon still loads the policy and the CLI, run as that user, can still change it."""
+
+    def serve(handler: http.server.BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.end_headers()
+        handler.wfile.write(b"ads.example\n")
+
+    # Not pytest's tmp_path: its parents are root's 0700, which the service user could not pass through.
+    with tempfile.TemporaryDirectory() as top, _list_server(serve) as base:
+        os.chmod(top, 0o711)  # noqa: S103 - only passed through, to reach the state directory
+        state = Path(top) / "state"
+        state.mkdir(mode=0o750)
+        os.chown(state, 4242, 4243)
+        policies.add_rule(state, "global", Rule("block", "name", "root.example"))
+        policies.add_list(state, "ads", url=f"{base}/ads.txt")
+        made = [state / "policy.json", state / ".policy.lock", state / "lists", state / "lists" / "ads.txt"]
+        assert {p.name: (p.stat().st_uid, p.stat().st_gid) for p in made} == dict.fromkeys(
+            (p.name for p in made), (4242, 4243))
+        assert {stat.S_IMODE(p.stat().st_mode) for p in made if p.is_file()} == {0o600}
+        child = multiprocessing.get_context("fork").Process(target=_edit_as, args=(state, 4242, 4243))
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+        data = policies.load(state)
+    assert [r.value for r in data.policies["global"].rules] == ["root.example", "service.example"]
 
 
 def test_schedules_and_overview(tmp_path):

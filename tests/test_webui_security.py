@@ -4,8 +4,13 @@ every write needs a CSRF token (or a read-write bearer token), lockout, setup on
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +20,7 @@ from gateway import accounts
 from gateway.devices import service
 from gateway.store.db import Store
 from tests.webui_seed import add_device, config
-from webui.app import SECRET_KEY_FILE, create_app
+from webui.app import SECRET_KEY_FILE, create_app, load_secret_key
 from webui.openapi import DOCUMENT
 
 PASSWORD = "correct horse battery"  # noqa: S105 - the test account's
@@ -361,6 +366,41 @@ def test_secret_key_is_made_once_and_kept_private(env, tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     again = create_app(store, app.extensions["iotgw"].cfg)
     assert again.secret_key == app.secret_key
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing a file to another user needs root")
+def test_a_secret_key_made_by_root_belongs_to_the_state_directorys_owner(tmp_path):
+    """`sudo iotgw web` once must not leave a key file the service user cannot read."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o750)
+    os.chown(state, 4242, 4243)
+    key = load_secret_key(state)
+    made = (state / SECRET_KEY_FILE).stat()
+    assert (made.st_uid, made.st_gid, stat.S_IMODE(made.st_mode)) == (4242, 4243, 0o600)
+    assert [p.name for p in state.iterdir()] == [SECRET_KEY_FILE]  # no temporary file left behind
+    assert load_secret_key(state) == key
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to hold up the first process's write")
+def test_a_web_ui_starting_while_another_makes_the_key_never_reads_it_empty(tmp_path):
+    """Two processes starting at once (the service and an admin's `iotgw web`): the second finds no key or the
+    whole key, never a file made but not yet written. strace holds the first process's first write(2), the key's, for
+    seconds, so the second surely looks in between."""
+    maker = subprocess.Popen(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=write", "-e", "inject=write:delay_enter=3s:when=1",
+         sys.executable, "-c", "import sys; from webui.app import load_secret_key; "
+         "print(load_secret_key(sys.argv[1]).hex())", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    try:
+        while not (tmp_path / SECRET_KEY_FILE).exists() and maker.poll() is None:
+            time.sleep(0.01)
+        second = load_secret_key(tmp_path)
+        first = maker.communicate(timeout=60)[0].strip()
+    finally:
+        maker.kill()
+        maker.wait()
+    assert maker.returncode == 0
+    assert second.hex() == first
 
 
 def test_hostile_names_are_escaped(env):

@@ -13,6 +13,7 @@ from pathlib import Path
 from flask import Flask
 
 from gateway.config import Config
+from gateway.statedir import create_private
 from gateway.store.db import Store
 from webui import security
 from webui.context import WebContext
@@ -56,23 +57,35 @@ def create_app(store: Store, cfg: Config) -> Flask:
 
 def load_secret_key(state_dir: Path) -> bytes:
     """The key that signs session cookies: made once, kept 0600 in the state directory, so sessions survive a
-    restart and only the gateway's own user can forge one."""
+    restart and only the gateway's own user can forge one.
+
+    A new key is written to a temporary file and linked into place, so a second process starting at the same
+    moment finds either no key or a whole one, never an empty file; made by root (``sudo iotgw web``), the file
+    belongs to the state directory's owner like every other file there.
+    """
     path = Path(state_dir) / SECRET_KEY_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            log.warning("%s was readable by others (mode %o); tightening to 0600", path, mode)
-            path.chmod(0o600)
-        key = path.read_bytes()
-        if len(key) < 32:
-            raise RuntimeError(f"{path}: secret key too short; delete the file to make a new one") from None
-        return key
-    key = secrets.token_bytes(32)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
+    if not path.exists():
+        key = secrets.token_bytes(32)
+        tmp = path.with_name(f".{SECRET_KEY_FILE}-{secrets.token_hex(8)}")
+        try:
+            with os.fdopen(create_private(tmp), "wb") as f:
+                f.write(key)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)  # atomic, and fails if another process linked its key first
+            return key
+        except FileExistsError:
+            pass  # that process's key is the one
+        finally:
+            tmp.unlink(missing_ok=True)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        log.warning("%s was readable by others (mode %o); tightening to 0600", path, mode)
+        path.chmod(0o600)
+    key = path.read_bytes()
+    if len(key) < 32:
+        raise RuntimeError(f"{path}: secret key too short; delete the file to make a new one")
     return key
 
 

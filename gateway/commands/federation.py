@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 from gateway.cli import add_state_args, config_from_args, positive_seconds
+from gateway.statedir import create_private
 
 CONNECTION = "iotgw"
 
@@ -182,7 +183,7 @@ def _join(args: argparse.Namespace) -> int:
     tls = _tls(args, server_side=False)
     cfg = config_from_args(args)
     state = federation_dir(cfg)
-    state.mkdir(parents=True, exist_ok=True)
+    create_private(state, directory=True)  # the service user's, though an admin may run a join with sudo
     data = state / "confirmed.jsonl"
     store = Store(cfg.db_url)
     try:
@@ -199,7 +200,7 @@ def _join(args: argparse.Namespace) -> int:
             args.superlink, args.port, data, state, tls.ca if tls else None, args.auth_key, bundle=bundle
         )
         alerts = RoundAlerts(state / "rounds.log", outbox_sender(store, cfg))
-        with (state / "supernode.log").open("ab") as log:
+        with open(create_private(state / "supernode.log", exclusive=False), "ab") as log:
             node = subprocess.Popen(
                 cmd,
                 env=processes.flower_env(state, poll_s=args.poll),
@@ -251,7 +252,8 @@ def _stop(proc: subprocess.Popen) -> None:
 def _keygen(args: argparse.Namespace) -> int:
     from identifier.federated.processes import generate_node_key
 
-    public = generate_node_key(args.out)
+    create_private(args.out.parent, directory=True)
+    public = generate_node_key(args.out, open_new=create_private)
     print(f"private key: {args.out}\npublic key (give it to the fleet operator): {public}")
     return 0
 

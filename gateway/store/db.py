@@ -13,6 +13,7 @@ from sqlalchemy import Engine, Integer, MetaData, Text, cast, create_engine, eve
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from gateway.statedir import create_private
 from gateway.store.schema import ConfigBase, QueryLogBase, Setting
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -97,15 +98,10 @@ def _create_private(path: Path) -> None:
     state directory's owner, or the service user could not open its own database.
     """
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = create_private(path)
     except FileExistsError:
         return
-    try:
-        parent = path.parent.stat()
-        if os.geteuid() == 0 and parent.st_uid != 0:
-            os.fchown(fd, parent.st_uid, parent.st_gid)
-    finally:
-        os.close(fd)
+    os.close(fd)
 
 
 def _engine(url: str) -> Engine:

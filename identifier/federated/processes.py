@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,11 +233,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def generate_node_key(private_path: Path) -> Path:
+def generate_node_key(private_path: Path, open_new: Callable[[Path], int] | None = None) -> Path:
     """A SuperNode authentication key pair (EC P-384, OpenSSH format, as Flower expects).
 
     The private key stays on the gateway (mode 0600); the ``.pub`` beside it is what the fleet operator
-    registers with ``flwr supernode register``. Returns the public key's path.
+    registers with ``flwr supernode register``. Each file is written whole under a temporary name and renamed
+    over any old one. ``open_new`` creates such a temporary file (0600, exclusive) and returns its descriptor:
+    the gateway passes one that gives the file to the state directory's owner. Returns the public key's path.
     """
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -246,16 +249,26 @@ def generate_node_key(private_path: Path) -> Path:
     private_bytes = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     )
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT: a new key must not inherit 0644
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(private_bytes)
     public_path = private_path.with_name(private_path.name + ".pub")
-    public_path.write_bytes(
-        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        + b"\n"
+    public_bytes = (
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
     )
+    for path, data, mode in ((private_path, private_bytes, 0o600), (public_path, public_bytes, 0o644)):
+        tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}")
+        fd = (open_new or _open_new)(tmp)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                os.fchmod(fh.fileno(), mode)
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return public_path
+
+
+def _open_new(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
 
 def register_cmd(public_key: Path, connection: str) -> list[str]:

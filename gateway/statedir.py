@@ -1,0 +1,70 @@
+"""Private files and directories in the state directory, owned like the state directory whoever creates them.
+
+The service runs as its own user (``iotgw``), and admins run the CLI with sudo. A file root makes there (a new
+policy, a session key, a federation key) would be root's 0600 file that the service can no longer read or
+replace, so when root creates or opens one here it is handed to the owner of the directory it is in.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, overload
+
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
+
+
+@overload
+def create_private(path: Path, *, directory: Literal[False] = False, exclusive: bool = True) -> int: ...
+@overload
+def create_private(path: Path, *, directory: Literal[True], exclusive: bool = True) -> None: ...
+
+
+def create_private(path: Path, *, directory: bool = False, exclusive: bool = True) -> int | None:
+    """Create ``path`` readable by its owner only, owned like its directory when we are root.
+
+    A file: opened for writing and its descriptor returned for the caller to close; ``O_EXCL`` unless
+    ``exclusive`` is false, when an existing file is opened as it is (not truncated) and made private again. A directory
+    (``directory=True``): made with any missing parents, each like its own parent; an existing one is left
+    with its mode but given back to its parent's owner if root had taken it. Returns None then.
+    """
+    path = Path(path)
+    if directory:
+        missing = []
+        for p in (path, *path.parents):
+            if p.is_dir():
+                break
+            missing.append(p)
+        for p in reversed(missing or [path]):  # an existing directory is only given back, not made
+            try:
+                p.mkdir(PRIVATE_DIR_MODE)
+            except FileExistsError:
+                if not p.is_dir():
+                    raise
+            fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                _own_like_parent(fd, p)
+            finally:
+                os.close(fd)
+        return None
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else 0) | os.O_NOFOLLOW
+    fd = os.open(path, flags, PRIVATE_FILE_MODE)
+    try:
+        if not exclusive:
+            os.fchmod(fd, PRIVATE_FILE_MODE)  # O_CREAT keeps an existing file's mode
+        _own_like_parent(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _own_like_parent(fd: int, path: Path) -> None:
+    """Give the open file or directory to the owner of ``path``'s parent if we are root, the parent is not
+    root's and root holds the entry (an entry another user already owns is theirs to keep)."""
+    if os.geteuid() != 0:
+        return
+    parent = path.parent.stat()
+    if parent.st_uid != 0 and os.fstat(fd).st_uid == 0:
+        os.fchown(fd, parent.st_uid, parent.st_gid)
