@@ -7,6 +7,7 @@ replace, so when root creates or opens one here it is handed to the owner of the
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Literal, overload
@@ -41,7 +42,7 @@ def create_private(path: Path, *, directory: bool = False, exclusive: bool = Tru
                 p.mkdir(PRIVATE_DIR_MODE)
             except FileExistsError:
                 if not p.is_dir():
-                    raise
+                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(p)) from None
             fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 _own_like_parent(fd, p)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -197,6 +199,67 @@ def test_node_key_is_an_openssh_p384_pair_with_a_private_file(tmp_path: Path) ->
     key = load_ssh_public_key(public.read_bytes())
     assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp384r1"
     assert load_ssh_private_key((tmp_path / "node_key").read_bytes(), None).public_key() == key
+
+
+def _federation_parser() -> argparse.ArgumentParser:
+    from gateway.commands import federation
+
+    parser = argparse.ArgumentParser()
+    federation.add_commands(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_keygen_keeps_an_existing_key_unless_forced_and_names_the_file(tmp_path: Path) -> None:
+    parser = _federation_parser()
+    key = tmp_path / "node_key"
+    args = parser.parse_args(["federation", "keygen", "--out", str(key)])
+    assert args.func(args) == 0
+    registered = key.read_bytes(), (tmp_path / "node_key.pub").read_bytes()
+    with pytest.raises(SystemExit, match=f"{key} already exists; give --force"):
+        args.func(args)
+    assert (key.read_bytes(), (tmp_path / "node_key.pub").read_bytes()) == registered
+    forced = parser.parse_args(["federation", "keygen", "--out", str(key), "--force"])
+    assert forced.func(forced) == 0
+    assert key.read_bytes() != registered[0] and stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["node_key", "node_key.pub"]  # no temporary file left
+
+
+def test_keygen_into_a_directory_or_an_unwritable_place_is_a_clear_error(tmp_path: Path) -> None:
+    parser = _federation_parser()
+    args = parser.parse_args(["federation", "keygen", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=f"{tmp_path} is a directory; --out names the private key file"):
+        args.func(args)
+    (tmp_path / "file").write_text("")
+    args = parser.parse_args(["federation", "keygen", "--out", str(tmp_path / "file" / "node_key")])
+    with pytest.raises(SystemExit, match="cannot write .*file.*: Not a directory"):
+        args.func(args)
+
+
+def test_keygen_on_a_build_without_federation_says_so_in_one_line(tmp_path: Path) -> None:
+    # A package built without the federation extra has no cryptography: stand in for it by making the import
+    # fail the way a missing package does, in a process of its own.
+    code = (
+        "import sys; sys.modules['cryptography'] = None; from gateway.cli import main; "
+        f"sys.exit(main(['federation', 'keygen', '--out', {str(tmp_path / 'node_key')!r}]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert (done.returncode, done.stderr) == (
+        1, "iotgw federation: this iotgw was built without federation support (no cryptography package)\n")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("port", ["0", "99999", "-1", "http"])
+@pytest.mark.parametrize("action", ["server", "join"])
+def test_a_port_out_of_range_is_refused_by_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, action: str, port: str
+) -> None:
+    extra = ["--state-dir", str(tmp_path)] if action == "server" else ["--superlink", "127.0.0.1:9092"]
+    with pytest.raises(SystemExit) as refused:
+        _federation_parser().parse_args(["federation", action, *extra, "--insecure", "--port", port])
+    assert refused.value.code == 2
+    assert "argument --port:" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_cli_requires_tls_or_an_explicit_insecure(tmp_path: Path) -> None:

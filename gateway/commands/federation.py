@@ -36,7 +36,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--out-dir", type=Path, help="where the global model is published (default STATE/model)"
     )
     server.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on")
-    server.add_argument("--port", type=int, default=9092)
+    server.add_argument("--port", type=tcp_port, default=9092)
     _add_tls_args(server, server_side=True)
     server.add_argument(
         "--authorized-key",
@@ -75,13 +75,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     join.add_argument(
         "--poll", type=float, default=1.0, help="seconds between the SuperNode's polls while joined"
     )
-    join.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's runtime API")
+    join.add_argument("--port", type=tcp_port, default=9094, help="local port of the SuperNode's runtime API")
     _add_tls_args(join, server_side=False)
     join.add_argument("--auth-key", type=Path, help="private key from `iotgw federation keygen`")
     join.set_defaults(func=_join)
 
     keygen = sub.add_parser("keygen", help="make this gateway's SuperNode authentication key pair")
     keygen.add_argument("--out", type=Path, required=True, help="private key path (the .pub goes beside it)")
+    keygen.add_argument("--force", action="store_true", help="replace an existing key pair")
     keygen.set_defaults(func=_keygen)
 
     rollback = sub.add_parser(
@@ -89,6 +90,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     add_state_args(rollback)
     rollback.set_defaults(func=_rollback)
+
+
+def tcp_port(text: str) -> int:
+    """argparse type: a TCP port, 1-65535, refused at once rather than by the SuperLink half a minute later."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (1-65535)")
+    return port
 
 
 def federation_dir(cfg) -> Path:  # noqa: ANN001 - gateway.config.Config, imported lazily
@@ -252,8 +264,25 @@ def _stop(proc: subprocess.Popen) -> None:
 def _keygen(args: argparse.Namespace) -> int:
     from identifier.federated.processes import generate_node_key
 
-    create_private(args.out.parent, directory=True)
-    public = generate_node_key(args.out, open_new=create_private)
+    try:
+        import cryptography  # noqa: F401 - the federation extra brings it (with flwr); the key needs it
+    except ModuleNotFoundError:
+        raise SystemExit(
+            "iotgw federation: this iotgw was built without federation support (no cryptography package)"
+        ) from None
+    out: Path = args.out
+    if out.is_dir():
+        raise SystemExit(f"iotgw federation keygen: {out} is a directory; --out names the private key file")
+    if out.exists() and not args.force:
+        raise SystemExit(
+            f"iotgw federation keygen: {out} already exists; give --force to replace that key "
+            "(the fleet operator must then register the new .pub)"
+        )
+    try:
+        create_private(out.parent, directory=True)
+        public = generate_node_key(out, open_new=create_private)
+    except OSError as exc:
+        raise SystemExit(f"iotgw federation keygen: cannot write {exc.filename or out}: {exc.strerror}") from None
     print(f"private key: {args.out}\npublic key (give it to the fleet operator): {public}")
     return 0
 
