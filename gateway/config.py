@@ -73,6 +73,16 @@ class WebConfig:
 
 
 @dataclass
+class FederationConfig:
+    """What the nightly ``iotgw federation join`` (iotgw-federation.timer) joins; its flags override these."""
+
+    superlink: str = ""  # the fleet's SuperLink, HOST:PORT; empty: this home is in no federation
+    tls_ca: str = ""  # CA certificate (PEM) that signed the SuperLink's certificate
+    insecure: bool = False  # no TLS (loopback tests only; updates are still masked)
+    auth_key: str = ""  # private key from `iotgw federation keygen`, when the SuperLink authenticates nodes
+
+
+@dataclass
 class GatewayConfig:
     name: str = "iotgw"
     state_dir: str = str(DEFAULT_STATE_DIR)
@@ -87,6 +97,7 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     identifier: IdentifierConfig = field(default_factory=IdentifierConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
     source: str = "(defaults)"  # the file this came from, for messages
 
     @property

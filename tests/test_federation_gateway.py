@@ -187,6 +187,39 @@ def test_keygen_and_join_run_as_root_leave_the_federation_state_to_the_state_dir
     assert sorted(p.name for p in fed.iterdir()) == ["confirmed.jsonl", "node_key", "node_key.pub"]
 
 
+def test_a_join_without_a_configured_superlink_says_so_and_succeeds(tmp_path: Path) -> None:
+    """iotgw-federation.service runs `iotgw federation join --config /etc/iotgw/iotgw.toml` every night, also in
+    homes that never joined a federation: that is not a failure."""
+    config = tmp_path / "iotgw.toml"
+    config.write_text(f'[gateway]\nstate_dir = "{tmp_path / "state"}"\n')
+    done = iotgw("federation", "join", "--config", str(config))
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == (
+        f"iotgw federation: not configured ([federation] superlink is not set in {config}); not joining\n"
+    )
+    assert not (tmp_path / "state").exists()  # nothing exported, no store made
+
+
+def test_a_join_takes_its_superlink_and_tls_from_the_config_and_its_flags_win(tmp_path: Path) -> None:
+    config = tmp_path / "iotgw.toml"
+    missing_ca = tmp_path / "no-ca.pem"
+    config.write_text(
+        f'[gateway]\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[federation]\nsuperlink = "127.0.0.1:9"\ntls_ca = "{missing_ca}"\ninsecure = true\n'
+    )
+    from_file = iotgw("federation", "join", "--config", str(config))  # the file's tls_ca, over its insecure
+    assert (from_file.returncode, from_file.stderr) == (1, f"iotgw federation: {missing_ca}: no such file\n")
+    flagged = iotgw("federation", "join", "--config", str(config), "--insecure")
+    assert flagged.returncode == 0, flagged.stderr
+    assert "no confirmed devices yet" in flagged.stdout  # it went on to export: the SuperLink came from the file
+    config.write_text(f'[gateway]\nstate_dir = "{tmp_path / "state"}"\n[federation]\ninsecure = true\n')
+    given = iotgw("federation", "join", "--config", str(config), "--superlink", "127.0.0.1:9")
+    assert given.returncode == 0 and "no confirmed devices yet" in given.stdout, given.stderr
+    config.write_text(f'[gateway]\nstate_dir = "{tmp_path / "state"}"\n[federation]\nsuperlink = 9\n')
+    bad = iotgw("federation", "join", "--config", str(config))
+    assert bad.returncode != 0 and f"{config}:4: federation.superlink: expected str" in bad.stderr
+
+
 def test_rollback_reinstalls_the_previous_bundle_and_says_so(tmp_path: Path) -> None:
     shipped = Bundle.load()
     state = tmp_path / "federation"  # under the gateway's state directory

@@ -65,7 +65,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "join", help="export this home's confirmed devices and run its SuperNode for the nightly window"
     )
     add_state_args(join)
-    join.add_argument("--superlink", required=True, metavar="HOST:PORT")
+    join.add_argument(
+        "--superlink", metavar="HOST:PORT", help="the fleet's SuperLink (default: [federation] superlink)"
+    )
     join.add_argument("--window", type=positive_seconds, default=3600.0, help="seconds to stay joined")
     join.add_argument(
         "--pseudo-labels",
@@ -192,8 +194,12 @@ def _join(args: argparse.Namespace) -> int:
     from gateway.store.db import Store
     from identifier.federated import processes
 
-    tls = _tls(args, server_side=False)
     cfg = config_from_args(args)
+    if not _from_config(args, cfg):
+        # The timer runs on every install built with federation; a home that never joined one is not a failure.
+        print(f"iotgw federation: not configured ([federation] superlink is not set in {cfg.source}); not joining")
+        return 0
+    tls = _tls(args, server_side=False)
     state = federation_dir(cfg)
     create_private(state, directory=True)  # the service user's, though an admin may run a join with sudo
     data = state / "confirmed.jsonl"
@@ -235,6 +241,22 @@ def _join(args: argparse.Namespace) -> int:
             alerts.finish()
     finally:
         store.close()
+
+
+def _from_config(args: argparse.Namespace, cfg) -> bool:  # noqa: ANN001 - gateway.config.Config
+    """Fill the join's flags left out from the config's [federation] section: a flag wins over the file (either
+    of --tls-ca and --insecure over both of its keys), and the file's tls_ca over its insecure. False when no
+    SuperLink is given either way."""
+    fed = cfg.federation
+    args.superlink = args.superlink or fed.superlink
+    if args.tls_ca is None and not args.insecure:
+        if fed.tls_ca:
+            args.tls_ca = Path(fed.tls_ca)
+        else:
+            args.insecure = fed.insecure
+    if args.auth_key is None and fed.auth_key:
+        args.auth_key = Path(fed.auth_key)
+    return bool(args.superlink)
 
 
 def _interrupt_on_stop_signals() -> None:
