@@ -158,6 +158,25 @@ def passwd_entry(root: Path, name: str, file: str = "passwd") -> list[str] | Non
     return None
 
 
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="the maintainer scripts under DPKG_ROOT need root (useradd, chown)")
+@pytest.mark.skipif(not shutil.which("deb-systemd-helper"), reason="needs deb-systemd-helper (init-system-helpers)")
+def test_an_upgrade_after_the_admin_deleted_the_conffile_configures_and_keeps_it_deleted(tmp_path: Path) -> None:
+    """dpkg keeps a deleted conffile deleted on upgrade (iotgw runs on its defaults then): postinst, run as dpkg
+    runs it chrootless under DPKG_ROOT, must not fail under set -e on the missing file."""
+    root = throwaway_root(tmp_path / "root")
+    (root / "etc/iotgw").mkdir()
+    env = {**os.environ, "DPKG_ROOT": str(root)}
+    proc = subprocess.run(["sh", str(FIRMWARE / "debian/postinst"), "configure", "0.1.0"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert not (root / "etc/iotgw/iotgw.toml").exists()
+    gid = int(passwd_entry(root, "iotgw", "group")[2])
+    etc = (root / "etc/iotgw").stat()
+    assert (etc.st_uid, etc.st_gid, etc.st_mode & 0o777) == (0, gid, 0o750)
+    assert ((root / "var/lib/iotgw").stat().st_mode & 0o777) == 0o750
+
+
 @pytest.mark.slow
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="dpkg --root with maintainer scripts needs root")
