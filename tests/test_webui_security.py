@@ -317,6 +317,28 @@ def test_setup_page_only_from_the_lan_and_only_once(tmp_path):
     store.close()
 
 
+def test_only_the_lan_is_answered_even_with_a_valid_token_or_session(env):
+    """The unit has no IP allow list (list downloads need the Internet), so the app keeps the Internet out."""
+    app, store, _ = env
+    _, secret = accounts.create_token(store, "script", "write")
+    bearer = {"Authorization": f"Bearer {secret}"}
+    client = app.test_client()
+    _login(client)
+    for peer, status in (("8.8.8.8", 403), ("2001:db8::1", 403), ("100.64.0.7", 403), ("10.1.2.3", 200),
+                         ("fd00::7", 200)):
+        client.environ_base["REMOTE_ADDR"] = peer
+        assert client.get("/devices").status_code == status, peer
+        assert client.get("/api/v1/devices", headers=bearer).status_code == status, peer
+    outsider = app.test_client()
+    outsider.environ_base["REMOTE_ADDR"] = "8.8.8.8"
+    r = outsider.get("/api/v1/devices", headers=bearer)
+    assert r.status_code == 403 and "[dns] lan" in r.json["error"]
+    cfg = app.extensions["iotgw"].cfg
+    cfg.dns.lan = [*cfg.dns.lan, "100.64.0.0/10"]  # a VPN's range, added to the LAN
+    client.environ_base["REMOTE_ADDR"] = "100.64.0.7"
+    assert client.get("/devices").status_code == 200
+
+
 def test_a_page_rebound_to_the_gateways_address_cannot_take_its_setup(tmp_path):
     """DNS rebinding: a LAN browser on an attacker's page, whose name now resolves to the gateway, passes the
     LAN check; its Host header is the attacker's name, and that is refused before the setup form is given."""

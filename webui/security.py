@@ -1,6 +1,6 @@
 """Who may do what: login on every route, CSRF on every write made with a session, bearer tokens for
-scripts, the first-visit setup page only from the LAN, requests only under the gateway's own names (no DNS
-rebinding), and the security headers on every response.
+scripts, clients on the LAN only, requests only under the gateway's own names (no DNS rebinding), and the
+security headers on every response.
 
 Checked in one ``before_request`` hook rather than per-view decorators, so a new route is protected by default
 and a test can enumerate the URL map to prove it.
@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from flask import Flask, Response, g, jsonify, redirect, request, session, url_for
 
 from gateway import accounts
-from gateway.config import DEFAULT_PATH
+from gateway.config import DEFAULT_PATH, Config
 from webui.context import ctx
 
 log = logging.getLogger(__name__)
@@ -135,19 +135,20 @@ def _authorize():  # noqa: ANN202 - None or a response
     cfg = ctx().cfg
     if not host_allowed(request.host, cfg.web.hosts):
         log.warning("refused a request for host %r from %s", request.host[:100], request.remote_addr)
-        source = cfg.source if cfg.source != "(defaults)" else str(DEFAULT_PATH)
         return _refuse(
             403, f"This gateway does not answer to the name {request.host[:100]!r}. If it is one of its names, "
-            f"add it to hosts in the [web] section of {source}."
+            f"add it to hosts in the [web] section of {_config_file(cfg)}."
         )
+    if not from_lan():
+        # The admin UI is the LAN's, like the DNS server: a port forwarded by mistake reaches nothing.
+        log.warning("refused a web request from %s, outside [dns] lan", request.remote_addr)
+        return _refuse(403, f"This gateway's web UI answers its LAN only ([dns] lan in {_config_file(cfg)}).")
     if request.endpoint == "static":
         return None
     if "Authorization" in request.headers:
         return _authorize_token()
     store = ctx().store
     if not accounts.has_password(store):
-        if not from_lan():
-            return _refuse(403, "No password is set. Run `iotgw user set-password` on the gateway.")
         if request.endpoint != "auth.setup":
             return (
                 api_error(401, "no password set: open the web UI to set one")
@@ -178,6 +179,10 @@ def _authorize_token():  # noqa: ANN202
         return api_error(403, "this token is read-only")
     g.principal = principal  # no CSRF check: a browser never attaches this header on its own
     return None
+
+
+def _config_file(cfg: Config) -> str:
+    return cfg.source if cfg.source != "(defaults)" else str(DEFAULT_PATH)
 
 
 def _session_principal() -> accounts.Principal | None:
