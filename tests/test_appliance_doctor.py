@@ -234,18 +234,8 @@ def test_interface_down(tmp_path: Path) -> None:
 @pytest.mark.skipif(not shutil.which("mosquitto"), reason="mosquitto not installed")
 def test_broker_reachable_and_not(tmp_path: Path) -> None:
     port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-    broker = subprocess.Popen(
-        ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    broker = start_mosquitto(tmp_path, port, "allow_anonymous true\n")
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
         up = write_config(tmp_path, free_port(), extra=f'[mqtt]\nurl = "mqtt://127.0.0.1:{port}"\n')
         code, findings, err = doctor(up)
         assert findings["broker"]["status"] == "ok", (findings["broker"], err)
