@@ -10,8 +10,6 @@ and ``model_updated`` alerts in the durable outbox, as the entries appear; the d
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +22,7 @@ from gateway.alerts.payloads import check
 from gateway.config import Config
 from gateway.events import Alert
 from gateway.overview import FEDERATION_SETTING
-from gateway.statedir import create_private
+from gateway.statedir import create_private, write_private
 from gateway.store.db import Store
 from gateway.store.schema import Device, ObservationWindow
 from identifier.dataset import LabelledWindow
@@ -68,14 +66,7 @@ def export_windows(store: Store, path: Path, *, pseudo_labels: bool = False) -> 
                 lines.append(homedata.to_line(_window(device, window, *labels), "pseudo"))
     # The household's devices and traffic: private, and the service user's even when root runs the join.
     create_private(path.parent, directory=True)
-    tmp = path.with_name(f".{path.name}-{secrets.token_hex(8)}")
-    try:
-        with os.fdopen(create_private(tmp), "w", encoding="utf-8") as fh:
-            fh.write("".join(line + "\n" for line in lines))
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_private(path, "".join(line + "\n" for line in lines).encode("utf-8"))
     return Exported(owner, len(lines) - owner, n_labelled - owner)
 
 

@@ -297,7 +297,6 @@ def _download(state_dir: Path, url: str, fetch: Callable[[str, Path], object]) -
     directory = lists_dir(state_dir)
     create_private(directory, directory=True)
     name = directory / f".download-{secrets.token_hex(8)}"
-    os.close(create_private(name))
     try:
         fetch(url, name)
         # fetch puts a file of its own in place, root's under sudo: the daemon must be able to read the list.

@@ -8,12 +8,10 @@ and backed up by hand like Pi-hole's and AdGuard Home's configuration.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from pathlib import Path
 
 from gateway.config import ConfigError
-from gateway.statedir import create_private
+from gateway.statedir import write_private
 from policy.model import PolicySet
 
 
@@ -39,16 +37,10 @@ def save_policy(state_dir: Path, data: PolicySet) -> None:
     data.revision += 1
     state_dir.mkdir(parents=True, exist_ok=True)
     # Owned like the state directory: a policy saved by `sudo iotgw policy ...` stays readable by the daemon.
-    tmp = state_dir / f".policy-{secrets.token_hex(8)}"
-    fd = create_private(tmp)
+    text = json.dumps(data.to_dict(), indent=2, sort_keys=True)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data.to_dict(), fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, policy_path(state_dir))
+        write_private(policy_path(state_dir), text.encode("utf-8"))
     except BaseException:
         data.revision -= 1
-        Path(tmp).unlink(missing_ok=True)
         raise
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 from pathlib import Path
 from typing import Literal, overload
 
@@ -59,6 +60,32 @@ def create_private(path: Path, *, directory: bool = False, exclusive: bool = Tru
         os.close(fd)
         raise
     return fd
+
+
+def write_private(path: Path, data: bytes, *, replace: bool = True) -> bool:
+    """Write ``data`` to ``path`` whole: into a private file beside it (``create_private``), synced, then renamed
+    over ``path``, so a reader or a power cut meets the old file or the new one, never half of one.
+
+    With ``replace`` false an existing ``path`` is kept and False returned: the file is linked into place, which
+    fails if it exists, so two processes making it at the same moment agree on one.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}-{secrets.token_hex(8)}")
+    try:
+        with os.fdopen(create_private(tmp), "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if replace:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _own_like_parent(fd: int, path: Path) -> None:

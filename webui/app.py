@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import stat
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 from flask import Flask
 
 from gateway.config import Config
-from gateway.statedir import create_private
+from gateway.statedir import write_private
 from gateway.store.db import Store
 from webui import security
 from webui.context import WebContext
@@ -67,18 +66,8 @@ def load_secret_key(state_dir: Path) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         key = secrets.token_bytes(32)
-        tmp = path.with_name(f".{SECRET_KEY_FILE}-{secrets.token_hex(8)}")
-        try:
-            with os.fdopen(create_private(tmp), "wb") as f:
-                f.write(key)
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, path)  # atomic, and fails if another process linked its key first
+        if write_private(path, key, replace=False):  # False: another process made its key first; that one counts
             return key
-        except FileExistsError:
-            pass  # that process's key is the one
-        finally:
-            tmp.unlink(missing_ok=True)
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         log.warning("%s was readable by others (mode %o); tightening to 0600", path, mode)
