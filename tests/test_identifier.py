@@ -578,6 +578,9 @@ def test_a_bad_session_line_is_named_by_file_and_line_and_loses_none_of_the_othe
         b'{"id": "l", "dhcp": {"message_type": 1e999}, "queries": []}',
         b'{"id": "m", "queries": [{"t": 0, "name": "x.example.com", "qtype": 1e300}]}',  # no 16-bit qtype
         b'{"id": "n", "dhcp": {"param_list": [1, 3, 256]}, "queries": []}',  # DHCP options are 0..255
+        b'{"id": "o", "queries": [{"t": "1.5", "name": "x.example.com"}]}',  # a time is a number, not text
+        b'{"id": "p", "qeuries": [{"t": 0, "name": "x.example.com"}]}',  # misspelt: judged on nothing before
+        b'{"id": "q", "queries": [], "dhcp": "HS110"}',
     ]
     good = [f'{{"id": "{i}", {plug}}}'.encode() for i in ("a", "", "h", "y", "z")]
     lines = [good[0], bad[0], bad[1], good[1], *bad[2:5], good[2], *bad[5:8], good[3], *bad[8:], good[4]]
@@ -589,6 +592,16 @@ def test_a_bad_session_line_is_named_by_file_and_line_and_loses_none_of_the_othe
     assert [f"{sessions}:{n}: " in err for n in range(1, len(lines) + 1)] == [line in bad for line in lines]
     assert cli.main(["identify", "--sessions", str(sessions)]) == 1  # the same as text: one line per session
     assert len(capsys.readouterr().out.splitlines()) == 5
+
+
+def test_a_byte_order_mark_before_the_first_session_is_no_bad_line(iotgw, tmp_path):
+    # what Windows editors and PowerShell's Out-File write at the start of a UTF-8 file
+    line = b'{"id": "a", "queries": [{"t": 0.0, "name": "devs.tplinkcloud.com"}]}\n'
+    sessions = tmp_path / "s.jsonl"
+    sessions.write_bytes(b"\xef\xbb\xbf" + line + line.replace(b'"a"', b'"b"'))
+    code, rows, err = iotgw("identify", "--json", "--sessions", str(sessions))
+    assert (code, err) == (0, "")
+    assert [(r["id"], r["manufacturer"]) for r in rows] == [("a", "TP-Link"), ("b", "TP-Link")]
 
 
 def test_a_session_observation_without_a_time_is_at_the_sessions_first(iotgw, tmp_path):

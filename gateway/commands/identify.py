@@ -167,7 +167,8 @@ def read_sessions(path: str):
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             try:
-                line = raw.decode("utf-8")
+                # a byte order mark is how some editors start a UTF-8 file: not part of the first session
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 if line.strip():
                     yield _session(json.loads(line))
             # UnicodeDecodeError is a ValueError; OverflowError is a number too big for a float (a 400-digit
@@ -181,9 +182,13 @@ def _session(item: dict):
 
     if not isinstance(item.get("id"), (str, int)) or isinstance(item["id"], bool):
         raise ValueError('"id" must be a string')
-    queries = item.get("queries", [])
+    queries = item.get("queries")
+    if not isinstance(queries, list):  # also a misspelt key: the session would be judged on nothing
+        raise ValueError('"queries" must be a list (empty for a device that sent no DNS)')
     dhcp = item.get("dhcp") or []
     dhcp = [dhcp] if isinstance(dhcp, dict) else dhcp
+    if not isinstance(dhcp, list):
+        raise ValueError('"dhcp" must be an object or a list of them')
     timed = [_seconds(o["t"]) for o in [*queries, *dhcp] if "t" in o]
     start = min(timed, default=0.0)
     observations = []
@@ -236,10 +241,10 @@ def _code(value, what: str, top: int) -> int:
 
 
 def _seconds(value) -> float:
-    t = float(value)
-    if not math.isfinite(t) or isinstance(value, bool):
+    """A JSON number of seconds: a string ("1.5") or a bool is a mistake in the file, not a time."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         raise ValueError(f"t must be a finite number of seconds, not {value!r}")
-    return t
+    return float(value)
 
 
 # --- train
