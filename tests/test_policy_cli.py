@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from gateway.commands import policy as policy_cmd
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(state_dir, *argv: str) -> int:
@@ -82,3 +89,23 @@ def test_cli_import_mud(tmp_path, capsys):
     )
     v = _test(state, capsys, "aa:bb:cc:00:00:01", "other.example", "--type", "acme_cam")
     assert (v["action"], v["anomaly"]) == ("blocked", True)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_a_policy_change_from_a_shell_that_may_not_write_the_state_says_who_can_in_one_line(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, 65534, 65534)  # the daemon user's directory, as /var/lib/iotgw is iotgw's
+    # root without the capabilities that let it write every file: as a user's shell would be
+    no_dac = ("setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search")
+    proc = subprocess.run(
+        [*no_dac, sys.executable, "-m", "gateway.cli", "policy", "--state-dir", str(state),
+         "--db", f"sqlite:///{tmp_path}/x.db", "block", "global", "ads.example.com"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        f"iotgw: permission denied: {state}/.policy.lock: run this as root (sudo) or as the iotgw user"
+    ]
+    assert os.listdir(state) == []

@@ -107,6 +107,8 @@ def _run(args: argparse.Namespace, change: Callable[[Path], str]) -> int:
     except ValueError as exc:
         print(f"iotgw policy: {exc}", file=sys.stderr)
         return 2
+    except PermissionError:
+        raise  # a user's shell on the root-owned state: cli.main says who can, in one line
     except OSError as exc:  # a list that cannot be fetched or read
         print(f"iotgw policy: {exc}", file=sys.stderr)
         return 1
