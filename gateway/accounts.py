@@ -148,6 +148,10 @@ def verify_login(store: Store, username: str, password: str, *, now: float | Non
     return False
 
 
+# Unicode categories of characters that are no text to show: controls (tab, ESC), format (bidi overrides), separators
+CONTROL_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")
+
+
 def create_token(store: Store, name: str, scope: str) -> tuple[ApiToken, str]:
     """A new token: the record and the secret, which is never stored and cannot be shown again."""
     if scope not in TOKEN_SCOPES:
@@ -155,7 +159,7 @@ def create_token(store: Store, name: str, scope: str) -> tuple[ApiToken, str]:
     name = name.strip()[:100]
     if not name:
         raise ValueError("a token needs a name (what uses it)")
-    bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")), None)
+    bad = next((c for c in name if unicodedata.category(c) in CONTROL_CATEGORIES), None)
     if bad is not None:  # a tab, newline or ESC would break `token list` lines or drive the terminal
         raise ValueError(f"a token name may not contain control characters (found U+{ord(bad):04X})")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)

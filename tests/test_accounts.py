@@ -176,6 +176,15 @@ def test_cli_sets_the_password_and_manages_tokens(tmp_path, monkeypatch, capsys)
     assert "control characters" in capsys.readouterr().err
     assert _run(["user", "token", "revoke", "1", *db], monkeypatch) == 0
     assert _run(["user", "token", "revoke", "1", *db], monkeypatch) == 1
+    # a name stored before such names were refused is listed as text, its controls written out
+    store = Store(db[1])
+    with store.transaction() as s:
+        s.add(ApiToken(name="ha\x1b]0;x\x07\tread\u202e", token_sha256="0" * 64, scope="read", created_at=1.0))
+    store.close()
+    capsys.readouterr()
+    assert _run(["user", "token", "list", *db], monkeypatch) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.split("\t")[1:3] == ["read", "ha\\u001b]0;x\\u0007\\u0009read\\u202e"]
     store = Store(db[1])
     assert accounts.verify_login(store, "admin", "a long password")
     assert accounts.authenticate_token(store, secret) is None

@@ -6,6 +6,7 @@ import argparse
 import getpass
 import sys
 import time
+import unicodedata
 
 from gateway.cli import add_state_args, config_from_args
 
@@ -85,8 +86,16 @@ def _token_list(args: argparse.Namespace) -> int:
 
     for t in accounts.list_tokens(_store(args)):
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(t.last_used_at)) if t.last_used_at else "never"
-        print(f"{t.id}\t{t.scope}\t{t.name}\tlast used {used}")
+        print(f"{t.id}\t{t.scope}\t{_printable(t.name)}\tlast used {used}")
     return 0
+
+
+def _printable(name: str) -> str:
+    """A name stored before such names were refused, its control characters written out (ESC as \\u001b): they
+    would break the tab-separated line or drive the terminal."""
+    from gateway.accounts import CONTROL_CATEGORIES
+
+    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) in CONTROL_CATEGORIES else c for c in name)
 
 
 def _token_revoke(args: argparse.Namespace) -> int:
