@@ -246,8 +246,10 @@ class Gateway:
 
     def _forget(self, key: str) -> None:
         """A device deleted in the store (web UI, CLI): drop everything held for it, so its next packet
-        makes it a new device again."""
+        makes it a new device again, whatever that packet says."""
         self.tracker.forget(key)
+        if self.sniffer is not None:
+            self.sniffer.senders.forget(key)
         for table in (self._sessions, self._windows, self._window_start, self._window_due):
             table.pop(key, None)
         self._changed_windows.discard(key)

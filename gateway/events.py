@@ -67,6 +67,17 @@ class AddressSeen:
     source: str  # "dhcp" | "neighbour" | "packet"
 
 
+@dataclass(slots=True)
+class DeviceSeen:
+    """A device sent a frame: the first one a capture or replay saw from this unicast Ethernet source, whatever
+    it said (a DNS answer, a DHCP reply, a malformed payload). The device is present from ``ts``, at ``ip``
+    when the frame had a source address."""
+
+    ts: float
+    mac: str
+    ip: str | None
+
+
 ALERT_KINDS = (
     "new_device",
     "device_identified",
@@ -93,7 +104,7 @@ class Alert:
     data: dict = field(default_factory=dict)
 
 
-Event = DnsQuery | DhcpSeen | MdnsSeen | PacketSeen | AddressSeen
+Event = DnsQuery | DhcpSeen | MdnsSeen | PacketSeen | AddressSeen | DeviceSeen
 
 
 @dataclass(slots=True)

@@ -5,6 +5,7 @@ The client namespace sends real DHCP, DNS (IPv4 and IPv6), mDNS and garbage; the
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import threading
@@ -177,6 +178,139 @@ def test_malformed_frames_are_counted_and_capture_goes_on(veth):
     assert sniffer.counters.get("capture_frames") == 5
 
 
+ROUTER_THEN_BROKEN = """
+import sys
+from scapy.all import BOOTP, DHCP, DNS, DNSQR, DNSRR, IP, UDP, Ether, sendp
+iface, gw4, gw_mac, router, broken = sys.argv[1:6]
+def reply(kind):  # what a router sends a client asking for a lease: nothing the parser reports
+    return (Ether(src=router, dst="ff:ff:ff:ff:ff:ff") / IP(src="10.213.0.254", dst="255.255.255.255")
+            / UDP(sport=67, dport=68) / BOOTP(op=2, chaddr=bytes.fromhex("020000000002"), yiaddr="10.213.0.50")
+            / DHCP(options=[("message-type", kind), ("server_id", "10.213.0.254"), "end"]))
+answer = (Ether(src=router, dst=gw_mac) / IP(src="10.213.0.254", dst=gw4) / UDP(sport=53, dport=40000)
+          / DNS(qr=1, qd=DNSQR(qname="a.example.com"), an=DNSRR(rrname="a.example.com", rdata="192.0.2.1")))
+query = Ether(src=broken, dst=gw_mac) / IP(src="10.213.0.9", dst=gw4) / UDP(sport=4000, dport=53)
+frames = {"replies": [reply("offer"), answer, reply("ack")],
+          "broken": [query / b"\\x00", query / DNS(rd=1, qd=DNSQR(qname="later.example.com"))]}
+sendp(frames[sys.argv[6]], iface=iface, verbose=False)
+"""
+
+
+class DaemonOnVeth:
+    """The whole daemon (store, tracker, identifier, alerts) fed by a real sniffer on the gateway's veth, as
+    ``Gateway._start_sniffer`` wires it, with the sniffer's events also kept for the test to read."""
+
+    def __init__(self, veth: VethPair, tmp_path) -> None:
+        from gateway.config import Config
+        from gateway.daemon import Gateway
+        from gateway.store.db import Store
+
+        cfg = Config()
+        cfg.gateway.state_dir = str(tmp_path / "state")
+        cfg.dns.listen = []
+        cfg.capture.sniff = False  # started below, in the gateway's namespace
+        cfg.store.flush_interval_s = 0.2
+        self.store = Store(cfg.db_url)
+        self.gateway = Gateway(cfg, self.store)
+        self.got = Collector()
+        self.veth = veth
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def _sink(self, events: list[Event]) -> None:
+        self.got(events)
+        self.gateway.ingest(events)
+
+    def __enter__(self) -> DaemonOnVeth:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.gateway.start(), self._loop).result(30)
+        self.gateway.sniffer = _sniff(self.veth, self._sink, self.gateway.counters)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.gateway.stop(), self._loop).result(30)  # stops the sniffer too
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    def handled(self, predicate, timeout: float = 10.0) -> bool:
+        """Wait until ``predicate(tracker)`` holds; the consumer drains the queue every 50 ms."""
+        deadline = time.monotonic() + timeout
+        while not predicate(self.gateway.tracker):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+
+def test_a_router_that_only_sends_dhcp_replies_is_a_device_from_its_first_frame(veth, tmp_path):
+    from gateway.devices.service import forget, get_device
+    from gateway.events import DeviceSeen
+
+    router = "02:00:00:00:02:54"
+    with DaemonOnVeth(veth, tmp_path) as daemon:
+        gw = daemon.gateway
+        # its DNS answer never reaches Python (the kernel filter keeps answers out): the replies must do
+        veth.client_python(ROUTER_THEN_BROKEN, veth.client_if, veth.gw_ip4, veth.gw_mac, router, "-", "replies")
+        assert daemon.handled(lambda _: gw.counters.get("capture_frames") == 2)  # both replies were read
+        assert daemon.handled(lambda tracker: router in tracker.devices), daemon.got.events
+        first = min(e.ts for e in daemon.got.events if e.mac == router)
+        assert [type(e) for e in daemon.got.events] == [DeviceSeen]  # one for two replies: presence, once
+        assert gw.tracker.devices[router].first_seen == first and gw._window_start[router] == first
+        assert gw.tracker.mac_for("10.213.0.254") == router
+        stored = eventually_stored(lambda: get_device(daemon.store, router))
+        assert stored.device.first_seen == pytest.approx(first, abs=1e-6) and stored.device.status == "new"
+
+        # deleted in the web UI, it is new again at its next reply (the sniffer reports it once more)
+        forget(daemon.store, router)
+        assert daemon.handled(lambda tracker: router not in tracker.devices)
+        veth.client_python(ROUTER_THEN_BROKEN, veth.client_if, veth.gw_ip4, veth.gw_mac, router, "-", "replies")
+        assert daemon.handled(lambda tracker: router in tracker.devices)
+        assert gw.tracker.devices[router].first_seen > first
+
+
+def test_a_device_whose_first_frame_is_malformed_is_present_from_that_frame(veth, tmp_path):
+    broken = "02:00:00:00:00:77"
+    with DaemonOnVeth(veth, tmp_path) as daemon:
+        gw = daemon.gateway
+        veth.client_python(ROUTER_THEN_BROKEN, veth.client_if, veth.gw_ip4, veth.gw_mac, "-", broken, "broken")
+        assert daemon.got.wait_for(lambda evs: any(getattr(e, "qname", "") == "later.example.com" for e in evs))
+        assert daemon.handled(lambda tracker: broken in tracker.devices)
+        (query,) = [e for e in daemon.got.events if isinstance(e, DnsQuery)]
+        start = gw.tracker.devices[broken].first_seen
+        assert gw._window_start[broken] == start < query.ts  # the malformed frame's time, not the query's
+        assert gw.tracker.mac_for("10.213.0.9") == broken
+        assert gw.counters.get("capture_malformed") == 1
+
+
+def eventually_stored(read, timeout: float = 10.0):
+    """``read()``'s result once it is not None (the daemon writes in batches)."""
+    deadline = time.monotonic() + timeout
+    while (result := read()) is None:
+        assert time.monotonic() < deadline, "never stored"
+        time.sleep(0.1)
+    return result
+
+
+def test_each_sender_is_reported_present_once_however_many_frames_it_sends(veth):
+    from gateway.events import DeviceSeen
+
+    got = Collector()
+    sniffer = _sniff(veth, got)
+    try:
+        veth.client_python(SEND_ALL, veth.client_if, veth.gw_ip4, veth.gw_ip6)
+        veth.client_python(FLOOD, veth.gw_ip4, "20", "3")  # three bursts: three ring blocks, three sink calls
+        assert got.wait_for(lambda evs: sum(isinstance(e, DnsQuery) for e in evs) == 62), got.events
+    finally:
+        sniffer.stop()
+    mac = veth.client_mac
+    presence = [(i, e) for i, e in enumerate(got.events) if isinstance(e, DeviceSeen)]
+    (dhcp_at,) = [i for i, e in enumerate(got.events) if isinstance(e, DhcpSeen)]
+    assert got.calls >= 3 and len(presence) == 1
+    ((at, seen),) = presence
+    # its first frame is its DHCP request, sent from 0.0.0.0: present with no address, just before it
+    assert (at, seen.mac, seen.ip, seen.ts) == (dhcp_at - 1, mac, None, got.events[dhcp_at].ts)
+
+
 def test_vlan_tagged_frames_are_captured_with_one_or_two_tags(veth):
     got = Collector()
     sniffer = _sniff(veth, got)
@@ -280,7 +414,7 @@ def test_kernel_drops_are_counted_when_the_sink_falls_behind(veth):
         sniffer.stop()
     assert counters.get("capture_dropped") > 0
     assert counters.get("capture_frames") + counters.get("capture_dropped") == 401
-    assert len(got.events) == counters.get("capture_frames")
+    assert sum(isinstance(e, DnsQuery) for e in got.events) == counters.get("capture_frames")
 
 
 def test_neighbour_table_maps_client_ipv4_and_ipv6_to_its_mac(veth):
@@ -317,7 +451,7 @@ def test_capture_survives_the_interface_going_down_and_up(veth):
             idle_cpu = time.process_time() - cpu  # a thread spinning on poll() errors would burn ~0.5 s
             sh("ip", "link", "set", veth.gw_if, "up")
         veth.client_python(FLOOD, veth.gw_ip4, "1")
-        assert got.wait_for(lambda evs: len(evs) == 1)
+        assert got.wait_for(lambda evs: any(isinstance(e, DnsQuery) for e in evs))
     finally:
         sniffer.stop()
     assert sniffer.counters.get("capture_errors") >= 1

@@ -14,14 +14,19 @@ from scapy.utils import wrpcap
 from gateway.capture.frames import MalformedPacket, parse_frame
 from gateway.capture.pcap import PcapError, read_frames
 from gateway.capture.replay import replay
-from gateway.events import Counters, DhcpSeen, DnsQuery, Event
+from gateway.events import Counters, DeviceSeen, DhcpSeen, DnsQuery, Event
 from tests.shared_data import CAPTURES, needs_data
 
 
 def _direct(path: Path) -> list[Event]:
+    """What live capture makes of the file's frames: each sender's presence once, then each frame's events."""
+    from gateway.capture.frames import Senders
+
     out: list[Event] = []
+    senders = Senders()
     try:
         for ts, frame in read_frames(path):
+            out += senders.first(frame, ts) if frame[6:12] not in senders.known else []
             try:
                 out.extend(parse_frame(frame, ts, others=True, source="replay"))
             except MalformedPacket:
@@ -56,7 +61,8 @@ def test_replay_reports_a_corrupt_file_by_name_and_goes_on(tmp_path):
     assert len(result.errors) == 3
     assert "garbage.pcap" in result.errors[0] and "missing.pcap" in result.errors[2]
     assert f"{truncated}: truncated after " in result.errors[1]
-    expected = _direct(first) + _direct(truncated) + _direct(last)
+    # a sender is present once per replay, at its first frame in the first file that has one
+    expected = _direct(first) + [e for e in _direct(truncated) + _direct(last) if not isinstance(e, DeviceSeen)]
     assert got == expected and len(_direct(last)) > 0
 
 
@@ -68,13 +74,50 @@ def test_realtime_replay_keeps_the_recorded_spacing(tmp_path):
     pcap = tmp_path / "spaced.pcap"
     wrpcap(str(pcap), frames)
     arrivals: list[tuple[float, list[str]]] = []
-    replay([pcap], lambda evs: arrivals.append((time.monotonic(), [e.qname for e in evs])), realtime=True)
+    replay([pcap], lambda evs: arrivals.append((time.monotonic(), [e.qname for e in evs if isinstance(e, DnsQuery)])),
+           realtime=True)
     assert [names for _, names in arrivals] == [["q0.example.com"], ["q1.example.com"], ["q2.example.com"]]
     gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:], strict=False)]
     assert all(gap >= 0.35 for gap in gaps), gaps
     fast: list[Event] = []
     replay([pcap], fast.extend)
-    assert [e.ts for e in fast] == pytest.approx([1000.0, 1000.4, 1000.8])  # recorded times, not wall time
+    # recorded times, not wall time (the first is also the sender's presence)
+    assert [e.ts for e in fast] == pytest.approx([1000.0, 1000.0, 1000.4, 1000.8])
+
+
+def test_replay_reports_each_sender_present_from_its_first_frame_as_identify_counts_it(tmp_path):
+    from scapy.layers.dhcp import BOOTP, DHCP
+    from scapy.layers.dns import DNSRR
+
+    from gateway.capture.windows import capture_windows
+
+    client, resolver, router, broken = (f"02:00:00:00:00:{n}" for n in ("01", "53", "67", "77"))
+    reply = (Ether(src=router, dst=client) / IP(src="10.0.0.254", dst="10.0.0.7") / UDP(sport=67, dport=68)
+             / BOOTP(op=2, chaddr=bytes.fromhex(client.replace(":", "")), yiaddr="10.0.0.7")
+             / DHCP(options=[("message-type", "ack"), "end"]))
+    frames = [
+        reply,  # the router says nothing the parser reports, ever
+        Ether(src=client) / IP(src="0.0.0.0", dst="255.255.255.255") / UDP(sport=68, dport=67)
+        / BOOTP(chaddr=bytes.fromhex(client.replace(":", ""))) / DHCP(options=[("message-type", "discover"), "end"]),
+        Ether(src=resolver) / IP(src="10.0.0.1", dst="10.0.0.7") / UDP(sport=53, dport=40000)
+        / DNS(qr=1, qd=DNSQR(qname="a.example.com"), an=DNSRR(rrname="a.example.com", rdata="10.9.9.9")),
+        Ether(src=broken) / IP(src="10.0.0.8", dst="10.0.0.1") / UDP(sport=1000, dport=53) / (b"\xff" * 11),
+        Ether(src="01:00:5e:00:00:fb") / IP(src="10.0.0.9", dst="224.0.0.251") / UDP(sport=5353, dport=5353)
+        / DNS(qd=DNSQR(qname="x.local")),  # a multicast source is no device
+        reply.copy(), reply.copy(),
+    ]
+    for i, frame in enumerate(frames):
+        frame.time = 1000.0 + i
+    pcap = tmp_path / "silent.pcap"
+    wrpcap(str(pcap), frames)
+    got: list[Event] = []
+    result = replay([pcap], got.extend)
+    presence = [(e.mac, e.ip, e.ts) for e in got if isinstance(e, DeviceSeen)]
+    assert presence == [(router, "10.0.0.254", 1000.0), (client, None, 1001.0), (resolver, "10.0.0.1", 1002.0),
+                        (broken, "10.0.0.8", 1003.0)]
+    assert result.malformed == 1
+    windows = capture_windows(pcap).devices  # what `iotgw identify` counts each device's window from
+    assert {mac: ts for mac, _, ts in presence} == {mac: dev.first_ts for mac, dev in windows.items()}
 
 
 @needs_data

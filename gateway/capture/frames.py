@@ -1,6 +1,7 @@
 """Ethernet frames to gateway events: DNS queries, DHCP client messages, mDNS, optionally any other packet.
 
 One parser for live capture, pcap replay and the demo's virtual devices, so all three take the same path.
+``Senders`` adds, for capture and replay, each sender's presence from its first frame, whatever that says.
 Headers are unpacked with ``struct`` (cheap); DNS payloads with dnslib (REFERENCE.md: 9 us a query against
 dnspython's 13 us).
 """
@@ -12,7 +13,7 @@ import struct
 
 import dnslib
 
-from gateway.events import AddressSeen, DhcpSeen, DnsQuery, Event, MdnsSeen, PacketSeen
+from gateway.events import AddressSeen, DeviceSeen, DhcpSeen, DnsQuery, Event, MdnsSeen, PacketSeen
 from identifier.domains import sld
 
 ETH_IPV4 = 0x0800
@@ -35,6 +36,62 @@ class MalformedPacket(ValueError):
 
 def mac_str(raw: bytes) -> str:
     return raw.hex(":")
+
+
+def sender(frame: bytes) -> str | None:
+    """The frame's Ethernet source when it can be a device: unicast (a multicast source is none), else None."""
+    if len(frame) < 14 or frame[6] & 0x01:
+        return None
+    return frame[6:12].hex(":")
+
+
+class Senders:
+    """Each unicast Ethernet source's first frame as one ``DeviceSeen``, so a device is present from the first
+    frame it sends even when that frame gives no event (a DNS answer, a DHCP reply, a nameless mDNS packet, a
+    query the DNS server reports itself) or does not decode.
+
+    The per-frame cost is one set lookup, done by the caller where it loops over frames::
+
+        if frame[6:12] not in senders.known:
+            events += senders.first(frame, ts)
+
+    ``known`` is bounded: past ``limit`` sources it starts over, and a source reported again only touches its
+    device. ``forget`` lets a device deleted by the owner be new again at its next frame of any kind.
+    """
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.known: set[bytes] = set()  # raw source MACs: no formatting on the hot path
+        self.limit = limit
+
+    def first(self, frame: bytes, ts: float) -> list[Event]:
+        """``[DeviceSeen]`` for the first frame of a unicast source not in ``known`` (and now in it), else []."""
+        if len(self.known) >= self.limit:
+            self.known.clear()  # in place: callers hold a reference to the set
+        self.known.add(frame[6:12])
+        mac = sender(frame)
+        if mac is None:
+            return []
+        return [DeviceSeen(ts, mac, _source_ip(frame))]
+
+    def forget(self, mac: str) -> None:
+        """Report ``mac`` again at its next frame (its device was deleted); an ``ip:`` key is no MAC: ignored."""
+        if not mac.startswith("ip:"):
+            self.known.discard(bytes.fromhex(mac.replace(":", "")))
+
+
+def _source_ip(frame: bytes) -> str | None:
+    """The IPv4 or IPv6 source address of a frame, past its VLAN tags; None when it has none (ARP, a
+    truncated header) or it is the unspecified address (a DHCP client before its lease)."""
+    ethertype, off = (frame[12] << 8) | frame[13], 14
+    while ethertype in ETH_VLAN and len(frame) >= off + 4:
+        ethertype, off = (frame[off + 2] << 8) | frame[off + 3], off + 4
+    if ethertype == ETH_IPV4 and len(frame) >= off + 20:
+        ip = _ip4(frame[off + 12 : off + 16])
+        return None if ip == "0.0.0.0" else ip
+    if ethertype == ETH_IPV6 and len(frame) >= off + 40:
+        ip6 = ipaddress.IPv6Address(frame[off + 8 : off + 24])
+        return None if ip6.is_unspecified else str(ip6)
+    return None
 
 
 def parse_frame(frame: bytes, ts: float, *, others: bool = False, source: str = "capture",

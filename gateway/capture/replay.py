@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.capture.frames import MalformedPacket, parse_frame
+from gateway.capture.frames import MalformedPacket, Senders, parse_frame
 from gateway.capture.pcap import PcapError, read_frames
 from gateway.capture.sniffer import Sink
 from gateway.events import Counters, Event
@@ -46,13 +46,16 @@ def replay(
     listed in ``errors`` naming it, the events read from it before the damage are kept, and the next file
     goes on.
     Malformed frames are counted (``replay_malformed``) and dropped; an exception in ``sink`` propagates.
+    As in live capture, each unicast source's first frame (in the whole replay) also gives a ``DeviceSeen``
+    ahead of its own events, whether that frame says anything or decodes.
     """
     counters = counters if counters is not None else Counters()
     result = ReplayResult()
+    senders = Senders()
     for path in paths:
         result.files += 1
         try:
-            _replay_file(Path(path), sink, realtime, counters, result)
+            _replay_file(Path(path), sink, realtime, counters, result, senders)
         except PcapError as exc:  # the message names the file
             log.error("replay: %s", exc)
             result.errors.append(str(exc))
@@ -60,8 +63,10 @@ def replay(
     return result
 
 
-def _replay_file(path: Path, sink: Sink, realtime: bool, counters: Counters, result: ReplayResult) -> None:
+def _replay_file(path: Path, sink: Sink, realtime: bool, counters: Counters, result: ReplayResult,
+                 senders: Senders) -> None:
     events: list[Event] = []
+    known = senders.known
     pending = 0
     start_wall = first_ts = None
     try:
@@ -77,6 +82,8 @@ def _replay_file(path: Path, sink: Sink, realtime: bool, counters: Counters, res
                         _flush(events, sink, result)
                         events, pending = [], 0
                     time.sleep(delay)
+            if frame[6:12] not in known:
+                events += senders.first(frame, ts)
             try:
                 events.extend(parse_frame(frame, ts, others=True, source="replay"))
             except MalformedPacket:

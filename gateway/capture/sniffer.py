@@ -1,4 +1,5 @@
-"""The live passive sniffer: DNS queries, DHCP and mDNS seen on an interface (a mirror port or a bridge).
+"""The live passive sniffer: DNS queries, DHCP and mDNS seen on an interface (a mirror port or a bridge), and
+each sender's presence from the first of those frames it sends (``Senders``).
 
 An AF_PACKET socket with a classic BPF program attached in the kernel, so only the few packets we decode ever
 reach Python, and a TPACKET_V3 receive ring, so they arrive in blocks without a system call per packet.
@@ -21,7 +22,7 @@ from collections.abc import Callable
 
 import psutil
 
-from gateway.capture.frames import MalformedPacket, parse_frame
+from gateway.capture.frames import MalformedPacket, Senders, parse_frame
 from gateway.events import Counters, Event
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,10 @@ class Sniffer:
 
     ``skip_dns_to_self`` leaves out DNS queries addressed to the interface's own addresses: when the gateway's
     DNS server answers there, it reports them itself, and capturing them too would count every query twice.
+
+    Each unicast source's first captured frame also gives a ``DeviceSeen`` (before the frame's own events), even
+    a frame that gives none (a DHCP reply, a query left to the DNS server) or is malformed: a device is present
+    from its first frame. ``senders.forget(mac)`` makes a deleted device's next frame report it again.
     """
 
     def __init__(
@@ -154,6 +159,7 @@ class Sniffer:
         self._parser_failed = False
         self.skip_dns_to_self = skip_dns_to_self
         self._own: frozenset[str] = frozenset()
+        self.senders = Senders()
 
     def start(self) -> None:
         """Open the socket (a missing interface or capability raises here) and start the thread."""
@@ -243,11 +249,16 @@ class Sniffer:
         off += base
         events: list[Event] = []
         unpack = _PKT_HDR.unpack_from
+        senders = self.senders
+        known = senders.known
         for _ in range(count):
             next_off, sec, nsec, snaplen, _len, _status, mac = unpack(ring, off)
             frame = ring[off + mac : off + mac + snaplen]
+            ts = sec + nsec / 1e9
+            if frame[6:12] not in known:  # the only presence cost for a sender already reported
+                events += senders.first(frame, ts)
             try:
-                events.extend(parse_frame(frame, sec + nsec / 1e9, source="capture", skip_dns_to=self._own))
+                events.extend(parse_frame(frame, ts, source="capture", skip_dns_to=self._own))
             except MalformedPacket:
                 self.counters.add("capture_malformed")
             except Exception:  # a parser bug on hostile input must not end the capture

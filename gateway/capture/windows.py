@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.capture.frames import MalformedPacket, parse_frame
+from gateway.capture.frames import MalformedPacket, parse_frame, sender
 from gateway.capture.pcap import PcapError, read_frames
 from gateway.observations import to_observation
 from identifier.dataset import LabelledWindow, read_labels
@@ -60,10 +60,11 @@ def capture_windows(path: str | Path, window: float | None = None, keep_partial:
                 raise
             return CaptureWindows(_windows(seen, first, window), malformed, str(exc))
         # the sender is present from this frame on even when it says nothing the parser reports (a DNS answer,
-        # a BOOTREPLY, a nameless mDNS packet) or says it badly; a multicast source is no device
-        if len(frame) >= 14 and not frame[6] & 0x01:
-            sender = frame[6:12].hex(":")
-            first[sender] = min(first.get(sender, ts), ts)
+        # a BOOTREPLY, a nameless mDNS packet) or says it badly, as the daemon's ``Senders`` tells it; the
+        # earliest frame rather than the first in the file, since a capture may be out of time order
+        src = sender(frame)
+        if src is not None:
+            first[src] = min(first.get(src, ts), ts)
         try:
             events = parse_frame(frame, ts, others=True, source="replay")
         except MalformedPacket:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from gateway.events import AddressSeen, DhcpSeen, DnsQuery, Event, MdnsSeen, PacketSeen
+from gateway.events import AddressSeen, DeviceSeen, DhcpSeen, DnsQuery, Event, MdnsSeen, PacketSeen
 from gateway.store.db import Store
 from gateway.store.schema import (
     Address,
@@ -178,7 +178,7 @@ class DeviceTracker:
                     changes += self._name(mac, name.removesuffix(".local"), "mdns", ts)
             for service in filter(None, map(clean_text, event.services)):
                 self._pending_services.append(dict(mac=mac, service=service, first_seen=ts))
-        elif isinstance(event, PacketSeen) and event.ip:
+        elif isinstance(event, (PacketSeen, DeviceSeen)) and event.ip:
             changes += self._map(event.ip, mac, "packet", ts)
         return changes
 
