@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from identifier.bundle import Bundle
 from identifier.federated import homedata, model
 from tests.broker import Mosquitto, Recorder
 from tests.shared_data import CAPTURES, needs_data
+from tests.unprivileged import GID, UID, needs_root, open_scratch, with_python_reachable
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUG, CAM, HUB = "50:c7:bf:00:c7:03", "b0:c5:54:25:5b:0e", "00:17:88:24:76:ff"
@@ -185,6 +187,46 @@ def test_keygen_and_join_run_as_root_leave_the_federation_state_to_the_state_dir
         "confirmed.jsonl": (4242, 4243, 0o600),  # the household's devices and their traffic
     }
     assert sorted(p.name for p in fed.iterdir()) == ["confirmed.jsonl", "node_key", "node_key.pub"]
+
+
+@needs_root
+@needs_data
+def test_a_join_run_as_root_names_a_file_its_supernode_user_cannot_use_and_starts_nothing(replayed: Path) -> None:
+    """Run by root, the join starts the SuperNode as the state directory's owner. A root-only CA (an admin's
+    0600 copy in /etc) would fail its TLS handshake, and a root-owned FLWR_HOME (left by a join run as root
+    before) its start: the join names the file and starts nothing."""
+    with open_scratch() as scratch:
+        state = scratch / "state"
+        state.mkdir(mode=0o750)
+        os.chown(state, UID, GID)
+        with sqlite3.connect(replayed / "iotgw.sqlite") as src, sqlite3.connect(state / "iotgw.sqlite") as dst:
+            src.backup(dst)
+        store = Store(f"sqlite:///{state / 'iotgw.sqlite'}")
+        service.label(store, PLUG, manufacturer="TP-Link", device_type="TP-LinkPlugHS110", category="plug")
+        store.close()
+        ca = scratch / "ca.pem"
+        ca.write_text("-----BEGIN CERTIFICATE-----\n")
+        ca.chmod(0o600)
+        config = scratch / "iotgw.toml"
+        config.write_text(f'[gateway]\nstate_dir = "{state}"\n')
+        join = [sys.executable, "-m", "gateway.cli", "federation", "join", "--config", str(config),
+                "--superlink", "127.0.0.1:9", "--tls-ca", str(ca), "--window", "5"]
+        done = subprocess.run(with_python_reachable(join, scratch), cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+        fed = state / "federation"
+        assert (done.returncode, done.stderr) == (
+            1, f"iotgw federation: {ca}: not readable by uid {UID}, the owner of {fed}, whom the SuperNode runs as\n"
+        ), done.stdout
+        assert sorted(p.name for p in fed.iterdir()) == ["confirmed.jsonl"]  # no SuperNode, so no log, no FLWR_HOME
+        ca.chmod(0o644)
+        (fed / "flwr" / "bin").mkdir(mode=0o700, parents=True)
+        left = subprocess.run(with_python_reachable(join, scratch), cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+        assert (left.returncode, left.stderr) == (
+            1, f"iotgw federation: {fed / 'flwr'}: not writable by uid {UID}, the owner of {fed}, whom the SuperNode "
+            "runs as\n"
+        ), left.stdout
+        assert sorted(p.name for p in fed.iterdir()) == ["confirmed.jsonl", "flwr"]
 
 
 def test_a_join_without_a_configured_superlink_says_so_and_succeeds(tmp_path: Path) -> None:

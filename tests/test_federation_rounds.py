@@ -7,13 +7,19 @@ process. Stage timeouts are the shortest that stayed safe on a loaded 2-core mac
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import psutil
 import pytest
 
 from identifier.bundle import Bundle
@@ -22,6 +28,10 @@ from identifier.federated import homedata, model, updates
 from identifier.federated.localfleet import Home, LocalFleet
 from tests.reply_cut import ReplyCut
 from tests.shared_data import DOMAINS, needs_data
+from tests.unprivileged import GID, UID, needs_root, open_scratch, with_python_reachable
+
+if TYPE_CHECKING:
+    from gateway.store.db import Store
 
 pytestmark = [
     pytest.mark.slow,
@@ -239,33 +249,39 @@ def test_pitfall3_bounded_waits_fail_fast(fleet: LocalFleet, tmp_path: Path) -> 
     assert [r["status"] for r in short.report["rounds"]] == ["failed"], short.output[-3000:]
 
 
-def test_a_gateway_joins_from_its_store_and_reports_the_round(fleet: LocalFleet, tmp_path: Path) -> None:
-    """``iotgw federation join`` on a gateway whose store was filled by replaying real captures and whose
-    owner confirmed two devices: it exports them, takes part in a SecAgg+ round with two other homes, installs
-    the model as a bundle and records ``federated_round`` and ``model_updated`` alerts in its outbox."""
-    import signal
-    import subprocess
-    import sys
-
-    from gateway.alerts.outbox import recent_alerts
+def confirmed_gateway(gateway: Path) -> tuple[Path, Store]:
+    """A gateway state directory filled by replaying a TP-Link plug and a D-Link camera joining, both confirmed
+    by the owner (the camera corrected: the model said D-LinkCam); its config file and its open store."""
     from gateway.devices import service
     from gateway.store.db import Store
-    from identifier.federated import processes
     from tests.shared_data import CAPTURES
 
-    gateway = tmp_path / "gateway"
-    gateway.mkdir()
     config = gateway / "iotgw.toml"
     config.write_text(f'[gateway]\nstate_dir = "{gateway}"\n')
     pcaps = [str(CAPTURES / d / "Setup-A-1-STA.pcap") for d in ("TP-LinkPlugHS110", "D-LinkCam")]
-    cli = [sys.executable, "-m", "gateway.cli"]
     root = Path(__file__).resolve().parents[1]
-    subprocess.run([*cli, "replay", "--config", str(config), *pcaps], cwd=root, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "gateway.cli", "replay", "--config", str(config), *pcaps], cwd=root,
+                   check=True, capture_output=True)
     store = Store(f"sqlite:///{gateway / 'iotgw.sqlite'}")
     service.label(store, "50:c7:bf:00:c7:03", manufacturer="TP-Link", device_type="TP-LinkPlugHS110",
                   category="plug")
     service.label(store, "b0:c5:54:25:5b:0e", manufacturer="D-Link", device_type="D-LinkDayCam",
                   category="camera")  # a correction: the model said D-LinkCam
+    return config, store
+
+
+def test_a_gateway_joins_from_its_store_and_reports_the_round(fleet: LocalFleet, tmp_path: Path) -> None:
+    """``iotgw federation join`` on a gateway whose store was filled by replaying real captures and whose
+    owner confirmed two devices: it exports them, takes part in a SecAgg+ round with two other homes, installs
+    the model as a bundle and records ``federated_round`` and ``model_updated`` alerts in its outbox."""
+    from gateway.alerts.outbox import recent_alerts
+    from identifier.federated import processes
+
+    gateway = tmp_path / "gateway"
+    gateway.mkdir()
+    config, store = confirmed_gateway(gateway)
+    cli = [sys.executable, "-m", "gateway.cli"]
+    root = Path(__file__).resolve().parents[1]
     start_homes(fleet, 2)
     node_port = processes.free_port()
     join = subprocess.Popen(
@@ -303,3 +319,70 @@ def test_a_gateway_joins_from_its_store_and_reports_the_round(fleet: LocalFleet,
     else:
         assert not recent_alerts(store, kind="model_updated") and "worse" in decision["reason"]
     store.close()
+
+
+@needs_root
+def test_a_join_run_as_root_runs_the_supernode_as_the_state_directorys_owner(fleet: LocalFleet) -> None:
+    """An admin's ``sudo iotgw federation join`` on a gateway whose state directory is the service user's: the
+    SuperNode and everything it starts run as that user (no other groups), so all that Flower and the ClientApp
+    leave in the federation directory (FLWR_HOME, rounds.log, the installed bundles) is that user's and the next
+    nightly join, run as that user, can append to it and install over it."""
+    from identifier.federated import processes
+
+    with open_scratch() as scratch:  # pytest's tmp_path is under a directory of root's that only root can enter
+        gateway = scratch / "gateway"
+        gateway.mkdir(mode=0o750)
+        os.chown(gateway, UID, GID)
+        config, store = confirmed_gateway(gateway)
+        start_homes(fleet, 2)
+        node_port = processes.free_port()
+        cmd = [sys.executable, "-m", "gateway.cli", "federation", "join", "--config", str(config),
+               "--superlink", fleet.address, "--insecure", "--port", str(node_port), "--window", "600"]
+        join = subprocess.Popen(
+            with_python_reachable(cmd, scratch),
+            cwd=Path(__file__).resolve().parents[1],
+            env={**os.environ, processes.MARK_ENV: fleet.mark},  # so the fleet's teardown ends its SuperNode too
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        fed = gateway / "federation"
+        try:
+            time.sleep(5)
+            result = fleet.run({**FAST, "num-rounds": 1, "min-nodes": 3}, scratch / "out")
+            assert [r["status"] for r in result.report["rounds"]] == ["ok"], result.output[-3000:]
+            # the join's SuperNode, its SuperExec and warm ClientApp server, while still joined
+            started = psutil.Process(join.pid).children(recursive=True)
+            credentials = {_credentials(p) for p in started} - {None}
+            log = fed / "rounds.log"
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and '"install"' not in log.read_text():
+                time.sleep(0.5)
+        finally:
+            join.send_signal(signal.SIGTERM)
+            output = join.communicate(timeout=60)[0]
+        assert join.returncode == 130, output[-3000:]
+        assert started and credentials == {(UID, UID, GID, "")}, (credentials, output[-3000:])
+        (decision,) = [json.loads(line) for line in log.read_text().splitlines() if '"install"' in line]
+        if decision["installed"]:  # else it was worse on the two confirmed devices, and model/ was not made
+            assert (fed / "model" / "current" / "bundle.json").is_file()
+        # made by the SuperNode itself: root would have left it root's, it stays with whoever creates it
+        assert (fed / "flwr" / "bin" / "flwr-clientapp").stat().st_uid == UID
+        owners = {}
+        for d, dirs, files in os.walk(fed):
+            for path in (Path(d), *(Path(d) / n for n in dirs + files)):
+                st = path.lstat()
+                owners[str(path.relative_to(gateway))] = (st.st_uid, st.st_gid)
+        assert {"federation/flwr/bin/flwr-clientapp", "federation/rounds.log"} <= set(owners)
+        assert {path: ids for path, ids in owners.items() if ids != (UID, GID)} == {}
+        store.close()
+
+
+def _credentials(proc: psutil.Process) -> tuple[int, int, int, str] | None:
+    """A process's real and effective uid, real gid and supplementary groups (as /proc lists them); None if it
+    has ended meanwhile (a ClientApp)."""
+    try:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        uids, gids = proc.uids(), proc.gids()
+    except (OSError, psutil.NoSuchProcess):
+        return None
+    groups = next(line.split(":", 1)[1].strip() for line in status.splitlines() if line.startswith("Groups:"))
+    return uids.real, uids.effective, gids.real, groups

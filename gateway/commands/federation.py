@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -24,6 +25,9 @@ from gateway.cli import add_state_args, config_from_args, positive_seconds
 from gateway.statedir import create_private
 
 CONNECTION = "iotgw"
+# What the SuperNode and its ClientApps write in the federation directory besides rounds.log: FLWR_HOME (the
+# launcher, the warm ClientApp server's socket), the installed bundles, the home's kept contributions.
+SUPERNODE_WRITES = ("flwr", "model", "contributions")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -201,7 +205,8 @@ def _join(args: argparse.Namespace) -> int:
         return 0
     tls = _tls(args, server_side=False)
     state = federation_dir(cfg)
-    create_private(state, directory=True)  # the service user's, though an admin may run a join with sudo
+    # The service user's, though an admin may run a join with sudo; the SuperNode then runs as that user too.
+    create_private(state, directory=True)
     data = state / "confirmed.jsonl"
     store = Store(cfg.db_url)
     try:
@@ -214,17 +219,25 @@ def _join(args: argparse.Namespace) -> int:
             print("iotgw federation: no confirmed devices yet (confirm some in the web UI); not joining")
             return 0
         bundle = Path(cfg.identifier.model_dir).resolve() if cfg.identifier.model_dir else None
-        cmd = processes.supernode_cmd(
-            args.superlink, args.port, data, state, tls.ca if tls else None, args.auth_key, bundle=bundle
-        )
+        ca = tls.ca if tls else None
+        cmd = processes.supernode_cmd(args.superlink, args.port, data, state, ca, args.auth_key, bundle=bundle)
+        env = processes.flower_env(state, poll_s=args.poll)
+        owner = _supernode_owner(state)
+        if owner is not None:
+            _check_owner_can_use(owner, state, [data, ca, args.auth_key], bundle)
+            env.update(_login_env(owner, state))
         alerts = RoundAlerts(state / "rounds.log", outbox_sender(store, cfg))
         with open(create_private(state / "supernode.log", exclusive=False), "ab") as log:
             node = subprocess.Popen(
                 cmd,
-                env=processes.flower_env(state, poll_s=args.poll),
+                env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # Flower (a network-facing gRPC client) never runs as root, and all it writes is the owner's.
+                user=owner[0] if owner else None,
+                group=owner[1] if owner else None,
+                extra_groups=[] if owner else None,
             )
         deadline = time.monotonic() + args.window
         try:
@@ -241,6 +254,88 @@ def _join(args: argparse.Namespace) -> int:
             alerts.finish()
     finally:
         store.close()
+
+
+def _supernode_owner(state: Path) -> tuple[int, int] | None:
+    """The (uid, gid) the SuperNode runs as: the federation directory's owner when root runs the join and the
+    directory is another user's (the service user's, who runs the nightly join and must be able to write what
+    Flower leaves there). None: it runs as we do."""
+    if os.geteuid() != 0:
+        return None
+    st = state.stat()
+    return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
+
+
+def _check_owner_can_use(owner: tuple[int, int], state: Path, files: list[Path | None], bundle: Path | None) -> None:
+    """Refuse to start a SuperNode that would run as ``owner`` and fail on a file it cannot use: the
+    interpreter and ``identifier``, the data, TLS CA and key it reads, the model it starts from, and the
+    federation directory with what earlier joins left there (root's, if they ran as root before this check)."""
+    from identifier.bundle import DEFAULT_DIR
+    from identifier.federated.processes import PACKAGE_ROOT
+
+    model = bundle or DEFAULT_DIR
+    needs = [
+        (Path(sys.executable), os.X_OK),
+        (PACKAGE_ROOT, os.R_OK | os.X_OK),
+        (state, os.W_OK | os.X_OK),
+        *((f, os.R_OK) for f in files if f is not None),
+        (model, os.R_OK | os.X_OK),
+        (model / "bundle.json", os.R_OK),
+        (model / "weights.npz", os.R_OK),
+    ]
+    for top in SUPERNODE_WRITES:
+        for d, _dirs, names in os.walk(state / top):  # nothing when absent
+            needs.append((Path(d), os.W_OK | os.X_OK))
+            needs += [(Path(d) / n, os.W_OK) for n in names if not os.path.islink(Path(d) / n)]
+    if (state / "rounds.log").exists():
+        needs.append((state / "rounds.log", os.W_OK))
+    refused = _refused_to(owner, needs)
+    if refused is not None:
+        path, mode = refused
+        word = "writable" if mode & os.W_OK else "readable" if mode & os.R_OK else "executable"
+        try:
+            who = f"{pwd.getpwuid(owner[0]).pw_name} (uid {owner[0]})"
+        except KeyError:
+            who = f"uid {owner[0]}"
+        raise SystemExit(
+            f"iotgw federation: {path}: not {word} by {who}, the owner of {state}, whom the SuperNode runs as"
+        )
+
+
+def _refused_to(owner: tuple[int, int], needs: list[tuple[Path, int]]) -> tuple[Path, int] | None:
+    """The first (path, access mode) of ``needs`` that ``owner`` (uid, gid, no other groups) may not use, or
+    None. The kernel answers, in a child that takes those credentials: mode bits, ACLs and every directory on
+    the way count, as they will for the SuperNode."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child only drops to the owner, asks and exits, whatever happens
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(owner[1])
+            os.setuid(owner[0])
+            refused = [i for i, (path, mode) in enumerate(needs) if not os.access(path, mode)]
+            os.write(write_end, str(refused[0] if refused else -1).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as fh:
+        answer = fh.read()
+    os.waitpid(pid, 0)
+    if not answer:
+        raise SystemExit(f"iotgw federation: could not check the files as uid {owner[0]} (the SuperNode's user)")
+    index = int(answer)
+    return None if index < 0 else needs[index]
+
+
+def _login_env(owner: tuple[int, int], state: Path) -> dict[str, str]:
+    """HOME, USER and LOGNAME of the SuperNode's user, as systemd's User= sets them, so nothing run as them
+    looks in root's home; an owner without a passwd entry gets the federation directory as its home."""
+    try:
+        entry = pwd.getpwuid(owner[0])
+    except KeyError:
+        return {"HOME": str(state)}
+    return {"HOME": entry.pw_dir, "USER": entry.pw_name, "LOGNAME": entry.pw_name}
 
 
 def _from_config(args: argparse.Namespace, cfg) -> bool:  # noqa: ANN001 - gateway.config.Config
