@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.dns import DNS, DNSQR, DNSRR
-from scapy.layers.inet import IP, UDP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import CookedLinux, Dot1AD, Dot1Q, Ether
 from scapy.utils import PcapNgWriter, PcapWriter, wrpcap
 
@@ -92,6 +92,25 @@ def test_vlan_tags_in_a_pcap_are_skipped(tmp_path):
     wrpcap(str(pcap), frames)
     events = [e for ts, frame in read_frames(pcap) for e in parse_frame(frame, ts)]
     assert [(e.mac, e.client, e.qname) for e in events] == [(MAC, "10.0.0.7", "a.example.org")] * 3
+
+
+@pytest.mark.parametrize("ihl", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("others", [False, True])
+def test_an_ipv4_header_length_below_20_bytes_is_malformed(ihl, others):
+    """Read as given, the ports would come from inside the IP header."""
+    frame = bytes(Ether(src=MAC) / IP(src="10.0.0.7", ihl=ihl) / UDP(sport=40000, dport=53)
+                  / DNS(rd=1, qd=DNSQR(qname="a.example.org")))
+    with pytest.raises(MalformedPacket, match="IPv4 header length"):
+        parse_frame(frame, 0.0, others=others)
+
+
+@pytest.mark.parametrize("l4", [UDP(sport=40000, dport=53) / DNS(rd=1, qd=DNSQR(qname="a.example.org")),
+                                TCP(sport=40000, dport=443)], ids=["udp", "tcp"])
+def test_an_ipv4_header_length_past_the_frame_is_malformed(l4):
+    frame = bytes(Ether(src=MAC) / IP(src="10.0.0.7", ihl=15) / l4)  # says 60 bytes of header, holds 20
+    assert len(frame) < 14 + 60
+    with pytest.raises(MalformedPacket, match="runs past the frame"):
+        parse_frame(frame, 0.0, others=True)
 
 
 def test_short_frame_is_malformed():

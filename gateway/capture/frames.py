@@ -101,7 +101,8 @@ def parse_frame(frame: bytes, ts: float, *, others: bool = False, source: str = 
     ``others`` also reports packets that are not DNS, DHCP or mDNS (as ``PacketSeen``): replay wants them for
     identification of devices that send no DNS; live capture filters them out in the kernel.
     ``skip_dns_to``: DNS queries to these addresses are left out (the gateway's own DNS server reports them).
-    Raises ``MalformedPacket`` for a frame whose DNS, DHCP or mDNS payload does not decode.
+    Raises ``MalformedPacket`` for a frame whose DNS, DHCP or mDNS payload does not decode, or whose IPv4 header
+    length is impossible (whatever it carries: its ports and payload cannot be located).
     """
     if len(frame) < 14:
         raise MalformedPacket("frame shorter than an Ethernet header")
@@ -121,6 +122,11 @@ def parse_frame(frame: bytes, ts: float, *, others: bool = False, source: str = 
         if len(frame) < off + 20:
             raise MalformedPacket("truncated IPv4 header")
         ihl = (frame[off] & 0x0F) * 4
+        # Else the "UDP header" would be read from inside the IP header, or from past the frame.
+        if ihl < 20:
+            raise MalformedPacket(f"IPv4 header length {ihl} bytes, less than 20")
+        if len(frame) < off + ihl:
+            raise MalformedPacket(f"IPv4 header length {ihl} bytes runs past the frame")
         proto = frame[off + 9]
         src_ip = f"{frame[off + 12]}.{frame[off + 13]}.{frame[off + 14]}.{frame[off + 15]}"
         l4 = off + ihl
