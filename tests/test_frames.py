@@ -5,13 +5,15 @@ from __future__ import annotations
 import pytest
 from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.dns import DNS, DNSQR, DNSRR
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import IP, TCP, UDP, fragment
 from scapy.layers.l2 import CookedLinux, Dot1AD, Dot1Q, Ether
 from scapy.utils import PcapNgWriter, PcapWriter, wrpcap
 
 from gateway.capture.frames import MalformedPacket, parse_frame
 from gateway.capture.pcap import PcapError, read_frames
-from gateway.events import AddressSeen, DhcpSeen, DnsQuery, MdnsSeen
+from gateway.capture.replay import replay
+from gateway.capture.windows import capture_windows
+from gateway.events import AddressSeen, DhcpSeen, DnsQuery, MdnsSeen, PacketSeen
 from tests.shared_data import CAPTURES, needs_data
 
 MAC = "02:11:22:33:44:55"
@@ -111,6 +113,29 @@ def test_an_ipv4_header_length_past_the_frame_is_malformed(l4):
     assert len(frame) < 14 + 60
     with pytest.raises(MalformedPacket, match="runs past the frame"):
         parse_frame(frame, 0.0, others=True)
+
+
+def test_a_fragmented_mdns_announcement_is_a_fragment_not_malformed_live_in_replay_and_in_windows(tmp_path):
+    """The first fragment holds the UDP header and part of the payload: incomplete, not malformed. It is a
+    "fragment" packet like the later ones, and replay and the identification windows count no malformed frame."""
+    records = [DNSRR(rrname=f"_svc{i}._tcp.local", type="PTR", rdata=f"lamp {i}._svc{i}._tcp.local")
+               for i in range(60)]
+    announcement = (Ether(src=MAC, dst="01:00:5e:00:00:fb") / IP(src="10.0.0.20", dst="224.0.0.251")
+                    / UDP(sport=5353, dport=5353) / DNS(qr=1, aa=1, an=records))
+    frames = [Ether(src=MAC, dst="01:00:5e:00:00:fb") / ip for ip in fragment(announcement[IP], fragsize=1400)]
+    assert len(frames) > 1 and frames[0][IP].flags.MF and frames[0][IP].frag == 0
+    for frame in frames:
+        assert parse_frame(bytes(frame), 1.0) == []
+        assert parse_frame(bytes(frame), 1.0, others=True) == [PacketSeen(1.0, MAC, "10.0.0.20", "fragment")]
+    pcap = tmp_path / "fragmented.pcap"
+    wrpcap(str(pcap), frames)
+    replayed: list = []
+    result = replay([pcap], replayed.extend)
+    assert (result.frames, result.malformed) == (len(frames), 0)
+    assert replayed == [PacketSeen(ts, MAC, "10.0.0.20", "fragment") for ts, _ in read_frames(pcap)]
+    windows = capture_windows(pcap)
+    assert windows.malformed == 0
+    assert [obs.proto for obs in windows.devices[MAC].observations] == ["fragment"] * len(frames)
 
 
 def test_short_frame_is_malformed():

@@ -130,7 +130,9 @@ def parse_frame(frame: bytes, ts: float, *, others: bool = False, source: str = 
         proto = frame[off + 9]
         src_ip = f"{frame[off + 12]}.{frame[off + 13]}.{frame[off + 14]}.{frame[off + 15]}"
         l4 = off + ihl
-        if (frame[off + 6] & 0x1F) | frame[off + 7]:  # a later fragment carries no UDP header
+        # MF set or an offset: a later fragment carries no UDP header, and the first only part of the payload (a
+        # large mDNS announcement): incomplete rather than malformed, and not decodable until reassembled.
+        if (frame[off + 6] & 0x3F) | frame[off + 7]:
             return [PacketSeen(ts, mac, src_ip, "fragment")] if others else []
     elif ethertype == ETH_IPV6:
         if len(frame) < off + 40:

@@ -34,7 +34,8 @@ Sink = Callable[[list[Event]], None]
 # (the first line of the output is the instruction count; each further line is "code jt jf k").
 # "inbound" compiles to a test of the kernel's packet type (SKF_AD_PKTTYPE), so frames the host sends itself
 # (PACKET_OUTGOING) never reach us: on lo and veth every packet would otherwise be seen twice. DNS answers
-# (source port 53) are left out because the parser reports queries only. IPv4 later fragments are rejected.
+# (source port 53) are left out because the parser reports queries only. IPv4 later fragments are rejected; a
+# first fragment passes (its UDP ports are there) and the parser drops it, as it cannot be decoded alone.
 # The kernel takes the outer 802.1Q/802.1ad tag off before we see a frame, but a second tag (QinQ, or a tag
 # on a trunk it does not untag) stays in the frame: the "vlan" branches accept one or two tags in place.
 # libpcap's "vlan" shifts the offsets of everything after it, so the second tag is nested inside the first
