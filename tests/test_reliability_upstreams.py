@@ -8,6 +8,7 @@ The server runs with its default 2-second budget; clients wait 2.5 s (0.5 s of s
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from contextlib import nullcontext
 
@@ -15,13 +16,16 @@ import dns.message
 import dns.rcode
 import pytest
 
+from gateway.dns import Decision
 from gateway.dns import server as server_module
+from gateway.events import Counters, DnsQuery
 from tests.dns_helpers import ask, config, needs_dnsmasq, rcode, running
 from tests.fake_upstream import FakeUpstream, answer, rcode_reply, silent, slow, truncated, wrong_id
 from tests.ports import free_port
 
 BUDGET_S = 2.0
 CLIENT_WAIT_S = BUDGET_S + 0.5
+BUSY_S = 1.4  # past the first upstream's share of the budget (0.95 s), short of the whole budget (1.9 s)
 
 def timed_ask(port: int, name: str, **kw: object) -> tuple[dns.message.Message, float]:
     t0 = time.monotonic()
@@ -114,6 +118,45 @@ def test_other_clients_are_served_while_an_upstream_stalls() -> None:
                 codes.append(rcode(reply))
         assert codes == ["SERVFAIL"] * 200 and not ids
         assert not srv.call(lambda: len(srv.server._pending))
+
+
+def test_a_late_retry_gets_servfail_at_its_deadline_not_behind_later_ones() -> None:
+    """A retry whose deadline is cut to the query's budget is timed out at that deadline, even when queries
+    sent before it wait with later ones: its SERVFAIL comes before their first timeout, within timeout_s."""
+    started = threading.Event()
+    answered: list[tuple[str, int, int]] = []  # (name, rcode, upstream timeouts counted by then)
+    counters: list[Counters] = []
+
+    def decide(ip: str, mac: str | None, qname: str, qtype: int, query: bytes) -> Decision | None:
+        if not qname.startswith("busy."):
+            return None
+        # A busy event loop (a slow hook, a loaded Pi): the first upstream's timeout for a.example.test is
+        # noticed late, so its retry's deadline is cut to the budget, earlier than b.example.test's below.
+        started.set()
+        time.sleep(BUSY_S)
+        return Decision("blocked", "test", dns.message.make_response(dns.message.from_wire(query)).to_wire())
+
+    def emit(event: DnsQuery) -> None:
+        answered.append((event.qname, event.rcode, counters[0].get("dns_upstream_timeouts")))
+
+    with FakeUpstream(silent) as first, FakeUpstream(silent) as second, \
+            running(config([first.address, second.address], timeout_s=BUDGET_S), decide=decide, emit=emit) as srv:
+        counters.append(srv.counters)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(2 * CLIENT_WAIT_S)
+            for name in ("a.example.test", "busy.example.test"):
+                client.sendto(dns.message.make_query(name, "A").to_wire(), ("127.0.0.1", srv.port))
+            assert started.wait(CLIENT_WAIT_S)
+            client.sendto(dns.message.make_query("b.example.test", "A").to_wire(), ("127.0.0.1", srv.port))
+            replies = {}
+            while len(replies) < 3:
+                reply = dns.message.from_wire(client.recv(4096))
+                replies[reply.question[0].name.to_text()] = rcode(reply)
+        assert replies == {"a.example.test.": "SERVFAIL", "busy.example.test.": "NOERROR",
+                           "b.example.test.": "SERVFAIL"}
+    # a.example.test fails after its own two timeouts, before b.example.test's first one.
+    assert [a for a in answered if a[0] != "busy.example.test"] == [
+        ("a.example.test", dns.rcode.SERVFAIL, 2), ("b.example.test", dns.rcode.SERVFAIL, 4)]
 
 
 def test_a_flood_towards_a_silent_upstream_is_capped_and_answered(monkeypatch: pytest.MonkeyPatch) -> None:

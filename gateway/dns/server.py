@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import heapq
 import ipaddress
 import logging
 import random
 import socket
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -136,9 +136,10 @@ class DnsServer:
         self._questions: dict[bytes, wire.Question] = {}
         self._clients: dict[str, _Client] = {}
         self._pending: dict[bytes, _Pending] = {}
-        # (deadline, upstream ID) in sending order; answered queries leave their entry to expire here, so it
-        # holds no reference to them.
-        self._deadlines: deque[tuple[float, bytes]] = deque()
+        # A heap of (deadline, upstream ID); answered queries leave their entry to expire here, so it holds no
+        # reference to them. Not a FIFO: a late retry's deadline is cut to the query's budget, earlier than
+        # those of queries sent before it, and must not wait behind them past timeout_s.
+        self._deadlines: list[tuple[float, bytes]] = []
         self._udp: list[socket.socket] = []
         self._tcp: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task] = set()
@@ -398,7 +399,7 @@ class DnsServer:
             return self._send_upstream(p, now)
         p.deadline = min(now + self._attempt_s, p.t0 + self._timeout)
         self._pending[new_id] = p
-        self._deadlines.append((p.deadline, new_id))
+        heapq.heappush(self._deadlines, (p.deadline, new_id))
         return True
 
     def _on_upstream(self, up: _Upstream, sock: socket.socket) -> None:
@@ -495,7 +496,7 @@ class DnsServer:
         deadlines = self._deadlines
         pending = self._pending
         while deadlines and deadlines[0][0] <= now:
-            _, key = deadlines.popleft()
+            _, key = heapq.heappop(deadlines)
             p = pending.get(key)
             if p is not None and p.deadline <= now:  # else answered, and the ID maybe reused since
                 del pending[key]
