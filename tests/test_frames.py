@@ -13,7 +13,7 @@ from gateway.capture.frames import MalformedPacket, parse_frame
 from gateway.capture.pcap import PcapError, read_frames
 from gateway.capture.replay import replay
 from gateway.capture.windows import capture_windows
-from gateway.events import AddressSeen, DhcpSeen, DnsQuery, MdnsSeen, PacketSeen
+from gateway.events import AddressSeen, DeviceSeen, DhcpSeen, DnsQuery, MdnsSeen, PacketSeen
 from tests.shared_data import CAPTURES, needs_data
 
 MAC = "02:11:22:33:44:55"
@@ -132,7 +132,9 @@ def test_a_fragmented_mdns_announcement_is_a_fragment_not_malformed_live_in_repl
     replayed: list = []
     result = replay([pcap], replayed.extend)
     assert (result.frames, result.malformed) == (len(frames), 0)
-    assert replayed == [PacketSeen(ts, MAC, "10.0.0.20", "fragment") for ts, _ in read_frames(pcap)]
+    stamps = [ts for ts, _ in read_frames(pcap)]
+    assert replayed == [DeviceSeen(stamps[0], MAC, "10.0.0.20"),  # present from its first frame, as ever
+                        *(PacketSeen(ts, MAC, "10.0.0.20", "fragment") for ts in stamps)]
     windows = capture_windows(pcap)
     assert windows.malformed == 0
     assert [obs.proto for obs in windows.devices[MAC].observations] == ["fragment"] * len(frames)
