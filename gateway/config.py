@@ -195,6 +195,9 @@ def validate(cfg: Config, text: str | None = None) -> None:
             check_mqtt_url(cfg.mqtt.url)
         except ValueError as exc:
             raise ConfigError(f"{where('url', 'mqtt')}: {exc}") from exc
+    problem = discovery_prefix_problem(cfg.mqtt.discovery_prefix)
+    if problem:
+        raise ConfigError(f"{where('discovery_prefix', 'mqtt')}: {problem}")
     try:
         parse_hostport(cfg.web.listen, 8080)
     except ValueError as exc:
@@ -235,6 +238,18 @@ def check_mqtt_url(url: str) -> None:
     from gateway.alerts.mqtt import parse_url  # late: paho loads only when MQTT is configured
 
     parse_url(url)
+
+
+def discovery_prefix_problem(prefix: str) -> str | None:
+    """What keeps ``prefix`` from starting the topics the daemon publishes discovery to, or None. Left
+    unchecked, a wildcard there made every discovery publish fail at run time and Home Assistant saw nothing."""
+    if not prefix:
+        return "must not be empty (Home Assistant's default is homeassistant)"
+    if any(c in prefix for c in "+#\0"):
+        return f"{prefix!r} is not an MQTT topic: no '+', '#' or NUL"
+    if prefix.startswith("$"):
+        return f"{prefix!r}: topics starting with '$' belong to the broker"
+    return None
 
 
 def redact_url(url: str) -> str:

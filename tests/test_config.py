@@ -119,6 +119,19 @@ def test_a_bad_mqtt_url_never_shows_its_password(tmp_path):
     assert str(err.value).startswith(f"{tmp_path / 'iotgw.toml'}:2: mqtt.url: ")
 
 
+@pytest.mark.parametrize(("prefix", "message"), [
+    ("", "must not be empty"),
+    ("home/+/ha", r"'home/\+/ha' is not an MQTT topic"),
+    ("homeassistant/#", "is not an MQTT topic"),
+    ("$SYS", "belong to the broker"),
+])
+def test_a_discovery_prefix_that_is_no_topic_names_file_and_line(tmp_path, prefix, message):
+    path = write(tmp_path, f'[mqtt]\nurl = "mqtt://127.0.0.1"\ndiscovery_prefix = "{prefix}"\n')
+    with pytest.raises(ConfigError, match=rf"^{path}:3: mqtt\.discovery_prefix: .*{message}"):
+        load(path)
+    assert load(write(tmp_path, '[mqtt]\ndiscovery_prefix = "site/ha"\n')).mqtt.discovery_prefix == "site/ha"
+
+
 def test_web_hosts_take_names_and_domains_and_a_url_names_file_and_line(tmp_path):
     cfg = load(write(tmp_path, '[web]\nhosts = ["iotgw.example.org", ".home.example.net"]\n'))
     assert cfg.web.hosts == ["iotgw.example.org", ".home.example.net"]
