@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gateway.alerts import Alerts, PolicyHooks, recent_alerts
-from gateway.config import Config
+from gateway.config import Config, ConfigError
 from gateway.devices.service import forget, get_device, rename
 from gateway.events import ALERT_KINDS, Alert, DnsQuery
 from gateway.store.db import Store
@@ -160,6 +160,15 @@ def test_a_malformed_alert_is_refused_at_its_source(store, running):
     alerts.send(Alert("model_updated", time.time(), None, {"version": "3", "previous_version": None}))
     assert [r.kind for r in recent_alerts(store)] == ["model_updated"]
     assert outbox_rows(store) == 0  # nothing queued for a broker that is not configured
+
+
+@pytest.mark.parametrize("ca_name", ["missing.pem", "not-a-cert.pem"])
+def test_a_ca_file_that_cannot_be_used_is_a_configuration_error_naming_it(store, tmp_path, ca_name):
+    (tmp_path / "not-a-cert.pem").write_text("hello\n")
+    cfg = Config()
+    cfg.mqtt.url, cfg.mqtt.ca_file = "mqtts://127.0.0.1:8883", str(tmp_path / ca_name)
+    with pytest.raises(ConfigError, match=rf"mqtt\.ca_file '{re.escape(str(tmp_path / ca_name))}': not usable"):
+        Alerts(store, cfg)  # before: a bare FileNotFoundError (no file named) or SSLError, and the daemon died
 
 
 def test_tls_with_a_test_ca(store, tmp_path, running):

@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.config import MqttConfig, redact_url
+from gateway.config import ConfigError, MqttConfig, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,12 @@ class MqttLink:
             client.username_pw_set(self.broker.username, self.broker.password or None)
         if self.broker.tls:
             # No CA file: the system's trust store. The host name is always checked.
-            client.tls_set(ca_certs=cfg.ca_file or None)
+            try:
+                client.tls_set(ca_certs=cfg.ca_file or None)
+            except (OSError, ValueError) as exc:  # ssl's own message names no file: a missing one said only that
+                raise ConfigError(
+                    f"mqtt.ca_file {cfg.ca_file!r}: not usable as the broker's CA certificate (PEM): {exc}"
+                ) from exc
         client.will_set(self.status_topic, "offline", qos=1, retain=True)
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         client.max_inflight_messages_set(max_inflight)
