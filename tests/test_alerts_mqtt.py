@@ -334,6 +334,23 @@ def test_configs_of_devices_forgotten_while_down_are_removed(store, broker, runn
     rec.close()
 
 
+def test_device_states_still_reach_home_assistant_while_the_policy_file_is_broken(store, broker, tmp_path, running):
+    from gateway.policies import MODES, device_mode
+    from gateway.policyfile import policy_path
+
+    state_dir = tmp_path / "gwstate"
+    state_dir.mkdir()
+    policy_path(state_dir).write_text("{ half-edited by hand")  # what the daemon's own hooks then read
+    hooks = PolicyHooks(options=lambda: MODES, current=lambda mac: device_mode(state_dir, mac),
+                        apply=lambda mac, mode: None)
+    rec = Recorder(broker, [f"iotgw/{GW}/#"])
+    make_alerts(store, broker.url, running, policy=hooks)
+    state = rec.wait(lambda m: m.topic == f"iotgw/{GW}/device/iotgw_{GW}_020000000001/state")[-1].json()
+    assert state["presence"] == "home" and state["policy"] is None
+    assert rec.wait(lambda m: m.topic == f"iotgw/{GW}/state")[-1].json()["devices"] == 2
+    rec.close()
+
+
 def test_quarantine_switch_end_to_end(store, broker, running):
     rec = Recorder(broker, ["homeassistant/#", "iotgw/#"])
     make_alerts(store, broker.url, running)

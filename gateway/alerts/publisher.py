@@ -88,6 +88,7 @@ class Alerts:
         self._published: dict[str, str] = {}  # node id -> the discovery config this connection last sent
         self._sync = False
         self._next_states = 0.0
+        self._policy_failing = False  # logged once, not once per device and minute
         self.link: MqttLink | None = None
         if cfg.mqtt.url:
             self.link = MqttLink(
@@ -401,9 +402,24 @@ class Alerts:
             online=self.presence.is_online(device.mac),
             queries=counts[0],
             blocked=counts[1],
-            policy=self.policy.current(device.mac) if self.policy else None,
+            policy=self._current_policy(device.mac),
         )
         self._publish_json(ha.state_topic(self.gateway, ha.device_id(self.gateway, device.mac)), state)
+
+    def _current_policy(self, mac: str) -> str | None:
+        """The device's policy for its state, or None while the hook fails (a policy file being edited by
+        hand): one unreadable policy must not keep presence and counters of every device from Home Assistant."""
+        if self.policy is None:
+            return None
+        try:
+            policy = self.policy.current(mac)
+        except Exception as exc:
+            if not self._policy_failing:
+                log.warning("alerts: the device policy cannot be read (%s); states go out without it", exc)
+            self._policy_failing = True
+            return None
+        self._policy_failing = False
+        return policy
 
     def _publish_json(self, topic: str, payload: dict[str, Any]) -> None:
         self.link.publish(topic, json.dumps(payload, separators=(",", ":")), retain=True)
