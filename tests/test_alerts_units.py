@@ -4,6 +4,7 @@ history, broker URLs and Home Assistant ids. No broker needed."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,36 @@ def test_presence_seeded_from_the_store_sends_nothing_until_something_changes():
     assert not p.is_online("old") and p.is_online("fresh")
     assert [a.mac for a in p.expire(1051.0)] == ["fresh"]
     assert p.seen("old", 1100.0).kind == "device_online"
+
+
+def test_a_clock_jump_neither_sends_every_device_offline_nor_keeps_one_online(store):
+    from gateway.alerts import Alerts
+    from gateway.config import Config
+
+    def offline() -> list[str]:
+        return [r.mac for r in recent_alerts(store, kind="device_offline")]
+
+    # The wall clock jumps an hour forward (NTP after a Pi booted without a real-time clock) right after a
+    # device spoke: it is not an hour idle. The publisher's ticks are called with that wall time; no broker.
+    ahead = Alerts(store, Config(), idle_timeout_s=2)
+    t0 = time.time()
+    ahead._tick(t0)
+    ahead.observe(q(t0, "m1", "a.example", verdict="allowed"))
+    ahead._tick(time.time() + 3600)
+    assert offline() == []
+
+    # An hour backward: a device that then stays quiet still goes offline after the idle timeout, and its
+    # blocked queries are still summarised after the interval, not an hour later.
+    behind = Alerts(store, Config(), idle_timeout_s=2, blocked_interval_s=2)
+    t0 = time.time()
+    behind._tick(t0)
+    behind.observe(q(t0, "m2", "ads.example"))
+    deadline = time.monotonic() + 20
+    while not (offline() and recent_alerts(store, kind="blocked_summary")) and time.monotonic() < deadline:
+        behind._tick(time.time() - 3600)
+        time.sleep(0.1)
+    assert offline() == ["m2"]
+    assert [r.data["count"] for r in recent_alerts(store, kind="blocked_summary")] == [1]
 
 
 def test_blocked_queries_make_one_summary_per_device_and_interval():

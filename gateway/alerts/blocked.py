@@ -39,6 +39,12 @@ class BlockedSummariser:
         if query.qname in w.names or len(w.names) < MAX_NAMES:
             w.names[query.qname] += 1
 
+    def shift(self, delta: float) -> None:
+        """The wall clock jumped by ``delta`` seconds: windows keep their length in the new clock."""
+        for w in self._windows.values():
+            w.since += delta
+            w.until += delta
+
     def flush(self, now: float, *, all_windows: bool = False) -> list[Alert]:
         """Summaries of the windows ``interval_s`` old (all of them when ``all_windows``: shutdown)."""
         due = [mac for mac, w in self._windows.items() if all_windows or now - w.since >= self.interval_s]

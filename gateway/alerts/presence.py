@@ -43,6 +43,12 @@ class Presence:
             )
         return alerts
 
+    def shift(self, delta: float) -> None:
+        """The wall clock jumped by ``delta`` seconds (NTP setting a Pi's clock after boot): move every time
+        kept so that idleness is measured in the new clock, not as the size of the jump."""
+        self._last = {mac: ts + delta for mac, ts in self._last.items()}
+        self._offline = {mac: ts + delta for mac, ts in self._offline.items()}
+
     def is_online(self, mac: str) -> bool:
         return mac in self._last
 

@@ -36,6 +36,9 @@ from gateway.store.schema import Device
 
 log = logging.getLogger(__name__)
 
+# Wall time and monotonic time between two ticks disagreeing by more than this is a clock jump, not scheduling.
+CLOCK_JUMP_S = 10.0
+
 
 @dataclass
 class PolicyHooks:
@@ -89,6 +92,7 @@ class Alerts:
         self._sync = False
         self._next_states = 0.0
         self._policy_failing = False  # logged once, not once per device and minute
+        self._clock: tuple[float, float] | None = None  # (wall, monotonic) when the clock was last looked at
         self.link: MqttLink | None = None
         if cfg.mqtt.url:
             self.link = MqttLink(
@@ -155,6 +159,7 @@ class Alerts:
         if not mac:
             return
         with self._feed_lock:
+            self._follow_clock(time.time())
             online = self.presence.seen(mac, event.ts)
             if isinstance(event, DnsQuery):
                 self.blocked.add(event)
@@ -181,6 +186,20 @@ class Alerts:
         with self._todo_lock:
             self._sync = True
         self._wake.set()
+
+    def _follow_clock(self, now: float) -> None:
+        """Under the feed lock: if the wall clock ``now`` jumped since the last call, move presence and summary
+        windows with it. They are kept in wall time (packets carry it); a jump would otherwise read as every
+        device idle (offline alerts for all, then online ones) or, backwards, as none for the jump's length.
+        Also called for each observed event, so that packets stamped after a jump meet shifted times."""
+        mono = time.monotonic()
+        if self._clock is not None:
+            jump = (now - self._clock[0]) - (mono - self._clock[1])
+            if abs(jump) > CLOCK_JUMP_S:
+                log.warning("alerts: the clock jumped %+.0f s; presence and summaries follow it", jump)
+                self.presence.shift(jump)
+                self.blocked.shift(jump)
+        self._clock = (now, mono)
 
     # --- paho's thread: record and wake
 
@@ -220,6 +239,7 @@ class Alerts:
 
     def _tick(self, now: float) -> None:
         with self._feed_lock:
+            self._follow_clock(now)
             due = self.presence.expire(now) + self.blocked.flush(now)
         for alert in due:
             self.send(alert)
