@@ -12,9 +12,12 @@ from flwr.common import Code, ConfigRecord, Context, FitRes, RecordDict, Status,
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 
 from identifier.bundle import Bundle
-from identifier.federated import model, updates
+from identifier.dataset import domain_windows
+from identifier.federated import homedata, model, updates
 from identifier.federated.home_client import HomeClient
 from identifier.federated.server_app import MaskedSumFedAvg, RoundGuard, RunReport, RunSettings
+from identifier.inference import NumpyNet
+from tests.shared_data import DOMAINS, needs_data
 
 CLIP = 1.0
 BASE = Bundle.load()  # the shipped bundle: its weights are what homes and server exchange
@@ -115,3 +118,28 @@ def test_a_damaged_published_model_is_a_clear_error(tmp_path: Path, content: byt
     (tmp_path / "global.npz").write_bytes(content)
     with pytest.raises(ValueError, match="not a parameter file"):
         updates.read_published(tmp_path)
+
+
+def home_samples() -> object:
+    """One home's confirmed devices (vendor name sets cut from the shared data) as the shipped model's samples."""
+    homes, _ = homedata.split_homes(domain_windows(DOMAINS, {"camera", "plug", "hub", "sensor"}), 3, seed=2)
+    return model.samples(BASE, homes[0])
+
+
+@needs_data
+def test_a_model_whose_weights_overflow_the_stored_bundle_is_refused(tmp_path: Path) -> None:
+    """A weight past float16's range, in a feature bucket this home's devices never use, scores exactly as the
+    current model here; but the bundle stores float16, so the installed net would hold inf and answer NaN."""
+    data = home_samples()
+    params = [a.copy() for a in model.params_of(BASE)]
+    unused = int(np.flatnonzero(data.x.max(0) == 0)[0])
+    params[model.keys(BASE).index("w1")][unused, 0] = 1e6
+    assert model.evaluate(BASE, params, data)["accuracy"] == model.evaluate(BASE, model.params_of(BASE), data)[
+        "accuracy"
+    ]
+    stored = model.with_params(BASE, params, "overflow", {}).save(tmp_path / "as-stored")
+    assert np.isnan(NumpyNet(Bundle.load(stored).weights).probabilities(data.x[:1])[0]).all()  # what it would do
+    store = updates.ModelStore(tmp_path / "model")
+    result = store.install(params, updates.digest(params), model.schema(BASE), data, {"round": 1, "run_id": 1})
+    assert (result.installed, result.reason) == (False, "weights not finite, or too large for a bundle")
+    assert not store.current_dir.exists() and store.installed().version == BASE.version

@@ -3,8 +3,8 @@
 An update is ``local - global``, clipped to an L2 norm (bounds any one home's influence and keeps every value
 inside SecAgg+'s quantisation range), with optional Gaussian noise for differential privacy. A global model
 is a canonical ``.npz`` whose SHA-256 is its identity, published beside the model bundle it makes; a gateway
-installs it (as a bundle) only if the digest checks and it does no worse on the home's own confirmed devices,
-and keeps the previous bundle for rollback.
+installs it (as a bundle) only if the digest checks, its weights stay finite in the bundle's float16, and it does
+no worse on the home's own confirmed devices, and keeps the previous bundle for rollback.
 """
 
 from __future__ import annotations
@@ -164,8 +164,8 @@ class ModelStore:
         self, params: Params, expected_digest: str, expected_schema: str, data: Samples, info: dict
     ) -> InstallResult:
         """Install ``params`` (as the installed bundle with these weights) if their digest is
-        ``expected_digest``, they fit this home's bundle (``expected_schema``) and they do no worse on
-        ``data``, this home's confirmed devices."""
+        ``expected_digest``, they fit this home's bundle (``expected_schema``), they stay finite as the bundle
+        stores them (float16) and, so stored, they do no worse on ``data``, this home's confirmed devices."""
         current = self.installed()
         if digest(params) != expected_digest:
             return InstallResult(False, "digest mismatch", 0.0, 0.0, previous_version=current.version)
@@ -173,6 +173,14 @@ class ModelStore:
             return InstallResult(
                 False, "other features or label sets than this home's model", 0.0, 0.0,
                 previous_version=current.version,
+            )
+        # A bundle stores float16 (``Bundle.save``): check the numbers the daemon will run, not the ones sent. A
+        # value past float16's range becomes inf there, and one inf in the first layer makes every answer NaN.
+        with np.errstate(over="ignore"):
+            params = [np.asarray(p, np.float32).astype(np.float16).astype(np.float32) for p in params]
+        if not all(np.all(np.isfinite(p)) for p in params):
+            return InstallResult(
+                False, "weights not finite, or too large for a bundle", 0.0, 0.0, previous_version=current.version
             )
         acc_new = model.evaluate(current, params, data)["accuracy"]
         acc_cur = model.evaluate(current, model.params_of(current), data)["accuracy"]
