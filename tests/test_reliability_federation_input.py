@@ -4,6 +4,7 @@ a model file at all, is refused. (Digest checks on install and publish are in te
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -142,4 +143,19 @@ def test_a_model_whose_weights_overflow_the_stored_bundle_is_refused(tmp_path: P
     store = updates.ModelStore(tmp_path / "model")
     result = store.install(params, updates.digest(params), model.schema(BASE), data, {"round": 1, "run_id": 1})
     assert (result.installed, result.reason) == (False, "weights not finite, or too large for a bundle")
+    assert not store.current_dir.exists() and store.installed().version == BASE.version
+
+
+@needs_data
+def test_a_home_whose_confirmed_devices_have_no_known_labels_installs_nothing(tmp_path: Path) -> None:
+    """Owner labels outside the model's label sets leave no device to compare on: both models would score 0 and
+    a model that knows nothing would pass as "no worse"."""
+    homes, _ = homedata.split_homes(domain_windows(DOMAINS, {"camera", "plug", "hub", "sensor"}), 3, seed=2)
+    unknown = [replace(w, manufacturer="NoSuchVendor", device_type="NoSuchType", category="nosuch") for w in homes[0]]
+    data = model.samples(BASE, unknown)
+    assert len(data.y) and not model.has_labels(data)
+    blank = [np.zeros_like(a) for a in model.params_of(BASE)]
+    store = updates.ModelStore(tmp_path / "model")
+    result = store.install(blank, updates.digest(blank), model.schema(BASE), data, {"round": 1, "run_id": 1})
+    assert not result.installed and "nothing to check it on" in result.reason
     assert not store.current_dir.exists() and store.installed().version == BASE.version

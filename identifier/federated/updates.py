@@ -165,13 +165,19 @@ class ModelStore:
     ) -> InstallResult:
         """Install ``params`` (as the installed bundle with these weights) if their digest is
         ``expected_digest``, they fit this home's bundle (``expected_schema``), they stay finite as the bundle
-        stores them (float16) and, so stored, they do no worse on ``data``, this home's confirmed devices."""
+        stores them (float16) and, so stored, they do no worse on ``data``, this home's confirmed devices (which
+        must hold a label the model knows: without one there is nothing to compare on)."""
         current = self.installed()
         if digest(params) != expected_digest:
             return InstallResult(False, "digest mismatch", 0.0, 0.0, previous_version=current.version)
         if model.schema(current) != expected_schema:
             return InstallResult(
                 False, "other features or label sets than this home's model", 0.0, 0.0,
+                previous_version=current.version,
+            )
+        if not model.has_labels(data):  # both would score 0: any model, however broken, would be "no worse"
+            return InstallResult(
+                False, "no confirmed devices with labels the model knows: nothing to check it on", 0.0, 0.0,
                 previous_version=current.version,
             )
         # A bundle stores float16 (``Bundle.save``): check the numbers the daemon will run, not the ones sent. A
