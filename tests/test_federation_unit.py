@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import stat
 import subprocess
 import sys
@@ -143,6 +144,66 @@ def test_home_windows_round_trip_and_a_bad_line_names_file_and_line(tmp_path: Pa
         homedata.load(path)
     with pytest.raises(ValueError, match="missing.jsonl"):
         homedata.load(tmp_path / "missing.jsonl")
+
+
+@needs_data
+def test_what_a_home_sends_back_carries_no_count_of_its_devices_nor_its_accuracy(
+    tmp_path: Path, shipped: Bundle, name_sets: list
+) -> None:
+    """The real ClientApp (its mods, SecAgg+ and HomeClient) through a one-home SecAgg+ round and an install:
+    the masked-vector reply holds only masked numbers (the weight, its count of samples, used to ride beside
+    them in the clear), and the install reply says what was decided, not how this home's devices scored."""
+    import time
+
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.app.message_type import MessageType
+    from flwr.app.metadata import Metadata
+    from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    from identifier.federated.client_app import app
+
+    homes, _ = homedata.split_homes(name_sets, 3, seed=2)
+    homedata.save(homes[0], tmp_path / "confirmed.jsonl")
+    nid = 7
+    node_config = {"data": str(tmp_path / "confirmed.jsonl"), "state-dir": str(tmp_path / "state")}
+    context = Context(run_id=1, node_id=nid, node_config=node_config, state=RecordDict(), run_config={})
+
+    def send(kind: str, content: RecordDict, stage: str = "", **configs: object) -> Message:
+        if stage:
+            content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord({Key.STAGE: stage, **configs})
+        meta = Metadata(run_id=1, message_id=f"{kind}-{stage}", src_node_id=1, dst_node_id=nid,
+                        reply_to_message_id="", group_id="1", created_at=time.time(), ttl=600.0, message_type=kind)
+        reply = app(Message(content, metadata=meta), context)
+        assert not reply.has_error(), reply.error
+        return reply
+
+    keys = send(MessageType.TRAIN, RecordDict(), Stage.SETUP, **{
+        Key.SAMPLE_NUMBER: 1, Key.SHARE_NUMBER: 1, Key.THRESHOLD: 1, Key.CLIPPING_RANGE: 1.0,
+        Key.TARGET_RANGE: 1 << 22, Key.MOD_RANGE: 1 << 32, Key.MAX_WEIGHT: 10000.0,
+    }).content.config_records[RECORD_KEY_CONFIGS]
+    own_keys = [keys[Key.PUBLIC_KEY_1], keys[Key.PUBLIC_KEY_2]]
+    send(MessageType.TRAIN, RecordDict(), Stage.SHARE_KEYS, **{str(nid): own_keys})
+    params = model.params_of(shipped)
+    config = {"round": 1, "sha256": updates.digest(params), "schema": model.schema(shipped), "epochs": 1,
+              "lr": 0.01, "clip-norm": 1.0, "dp-std": 0.0, "max-weight": 10000}
+    fit = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(params), config), True)
+    reply = send(MessageType.TRAIN, fit, Stage.COLLECT_MASKED_VECTORS, **{Key.CIPHERTEXT_LIST: [], Key.SOURCE_LIST: []})
+    (weight,) = np.load(next((tmp_path / "state" / "contributions").glob("*.npz")))["weight"].reshape(1)
+    assert weight > 0  # what this home trained on, and must keep to itself
+    assert all(len(arrays) == 0 for arrays in reply.content.array_records.values())
+    assert [dict(r) for r in reply.content.metric_records.values()] == [{"num_examples": 0}]
+    assert Key.MASKED_PARAMETERS in reply.content.config_records[RECORD_KEY_CONFIGS]
+
+    install = compat.evaluateins_to_recorddict(
+        EvaluateIns(ndarrays_to_parameters(params), {**config, "install": True, "run-id": 1}), True
+    )
+    res = compat.recorddict_to_evaluateres(send(MessageType.EVALUATE, install).content)
+    assert (res.num_examples, res.loss) == (0, 0.0) and set(res.metrics) == {"installed", "reason"}
+    logged = [json.loads(line) for line in (tmp_path / "state" / "rounds.log").read_text().splitlines()]
+    (decision,) = [e for e in logged if e.get("event") == "install"]
+    assert {"accuracy", "accuracy_before"} <= set(decision)  # kept at home, for the owner's alert
 
 
 def test_every_flower_process_gets_the_safe_environment(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """iotgw's Flower ClientApp: one home's side of a round, always behind ``secaggplus_mod``.
 
 An update never leaves unmasked: the mod masks what ``home_client.HomeClient`` returns, and a server without
-SecAgg+ gets an error instead of an update. Flower runs a new process for every message (four per SecAgg+
+SecAgg+ gets an error instead of an update. Nor do the home's counts: ``counts_stay_home_mod`` blanks the
+example count Flower sends beside every reply. Flower runs a new process for every message (four per SecAgg+
 round; ``warm_clientapp`` forks them from a server that has this module loaded, else each loads it), and
 three of those are SecAgg+ stages that never reach the client: so at module level it imports flwr and
 nothing else, and the model code (``home_client``: numpy, the identifier's features, torch inside training)
@@ -38,6 +39,18 @@ def stage_log_mod(msg: Message, context: Context, call_next):  # noqa: ANN201, A
     return call_next(msg, context)
 
 
+def counts_stay_home_mod(msg: Message, context: Context, call_next):  # noqa: ANN201, ANN001
+    """Send every reply with its example count blanked: the count is how much confirmed data this home has.
+    ``secaggplus_mod`` masks the training weight inside the vector, but Flower's reply carries it in the clear
+    too (``fitres.num_examples``); the strategy only uses the unmasked mean, so 0 loses nothing."""
+    reply = call_next(msg, context)
+    if not reply.has_error():
+        for name, record in reply.content.metric_records.items():
+            if name.endswith(".num_examples"):
+                record["num_examples"] = 0
+    return reply
+
+
 def client_fn(context: Context):  # noqa: ANN201
     from identifier.federated.home_client import HomeClient
 
@@ -48,4 +61,4 @@ def client_fn(context: Context):  # noqa: ANN201
     ).to_client()
 
 
-app = ClientApp(client_fn=client_fn, mods=[stage_log_mod, secaggplus_mod])
+app = ClientApp(client_fn=client_fn, mods=[stage_log_mod, counts_stay_home_mod, secaggplus_mod])

@@ -53,18 +53,20 @@ class HomeClient(NumPyClient):
         data = model.samples(bundle, homedata.load(self.data_path))
         info = {"round": int(config["round"]), "run_id": int(config["run-id"]), "sha256": str(config["sha256"])}
         result = self.store.install(parameters, str(config["sha256"]), str(config["schema"]), data, info)
-        metrics = {"installed": result.installed, "reason": result.reason, "accuracy": result.accuracy_new}
+        # The server learns the decision; the accuracies on this home's devices stay in its round log.
+        metrics = {"installed": result.installed, "reason": result.reason}
         self._log(
             {
                 "event": "install",
                 **metrics,
+                "accuracy": result.accuracy_new,
                 "accuracy_before": result.accuracy_current,
                 "round": info["round"],
                 "version": result.version,
                 "previous_version": result.previous_version,
             }
         )
-        return 0.0 if result.accuracy_new else 1.0, len(data.y), metrics
+        return 0.0, 0, metrics
 
     def _record_contribution(self, rnd: int, base_sha: str, update: model.Params, weight: int) -> None:
         """What this home contributed before masking; it stays here (audit, and the tests' ground truth)."""
