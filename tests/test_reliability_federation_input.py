@@ -16,7 +16,7 @@ from identifier.bundle import Bundle
 from identifier.dataset import domain_windows
 from identifier.federated import homedata, model, updates
 from identifier.federated.home_client import HomeClient
-from identifier.federated.server_app import MaskedSumFedAvg, RoundGuard, RunReport, RunSettings
+from identifier.federated.server_app import MaskedSumFedAvg, RoundGuard, RunReport, RunSettings, initial_params
 from identifier.inference import NumpyNet
 from tests.shared_data import DOMAINS, needs_data
 
@@ -119,6 +119,19 @@ def test_a_damaged_published_model_is_a_clear_error(tmp_path: Path, content: byt
     (tmp_path / "global.npz").write_bytes(content)
     with pytest.raises(ValueError, match="not a parameter file"):
         updates.read_published(tmp_path)
+
+
+@pytest.mark.parametrize("manifest", [b"{}", b"[1]", b'{"sha256": 5}', b"{not json", b"\xff\xfe"])
+def test_a_damaged_published_manifest_is_a_clear_error(tmp_path: Path, manifest: bytes) -> None:
+    """The ServerApp resumes from the published model: a damaged global.json must name itself, not crash the
+    run with a bare KeyError or TypeError."""
+    updates.publish(model.params_of(BASE), tmp_path, {"round": 1}, BASE)
+    (tmp_path / "global.json").write_bytes(manifest)
+    with pytest.raises(ValueError, match="global.json: not a manifest"):
+        updates.read_published(tmp_path)
+    s = replace(settings(tmp_path), out_dir=tmp_path)
+    with pytest.raises(ValueError, match="global.json: not a manifest"):
+        initial_params(s, BASE)
 
 
 def home_samples() -> object:

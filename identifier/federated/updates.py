@@ -122,9 +122,15 @@ def version_of(info: dict, sha: str) -> str:
 
 
 def read_published(out_dir: Path) -> tuple[Params, dict]:
-    """The published model and its manifest; raises ``ValueError`` if the model does not match its digest."""
+    """The published model and its manifest; raises ``ValueError`` if the model does not match its digest or
+    the manifest is not one (``FileNotFoundError`` if either is missing)."""
     params = from_bytes((out_dir / "global.npz").read_bytes())
-    manifest = json.loads((out_dir / "global.json").read_text())
+    try:
+        manifest = json.loads((out_dir / "global.json").read_text(encoding="utf-8"))
+    except ValueError as exc:  # bad JSON or UTF-8: their messages name no file
+        raise ValueError(f"{out_dir}/global.json: not a manifest: {exc}") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), str):
+        raise ValueError(f"{out_dir}/global.json: not a manifest (no sha256 string)")
     if digest(params) != manifest["sha256"]:
         raise ValueError(f"{out_dir}/global.npz does not match the digest in global.json")
     return params, manifest
