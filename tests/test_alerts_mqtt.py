@@ -334,6 +334,43 @@ def test_configs_of_devices_forgotten_while_down_are_removed(store, broker, runn
     rec.close()
 
 
+def test_a_device_deleted_while_the_broker_is_away_leaves_home_assistant_even_if_its_retained_config_comes_first(
+        store, broker):
+    """Deleted in the web UI while the broker was away, a device has only the broker's retained config left to
+    remove on reconnect. That config may be handled before the reconnect's rediscovery (the publisher's thread
+    was busy): the device map cached from the previous connection still listed it and the config stayed, a
+    ghost in Home Assistant. The test plays the publisher's thread to make that order certain."""
+    cfg = Config()
+    cfg.gateway.name, cfg.mqtt.url = "home gw", broker.url
+    alerts = Alerts(store, cfg)
+    gid = f"iotgw_{GW}"
+    kept, ghost = (f"homeassistant/device/{gid}_{n}/config" for n in ("020000000001", "020000000002"))
+    rec = Recorder(broker, ["homeassistant/#"])
+    alerts.link.start()
+    try:
+        wait_until(alerts.link.connected.is_set)
+        alerts._discovery()  # the first connection: every device's config, retained
+        rec.wait(lambda m: m.topic == ghost and m.payload)
+        broker.stop()
+        wait_until(lambda: not alerts.link.connected.is_set())
+        forget(store, MAC2)
+        alerts.sync_devices()  # what the daemon does after a change in the web UI
+        alerts._messages.clear()
+        rec.clear()
+        broker.start()
+        wait_until(lambda: any(t == ghost for t, _ in list(alerts._messages)))
+        alerts._handle_messages()  # the broker's retained configs first ...
+        alerts._discovery()  # ... then the reconnect's rediscovery
+        assert rec.wait(lambda m: m.topic == ghost and not m.payload)
+        late = Recorder(broker, ["homeassistant/#"], client_id="late-subscriber")  # Home Assistant starting
+        late.wait(lambda m: m.topic == kept)
+        assert not late.on(lambda m: m.topic == ghost)
+        late.close()
+    finally:
+        alerts.link.stop()
+        rec.close()
+
+
 def test_device_states_still_reach_home_assistant_while_the_policy_file_is_broken(store, broker, tmp_path, running):
     from gateway.policies import MODES, device_mode
     from gateway.policyfile import policy_path

@@ -285,6 +285,7 @@ class Alerts:
             }
 
     def _handle_messages(self) -> None:
+        nodes_read = False
         while self._messages:
             topic, payload = self._messages.popleft()
             if topic == f"{self.prefix}/status":
@@ -292,6 +293,11 @@ class Alerts:
                     self._connected()
                 continue
             if topic.startswith(f"{self.prefix}/device/"):
+                if payload and not nodes_read:
+                    # The cached map may predate a deletion (retained configs met before the reconnect's
+                    # rediscovery) and would keep a ghost: read once per batch, not once per config.
+                    self._read_nodes()
+                    nodes_read = True
                 self._check_retained_config(topic, payload)
                 continue
             parsed = ha.parse_command(self.gateway, topic)
@@ -346,10 +352,12 @@ class Alerts:
 
     def _mac_of(self, node_id: str) -> str | None:
         if node_id not in self._node_macs:
-            self._node_macs = {
-                ha.device_id(self.gateway, d.mac): d.mac for d in devices.list_devices(self.store)
-            }
+            self._read_nodes()
         return self._node_macs.get(node_id)
+
+    def _read_nodes(self) -> None:
+        """Node id -> MAC of every device in the store now."""
+        self._node_macs = {ha.device_id(self.gateway, d.mac): d.mac for d in devices.list_devices(self.store)}
 
     def _discovery(self) -> None:
         with self._todo_lock:
