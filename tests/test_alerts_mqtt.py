@@ -487,6 +487,46 @@ def test_overflow_drops_the_oldest_and_says_so(store, tmp_path, running):
         broker.stop()
 
 
+def test_overflow_spares_and_does_not_count_alerts_already_handed_to_the_broker(store, tmp_path, running):
+    """Alerts handed to the MQTT client are delivered once the broker answers, whatever the outbox does: an
+    overflow that deleted them counted them as dropped although they arrived. A paused mosquitto (connected,
+    never acknowledging) holds them in flight."""
+    d = tmp_path / "paused"
+    d.mkdir()
+    broker = Mosquitto(d)
+    broker.start()
+    try:
+        rec = Recorder(broker, [f"iotgw/{GW}/event/#"])
+        cfg = Config()
+        cfg.gateway.name, cfg.mqtt.url, cfg.mqtt.outbox_max = "home gw", broker.url, 10
+        alerts = Alerts(store, cfg, max_inflight=3)
+        alerts.start()
+        running.append(alerts)
+        wait_until(alerts.link.connected.is_set)
+        broker.proc.send_signal(signal.SIGSTOP)
+        t0 = time.time()
+        n = 25
+        for i in range(3):
+            alerts.send(Alert("model_updated", t0 + i, None, {"version": f"v{i}", "previous_version": None}))
+        wait_until(lambda: alerts.outbox.handed_over == 3)  # v0..v2 are with paho, unacknowledged
+        for i in range(3, n):
+            alerts.send(Alert("model_updated", t0 + i, None, {"version": f"v{i}", "previous_version": None}))
+        broker.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: outbox_rows(store) == 0, timeout=60)
+        bodies = [m.json() for m in rec.on(lambda m: True)]
+        delivered = {b["data"]["version"] for b in bodies if b["kind"] == "model_updated"}
+        assert {"v0", "v1", "v2"} <= delivered
+        notice = next(b for b in bodies if b["kind"] == "alerts_dropped")["data"]
+        lost = [i for i in range(n) if f"v{i}" not in delivered]
+        assert notice == {"dropped": len(lost), "oldest_ts": t0 + lost[0], "newest_ts": t0 + lost[-1]}
+        assert alerts.outbox.dropped_total() == len(lost)
+        rec.close()
+    finally:
+        if broker.proc:
+            broker.proc.send_signal(signal.SIGCONT)
+        broker.stop()
+
+
 def test_observed_events_become_presence_and_blocked_summaries(store, broker, running):
     rec = Recorder(broker, [f"iotgw/{GW}/event/#"])
     alerts = make_alerts(store, broker.url, running)

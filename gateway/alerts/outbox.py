@@ -2,8 +2,9 @@
 
 An alert is written here before it is published and deleted when the broker acknowledges it, so a broker
 outage or a daemon restart loses nothing and keeps the order (the row id). The outbox is bounded: past
-``max_rows`` the oldest alerts are dropped, the drop is counted (setting ``alerts_dropped_total``) and one
-``alerts_dropped`` alert, kept up to date while the overflow lasts, says how many and from when to when.
+``max_rows`` the oldest alerts not yet handed to the MQTT client are dropped, the drop is counted (setting
+``alerts_dropped_total``) and one ``alerts_dropped`` alert, kept up to date while the overflow lasts, says how
+many and from when to when.
 Any process may enqueue (the web UI too); the daemon's publisher polls the table.
 """
 
@@ -78,9 +79,11 @@ class Outbox:
         excess = (s.scalar(select(func.count()).select_from(OutboxMessage)) or 0) - self.max_rows
         if excess <= 0:
             return 0
+        # Rows handed to the MQTT client are delivered once the broker answers, deleted or not: dropping them
+        # would count delivered alerts as lost. They stay, so the bound is exceeded by at most max_inflight.
         victims = s.execute(
             select(OutboxMessage.id, OutboxMessage.ts)
-            .where(OutboxMessage.kind != "alerts_dropped")
+            .where(OutboxMessage.kind != "alerts_dropped", OutboxMessage.id > self.handed_over)
             .order_by(OutboxMessage.id)
             .limit(excess + 1)  # one more: the drop notice itself may need a row
         ).all()
