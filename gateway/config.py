@@ -115,8 +115,10 @@ class Config:
         federated retraining installed, else None (the bundle shipped with the package)."""
         if self.identifier.model_dir:
             return Path(self.identifier.model_dir)
-        installed = self.federation_dir / "model" / "current"
-        return installed if (installed / "bundle.json").exists() else None
+        # imported here: it brings numpy, and everything reads the config
+        from identifier.federated.updates import ModelStore
+
+        return ModelStore(self.federation_dir / "model").installed_dir()
 
     @property
     def db_url(self) -> str:

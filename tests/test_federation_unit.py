@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -103,6 +105,98 @@ def test_install_checks_digest_schema_and_regression_and_rolls_back(
     assert store.rollback() == (shipped.version, first.version)
     assert store.installed().version == shipped.version
     assert store.rollback() is None
+
+
+def _daemon_model(state: Path) -> str | None:
+    """The version of the bundle the gateway's daemon loads with its state directory at ``state``."""
+    from gateway.config import Config
+    from gateway.daemon import load_identifier
+
+    cfg = Config()
+    cfg.gateway.state_dir = str(state)
+    return load_identifier(cfg).bundle.version
+
+
+@needs_data
+def test_an_install_an_older_version_cut_off_after_current_became_previous_runs_the_model_it_ran_before(
+    tmp_path: Path, shipped: Bundle, name_sets: list
+) -> None:
+    """What the old install left after a power cut between its two renames: the installed bundle moved to
+    ``previous/``, the new one complete in ``staged/``, no ``current/``. The gateway must go on with the model it
+    ran (not the shipped one), and the next install must work from there and clear ``staged/``."""
+    homes, _ = homedata.split_homes(name_sets, 3, seed=2)
+    data = model.samples(shipped, homes[0])
+    params = model.params_of(shipped)
+    root = tmp_path / "federation" / "model"
+    model.with_params(shipped, params, "fed-1-r1-aaaaaaaa", {}).save(root / "previous")
+    model.with_params(shipped, params, "fed-2-r1-bbbbbbbb", {}).save(root / "staged")
+    store = updates.ModelStore(root)
+    assert store.installed().version == "fed-1-r1-aaaaaaaa"
+    assert _daemon_model(tmp_path) == "fed-1-r1-aaaaaaaa"
+    assert store.rollback() is None  # the one before it was removed before the cut: nothing older to restore
+    result = store.install(params, updates.digest(params), model.schema(shipped), data, {"round": 3, "run_id": 2})
+    assert result.installed and result.previous_version == "fed-1-r1-aaaaaaaa"
+    assert _daemon_model(tmp_path) == result.version and not (root / "staged").exists()
+    assert store.rollback() == ("fed-1-r1-aaaaaaaa", result.version)
+    assert _daemon_model(tmp_path) == "fed-1-r1-aaaaaaaa"
+
+
+@needs_data
+def test_an_install_or_rollback_cut_off_at_any_step_leaves_the_old_or_the_new_model_installed(
+    tmp_path: Path, shipped: Bundle, name_sets: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power cut cannot be caused here: the n-th rename or link the store makes raises instead, for every n,
+    and nothing after it runs. Every cut leaves a complete bundle installed, the one before or the new one, the
+    daemon runs that same one, and the next install and rollback work from there."""
+    homes, _ = homedata.split_homes(name_sets, 3, seed=2)
+    data = model.samples(shipped, homes[0])
+    params = model.params_of(shipped)
+    schema, sha = model.schema(shipped), updates.digest(params)
+    first = tmp_path / "first" / "federation" / "model"
+    v1 = updates.ModelStore(first).install(params, sha, schema, data, {"round": 1, "run_id": 1}).version
+    real = {name: getattr(os, name) for name in ("replace", "rename", "symlink")}
+
+    def cut_at(n: int) -> None:
+        calls = iter(range(1, 1000))
+        for name, call in real.items():
+            def step(*args: object, _call=call, **kwargs: object) -> object:
+                if next(calls) == n:
+                    raise OSError("power cut")
+                return _call(*args, **kwargs)
+
+            monkeypatch.setattr(os, name, step)
+
+    for operation in ("install", "rollback"):
+        for n in range(1, 20):
+            state = tmp_path / f"{operation}-{n}"
+            shutil.copytree(tmp_path / "first", state, symlinks=True)
+            store = updates.ModelStore(state / "federation" / "model")
+            cut_at(n)
+            try:
+                if operation == "install":
+                    store.install(params, sha, schema, data, {"round": 2, "run_id": 1})
+                else:
+                    store.rollback()
+                done = True
+            except OSError as exc:
+                assert str(exc) == "power cut"
+                done = False
+            finally:
+                monkeypatch.undo()
+            before, after = (v1, f"fed-1-r2-{sha[:8]}") if operation == "install" else (v1, shipped.version)
+            version = store.installed().version
+            assert version in {before, after}, (operation, n)
+            assert _daemon_model(state) == version, (operation, n)
+            if done:
+                assert version == after, operation
+                break
+            if operation == "install":
+                again = store.install(params, sha, schema, data, {"round": 3, "run_id": 1})
+                assert again.installed and store.rollback() == (again.previous_version, again.version), n
+            else:
+                assert store.rollback() in {None, (shipped.version, v1)}, n
+        else:
+            raise AssertionError(f"{operation} never completed")
 
 
 @needs_data

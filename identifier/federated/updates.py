@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import shutil
 import zipfile
 from dataclasses import dataclass
@@ -147,10 +148,17 @@ class InstallResult:
 
 
 class ModelStore:
-    """A gateway's installed bundle (``current/``) and the one before it (``previous/``).
+    """A gateway's installed bundle (``current``) and the one before it (``previous``).
 
     Before any federated install the installed model is ``default`` (the gateway's configured bundle, else
     the shipped one). The gateway's daemon runs ``current/`` once it holds a bundle (``gateway.config``).
+
+    ``current`` and ``previous`` are symlinks to bundle directories beside them (``bundle-*``). A bundle is
+    written and fsynced before a link is pointed at it, and a link is replaced by rename(2) of a new one, so a
+    power cut leaves every link on a complete bundle, old or new. Versions before this one kept real
+    directories there and renamed ``current`` to ``previous`` before moving the new bundle in: a cut between
+    left no ``current``. So, as here between the two renames of a first install, ``previous`` is the installed
+    bundle while ``current`` holds none: it is the one the gateway ran before the interrupted install.
     """
 
     def __init__(self, root: Path, default: Path | None = None) -> None:
@@ -159,9 +167,18 @@ class ModelStore:
         self.current_dir = root / "current"
         self.previous_dir = root / "previous"
 
+    def installed_dir(self) -> Path | None:
+        """Where the installed bundle is (``current``, else ``previous`` after a cut-off install); None: the
+        default. Only looks, writes nothing: the daemon asks every second."""
+        for d in (self.current_dir, self.previous_dir):
+            if _holds_bundle(d):
+                return d
+        return None
+
     def installed(self) -> Bundle:
-        if (self.current_dir / "bundle.json").exists():
-            return Bundle.load(self.current_dir)
+        found = self.installed_dir()
+        if found is not None:
+            return Bundle.load(found)
         # a gateway configured to run ``current/`` itself runs the shipped bundle until the first install
         default = self.default if self.default and self.default.resolve() != self.current_dir.resolve() else None
         return Bundle.load(default)
@@ -203,24 +220,96 @@ class ModelStore:
             )
         new = model.with_params(current, params, version_of(info, expected_digest), info)
         self.root.mkdir(parents=True, exist_ok=True)
-        staged = new.save(self.root / "staged")
-        shutil.rmtree(self.previous_dir, ignore_errors=True)
-        if self.current_dir.exists():
-            os.replace(self.current_dir, self.previous_dir)
-        else:  # the first federated install: the default bundle becomes the one to roll back to
-            current.save(self.previous_dir)
-        os.replace(staged, self.current_dir)
+        self._collect()
+        fresh = self._write(new)
+        running = self.installed_dir()
+        if running is None:  # the first federated install: the default bundle becomes the one to roll back to
+            self._point(self.previous_dir, self._write(current))
+        elif running == self.current_dir and self.current_dir.is_symlink():
+            self._point(self.previous_dir, self.root / os.readlink(self.current_dir))
+        elif running == self.current_dir:  # an older version's real directory: no link can be renamed over it
+            self._drop(self.previous_dir)
+            os.replace(self.current_dir, self.previous_dir)  # a cut here: ``previous`` is the installed one
+            _sync_dir(self.root)
+        # else the installed bundle is already in ``previous`` (an older version's install was cut off)
+        self._point(self.current_dir, fresh)
+        self._collect()
         return InstallResult(True, "installed", acc_new, acc_cur, new.version, current.version)
 
     def rollback(self) -> tuple[str, str] | None:
-        """Put the previous bundle back; returns (restored version, replaced version), None when there is none."""
-        if not (self.previous_dir / "bundle.json").exists():
+        """Put the previous bundle back; returns (restored version, replaced version), None when there is none
+        (also when ``current`` holds none: the installed bundle is then ``previous`` itself)."""
+        if self.installed_dir() != self.current_dir or not _holds_bundle(self.previous_dir):
+            return None
+        if self.previous_dir.resolve() == self.current_dir.resolve():  # an install cut off between its links
             return None
         try:
             replaced = Bundle.load(self.current_dir).version
             restored = Bundle.load(self.previous_dir).version
         except BundleError:
             return None
-        shutil.rmtree(self.current_dir)
-        os.replace(self.previous_dir, self.current_dir)
+        if self.previous_dir.is_symlink():
+            self._point(self.current_dir, self.root / os.readlink(self.previous_dir))
+            self.previous_dir.unlink()  # a cut before this: both name one bundle, nothing to roll back to
+        else:  # an older version's real directory
+            self._drop(self.current_dir)  # a cut here: ``previous``, the one being restored, is installed
+            os.replace(self.previous_dir, self.current_dir)
+        _sync_dir(self.root)
+        self._collect()
         return restored, replaced
+
+    def _write(self, bundle: Bundle) -> Path:
+        """``bundle`` saved and fsynced in a new directory beside the links."""
+        d = self.root / f"bundle-{secrets.token_hex(6)}"
+        bundle.save(d)
+        for f in d.iterdir():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+        _sync_dir(d)
+        _sync_dir(self.root)
+        return d
+
+    def _point(self, link: Path, target: Path) -> None:
+        """Make ``link`` a relative symlink to ``target`` (in ``root``) by one rename: readers see the old or
+        the new."""
+        if link.is_dir() and not link.is_symlink():
+            self._drop(link)  # rename(2) cannot put a link over a directory
+        tmp = self.root / f".{link.name}-{secrets.token_hex(6)}.tmp"
+        os.symlink(target.name, tmp)
+        os.replace(tmp, link)
+        _sync_dir(self.root)
+
+    def _drop(self, path: Path) -> None:
+        """Take ``path`` out of the way at once (a directory is renamed aside, ``_collect`` removes it)."""
+        if path.is_symlink():
+            path.unlink()
+        elif path.exists():
+            os.replace(path, self.root / f".trash-{secrets.token_hex(6)}")
+        _sync_dir(self.root)
+
+    def _collect(self) -> None:
+        """Remove what an interrupted install or rollback left: bundles no link names, directories put aside,
+        unused links, and an older version's ``staged/``."""
+        if not self.root.is_dir():
+            return
+        named = {os.readlink(link) for link in (self.current_dir, self.previous_dir) if link.is_symlink()}
+        for p in self.root.iterdir():
+            unused_bundle = p.name.startswith("bundle-") and p.name not in named
+            if unused_bundle or p.name.startswith(".trash-") or p.name == "staged":
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.name.startswith(".") and p.name.endswith(".tmp") and p.is_symlink():
+                p.unlink()
+
+
+def _holds_bundle(d: Path) -> bool:
+    """Both files of a bundle are there (a directory half removed, or a link to nothing, holds none)."""
+    return (d / "bundle.json").is_file() and (d / "weights.npz").is_file()
+
+
+def _sync_dir(d: Path) -> None:
+    """fsync a directory, so the names created or renamed in it survive a power cut."""
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
