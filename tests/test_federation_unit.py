@@ -9,6 +9,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,23 @@ def test_the_seam_is_the_bundle_s_weights_and_the_model_hook_inverts_export(ship
         model.weights_of(shipped, params[:-1])
 
 
+def cut_at(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """The n-th rename, link or symlink from now on raises, as if the power went there (a cut cannot be caused
+    for real): nothing after it runs. ``monkeypatch.undo()`` ends it."""
+    calls = iter(range(1, 1000))
+
+    def cut(call: Callable) -> Callable:
+        def step(*args: object, **kwargs: object) -> object:
+            if next(calls) == n:
+                raise OSError("power cut")
+            return call(*args, **kwargs)
+
+        return step
+
+    for name in ("replace", "rename", "link", "symlink"):
+        monkeypatch.setattr(os, name, cut(getattr(os, name)))
+
+
 def test_published_model_is_a_bundle_checked_against_its_digest(tmp_path: Path, shipped: Bundle) -> None:
     params = [a * 0.5 for a in model.params_of(shipped)]
     sha = updates.publish(params, tmp_path, {"round": 1, "run_id": 7}, shipped)
@@ -76,6 +94,75 @@ def test_published_model_is_a_bundle_checked_against_its_digest(tmp_path: Path, 
     (tmp_path / "global.npz").write_bytes(updates.to_bytes(tampered))
     with pytest.raises(ValueError, match="does not match"):
         updates.read_published(tmp_path)
+
+
+def _resume(out_dir: Path, base: Bundle) -> list:
+    """What the ServerApp starts its next run from (``server_app.initial_params``)."""
+    from identifier.federated.server_app import RunSettings, initial_params
+
+    s = RunSettings(num_rounds=1, stage_timeout=10, min_nodes=2, nodes_wait=1, share_fraction=1.0,
+                    threshold_fraction=0.5, clip_norm=1.0, dp_noise=0.0, epochs=1, lr=0.1, max_weight=100,
+                    out_dir=out_dir, bundle=None)
+    return initial_params(s, base)
+
+
+def test_a_publication_cut_off_at_any_step_leaves_a_matched_model_manifest_and_bundle(
+    tmp_path: Path, shipped: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 2's publication is cut at each rename or link in turn (the power going there): the directory holds
+    round 1's or round 2's model with its own manifest and bundle, the next run resumes from it, and the next
+    publication works."""
+    rounds = [[a * f for a in model.params_of(shipped)] for f in (0.5, 0.25, 0.125)]
+    shas = [updates.digest(p) for p in rounds]
+    for n in range(1, 30):
+        out = tmp_path / f"cut-{n}"
+        updates.publish(rounds[0], out, {"round": 1, "run_id": 1}, shipped)
+        cut_at(monkeypatch, n)
+        try:
+            updates.publish(rounds[1], out, {"round": 2, "run_id": 1}, shipped)
+            done = True
+        except OSError as exc:
+            assert str(exc) == "power cut"
+            done = False
+        finally:
+            monkeypatch.undo()
+        params, manifest = updates.read_published(out)
+        assert manifest["sha256"] in shas[:2] and updates.digest(params) == manifest["sha256"], n
+        assert Bundle.load(out / "bundle").version == manifest["version"], n
+        assert updates.digest(_resume(out, shipped)) == manifest["sha256"], n
+        updates.publish(rounds[2], out, {"round": 3, "run_id": 1}, shipped)
+        assert updates.read_published(out)[1]["sha256"] == shas[2]
+        assert Bundle.load(out / "bundle").version == updates.version_of({"round": 3, "run_id": 1}, shas[2])
+        assert [d.name for d in (out / "releases").iterdir()] == [os.readlink(out / "published").split("/")[-1]]
+        if done:
+            assert manifest["sha256"] == shas[1]
+            break
+    else:
+        raise AssertionError("the publication never completed")
+
+
+def test_a_publication_an_older_version_cut_off_between_model_and_manifest_resumes_from_the_manifest_s_model(
+    tmp_path: Path, shipped: Bundle
+) -> None:
+    """What the old publish left after a power cut between replacing global.npz and global.json: round 2's model
+    beside round 1's manifest (and round 2's bundle). The next run resumes from the model the manifest names,
+    kept in history/, instead of refusing to start; the next publication replaces the mismatched files."""
+    first, second = ([a * f for a in model.params_of(shipped)] for f in (0.5, 0.25))
+    updates.publish(first, tmp_path / "r1", {"round": 1, "run_id": 1}, shipped)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "global.json").write_bytes((tmp_path / "r1" / "global.json").read_bytes())
+    (out / "global.npz").write_bytes(updates.to_bytes(second))
+    model.with_params(shipped, second, "fed-1-r2-x", {}).save(out / "bundle")
+    (out / "history" / "1").mkdir(parents=True)
+    (out / "history" / "1" / "round-1.npz").write_bytes(updates.to_bytes(first))
+    with pytest.raises(ValueError, match="does not match"):
+        updates.read_published(out)  # the mismatch is still seen
+    assert updates.digest(_resume(out, shipped)) == updates.digest(first)
+    sha = updates.publish(second, out, {"round": 2, "run_id": 2}, shipped)
+    params, manifest = updates.read_published(out)
+    assert manifest["sha256"] == sha == updates.digest(params)
+    assert Bundle.load(out / "bundle").version == manifest["version"]
 
 
 @needs_data
@@ -154,24 +241,13 @@ def test_an_install_or_rollback_cut_off_at_any_step_leaves_the_old_or_the_new_mo
     schema, sha = model.schema(shipped), updates.digest(params)
     first = tmp_path / "first" / "federation" / "model"
     v1 = updates.ModelStore(first).install(params, sha, schema, data, {"round": 1, "run_id": 1}).version
-    real = {name: getattr(os, name) for name in ("replace", "rename", "symlink")}
-
-    def cut_at(n: int) -> None:
-        calls = iter(range(1, 1000))
-        for name, call in real.items():
-            def step(*args: object, _call=call, **kwargs: object) -> object:
-                if next(calls) == n:
-                    raise OSError("power cut")
-                return _call(*args, **kwargs)
-
-            monkeypatch.setattr(os, name, step)
 
     for operation in ("install", "rollback"):
         for n in range(1, 20):
             state = tmp_path / f"{operation}-{n}"
             shutil.copytree(tmp_path / "first", state, symlinks=True)
             store = updates.ModelStore(state / "federation" / "model")
-            cut_at(n)
+            cut_at(monkeypatch, n)
             try:
                 if operation == "install":
                     store.install(params, sha, schema, data, {"round": 2, "run_id": 1})

@@ -396,7 +396,7 @@ class RunReport:
         """The global model after round ``rnd`` of this run (0: the one it started from), for audit."""
         history = self.out_dir / "history" / str(self.run_id)
         history.mkdir(parents=True, exist_ok=True)
-        (history / f"round-{rnd}.npz").write_bytes(updates.to_bytes(params))
+        updates.write_atomic(history / f"round-{rnd}.npz", updates.to_bytes(params))
 
     def add(self, record: RoundRecord) -> None:
         self.rounds.append(record)
@@ -410,7 +410,7 @@ class RunReport:
             "installs": self.installs,
             "strategy_inputs": self.strategy_inputs,
         }
-        (self.out_dir / f"run-{self.run_id}.json").write_text(json.dumps(body, indent=2))
+        updates.write_atomic(self.out_dir / f"run-{self.run_id}.json", json.dumps(body, indent=2).encode())
 
 
 def initial_params(settings: RunSettings, base: Bundle) -> model.Params:
@@ -419,6 +419,12 @@ def initial_params(settings: RunSettings, base: Bundle) -> model.Params:
         params, manifest = updates.read_published(settings.out_dir)
     except FileNotFoundError:
         return model.params_of(base)
+    except ValueError as exc:
+        found = updates.published_in_history(settings.out_dir)
+        if found is None:
+            raise
+        params, manifest, kept = found
+        log.warning("%s; resuming from %s, the model global.json names", exc, kept)
     if manifest.get("schema") != model.schema(base):
         raise ValueError(
             f"{settings.out_dir}/global.npz was made for other features or label sets than {base.version}"

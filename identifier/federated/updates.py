@@ -99,22 +99,91 @@ def digest(params: Params) -> str:
     return hashlib.sha256(b"".join(np.ascontiguousarray(a, np.float32).tobytes() for a in params)).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` so that a power cut leaves the old or the new content, never a part."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _sync_dir(path.parent)
+
+
+# A publication: ``global.npz``, ``global.json`` and ``bundle/`` in ``releases/<version>-<random>/``, made
+# current by one rename of the ``published`` symlink; the top-level names are links through it.
+PUBLISHED = ("global.npz", "global.json", "bundle")
 
 
 def publish(params: Params, out_dir: Path, info: dict, base: Bundle) -> str:
     """Write the global model, its manifest (digest, schema, version, round, ...) and the bundle it makes
-    (``out_dir/bundle``: ``base`` with these weights) to ``out_dir``; returns the digest."""
+    (``out_dir/bundle``: ``base`` with these weights) to ``out_dir``; returns the digest.
+
+    The three change together: they are written and fsynced in a new directory, which one rename(2) of the
+    ``published`` link makes current, so a reader (and a resume after a power cut) sees a matched set."""
     out_dir.mkdir(parents=True, exist_ok=True)
     sha = digest(params)
     manifest = {**info, "sha256": sha, "schema": model.schema(base), "version": version_of(info, sha)}
-    model.with_params(base, params, manifest["version"], manifest).save(out_dir / "bundle")
-    _write_atomic(out_dir / "global.npz", to_bytes(params))
-    _write_atomic(out_dir / "global.json", json.dumps(manifest, indent=2).encode())
+    _adopt_unlinked_publication(out_dir)
+    _collect_releases(out_dir)
+    release = out_dir / "releases" / f"{manifest['version']}-{secrets.token_hex(4)}"
+    model.with_params(base, params, manifest["version"], manifest).save(release / "bundle")
+    (release / "global.npz").write_bytes(to_bytes(params))
+    (release / "global.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    for d in (release / "bundle", release):
+        for f in d.iterdir():
+            if f.is_file():
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
+        _sync_dir(d)
+    _sync_dir(release.parent)
+    _relink(out_dir / "published", Path("releases") / release.name)
+    for name in PUBLISHED:
+        if not (out_dir / name).is_symlink():
+            _relink(out_dir / name, Path("published") / name)
+    _collect_releases(out_dir)
     return sha
+
+
+def _adopt_unlinked_publication(out_dir: Path) -> None:
+    """Turn an older version's publication (real files at the top level) into a release, so that the switch to
+    links never shows a new ``global.npz`` beside an old ``global.json``: the top-level names are then links to
+    the same content before anything new is published."""
+    if not (out_dir / "global.json").is_file() or (out_dir / "global.json").is_symlink():
+        return
+    legacy = out_dir / "releases" / f"legacy-{secrets.token_hex(4)}"
+    legacy.mkdir(parents=True)
+    for name in ("global.npz", "global.json"):
+        if (out_dir / name).is_file():
+            os.link(out_dir / name, legacy / name)
+    if (out_dir / "bundle").is_dir() and not (out_dir / "bundle").is_symlink():
+        os.replace(out_dir / "bundle", legacy / "bundle")  # a cut here: no bundle/ until the next publish
+    _sync_dir(legacy)
+    _relink(out_dir / "published", Path("releases") / legacy.name)
+    for name in PUBLISHED:
+        _relink(out_dir / name, Path("published") / name)
+
+
+def _relink(link: Path, target: Path) -> None:
+    """``link`` made a symlink to ``target`` by one rename(2) (over a file or a link, not a directory)."""
+    tmp = link.with_name(f".{link.name}-{secrets.token_hex(4)}.tmp")
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    _sync_dir(link.parent)
+
+
+def _collect_releases(out_dir: Path) -> None:
+    """Remove releases the ``published`` link does not name (written by a publish a power cut stopped, or
+    superseded) and links a cut left half made. ``history/`` keeps every round's model."""
+    releases = out_dir / "releases"
+    named = Path(os.readlink(out_dir / "published")).name if (out_dir / "published").is_symlink() else None
+    if releases.is_dir():
+        for d in releases.iterdir():
+            if d.name != named:
+                shutil.rmtree(d, ignore_errors=True)
+    for p in out_dir.iterdir():
+        if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_symlink():
+            p.unlink()
 
 
 def version_of(info: dict, sha: str) -> str:
@@ -125,9 +194,11 @@ def version_of(info: dict, sha: str) -> str:
 def read_published(out_dir: Path) -> tuple[Params, dict]:
     """The published model and its manifest; raises ``ValueError`` if the model does not match its digest or
     the manifest is not one (``FileNotFoundError`` if either is missing)."""
-    params = from_bytes((out_dir / "global.npz").read_bytes())
+    # both files from the one publication the link names now, even if the server publishes meanwhile
+    src = (out_dir / "published").resolve() if (out_dir / "published").is_symlink() else out_dir
+    params = from_bytes((src / "global.npz").read_bytes())
     try:
-        manifest = json.loads((out_dir / "global.json").read_text(encoding="utf-8"))
+        manifest = json.loads((src / "global.json").read_text(encoding="utf-8"))
     except ValueError as exc:  # bad JSON or UTF-8: their messages name no file
         raise ValueError(f"{out_dir}/global.json: not a manifest: {exc}") from exc
     if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), str):
@@ -135,6 +206,26 @@ def read_published(out_dir: Path) -> tuple[Params, dict]:
     if digest(params) != manifest["sha256"]:
         raise ValueError(f"{out_dir}/global.npz does not match the digest in global.json")
     return params, manifest
+
+
+def published_in_history(out_dir: Path) -> tuple[Params, dict, Path] | None:
+    """The model ``global.json`` names, found in ``history/`` by its digest, with the manifest and the file;
+    None if the manifest is damaged or no kept model has its digest. An older version replaced ``global.npz``
+    and then ``global.json``: a power cut between left the new model beside the old manifest, and every
+    round's model is kept in ``history/`` after it is published."""
+    try:
+        manifest = json.loads((out_dir / "global.json").read_text(encoding="utf-8"))
+        sha = manifest["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for kept in sorted((out_dir / "history").glob("*/round-*.npz")):
+        try:
+            params = from_bytes(kept.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if digest(params) == sha:
+            return params, manifest, kept
+    return None
 
 
 @dataclass(frozen=True)
