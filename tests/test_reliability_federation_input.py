@@ -134,6 +134,24 @@ def test_a_damaged_published_manifest_is_a_clear_error(tmp_path: Path, manifest:
         initial_params(s, BASE)
 
 
+def test_a_published_model_of_another_hidden_size_stops_the_resume_naming_global_json_and_the_shapes(
+    tmp_path: Path,
+) -> None:
+    """A base bundle with a new hidden size but the same features and labels has the same schema: resuming from
+    the old published model would send every home arrays its model does not have, and every round would fail."""
+    from identifier.inference import HEADS
+    from identifier.model import TrainConfig, init_weights
+
+    updates.publish(model.params_of(BASE), tmp_path, {"round": 1, "run_id": 1}, BASE)
+    sizes = tuple(len(BASE.labels[h]) for h in HEADS)
+    wider = replace(BASE, version="wider", weights=init_weights(BASE.features.dim, sizes, 0, TrainConfig(hidden=96)))
+    assert model.schema(wider) == model.schema(BASE)
+    s = replace(settings(tmp_path), out_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"global.json .*shapes .*\(2048, 64\).*wider has .*\(2048, 96\)"):
+        initial_params(s, wider)
+    assert updates.digest(initial_params(s, BASE)) == updates.digest(model.params_of(BASE))  # same shapes resume
+
+
 def home_samples() -> object:
     """One home's confirmed devices (vendor name sets cut from the shared data) as the shipped model's samples."""
     homes, _ = homedata.split_homes(domain_windows(DOMAINS, {"camera", "plug", "hub", "sensor"}), 3, seed=2)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import flwr.compat.common.recorddict_compat as compat
+import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common import (
@@ -428,6 +429,15 @@ def initial_params(settings: RunSettings, base: Bundle) -> model.Params:
     if manifest.get("schema") != model.schema(base):
         raise ValueError(
             f"{settings.out_dir}/global.npz was made for other features or label sets than {base.version}"
+        )
+    # The schema covers features and labels, not the net's size: a base with another hidden size has the same
+    # schema, and every home (which runs that base) would refuse every round of the old model.
+    published = [tuple(np.shape(a)) for a in params]
+    wanted = [tuple(np.shape(a)) for a in model.params_of(base)]
+    if published != wanted:
+        raise ValueError(
+            f"{settings.out_dir}/global.json ({manifest.get('version')}) publishes arrays of shapes {published}, "
+            f"the bundle {base.version} has {wanted}: move {settings.out_dir} aside to start from the bundle"
         )
     return params
 
