@@ -265,8 +265,10 @@ def test_a_join_takes_its_superlink_and_tls_from_the_config_and_its_flags_win(tm
 def test_rollback_reinstalls_the_previous_bundle_and_says_so(tmp_path: Path) -> None:
     shipped = Bundle.load()
     state = tmp_path / "federation"  # under the gateway's state directory
-    replace(shipped, version="fed-1-r3-00000001").save(state / "model" / "previous")
-    replace(shipped, version="fed-2-r3-00000002").save(state / "model" / "current")
+    for link, version in (("previous", "fed-1-r3-00000001"), ("current", "fed-2-r3-00000002")):
+        # the layout ModelStore.install writes: links to bundle directories beside them
+        replace(shipped, version=version).save(state / "model" / f"bundle-{version}")
+        os.symlink(f"bundle-{version}", state / "model" / link)
     config = tmp_path / "iotgw.toml"
     config.write_text(f'[gateway]\nstate_dir = "{tmp_path}"\n')
     done = iotgw("federation", "rollback", "--config", str(config))

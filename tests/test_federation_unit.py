@@ -141,30 +141,6 @@ def test_a_publication_cut_off_at_any_step_leaves_a_matched_model_manifest_and_b
         raise AssertionError("the publication never completed")
 
 
-def test_a_publication_an_older_version_cut_off_between_model_and_manifest_resumes_from_the_manifest_s_model(
-    tmp_path: Path, shipped: Bundle
-) -> None:
-    """What the old publish left after a power cut between replacing global.npz and global.json: round 2's model
-    beside round 1's manifest (and round 2's bundle). The next run resumes from the model the manifest names,
-    kept in history/, instead of refusing to start; the next publication replaces the mismatched files."""
-    first, second = ([a * f for a in model.params_of(shipped)] for f in (0.5, 0.25))
-    updates.publish(first, tmp_path / "r1", {"round": 1, "run_id": 1}, shipped)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "global.json").write_bytes((tmp_path / "r1" / "global.json").read_bytes())
-    (out / "global.npz").write_bytes(updates.to_bytes(second))
-    model.with_params(shipped, second, "fed-1-r2-x", {}).save(out / "bundle")
-    (out / "history" / "1").mkdir(parents=True)
-    (out / "history" / "1" / "round-1.npz").write_bytes(updates.to_bytes(first))
-    with pytest.raises(ValueError, match="does not match"):
-        updates.read_published(out)  # the mismatch is still seen
-    assert updates.digest(_resume(out, shipped)) == updates.digest(first)
-    sha = updates.publish(second, out, {"round": 2, "run_id": 2}, shipped)
-    params, manifest = updates.read_published(out)
-    assert manifest["sha256"] == sha == updates.digest(params)
-    assert Bundle.load(out / "bundle").version == manifest["version"]
-
-
 @needs_data
 def test_install_checks_digest_schema_and_regression_and_rolls_back(
     tmp_path: Path, shipped: Bundle, name_sets: list
@@ -205,51 +181,31 @@ def _daemon_model(state: Path) -> str | None:
 
 
 @needs_data
-def test_an_install_an_older_version_cut_off_after_current_became_previous_runs_the_model_it_ran_before(
-    tmp_path: Path, shipped: Bundle, name_sets: list
-) -> None:
-    """What the old install left after a power cut between its two renames: the installed bundle moved to
-    ``previous/``, the new one complete in ``staged/``, no ``current/``. The gateway must go on with the model it
-    ran (not the shipped one), and the next install must work from there and clear ``staged/``."""
-    homes, _ = homedata.split_homes(name_sets, 3, seed=2)
-    data = model.samples(shipped, homes[0])
-    params = model.params_of(shipped)
-    root = tmp_path / "federation" / "model"
-    model.with_params(shipped, params, "fed-1-r1-aaaaaaaa", {}).save(root / "previous")
-    model.with_params(shipped, params, "fed-2-r1-bbbbbbbb", {}).save(root / "staged")
-    store = updates.ModelStore(root)
-    assert store.installed().version == "fed-1-r1-aaaaaaaa"
-    assert _daemon_model(tmp_path) == "fed-1-r1-aaaaaaaa"
-    assert store.rollback() is None  # the one before it was removed before the cut: nothing older to restore
-    result = store.install(params, updates.digest(params), model.schema(shipped), data, {"round": 3, "run_id": 2})
-    assert result.installed and result.previous_version == "fed-1-r1-aaaaaaaa"
-    assert _daemon_model(tmp_path) == result.version and not (root / "staged").exists()
-    assert store.rollback() == ("fed-1-r1-aaaaaaaa", result.version)
-    assert _daemon_model(tmp_path) == "fed-1-r1-aaaaaaaa"
-
-
-@needs_data
 def test_an_install_or_rollback_cut_off_at_any_step_leaves_the_old_or_the_new_model_installed(
     tmp_path: Path, shipped: Bundle, name_sets: list, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A power cut cannot be caused here: the n-th rename or link the store makes raises instead, for every n,
     and nothing after it runs. Every cut leaves a complete bundle installed, the one before or the new one, the
-    daemon runs that same one, and the next install and rollback work from there."""
+    daemon runs that same one, ``previous`` is never set without ``current``, and the next install and rollback
+    work from there."""
     homes, _ = homedata.split_homes(name_sets, 3, seed=2)
     data = model.samples(shipped, homes[0])
     params = model.params_of(shipped)
     schema, sha = model.schema(shipped), updates.digest(params)
     first = tmp_path / "first" / "federation" / "model"
     v1 = updates.ModelStore(first).install(params, sha, schema, data, {"round": 1, "run_id": 1}).version
+    new = f"fed-1-r2-{sha[:8]}"
+    outcomes = {"first install": (shipped.version, new), "install": (v1, new), "rollback": (v1, shipped.version)}
 
-    for operation in ("install", "rollback"):
+    for operation, (before, after) in outcomes.items():
         for n in range(1, 20):
-            state = tmp_path / f"{operation}-{n}"
-            shutil.copytree(tmp_path / "first", state, symlinks=True)
+            state = tmp_path / f"{operation}-{n}".replace(" ", "-")
+            if operation != "first install":  # the others start from v1 installed over the shipped model
+                shutil.copytree(tmp_path / "first", state, symlinks=True)
             store = updates.ModelStore(state / "federation" / "model")
             cut_at(monkeypatch, n)
             try:
-                if operation == "install":
+                if operation != "rollback":
                     store.install(params, sha, schema, data, {"round": 2, "run_id": 1})
                 else:
                     store.rollback()
@@ -259,14 +215,14 @@ def test_an_install_or_rollback_cut_off_at_any_step_leaves_the_old_or_the_new_mo
                 done = False
             finally:
                 monkeypatch.undo()
-            before, after = (v1, f"fed-1-r2-{sha[:8]}") if operation == "install" else (v1, shipped.version)
             version = store.installed().version
             assert version in {before, after}, (operation, n)
             assert _daemon_model(state) == version, (operation, n)
+            assert store.current_dir.exists() or not store.previous_dir.exists(), (operation, n)
             if done:
                 assert version == after, operation
                 break
-            if operation == "install":
+            if operation != "rollback":
                 again = store.install(params, sha, schema, data, {"round": 3, "run_id": 1})
                 assert again.installed and store.rollback() == (again.previous_version, again.version), n
             else:

@@ -393,8 +393,10 @@ def test_a_model_installed_by_federated_retraining_is_picked_up_without_a_restar
         os.symlink(installed.parent / "broken", installed)  # a damaged install: the running model goes on
         time.sleep(1.5)
         assert gw.gateway.identifier.bundle.version == shipped.version
-        os.unlink(installed)
-        replace(shipped, version="federated-r7").save(installed)  # what ModelStore.install leaves there
+        # what ModelStore.install does: a complete bundle beside the link, then a new link renamed over it
+        replace(shipped, version="federated-r7").save(installed.parent / "bundle-r7")
+        os.symlink("bundle-r7", installed.parent / ".current.tmp")
+        os.replace(installed.parent / ".current.tmp", installed)
         deadline = time.monotonic() + 5
         while gw.gateway.identifier.bundle.version != "federated-r7":
             assert time.monotonic() < deadline, "the installed model was never loaded"

@@ -420,12 +420,6 @@ def initial_params(settings: RunSettings, base: Bundle) -> model.Params:
         params, manifest = updates.read_published(settings.out_dir)
     except FileNotFoundError:
         return model.params_of(base)
-    except ValueError as exc:
-        found = updates.published_in_history(settings.out_dir)
-        if found is None:
-            raise
-        params, manifest, kept = found
-        log.warning("%s; resuming from %s, the model global.json names", exc, kept)
     if manifest.get("schema") != model.schema(base):
         raise ValueError(
             f"{settings.out_dir}/global.npz was made for other features or label sets than {base.version}"

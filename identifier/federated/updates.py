@@ -124,7 +124,6 @@ def publish(params: Params, out_dir: Path, info: dict, base: Bundle) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     sha = digest(params)
     manifest = {**info, "sha256": sha, "schema": model.schema(base), "version": version_of(info, sha)}
-    _adopt_unlinked_publication(out_dir)
     _collect_releases(out_dir)
     release = out_dir / "releases" / f"{manifest['version']}-{secrets.token_hex(4)}"
     model.with_params(base, params, manifest["version"], manifest).save(release / "bundle")
@@ -143,25 +142,6 @@ def publish(params: Params, out_dir: Path, info: dict, base: Bundle) -> str:
             _relink(out_dir / name, Path("published") / name)
     _collect_releases(out_dir)
     return sha
-
-
-def _adopt_unlinked_publication(out_dir: Path) -> None:
-    """Turn an older version's publication (real files at the top level) into a release, so that the switch to
-    links never shows a new ``global.npz`` beside an old ``global.json``: the top-level names are then links to
-    the same content before anything new is published."""
-    if not (out_dir / "global.json").is_file() or (out_dir / "global.json").is_symlink():
-        return
-    legacy = out_dir / "releases" / f"legacy-{secrets.token_hex(4)}"
-    legacy.mkdir(parents=True)
-    for name in ("global.npz", "global.json"):
-        if (out_dir / name).is_file():
-            os.link(out_dir / name, legacy / name)
-    if (out_dir / "bundle").is_dir() and not (out_dir / "bundle").is_symlink():
-        os.replace(out_dir / "bundle", legacy / "bundle")  # a cut here: no bundle/ until the next publish
-    _sync_dir(legacy)
-    _relink(out_dir / "published", Path("releases") / legacy.name)
-    for name in PUBLISHED:
-        _relink(out_dir / name, Path("published") / name)
 
 
 def _relink(link: Path, target: Path) -> None:
@@ -195,7 +175,7 @@ def read_published(out_dir: Path) -> tuple[Params, dict]:
     """The published model and its manifest; raises ``ValueError`` if the model does not match its digest or
     the manifest is not one (``FileNotFoundError`` if either is missing)."""
     # both files from the one publication the link names now, even if the server publishes meanwhile
-    src = (out_dir / "published").resolve() if (out_dir / "published").is_symlink() else out_dir
+    src = (out_dir / "published").resolve()
     params = from_bytes((src / "global.npz").read_bytes())
     try:
         manifest = json.loads((src / "global.json").read_text(encoding="utf-8"))
@@ -206,26 +186,6 @@ def read_published(out_dir: Path) -> tuple[Params, dict]:
     if digest(params) != manifest["sha256"]:
         raise ValueError(f"{out_dir}/global.npz does not match the digest in global.json")
     return params, manifest
-
-
-def published_in_history(out_dir: Path) -> tuple[Params, dict, Path] | None:
-    """The model ``global.json`` names, found in ``history/`` by its digest, with the manifest and the file;
-    None if the manifest is damaged or no kept model has its digest. An older version replaced ``global.npz``
-    and then ``global.json``: a power cut between left the new model beside the old manifest, and every
-    round's model is kept in ``history/`` after it is published."""
-    try:
-        manifest = json.loads((out_dir / "global.json").read_text(encoding="utf-8"))
-        sha = manifest["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    for kept in sorted((out_dir / "history").glob("*/round-*.npz")):
-        try:
-            params = from_bytes(kept.read_bytes())
-        except (OSError, ValueError):
-            continue
-        if digest(params) == sha:
-            return params, manifest, kept
-    return None
 
 
 @dataclass(frozen=True)
@@ -246,10 +206,7 @@ class ModelStore:
 
     ``current`` and ``previous`` are symlinks to bundle directories beside them (``bundle-*``). A bundle is
     written and fsynced before a link is pointed at it, and a link is replaced by rename(2) of a new one, so a
-    power cut leaves every link on a complete bundle, old or new. Versions before this one kept real
-    directories there and renamed ``current`` to ``previous`` before moving the new bundle in: a cut between
-    left no ``current``. So, as here between the two renames of a first install, ``previous`` is the installed
-    bundle while ``current`` holds none: it is the one the gateway ran before the interrupted install.
+    power cut leaves every link on a complete bundle, old or new, and never ``previous`` without ``current``.
     """
 
     def __init__(self, root: Path, default: Path | None = None) -> None:
@@ -259,12 +216,9 @@ class ModelStore:
         self.previous_dir = root / "previous"
 
     def installed_dir(self) -> Path | None:
-        """Where the installed bundle is (``current``, else ``previous`` after a cut-off install); None: the
-        default. Only looks, writes nothing: the daemon asks every second."""
-        for d in (self.current_dir, self.previous_dir):
-            if _holds_bundle(d):
-                return d
-        return None
+        """``current`` if it holds a bundle; None: the default is installed. Only looks, writes nothing: the
+        daemon asks every second."""
+        return self.current_dir if _holds_bundle(self.current_dir) else None
 
     def installed(self) -> Bundle:
         found = self.installed_dir()
@@ -313,24 +267,18 @@ class ModelStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._collect()
         fresh = self._write(new)
-        running = self.installed_dir()
-        if running is None:  # the first federated install: the default bundle becomes the one to roll back to
-            self._point(self.previous_dir, self._write(current))
-        elif running == self.current_dir and self.current_dir.is_symlink():
-            self._point(self.previous_dir, self.root / os.readlink(self.current_dir))
-        elif running == self.current_dir:  # an older version's real directory: no link can be renamed over it
-            self._drop(self.previous_dir)
-            os.replace(self.current_dir, self.previous_dir)  # a cut here: ``previous`` is the installed one
-            _sync_dir(self.root)
-        # else the installed bundle is already in ``previous`` (an older version's install was cut off)
+        if self.installed_dir() is None:
+            # The first federated install: ``current`` takes a copy of the default (the model the daemon runs)
+            # before ``previous`` is pointed, so no cut leaves ``previous`` set while ``current`` holds nothing.
+            self._point(self.current_dir, self._write(current))
+        self._point(self.previous_dir, self.root / os.readlink(self.current_dir))
         self._point(self.current_dir, fresh)
         self._collect()
         return InstallResult(True, "installed", acc_new, acc_cur, new.version, current.version)
 
     def rollback(self) -> tuple[str, str] | None:
-        """Put the previous bundle back; returns (restored version, replaced version), None when there is none
-        (also when ``current`` holds none: the installed bundle is then ``previous`` itself)."""
-        if self.installed_dir() != self.current_dir or not _holds_bundle(self.previous_dir):
+        """Put the previous bundle back; returns (restored version, replaced version), None when there is none."""
+        if self.installed_dir() is None or not _holds_bundle(self.previous_dir):
             return None
         if self.previous_dir.resolve() == self.current_dir.resolve():  # an install cut off between its links
             return None
@@ -339,12 +287,8 @@ class ModelStore:
             restored = Bundle.load(self.previous_dir).version
         except BundleError:
             return None
-        if self.previous_dir.is_symlink():
-            self._point(self.current_dir, self.root / os.readlink(self.previous_dir))
-            self.previous_dir.unlink()  # a cut before this: both name one bundle, nothing to roll back to
-        else:  # an older version's real directory
-            self._drop(self.current_dir)  # a cut here: ``previous``, the one being restored, is installed
-            os.replace(self.previous_dir, self.current_dir)
+        self._point(self.current_dir, self.root / os.readlink(self.previous_dir))
+        self.previous_dir.unlink()  # a cut before this: both name one bundle, nothing to roll back to
         _sync_dir(self.root)
         self._collect()
         return restored, replaced
@@ -363,37 +307,25 @@ class ModelStore:
     def _point(self, link: Path, target: Path) -> None:
         """Make ``link`` a relative symlink to ``target`` (in ``root``) by one rename: readers see the old or
         the new."""
-        if link.is_dir() and not link.is_symlink():
-            self._drop(link)  # rename(2) cannot put a link over a directory
         tmp = self.root / f".{link.name}-{secrets.token_hex(6)}.tmp"
         os.symlink(target.name, tmp)
         os.replace(tmp, link)
         _sync_dir(self.root)
 
-    def _drop(self, path: Path) -> None:
-        """Take ``path`` out of the way at once (a directory is renamed aside, ``_collect`` removes it)."""
-        if path.is_symlink():
-            path.unlink()
-        elif path.exists():
-            os.replace(path, self.root / f".trash-{secrets.token_hex(6)}")
-        _sync_dir(self.root)
-
     def _collect(self) -> None:
-        """Remove what an interrupted install or rollback left: bundles no link names, directories put aside,
-        unused links, and an older version's ``staged/``."""
+        """Remove what an interrupted install or rollback left: bundles no link names and unused links."""
         if not self.root.is_dir():
             return
         named = {os.readlink(link) for link in (self.current_dir, self.previous_dir) if link.is_symlink()}
         for p in self.root.iterdir():
-            unused_bundle = p.name.startswith("bundle-") and p.name not in named
-            if unused_bundle or p.name.startswith(".trash-") or p.name == "staged":
+            if p.name.startswith("bundle-") and p.name not in named:
                 shutil.rmtree(p, ignore_errors=True)
             elif p.name.startswith(".") and p.name.endswith(".tmp") and p.is_symlink():
                 p.unlink()
 
 
 def _holds_bundle(d: Path) -> bool:
-    """Both files of a bundle are there (a directory half removed, or a link to nothing, holds none)."""
+    """Both files of a bundle are there (a link to nothing, or to a directory missing one, holds none)."""
     return (d / "bundle.json").is_file() and (d / "weights.npz").is_file()
 
 
