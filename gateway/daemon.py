@@ -3,13 +3,16 @@ identifier, the policy engine, the query log and the alerts.
 
 The DNS hot path only asks the tracker for a MAC, asks the policy for a verdict and appends an event to a
 queue. Everything else (tracking, identification, writes, alerts) runs in the consumer, off the hot path,
-on the same event loop; database writes go to threads.
+on the same event loop; database writes go to threads: the flush's to a worker thread, the alerts' (history,
+outbox, presence) to the alert thread, so a locked or slow database never stalls DNS answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -42,6 +45,10 @@ QUEUE_MAX = 50_000
 # and a bound on what a chatty (or flooding) device costs in memory and in model updates.
 WINDOW_MAX_OBS = 2000
 LOG_CHUNK = 1024  # queries handed to the query log at once: one lock round each, and its writer woken in time
+# Events and alerts waiting for the alert thread (presence, history, outbox). It waits on the database (up to its
+# busy timeout when another process holds the write lock); beyond this, events are only counted (presence is
+# refreshed by the next packet) while alerts are still queued (a few per device).
+ALERT_FEED_MAX = 50_000
 
 
 class Gateway:
@@ -77,6 +84,9 @@ class Gateway:
         self._closed_windows: list[tuple[str, float, list[dict]]] = []
         self._changed_windows: set[str] = set()  # open windows with observations the store has not seen
         self._store_failing = False  # the configuration database refused a write (full disk) and has not since
+        # What the alert thread records, in the consumer's order; None ends it.
+        self._alert_feed: queue.SimpleQueue[Event | Alert | None] = queue.SimpleQueue()
+        self._alert_thread: threading.Thread | None = None
 
     # -- sources ----------------------------------------------------------------------------------------
     def ingest(self, events: list[Event]) -> None:
@@ -97,6 +107,8 @@ class Gateway:
     async def start(self) -> None:
         self.querylog.start()
         self.alerts.start()
+        self._alert_thread = threading.Thread(target=self._record_alerts, name="alert-feed", daemon=True)
+        self._alert_thread.start()
         self.filtering.open_firewall()
         await asyncio.to_thread(self.filtering.refresh)
         self._tasks.append(asyncio.create_task(self._consume(), name="consumer"))
@@ -114,6 +126,9 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._drain()
+        if self._alert_thread is not None:  # what the consumer saw is recorded before the alerts stop
+            self._alert_feed.put(None)
+            await asyncio.to_thread(self._alert_thread.join)
         await asyncio.to_thread(self._write, self._take())
         self.querylog.stop()
         self.alerts.stop()
@@ -172,7 +187,10 @@ class Gateway:
     def _handle(self, event: Event) -> None:
         for change in self.tracker.observe(event):
             self._on_change(change, event)
-        self.alerts.observe(event)
+        if self._alert_feed.qsize() < ALERT_FEED_MAX:
+            self._alert_feed.put(event)
+        else:
+            self.counters.add("alert_feed_dropped")
         key = event.mac
         if key not in self._window_start:
             return
@@ -258,14 +276,24 @@ class Gateway:
         self.alerts.device_removed(key)
 
     def alert(self, alert: Alert) -> None:
-        try:
-            self.alerts.send(alert)
-        except OperationalError as exc:  # nowhere to store it: lost, counted, and said once
-            self.counters.add("alert_errors")
-            self._store_error(f"alert {alert.kind}", exc)
-        except Exception:  # a full disk or a bad payload must not stop the consumer
-            self.counters.add("alert_errors")
-            log.exception("alert %s not recorded", alert.kind)
+        """Hand ``alert`` to the alert thread: recording it is a database write, never done on the event loop."""
+        self._alert_feed.put(alert)
+
+    def _record_alerts(self) -> None:
+        """The alert thread: feeds events to presence and the blocked-query summaries and records alerts, in
+        the consumer's order, until ``stop`` ends the feed."""
+        while (item := self._alert_feed.get()) is not None:
+            try:
+                if isinstance(item, Alert):
+                    self.alerts.send(item)
+                else:
+                    self.alerts.observe(item)  # may record a device's "online" alert
+            except OperationalError as exc:  # nowhere to store it: lost, counted, and said once
+                self.counters.add("alert_errors")
+                self._store_error(f"alert {getattr(item, 'kind', 'online')}", exc)
+            except Exception:  # a full disk or a bad payload must not stop the thread
+                self.counters.add("alert_errors")
+                log.exception("alert not recorded for %r", item)
 
     def _neighbour_mac(self, ip: str) -> str | None:
         """The kernel's ARP/NDP entry for ``ip``: how a client's IPv6 address finds its MAC (in the hot path:

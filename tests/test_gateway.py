@@ -206,6 +206,28 @@ def test_a_flood_beyond_the_event_queue_is_counted_not_silently_lost(tmp_path, m
     assert gw.counters.get("events_dropped") == 4
 
 
+def test_dns_keeps_answering_while_another_process_holds_the_database_write_lock(tmp_path, upstream):
+    """A new device's alert is a database write. Made on the event loop, it stopped every DNS answer for as long
+    as another writer (the web UI, the CLI) held the lock: up to the 30 s busy timeout, past systemd's watchdog."""
+    import sqlite3
+
+    from gateway.alerts import recent_alerts
+
+    with RunningGateway(tmp_path, upstream) as gw:
+        lock = sqlite3.connect(tmp_path / "state" / "iotgw.sqlite", isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        clients = [f"127.0.0.{100 + n}" for n in range(8)]
+        try:
+            for client in clients:  # each is a new device, and its alert waits for the lock
+                assert answers(gw.ask("www.example.test", client)) == {"192.0.2.10"}
+                time.sleep(0.1)  # the consumer's tick: each query is taken off the queue before the next
+        finally:
+            lock.execute("COMMIT")
+            lock.close()
+        # and once the lock is free, every alert is recorded: none was lost for the wait
+        eventually(lambda: {a.mac for a in recent_alerts(gw.store, kind="new_device")} >= {f"ip:{c}" for c in clients})
+
+
 def test_a_device_deleted_in_the_web_ui_is_forgotten_and_comes_back_as_new(tmp_path, upstream):
     from gateway.alerts import recent_alerts
     from gateway.devices.service import forget, set_status
