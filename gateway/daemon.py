@@ -10,6 +10,7 @@ outbox, presence) to the alert thread, so a locked or slow database never stalls
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -87,6 +88,8 @@ class Gateway:
         # What the alert thread records, in the consumer's order; None ends it.
         self._alert_feed: queue.SimpleQueue[Event | Alert | None] = queue.SimpleQueue()
         self._alert_thread: threading.Thread | None = None
+        self._closing = asyncio.Event()  # stop() asks the flush loop to end after the write under way
+        self._flusher: asyncio.Task | None = None
 
     # -- sources ----------------------------------------------------------------------------------------
     def ingest(self, events: list[Event]) -> None:
@@ -113,7 +116,7 @@ class Gateway:
         await asyncio.to_thread(self.filtering.refresh)
         self._tasks.append(asyncio.create_task(self._consume(), name="consumer"))
         self._tasks.append(asyncio.create_task(self._refresh_loop(), name="refresh"))
-        self._tasks.append(asyncio.create_task(self._flush_loop(), name="flush"))
+        self._flusher = asyncio.create_task(self._flush_loop(), name="flush")
         await self._start_dns()
         self._start_sniffer()
 
@@ -125,6 +128,11 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._flusher is not None:
+            # Not cancelled: its write goes on in a worker thread, and only the loop takes back (or writes device
+            # by device) a batch the store refused. The final write below must also come after it, not race it.
+            self._closing.set()
+            await asyncio.gather(self._flusher, return_exceptions=True)
         self._drain()
         if self._alert_thread is not None:  # what the consumer saw is recorded before the alerts stop
             self._alert_feed.put(None)
@@ -350,8 +358,9 @@ class Gateway:
 
     # -- persistence ------------------------------------------------------------------------------------
     async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.store.flush_interval_s)
+        while not self._closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self.cfg.store.flush_interval_s)
             batch = self._take()
             try:
                 gone = await asyncio.to_thread(self._write, batch)

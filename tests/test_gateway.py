@@ -228,6 +228,41 @@ def test_dns_keeps_answering_while_another_process_holds_the_database_write_lock
         eventually(lambda: {a.mac for a in recent_alerts(gw.store, kind="new_device")} >= {f"ip:{c}" for c in clients})
 
 
+def test_a_stop_during_a_flush_lets_it_finish_and_handle_its_errors(tmp_path, upstream):
+    """SIGTERM while a flush waits on the database: the flush was cancelled under its worker thread, so when the
+    write then failed nobody took the batch back or wrote it device by device: every device in it was lost."""
+    import sqlite3
+
+    from sqlalchemy import text
+
+    from gateway.events import DhcpSeen
+
+    good, refused = "02:aa:bb:cc:dd:0c", "02:aa:bb:cc:dd:0d"
+    gw = RunningGateway(tmp_path, upstream).__enter__()
+    with gw.store.transaction() as s:  # a row the database refuses: the batch is written again device by device
+        s.execute(text("CREATE TRIGGER refuse BEFORE INSERT ON device_names WHEN NEW.name = 'refused-name' "
+                       "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"))
+    lock = sqlite3.connect(tmp_path / "state" / "iotgw.sqlite", isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        gw.gateway.ingest([DhcpSeen(time.time(), good, "127.0.0.91", hostname="good-name"),
+                           DhcpSeen(time.time(), refused, "127.0.0.92", hostname="refused-name")])
+        # taken by a flush, whose write now waits for the lock
+        eventually(lambda: all(mac in gw.gateway.tracker.devices and not gw.gateway.tracker.devices[mac].new
+                               for mac in (good, refused)))
+        stopping = asyncio.run_coroutine_threadsafe(gw.gateway.stop(), gw._loop)
+        time.sleep(0.5)  # the stop is under way while the flush still waits
+    finally:
+        lock.execute("COMMIT")
+        lock.close()
+    stopping.result(60)
+    gw._loop.call_soon_threadsafe(gw._loop.stop)
+    gw._thread.join(5)
+    store = Store(gw.cfg.db_url)
+    assert {n.name for n in get_device(store, good).names} == {"good-name"}
+    assert get_device(store, refused).names == []  # its device is written, its refused name alone is dropped
+
+
 def test_a_device_deleted_in_the_web_ui_is_forgotten_and_comes_back_as_new(tmp_path, upstream):
     from gateway.alerts import recent_alerts
     from gateway.devices.service import forget, set_status
