@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import re
+import signal
+import socket
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from gateway.devices.service import list_devices
 from gateway.store.db import Store
@@ -50,3 +54,48 @@ def test_demo_web_ui_needs_login(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def demo_env(tmp_path: Path) -> dict[str, str]:
+    """The demo's environment, its temporary directory under ``tmp_path`` so the test sees what it leaves."""
+    return {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TMPDIR": str(tmp_path)}
+
+
+@pytest.mark.parametrize("busy", ["web", "dns"])
+def test_demo_on_a_port_in_use_says_which_and_leaves_nothing_behind(tmp_path, busy):
+    web_port, dns_port = free_port(), free_port()
+    kind = socket.SOCK_STREAM if busy == "web" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as holder:  # another program has the port
+        holder.bind(("127.0.0.1", web_port if busy == "web" else dns_port))
+        if busy == "web":
+            holder.listen()
+        proc = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "demo", "--duration", "5", "--web-port", str(web_port),
+             "--dns-port", str(dns_port), "--devices", "1"],
+            capture_output=True, text=True, timeout=120, cwd=tmp_path, env=demo_env(tmp_path))
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    busy_port = web_port if busy == "web" else dns_port
+    assert f"cannot listen on 127.0.0.1:{busy_port}" in proc.stderr and "--web-port" in proc.stderr, proc.stderr
+    assert not list(tmp_path.glob("iotgw-demo-*")), "the temporary state directory was left behind"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_demo_ended_by_ctrl_c_or_sigterm_exits_cleanly_and_removes_its_temporary_state(tmp_path, sig):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "demo", "--web-port", str(free_port()), "--dns-port", str(free_port()),
+         "--devices", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=demo_env(tmp_path))
+    try:
+        line = proc.stdout.readline()
+        assert "log in as admin" in line, line + proc.stderr.read()
+        assert list(tmp_path.glob("iotgw-demo-*"))
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert not list(tmp_path.glob("iotgw-demo-*")), "the temporary state directory was left behind"

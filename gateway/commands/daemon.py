@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
 import logging
 import os
 import secrets
 import shutil
+import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -31,7 +35,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--dns-port", type=int, default=15353, help="DNS port on 127.0.0.1 (default 15353)")
     demo.add_argument("--web-port", type=int, default=8080, help="web UI port on 127.0.0.1 (default 8080)")
     demo.add_argument("--devices", type=int, default=6, help="how many virtual devices join")
-    demo.add_argument("--state-dir", metavar="DIR", help="keep state here (default: a temporary directory)")
+    demo.add_argument("--state-dir", metavar="DIR",
+                      help="keep state here (default: a temporary directory, removed when the demo ends)")
     demo.add_argument("--mqtt", metavar="URL", help="also publish alerts to this MQTT broker")
     demo.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: run until ^C)")
     demo.set_defaults(func=cmd_demo)
@@ -64,13 +69,27 @@ def _has_net_admin() -> bool:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    temporary = not args.state_dir
+    state = Path(args.state_dir or tempfile.mkdtemp(prefix="iotgw-demo-"))
+    try:
+        return _demo(args, state)
+    except OSError as exc:  # a port in use, most likely: said plainly, not as a traceback
+        print(f"iotgw demo: {exc.strerror or exc}; choose other ports with --web-port and --dns-port"
+              if exc.errno == errno.EADDRINUSE else f"iotgw demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if temporary:  # Ctrl-C, SIGTERM or an error: the demo leaves nothing behind
+            shutil.rmtree(state, ignore_errors=True)
+
+
+def _demo(args: argparse.Namespace, state: Path) -> int:
+    """Run the demo with its state in ``state`` until ``--duration`` ends, Ctrl-C or SIGTERM."""
     from gateway.accounts import set_password
     from gateway.config import Config
     from gateway.daemon import Gateway
     from gateway.demo import DeviceRunner, start_upstream, virtual_devices
     from gateway.store.db import Store
 
-    state = Path(args.state_dir or tempfile.mkdtemp(prefix="iotgw-demo-"))
     cfg = Config(source="(demo)")
     cfg.gateway.state_dir = str(state)
     cfg.gateway.name = "iotgw-demo"
@@ -87,25 +106,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     async def main() -> None:
         from webui.server import serve_in_thread  # the composition root may start the web layer
 
-        web = serve_in_thread(store, cfg, "127.0.0.1", args.web_port)
+        try:
+            web = serve_in_thread(store, cfg, "127.0.0.1", args.web_port)
+        except OSError as exc:
+            raise OSError(exc.errno, f"web UI: cannot listen on 127.0.0.1:{args.web_port}: {exc.strerror}") from exc
         transport, upstream_port = await start_upstream()
         cfg.dns.upstreams = [f"127.0.0.1:{upstream_port}"]
         gateway = Gateway(cfg, store)
-        await gateway.start()
-        runners = [DeviceRunner(gateway, device, args.dns_port, delay_s=2.0 + 4.0 * i)
-                   for i, device in enumerate(virtual_devices(gateway, args.devices))]
-        for runner in runners:
-            runner.start()
-        print(f"iotgw demo: open {web.url} and log in as admin / {password}", flush=True)
-        print(f"  state in {state}", flush=True)
-        print(f"  DNS on 127.0.0.1:{args.dns_port}; try: dig @127.0.0.1 -p {args.dns_port} example.com", flush=True)
-        print(f"  {len(runners)} virtual devices join over the next {4 * len(runners)} s: iotgw devices --db "
-              f"{cfg.db_url}", flush=True)
+        runners: list[DeviceRunner] = []
         try:
-            if args.duration:
-                await asyncio.sleep(args.duration)
-            else:
-                await asyncio.Event().wait()
+            await gateway.start()
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):  # both end the demo as --duration does: all flushed
+                loop.add_signal_handler(sig, stop.set)
+            runners = [DeviceRunner(gateway, device, args.dns_port, delay_s=2.0 + 4.0 * i)
+                       for i, device in enumerate(virtual_devices(gateway, args.devices))]
+            for runner in runners:
+                runner.start()
+            print(f"iotgw demo: open {web.url} and log in as admin / {password}", flush=True)
+            print(f"  state in {state}", flush=True)
+            print(f"  DNS on 127.0.0.1:{args.dns_port}; try: dig @127.0.0.1 -p {args.dns_port} example.com",
+                  flush=True)
+            print(f"  {len(runners)} virtual devices join over the next {4 * len(runners)} s: iotgw devices --db "
+                  f"{cfg.db_url}", flush=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), args.duration or None)
         finally:
             for runner in runners:
                 runner.stopping.set()
@@ -115,8 +141,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before the handlers are in place
         pass
+    finally:
+        store.close()
     return 0
 
 
