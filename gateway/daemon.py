@@ -240,6 +240,13 @@ class Gateway:
             self._changed_windows.discard(change.old_key)
             if change.key in self._windows:
                 self._changed_windows.add(change.key)
+            # Not yet written: the address-keyed device is gone from the next batch, so they follow the MAC
+            # (a closed window only when the MAC has none of its own, which supersedes it as in the store).
+            old, new = change.old_key, change.key
+            self._pending_identities = [(new if k == old else k, ts, i) for k, ts, i in self._pending_identities]
+            self._closed_windows = [(new, start, obs) if k == old else (k, start, obs)
+                                    for k, start, obs in self._closed_windows
+                                    if k != old or new not in self._windows]
 
     def _identified(self, key: str, identity) -> None:  # noqa: ANN001 - identifier.stream.Identity
         identity = identity.claimed()  # an unknown device's closest match stays among its alternatives

@@ -263,6 +263,32 @@ def test_a_stop_during_a_flush_lets_it_finish_and_handle_its_errors(tmp_path, up
     assert get_device(store, refused).names == []  # its device is written, its refused name alone is dropped
 
 
+def test_an_identification_of_an_address_keyed_device_follows_it_into_its_mac(tmp_path, upstream):
+    """Identified while keyed by its address, then mapped to its MAC before the next flush: the identification
+    was written for the address-keyed device, which the merge had just removed, so it was silently dropped."""
+    from gateway.events import AddressSeen, DhcpSeen, DnsQuery
+
+    mac, ip = "02:aa:bb:cc:dd:0e", "127.0.0.93"
+    with RunningGateway(tmp_path, upstream) as gw:
+        t0 = time.time()
+        # one ingest, so one flush holds it all: two queries a window apart (the second ends the window, and
+        # its identification is due), then the DHCP request that names the address's MAC
+        gw.gateway.ingest([
+            DnsQuery(t0, ip, None, "www.example.test", 1, "example.test"),
+            DnsQuery(t0 + 61, ip, None, "www.example.test", 1, "example.test"),
+            DhcpSeen(t0 + 62, mac, ip, hostname="thing"),
+            AddressSeen(t0 + 62, mac, ip, "dhcp"),
+        ])
+        detail = eventually(lambda: get_device(gw.store, mac).identifications)
+        assert len(detail) == 1 and detail[0].decided_after_s is None
+        assert f"ip:{ip}" not in {d.mac for d in list_devices(gw.store)}
+        with gw.store.session() as s:
+            from gateway.store.schema import ObservationWindow
+            window = s.get(ObservationWindow, mac)
+            # the MAC's own window (open, from its DHCP request) is the one kept, as for a merge across flushes
+            assert window is not None and {o["kind"] for o in window.observations} == {"dhcp"}
+
+
 def test_a_device_deleted_in_the_web_ui_is_forgotten_and_comes_back_as_new(tmp_path, upstream):
     from gateway.alerts import recent_alerts
     from gateway.devices.service import forget, set_status
