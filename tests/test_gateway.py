@@ -407,6 +407,32 @@ def test_dhcp_renewals_without_vendor_class_store_their_fingerprint_once(tmp_pat
         ("1,3,6,15", ""), ("1,3,6,15", "esp_1234")]
 
 
+def test_repeated_mdns_announcements_wait_once_while_the_store_refuses_writes(tmp_path):
+    """A device announces the same mDNS services every few minutes. Each announcement queued a row, and while
+    the store refused the batch (a full disk: the daemon takes it back for the next flush) they piled up in
+    memory without bound. Now a service waits once, is stored once, and after a restart is not queued again."""
+    from gateway.devices.tracker import DeviceTracker
+    from gateway.events import MdnsSeen
+
+    mac = "02:aa:bb:cc:dd:09"
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    announce = MdnsSeen(1.0, mac, "10.0.0.9", names=("speaker.local",), services=("_googlecast._tcp.local",
+                                                                                     "_spotify-connect._tcp.local"))
+    tracker = DeviceTracker(store)
+    for outage_flush in range(5):
+        for n in range(200):
+            tracker.observe(replace(announce, ts=1.0 + outage_flush * 2 + n / 100))
+        batch = tracker.take()
+        tracker.restore(batch)  # what the daemon does with a batch the store refused
+        assert len(batch.services) == 2
+    tracker.flush()
+    assert sorted(m.service for m in get_device(store, mac).services) == [
+        "_googlecast._tcp.local", "_spotify-connect._tcp.local"]
+    tracker = DeviceTracker(store)  # a restart
+    tracker.observe(replace(announce, ts=100.0, services=(*announce.services, "_airplay._tcp.local")))
+    assert [row["service"] for row in tracker.take().services] == ["_airplay._tcp.local"]
+
+
 def test_a_quiet_device_window_closes_on_time_and_its_identification_concludes(tmp_path, upstream, monkeypatch):
     import gateway.daemon
     from gateway.alerts import recent_alerts

@@ -72,6 +72,9 @@ class TrackedDevice:
     # (param_list, vendor_class, hostname) already stored. Kept here because the table's UNIQUE cannot dedupe
     # them: SQL NULLs are distinct, so a request without option 60 or 12 added a row at every renewal.
     fingerprints: set[tuple[str, str | None, str | None]] = field(default_factory=set)
+    # mDNS services already stored or waiting to be: a device announces the same ones every few minutes, and
+    # a row per announcement piled up in memory while the store could not be written (a full disk).
+    services: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -176,8 +179,11 @@ class DeviceTracker:
             for name in event.names:
                 if name.endswith(".local") and "._" not in name:  # a host name, not a service instance
                     changes += self._name(mac, name.removesuffix(".local"), "mdns", ts)
+            seen = self.devices[mac].services
             for service in filter(None, map(clean_text, event.services)):
-                self._pending_services.append(dict(mac=mac, service=service, first_seen=ts))
+                if service not in seen:
+                    seen.add(service)
+                    self._pending_services.append(dict(mac=mac, service=service, first_seen=ts))
         elif isinstance(event, (PacketSeen, DeviceSeen)) and event.ip:
             changes += self._map(event.ip, mac, "packet", ts)
         return changes
@@ -210,6 +216,7 @@ class DeviceTracker:
         dev.first_seen = min(dev.first_seen, gone.first_seen)
         dev.last_seen = max(dev.last_seen, gone.last_seen)
         dev.fingerprints |= gone.fingerprints
+        dev.services |= gone.services
         dev.dirty = True
         if not gone.new:
             self._merges.append((old, mac))
@@ -381,6 +388,9 @@ class DeviceTracker:
             for mac, *fingerprint in s.execute(fingerprints):
                 if mac in self.devices:
                     self.devices[mac].fingerprints.add(tuple(fingerprint))
+            for mac, service in s.execute(select(MdnsService.mac, MdnsService.service)):
+                if mac in self.devices:
+                    self.devices[mac].services.add(service)
         log.info("device tracker: %d devices, %d addresses", len(self.devices), len(self.ip_to_key))
 
 
