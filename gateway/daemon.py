@@ -232,21 +232,20 @@ class Gateway:
             self.alert(Alert("new_device", ts, change.key, {"vendor": oui_vendor(change.key), "name": None,
                                                             "ip": ip}))
         elif change.kind == "merged" and change.old_key:
-            for table in (self._sessions, self._windows, self._window_start, self._window_due):
-                if change.old_key in table and change.key not in table:
-                    table[change.key] = table.pop(change.old_key)
-                else:
-                    table.pop(change.old_key, None)
-            self._changed_windows.discard(change.old_key)
-            if change.key in self._windows:
-                self._changed_windows.add(change.key)
-            # Not yet written: the address-keyed device is gone from the next batch, so they follow the MAC
-            # (a closed window only when the MAC has none of its own, which supersedes it as in the store).
+            # The address-keyed device was the MAC's device all along. Whatever opened the MAC's window opened it
+            # before this merge, so the MAC is either in its own first minute (its window, which saw the MAC and
+            # its DHCP request, is the one kept) or was identified long ago (a new address): then the address's
+            # window must not reopen identification and call a known device unknown.
             old, new = change.old_key, change.key
-            self._pending_identities = [(new if k == old else k, ts, i) for k, ts, i in self._pending_identities]
-            self._closed_windows = [(new, start, obs) if k == old else (k, start, obs)
-                                    for k, start, obs in self._closed_windows
-                                    if k != old or new not in self._windows]
+            for table in (self._sessions, self._windows, self._window_start, self._window_due):
+                table.pop(old, None)
+            self._changed_windows.discard(old)
+            self._closed_windows = [w for w in self._closed_windows if w[0] != old]
+            # An answer decided under the address and not written yet (the address-keyed device is gone from the
+            # next batch) is the device's first if the device is new, and stale if it is not.
+            first_minute = new in self._window_start
+            self._pending_identities = [(new if k == old else k, ts, identity)
+                                        for k, ts, identity in self._pending_identities if k != old or first_minute]
 
     def _identified(self, key: str, identity) -> None:  # noqa: ANN001 - identifier.stream.Identity
         identity = identity.claimed()  # an unknown device's closest match stays among its alternatives

@@ -289,6 +289,42 @@ def test_an_identification_of_an_address_keyed_device_follows_it_into_its_mac(tm
             assert window is not None and {o["kind"] for o in window.observations} == {"dhcp"}
 
 
+def test_a_known_device_at_a_new_address_keeps_its_identification(tmp_path, upstream, monkeypatch):
+    """A device whose first query from a new address came before its MAC was known there (a new lease) met the
+    gateway as an address-keyed device, merged into its MAC moments later. Its window and session moved to the
+    MAC, whose own window had long closed: identified again from a session that never saw its MAC or DHCP
+    request, it was called unknown, and that replaced what it had been identified as."""
+    import gateway.daemon
+    from gateway.alerts import recent_alerts
+
+    monkeypatch.setattr(gateway.daemon, "WINDOW_S", 1.0)
+    mac = "5c:cf:7f:99:a0:02"
+    with RunningGateway(tmp_path, upstream) as gw:
+        from gateway.demo import VirtualDevice, build_frame
+        from identifier.observation import DhcpObservation
+
+        kettle = gw.gateway.identifier.prototypes()["iKettle2"]
+        virtual = VirtualDevice("kettle", mac, "127.0.0.94", kettle)
+        for obs in kettle:
+            if isinstance(obs, DhcpObservation):
+                gw.gateway.ingest(parse_frame(build_frame(virtual, obs), time.time()))
+        first = eventually(lambda: get_device(gw.store, mac).identifications, timeout=5)
+        assert first[0].known and first[0].manufacturer == "Smarter"
+
+        gw.ask("www.example.test", "127.0.0.95")  # a new lease, its MAC not yet known there
+        eventually(lambda: "ip:127.0.0.95" in gw.gateway.tracker.devices)
+        gw.dhcp(mac, "127.0.0.95", "kettle")
+        eventually(lambda: "ip:127.0.0.95" not in {d.mac for d in list_devices(gw.store)})
+        # past the end of any window the merge could have opened, and one more flush
+        eventually(lambda: not gw.gateway._window_due and not gw.gateway._pending_identities, timeout=5)
+        written = gw.gateway.tracker._generation
+        eventually(lambda: gw.gateway.tracker.written > written)
+        detail = get_device(gw.store, mac)
+        assert [(i.known, i.device_type) for i in detail.identifications] == [(True, first[0].device_type)]
+        assert detail.device.known and detail.device.manufacturer == "Smarter"
+        assert not recent_alerts(gw.store, kind="unknown_device", mac=mac)
+
+
 def test_a_device_deleted_in_the_web_ui_is_forgotten_and_comes_back_as_new(tmp_path, upstream):
     from gateway.alerts import recent_alerts
     from gateway.devices.service import forget, set_status

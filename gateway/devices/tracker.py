@@ -332,7 +332,7 @@ class DeviceTracker:
         return True
 
     def _merge_rows(self, s: Session, old: str, mac: str) -> None:
-        # The daemon moved the live observation window to the MAC already: the old row is superseded.
+        # The MAC's own window (its first minute, or a past identification) supersedes the address's.
         s.execute(delete(ObservationWindow).where(ObservationWindow.mac == old))
         for table in (Address, DeviceName, DhcpFingerprint, MdnsService, Identification):
             # A row the MAC's device already has (same name, same fingerprint) stays once: OR IGNORE, then drop.
