@@ -79,6 +79,18 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def positive_count(text: str) -> int:
+    """An argparse type for how many of something: a whole number above 0, refused with a usage error rather
+    than a traceback from deep inside the command."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be above 0")
+    return value
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """The config file with the command line's flags on top."""
     cfg = load(args.config)

@@ -99,3 +99,13 @@ def test_demo_ended_by_ctrl_c_or_sigterm_exits_cleanly_and_removes_its_temporary
     assert proc.returncode == 0, err[-2000:]
     assert "Traceback" not in err, err[-2000:]
     assert not list(tmp_path.glob("iotgw-demo-*")), "the temporary state directory was left behind"
+
+
+@pytest.mark.parametrize(("flag", "value", "said"), [("--devices", "-1", "must be above 0"),
+                                                     ("--dns-port", "70000", "is not a port")])
+def test_demo_with_a_bad_option_says_which_and_starts_nothing(tmp_path, flag, value, said):
+    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "demo", flag, value, "--duration", "5"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path, env=demo_env(tmp_path))
+    assert proc.returncode == 2, proc.stderr[-2000:]  # argparse's usage error
+    assert f"argument {flag}: " in proc.stderr and said in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(tmp_path.glob("iotgw-demo-*"))

@@ -15,7 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gateway.cli import add_state_args, config_from_args
+from gateway.cli import add_state_args, config_from_args, positive_count
+from gateway.commands.federation import tcp_port
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="everything on loopback with virtual devices: no root, LAN or config")
-    demo.add_argument("--dns-port", type=int, default=15353, help="DNS port on 127.0.0.1 (default 15353)")
-    demo.add_argument("--web-port", type=int, default=8080, help="web UI port on 127.0.0.1 (default 8080)")
-    demo.add_argument("--devices", type=int, default=6, help="how many virtual devices join")
+    demo.add_argument("--dns-port", type=tcp_port, default=15353, help="DNS port on 127.0.0.1 (default 15353)")
+    demo.add_argument("--web-port", type=tcp_port, default=8080, help="web UI port on 127.0.0.1 (default 8080)")
+    demo.add_argument("--devices", type=positive_count, default=6, help="how many virtual devices join")
     demo.add_argument("--state-dir", metavar="DIR",
                       help="keep state here (default: a temporary directory, removed when the demo ends)")
     demo.add_argument("--mqtt", metavar="URL", help="also publish alerts to this MQTT broker")
