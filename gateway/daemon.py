@@ -137,10 +137,13 @@ class Gateway:
         if self._alert_thread is not None:  # what the consumer saw is recorded before the alerts stop
             self._alert_feed.put(None)
             await asyncio.to_thread(self._alert_thread.join)
-        await asyncio.to_thread(self._write, self._take())
-        self.querylog.stop()
-        self.alerts.stop()
-        self.filtering.close()
+        try:  # the flush loop's own handling: a refused row costs only its device, and never the query log
+            if not await self._flush():
+                log.error("store: device changes made since the last write are lost (the store cannot be written)")
+        finally:
+            self.querylog.stop()
+            self.alerts.stop()
+            self.filtering.close()
 
     async def _start_dns(self) -> None:
         if not self.cfg.dns.listen:
@@ -367,29 +370,35 @@ class Gateway:
         while not self._closing.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), self.cfg.store.flush_interval_s)
-            batch = self._take()
-            try:
-                gone = await asyncio.to_thread(self._write, batch)
-            except OperationalError as exc:  # a full or read-only disk: keep the batch for the next try
-                self._restore(batch)
-                self._store_error("device changes", exc)
-                continue
-            except SQLAlchemyError:  # a row the database refuses (DataError...): it must not cost the others
-                self.counters.add("flush_errors")
-                log.exception("flush failed; writing each device's changes on their own")
-                gone, refused = await asyncio.to_thread(self._write_apart, batch)
-                for part in refused:  # its rows are dropped; its device is written again at the next flush
-                    self.tracker.restore(TrackerBatch(part.devices, {}, [], [], [], [], part.generation))
-            except Exception:
-                self.counters.add("flush_errors")
-                log.exception("flush failed")
-                continue
-            for key in gone:
-                self._forget(key)
-            tracked, identities, windows = batch
-            if self._store_failing and not (tracked.empty and not identities and not windows):
-                log.info("store: writing again")
-                self._store_failing = False
+            await self._flush()
+
+    async def _flush(self) -> bool:
+        """Write what changed since the last flush; False when the store could not be written (a full or
+        read-only disk) and the batch is kept for the next try."""
+        batch = self._take()
+        try:
+            gone = await asyncio.to_thread(self._write, batch)
+        except OperationalError as exc:  # a full or read-only disk: keep the batch for the next try
+            self._restore(batch)
+            self._store_error("device changes", exc)
+            return False
+        except SQLAlchemyError:  # a row the database refuses (DataError...): it must not cost the others
+            self.counters.add("flush_errors")
+            log.exception("flush failed; writing each device's changes on their own")
+            gone, refused = await asyncio.to_thread(self._write_apart, batch)
+            for part in refused:  # its rows are dropped; its device is written again at the next flush
+                self.tracker.restore(TrackerBatch(part.devices, {}, [], [], [], [], part.generation))
+        except Exception:
+            self.counters.add("flush_errors")
+            log.exception("flush failed")
+            return True
+        for key in gone:
+            self._forget(key)
+        tracked, identities, windows = batch
+        if self._store_failing and not (tracked.empty and not identities and not windows):
+            log.info("store: writing again")
+            self._store_failing = False
+        return True
 
     def _store_error(self, what: str, exc: OperationalError) -> None:
         """Said once until a write succeeds again, not at every flush or alert while the disk stays full."""

@@ -325,6 +325,41 @@ def test_a_known_device_at_a_new_address_keeps_its_identification(tmp_path, upst
         assert not recent_alerts(gw.store, kind="unknown_device", mac=mac)
 
 
+def test_a_refused_row_at_shutdown_costs_only_its_device_not_the_query_log(tmp_path):
+    """The final write at shutdown had none of the flush loop's handling: one row the database refused raised out
+    of stop(), so the other devices' changes and the queries still buffered for the query log were never written
+    (and the daemon exited with a traceback)."""
+    from sqlalchemy import text
+
+    from gateway.events import DhcpSeen, DnsQuery
+
+    good, refused = "02:aa:bb:cc:dd:1a", "02:aa:bb:cc:dd:1b"
+    cfg = Config()
+    cfg.gateway.state_dir = str(tmp_path / "state")
+    cfg.dns.listen = []
+    cfg.capture.sniff = False
+    cfg.store.flush_interval_s = 3600  # nothing is written before the stop
+    store = Store(cfg.db_url)
+    with store.transaction() as s:
+        s.execute(text(f"CREATE TRIGGER refuse BEFORE INSERT ON devices WHEN NEW.mac = '{refused}' "
+                       "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"))
+    gw = Gateway(cfg, store)
+
+    async def run() -> None:
+        await gw.start()
+        now = time.time()
+        gw.ingest([DhcpSeen(now, good, "10.0.0.26", hostname="good-name"),
+                   DhcpSeen(now, refused, "10.0.0.27", hostname="refused-name"),
+                   DnsQuery(now, "10.0.0.26", good, "good.example.test", 1, "example.test"),
+                   DnsQuery(now, "10.0.0.27", refused, "refused.example.test", 1, "example.test")])
+        await gw.stop()
+
+    asyncio.run(run())
+    assert get_device(store, good).device.name == "good-name"
+    assert refused not in {d.mac for d in list_devices(store)}
+    assert {q.qname for q in recent(store)} == {"good.example.test", "refused.example.test"}
+
+
 def test_a_device_deleted_in_the_web_ui_is_forgotten_and_comes_back_as_new(tmp_path, upstream):
     from gateway.alerts import recent_alerts
     from gateway.devices.service import forget, set_status
