@@ -26,7 +26,7 @@ from gateway.config import Config
 from gateway.devices.neighbours import NeighbourTable
 from gateway.devices.service import confirmed_types
 from gateway.devices.tracker import Change, DeviceTracker, TrackerBatch
-from gateway.events import Alert, Counters, DnsQuery, Event
+from gateway.events import AddressSeen, Alert, Counters, DnsQuery, Event
 from gateway.filtering import Filtering
 from gateway.observations import to_observation
 from gateway.policies import MODES, device_mode, set_device_mode
@@ -50,6 +50,10 @@ LOG_CHUNK = 1024  # queries handed to the query log at once: one lock round each
 # busy timeout when another process holds the write lock); beyond this, events are only counted (presence is
 # refreshed by the next packet) while alerts are still queued (a few per device).
 ALERT_FEED_MAX = 50_000
+# A client first met by its address alone is most often a device whose neighbour entry the kernel had not made yet
+# (a new lease, a new IPv6 privacy address): its MAC is known a moment later. Its new-device alert waits this long,
+# so the owner hears of the device once, under its MAC, rather than of a stranger that was no stranger.
+ANNOUNCE_GRACE_S = 3.0
 
 
 class Gateway:
@@ -84,6 +88,7 @@ class Gateway:
         self._pending_identities: list[tuple[str, float, object]] = []  # written by the next flush
         self._closed_windows: list[tuple[str, float, list[dict]]] = []
         self._changed_windows: set[str] = set()  # open windows with observations the store has not seen
+        self._announce_due: dict[str, tuple[float, Alert]] = {}  # address key -> (monotonic due, its new_device)
         self._store_failing = False  # the configuration database refused a write (full disk) and has not since
         # What the alert thread records, in the consumer's order; None ends it.
         self._alert_feed: queue.SimpleQueue[Event | Alert | None] = queue.SimpleQueue()
@@ -134,6 +139,9 @@ class Gateway:
             self._closing.set()
             await asyncio.gather(self._flusher, return_exceptions=True)
         self._drain()
+        for _, alert in self._announce_due.values():  # still in their grace: announced rather than lost
+            self.alert(alert)
+        self._announce_due.clear()
         if self._alert_thread is not None:  # what the consumer saw is recorded before the alerts stop
             self._alert_feed.put(None)
             await asyncio.to_thread(self._alert_thread.join)
@@ -232,15 +240,18 @@ class Gateway:
             if self.identifier is not None:
                 self._sessions[change.key] = self.identifier.session(change.key, ts)
             ip = getattr(event, "client", None) or getattr(event, "ip", None)
-            self.alert(Alert("new_device", ts, change.key, {"vendor": oui_vendor(change.key), "name": None,
-                                                            "ip": ip}))
+            alert = Alert("new_device", ts, change.key, {"vendor": oui_vendor(change.key), "name": None, "ip": ip})
+            if change.key.startswith("ip:"):
+                self._announce_due[change.key] = (time.monotonic() + ANNOUNCE_GRACE_S, alert)
+            else:
+                self.alert(alert)
         elif change.kind == "merged" and change.old_key:
             # The address-keyed device was the MAC's device all along. Whatever opened the MAC's window opened it
             # before this merge, so the MAC is either in its own first minute (its window, which saw the MAC and
             # its DHCP request, is the one kept) or was identified long ago (a new address): then the address's
             # window must not reopen identification and call a known device unknown.
             old, new = change.old_key, change.key
-            for table in (self._sessions, self._windows, self._window_start, self._window_due):
+            for table in (self._sessions, self._windows, self._window_start, self._window_due, self._announce_due):
                 table.pop(old, None)
             self._changed_windows.discard(old)
             self._closed_windows = [w for w in self._closed_windows if w[0] != old]
@@ -279,13 +290,26 @@ class Gateway:
         for key in [k for k, due in self._window_due.items() if due <= now]:
             self._close_window(key)
 
+    def _announce_due_devices(self) -> None:
+        """New address-keyed devices whose grace is over: merged into their MAC if the kernel's neighbour table
+        has it now (as a query carrying it would, so a client that went quiet is merged too), else announced."""
+        now = time.monotonic()
+        for key in [k for k, (due, _) in self._announce_due.items() if due <= now]:
+            _, alert = self._announce_due.pop(key)
+            ip = key.removeprefix("ip:")
+            mac = self._neighbour_mac(ip)
+            if mac is None:  # routed, loopback, or the kernel never learnt it: a device known by its address
+                self.alert(alert)
+            else:
+                self.ingest([AddressSeen(time.time(), mac, ip, "neighbour")])
+
     def _forget(self, key: str) -> None:
         """A device deleted in the store (web UI, CLI): drop everything held for it, so its next packet
         makes it a new device again, whatever that packet says."""
         self.tracker.forget(key)
         if self.sniffer is not None:
             self.sniffer.senders.forget(key)
-        for table in (self._sessions, self._windows, self._window_start, self._window_due):
+        for table in (self._sessions, self._windows, self._window_start, self._window_due, self._announce_due):
             table.pop(key, None)
         self._changed_windows.discard(key)
         self._pending_identities = [p for p in self._pending_identities if p[0] != key]
@@ -338,6 +362,7 @@ class Gateway:
                     for key in self.tracker.forget_missing(generation, stored):
                         self._forget(key)
                 self._close_due_windows()
+                self._announce_due_devices()
                 if (stamp := model_stamp(self.cfg)) != self._model_stamp:
                     self._model_stamp = stamp
                     await self._reload_identifier()

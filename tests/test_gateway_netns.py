@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -37,7 +39,9 @@ def veth():
         yield pair
 
 
-def test_ipv4_and_ipv6_of_one_client_are_one_device(tmp_path, veth):
+@contextmanager
+def running_daemon(tmp_path, veth) -> Iterator[Store]:
+    """``iotgw run`` in the gateway's namespace with a dnsmasq upstream there, answering once it yields its store."""
     upstream = subprocess.Popen(
         ["ip", "netns", "exec", veth.gw, "dnsmasq", "--no-daemon", "--port=5300", "--listen-address=127.0.0.1",
          "--bind-interfaces", "--no-resolv", "--no-hosts", "--conf-file=/dev/null", "--user=root",
@@ -60,12 +64,22 @@ def test_ipv4_and_ipv6_of_one_client_are_one_device(tmp_path, veth):
                 break
             assert time.monotonic() < deadline, f"daemon never answered: {probe.stderr}"
             time.sleep(0.5)
+        yield Store(db, migrate=False)
+    finally:
+        daemon.terminate()
+        out, _ = daemon.communicate(timeout=20)
+        upstream.terminate()
+        upstream.wait(5)
+    assert daemon.returncode == 0, out
+
+
+def test_ipv4_and_ipv6_of_one_client_are_one_device(tmp_path, veth):
+    with running_daemon(tmp_path, veth) as store:
         v4 = veth.client_python(QUERY, veth.gw_ip4, "v4.example.test")
         v6 = veth.client_python(QUERY, veth.gw_ip6, "v6.example.test")
         assert "192.0.2.7" in v4 and "192.0.2.7" in v6
         time.sleep(1.5)  # the neighbour table is re-read after a miss; later queries carry the MAC
         mac = veth.client_mac
-        store = Store(db, migrate=False)
         deadline = time.monotonic() + 20
         while True:
             veth.client_python(QUERY, veth.gw_ip4, "v4-again.example.test")
@@ -79,9 +93,21 @@ def test_ipv4_and_ipv6_of_one_client_are_one_device(tmp_path, veth):
             time.sleep(0.5)
         clients = {q.client for q in recent(store, mac=mac)}
         assert {veth.client_ip4, veth.client_ip6} <= clients
-    finally:
-        daemon.terminate()
-        out, _ = daemon.communicate(timeout=20)
-        upstream.terminate()
-        upstream.wait(5)
-    assert daemon.returncode == 0, out
+
+
+def test_a_client_met_before_the_kernel_knew_its_mac_is_announced_once_under_its_mac(tmp_path, veth):
+    """The first query from an address the kernel has no neighbour entry for yet (a new device, a new lease, a
+    new IPv6 privacy address) is keyed by that address. Each such address was announced as a new device of its
+    own, then merged into the MAC: one phone, three new-device alerts. A client that went quiet stayed a
+    stranger until its next query."""
+    from gateway.alerts import recent_alerts
+
+    with running_daemon(tmp_path, veth) as store:
+        assert "192.0.2.7" in veth.client_python(QUERY, veth.gw_ip6, "v6.example.test")
+        mac = veth.client_mac
+        deadline = time.monotonic() + 20
+        while {d.mac for d in list_devices(store)} != {mac}:  # merged though it asks nothing more
+            assert time.monotonic() < deadline, {d.mac for d in list_devices(store)}
+            time.sleep(0.3)
+        alerts = [(a.kind, a.mac) for a in recent_alerts(store, kind="new_device")]
+        assert alerts == [("new_device", mac)]
