@@ -474,6 +474,8 @@ class Gateway:
     def _write(self, batch: tuple) -> set[str]:
         """Store one flush's batch (in a worker thread); returns the devices found deleted meanwhile."""
         tracked, identities, windows = batch
+        if tracked.merges:  # the merge moves the address's queries in the log: the ones still waiting too
+            self.querylog.flush()
         gone = self.tracker.write(tracked)
         for key, *_ in tracked.devices:
             if key not in gone:
