@@ -91,6 +91,17 @@ def positive_count(text: str) -> int:
     return value
 
 
+def tcp_port(text: str) -> int:
+    """argparse type: a TCP port, 1-65535, refused at once rather than by whatever would bind or dial it later."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (1-65535)")
+    return port
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """The config file with the command line's flags on top."""
     cfg = load(args.config)

@@ -15,8 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gateway.cli import add_state_args, config_from_args, positive_count
-from gateway.commands.federation import tcp_port
+from gateway.cli import add_state_args, config_from_args, positive_count, tcp_port
 
 log = logging.getLogger(__name__)
 

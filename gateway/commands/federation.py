@@ -21,7 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
-from gateway.cli import add_state_args, config_from_args, positive_seconds
+from gateway.cli import add_state_args, config_from_args, positive_seconds, tcp_port
 from gateway.statedir import create_private
 
 CONNECTION = "iotgw"
@@ -96,17 +96,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     add_state_args(rollback)
     rollback.set_defaults(func=_rollback)
-
-
-def tcp_port(text: str) -> int:
-    """argparse type: a TCP port, 1-65535, refused at once rather than by the SuperLink half a minute later."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a port (1-65535)")
-    return port
 
 
 def federation_dir(cfg) -> Path:  # noqa: ANN001 - gateway.config.Config, imported lazily
