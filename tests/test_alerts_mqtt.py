@@ -334,6 +334,34 @@ def test_configs_of_devices_forgotten_while_down_are_removed(store, broker, runn
     rec.close()
 
 
+def test_a_device_deleted_during_a_failing_publishing_pass_still_leaves_home_assistant(store, broker, running,
+                                                                                     tmp_path):
+    """A publishing pass took the pending removals and then failed on the database; the removal was lost with it,
+    and the deleted device stayed in Home Assistant until the next full resync. The store is made unreadable for
+    real (its device table renamed away by another connection), then readable again."""
+    import sqlite3
+
+    ghost = f"homeassistant/device/iotgw_{GW}_020000000002/config"
+    rec = Recorder(broker, ["homeassistant/#"])
+    alerts = make_alerts(store, broker.url, running)
+    rec.wait(lambda m: m.topic == ghost and m.payload)
+    forget(store, MAC2)
+    db = sqlite3.connect(tmp_path / "state" / "iotgw.sqlite", isolation_level=None)
+    db.execute("ALTER TABLE devices RENAME TO devices_away")
+    try:
+        with alerts._todo_lock:  # what device_removed and sync_devices leave, taken by one pass, which reads the table
+            alerts._removed.add(MAC2)
+            alerts._sync = True
+        alerts._wake.set()
+        time.sleep(2.5)  # a few passes fail meanwhile (the publisher retries every second)
+        assert not rec.on(lambda m: m.topic == ghost and not m.payload)
+    finally:
+        db.execute("ALTER TABLE devices_away RENAME TO devices")
+        db.close()
+    assert rec.wait(lambda m: m.topic == ghost and not m.payload)
+    rec.close()
+
+
 def test_a_device_deleted_while_the_broker_is_away_leaves_home_assistant_even_if_its_retained_config_comes_first(
         store, broker):
     """Deleted in the web UI while the broker was away, a device has only the broker's retained config left to

@@ -367,6 +367,21 @@ class Alerts:
             removed, self._removed = self._removed, set()
             states_due = self._states_due or time.monotonic() >= self._next_states
             self._states_due = False
+        try:
+            self._publish_todo(everything, full, changed, removed, states_due)
+        except BaseException:
+            # A pass that fails (the database is locked or unreadable) is retried whole by the next one: taken
+            # and lost, a deleted device's removal would leave it in Home Assistant until the next full resync.
+            with self._todo_lock:
+                self._rediscover |= everything
+                self._sync |= full
+                self._changed |= changed
+                self._removed |= removed
+                self._states_due |= states_due
+            raise
+
+    def _publish_todo(self, everything: bool, full: bool, changed: set[str], removed: set[str],
+                      states_due: bool) -> None:
         options = list(self.policy.options()) if self.policy else None
         if everything:  # a new connection or a restarted Home Assistant: send it all again
             self._published.clear()
