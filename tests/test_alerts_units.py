@@ -173,8 +173,9 @@ def test_home_assistant_ids_are_always_valid(key):
 
 
 def test_home_assistant_ids_do_not_collide():
-    ids = {device_id("gw", k) for k in ("ip:1.0.0.15", "ip:10.0.0.15", "ip:10.0.0.1", "aa:bb:cc:dd:ee:ff")}
-    assert len(ids) == 4
+    keys = ("ip:1.0.0.15", "ip:10.0.0.15", "ip:10.0.0.1", "aa:bb:cc:dd:ee:ff",
+            "ip:::ffff:1.2.3.4", "ip:::ffff:1:2:3:4", "ip:::1.2.3.4", "ip:::1:2:3:4")  # IPv4 written inside IPv6
+    assert len({device_id("gw", k) for k in keys}) == len(keys)
     assert device_id("gw", "aa:bb:cc:dd:ee:ff") == "iotgw_gw_aabbccddeeff"
 
 

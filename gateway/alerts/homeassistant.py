@@ -23,9 +23,9 @@ def gateway_id(gateway: str) -> str:
 
 
 def device_id(gateway: str, mac: str) -> str:
-    """``iotgw_<gateway>_aabbccddeeff``; an address-only client (``ip:10.0.0.5``) keeps its separators as
-    underscores so that two addresses never share an id."""
-    key = mac.replace(":", "") if _MAC.fullmatch(mac) else topic_id(mac)
+    """``iotgw_<gateway>_aabbccddeeff``; an address-only client (``ip:10.0.0.5``) keeps its separators, ``.`` as
+    ``-`` and ``:`` as ``_``, so that two addresses never share an id (``::ffff:1.2.3.4`` and ``::ffff:1:2:3:4``)."""
+    key = mac.replace(":", "") if _MAC.fullmatch(mac) else topic_id(mac.replace(".", "-"))
     return f"{gateway_id(gateway)}_{key}"
 
 
