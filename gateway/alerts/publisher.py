@@ -355,9 +355,11 @@ class Alerts:
             self._read_nodes()
         return self._node_macs.get(node_id)
 
-    def _read_nodes(self) -> None:
-        """Node id -> MAC of every device in the store now."""
-        self._node_macs = {ha.device_id(self.gateway, d.mac): d.mac for d in devices.list_devices(self.store)}
+    def _read_nodes(self) -> list[Device]:
+        """Every device in the store now, its node id -> MAC map kept."""
+        listed = devices.list_devices(self.store)
+        self._node_macs = {ha.device_id(self.gateway, d.mac): d.mac for d in listed}
+        return listed
 
     def _discovery(self) -> None:
         with self._todo_lock:
@@ -387,9 +389,7 @@ class Alerts:
             self._published.clear()
             self._publish_json(*ha.gateway_discovery(self.gateway, self.prefix))
         if full:
-            listed = devices.list_devices(self.store)
-            self._node_macs = {ha.device_id(self.gateway, d.mac): d.mac for d in listed}
-            for device in listed:
+            for device in self._read_nodes():
                 self._publish_config(device, options)
         gone = {ha.device_id(self.gateway, mac) for mac in removed}
         if full:
