@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +63,9 @@ def test_the_seam_is_the_bundle_s_weights_and_the_model_hook_inverts_export(ship
         model.weights_of(shipped, params[:-1])
 
 
-def cut_at(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
-    """The n-th rename, link or symlink from now on raises, as if the power went there (a cut cannot be caused
-    for real): nothing after it runs. ``monkeypatch.undo()`` ends it."""
+def completes_when_cut_at(monkeypatch: pytest.MonkeyPatch, n: int, action: Callable[[], object]) -> bool:
+    """Run ``action`` with its n-th rename, link or symlink raising, as if the power went there (a cut cannot be
+    caused for real: nothing after it runs); True if it completed before step n came."""
     calls = iter(range(1, 1000))
 
     def cut(call: Callable) -> Callable:
@@ -77,6 +78,14 @@ def cut_at(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
 
     for name in ("replace", "rename", "link", "symlink"):
         monkeypatch.setattr(os, name, cut(getattr(os, name)))
+    try:
+        action()
+        return True
+    except OSError as exc:
+        assert str(exc) == "power cut"
+        return False
+    finally:
+        monkeypatch.undo()
 
 
 def test_published_model_is_a_bundle_checked_against_its_digest(tmp_path: Path, shipped: Bundle) -> None:
@@ -117,15 +126,8 @@ def test_a_publication_cut_off_at_any_step_leaves_a_matched_model_manifest_and_b
     for n in range(1, 30):
         out = tmp_path / f"cut-{n}"
         updates.publish(rounds[0], out, {"round": 1, "run_id": 1}, shipped)
-        cut_at(monkeypatch, n)
-        try:
-            updates.publish(rounds[1], out, {"round": 2, "run_id": 1}, shipped)
-            done = True
-        except OSError as exc:
-            assert str(exc) == "power cut"
-            done = False
-        finally:
-            monkeypatch.undo()
+        done = completes_when_cut_at(monkeypatch, n, partial(updates.publish, rounds[1], out, {"round": 2, "run_id": 1},
+                                                             shipped))
         params, manifest = updates.read_published(out)
         assert manifest["sha256"] in shas[:2] and updates.digest(params) == manifest["sha256"], n
         assert Bundle.load(out / "bundle").version == manifest["version"], n
@@ -203,18 +205,9 @@ def test_an_install_or_rollback_cut_off_at_any_step_leaves_the_old_or_the_new_mo
             if operation != "first install":  # the others start from v1 installed over the shipped model
                 shutil.copytree(tmp_path / "first", state, symlinks=True)
             store = updates.ModelStore(state / "federation" / "model")
-            cut_at(monkeypatch, n)
-            try:
-                if operation != "rollback":
-                    store.install(params, sha, schema, data, {"round": 2, "run_id": 1})
-                else:
-                    store.rollback()
-                done = True
-            except OSError as exc:
-                assert str(exc) == "power cut"
-                done = False
-            finally:
-                monkeypatch.undo()
+            step = (store.rollback if operation == "rollback"
+                    else partial(store.install, params, sha, schema, data, {"round": 2, "run_id": 1}))
+            done = completes_when_cut_at(monkeypatch, n, step)
             version = store.installed().version
             assert version in {before, after}, (operation, n)
             assert _daemon_model(state) == version, (operation, n)

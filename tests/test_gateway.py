@@ -73,6 +73,19 @@ class RunningGateway:
         self.gateway.ingest(parse_frame(bytes(frame), time.time()))
 
 
+def kettle_asks_for_a_lease(gw: RunningGateway, mac: str, ip: str) -> None:
+    """A Smarter kettle of a production run the model never saw (``mac``) sends its DHCP request, as the model's
+    iKettle2 prototype does, and nothing else: the type stays between its twin products, the maker is plain."""
+    from gateway.demo import VirtualDevice, build_frame
+    from identifier.observation import DhcpObservation
+
+    kettle = gw.gateway.identifier.prototypes()["iKettle2"]
+    virtual = VirtualDevice("kettle", mac, ip, kettle)
+    for obs in kettle:
+        if isinstance(obs, DhcpObservation):
+            gw.gateway.ingest(parse_frame(build_frame(virtual, obs), time.time()))
+
+
 def eventually(check, timeout: float = 10.0):
     deadline = time.monotonic() + timeout
     while True:
@@ -314,14 +327,7 @@ def test_a_known_device_at_a_new_address_keeps_its_identification(tmp_path, upst
     monkeypatch.setattr(gateway.daemon, "WINDOW_S", 1.0)
     mac = "5c:cf:7f:99:a0:02"
     with RunningGateway(tmp_path, upstream) as gw:
-        from gateway.demo import VirtualDevice, build_frame
-        from identifier.observation import DhcpObservation
-
-        kettle = gw.gateway.identifier.prototypes()["iKettle2"]
-        virtual = VirtualDevice("kettle", mac, "127.0.0.94", kettle)
-        for obs in kettle:
-            if isinstance(obs, DhcpObservation):
-                gw.gateway.ingest(parse_frame(build_frame(virtual, obs), time.time()))
+        kettle_asks_for_a_lease(gw, mac, "127.0.0.94")
         first = eventually(lambda: get_device(gw.store, mac).identifications, timeout=5)
         assert first[0].known and first[0].manufacturer == "Smarter"
 
@@ -552,17 +558,11 @@ def test_a_known_product_never_sure_of_its_model_concludes_as_its_best_guess_not
     named, as ``iotgw identify`` names it (known, ``decided_after_s`` None), not called an unknown device."""
     import gateway.daemon
     from gateway.alerts import recent_alerts
-    from gateway.demo import VirtualDevice, build_frame
-    from identifier.observation import DhcpObservation
 
     monkeypatch.setattr(gateway.daemon, "WINDOW_S", 1.0)
     mac = "5c:cf:7f:99:a0:01"
     with RunningGateway(tmp_path, upstream) as gw:
-        kettle = gw.gateway.identifier.prototypes()["iKettle2"]
-        virtual = VirtualDevice("kettle", mac, "127.0.0.82", kettle)
-        for obs in kettle:
-            if isinstance(obs, DhcpObservation):
-                gw.gateway.ingest(parse_frame(build_frame(virtual, obs), time.time()))
+        kettle_asks_for_a_lease(gw, mac, "127.0.0.82")
         alert = eventually(lambda: recent_alerts(gw.store, kind="device_identified", mac=mac), timeout=5)[0]
         assert alert.data["manufacturer"] == "Smarter" and alert.data["decided_after_s"] is None
         assert alert.data["device_type"] in ("iKettle2", "SmarterCoffee") and alert.data["confidence"] < 0.9
