@@ -57,6 +57,9 @@ class MqttConfig:
     ca_file: str = ""
     discovery_prefix: str = "homeassistant"
     outbox_max: int = 10000
+    # Client devices announced to Home Assistant (approved ones first, then the oldest): a flood of spoofed MACs
+    # must not fill the owner's Home Assistant with entities. Those beyond it are in the web UI only.
+    ha_devices_max: int = 200
 
 
 @dataclass
@@ -219,6 +222,7 @@ NUMBER_RANGES: dict[tuple[str, str], tuple[float, float, bool, str]] = {
     ("store", "querylog_max_rows"): (1000, 10**12, False, " (queries to keep)"),
     ("store", "flush_interval_s"): (0, 3600, True, " seconds"),
     ("mqtt", "outbox_max"): (2, 10**9, False, " (the outbox keeps a drop notice besides the alerts)"),
+    ("mqtt", "ha_devices_max"): (0, 10**6, False, " (0 announces the gateway alone)"),
 }
 
 

@@ -280,6 +280,46 @@ def test_home_assistant_discovery_and_removal(store, broker, running):
     rec.close()
 
 
+def test_home_assistant_gets_at_most_ha_devices_max_devices_approved_first_then_the_oldest(store, broker, running):
+    """A LAN host spoofing source MACs makes a device of each (the sniffer reports every sender): each became a
+    retained discovery config and seven entities in the owner's Home Assistant, without bound."""
+    now = time.time()
+    approved, late = "02:00:00:00:00:a1", "02:00:00:00:00:b1"
+    flood = [f"02:66:00:00:00:{i:02x}" for i in range(40)]
+    with store.transaction() as t:
+        for i, mac in enumerate(flood):
+            t.add(Device(mac=mac, first_seen=now + 1 + i, last_seen=now + 1 + i, status="new"))
+        t.add(Device(mac=approved, first_seen=now + 100, last_seen=now + 100, status="approved"))
+    rec = Recorder(broker, ["homeassistant/#", f"iotgw/{GW}/#"])
+    cfg = Config()
+    cfg.gateway.name, cfg.mqtt.url, cfg.mqtt.ha_devices_max = "home gw", broker.url, 3
+    alerts = Alerts(store, cfg)
+    alerts.start()
+    running.append(alerts)
+    gid = f"iotgw_{GW}"
+    node = {mac: f"{gid}_{mac.replace(':', '')}" for mac in (MAC1, MAC2, approved, late, *flood)}
+    # the gateway's state ends the first pass, which sent every config and device state before it
+    totals = rec.wait(lambda m: m.topic == f"iotgw/{GW}/state")[0].json()
+    assert totals["devices"] == 2 + len(flood) + 1  # the gateway still counts them all
+    configs = {m.topic for m in rec.on(lambda m: m.topic.endswith("/config") and m.payload)}
+    assert configs == {f"homeassistant/device/{n}/config" for n in (gid, node[approved], node[MAC1], node[MAC2])}
+    states = {m.topic for m in rec.on(lambda m: m.topic.endswith("/state") and "/device/" in m.topic)}
+    assert states == {f"iotgw/{GW}/device/{node[mac]}/state" for mac in (approved, MAC1, MAC2)}
+
+    # A device met now (the flood goes on) is not announced either; the passes after it say when it had its turn.
+    with store.transaction() as t:
+        t.add(Device(mac=late, first_seen=time.time(), last_seen=time.time(), status="new"))
+    alerts.device_changed(late)
+    rename(store, MAC1, "Toaster")
+    alerts.device_changed(MAC1)
+    rec.wait(lambda m: m.topic == f"homeassistant/device/{node[MAC1]}/config" and b"Toaster" in m.payload)
+    rename(store, MAC2, "Kettle")
+    alerts.device_changed(MAC2)
+    rec.wait(lambda m: m.topic == f"homeassistant/device/{node[MAC2]}/config" and b"Kettle" in m.payload)
+    assert not rec.on(lambda m: node[late] in m.topic)
+    rec.close()
+
+
 def test_an_address_keyed_device_merged_into_its_mac_leaves_home_assistant(tmp_path, broker):
     import asyncio
     import threading

@@ -93,6 +93,7 @@ def test_out_of_range_dns_numbers_name_file_and_line(tmp_path, line, message):
     ("store", "flush_interval_s = 0", r"store\.flush_interval_s: must be more than 0"),
     ("store", "flush_interval_s = nan", r"store\.flush_interval_s: must be a finite number"),
     ("mqtt", "outbox_max = 1", r"mqtt\.outbox_max: must be 2 or more"),
+    ("mqtt", "ha_devices_max = -1", r"mqtt\.ha_devices_max: must be 0 or more \(0 announces the gateway alone\)"),
     ("dns", "timeout_s = inf", r"dns\.timeout_s: must be a finite number, got inf"),
     ("dns", "cache_size = 99999999999999999", r"dns\.cache_size: must be at most"),
     ("web", 'listen = "0.0.0.0:80800"', r"web\.listen: '0\.0\.0\.0:80800': port out of range"),

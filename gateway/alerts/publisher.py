@@ -65,6 +65,8 @@ class Alerts:
         self.store = store
         self.gateway = topic_id(cfg.gateway.name)
         self.prefix = cfg.mqtt.discovery_prefix
+        self.ha_devices_max = cfg.mqtt.ha_devices_max
+        self._left_out = 0  # devices beyond ha_devices_max at the last read; said once while there are any
         self.policy = policy
         self.state_interval_s = state_interval_s
         self.max_inflight = max_inflight
@@ -344,7 +346,9 @@ class Alerts:
             via = json.loads(payload).get("device", {}).get("via_device")
         except (ValueError, AttributeError):
             return
-        if via == ha.gateway_id(self.gateway) and self._mac_of(node_id) is None:
+        # The map was read for this batch of messages: a miss is a ghost (or beyond ha_devices_max), and reading
+        # the device table again for each of thousands of retained configs would stall the publisher.
+        if via == ha.gateway_id(self.gateway) and node_id not in self._node_macs:
             log.info("removing Home Assistant entities of forgotten device %s", node_id)
             self.link.publish(topic, b"", retain=True)
             self.link.publish(ha.state_topic(self.gateway, node_id), b"", retain=True)
@@ -356,10 +360,23 @@ class Alerts:
         return self._node_macs.get(node_id)
 
     def _read_nodes(self) -> list[Device]:
-        """Every device in the store now, its node id -> MAC map kept."""
-        listed = devices.list_devices(self.store)
-        self._node_macs = {ha.device_id(self.gateway, d.mac): d.mac for d in listed}
-        return listed
+        """The devices announced to Home Assistant now, their node id -> MAC map kept."""
+        return self._announced(devices.list_devices(self.store))
+
+    def _announced(self, listed: list[Device]) -> list[Device]:
+        """Of every device in the store, those Home Assistant gets (at most ``ha_devices_max``: approved ones
+        first, then the oldest, so a later flood of spoofed MACs never pushes a known device out); keeps their
+        node id -> MAC map and says once when some are left out."""
+        chosen = sorted(listed, key=lambda d: (d.status != "approved", d.first_seen, d.mac))[: self.ha_devices_max]
+        self._node_macs = {ha.device_id(self.gateway, d.mac): d.mac for d in chosen}
+        self._note_left_out(len(listed) - len(chosen))
+        return chosen
+
+    def _note_left_out(self, count: int) -> None:
+        if count and not self._left_out:
+            log.warning("Home Assistant: [mqtt] ha_devices_max = %d reached; %d more devices are not announced "
+                        "(they are in the web UI)", self.ha_devices_max, count)
+        self._left_out = count
 
     def _discovery(self) -> None:
         with self._todo_lock:
@@ -404,6 +421,10 @@ class Alerts:
                 device = devices.get_device(self.store, mac).device
             except devices.NotFound:
                 continue
+            nid = ha.device_id(self.gateway, device.mac)
+            if nid not in self._node_macs and len(self._node_macs) >= self.ha_devices_max:
+                self._note_left_out(max(self._left_out, 1))  # the next full pass counts them all
+                continue
             self._publish_config(device, options)
             if not states_due:
                 counts = counts_since(self.store, _midnight()).get(mac, (0, 0))
@@ -425,7 +446,7 @@ class Alerts:
         self._next_states = time.monotonic() + self.state_interval_s
         listed = devices.list_devices(self.store)
         counts = counts_since(self.store, _midnight())
-        for device in listed:
+        for device in self._announced(listed):
             self._publish_device_state(device, counts.get(device.mac, (0, 0)))
         self._publish_json(
             ha.gateway_state_topic(self.gateway),
