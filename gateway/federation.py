@@ -91,7 +91,9 @@ def outbox_sender(store: Store, cfg: Config) -> Callable[[Alert], None]:
     """Record an alert the way the daemon does (checked against its payload contract, history + durable
     outbox); the running daemon's publisher sends it over MQTT when MQTT is configured. A round's outcome is
     also kept as the last round, which the web UI's model page shows."""
-    outbox = Outbox(store, max_rows=cfg.mqtt.outbox_max)
+    # Never trims: the daemon's publisher may hold the oldest rows with paho, and only it knows which (a few
+    # alerts a night; its next alert trims the outbox to the bound).
+    outbox = Outbox(store, max_rows=cfg.mqtt.outbox_max, trims=False)
 
     def send(alert: Alert) -> None:
         check(alert)

@@ -595,6 +595,47 @@ def test_overflow_spares_and_does_not_count_alerts_already_handed_to_the_broker(
         broker.stop()
 
 
+def test_alerts_of_the_federation_command_never_drop_what_the_daemon_handed_to_the_broker(store, tmp_path, running):
+    """`iotgw federation join` records its alerts through an outbox of its own, which cannot know what the daemon's
+    publisher handed to paho: its overflow deleted those rows and counted them as dropped although they arrived."""
+    from gateway.federation import outbox_sender
+
+    d = tmp_path / "paused"
+    d.mkdir()
+    broker = Mosquitto(d)
+    broker.start()
+    try:
+        rec = Recorder(broker, [f"iotgw/{GW}/event/#"])
+        cfg = Config()
+        cfg.gateway.name, cfg.mqtt.url, cfg.mqtt.outbox_max = "home gw", broker.url, 10
+        alerts = Alerts(store, cfg, max_inflight=3)
+        alerts.start()
+        running.append(alerts)
+        wait_until(alerts.link.connected.is_set)
+        broker.proc.send_signal(signal.SIGSTOP)  # connected, never acknowledging: what paho holds stays in flight
+        t0 = time.time()
+        n = 25
+        for i in range(3):
+            alerts.send(Alert("model_updated", t0 + i, None, {"version": f"{i}", "previous_version": None}))
+        wait_until(lambda: alerts.outbox.handed_over == 3)
+        federation = outbox_sender(store, cfg)  # as the federation process makes it
+        for i in range(3, n):
+            federation(Alert("federated_round", t0 + i, None, {"round": i, "status": "ok", "error": None}))
+        broker.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: outbox_rows(store) == 0, timeout=60)
+        bodies = [m.json() for m in rec.on(lambda m: True)]
+        delivered = {int(b["data"].get("version") or b["data"].get("round") or 0) for b in bodies
+                     if b["kind"] in ("model_updated", "federated_round")}
+        lost = [i for i in range(n) if i not in delivered]
+        assert {0, 1, 2} <= delivered
+        assert alerts.outbox.dropped_total() == len(lost)  # what was counted lost is what never arrived
+        rec.close()
+    finally:
+        if broker.proc:
+            broker.proc.send_signal(signal.SIGCONT)
+        broker.stop()
+
+
 def test_observed_events_become_presence_and_blocked_summaries(store, broker, running):
     rec = Recorder(broker, [f"iotgw/{GW}/event/#"])
     alerts = make_alerts(store, broker.url, running)

@@ -5,7 +5,9 @@ outage or a daemon restart loses nothing and keeps the order (the row id). The o
 ``max_rows`` the oldest alerts not yet handed to the MQTT client are dropped, the drop is counted (setting
 ``alerts_dropped_total``) and one ``alerts_dropped`` alert, kept up to date while the overflow lasts, says how
 many and from when to when.
-Any process may enqueue (the web UI too); the daemon's publisher polls the table.
+Any process may enqueue (the federation command too); the daemon's publisher polls the table. Only the
+publisher's process drops: another cannot know which rows the publisher has handed to the MQTT client, so its
+alerts may exceed the bound until the daemon's next alert trims it.
 """
 
 from __future__ import annotations
@@ -43,12 +45,14 @@ def lock_order(conn: Connection) -> None:
 class Outbox:
     """The outbox of one store. ``put`` is thread-safe; ``pending``/``remove`` are the publisher's."""
 
-    def __init__(self, store: Store, *, max_rows: int = 10_000, history_keep: int = HISTORY_KEEP) -> None:
+    def __init__(self, store: Store, *, max_rows: int = 10_000, history_keep: int = HISTORY_KEEP,
+                 trims: bool = True) -> None:
         if max_rows < 2:
             raise ValueError("outbox_max must be at least 2")
         self.store = store
         self.max_rows = max_rows
         self.history_keep = history_keep
+        self.trims = trims  # False outside the publisher's process: see the module's docstring
         # Rows up to this id are with the MQTT client already: a drop notice among them is not updated in
         # place (the client holds its old payload), a new one is written instead.
         self.handed_over = 0
@@ -68,7 +72,7 @@ class Outbox:
                     return 0
                 lock_order(conn)
                 conn.execute(_INSERT_OUTBOX, row)
-                full = conn.execute(_COUNT_OUTBOX).scalar_one() > self.max_rows
+                full = self.trims and conn.execute(_COUNT_OUTBOX).scalar_one() > self.max_rows
             if not full:
                 return 0
             with self.store.transaction() as s:
