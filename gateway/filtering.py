@@ -19,6 +19,7 @@ from sqlalchemy import select
 from gateway.devices.service import DEVICES_REVISION
 from gateway.dns.server import Decision
 from gateway.policyfile import load_policy, policy_path
+from gateway.statedir import file_stamp
 from gateway.store.db import Store
 from gateway.store.schema import Device
 from identifier.domains import sld
@@ -52,7 +53,7 @@ class Filtering:
         self.contexts: dict[str, DeviceContext] = {}  # the hot path adds devices it meets; refresh updates
         self._stored: set[str] = set()  # the devices whose contexts came from the device table
         self.anomalies: deque[tuple[float, str, str]] = deque(maxlen=10_000)  # (ts, mac, qname), drained
-        self._policy_mtime: float | None = None
+        self._policy_stamp: tuple | None = None  # file_stamp of the policy file last loaded; () forces a reload
         self._devices_revision: str | None = None
         self._firewall = QuarantineFirewall() if firewall else None
         self._firewall_macs: set[str] = set()
@@ -117,14 +118,14 @@ class Filtering:
     def set_profiles(self, profiles: dict[str, list[str]]) -> None:
         """New learned profiles (a new model): the policy is rebuilt with them at the next ``refresh``."""
         self.profiles = profiles
-        self._policy_mtime = -1.0  # never a real mtime
+        self._policy_stamp = ()  # never a real stamp
 
     def refresh(self) -> bool:
         """Reload the policy file and the device table when either changed; True when anything did."""
         changed = False
         path = policy_path(self.state_dir)
-        mtime = path.stat().st_mtime if path.exists() else None
-        if mtime != self._policy_mtime:
+        stamp = file_stamp(path)
+        if stamp != self._policy_stamp:
             try:
                 data = load_policy(self.state_dir)
                 self.engine = PolicyEngine.build(data, self.profiles, base_dir=self.state_dir, previous=self.engine)
@@ -133,7 +134,7 @@ class Filtering:
                 log.info("policy: revision %s loaded", data.revision)
             except Exception as exc:  # keep the last good policy; say why the new one is refused
                 log.error("policy: %s not loaded, keeping revision %s: %s", path, self.engine.revision, exc)
-            self._policy_mtime = mtime
+            self._policy_stamp = stamp
             changed = True
         revision = self.store.get_setting(DEVICES_REVISION)
         if changed or revision != self._devices_revision:

@@ -62,6 +62,18 @@ def create_private(path: Path, *, directory: bool = False, exclusive: bool = Tru
     return fd
 
 
+def file_stamp(path: Path) -> tuple[int, int, int, int, int] | None:
+    """What tells one version of ``path`` from the next (None when there is none): its inode and size as well as
+    its times in nanoseconds. A float mtime alone misses a save within one timestamp tick (a jiffy on kernels
+    before multigrain timestamps, a second on ext4 with small inodes), and ``write_private`` makes a new inode
+    each time."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def write_private(path: Path, data: bytes, *, replace: bool = True) -> bool:
     """Write ``data`` to ``path`` whole: into a private file beside it (``create_private``), synced, then renamed
     over ``path``, so a reader or a power cut meets the old file or the new one, never half of one.

@@ -69,6 +69,23 @@ def test_approval_applies_and_a_forgotten_device_is_new_again(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and nftables need root")
+def test_a_second_policy_save_within_one_mtime_tick_is_still_loaded(tmp_path):
+    """The policy was reloaded when its float mtime changed. Two saves within one timestamp tick (a jiffy on a
+    Pi's kernel, a second on ext4 with 128-byte inodes) share it: the second, saved after the daemon read the
+    first, was never loaded. Setting the second file's mtime to the first's is what such a filesystem does."""
+    store = Store(f"sqlite:///{tmp_path / 'iotgw.sqlite'}")
+    _quarantine_on(tmp_path)
+    filtering = Filtering(store, tmp_path)
+    filtering.refresh()
+    filtering.seen(MAC)
+    assert _decide(filtering, MAC, "shop.example") == "blocked"
+    first = os.stat(tmp_path / "policy.json").st_mtime_ns
+    save_policy(tmp_path, PolicySet())  # quarantine off again, within the same tick
+    os.utime(tmp_path / "policy.json", ns=(first, first))
+    assert filtering.refresh()
+    assert _decide(filtering, MAC, "shop.example") == "allowed"
+
+
 def test_a_client_without_a_mac_getting_a_cname_answer_keeps_the_quarantine_set_in_sync(tmp_path):
     netns = f"iqu{os.getpid() % 100000}"
     subprocess.run(["ip", "netns", "add", netns], check=True, capture_output=True, timeout=20)
