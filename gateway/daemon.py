@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
@@ -56,6 +57,14 @@ ALERT_FEED_MAX = 50_000
 ANNOUNCE_GRACE_S = 3.0
 
 
+@dataclass(frozen=True)
+class Removed:
+    """On the alert feed: a device forgotten (deleted by the owner, or merged into its MAC). It travels behind the
+    events queued before it, which would otherwise mark the device present again after its removal."""
+
+    key: str
+
+
 class Gateway:
     def __init__(self, cfg: Config, store: Store, *, firewall: bool = False) -> None:
         self.cfg = cfg
@@ -91,7 +100,7 @@ class Gateway:
         self._announce_due: dict[str, tuple[float, Alert]] = {}  # address key -> (monotonic due, its new_device)
         self._store_failing = False  # the configuration database refused a write (full disk) and has not since
         # What the alert thread records, in the consumer's order; None ends it.
-        self._alert_feed: queue.SimpleQueue[Event | Alert | None] = queue.SimpleQueue()
+        self._alert_feed: queue.SimpleQueue[Event | Alert | Removed | None] = queue.SimpleQueue()
         self._alert_thread: threading.Thread | None = None
         self._closing = asyncio.Event()  # stop() asks the flush loop to end after the write under way
         self._flusher: asyncio.Task | None = None
@@ -314,19 +323,28 @@ class Gateway:
         self._changed_windows.discard(key)
         self._pending_identities = [p for p in self._pending_identities if p[0] != key]
         self._closed_windows = [w for w in self._closed_windows if w[0] != key]
-        self.alerts.device_removed(key)
+        self._device_removed(key)
+
+    def _device_removed(self, key: str) -> None:
+        """Tell the alerts ``key`` is gone, after the events the alert thread still has of it (from any thread)."""
+        if self._alert_thread is not None and self._alert_thread.is_alive():
+            self._alert_feed.put(Removed(key))
+        else:  # before start, or after stop ended the thread (the final flush)
+            self.alerts.device_removed(key)
 
     def alert(self, alert: Alert) -> None:
         """Hand ``alert`` to the alert thread: recording it is a database write, never done on the event loop."""
         self._alert_feed.put(alert)
 
     def _record_alerts(self) -> None:
-        """The alert thread: feeds events to presence and the blocked-query summaries and records alerts, in
-        the consumer's order, until ``stop`` ends the feed."""
+        """The alert thread: feeds events to presence and the blocked-query summaries, records alerts and tells
+        the alerts of removed devices, in the consumer's order, until ``stop`` ends the feed."""
         while (item := self._alert_feed.get()) is not None:
             try:
                 if isinstance(item, Alert):
                     self.alerts.send(item)
+                elif isinstance(item, Removed):
+                    self.alerts.device_removed(item.key)
                 else:
                     self.alerts.observe(item)  # may record a device's "online" alert
             except OperationalError as exc:  # nowhere to store it: lost, counted, and said once
@@ -483,7 +501,7 @@ class Gateway:
         # A merged address-keyed device is gone from the store: without this its Home Assistant device stayed
         # until the next full sync. Said after the merge is written, so an earlier batch cannot republish it.
         for old_key, _ in tracked.merges:
-            self.alerts.device_removed(old_key)
+            self._device_removed(old_key)
         if not (identities or windows):
             return gone
         with self.store.transaction() as s:

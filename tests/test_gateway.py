@@ -404,6 +404,50 @@ def test_a_device_deleted_in_the_web_ui_is_forgotten_and_comes_back_as_new(tmp_p
         eventually(lambda: [a.mac for a in recent_alerts(gw.store, kind="new_device")].count(mac) == 2)
 
 
+def test_a_deleted_device_is_not_marked_present_again_by_its_events_still_queued_for_the_alert_thread(
+        tmp_path, upstream):
+    """The alert thread waits on the database (another writer holds its lock) while a device's packets queue up
+    behind it; the owner deletes the device meanwhile. Its removal reached presence at once, and the packets queued
+    before it then marked it present again: ten minutes later came a device_offline alert for a deleted device."""
+    import sqlite3
+
+    from sqlalchemy import delete
+
+    from gateway.alerts import recent_alerts
+    from gateway.events import DhcpSeen
+    from gateway.store.schema import Address, Device, DeviceName, DhcpFingerprint
+
+    mac, stall, marker = "02:aa:bb:cc:dd:10", "02:aa:bb:cc:dd:11", "02:aa:bb:cc:dd:12"
+    with RunningGateway(tmp_path, upstream) as gw:
+        tracker = gw.gateway.tracker
+        gw.dhcp(mac, "127.0.0.96", "cam")
+        eventually(lambda: mac in tracker.devices and tracker.devices[mac].stored is not None
+                   and tracker.devices[mac].stored <= tracker.written)
+        # deleted as the web UI does, but unnoticed until the policy file below moves
+        with gw.store.transaction() as s:
+            for table in (Address, DeviceName, DhcpFingerprint):
+                s.execute(delete(table).where(table.mac == mac))
+            s.execute(delete(Device).where(Device.mac == mac))
+        lock = sqlite3.connect(tmp_path / "state" / "iotgw.sqlite", isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            gw.dhcp(stall, "127.0.0.97", "stall")  # its new_device alert waits for the lock, and the feed behind it
+            later = time.time()  # before the marker's: idle no shorter than it
+            gw.gateway.ingest([DhcpSeen(later, mac, "127.0.0.96", hostname="cam")])
+            eventually(lambda: tracker.devices[mac].last_seen == later)  # handled: queued for the alert thread
+            save_policy(gw.cfg.state_dir, load_policy(gw.cfg.state_dir))
+            eventually(lambda: mac not in tracker.devices)  # the delete is noticed
+            gw.dhcp(marker, "127.0.0.98", "marker")
+        finally:
+            lock.execute("COMMIT")
+            lock.close()
+        eventually(lambda: recent_alerts(gw.store, kind="new_device", mac=marker), timeout=30)
+        gw.gateway.alerts.presence.idle_timeout_s = 1.0
+        eventually(lambda: recent_alerts(gw.store, kind="device_offline", mac=marker))
+        assert not recent_alerts(gw.store, kind="device_offline", mac=mac)
+        assert not gw.gateway.alerts.presence.is_online(mac)
+
+
 def test_a_row_the_database_refuses_loses_only_its_own_devices_changes(tmp_path, upstream):
     from sqlalchemy import text
 
