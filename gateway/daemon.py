@@ -95,6 +95,7 @@ class Gateway:
         self._window_start: dict[str, float] = {}
         self._window_due: dict[str, float] = {}  # device key -> monotonic time its window closes by itself
         self._pending_identities: list[tuple[str, float, object]] = []  # written by the next flush
+        self._merged_since_take: dict[str, str] = {}  # address key -> MAC, merged while a flush is being written
         self._closed_windows: list[tuple[str, float, list[dict]]] = []
         self._changed_windows: set[str] = set()  # open windows with observations the store has not seen
         self._announce_due: dict[str, tuple[float, Alert]] = {}  # address key -> (monotonic due, its new_device)
@@ -264,11 +265,15 @@ class Gateway:
                 table.pop(old, None)
             self._changed_windows.discard(old)
             self._closed_windows = [w for w in self._closed_windows if w[0] != old]
-            # An answer decided under the address and not written yet (the address-keyed device is gone from the
-            # next batch) is the device's first if the device is new, and stale if it is not.
-            first_minute = new in self._window_start
-            self._pending_identities = [(new if k == old else k, ts, identity)
-                                        for k, ts, identity in self._pending_identities if k != old or first_minute]
+            self._pending_identities = self._follow_merge(self._pending_identities, old, new)
+            self._merged_since_take[old] = new
+
+    def _follow_merge(self, identities: list[tuple[str, float, object]], old: str,
+                      new: str) -> list[tuple[str, float, object]]:
+        """An answer decided under the address ``old`` and not written yet (the address-keyed device is gone from
+        the next batch) is the device's first if the device is new, and stale if it is not."""
+        first_minute = new in self._window_start
+        return [(new if k == old else k, ts, identity) for k, ts, identity in identities if k != old or first_minute]
 
     def _identified(self, key: str, identity) -> None:  # noqa: ANN001 - identifier.stream.Identity
         identity = identity.claimed()  # an unknown device's closest match stays among its alternatives
@@ -454,6 +459,8 @@ class Gateway:
         """Undo ``_take`` for a batch the store refused (on the loop thread, like ``_take``)."""
         tracked, identities, windows = batch
         self.tracker.restore(tracked)
+        for old, new in self._merged_since_take.items():  # merged while this batch was out: as if still pending
+            identities = self._follow_merge(identities, old, new)
         self._pending_identities[:0] = identities
         for key, start, observations in windows:
             if key in self._windows:  # still open: its newest state is written, not this copy
@@ -464,6 +471,7 @@ class Gateway:
     def _take(self) -> tuple:
         """Detach what the next write stores (on the loop thread, so the consumer never races the writer)."""
         identities, self._pending_identities = self._pending_identities, []
+        self._merged_since_take = {}
         windows, self._closed_windows = self._closed_windows, []
         # Open windows that grew are written too, so a confirmation in the web UI finds what the device sent.
         snapshot = [(k, self._window_start[k], list(self._windows[k])) for k in self._changed_windows]

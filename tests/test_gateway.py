@@ -316,6 +316,42 @@ def test_an_identification_of_an_address_keyed_device_follows_it_into_its_mac(tm
             assert window is not None and {o["kind"] for o in window.observations} == {"dhcp"}
 
 
+def test_an_identification_of_an_address_keyed_device_follows_it_into_its_mac_after_a_failed_flush(tmp_path,
+                                                                                                   upstream):
+    """Identified under its address and taken by a flush; mapped to its MAC while that flush waited on the
+    database; the flush then failed (a full disk) and took its batch back, the identification still under the
+    address, which the merge had removed: the next flush dropped it as the identification of a deleted device."""
+    import sqlite3
+
+    from gateway.events import AddressSeen, DhcpSeen, DnsQuery
+
+    mac, ip = "02:aa:bb:cc:dd:13", "127.0.0.99"
+    with RunningGateway(tmp_path, upstream) as gw:
+        lock = sqlite3.connect(tmp_path / "state" / "iotgw.sqlite", isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            t0 = time.time()
+            # two queries a window apart: the second ends the window, and its identification is due
+            gw.gateway.ingest([DnsQuery(t0, ip, None, "www.example.test", 1, "example.test"),
+                               DnsQuery(t0 + 61, ip, None, "www.example.test", 1, "example.test")])
+            # taken by a flush, whose write now waits for the lock
+            eventually(lambda: f"ip:{ip}" in gw.gateway.tracker.devices and not gw.gateway._pending_identities
+                       and gw.gateway.tracker.devices[f"ip:{ip}"].stored is not None)
+            gw.gateway.ingest([DhcpSeen(t0 + 62, mac, ip, hostname="thing"), AddressSeen(t0 + 62, mac, ip, "dhcp")])
+            eventually(lambda: f"ip:{ip}" not in gw.gateway.tracker.devices)  # merged meanwhile
+            # the identification's row fails as on a full disk (an OperationalError), once
+            lock.execute("CREATE TRIGGER fail BEFORE INSERT ON identifications "
+                         "BEGIN SELECT * FROM no_such_table; END")
+        finally:
+            lock.execute("COMMIT")
+        eventually(lambda: gw.gateway.counters.get("store_errors") >= 1)
+        lock.execute("DROP TRIGGER fail")
+        lock.close()
+        detail = eventually(lambda: get_device(gw.store, mac).identifications)
+        assert len(detail) == 1 and detail[0].decided_after_s is None
+        assert f"ip:{ip}" not in {d.mac for d in list_devices(gw.store)}
+
+
 def test_a_known_device_at_a_new_address_keeps_its_identification(tmp_path, upstream, monkeypatch):
     """A device whose first query from a new address came before its MAC was known there (a new lease) met the
     gateway as an address-keyed device, merged into its MAC moments later. Its window and session moved to the
