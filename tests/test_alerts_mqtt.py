@@ -374,6 +374,24 @@ def test_configs_of_devices_forgotten_while_down_are_removed(store, broker, runn
     rec.close()
 
 
+def test_only_retained_configs_are_checked_not_the_echo_of_a_live_publish(store, broker, running):
+    """The publisher hears its own discovery configs back (MQTT 3.1.1 has no no-local): the echo of a config sent
+    before a deletion unpublished the device a second time, and every rediscovery made one table read per echo.
+    Only a config left on the broker (retained, met on subscribing) can be a ghost."""
+    rec = Recorder(broker, ["homeassistant/#"])
+    make_alerts(store, broker.url, running)
+    rec.wait(lambda m: m.topic.endswith("/config"), count=3)
+    rec.clear()
+    echo = f"homeassistant/device/iotgw_{GW}_0200000000bb/config"  # hangs under this gateway, in no device row
+    device = {"identifiers": [f"iotgw_{GW}_0200000000bb"], "via_device": f"iotgw_{GW}"}
+    rec.publish(echo, json.dumps({"device": device, "origin": {"name": "iotgw"}, "components": {}}), retain=False)
+    # Handled after the echo, in order, by the same thread: any removal of the echo comes before the rediscovery.
+    rec.publish("homeassistant/status", "online")
+    rec.wait(lambda m: m.topic == f"homeassistant/device/iotgw_{GW}/config")
+    assert not rec.on(lambda m: m.topic == echo and not m.payload)
+    rec.close()
+
+
 def test_a_device_deleted_during_a_failing_publishing_pass_still_leaves_home_assistant(store, broker, running,
                                                                                      tmp_path):
     """A publishing pass took the pending removals and then failed on the database; the removal was lost with it,

@@ -73,7 +73,7 @@ class MqttLink:
         *,
         subscriptions: list[str],
         on_connect: Callable[[], None],
-        on_message: Callable[[str, bytes], None],
+        on_message: Callable[[str, bytes, bool], None],
         on_ack: Callable[[int], None],
         max_inflight: int = 100,
     ) -> None:
@@ -155,7 +155,7 @@ class MqttLink:
         self.connected.clear()
 
     def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
-        self._on_message_cb(message.topic, message.payload)
+        self._on_message_cb(message.topic, message.payload, bool(message.retain))
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # noqa: ANN001
         self._on_ack_cb(mid)

@@ -211,8 +211,11 @@ class Alerts:
             self._states_due = True
         self._wake.set()
 
-    def _message(self, topic: str, payload: bytes) -> None:
-        self._messages.append((topic, payload))
+    def _message(self, topic: str, payload: bytes, retained: bool) -> None:
+        # A discovery config that is not retained is the echo of one we (or another client) just sent, not
+        # one left on the broker: checked against the device table it would unpublish a device deleted since.
+        if retained or not topic.startswith(f"{self.prefix}/device/"):
+            self._messages.append((topic, payload))
         self._wake.set()
 
     def _ack(self, mid: int) -> None:
