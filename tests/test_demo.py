@@ -109,3 +109,20 @@ def test_demo_with_a_bad_option_says_which_and_starts_nothing(tmp_path, flag, va
     assert proc.returncode == 2, proc.stderr[-2000:]  # argparse's usage error
     assert f"argument {flag}: " in proc.stderr and said in proc.stderr and "Traceback" not in proc.stderr
     assert not list(tmp_path.glob("iotgw-demo-*"))
+
+
+def test_devices_command_the_demo_prints_after_it_ended_says_there_is_no_database_and_creates_nothing(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "demo", "--duration", "3", "--web-port", str(free_port()),
+         "--dns-port", str(free_port()), "--devices", "1"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=demo_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = re.search(r"iotgw devices --db (\S+)", proc.stdout)
+    assert m, proc.stdout
+    assert not list(tmp_path.glob("iotgw-demo-*"))
+    for command in ("devices", "queries"):  # run as the demo said, once it has ended
+        shown = subprocess.run([sys.executable, "-m", "gateway.cli", command, "--db", m.group(1)],
+                               capture_output=True, text=True, timeout=60, cwd=tmp_path, env=demo_env(tmp_path))
+        assert shown.returncode == 1 and "no database at" in shown.stderr, shown.stderr[-2000:]
+        assert "Traceback" not in shown.stderr
+        assert not list(tmp_path.glob("iotgw-demo-*")), "reading the ended demo's database recreated its directory"

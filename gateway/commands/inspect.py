@@ -6,8 +6,12 @@ import argparse
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from gateway.cli import add_state_args, config_from_args
+
+if TYPE_CHECKING:
+    from gateway.store.db import Store
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -28,9 +32,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def cmd_devices(args: argparse.Namespace) -> int:
     from gateway.devices.service import list_devices
-    from gateway.store.db import Store
 
-    store = Store(config_from_args(args).db_url)
+    store = _existing_store(args)
+    if store is None:
+        return 1
     rows = [
         {
             "mac": d.mac, "name": d.name, "name_source": d.name_source, "vendor": d.vendor, "status": d.status,
@@ -54,10 +59,11 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_queries(args: argparse.Namespace) -> int:
-    from gateway.store.db import Store
     from gateway.store.querylog import recent
 
-    store = Store(config_from_args(args).db_url)
+    store = _existing_store(args)
+    if store is None:
+        return 1
     for q in recent(store, mac=args.device.lower() if args.device else None, search=args.search,
                     limit=args.limit):
         row = {"ts": q.ts, "client": q.client, "mac": q.mac, "qname": q.qname, "qtype": q.qtype, "sld": q.sld,
@@ -69,6 +75,21 @@ def cmd_queries(args: argparse.Namespace) -> int:
             seen = time.strftime("%H:%M:%S", time.localtime(q.ts))
             print(f"{seen} {q.client:<16} {q.mac or '':<20} {q.verdict:<11} {q.qname}")
     return 0
+
+
+def _existing_store(args: argparse.Namespace) -> Store | None:
+    """The store to read, or None (said on stderr) when its SQLite file does not exist: these commands only
+    read, and opening a stale path (a demo's removed state directory, a typo) would create it empty."""
+    from gateway.store.db import Store, missing_sqlite_file
+
+    url = config_from_args(args).db_url
+    missing = missing_sqlite_file(url)
+    if missing is not None:
+        print(f"iotgw {args.command}: no database at {missing}: nothing has run with this --db or --config "
+              "(`iotgw run` and `iotgw demo` create it; a demo's temporary one is removed when the demo ends)",
+              file=sys.stderr)
+        return None
+    return Store(url)
 
 
 def _cut(value: str | None, width: int) -> str:

@@ -31,6 +31,16 @@ def querylog_url(url: str) -> str:
     return url
 
 
+def missing_sqlite_file(url: str) -> Path | None:
+    """The SQLite file ``url`` names when it does not exist (else None): a command that only reads opening it
+    would create an empty database, and with it any missing directory, at a mistyped or stale path."""
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite" or u.database in (None, "", ":memory:"):
+        return None
+    path = Path(u.database)
+    return None if path.exists() else path
+
+
 class Store:
     """Both databases of one gateway. ``Store(url)`` opens and migrates them."""
 
