@@ -10,8 +10,9 @@ import importlib
 import logging
 import math
 import sys
+from collections.abc import Callable
 
-from gateway.config import Config, ConfigError, check_addresses, load
+from gateway.config import Config, ConfigError, check_addresses, check_database_url, check_mqtt_url, load
 
 COMMAND_MODULES = (
     "gateway.commands.daemon",  # run, demo, replay
@@ -102,11 +103,21 @@ def tcp_port(text: str) -> int:
     return port
 
 
+def checked_flag(flag: str, check: Callable[[str], object], value: str) -> str:
+    """``value`` once ``check`` passes it; ConfigError naming the flag otherwise (the config file's own checks
+    name its file and line, which would point at the wrong place)."""
+    try:
+        check(value)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {exc}") from exc
+    return value
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """The config file with the command line's flags on top."""
     cfg = load(args.config)
     if getattr(args, "db", None):
-        cfg.store.url = args.db
+        cfg.store.url = checked_flag("--db", check_database_url, args.db)
     for flag, key in (("dns_listen", "listen"), ("upstream", "upstreams"), ("lan", "lan")):
         value = getattr(args, flag, None)
         if value:
@@ -120,7 +131,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if getattr(args, "no_sniff", False):
         cfg.capture.sniff = False
     if getattr(args, "mqtt", None):
-        cfg.mqtt.url = args.mqtt
+        cfg.mqtt.url = checked_flag("--mqtt", check_mqtt_url, args.mqtt)
     if getattr(args, "state_dir", None):
         cfg.gateway.state_dir = args.state_dir
     return cfg

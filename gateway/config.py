@@ -195,6 +195,11 @@ def validate(cfg: Config, text: str | None = None) -> None:
         problem = _range_problem(getattr(getattr(cfg, section), key), *limits)
         if problem:
             raise ConfigError(f"{where(key, section)}: {problem}")
+    if cfg.store.url:
+        try:
+            check_database_url(cfg.store.url)
+        except ValueError as exc:
+            raise ConfigError(f"{where('url', 'store')}: {exc}") from exc
     if cfg.mqtt.url:
         try:
             check_mqtt_url(cfg.mqtt.url)
@@ -244,6 +249,21 @@ def check_mqtt_url(url: str) -> None:
     from gateway.alerts.mqtt import parse_url  # late: paho loads only when MQTT is configured
 
     parse_url(url)
+
+
+def check_database_url(url: str) -> None:
+    """ValueError (password hidden) unless SQLAlchemy can read ``url`` and has its database's dialect; left
+    unchecked, a path or a misspelt scheme failed with a traceback from deep inside SQLAlchemy."""
+    from sqlalchemy.engine import make_url  # late: only a configured URL needs SQLAlchemy here
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        make_url(url).get_dialect()
+    except (ArgumentError, NoSuchModuleError):
+        raise ValueError(
+            f"{redact_url(url)!r} is not a database URL: sqlite:////path/to/iotgw.sqlite or "
+            "postgresql://user:password@host/iotgw"
+        ) from None
 
 
 def discovery_prefix_problem(prefix: str) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from gateway.cli import build_parser, config_from_args
@@ -164,3 +166,20 @@ def test_a_lan_flag_that_is_not_a_prefix_is_refused_naming_the_flag(tmp_path):
     args = build_parser().parse_args(["run", "--config", str(write(tmp_path, "")), "--lan", "10.0.0.0/33"])
     with pytest.raises(ConfigError, match=r"--lan: '10\.0\.0\.0/33' is not a network prefix"):
         config_from_args(args)
+
+
+@pytest.mark.parametrize(("flag", "value", "said"), [
+    ("--db", "/var/lib/iotgw/iotgw.sqlite", "is not a database URL"),  # a path, not a URL
+    ("--db", "postgres://u:secret@h/iotgw", "is not a database URL"),  # SQLAlchemy knows only postgresql://
+    ("--mqtt", "http://broker:1883", "scheme must be mqtt:// or mqtts://"),
+])
+def test_a_malformed_db_or_mqtt_flag_is_refused_naming_the_flag(tmp_path, flag, value, said):
+    args = build_parser().parse_args(["run", "--config", str(write(tmp_path, "")), flag, value])
+    with pytest.raises(ConfigError, match=rf"^{flag}: .*{re.escape(said)}") as caught:
+        config_from_args(args)
+    assert "secret" not in str(caught.value)
+
+
+def test_a_store_url_that_is_no_database_url_names_file_line_and_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"iotgw\.toml:3: store\.url: 'sqlite:/x' is not a database URL"):
+        load(write(tmp_path, '[store]\nquerylog_days = 9\nurl = "sqlite:/x"\n'))

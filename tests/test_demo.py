@@ -126,3 +126,12 @@ def test_devices_command_the_demo_prints_after_it_ended_says_there_is_no_databas
         assert shown.returncode == 1 and "no database at" in shown.stderr, shown.stderr[-2000:]
         assert "Traceback" not in shown.stderr
         assert not list(tmp_path.glob("iotgw-demo-*")), "reading the ended demo's database recreated its directory"
+
+
+def test_demo_with_a_malformed_mqtt_url_says_so_and_starts_nothing(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "demo", "--mqtt", "bogus://broker", "--duration", "5",
+                           "--web-port", str(free_port()), "--dns-port", str(free_port())],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path, env=demo_env(tmp_path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "--mqtt: MQTT URL 'bogus://broker': scheme must be mqtt:// or mqtts://" in proc.stderr, proc.stderr
+    assert "log in as admin" not in proc.stdout and not list(tmp_path.glob("iotgw-demo-*"))

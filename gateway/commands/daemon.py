@@ -15,7 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gateway.cli import add_state_args, config_from_args, positive_count, tcp_port
+from gateway.cli import add_state_args, checked_flag, config_from_args, positive_count, tcp_port
+from gateway.config import check_mqtt_url
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ def _has_net_admin() -> bool:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.mqtt:  # before anything starts: a bad URL would otherwise end the demo in a traceback
+        checked_flag("--mqtt", check_mqtt_url, args.mqtt)
     temporary = not args.state_dir
     state = Path(args.state_dir or tempfile.mkdtemp(prefix="iotgw-demo-"))
     try:
