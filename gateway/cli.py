@@ -80,6 +80,18 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def seconds_or_zero(text: str) -> float:
+    """An argparse type for a limit in seconds where 0 means none: a finite number, 0 or more. A negative or
+    NaN ``--duration`` ended the demo at once, after it had printed an address and a login that no longer work."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds, 0 or more")
+    return value
+
+
 def positive_count(text: str) -> int:
     """An argparse type for how many of something: a whole number above 0, refused with a usage error rather
     than a traceback from deep inside the command."""

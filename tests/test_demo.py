@@ -102,7 +102,9 @@ def test_demo_ended_by_ctrl_c_or_sigterm_exits_cleanly_and_removes_its_temporary
 
 
 @pytest.mark.parametrize(("flag", "value", "said"), [("--devices", "-1", "must be above 0"),
-                                                     ("--dns-port", "70000", "is not a port")])
+                                                     ("--dns-port", "70000", "is not a port"),
+                                                     ("--duration", "-5", "0 or more"),
+                                                     ("--duration", "nan", "0 or more")])
 def test_demo_with_a_bad_option_says_which_and_starts_nothing(tmp_path, flag, value, said):
     proc = subprocess.run([sys.executable, "-m", "gateway.cli", "demo", flag, value, "--duration", "5"],
                           capture_output=True, text=True, timeout=60, cwd=tmp_path, env=demo_env(tmp_path))

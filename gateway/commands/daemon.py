@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gateway.cli import add_state_args, checked_flag, config_from_args, positive_count, tcp_port
+from gateway.cli import add_state_args, checked_flag, config_from_args, positive_count, seconds_or_zero, tcp_port
 from gateway.config import check_mqtt_url
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--state-dir", metavar="DIR",
                       help="keep state here (default: a temporary directory, removed when the demo ends)")
     demo.add_argument("--mqtt", metavar="URL", help="also publish alerts to this MQTT broker")
-    demo.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: run until ^C)")
+    demo.add_argument("--duration", type=seconds_or_zero, default=0,
+                      help="stop after this many seconds (0: run until ^C)")
     demo.set_defaults(func=cmd_demo)
 
     replay = sub.add_parser("replay", help="feed pcap files through the capture path into the store")
