@@ -9,6 +9,8 @@ import argparse
 import importlib
 import logging
 import math
+import os
+import select
 import sys
 from collections.abc import Callable
 
@@ -36,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)  # one line per migration step is noise
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, so a reader that left (`| head`) is met below rather than at exit
+        return code
     except ConfigError as exc:
         print(f"iotgw: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -45,6 +49,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        if not stdout_reader_gone():
+            raise
+        # `iotgw queries | head`: the reader has what it wanted. Later writes (the interpreter's own flush at
+        # exit) go nowhere rather than raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def stdout_reader_gone() -> bool:
+    """True when stdout is a pipe whose reader has closed it; a broken pipe elsewhere (a socket) is an error."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def permission_message(exc: PermissionError) -> str:

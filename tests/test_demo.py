@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -137,3 +138,21 @@ def test_demo_with_a_malformed_mqtt_url_says_so_and_starts_nothing(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "--mqtt: MQTT URL 'bogus://broker': scheme must be mqtt:// or mqtts://" in proc.stderr, proc.stderr
     assert "log in as admin" not in proc.stdout and not list(tmp_path.glob("iotgw-demo-*"))
+
+
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+@pytest.mark.parametrize("as_json", [[], ["--json"]])
+def test_device_list_piped_to_a_reader_that_left_ends_without_a_traceback(tmp_path, as_json, unbuffered):
+    db = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
+    Store(db).close()
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `| head` does once it has its lines; here before the first one is written
+    try:
+        proc = subprocess.run([sys.executable, "-m", "gateway.cli", "devices", "--db", db, *as_json],
+                              stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=60, cwd=tmp_path,
+                              env={**demo_env(tmp_path), "PYTHONUNBUFFERED": unbuffered})
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 1
