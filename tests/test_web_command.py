@@ -3,6 +3,8 @@ to the login."""
 
 from __future__ import annotations
 
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -80,3 +82,29 @@ def test_iotgw_web_serves_the_login_on_the_listen_address(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_iotgw_web_without_a_password_names_the_set_password_command_for_its_own_database(tmp_path):
+    db = f"sqlite:///{tmp_path / 'my state' / 'iotgw.sqlite'}"  # not the default, and with a space to quote
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "web", "--db", db, "--state-dir", str(tmp_path),
+                             "--listen", f"127.0.0.1:{port}"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    try:
+        for line in proc.stderr:  # ends when the process does
+            if "no admin password yet" in line:
+                break
+        hint = re.search(r"run `(iotgw user set-password[^`]*)`", line)
+        assert hint, line
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    argv = shlex.split(hint.group(1))
+    # Checked before running it: without --db it would set the password of the machine's default database.
+    assert argv[:3] == ["iotgw", "user", "set-password"] and argv[3:] == ["--db", db], argv
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", *argv[1:]], input="a long password\n",  # as told
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert accounts.has_password(Store(db, migrate=False))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 
 from gateway.cli import add_state_args, config_from_args
 from gateway.config import ConfigError, parse_hostport
@@ -37,6 +38,9 @@ def _web(args: argparse.Namespace) -> int:
     shown = f"[{host}]" if ":" in host else host
     log.info("web UI on http://%s:%d/", shown, port)
     if not accounts.has_password(store):
-        log.warning("no admin password yet: open the web UI from the LAN, or run `iotgw user set-password`")
+        # The same --config and --db, or the password would go to another database than the one served.
+        same = "".join(f" --{flag} {shlex.quote(value)}" for flag, value in (("config", args.config), ("db", args.db))
+                       if value)
+        log.warning("no admin password yet: open the web UI from the LAN, or run `iotgw user set-password%s`", same)
     serve(store, cfg, host, port)
     return 0
