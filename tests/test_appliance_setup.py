@@ -128,3 +128,11 @@ def test_set_key_cases() -> None:
     assert set_key('[gateway]\nname = "x"\n', "capture", "interface", '"e"').endswith(
         '\n\n[capture]\ninterface = "e"\n'
     )
+
+
+def test_setup_without_a_terminal_names_the_set_password_command_for_its_own_config(tmp_path: Path) -> None:
+    path = example_config(tmp_path)
+    proc = run_setup("--config", str(path), "--interface", "lo")  # stdin is not a terminal: it cannot prompt
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Without --config the command would set the password of the default config's database, not this one's.
+    assert f"run `sudo iotgw user set-password --config {path}` to set it" in proc.stdout, proc.stdout

@@ -8,6 +8,7 @@ import argparse
 import importlib.util
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -160,14 +161,16 @@ def write_checked(path: Path, text: str) -> None:
 
 
 def set_admin_password(config: Path) -> None:
+    # Named with this config unless it is the default: the password must go to the database it configures.
+    again = "sudo iotgw user set-password" + ("" if config == DEFAULT_PATH else f" --config {shlex.quote(str(config))}")
     if importlib.util.find_spec("webui") is None or not sys.stdin.isatty():
-        print("Admin password: run `sudo iotgw user set-password` to set it.")
+        print(f"Admin password: run `{again}` to set it.")
         return
     proc = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "user", "set-password", "--config", str(config)]
     )
     if proc.returncode != 0:
-        print("Admin password not set: run `sudo iotgw user set-password` to set it.")
+        print(f"Admin password not set: run `{again}` to set it.")
 
 
 ROUTER_GUIDE = """
