@@ -259,7 +259,7 @@ def check_database_url(url: str) -> None:
 
     try:
         make_url(url).get_dialect()
-    except (ArgumentError, NoSuchModuleError):
+    except (ArgumentError, NoSuchModuleError, ValueError):  # ValueError: a port that is no number
         raise ValueError(
             f"{redact_url(url)!r} is not a database URL: sqlite:////path/to/iotgw.sqlite or "
             "postgresql://user:password@host/iotgw"

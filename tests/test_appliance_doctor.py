@@ -35,9 +35,9 @@ def write_config(tmp_path: Path, port: int, extra: str = "", listen: str | None 
     return path
 
 
-def doctor(config: Path, *prefix: str) -> tuple[int, dict[str, dict], str]:
+def doctor(config: Path, *flags: str, prefix: tuple[str, ...] = ()) -> tuple[int, dict[str, dict], str]:
     proc = subprocess.run(
-        [*prefix, sys.executable, "-m", "gateway.cli", "doctor", "--config", str(config), "--json"],
+        [*prefix, sys.executable, "-m", "gateway.cli", "doctor", "--config", str(config), "--json", *flags],
         capture_output=True,
         text=True,
         timeout=120,
@@ -122,9 +122,15 @@ def test_database_file_that_is_not_a_database(tmp_path: Path) -> None:
 
 def test_database_url_that_does_not_parse_is_a_finding_without_its_password(tmp_path: Path) -> None:
     extra = '[store]\nurl = "postgresql://u:s3cretpw@[::1/x"\n'
-    code, findings, err = doctor(write_config(tmp_path, free_port(), extra=extra))
-    assert code == 1 and findings["database"]["status"] == "fail", (findings, err)
-    assert "postgresql://u:***@[::1/x" in findings["database"]["detail"] and "s3cretpw" not in json.dumps(findings)
+    config = write_config(tmp_path, free_port(), extra=extra)
+    code, findings, err = doctor(config)
+    assert code == 1 and findings["config"]["status"] == "fail", (findings, err)
+    detail = findings["config"]["detail"]
+    assert f"{config}:8: store.url: 'postgresql://u:***@[::1/x' is not a database URL" in detail, detail
+    assert "s3cretpw" not in json.dumps(findings)
+    code, findings, err = doctor(write_config(tmp_path, free_port()), "--db", "postgresql://u:s3cretpw@[::1/x")
+    assert code == 1 and findings["config"]["detail"].startswith("--db: 'postgresql://u:***@[::1/x'"), (findings, err)
+    assert "s3cretpw" not in json.dumps(findings)
 
 
 def test_bad_config_names_file_and_line(tmp_path: Path) -> None:
@@ -141,7 +147,7 @@ def test_bad_config_names_file_and_line(tmp_path: Path) -> None:
 def test_missing_capabilities_fail(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, 53, listen="127.0.0.1:53")
     drop = ["setpriv", "--inh-caps=-all", "--bounding-set=-net_bind_service,-net_raw,-net_admin"]
-    code, findings, err = doctor(cfg, *drop)
+    code, findings, err = doctor(cfg, prefix=tuple(drop))
     assert code == 1, err
     assert findings["capabilities"]["status"] == "fail"
     assert "CAP_NET_BIND_SERVICE" in findings["capabilities"]["detail"]
@@ -160,7 +166,7 @@ def test_state_directory_it_may_not_read_is_a_finding_not_a_traceback(tmp_path: 
     state = tmp_path / "state"
     os.chown(state, 65534, 65534)  # the service user's 0700 directory
     state.chmod(0o700)
-    code, findings, err = doctor(cfg, *NO_DAC)
+    code, findings, err = doctor(cfg, prefix=tuple(NO_DAC))
     assert code == 1 and "Traceback" not in err, err
     assert findings["model"]["status"] == "fail"
     assert findings["model"]["detail"].startswith(f"permission denied: {state}")
@@ -174,7 +180,7 @@ def test_config_it_may_not_read_says_to_run_as_root(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, free_port())
     os.chown(cfg, 65534, 65534)
     cfg.chmod(0o600)
-    code, findings, err = doctor(cfg, *NO_DAC)
+    code, findings, err = doctor(cfg, prefix=tuple(NO_DAC))
     assert code == 1 and findings["config"]["detail"] == f"{cfg}: cannot read: Permission denied", err
     assert "sudo iotgw doctor" in findings["config"]["fix"] and "line" not in findings["config"]["fix"]
 

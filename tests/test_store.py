@@ -98,3 +98,28 @@ def test_querylog_writes_a_full_batch_without_waiting_for_the_interval(tmp_path)
 def test_revision_counter_increments(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'iotgw.sqlite'}")
     assert [store.bump_revision("x") for _ in range(3)] == [1, 2, 3]
+
+
+def test_queries_command_finds_a_device_however_its_mac_is_typed_and_refuses_a_limit_below_one(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    db = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
+    store = Store(db)
+    writer = QueryLogWriter(store)
+    writer.add([DnsQuery(time.time(), "10.0.0.7", "02:00:00:00:00:0a", "a.example.com", 1, "example.com")] +
+               _queries(3))
+    writer.flush()
+    store.close()
+
+    def queries(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gateway.cli", "queries", "--db", db, "--json", *flags],
+                              capture_output=True, text=True, timeout=60)
+
+    for typed in ("02-00-00-00-00-0A", "02:00:00:00:00:0A", " 02:00:00:00:00:0a"):
+        found = queries("--device", typed)
+        assert found.returncode == 0, found.stderr
+        assert [json.loads(line)["qname"] for line in found.stdout.splitlines()] == ["a.example.com"], typed
+    refused = queries("--limit", "-1")
+    assert refused.returncode == 2 and "argument --limit" in refused.stderr and "Traceback" not in refused.stderr

@@ -7,14 +7,15 @@ import json
 import sys
 from dataclasses import asdict
 
-from gateway.config import ConfigError, load
+from gateway.cli import add_state_args, config_from_args
+from gateway.config import ConfigError
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "doctor", help="check port 53, capabilities, interface, database, broker, model, clock"
     )
-    p.add_argument("--config", metavar="FILE", help="TOML config (default /etc/iotgw/iotgw.toml if present)")
+    add_state_args(p)
     p.add_argument("--json", action="store_true", help="one JSON list of findings")
     p.set_defaults(func=doctor)
 
@@ -23,7 +24,7 @@ def doctor(args: argparse.Namespace) -> int:
     from gateway.doctor import Finding, run_all  # late: psutil and the store load only here
 
     try:
-        findings = run_all(load(args.config))
+        findings = run_all(config_from_args(args))
     except ConfigError as exc:
         unreadable = isinstance(exc.__cause__, PermissionError)
         findings = [
@@ -33,7 +34,8 @@ def doctor(args: argparse.Namespace) -> int:
                 str(exc),
                 "run it as root (`sudo iotgw doctor`) or as the iotgw user: this user may not read the file"
                 if unreadable
-                else "fix the file at the line named, or move it aside to run on the defaults",
+                else "fix the flag it names, or the file at the line named (or move the file aside to run on the "
+                "defaults)",
             )
         ]
     if args.json:
