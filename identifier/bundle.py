@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,9 +113,10 @@ class Bundle:
             meta = json.loads((d / "bundle.json").read_text(encoding="utf-8"))
             with np.load(d / "weights.npz") as npz:
                 arrays = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError, KeyError) as exc:
-            raise BundleError(f"{d}: not a model bundle ({exc})") from exc
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        # BadZipFile, zlib.error, EOFError: a weights.npz cut short or damaged (a copy that stopped, a worn SD card)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise BundleError(f"{d}: not a model bundle ({exc.__class__.__name__}: {exc})") from exc
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or isinstance(meta.get("format"), bool):
             found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
             raise BundleError(f"{d}: bundle format {found} is not {FORMAT}")
         try:
@@ -150,6 +153,16 @@ def _check_shapes(bundle: Bundle) -> None:
     when the bundle is loaded, not at some device's first observation."""
     from identifier.inference import HEADS, NumpyNet
 
+    for key, array in bundle.weights.items():
+        # a NaN or infinite weight answers every device with a NaN confidence, which is not even JSON
+        if not np.isfinite(array).all():
+            raise ValueError(f"weights.npz {key} holds a value that is not a finite number")
+    temps = bundle.weights["temps"]
+    # a temperature divides a head's logits: 0 gives NaN, a negative one turns the least likely label into the answer
+    if temps.shape != (len(HEADS),) or not (temps > 0).all():
+        raise ValueError(f"weights.npz temps is {temps.tolist()!r:.80}, not {len(HEADS)} numbers above 0")
+    if bundle.weights["w1"].ndim != 2:
+        raise ValueError(f"w1 has shape {bundle.weights['w1'].shape}, not (feature buckets, hidden units)")
     if bundle.weights["w1"].shape[0] != bundle.features.dim:
         raise ValueError(f"w1 has {bundle.weights['w1'].shape[0]} rows for {bundle.features.dim} feature buckets")
     probabilities = NumpyNet(bundle.weights).probabilities(np.zeros(bundle.features.dim, dtype=np.float32))
@@ -171,9 +184,15 @@ def _check_contents(bundle: Bundle) -> None:
     ):
         if bitmap.dtype != np.uint8 or bitmap.ndim != 1 or bitmap.size not in sizes:
             raise ValueError(f"the {name} bitmap is {bitmap.dtype} of shape {bitmap.shape}, not {SEEN_BITS // 8} bytes")
+    newest = FeatureConfig().version
+    if not 1 <= bundle.features.version <= newest:  # a newer iotgw's features would be computed as this one's
+        raise ValueError(f"features.version {bundle.features.version} is not one this iotgw computes (1 to {newest})")
     for head, values in bundle.labels.items():
         if not _list_of_str(values):
             raise ValueError(f"labels.{head} is not a list of names")
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:  # a class id per name: one named twice leaves a head and the lists built from it out of step
+            raise ValueError(f"labels.{head} names {', '.join(map(repr, twice))} more than once")
     _require(bundle.type_info, "type_info", lambda v: _str_map(v, lambda x: isinstance(x, str)))
     _require(bundle.mac_blocks, "mac_blocks", _list_of_str)
     _require(bundle.oui_prefixes, "oui_prefixes", lambda v: isinstance(v, str))
@@ -214,4 +233,10 @@ def _thresholds(directory: Path, stored: dict) -> Thresholds:
     for key, value in values.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise BundleError(f"{directory}: threshold {key} is {value!r}, not a number")
+        # min_specific counts tokens; every other threshold is a probability or a share, which a value outside
+        # 0..1 turns into "always" or "never" without a word (a commit bar of -5 commits on nothing)
+        fits = value >= 0 and value == int(value) if key == "min_specific" else 0 <= value <= 1
+        if not fits:
+            want = "a whole number from 0" if key == "min_specific" else "from 0 to 1"
+            raise BundleError(f"{directory}: threshold {key} is {value!r}, not {want}")
     return Thresholds(**values)

@@ -532,6 +532,16 @@ def test_a_bundle_reads_a_threshold_stored_under_its_earlier_name_and_refuses_on
         (lambda meta, _: meta.update(name_vendors={"x.com": {"Acme": "many"}}), "name_vendors['x.com'] is"),
         (lambda _, arrays: arrays.update(seen=arrays["seen"][:80]), "the seen bitmap is uint8 of shape (80,)"),
         (lambda _, arrays: arrays.update(vocabulary=arrays["vocabulary"][:80]), "the vocabulary bitmap is uint8"),
+        # each of these loaded, then answered NaN (not JSON), the least likely label, or crashed at a first packet
+        (lambda _, arrays: arrays["w2"].__setitem__((0, 0), np.nan), "w2 holds a value that is not a finite number"),
+        (lambda _, arrays: arrays.update(temps=arrays["temps"] * 0), "temps is [0.0, 0.0, 0.0], not 3 numbers above 0"),
+        (lambda _, arrays: arrays.update(temps=-arrays["temps"]), "not 3 numbers above 0"),
+        (lambda _, arrays: arrays.update(w1=arrays["w1"][:, 0]), "w1 has shape (2048,), not (feature buckets"),
+        (lambda meta, _: meta["labels"]["device_type"].__setitem__(1, "Aria"), "labels.device_type names 'Aria' more"),
+        (lambda meta, _: meta["features"].update(version=3), "features.version 3 is not one this iotgw computes"),
+        (lambda meta, _: meta["thresholds"].update(commit=-5), "threshold commit is -5, not from 0 to 1"),
+        (lambda meta, _: meta["thresholds"].update(min_specific=1.5), "threshold min_specific is 1.5, not a whole"),
+        (lambda meta, _: meta.update(format=True), "bundle format True is not 1"),
     ],
 )
 def test_a_bundle_that_does_not_fit_together_is_refused_when_loaded_naming_it(tmp_path, break_it, says):
@@ -545,6 +555,23 @@ def test_a_bundle_that_does_not_fit_together_is_refused_when_loaded_naming_it(tm
     with pytest.raises(BundleError) as refused:
         Bundle.load(broken)
     assert str(refused.value).startswith(f"{broken}: ") and says in str(refused.value)
+
+
+@needs_data
+@pytest.mark.parametrize("damage", ["cut short", "bytes overwritten"])
+def test_a_damaged_weights_file_is_refused_naming_the_bundle_not_a_zip_traceback(iotgw, tmp_path, damage):
+    broken = Bundle.load().save(tmp_path / "broken")
+    data = bytearray((broken / "weights.npz").read_bytes())
+    if damage == "cut short":  # a copy that stopped part-way
+        del data[len(data) // 2 :]
+    else:  # a worn SD card: the zip directory intact, a member's bytes not
+        data[20_000:20_100] = bytes(100)
+    (broken / "weights.npz").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=rf"^{broken}: not a model bundle \(BadZipFile"):
+        Bundle.load(broken)
+    pcap, _ = first_capture("HueBridge")
+    code, lines, err = iotgw("identify", "--json", "--model", str(broken), str(pcap))
+    assert code == 2 and not lines and err.startswith(f"iotgw identify: {broken}: not a model bundle")
 
 
 def test_a_name_set_spread_in_time_keeps_its_names_in_order_gap_seconds_apart():
