@@ -7,8 +7,9 @@ supplychain-domains CSV, which are plain text, and takes the capture windows it 
 from __future__ import annotations
 
 import csv
+import io
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from identifier.domains import sld
@@ -39,19 +40,60 @@ class LabelledWindow:
         return {sld(o.name) for o in dns if o.ts - self.first_ts <= within}
 
 
+class DataError(ValueError):
+    """Training data that cannot be read as labelled: the message names the file, and the line when there is one.
+    Training stops before anything is trained or written: a bundle records the SHA-256 of the data it learned,
+    so it must not have quietly learned less, or other labels, than the files say."""
+
+
 @dataclass(frozen=True)
 class Label:
     device_type: str
     manufacturer: str
     category: str
+    line: int = field(default=0, compare=False)  # of labels.csv, for errors about the folder it names
+
+
+LABEL_COLUMNS = ("folder", "device_type", "manufacturer", "category")
+DOMAIN_COLUMNS = ("device_folder", "source_dataset", "vendor", "type", "domain")
+
+
+def _csv_rows(path: str | Path, columns: tuple[str, ...]):
+    """``(line, row)`` per data row of a UTF-8 CSV file that has ``columns`` (others may follow); DataError naming
+    the file and line for a file that is not UTF-8, a header without them, or a row with too few or too many
+    fields. A byte order mark (how Excel saves "CSV UTF-8") is no part of the first column's name."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [c for c in columns if c not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(f"{path}:1: the header has no {', '.join(missing)} column (want {', '.join(columns)})")
+    for row in reader:
+        if None in row or any(v is None for v in row.values()):
+            raise DataError(f"{path}:{reader.line_num}: {len(reader.fieldnames)} fields wanted, as in the header")
+        yield reader.line_num, row
 
 
 def read_labels(path: str | Path) -> dict[str, Label]:
-    """``labels.csv``: capture folder -> labels."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        return {
-            r["folder"]: Label(r["device_type"], r["manufacturer"], r["category"]) for r in csv.DictReader(fh)
-        }
+    """``labels.csv``: capture folder -> labels. DataError naming file and line for a row that is not one: a
+    field left empty, a folder that is not a plain name under ``captures/``, a folder listed twice (the second
+    row silently relabelled the first's captures)."""
+    out: dict[str, Label] = {}
+    for line, row in _csv_rows(path, LABEL_COLUMNS):
+        empty = [c for c in LABEL_COLUMNS if not row[c].strip()]
+        if empty:
+            raise DataError(f"{path}:{line}: {', '.join(empty)} is empty")
+        folder = row["folder"]
+        if folder in (".", "..") or Path(folder).name != folder or "\\" in folder:
+            raise DataError(f"{path}:{line}: folder {folder!r} is not a folder name under captures/")
+        if folder in out:
+            raise DataError(f"{path}:{line}: folder {folder!r} is already labelled on line {out[folder].line}")
+        out[folder] = Label(row["device_type"], row["manufacturer"], row["category"], line)
+    return out
 
 
 def domain_windows(
@@ -64,12 +106,11 @@ def domain_windows(
     of ``categories`` (Camera -> camera), so both data sets teach the category head.
     """
     names: dict[tuple[str, str, str, str], list[str]] = defaultdict(list)
-    with open(path, newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            if row["source_dataset"] in exclude_sources:
-                continue
-            key = (row["device_folder"], row["source_dataset"], row["vendor"], row["type"])
-            names[key].append(row["domain"].strip().rstrip(".").lower())
+    for _, row in _csv_rows(path, DOMAIN_COLUMNS):
+        if row["source_dataset"] in exclude_sources:
+            continue
+        key = (row["device_folder"], row["source_dataset"], row["vendor"], row["type"])
+        names[key].append(row["domain"].strip().rstrip(".").lower())
     out = []
     for (folder, source, vendor, dtype), domains in sorted(names.items()):
         obs: list[Observation] = [DnsObservation(0.0, d) for d in sorted(set(domains)) if d]

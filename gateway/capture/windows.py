@@ -13,7 +13,7 @@ from pathlib import Path
 from gateway.capture.frames import MalformedPacket, parse_frame, sender
 from gateway.capture.pcap import PcapError, read_frames
 from gateway.observations import to_observation
-from identifier.dataset import LabelledWindow, read_labels
+from identifier.dataset import DataError, LabelledWindow, read_labels
 from identifier.observation import (
     Observation,
 )
@@ -99,17 +99,35 @@ def _windows(
 
 def labelled_captures(root: str | Path, window: float = 60.0) -> list[LabelledWindow]:
     """The iot-sentinel captures under ``root`` (``labels.csv`` + ``captures/<folder>/*.pcap``) as labelled
-    windows of the device's own MAC only: the WeMo captures also carry the setup phone's traffic."""
+    windows of the device's own MAC only: the WeMo captures also carry the setup phone's traffic.
+
+    ``identifier.dataset.DataError`` naming the file (and ``labels.csv``'s line) for anything that would make
+    training learn less than the labels say: no labelled folder, a folder without its ``_iotdevice-mac.txt`` or
+    without any capture, a capture that cannot be read to its end, or one in which the device sent nothing."""
     root = Path(root)
-    labels = read_labels(root / "labels.csv")
+    labels_csv = root / "labels.csv"
+    labels = read_labels(labels_csv)
+    if not labels:
+        raise DataError(f"{labels_csv}: no labelled folder (a header and no rows)")
     out: list[LabelledWindow] = []
     for folder, label in sorted(labels.items()):
+        where = f"{labels_csv}:{label.line}: folder {folder!r}"
         device_dir = root / "captures" / folder
-        mac = (device_dir / "_iotdevice-mac.txt").read_text(encoding="utf-8").strip().lower()
-        for pcap in sorted(device_dir.glob("*.pcap")):
-            dev = capture_windows(pcap, window).devices.get(mac)
+        mac_file = device_dir / "_iotdevice-mac.txt"
+        try:
+            mac = mac_file.read_text(encoding="utf-8").strip().lower()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"{where}: {mac_file} cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+        pcaps = sorted(device_dir.glob("*.pcap"))
+        if not pcaps:
+            raise DataError(f"{where}: {device_dir} holds no .pcap capture")
+        for pcap in pcaps:
+            try:
+                dev = capture_windows(pcap, window).devices.get(mac)
+            except (PcapError, OSError) as exc:  # half a capture is not a labelled window; PcapError names it
+                raise DataError(f"{where}: {exc if str(pcap) in str(exc) else f'{pcap}: {exc}'}") from None
             if dev is None:
-                continue
+                raise DataError(f"{where}: {pcap} has no frame from the device's MAC {mac[:40]!r} ({mac_file})")
             out.append(
                 LabelledWindow(
                     dev.observations,

@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from gateway.cli import positive_seconds
+from gateway.cli import positive_count, positive_seconds
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the checkout
 
@@ -42,7 +42,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--cv-folds",
-        type=int,
+        type=cv_folds,
         default=5,
         help="folds of the cross-validation recorded in the bundle (0: none)",
     )
@@ -53,8 +53,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", default="evaluation", metavar="DIR", help="where the JSON report and PNG plots go"
     )
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seeds", type=positive_count, default=5)
+    p.add_argument("--folds", type=folds, default=5)
     p.add_argument(
         "--skip",
         action="append",
@@ -63,6 +63,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="leave a part out (repeatable)",
     )
     p.set_defaults(func=cmd_evaluate)
+
+
+def folds(text: str) -> int:
+    """An argparse type for a number of cross-validation folds: 2 or more. One fold tests every capture on a
+    model trained on none of them; 0 or fewer crashed, and for ``iotgw train`` only after the training."""
+    value = positive_count(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{value} fold leaves no capture to train on: give 2 or more")
+    return value
+
+
+def cv_folds(text: str) -> int:
+    """``folds``, or 0: no cross-validation."""
+    return 0 if text.strip() == "0" else folds(text)
 
 
 # --- identify
@@ -252,7 +266,8 @@ def _seconds(value) -> float:
 
 
 def load_training_data(data: str | Path):
-    """The labelled capture windows and domain name sets under ``data`` (../shared/data)."""
+    """The labelled capture windows and domain name sets under ``data`` (../shared/data); DataError naming the
+    file and line of anything that would make training learn less, or other labels, than the files say."""
     from gateway.capture.windows import labelled_captures
     from identifier.dataset import domain_windows
 
@@ -270,17 +285,41 @@ def load_training_data(data: str | Path):
     return captures, names
 
 
+def _writable_dir(directory: Path) -> str | None:
+    """Why ``directory`` cannot take a bundle or report (created if missing), or None: asked before minutes of
+    training, which a file in the way or a read-only place would otherwise throw away at the end."""
+    import tempfile
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        return f"{directory}: cannot write there ({exc.strerror or exc})"
+    return None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from identifier.bundle import DEFAULT_DIR
+    from identifier.dataset import DataError
     from identifier.evaluate import cross_validated_metrics
     from identifier.train import train
 
-    captures, names = load_training_data(args.data)
+    out_dir = Path(args.out) if args.out else DEFAULT_DIR
+    problem = _writable_dir(out_dir)
+    if problem:
+        print(f"iotgw train: --out {problem}", file=sys.stderr)
+        return 2
+    try:
+        captures, names = load_training_data(args.data)
+    except DataError as exc:  # nothing trained, the bundle in --out untouched
+        print(f"iotgw train: {exc}", file=sys.stderr)
+        return 2
     print(f"training on {len(captures)} captures and {len(names)} name sets", file=sys.stderr)
     bundle = train(captures + names, seed=args.seed, progress=True)
     if args.cv_folds:
         bundle.metrics = cross_validated_metrics(captures, names, seed=args.seed, k=args.cv_folds)
-    out = bundle.save(args.out or DEFAULT_DIR)
+    out = bundle.save(out_dir)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(
         json.dumps({"bundle": str(out), "version": bundle.version, "bytes": size, "metrics": bundle.metrics})
@@ -289,9 +328,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from identifier.dataset import DataError
     from identifier.report import run_report
 
-    captures, names = load_training_data(args.data)
+    problem = _writable_dir(Path(args.out))
+    if problem:
+        print(f"iotgw evaluate: --out {problem}", file=sys.stderr)
+        return 2
+    try:
+        captures, names = load_training_data(args.data)
+    except DataError as exc:
+        print(f"iotgw evaluate: {exc}", file=sys.stderr)
+        return 2
     report = run_report(
         captures, names, Path(args.out), seeds=args.seeds, folds=args.folds, skip=set(args.skip)
     )
