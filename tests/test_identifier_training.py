@@ -247,3 +247,19 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_training(tmp_path, 
     err = capsys.readouterr().err
     assert err.startswith(f"iotgw {command}: --out {in_the_way}: cannot write there") and "training on" not in err
     assert in_the_way.read_text() == "kept\n"
+
+
+def test_evaluate_on_captures_that_never_query_dns_still_writes_its_report_and_plots(tmp_path):
+    import json
+
+    from gateway import cli
+
+    # the kettle and the coffee machine send no DNS: the DNS-only figures have no capture to score
+    data = small_data(tmp_path / "data", ("iKettle2", "SmarterCoffee"), 3)
+    out = tmp_path / "evaluation"
+    skips = [a for part in ("baselines", "seed-paper", "open-set", "lab") for a in ("--skip", part)]
+    assert cli.main(["evaluate", "--data", str(data), "--out", str(out), "--seeds", "1", "--folds", "2", *skips]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert "dns" not in report["model"] and "all_30.0s_device_type" in report["headline"]
+    for png in ("accuracy_vs_seconds.png", "confusion_30s.png"):  # written last: a KeyError before them lost both
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
