@@ -1,17 +1,20 @@
 """The versioned model bundle: a directory with ``weights.npz`` and ``bundle.json``.
 
 ``bundle.json`` holds everything needed to use the weights and to trust them: the bundle format and model
-version, the feature config, label sets, decision thresholds, metrics, the SHA-256 of the training data, the
-per-type prototypes (the first 30 s of one real capture, repeats collapsed, for the demo), the MAC vendor prefix
-each captured type was seen with (so the demo's devices carry a real OUI) and profiles (the SLDs each type
-contacts).
+version, the feature config, label sets, decision thresholds, metrics, the SHA-256 of the training data and of
+``weights.npz`` (so a pair from two saves is refused), the per-type prototypes (the first 30 s of one real
+capture, repeats collapsed, for the demo), the MAC vendor prefix each captured type was seen with (so the demo's
+devices carry a real OUI) and profiles (the SLDs each type contacts).
 The shipped default lives in ``identifier/bundle/``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
+import os
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -79,31 +82,44 @@ class Bundle:
     name_vendors: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def save(self, directory: str | Path) -> Path:
+        """Write the bundle into ``directory``. Each file is written whole beside its final name and only then
+        renamed over it: a save that fails part-way (a full SD card, Ctrl-C) leaves the bundle that was there,
+        where a ``weights.npz`` cut short destroyed it. ``weights_sha256`` in ``bundle.json`` ties the pair, so a
+        stop between the two renames is refused at load rather than run as new weights with old labels."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        # float16 halves the file (the shipped bundle must stay < 1 MB); the net is computed in float32
-        np.savez_compressed(
-            d / "weights.npz",
-            seen=self.specific,  # the file's key predates the name
-            vocabulary=self.vocabulary,
-            **{k: v.astype(np.float16) for k, v in self.weights.items()},
-        )
-        meta = {
-            "format": FORMAT,
-            "version": self.version,
-            "features": self.features.to_json(),
-            "labels": self.labels,
-            "thresholds": vars(self.thresholds),
-            "type_info": self.type_info,
-            "metrics": self.metrics,
-            "training_data_sha256": self.training_data_sha256,
-            "prototypes": self.prototypes,
-            "profiles": self.profiles,
-            "oui_prefixes": self.oui_prefixes,
-            "mac_blocks": self.mac_blocks,
-            "name_vendors": self.name_vendors,
-        }
-        (d / "bundle.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        weights, meta_file = d / ".weights.npz.partial", d / ".bundle.json.partial"
+        try:
+            with open(weights, "wb") as fh:
+                # float16 halves the file (the shipped bundle must stay < 1 MB); the net is computed in float32
+                np.savez_compressed(
+                    fh,
+                    seen=self.specific,  # the file's key predates the name
+                    vocabulary=self.vocabulary,
+                    **{k: v.astype(np.float16) for k, v in self.weights.items()},
+                )
+            meta = {
+                "format": FORMAT,
+                "version": self.version,
+                "features": self.features.to_json(),
+                "labels": self.labels,
+                "thresholds": vars(self.thresholds),
+                "type_info": self.type_info,
+                "metrics": self.metrics,
+                "training_data_sha256": self.training_data_sha256,
+                "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+                "prototypes": self.prototypes,
+                "profiles": self.profiles,
+                "oui_prefixes": self.oui_prefixes,
+                "mac_blocks": self.mac_blocks,
+                "name_vendors": self.name_vendors,
+            }
+            meta_file.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            os.replace(weights, d / "weights.npz")
+            os.replace(meta_file, d / "bundle.json")
+        finally:
+            weights.unlink(missing_ok=True)
+            meta_file.unlink(missing_ok=True)
         return d
 
     @classmethod
@@ -111,7 +127,12 @@ class Bundle:
         d = Path(directory) if directory else DEFAULT_DIR
         try:
             meta = json.loads((d / "bundle.json").read_text(encoding="utf-8"))
-            with np.load(d / "weights.npz") as npz:
+            raw = (d / "weights.npz").read_bytes()
+            # absent from bundles saved before it was recorded (the shipped one among them)
+            recorded = meta.get("weights_sha256") if isinstance(meta, dict) else None
+            if recorded is not None and recorded != hashlib.sha256(raw).hexdigest():
+                raise BundleError(f"{d}: weights.npz is not the one bundle.json was saved with (a save cut short?)")
+            with np.load(io.BytesIO(raw)) as npz:
                 arrays = {k: npz[k] for k in npz.files}
         # BadZipFile, zlib.error, EOFError: a weights.npz cut short or damaged (a copy that stopped, a worn SD card)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:

@@ -550,6 +550,7 @@ def test_a_bundle_that_does_not_fit_together_is_refused_when_loaded_naming_it(tm
     with np.load(broken / "weights.npz") as npz:
         arrays = {k: npz[k] for k in npz.files}
     break_it(meta, arrays)
+    meta.pop("weights_sha256")  # edited by hand as if consistent: the check below is each part's own
     (broken / "bundle.json").write_text(json.dumps(meta))
     np.savez_compressed(broken / "weights.npz", **arrays)
     with pytest.raises(BundleError) as refused:
@@ -561,6 +562,9 @@ def test_a_bundle_that_does_not_fit_together_is_refused_when_loaded_naming_it(tm
 @pytest.mark.parametrize("damage", ["cut short", "bytes overwritten"])
 def test_a_damaged_weights_file_is_refused_naming_the_bundle_not_a_zip_traceback(iotgw, tmp_path, damage):
     broken = Bundle.load().save(tmp_path / "broken")
+    meta = json.loads((broken / "bundle.json").read_text())
+    del meta["weights_sha256"]  # as the shipped bundle, saved before it was recorded: the zip itself is read
+    (broken / "bundle.json").write_text(json.dumps(meta))
     data = bytearray((broken / "weights.npz").read_bytes())
     if damage == "cut short":  # a copy that stopped part-way
         del data[len(data) // 2 :]
@@ -572,6 +576,38 @@ def test_a_damaged_weights_file_is_refused_naming_the_bundle_not_a_zip_traceback
     pcap, _ = first_capture("HueBridge")
     code, lines, err = iotgw("identify", "--json", "--model", str(broken), str(pcap))
     assert code == 2 and not lines and err.startswith(f"iotgw identify: {broken}: not a model bundle")
+
+
+def test_a_save_that_fails_part_way_leaves_the_bundle_that_was_there(tmp_path):
+    target = Bundle.load().save(tmp_path / "bundle")
+    before = Bundle.load(target).version
+    # a disk that fills part-way through weights.npz, for real: the child may write no file above 200 kB
+    script = f"""
+import resource, signal
+from identifier.bundle import Bundle
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write(), not the signal's kill
+bundle = Bundle.load()
+bundle.version = "retrained"
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+try:
+    bundle.save({str(target)!r})
+except OSError as exc:
+    print(exc.errno)
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "27", done.stderr  # EFBIG: the save did fail part-way
+    assert Bundle.load(target).version == before  # it was a truncated weights.npz beside the old bundle.json
+    assert sorted(p.name for p in target.iterdir()) == ["bundle.json", "weights.npz"]
+
+
+def test_weights_of_another_save_beside_a_bundle_json_are_refused(tmp_path):
+    shipped = Bundle.load()
+    first = shipped.save(tmp_path / "first")
+    second = replace(shipped, weights={**shipped.weights, "b1": shipped.weights["b1"] + 0.5}).save(tmp_path / "b")
+    (first / "weights.npz").write_bytes((second / "weights.npz").read_bytes())  # a stop between the two renames
+    with pytest.raises(BundleError, match=rf"^{first}: weights.npz is not the one bundle.json was saved with"):
+        Bundle.load(first)
 
 
 def test_a_name_set_spread_in_time_keeps_its_names_in_order_gap_seconds_apart():
