@@ -224,6 +224,7 @@ def test_a_byte_order_mark_and_crlf_line_ends_in_the_label_files_are_the_same_tr
         (["evaluate", "--folds", "1"], "argument --folds: 1 fold leaves no capture to train on"),
         (["evaluate", "--folds", "0"], "argument --folds: 0 must be above 0"),
         (["evaluate", "--seeds", "0"], "argument --seeds: 0 must be above 0"),
+        (["train", "--seed", "-1"], "argument --seed: -1 must be 0 or above"),
     ],
 )
 def test_fold_and_seed_counts_that_leave_nothing_to_measure_are_usage_errors_before_any_training(

@@ -39,7 +39,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model bundle on ../shared/data")
     p.add_argument("--data", default=str(DEFAULT_DATA), metavar="DIR", help="the shared data directory")
     p.add_argument("--out", metavar="DIR", help="bundle directory (default: the shipped identifier/bundle)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument(
         "--cv-folds",
         type=cv_folds,
@@ -63,6 +63,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="leave a part out (repeatable)",
     )
     p.set_defaults(func=cmd_evaluate)
+
+
+def seed(text: str) -> int:
+    """An argparse type for a random seed: a whole number from 0 (numpy refuses a negative one, and did so only
+    after the captures were read, as a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or above")
+    return value
 
 
 def folds(text: str) -> int:
