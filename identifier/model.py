@@ -126,7 +126,9 @@ def fit(
             # stop on device-type errors, loss only breaking ties: the loss of inherently ambiguous early
             # windows rises (overconfidence) long before the later windows stop improving
             labelled = yv[:, 1] >= 0
-            verr = float((vlogits[1][labelled].argmax(1) != yv[labelled, 1]).float().mean())
+            # a split that drew no row with a device type (a small data set, name sets of type "Unknown") has no
+            # error to count: its mean was NaN, no epoch ever scored better, and no state was kept to load
+            verr = float((vlogits[1][labelled].argmax(1) != yv[labelled, 1]).float().mean()) if labelled.any() else 0.0
         score = verr + 0.01 * vloss
         if progress:
             epochs.set_postfix(val_loss=f"{vloss:.3f}", val_type_error=f"{verr:.3f}")

@@ -264,3 +264,24 @@ def test_evaluate_on_captures_that_never_query_dns_still_writes_its_report_and_p
     assert "dns" not in report["model"] and "all_30.0s_device_type" in report["headline"]
     for png in ("accuracy_vs_seconds.png", "confusion_30s.png"):  # written last: a KeyError before them lost both
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_whose_validation_split_draws_no_device_type_still_writes_a_bundle(tmp_path):
+    import csv
+
+    from gateway import cli
+    from identifier.bundle import Bundle
+
+    # one capture and name sets of type "Unknown" (never a target): the split draws one group, a name set
+    data = small_data(tmp_path / "data", ("Aria",), 1)
+    domains = data / "supplychain-domains" / "device_domains.csv"
+    with open(domains, newline="", encoding="utf-8") as fh:
+        rows = [{**row, "type": "Unknown"} for row in csv.DictReader(fh)]
+    with open(domains, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "bundle"
+    # TypeError: no epoch scored better than NaN, so there was no state to load
+    assert cli.main(["train", "--data", str(data), "--out", str(out), "--cv-folds", "0", "--seed", "0"]) == 0
+    assert Bundle.load(out).labels["device_type"] == ["Aria"]
