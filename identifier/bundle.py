@@ -218,8 +218,19 @@ def _check_contents(bundle: Bundle) -> None:
     _require(bundle.mac_blocks, "mac_blocks", _list_of_str)
     _require(bundle.oui_prefixes, "oui_prefixes", lambda v: isinstance(v, str))
     _require(bundle.profiles, "profiles", _list_of_str)
-    _require(bundle.prototypes, "prototypes", lambda v: isinstance(v, list) and all(isinstance(o, dict) for o in v))
+    _require(bundle.prototypes, "prototypes", _observations)
     _require(bundle.name_vendors, "name_vendors", lambda v: _str_map(v, _count))
+
+
+def _observations(value: object) -> bool:
+    """A prototype: a list of observations as ``observation.to_json`` writes them (``iotgw demo`` replays each;
+    one it cannot read stopped the demo with a KeyError, long after the bundle loaded)."""
+    from identifier.observation import from_json
+
+    try:
+        return isinstance(value, list) and all(isinstance(o, dict) and from_json(o) for o in value)
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def _list_of_str(value: object) -> bool:
