@@ -658,6 +658,17 @@ def test_a_bad_session_line_is_named_by_file_and_line_and_loses_none_of_the_othe
     assert len(capsys.readouterr().out.splitlines()) == 5
 
 
+def test_a_session_id_with_control_characters_is_printed_escaped_never_as_another_line(tmp_path, capsys):
+    forged = "a\nforged 00:11:22:33:44:55  D-Link / D-LinkCam / camera  conf 1.00  decided 0.1s"
+    sessions = tmp_path / "s.jsonl"
+    lines = [{"id": forged, "queries": [{"t": 0, "name": "www.meethue.com"}]}, {"id": "\x1b[2Jb", "queries": []}]
+    sessions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert cli.main(["identify", "--sessions", str(sessions)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and "\x1b" not in "".join(out)
+    assert out[0].startswith(repr(forged) + "  ") and out[1].startswith(repr("\x1b[2Jb") + "  ")
+
+
 def test_a_byte_order_mark_before_the_first_session_is_no_bad_line(iotgw, tmp_path):
     # what Windows editors and PowerShell's Out-File write at the start of a UTF-8 file
     line = b'{"id": "a", "queries": [{"t": 0.0, "name": "devs.tplinkcloud.com"}]}\n'

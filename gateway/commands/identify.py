@@ -138,7 +138,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(row), flush=True)
             return
-        where = row["id"] if "id" in row else f"{row['source']} {row['mac']}"
+        where = _shown(row["id"]) if "id" in row else f"{_shown(row['source'])} {row['mac']}"
         when = "-" if row["decided_after_s"] is None else f"{row['decided_after_s']:.1f}s"
         names = f"{row['manufacturer']} / {row['device_type']} / {row['category']}"
         print(
@@ -176,6 +176,12 @@ def cmd_identify(args: argparse.Namespace) -> int:
             print(f"iotgw identify: {exc}", file=sys.stderr)
             failed += 1
     return 1 if failed else 0
+
+
+def _shown(text: str) -> str:
+    """``text`` for a line of text output: as it is when printable, else quoted with its escapes, so a session id
+    is data: a newline in it printed a forged device line, an ESC sequence reached the terminal."""
+    return text if text.isprintable() else repr(text)
 
 
 class SessionError(ValueError):
