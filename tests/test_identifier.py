@@ -543,6 +543,10 @@ def test_a_bundle_reads_a_threshold_stored_under_its_earlier_name_and_refuses_on
         (lambda meta, _: meta["thresholds"].update(min_specific=1.5), "threshold min_specific is 1.5, not a whole"),
         (lambda meta, _: meta.update(format=True), "bundle format True is not 1"),
         (lambda meta, _: meta["prototypes"].update(Aria=[{"kind": "dns"}]), "prototypes['Aria'] is [{'kind'"),
+        (
+            lambda meta, _: meta["type_info"]["Aria"].update(manufacturer="Acme"),
+            "type_info['Aria'] is {'category': 'scale', 'manufacturer': 'Acme'}",
+        ),
     ],
 )
 def test_a_bundle_that_does_not_fit_together_is_refused_when_loaded_naming_it(tmp_path, break_it, says):
