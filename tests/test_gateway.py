@@ -440,6 +440,25 @@ def test_a_device_deleted_in_the_web_ui_is_forgotten_and_comes_back_as_new(tmp_p
         eventually(lambda: [a.mac for a in recent_alerts(gw.store, kind="new_device")].count(mac) == 2)
 
 
+def test_a_name_the_owner_cleared_is_not_written_back_by_the_daemon(tmp_path, upstream):
+    """The daemon loaded the owner's name at start and wrote it back at its next flush after the owner cleared it
+    in the web UI: the device is called what it calls itself again, not what the owner no longer wants."""
+    from gateway.devices.service import rename
+
+    mac = "02:aa:bb:cc:dd:31"
+    with RunningGateway(tmp_path, upstream) as gw:
+        gw.dhcp(mac, "127.0.0.131", "esp-1234")
+        eventually(lambda: get_device(gw.store, mac))
+        rename(gw.store, mac, "Kitchen cam")
+    with RunningGateway(tmp_path, upstream) as gw:  # a restart: the owner's name is in the store it loads
+        rename(gw.store, mac, "")  # what the web UI's rename with an empty name calls
+        asked = time.time()
+        gw.ask("www.example.test", "127.0.0.131")  # the device is seen again: the flush writes its row
+        device = eventually(lambda: (d := get_device(gw.store, mac).device).last_seen >= asked and d)
+        assert (device.name, device.name_source) == ("esp-1234", "dhcp")
+        assert "Kitchen cam" in {n.name for n in get_device(gw.store, mac).names}  # the history keeps it
+
+
 def test_a_deleted_device_is_not_marked_present_again_by_its_events_still_queued_for_the_alert_thread(
         tmp_path, upstream):
     """The alert thread waits on the database (another writer holds its lock) while a device's packets queue up

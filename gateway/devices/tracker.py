@@ -372,17 +372,31 @@ class DeviceTracker:
         self._pending_services = [row for row in self._pending_services if row["mac"] != key]
 
     def _load(self) -> None:
+        owner_named: set[str] = set()
         with self.store.session() as s:
             for row in s.scalars(select(Device)):
-                self.devices[row.mac] = TrackedDevice(row.mac, row.first_seen, row.last_seen, row.name,
-                                                      row.name_source, dirty=False, stored=0)
+                # The owner's name lives in the store alone: the tracker holds what the device calls itself. Had it
+                # cached the owner's name, a name the owner cleared or changed later would be written back.
+                if row.name_source == "user":
+                    owner_named.add(row.mac)
+                observed = (None, None) if row.name_source == "user" else (row.name, row.name_source)
+                self.devices[row.mac] = TrackedDevice(row.mac, row.first_seen, row.last_seen, *observed,
+                                                      dirty=False, stored=0)
                 if row.mac.startswith("ip:"):  # it has no addresses row: its key is its address
                     self.ip_to_key.setdefault(row.mac[3:], row.mac)
             for ip, mac in s.execute(select(Address.ip, Address.mac)):
                 self.ip_to_key[ip] = mac
-            for mac, source, name in s.execute(select(DeviceName.mac, DeviceName.source, DeviceName.name)):
-                if mac in self.devices:
-                    self.devices[mac].names.add((source, name))
+            names = select(DeviceName.mac, DeviceName.source, DeviceName.name).order_by(DeviceName.last_seen,
+                                                                                        DeviceName.id)
+            for mac, source, name in s.execute(names):
+                dev = self.devices.get(mac)
+                if dev is None:
+                    continue
+                dev.names.add((source, name))
+                # under the owner's name: the best the device said of itself, the latest of a source
+                rank = NAME_RANK.get(source, 9)
+                if mac in owner_named and source != "user" and rank <= NAME_RANK.get(dev.name_source, 9):
+                    dev.name, dev.name_source = name, source
             fingerprints = select(DhcpFingerprint.mac, DhcpFingerprint.param_list, DhcpFingerprint.vendor_class,
                                   DhcpFingerprint.hostname)
             for mac, *fingerprint in s.execute(fingerprints):
