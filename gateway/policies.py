@@ -88,9 +88,17 @@ def add_rule(state_dir: Path, scope: str, rule: Rule) -> Rule:
     return rule
 
 
-def remove_rule(state_dir: Path, scope: str, index: int) -> Rule:
+def remove_rule(state_dir: Path, scope: str, index: int, label: str | None = None) -> Rule:
+    """Remove rule ``index`` of ``scope``. With ``label`` (the rule a page showed there) the rule with that label
+    goes, wherever it is now: another writer (the CLI, another browser) may have added or removed rules since the
+    page was shown, and the index alone would then remove a rule the owner never chose."""
     with editing(state_dir) as data:
         rules = data.policy(scope).rules
+        if label is not None and not (0 <= index < len(rules) and rules[index].label() == label):
+            # rules with one label are one rule (the label names all its fields): any of them will do
+            index = next((i for i, rule in enumerate(rules) if rule.label() == label), -1)
+            if index < 0:
+                raise ValueError(f"{scope} has no rule {label!r} (any more)")
         if not 0 <= index < len(rules):
             raise ValueError(f"{scope} has no rule {index} (it has {len(rules)})")
         return rules.pop(index)

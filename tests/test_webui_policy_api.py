@@ -220,3 +220,28 @@ def test_hostile_type_names_render_as_text_on_the_policies_page(api):
     client, _ = _log_in(app)
     html = client.get("/policies").get_data(as_text=True)
     assert "<img src=x" not in html and "type:&lt;img src=x onerror=alert(1)&gt;" in html
+
+
+def test_a_rule_removed_on_a_page_shown_before_the_cli_changed_the_scope_is_the_rule_shown(api):
+    """The remove button posted the rule's place alone: after ``iotgw policy unrule`` (or another browser) removed
+    an earlier rule, it removed the rule below the one the owner clicked, and said so only in passing."""
+    import re
+
+    app, state_dir, _, _ = api
+    scope = f"device:{MAC}"
+    for name in ("a.example", "b.example", "c.example"):
+        _cli(state_dir, "block", scope, name)
+    client, _ = _log_in(app)
+    html = client.get(f"/devices/{MAC}").get_data(as_text=True)
+    forms = re.findall(r'<form method="post" action="/policies/rules/remove">(.*?)</form>', html, re.S)
+    fields = [dict(re.findall(r'name="([a-z_]+)" value="([^"]*)"', form)) for form in forms]
+    assert len(fields) == 3
+    _cli(state_dir, "unrule", scope, "0")  # meanwhile, from a shell: a.example goes
+    r = client.post("/policies/rules/remove", data=fields[1])  # the owner removes b.example, as shown
+    assert r.status_code == 302
+    left = [rule["value"] for rule in json.loads(_cli(state_dir, "show"))["policies"][scope]["rules"]]
+    assert left == ["c.example"]
+    r = client.post("/policies/rules/remove", data=fields[0])  # a.example, already gone: nothing else goes
+    with client.session_transaction() as sess:
+        assert "no rule 'block name=a.example'" in sess["_flashes"][-1][1]
+    assert [rule["value"] for rule in json.loads(_cli(state_dir, "show"))["policies"][scope]["rules"]] == left

@@ -57,7 +57,10 @@ def policy_rule_add():  # noqa: ANN201
 @bp.post("/policies/rules/remove")
 def policy_rule_remove():  # noqa: ANN201
     index = request.form.get("index", type=int)
-    return _apply(lambda d, scope: f"Removed {policies.remove_rule(d, scope, -1 if index is None else index).label()}.")
+    label = request.form.get("rule")  # the rule the page showed at ``index``: it goes even if it moved since
+    return _apply(
+        lambda d, scope: f"Removed {policies.remove_rule(d, scope, -1 if index is None else index, label).label()}."
+    )
 
 
 @bp.post("/policies/mode")
