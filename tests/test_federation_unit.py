@@ -9,6 +9,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -465,3 +466,57 @@ def test_a_join_window_that_is_not_a_finite_number_of_seconds_above_0_is_a_usage
     with pytest.raises(SystemExit) as usage:
         cli.main(["federation", "join", "--superlink", "127.0.0.1:9092", "--insecure", f"--window={window}"])
     assert usage.value.code == 2 and "argument --window: " in capsys.readouterr().err
+
+
+@needs_data
+def test_a_rollback_run_while_an_install_writes_its_bundle_loses_neither(
+    tmp_path: Path, shipped: Bundle, name_sets: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``iotgw federation rollback`` in a shell while the nightly join installs a model: the rollback's clean-up
+    deleted the bundle the install had just written and not yet linked, and the install then pointed ``current``
+    at nothing, so the gateway fell back to the shipped model while the join reported the new one installed."""
+    homes, _ = homedata.split_homes(name_sets, 3, seed=2)
+    data = model.samples(shipped, homes[0])
+    params = model.params_of(shipped)
+    schema, sha = model.schema(shipped), updates.digest(params)
+    state = tmp_path / "state"
+    store = updates.ModelStore(state / "federation" / "model")
+    v1 = store.install(params, sha, schema, data, {"round": 1, "run_id": 1}).version
+    config = tmp_path / "iotgw.toml"
+    config.write_text(f'[gateway]\nstate_dir = "{state}"\n')
+    write = updates.ModelStore._write
+    rollbacks = []
+
+    def write_then_roll_back(self: updates.ModelStore, bundle: Bundle) -> Path:
+        written = write(self, bundle)
+        # the install is paused here, its bundle written and not linked yet; the owner's rollback runs now
+        rollbacks.append(subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "federation", "rollback", "--config", str(config)],
+            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+        # it runs to its end, or until it waits for a lock (a "->" line of /proc/locks): then the install goes on
+        deadline = time.monotonic() + 60
+        while rollbacks[-1].poll() is None and not _waits_for_a_lock(rollbacks[-1].pid):
+            assert time.monotonic() < deadline, "the rollback neither ended nor waited"
+            time.sleep(0.05)
+        return written
+
+    monkeypatch.setattr(updates.ModelStore, "_write", write_then_roll_back)
+    result = store.install(params, sha, schema, data, {"round": 2, "run_id": 1})
+    (rollback,) = rollbacks
+    out, err = rollback.communicate(timeout=60)
+    assert rollback.returncode == 0, err
+    assert result.installed and result.version != v1
+    # one after the other: the rollback to the shipped model, then the install over it; or the install, then the
+    # rollback to v1. Never a link to a deleted bundle.
+    installed = store.installed().version
+    previous = Bundle.load(store.previous_dir).version if store.previous_dir.exists() else None
+    assert _daemon_model(state) == installed
+    assert (installed, previous) in {(result.version, shipped.version), (v1, None)}
+    assert "reinstalled" in out
+
+
+def _waits_for_a_lock(pid: int) -> bool:
+    """``pid`` is blocked on a file lock another process holds (a "->" entry of /proc/locks)."""
+    return any(line.split()[1] == "->" and line.split()[5] == str(pid)
+               for line in Path("/proc/locks").read_text().splitlines())

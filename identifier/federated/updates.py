@@ -9,6 +9,7 @@ no worse on the home's own confirmed devices, and keeps the previous bundle for 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -16,6 +17,8 @@ import os
 import secrets
 import shutil
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,6 +210,7 @@ class ModelStore:
     ``current`` and ``previous`` are symlinks to bundle directories beside them (``bundle-*``). A bundle is
     written and fsynced before a link is pointed at it, and a link is replaced by rename(2) of a new one, so a
     power cut leaves every link on a complete bundle, old or new, and never ``previous`` without ``current``.
+    Installs and rollbacks take turns (a lock file in ``root``), whichever processes run them.
     """
 
     def __init__(self, root: Path, default: Path | None = None) -> None:
@@ -235,6 +239,12 @@ class ModelStore:
         ``expected_digest``, they fit this home's bundle (``expected_schema``), they stay finite as the bundle
         stores them (float16) and, so stored, they do no worse on ``data``, this home's confirmed devices (which
         must hold a label the model knows: without one there is nothing to compare on)."""
+        with self._turn():
+            return self._install(params, expected_digest, expected_schema, data, info)
+
+    def _install(
+        self, params: Params, expected_digest: str, expected_schema: str, data: Samples, info: dict
+    ) -> InstallResult:
         current = self.installed()
         if digest(params) != expected_digest:
             return InstallResult(False, "digest mismatch", 0.0, 0.0, previous_version=current.version)
@@ -264,7 +274,6 @@ class ModelStore:
                 previous_version=current.version,
             )
         new = model.with_params(current, params, version_of(info, expected_digest), info)
-        self.root.mkdir(parents=True, exist_ok=True)
         self._collect()
         fresh = self._write(new)
         if self.installed_dir() is None:
@@ -278,6 +287,12 @@ class ModelStore:
 
     def rollback(self) -> tuple[str, str] | None:
         """Put the previous bundle back; returns (restored version, replaced version), None when there is none."""
+        if self.installed_dir() is None:
+            return None
+        with self._turn():
+            return self._rollback()
+
+    def _rollback(self) -> tuple[str, str] | None:
         if self.installed_dir() is None or not _holds_bundle(self.previous_dir):
             return None
         if self.previous_dir.resolve() == self.current_dir.resolve():  # an install cut off between its links
@@ -292,6 +307,19 @@ class ModelStore:
         _sync_dir(self.root)
         self._collect()
         return restored, replaced
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """Hold the store's lock: the nightly join's install and the owner's ``iotgw federation rollback`` each
+        clean up the bundles no link names, and the other's bundle, written but not linked yet, was one of them."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        # Read-only is enough for flock: a lock file root made (a rollback run with sudo) still serves the service.
+        fd = os.open(self.root / ".lock", os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def _write(self, bundle: Bundle) -> Path:
         """``bundle`` saved and fsynced in a new directory beside the links."""
