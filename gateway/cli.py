@@ -56,6 +56,24 @@ def main(argv: list[str] | None = None) -> int:
         # exit) go nowhere rather than raising again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except Exception as exc:
+        if not _database_busy(exc):
+            raise
+        from gateway.store.db import BUSY_TIMEOUT_S
+
+        print(f"iotgw: the database is busy: another process (the daemon, the web UI, another command) held it "
+              f"for {BUSY_TIMEOUT_S:.0f} s; nothing was changed, try again", file=sys.stderr)
+        return 1
+
+
+def _database_busy(exc: Exception) -> bool:
+    """SQLite's "database is locked" after its busy timeout (``gateway.store.db.database_busy``). A command that
+    never loaded SQLAlchemy cannot have raised it, and ``iotgw --help`` must not load it to find out."""
+    if "sqlalchemy" not in sys.modules:
+        return False
+    from gateway.store.db import database_busy
+
+    return database_busy(exc)
 
 
 def stdout_reader_gone() -> bool:

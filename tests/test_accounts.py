@@ -189,3 +189,29 @@ def test_cli_sets_the_password_and_manages_tokens(tmp_path, monkeypatch, capsys)
     assert accounts.verify_login(store, "admin", "a long password")
     assert accounts.authenticate_token(store, secret) is None
     store.close()
+
+
+def test_a_cli_write_while_another_process_holds_the_database_says_busy_and_changes_nothing(
+        tmp_path, monkeypatch, capsys):
+    """``iotgw user token create`` while another process held the write lock past the busy timeout ended in a
+    SQLAlchemy traceback; it says the database is busy and to try again, and writes nothing."""
+    import sqlite3
+
+    from gateway import cli
+    from gateway.store import db as store_db
+
+    monkeypatch.setattr(store_db, "BUSY_TIMEOUT_S", 0.5)  # the real wait is 30 s; the lock below is real
+    path = tmp_path / "iotgw.sqlite"
+    Store(f"sqlite:///{path}").close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the daemon's flush, a backup, a sqlite3 shell left in a transaction
+    try:
+        code = cli.main(["user", "token", "create", "ha", "--db", f"sqlite:///{path}"])
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    err = capsys.readouterr().err
+    assert code == 1 and "database is busy" in err and "try again" in err and "Traceback" not in err
+    store = Store(f"sqlite:///{path}")
+    assert accounts.list_tokens(store) == []
+    store.close()

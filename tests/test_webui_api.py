@@ -202,3 +202,36 @@ def test_alerts_and_model_status(api):
     m = client.get("/api/v1/model").json
     assert (m["version"], m["metrics"], m["plots"]) == ("2026.1", {"macro_f1_30s": 0.81}, ["accuracy.png"])
     assert m["federation"] == {"round": 3, "clients": 5}
+
+
+def test_a_write_while_another_process_holds_the_database_is_a_503_to_retry_not_a_500(tmp_path, monkeypatch):
+    """Another process (the daemon's flush, a CLI command, a backup) holding the database's write lock past the busy
+    timeout made every web UI write an Internal Server Error; it is a 503 saying to try again, and changes nothing."""
+    import sqlite3
+
+    from gateway.store import db as store_db
+    from tests.test_webui_policy_api import _log_in
+
+    monkeypatch.setattr(store_db, "BUSY_TIMEOUT_S", 0.5)  # the real wait is 30 s; the lock below is real
+    cfg = config(tmp_path)
+    store = Store(cfg.db_url)
+    add_device(store, MAC, hostname="plug")
+    _, secret = accounts.create_token(store, "tests", "write")
+    app = create_app(store, cfg)
+    token_client = app.test_client()
+    token_client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {secret}"
+    browser, csrf = _log_in(app)
+    holder = sqlite3.connect(tmp_path / "state" / "iotgw.sqlite", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        r = token_client.patch(f"/api/v1/devices/{MAC}", json={"name": "Plug"})
+        assert r.status_code == 503 and r.headers["Retry-After"] and "try again" in r.json["error"]
+        r = browser.post(f"/devices/{MAC}/name", data={"name": "Plug", "csrf_token": csrf})
+        assert r.status_code == 503 and "try again" in r.get_data(as_text=True)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert service.get_device(store, MAC).device.name == "plug"  # nothing changed
+    r = token_client.patch(f"/api/v1/devices/{MAC}", json={"name": "Plug"})  # the retry, once the lock is gone
+    assert r.status_code == 200 and r.json["name"] == "Plug"
+    store.close()

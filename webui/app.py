@@ -9,11 +9,12 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from flask import Flask
+from flask import Flask, Response, request
+from sqlalchemy.exc import OperationalError
 
 from gateway.config import Config
 from gateway.statedir import write_private
-from gateway.store.db import Store
+from gateway.store.db import BUSY_TIMEOUT_S, Store, database_busy
 from webui import security
 from webui.context import WebContext
 
@@ -51,7 +52,24 @@ def create_app(store: Store, cfg: Config) -> Flask:
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(openapi.bp)
+    app.register_error_handler(OperationalError, _database_busy)
     return app
+
+
+def _database_busy(exc: OperationalError):  # noqa: ANN202 - a response
+    """A 503 that says to try again, not a 500, when another process (the daemon, a CLI command, a backup) held
+    the database's write lock too long: nothing was changed. Any other database error stays a 500."""
+    if not database_busy(exc):
+        raise exc
+    log.warning("%s %s: the database stayed locked by another process for %.0f s", request.method, request.path,
+                BUSY_TIMEOUT_S)
+    message = (f"The gateway's database is busy: another process held it for {BUSY_TIMEOUT_S:.0f} s. Nothing was "
+               "changed; try again in a moment.")
+    response = security.api_error(503, message)[0] if security.is_api() else Response(message + "\n",
+                                                                                      mimetype="text/plain")
+    response.status_code = 503
+    response.headers["Retry-After"] = "5"  # a flush or a CLI command holds it for far less
+    return response
 
 
 def load_secret_key(state_dir: Path) -> bytes:

@@ -11,6 +11,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import Engine, Integer, MetaData, Text, cast, create_engine, event, update
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.statedir import create_private
@@ -19,6 +20,15 @@ from gateway.store.schema import ConfigBase, QueryLogBase, Setting
 MIGRATIONS = Path(__file__).with_name("migrations")
 # Integers SQLite and PostgreSQL's BIGINT can hold are below this (signed 64-bit); the drivers refuse larger ones.
 INT64_LIMIT = 2**63
+# How long a write waits for another process's write lock on SQLite (the daemon's flush, a CLI command, the web UI)
+# before it is refused with "database is locked".
+BUSY_TIMEOUT_S = 30.0
+
+
+def database_busy(exc: BaseException) -> bool:
+    """``exc`` is SQLite's "database is locked": another process held the write lock for all of BUSY_TIMEOUT_S.
+    Nothing was written; trying again later is the cure, so the web UI and the CLI say so instead of failing."""
+    return isinstance(exc, OperationalError) and "database is locked" in str(exc.orig)
 
 
 def querylog_url(url: str) -> str:
@@ -123,7 +133,7 @@ def _engine(url: str) -> Engine:
     if u.database not in (None, "", ":memory:"):
         Path(u.database).parent.mkdir(parents=True, exist_ok=True)
         _create_private(Path(u.database))
-    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DB-API connection
@@ -134,7 +144,7 @@ def _engine(url: str) -> Engine:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
         cur.close()
 
     @event.listens_for(engine, "begin")
