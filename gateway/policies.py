@@ -10,11 +10,13 @@ of ``describe_scope`` and ``overview``: the API returns them and the pages rende
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,9 +166,24 @@ def set_answer(state_dir: Path, scope: str, answer: str) -> None:
             data.policy(scope).answer = None if answer == "inherit" else answer
 
 
-def replace_scope(state_dir: Path, scope: str, body: Any) -> None:
+class ScopeChanged(Exception):
+    """A replacement made from a scope as it was (``if_match``) found it changed since: writing it would silently
+    undo the other writer's change (a rule the CLI or the web page added in between)."""
+
+
+def scope_etag(data: PolicySet, scope: str) -> str:
+    """The version of one scope's own policy (HTTP's ETag): a digest of what ``describe_scope`` shows, not the
+    policy's revision, so that a change to another scope does not refuse a write to this one."""
+    text = json.dumps(describe_scope(data, scope), sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def replace_scope(state_dir: Path, scope: str, body: Any, if_match: Collection[str] | None = None) -> None:
     """Replace a scope's policy with ``body``, the JSON form ``describe_scope`` returns (``rules``, ``strict``,
-    ``paused``, ``answer``; read-only fields are ignored). Every problem is named with its place in ``body``."""
+    ``paused``, ``answer``; read-only fields are ignored). Every problem is named with its place in ``body``.
+
+    With ``if_match`` (the ``scope_etag`` values the caller read the scope at) a scope changed since is left as it
+    is and ``ScopeChanged`` raised; without it the scope is replaced whatever it holds now."""
     if not isinstance(body, dict):
         raise ValueError("expected a JSON object with rules, strict, paused and answer")
     unknown = set(body) - {"rules", "strict", "paused", "answer", "scope", "mode", "inherits"}
@@ -184,6 +201,8 @@ def replace_scope(state_dir: Path, scope: str, body: Any) -> None:
         raise ValueError(f"answer: expected one of {', '.join(ANSWERS)} or null")
     with editing(state_dir) as data:
         key = normalise_scope(scope)
+        if if_match is not None and scope_etag(data, key) not in if_match:
+            raise ScopeChanged(f"{key} was changed since it was read: read it again (GET) and redo the change")
         policy = Policy(rules, body.get("strict"), body.get("paused") or None)
         if key == "global":
             data.answer = answer or "null"

@@ -245,3 +245,39 @@ def test_a_rule_removed_on_a_page_shown_before_the_cli_changed_the_scope_is_the_
     with client.session_transaction() as sess:
         assert "no rule 'block name=a.example'" in sess["_flashes"][-1][1]
     assert [rule["value"] for rule in json.loads(_cli(state_dir, "show"))["policies"][scope]["rules"]] == left
+
+
+def test_a_put_made_from_a_scope_changed_since_it_was_read_is_refused_with_412_and_keeps_the_other_change(api):
+    """PUT replaced a scope whole with no version check: a script that read a scope, edited it and wrote it back
+    silently dropped the rule ``iotgw policy block`` added in between. GET gives an ETag; a PUT with If-Match
+    that no longer matches is a 412 and changes nothing; a PUT without If-Match still replaces the scope."""
+    app, state_dir, write, _ = api
+    client = app.test_client()
+    url = f"/api/v1/policies/device/{MAC}"
+    _cli(state_dir, "block", f"device:{MAC}", "a.example")
+    r = client.get(url, headers=write)
+    etag, rules = r.headers["ETag"], r.json["rules"]
+    assert etag.startswith('"')
+    _cli(state_dir, "block", f"device:{MAC}", "cli.example")  # meanwhile, the owner's shell
+    _cli(state_dir, "block", "global", "elsewhere.example")  # another scope's change is no conflict
+    body = {"rules": [*rules, {"action": "block", "kind": "name", "value": "script.example"}]}
+    r = client.put(url, json=body, headers={**write, "If-Match": etag})
+    assert r.status_code == 412 and "changed since it was read" in r.json["error"]
+    saved = json.loads(_cli(state_dir, "show"))["policies"][f"device:{MAC}"]["rules"]
+    assert [rule["value"] for rule in saved] == ["a.example", "cli.example"]  # nothing lost, nothing written
+
+    r = client.get(url, headers=write)  # the script reads again and redoes its edit
+    body = {"rules": [*r.json["rules"], {"action": "block", "kind": "name", "value": "script.example"}]}
+    r2 = client.put(url, json=body, headers={**write, "If-Match": r.headers["ETag"]})
+    assert r2.status_code == 200 and r2.headers["ETag"] != r.headers["ETag"]
+    assert [rule["value"] for rule in r2.json["rules"]] == ["a.example", "cli.example", "script.example"]
+    assert client.get(url, headers=write).headers["ETag"] == r2.headers["ETag"]
+    r = client.put(url, json=body, headers={**write, "If-Match": r.headers["ETag"]})  # the same PUT, replayed
+    assert r.status_code == 412
+
+    r = client.get("/api/v1/policies/global", headers=write)
+    assert r.headers["ETag"]
+    r = client.put("/api/v1/policies/global", json={"rules": []}, headers={**write, "If-Match": "*"})
+    assert r.status_code == 200 and r.json["rules"] == []
+    r = client.put(url, json={"rules": []}, headers=write)  # a simple client without If-Match
+    assert r.status_code == 200 and r.json["rules"] == []

@@ -45,6 +45,21 @@ def _op(
     return op
 
 
+def _versioned(op: dict) -> dict:
+    """``op`` on one policy scope: its 200 carries the scope's ETag; a PUT may send it back in If-Match."""
+    op["responses"]["200"]["headers"] = {
+        "ETag": {"description": "the scope's version, for If-Match on a PUT", "schema": _STR}
+    }
+    if "requestBody" in op:
+        op["parameters"] = [*op.get("parameters", []), {"$ref": "#/components/parameters/if_match"}]
+        op["responses"]["412"] = {
+            "description": "If-Match names a version the scope no longer has (another writer changed it); "
+            "nothing was changed: GET it again and redo the change",
+            "content": {_JSON: {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+    return op
+
+
 _FETCH_FAILED = {"502": {"description": "the list's server could not be reached, answered an error or was too slow"}}
 _STR = {"type": "string"}
 _NUM = {"type": "number"}
@@ -110,35 +125,38 @@ DOCUMENT: dict = {
             "get": _op("Every policy scope, block list, category, schedule and the quarantine", schema="Policies")
         },
         "/api/v1/policies/global": {
-            "get": _op("The global policy", schema="ScopePolicy"),
-            "put": _op("Replace the global policy", body="ScopePolicy", schema="ScopePolicy"),
+            "get": _versioned(_op("The global policy", schema="ScopePolicy")),
+            "put": _versioned(_op("Replace the global policy", body="ScopePolicy", schema="ScopePolicy")),
         },
         "/api/v1/policies/device/{mac}": {
-            "get": _op(
-                "A device's own policy and the scopes it inherits from", params=("mac",), schema="ScopePolicy"
+            "get": _versioned(_op(
+                "A device's own policy and the scopes it inherits from (the ETag is the device's own policy's)",
+                params=("mac",), schema="ScopePolicy",
+            )),
+            "put": _versioned(
+                _op("Replace a device's own policy", params=("mac",), body="ScopePolicy", schema="ScopePolicy")
             ),
-            "put": _op("Replace a device's own policy", params=("mac",), body="ScopePolicy", schema="ScopePolicy"),
             "delete": _op("Drop a device's own policy (it inherits again)", params=("mac",), status="204"),
         },
         "/api/v1/policies/type/{device_type}": {
-            "get": _op("A device type's default policy", params=("device_type",), schema="ScopePolicy"),
-            "put": _op(
+            "get": _versioned(_op("A device type's default policy", params=("device_type",), schema="ScopePolicy")),
+            "put": _versioned(_op(
                 "Replace a device type's default policy",
                 params=("device_type",),
                 body="ScopePolicy",
                 schema="ScopePolicy",
-            ),
+            )),
             "delete": _op("Drop a device type's default policy", params=("device_type",), status="204"),
         },
         "/api/v1/policies/tag/{tag}": {
-            "get": _op(
+            "get": _versioned(_op(
                 "A category's default policy (AdGuard Home device tags: device_camera, device_tv, ...)",
                 params=("tag",),
                 schema="ScopePolicy",
-            ),
-            "put": _op(
+            )),
+            "put": _versioned(_op(
                 "Replace a category's default policy", params=("tag",), body="ScopePolicy", schema="ScopePolicy"
-            ),
+            )),
             "delete": _op("Drop a category's default policy", params=("tag",), status="204"),
         },
         "/api/v1/policies/lists": {
@@ -187,6 +205,13 @@ DOCUMENT: dict = {
             "list_id": {"name": "list_id", "in": "path", "required": True, "schema": _STR},
             "schedule": {"name": "name", "in": "path", "required": True, "schema": _STR},
             "token_id": {"name": "token_id", "in": "path", "required": True, "schema": {"type": "integer"}},
+            "if_match": {
+                "name": "If-Match",
+                "in": "header",
+                "schema": _STR,
+                "description": "the ETag of the scope as read: the PUT replaces it only if no one changed it since "
+                "(412 otherwise). Without it the scope is replaced whatever it holds now.",
+            },
             "q": {"name": "q", "in": "query", "schema": _STR, "description": "substring search"},
             "status": {
                 "name": "status",

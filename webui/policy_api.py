@@ -3,6 +3,10 @@
 Reads need a login or any token; writes need a read-write token or a session with its CSRF header
 (``webui.security`` enforces both for every route). A change bumps the policy revision and the running daemon
 applies it within a second.
+
+A scope's GET carries an ``ETag`` (``policies.scope_etag``); a PUT with ``If-Match`` replaces the scope only if it
+is still as read, else 412 and nothing changes, so a script's read-edit-write cannot drop a rule the CLI or the web
+page added in between. A PUT without ``If-Match`` replaces the scope unconditionally, for simple clients.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ def _refused(exc: ValueError):  # noqa: ANN202
     return api_error(400, str(exc))
 
 
+@bp.errorhandler(policies.ScopeChanged)
+def _changed_since_read(exc: policies.ScopeChanged):  # noqa: ANN202
+    return api_error(412, str(exc))
+
+
 @bp.errorhandler(FetchError)
 def _list_not_fetched(exc: FetchError):  # noqa: ANN202
     return api_error(502, str(exc))  # the list's server failed, not the request
@@ -45,24 +54,27 @@ def policies_overview():  # noqa: ANN201
 
 @bp.get("/policies/global")
 def policy_global():  # noqa: ANN201
-    return jsonify(policies.describe_scope(_data(), "global"))
+    data = _data()
+    return _scope_response(data, "global", policies.describe_scope(data, "global"))
 
 
 @bp.put("/policies/global")
 def policy_global_put():  # noqa: ANN201
-    policies.replace_scope(_dir(), "global", json_body())
+    _replace("global")
     return policy_global()
 
 
 @bp.get("/policies/device/<mac>")
 def policy_device(mac: str):  # noqa: ANN201
     device_type, category = _identity(mac)
-    return jsonify(policies.device_view(_data(), mac, device_type, category))
+    data = _data()
+    return _scope_response(data, policies.scope_key("device", mac),
+                           policies.device_view(data, mac, device_type, category))
 
 
 @bp.put("/policies/device/<mac>")
 def policy_device_put(mac: str):  # noqa: ANN201
-    policies.replace_scope(_dir(), policies.scope_key("device", mac), json_body())
+    _replace(policies.scope_key("device", mac))
     return policy_device(mac)
 
 
@@ -73,12 +85,13 @@ def policy_device_delete(mac: str):  # noqa: ANN201
 
 @bp.get("/policies/type/<device_type>")
 def policy_type(device_type: str):  # noqa: ANN201
-    return jsonify(policies.describe_scope(_data(), policies.scope_key("type", device_type)))
+    data, key = _data(), policies.scope_key("type", device_type)
+    return _scope_response(data, key, policies.describe_scope(data, key))
 
 
 @bp.put("/policies/type/<device_type>")
 def policy_type_put(device_type: str):  # noqa: ANN201
-    policies.replace_scope(_dir(), policies.scope_key("type", device_type), json_body())
+    _replace(policies.scope_key("type", device_type))
     return policy_type(device_type)
 
 
@@ -89,12 +102,13 @@ def policy_type_delete(device_type: str):  # noqa: ANN201
 
 @bp.get("/policies/tag/<tag>")
 def policy_tag(tag: str):  # noqa: ANN201
-    return jsonify(policies.describe_scope(_data(), policies.scope_key("tag", tag)))
+    data, key = _data(), policies.scope_key("tag", tag)
+    return _scope_response(data, key, policies.describe_scope(data, key))
 
 
 @bp.put("/policies/tag/<tag>")
 def policy_tag_put(tag: str):  # noqa: ANN201
-    policies.replace_scope(_dir(), policies.scope_key("tag", tag), json_body())
+    _replace(policies.scope_key("tag", tag))
     return policy_tag(tag)
 
 
@@ -164,6 +178,22 @@ def _dir():  # noqa: ANN202
 
 def _data():  # noqa: ANN202
     return policies.load(_dir())
+
+
+def _scope_response(data, scope: str, payload: dict):  # noqa: ANN001, ANN202 - PolicySet, a response
+    """``payload`` as JSON with the scope's ETag, which a later PUT may send back in If-Match."""
+    response = jsonify(payload)
+    response.set_etag(policies.scope_etag(data, scope))
+    return response
+
+
+def _replace(scope: str) -> None:
+    """PUT: replace ``scope`` with the body, only if it is still as read when the request has If-Match."""
+    body = json_body()
+    # "*" matches any current representation, and every scope has one (an empty policy): no condition.
+    tags = request.if_match
+    if_match = None if "If-Match" not in request.headers or tags.star_tag else tags.as_set()
+    policies.replace_scope(_dir(), scope, body, if_match)
 
 
 def _clear(scope: str):  # noqa: ANN202
