@@ -235,3 +235,38 @@ def test_a_write_while_another_process_holds_the_database_is_a_503_to_retry_not_
     r = token_client.patch(f"/api/v1/devices/{MAC}", json={"name": "Plug"})  # the retry, once the lock is gone
     assert r.status_code == 200 and r.json["name"] == "Plug"
     store.close()
+
+
+def test_a_token_read_while_another_process_holds_the_database_is_served_and_its_use_recorded_later(
+        tmp_path, monkeypatch):
+    """Every request with a token wrote the token's last use in a write transaction: while the daemon (a backup, a
+    sqlite3 shell) held the write lock, a read-only GET waited the whole busy timeout and then failed. It is
+    served at once; the last use is recorded at most once a minute, and skipped, not waited for, while busy."""
+    import sqlite3
+
+    from gateway.store import db as store_db
+
+    monkeypatch.setattr(store_db, "BUSY_TIMEOUT_S", 0.5)  # the real wait is 30 s; the lock below is real
+    cfg = config(tmp_path)
+    store = Store(cfg.db_url)
+    add_device(store, MAC, hostname="plug")
+    created, secret = accounts.create_token(store, "dashboard", "read")
+    client = create_app(store, cfg).test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {secret}"
+    holder = sqlite3.connect(tmp_path / "state" / "iotgw.sqlite", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        for _ in range(3):
+            r = client.get(f"/api/v1/devices/{MAC}")
+            assert r.status_code == 200 and r.json["mac"] == MAC
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    [token] = accounts.list_tokens(store)
+    assert token.id == created.id and token.last_used_at is None  # skipped while busy
+    assert client.get(f"/api/v1/devices/{MAC}").status_code == 200
+    first = accounts.list_tokens(store)[0].last_used_at
+    assert first is not None  # recorded once the database was free
+    assert client.get(f"/api/v1/devices/{MAC}").status_code == 200
+    assert accounts.list_tokens(store)[0].last_used_at == first  # not rewritten within the minute
+    store.close()

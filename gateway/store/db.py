@@ -72,12 +72,16 @@ class Store:
             _upgrade(engine, metadata, branch)
 
     @contextmanager
-    def transaction(self) -> Iterator[Session]:
+    def transaction(self, *, wait: bool = True) -> Iterator[Session]:
         """A write transaction. On SQLite it starts with BEGIN IMMEDIATE: a deferred transaction that reads
         and then writes fails at once with "database is locked" when another process wrote in between (WAL
-        cannot upgrade a stale snapshot), while an immediate one waits its turn under busy_timeout."""
+        cannot upgrade a stale snapshot), while an immediate one waits its turn under busy_timeout.
+
+        ``wait=False`` is for a write that may be skipped: on SQLite it fails at once ("database is locked",
+        ``database_busy``) instead of waiting for another process's write lock."""
         with self.session() as session:
-            session.connection(execution_options={"immediate": True})  # begins the transaction
+            # begins the transaction
+            session.connection(execution_options={"immediate": True, "wait": wait})
             try:
                 yield session
                 session.commit()
@@ -149,7 +153,10 @@ def _engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _begin(conn) -> None:  # noqa: ANN001 - Connection
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("immediate") else "BEGIN")
+        options = conn.get_execution_options()
+        if "wait" in options:  # set on every write transaction, so a pooled connection never keeps a 0
+            conn.exec_driver_sql(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000) if options['wait'] else 0}")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get("immediate") else "BEGIN")
 
     return engine
 
