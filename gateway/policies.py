@@ -52,15 +52,22 @@ def load(state_dir: Path) -> PolicySet:
 @contextmanager
 def editing(state_dir: Path) -> Iterator[PolicySet]:
     """The policy to change in place; saved (validated, next revision) when the block ends without error."""
+    with _locked(state_dir):
+        data = load_policy(Path(state_dir))
+        yield data
+        save_policy(Path(state_dir), data)
+
+
+@contextmanager
+def _locked(state_dir: Path) -> Iterator[None]:
+    """Hold the policy's lock: every change to the policy, and to the list files it names, is made under it."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     # Owned like the state directory, so a lock file made by `sudo iotgw policy ...` does not shut the service out.
     with open(create_private(state_dir / _LOCK_FILE, exclusive=False), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            data = load_policy(state_dir)
-            yield data
-            save_policy(state_dir, data)
+            yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -335,9 +342,13 @@ def _download(state_dir: Path, url: str, fetch: Callable[[str, Path], object]) -
 
 
 def remove_list(state_dir: Path, list_id: str) -> None:
-    """Remove a list that no rule uses (a fetched copy is deleted; a file of the user's is left alone)."""
+    """Remove a list that no rule uses (a fetched copy is deleted; a file of the user's is left alone).
+
+    The copy is deleted after the policy is saved without the list (a failed save leaves both) and before the
+    lock is let go: an ``add_list`` of the same id waiting for the lock puts its new file there next."""
     state_dir = Path(state_dir)
-    with editing(state_dir) as data:
+    with _locked(state_dir):
+        data = load_policy(state_dir)
         spec = data.lists.pop(list_id, None)
         if spec is None:
             raise ValueError(f"no list {list_id!r}")
@@ -352,8 +363,9 @@ def remove_list(state_dir: Path, list_id: str) -> None:
         for members in data.categories.values():
             if list_id in members:
                 members.remove(list_id)
-    if spec.url:
-        (state_dir / spec.path).unlink(missing_ok=True)
+        save_policy(state_dir, data)
+        if spec.url:
+            (state_dir / spec.path).unlink(missing_ok=True)
 
 
 def _local_list(state_dir: Path, path: str, any_path: bool) -> str:

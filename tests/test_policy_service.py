@@ -287,3 +287,46 @@ def test_schedules_and_overview(tmp_path):
         "night": {"time_zone": "Europe/Berlin", "days": {"mon": "21:00-24:00", "tue": "00:00-07:00"}}
     }
     assert [p["scope"] for p in view["policies"]] == ["global", "tag:device_tv"]
+
+
+def test_a_list_added_again_while_it_is_removed_keeps_its_new_file(tmp_path, monkeypatch):
+    """``remove_list`` deleted a fetched list's file after letting the policy lock go: an ``add_list`` of the same id
+    (another process) that took the lock in that moment had its new file deleted, and the policy named a list
+    that was not there (blocking nothing). The file is now deleted before the lock is let go."""
+    import fcntl
+
+    body = b"ads.example\n"
+
+    def serve(handler: http.server.BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    def add_again(url: str) -> None:
+        policies.add_list(tmp_path, "remote", url=url)
+
+    real_flock, armed = fcntl.flock, threading.Event()
+
+    def flock(fd, operation: int) -> None:  # noqa: ANN001
+        real_flock(fd, operation)
+        # The one interleaving that loses the file, made certain (the real window is a few microseconds): the
+        # moment remove_list lets the lock go, another process adds the list again and is done.
+        if operation == fcntl.LOCK_UN and armed.is_set():
+            armed.clear()
+            proc = multiprocessing.get_context("fork").Process(target=add_again, args=(url,))
+            proc.start()
+            proc.join(60)
+            assert proc.exitcode == 0
+
+    with _list_server(serve) as base:
+        url = f"{base}/hosts.txt"
+        policies.add_list(tmp_path, "remote", url=url)
+        monkeypatch.setattr(fcntl, "flock", flock)
+        armed.set()
+        policies.remove_list(tmp_path, "remote")
+        assert not armed.is_set()  # the other process ran
+    monkeypatch.undo()
+    assert policies.load(tmp_path).lists["remote"].url == url
+    assert (tmp_path / "lists" / "remote.txt").read_bytes() == body
+    policies.add_rule(tmp_path, "global", policies.rule_from_target("block", "list:remote"))
+    assert policies.decide(tmp_path, MAC, "x.ads.example")[0].action == "blocked"
