@@ -109,3 +109,26 @@ def test_a_policy_change_from_a_shell_that_may_not_write_the_state_says_who_can_
         f"iotgw: permission denied: {state}/.policy.lock: run this as root (sudo) or as the iotgw user"
     ]
     assert os.listdir(state) == []
+
+
+def test_cli_unrule_with_the_rule_label_removes_that_rule_after_another_writer_moved_it(tmp_path, capsys):
+    """``unrule SCOPE INDEX`` removes by place: after the web UI removed an earlier rule between the owner's
+    ``show`` and ``unrule``, the number named the rule below. The rule as ``block`` printed it removes that rule
+    wherever it is now, and removes nothing once it is gone."""
+    from gateway import policies
+
+    state = tmp_path / "s"
+    scope = "device:aa:bb:cc:00:00:01"
+    for name in ("a.example", "b.example", "c.example"):
+        assert _run(state, "block", scope, name) == 0
+    printed = capsys.readouterr().out.splitlines()[1]  # what the owner saw for b.example
+    assert printed.startswith(f"{scope}: block name=b.example (revision")
+    policies.remove_rule(state, scope, 0, "block name=a.example")  # meanwhile, the web page's remove button
+    assert _run(state, "unrule", scope, "block  name=b.example") == 0
+    assert f"{scope}: removed block name=b.example" in capsys.readouterr().out
+    rules = json.loads((state / "policy.json").read_text())["policies"][scope]["rules"]
+    assert [r["value"] for r in rules] == ["c.example"]
+    assert _run(state, "unrule", scope, "block name=b.example") == 2
+    assert "no rule 'block name=b.example'" in capsys.readouterr().err
+    assert _run(state, "unrule", scope, "0") == 0  # by number, as before
+    assert json.loads((state / "policy.json").read_text())["policies"][scope]["rules"] == []

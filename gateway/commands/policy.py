@@ -33,9 +33,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         c.add_argument("--schedule", help="apply only while this schedule is active")
         c.set_defaults(func=_add_rule, action=action)
 
-    c = cmds.add_parser("unrule", help="remove a rule by its number (see show)")
+    c = cmds.add_parser("unrule", help="remove a rule by its label, or by its number (see show)")
     c.add_argument("scope", help=scope_help)
-    c.add_argument("index", type=int)
+    c.add_argument(
+        "rule",
+        help="the rule as block/allow printed it, e.g. 'block name=ads.example' (removed wherever it is now), "
+        "or its number in the scope's rules in show (0 first; another writer may have moved it since)",
+    )
     c.set_defaults(func=_remove_rule)
 
     c = cmds.add_parser("list-add", help="add a block list from a local file or a URL (fetched now)")
@@ -140,7 +144,10 @@ def _add_rule(args: argparse.Namespace) -> int:
 
 
 def _remove_rule(args: argparse.Namespace) -> int:
-    return _run(args, lambda d: f"{args.scope}: removed {policies.remove_rule(d, args.scope, args.index).label()}")
+    # A label names the rule itself: the web UI may have added or removed rules since the owner looked.
+    text = args.rule.strip()
+    index, label = (int(text), None) if text.isascii() and text.isdigit() else (-1, " ".join(text.split()))
+    return _run(args, lambda d: f"{args.scope}: removed {policies.remove_rule(d, args.scope, index, label).label()}")
 
 
 def _list_add(args: argparse.Namespace) -> int:
