@@ -154,8 +154,11 @@ def _engine(url: str) -> Engine:
     @event.listens_for(engine, "begin")
     def _begin(conn) -> None:  # noqa: ANN001 - Connection
         options = conn.get_execution_options()
-        if "wait" in options:  # set on every write transaction, so a pooled connection never keeps a 0
-            conn.exec_driver_sql(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000) if options['wait'] else 0}")
+        wanted = int(BUSY_TIMEOUT_S * 1000) if options.get("wait", True) else 0
+        kept = conn.connection.info  # lives as long as the pooled SQLite connection: a 0 never outlasts its use
+        if kept.get("busy_timeout_ms", int(BUSY_TIMEOUT_S * 1000)) != wanted:
+            conn.exec_driver_sql(f"PRAGMA busy_timeout={wanted}")
+            kept["busy_timeout_ms"] = wanted
         conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get("immediate") else "BEGIN")
 
     return engine
