@@ -1,11 +1,12 @@
 """Alert outbox costs: ``Alerts.send`` (one SQLite transaction) and the drain rate through a real mosquitto
 (published with QoS 1, acknowledged, deleted). Prints one JSON object.
 
-Usage: python benchmarks/alerts_outbox.py [N]
+Usage: python benchmarks/alerts_outbox.py [N]   (N alerts, default 2000)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import socket
 import statistics
@@ -18,13 +19,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway.alerts import Alerts  # noqa: E402
+from gateway.commands.federation import interrupt_on_stop_signals  # noqa: E402
 from gateway.config import Config  # noqa: E402
 from gateway.events import Alert  # noqa: E402
 from gateway.store.db import Store  # noqa: E402
 
 
 def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("n", nargs="?", type=int, default=2000, metavar="N", help="alerts to send (default 2000)")
+    n = parser.parse_args().n
+    interrupt_on_stop_signals()  # SIGTERM, too, stops mosquitto and removes the temporary directory
     with tempfile.TemporaryDirectory() as tmp:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -35,23 +40,27 @@ def main() -> None:
         cfg.mqtt.url = f"mqtt://127.0.0.1:{port}"
         store = Store(f"sqlite:///{tmp}/iotgw.sqlite")
         alerts = Alerts(store, cfg)
-        alerts.start()  # the broker is not up yet: everything waits in the outbox
-        costs = []
-        for i in range(n):
-            t = time.perf_counter()
-            data = {"version": str(i), "previous_version": None}
-            alerts.send(Alert("model_updated", time.time(), None, data))
-            costs.append(time.perf_counter() - t)
-        broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
-        alerts.link.connected.wait(120)  # paho's reconnect backoff is not what this measures
-        t0 = time.perf_counter()
-        while alerts.outbox.count():
-            time.sleep(0.01)
-        drain = time.perf_counter() - t0
-        alerts.stop(drain_s=0)
-        broker.terminate()
-        broker.wait()
-        store.close()
+        broker = None
+        try:
+            alerts.start()  # the broker is not up yet: everything waits in the outbox
+            costs = []
+            for i in range(n):
+                t = time.perf_counter()
+                data = {"version": str(i), "previous_version": None}
+                alerts.send(Alert("model_updated", time.time(), None, data))
+                costs.append(time.perf_counter() - t)
+            broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
+            alerts.link.connected.wait(120)  # paho's reconnect backoff is not what this measures
+            t0 = time.perf_counter()
+            while alerts.outbox.count():
+                time.sleep(0.01)
+            drain = time.perf_counter() - t0
+        finally:
+            alerts.stop(drain_s=0)
+            if broker is not None:
+                broker.terminate()
+                broker.wait()
+            store.close()
     costs.sort()
     print(json.dumps({
         "alerts": n,

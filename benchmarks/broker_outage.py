@@ -27,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway.alerts import Alerts  # noqa: E402
+from gateway.commands.federation import interrupt_on_stop_signals  # noqa: E402
 from gateway.config import Config  # noqa: E402
 from gateway.events import Alert  # noqa: E402
 from gateway.store.db import Store  # noqa: E402
@@ -103,63 +104,71 @@ class Subscriber:
 def run(down_s: float, rate: float, before_s: float, after_s: float, drain_timeout_s: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="iotgw-outage-") as tmp:
         broker = Broker(Path(tmp))
-        broker.start()
-        sub = Subscriber(broker.port)
-        cfg = Config()
-        cfg.gateway.name = "outage"
-        cfg.mqtt.url = f"mqtt://127.0.0.1:{broker.port}"
-        store = Store(f"sqlite:///{tmp}/iotgw.sqlite")
-        alerts = Alerts(store, cfg)
-        alerts.start()
-        sent = 0
-        peak = 0
-        restarted_at = None
-        sampled = 0.0
-        t0 = time.monotonic()
-        stop_at, start_at, end_at = before_s, before_s + down_s, before_s + down_s + after_s
-        try:
-            while (elapsed := time.monotonic() - t0) < end_at:
-                if broker.proc is not None and stop_at <= elapsed < start_at:
-                    broker.stop()
-                    broker.proc = None
-                elif broker.proc is None and elapsed >= start_at:
-                    broker.start()
-                    restarted_at = time.monotonic()
-                while sent < rate * elapsed:
-                    alerts.send(Alert("federated_round", time.time(), None,
-                                      {"round": sent, "status": "finished", "error": None}))
-                    sent += 1
-                if elapsed - sampled >= 1.0:
-                    sampled = elapsed
-                    peak = max(peak, alerts.outbox.count())
-                time.sleep(0.01)
-            deadline = time.monotonic() + drain_timeout_s
-            while len(sub.distinct()) < sent and time.monotonic() < deadline:
-                time.sleep(0.1)
-            drained_at = time.monotonic()
-            # The last acknowledgements reach the outbox a moment after the subscriber has the alerts.
-            while alerts.outbox.count() and time.monotonic() < deadline:
-                time.sleep(0.1)
-            got = sub.distinct()
-            return {
-                "down_s": down_s,
-                "rate_per_s": rate,
-                "sent": sent,
-                "received": len(got),
-                "lost": sent - len(set(got) & set(range(sent))),
-                "duplicates": sub.deliveries() - len(got),
-                "order_kept": got == sorted(got),
-                "outbox_peak": peak,
-                "outbox_max": cfg.mqtt.outbox_max,
-                "backlog_delivered_s": round(drained_at - restarted_at, 1) if restarted_at else None,
-                "outbox_left": alerts.outbox.count(),
-                "note": "shared 2-core machine (other helpers' work ran alongside)",
-            }
+        try:  # the broker is stopped however the run ends (an error, Ctrl-C, SIGTERM), even while starting
+            broker.start()
+            return measure(broker, Path(tmp), down_s, rate, before_s, after_s, drain_timeout_s)
         finally:
-            alerts.stop(drain_s=0)
-            sub.close()
             broker.stop()
-            store.close()
+
+
+def measure(broker: Broker, tmp: Path, down_s: float, rate: float, before_s: float, after_s: float,
+            drain_timeout_s: float) -> dict:
+    """Send through the outbox across the outage; the figures the module docstring lists."""
+    sub = Subscriber(broker.port)
+    cfg = Config()
+    cfg.gateway.name = "outage"
+    cfg.mqtt.url = f"mqtt://127.0.0.1:{broker.port}"
+    store = Store(f"sqlite:///{tmp}/iotgw.sqlite")
+    alerts = Alerts(store, cfg)
+    alerts.start()
+    sent = 0
+    peak = 0
+    restarted_at = None
+    sampled = 0.0
+    t0 = time.monotonic()
+    stop_at, start_at, end_at = before_s, before_s + down_s, before_s + down_s + after_s
+    try:
+        while (elapsed := time.monotonic() - t0) < end_at:
+            if broker.proc is not None and stop_at <= elapsed < start_at:
+                broker.stop()
+                broker.proc = None
+            elif broker.proc is None and elapsed >= start_at:
+                broker.start()
+                restarted_at = time.monotonic()
+            while sent < rate * elapsed:
+                alerts.send(Alert("federated_round", time.time(), None,
+                                  {"round": sent, "status": "finished", "error": None}))
+                sent += 1
+            if elapsed - sampled >= 1.0:
+                sampled = elapsed
+                peak = max(peak, alerts.outbox.count())
+            time.sleep(0.01)
+        deadline = time.monotonic() + drain_timeout_s
+        while len(sub.distinct()) < sent and time.monotonic() < deadline:
+            time.sleep(0.1)
+        drained_at = time.monotonic()
+        # The last acknowledgements reach the outbox a moment after the subscriber has the alerts.
+        while alerts.outbox.count() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        got = sub.distinct()
+        return {
+            "down_s": down_s,
+            "rate_per_s": rate,
+            "sent": sent,
+            "received": len(got),
+            "lost": sent - len(set(got) & set(range(sent))),
+            "duplicates": sub.deliveries() - len(got),
+            "order_kept": got == sorted(got),
+            "outbox_peak": peak,
+            "outbox_max": cfg.mqtt.outbox_max,
+            "backlog_delivered_s": round(drained_at - restarted_at, 1) if restarted_at else None,
+            "outbox_left": alerts.outbox.count(),
+            "note": "shared 2-core machine (other helpers' work ran alongside)",
+        }
+    finally:
+        alerts.stop(drain_s=0)
+        sub.close()
+        store.close()
 
 
 def main() -> None:
@@ -170,6 +179,7 @@ def main() -> None:
     parser.add_argument("--after-s", type=float, default=10)
     parser.add_argument("--drain-timeout-s", type=float, default=300)
     args = parser.parse_args()
+    interrupt_on_stop_signals()  # SIGTERM, too, stops mosquitto and removes the temporary directory
     print(json.dumps(run(args.down_s, args.rate, args.before_s, args.after_s, args.drain_timeout_s)))
 
 

@@ -53,6 +53,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.child:
         return run_iotgw(int(args.child[0]), args.child[1], int(args.child[2]), args.child[3])
+    sys.path.insert(0, str(ROOT))
+    from gateway.commands.federation import interrupt_on_stop_signals
+
+    interrupt_on_stop_signals()  # SIGTERM, too, ends the dnsmasq and iotgw servers and removes the temporary files
     with tempfile.TemporaryDirectory(prefix="iotgw-dnsbench-") as tmp:
         print(json.dumps(bench(Path(tmp), args.seconds, args.names, args.rounds, args.blocklist)))
     return 0

@@ -21,6 +21,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gateway.commands.federation import interrupt_on_stop_signals  # noqa: E402
 from identifier.bundle import Bundle  # noqa: E402
 from identifier.dataset import domain_windows  # noqa: E402
 from identifier.federated import homedata, model, processes  # noqa: E402
@@ -119,6 +120,7 @@ def main() -> int:
     args = parser.parse_args()
     if not args.data.exists():
         parser.error(f"{args.data}: not found (give --data)")
+    interrupt_on_stop_signals()  # SIGTERM, too, ends every Flower process (they run in sessions of their own)
     with tempfile.TemporaryDirectory() as tmp:
         results = [measure(n, args.rounds, args.data, Path(tmp)) for n in args.homes]
     out = results[0] if len(results) == 1 else {"runs": results}

@@ -65,6 +65,9 @@ def main() -> int:
     if args.child:
         asyncio.run(serve(args.child))
         return 0
+    from gateway.commands.federation import interrupt_on_stop_signals
+
+    interrupt_on_stop_signals()  # SIGTERM, too, ends the server under test and dnsmasq
     with tempfile.TemporaryDirectory(prefix="iotgw-fuzz-") as tmp:
         print(json.dumps(run(Path(tmp), args.packets, args.tcp_share, args.seed)))
     return 0
@@ -132,7 +135,12 @@ class Child:
     def __init__(self, upstream: str) -> None:
         self.proc = subprocess.Popen([sys.executable, __file__, "--child", upstream], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        self.port = json.loads(self.proc.stdout.readline())["port"]  # type: ignore[union-attr]
+        try:
+            self.port = json.loads(self.proc.stdout.readline())["port"]  # type: ignore[union-attr]
+        except BaseException:  # it did not start, or we were stopped meanwhile: leave no server behind
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
     def stats(self) -> dict:
         self.proc.stdin.write("\n")  # type: ignore[union-attr]
@@ -411,8 +419,17 @@ async def tcp_phase(port: int, packets: list[bytes]) -> dict:
 
 
 def run(tmp: Path, packets: int, tcp_share: float, seed: int) -> dict:
-    rng = random.Random(seed)
     dnsmasq, upstream_port = start_dnsmasq(tmp)
+    try:
+        return fuzz(upstream_port, packets, tcp_share, seed)
+    finally:
+        dnsmasq.terminate()
+        dnsmasq.wait(5)
+
+
+def fuzz(upstream_port: int, packets: int, tcp_share: float, seed: int) -> dict:
+    """The fuzz run against a server forwarding to ``upstream_port``; the figures the module docstring lists."""
+    rng = random.Random(seed)
     t_seed = time.monotonic()
     valid = hypothesis_seeds(min(3000, max(200, packets // 100)), seed)
     fuzzed = scapy_seeds(min(2000, max(100, packets // 200)), seed)
@@ -482,8 +499,6 @@ def run(tmp: Path, packets: int, tcp_share: float, seed: int) -> dict:
         fuzz_sock.close()
         probe.close()
         died = child.stop()
-        dnsmasq.terminate()
-        dnsmasq.wait(5)
     c, c0 = end["counters"], start["counters"]
 
     def delta(name: str) -> int:

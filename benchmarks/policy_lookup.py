@@ -22,6 +22,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gateway.commands.federation import interrupt_on_stop_signals  # noqa: E402
 from policy.engine import PolicyEngine  # noqa: E402
 from policy.model import ListSpec, PolicySet, Rule  # noqa: E402
 from policy.records import DeviceContext  # noqa: E402
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--names", type=int, default=1_000_000)
     ap.add_argument("--queries", type=int, default=200_000)
     args = ap.parse_args()
+    interrupt_on_stop_signals()  # SIGTERM, too, removes the temporary list (tens of MB at a million names)
     rng = random.Random(1)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "big.txt"

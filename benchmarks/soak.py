@@ -219,6 +219,7 @@ def soak(clients: int, qps: float, duration: float, sample_s: float) -> dict:
         gen = subprocess.Popen(["ip", "netns", "exec", cl, sys.executable, __file__, "--generate",
                                 "--clients", str(clients), "--qps", str(qps), "--duration", str(duration)],
                                stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        stack.callback(lambda: gen.poll() is None and (gen.kill(), gen.wait()))  # interrupted mid-run
         t0 = time.monotonic()
         while gen.poll() is None:
             time.sleep(min(sample_s, max(0.1, duration - (time.monotonic() - t0))) if duration else sample_s)
@@ -276,6 +277,10 @@ def main() -> None:
     if args.generate:
         print(json.dumps(generate(args.clients, args.qps, args.duration)))
     else:
+        sys.path.insert(0, str(ROOT))
+        from gateway.commands.federation import interrupt_on_stop_signals
+
+        interrupt_on_stop_signals()  # SIGTERM, too, ends every process and removes the namespaces
         print(json.dumps(soak(args.clients, args.qps, args.duration, args.sample_s)))
 
 

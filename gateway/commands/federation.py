@@ -147,7 +147,7 @@ def _server(args: argparse.Namespace) -> int:
     with (state / "superlink.log").open("ab") as log:
         link = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _interrupt_on_stop_signals()
+        interrupt_on_stop_signals()
         connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         processes.wait_for_port(connect_host, args.port)
         processes.write_connection(state, CONNECTION, f"{connect_host}:{args.port}", tls.ca if tls else None)
@@ -230,7 +230,7 @@ def _join(args: argparse.Namespace) -> int:
             )
         deadline = time.monotonic() + args.window
         try:
-            _interrupt_on_stop_signals()
+            interrupt_on_stop_signals()
             while time.monotonic() < deadline:
                 alerts.poll()
                 if node.poll() is not None:
@@ -343,10 +343,10 @@ def _from_config(args: argparse.Namespace, cfg) -> bool:  # noqa: ANN001 - gatew
     return bool(args.superlink)
 
 
-def _interrupt_on_stop_signals() -> None:
+def interrupt_on_stop_signals() -> None:
     """SIGTERM (systemd, ``kill``) and SIGINT both end the command the way Ctrl-C does, so its ``finally`` stops
     the Flower processes it started in sessions of their own. Set explicitly, like the daemon's handlers: a
-    background job inherits SIGINT ignored."""
+    background job inherits SIGINT ignored. The benchmarks call it too, for their processes and namespaces."""
 
     def interrupt(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
