@@ -105,7 +105,7 @@ def test_benchmark_prints_one_json_object_with_the_documented_keys(script, args,
     assert not left, f"the benchmark left temporary files behind: {left}"
 
 
-@pytest.mark.parametrize("script", ["alerts_outbox.py"])
+@pytest.mark.parametrize("script", ["alerts_outbox.py", "identify_cost.py"])
 def test_benchmark_help_explains_instead_of_running(script, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True,
                           text=True, cwd=ROOT, env=env(tmp_path), timeout=60)
