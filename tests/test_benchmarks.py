@@ -48,7 +48,7 @@ SMOKE = [
                  {"alerts", "send_mean_us", "send_p99_us", "drain_s", "drain_alerts_per_s"},
                  marks=needs_mosquitto, id="alerts_outbox"),
     pytest.param("broker_outage.py", ["--down-s", "2", "--before-s", "1", "--after-s", "1", "--drain-timeout-s", "60"],
-                 {"sent", "received", "lost", "duplicates", "order_kept", "outbox_peak", "outbox_max",
+                 {"sent", "received", "lost", "duplicates", "order_kept", "outbox_peak", "outbox_max", "backlog",
                   "backlog_delivered_s", "outbox_left"},
                  marks=needs_mosquitto, id="broker_outage"),
     pytest.param("capture_rate.py", ["--seconds", "0.5", "--start-pps", "1000", "--max-pps", "1000"],
