@@ -129,26 +129,35 @@ def udp_drops(port: int) -> int:
     return 0
 
 
+class ServerDied(RuntimeError):
+    """The server under test is gone (what the run reports as ``server_died``, not a failure of the run)."""
+
+
 class Child:
-    """The server process and its statistics line protocol."""
+    """The server process and its statistics line protocol; ``last`` is the last statistics it gave."""
 
     def __init__(self, upstream: str) -> None:
         self.proc = subprocess.Popen([sys.executable, __file__, "--child", upstream], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, cwd=ROOT)
         try:
             self.port = json.loads(self.proc.stdout.readline())["port"]  # type: ignore[union-attr]
+            self.last = self.stats()
         except BaseException:  # it did not start, or we were stopped meanwhile: leave no server behind
             self.proc.kill()
             self.proc.wait()
             raise
 
     def stats(self) -> dict:
-        self.proc.stdin.write("\n")  # type: ignore[union-attr]
-        self.proc.stdin.flush()  # type: ignore[union-attr]
+        try:
+            self.proc.stdin.write("\n")  # type: ignore[union-attr]
+            self.proc.stdin.flush()  # type: ignore[union-attr]
+        except BrokenPipeError:
+            raise ServerDied from None
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         if not line:
-            raise RuntimeError("the server process died")
-        return json.loads(line)
+            raise ServerDied
+        self.last: dict = json.loads(line)
+        return self.last
 
     def malformed(self) -> int:
         return self.stats()["counters"].get("dns_malformed", 0)
@@ -156,7 +165,10 @@ class Child:
     def stop(self) -> int | None:
         alive = self.proc.poll() is None
         if alive:
-            self.proc.stdin.close()  # type: ignore[union-attr]
+            try:
+                self.proc.stdin.close()  # type: ignore[union-attr]
+            except BrokenPipeError:  # it died since: unflushed statistics requests
+                pass
             self.proc.wait(10)
         return None if alive else self.proc.returncode
 
@@ -450,50 +462,64 @@ def fuzz(upstream_port: int, packets: int, tcp_share: float, seed: int) -> dict:
     probes = {"sent": 0, "answered": 0}
     latencies: list[float] = []
     replies_to_fuzz = 0
+    start = None
+    t0 = time.monotonic()
+    udp_s = elapsed = None
+    tcp = {"answered": 0, "closed": 0, "timeouts": 0}
+    tcp_sent = 0
     try:
-        for n in range(3):  # warm up before the "start" figures
-            probe_once(probe, target, n, probes, latencies)
-        start = child.stats()
-        last_malformed = start["counters"].get("dns_malformed", 0)
-        t0 = time.monotonic()
-        remaining = packets
-        while remaining > 0:
-            cls = rng.choices(CLASSES, WEIGHTS)[0]
-            make = {"valid": lambda: rng.choice(valid), "broken": mutator.broken,
-                    "fuzzed": mutator.fuzzed_packet}[cls]
-            udp_sent = 0
-            for _ in range(min(BATCH, remaining)):
-                p = make()
-                capture.feed(p)
-                remaining -= 1
-                if rng.random() < tcp_share:
-                    tcp_packets[cls].append(p)
-                    continue
-                fuzz_sock.sendto(p, target)
-                udp_sent += 1
-            sent[cls] += udp_sent
-            replies_to_fuzz += drain(fuzz_sock)
-            probe_once(probe, target, probes["sent"] + 3, probes, latencies)
-            now_malformed = child.malformed()
-            malformed[cls] += now_malformed - last_malformed
-            last_malformed = now_malformed
-        udp_s = time.monotonic() - t0
-        tcp = {"answered": 0, "closed": 0, "timeouts": 0}
-        for cls in CLASSES:
-            result = asyncio.run(tcp_phase(child.port, tcp_packets[cls]))
-            tcp = {k: tcp[k] + result[k] for k in tcp}
-            sent[cls] += len(tcp_packets[cls])
-            probe_once(probe, target, probes["sent"] + 3, probes, latencies)
-            now_malformed = child.malformed()
-            malformed[cls] += now_malformed - last_malformed
-            last_malformed = now_malformed
-        elapsed = time.monotonic() - t0
-        deadline = time.monotonic() + 10  # forwarded fuzz gets its answer or SERVFAIL within the 2 s timeout
-        while time.monotonic() < deadline:
-            end = child.stats()
-            if not end["pending"] and not end["tcp_tasks"]:
-                break
-            time.sleep(0.2)
+        try:
+            for n in range(3):  # warm up before the "start" figures
+                probe_once(probe, target, n, probes, latencies)
+            start = child.stats()
+            last_malformed = start["counters"].get("dns_malformed", 0)
+            t0 = time.monotonic()
+            remaining = packets
+            while remaining > 0:
+                cls = rng.choices(CLASSES, WEIGHTS)[0]
+                make = {"valid": lambda: rng.choice(valid), "broken": mutator.broken,
+                        "fuzzed": mutator.fuzzed_packet}[cls]
+                udp_sent = 0
+                for _ in range(min(BATCH, remaining)):
+                    p = make()
+                    capture.feed(p)
+                    remaining -= 1
+                    if rng.random() < tcp_share:
+                        tcp_packets[cls].append(p)
+                        continue
+                    fuzz_sock.sendto(p, target)
+                    udp_sent += 1
+                sent[cls] += udp_sent
+                replies_to_fuzz += drain(fuzz_sock)
+                probe_once(probe, target, probes["sent"] + 3, probes, latencies)
+                now_malformed = child.malformed()
+                malformed[cls] += now_malformed - last_malformed
+                last_malformed = now_malformed
+            udp_s = time.monotonic() - t0
+            for cls in CLASSES:
+                result = asyncio.run(tcp_phase(child.port, tcp_packets[cls]))
+                tcp = {k: tcp[k] + result[k] for k in tcp}
+                sent[cls] += len(tcp_packets[cls])
+                tcp_sent += len(tcp_packets[cls])
+                probe_once(probe, target, probes["sent"] + 3, probes, latencies)
+                now_malformed = child.malformed()
+                malformed[cls] += now_malformed - last_malformed
+                last_malformed = now_malformed
+            elapsed = time.monotonic() - t0
+            deadline = time.monotonic() + 10  # forwarded fuzz gets its answer or SERVFAIL within the 2 s timeout
+            while time.monotonic() < deadline:
+                end = child.stats()
+                if not end["pending"] and not end["tcp_tasks"]:
+                    break
+                time.sleep(0.2)
+        except (ServerDied, ConnectionRefusedError):  # refused: a TCP connection to a server that is gone
+            if child.proc.poll() is None:
+                raise
+            start = start or child.last  # died while warming up: the figures start at its first statistics
+        # A dead server's counters stop at the last statistics it gave: what it sent after them is unaccounted.
+        end = child.last
+        elapsed = time.monotonic() - t0 if elapsed is None else elapsed
+        udp_s = elapsed if udp_s is None else udp_s
         replies_to_fuzz += drain(fuzz_sock)
     finally:
         fuzz_sock.close()
@@ -511,8 +537,8 @@ def fuzz(upstream_port: int, packets: int, tcp_share: float, seed: int) -> dict:
     latencies.sort()
     return {
         "packets_sent": total_sent,
-        "udp_sent": total_sent - sum(len(v) for v in tcp_packets.values()),
-        "tcp_sent": sum(len(v) for v in tcp_packets.values()),
+        "udp_sent": total_sent - tcp_sent,
+        "tcp_sent": tcp_sent,
         "crashes": (died is not None) + delta("dns_errors") + capture.crashes,
         "server_died": died is not None,
         "dns_errors": delta("dns_errors"),

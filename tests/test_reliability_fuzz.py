@@ -7,6 +7,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,33 @@ def test_short_fuzz_run_crashes_nothing_and_counts_every_bad_packet() -> None:
     assert result["capture"]["frames"] == PACKETS and result["capture"]["malformed"] > 0
     assert result["fds_end"] <= result["fds_start"] + 2  # no descriptor leak (a closing TCP socket may linger)
 
+
+
+@needs_dnsmasq
+def test_fuzz_run_reports_a_server_that_died_instead_of_crashing() -> None:
+    """``crashes`` counts the server dying: a run whose server is killed mid-run still prints its figures."""
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "fuzz_dns.py"), "--packets", "50000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        bench = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 120
+        # The fuzz client's socket (127.0.0.2) is opened once the server has started and given its statistics.
+        while not any(c.laddr and c.laddr.ip == "127.0.0.2" for c in bench.net_connections("udp4")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the fuzz run did not start"
+            time.sleep(0.1)
+        (server,) = [c for c in bench.children() if "--child" in c.cmdline()]
+        server.kill()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    result = json.loads(out)
+    assert result["server_died"] and result["crashes"] >= 1, result
+    assert result["packets_sent"] < 50_000
 
 FAST = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
