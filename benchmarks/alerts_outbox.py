@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway.alerts import Alerts  # noqa: E402
+from gateway.cli import positive_count  # noqa: E402
 from gateway.commands.federation import interrupt_on_stop_signals  # noqa: E402
 from gateway.config import Config  # noqa: E402
 from gateway.events import Alert  # noqa: E402
@@ -27,7 +28,8 @@ from gateway.store.db import Store  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("n", nargs="?", type=int, default=2000, metavar="N", help="alerts to send (default 2000)")
+    parser.add_argument("n", nargs="?", type=positive_count, default=2000, metavar="N",
+                        help="alerts to send (default 2000)")
     n = parser.parse_args().n
     interrupt_on_stop_signals()  # SIGTERM, too, stops mosquitto and removes the temporary directory
     with tempfile.TemporaryDirectory() as tmp:

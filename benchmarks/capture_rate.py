@@ -33,10 +33,12 @@ GHOST_IP = "10.213.0.77"  # nobody has it: the gateway's kernel drops the frames
 
 
 def main() -> int:
+    from gateway.cli import positive_count, positive_seconds
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="length of each rate step")
-    parser.add_argument("--max-pps", type=int, default=200_000, help="stop doubling here")
-    parser.add_argument("--start-pps", type=int, default=5_000)
+    parser.add_argument("--seconds", type=positive_seconds, default=3.0, help="length of each rate step")
+    parser.add_argument("--max-pps", type=positive_count, default=200_000, help="stop doubling here")
+    parser.add_argument("--start-pps", type=positive_count, default=5_000)  # 0 would double forever
     parser.add_argument("--capture", metavar="IFACE", help=argparse.SUPPRESS)
     parser.add_argument("--send", nargs=4, metavar=("IFACE", "DST_MAC", "PPS", "SECONDS"),
                         help=argparse.SUPPRESS)

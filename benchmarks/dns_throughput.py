@@ -42,10 +42,13 @@ LOAD_CPU = "1"
 
 
 def main() -> int:
+    sys.path.insert(0, str(ROOT))
+    from gateway.cli import positive_count, positive_seconds
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0, help="length of each full-speed dnsperf run")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating runs per server; the best counts")
-    parser.add_argument("--names", type=int, default=2000, help="distinct names in the query file")
+    parser.add_argument("--seconds", type=positive_seconds, default=10.0, help="length of each full-speed dnsperf run")
+    parser.add_argument("--rounds", type=positive_count, default=2, help="alternating runs per server; the best counts")
+    parser.add_argument("--names", type=positive_count, default=2000, help="distinct names in the query file")
     parser.add_argument("--blocklist", type=int, default=0, metavar="N",
                         help="load a synthetic block list of N names into iotgw (default: none)")
     parser.add_argument("--child", nargs=4, metavar=("PORT", "UPSTREAM", "CACHE", "STATE_DIR"),
@@ -53,7 +56,6 @@ def main() -> int:
     args = parser.parse_args()
     if args.child:
         return run_iotgw(int(args.child[0]), args.child[1], int(args.child[2]), args.child[3])
-    sys.path.insert(0, str(ROOT))
     from gateway.commands.federation import interrupt_on_stop_signals
 
     interrupt_on_stop_signals()  # SIGTERM, too, ends the dnsmasq and iotgw servers and removes the temporary files

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gateway.cli import positive_count  # noqa: E402
 from gateway.commands.identify import load_training_data  # noqa: E402
 from identifier.bundle import Bundle  # noqa: E402
 from identifier.federated import homedata, model, simulate  # noqa: E402
@@ -25,10 +26,10 @@ from identifier.federated import homedata, model, simulate  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
-    parser.add_argument("--homes", type=int, default=10)
+    parser.add_argument("--homes", type=positive_count, default=10)
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller: homes differ more)")
-    parser.add_argument("--rounds", type=int, default=simulate.FedConfig.rounds)
-    parser.add_argument("--epochs", type=int, default=simulate.FedConfig.epochs)
+    parser.add_argument("--rounds", type=positive_count, default=simulate.FedConfig.rounds)
+    parser.add_argument("--epochs", type=positive_count, default=simulate.FedConfig.epochs)
     parser.add_argument("--lr", type=float, default=simulate.FedConfig.lr)
     parser.add_argument("--clip-norm", type=float, default=simulate.FedConfig.clip_norm)
     parser.add_argument("--seed", type=int, default=0)

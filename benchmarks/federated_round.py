@@ -21,6 +21,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gateway.cli import positive_count  # noqa: E402
 from gateway.commands.federation import interrupt_on_stop_signals  # noqa: E402
 from identifier.bundle import Bundle  # noqa: E402
 from identifier.dataset import domain_windows  # noqa: E402
@@ -115,8 +116,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     default_data = Path(__file__).resolve().parents[2] / "shared/data/supplychain-domains/device_domains.csv"
     parser.add_argument("--data", type=Path, default=default_data)
-    parser.add_argument("--homes", type=int, nargs="+", default=[5])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--homes", type=positive_count, nargs="+", default=[5])
+    parser.add_argument("--rounds", type=positive_count, default=2)
     args = parser.parse_args()
     if not args.data.exists():
         parser.error(f"{args.data}: not found (give --data)")

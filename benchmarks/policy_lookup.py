@@ -22,6 +22,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gateway.cli import positive_count  # noqa: E402
 from gateway.commands.federation import interrupt_on_stop_signals  # noqa: E402
 from policy.engine import PolicyEngine  # noqa: E402
 from policy.model import ListSpec, PolicySet, Rule  # noqa: E402
@@ -37,8 +38,8 @@ def _name(rng: random.Random, i: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--names", type=int, default=1_000_000)
-    ap.add_argument("--queries", type=int, default=200_000)
+    ap.add_argument("--names", type=positive_count, default=1_000_000)
+    ap.add_argument("--queries", type=positive_count, default=200_000, help="rounded up to an even number")
     args = ap.parse_args()
     interrupt_on_stop_signals()  # SIGTERM, too, removes the temporary list (tens of MB at a million names)
     rng = random.Random(1)
@@ -52,7 +53,7 @@ def main() -> None:
         rng = random.Random(1)
         listed = [_name(rng, i) for i in range(args.names)]
         queries = []
-        for _ in range(args.queries // 2):
+        for _ in range((args.queries + 1) // 2):
             queries.append("www." + rng.choice(listed) + ".")  # hit through a parent suffix
             queries.append(f"host{rng.randrange(10**9)}.{rng.choice(LABELS)}-miss.{rng.choice(TLDS)}.")
         rng.shuffle(queries)

@@ -267,17 +267,19 @@ def soak(clients: int, qps: float, duration: float, sample_s: float) -> dict:
 
 
 def main() -> None:
+    sys.path.insert(0, str(ROOT))
+    from gateway.cli import positive_count, positive_seconds
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--clients", type=positive_count, default=200)
     parser.add_argument("--qps", type=float, default=2000)
-    parser.add_argument("--duration", type=float, default=1800)
-    parser.add_argument("--sample-s", type=float, default=5.0)
+    parser.add_argument("--duration", type=positive_seconds, default=1800)
+    parser.add_argument("--sample-s", type=positive_seconds, default=5.0)
     parser.add_argument("--generate", action="store_true", help=argparse.SUPPRESS)  # the load, in its netns
     args = parser.parse_args()
     if args.generate:
         print(json.dumps(generate(args.clients, args.qps, args.duration)))
     else:
-        sys.path.insert(0, str(ROOT))
         from gateway.commands.federation import interrupt_on_stop_signals
 
         interrupt_on_stop_signals()  # SIGTERM, too, ends every process and removes the namespaces

@@ -113,6 +113,24 @@ def test_benchmark_help_explains_instead_of_running(script, tmp_path):
     assert proc.stdout.startswith("usage:"), proc.stdout[:300]
 
 
+
+@pytest.mark.parametrize(("script", "args"), [
+    ("alerts_outbox.py", ["0"]),
+    ("capture_rate.py", ["--seconds", "0"]),  # it ran, and printed a "lossless" rate of frames never sent
+    ("capture_rate.py", ["--start-pps", "0"]),  # it doubled 0 forever
+    ("dns_throughput.py", ["--rounds", "0"]),
+    ("federated_accuracy.py", ["--homes", "0"]),
+    ("federated_round.py", ["--homes", "0"]),
+    ("policy_lookup.py", ["--queries", "0"]),
+    ("soak.py", ["--clients", "0"]),
+])
+def test_benchmark_refuses_a_zero_count_or_length_with_a_usage_error(script, args, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                          text=True, cwd=ROOT, env=env(tmp_path), timeout=120)
+    assert proc.returncode == 2, (proc.stdout[-1000:], proc.stderr[-3000:])
+    assert "usage:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not proc.stdout
+
 def _has_child(*words: str) -> Callable[[list[psutil.Process], Path], bool]:
     """Ready once a descendant's command line holds every one of ``words``."""
 
