@@ -159,9 +159,10 @@ def generate(clients: int, qps: float, duration: float) -> dict:
     while True:
         now = time.monotonic()
         elapsed = now - t0
-        if elapsed >= duration and not outstanding:
-            break
         due = min(int(qps * min(elapsed, duration)), int(qps * duration)) - sent
+        # Only once the last query is sent: it falls due at the very end, when nothing may be outstanding.
+        if elapsed >= duration and not outstanding and due <= 0:
+            break
         for _ in range(max(due, 0)):
             i = sent % clients
             qid = next_id[i] = (next_id[i] + 1) & 0xFFFF

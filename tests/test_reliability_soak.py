@@ -43,3 +43,12 @@ def test_short_soak_keeps_memory_flat_and_leaks_no_descriptors():
     assert result["daemon_errors_logged"] == 0
     assert result["fds_end"] <= result["fds_half"] + FD_GROWTH, result
     assert result["rss_mb_end"] - result["rss_mb_half"] <= RSS_GROWTH_MB, result
+
+
+def test_a_soak_sends_every_query_of_its_duration():
+    """qps x duration queries: the last one falls due at the very end and was dropped when nothing was still
+    outstanding then (199 of 200 sent)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--clients", "3", "--qps", "20",
+                           "--duration", "4", "--sample-s", "1"], capture_output=True, text=True, cwd=ROOT, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["sent"] == 80
