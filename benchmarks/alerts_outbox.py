@@ -19,8 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway.alerts import Alerts  # noqa: E402
-from gateway.cli import positive_count  # noqa: E402
-from gateway.commands.federation import interrupt_on_stop_signals  # noqa: E402
+from gateway.cli import interrupt_on_stop_signals, positive_count  # noqa: E402
 from gateway.config import Config  # noqa: E402
 from gateway.events import Alert  # noqa: E402
 from gateway.store.db import Store  # noqa: E402

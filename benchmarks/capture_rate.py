@@ -51,7 +51,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print(json.dumps({"error": "needs root (network namespaces, AF_PACKET)"}))
         return 1
-    from gateway.commands.federation import interrupt_on_stop_signals
+    from gateway.cli import interrupt_on_stop_signals
 
     interrupt_on_stop_signals()  # SIGTERM, too, removes the namespaces and ends the capture process
     print(json.dumps(run(args.seconds, args.start_pps, args.max_pps)))

@@ -56,7 +56,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.child:
         return run_iotgw(int(args.child[0]), args.child[1], int(args.child[2]), args.child[3])
-    from gateway.commands.federation import interrupt_on_stop_signals
+    from gateway.cli import interrupt_on_stop_signals
 
     interrupt_on_stop_signals()  # SIGTERM, too, ends the dnsmasq and iotgw servers and removes the temporary files
     with tempfile.TemporaryDirectory(prefix="iotgw-dnsbench-") as tmp:

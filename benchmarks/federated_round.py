@@ -21,8 +21,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.cli import positive_count  # noqa: E402
-from gateway.commands.federation import interrupt_on_stop_signals  # noqa: E402
+from gateway.cli import interrupt_on_stop_signals, positive_count  # noqa: E402
 from identifier.bundle import Bundle  # noqa: E402
 from identifier.dataset import domain_windows  # noqa: E402
 from identifier.federated import homedata, model, processes  # noqa: E402

@@ -65,7 +65,7 @@ def main() -> int:
     if args.child:
         asyncio.run(serve(args.child))
         return 0
-    from gateway.commands.federation import interrupt_on_stop_signals
+    from gateway.cli import interrupt_on_stop_signals
 
     interrupt_on_stop_signals()  # SIGTERM, too, ends the server under test and dnsmasq
     with tempfile.TemporaryDirectory(prefix="iotgw-fuzz-") as tmp:

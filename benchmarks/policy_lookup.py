@@ -22,8 +22,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.cli import positive_count  # noqa: E402
-from gateway.commands.federation import interrupt_on_stop_signals  # noqa: E402
+from gateway.cli import interrupt_on_stop_signals, positive_count  # noqa: E402
 from policy.engine import PolicyEngine  # noqa: E402
 from policy.model import ListSpec, PolicySet, Rule  # noqa: E402
 from policy.records import DeviceContext  # noqa: E402

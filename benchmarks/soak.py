@@ -281,7 +281,7 @@ def main() -> None:
     if args.generate:
         print(json.dumps(generate(args.clients, args.qps, args.duration)))
     else:
-        from gateway.commands.federation import interrupt_on_stop_signals
+        from gateway.cli import interrupt_on_stop_signals
 
         interrupt_on_stop_signals()  # SIGTERM, too, ends every process and removes the namespaces
         print(json.dumps(soak(args.clients, args.qps, args.duration, args.sample_s)))

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import select
+import signal
 import sys
 from collections.abc import Callable
 
@@ -84,6 +85,18 @@ def stdout_reader_gone() -> bool:
         return any(events & select.POLLERR for _, events in poller.poll(0))
     except (OSError, ValueError):
         return False
+
+
+def interrupt_on_stop_signals() -> None:
+    """SIGTERM (systemd, ``kill``, a cancelled CI job) and SIGINT both end the program the way Ctrl-C does, so its
+    ``finally`` stops what it started (Flower processes, a benchmark's servers and namespaces). Set explicitly,
+    like the daemon's handlers: a background job inherits SIGINT ignored."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
 
 
 def permission_message(exc: PermissionError) -> str:

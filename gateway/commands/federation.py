@@ -21,7 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
-from gateway.cli import add_state_args, config_from_args, positive_seconds, tcp_port
+from gateway.cli import add_state_args, config_from_args, interrupt_on_stop_signals, positive_seconds, tcp_port
 from gateway.statedir import create_private
 
 CONNECTION = "iotgw"
@@ -341,18 +341,6 @@ def _from_config(args: argparse.Namespace, cfg) -> bool:  # noqa: ANN001 - gatew
     if args.auth_key is None and fed.auth_key:
         args.auth_key = Path(fed.auth_key)
     return bool(args.superlink)
-
-
-def interrupt_on_stop_signals() -> None:
-    """SIGTERM (systemd, ``kill``) and SIGINT both end the command the way Ctrl-C does, so its ``finally`` stops
-    the Flower processes it started in sessions of their own. Set explicitly, like the daemon's handlers: a
-    background job inherits SIGINT ignored. The benchmarks call it too, for their processes and namespaces."""
-
-    def interrupt(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, interrupt)
 
 
 def _stop(proc: subprocess.Popen) -> None:
