@@ -137,6 +137,31 @@ def test_device_writes_take_null_as_clear_and_texts_at_their_limits(api):
     assert client.patch(f"/api/v1/devices/{MAC}", json={"name": None}).json["name"] != "n" * 200
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("", {"name": "gnp.\u202eexe"}),
+        ("", {"name": "a\x00b"}),
+        ("", {"name": "two\nlines", "status": "approved"}),
+        ("/label", {"manufacturer": "TP-Link", "device_type": "hs\u2066110"}),
+        ("/label", {"category": "plug\x1b[2J"}),
+    ],
+)
+def test_names_and_labels_with_control_or_bidi_characters_are_refused_and_change_nothing(api, path, body):
+    client, store, _ = api
+    service.rename(store, MAC, "Plug")
+    service.label(store, MAC, manufacturer="TP-Link", device_type="hs110", category="plug")
+    before = client.get(f"/api/v1/devices/{MAC}").json
+    method = client.put if path else client.patch
+    r = method(f"/api/v1/devices/{MAC}{path}", json=body)
+    assert r.status_code == 400 and "control or bidi characters" in r.json["error"]
+    after = client.get(f"/api/v1/devices/{MAC}").json
+    assert (after["name"], after["status"], after["label"]) == (before["name"], before["status"], before["label"])
+    # Joiners are text: they build emoji sequences.
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467 iPad"
+    assert client.patch(f"/api/v1/devices/{MAC}", json={"name": family}).json["name"] == family
+
+
 def test_renaming_back_to_an_earlier_name_keeps_one_history_row(api):
     client, store, _ = api
     for name in ("Kitchen plug", "Living room", "Kitchen plug"):

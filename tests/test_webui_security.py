@@ -437,6 +437,21 @@ def test_hostile_names_are_escaped(env):
         assert "&lt;script&gt;alert(" in html, url
 
 
+def test_the_device_forms_refuse_names_and_labels_with_control_or_bidi_characters(env):
+    app, store, _ = env
+    client = app.test_client()
+    csrf = _login(client)
+    before = service.get_device(store, MAC).device
+    r = client.post(f"/devices/{MAC}/name", data={"name": "gnp.\u202eexe", "csrf_token": csrf})
+    assert r.status_code == 302
+    assert "may not contain control or bidi characters (found U+202E)" in client.get(r.location).get_data(as_text=True)
+    r = client.post(f"/devices/{MAC}/label", data={"manufacturer": "TP-Link", "category": "plug\r\nx",
+                                                  "csrf_token": csrf})
+    assert "found U+000D" in client.get(r.location).get_data(as_text=True)
+    after = service.get_device(store, MAC).device
+    assert (after.name, after.label_manufacturer, after.labelled_at) == (before.name, None, None)
+
+
 def test_openapi_document_matches_the_url_map(env):
     app, _, _ = env
     routes = set()

@@ -78,6 +78,8 @@ def device_update(mac: str):  # noqa: ANN201
     fields = _texts(body, {"name": service.NAME_MAX, "status": None})  # set_status checks the status itself
     store = ctx().store
     try:
+        if "name" in fields:  # checked first: a refused name must not leave the status changed
+            service.owner_text("name", fields["name"], service.NAME_MAX)
         if "status" in fields:
             service.set_status(store, mac, fields["status"])
         if "name" in fields:
@@ -108,6 +110,8 @@ def device_label(mac: str):  # noqa: ANN201
         )
     except service.NotFound:
         return api_error(404, f"no device {mac}")
+    except ValueError as exc:
+        return api_error(400, str(exc))
     return device(mac)
 
 

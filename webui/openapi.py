@@ -280,13 +280,17 @@ DOCUMENT: dict = {
                 "minProperties": 1,
                 "additionalProperties": False,
                 "properties": {
-                    "name": {"type": ["string", "null"], "maxLength": service.NAME_MAX},
+                    "name": {
+                        "type": ["string", "null"],
+                        "maxLength": service.NAME_MAX,
+                        "description": "no control or bidi characters (400); joiners are fine",
+                    },
                     "status": {"enum": list(service.STATUSES)},
                 },
             },
             "Label": {
                 "type": "object",
-                "description": "a field left out or null is cleared",
+                "description": "a field left out or null is cleared; no control or bidi characters (400)",
                 "minProperties": 1,
                 "additionalProperties": False,
                 "properties": {

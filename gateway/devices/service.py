@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+import unicodedata
 from dataclasses import dataclass
 
 from sqlalchemy import delete, or_, select
 
+from gateway.accounts import CONTROL_CATEGORIES
 from gateway.store.db import Store
 from gateway.store.schema import (
     Address,
@@ -25,6 +27,10 @@ NAME_MAX: int = Device.__table__.c.name.type.length
 LABEL_MAX: dict[str, int] = {
     key: Device.__table__.c[f"label_{key}"].type.length for key in ("manufacturer", "device_type", "category")
 }
+
+# Joiners build emoji sequences and shape scripts (a family emoji, a Persian name); every other format character,
+# a bidi override among them, can make a name read as something else.
+_JOINERS = frozenset("\u200c\u200d")
 
 
 class NotFound(LookupError):
@@ -92,7 +98,7 @@ def get_device(store: Store, mac: str) -> DeviceDetail:
 
 def rename(store: Store, mac: str, name: str) -> None:
     """The owner's name for the device (an empty one clears it); every name given is kept in its history."""
-    name = name.strip()[:NAME_MAX]
+    name = owner_text("name", name, NAME_MAX)
     now = time.time()
     with store.transaction() as s:
         device = _get(s, mac)
@@ -122,13 +128,24 @@ def set_status(store: Store, mac: str, status: str) -> None:
 
 def label(store: Store, mac: str, *, manufacturer: str, device_type: str, category: str) -> None:
     """The owner confirms or corrects the identity: these labels feed federated training."""
+    given = {"manufacturer": manufacturer, "device_type": device_type, "category": category}
+    texts = {key: owner_text(key, value, LABEL_MAX[key]) or None for key, value in given.items()}
     with store.transaction() as s:
         device = _get(s, mac)
-        device.label_manufacturer = manufacturer.strip()[: LABEL_MAX["manufacturer"]] or None
-        device.label_device_type = device_type.strip()[: LABEL_MAX["device_type"]] or None
-        device.label_category = category.strip()[: LABEL_MAX["category"]] or None
+        device.label_manufacturer, device.label_device_type, device.label_category = texts.values()
         device.labelled_at = time.time()
     store.bump_revision(DEVICES_REVISION)
+
+
+def owner_text(field: str, text: str, limit: int) -> str:
+    """``text`` as the owner gives it for ``field``: stripped and cut to ``limit``. ValueError for a control or
+    bidi character: a newline or NUL (PostgreSQL refuses it) has no place in a name, and U+202E reverses the text
+    shown after it, on every page and in Home Assistant. The tracker drops them from names a device sends."""
+    text = text.strip()[:limit]
+    bad = next((c for c in text if unicodedata.category(c) in CONTROL_CATEGORIES and c not in _JOINERS), None)
+    if bad is not None:
+        raise ValueError(f"the {field} may not contain control or bidi characters (found U+{ord(bad):04X})")
+    return text
 
 
 def confirmed_types(store: Store) -> list[tuple[str, str]]:
