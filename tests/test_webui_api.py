@@ -162,6 +162,17 @@ def test_names_and_labels_with_control_or_bidi_characters_are_refused_and_change
     assert client.patch(f"/api/v1/devices/{MAC}", json={"name": family}).json["name"] == family
 
 
+@pytest.mark.parametrize("path", [f"/api/v1/devices/{MAC}", "/api/v1/policies/global"])
+def test_a_json_body_nested_too_deeply_is_a_400_and_changes_nothing(api, path):
+    client, store, tmp_path = api
+    nested = "[" * 20000 + "]" * 20000  # 40 KB: within the body limit
+    method = client.patch if "devices" in path else client.put
+    r = method(path, data=nested, content_type="application/json")
+    assert r.status_code == 400 and "nested too deeply" in r.json["error"]
+    assert service.get_device(store, MAC).device.name == "plug"
+    assert not (tmp_path / "state" / "policy.json").exists()
+
+
 def test_renaming_back_to_an_earlier_name_keeps_one_history_row(api):
     client, store, _ = api
     for name in ("Kitchen plug", "Living room", "Kitchen plug"):

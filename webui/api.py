@@ -179,7 +179,12 @@ def token_revoke(token_id: int):  # noqa: ANN201
 
 
 def json_body() -> dict:
-    body = request.get_json(silent=True)
+    """The request's JSON object; 400 for anything else, also for nesting deeper than the parser's recursion
+    (``[[[[...`` within the 64 KiB body limit raised RecursionError, a 500)."""
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:
+        abort(400, "the JSON body is nested too deeply")
     if not isinstance(body, dict):
         abort(400, "expected a JSON object with Content-Type: application/json")
     return body
