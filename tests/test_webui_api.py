@@ -173,6 +173,21 @@ def test_a_json_body_nested_too_deeply_is_a_400_and_changes_nothing(api, path):
     assert not (tmp_path / "state" / "policy.json").exists()
 
 
+def test_a_device_is_found_however_its_mac_is_typed(api):
+    client, store, _ = api
+    typed = " AA-BB-CC-00-00-01"
+    assert client.get(f"/api/v1/devices/{typed}").json["mac"] == MAC
+    assert len(client.get("/api/v1/queries", query_string={"mac": typed}).json) == 3
+    # The policy view inherits from the device's type, as the daemon applies it to the device.
+    assert client.put("/api/v1/policies/type/tplink-plug-hs110", json={"rules": []}).status_code == 200
+    inherits = [s["scope"] for s in client.get(f"/api/v1/policies/device/{typed}").json["inherits"]]
+    assert inherits == ["type:tplink-plug-hs110", "global"]
+    assert client.patch(f"/api/v1/devices/{typed}", json={"name": "Kettle"}).json["name"] == "Kettle"
+    assert client.delete(f"/api/v1/devices/{typed}").status_code == 204
+    with pytest.raises(service.NotFound):
+        service.get_device(store, MAC)
+
+
 def test_renaming_back_to_an_earlier_name_keeps_one_history_row(api):
     client, store, _ = api
     for name in ("Kitchen plug", "Living room", "Kitchen plug"):

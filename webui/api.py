@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from gateway import accounts, overview
 from gateway.alerts import recent_alerts
-from gateway.devices import service
+from gateway.devices import device_key, service
 from gateway.store import querylog
 from webui import views
 from webui.context import ctx
@@ -132,7 +132,7 @@ def queries():  # noqa: ANN201
         return api_error(400, f"verdict must be one of {', '.join(VERDICTS)}")
     rows = querylog.recent(
         ctx().store,
-        mac=(args.get("mac") or "").lower() or None,
+        mac=device_key(args.get("mac", "")) or None,
         search=args.get("q") or None,
         verdict=verdict,
         limit=args.get("limit", 100, type=int),

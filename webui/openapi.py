@@ -199,7 +199,13 @@ DOCUMENT: dict = {
             "session": {"type": "apiKey", "in": "cookie", "name": "iotgw_session"},
         },
         "parameters": {
-            "mac": {"name": "mac", "in": "path", "required": True, "schema": _STR},
+            "mac": {
+                "name": "mac",
+                "in": "path",
+                "required": True,
+                "schema": _STR,
+                "description": "aa:bb:cc:dd:ee:ff, AA-BB-CC-DD-EE-FF or any case; ip:ADDRESS for one known by address",
+            },
             "device_type": {"name": "device_type", "in": "path", "required": True, "schema": _STR},
             "tag": {"name": "tag", "in": "path", "required": True, "schema": _STR},
             "list_id": {"name": "list_id", "in": "path", "required": True, "schema": _STR},
@@ -218,7 +224,7 @@ DOCUMENT: dict = {
                 "in": "query",
                 "schema": {"enum": ["new", "quarantined", "approved"]},
             },
-            "mac_query": {"name": "mac", "in": "query", "schema": _STR},
+            "mac_query": {"name": "mac", "in": "query", "schema": _STR, "description": "a device's MAC, any spelling"},
             "verdict": {
                 "name": "verdict",
                 "in": "query",

@@ -8,7 +8,7 @@ from flask import Blueprint, abort, flash, redirect, render_template, request, s
 
 from gateway import accounts, overview, policies
 from gateway.alerts import recent_alerts
-from gateway.devices import service
+from gateway.devices import device_key, service
 from gateway.store import querylog
 from gateway.store.db import INT64_LIMIT
 from webui import charts, views
@@ -167,7 +167,7 @@ def queries():  # noqa: ANN201
     before = before_id()
     rows = querylog.recent(
         ctx().store,
-        mac=(args.get("mac") or "").lower() or None,
+        mac=device_key(args.get("mac", "")) or None,
         search=args.get("q") or None,
         verdict=verdict,
         limit=PAGE_SIZE,
@@ -263,4 +263,4 @@ def _device_action(mac: str, action, done: str):  # noqa: ANN001, ANN202 - actio
         flash(str(exc))
     else:
         flash(done)
-    return redirect(url_for("pages.device", mac=mac.lower()))
+    return redirect(url_for("pages.device", mac=device_key(mac)))

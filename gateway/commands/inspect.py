@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 from gateway.cli import add_state_args, config_from_args, positive_count
-from policy.model import normalise_mac
+from gateway.devices import device_key
 
 if TYPE_CHECKING:
     from gateway.store.db import Store
@@ -24,7 +24,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     queries = sub.add_parser("queries", help="the query log, newest first")
     add_state_args(queries)
-    queries.add_argument("--device", metavar="MAC", type=_device_key, help="one device's queries (AA-BB-.. too)")
+    queries.add_argument("--device", metavar="MAC", type=device_key, help="one device's queries (AA-BB-.. too)")
     queries.add_argument("--search", metavar="TEXT", help="part of the name")
     queries.add_argument("--limit", type=positive_count, default=50, help="at most this many (default 50)")
     queries.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -76,14 +76,6 @@ def cmd_queries(args: argparse.Namespace) -> int:
             seen = time.strftime("%H:%M:%S", time.localtime(q.ts))
             print(f"{seen} {q.client:<16} {q.mac or '':<20} {q.verdict:<11} {q.qname}")
     return 0
-
-
-def _device_key(text: str) -> str:
-    """A MAC as the query log writes it, however typed (``AA-BB-...`` found nothing); any other key as given."""
-    try:
-        return normalise_mac(text)
-    except ValueError:
-        return text.strip().lower()
 
 
 def _existing_store(args: argparse.Namespace) -> Store | None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, or_, select
 
 from gateway.accounts import CONTROL_CATEGORIES
+from gateway.devices import device_key
 from gateway.store.db import Store
 from gateway.store.schema import (
     Address,
@@ -79,7 +80,8 @@ def list_devices(
 
 
 def get_device(store: Store, mac: str) -> DeviceDetail:
-    mac = mac.lower()
+    """The device and what hangs off it; ``mac`` may be typed any way ``device_key`` reads."""
+    mac = device_key(mac)
     with store.session() as s:
         device = s.get(Device, mac)
         if device is None:
@@ -165,7 +167,7 @@ def forget(store: Store, mac: str) -> None:
 
 
 def _get(session, mac: str) -> Device:  # noqa: ANN001 - a Session
-    device = session.get(Device, mac.lower())
+    device = session.get(Device, device_key(mac))
     if device is None:
         raise NotFound(mac)
     return device
