@@ -276,6 +276,17 @@ def test_token_names_with_control_characters_are_refused_by_the_form_and_the_api
     assert [t.id for t in accounts.list_tokens(store)] == [token_id]
 
 
+@pytest.mark.parametrize("body", [{"name": ["ha"], "scope": "read"}, {"name": {"x": 1}, "scope": "write"},
+                                  {"name": 42, "scope": "read"}, {"name": "ha", "scope": ["write"]}])
+def test_a_token_name_or_scope_that_is_no_string_is_refused(env, body):
+    app, store, token_id = env
+    client = app.test_client()
+    csrf = _login(client)
+    r = client.post("/api/v1/tokens", json=body, headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 400 and "must be a string" in r.get_json()["error"]
+    assert [t.id for t in accounts.list_tokens(store)] == [token_id]
+
+
 def test_security_headers_and_cookie_flags(env):
     app, _, _ = env
     client = app.test_client()

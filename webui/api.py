@@ -159,11 +159,9 @@ def tokens():  # noqa: ANN201
 
 @bp.post("/tokens")
 def token_create():  # noqa: ANN201
-    body = json_body()
+    fields = _texts(json_body(), {"name": None, "scope": None})  # a list or object would be stored as its repr
     try:
-        token, secret = accounts.create_token(
-            ctx().store, str(body.get("name") or ""), str(body.get("scope") or "")
-        )
+        token, secret = accounts.create_token(ctx().store, fields.get("name", ""), fields.get("scope", ""))
     except ValueError as exc:
         return api_error(400, str(exc))
     return jsonify(_token(token) | {"token": secret}), 201
