@@ -67,6 +67,14 @@ def test_list_search_and_filter(api):
     assert counts == {MAC: (3, 1), "aa:bb:cc:00:00:02": (0, 0)}
 
 
+def test_a_search_for_an_underscore_or_percent_finds_only_devices_with_it(api):
+    client, store, _ = api
+    add_device(store, "aa:bb:cc:00:00:02", hostname="esp_32 100%", ip="192.168.1.77")
+    for q in ("_", "%", "P_3", "0%"):
+        assert [d["mac"] for d in client.get("/api/v1/devices", query_string={"q": q}).json] == ["aa:bb:cc:00:00:02"]
+    assert [d["mac"] for d in client.get("/api/v1/devices?q=PLUG").json] == [MAC]
+
+
 def test_device_list_comes_a_page_at_a_time_with_a_link_to_the_next(api):
     client, store, _ = api
     for i in range(2, 6):

@@ -64,15 +64,16 @@ def list_devices(
     if status:
         stmt = stmt.where(Device.status == status)
     if search:
-        like = f"%{search.lower()}%"
+        # autoescape: a '_' or '%' typed in the search is that character, not a wildcard matching every device
+        text = search.lower()
         stmt = stmt.where(
             or_(
-                Device.mac.like(like),
-                Device.name.ilike(like),
-                Device.vendor.ilike(like),
-                Device.manufacturer.ilike(like),
-                Device.device_type.ilike(like),
-                Device.mac.in_(select(Address.mac).where(Address.ip.like(like))),
+                Device.mac.contains(text, autoescape=True),
+                Device.name.icontains(text, autoescape=True),
+                Device.vendor.icontains(text, autoescape=True),
+                Device.manufacturer.icontains(text, autoescape=True),
+                Device.device_type.icontains(text, autoescape=True),
+                Device.mac.in_(select(Address.mac).where(Address.ip.contains(text, autoescape=True))),
             )
         )
     with store.session() as s:
