@@ -205,6 +205,21 @@ def test_login_locks_out_after_five_failures(env, caplog):
     assert "guess" not in caplog.text and PASSWORD not in caplog.text
 
 
+def test_changing_the_password_while_locked_out_says_so_rather_than_that_the_password_is_wrong(env):
+    app, store, _ = env
+    owner = app.test_client()
+    csrf = _login(owner)
+    guesser = app.test_client()
+    token = _csrf(guesser)
+    for _ in range(accounts.MAX_FAILED_LOGINS):
+        guesser.post("/login", data={"username": "admin", "password": "guess", "csrf_token": token})
+    form = {"current": PASSWORD, "password": "another long password", "confirm": "another long password"}
+    r = owner.post("/settings/password", data=form | {"csrf_token": csrf})
+    page = owner.get(r.location).get_data(as_text=True)
+    assert "Too many failed logins. Try again in 15 min." in page and "is wrong" not in page
+    assert accounts.session_state(store, "admin") is not None and owner.get("/settings").status_code == 200
+
+
 def test_password_change_ends_other_sessions(env):
     app, store, _ = env
     other = app.test_client()

@@ -24,9 +24,8 @@ def login():  # noqa: ANN201
         try:
             ok = accounts.verify_login(ctx().store, username, request.form.get("password", ""))
         except accounts.LockedOut as exc:
-            minutes = max(1, round((exc.until - time.time()) / 60))
             log.warning("login refused for %r from %s: locked out", username[:64], request.remote_addr)
-            error, status = f"Too many failed logins. Try again in {minutes} min.", 429
+            error, status = locked_out_message(exc), 429
         else:
             if ok:
                 start_session(username)
@@ -69,6 +68,11 @@ def setup():  # noqa: ANN201
     return render_template(
         "setup.html", error=error, min_length=accounts.MIN_PASSWORD_LENGTH
     ), 400 if error else 200
+
+
+def locked_out_message(exc: accounts.LockedOut) -> str:
+    """What the login form and the password change say while the account is locked."""
+    return f"Too many failed logins. Try again in {max(1, round((exc.until - time.time()) / 60))} min."
 
 
 def _local(target: str | None) -> str:

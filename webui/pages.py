@@ -12,6 +12,7 @@ from gateway.devices import device_key, service
 from gateway.store import querylog
 from gateway.store.db import INT64_LIMIT
 from webui import charts, views
+from webui.auth_views import locked_out_message
 from webui.context import ctx
 
 bp = Blueprint("pages", __name__)
@@ -214,8 +215,9 @@ def settings_password():  # noqa: ANN201
     store = ctx().store
     try:
         ok = accounts.verify_login(store, accounts.ADMIN, form.get("current", ""))
-    except accounts.LockedOut:
-        ok = False
+    except accounts.LockedOut as exc:  # the right current password is not heard either: say why
+        flash(locked_out_message(exc))
+        return redirect(url_for("pages.settings"))
     if not ok:
         flash("The current password is wrong.")
     elif form.get("password", "") != form.get("confirm", ""):
