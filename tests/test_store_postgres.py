@@ -22,6 +22,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import func, select
 
+from gateway import accounts
+from gateway.config import Config
 from gateway.devices.service import forget, get_device, list_devices, rename, set_status
 from gateway.devices.tracker import DeviceTracker
 from gateway.events import AddressSeen, DhcpSeen, DnsQuery, MdnsSeen
@@ -29,6 +31,7 @@ from gateway.store.db import Store
 from gateway.store.querylog import QueryLogWriter, counts_since, recent
 from gateway.store.schema import ConfigBase, Query, QueryLogBase
 from tests.ports import free_port
+from webui.app import create_app
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg not installed (pip install -e '.[postgres]')")
 
@@ -226,3 +229,22 @@ def test_alerts_two_processes_enqueue_reach_the_publisher_in_id_order(store):
     assert seen_meanwhile == []
     rows = box.pending(0, 10)
     assert [r.kind for r in rows] == ["quarantine_entered", "device_online"] and rows[0].id < rows[1].id
+
+
+def test_a_nul_in_a_login_name_search_or_device_is_a_400_from_the_web_ui_not_a_500(store, tmp_path):
+    cfg = Config()
+    cfg.gateway.state_dir = str(tmp_path / "state")
+    accounts.set_password(store, "correct horse battery")
+    client = create_app(store, cfg).test_client()
+    client.get("/login")
+    with client.session_transaction() as session:
+        csrf = session["csrf_token"]
+    form = {"username": "ad\x00min", "password": "x", "csrf_token": csrf}
+    assert client.post("/login", data=form).status_code == 400
+    form = {"username": "admin", "password": "correct horse battery", "csrf_token": csrf}
+    assert client.post("/login", data=form).status_code == 302
+    for url in ("/api/v1/devices/%00", "/api/v1/devices?q=a%00", "/api/v1/queries?q=%00", "/api/v1/queries?mac=%00",
+                "/devices?q=%00", "/devices/a%00b", "/queries?%00=x"):
+        r = client.get(url)
+        assert r.status_code == 400 and "NUL" in r.get_data(as_text=True), url
+    assert client.get("/api/v1/devices?q=a").status_code == 200

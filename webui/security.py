@@ -145,6 +145,8 @@ def _authorize():  # noqa: ANN202 - None or a response
         return _refuse(403, f"This gateway's web UI answers its LAN only ([dns] lan in {_config_file(cfg)}).")
     if request.endpoint == "static":
         return None
+    if _has_nul():
+        return _refuse(400, "A NUL character is in the request: no name, search or password holds one.")
     if "Authorization" in request.headers:
         return _authorize_token()
     store = ctx().store
@@ -164,6 +166,15 @@ def _authorize():  # noqa: ANN202 - None or a response
             return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
         return _refuse(401, "Login required.")
     return _check_csrf()
+
+
+def _has_nul() -> bool:
+    """Whether the path, a query argument or a form field holds a NUL, which PostgreSQL refuses in any query
+    parameter: a login name or a search with one was a 500, before a login too. Login's ``next`` never reaches
+    the database: a bad one only sends the login to the dashboard."""
+    fields = [*request.args.items(multi=True), *request.form.items(multi=True)]
+    fields = [(key, value) for key, value in fields if key != "next"]
+    return "\x00" in request.path or any("\x00" in key or "\x00" in value for key, value in fields)
 
 
 def _authorize_token():  # noqa: ANN202
