@@ -241,6 +241,21 @@ def test_query_cursor_no_row_id_can_be_is_a_400(api, before):
     assert r.status_code == 400 and "before" in r.json["error"]
 
 
+@pytest.mark.parametrize("url", ["/api/v1/queries?limit=ten", "/api/v1/alerts?limit=1e3",
+                                 "/api/v1/stats/queries?hours=2.5", "/api/v1/stats/queries?buckets=x"])
+def test_a_count_that_is_not_an_integer_is_a_400_naming_it_not_the_default(api, url):
+    client, _, _ = api
+    r = client.get(url)
+    assert r.status_code == 400 and r.json["error"] == f"{url.split('?')[1].split('=')[0]} must be an integer"
+
+
+def test_counts_beyond_their_range_are_taken_to_its_end(api):
+    client, _, _ = api
+    assert len(client.get("/api/v1/queries?limit=-5").json) == 1
+    assert len(client.get("/api/v1/queries?limit=99999999999999999999999").json) == 3
+    assert len(client.get("/api/v1/stats/queries?buckets=100000").json) == 240
+
+
 def test_summary_and_queries_over_time(api):
     client, _, _ = api
     s = client.get("/api/v1/summary").json

@@ -18,7 +18,7 @@ from gateway.devices import device_key, service
 from gateway.store import querylog
 from webui import views
 from webui.context import ctx
-from webui.pages import VERDICTS, before_id, device_page
+from webui.pages import VERDICTS, before_id, device_page, int_arg
 from webui.security import api_error
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -36,8 +36,8 @@ def summary():  # noqa: ANN201
 
 @bp.get("/stats/queries")
 def query_stats():  # noqa: ANN201
-    hours = request.args.get("hours", 24, type=int)
-    buckets = request.args.get("buckets", 24, type=int)
+    hours = int_arg("hours", 24, 1, 24 * 90)
+    buckets = int_arg("buckets", 24, 1, 240)
     return jsonify([asdict(b) for b in overview.queries_over_time(ctx().store, hours=hours, buckets=buckets)])
 
 
@@ -135,7 +135,7 @@ def queries():  # noqa: ANN201
         mac=device_key(args.get("mac", "")) or None,
         search=args.get("q") or None,
         verdict=verdict,
-        limit=args.get("limit", 100, type=int),
+        limit=int_arg("limit", 100, 1, 1000),
         before_id=before_id(),
     )
     return jsonify([views.query(q) for q in rows])
@@ -143,7 +143,7 @@ def queries():  # noqa: ANN201
 
 @bp.get("/alerts")
 def alerts():  # noqa: ANN201
-    limit = max(1, min(request.args.get("limit", 100, type=int), 1000))
+    limit = int_arg("limit", 100, 1, 1000)
     return jsonify([views.alert(a) for a in recent_alerts(ctx().store, limit)])
 
 

@@ -231,7 +231,12 @@ DOCUMENT: dict = {
                 "schema": {"enum": ["allowed", "blocked", "refused", "ratelimited"]},
             },
             "before": {"name": "before", "in": "query", "schema": {"type": "integer"}},
-            "limit": {"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 1000}},
+            "limit": {
+                "name": "limit",
+                "in": "query",
+                "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                "description": "taken into 1..1000; 400 if it is not an integer",
+            },
             "device_limit": {
                 "name": "limit",
                 "in": "query",
@@ -244,8 +249,18 @@ DOCUMENT: dict = {
                 "schema": {"type": "integer", "minimum": 0, "default": 0},
                 "description": "how many devices to skip",
             },
-            "hours": {"name": "hours", "in": "query", "schema": {"type": "integer", "default": 24}},
-            "buckets": {"name": "buckets", "in": "query", "schema": {"type": "integer", "default": 24}},
+            "hours": {
+                "name": "hours",
+                "in": "query",
+                "schema": {"type": "integer", "minimum": 1, "maximum": 2160, "default": 24},
+                "description": "taken into 1..2160 (90 days); 400 if it is not an integer",
+            },
+            "buckets": {
+                "name": "buckets",
+                "in": "query",
+                "schema": {"type": "integer", "minimum": 1, "maximum": 240, "default": 24},
+                "description": "taken into 1..240; 400 if it is not an integer",
+            },
         },
         "schemas": {
             "Error": {"type": "object", "properties": {"error": _STR}},
