@@ -178,9 +178,12 @@ def test_list_file_name_the_os_would_refuse_is_a_400_on_the_api_and_the_page(api
     assert r.status_code == 400 and message in r.json["error"] and len(r.json["error"]) < 300
     client, token = _log_in(app)
     r = client.post("/policies/lists", data={"list_id": "l1", "file": file, "csrf_token": token})
-    assert r.status_code in (302, 400)
-    with client.session_transaction() as sess:
-        assert any(message in text for _, text in sess.get("_flashes", []))
+    if "\x00" in file:  # refused before any view: no form field holds a NUL (PostgreSQL refuses them)
+        assert r.status_code == 400 and "A NUL character is in the request" in r.get_data(as_text=True)
+    else:
+        assert r.status_code == 302
+        with client.session_transaction() as sess:
+            assert any(message in text for _, text in sess.get("_flashes", []))
     assert not (state_dir / "policy.json").exists()
 
 
