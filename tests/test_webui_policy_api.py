@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 
 from gateway import accounts
 from gateway.store.db import Store
+from gateway.store.schema import Device
 from tests.webui_seed import add_device, config
 from webui.app import create_app
 
@@ -284,3 +286,23 @@ def test_a_put_made_from_a_scope_changed_since_it_was_read_is_refused_with_412_a
     assert r.status_code == 200 and r.json["rules"] == []
     r = client.put(url, json={"rules": []}, headers=write)  # a simple client without If-Match
     assert r.status_code == 200 and r.json["rules"] == []
+
+def test_the_policies_page_reads_only_the_devices_with_a_policy_of_their_own(api):
+    app, _, write, _ = api
+    store = app.extensions["iotgw"].store
+    for i in range(2, 302):  # what a LAN host spoofing MACs leaves behind
+        add_device(store, f"02:00:00:00:{i // 256:02x}:{i % 256:02x}", ip=f"10.0.{i // 256}.{i % 256}")
+    client = app.test_client()
+    assert client.put(f"/api/v1/policies/device/{MAC}", json={"paused": True}, headers=write).status_code == 200
+    loaded = []
+
+    def count(target: Device, _context: object) -> None:
+        loaded.append(target.mac)
+
+    event.listen(Device, "load", count)
+    try:
+        client, _ = _log_in(app)
+        html = client.get("/policies").get_data(as_text=True)
+    finally:
+        event.remove(Device, "load", count)
+    assert loaded == [MAC] and ">plug</a>" in html

@@ -23,18 +23,16 @@ from webui.pages import bp
 @bp.get("/policies", endpoint="policies")
 def policies_page():  # noqa: ANN201
     view = policies.overview(policies.load(ctx().cfg.state_dir))
-    names = {d.mac: d.name for d in list_devices(ctx().store)}
     scopes = view["policies"]
+    own = {s["scope"][len("device:"):]: s for s in scopes if s["scope"].startswith("device:")}
+    # Only the devices with a policy of their own: a LAN host spoofing MACs can make thousands of others.
+    names = {d.mac: d.name for d in list_devices(ctx().store, macs=list(own))}
     return render_template(
         "policies.html",
         p=view,
         global_scope=scopes[0],
         defaults=[s for s in scopes if s["scope"].startswith(("type:", "tag:"))],
-        devices=[
-            s | {"mac": s["scope"][len("device:"):], "name": names.get(s["scope"][len("device:"):])}
-            for s in scopes
-            if s["scope"].startswith("device:")
-        ],
+        devices=[s | {"mac": mac, "name": names.get(mac)} for mac, s in own.items()],
         modes=policies.MODES,
         answers=ANSWERS,
         days=DAYS,

@@ -55,10 +55,14 @@ def list_devices(
     status: str | None = None,
     limit: int | None = None,
     offset: int = 0,
+    macs: list[str] | None = None,
 ) -> list[Device]:
     """Devices, most recently seen first; ``limit`` and ``offset`` page through them (a LAN host spoofing MACs
-    can make thousands). Ties are ordered by MAC so that pages neither repeat nor skip one."""
+    can make thousands), ``macs`` keeps only these. Ties are ordered by MAC so that pages neither repeat nor
+    skip one."""
     stmt = select(Device).order_by(Device.last_seen.desc(), Device.mac)
+    if macs is not None:
+        stmt = stmt.where(Device.mac.in_(macs))
     if limit is not None:
         stmt = stmt.limit(limit).offset(offset)
     if status:
