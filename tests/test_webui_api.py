@@ -13,7 +13,7 @@ from gateway.alerts import Alerts
 from gateway.devices import service
 from gateway.events import Alert
 from gateway.store.db import Store
-from gateway.store.schema import Query
+from gateway.store.schema import DeviceName, DhcpFingerprint, MdnsService, Query
 from tests.webui_seed import add_device, config
 from webui.app import create_app
 
@@ -53,6 +53,19 @@ def test_device_detail_carries_identity_alternatives_and_timeline(api):
     assert [t["sld"] for t in d["timeline"]] == ["example.com", "other.net"]
     assert [t["count"] for t in d["timeline"]] == [2, 1]
     assert client.get("/api/v1/devices/aa:aa:aa:aa:aa:aa").status_code == 404
+
+
+def test_a_device_announcing_thousands_of_names_shows_its_newest_hundred_of_each(api):
+    client, store, _ = api
+    with store.transaction() as s:
+        for i in range(1, 301):
+            s.add(DeviceName(mac=MAC, name=f"n{i}", source="mdns", first_seen=i, last_seen=i))
+            s.add(MdnsService(mac=MAC, service=f"_s{i}._tcp.local", first_seen=i))
+            s.add(DhcpFingerprint(mac=MAC, first_seen=i, hostname=f"h{i}", param_list="1,3"))
+    d = client.get(f"/api/v1/devices/{MAC}").json
+    assert len(d["names"]) == len(d["mdns_services"]) == len(d["dhcp"]) == 100  # service.DETAIL_ROWS
+    assert "plug" in [n["name"] for n in d["names"]] and d["mdns_services"][0] == "_s300._tcp.local"
+    assert d["identifications"][-1]["model_version"] == "test-1" and d["model_version"] == "test-1"
 
 
 def test_list_search_and_filter(api):

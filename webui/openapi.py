@@ -91,7 +91,8 @@ DOCUMENT: dict = {
         },
         "/api/v1/devices/{mac}": {
             "get": _op(
-                "A device with identity, alternatives, signals, names and domain timeline",
+                "A device with identity, alternatives, signals, names and domain timeline (of its addresses, "
+                "names, DHCP fingerprints, mDNS services and identifications, the newest 100 of each)",
                 params=("mac",),
                 schema="Device",
             ),

@@ -29,6 +29,9 @@ LABEL_MAX: dict[str, int] = {
     key: Device.__table__.c[f"label_{key}"].type.length for key in ("manufacturer", "device_type", "category")
 }
 
+# Rows of each kind the device page and API show: a device chooses its DHCP hostnames and mDNS names, and one
+# sending thousands would otherwise make its page megabytes long.
+DETAIL_ROWS = 100
 # Joiners build emoji sequences and shape scripts (a family emoji, a Persian name); every other format character,
 # a bidi override among them, can make a name read as something else.
 _JOINERS = frozenset("\u200c\u200d")
@@ -85,21 +88,24 @@ def list_devices(
 
 
 def get_device(store: Store, mac: str) -> DeviceDetail:
-    """The device and what hangs off it; ``mac`` may be typed any way ``device_key`` reads."""
+    """The device and, of each kind of row hanging off it, the newest ``DETAIL_ROWS`` (identifications oldest
+    first, the others newest first); ``mac`` may be typed any way ``device_key`` reads."""
     mac = device_key(mac)
+
+    def newest(table, order):  # noqa: ANN001, ANN202 - a mapped class and its column
+        return list(s.scalars(select(table).where(table.mac == mac).order_by(order.desc()).limit(DETAIL_ROWS)))
+
     with store.session() as s:
         device = s.get(Device, mac)
         if device is None:
             raise NotFound(mac)
         return DeviceDetail(
             device=device,
-            addresses=list(s.scalars(select(Address).where(Address.mac == mac).order_by(Address.last_seen.desc()))),
-            names=list(s.scalars(select(DeviceName).where(DeviceName.mac == mac))),
-            fingerprints=list(s.scalars(select(DhcpFingerprint).where(DhcpFingerprint.mac == mac))),
-            services=list(s.scalars(select(MdnsService).where(MdnsService.mac == mac))),
-            identifications=list(
-                s.scalars(select(Identification).where(Identification.mac == mac).order_by(Identification.ts))
-            ),
+            addresses=newest(Address, Address.last_seen),
+            names=newest(DeviceName, DeviceName.last_seen),
+            fingerprints=newest(DhcpFingerprint, DhcpFingerprint.first_seen),
+            services=newest(MdnsService, MdnsService.first_seen),
+            identifications=newest(Identification, Identification.ts)[::-1],
         )
 
 
