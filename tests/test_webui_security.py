@@ -316,6 +316,19 @@ def test_security_headers_and_cookie_flags(env):
     assert client.get("/api/v1/devices").headers["X-Frame-Options"] == "DENY"
 
 
+def test_the_session_cookie_is_secure_when_the_page_came_over_https(env):
+    app, _, _ = env
+    client = app.test_client()
+    r = client.get("/login", base_url="https://localhost")
+    cookie = r.headers["Set-Cookie"]
+    assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', r.get_data(as_text=True)).group(1)
+    form = {"username": "admin", "password": PASSWORD, "csrf_token": csrf}
+    r = client.post("/login", data=form, base_url="https://localhost")
+    assert r.status_code == 302 and "Secure" in r.headers["Set-Cookie"]
+    assert client.get("/devices", base_url="https://localhost").status_code == 200
+
+
 def test_setup_page_only_from_the_lan_and_only_once(tmp_path):
     cfg = config(tmp_path)
     store = Store(cfg.db_url)

@@ -9,7 +9,8 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from flask import Flask, Response, request
+from flask import Flask, Response, has_request_context, request
+from flask.sessions import SecureCookieSessionInterface
 from sqlalchemy.exc import OperationalError
 
 from gateway.config import Config
@@ -33,14 +34,14 @@ def create_app(store: Store, cfg: Config) -> Flask:
         SESSION_COOKIE_NAME="iotgw_session",
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
-        # Not Secure: the gateway serves plain HTTP on the LAN (a Pi has no certificate a browser trusts),
-        # and a Secure cookie is never sent back over HTTP, so no login would ever stick. Behind HTTPS, set
-        # this to True.
+        # Secure only on a request that came over HTTPS (see _SessionCookie): waitress serves plain HTTP on the
+        # LAN (a Pi has no certificate a browser trusts), and a Secure cookie is never sent back over HTTP.
         SESSION_COOKIE_SECURE=False,
         PERMANENT_SESSION_LIFETIME=timedelta(seconds=security.SESSION_LIFETIME_S),
         MAX_CONTENT_LENGTH=64 * 1024,  # forms and JSON bodies are small; refuse anything bigger
     )
     # Everything rendered is escaped, whatever a template's file name: names come from the network.
+    app.session_interface = _SessionCookie()
     app.jinja_env.autoescape = True
     app.json.sort_keys = False  # keep the documented field order in API answers
     app.jinja_env.filters["when"] = _when
@@ -70,6 +71,14 @@ def _database_busy(exc: OperationalError):  # noqa: ANN202 - a response
     response.status_code = 503
     response.headers["Retry-After"] = "5"  # a flush or a CLI command holds it for far less
     return response
+
+
+class _SessionCookie(SecureCookieSessionInterface):
+    """Flask's signed cookie session, marked Secure whenever the request came over HTTPS: a setting fixed at
+    start would either drop every login over plain HTTP or send the cookie in clear text after HTTPS."""
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        return bool(app.config["SESSION_COOKIE_SECURE"]) or (has_request_context() and request.is_secure)
 
 
 def load_secret_key(state_dir: Path) -> bytes:
