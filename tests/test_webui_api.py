@@ -269,6 +269,16 @@ def test_counts_beyond_their_range_are_taken_to_its_end(api):
     assert len(client.get("/api/v1/stats/queries?buckets=100000").json) == 240
 
 
+@pytest.mark.parametrize(("method", "url", "status"), [("GET", "/api/v1/nothing-here", 404),
+                                                        ("POST", f"/api/v1/devices/{MAC}", 405),
+                                                        ("PUT", "/api/v1/summary", 405),
+                                                        ("DELETE", "/api/v1/tokens/abc", 404)])
+def test_a_path_or_method_no_api_route_has_is_a_json_error(api, method, url, status):
+    client, _, _ = api
+    r = client.open(url, method=method)
+    assert r.status_code == status and r.mimetype == "application/json" and r.json["error"]
+
+
 def test_summary_and_queries_over_time(api):
     client, _, _ = api
     s = client.get("/api/v1/summary").json

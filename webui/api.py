@@ -10,7 +10,6 @@ import time
 from dataclasses import asdict
 
 from flask import Blueprint, abort, jsonify, request, url_for
-from werkzeug.exceptions import HTTPException
 
 from gateway import accounts, overview
 from gateway.alerts import recent_alerts
@@ -22,11 +21,6 @@ from webui.pages import VERDICTS, before_id, device_page, int_arg
 from webui.security import api_error
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
-
-
-@bp.errorhandler(HTTPException)
-def _http_error(exc: HTTPException):  # noqa: ANN202
-    return api_error(exc.code or 500, exc.description or exc.name)
 
 
 @bp.get("/summary")

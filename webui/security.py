@@ -16,6 +16,7 @@ import time
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, g, jsonify, redirect, request, session, url_for
+from werkzeug.exceptions import HTTPException
 
 from gateway import accounts
 from gateway.config import DEFAULT_PATH, Config
@@ -61,6 +62,7 @@ HEADERS = {
 def install(app: Flask) -> None:
     app.before_request(_authorize)
     app.after_request(_add_headers)
+    app.register_error_handler(HTTPException, _http_error)
     app.jinja_env.globals["csrf_token"] = csrf_token
 
 
@@ -223,6 +225,14 @@ def _refuse(status: int, message: str):  # noqa: ANN202
     if is_api():
         return api_error(status, message)
     return Response(message + "\n", status=status, mimetype="text/plain")
+
+
+def _http_error(exc: HTTPException):  # noqa: ANN202 - a response, or the exception's own HTML page
+    """Under /api/, every error is ``{"error": ...}`` JSON, also for a path or a method no route has (those
+    came as Werkzeug's HTML page); the pages keep it."""
+    if is_api():
+        return api_error(exc.code or 500, exc.description or exc.name)
+    return exc
 
 
 def _add_headers(response: Response) -> Response:
