@@ -306,3 +306,16 @@ def test_the_policies_page_reads_only_the_devices_with_a_policy_of_their_own(api
     finally:
         event.remove(Device, "load", count)
     assert loaded == [MAC] and ">plug</a>" in html
+
+
+def test_a_policy_file_broken_by_hand_is_named_on_the_pages_and_the_api_not_a_bare_500(api):
+    app, state_dir, write, _ = api
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    (Path(state_dir) / "policy.json").write_text('{"policies": {"global": {"rules": [{"action": "x"}]}}}')
+    client, _ = _log_in(app)
+    for url in ("/devices", f"/devices/{MAC}", "/policies"):
+        r = client.get(url)
+        assert r.status_code == 500 and "The policy file cannot be read: " in r.get_data(as_text=True), url
+        assert "policy.json" in r.get_data(as_text=True)
+    r = app.test_client().get("/api/v1/policies", headers=write)
+    assert r.status_code == 500 and r.json["error"].startswith("The policy file cannot be read: ")

@@ -16,17 +16,11 @@ from dataclasses import asdict
 from flask import jsonify, request
 
 from gateway import policies
-from gateway.config import ConfigError
 from gateway.devices import service
 from policy.lists import FetchError
 from webui.api import bp, json_body
 from webui.context import ctx
 from webui.security import api_error
-
-
-@bp.errorhandler(ConfigError)
-def _broken_policy_file(exc: ConfigError):  # noqa: ANN202
-    return api_error(500, f"the policy file cannot be read: {exc}")
 
 
 @bp.errorhandler(ValueError)

@@ -19,7 +19,7 @@ from flask import Flask, Response, g, jsonify, redirect, request, session, url_f
 from werkzeug.exceptions import HTTPException
 
 from gateway import accounts
-from gateway.config import DEFAULT_PATH, Config
+from gateway.config import DEFAULT_PATH, Config, ConfigError
 from webui.context import ctx
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ def install(app: Flask) -> None:
     app.before_request(_authorize)
     app.after_request(_add_headers)
     app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(ConfigError, _broken_policy_file)
     app.jinja_env.globals["csrf_token"] = csrf_token
 
 
@@ -233,6 +234,14 @@ def _http_error(exc: HTTPException):  # noqa: ANN202 - a response, or the except
     if is_api():
         return api_error(exc.code or 500, exc.description or exc.name)
     return exc
+
+
+def _broken_policy_file(exc: ConfigError):  # noqa: ANN202
+    """A policy file edited by hand into something unreadable: the Devices list, every device page and the
+    policy API need it, so say what is wrong with it (they were a bare 500)."""
+    log.error("%s", exc)
+    return _refuse(500, f"The policy file cannot be read: {exc}. Fix it, or move it aside to start again from an "
+                        "empty policy.")
 
 
 def _add_headers(response: Response) -> Response:
