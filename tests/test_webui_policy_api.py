@@ -319,3 +319,11 @@ def test_a_policy_file_broken_by_hand_is_named_on_the_pages_and_the_api_not_a_ba
         assert "policy.json" in r.get_data(as_text=True)
     r = app.test_client().get("/api/v1/policies", headers=write)
     assert r.status_code == 500 and r.json["error"].startswith("The policy file cannot be read: ")
+
+
+def test_a_schedule_named_with_spaces_around_is_saved_under_its_name_and_answered(api):
+    app, _, write, _ = api
+    client = app.test_client()
+    r = client.put("/api/v1/policies/schedules/%20bedtime%09", json={"days": {"mon": "21:00-24:00"}}, headers=write)
+    assert r.status_code == 200 and r.json["days"] == {"mon": "21:00-24:00"}
+    assert list(client.get("/api/v1/policies", headers=write).json["schedules"]) == ["bedtime"]

@@ -144,7 +144,7 @@ def policy_schedule_put(name: str):  # noqa: ANN201
     if not isinstance(days, dict) or not all(isinstance(v, str) for v in days.values()):
         return api_error(400, 'days: expected an object like {"mon": "21:00-24:00"}')
     policies.set_schedule(_dir(), name, _text(body, "time_zone") or "UTC", [f"{d}={r}" for d, r in days.items()])
-    return jsonify(policies.overview(_data())["schedules"][name])
+    return jsonify(policies.overview(_data())["schedules"][name.strip()])  # saved under its name stripped
 
 
 @bp.delete("/policies/schedules/<name>")
