@@ -72,7 +72,7 @@ class Gateway:
         self.counters = Counters()
         self.neighbours = NeighbourTable()
         self._neighbour_missed = False
-        self.tracker = DeviceTracker(store, neighbour_lookup=self._neighbour_mac)
+        self.tracker = DeviceTracker(store, neighbour_lookup=self._neighbour_mac, counters=self.counters)
         self.querylog = QueryLogWriter(store, flush_interval_s=cfg.store.flush_interval_s,
                                        days=cfg.store.querylog_days, max_rows=cfg.store.querylog_max_rows)
         self.identifier = load_identifier(cfg)

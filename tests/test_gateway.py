@@ -718,3 +718,80 @@ def test_a_confirmed_device_names_its_production_block_for_the_next_unit(tmp_pat
         assert types[int(prior.argmax())] == "SmarterCoffee"
     with RunningGateway(tmp_path, upstream) as gw:  # after a restart, from the store
         assert gw.gateway.identifier.block_prior(second) is not None
+
+
+def test_a_device_sending_new_names_every_packet_keeps_only_the_newest_of_each_kind(tmp_path, caplog):
+    """A device (or a LAN host) announcing a new mDNS name, service, DHCP hostname and address in every packet
+    grew the tracker's memory and the database without bound. Now each kind keeps its newest HISTORY_ROWS, in
+    memory and in the store, said once in the log; the DHCP hostname outlives the mDNS flood, and a restart keeps
+    the bound."""
+    from scapy.layers.dns import DNS, DNSRR
+    from sqlalchemy import func, select
+
+    from gateway.capture.frames import Senders
+    from gateway.devices.tracker import HISTORY_ROWS, DeviceTracker
+    from gateway.store.schema import Address, DeviceName, DhcpFingerprint, MdnsService
+
+    mac = "02:aa:bb:cc:dd:41"
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+
+    def announce(i: int) -> bytes:
+        return bytes(Ether(src=mac, dst="01:00:5e:00:00:fb") / IP(src=f"10.0.{i // 250}.{i % 250 + 1}",
+                                                                  dst="224.0.0.251")
+                     / UDP(sport=5353, dport=5353)
+                     / DNS(qr=1, aa=1, qd=None, an=[DNSRR(rrname=f"host-{i}.local", type="A", rdata="10.0.0.2"),
+                                                    DNSRR(rrname=f"_s{i}._tcp.local", type="PTR",
+                                                          rdata=f"i{i}._s{i}._tcp.local")]))
+
+    def lease(hostname: str, extra: int) -> bytes:
+        return bytes(Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") / IP(src="0.0.0.0", dst="255.255.255.255")
+                     / UDP(sport=68, dport=67) / BOOTP(chaddr=bytes.fromhex(mac.replace(":", "")))
+                     / DHCP(options=[("message-type", "request"), ("requested_addr", "10.9.0.1"),
+                                     ("hostname", hostname.encode()), ("param_req_list", [1, 3, 6, extra]), "end"]))
+
+    def rows() -> dict[str, int]:
+        with store.session() as s:
+            return {t.__tablename__: s.scalar(select(func.count()).select_from(t).where(t.mac == mac))
+                    for t in (DeviceName, MdnsService, DhcpFingerprint, Address)}
+
+    def stored_names() -> set[tuple[str, str]]:
+        with store.session() as s:
+            return set(s.execute(select(DeviceName.source, DeviceName.name).where(DeviceName.mac == mac)))
+
+    tracker, senders = DeviceTracker(store), Senders()
+    flood = 3 * HISTORY_ROWS
+    frames = [lease("esp-1234", 0)] + [announce(i) for i in range(flood)] + [lease(f"dh-{i}", i % 250 + 1)
+                                                                           for i in range(flood)]
+    for n, frame in enumerate(frames):
+        events = senders.first(frame, 1.0 + n) if frame[6:12] not in senders.known else []
+        for event in events + parse_frame(frame, 1.0 + n):
+            tracker.observe(event)
+        if n % 97 == 0:
+            tracker.flush()
+    tracker.flush()
+    # names: dhcp and mdns each bounded apart (the newest dhcp ones, esp-1234 long pushed out by dh-*)
+    assert rows() == {"device_names": 2 * HISTORY_ROWS, "mdns_services": HISTORY_ROWS,
+                      "dhcp_fingerprints": HISTORY_ROWS, "addresses": HISTORY_ROWS}
+    dev = tracker.devices[mac]
+    assert (len(dev.names), len(dev.services), len(dev.fingerprints), len(dev.addresses)) == (
+        2 * HISTORY_ROWS, HISTORY_ROWS, HISTORY_ROWS, HISTORY_ROWS)
+    assert len([ip for ip, key in tracker.ip_to_key.items() if key == mac]) == HISTORY_ROWS
+    names = stored_names()
+    assert names == set(dev.names)
+    assert ("mdns", f"host-{flood - 1}") in names and ("mdns", "host-0") not in names
+    assert get_device(store, mac).device.name == f"dh-{flood - 1}"
+    assert tracker.counters.get("history_dropped") > 0
+    assert len([r for r in caplog.records if "only the newest" in r.message]) == 1
+
+    # The mDNS flood alone cannot push out the DHCP hostname, and a name dropped then sent again is kept.
+    tracker.observe(parse_frame(lease("esp-1234", 0), 10_000.0)[0])
+    for i in range(flood, 2 * flood):
+        for event in parse_frame(announce(i), 10_001.0 + i):
+            tracker.observe(event)
+    tracker.observe(parse_frame(announce(0), 20_000.0)[0])  # host-0 again, long dropped
+    tracker.flush()
+    names = stored_names()
+    assert ("dhcp", "esp-1234") in names and ("mdns", "host-0") in names
+    assert names == set(tracker.devices[mac].names) == set(DeviceTracker(store).devices[mac].names)  # a restart
+    assert rows() == {"device_names": 2 * HISTORY_ROWS, "mdns_services": HISTORY_ROWS,
+                      "dhcp_fingerprints": HISTORY_ROWS, "addresses": HISTORY_ROWS}

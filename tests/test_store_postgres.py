@@ -164,6 +164,33 @@ def test_a_hostile_dhcp_request_loses_no_other_devices_changes(store, options):
     forget(store, hostile)
 
 
+def test_a_device_flooding_names_keeps_only_the_newest_of_each_kind_on_postgresql(store):
+    """The tracker's bound trims with a window function and refreshes a dropped row seen again with ON CONFLICT DO
+    UPDATE: both on PostgreSQL too, with a batch the store refused and then took carrying a name twice."""
+    from gateway.devices.tracker import HISTORY_ROWS
+    from gateway.store.schema import Address, DeviceName, DhcpFingerprint, MdnsService
+
+    mac = "02:aa:00:00:00:41"
+    tracker = DeviceTracker(store)
+    for i in range(2 * HISTORY_ROWS):
+        ip = f"10.41.{i // 250}.{i % 250 + 1}"
+        for event in (MdnsSeen(1.0 + i, mac, ip, names=(f"h{i}.local",), services=(f"_s{i}._tcp.local",)),
+                      DhcpSeen(1.0 + i, mac, ip, hostname=f"d{i}", param_list=(1, 3, i % 250)),
+                      AddressSeen(1.0 + i, mac, ip, "packet")):
+            tracker.observe(event)
+    batch = tracker.take()
+    tracker.restore(batch)  # refused: carried again by the next take, with what came since
+    tracker.observe(MdnsSeen(1000.0, mac, None, names=("h0.local",), services=()))  # dropped, and again
+    tracker.flush()
+    with store.session() as s:
+        counts = {t.__tablename__: s.scalar(select(func.count()).select_from(t).where(t.mac == mac))
+                  for t in (DeviceName, MdnsService, DhcpFingerprint, Address)}
+        names = set(s.execute(select(DeviceName.source, DeviceName.name).where(DeviceName.mac == mac)))
+    assert counts == {"device_names": 2 * HISTORY_ROWS, "mdns_services": HISTORY_ROWS,
+                      "dhcp_fingerprints": HISTORY_ROWS, "addresses": HISTORY_ROWS}
+    assert names == set(tracker.devices[mac].names) and ("mdns", "h0") in names
+
+
 def test_query_log_written_read_counted_and_pruned(store):
     writer = QueryLogWriter(store, days=1, max_rows=30)
     now = time.time()

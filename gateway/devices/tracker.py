@@ -8,13 +8,14 @@ the store in one transaction per flush. Only the daemon's event consumer calls `
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import UniqueConstraint, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from gateway.events import AddressSeen, DeviceSeen, DhcpSeen, DnsQuery, Event, MdnsSeen, PacketSeen
+from gateway.events import AddressSeen, Counters, DeviceSeen, DhcpSeen, DnsQuery, Event, MdnsSeen, PacketSeen
 from gateway.store.db import Store
 from gateway.store.schema import (
     Address,
@@ -32,6 +33,11 @@ log = logging.getLogger(__name__)
 
 # A device's best name comes from the most trusted source that gave one.
 NAME_RANK = {"user": 0, "dhcp": 1, "mdns": 2, "rdns": 3}
+# What the tracker keeps of each kind a device chooses (its names of each source, DHCP fingerprints, mDNS services,
+# addresses), in memory and in the store: the newest this many. A device or a hostile LAN host sending a new name in
+# every packet would otherwise grow the daemon's memory and the database on the SD card forever. The device's page
+# shows as many (``service.DETAIL_ROWS``); identification reads the observation window, never these rows.
+HISTORY_ROWS = 100
 
 
 _NAME_MAX: int = Device.__table__.c.name.type.length
@@ -52,6 +58,16 @@ def _param_list(codes: tuple[int, ...]) -> str:
     return text if len(text) <= _FINGERPRINT_MAX else text[: _FINGERPRINT_MAX + 1].rsplit(",", 1)[0]
 
 
+def best_own_name(names: Iterable[tuple[str, str]]) -> tuple[str, str] | None:
+    """(name, source) a device is called by what it said of itself: the most trusted source's latest name.
+    ``names`` are (source, name) oldest first; the owner's ("user") are not the device's own and are skipped."""
+    best: tuple[str, str] | None = None
+    for source, name in names:
+        if source != "user" and (best is None or NAME_RANK.get(source, 9) <= NAME_RANK.get(best[1], 9)):
+            best = (name, source)
+    return best
+
+
 def address_key(ip: str) -> str:
     """The key of a client whose MAC cannot be known (loopback, routed): merged into a MAC when one maps."""
     return f"ip:{ip}"
@@ -68,13 +84,16 @@ class TrackedDevice:
     dirty: bool = True
     # The batch (``take`` generation) that first wrote it; 0 when loaded from the store, None before any.
     stored: int | None = None
-    names: set[tuple[str, str]] = field(default_factory=set)  # (source, name) already stored
+    # The histories below are dicts used as sets that remember insertion order, oldest first: past
+    # HISTORY_ROWS the oldest is dropped here and its row by the next flush (``DeviceTracker.write``).
+    names: dict[tuple[str, str], None] = field(default_factory=dict)  # (source, name) already stored
     # (param_list, vendor_class, hostname) already stored. Kept here because the table's UNIQUE cannot dedupe
     # them: SQL NULLs are distinct, so a request without option 60 or 12 added a row at every renewal.
-    fingerprints: set[tuple[str, str | None, str | None]] = field(default_factory=set)
+    fingerprints: dict[tuple[str, str | None, str | None], None] = field(default_factory=dict)
     # mDNS services already stored or waiting to be: a device announces the same ones every few minutes, and
     # a row per announcement piled up in memory while the store could not be written (a full disk).
-    services: set[str] = field(default_factory=set)
+    services: dict[str, None] = field(default_factory=dict)
+    addresses: dict[str, None] = field(default_factory=dict)  # the IPs mapped to it, least recently seen first
 
 
 @dataclass
@@ -88,16 +107,18 @@ class TrackerBatch:
     services: list[dict]
     merges: list[tuple[str, str]]
     generation: int = 0
+    pruned: set[str] = field(default_factory=set)  # devices whose history went past HISTORY_ROWS: trim their rows
 
     @property
     def empty(self) -> bool:
         return not (self.devices or self.addresses or self.names or self.fingerprints or self.services
-                    or self.merges)
+                    or self.merges or self.pruned)
 
     def keys(self) -> set[str]:
         """Every device this batch changes something of."""
         return ({d[0] for d in self.devices} | {v[0] for v in self.addresses.values()} | {m[1] for m in self.merges}
-                | {row["mac"] for rows in (self.names, self.fingerprints, self.services) for row in rows})
+                | {row["mac"] for rows in (self.names, self.fingerprints, self.services) for row in rows}
+                | self.pruned)
 
     def part(self, key: str) -> TrackerBatch:
         """Only ``key``'s changes (a merge goes with the device it merges into), to be written on their own."""
@@ -109,6 +130,7 @@ class TrackerBatch:
             services=[r for r in self.services if r["mac"] == key],
             merges=[m for m in self.merges if m[1] == key],
             generation=self.generation,
+            pruned=self.pruned & {key},
         )
 
 
@@ -122,8 +144,10 @@ class Change:
 
 
 class DeviceTracker:
-    def __init__(self, store: Store, *, neighbour_lookup: Callable[[str], str | None] | None = None) -> None:
+    def __init__(self, store: Store, *, neighbour_lookup: Callable[[str], str | None] | None = None,
+                 counters: Counters | None = None) -> None:
         self.store = store
+        self.counters = counters if counters is not None else Counters()
         self.devices: dict[str, TrackedDevice] = {}
         self.ip_to_key: dict[str, str] = {}
         self._neighbour_lookup = neighbour_lookup
@@ -132,6 +156,8 @@ class DeviceTracker:
         self._pending_fingerprints: list[dict] = []
         self._pending_services: list[dict] = []
         self._merges: list[tuple[str, str]] = []
+        self._pruned: set[str] = set()  # devices that dropped history rows since the last take
+        self._said_pruned = False
         self._generation = 0  # of the last batch taken
         self.written = 0  # generation of the last batch committed (set by the writer thread)
         self._load()
@@ -169,7 +195,7 @@ class DeviceTracker:
             fingerprint = (_param_list(event.param_list), clean_text(event.vendor_class), clean_text(event.hostname))
             seen = self.devices[mac].fingerprints
             if fingerprint not in seen:
-                seen.add(fingerprint)
+                self._remember(mac, seen, fingerprint, "DHCP fingerprints")
                 param_list, vendor_class, hostname = fingerprint
                 self._pending_fingerprints.append(
                     dict(mac=mac, first_seen=ts, hostname=hostname, param_list=param_list,
@@ -182,7 +208,7 @@ class DeviceTracker:
             seen = self.devices[mac].services
             for service in filter(None, map(clean_text, event.services)):
                 if service not in seen:
-                    seen.add(service)
+                    self._remember(mac, seen, service, "mDNS services")
                     self._pending_services.append(dict(mac=mac, service=service, first_seen=ts))
         elif isinstance(event, (PacketSeen, DeviceSeen)) and event.ip:
             changes += self._map(event.ip, mac, "packet", ts)
@@ -204,10 +230,32 @@ class DeviceTracker:
         old = self.ip_to_key.get(ip)
         self.ip_to_key[ip] = mac
         self._pending_addresses[ip] = (mac, source, ts)
+        if old != mac and old in self.devices:  # the address moved: no longer one of the old device's
+            self.devices[old].addresses.pop(ip, None)
+        self._own_address(mac, ip)
         if old and old.startswith("ip:") and old in self.devices:
             self._merge(old, mac)
             return [Change("merged", mac, old)]
         return []
+
+    def _add_name(self, mac: str, source: str, name: str) -> None:
+        """Note (source, name) as stored; past HISTORY_ROWS of that source its oldest is dropped. Each source has
+        its own bound, so a flood of mDNS names cannot push out the DHCP hostname; the owner's are not bounded."""
+        names = self.devices[mac].names
+        names[(source, name)] = None
+        if source != "user" and sum(1 for s, _ in names if s == source) > HISTORY_ROWS:
+            del names[next(k for k in names if k[0] == source)]
+            self._pruned_one(mac, f"{source} names")
+
+    def _own_address(self, mac: str, ip: str) -> None:
+        """``ip`` as ``mac``'s most recently seen address; the least recent past HISTORY_ROWS maps to nothing."""
+        addresses = self.devices[mac].addresses
+        addresses.pop(ip, None)  # to the newest end: the store orders them by when they were last seen
+        for evicted in self._remember(mac, addresses, ip, "addresses"):
+            if self.ip_to_key.get(evicted) == mac:
+                del self.ip_to_key[evicted]
+            if self._pending_addresses.get(evicted, (None,))[0] == mac:
+                del self._pending_addresses[evicted]
 
     def _merge(self, old: str, mac: str) -> None:
         """The address-keyed device turns out to be ``mac``: fold its history in."""
@@ -215,14 +263,18 @@ class DeviceTracker:
         dev = self.devices[mac]
         dev.first_seen = min(dev.first_seen, gone.first_seen)
         dev.last_seen = max(dev.last_seen, gone.last_seen)
-        dev.fingerprints |= gone.fingerprints
-        dev.services |= gone.services
+        for history, theirs, kind in ((dev.fingerprints, gone.fingerprints, "DHCP fingerprints"),
+                                      (dev.services, gone.services, "mDNS services")):
+            for item in theirs:
+                if item not in history:
+                    self._remember(mac, history, item, kind)
         dev.dirty = True
         if not gone.new:
             self._merges.append((old, mac))
         for ip, key in list(self.ip_to_key.items()):
             if key == old:
                 self.ip_to_key[ip] = mac
+                self._own_address(mac, ip)
 
     def _name(self, mac: str, name: str, source: str, ts: float) -> list[Change]:
         name = clean_text(name, _NAME_MAX)  # shown as text
@@ -230,7 +282,7 @@ class DeviceTracker:
             return []
         dev = self.devices[mac]
         if (source, name) not in dev.names:
-            dev.names.add((source, name))
+            self._add_name(mac, source, name)
             self._pending_names.append(dict(mac=mac, name=name, source=source, first_seen=ts, last_seen=ts))
         if dev.name_source is None or NAME_RANK[source] < NAME_RANK.get(dev.name_source, 9) or (
             source == dev.name_source and name != dev.name
@@ -252,6 +304,7 @@ class DeviceTracker:
             services=self._pending_services,
             merges=self._merges,
             generation=self._generation,
+            pruned=self._pruned,
         )
         for dev in self.devices.values():
             if dev.new:
@@ -259,6 +312,7 @@ class DeviceTracker:
             dev.dirty = dev.new = False
         self._pending_addresses, self._pending_names = {}, []
         self._pending_fingerprints, self._pending_services, self._merges = [], [], []
+        self._pruned = set()
         return batch
 
     def restore(self, batch: TrackerBatch) -> None:
@@ -276,6 +330,7 @@ class DeviceTracker:
         self._pending_fingerprints[:0] = batch.fingerprints
         self._pending_services[:0] = batch.services
         self._merges[:0] = batch.merges
+        self._pruned |= batch.pruned
 
     def write(self, batch: TrackerBatch) -> set[str]:
         """Store a batch in one transaction (in a worker thread: it may wait on the disk).
@@ -304,9 +359,14 @@ class DeviceTracker:
                 else:
                     row.mac, row.source, row.last_seen = key, source, max(row.last_seen, ts)
             s.flush()
-            for table, rows in ((DeviceName, batch.names), (DhcpFingerprint, batch.fingerprints),
-                                (MdnsService, batch.services)):
-                _insert_ignore(s, table, [row for row in rows if row["mac"] not in gone])
+            # A row already there is one the tracker dropped as the oldest and saw again: it is the newest now,
+            # or the trim below would delete what the tracker holds as stored.
+            for table, rows, seen in ((DeviceName, batch.names, "last_seen"),
+                                      (DhcpFingerprint, batch.fingerprints, "first_seen"),
+                                      (MdnsService, batch.services, "first_seen")):
+                _insert_ignore(s, table, [row for row in rows if row["mac"] not in gone], refresh=seen)
+            if batch.pruned - gone:
+                _trim(s, sorted(batch.pruned - gone))
         self.written = max(self.written, batch.generation)
         return gone
 
@@ -330,6 +390,26 @@ class DeviceTracker:
         if row.name_source != "user" and name:
             row.name, row.name_source = name, name_source
         return True
+
+    def _remember(self, key: str, history: dict, item: object, kind: str) -> list:
+        """Add ``item`` as the newest of one of ``key``'s histories; returns what fell out past HISTORY_ROWS."""
+        history[item] = None
+        evicted = []
+        while len(history) > HISTORY_ROWS:
+            oldest = next(iter(history))
+            del history[oldest]
+            evicted.append(oldest)
+            self._pruned_one(key, kind)
+        return evicted
+
+    def _pruned_one(self, key: str, kind: str) -> None:
+        """Count a history entry dropped; the next flush deletes its row. Said once per run, not per packet."""
+        self.counters.add("history_dropped")
+        self._pruned.add(key)
+        if not self._said_pruned:
+            self._said_pruned = True
+            log.warning("device %s sent more than %d %s: only the newest %d are kept (counted in history_dropped; "
+                        "said once)", key, HISTORY_ROWS, kind, HISTORY_ROWS)
 
     def _merge_rows(self, s: Session, old: str, mac: str) -> None:
         # The MAC's own window (its first minute, or a past identification) supersedes the address's.
@@ -384,32 +464,38 @@ class DeviceTracker:
                                                       dirty=False, stored=0)
                 if row.mac.startswith("ip:"):  # it has no addresses row: its key is its address
                     self.ip_to_key.setdefault(row.mac[3:], row.mac)
-            for ip, mac in s.execute(select(Address.ip, Address.mac)):
+            for ip, mac in s.execute(select(Address.ip, Address.mac).order_by(Address.last_seen, Address.ip)):
                 self.ip_to_key[ip] = mac
+                if mac in self.devices:
+                    self._own_address(mac, ip)
             names = select(DeviceName.mac, DeviceName.source, DeviceName.name).order_by(DeviceName.last_seen,
                                                                                         DeviceName.id)
+            names_of: dict[str, list[tuple[str, str]]] = defaultdict(list)
             for mac, source, name in s.execute(names):
-                dev = self.devices.get(mac)
-                if dev is None:
+                if mac not in self.devices:
                     continue
-                dev.names.add((source, name))
-                # under the owner's name: the best the device said of itself, the latest of a source
-                rank = NAME_RANK.get(source, 9)
-                if mac in owner_named and source != "user" and rank <= NAME_RANK.get(dev.name_source, 9):
-                    dev.name, dev.name_source = name, source
+                names_of[mac].append((source, name))
+            for mac, names in names_of.items():
+                dev = self.devices[mac]
+                for source, name in names:  # a store written before the bound may hold more: trimmed here
+                    self._add_name(mac, source, name)
+                if mac in owner_named:  # under the owner's name: the best the device said of itself
+                    dev.name, dev.name_source = best_own_name(names) or (None, None)
             fingerprints = select(DhcpFingerprint.mac, DhcpFingerprint.param_list, DhcpFingerprint.vendor_class,
-                                  DhcpFingerprint.hostname)
+                                  DhcpFingerprint.hostname).order_by(DhcpFingerprint.first_seen, DhcpFingerprint.id)
             for mac, *fingerprint in s.execute(fingerprints):
                 if mac in self.devices:
-                    self.devices[mac].fingerprints.add(tuple(fingerprint))
-            for mac, service in s.execute(select(MdnsService.mac, MdnsService.service)):
+                    self._remember(mac, self.devices[mac].fingerprints, tuple(fingerprint), "DHCP fingerprints")
+            services = select(MdnsService.mac, MdnsService.service).order_by(MdnsService.first_seen, MdnsService.id)
+            for mac, service in s.execute(services):
                 if mac in self.devices:
-                    self.devices[mac].services.add(service)
+                    self._remember(mac, self.devices[mac].services, service, "mDNS services")
         log.info("device tracker: %d devices, %d addresses", len(self.devices), len(self.ip_to_key))
 
 
-def _insert_ignore(s: Session, table: type, rows: list[dict]) -> None:
-    """INSERT that skips rows violating a unique constraint, on SQLite and PostgreSQL alike."""
+def _insert_ignore(s: Session, table: type, rows: list[dict], refresh: str | None = None) -> None:
+    """INSERT that skips rows violating a unique constraint, on SQLite and PostgreSQL alike; with ``refresh``,
+    a row already there takes that column's new value instead."""
     if not rows:
         return
     dialect = s.get_bind().dialect.name
@@ -417,4 +503,33 @@ def _insert_ignore(s: Session, table: type, rows: list[dict]) -> None:
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    s.execute(insert(table).on_conflict_do_nothing(), rows)
+    if refresh is None:
+        s.execute(insert(table).on_conflict_do_nothing(), rows)
+        return
+    unique = next(c for c in table.__table__.constraints if isinstance(c, UniqueConstraint))
+    keys = [column.name for column in unique.columns]
+    # PostgreSQL refuses one INSERT that updates a row twice: the last of duplicates (a restored batch) wins
+    rows = list({tuple(row.get(key) for key in keys): row for row in rows}.values())
+    stmt = insert(table)
+    s.execute(stmt.on_conflict_do_update(index_elements=keys, set_={refresh: stmt.excluded[refresh]}), rows)
+
+
+def _trim(s: Session, macs: list[str]) -> None:
+    """Delete the rows of ``macs``'s histories past the newest HISTORY_ROWS of each kind (names of each source,
+    the owner's excepted), in the order the tracker drops them from memory."""
+    kinds = (
+        (DeviceName, DeviceName.id, (DeviceName.mac, DeviceName.source), (DeviceName.last_seen, DeviceName.id),
+         DeviceName.source != "user"),
+        (DhcpFingerprint, DhcpFingerprint.id, (DhcpFingerprint.mac,), (DhcpFingerprint.first_seen, DhcpFingerprint.id),
+         None),
+        (MdnsService, MdnsService.id, (MdnsService.mac,), (MdnsService.first_seen, MdnsService.id), None),
+        (Address, Address.ip, (Address.mac,), (Address.last_seen, Address.ip), None),
+    )
+    for start in range(0, len(macs), 500):  # within any database's limit on bound parameters
+        chunk = macs[start:start + 500]
+        for table, pk, partition, order, where in kinds:
+            ranked = select(pk.label("pk"), func.row_number().over(
+                partition_by=partition, order_by=[column.desc() for column in order]).label("n")
+            ).where(table.mac.in_(chunk), *([] if where is None else [where])).subquery()
+            s.execute(delete(table).where(pk.in_(select(ranked.c.pk).where(ranked.c.n > HISTORY_ROWS)))
+                      .execution_options(synchronize_session=False))
