@@ -220,6 +220,28 @@ def test_renaming_back_to_an_earlier_name_keeps_one_history_row(api):
     assert kitchen.last_seen >= living.last_seen >= kitchen.first_seen
 
 
+def test_clearing_the_owners_name_shows_the_best_name_the_device_gave_itself_at_once(api):
+    """Clearing the owner's name left the device nameless until the daemon wrote the device's own name back, and
+    for good with no daemon running. Now it is called at once what the daemon would call it: the latest name of
+    the most trusted source it named itself by (DHCP before mDNS), with that source."""
+    client, store, _ = api
+    with store.transaction() as s:
+        s.add(DeviceName(mac=MAC, name="plug-later", source="dhcp", first_seen=time.time() + 5,
+                         last_seen=time.time() + 5))
+        s.add(DeviceName(mac=MAC, name="plug-mdns", source="mdns", first_seen=time.time() + 9,
+                         last_seen=time.time() + 9))
+    assert client.patch(f"/api/v1/devices/{MAC}", json={"name": "Kitchen plug"}).json["name"] == "Kitchen plug"
+    cleared = client.patch(f"/api/v1/devices/{MAC}", json={"name": ""}).json
+    assert (cleared["name"], cleared["name_source"]) == ("plug-later", "dhcp")
+    assert "Kitchen plug" in [n["name"] for n in cleared["names"]]  # the history keeps the owner's name
+
+    add_device(store, "aa:bb:cc:00:00:03", ip="192.168.1.53")  # a device that never named itself: nameless
+    service.rename(store, "aa:bb:cc:00:00:03", "Mystery")
+    service.rename(store, "aa:bb:cc:00:00:03", "")
+    device = service.get_device(store, "aa:bb:cc:00:00:03").device
+    assert (device.name, device.name_source) == (None, None)
+
+
 def test_query_log_filters_and_pages(api):
     client, store, _ = api
     now = time.time()

@@ -64,7 +64,8 @@ def device(mac: str):  # noqa: ANN201
 
 @bp.patch("/devices/<mac>")
 def device_update(mac: str):  # noqa: ANN201
-    """``{"name": "..."}`` renames (empty or null clears the user's name); ``{"status": "approved"}`` approves."""
+    """``{"name": "..."}`` renames (empty or null clears the owner's name: the device's own best name shows again);
+    ``{"status": "approved"}`` approves."""
     body = json_body()
     unknown = set(body) - {"name", "status"}
     if unknown or not body:

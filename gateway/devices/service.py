@@ -10,6 +10,7 @@ from sqlalchemy import delete, or_, select
 
 from gateway.accounts import CONTROL_CATEGORIES
 from gateway.devices import device_key
+from gateway.devices.tracker import best_own_name
 from gateway.store.db import Store
 from gateway.store.schema import (
     Address,
@@ -110,13 +111,18 @@ def get_device(store: Store, mac: str) -> DeviceDetail:
 
 
 def rename(store: Store, mac: str, name: str) -> None:
-    """The owner's name for the device (an empty one clears it); every name given is kept in its history."""
+    """The owner's name for the device; every name given is kept in its history. An empty one clears it: the
+    device is called at once by the best name it gave itself, as the daemon would call it (even if none runs)."""
     name = owner_text("name", name, NAME_MAX)
     now = time.time()
     with store.transaction() as s:
         device = _get(s, mac)
-        device.name, device.name_source = (name, "user") if name else (None, None)
-        if name:
+        if not name:
+            own = s.execute(select(DeviceName.source, DeviceName.name).where(DeviceName.mac == device.mac)
+                            .order_by(DeviceName.last_seen, DeviceName.id))  # oldest first, as the tracker loads
+            device.name, device.name_source = best_own_name(own) or (None, None)
+        else:
+            device.name, device.name_source = name, "user"
             # A name the owner gave before is one history row (unique per mac, source, name): seen again now.
             earlier = s.scalar(
                 select(DeviceName).where(
