@@ -2,8 +2,10 @@
 
 Real Flower processes on loopback (``identifier.federated.localfleet``), the identifier's shipped model, homes
 cut from the shared supply-chain name sets (a Dirichlet split), local training as the run config's defaults.
-Usage: ``python benchmarks/federated_round.py [--homes 5 20] [--rounds 2]``. On a shared machine the
-absolute times are noisy; plain and SecAgg+ run back to back so their ratio is comparable.
+Usage: ``python benchmarks/federated_round.py [--homes 5 20] [--rounds 2] [--stage-timeout 300]``. On a shared
+machine the absolute times are noisy; plain and SecAgg+ run back to back so their ratio is comparable. A round
+that fails leaves its time null: the JSON is still printed, with an ``error`` key saying which rounds failed and
+why, the same is said on stderr, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.cli import interrupt_on_stop_signals, positive_count  # noqa: E402
+from gateway.cli import interrupt_on_stop_signals, positive_count, positive_seconds  # noqa: E402
 from identifier.bundle import Bundle  # noqa: E402
 from identifier.dataset import domain_windows  # noqa: E402
 from identifier.federated import homedata, model, processes  # noqa: E402
-from identifier.federated.localfleet import Home, LocalFleet  # noqa: E402
+from identifier.federated.localfleet import Home, LocalFleet, RunResult  # noqa: E402
 
 # Bounds, not what is measured: 20 homes' ClientApps share two cores, so a stage can take minutes here.
 RUN = {"stage-timeout": 300.0, "nodes-wait": 60.0, "threshold-fraction": 0.6}
@@ -72,9 +74,19 @@ def payload_bytes(params: model.Params, homes: int) -> dict[str, int]:
     return {"plain": 2 * down, "secagg": down + masked_up + keys + shares}
 
 
-def measure(n: int, rounds: int, data: Path, root: Path) -> dict:
+def failure(mode: str, rounds: int, run: RunResult) -> str:
+    """Why a run's round times are missing: the failed rounds' own errors, else the end of ``flwr run``'s output."""
+    records = run.report.get("rounds", [])
+    failed = [f"round {r['round']}: {r.get('error') or r['status']}" for r in records if r["status"] != "ok"]
+    ok = len(records) - len(failed)
+    tail = run.output.strip().splitlines()[-1:] if not failed else []
+    return f"{mode}: {ok} of {rounds} rounds ok, flwr run exited {run.returncode} ({'; '.join(failed + tail)})"
+
+
+def measure(n: int, rounds: int, data: Path, root: Path, stage_timeout: float) -> dict:
     datasets, _ = homedata.split_homes(domain_windows(data, set()), n, seed=3)
     result: dict = {"homes": n}
+    errors: list[str] = []
     for mode in ("plain", "secagg"):
         with LocalFleet(root / f"{mode}{n}") as fleet:  # ends every Flower process, also on a failure
             fleet.start_superlink()
@@ -84,18 +96,21 @@ def measure(n: int, rounds: int, data: Path, root: Path) -> dict:
             sampler.start()
             app = plain_app_dir(root) if mode == "plain" else processes.APP_DIR
             run = fleet.run(
-                {**RUN, "num-rounds": rounds, "min-nodes": n}, root / f"out-{mode}{n}", app_dir=app
+                {**RUN, "stage-timeout": stage_timeout, "num-rounds": rounds, "min-nodes": n}, root / f"out-{mode}{n}",
+                app_dir=app,
             )
             sampler.stop.set()
             sampler.join()
             ok = [r["seconds"] for r in run.report.get("rounds", []) if r["status"] == "ok"]
             result[f"{mode}_round_s"] = round(float(np.mean(ok)), 2) if len(ok) == rounds else None
+            if len(ok) != rounds or run.returncode != 0:
+                errors.append(failure(mode, rounds, run))
             result[f"{mode}_rss_mb"] = round(sampler.peak / 2**20, 1)
             result[f"{mode}_warm"] = sum(h.warm_clientapps() for h in homes)
     params = model.params_of(Bundle.load())
     sizes = payload_bytes(params, n)
     p, s = result["plain_round_s"], result["secagg_round_s"]
-    return {
+    return ({"error": "; ".join(errors)} if errors else {}) | {
         "homes": n,
         "plain_round_s": p,
         "secagg_round_s": s,
@@ -117,16 +132,28 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=default_data)
     parser.add_argument("--homes", type=positive_count, nargs="+", default=[5])
     parser.add_argument("--rounds", type=positive_count, default=2)
+    parser.add_argument("--stage-timeout", type=positive_seconds, default=RUN["stage-timeout"],
+                        help="seconds a round's stage may take before the round fails (default: %(default)s)")
     args = parser.parse_args()
     if not args.data.exists():
         parser.error(f"{args.data}: not found (give --data)")
     interrupt_on_stop_signals()  # SIGTERM, too, ends every Flower process (they run in sessions of their own)
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        results = [measure(n, args.rounds, args.data, Path(tmp)) for n in args.homes]
+        for n in args.homes:
+            try:
+                results.append(measure(n, args.rounds, args.data, Path(tmp), args.stage_timeout))
+            except Exception as exc:  # a fleet that would not start: said, and the other sizes still run
+                results.append({"homes": n, "error": f"{type(exc).__name__}: {exc}"})
     out = results[0] if len(results) == 1 else {"runs": results}
     out["load_average"] = [round(x, 1) for x in psutil.getloadavg()]
-    print(json.dumps(out))
-    return 0
+    errors = [f"{r['homes']} homes: {r['error']}" for r in results if "error" in r]
+    if errors and len(results) > 1:
+        out["error"] = "; ".join(errors)
+    print(json.dumps(out))  # what was measured, even when a round failed
+    for error in errors:
+        print(f"federated_round: {error}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

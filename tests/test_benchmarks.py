@@ -131,6 +131,22 @@ def test_benchmark_refuses_a_zero_count_or_length_with_a_usage_error(script, arg
     assert "usage:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not proc.stdout
 
+@needs_data
+@needs_flwr
+def test_federated_round_with_a_failed_round_exits_non_zero_and_says_why(tmp_path):
+    """A SecAgg+ round that fails (here: its stages given 0.1 s, less than local training takes) printed a null
+    round time and exited 0, so a script or CI took it for a measurement. Now the JSON keeps what was measured and
+    says which rounds failed and why, as stderr does, and the exit status is 1."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "federated_round.py"), "--data", str(NAME_SETS),
+                           "--homes", "2", "--rounds", "1", "--stage-timeout", "0.1"],
+                          capture_output=True, text=True, cwd=ROOT, env=env(tmp_path), timeout=600)
+    assert proc.returncode == 1, (proc.stdout[-1000:], proc.stderr[-3000:])
+    result = json.loads(proc.stdout)
+    assert result["secagg_round_s"] is None and result["bytes_per_home"] > 0  # what it has, still printed
+    assert "secagg: 0 of 1 rounds ok" in result["error"] and "round 1:" in result["error"]
+    assert f"federated_round: 2 homes: {result['error']}" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def _has_child(*words: str) -> Callable[[list[psutil.Process], Path], bool]:
     """Ready once a descendant's command line holds every one of ``words``."""
 
