@@ -435,7 +435,7 @@ class Gateway:
             log.exception("flush failed; writing each device's changes on their own")
             gone, refused = await asyncio.to_thread(self._write_apart, batch)
             for part in refused:  # its rows are dropped; its device is written again at the next flush
-                self.tracker.restore(TrackerBatch(part.devices, {}, [], [], [], [], part.generation))
+                self.tracker.restore(TrackerBatch(part.devices, {}, [], [], [], [], part.generation, part.pruned))
         except Exception:
             self.counters.add("flush_errors")
             log.exception("flush failed")

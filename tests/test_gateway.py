@@ -795,3 +795,34 @@ def test_a_device_sending_new_names_every_packet_keeps_only_the_newest_of_each_k
     assert names == set(tracker.devices[mac].names) == set(DeviceTracker(store).devices[mac].names)  # a restart
     assert rows() == {"device_names": 2 * HISTORY_ROWS, "mdns_services": HISTORY_ROWS,
                       "dhcp_fingerprints": HISTORY_ROWS, "addresses": HISTORY_ROWS}
+
+
+def test_a_store_grown_before_the_history_bound_is_trimmed_at_the_first_flush(tmp_path):
+    """A database written before the bound holds every name a device ever sent: the tracker loads only the newest
+    and its first flush deletes the rest, keeping the owner's names and the device's current best name."""
+    from sqlalchemy import func, select
+
+    from gateway.devices.service import rename
+    from gateway.devices.tracker import HISTORY_ROWS, DeviceTracker
+    from gateway.store.schema import Device, DeviceName, MdnsService
+
+    mac = "02:aa:bb:cc:dd:42"
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    with store.transaction() as s:
+        s.add(Device(mac=mac, first_seen=1.0, last_seen=1.0, name="cam-1", name_source="dhcp"))
+        s.flush()
+        s.add(DeviceName(mac=mac, name="cam-1", source="dhcp", first_seen=1.0, last_seen=1.0))
+        for i in range(3 * HISTORY_ROWS):
+            s.add(DeviceName(mac=mac, name=f"m{i}", source="mdns", first_seen=2.0 + i, last_seen=2.0 + i))
+            s.add(MdnsService(mac=mac, service=f"_s{i}._tcp.local", first_seen=2.0 + i))
+    rename(store, mac, "Porch camera")
+    tracker = DeviceTracker(store)
+    assert len(tracker.devices[mac].names) == HISTORY_ROWS + 2 and len(tracker.devices[mac].services) == HISTORY_ROWS
+    tracker.flush()
+    with store.session() as s:
+        names = set(s.execute(select(DeviceName.source, DeviceName.name).where(DeviceName.mac == mac)))
+        services = s.scalar(select(func.count()).select_from(MdnsService).where(MdnsService.mac == mac))
+    assert names == set(tracker.devices[mac].names)
+    assert {("dhcp", "cam-1"), ("user", "Porch camera"), ("mdns", f"m{3 * HISTORY_ROWS - 1}")} <= names
+    assert ("mdns", "m0") not in names and services == HISTORY_ROWS
+    assert (tracker.devices[mac].name, tracker.devices[mac].name_source) == ("cam-1", "dhcp")
