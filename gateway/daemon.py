@@ -85,7 +85,7 @@ class Gateway:
             apply=lambda mac, mode: set_device_mode(state_dir, mac, mode),  # the daemon reloads it within 0.5 s
         ))
         profiles = self.identifier.profiles() if self.identifier is not None else None
-        self.filtering = Filtering(store, cfg.state_dir, profiles=profiles, firewall=firewall)
+        self.filtering = Filtering(store, cfg.state_dir, profiles=profiles, firewall=firewall, counters=self.counters)
         self.dns = None
         self.sniffer = None
         self._queue: deque[Event] = deque()

@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from gateway.devices.service import DEVICES_REVISION
 from gateway.dns.server import Decision
+from gateway.events import Counters
 from gateway.policyfile import load_policy, policy_path
 from gateway.statedir import file_stamp
 from gateway.store.db import Store
@@ -32,6 +33,10 @@ from policy.records import DeviceContext
 log = logging.getLogger(__name__)
 
 _CNAME = 5
+# Domains outside its learned profile one device is alerted about (one alert each), per run: a device querying a
+# new domain every second (malware's generated names) would otherwise raise an alert a query and grow the set
+# that dedupes them forever. Beyond it they are counted (``anomalies_unreported``) and said once in the log.
+ANOMALY_DOMAINS_MAX = 100
 
 
 def _is_mac(key: str) -> bool:
@@ -45,8 +50,9 @@ def _is_mac(key: str) -> bool:
 
 class Filtering:
     def __init__(self, store: Store, state_dir: Path, *, profiles: dict[str, list[str]] | None = None,
-                 firewall: bool = False) -> None:
+                 firewall: bool = False, counters: Counters | None = None) -> None:
         self.store = store
+        self.counters = counters if counters is not None else Counters()
         self.state_dir = state_dir
         self.profiles = profiles or {}
         self.engine = PolicyEngine.build(PolicySet(), self.profiles, base_dir=state_dir)
@@ -60,7 +66,8 @@ class Filtering:
         # refresh and the flush after an identification both reload (each in a worker thread): one at a time,
         # so the later read of the device table is the one that stays
         self._lock = threading.RLock()
-        self._anomalous: set[tuple[str, str]] = set()  # (mac, SLD) already reported: one alert each
+        self._anomalous: dict[str, set[str]] = {}  # mac -> SLDs already reported: one alert each
+        self._said_unreported = False
 
     # -- the DNS hot path --------------------------------------------------------------------------------
     def decide(self, client: str, mac: str | None, qname: str, qtype: int, query: bytes) -> Decision | None:
@@ -208,8 +215,16 @@ class Filtering:
         out = []
         while self.anomalies:
             ts, mac, qname = self.anomalies.popleft()
-            key = (mac, sld(qname))
-            if key not in self._anomalous:
-                self._anomalous.add(key)
-                out.append((ts, mac, qname))
+            reported, domain = self._anomalous.setdefault(mac, set()), sld(qname)
+            if domain in reported:
+                continue
+            if len(reported) >= ANOMALY_DOMAINS_MAX:
+                self.counters.add("anomalies_unreported")
+                if not self._said_unreported:
+                    self._said_unreported = True
+                    log.warning("device %s queried more than %d domains outside its profile: the rest are counted "
+                                "in anomalies_unreported, not alerted (said once)", mac, ANOMALY_DOMAINS_MAX)
+                continue
+            reported.add(domain)
+            out.append((ts, mac, qname))
         return out

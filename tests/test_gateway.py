@@ -215,6 +215,33 @@ def test_query_outside_the_learned_profile_raises_one_anomaly_alert_per_domain(t
         assert [a.data["domain"] for a in alerts] == ["www.example.test"]  # one per SLD, none for the profile
 
 
+def test_a_device_querying_ever_new_domains_outside_its_profile_is_alerted_a_bounded_number_of_times(
+        tmp_path, upstream, caplog):
+    """Each new domain outside a device's learned profile raised one alert and stayed in a set for good, so a device
+    querying generated names raised an alert a query and grew the daemon's memory without end. Now a device gets
+    at most ANOMALY_DOMAINS_MAX such alerts a run; the rest are counted and said once in the log."""
+    from gateway.alerts import recent_alerts
+    from gateway.devices.service import label
+    from gateway.filtering import ANOMALY_DOMAINS_MAX
+
+    mac = "02:aa:bb:cc:dd:43"
+    with RunningGateway(tmp_path, upstream) as gw:
+        gw.dhcp(mac, "127.0.0.62", "Philips-hue")
+        eventually(lambda: any(d.mac == mac for d in list_devices(gw.store)))
+        label(gw.store, mac, manufacturer="Philips", device_type="HueBridge", category="hub")
+        eventually(lambda: gw.gateway.filtering.contexts.get(mac) is not None
+                   and gw.gateway.filtering.contexts[mac].device_type == "HueBridge")
+        extra = 20
+        for i in range(ANOMALY_DOMAINS_MAX + extra):
+            gw.ask(f"www.generated{i}.test", "127.0.0.62")
+        eventually(lambda: gw.gateway.counters.get("anomalies_unreported") == extra)
+        alerts = eventually(lambda: (a := recent_alerts(gw.store, kind="anomaly", mac=mac, limit=1000))
+                            and len(a) >= ANOMALY_DOMAINS_MAX and a)
+        assert {a.data["domain"] for a in alerts} == {f"www.generated{i}.test" for i in range(ANOMALY_DOMAINS_MAX)}
+        assert len(gw.gateway.filtering._anomalous[mac]) == ANOMALY_DOMAINS_MAX
+    assert len([r for r in caplog.records if "outside its profile" in r.message]) == 1
+
+
 def test_a_flood_beyond_the_event_queue_is_counted_not_silently_lost(tmp_path, monkeypatch):
     import gateway.daemon
     from gateway.events import DnsQuery
