@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import queue
 import threading
@@ -46,6 +47,10 @@ QUEUE_MAX = 50_000
 # What a window keeps, and all identification sees of it: far more than a device sends in its first minute,
 # and a bound on what a chatty (or flooding) device costs in memory and in model updates.
 WINDOW_MAX_OBS = 2000
+# The same in JSON characters: a device chooses its mDNS names, and packets of compressed 255-character names made
+# a window of 2000 observations about 22 MB, held in memory and rewritten to the store at every flush of its
+# minute. A home device's first minute is tens of kB; 2000 DNS queries of long names stay below this.
+WINDOW_MAX_CHARS = 1_000_000
 LOG_CHUNK = 1024  # queries handed to the query log at once: one lock round each, and its writer woken in time
 # Events and alerts waiting for the alert thread (presence, history, outbox). It waits on the database (up to its
 # busy timeout when another process holds the write lock); beyond this, events are only counted (presence is
@@ -94,6 +99,7 @@ class Gateway:
         self._windows: dict[str, list[dict]] = {}  # device key -> observations (JSON) of its first seconds
         self._window_start: dict[str, float] = {}
         self._window_due: dict[str, float] = {}  # device key -> monotonic time its window closes by itself
+        self._window_chars: dict[str, int] = {}  # device key -> JSON characters its window holds
         self._pending_identities: list[tuple[str, float, object]] = []  # written by the next flush
         self._merged_since_take: dict[str, str] = {}  # address key -> MAC, merged while a flush is being written
         self._closed_windows: list[tuple[str, float, list[dict]]] = []
@@ -232,7 +238,13 @@ class Gateway:
         obs = to_observation(event)
         if obs is None:
             return
-        window.append(to_json(obs))
+        item = to_json(obs)
+        chars = self._window_chars.get(key, 0) + len(json.dumps(item))
+        if chars > WINDOW_MAX_CHARS:  # full: like WINDOW_MAX_OBS, what identification sees of the device ends here
+            self.counters.add("window_observations_dropped")
+            return
+        self._window_chars[key] = chars
+        window.append(item)
         self._changed_windows.add(key)
         session = self._sessions.get(key)
         if session is not None:
@@ -261,7 +273,8 @@ class Gateway:
             # its DHCP request, is the one kept) or was identified long ago (a new address): then the address's
             # window must not reopen identification and call a known device unknown.
             old, new = change.old_key, change.key
-            for table in (self._sessions, self._windows, self._window_start, self._window_due, self._announce_due):
+            for table in (self._sessions, self._windows, self._window_start, self._window_due, self._window_chars,
+                      self._announce_due):
                 table.pop(old, None)
             self._changed_windows.discard(old)
             self._closed_windows = [w for w in self._closed_windows if w[0] != old]
@@ -293,6 +306,7 @@ class Gateway:
         session = self._sessions.pop(key, None)
         start = self._window_start.pop(key)
         self._window_due.pop(key, None)
+        self._window_chars.pop(key, None)
         self._changed_windows.discard(key)
         self._closed_windows.append((key, start, self._windows.pop(key, [])))
         if session is not None and session.committed is None:
@@ -323,7 +337,8 @@ class Gateway:
         self.tracker.forget(key)
         if self.sniffer is not None:
             self.sniffer.senders.forget(key)
-        for table in (self._sessions, self._windows, self._window_start, self._window_due, self._announce_due):
+        for table in (self._sessions, self._windows, self._window_start, self._window_due, self._window_chars,
+                      self._announce_due):
             table.pop(key, None)
         self._changed_windows.discard(key)
         self._pending_identities = [p for p in self._pending_identities if p[0] != key]

@@ -242,6 +242,43 @@ def test_a_device_querying_ever_new_domains_outside_its_profile_is_alerted_a_bou
     assert len([r for r in caplog.records if "outside its profile" in r.message]) == 1
 
 
+def test_a_new_device_sending_fat_mdns_packets_keeps_a_bounded_observation_window(tmp_path, upstream):
+    """mDNS packets of compressed 255-character names are 11 kB of JSON each in a device's observation window: 2000
+    of them made a 22 MB window, held in memory and rewritten to the store at every flush of the device's first
+    minute. Now a window holds at most WINDOW_MAX_CHARS; what comes after is counted, as past WINDOW_MAX_OBS."""
+    import json
+
+    import dnslib
+
+    from gateway.daemon import WINDOW_MAX_CHARS
+    from gateway.store.schema import ObservationWindow
+
+    mac = "02:aa:bb:cc:dd:44"
+    suffix = ".".join(["x" * 63] * 3) + ".local"
+
+    def fat(k: int) -> bytes:
+        record = dnslib.DNSRecord(dnslib.DNSHeader(qr=1, aa=1))
+        for i in range(54):  # 1.4 kB on the wire: every name after the first is a label and a pointer
+            record.add_answer(dnslib.RR(f"n{k}-{i}.{suffix}", dnslib.QTYPE.A, rdata=dnslib.A("127.0.0.63"), ttl=120))
+        return bytes(Ether(src=mac, dst="01:00:5e:00:00:fb") / IP(src="127.0.0.63", dst="224.0.0.251")
+                     / UDP(sport=5353, dport=5353) / record.pack())
+
+    packets = 2 * WINDOW_MAX_CHARS // 11_000
+    with RunningGateway(tmp_path, upstream) as gw:
+        for k in range(packets):
+            gw.gateway.ingest(parse_frame(fat(k), time.time()))
+        eventually(lambda: gw.gateway.counters.get("window_observations_dropped") > 0)
+
+        def stored() -> list[dict]:
+            with gw.store.session() as s:
+                window = s.get(ObservationWindow, mac)
+                return window.observations if window is not None else []
+
+        observations = eventually(lambda: len(stored()) == len(gw.gateway._windows[mac]) and stored())
+        assert len(json.dumps(observations)) <= WINDOW_MAX_CHARS < packets * 11_000
+        assert observations[0]["names"][0] == f"n0-0.{suffix}"  # the first ones, as past WINDOW_MAX_OBS
+
+
 def test_a_flood_beyond_the_event_queue_is_counted_not_silently_lost(tmp_path, monkeypatch):
     import gateway.daemon
     from gateway.events import DnsQuery
