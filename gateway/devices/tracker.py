@@ -93,7 +93,7 @@ class TrackedDevice:
     # mDNS services already stored or waiting to be: a device announces the same ones every few minutes, and
     # a row per announcement piled up in memory while the store could not be written (a full disk).
     services: dict[str, None] = field(default_factory=dict)
-    addresses: dict[str, None] = field(default_factory=dict)  # the IPs mapped to it, least recently seen first
+    addresses: dict[str, None] = field(default_factory=dict)  # the IPs mapped to it, least recently mapped first
 
 
 @dataclass
@@ -230,9 +230,13 @@ class DeviceTracker:
         old = self.ip_to_key.get(ip)
         self.ip_to_key[ip] = mac
         self._pending_addresses[ip] = (mac, source, ts)
-        if old != mac and old in self.devices:  # the address moved: no longer one of the old device's
-            self.devices[old].addresses.pop(ip, None)
-        self._own_address(mac, ip)
+        # Only a new mapping is filed in the device's addresses: reordering them at every query cost the DNS path
+        # 0.3 us. So the one evicted past HISTORY_ROWS is the least recently mapped, and if it is still in use, its
+        # next packet maps it again.
+        if old != mac:
+            if old in self.devices:  # the address moved: no longer one of the old device's
+                self.devices[old].addresses.pop(ip, None)
+            self._own_address(mac, ip)
         if old and old.startswith("ip:") and old in self.devices:
             self._merge(old, mac)
             return [Change("merged", mac, old)]
@@ -248,9 +252,9 @@ class DeviceTracker:
             self._pruned_one(mac, f"{source} names")
 
     def _own_address(self, mac: str, ip: str) -> None:
-        """``ip`` as ``mac``'s most recently seen address; the least recent past HISTORY_ROWS maps to nothing."""
+        """``ip`` as ``mac``'s newest address; the oldest past HISTORY_ROWS maps to nothing."""
         addresses = self.devices[mac].addresses
-        addresses.pop(ip, None)  # to the newest end: the store orders them by when they were last seen
+        addresses.pop(ip, None)  # to the newest end
         for evicted in self._remember(mac, addresses, ip, "addresses"):
             if self.ip_to_key.get(evicted) == mac:
                 del self.ip_to_key[evicted]
