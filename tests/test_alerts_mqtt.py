@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -573,10 +575,11 @@ def test_overflow_drops_the_oldest_and_says_so(store, tmp_path, running):
         broker.stop()
 
 
-def test_overflow_spares_and_does_not_count_alerts_already_handed_to_the_broker(store, tmp_path, running):
-    """Alerts handed to the MQTT client are delivered once the broker answers, whatever the outbox does: an
-    overflow that deleted them counted them as dropped although they arrived. A paused mosquitto (connected,
-    never acknowledging) holds them in flight."""
+@contextmanager
+def three_alerts_in_flight(store, tmp_path, running) -> Iterator[tuple[Recorder, Alerts, Config, float]]:  # noqa: ANN001
+    """A publisher whose outbox holds 10, its mosquitto paused (connected, never acknowledging) once v0..v2 (versions
+    "0".."2") are with paho: those stay in flight. Yields (recorder, alerts, config, t0); the broker resumes on leaving
+    and the outbox empties."""
     d = tmp_path / "paused"
     d.mkdir()
     broker = Mosquitto(d)
@@ -591,26 +594,33 @@ def test_overflow_spares_and_does_not_count_alerts_already_handed_to_the_broker(
         wait_until(alerts.link.connected.is_set)
         broker.proc.send_signal(signal.SIGSTOP)
         t0 = time.time()
-        n = 25
         for i in range(3):
-            alerts.send(Alert("model_updated", t0 + i, None, {"version": f"v{i}", "previous_version": None}))
-        wait_until(lambda: alerts.outbox.handed_over == 3)  # v0..v2 are with paho, unacknowledged
-        for i in range(3, n):
-            alerts.send(Alert("model_updated", t0 + i, None, {"version": f"v{i}", "previous_version": None}))
+            alerts.send(Alert("model_updated", t0 + i, None, {"version": f"{i}", "previous_version": None}))
+        wait_until(lambda: alerts.outbox.handed_over == 3)
+        yield rec, alerts, cfg, t0
         broker.proc.send_signal(signal.SIGCONT)
         wait_until(lambda: outbox_rows(store) == 0, timeout=60)
-        bodies = [m.json() for m in rec.on(lambda m: True)]
-        delivered = {b["data"]["version"] for b in bodies if b["kind"] == "model_updated"}
-        assert {"v0", "v1", "v2"} <= delivered
-        notice = next(b for b in bodies if b["kind"] == "alerts_dropped")["data"]
-        lost = [i for i in range(n) if f"v{i}" not in delivered]
-        assert notice == {"dropped": len(lost), "oldest_ts": t0 + lost[0], "newest_ts": t0 + lost[-1]}
-        assert alerts.outbox.dropped_total() == len(lost)
         rec.close()
     finally:
         if broker.proc:
             broker.proc.send_signal(signal.SIGCONT)
         broker.stop()
+
+
+def test_overflow_spares_and_does_not_count_alerts_already_handed_to_the_broker(store, tmp_path, running):
+    """Alerts handed to the MQTT client are delivered once the broker answers, whatever the outbox does: an
+    overflow that deleted them counted them as dropped although they arrived."""
+    n = 25
+    with three_alerts_in_flight(store, tmp_path, running) as (rec, alerts, _, t0):
+        for i in range(3, n):
+            alerts.send(Alert("model_updated", t0 + i, None, {"version": f"{i}", "previous_version": None}))
+    bodies = [m.json() for m in rec.on(lambda m: True)]
+    delivered = {b["data"]["version"] for b in bodies if b["kind"] == "model_updated"}
+    assert {"0", "1", "2"} <= delivered
+    notice = next(b for b in bodies if b["kind"] == "alerts_dropped")["data"]
+    lost = [i for i in range(n) if f"{i}" not in delivered]
+    assert notice == {"dropped": len(lost), "oldest_ts": t0 + lost[0], "newest_ts": t0 + lost[-1]}
+    assert alerts.outbox.dropped_total() == len(lost)
 
 
 def test_alerts_of_the_federation_command_never_drop_what_the_daemon_handed_to_the_broker(store, tmp_path, running):
@@ -618,40 +628,17 @@ def test_alerts_of_the_federation_command_never_drop_what_the_daemon_handed_to_t
     publisher handed to paho: its overflow deleted those rows and counted them as dropped although they arrived."""
     from gateway.federation import outbox_sender
 
-    d = tmp_path / "paused"
-    d.mkdir()
-    broker = Mosquitto(d)
-    broker.start()
-    try:
-        rec = Recorder(broker, [f"iotgw/{GW}/event/#"])
-        cfg = Config()
-        cfg.gateway.name, cfg.mqtt.url, cfg.mqtt.outbox_max = "home gw", broker.url, 10
-        alerts = Alerts(store, cfg, max_inflight=3)
-        alerts.start()
-        running.append(alerts)
-        wait_until(alerts.link.connected.is_set)
-        broker.proc.send_signal(signal.SIGSTOP)  # connected, never acknowledging: what paho holds stays in flight
-        t0 = time.time()
-        n = 25
-        for i in range(3):
-            alerts.send(Alert("model_updated", t0 + i, None, {"version": f"{i}", "previous_version": None}))
-        wait_until(lambda: alerts.outbox.handed_over == 3)
+    n = 25
+    with three_alerts_in_flight(store, tmp_path, running) as (rec, alerts, cfg, t0):
         federation = outbox_sender(store, cfg)  # as the federation process makes it
         for i in range(3, n):
             federation(Alert("federated_round", t0 + i, None, {"round": i, "status": "ok", "error": None}))
-        broker.proc.send_signal(signal.SIGCONT)
-        wait_until(lambda: outbox_rows(store) == 0, timeout=60)
-        bodies = [m.json() for m in rec.on(lambda m: True)]
-        delivered = {int(b["data"].get("version") or b["data"].get("round") or 0) for b in bodies
-                     if b["kind"] in ("model_updated", "federated_round")}
-        lost = [i for i in range(n) if i not in delivered]
-        assert {0, 1, 2} <= delivered
-        assert alerts.outbox.dropped_total() == len(lost)  # what was counted lost is what never arrived
-        rec.close()
-    finally:
-        if broker.proc:
-            broker.proc.send_signal(signal.SIGCONT)
-        broker.stop()
+    bodies = [m.json() for m in rec.on(lambda m: True)]
+    delivered = {int(b["data"].get("version") or b["data"].get("round") or 0) for b in bodies
+                 if b["kind"] in ("model_updated", "federated_round")}
+    lost = [i for i in range(n) if i not in delivered]
+    assert {0, 1, 2} <= delivered
+    assert alerts.outbox.dropped_total() == len(lost)  # what was counted lost is what never arrived
 
 
 def test_observed_events_become_presence_and_blocked_summaries(store, broker, running):
