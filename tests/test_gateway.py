@@ -661,6 +661,27 @@ def test_dhcp_renewals_without_vendor_class_store_their_fingerprint_once(tmp_pat
         ("1,3,6,15", ""), ("1,3,6,15", "esp_1234")]
 
 
+def test_a_name_used_again_after_another_is_the_newest_after_a_restart_and_when_the_owner_clears_theirs(tmp_path):
+    """A device named A, then B, then A again is called A; but A's row kept the last_seen of its first use, so
+    clearing the owner's name (which picks the latest of the device's own names) called it B."""
+    from gateway.devices.service import rename
+    from gateway.devices.tracker import DeviceTracker
+    from gateway.events import DhcpSeen
+
+    mac = "02:aa:bb:cc:dd:0a"
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    tracker = DeviceTracker(store)
+    for ts, hostname in ((1.0, "plug-a"), (2.0, "plug-b"), (3.0, "plug-a")):
+        tracker.observe(DhcpSeen(ts, mac, "10.0.0.10", hostname=hostname, param_list=(1, 3, 6), vendor_class=None))
+        tracker.flush()
+    assert get_device(store, mac).device.name == "plug-a"
+    rename(store, mac, "Kitchen plug")
+    rename(store, mac, "")
+    assert (get_device(store, mac).device.name, get_device(store, mac).device.name_source) == ("plug-a", "dhcp")
+    restarted = DeviceTracker(store).devices[mac]  # a restart: plug-a is still the newest of its own names
+    assert [n for n in restarted.names if n[0] == "dhcp"][-1] == ("dhcp", "plug-a")
+
+
 def test_repeated_mdns_announcements_wait_once_while_the_store_refuses_writes(tmp_path):
     """A device announces the same mDNS services every few minutes. Each announcement queued a row, and while
     the store refused the batch (a full disk: the daemon takes it back for the next flush) they piled up in

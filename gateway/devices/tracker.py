@@ -285,12 +285,19 @@ class DeviceTracker:
         if not name:
             return []
         dev = self.devices[mac]
-        if (source, name) not in dev.names:
+        known = (source, name) in dev.names
+        if not known:
             self._add_name(mac, source, name)
             self._pending_names.append(dict(mac=mac, name=name, source=source, first_seen=ts, last_seen=ts))
         if dev.name_source is None or NAME_RANK[source] < NAME_RANK.get(dev.name_source, 9) or (
             source == dev.name_source and name != dev.name
         ):
+            if known:
+                # An earlier name back in use (A, then B, then A again) is the newest once more, here and in its
+                # row's last_seen, which decides the name after a restart and when the owner clears theirs.
+                del dev.names[(source, name)]
+                dev.names[(source, name)] = None
+                self._pending_names.append(dict(mac=mac, name=name, source=source, first_seen=ts, last_seen=ts))
             dev.name, dev.name_source, dev.dirty = name, source, True
             return [Change("renamed", mac)]
         return []
