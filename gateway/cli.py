@@ -144,16 +144,21 @@ def seconds_or_zero(text: str) -> float:
     return value
 
 
-def positive_count(text: str) -> int:
-    """An argparse type for how many of something: a whole number above 0, refused with a usage error rather
-    than a traceback from deep inside the command."""
+def whole_number(text: str, minimum: int, wanted: str) -> int:
+    """``text`` as a whole number of at least ``minimum`` for an argparse type, refused with a usage error saying
+    it must be ``wanted`` rather than with a traceback from deep inside the command."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be above 0")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} must be {wanted}")
     return value
+
+
+def positive_count(text: str) -> int:
+    """An argparse type for how many of something: a whole number above 0."""
+    return whole_number(text, 1, "above 0")
 
 
 def tcp_port(text: str) -> int:

@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from gateway.cli import positive_count, positive_seconds
+from gateway.cli import positive_count, positive_seconds, whole_number
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the checkout
 
@@ -68,13 +68,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def seed(text: str) -> int:
     """An argparse type for a random seed: a whole number from 0 (numpy refuses a negative one, and did so only
     after the captures were read, as a traceback)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or above")
-    return value
+    return whole_number(text, 0, "0 or above")
 
 
 def folds(text: str) -> int:
