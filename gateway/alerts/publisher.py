@@ -425,9 +425,11 @@ class Alerts:
             except devices.NotFound:
                 continue
             nid = ha.device_id(self.gateway, device.mac)
-            if nid not in self._node_macs and len(self._node_macs) >= self.ha_devices_max:
-                self._note_left_out(max(self._left_out, 1))  # the next full pass counts them all
-                continue
+            if nid not in self._node_macs:
+                if len(self._node_macs) >= self.ha_devices_max:
+                    self._note_left_out(max(self._left_out, 1))  # the next full pass counts them all
+                    continue
+                self._node_macs[nid] = device.mac  # announced now: counts against the bound until the next read
             self._publish_config(device, options)
             if not states_due:
                 counts = counts_since(self.store, _midnight()).get(mac, (0, 0))

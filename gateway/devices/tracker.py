@@ -527,7 +527,9 @@ def _insert_ignore(s: Session, table: type, rows: list[dict], refresh: str | Non
 
 def _trim(s: Session, macs: list[str]) -> None:
     """Delete the rows of ``macs``'s histories past the newest HISTORY_ROWS of each kind (names of each source,
-    the owner's excepted), in the order the tracker drops them from memory."""
+    the owner's excepted), in the order the tracker drops them from memory; for addresses by when they were last
+    seen, where memory drops the least recently mapped (an address still in use is mapped and stored again by
+    its next packet)."""
     kinds = (
         (DeviceName, DeviceName.id, (DeviceName.mac, DeviceName.source), (DeviceName.last_seen, DeviceName.id),
          DeviceName.source != "user"),
