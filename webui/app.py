@@ -40,8 +40,8 @@ def create_app(store: Store, cfg: Config) -> Flask:
         PERMANENT_SESSION_LIFETIME=timedelta(seconds=security.SESSION_LIFETIME_S),
         MAX_CONTENT_LENGTH=64 * 1024,  # forms and JSON bodies are small; refuse anything bigger
     )
-    # Everything rendered is escaped, whatever a template's file name: names come from the network.
     app.session_interface = _SessionCookie()
+    # Everything rendered is escaped, whatever a template's file name: names come from the network.
     app.jinja_env.autoescape = True
     app.json.sort_keys = False  # keep the documented field order in API answers
     app.jinja_env.filters["when"] = _when
