@@ -1,6 +1,7 @@
 """Replaying capture files through the live path: the same ``parse_frame`` and the same sink as the sniffer.
 
-Used by ``iotgw replay`` and by training; ``realtime`` keeps the recorded gaps between frames, so streaming
+Used by ``iotgw replay`` (training, ``iotgw identify`` and ``iotgw evaluate`` read captures through
+``gateway.capture.windows`` instead); ``realtime`` keeps the recorded gaps between frames, so streaming
 identification sees a device's first seconds as they happened.
 """
 
