@@ -1,5 +1,5 @@
 """Read-only views across the store for the dashboard, the device page and the model page: counts, queries
-over time, the domains a device queried, the model bundle's metadata. The CLI and the web UI share them."""
+over time, the domains a device queried, the model bundle's metadata. The web UI's pages and API share them."""
 
 from __future__ import annotations
 
