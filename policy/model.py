@@ -54,6 +54,11 @@ def category_tag(category: str) -> str:
     return category if category.startswith("device_") else CATEGORY_TAGS.get(category, f"device_{category}")
 
 
+def is_mac(key: str) -> bool:
+    """True for a MAC as ``normalise_mac`` writes it; a device key is that or ``ip:<address>`` (no MAC known)."""
+    return _MAC.fullmatch(key) is not None
+
+
 def normalise_mac(text: str) -> str:
     """``AA-BB-CC-DD-EE-FF`` -> ``aa:bb:cc:dd:ee:ff``; ValueError otherwise."""
     mac = text.strip().lower().replace("-", ":")

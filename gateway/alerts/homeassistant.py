@@ -7,15 +7,14 @@ Ids and topic levels are ``[a-zA-Z0-9_-]`` only, as Home Assistant requires.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
 from gateway.alerts.mqtt import topic_id
 from gateway.store.schema import Device
+from policy.model import is_mac
 
 ORIGIN = {"name": "iotgw", "sw_version": "0.1.0", "support_url": "https://github.com/iotgw/iotgw"}
-_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
 def gateway_id(gateway: str) -> str:
@@ -25,7 +24,7 @@ def gateway_id(gateway: str) -> str:
 def device_id(gateway: str, mac: str) -> str:
     """``iotgw_<gateway>_aabbccddeeff``; an address-only client (``ip:10.0.0.5``) keeps its separators, ``.`` as
     ``-`` and ``:`` as ``_``, so that two addresses never share an id (``::ffff:1.2.3.4`` and ``::ffff:1:2:3:4``)."""
-    key = mac.replace(":", "") if _MAC.fullmatch(mac) else topic_id(mac.replace(".", "-"))
+    key = mac.replace(":", "") if is_mac(mac) else topic_id(mac.replace(".", "-"))
     return f"{gateway_id(gateway)}_{key}"
 
 
@@ -141,7 +140,7 @@ def device_discovery(
         "model": device.device_type or "unknown",
         "via_device": gateway_id(gateway),
     }
-    if _MAC.fullmatch(device.mac):
+    if is_mac(device.mac):
         block["connections"] = [["mac", device.mac]]
     components: dict[str, dict[str, Any]] = {
         f"{nid}_tracker": {
