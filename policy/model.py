@@ -45,6 +45,14 @@ DEFAULT_QUARANTINE_ALLOW = (
     "ntp.ubuntu.com",
 )
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+# The notations a MAC is typed in: 20:f8:5e:ca:91:52 (also 2:f8:..., as some tools print it), 20-F8-5E-CA-91-52,
+# 20f85eca9152 and 20f8.5eca.9152.
+_MAC_NOTATIONS = (
+    re.compile(r"([0-9a-f]{1,2})[:-]([0-9a-f]{1,2})[:-]([0-9a-f]{1,2})[:-]([0-9a-f]{1,2})[:-]([0-9a-f]{1,2})[:-]"
+               r"([0-9a-f]{1,2})"),
+    re.compile(r"([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})"),
+    re.compile(r"([0-9a-f]{2})([0-9a-f]{2})\.([0-9a-f]{2})([0-9a-f]{2})\.([0-9a-f]{2})([0-9a-f]{2})"),
+)
 _ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -60,11 +68,15 @@ def is_mac(key: str) -> bool:
 
 
 def normalise_mac(text: str) -> str:
-    """``AA-BB-CC-DD-EE-FF`` -> ``aa:bb:cc:dd:ee:ff``; ValueError otherwise."""
-    mac = text.strip().lower().replace("-", ":")
-    if not _MAC.fullmatch(mac):
-        raise ValueError(f"{text!r} is not a MAC address")
-    return mac
+    """A MAC in any of ``_MAC_NOTATIONS`` (``AA-BB-CC-DD-EE-FF``, ``aabb.ccdd.eeff``...) -> ``aa:bb:cc:dd:ee:ff``,
+    the one form the store, the vendor lookup and nftables read: in another the same device would be another.
+    ValueError otherwise."""
+    lowered = text.strip().lower()
+    for notation in _MAC_NOTATIONS:
+        found = notation.fullmatch(lowered)
+        if found:
+            return ":".join(part.zfill(2) for part in found.groups())
+    raise ValueError(f"{text!r} is not a MAC address")
 
 
 def normalise_scope(text: str) -> str:

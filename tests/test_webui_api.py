@@ -55,6 +55,15 @@ def test_device_detail_carries_identity_alternatives_and_timeline(api):
     assert client.get("/api/v1/devices/aa:aa:aa:aa:aa:aa").status_code == 404
 
 
+def test_a_mac_typed_in_any_common_notation_finds_its_device_as_iotgw_identify_reads_it(api):
+    # one MAC parser for the API, the CLI and `iotgw identify`: aabbcc000001 once found nothing here
+    client, _, _ = api
+    for typed in ("AABBCC000001", "aabb.cc00.0001", "aa:bb:cc:0:0:1", "AA-BB-CC-00-00-01"):
+        assert client.get(f"/api/v1/devices/{typed}").json["mac"] == MAC
+        assert {q["mac"] for q in client.get(f"/api/v1/queries?mac={typed}").json} == {MAC}
+    assert client.get("/api/v1/devices/aabbcc00000").status_code == 404  # eleven digits: no MAC, no device
+
+
 def test_a_device_announcing_thousands_of_names_shows_its_newest_hundred_of_each(api):
     client, store, _ = api
     with store.transaction() as s:

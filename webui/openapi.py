@@ -205,7 +205,8 @@ DOCUMENT: dict = {
                 "in": "path",
                 "required": True,
                 "schema": _STR,
-                "description": "aa:bb:cc:dd:ee:ff, AA-BB-CC-DD-EE-FF or any case; ip:ADDRESS for one known by address",
+                "description": "aa:bb:cc:dd:ee:ff, AA-BB-CC-DD-EE-FF, aabbccddeeff or aabb.ccdd.eeff, any case; "
+                "ip:ADDRESS for one known by address",
             },
             "device_type": {"name": "device_type", "in": "path", "required": True, "schema": _STR},
             "tag": {"name": "tag", "in": "path", "required": True, "schema": _STR},

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
 from gateway.cli import positive_count, positive_seconds, whole_number
+from policy.model import normalise_mac
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the checkout
 
@@ -240,23 +240,15 @@ def _session(item: dict):
     return str(item["id"]), _mac(mac) if mac else "", observations
 
 
-# the notations a MAC is written in: 20:f8:5e:ca:91:52 (also 2:f8:...), 20-F8-5E-CA-91-52, 20f85eca9152, 20f8.5eca.9152
-_MAC_NOTATIONS = (
-    re.compile(r"([0-9a-f]{1,2}):([0-9a-f]{1,2}):([0-9a-f]{1,2}):([0-9a-f]{1,2}):([0-9a-f]{1,2}):([0-9a-f]{1,2})"),
-    re.compile(r"([0-9a-f]{2})-([0-9a-f]{2})-([0-9a-f]{2})-([0-9a-f]{2})-([0-9a-f]{2})-([0-9a-f]{2})"),
-    re.compile(r"([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})"),
-    re.compile(r"([0-9a-f]{2})([0-9a-f]{2})\.([0-9a-f]{2})([0-9a-f]{2})\.([0-9a-f]{2})([0-9a-f]{2})"),
-)
-
-
 def _mac(text: str) -> str:
     """``text`` in lower-case colon form, the one the identifier's vendor prefix and MAC blocks are read from:
     in another notation the same device would get another answer. ValueError if it is not a MAC."""
-    for notation in _MAC_NOTATIONS:
-        found = notation.fullmatch(text.strip().lower())
-        if found:
-            return ":".join(part.zfill(2) for part in found.groups())
-    raise ValueError(f'"mac" {text[:40]!r} is not a MAC address (aa:bb:cc:dd:ee:ff, aa-bb-..., aabb.ccdd.eeff)')
+    try:
+        return normalise_mac(text)
+    except ValueError:  # normalise_mac's message echoes the whole text; a session line's may be megabytes
+        raise ValueError(
+            f'"mac" {text[:40]!r} is not a MAC address (aa:bb:cc:dd:ee:ff, aa-bb-..., aabb.ccdd.eeff)'
+        ) from None
 
 
 def _code(value, what: str, top: int) -> int:

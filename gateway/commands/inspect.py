@@ -24,7 +24,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     queries = sub.add_parser("queries", help="the query log, newest first")
     add_state_args(queries)
-    queries.add_argument("--device", metavar="MAC", type=device_key, help="one device's queries (AA-BB-.. too)")
+    queries.add_argument("--device", metavar="MAC", type=device_key,
+                         help="one device's queries (AA-BB-.., aabb.ccdd.eeff too)")
     queries.add_argument("--search", metavar="TEXT", help="part of the name")
     queries.add_argument("--limit", type=positive_count, default=50, help="at most this many (default 50)")
     queries.add_argument("--json", action="store_true", help="one JSON object per line")
