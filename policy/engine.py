@@ -2,8 +2,8 @@
 
 ``PolicyEngine.build`` does all the slow work (reading lists, hashing names, resolving categories) once; the
 gateway rebuilds the engine when the policy revision changes and swaps it in. ``decide`` then only does
-dictionary and set lookups plus one hashed-list search per query, and allocates nothing but the name's
-suffixes: every ``Verdict`` it can return is made at build time.
+dictionary and set lookups plus one hashed-list search per query, and allocates only the name's suffixes and
+a list of the parts active now in each of the device's scopes: every ``Verdict`` it can return is made at build time.
 
 Order of a decision: quarantine (if the device is in it) -> pause -> rules, most specific scope first
 (device, type, tag, global; within a scope an allow beats a block) -> strict profile -> allowed.
