@@ -30,6 +30,12 @@ LOCKOUT_S = 15 * 60
 TOKEN_SCOPES = ("read", "write")
 # A token's last use is noted to the minute (the token list shows minutes): one write a minute per token at most.
 TOKEN_USE_RESOLUTION_S = 60.0
+# A new token's lifetime in days, as GitHub offers them; None never expires. Not never by default: a token
+# pasted into a script and forgotten should stop working by itself.
+TOKEN_LIFETIMES_DAYS: tuple[int | None, ...] = (30, 90, 365, None)
+TOKEN_DEFAULT_DAYS = 90
+_DAYS = [str(d) for d in TOKEN_LIFETIMES_DAYS if d is not None]
+_LIFETIME_CHOICES = f"a token expires after {', '.join(_DAYS[:-1])} or {_DAYS[-1]} days, or never"
 TOKEN_PREFIX = "iotgw_"  # noqa: S105 - not a secret: makes a leaked token recognisable to scanners
 
 _hasher = PasswordHasher()
@@ -154,10 +160,16 @@ def verify_login(store: Store, username: str, password: str, *, now: float | Non
 CONTROL_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")
 
 
-def create_token(store: Store, name: str, scope: str) -> tuple[ApiToken, str]:
-    """A new token: the record and the secret, which is never stored and cannot be shown again."""
+def create_token(
+    store: Store, name: str, scope: str, days: int | None = TOKEN_DEFAULT_DAYS
+) -> tuple[ApiToken, str]:
+    """A new token: the record and the secret, which is never stored and cannot be shown again. It stops
+    working ``days`` days from now (one of ``TOKEN_LIFETIMES_DAYS``; None: never)."""
     if scope not in TOKEN_SCOPES:
         raise ValueError(f"scope must be one of {', '.join(TOKEN_SCOPES)}")
+    # type(): True and 90.0 equal members of the tuple but are no number of days a client meant
+    if days is not None and type(days) is not int or days not in TOKEN_LIFETIMES_DAYS:
+        raise ValueError(_LIFETIME_CHOICES)
     name = name.strip()[:100]
     if not name:
         raise ValueError("a token needs a name (what uses it)")
@@ -165,13 +177,31 @@ def create_token(store: Store, name: str, scope: str) -> tuple[ApiToken, str]:
     if bad is not None:  # a tab, newline or ESC would break `token list` lines or drive the terminal
         raise ValueError(f"a token name may not contain control characters (found U+{ord(bad):04X})")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    token = ApiToken(name=name, token_sha256=_sha256(secret), scope=scope, created_at=time.time())
+    now = time.time()
+    expires_at = None if days is None else now + days * 86400
+    token = ApiToken(name=name, token_sha256=_sha256(secret), scope=scope, created_at=now, expires_at=expires_at)
     with store.transaction() as s:
         s.add(token)
     return token, secret
 
 
+def parse_lifetime(text: str) -> int | None:
+    """A lifetime typed in a form or on the command line ("90", "never") as ``create_token`` takes it."""
+    text = text.strip().lower()
+    if text == "never":
+        return None
+    if text.isdigit() and int(text) in TOKEN_LIFETIMES_DAYS:
+        return int(text)
+    raise ValueError(_LIFETIME_CHOICES)
+
+
+def is_expired(token: ApiToken, now: float | None = None) -> bool:
+    """The token's expiry has passed: it is refused like a revoked one, and listed as expired until revoked."""
+    return token.expires_at is not None and (time.time() if now is None else now) >= token.expires_at
+
+
 def list_tokens(store: Store, *, include_revoked: bool = False) -> list[ApiToken]:
+    """Tokens not revoked, expired ones included (``is_expired``): the owner sees what stopped working."""
     stmt = select(ApiToken).order_by(ApiToken.id)
     if not include_revoked:
         stmt = stmt.where(ApiToken.revoked_at.is_(None))
@@ -191,13 +221,13 @@ def revoke_token(store: Store, token_id: int) -> None:
 
 
 def authenticate_token(store: Store, secret: str) -> Principal | None:
-    """The principal for a live token, or None for an unknown or revoked one. Only reads, but for noting the
+    """The principal for a live token, or None for an unknown, revoked or expired one. Only reads, but for noting the
     token's use now and then (``_note_use``): a read-only API call must not queue behind a busy daemon."""
     with store.session() as s:
         token = s.scalar(select(ApiToken).where(ApiToken.token_sha256 == _sha256(secret)))
-    if token is None or token.revoked_at is not None:
-        return None
     now = time.time()
+    if token is None or token.revoked_at is not None or is_expired(token, now):
+        return None
     if token.last_used_at is None or not 0 <= now - token.last_used_at < TOKEN_USE_RESOLUTION_S:
         _note_use(store, token.id, now)
     return Principal(name=f"token:{token.name}", can_write=token.scope == "write", token_id=token.id)

@@ -6,6 +6,7 @@ import argparse
 import io
 import sys
 import threading
+import time
 
 import pytest
 from sqlalchemy import inspect, select
@@ -148,6 +149,72 @@ def test_tokens_are_stored_hashed_scoped_and_revocable(store):
         accounts.create_token(store, "x", "admin")
 
 
+def _expire(store: Store, token_id: int) -> None:
+    """Moves the token's expiry to a second ago: the state 30 days later, without waiting 30 days."""
+    with store.transaction() as s:
+        s.get(ApiToken, token_id).expires_at = time.time() - 1
+
+
+def test_a_token_expires_after_the_days_chosen_and_is_then_refused_like_a_revoked_one(store):
+    before = time.time()
+    default, default_secret = accounts.create_token(store, "ha", "read")
+    month, month_secret = accounts.create_token(store, "script", "write", 30)
+    forever, forever_secret = accounts.create_token(store, "nas", "read", None)
+    assert before + 90 * 86400 <= default.expires_at <= time.time() + 90 * 86400  # not never by default
+    assert before + 30 * 86400 <= month.expires_at <= time.time() + 30 * 86400
+    assert forever.expires_at is None
+    assert accounts.authenticate_token(store, month_secret).can_write
+    _expire(store, month.id)
+    assert accounts.authenticate_token(store, month_secret) is None
+    assert accounts.authenticate_token(store, default_secret) is not None
+    assert accounts.authenticate_token(store, forever_secret) is not None
+    # listed, and marked, until revoked: the owner sees which script stopped working and why
+    listed = {t.name: accounts.is_expired(t) for t in accounts.list_tokens(store)}
+    assert listed == {"ha": False, "script": True, "nas": False}
+    accounts.revoke_token(store, month.id)
+    assert [t.name for t in accounts.list_tokens(store)] == ["ha", "nas"]
+
+
+@pytest.mark.parametrize("days", [0, 7, -30, 3650, True, 90.0, "90"])
+def test_a_token_lifetime_other_than_the_choices_is_refused_and_nothing_is_stored(store, days):
+    with pytest.raises(ValueError, match="expires after 30, 90 or 365 days, or never"):
+        accounts.create_token(store, "ha", "read", days)
+    assert accounts.list_tokens(store) == []
+
+
+def test_a_token_made_before_tokens_could_expire_keeps_working_after_the_migration(tmp_path):
+    """A database at the schema before expiry (config_0004), holding a token made then: opening it with this code
+    adds the column, and the token, promised never to expire, still works and is listed as never expiring."""
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+
+    from gateway.store import db as store_db
+    from gateway.store.schema import ConfigBase
+
+    url = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
+    old = Store(url, migrate=False)
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(store_db.MIGRATIONS))
+    with old.engine.begin() as conn:
+        cfg.attributes["connection"], cfg.attributes["metadata"] = conn, ConfigBase.metadata
+        command.upgrade(cfg, "config_0004_session_generation")
+        assert "expires_at" not in {c["name"] for c in inspect(conn).get_columns("api_tokens")}
+        secret = accounts.TOKEN_PREFIX + "made-by-the-old-code"
+        conn.exec_driver_sql(
+            "INSERT INTO api_tokens (name, token_sha256, scope, created_at) VALUES (?, ?, ?, ?)",
+            ("old-script", accounts._sha256(secret), "write", 1.0),
+        )
+    old.close()
+    store = Store(url)
+    try:
+        principal = accounts.authenticate_token(store, secret)
+        assert principal is not None and principal.can_write
+        [token] = accounts.list_tokens(store)
+        assert token.expires_at is None and not accounts.is_expired(token)
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("name", ["ha\tread", "two\nlines", "red\x1b[31mtext", "back\u202eward", "del\x7f"])
 def test_token_names_with_control_characters_are_refused_and_nothing_is_stored(store, name):
     with pytest.raises(ValueError, match="may not contain control characters"):
@@ -172,6 +239,14 @@ def test_cli_sets_the_password_and_manages_tokens(tmp_path, monkeypatch, capsys)
     assert secret.startswith(accounts.TOKEN_PREFIX)
     assert _run(["user", "token", "list", *db], monkeypatch) == 0
     assert "\twrite\tha\t" in capsys.readouterr().out
+    assert _run(["user", "token", "create", "nas", "--expires", "never", *db], monkeypatch) == 0
+    assert "never expires) created" in capsys.readouterr().err
+    assert _run(["user", "token", "create", "x", "--expires", "7", *db], monkeypatch) == 1
+    assert "expires after 30, 90 or 365 days, or never" in capsys.readouterr().err
+    assert _run(["user", "token", "list", *db], monkeypatch) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    assert "\texpires 20" in first and second.endswith("\tnever expires")
+    assert _run(["user", "token", "revoke", "2", *db], monkeypatch) == 0
     assert _run(["user", "token", "create", "ha\x1b]0;x\x07", *db], monkeypatch) == 1
     assert "control characters" in capsys.readouterr().err
     assert _run(["user", "token", "revoke", "1", *db], monkeypatch) == 0

@@ -19,6 +19,7 @@ from flask import url_for
 from gateway import accounts
 from gateway.devices import service
 from gateway.store.db import Store
+from gateway.store.schema import ApiToken
 from tests.webui_seed import add_device, config
 from webui.app import SECRET_KEY_FILE, create_app, load_secret_key
 from webui.openapi import DOCUMENT
@@ -185,6 +186,40 @@ def test_write_token_writes_without_csrf_and_revocation_takes_effect(env):
     assert client.get("/devices", headers=auth).status_code == 401
     accounts.revoke_token(store, token.id)
     assert client.get("/api/v1/devices", headers=auth).status_code == 401
+
+
+def test_a_token_expires_when_chosen_is_refused_like_a_revoked_one_and_listed_as_expired(env):
+    app, store, victim_id = env
+    client = app.test_client()
+    csrf = _login(client)
+    made = {}
+    for days in (30, None):
+        r = client.post("/api/v1/tokens", json={"name": f"d{days}", "scope": "read", "expires_in_days": days},
+                        headers={"X-CSRF-Token": csrf})
+        assert r.status_code == 201, r.json
+        made[days] = r.json
+    assert made[None]["expires_at"] is None and made[30]["expires_at"] > time.time() + 29 * 86400
+    r = client.post("/api/v1/tokens", json={"name": "x", "scope": "read", "expires_in_days": 7},
+                    headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 400 and "30, 90 or 365 days, or never" in r.json["error"]
+    r = client.post("/settings/tokens", data={"name": "form", "scope": "read", "expires": "365", "csrf_token": csrf})
+    assert r.status_code == 200 and "expires " in r.get_data(as_text=True)
+    with store.transaction() as s:  # thirty days later
+        s.get(ApiToken, made[30]["id"]).expires_at = time.time() - 1
+    bearer = app.test_client()
+    expired = bearer.get("/api/v1/devices", headers={"Authorization": f"Bearer {made[30]['token']}"})
+    gone, gone_secret = accounts.create_token(store, "gone", "read")
+    accounts.revoke_token(store, gone.id)
+    accounts.revoke_token(store, victim_id)
+    revoked = bearer.get("/api/v1/devices", headers={"Authorization": f"Bearer {gone_secret}"})
+    assert (expired.status_code, expired.json) == (revoked.status_code, revoked.json) == (
+        401, {"error": "unknown, revoked or expired token"})
+    assert bearer.get("/api/v1/devices", headers={"Authorization": f"Bearer {made[None]['token']}"}).status_code == 200
+    listing = {t["name"]: (t["expired"], t["expires_at"] is None) for t in client.get("/api/v1/tokens").json}
+    assert listing == {"d30": (True, False), "dNone": (False, True), "form": (False, False)}
+    page = client.get("/settings").get_data(as_text=True)
+    assert re.search(r"<td>d30</td>.*?<strong class=\"expired\">expired 20", page, re.S)
+    assert re.search(r"<td>dNone</td>.*?<td>never</td>", page, re.S)
 
 
 def test_login_locks_out_after_five_failures(env, caplog):

@@ -154,9 +154,11 @@ def tokens():  # noqa: ANN201
 
 @bp.post("/tokens")
 def token_create():  # noqa: ANN201
-    fields = _texts(json_body(), {"name": None, "scope": None})  # a list or object would be stored as its repr
+    body = json_body()
+    fields = _texts(body, {"name": None, "scope": None})  # a list or object would be stored as its repr
+    days = body.get("expires_in_days", accounts.TOKEN_DEFAULT_DAYS)  # null: never
     try:
-        token, secret = accounts.create_token(ctx().store, fields.get("name", ""), fields.get("scope", ""))
+        token, secret = accounts.create_token(ctx().store, fields.get("name", ""), fields.get("scope", ""), days)
     except ValueError as exc:
         return api_error(400, str(exc))
     return jsonify(_token(token) | {"token": secret}), 201
@@ -208,4 +210,6 @@ def _token(t) -> dict:  # noqa: ANN001 - an ApiToken
         "scope": t.scope,
         "created_at": t.created_at,
         "last_used_at": t.last_used_at,
+        "expires_at": t.expires_at,
+        "expired": accounts.is_expired(t),
     }

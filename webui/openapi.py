@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
+from gateway import accounts
 from gateway.devices import service
 
 bp = Blueprint("openapi", __name__)
@@ -15,7 +16,7 @@ _ERRORS = {
         "description": "bad request",
         "content": {_JSON: {"schema": {"$ref": "#/components/schemas/Error"}}},
     },
-    "401": {"description": "not logged in, or unknown or revoked token"},
+    "401": {"description": "not logged in, or unknown, revoked or expired token"},
     "403": {"description": "missing CSRF token (session), or a read-only token on a write"},
     "404": {"description": "no such device, token or policy"},
 }
@@ -183,7 +184,10 @@ DOCUMENT: dict = {
             "put": _op("Switch quarantine of new devices and set its allow list", body="Quarantine"),
         },
         "/api/v1/tokens": {
-            "get": _op("Live API tokens (session only)"),
+            "get": _op(
+                "API tokens not revoked, with expires_at (null: never) and expired (refused, until revoked)"
+                " (session only)"
+            ),
             "post": _op(
                 "Create a token; the secret is in the response only (session only)",
                 body="TokenCreate",
@@ -392,7 +396,15 @@ DOCUMENT: dict = {
             "TokenCreate": {
                 "type": "object",
                 "required": ["name", "scope"],
-                "properties": {"name": _STR, "scope": {"enum": ["read", "write"]}},
+                "properties": {
+                    "name": _STR,
+                    "scope": {"enum": ["read", "write"]},
+                    "expires_in_days": {
+                        "enum": list(accounts.TOKEN_LIFETIMES_DAYS),
+                        "default": accounts.TOKEN_DEFAULT_DAYS,
+                        "description": "days until the token stops working; null: never",
+                    },
+                },
             },
         },
     },

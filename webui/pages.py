@@ -205,7 +205,12 @@ def model_plot(name: str):  # noqa: ANN201
 @bp.get("/settings")
 def settings():  # noqa: ANN201
     return render_template(
-        "settings.html", tokens=accounts.list_tokens(ctx().store), min_length=accounts.MIN_PASSWORD_LENGTH
+        "settings.html",
+        tokens=accounts.list_tokens(ctx().store),
+        min_length=accounts.MIN_PASSWORD_LENGTH,
+        lifetimes=accounts.TOKEN_LIFETIMES_DAYS,
+        default_lifetime=accounts.TOKEN_DEFAULT_DAYS,
+        is_expired=accounts.is_expired,
     )
 
 
@@ -236,8 +241,9 @@ def settings_password():  # noqa: ANN201
 @bp.post("/settings/tokens")
 def settings_token_create():  # noqa: ANN201
     try:
+        days = accounts.parse_lifetime(request.form.get("expires", str(accounts.TOKEN_DEFAULT_DAYS)))
         token, secret = accounts.create_token(
-            ctx().store, request.form.get("name", ""), request.form.get("scope", "read")
+            ctx().store, request.form.get("name", ""), request.form.get("scope", "read"), days
         )
     except ValueError as exc:
         flash(str(exc).capitalize() + ".")

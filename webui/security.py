@@ -188,7 +188,7 @@ def _authorize_token():  # noqa: ANN202
         return api_error(403, "tokens are managed with a login session or `iotgw user token`")
     principal = accounts.authenticate_token(ctx().store, secret.strip())
     if principal is None:
-        return api_error(401, "unknown or revoked token")
+        return api_error(401, "unknown, revoked or expired token")
     if request.method not in SAFE_METHODS and not principal.can_write:
         return api_error(403, "this token is read-only")
     g.principal = principal  # no CSRF check: a browser never attaches this header on its own

@@ -33,8 +33,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default="read",
         help="read (default) or write (may rename devices and change policies)",
     )
+    p.add_argument(
+        "--expires",
+        default="90",  # accounts.TOKEN_DEFAULT_DAYS; accounts.parse_lifetime checks it (not imported for --help)
+        metavar="DAYS",
+        help="days until the token stops working: 30, 90 (default), 365 or never",
+    )
     p.set_defaults(func=_token_create)
-    p = token_sub.add_parser("list", help="live tokens")
+    p = token_sub.add_parser("list", help="tokens not revoked, expired ones marked")
     add_state_args(p)
     p.set_defaults(func=_token_list)
     p = token_sub.add_parser("revoke", help="revoke a token by id")
@@ -72,12 +78,14 @@ def _token_create(args: argparse.Namespace) -> int:
     from gateway import accounts
 
     try:
-        token, secret = accounts.create_token(_store(args), args.name, args.scope)
+        days = accounts.parse_lifetime(args.expires)
+        token, secret = accounts.create_token(_store(args), args.name, args.scope, days)
     except ValueError as exc:
         print(f"iotgw: {exc}", file=sys.stderr)
         return 1
     print(secret)
-    print(f"token {token.id} ({token.scope}) created; it is shown only now", file=sys.stderr)
+    expires = f"expires {_minute(token.expires_at)}" if token.expires_at else "never expires"
+    print(f"token {token.id} ({token.scope}, {expires}) created; it is shown only now", file=sys.stderr)
     return 0
 
 
@@ -85,9 +93,17 @@ def _token_list(args: argparse.Namespace) -> int:
     from gateway import accounts
 
     for t in accounts.list_tokens(_store(args)):
-        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(t.last_used_at)) if t.last_used_at else "never"
-        print(f"{t.id}\t{t.scope}\t{_printable(t.name)}\tlast used {used}")
+        used = _minute(t.last_used_at) if t.last_used_at else "never"
+        if t.expires_at is None:
+            expires = "never expires"
+        else:
+            expires = f"{'expired' if accounts.is_expired(t) else 'expires'} {_minute(t.expires_at)}"
+        print(f"{t.id}\t{t.scope}\t{_printable(t.name)}\tlast used {used}\t{expires}")
     return 0
+
+
+def _minute(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
 
 
 def _printable(name: str) -> str:

@@ -200,3 +200,5 @@ class ApiToken(ConfigBase):
     created_at: Mapped[float] = mapped_column(Float)
     last_used_at: Mapped[float | None] = mapped_column(Float)
     revoked_at: Mapped[float | None] = mapped_column(Float)
+    # None: never expires (a choice at creation, and every token made before tokens could expire).
+    expires_at: Mapped[float | None] = mapped_column(Float)
