@@ -297,7 +297,7 @@ def add_list(
             spec = stage(data)
             if downloaded is not None:
                 os.replace(downloaded, state_dir / spec.path)
-            report = _report(list_id, state_dir / spec.path)
+            report = _report(list_id, state_dir / spec.path, fetched=bool(spec.url))
     finally:
         if downloaded is not None:
             downloaded.unlink(missing_ok=True)
@@ -319,7 +319,7 @@ def update_list(
             if current is None or (current.url, current.path) != (spec.url, spec.path):
                 raise ValueError(f"list {list_id!r} was changed while it was fetched; update it again")
             os.replace(downloaded, state_dir / spec.path)
-            report = _report(list_id, state_dir / spec.path)
+            report = _report(list_id, state_dir / spec.path, fetched=True)
     finally:
         downloaded.unlink(missing_ok=True)
     return report
@@ -389,9 +389,10 @@ def _local_list(state_dir: Path, path: str, any_path: bool) -> str:
     return f"{LISTS_DIR}/{path}"
 
 
-def _report(list_id: str, path: Path) -> ListReport:
+def _report(list_id: str, path: Path, *, fetched: bool) -> ListReport:
+    """What loading the list found; a fetched list's bad lines are named by number and reason only."""
     try:
-        parsed = lists.load(path)
+        parsed = lists.load(path, quote=not fetched)
     except OSError as exc:
         raise ValueError(f"cannot read list {list_id!r} from {path}: {exc.strerror}") from exc
     return ListReport(

@@ -148,7 +148,7 @@ class PolicyEngine:
         slots = []
         for list_id, path in zip(used, paths, strict=True):
             try:
-                parsed = lists.load(path, source=str(path))
+                parsed = lists.load(path, source=str(path), quote=not data.lists[list_id].url)
             except OSError as exc:
                 self.list_errors.append(
                     ListError(str(path), 0, "", f"cannot read list {list_id!r}: {exc.strerror}")

@@ -72,7 +72,8 @@ class FetchError(ValueError):
 
 @dataclass(frozen=True)
 class ListError:
-    """One unusable line: where it is, what it says (as text, never interpreted) and why it was skipped."""
+    """One unusable line: where it is, what it says (as text, never interpreted; "" when not kept, see ``load``)
+    and why it was skipped. The reason never quotes the line: it alone is shown for a fetched list."""
 
     source: str
     line: int
@@ -80,6 +81,8 @@ class ListError:
     reason: str
 
     def __str__(self) -> str:
+        if not self.text:
+            return f"{self.source}:{self.line}: {self.reason}"
         text = self.text if len(self.text) <= 80 else self.text[:77] + "..."
         return f"{self.source}:{self.line}: {self.reason}: {text!r}"
 
@@ -131,7 +134,7 @@ def parse_line(line: str) -> list[tuple[str, bool]]:
         if modifiers:
             unknown = [mod for mod in modifiers.split(",") if mod.strip().lower() not in _HARMLESS_MODIFIERS]
             if unknown:
-                raise ValueError(f"unsupported modifier ${unknown[0]}")
+                raise ValueError("unsupported modifier")
         if "*" in host:
             raise ValueError("wildcards are not supported")
         return [(normalise_name(host), bool(exception))]
@@ -168,8 +171,11 @@ def _fast_name(line: str) -> str | None:
     return name.lower()
 
 
-def load(path: str | Path, source: str | None = None) -> ParsedList:
-    """Read a list file into hashes, streaming (a million names never sit in memory as strings)."""
+def load(path: str | Path, source: str | None = None, *, quote: bool = True) -> ParsedList:
+    """Read a list file into hashes, streaming (a million names never sit in memory as strings).
+
+    ``quote=False`` for a list fetched from a URL: its errors give the line and the reason but not the line's
+    text, or adding a LAN URL as a list would show whoever may add lists what that server answers."""
     path = Path(path)
     source = source or str(path)
     hashes = {False: array.array("Q"), True: array.array("Q")}  # hashed at once: no strings pile up
@@ -189,7 +195,7 @@ def load(path: str | Path, source: str | None = None) -> ParsedList:
             except ValueError as exc:
                 count += 1
                 if len(errors) < MAX_ERRORS_KEPT:
-                    errors.append(ListError(source, number, line.rstrip("\r\n"), str(exc)))
+                    errors.append(ListError(source, number, line.rstrip("\r\n") if quote else "", str(exc)))
                 continue
             for entry, exception in entries:
                 hashes[exception].append(name_hash(entry))

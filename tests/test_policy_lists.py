@@ -60,13 +60,22 @@ def test_malformed_list_reports_file_and_line_and_loads_good_lines(tmp_path):
     assert [(e.line, e.reason) for e in parsed.errors] == [
         (2, "neither a hosts line, a domain nor an adblock rule"),
         (3, "not a domain name"),
-        (4, "unsupported modifier $third-party"),
+        (4, "unsupported modifier"),
         (5, "wildcards are not supported"),
         (7, "not a domain name"),
     ]
     assert parsed.error_count == 5
     assert str(parsed.errors[0]).startswith(f"{f}:2: ")
     assert "'<script>alert(1)</script>'" in str(parsed.errors[-1])  # shown as quoted text
+    assert str(parsed.errors[2]) == f"{f}:4: unsupported modifier: '||x.example^$third-party'"
+
+
+def test_a_list_loaded_without_quoting_names_line_and_reason_but_not_the_text(tmp_path):
+    f = tmp_path / "fetched.txt"
+    f.write_text("ok.example\nrouter password hunter2\n||x.example^$secret-modifier\n")
+    parsed = lists.load(f, quote=False)
+    assert [str(e) for e in parsed.errors] == [
+        f"{f}:2: neither a hosts line, a domain nor an adblock rule", f"{f}:3: unsupported modifier"]
 
 
 def test_a_list_saved_with_a_utf8_bom_keeps_its_first_entry(tmp_path):

@@ -211,6 +211,30 @@ def test_a_list_server_that_trickles_is_given_up_at_the_deadline_keeping_the_old
     assert sorted(p.name for p in (tmp_path / "lists").iterdir()) == ["l.txt"]
 
 
+def test_a_fetched_page_that_is_no_block_list_is_reported_by_line_and_reason_never_by_its_content(tmp_path):
+    """Adding a LAN URL as a list showed the first lines of whatever it answered (a router's status page, a NAS
+    share) in the report, to anyone who may add lists. The report names the lines and why they failed."""
+    page = [b"<html><title>Router admin</title>\nwifi key: hunter2-secret\n||x.example^$secret-modifier\n"]
+
+    def serve(handler: http.server.BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.end_headers()
+        handler.wfile.write(page[0])
+
+    with _list_server(serve) as base:
+        added = policies.add_list(tmp_path, "nas", url=f"{base}/status")
+        page[0] = b"ok.example\n<b>other secret</b>\n"
+        updated = policies.update_list(tmp_path, "nas")
+    shown = json.dumps([added.errors, added.summary(), updated.errors, updated.summary()])
+    assert not any(word in shown for word in ("Router", "hunter2", "secret", "<b>", "html")), shown
+    path = tmp_path / "lists" / "nas.txt"
+    assert added.errors == [f"{path}:1: neither a hosts line, a domain nor an adblock rule",
+                            f"{path}:2: neither a hosts line, a domain nor an adblock rule",
+                            f"{path}:3: unsupported modifier"]
+    assert updated.errors == [f"{path}:2: neither a hosts line, a domain nor an adblock rule"]
+    assert updated.blocked == 1
+
+
 def test_an_unreachable_or_failing_list_server_is_a_clear_refusal(tmp_path):
     def answer(handler: http.server.BaseHTTPRequestHandler) -> None:
         if handler.path == "/ftp":  # a redirect off http(s) is not followed

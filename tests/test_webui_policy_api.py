@@ -3,10 +3,12 @@ show in ``policy.json`` and in the real ``iotgw policy`` command."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -203,6 +205,38 @@ def test_a_list_whose_server_is_down_is_a_502_on_the_api_and_a_message_on_the_pa
     with client.session_transaction() as sess:
         assert any(text.startswith(f"Not changed: {url}: cannot be fetched") for _, text in sess["_flashes"])
     assert not (state_dir / "policy.json").exists()
+
+
+def test_a_lan_page_added_as_a_list_is_not_shown_back_by_the_api_or_the_page(api):
+    """A write token or the owner could have the gateway fetch any LAN URL and read its lines in the list report."""
+    app, _, write, _ = api
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"<html>\nadmin password: hunter2\n")
+
+        def log_message(self, *args) -> None:  # noqa: ANN002
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/status"
+        r = app.test_client().post("/api/v1/policies/lists", json={"id": "nas", "url": url}, headers=write)
+        client, token = _log_in(app)
+        form = client.post("/policies/lists", data={"list_id": "page", "url": url, "csrf_token": token})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert r.status_code == 201 and r.json["error_count"] == 2
+    assert r.json["errors"][1].endswith("nas.txt:2: neither a hosts line, a domain nor an adblock rule")
+    assert form.status_code == 302
+    with client.session_transaction() as sess:
+        flashed = [text for _, text in sess["_flashes"]]
+    assert any(text.endswith("page.txt:2: neither a hosts line, a domain nor an adblock rule") for text in flashed)
+    assert "hunter2" not in r.get_data(as_text=True) + json.dumps(flashed)
 
 
 def test_session_writes_need_the_csrf_header(api):

@@ -374,7 +374,12 @@ DOCUMENT: dict = {
                     "blocked": {"type": "integer"},
                     "exceptions": {"type": "integer"},
                     "error_count": {"type": "integer"},
-                    "errors": {"type": "array", "items": _STR},
+                    "errors": {
+                        "type": "array",
+                        "items": _STR,
+                        "description": "the first bad lines as 'file:line: reason'; a fetched list's lines are not"
+                        " quoted (the report must not show what a LAN server answered)",
+                    },
                 },
             },
             "Schedule": {
