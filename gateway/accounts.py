@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from gateway.store.db import INT64_LIMIT, Store, database_busy
 from gateway.store.schema import ApiToken, User
+from policy.model import CONTROL_CATEGORIES
 
 ADMIN = "admin"
 MIN_PASSWORD_LENGTH = 8
@@ -156,8 +157,6 @@ def verify_login(store: Store, username: str, password: str, *, now: float | Non
     return False
 
 
-# Unicode categories of characters that are no text to show: controls (tab, ESC), format (bidi overrides), separators
-CONTROL_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")
 
 
 def create_token(

@@ -8,6 +8,7 @@ AdGuard Home's device tags) or ``global``; for a query the most specific scope w
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,13 @@ DEFAULT_QUARANTINE_ALLOW = (
     "time.nist.gov",
     "ntp.ubuntu.com",
 )
+# Unicode categories of characters that are no text to show: controls (tab, ESC), format (bidi overrides), separators
+CONTROL_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")
+# Joiners build emoji sequences and shape scripts (a family emoji, a Persian name); every other format character,
+# a bidi override among them, can make a name read as something else.
+JOINERS = frozenset("\u200c\u200d")
+# As long as the device's type label (Device.label_device_type), the longest a type or tag scope can be named from.
+SCOPE_NAME_MAX = 100
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 # The notations a MAC is typed in: 20:f8:5e:ca:91:52 (also 2:f8:..., as some tools print it), 20-F8-5E-CA-91-52,
 # 20f85eca9152 and 20f8.5eca.9152.
@@ -92,10 +100,23 @@ def normalise_scope(text: str) -> str:
     if kind == "device":
         return f"device:{normalise_mac(value)}"
     if kind in ("tag", "category"):
-        return f"tag:{category_tag(value)}"
+        return f"tag:{category_tag(_scope_name(kind, value))}"
     if kind == "type":
-        return f"type:{value}"
+        return f"type:{_scope_name(kind, value)}"
     raise ValueError(f"{text!r}: unknown scope kind {kind!r}")
+
+
+def _scope_name(kind: str, value: str) -> str:
+    """``value`` if it can name a type or tag scope: it is shown on pages, in the CLI and in logs, so a control
+    or bidi character (a newline, ESC, U+202E) is refused, as in the names the owner gives devices."""
+    if not value.strip():
+        raise ValueError(f"a {kind} scope needs a name")
+    if len(value) > SCOPE_NAME_MAX:
+        raise ValueError(f"a {kind} name has at most {SCOPE_NAME_MAX} characters")
+    bad = next((c for c in value if unicodedata.category(c) in CONTROL_CATEGORIES and c not in JOINERS), None)
+    if bad is not None:
+        raise ValueError(f"a {kind} name may not contain control or bidi characters (found U+{ord(bad):04X})")
+    return value
 
 
 @dataclass

@@ -121,6 +121,24 @@ def test_bad_input_is_a_400_with_a_clear_message_and_changes_nothing(api, url, b
     assert not (state_dir / "policy.json").exists()
 
 
+@pytest.mark.parametrize(("kind", "name", "found"), [
+    ("type", "cam\u202eevil", "U+202E"), ("type", "two%0Alines", "U+000A"), ("tag", "device_%1B[2Jtv", "U+001B"),
+    ("tag", "tv%09x", "U+0009"), ("type", "x" * 101, None)])
+def test_a_type_or_tag_named_with_control_or_bidi_characters_is_a_400_and_changes_nothing(api, kind, name, found):
+    """Type and tag scopes took any name through the API (the path is the name): a newline or U+202E was stored
+    in policy.json and shown on the policy page and by ``iotgw policy show``. They are refused as in device names."""
+    app, state_dir, write, _ = api
+    client = app.test_client()
+    body = {"rules": [{"action": "block", "value": "ads.example"}]}
+    for method, kwargs in (("put", {"json": body}), ("delete", {}), ("get", {})):
+        r = getattr(client, method)(f"/api/v1/policies/{kind}/{name}", headers=write, **kwargs)
+        assert r.status_code == 400, (method, r.status_code, r.json)
+        expected = f"control or bidi characters (found {found})" if found else "at most 100 characters"
+        assert f"a {kind if kind == 'type' else 'tag'} name" in r.json["error"] and expected in r.json["error"]
+    assert not (state_dir / "policy.json").exists()
+    assert client.put(f"/api/v1/policies/{kind}/smart%20plug\u200d", json=body, headers=write).status_code == 200
+
+
 def test_lists_schedules_and_quarantine_through_the_api(api, tmp_path):
     app, state_dir, write, _ = api
     client = app.test_client()

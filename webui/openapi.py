@@ -7,6 +7,7 @@ from flask import Blueprint, jsonify
 
 from gateway import accounts
 from gateway.devices import service
+from policy.model import SCOPE_NAME_MAX
 
 bp = Blueprint("openapi", __name__)
 
@@ -66,6 +67,8 @@ _STR = {"type": "string"}
 _NUM = {"type": "number"}
 _NULL_STR = {"type": ["string", "null"]}
 _NULL_NUM = {"type": ["number", "null"]}
+
+_SCOPE_NAME = f"at most {SCOPE_NAME_MAX} characters, no control or bidi characters (400 otherwise)"
 
 DOCUMENT: dict = {
     "openapi": "3.1.0",
@@ -212,8 +215,10 @@ DOCUMENT: dict = {
                 "description": "aa:bb:cc:dd:ee:ff, AA-BB-CC-DD-EE-FF, aabbccddeeff or aabb.ccdd.eeff, any case; "
                 "ip:ADDRESS for one known by address",
             },
-            "device_type": {"name": "device_type", "in": "path", "required": True, "schema": _STR},
-            "tag": {"name": "tag", "in": "path", "required": True, "schema": _STR},
+            "device_type": {"name": "device_type", "in": "path", "required": True, "schema": _STR,
+                            "description": _SCOPE_NAME},
+            "tag": {"name": "tag", "in": "path", "required": True, "schema": _STR,
+                    "description": "a device tag (device_tv) or a category (tv); " + _SCOPE_NAME},
             "list_id": {"name": "list_id", "in": "path", "required": True, "schema": _STR},
             "schedule": {"name": "name", "in": "path", "required": True, "schema": _STR},
             "token_id": {"name": "token_id", "in": "path", "required": True, "schema": {"type": "integer"}},

@@ -109,7 +109,7 @@ def _minute(ts: float) -> str:
 def _printable(name: str) -> str:
     """A name stored before such names were refused, its control characters written out (ESC as \\u001b): they
     would break the tab-separated line or drive the terminal."""
-    from gateway.accounts import CONTROL_CATEGORIES
+    from policy.model import CONTROL_CATEGORIES
 
     return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) in CONTROL_CATEGORIES else c for c in name)
 

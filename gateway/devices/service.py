@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete, or_, select
 
-from gateway.accounts import CONTROL_CATEGORIES
 from gateway.devices import device_key
 from gateway.devices.tracker import best_own_name
 from gateway.store.db import Store
@@ -21,6 +20,7 @@ from gateway.store.schema import (
     MdnsService,
     ObservationWindow,
 )
+from policy.model import CONTROL_CATEGORIES, JOINERS
 
 STATUSES = ("new", "quarantined", "approved")
 DEVICES_REVISION = "devices_revision"  # bumped on every change made outside the daemon
@@ -33,9 +33,6 @@ LABEL_MAX: dict[str, int] = {
 # Rows of each kind the device page and API show: a device chooses its DHCP hostnames and mDNS names, and one
 # sending thousands would otherwise make its page megabytes long.
 DETAIL_ROWS = 100
-# Joiners build emoji sequences and shape scripts (a family emoji, a Persian name); every other format character,
-# a bidi override among them, can make a name read as something else.
-_JOINERS = frozenset("\u200c\u200d")
 
 
 class NotFound(LookupError):
@@ -161,7 +158,7 @@ def owner_text(field: str, text: str, limit: int) -> str:
     bidi character: a newline or NUL (PostgreSQL refuses it) has no place in a name, and U+202E reverses the text
     shown after it, on every page and in Home Assistant. The tracker drops them from names a device sends."""
     text = text.strip()[:limit]
-    bad = next((c for c in text if unicodedata.category(c) in CONTROL_CATEGORIES and c not in _JOINERS), None)
+    bad = next((c for c in text if unicodedata.category(c) in CONTROL_CATEGORIES and c not in JOINERS), None)
     if bad is not None:
         raise ValueError(f"the {field} may not contain control or bidi characters (found U+{ord(bad):04X})")
     return text
