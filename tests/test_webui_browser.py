@@ -219,3 +219,26 @@ def test_hostile_hostnames_and_query_names_render_as_text(served, page):
     page.goto(f"{base}/devices/{mac}")
     assert page.locator("img[src=x]").count() == 0
     assert page.dialogs == []
+
+
+def test_the_dashboard_says_when_its_session_ends_and_logs_back_in_to_it(served, page):
+    """The dashboard's counters poll the API; after the session ended (12 h, a logout in another tab) every poll got
+    401 and the numbers went stale without a word. The page now says so, with a login that comes back to it."""
+    base, store = served
+    _login(page, base)
+    page.goto(base + "/")
+    polls = []
+    page.on("response", lambda r: polls.append(r.status) if r.url.endswith("/api/v1/summary") else None)
+    accounts.end_sessions(store, accounts.ADMIN)  # what the 12 h expiry or a logout elsewhere does server-side
+    note = page.locator("#session-ended")
+    note.wait_for(state="visible", timeout=60_000)  # the page polls every 15 s
+    assert polls and polls[-1] == 401
+    assert note.inner_text() == "Session ended - log in again"
+    assert page.locator("[data-summary].stale").count() == page.locator("[data-summary]").count()
+    _shot(page, "dashboard-session-ended")
+    note.get_by_role("link", name="log in again").click()
+    page.wait_for_url(base + "/login?next=%2F")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(base + "/")
+    assert page.locator("#session-ended").count() == 0

@@ -11,8 +11,14 @@ document.addEventListener("submit", (event) => {
 
 // GET needs no CSRF token; writes made with fetch would send it in the X-CSRF-Token header, from
 // <meta name="csrf-token">.
+let summaryTimer = null;
+
 async function refreshSummary() {
   const response = await fetch("/api/v1/summary", { credentials: "same-origin" });
+  if (response.status === 401) {
+    sessionEnded();
+    return;
+  }
   if (!response.ok) {
     return;
   }
@@ -25,6 +31,28 @@ async function refreshSummary() {
   }
 }
 
+// The session is over (12 h, a logout elsewhere, a password change): the counters would silently stop
+// changing, so say so, offer a login that comes back here, and stop asking.
+function sessionEnded() {
+  window.clearInterval(summaryTimer);
+  if (document.getElementById("session-ended")) {
+    return;
+  }
+  const note = document.createElement("p");
+  note.id = "session-ended";
+  note.className = "flash";
+  note.setAttribute("role", "alert");
+  const link = document.createElement("a");
+  const login = document.getElementById("summary").getAttribute("data-login");
+  link.href = login + "?next=" + encodeURIComponent(window.location.pathname + window.location.search);
+  link.textContent = "log in again";
+  note.append("Session ended - ", link);
+  document.querySelector("main").prepend(note);
+  for (const el of document.querySelectorAll("[data-summary]")) {
+    el.classList.add("stale");
+  }
+}
+
 if (document.getElementById("summary")) {
-  window.setInterval(() => { refreshSummary().catch(() => {}); }, 15000);
+  summaryTimer = window.setInterval(() => { refreshSummary().catch(() => {}); }, 15000);
 }
