@@ -14,6 +14,7 @@ import http.client
 import ipaddress
 import os
 import re
+import socket
 import tempfile
 import time
 import urllib.error
@@ -53,17 +54,93 @@ _HARMLESS_MODIFIERS = frozenset({"important", "all", "document", "doc", "popup"}
 MAX_ERRORS_KEPT = 1000
 MAX_FETCH_BYTES = 128 * 1024 * 1024
 FETCH_DEADLINE_S = 120.0  # for the whole download: a server trickling bytes never hits the per-read timeout
-# Only http(s), also after a redirect: urllib's default opener would follow one to ftp://.
-_OPENER = urllib.request.OpenerDirector()
-for _handler in (
-    urllib.request.ProxyHandler(),
-    urllib.request.HTTPHandler(),
-    urllib.request.HTTPSHandler(),
-    urllib.request.HTTPDefaultErrorHandler(),
-    urllib.request.HTTPRedirectHandler(),
-    urllib.request.HTTPErrorProcessor(),
-):
-    _OPENER.add_handler(_handler)
+
+
+class RefusedAddress(OSError):
+    """A list server at an address no block list comes from: the gateway itself, loopback, link-local."""
+
+
+def check_list_server(address: str) -> None:
+    """Raise ``RefusedAddress`` unless a list may be fetched from ``address`` (the IP a connection reached).
+
+    Whoever may add a list (the owner, a write token) could otherwise have the gateway read its own services
+    (the web UI, a router's link-local page, a cloud metadata address) and probe what answers there. Private LAN
+    addresses stay allowed: a NAS or a Pi-hole on the LAN is a real place for a list."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    what = (
+        "a loopback address" if ip.is_loopback
+        else "a link-local address" if ip.is_link_local
+        else "no host's address" if ip.is_unspecified or ip.is_multicast
+        else "this gateway's own address" if _own_address(ip)
+        else None
+    )
+    if what:
+        raise RefusedAddress(f"{ip} is {what}; lists are fetched from the LAN or the internet, not from the gateway")
+
+
+def _own_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``ip`` is assigned to this host: only a local address can be bound."""
+    with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((str(ip), 0))
+        except OSError:
+            return False
+    return True
+
+
+def _checked_connection(address: tuple[str, int], *args: object, **kwargs: object) -> socket.socket:
+    """``socket.create_connection`` that closes the socket before anything is sent when the address it reached
+    is refused: checked after the name is resolved and connected, so a name that resolves twice (DNS
+    rebinding) cannot slip past, and for every redirect, as each opens its own connection."""
+    sock = socket.create_connection(address, *args, **kwargs)
+    try:
+        check_list_server(sock.getpeername()[0])
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _CheckedHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = _checked_connection
+
+
+class _CheckedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = _checked_connection  # before the TLS handshake, too
+
+
+class _CheckedHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_CheckedHTTPConnection, req)
+
+
+class _CheckedHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_CheckedHTTPSConnection, req, context=self._context)
+
+
+def _opener(checked: bool) -> urllib.request.OpenerDirector:
+    """Only http(s), also after a redirect: urllib's default opener would follow one to ftp://."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        urllib.request.ProxyHandler(),  # with a proxy set in the environment, the proxy's address is the one checked
+        _CheckedHTTPHandler() if checked else urllib.request.HTTPHandler(),
+        _CheckedHTTPSHandler() if checked else urllib.request.HTTPSHandler(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        urllib.request.HTTPRedirectHandler(),
+        urllib.request.HTTPErrorProcessor(),
+    ):
+        opener.add_handler(handler)
+    return opener
+
+
+_OPENERS = {True: _opener(checked=True), False: _opener(checked=False)}
 
 
 class FetchError(ValueError):
@@ -208,11 +285,19 @@ def load(path: str | Path, source: str | None = None, *, quote: bool = True) -> 
     )
 
 
-def fetch(url: str, dest: str | Path, timeout: float = 30.0, deadline_s: float = FETCH_DEADLINE_S) -> Path:
+def fetch(
+    url: str,
+    dest: str | Path,
+    timeout: float = 30.0,
+    deadline_s: float = FETCH_DEADLINE_S,
+    *,
+    from_gateway: bool = False,
+) -> Path:
     """Download a list the user added (an explicit action, never at DNS time) to ``dest``, atomically.
 
     ``FetchError`` when the server cannot be reached, answers an error, sends too much or takes longer than
-    ``deadline_s`` in all; ``dest`` is then left as it was."""
+    ``deadline_s`` in all, or is at an address ``check_list_server`` refuses (also after a redirect) unless
+    ``from_gateway`` (for tests, whose servers listen on loopback); ``dest`` is then left as it was."""
     if not url.lower().startswith(("https://", "http://")):
         raise ValueError(f"{url}: only http and https lists can be fetched")
     dest = Path(dest)
@@ -221,7 +306,7 @@ def fetch(url: str, dest: str | Path, timeout: float = 30.0, deadline_s: float =
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".fetch-")
     give_up = time.monotonic() + deadline_s
     try:
-        with _OPENER.open(request, timeout=timeout) as response, os.fdopen(fd, "wb") as out:
+        with _OPENERS[not from_gateway].open(request, timeout=timeout) as response, os.fdopen(fd, "wb") as out:
             total = 0
             while chunk := response.read1(1 << 16):  # what has come, so the deadline is checked as it trickles
                 total += len(chunk)

@@ -2,19 +2,20 @@
 
 The test process itself stays in the host namespace; ``enter()`` moves only the calling thread into the
 gateway's namespace (setns applies per thread), so the sockets it opens and the processes it starts live
-there.
+there. ``http_server`` serves HTTP from the LAN side, for list fetches that must come from another host.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import http.server
 import json
 import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 _CLONE_NEWNET = 0x40000000
@@ -57,10 +58,10 @@ class VethPair:
         return self.mac(self.gw, self.gw_if)
 
     @contextlib.contextmanager
-    def enter(self) -> Iterator[None]:
-        """Run the calling thread in the gateway namespace for the ``with`` block."""
+    def enter(self, ns: str | None = None) -> Iterator[None]:
+        """Run the calling thread in the gateway namespace (or ``ns``) for the ``with`` block."""
         own = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
-        target = os.open(f"/run/netns/{self.gw}", os.O_RDONLY)
+        target = os.open(f"/run/netns/{ns or self.gw}", os.O_RDONLY)
         try:
             _setns(target)
             try:
@@ -98,3 +99,28 @@ def veth_pair(tag: str) -> Iterator[VethPair]:
     finally:
         sh("ip", "netns", "del", pair.client, check=False)  # takes the veth pair with it
         sh("ip", "netns", "del", pair.gw, check=False)
+
+
+@contextlib.contextmanager
+def http_server(
+    pair: VethPair, ns: str, host: str, do_get: Callable[[http.server.BaseHTTPRequestHandler], None]
+) -> Iterator[str]:
+    """An HTTP server in this process whose socket lives in namespace ``ns`` on ``host``; its GET is ``do_get``.
+    Yields its base URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            do_get(self)
+
+        def log_message(self, *args) -> None:  # noqa: ANN002
+            pass
+
+    with pair.enter(ns):  # the listening socket, and every connection it accepts, belong to ns
+        server = http.server.ThreadingHTTPServer((host, 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://{host}:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -21,6 +21,8 @@ from gateway import policies
 from policy import lists
 from policy.model import Rule
 
+# The list servers here listen on loopback, which fetch refuses by default (test_list_servers_on_the_gateway...).
+LOOPBACK_FETCH = functools.partial(lists.fetch, from_gateway=True)
 MAC = "aa:bb:cc:00:00:01"
 
 
@@ -117,10 +119,10 @@ def test_url_list_is_fetched_from_a_real_server_and_removed_only_when_unused(tmp
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_port}/hosts.txt"
-        report = policies.add_list(tmp_path, "remote", url=url)
+        report = policies.add_list(tmp_path, "remote", url=url, fetch=LOOPBACK_FETCH)
         assert report.blocked == 2 and (tmp_path / "lists" / "remote.txt").read_bytes() == body
         body = b"only.example\n"
-        assert policies.update_list(tmp_path, "remote").blocked == 1
+        assert policies.update_list(tmp_path, "remote", fetch=LOOPBACK_FETCH).blocked == 1
     finally:
         server.shutdown()
         server.server_close()
@@ -170,7 +172,8 @@ def test_a_slow_list_server_does_not_hold_up_other_policy_changes(tmp_path):
 
     with _list_server(slow) as base:
         added: list[policies.ListReport] = []
-        adding = threading.Thread(target=lambda: added.append(policies.add_list(tmp_path, "slow", url=f"{base}/l")))
+        adding = threading.Thread(
+            target=lambda: added.append(policies.add_list(tmp_path, "slow", url=f"{base}/l", fetch=LOOPBACK_FETCH)))
         adding.start()
         assert asked.wait(30)
         # While the download is under way, a change from the web UI or MQTT goes through.
@@ -202,9 +205,9 @@ def test_a_list_server_that_trickles_is_given_up_at_the_deadline_keeping_the_old
             time.sleep(0.05)
 
     with _list_server(serve) as base:
-        policies.add_list(tmp_path, "l", url=f"{base}/l")
+        policies.add_list(tmp_path, "l", url=f"{base}/l", fetch=LOOPBACK_FETCH)
         body[0] = b""
-        impatient = functools.partial(lists.fetch, deadline_s=0.5)
+        impatient = functools.partial(lists.fetch, deadline_s=0.5, from_gateway=True)
         with pytest.raises(lists.FetchError, match=rf"{base}/l: not downloaded within 0 s"):
             policies.update_list(tmp_path, "l", fetch=impatient)
     assert (tmp_path / "lists" / "l.txt").read_bytes() == b"ads.example\n"
@@ -222,9 +225,9 @@ def test_a_fetched_page_that_is_no_block_list_is_reported_by_line_and_reason_nev
         handler.wfile.write(page[0])
 
     with _list_server(serve) as base:
-        added = policies.add_list(tmp_path, "nas", url=f"{base}/status")
+        added = policies.add_list(tmp_path, "nas", url=f"{base}/status", fetch=LOOPBACK_FETCH)
         page[0] = b"ok.example\n<b>other secret</b>\n"
-        updated = policies.update_list(tmp_path, "nas")
+        updated = policies.update_list(tmp_path, "nas", fetch=LOOPBACK_FETCH)
     shown = json.dumps([added.errors, added.summary(), updated.errors, updated.summary()])
     assert not any(word in shown for word in ("Router", "hunter2", "secret", "<b>", "html")), shown
     path = tmp_path / "lists" / "nas.txt"
@@ -233,6 +236,72 @@ def test_a_fetched_page_that_is_no_block_list_is_reported_by_line_and_reason_nev
                             f"{path}:3: unsupported modifier"]
     assert updated.errors == [f"{path}:2: neither a hosts line, a domain nor an adblock rule"]
     assert updated.blocked == 1
+
+
+def test_a_list_on_loopback_or_link_local_is_refused_before_anything_is_asked(tmp_path):
+    """A write token or the owner could make the gateway fetch its own services (the web UI, the daemon's ports)
+    or a router's link-local page as a list. The connection is closed before a request is sent."""
+    asked = []
+
+    def serve(handler: http.server.BaseHTTPRequestHandler) -> None:
+        asked.append(handler.path)
+        handler.send_response(200)
+        handler.end_headers()
+        handler.wfile.write(b"ads.example\n")
+
+    with _list_server(serve) as base:
+        with pytest.raises(lists.FetchError, match=rf"{base}/l: cannot be fetched: 127.0.0.1 is a loopback address"):
+            policies.add_list(tmp_path, "l", url=f"{base}/l")
+        localhost = base.replace("127.0.0.1", "localhost")
+        with pytest.raises(lists.FetchError, match="is a loopback address"):
+            policies.add_list(tmp_path, "l", url=f"{localhost}/l")
+    assert asked == []
+    assert policies.load(tmp_path).lists == {} and not list((tmp_path / "lists").iterdir())
+    for address, what in (("169.254.169.254", "a link-local address"), ("fe80::1%eth0", "a link-local address"),
+                          ("::ffff:127.0.0.1", "a loopback address"), ("0.0.0.0", "no host's address")):
+        with pytest.raises(lists.RefusedAddress, match=what):
+            lists.check_list_server(address)
+    lists.check_list_server("192.168.1.10")  # a NAS on the LAN
+    lists.check_list_server("fd00::10")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+def test_list_servers_on_the_gateway_are_refused_also_after_a_redirect_and_a_lan_server_is_not(tmp_path):
+    """From the gateway's namespace: a list on a LAN host is fetched; the gateway's own LAN address and loopback
+    are refused, directly and when a LAN server redirects there, and the gateway's servers are never asked."""
+    from tests.capture_netns import http_server, veth_pair
+
+    asked_on_gateway = []
+
+    def gateway_service(handler: http.server.BaseHTTPRequestHandler) -> None:
+        asked_on_gateway.append(handler.path)
+        handler.send_response(200)
+        handler.end_headers()
+        handler.wfile.write(b"secret.example\n")
+
+    with (veth_pair(f"ls{os.getpid() % 100000}") as pair,
+          http_server(pair, pair.gw, pair.gw_ip4, gateway_service) as own,
+          http_server(pair, pair.gw, "127.0.0.1", gateway_service) as loopback):
+        def lan(handler: http.server.BaseHTTPRequestHandler) -> None:
+            target = {"/to-own": own, "/to-loopback": loopback}.get(handler.path)
+            if target:
+                handler.send_response(302)
+                handler.send_header("Location", f"{target}/list.txt")
+                handler.end_headers()
+            else:
+                handler.send_response(200)
+                handler.end_headers()
+                handler.wfile.write(b"ads.example\ntracker.example\n")
+
+        with http_server(pair, pair.client, pair.client_ip4, lan) as nas, pair.enter():
+            assert policies.add_list(tmp_path, "nas", url=f"{nas}/hosts.txt").blocked == 2
+            for url, refused in ((f"{own}/list.txt", f"{pair.gw_ip4} is this gateway's own address"),
+                                 (f"{nas}/to-own", f"{pair.gw_ip4} is this gateway's own address"),
+                                 (f"{nas}/to-loopback", "127.0.0.1 is a loopback address")):
+                with pytest.raises(lists.FetchError, match=f"{url}: cannot be fetched: {refused}"):
+                    policies.add_list(tmp_path, "other", url=url)
+    assert asked_on_gateway == []
+    assert list(policies.load(tmp_path).lists) == ["nas"]
 
 
 def test_an_unreachable_or_failing_list_server_is_a_clear_refusal(tmp_path):
@@ -246,12 +315,12 @@ def test_an_unreachable_or_failing_list_server_is_a_clear_refusal(tmp_path):
 
     with _list_server(answer) as base:
         with pytest.raises(lists.FetchError, match=rf"{base}/gone: cannot be fetched: HTTP Error 404"):
-            policies.add_list(tmp_path, "gone", url=f"{base}/gone")
+            policies.add_list(tmp_path, "gone", url=f"{base}/gone", fetch=LOOPBACK_FETCH)
         with pytest.raises(lists.FetchError, match=rf"{base}/ftp: cannot be fetched: HTTP Error 302"):
-            policies.add_list(tmp_path, "ftp", url=f"{base}/ftp")
+            policies.add_list(tmp_path, "ftp", url=f"{base}/ftp", fetch=LOOPBACK_FETCH)
         port = int(base.rsplit(":", 1)[1])
     with pytest.raises(lists.FetchError, match=r"cannot be fetched: \[Errno 111\] Connection refused"):
-        policies.add_list(tmp_path, "down", url=f"http://127.0.0.1:{port}/l")
+        policies.add_list(tmp_path, "down", url=f"http://127.0.0.1:{port}/l", fetch=LOOPBACK_FETCH)
     assert policies.load(tmp_path).lists == {}
     assert not list((tmp_path / "lists").iterdir())
     with pytest.raises(ValueError, match="list id"):  # refused before anything is downloaded
@@ -264,7 +333,7 @@ def _edit_as(state_dir: Path, uid: int, gid: int) -> None:
     os.setgid(gid)
     os.setuid(uid)
     policies.add_rule(state_dir, "global", Rule("block", "name", "service.example"))
-    policies.update_list(state_dir, "ads")
+    policies.update_list(state_dir, "ads", fetch=LOOPBACK_FETCH)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="handing a file to another user needs root")
@@ -284,7 +353,7 @@ def test_policy_changes_made_as_root_stay_usable_by_the_state_directorys_owner()
         state.mkdir(mode=0o750)
         os.chown(state, 4242, 4243)
         policies.add_rule(state, "global", Rule("block", "name", "root.example"))
-        policies.add_list(state, "ads", url=f"{base}/ads.txt")
+        policies.add_list(state, "ads", url=f"{base}/ads.txt", fetch=LOOPBACK_FETCH)
         made = [state / "policy.json", state / ".policy.lock", state / "lists", state / "lists" / "ads.txt"]
         assert {p.name: (p.stat().st_uid, p.stat().st_gid) for p in made} == dict.fromkeys(
             (p.name for p in made), (4242, 4243))
@@ -327,7 +396,7 @@ def test_a_list_added_again_while_it_is_removed_keeps_its_new_file(tmp_path, mon
         handler.wfile.write(body)
 
     def add_again(url: str) -> None:
-        policies.add_list(tmp_path, "remote", url=url)
+        policies.add_list(tmp_path, "remote", url=url, fetch=LOOPBACK_FETCH)
 
     real_flock, armed = fcntl.flock, threading.Event()
 
@@ -344,7 +413,7 @@ def test_a_list_added_again_while_it_is_removed_keeps_its_new_file(tmp_path, mon
 
     with _list_server(serve) as base:
         url = f"{base}/hosts.txt"
-        policies.add_list(tmp_path, "remote", url=url)
+        policies.add_list(tmp_path, "remote", url=url, fetch=LOOPBACK_FETCH)
         monkeypatch.setattr(fcntl, "flock", flock)
         armed.set()
         policies.remove_list(tmp_path, "remote")

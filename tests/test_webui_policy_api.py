@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -225,29 +225,25 @@ def test_a_list_whose_server_is_down_is_a_502_on_the_api_and_a_message_on_the_pa
     assert not (state_dir / "policy.json").exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 def test_a_lan_page_added_as_a_list_is_not_shown_back_by_the_api_or_the_page(api):
-    """A write token or the owner could have the gateway fetch any LAN URL and read its lines in the list report."""
+    """A write token or the owner could have the gateway fetch any LAN URL and read its lines in the list report.
+    The page is on another host of a LAN (a namespace): fetching from the gateway's own addresses is refused."""
+    from tests.capture_netns import http_server, veth_pair
+
     app, _, write, _ = api
 
-    class Page(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"<html>\nadmin password: hunter2\n")
+    def page(handler: http.server.BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.end_headers()
+        handler.wfile.write(b"<html>\nadmin password: hunter2\n")
 
-        def log_message(self, *args) -> None:  # noqa: ANN002
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Page)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/status"
+    client, token = _log_in(app)
+    with (veth_pair(f"wl{os.getpid() % 100000}") as pair,
+          http_server(pair, pair.client, pair.client_ip4, page) as base, pair.enter()):
+        url = f"{base}/status"
         r = app.test_client().post("/api/v1/policies/lists", json={"id": "nas", "url": url}, headers=write)
-        client, token = _log_in(app)
         form = client.post("/policies/lists", data={"list_id": "page", "url": url, "csrf_token": token})
-    finally:
-        server.shutdown()
-        server.server_close()
     assert r.status_code == 201 and r.json["error_count"] == 2
     assert r.json["errors"][1].endswith("nas.txt:2: neither a hosts line, a domain nor an adblock rule")
     assert form.status_code == 302
