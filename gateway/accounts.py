@@ -157,8 +157,6 @@ def verify_login(store: Store, username: str, password: str, *, now: float | Non
     return False
 
 
-
-
 def create_token(
     store: Store, name: str, scope: str, days: int | None = TOKEN_DEFAULT_DAYS
 ) -> tuple[ApiToken, str]:
@@ -167,7 +165,7 @@ def create_token(
     if scope not in TOKEN_SCOPES:
         raise ValueError(f"scope must be one of {', '.join(TOKEN_SCOPES)}")
     # type(): True and 90.0 equal members of the tuple but are no number of days a client meant
-    if days is not None and type(days) is not int or days not in TOKEN_LIFETIMES_DAYS:
+    if (days is not None and type(days) is not int) or days not in TOKEN_LIFETIMES_DAYS:
         raise ValueError(_LIFETIME_CHOICES)
     name = name.strip()[:100]
     if not name:
