@@ -63,6 +63,14 @@ class MqttConfig:
 
 
 @dataclass
+class DevicesConfig:
+    # Devices the gateway keeps (in memory and in the store). A host spoofing source MACs or LAN addresses makes
+    # a device of each; past this, devices the owner never touched and unseen for a day make room, and if none
+    # can, a new device is answered and filtered but not kept (counted in devices_untracked, alerted once).
+    max: int = 1000
+
+
+@dataclass
 class IdentifierConfig:
     model_dir: str = ""  # empty: the model bundle that ships with the package
 
@@ -98,6 +106,7 @@ class Config:
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
     identifier: IdentifierConfig = field(default_factory=IdentifierConfig)
     web: WebConfig = field(default_factory=WebConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
@@ -228,6 +237,7 @@ NUMBER_RANGES: dict[tuple[str, str], tuple[float, float, bool, str]] = {
     ("store", "flush_interval_s"): (0, 3600, True, " seconds"),
     ("mqtt", "outbox_max"): (2, 10**9, False, " (the outbox keeps a drop notice besides the alerts)"),
     ("mqtt", "ha_devices_max"): (0, 10**6, False, " (0 announces the gateway alone)"),
+    ("devices", "max"): (10, 10**6, False, " (devices the gateway keeps)"),
 }
 
 

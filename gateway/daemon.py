@@ -27,7 +27,7 @@ from gateway.alerts import Alerts, PolicyHooks
 from gateway.config import Config
 from gateway.devices.neighbours import NeighbourTable
 from gateway.devices.service import confirmed_types
-from gateway.devices.tracker import Change, DeviceTracker, TrackerBatch
+from gateway.devices.tracker import Change, DeviceTracker, TrackerBatch, owner_touched
 from gateway.events import AddressSeen, Alert, Counters, DnsQuery, Event
 from gateway.filtering import Filtering
 from gateway.observations import to_observation
@@ -77,7 +77,9 @@ class Gateway:
         self.counters = Counters()
         self.neighbours = NeighbourTable()
         self._neighbour_missed = False
-        self.tracker = DeviceTracker(store, neighbour_lookup=self._neighbour_mac, counters=self.counters)
+        self.tracker = DeviceTracker(store, neighbour_lookup=self._neighbour_mac, counters=self.counters,
+                                     max_devices=cfg.devices.max)
+        self._said_too_many = False
         self.querylog = QueryLogWriter(store, flush_interval_s=cfg.store.flush_interval_s,
                                        days=cfg.store.querylog_days, max_rows=cfg.store.querylog_max_rows)
         self.identifier = load_identifier(cfg)
@@ -135,6 +137,7 @@ class Gateway:
         self._alert_thread.start()
         self.filtering.open_firewall()
         await asyncio.to_thread(self.filtering.refresh)
+        await asyncio.to_thread(self._keep_owned)
         self._tasks.append(asyncio.create_task(self._consume(), name="consumer"))
         self._tasks.append(asyncio.create_task(self._refresh_loop(), name="refresh"))
         self._flusher = asyncio.create_task(self._flush_loop(), name="flush")
@@ -222,11 +225,13 @@ class Gateway:
     def _handle(self, event: Event) -> None:
         for change in self.tracker.observe(event):
             self._on_change(change, event)
+        key = event.mac
+        if key not in self.tracker.devices:  # untracked for want of room: presence would remember every MAC
+            return
         if self._alert_feed.qsize() < ALERT_FEED_MAX:
             self._alert_feed.put(event)
         else:
             self.counters.add("alert_feed_dropped")
-        key = event.mac
         if key not in self._window_start:
             return
         if event.ts - self._window_start[key] > WINDOW_S:
@@ -267,6 +272,15 @@ class Gateway:
                 self._announce_due[change.key] = (time.monotonic() + ANNOUNCE_GRACE_S, alert)
             else:
                 self.alert(alert)
+        elif change.kind == "evicted":  # forgotten to make room: in the store at the next flush, here now
+            self._forget(change.key)
+        elif change.kind == "untracked":
+            # Not kept, yet still a new device: quarantine holds for it as for any other (nftables too)
+            self.filtering.seen(change.key)
+            if not self._said_too_many:
+                self._said_too_many = True
+                self.alert(Alert("too_many_devices", event.ts, None, {
+                    "max": self.tracker.max_devices, "message": "too many devices: possible MAC flood"}))
         elif change.kind == "merged" and change.old_key:
             # The address-keyed device was the MAC's device all along. Whatever opened the MAC's window opened it
             # before this merge, so the MAC is either in its own first minute (its window, which saw the MAC and
@@ -395,6 +409,7 @@ class Gateway:
                     self._neighbour_missed = False
                 if await asyncio.to_thread(self.filtering.refresh):
                     self.alerts.sync_devices()
+                    await asyncio.to_thread(self._keep_owned)
                     await asyncio.to_thread(self._teach_confirmed, self.identifier)
                     generation, stored = await asyncio.to_thread(self.tracker.stored_keys)
                     for key in self.tracker.forget_missing(generation, stored):
@@ -421,6 +436,13 @@ class Gateway:
         self.filtering.set_profiles(identifier.profiles())
         log.info("identification: model %s loaded from %s", identifier.bundle.version,
                  self.cfg.model_dir or "the package")
+
+    def _keep_owned(self) -> None:
+        """Tell the tracker which devices the owner touched (store and policy file): never forgotten to make
+        room (in a worker thread)."""
+        with self.store.session() as s:
+            touched = owner_touched(s)
+        self.tracker.keep(touched | self.filtering.own_policies)
 
     def _teach_confirmed(self, identifier) -> None:  # noqa: ANN001 - identifier.stream.Identifier | None
         """The owner's confirmed device types name their MACs' production blocks for this home's model

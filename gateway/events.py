@@ -91,6 +91,7 @@ ALERT_KINDS = (
     "model_updated",
     "federated_round",
     "alerts_dropped",  # the alert outbox overflowed while the broker was away: how many, from when to when
+    "too_many_devices",  # [devices] max reached and none could make room: new devices are not kept (once a run)
 )
 
 

@@ -67,6 +67,7 @@ class Filtering:
         # so the later read of the device table is the one that stays
         self._lock = threading.RLock()
         self._anomalous: dict[str, set[str]] = {}  # mac -> SLDs already reported: one alert each
+        self.own_policies: frozenset[str] = frozenset()  # devices with a policy of their own (the owner's)
         self._said_unreported = False
 
     # -- the DNS hot path --------------------------------------------------------------------------------
@@ -136,6 +137,8 @@ class Filtering:
             try:
                 data = load_policy(self.state_dir)
                 self.engine = PolicyEngine.build(data, self.profiles, base_dir=self.state_dir, previous=self.engine)
+                self.own_policies = frozenset(scope.removeprefix("device:") for scope in data.policies
+                                              if scope.startswith("device:"))
                 for err in self.engine.list_errors[:20]:
                     log.warning("policy list: %s", err)
                 log.info("policy: revision %s loaded", data.revision)

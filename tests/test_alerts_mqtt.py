@@ -47,6 +47,7 @@ DATA = {
     "model_updated": {"version": (str,), "previous_version": OPT_STR},
     "federated_round": {"round": (int,), "status": (str,), "error": OPT_STR},
     "alerts_dropped": {"dropped": (int,), "oldest_ts": NUM, "newest_ts": NUM},
+    "too_many_devices": {"max": (int,), "message": (str,)},
 }
 EXAMPLES = {
     "new_device": (MAC1, {"vendor": "Espressif", "name": "<script>plug</script>", "ip": "192.168.1.20"}),
@@ -63,6 +64,7 @@ EXAMPLES = {
     "model_updated": (None, {"version": "2", "previous_version": "1"}),
     "federated_round": (None, {"round": 3, "status": "failed", "error": "too few homes"}),
     "alerts_dropped": (None, {"dropped": 5, "oldest_ts": 1.0, "newest_ts": 2.0}),
+    "too_many_devices": (None, {"max": 1000, "message": "too many devices: possible MAC flood"}),
 }
 ID = re.compile(r"[a-zA-Z0-9_-]+")
 

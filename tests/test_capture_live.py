@@ -282,6 +282,59 @@ def test_a_device_whose_first_frame_is_malformed_is_present_from_that_frame(veth
         assert gw.counters.get("capture_malformed") == 1
 
 
+SPOOFED_QUERIES = """
+import sys
+from scapy.all import DNS, DNSQR, IP, UDP, Ether, sendp
+iface, gw4, gw_mac, *macs = sys.argv[1:]
+sendp([Ether(src=mac, dst=gw_mac) / IP(src=f"10.213.1.{i + 1}", dst=gw4) / UDP(sport=4000, dport=53)
+       / DNS(rd=1, qd=DNSQR(qname="spoofed.example.com")) for i, mac in enumerate(macs)], iface=iface, verbose=False)
+"""
+
+
+def test_a_mac_flood_past_devices_max_makes_room_from_stale_untouched_devices_then_is_counted_not_kept(
+        veth, tmp_path, caplog):
+    from gateway.alerts.outbox import recent_alerts
+    from gateway.devices.service import list_devices
+    from gateway.policies import set_device_mode, set_quarantine
+    from gateway.store.db import Store
+    from gateway.store.schema import Device, DeviceName
+
+    now, day = time.time(), 86400
+    stale, labelled, named, policed, recent = (f"02:00:00:00:10:0{i}" for i in range(1, 6))
+    seed = Store(f"sqlite:///{tmp_path / 'state' / 'iotgw.sqlite'}")
+    with seed.transaction() as s:
+        for mac in (stale, labelled, named, policed):  # unseen for two days; all but the first touched by the owner
+            s.add(Device(mac=mac, first_seen=now - 9 * day, last_seen=now - 2 * day, status="new"))
+        s.add(Device(mac=recent, first_seen=now - 9 * day, last_seen=now - 3600, status="new"))  # seen today
+        s.flush()
+        s.get(Device, labelled).label_device_type = "HS110"
+        s.get(Device, named).name, s.get(Device, named).name_source = "Hall lamp", "user"
+        s.add(DeviceName(mac=stale, name="old-plug", source="dhcp", first_seen=now - 9 * day, last_seen=now - 9 * day))
+    seed.close()
+    set_device_mode(tmp_path / "state", policed, "paused")
+    set_quarantine(tmp_path / "state", True)
+    spoofed = [f"02:5f:00:00:00:0{i}" for i in range(1, 6)]
+    with DaemonOnVeth(veth, tmp_path) as daemon:
+        gw = daemon.gateway
+        gw.tracker.max_devices = 7
+        # the first two fill the room, the third takes the stale untouched device's, the last two find none
+        veth.client_python(SPOOFED_QUERIES, veth.client_if, veth.gw_ip4, veth.gw_mac, *spoofed, *spoofed[3:])
+        assert daemon.handled(lambda _: gw.counters.get("queries") == 7), gw.counters.values
+        kept = {labelled, named, policed, recent, *spoofed[:3]}
+        assert set(gw.tracker.devices) == kept
+        assert eventually_stored(lambda: {d.mac for d in list_devices(daemon.store)} == kept or None)
+        with daemon.store.session() as s:
+            assert s.query(DeviceName).filter_by(mac=stale).count() == 0  # its rows went with it
+        assert (gw.counters.get("devices_evicted"), gw.counters.get("devices_untracked")) == (1, 2)  # each once
+        for mac in spoofed[3:]:  # not kept, yet quarantined as any new device (DNS and the nftables set)
+            assert gw.filtering.engine.is_quarantined(gw.filtering.contexts[mac])
+            assert mac not in gw._window_start and not gw.alerts.presence.is_online(mac)
+        alerts = eventually_stored(lambda: recent_alerts(daemon.store, kind="too_many_devices") or None)
+        assert [(a.mac, a.data["max"]) for a in alerts] == [(None, 7)]
+    said = [r for r in caplog.records if "too many devices" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "WARNING"
+
+
 def eventually_stored(read, timeout: float = 10.0):
     """``read()``'s result once it is not None (the daemon writes in batches)."""
     deadline = time.monotonic() + timeout

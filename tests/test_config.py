@@ -7,7 +7,7 @@ import re
 import pytest
 
 from gateway.cli import build_parser, config_from_args
-from gateway.config import ConfigError, load
+from gateway.config import Config, ConfigError, load
 
 
 def write(tmp_path, text: str):
@@ -96,6 +96,9 @@ def test_out_of_range_dns_numbers_name_file_and_line(tmp_path, line, message):
     ("store", "flush_interval_s = nan", r"store\.flush_interval_s: must be a finite number"),
     ("mqtt", "outbox_max = 1", r"mqtt\.outbox_max: must be 2 or more"),
     ("mqtt", "ha_devices_max = -1", r"mqtt\.ha_devices_max: must be 0 or more \(0 announces the gateway alone\)"),
+    ("devices", "max = 0", r"devices\.max: must be 10 or more \(devices the gateway keeps\)"),
+    ("devices", "max = 10000000", r"devices\.max: must be at most 1000000"),
+    ("devices", 'max = "many"', r"devices\.max: expected int, got 'many'"),
     ("dns", "timeout_s = inf", r"dns\.timeout_s: must be a finite number, got inf"),
     ("dns", "cache_size = 99999999999999999", r"dns\.cache_size: must be at most"),
     ("web", 'listen = "0.0.0.0:80800"', r"web\.listen: '0\.0\.0\.0:80800': port out of range"),
@@ -111,8 +114,10 @@ def test_out_of_range_numbers_and_bad_addresses_in_every_section_name_file_and_l
 
 def test_numbers_at_the_edge_of_their_range_load(tmp_path):
     cfg = load(write(tmp_path, "[store]\nquerylog_days = 1\nquerylog_max_rows = 1000\nflush_interval_s = 0.1\n"
-                               '[mqtt]\noutbox_max = 2\nurl = "mqtts://u:p@[::1]:8883"\n[web]\nlisten = "[::]:8080"\n'))
+                               '[mqtt]\noutbox_max = 2\nurl = "mqtts://u:p@[::1]:8883"\n[web]\nlisten = "[::]:8080"\n'
+                               "[devices]\nmax = 10\n"))
     assert (cfg.store.querylog_days, cfg.store.querylog_max_rows, cfg.mqtt.outbox_max) == (1, 1000, 2)
+    assert cfg.devices.max == 10 and Config().devices.max == 1000
 
 
 def test_a_bad_mqtt_url_never_shows_its_password(tmp_path):

@@ -911,3 +911,49 @@ def test_a_store_grown_before_the_history_bound_is_trimmed_at_the_first_flush(tm
     assert {("dhcp", "cam-1"), ("user", "Porch camera"), ("mdns", f"m{3 * HISTORY_ROWS - 1}")} <= names
     assert ("mdns", "m0") not in names and services == HISTORY_ROWS
     assert (tracker.devices[mac].name, tracker.devices[mac].name_source) == ("cam-1", "dhcp")
+
+
+def test_dns_clients_past_devices_max_make_room_from_stale_untouched_devices_then_are_answered_but_not_kept(
+        tmp_path, upstream, caplog):
+    from gateway.alerts.outbox import recent_alerts
+    from gateway.policies import set_quarantine
+    from gateway.store.schema import Address, Device, ObservationWindow
+
+    now = time.time()
+    seed = Store(f"sqlite:///{tmp_path / 'state' / 'iotgw.sqlite'}")
+    with seed.transaction() as s:
+        # a day and more unseen: the untouched one may go; the approved one and the recent one stay
+        s.add(Device(mac="ip:192.0.2.1", first_seen=now - 9e5, last_seen=now - 2e5, status="new"))
+        s.add(ObservationWindow(mac="ip:192.0.2.1", started_at=now - 9e5, observations=[]))
+        s.add(Device(mac="ip:192.0.2.2", first_seen=now - 9e5, last_seen=now - 3e5, status="approved"))
+        s.add(Device(mac="ip:192.0.2.3", first_seen=now - 9e5, last_seen=now - 3600, status="new"))
+        s.add(Device(mac="02:aa:bb:cc:dd:70", first_seen=now - 9e5, last_seen=now - 2e5, status="new"))
+        s.flush()
+        s.add(Address(ip="127.0.0.70", mac="02:aa:bb:cc:dd:70", source="dhcp", first_seen=now, last_seen=now))
+    seed.close()
+    set_quarantine(tmp_path / "state", True, ["www.example.test"])
+    with RunningGateway(tmp_path, upstream) as gw:
+        tracker = gw.gateway.tracker
+        tracker.max_devices = 6
+        clients = [f"127.0.0.{50 + i}" for i in range(6)]
+        for ip in clients:  # the first two fill the room there is, the next two take the stale untouched ones'
+            assert answers(gw.ask("www.example.test", ip)) == {"192.0.2.10"}
+        # the last two find none to make room: answered, under quarantine as any new device, but not kept
+        for ip in clients[4:] * 2:
+            assert answers(gw.ask("www.example.test", ip)) == {"192.0.2.10"}
+            assert answers(gw.ask("other.example.test", ip)) == {"0.0.0.0"}  # not on the quarantine allow list
+        eventually(lambda: len(recent(gw.store, mac="ip:127.0.0.55")) == 5)  # logged under their address
+
+        kept = {"ip:192.0.2.2", "ip:192.0.2.3", *(f"ip:{ip}" for ip in clients[:4])}
+        assert set(tracker.devices) == kept
+        eventually(lambda: {d.mac for d in list_devices(gw.store)} == kept)
+        with gw.store.session() as s:  # their rows went with them
+            assert s.get(ObservationWindow, "ip:192.0.2.1") is None and s.get(Address, "127.0.0.70") is None
+        assert tracker.mac_for("127.0.0.70") is None
+        counters = gw.gateway.counters
+        assert (counters.get("devices_evicted"), counters.get("devices_untracked")) == (2, 2)  # each once
+        alerts = eventually(lambda: recent_alerts(gw.store, kind="too_many_devices"))
+        assert [(a.mac, a.data) for a in alerts] == [
+            (None, {"max": 6, "message": "too many devices: possible MAC flood"})]
+    said = [r for r in caplog.records if "too many devices" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "WARNING"

@@ -39,6 +39,7 @@ ALERT_FIELDS: dict[str, tuple[bool, dict[str, tuple[type, ...]]]] = {
     "model_updated": (False, {"version": (str,), "previous_version": _OPT_STR}),
     "federated_round": (False, {"round": (int,), "status": (str,), "error": _OPT_STR}),
     "alerts_dropped": (False, {"dropped": (int,), "oldest_ts": _NUM, "newest_ts": _NUM}),
+    "too_many_devices": (False, {"max": (int,), "message": (str,)}),
 }
 assert set(ALERT_FIELDS) == set(ALERT_KINDS), "every alert kind needs its payload contract"
 

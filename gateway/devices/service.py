@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, or_, select
 
 from gateway.devices import device_key
-from gateway.devices.tracker import best_own_name
+from gateway.devices.tracker import DEVICE_ROWS, best_own_name
 from gateway.store.db import Store
 from gateway.store.schema import (
     Address,
@@ -18,7 +18,6 @@ from gateway.store.schema import (
     DhcpFingerprint,
     Identification,
     MdnsService,
-    ObservationWindow,
 )
 from policy.model import CONTROL_CATEGORIES, JOINERS
 
@@ -174,7 +173,7 @@ def confirmed_types(store: Store) -> list[tuple[str, str]]:
 def forget(store: Store, mac: str) -> None:
     with store.transaction() as s:
         device = _get(s, mac)
-        for table in (Address, DeviceName, DhcpFingerprint, MdnsService, Identification, ObservationWindow):
+        for table in DEVICE_ROWS:
             s.execute(delete(table).where(table.mac == device.mac))
         s.delete(device)
     store.bump_revision(DEVICES_REVISION)

@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from sqlalchemy import UniqueConstraint, delete, func, select, update
+from sqlalchemy import UniqueConstraint, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from gateway.events import AddressSeen, Counters, DeviceSeen, DhcpSeen, DnsQuery, Event, MdnsSeen, PacketSeen
@@ -38,6 +38,13 @@ NAME_RANK = {"user": 0, "dhcp": 1, "mdns": 2, "rdns": 3}
 # every packet would otherwise grow the daemon's memory and the database on the SD card forever. The device's page
 # shows as many (``service.DETAIL_ROWS``); identification reads the observation window, never these rows.
 HISTORY_ROWS = 100
+# The devices kept when ``[devices] max`` is not set (``DevicesConfig.max``): far more than a home has.
+DEVICES_MAX = 1000
+# A device the owner never touched makes room for a new one past ``[devices] max`` only once unseen this long: a
+# flood of spoofed MACs, all seen just now, cannot push out a real device that is merely switched off for the night.
+STALE_S = 24 * 3600.0
+# Rows hanging off a device, deleted with it (by the owner, or to make room).
+DEVICE_ROWS = (Address, DeviceName, DhcpFingerprint, MdnsService, Identification, ObservationWindow)
 
 
 _NAME_MAX: int = Device.__table__.c.name.type.length
@@ -108,17 +115,18 @@ class TrackerBatch:
     merges: list[tuple[str, str]]
     generation: int = 0
     pruned: set[str] = field(default_factory=set)  # devices whose history went past HISTORY_ROWS: trim their rows
+    evicted: list[str] = field(default_factory=list)  # forgotten to make room past [devices] max: delete their rows
 
     @property
     def empty(self) -> bool:
         return not (self.devices or self.addresses or self.names or self.fingerprints or self.services
-                    or self.merges or self.pruned)
+                    or self.merges or self.pruned or self.evicted)
 
     def keys(self) -> set[str]:
         """Every device this batch changes something of."""
         return ({d[0] for d in self.devices} | {v[0] for v in self.addresses.values()} | {m[1] for m in self.merges}
                 | {row["mac"] for rows in (self.names, self.fingerprints, self.services) for row in rows}
-                | self.pruned)
+                | self.pruned | set(self.evicted))
 
     def part(self, key: str) -> TrackerBatch:
         """Only ``key``'s changes (a merge goes with the device it merges into), to be written on their own."""
@@ -131,6 +139,7 @@ class TrackerBatch:
             merges=[m for m in self.merges if m[1] == key],
             generation=self.generation,
             pruned=self.pruned & {key},
+            evicted=[k for k in self.evicted if k == key],
         )
 
 
@@ -138,15 +147,24 @@ class TrackerBatch:
 class Change:
     """What ``observe`` noticed that others care about (alerts, identification)."""
 
-    kind: str  # "new_device" | "merged" | "renamed"
+    # "new_device" | "merged" | "renamed" | "evicted" (forgotten to make room) | "untracked" (no room: not kept)
+    kind: str
     key: str
     old_key: str | None = None
 
 
 class DeviceTracker:
     def __init__(self, store: Store, *, neighbour_lookup: Callable[[str], str | None] | None = None,
-                 counters: Counters | None = None) -> None:
+                 counters: Counters | None = None, max_devices: int = DEVICES_MAX) -> None:
         self.store = store
+        self.max_devices = max_devices
+        # Devices the owner touched (named, approved or quarantined, labelled, given a policy): never forgotten to
+        # make room. Replaced whole (``keep``) from a worker thread; read on the loop.
+        self.kept: frozenset[str] = frozenset()
+        self._evicted: list[str] = []  # forgotten to make room since the last take: their rows go in the next write
+        self._no_room_until = float("-inf")  # (event time) no device can make room before this
+        self._refused: set[str] = set()  # devices refused for want of room, to count each once (bounded)
+        self._said_full = False
         self.counters = counters if counters is not None else Counters()
         self.devices: dict[str, TrackedDevice] = {}
         self.ip_to_key: dict[str, str] = {}
@@ -180,6 +198,8 @@ class DeviceTracker:
             key = event.mac or self.mac_for(event.client) or address_key(event.client)
             event.mac = key
             changes += self._touch(key, ts)
+            if key not in self.devices:  # no room: answered and logged, not kept
+                return changes
             if key.startswith("ip:"):
                 self.ip_to_key.setdefault(event.client, key)
             else:
@@ -187,6 +207,8 @@ class DeviceTracker:
             return changes
         mac = event.mac
         changes += self._touch(mac, ts)
+        if mac not in self.devices:
+            return changes
         if isinstance(event, AddressSeen):
             changes += self._map(event.ip, mac, event.source, ts)
         elif isinstance(event, DhcpSeen):
@@ -214,11 +236,54 @@ class DeviceTracker:
             changes += self._map(event.ip, mac, "packet", ts)
         return changes
 
+    def _make_room(self, ts: float) -> str | None:
+        """Forget the device the owner never touched that was seen longest ago, if unseen for ``STALE_S`` at
+        ``ts``; returns its key, or None when none may go. One scan of the devices, then none until the oldest
+        could be stale: under a flood every refused MAC would otherwise cost a scan."""
+        if ts < self._no_room_until:
+            return None
+        kept = self.kept
+        oldest = min((d for d in self.devices.values() if d.key not in kept), key=lambda d: d.last_seen, default=None)
+        if oldest is None or oldest.last_seen > ts - STALE_S:
+            self._no_room_until = float("inf") if oldest is None else oldest.last_seen + STALE_S
+            return None
+        self.forget(oldest.key)
+        self._evicted.append(oldest.key)
+        self.counters.add("devices_evicted")
+        return oldest.key
+
+    def _refuse(self, key: str) -> None:
+        """Count a device left untracked for want of room once (most of the time: the set that remembers them
+        starts over past ``max_devices``), and say it once per run."""
+        if key in self._refused:
+            return
+        if len(self._refused) >= self.max_devices:
+            self._refused.clear()
+        self._refused.add(key)
+        self.counters.add("devices_untracked")
+        if not self._said_full:
+            self._said_full = True
+            log.warning("too many devices: possible MAC flood. [devices] max = %d reached and none the owner left "
+                        "untouched was unseen for %d h: new devices (the first %s) are answered and filtered, not "
+                        "kept (counted in devices_untracked; said once)", self.max_devices, STALE_S // 3600, key)
+
+    def keep(self, keys: Iterable[str]) -> None:
+        """The devices the owner touched now: never forgotten to make room (any thread)."""
+        self.kept = frozenset(keys)
+        self._no_room_until = float("-inf")  # one that was kept may go now
+
     def _touch(self, key: str, ts: float) -> list[Change]:
         dev = self.devices.get(key)
         if dev is None:
+            changes = []
+            if len(self.devices) >= self.max_devices:
+                gone = self._make_room(ts)
+                if gone is None:
+                    self._refuse(key)
+                    return [Change("untracked", key)]
+                changes.append(Change("evicted", gone))
             self.devices[key] = TrackedDevice(key, ts, ts, new=True)
-            return [Change("new_device", key)]
+            return [*changes, Change("new_device", key)]
         if ts > dev.last_seen:
             dev.last_seen = ts
             dev.dirty = True
@@ -316,6 +381,7 @@ class DeviceTracker:
             merges=self._merges,
             generation=self._generation,
             pruned=self._pruned,
+            evicted=[key for key in self._evicted if key not in self.devices],  # back meanwhile: stays
         )
         for dev in self.devices.values():
             if dev.new:
@@ -324,6 +390,7 @@ class DeviceTracker:
         self._pending_addresses, self._pending_names = {}, []
         self._pending_fingerprints, self._pending_services, self._merges = [], [], []
         self._pruned = set()
+        self._evicted = []
         return batch
 
     def restore(self, batch: TrackerBatch) -> None:
@@ -342,6 +409,7 @@ class DeviceTracker:
         self._pending_services[:0] = batch.services
         self._merges[:0] = batch.merges
         self._pruned |= batch.pruned
+        self._evicted[:0] = batch.evicted
 
     def write(self, batch: TrackerBatch) -> set[str]:
         """Store a batch in one transaction (in a worker thread: it may wait on the disk).
@@ -378,6 +446,8 @@ class DeviceTracker:
                 _insert_ignore(s, table, [row for row in rows if row["mac"] not in gone], refresh=seen)
             if batch.pruned - gone:
                 _trim(s, sorted(batch.pruned - gone))
+            if batch.evicted:
+                _delete_untouched(s, batch.evicted)
         self.written = max(self.written, batch.generation)
         return gone
 
@@ -523,6 +593,26 @@ def _insert_ignore(s: Session, table: type, rows: list[dict], refresh: str | Non
     rows = list({tuple(row.get(key) for key in keys): row for row in rows}.values())
     stmt = insert(table)
     s.execute(stmt.on_conflict_do_update(index_elements=keys, set_={refresh: stmt.excluded[refresh]}), rows)
+
+
+def owner_touched(s: Session, macs: list[str] | None = None) -> set[str]:
+    """The devices (of ``macs``, or all) the owner named, approved or quarantined, or labelled."""
+    stmt = select(Device.mac).where(or_(
+        Device.name_source == "user", Device.status != "new", Device.label_manufacturer.is_not(None),
+        Device.label_device_type.is_not(None), Device.label_category.is_not(None)))
+    if macs is not None:
+        stmt = stmt.where(Device.mac.in_(macs))
+    return set(s.scalars(stmt))
+
+
+def _delete_untouched(s: Session, macs: list[str]) -> None:
+    """Delete ``macs`` and their rows, but not one the owner touched since the tracker chose it."""
+    for start in range(0, len(macs), 500):  # within any database's limit on bound parameters
+        chunk = macs[start:start + 500]
+        chunk = sorted(set(chunk) - owner_touched(s, chunk))
+        for table in DEVICE_ROWS:
+            s.execute(delete(table).where(table.mac.in_(chunk)).execution_options(synchronize_session=False))
+        s.execute(delete(Device).where(Device.mac.in_(chunk)).execution_options(synchronize_session=False))
 
 
 def _trim(s: Session, macs: list[str]) -> None:
