@@ -31,6 +31,7 @@ from gateway.devices.tracker import Change, DeviceTracker, TrackerBatch, owner_t
 from gateway.events import AddressSeen, Alert, Counters, DnsQuery, Event
 from gateway.filtering import Filtering
 from gateway.observations import to_observation
+from gateway.overview import UNTRACKED_SETTING
 from gateway.policies import MODES, device_mode, set_device_mode
 from gateway.store.db import Store
 from gateway.store.querylog import QueryLogWriter
@@ -80,6 +81,7 @@ class Gateway:
         self.tracker = DeviceTracker(store, neighbour_lookup=self._neighbour_mac, counters=self.counters,
                                      max_devices=cfg.devices.max)
         self._said_too_many = False
+        self._untracked_noted = -1  # devices_untracked as last written to UNTRACKED_SETTING
         self.querylog = QueryLogWriter(store, flush_interval_s=cfg.store.flush_interval_s,
                                        days=cfg.store.querylog_days, max_rows=cfg.store.querylog_max_rows)
         self.identifier = load_identifier(cfg)
@@ -479,6 +481,11 @@ class Gateway:
             return True
         for key in gone:
             self._forget(key)
+        if (untracked := self.counters.get("devices_untracked")) != self._untracked_noted:
+            # for the web UI's dashboard (another process); 0 at the first flush: the count is this run's
+            with contextlib.suppress(SQLAlchemyError):  # a full disk was said above; written at a later flush
+                await asyncio.to_thread(self.store.set_setting, UNTRACKED_SETTING, str(untracked))
+                self._untracked_noted = untracked
         tracked, identities, windows = batch
         if self._store_failing and not (tracked.empty and not identities and not windows):
             log.info("store: writing again")

@@ -20,6 +20,9 @@ ONLINE_WINDOW_S = (
 )
 IDENTIFY_WINDOW_S = 300  # an unidentified device younger than this is still being watched
 FEDERATION_SETTING = "federation_last_round"  # JSON written by `iotgw federation join` after each round
+# Written by the daemon: new devices it did not keep since it started, [devices] max being reached with none to
+# make room (its devices_untracked counter). Above 0 it is most likely a host spoofing MACs or addresses.
+UNTRACKED_SETTING = "devices_untracked"
 PLOT_SUFFIXES = (".png", ".svg")
 
 
@@ -31,6 +34,7 @@ class Summary:
     identifying: int
     queries_24h: int
     blocked_24h: int
+    untracked: int = 0  # new devices not kept for want of room since the daemon started (UNTRACKED_SETTING)
 
 
 @dataclass
@@ -77,7 +81,8 @@ def summary(store: Store, now: float | None = None) -> Summary:
     blocked = func.sum((Query.verdict == "blocked").cast(Integer))
     with store.querylog_session() as s:
         total, blocked_n = s.execute(select(func.count(), blocked).where(Query.ts >= now - 86400)).one()
-    return Summary(devices, online, new, identifying, int(total), int(blocked_n or 0))
+    untracked = int(store.get_setting(UNTRACKED_SETTING) or 0)
+    return Summary(devices, online, new, identifying, int(total), int(blocked_n or 0), untracked)
 
 
 def is_online(device: Device, now: float | None = None) -> bool:

@@ -916,6 +916,7 @@ def test_a_store_grown_before_the_history_bound_is_trimmed_at_the_first_flush(tm
 def test_dns_clients_past_devices_max_make_room_from_stale_untouched_devices_then_are_answered_but_not_kept(
         tmp_path, upstream, caplog):
     from gateway.alerts.outbox import recent_alerts
+    from gateway.overview import summary
     from gateway.policies import set_quarantine
     from gateway.store.schema import Address, Device, ObservationWindow
 
@@ -952,6 +953,7 @@ def test_dns_clients_past_devices_max_make_room_from_stale_untouched_devices_the
         assert tracker.mac_for("127.0.0.70") is None
         counters = gw.gateway.counters
         assert (counters.get("devices_evicted"), counters.get("devices_untracked")) == (2, 2)  # each once
+        eventually(lambda: summary(gw.store).untracked == 2)  # on the dashboard and in /api/v1/summary
         alerts = eventually(lambda: recent_alerts(gw.store, kind="too_many_devices"))
         assert [(a.mac, a.data) for a in alerts] == [
             (None, {"max": 6, "message": "too many devices: possible MAC flood"})]

@@ -313,7 +313,8 @@ def test_a_path_or_method_no_api_route_has_is_a_json_error(api, method, url, sta
 def test_summary_and_queries_over_time(api):
     client, _, _ = api
     s = client.get("/api/v1/summary").json
-    assert s == {"devices": 1, "online": 1, "new": 1, "identifying": 0, "queries_24h": 3, "blocked_24h": 1}
+    assert s == {"devices": 1, "online": 1, "new": 1, "identifying": 0, "queries_24h": 3, "blocked_24h": 1,
+                 "untracked": 0}
     buckets = client.get("/api/v1/stats/queries?hours=1&buckets=6").json
     assert len(buckets) == 6 and buckets[-1]["total"] == 3 and sum(b["total"] for b in buckets) == 3
 

@@ -280,7 +280,7 @@ DOCUMENT: dict = {
                 "type": "object",
                 "properties": {
                     k: {"type": "integer"}
-                    for k in ("devices", "online", "new", "identifying", "queries_24h", "blocked_24h")
+                    for k in ("devices", "online", "new", "identifying", "queries_24h", "blocked_24h", "untracked")
                 },
             },
             "Device": {
