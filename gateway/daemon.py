@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import queue
+import subprocess
 import threading
 import time
 from collections import deque
@@ -25,8 +26,8 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from gateway import sdnotify
 from gateway.alerts import Alerts, PolicyHooks
 from gateway.config import Config
-from gateway.devices.neighbours import NeighbourTable
-from gateway.devices.service import confirmed_types
+from gateway.devices.neighbours import NeighbourTable, read_default_routers
+from gateway.devices.service import ROUTER_SETTING, confirmed_types
 from gateway.devices.tracker import Change, DeviceTracker, TrackerBatch, owner_touched
 from gateway.events import AddressSeen, Alert, Counters, DnsQuery, Event
 from gateway.filtering import Filtering
@@ -61,6 +62,8 @@ ALERT_FEED_MAX = 50_000
 # (a new lease, a new IPv6 privacy address): its MAC is known a moment later. Its new-device alert waits this long,
 # so the owner hears of the device once, under its MAC, rather than of a stranger that was no stranger.
 ANNOUNCE_GRACE_S = 3.0
+# How often the gateway looks up its own router (the default route's next hop and its MAC in the neighbour table).
+ROUTER_CHECK_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,9 @@ class Gateway:
                                      max_devices=cfg.devices.max)
         self._said_too_many = False
         self._untracked_noted = -1  # devices_untracked as last written to UNTRACKED_SETTING
+        self.routers: frozenset[str] = frozenset()  # MACs of the gateway's own router (see _find_routers)
+        self._routers_due = 0.0  # monotonic time of the next look
+        self._said_no_routes = False
         self.querylog = QueryLogWriter(store, flush_interval_s=cfg.store.flush_interval_s,
                                        days=cfg.store.querylog_days, max_rows=cfg.store.querylog_max_rows)
         self.identifier = load_identifier(cfg)
@@ -139,6 +145,7 @@ class Gateway:
         self._alert_thread.start()
         self.filtering.open_firewall()
         await asyncio.to_thread(self.filtering.refresh)
+        await self._check_routers()
         await asyncio.to_thread(self._keep_owned)
         self._tasks.append(asyncio.create_task(self._consume(), name="consumer"))
         self._tasks.append(asyncio.create_task(self._refresh_loop(), name="refresh"))
@@ -416,6 +423,8 @@ class Gateway:
                     generation, stored = await asyncio.to_thread(self.tracker.stored_keys)
                     for key in self.tracker.forget_missing(generation, stored):
                         self._forget(key)
+                if time.monotonic() >= self._routers_due:
+                    await self._check_routers()
                 self._close_due_windows()
                 self._announce_due_devices()
                 if (stamp := model_stamp(self.cfg)) != self._model_stamp:
@@ -439,12 +448,43 @@ class Gateway:
         log.info("identification: model %s loaded from %s", identifier.bundle.version,
                  self.cfg.model_dir or "the package")
 
+    async def _check_routers(self) -> None:
+        """Look up the gateway's own router; when it changed, exempt it from quarantine as a new device, keep it
+        past [devices] max and tell the web UI (``ROUTER_SETTING``)."""
+        routers, complete = await asyncio.to_thread(self._find_routers)
+        # a next hop the kernel has no neighbour entry for yet gets one with the gateway's first upstream query
+        self._routers_due = time.monotonic() + (ROUTER_CHECK_S if complete else 1.0)
+        if routers is None or routers == self.routers:
+            return
+        log.info("the gateway's router: %s", ", ".join(sorted(routers)) or "none known")
+        self.routers = routers
+        await asyncio.to_thread(self.store.set_setting, ROUTER_SETTING, json.dumps(sorted(routers)))
+        await asyncio.to_thread(self.filtering.set_routers, routers)
+        await asyncio.to_thread(self._keep_owned)
+        for mac in routers & self.tracker.devices.keys():  # its row says so in Home Assistant too
+            self.alerts.device_changed(mac)
+
+    def _find_routers(self) -> tuple[frozenset[str] | None, bool]:
+        """The MACs of the default routes' next hops from the kernel's routing and neighbour tables, never from
+        what LAN hosts send (a DHCP or DNS reply proves nothing), and whether every next hop had one; None when
+        the tables cannot be read (in a worker thread)."""
+        try:
+            ips = read_default_routers()
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            if not self._said_no_routes:
+                self._said_no_routes = True
+                log.warning("cannot read the default routes (%s): the gateway's router is treated as any device", exc)
+            return None, True
+        self.neighbours.refresh()
+        macs = {ip: self.neighbours.lookup(ip, refresh_on_miss=False) for ip in ips}
+        return frozenset(filter(None, macs.values())), None not in macs.values()
+
     def _keep_owned(self) -> None:
         """Tell the tracker which devices the owner touched (store and policy file): never forgotten to make
         room (in a worker thread)."""
         with self.store.session() as s:
             touched = owner_touched(s)
-        self.tracker.keep(touched | self.filtering.own_policies)
+        self.tracker.keep(touched | self.filtering.own_policies | self.routers)
 
     def _teach_confirmed(self, identifier) -> None:  # noqa: ANN001 - identifier.stream.Identifier | None
         """The owner's confirmed device types name their MACs' production blocks for this home's model

@@ -68,6 +68,7 @@ class Filtering:
         self._lock = threading.RLock()
         self._anomalous: dict[str, set[str]] = {}  # mac -> SLDs already reported: one alert each
         self.own_policies: frozenset[str] = frozenset()  # devices with a policy of their own (the owner's)
+        self.routers: frozenset[str] = frozenset()  # the gateway's own router: never under quarantine as new
         self._said_unreported = False
 
     # -- the DNS hot path --------------------------------------------------------------------------------
@@ -111,8 +112,8 @@ class Filtering:
 
     def _context_for_unknown(self, key: str) -> DeviceContext:
         # A device the tracker has not written yet: it is new, and so under quarantine if quarantine is on.
-        # The next refresh puts its MAC into the nftables set.
-        ctx = DeviceContext(key)
+        # The next refresh puts its MAC into the nftables set. The gateway's own router is not new to anyone.
+        ctx = DeviceContext(key, status="approved") if key in self.routers else DeviceContext(key)
         self.contexts[key] = ctx
         return ctx
 
@@ -159,6 +160,15 @@ class Filtering:
         with self._lock:
             self._reload_devices()
 
+    def set_routers(self, macs: frozenset[str]) -> None:
+        """The gateway's own router (the default route's next hop, as the kernel knows it): exempt from
+        quarantine as a new device, since every device's traffic goes through it (not on the hot path)."""
+        with self._lock:
+            for mac in self.routers - macs - self._stored:  # no longer the router: new again at its next query
+                self.contexts.pop(mac, None)
+            self.routers = macs
+            self._reload_devices()
+
     def _reload_devices(self) -> None:
         with self.store.session() as s:
             rows = s.execute(select(Device.mac, Device.device_type, Device.category, Device.status,
@@ -172,7 +182,8 @@ class Filtering:
                 mac=mac,
                 device_type=device_type,
                 category=category,
-                status="approved" if status == "approved" else ("identified" if device_type else "new"),
+                status="approved" if status == "approved" or mac in self.routers
+                else ("identified" if device_type else "new"),
                 quarantined=status == "quarantined",
                 cloud_slds=frozenset(profile) if manufacturer else frozenset(),
             )
@@ -182,6 +193,8 @@ class Filtering:
         for key in [k for k in list(self.contexts) if k.startswith("ip:")] + list(self._stored - fresh.keys()):
             self.contexts.pop(key, None)
         self.contexts.update(fresh)
+        for mac in self.routers - fresh.keys():  # met but not written yet, or not met at all
+            self.contexts[mac] = DeviceContext(mac, status="approved")
         self._stored = set(fresh)
         self._sync_firewall()
 

@@ -3,6 +3,7 @@ and IPv6 and comes out as one device, keyed by the veth's MAC (found through the
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -40,8 +41,9 @@ def veth():
 
 
 @contextmanager
-def running_daemon(tmp_path, veth) -> Iterator[Store]:
-    """``iotgw run`` in the gateway's namespace with a dnsmasq upstream there, answering once it yields its store."""
+def running_daemon(tmp_path, veth, *, sniff: bool = False) -> Iterator[Store]:
+    """``iotgw run`` in the gateway's namespace with a dnsmasq upstream there, answering once it yields its store;
+    with ``sniff``, capturing on the gateway's veth too."""
     upstream = subprocess.Popen(
         ["ip", "netns", "exec", veth.gw, "dnsmasq", "--no-daemon", "--port=5300", "--listen-address=127.0.0.1",
          "--bind-interfaces", "--no-resolv", "--no-hosts", "--conf-file=/dev/null", "--user=root",
@@ -51,7 +53,8 @@ def running_daemon(tmp_path, veth) -> Iterator[Store]:
     config = tmp_path / "iotgw.toml"  # keeps the policy and other state out of /var/lib/iotgw
     config.write_text(f'[gateway]\nstate_dir = "{tmp_path}"\n')
     daemon = subprocess.Popen(
-        ["ip", "netns", "exec", veth.gw, sys.executable, "-m", "gateway.cli", "run", "--db", db, "--no-sniff",
+        ["ip", "netns", "exec", veth.gw, sys.executable, "-m", "gateway.cli", "run", "--db", db,
+         *(["--interface", veth.gw_if] if sniff else ["--no-sniff"]),
          "--dns-listen", f"{veth.gw_ip4}:53", "--dns-listen", f"[{veth.gw_ip6}]:53", "--upstream", "127.0.0.1:5300",
          "--lan", "10.213.0.0/24", "--lan", "fd13:213::/64", "--config", str(config)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=os.getcwd())
@@ -111,3 +114,45 @@ def test_a_client_met_before_the_kernel_knew_its_mac_is_announced_once_under_its
             time.sleep(0.3)
         alerts = [(a.kind, a.mac) for a in recent_alerts(store, kind="new_device")]
         assert alerts == [("new_device", mac)]
+
+
+DHCP_REPLY = """
+import sys
+from scapy.all import BOOTP, DHCP, IP, UDP, Ether, sendp
+iface, mac, ip = sys.argv[1:4]
+sendp(Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") / IP(src=ip, dst="255.255.255.255") / UDP(sport=67, dport=68)
+      / BOOTP(op=2, chaddr=bytes.fromhex("020000000002"), yiaddr="10.213.0.50")
+      / DHCP(options=[("message-type", "offer"), ("server_id", ip), "end"]), iface=iface, verbose=False)
+"""
+
+
+def test_the_gateways_own_router_is_not_quarantined_as_new_but_a_lan_host_sending_dhcp_replies_is(tmp_path, veth):
+    """The router sends DHCP replies, so it became a device, new and unapproved: under quarantine its MAC went into
+    the nftables set. Now the default route's next hop (its MAC from the kernel's neighbour table) is the gateway's
+    router: shown as such, not quarantined as new. A LAN host sending DHCP replies of its own gains nothing."""
+    from gateway.devices.service import list_devices, routers
+    from gateway.policies import set_quarantine
+    from webui import views
+
+    sh("ip", "-n", veth.gw, "route", "add", "default", "via", veth.client_ip4)  # the client namespace routes
+    set_quarantine(tmp_path, True)
+    router, rogue = veth.client_mac, "02:00:00:00:0e:66"
+    with running_daemon(tmp_path, veth, sniff=True) as store:
+        for mac, ip in ((router, veth.client_ip4), (rogue, "10.213.0.66")):
+            veth.client_python(DHCP_REPLY, veth.client_if, mac, ip)
+        deadline = time.monotonic() + 20
+        while not ({router, rogue} <= {d.mac for d in list_devices(store)} and routers(store) == {router}):
+            assert time.monotonic() < deadline, ({d.mac for d in list_devices(store)}, routers(store))
+            time.sleep(0.2)
+        shown = {d.mac: views.device(d, routers=routers(store))["router"] for d in list_devices(store)}
+        assert shown[router] and not shown[rogue]
+
+        def quarantined() -> set[str]:
+            out = sh("ip", "netns", "exec", veth.gw, "nft", "-j", "list", "set", "inet", "iotgw", "quarantined").stdout
+            (entry,) = [item["set"] for item in json.loads(out)["nftables"] if "set" in item]
+            return {str(e) for e in entry.get("elem", ())}
+        while quarantined() != {rogue}:  # the router's own traffic (and what it forwards) is not dropped
+            assert time.monotonic() < deadline, quarantined()
+            time.sleep(0.2)
+        # its DNS is answered under the default policy, not quarantine's (which answers 0.0.0.0)
+        assert "192.0.2.7" in veth.client_python(QUERY, veth.gw_ip4, "router.example.test")

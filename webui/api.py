@@ -45,7 +45,8 @@ def devices():  # noqa: ANN201
     search = request.args.get("q") or None
     found = service.list_devices(store, search=search, status=status, limit=limit + 1, offset=offset)
     counts = querylog.counts_since(store, time.time() - 86400)
-    response = jsonify([views.device(d, counts.get(d.mac)) for d in found[:limit]])
+    routers = service.routers(store)
+    response = jsonify([views.device(d, counts.get(d.mac), routers) for d in found[:limit]])
     if len(found) > limit:  # the next page, as GitHub's API says it
         args = {"q": search, "status": status, "limit": limit, "offset": offset + limit}
         response.headers["Link"] = f'<{url_for("api.devices", **args)}>; rel="next"'
@@ -59,7 +60,8 @@ def device(mac: str):  # noqa: ANN201
         detail = service.get_device(store, mac)
     except service.NotFound:
         return api_error(404, f"no device {mac}")
-    return jsonify(views.device_detail(detail, overview.domain_timeline(store, detail.device.mac)))
+    timeline = overview.domain_timeline(store, detail.device.mac)
+    return jsonify(views.device_detail(detail, timeline, service.routers(store)))
 
 
 @bp.patch("/devices/<mac>")

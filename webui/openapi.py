@@ -291,6 +291,7 @@ DOCUMENT: dict = {
                     "name_source": _NULL_STR,
                     "vendor": _NULL_STR,
                     "status": {"enum": ["new", "quarantined", "approved"]},
+                    "router": {"type": "boolean"},  # the gateway's own router: not quarantined as a new device
                     "online": {"type": "boolean"},
                     "first_seen": _NUM,
                     "last_seen": _NUM,

@@ -79,7 +79,9 @@ def devices():  # noqa: ANN201
     found = service.list_devices(store, search=search, status=status, limit=limit + 1, offset=offset)
     counts = querylog.counts_since(store, time.time() - 86400)
     modes = policies.device_modes(policies.load(ctx().cfg.state_dir))
-    rows = [views.device(d, counts.get(d.mac)) | {"mode": modes.get(d.mac, "default")} for d in found[:limit]]
+    routers = service.routers(store)
+    rows = [views.device(d, counts.get(d.mac), routers) | {"mode": modes.get(d.mac, "default")}
+            for d in found[:limit]]
     return render_template(
         "devices.html",
         devices=rows,
@@ -99,7 +101,7 @@ def device(mac: str):  # noqa: ANN201
     except service.NotFound:
         abort(404)
     d = detail.device
-    data = views.device_detail(detail, overview.domain_timeline(store, d.mac))
+    data = views.device_detail(detail, overview.domain_timeline(store, d.mac), service.routers(store))
     queries = [views.query(q) for q in querylog.recent(store, mac=d.mac, limit=50)]
     policy_data = policies.load(ctx().cfg.state_dir)
     editor = None

@@ -11,13 +11,15 @@ from gateway.overview import DomainSeen, is_online
 from gateway.store.schema import Device, Identification, Query
 
 
-def device(d: Device, counts: tuple[int, int] | None = None) -> dict[str, Any]:
+def device(d: Device, counts: tuple[int, int] | None = None, routers: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """``routers``: the gateway's own router (``service.routers``), shown as such and never quarantined as new."""
     return {
         "mac": d.mac,
         "name": d.name,
         "name_source": d.name_source,
         "vendor": d.vendor,
         "status": d.status,
+        "router": d.mac in routers,
         "online": is_online(d),
         "first_seen": d.first_seen,
         "last_seen": d.last_seen,
@@ -40,8 +42,9 @@ def device(d: Device, counts: tuple[int, int] | None = None) -> dict[str, Any]:
     }
 
 
-def device_detail(detail: DeviceDetail, timeline: list[DomainSeen]) -> dict[str, Any]:
-    out = device(detail.device)
+def device_detail(detail: DeviceDetail, timeline: list[DomainSeen],
+                  routers: frozenset[str] = frozenset()) -> dict[str, Any]:
+    out = device(detail.device, routers=routers)
     latest = detail.identifications[-1] if detail.identifications else None
     out.update(
         addresses=[{"ip": a.ip, "source": a.source, "last_seen": a.last_seen} for a in detail.addresses],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ from policy.model import CONTROL_CATEGORIES, JOINERS
 
 STATUSES = ("new", "quarantined", "approved")
 DEVICES_REVISION = "devices_revision"  # bumped on every change made outside the daemon
+# The gateway's own upstream router (the default route's next hop; JSON list of MACs), written by the daemon: it is
+# exempt from quarantine and shown as the router.
+ROUTER_SETTING = "gateway_router"
 # The longest owner-given texts, as long as their columns (PostgreSQL refuses longer ones; SQLite would keep them).
 NAME_MAX: int = Device.__table__.c.name.type.length
 LABEL_MAX: dict[str, int] = {
@@ -130,6 +134,14 @@ def rename(store: Store, mac: str, name: str) -> None:
             else:
                 earlier.last_seen = now
     store.bump_revision(DEVICES_REVISION)
+
+
+def routers(store: Store) -> frozenset[str]:
+    """The MACs of the gateway's own router as the daemon last found them (none if it never did)."""
+    try:
+        return frozenset(json.loads(store.get_setting(ROUTER_SETTING) or "[]"))
+    except ValueError:
+        return frozenset()
 
 
 def set_status(store: Store, mac: str, status: str) -> None:
