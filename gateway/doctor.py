@@ -339,6 +339,43 @@ def _open_database(url: str) -> tuple[bool, str]:
     return True, f"{_safe_url(url)} opens and is at the newest schema"
 
 
+def check_devices(cfg: Config) -> Finding:
+    """Whether the running daemon left new devices untracked, [devices] max being reached with none to make room
+    (what it last wrote to the store: this run's devices_untracked)."""
+    from gateway.overview import UNTRACKED_SETTING  # late: SQLAlchemy is not needed for the other checks
+    from gateway.store.db import missing_sqlite_file
+
+    if missing_sqlite_file(cfg.db_url) is not None:
+        return Finding("devices", "skip", "no database yet")
+    owner = _state_owner(cfg)
+
+    def read() -> tuple[bool, str]:
+        from gateway.store.db import Store
+
+        store = Store(cfg.db_url, migrate=False)
+        try:
+            return True, store.get_setting(UNTRACKED_SETTING) or "0"
+        finally:
+            store.close()
+
+    try:
+        ok, text = read() if owner is None else _as_user(owner, read)
+    except Exception as exc:  # noqa: BLE001 - the database check says what is wrong with it
+        ok, text = False, f"{type(exc).__name__}: {exc}"
+    if not ok or not text.isdigit():
+        return Finding("devices", "skip", f"cannot read the database: {text}")
+    if int(text):
+        return Finding(
+            "devices",
+            "warn",
+            f"too many devices: possible MAC flood. {text} new devices were not kept since the daemon started "
+            f"([devices] max = {cfg.devices.max} reached, none the owner left untouched unseen for 24 h)",
+            "find the host sending from ever new MACs or addresses (the query log names them); if the network "
+            "really has this many devices, raise [devices] max",
+        )
+    return Finding("devices", "ok", f"every device met is kept (at most {cfg.devices.max})")
+
+
 def _state_owner(cfg: Config) -> tuple[int, int] | None:
     """(uid, gid) to open the database as: the state directory's owner when we are root and it is not."""
     if os.geteuid() != 0 or not cfg.db_url.startswith("sqlite"):
@@ -507,6 +544,7 @@ CHECKS: tuple[Callable[[Config], Finding], ...] = (
     check_capabilities,
     check_interface,
     check_database,
+    check_devices,
     check_broker,
     check_model,
     check_clock,

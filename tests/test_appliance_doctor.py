@@ -57,6 +57,23 @@ def test_good_setup_passes(tmp_path: Path) -> None:
     assert all(f["status"] != "fail" for f in findings.values())
 
 
+def test_devices_the_daemon_could_not_keep_are_a_warning_that_names_the_setting(tmp_path: Path) -> None:
+    from gateway.overview import UNTRACKED_SETTING
+    from gateway.store.db import Store
+
+    config = write_config(tmp_path, free_port(), "[devices]\nmax = 50\n")
+    _, findings, err = doctor(config)
+    assert findings["devices"]["status"] == "ok", (findings, err)
+    store = Store(f"sqlite:///{tmp_path / 'state' / 'iotgw.sqlite'}")
+    store.set_setting(UNTRACKED_SETTING, "37")  # as the daemon writes it at a flush
+    store.close()
+    code, findings, err = doctor(config)
+    devices = findings["devices"]
+    assert code == 0 and devices["status"] == "warn", (findings, err)
+    assert "37 new devices were not kept" in devices["detail"] and "max = 50" in devices["detail"]
+    assert "[devices] max" in devices["fix"]
+
+
 def test_text_output_names_the_fix(tmp_path: Path) -> None:
     port = free_port()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
