@@ -87,6 +87,7 @@ class Gateway:
         self._untracked_noted = -1  # devices_untracked as last written to UNTRACKED_SETTING
         self.routers: frozenset[str] = frozenset()  # MACs of the gateway's own router (see _find_routers)
         self._routers_due = 0.0  # monotonic time of the next look
+        self._routers_retry = 1.0  # seconds to the next look while a next hop has no neighbour entry (doubling)
         self._said_no_routes = False
         self.querylog = QueryLogWriter(store, flush_interval_s=cfg.store.flush_interval_s,
                                        days=cfg.store.querylog_days, max_rows=cfg.store.querylog_max_rows)
@@ -452,8 +453,10 @@ class Gateway:
         """Look up the gateway's own router; when it changed, exempt it from quarantine as a new device, keep it
         past [devices] max and tell the web UI (``ROUTER_SETTING``)."""
         routers, complete = await asyncio.to_thread(self._find_routers)
-        # a next hop the kernel has no neighbour entry for yet gets one with the gateway's first upstream query
-        self._routers_due = time.monotonic() + (ROUTER_CHECK_S if complete else 1.0)
+        # A next hop the kernel has no neighbour entry for yet mostly gets one with the gateway's first upstream
+        # query: looked for again after 1 s, then less often (each look runs `ip` three times).
+        self._routers_retry = 1.0 if complete else min(self._routers_retry * 2, ROUTER_CHECK_S)
+        self._routers_due = time.monotonic() + (ROUTER_CHECK_S if complete else self._routers_retry / 2)
         if routers is None or routers == self.routers:
             return
         log.info("the gateway's router: %s", ", ".join(sorted(routers)) or "none known")
