@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 from pathlib import Path
 from typing import Literal, overload
+
+from identifier.atomicfile import write_whole
 
 PRIVATE_FILE_MODE = 0o600
 PRIVATE_DIR_MODE = 0o700
@@ -75,29 +76,13 @@ def file_stamp(path: Path) -> tuple[int, int, int, int, int] | None:
 
 
 def write_private(path: Path, data: bytes, *, replace: bool = True) -> bool:
-    """Write ``data`` to ``path`` whole: into a private file beside it (``create_private``), synced, then renamed
-    over ``path``, so a reader or a power cut meets the old file or the new one, never half of one.
+    """Write ``data`` to ``path`` whole (``identifier.atomicfile.write_whole``) through a private file made by
+    ``create_private``, so the result is 0600 and owned like the state directory.
 
-    With ``replace`` false an existing ``path`` is kept and False returned: the file is linked into place, which
-    fails if it exists, so two processes making it at the same moment agree on one.
+    With ``replace`` false an existing ``path`` is kept and False returned: two processes making it at the same
+    moment agree on one.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}-{secrets.token_hex(8)}")
-    try:
-        with os.fdopen(create_private(tmp), "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if replace:
-            os.replace(tmp, path)
-            return True
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        tmp.unlink(missing_ok=True)
+    return write_whole(Path(path), data, opener=create_private, replace=replace)
 
 
 def _own_like_parent(fd: int, path: Path) -> None:

@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from identifier.atomicfile import write_whole
 from identifier.features import SEEN_BITS, SIGNALS, FeatureConfig
 
 FORMAT = 1
@@ -82,44 +82,40 @@ class Bundle:
     name_vendors: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def save(self, directory: str | Path) -> Path:
-        """Write the bundle into ``directory``. Each file is written whole beside its final name and only then
-        renamed over it: a save that fails part-way (a full SD card, Ctrl-C) leaves the bundle that was there,
-        where a ``weights.npz`` cut short destroyed it. ``weights_sha256`` in ``bundle.json`` ties the pair, so a
-        stop between the two renames is refused at load rather than run as new weights with old labels."""
+        """Write the bundle into ``directory``. Each file is written whole and fsynced beside its final name and
+        only then renamed over it (``atomicfile.write_whole``): a save that fails part-way (a full SD card,
+        Ctrl-C, a power cut) leaves the bundle that was there. ``weights_sha256`` in ``bundle.json`` ties the
+        pair, so a stop between the two renames is refused at load rather than run as new weights with old
+        labels."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        weights, meta_file = d / ".weights.npz.partial", d / ".bundle.json.partial"
-        try:
-            with open(weights, "wb") as fh:
-                # float16 halves the file (the shipped bundle must stay < 1 MB); the net is computed in float32
-                np.savez_compressed(
-                    fh,
-                    seen=self.specific,  # the file's key predates the name
-                    vocabulary=self.vocabulary,
-                    **{k: v.astype(np.float16) for k, v in self.weights.items()},
-                )
-            meta = {
-                "format": FORMAT,
-                "version": self.version,
-                "features": self.features.to_json(),
-                "labels": self.labels,
-                "thresholds": vars(self.thresholds),
-                "type_info": self.type_info,
-                "metrics": self.metrics,
-                "training_data_sha256": self.training_data_sha256,
-                "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-                "prototypes": self.prototypes,
-                "profiles": self.profiles,
-                "oui_prefixes": self.oui_prefixes,
-                "mac_blocks": self.mac_blocks,
-                "name_vendors": self.name_vendors,
-            }
-            meta_file.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-            os.replace(weights, d / "weights.npz")
-            os.replace(meta_file, d / "bundle.json")
-        finally:
-            weights.unlink(missing_ok=True)
-            meta_file.unlink(missing_ok=True)
+        buf = io.BytesIO()
+        # float16 halves the file (the shipped bundle must stay < 1 MB); the net is computed in float32
+        np.savez_compressed(
+            buf,
+            seen=self.specific,  # the file's key predates the name
+            vocabulary=self.vocabulary,
+            **{k: v.astype(np.float16) for k, v in self.weights.items()},
+        )
+        weights = buf.getvalue()
+        meta = {
+            "format": FORMAT,
+            "version": self.version,
+            "features": self.features.to_json(),
+            "labels": self.labels,
+            "thresholds": vars(self.thresholds),
+            "type_info": self.type_info,
+            "metrics": self.metrics,
+            "training_data_sha256": self.training_data_sha256,
+            "weights_sha256": hashlib.sha256(weights).hexdigest(),
+            "prototypes": self.prototypes,
+            "profiles": self.profiles,
+            "oui_prefixes": self.oui_prefixes,
+            "mac_blocks": self.mac_blocks,
+            "name_vendors": self.name_vendors,
+        }
+        write_whole(d / "weights.npz", weights)
+        write_whole(d / "bundle.json", (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode("utf-8"))
         return d
 
     @classmethod

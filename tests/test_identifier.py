@@ -606,6 +606,30 @@ except OSError as exc:
     assert sorted(p.name for p in target.iterdir()) == ["bundle.json", "weights.npz"]
 
 
+def test_a_saved_bundle_is_on_disk_before_its_names_are(tmp_path, monkeypatch):
+    # A power cut cannot be caused here: record what is fsynced, and when, instead.
+    synced: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def rename(src, dst) -> None:
+        real_replace(src, dst)
+        synced.append(f"renamed {Path(dst).name}")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", rename)
+    target = Bundle.load().save(tmp_path / "bundle")
+    # each file's bytes before its rename, the directory (the new name) after it
+    assert [Path(p).name.split("-")[0] if not p.startswith("renamed") else p for p in synced] == [
+        ".weights.npz", "renamed weights.npz", "bundle",
+        ".bundle.json", "renamed bundle.json", "bundle",
+    ]
+    assert Bundle.load(target).version == Bundle.load().version
+
+
 def test_weights_of_another_save_beside_a_bundle_json_are_refused(tmp_path):
     shipped = Bundle.load()
     first = shipped.save(tmp_path / "first")

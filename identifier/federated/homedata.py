@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from identifier.atomicfile import write_whole
 from identifier.dataset import LabelledWindow
 from identifier.observation import from_json, to_json
 
@@ -42,9 +43,7 @@ def to_line(window: LabelledWindow, source: str = "owner") -> str:
 
 
 def save(windows: list[LabelledWindow], path: Path, source: str = "owner") -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(to_line(w, source) + "\n" for w in windows), encoding="utf-8")
-    tmp.replace(path)
+    write_whole(path, "".join(to_line(w, source) + "\n" for w in windows).encode("utf-8"))
 
 
 def load(path: Path) -> list[LabelledWindow]:

@@ -20,6 +20,8 @@ from pathlib import Path
 import psutil
 
 import identifier
+from identifier import atomicfile
+from identifier.atomicfile import write_whole
 from identifier.federated.supernode import POLL_ENV
 
 APP_DIR = Path(__file__).resolve().parent / "flwr_app"
@@ -237,8 +239,8 @@ def generate_node_key(private_path: Path, open_new: Callable[[Path], int] | None
     """A SuperNode authentication key pair (EC P-384, OpenSSH format, as Flower expects).
 
     The private key stays on the gateway (mode 0600); the ``.pub`` beside it is what the fleet operator
-    registers with ``flwr supernode register``. Each file is written whole under a temporary name and renamed
-    over any old one. ``open_new`` creates such a temporary file (0600, exclusive) and returns its descriptor:
+    registers with ``flwr supernode register``. Each file is written whole and renamed over any old one
+    (``atomicfile.write_whole``). ``open_new`` creates the file beside it (exclusive) and returns its descriptor:
     the gateway passes one that gives the file to the state directory's owner. Returns the public key's path.
     """
     from cryptography.hazmat.primitives import serialization
@@ -254,21 +256,8 @@ def generate_node_key(private_path: Path, open_new: Callable[[Path], int] | None
         key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
     )
     for path, data, mode in ((private_path, private_bytes, 0o600), (public_path, public_bytes, 0o644)):
-        tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}")
-        fd = (open_new or _open_new)(tmp)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                os.fchmod(fh.fileno(), mode)
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_whole(path, data, opener=open_new or atomicfile.open_new, mode=mode)
     return public_path
-
-
-def _open_new(path: Path) -> int:
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
 
 def register_cmd(public_key: Path, connection: str) -> list[str]:

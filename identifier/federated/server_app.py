@@ -50,6 +50,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.superlink.grid import http_grid
 
+from identifier.atomicfile import write_whole
 from identifier.bundle import Bundle
 from identifier.federated import model, updates
 
@@ -397,7 +398,7 @@ class RunReport:
         """The global model after round ``rnd`` of this run (0: the one it started from), for audit."""
         history = self.out_dir / "history" / str(self.run_id)
         history.mkdir(parents=True, exist_ok=True)
-        updates.write_atomic(history / f"round-{rnd}.npz", updates.to_bytes(params))
+        write_whole(history / f"round-{rnd}.npz", updates.to_bytes(params))
 
     def add(self, record: RoundRecord) -> None:
         self.rounds.append(record)
@@ -411,7 +412,7 @@ class RunReport:
             "installs": self.installs,
             "strategy_inputs": self.strategy_inputs,
         }
-        updates.write_atomic(self.out_dir / f"run-{self.run_id}.json", json.dumps(body, indent=2).encode())
+        write_whole(self.out_dir / f"run-{self.run_id}.json", json.dumps(body, indent=2).encode())
 
 
 def initial_params(settings: RunSettings, base: Bundle) -> model.Params:

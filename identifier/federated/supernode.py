@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+from identifier.atomicfile import write_whole
+
 POLL_ENV = "IOTGW_SUPERNODE_POLL_S"
 LOCAL_WAIT_S = 0.05
 IDLE_POLL_S = 3.0  # Flower's idle poll; its other sleeps in that module are local waits
@@ -51,16 +53,15 @@ def install_launcher(bin_dir: Path) -> bool:
     bin_dir.mkdir(parents=True, exist_ok=True)
     launcher = bin_dir / "flwr-clientapp"
     package_root = Path(identifier.__file__).resolve().parents[1]
-    tmp = launcher.with_suffix(".tmp")
-    tmp.write_text(
+    script = (
         f"#!{sys.executable}\n"
         "import sys\n"
         f"sys.path.insert(0, {str(package_root)!r})\n"
         "from identifier.federated.warm_clientapp import main\n"
         "main()\n"
     )
-    tmp.chmod(0o700)  # run by this user only, like the rest of the state directory
-    tmp.replace(launcher)
+    # run by this user only, like the rest of the state directory
+    write_whole(launcher, script.encode("utf-8"), mode=0o700)
     if not os.access(launcher, os.X_OK):
         return False
     # This interpreter's own scripts next: Flower starts ``flower-superexec`` by name too, and a version

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from identifier.atomicfile import sync_dir, write_whole
 from identifier.bundle import Bundle, BundleError
 from identifier.federated import model
 from identifier.federated.model import Params
@@ -102,17 +103,6 @@ def digest(params: Params) -> str:
     return hashlib.sha256(b"".join(np.ascontiguousarray(a, np.float32).tobytes() for a in params)).hexdigest()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` so that a power cut leaves the old or the new content, never a part."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _sync_dir(path.parent)
-
-
 # A publication: ``global.npz``, ``global.json`` and ``bundle/`` in ``releases/<version>-<random>/``, made
 # current by one rename of the ``published`` symlink; the top-level names are links through it.
 PUBLISHED = ("global.npz", "global.json", "bundle")
@@ -130,15 +120,9 @@ def publish(params: Params, out_dir: Path, info: dict, base: Bundle) -> str:
     _collect_releases(out_dir)
     release = out_dir / "releases" / f"{manifest['version']}-{secrets.token_hex(4)}"
     model.with_params(base, params, manifest["version"], manifest).save(release / "bundle")
-    (release / "global.npz").write_bytes(to_bytes(params))
-    (release / "global.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    for d in (release / "bundle", release):
-        for f in d.iterdir():
-            if f.is_file():
-                with f.open("rb") as fh:
-                    os.fsync(fh.fileno())
-        _sync_dir(d)
-    _sync_dir(release.parent)
+    write_whole(release / "global.npz", to_bytes(params))
+    write_whole(release / "global.json", json.dumps(manifest, indent=2).encode("utf-8"))
+    sync_dir(release.parent)  # each file and its directory are synced by write_whole; the release's own name here
     _relink(out_dir / "published", Path("releases") / release.name)
     for name in PUBLISHED:
         if not (out_dir / name).is_symlink():
@@ -152,7 +136,7 @@ def _relink(link: Path, target: Path) -> None:
     tmp = link.with_name(f".{link.name}-{secrets.token_hex(4)}.tmp")
     os.symlink(target, tmp)
     os.replace(tmp, link)
-    _sync_dir(link.parent)
+    sync_dir(link.parent)
 
 
 def _collect_releases(out_dir: Path) -> None:
@@ -304,7 +288,7 @@ class ModelStore:
             return None
         self._point(self.current_dir, self.root / os.readlink(self.previous_dir))
         self.previous_dir.unlink()  # a cut before this: both name one bundle, nothing to roll back to
-        _sync_dir(self.root)
+        sync_dir(self.root)
         self._collect()
         return restored, replaced
 
@@ -322,14 +306,11 @@ class ModelStore:
             os.close(fd)
 
     def _write(self, bundle: Bundle) -> Path:
-        """``bundle`` saved and fsynced in a new directory beside the links."""
+        """``bundle`` saved (each file and the directory fsynced by ``Bundle.save``) in a new directory beside the
+        links, whose name is fsynced too."""
         d = self.root / f"bundle-{secrets.token_hex(6)}"
         bundle.save(d)
-        for f in d.iterdir():
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-        _sync_dir(d)
-        _sync_dir(self.root)
+        sync_dir(self.root)
         return d
 
     def _point(self, link: Path, target: Path) -> None:
@@ -338,7 +319,7 @@ class ModelStore:
         tmp = self.root / f".{link.name}-{secrets.token_hex(6)}.tmp"
         os.symlink(target.name, tmp)
         os.replace(tmp, link)
-        _sync_dir(self.root)
+        sync_dir(self.root)
 
     def _collect(self) -> None:
         """Remove what an interrupted install or rollback left: bundles no link names and unused links."""
@@ -355,12 +336,3 @@ class ModelStore:
 def _holds_bundle(d: Path) -> bool:
     """Both files of a bundle are there (a link to nothing, or to a directory missing one, holds none)."""
     return (d / "bundle.json").is_file() and (d / "weights.npz").is_file()
-
-
-def _sync_dir(d: Path) -> None:
-    """fsync a directory, so the names created or renamed in it survive a power cut."""
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
