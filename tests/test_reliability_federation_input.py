@@ -94,7 +94,7 @@ def test_a_bad_aggregate_fails_the_round_and_keeps_the_model(tmp_path: Path) -> 
     RoundGuard(lambda grid, ctx: aggregate(strategy, mean), strategy, report)(None, context)
     assert [r.status for r in report.rounds] == ["ok"]
     published, _ = updates.read_published(s.out_dir)
-    assert updates.digest(published) == updates.digest(updates.apply(initial, mean))
+    assert updates.digest(published) == updates.digest(updates.as_stored(updates.apply(initial, mean)))
 
 
 def test_a_global_model_with_a_bad_digest_is_refused_before_training_or_install(tmp_path: Path) -> None:
@@ -195,3 +195,36 @@ def test_a_home_whose_confirmed_devices_have_no_known_labels_installs_nothing(tm
     result = store.install(blank, updates.digest(blank), model.schema(BASE), data, {"round": 1, "run_id": 1})
     assert not result.installed and "nothing to check it on" in result.reason
     assert not store.current_dir.exists() and store.installed().version == BASE.version
+
+
+@needs_data
+def test_the_digest_a_home_checks_covers_the_weights_it_installs_and_the_published_bundle(tmp_path: Path) -> None:
+    """The server's aggregate is the model; a bundle stores float16. The digest a round announces, publishes and
+    a home records must be the one of the weights the published bundle ships and the home installs."""
+    homes, _ = homedata.split_homes(domain_windows(DOMAINS, {"camera", "plug", "hub", "sensor"}), 3, seed=2)
+    homedata.save(homes[0], tmp_path / "confirmed.jsonl")
+    data = model.samples(BASE, homes[0])
+    initial = model.params_of(BASE)
+    # a mean delta in a feature bucket these devices never use (so the home's check finds it no worse), with
+    # digits float16 does not hold
+    mean = [np.zeros_like(a) for a in initial]
+    unused = int(np.flatnonzero(data.x.max(0) == 0)[0])
+    w1 = mean[model.keys(BASE).index("w1")]
+    w1[unused] = np.linspace(0.01, 0.02, w1.shape[1])
+    s = settings(tmp_path)
+    strategy = MaskedSumFedAvg(s, BASE, initial)
+    report = RunReport(s.out_dir, run_id=3)
+    context = Context(run_id=3, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: 1})
+    RoundGuard(lambda grid, ctx: aggregate(strategy, mean), strategy, report)(None, context)
+    assert [r.status for r in report.rounds] == ["ok"]
+    sent, manifest = updates.read_published(s.out_dir)
+    sha = manifest["sha256"]
+    assert updates.digest(strategy.global_params) == sha  # what InstallStep sends with the model
+    assert updates.digest(model.params_of(Bundle.load(s.out_dir / "bundle"))) == sha  # the published bundle
+    # the home's own install path, as Flower's evaluate message reaches it
+    home = HomeClient(tmp_path / "confirmed.jsonl", tmp_path / "state")
+    _, _, result = home.evaluate(sent, {"round": 1, "run-id": 3, "sha256": sha, "schema": manifest["schema"]})
+    assert result == {"installed": True, "reason": "installed"}
+    installed = home.store.installed()
+    assert installed.metrics["federated"]["sha256"] == sha == updates.digest(model.params_of(installed))

@@ -98,6 +98,13 @@ def from_bytes(data: bytes) -> Params:
         raise ValueError(f"not a parameter file: {exc}") from exc
 
 
+def as_stored(params: Params) -> Params:
+    """``params`` as a bundle stores and the daemon runs them: rounded to float16 (``Bundle.save``), in float32.
+    A value past float16's range becomes inf."""
+    with np.errstate(over="ignore"):
+        return [np.asarray(p, np.float32).astype(np.float16).astype(np.float32) for p in params]
+
+
 def digest(params: Params) -> str:
     """SHA-256 of the parameters' canonical bytes (their numbers, not how they were serialised)."""
     return hashlib.sha256(b"".join(np.ascontiguousarray(a, np.float32).tobytes() for a in params)).hexdigest()
@@ -110,7 +117,8 @@ PUBLISHED = ("global.npz", "global.json", "bundle")
 
 def publish(params: Params, out_dir: Path, info: dict, base: Bundle) -> str:
     """Write the global model, its manifest (digest, schema, version, round, ...) and the bundle it makes
-    (``out_dir/bundle``: ``base`` with these weights) to ``out_dir``; returns the digest.
+    (``out_dir/bundle``: ``base`` with these weights) to ``out_dir``; returns the digest. The server keeps its
+    global model ``as_stored``, so the digest covers the bundle's weights as well as ``global.npz``.
 
     The three change together: they are written and fsynced in a new directory, which one rename(2) of the
     ``published`` link makes current, so a reader (and a resume after a power cut) sees a matched set."""
@@ -242,10 +250,10 @@ class ModelStore:
                 False, "no confirmed devices with labels the model knows: nothing to check it on", 0.0, 0.0,
                 previous_version=current.version,
             )
-        # A bundle stores float16 (``Bundle.save``): check the numbers the daemon will run, not the ones sent. A
-        # value past float16's range becomes inf there, and one inf in the first layer makes every answer NaN.
-        with np.errstate(over="ignore"):
-            params = [np.asarray(p, np.float32).astype(np.float16).astype(np.float32) for p in params]
+        # Check the numbers the daemon will run. The server sends them as stored already (its global model is
+        # kept so), but a value past float16's range would be inf here, and one inf in the first layer makes
+        # every answer NaN.
+        params = as_stored(params)
         if not all(np.all(np.isfinite(p)) for p in params):
             return InstallResult(
                 False, "weights not finite, or too large for a bundle", 0.0, 0.0, previous_version=current.version
