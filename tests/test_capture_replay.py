@@ -138,3 +138,28 @@ def test_iotgw_replay_stores_the_devices_and_names_a_bad_file(tmp_path):
     mac = (CAPTURES / "HueBridge" / "_iotdevice-mac.txt").read_text().strip().lower()
     device = get_device(Store(db, migrate=False), mac).device
     assert device.name == "Philips-hue" and device.manufacturer == "Philips"
+
+
+def test_a_device_replayed_from_a_capture_out_of_time_order_is_first_seen_at_its_earliest_frame(tmp_path):
+    """Merged captures are not always in time order: a device's first frame in the file is not its first."""
+    import subprocess
+    import sys
+
+    from gateway.devices.service import get_device
+    from gateway.store.db import Store
+
+    mac = "02:00:00:00:00:42"
+    frames = []
+    for ts, name in ((2000.0, "late.example.com"), (1000.0, "early.example.com"), (1500.0, "middle.example.com")):
+        frame = (Ether(src=mac, dst="02:00:00:00:00:01") / IP(src="10.0.0.42", dst="10.0.0.1")
+                 / UDP(sport=40000, dport=53) / DNS(rd=1, qd=DNSQR(qname=name)))
+        frame.time = ts
+        frames.append(frame)
+    pcap = tmp_path / "merged.pcap"
+    wrpcap(str(pcap), frames)
+    db = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
+    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "replay", "--db", db, str(pcap)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    device = get_device(Store(db, migrate=False), mac).device
+    assert (device.first_seen, device.last_seen) == (1000.0, 2000.0)

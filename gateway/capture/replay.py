@@ -48,7 +48,8 @@ def replay(
     goes on.
     Malformed frames are counted (``replay_malformed``) and dropped; an exception in ``sink`` propagates.
     As in live capture, each unicast source's first frame (in the whole replay) also gives a ``DeviceSeen``
-    ahead of its own events, whether that frame says anything or decodes.
+    ahead of its own events, whether that frame says anything or decodes. Frames are not sorted (merged captures
+    may be out of time order): the device tracker keeps each device's earliest and latest time whatever the order.
     """
     counters = counters if counters is not None else Counters()
     result = ReplayResult()

@@ -287,6 +287,9 @@ class DeviceTracker:
         if ts > dev.last_seen:
             dev.last_seen = ts
             dev.dirty = True
+        elif ts < dev.first_seen:  # a merged capture replayed out of time order: its first frame is not the earliest
+            dev.first_seen = ts
+            dev.dirty = True
         return []
 
     def _map(self, ip: str, mac: str, source: str, ts: float) -> list[Change]:
