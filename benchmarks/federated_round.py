@@ -107,7 +107,8 @@ def measure(n: int, rounds: int, data: Path, root: Path, stage_timeout: float) -
                 errors.append(failure(mode, rounds, run))
             result[f"{mode}_rss_mb"] = round(sampler.peak / 2**20, 1)
             result[f"{mode}_warm"] = sum(h.warm_clientapps() for h in homes)
-    params = model.params_of(Bundle.load())
+    bundle = Bundle.load()
+    params = model.params_of(bundle)
     sizes = payload_bytes(params, n)
     p, s = result["plain_round_s"], result["secagg_round_s"]
     return ({"error": "; ".join(errors)} if errors else {}) | {
@@ -119,7 +120,7 @@ def measure(n: int, rounds: int, data: Path, root: Path, stage_timeout: float) -
         "bytes_per_home_plain": sizes["plain"],
         "gateway_peak_rss_mb": result["secagg_rss_mb"],
         "gateway_peak_rss_mb_plain": result["plain_rss_mb"],
-        "parameters": int(sum(a.size for a in params)),
+        "parameters": bundle.parameter_count(),
         "rounds_averaged": rounds,
         # ClientApp processes forked by the homes' warm servers (warm_clientapp), all homes, all rounds
         "warm_clientapps": {"plain": result["plain_warm"], "secagg": result["secagg_warm"]},

@@ -83,7 +83,7 @@ def main() -> None:
                 "update_us_p99": pct(times, 0.99),
                 "model_bytes": sum(f.stat().st_size for f in DEFAULT_DIR.iterdir()),
                 "weights_npz_bytes": (DEFAULT_DIR / "weights.npz").stat().st_size,
-                "parameters": int(sum(v.size for v in ident.net.w.values())),
+                "parameters": ident.bundle.parameter_count(),
                 "load_s": round(load_s, 3),
                 "rss_mb_after_numpy": round(rss_numpy / 1024, 1),
                 "rss_mb_after_bundle_load": round(rss_loaded / 1024, 1),

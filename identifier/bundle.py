@@ -118,6 +118,11 @@ class Bundle:
         write_whole(d / "bundle.json", (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode("utf-8"))
         return d
 
+    def parameter_count(self) -> int:
+        """The model's size in numbers: every weight array, the heads' temperatures included (3 of them;
+        federation moves the rest, ``federated.model.keys``). The token bitmaps are lookup tables, not counted."""
+        return int(sum(v.size for v in self.weights.values()))
+
     @classmethod
     def load(cls, directory: str | Path | None = None) -> Bundle:
         d = Path(directory) if directory else DEFAULT_DIR

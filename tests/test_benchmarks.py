@@ -100,6 +100,10 @@ def test_benchmark_prints_one_json_object_with_the_documented_keys(script, args,
     result = json.loads(proc.stdout)  # one object: a second line of output would be "Extra data"
     assert isinstance(result, dict), proc.stdout
     assert keys <= result.keys(), sorted(keys - result.keys())
+    if "parameters" in keys:  # one count of the model in every benchmark that quotes it
+        from identifier.bundle import Bundle
+
+        assert result["parameters"] == Bundle.load().parameter_count()
     # torch keeps its compile cache in the temporary directory on purpose (it outlives every run)
     left = [f for f in tmp_path.iterdir() if not f.name.startswith("torchinductor_")]
     assert not left, f"the benchmark left temporary files behind: {left}"
