@@ -1,4 +1,4 @@
-"""Round time of plain FedAvg against SecAgg+, bytes per home, and a gateway's peak RSS (one JSON object).
+"""Round time of plain FedAvg against SecAgg+, bytes per home, and a gateway's peak RSS and PSS (one JSON object).
 
 Real Flower processes on loopback (``identifier.federated.localfleet``), the identifier's shipped model, homes
 cut from the shared supply-chain name sets (a Dirichlet split), local training as the run config's defaults.
@@ -43,22 +43,37 @@ def plain_app_dir(root: Path) -> Path:
     return app
 
 
-class RssSampler(threading.Thread):
-    """Peak resident memory of one home's SuperNode and everything it spawned, sampled every 0.25 s."""
+class MemorySampler(threading.Thread):
+    """Peak memory of one home's SuperNode and everything it spawned, sampled every 0.25 s: the sum of their
+    RSS (``peak_rss``: counts the pages a forked ClientApp shares with its warm server once per process) and of
+    their PSS (``peak_pss``: each shared page split between its sharers, so the sum is what the home uses)."""
 
     def __init__(self, home: Home) -> None:
         super().__init__(daemon=True)
-        self.home, self.peak, self.stop = home, 0, threading.Event()
+        self.home, self.peak_rss, self.peak_pss, self.stop = home, 0, 0, threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
             try:
                 root = psutil.Process(self.home.proc.pid)
-                procs = [root, *root.children(recursive=True)]
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+                procs = [p for p in (root, *root.children(recursive=True)) if p.is_running()]
+                self.peak_rss = max(self.peak_rss, sum(p.memory_info().rss for p in procs))
+                self.peak_pss = max(self.peak_pss, sum(pss_bytes(p.pid) for p in procs))
             except psutil.Error:
                 pass
             time.sleep(0.25)
+
+
+def pss_bytes(pid: int) -> int:
+    """The process's proportional set size from ``/proc/PID/smaps_rollup`` (0 if it has exited)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
 
 
 def payload_bytes(params: model.Params, homes: int) -> dict[str, int]:
@@ -92,7 +107,7 @@ def measure(n: int, rounds: int, data: Path, root: Path, stage_timeout: float) -
             fleet.start_superlink()
             homes = [fleet.add_home(d) for d in datasets]
             fleet.wait_connected()  # round 1 must not include homes still starting
-            sampler = RssSampler(homes[0])
+            sampler = MemorySampler(homes[0])
             sampler.start()
             app = plain_app_dir(root) if mode == "plain" else processes.APP_DIR
             run = fleet.run(
@@ -105,7 +120,8 @@ def measure(n: int, rounds: int, data: Path, root: Path, stage_timeout: float) -
             result[f"{mode}_round_s"] = round(float(np.mean(ok)), 2) if len(ok) == rounds else None
             if len(ok) != rounds or run.returncode != 0:
                 errors.append(failure(mode, rounds, run))
-            result[f"{mode}_rss_mb"] = round(sampler.peak / 2**20, 1)
+            result[f"{mode}_rss_mb"] = round(sampler.peak_rss / 2**20, 1)
+            result[f"{mode}_pss_mb"] = round(sampler.peak_pss / 2**20, 1)
             result[f"{mode}_warm"] = sum(h.warm_clientapps() for h in homes)
     bundle = Bundle.load()
     params = model.params_of(bundle)
@@ -120,6 +136,9 @@ def measure(n: int, rounds: int, data: Path, root: Path, stage_timeout: float) -
         "bytes_per_home_plain": sizes["plain"],
         "gateway_peak_rss_mb": result["secagg_rss_mb"],
         "gateway_peak_rss_mb_plain": result["plain_rss_mb"],
+        # what one home uses: shared pages counted once (the RSS sum above counts them per process)
+        "gateway_peak_pss_mb": result["secagg_pss_mb"],
+        "gateway_peak_pss_mb_plain": result["plain_pss_mb"],
         "parameters": bundle.parameter_count(),
         "rounds_averaged": rounds,
         # ClientApp processes forked by the homes' warm servers (warm_clientapp), all homes, all rounds

@@ -66,7 +66,8 @@ SMOKE = [
     # The longest here (about 80 s: two local fleets, plain and SecAgg+, one round each).
     pytest.param("federated_round.py", ["--data", str(NAME_SETS), "--homes", "2", "--rounds", "1"],
                  {"homes", "plain_round_s", "secagg_round_s", "ratio", "bytes_per_home", "bytes_per_home_plain",
-                  "gateway_peak_rss_mb", "gateway_peak_rss_mb_plain", "parameters", "rounds_averaged",
+                  "gateway_peak_rss_mb", "gateway_peak_rss_mb_plain", "gateway_peak_pss_mb",
+                  "gateway_peak_pss_mb_plain", "parameters", "rounds_averaged",
                   "warm_clientapps"},
                  marks=[needs_data, needs_flwr], id="federated_round"),
     pytest.param("fuzz_dns.py", ["--packets", "1000"],
