@@ -294,10 +294,10 @@ class MaskedSumFedAvg(FedAvg):
         s = self.settings
         bound = updates.update_bound(s.clip_norm, s.dp_noise * s.clip_norm, sum(a.size for a in self.global_params))
         updates.check_update(mean_delta, self.global_params, bound)
-        # Kept as a bundle stores it (float16): the digest sent with it, published and recorded then covers the
-        # weights every home installs and the published bundle ships, not float32 digits no bundle holds.
-        new_global = updates.as_stored(updates.apply(self.global_params, mean_delta))
-        if not all(np.all(np.isfinite(p)) for p in new_global):
+        new_global = updates.apply(self.global_params, mean_delta)
+        # Kept in float32, so that updates smaller than a float16 step still add up over rounds; but homes run it
+        # as a bundle stores it, and a value past float16's range would be inf there.
+        if not all(np.all(np.isfinite(p)) for p in updates.as_stored(new_global)):
             raise ValueError("the aggregated model does not fit a bundle's float16 weights")
         self.global_params = new_global
         self.aggregated_rounds.add(server_round)
@@ -425,7 +425,7 @@ def initial_params(settings: RunSettings, base: Bundle) -> model.Params:
     try:
         params, manifest = updates.read_published(settings.out_dir)
     except FileNotFoundError:
-        return model.params_of(base)  # loaded from the bundle's float16: as stored already
+        return model.params_of(base)
     if manifest.get("schema") != model.schema(base):
         raise ValueError(
             f"{settings.out_dir}/global.npz was made for other features or label sets than {base.version}"

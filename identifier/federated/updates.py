@@ -106,8 +106,10 @@ def as_stored(params: Params) -> Params:
 
 
 def digest(params: Params) -> str:
-    """SHA-256 of the parameters' canonical bytes (their numbers, not how they were serialised)."""
-    return hashlib.sha256(b"".join(np.ascontiguousarray(a, np.float32).tobytes() for a in params)).hexdigest()
+    """SHA-256 of the parameters ``as_stored`` (their numbers as a bundle holds them, in float32 bytes): one digest
+    for the float32 model the server keeps and sends, the bundle it publishes and the bundle a home installs."""
+    stored = as_stored(params)
+    return hashlib.sha256(b"".join(np.ascontiguousarray(a, np.float32).tobytes() for a in stored)).hexdigest()
 
 
 # A publication: ``global.npz``, ``global.json`` and ``bundle/`` in ``releases/<version>-<random>/``, made
@@ -117,8 +119,8 @@ PUBLISHED = ("global.npz", "global.json", "bundle")
 
 def publish(params: Params, out_dir: Path, info: dict, base: Bundle) -> str:
     """Write the global model, its manifest (digest, schema, version, round, ...) and the bundle it makes
-    (``out_dir/bundle``: ``base`` with these weights) to ``out_dir``; returns the digest. The server keeps its
-    global model ``as_stored``, so the digest covers the bundle's weights as well as ``global.npz``.
+    (``out_dir/bundle``: ``base`` with these weights) to ``out_dir``; returns the digest, which covers the
+    bundle's float16 weights as well as ``global.npz``'s float32 ones (``digest``).
 
     The three change together: they are written and fsynced in a new directory, which one rename(2) of the
     ``published`` link makes current, so a reader (and a resume after a power cut) sees a matched set."""
@@ -250,9 +252,8 @@ class ModelStore:
                 False, "no confirmed devices with labels the model knows: nothing to check it on", 0.0, 0.0,
                 previous_version=current.version,
             )
-        # Check the numbers the daemon will run. The server sends them as stored already (its global model is
-        # kept so), but a value past float16's range would be inf here, and one inf in the first layer makes
-        # every answer NaN.
+        # Check the numbers the daemon will run: a bundle stores float16 (``Bundle.save``), where a value past
+        # float16's range becomes inf, and one inf in the first layer makes every answer NaN.
         params = as_stored(params)
         if not all(np.all(np.isfinite(p)) for p in params):
             return InstallResult(
