@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, or_, select
 
 from gateway.devices import device_key
-from gateway.devices.tracker import DEVICE_ROWS, best_own_name
+from gateway.devices.tracker import DEVICE_ROWS, NAME_MAX, best_own_name
 from gateway.store.db import Store
 from gateway.store.schema import (
     Address,
@@ -27,8 +27,7 @@ DEVICES_REVISION = "devices_revision"  # bumped on every change made outside the
 # The gateway's own upstream router (the default route's next hop; JSON list of MACs), written by the daemon: it is
 # exempt from quarantine and shown as the router.
 ROUTER_SETTING = "gateway_router"
-# The longest owner-given texts, as long as their columns (PostgreSQL refuses longer ones; SQLite would keep them).
-NAME_MAX: int = Device.__table__.c.name.type.length
+# The longest owner-given labels, as long as their columns (the name's: tracker.NAME_MAX).
 LABEL_MAX: dict[str, int] = {
     key: Device.__table__.c[f"label_{key}"].type.length for key in ("manufacturer", "device_type", "category")
 }

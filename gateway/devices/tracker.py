@@ -47,7 +47,8 @@ STALE_S = 24 * 3600.0
 DEVICE_ROWS = (Address, DeviceName, DhcpFingerprint, MdnsService, Identification, ObservationWindow)
 
 
-_NAME_MAX: int = Device.__table__.c.name.type.length
+# A device name's longest text, as long as its column (PostgreSQL refuses longer; SQLite would keep it).
+NAME_MAX: int = Device.__table__.c.name.type.length
 _FINGERPRINT_MAX: int = DhcpFingerprint.__table__.c.param_list.type.length  # each text column of the fingerprint
 
 
@@ -349,7 +350,7 @@ class DeviceTracker:
                 self._own_address(mac, ip)
 
     def _name(self, mac: str, name: str, source: str, ts: float) -> list[Change]:
-        name = clean_text(name, _NAME_MAX)  # shown as text
+        name = clean_text(name, NAME_MAX)  # shown as text
         if not name:
             return []
         dev = self.devices[mac]
