@@ -11,13 +11,11 @@ from pathlib import Path
 from sqlalchemy import Integer, cast, func, select
 
 import identifier
+from gateway.alerts.presence import IDLE_TIMEOUT_S
 from gateway.config import Config
 from gateway.store.db import Store
 from gateway.store.schema import Device, Query
 
-ONLINE_WINDOW_S = (
-    600  # seen within ten minutes counts as online: an idle plug queries DNS a few times an hour
-)
 IDENTIFY_WINDOW_S = 300  # an unidentified device younger than this is still being watched
 FEDERATION_SETTING = "federation_last_round"  # JSON written by `iotgw federation join` after each round
 # Written by the daemon: new devices it did not keep since it started, [devices] max being reached with none to
@@ -68,7 +66,7 @@ def summary(store: Store, now: float | None = None) -> Summary:
     now = time.time() if now is None else now
     with store.session() as s:
         devices = s.scalar(select(func.count()).select_from(Device)) or 0
-        online = s.scalar(select(func.count()).where(Device.last_seen >= now - ONLINE_WINDOW_S)) or 0
+        online = s.scalar(select(func.count()).where(Device.last_seen >= now - IDLE_TIMEOUT_S)) or 0
         new = s.scalar(select(func.count()).where(Device.status == "new")) or 0
         identifying = (
             s.scalar(
@@ -86,7 +84,7 @@ def summary(store: Store, now: float | None = None) -> Summary:
 
 
 def is_online(device: Device, now: float | None = None) -> bool:
-    return device.last_seen >= (time.time() if now is None else now) - ONLINE_WINDOW_S
+    return device.last_seen >= (time.time() if now is None else now) - IDLE_TIMEOUT_S
 
 
 def queries_over_time(

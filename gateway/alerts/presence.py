@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from gateway.events import Alert
 
+# Nothing seen for ten minutes is offline (the dashboard's "online" too): an idle plug queries DNS a few times an hour.
+IDLE_TIMEOUT_S = 600.0
+
 
 class Presence:
-    def __init__(self, idle_timeout_s: float = 600.0) -> None:
+    def __init__(self, idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
         self.idle_timeout_s = idle_timeout_s
         self._last: dict[str, float] = {}
         self._offline: dict[str, float] = {}  # mac -> when it was last seen before going offline

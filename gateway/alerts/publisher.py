@@ -26,7 +26,7 @@ from gateway.alerts.blocked import BlockedSummariser
 from gateway.alerts.mqtt import MqttLink, topic_id
 from gateway.alerts.outbox import Outbox
 from gateway.alerts.payloads import check, envelope
-from gateway.alerts.presence import Presence
+from gateway.alerts.presence import IDLE_TIMEOUT_S, Presence
 from gateway.config import Config
 from gateway.devices import service as devices
 from gateway.events import Alert, DnsQuery, Event
@@ -57,7 +57,7 @@ class Alerts:
         cfg: Config,
         *,
         policy: PolicyHooks | None = None,
-        idle_timeout_s: float = 600.0,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
         blocked_interval_s: float = 300.0,
         state_interval_s: float = 60.0,
         max_inflight: int = 100,
