@@ -26,7 +26,7 @@ from gateway.store.schema import Device
 from identifier.domains import sld
 from policy.answers import MalformedQuery, blocked_reply
 from policy.engine import PolicyEngine
-from policy.model import PolicySet, normalise_mac
+from policy.model import PolicySet, is_mac
 from policy.nftables import QuarantineFirewall
 from policy.records import DeviceContext
 
@@ -37,15 +37,6 @@ _CNAME = 5
 # new domain every second (malware's generated names) would otherwise raise an alert a query and grow the set
 # that dedupes them forever. Beyond it they are counted (``anomalies_unreported``) and said once in the log.
 ANOMALY_DOMAINS_MAX = 100
-
-
-def _is_mac(key: str) -> bool:
-    """True for a context key nftables can match on (contexts are also keyed ``ip:<address>``)."""
-    try:
-        normalise_mac(key)
-    except ValueError:
-        return False
-    return True
 
 
 class Filtering:
@@ -205,7 +196,7 @@ class Filtering:
             # list() copies in one step: the hot path may add a context meanwhile (this runs in a thread).
             # Address-keyed contexts (no MAC known) cannot go into a MAC set; one bad key must not fail every sync.
             macs = {mac for mac, ctx in list(self.contexts.items())
-                    if _is_mac(mac) and self.engine.is_quarantined(ctx)}
+                    if is_mac(mac) and self.engine.is_quarantined(ctx)}
             if macs == self._firewall_macs:
                 return
             try:
