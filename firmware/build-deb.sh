@@ -96,7 +96,7 @@ Version: $VERSION
 Architecture: $ARCH
 Maintainer: iotgw maintainers <maintainers@iotgw.invalid>
 Installed-Size: $SIZE
-Depends: python3 (>= $PYMINOR), python3 (<< $PYNEXT), systemd, passwd, init-system-helpers, libpcap0.8
+Depends: python3 (>= $PYMINOR), python3 (<< $PYNEXT), systemd, passwd, init-system-helpers, libpcap0.8, iproute2
 Recommends: nftables
 Suggests: mosquitto
 Section: net

@@ -81,6 +81,7 @@ def test_control_and_conffiles(deb: Path, tmp_path: Path) -> None:
         f"{sys.version_info[0]}.{sys.version_info[1]}"  # the venv is tied to the interpreter's minor version
     )
     assert "python3 (>= " in depends and "python3 (<< " in depends and "systemd" in depends, depends
+    assert "iproute2" in depends, depends  # `ip` reads the neighbour table and the default routes
     assert minor  # informational: the build used /usr/bin/python3, not necessarily this interpreter
     control = tmp_path / "control"
     subprocess.run(["dpkg-deb", "-e", str(deb), str(control)], check=True)
