@@ -12,12 +12,13 @@ training captured (or the home's owner confirmed) weighs those units' device typ
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from identifier.bundle import Bundle
+from identifier.bundle import Bundle, Thresholds
 from identifier.domains import brand
 from identifier.features import FeatureConfig, FeatureState, seen_bit
 from identifier.inference import NumpyNet
@@ -125,6 +126,8 @@ class Identifier:
         self.version = bundle.version
         self.mac_blocks = bundle.mac_blocks if "oui" in self.features.signals else {}
         self.name_shares = name_shares(bundle)
+        self.name_vote_floor = NAME_VOTE_FLOOR
+        self.name_vote_power = NAME_VOTE_NET_POWER
         self.brand_shares = name_shares(bundle, brand)  # for the names training never saw
         makers = [bundle.type_info.get(t, {}).get("manufacturer") for t in bundle.labels["device_type"]]
         self._types_of = {m: np.flatnonzero([n in (None, m) for n in makers]) for m in bundle.labels["manufacturer"]}
@@ -144,6 +147,14 @@ class Identifier:
 
     def session(self, mac: str, first_ts: float) -> Session:
         return Session(self, mac.lower(), first_ts)
+
+    def deciding(self, thresholds: Thresholds, name_vote_floor: float, name_vote_power: float) -> Identifier:
+        """This identifier with other decision-time values (the bundle's thresholds, the name vote's floor and
+        power) and the same trained parts: evaluation replays held-out devices under each without retraining."""
+        other = copy.copy(self)
+        other.bundle = replace(self.bundle, thresholds=thresholds)
+        other.name_vote_floor, other.name_vote_power = name_vote_floor, name_vote_power
+        return other
 
     def set_confirmed(self, units: Iterable[tuple[str, str]]) -> None:
         """Add one home's confirmed devices, (MAC, device type), to the bundle's MAC blocks: a second unit of a
@@ -254,7 +265,7 @@ class Session:
     def _refresh(self) -> None:
         self._probs = self.ident.net.from_first_layer(self.z1)
         if self.name_votes.any():
-            weighted = self._probs[0] ** NAME_VOTE_NET_POWER * (self.name_votes + NAME_VOTE_FLOOR)
+            weighted = self._probs[0] ** self.ident.name_vote_power * (self.name_votes + self.ident.name_vote_floor)
             self._probs[0] = weighted / weighted.sum()
         if self.block_prior is not None:
             weighted = self._probs[1] * self.block_prior
