@@ -294,6 +294,26 @@ def spread_in_time(win: LabelledWindow, gap: float) -> LabelledWindow:
     return replace(win, observations=observations, timed=True)
 
 
+def lab_fold(
+    captures: list[LabelledWindow], name_sets: list[LabelledWindow], left_out: set[str], seed: int
+) -> tuple[Identifier, set[str]]:
+    """A DNS-only identifier trained on the captures and the name sets of every source but ``left_out``, and the
+    vendors that training saw (a held-out device of another vendor should come out unknown)."""
+    train_windows = captures + [w for w in name_sets if w.source not in left_out]
+    return Identifier(train(train_windows, seed=seed), DNS_ONLY), {w.manufacturer for w in train_windows}
+
+
+def lab_answers(
+    ident: Identifier, held: list[LabelledWindow], vendors: set[str]
+) -> tuple[list[tuple[bool, bool]], list[bool]]:
+    """``held``'s name sets at one instant: per device of a vendor in ``vendors``, (vendor named, and judged
+    known); per device of another vendor, whether it came out unknown."""
+    answers = [(stream(ident, w, (0.0,)).at[0.0], w.manufacturer) for w in held]
+    known_vendor = [(i.manufacturer == m, i.known) for i, m in answers if m in vendors]
+    new_vendor = [not i.known for i, m in answers if m not in vendors]
+    return known_vendor, new_vendor
+
+
 def unseen_lab(
     captures: list[LabelledWindow], name_sets: list[LabelledWindow], seed: int, progress=None
 ) -> dict:
@@ -305,13 +325,9 @@ def unseen_lab(
     per_source = {}
     correct, flagged, spread_ok, among, first = [], [], [], [], []
     for source in sorted({w.source for w in name_sets}):
-        train_windows = captures + [w for w in name_sets if w.source != source]
-        vendors = {w.manufacturer for w in train_windows}
-        ident = Identifier(train(train_windows, seed=seed), DNS_ONLY)
+        ident, vendors = lab_fold(captures, name_sets, {source}, seed)
         held = [w for w in name_sets if w.source == source and w.manufacturer]
-        answers = [(stream(ident, w, (0.0,)).at[0.0], w.manufacturer) for w in held]
-        c_ok = [(i.manufacturer == m, i.known) for i, m in answers if m in vendors]
-        f = [not i.known for i, m in answers if m not in vendors]
+        c_ok, f = lab_answers(ident, held, vendors)
         spread = [
             stream(ident, spread_in_time(w, 1.0), (math.inf,)).at[math.inf].manufacturer == w.manufacturer
             for w in held
