@@ -21,7 +21,16 @@ from gateway.demo import demo_mac
 from identifier.bundle import DEFAULT_DIR, Bundle, BundleError, Thresholds
 from identifier.dataset import LabelledWindow
 from identifier.domains import brand
-from identifier.evaluate import sibling_type_ceiling, spread_in_time
+from identifier.evaluate import (
+    OPEN_SET_GRID,
+    choose_values,
+    grid_points,
+    open_set_balance,
+    pick,
+    shipped_values,
+    sibling_type_ceiling,
+    spread_in_time,
+)
 from identifier.features import DEFAULT_FEATURES, FeatureState
 from identifier.observation import DhcpObservation, DnsObservation
 from identifier.oui import blocks, vendor
@@ -650,6 +659,57 @@ def test_a_name_set_spread_in_time_keeps_its_names_in_order_gap_seconds_apart():
     ]
     assert spread.timed and (spread.manufacturer, spread.group) == ("Blink", "Blink Hub")
     assert [o.ts for o in name_set.observations] == [5.0] * 3  # the name set itself is left as it was
+
+
+def lab_name_sets(source: str, devices: list[tuple[str, list[str]]]) -> list[LabelledWindow]:
+    """One untimed name set per (vendor, names) of a made-up lab, as ``domain_windows`` gives the list's rows."""
+    return [
+        LabelledWindow([DnsObservation(0.0, n) for n in names], "", 0.0, vendor, "plug", "plug", f"{source}-{i}",
+                       source, False)
+        for i, (vendor, names) in enumerate(devices)
+    ]
+
+
+def test_the_nested_lab_search_chooses_values_on_the_other_labs_never_on_the_held_out_ones_windows():
+    # Lab A is held out: its devices may say anything, the choice stays; lab B's devices of known vendors that
+    # each query one name training never saw make a laxer new-names bar the better one, and it is chosen.
+    def own(vendor: str) -> tuple[str, list[str]]:
+        return vendor, [f"api.{vendor.lower()}cloud.com", f"x.{vendor.lower()}box.net", "pool.ntp.org"]
+
+    def roaming(vendor: str) -> tuple[str, list[str]]:  # one name of three that no other lab lists, first
+        return vendor, [f"{vendor.lower()}-b-extra.net", f"api.{vendor.lower()}cloud.com", "pool.ntp.org"]
+
+    lab_a = lab_name_sets("A", [own("Acme"), own("Bolt"), own("Cora"), own("Dyna")])
+    lab_b = lab_name_sets("B", [own("Acme"), own("Bolt"), own("Cora"), own("Echo")])
+    lab_c = lab_name_sets("C", [own("Cora"), own("Bolt"), own("Acme"), own("Fizz")])
+    grid = {"known": (0.2,), "max_new_words": (0.2, 0.5)}
+    chosen = choose_values([], lab_a + lab_b + lab_c, "A", 0, grid)
+    assert chosen["inner_folds"] == [["B"], ["C"]]
+    assert chosen["chosen"] == {"known": 0.2, "max_new_words": 0.2}  # an even result keeps the shipped values
+
+    other_a = lab_name_sets("A", [own("Zeta"), ("Yarn", ["api.acmecloud.com", "pool.ntp.org"]), roaming("Bolt")])
+    assert choose_values([], other_a + lab_b + lab_c, "A", 0, grid) == chosen
+
+    other_b = lab_name_sets("B", [roaming("Acme"), roaming("Bolt"), roaming("Cora")])
+    moved = choose_values([], lab_a + other_b + lab_c, "A", 0, grid)
+    assert moved["chosen"] == {"known": 0.2, "max_new_words": 0.5}
+    assert moved["inner_objective"] > moved["inner_objective_shipped"]
+
+
+def test_the_nested_lab_objective_is_the_open_set_balance_and_picks_the_better_point():
+    # 9 of 10 known-vendor devices named and known but half the new vendors unknown (0.7) loses to 7 of 10 and
+    # 9 of 10 (0.8), though it gets more devices right
+    lax = [(True, True)] * 9 + [(True, False)], [True] * 5 + [False] * 5
+    strict = [(True, True)] * 7 + [(True, False)] * 3, [True] * 9 + [False]
+    assert (open_set_balance(*lax), open_set_balance(*strict)) == pytest.approx((0.7, 0.8))
+    assert open_set_balance([], [True, False]) == 0.5  # a side with no device is left out
+    points = [{"known": 0.2}, {"known": 0.3}]
+    assert pick(points, [open_set_balance(*lax), open_set_balance(*strict)]) == 1  # over the shipped 0.2
+    assert pick(points, [open_set_balance(*strict), open_set_balance(*lax)]) == 0
+    assert pick(points[::-1], [0.8, 0.8]) == 1  # a tie goes to the shipped value
+    # the shipped values are one of the grid's points, so the search can always keep them
+    shipped = shipped_values()
+    assert {k: shipped[k] for k in OPEN_SET_GRID} in grid_points(OPEN_SET_GRID)
 
 
 def test_a_bad_session_line_is_named_by_file_and_line_and_loses_none_of_the_others(iotgw, tmp_path, capsys):

@@ -77,7 +77,7 @@ def test_iotgw_evaluate_reports_cross_validated_figures_with_plots(tmp_path):
     from gateway import cli
 
     out = tmp_path / "evaluation"
-    skips = [a for part in ("baselines", "seed-paper", "open-set", "lab") for a in ("--skip", part)]
+    skips = [a for part in ("baselines", "seed-paper", "open-set", "lab", "nested-lab") for a in ("--skip", part)]
     argv = ["evaluate", "--data", str(DATA), "--out", str(out), "--seeds", "2", "--folds", "2", *skips]
     assert cli.main(argv) == 0
     report = json.loads((out / "report.json").read_text())
@@ -258,7 +258,7 @@ def test_evaluate_on_captures_that_never_query_dns_still_writes_its_report_and_p
     # the kettle and the coffee machine send no DNS: the DNS-only figures have no capture to score
     data = small_data(tmp_path / "data", ("iKettle2", "SmarterCoffee"), 3)
     out = tmp_path / "evaluation"
-    skips = [a for part in ("baselines", "seed-paper", "open-set", "lab") for a in ("--skip", part)]
+    skips = [a for part in ("baselines", "seed-paper", "open-set", "lab", "nested-lab") for a in ("--skip", part)]
     assert cli.main(["evaluate", "--data", str(data), "--out", str(out), "--seeds", "1", "--folds", "2", *skips]) == 0
     report = json.loads((out / "report.json").read_text())
     assert "dns" not in report["model"] and "all_30.0s_device_type" in report["headline"]

@@ -59,7 +59,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--skip",
         action="append",
         default=[],
-        choices=("baselines", "seed-paper", "open-set", "lab"),
+        choices=("baselines", "seed-paper", "open-set", "lab", "nested-lab"),
         help="leave a part out (repeatable)",
     )
     p.set_defaults(func=cmd_evaluate)
