@@ -59,6 +59,8 @@ SMOKE = [
                   "dnsmasq_cpu_us_per_query", "iotgw_p99_ms_at_2000qps", "dnsmasq_p99_ms_at_2000qps", "lost",
                   "rss_mb", "rss_current_mb", "blocklist_names", "logged_rows", "daemon"},
                  marks=[needs_dnsmasq, needs_dnsperf], id="dns_throughput"),
+    pytest.param("device_flood.py", ["--macs", "30", "--max", "10"],
+                 {"macs", "max", "unbounded", "bounded"}, id="device_flood"),
     pytest.param("federated_accuracy.py", ["--data", str(DATA), "--homes", "2", "--rounds", "1", "--epochs", "1"],
                  {"centralized", "federated", "ratio", "ratio_per_head", "curve", "train_windows", "test_windows",
                   "test_samples"},
@@ -127,6 +129,7 @@ def test_benchmark_help_explains_instead_of_running(script, tmp_path):
     ("federated_accuracy.py", ["--homes", "0"]),
     ("federated_round.py", ["--homes", "0"]),
     ("policy_lookup.py", ["--queries", "0"]),
+    ("device_flood.py", ["--macs", "0"]),
     ("soak.py", ["--clients", "0"]),
 ])
 def test_benchmark_refuses_a_zero_count_or_length_with_a_usage_error(script, args, tmp_path):
