@@ -156,3 +156,34 @@ def test_the_gateways_own_router_is_not_quarantined_as_new_but_a_lan_host_sendin
             time.sleep(0.2)
         # its DNS is answered under the default policy, not quarantine's (which answers 0.0.0.0)
         assert "192.0.2.7" in veth.client_python(QUERY, veth.gw_ip4, "router.example.test")
+
+
+ROUTER_ADVERTISEMENT = """
+import sys
+from scapy.all import Ether, ICMPv6ND_RA, ICMPv6NDOptSrcLLAddr, IPv6, sendp
+iface, mac = sys.argv[1:3]
+sendp(Ether(src=mac, dst="33:33:00:00:00:01") / IPv6(src="fe80::e66", dst="ff02::1", hlim=255)
+      / ICMPv6ND_RA(routerlifetime=1800) / ICMPv6NDOptSrcLLAddr(lladdr=mac), iface=iface, verbose=False)
+"""
+
+
+def test_a_lan_host_sending_router_advertisements_is_not_the_gateways_router(tmp_path, veth):
+    """The kernel makes the sender of any IPv6 router advertisement a default route's next hop (proto ra) and
+    enters its MAC in the neighbour table: any LAN host, a quarantined one too, could so become the gateway's
+    router and be exempt from quarantine. Routes learned from advertisements are no proof and are not read."""
+    from gateway.devices.service import routers
+
+    sh("ip", "-n", veth.gw, "route", "add", "default", "via", veth.client_ip4)
+    rogue = "02:00:00:00:0e:66"
+    veth.client_python(ROUTER_ADVERTISEMENT, veth.client_if, rogue)
+    deadline = time.monotonic() + 10
+    while "proto ra" not in sh("ip", "-n", veth.gw, "-6", "route", "show", "default").stdout:
+        assert time.monotonic() < deadline, "the kernel took no route from the advertisement"
+        time.sleep(0.1)
+    assert rogue in sh("ip", "-n", veth.gw, "neigh").stdout
+    with running_daemon(tmp_path, veth) as store:
+        deadline = time.monotonic() + 20
+        while not routers(store):  # the first look, made before the daemon answers, found the IPv4 router
+            assert time.monotonic() < deadline, "no router found"
+            time.sleep(0.2)
+        assert routers(store) == {veth.client_mac}

@@ -44,12 +44,16 @@ def read_kernel_table() -> dict[str, str]:
 
 def read_default_routers() -> set[str]:
     """The next hops of the kernel's default routes (IPv4 and IPv6): the gateway's own upstream router. Only the
-    kernel's routing table says which host that is; a LAN host sending DHCP or router advertisements does not."""
+    kernel's routing table says which host that is; a LAN host sending DHCP or router advertisements does not.
+    Routes learned from router advertisements (``proto ra``) are skipped: any LAN host can send one, and the
+    kernel (or dhcpcd, NetworkManager) then adds it as a default route of its own."""
     routers: set[str] = set()
     for family in ("-4", "-6"):
         cmd = ["ip", "-j", family, "route", "show", "default"]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=5, check=True).stdout
         for route in json.loads(out or "[]"):
+            if route.get("protocol") == "ra":
+                continue
             hops = [route] + [hop for hop in route.get("nexthops", ()) if isinstance(hop, dict)]  # multipath
             routers.update(normalise_ip(hop["gateway"]) for hop in hops if hop.get("gateway"))
     return routers
