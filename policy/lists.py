@@ -285,6 +285,18 @@ def load(path: str | Path, source: str | None = None, *, quote: bool = True) -> 
     )
 
 
+def _failure(exc: BaseException) -> str:
+    """Why a fetch failed, in words of our own: the server's reason phrase and, from a service that is no web
+    server, the first line it sent (BadStatusLine) are its text, not to be shown to whoever may add lists."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP Error {exc.code}"
+    if isinstance(exc, urllib.error.URLError):  # wraps the socket's reason (refused, unreachable, RefusedAddress)
+        return _failure(exc.reason) if isinstance(exc.reason, BaseException) else str(exc.reason)
+    if isinstance(exc, http.client.HTTPException):
+        return f"the server's answer is not HTTP ({type(exc).__name__})"
+    return str(exc)
+
+
 def fetch(
     url: str,
     dest: str | Path,
@@ -318,10 +330,7 @@ def fetch(
         os.replace(tmp, dest)
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         Path(tmp).unlink(missing_ok=True)
-        # An HTTPError says its status; a URLError wraps the socket's reason.
-        plain_url_error = isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError)
-        reason = exc.reason if plain_url_error else exc
-        raise FetchError(f"{url}: cannot be fetched: {reason}") from exc
+        raise FetchError(f"{url}: cannot be fetched: {_failure(exc)}") from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -238,6 +238,26 @@ def test_a_fetched_page_that_is_no_block_list_is_reported_by_line_and_reason_nev
     assert updated.blocked == 1
 
 
+def test_a_list_server_that_is_no_web_server_or_fails_is_refused_without_quoting_what_it_answered(tmp_path):
+    """A URL at another service's port (SSH, SMTP, a printer) failed with the first line it sent, and an HTTP error
+    with the reason phrase the server chose: either showed whoever may add lists what that service answers."""
+    def answer(handler: http.server.BaseHTTPRequestHandler) -> None:
+        if handler.path == "/banner":  # as a service that is no web server greets its client
+            handler.wfile.write(b"SSH-2.0-OpenSSH_9.2 banner-secret\r\n")
+        else:
+            handler.send_response(403, "wifi key hunter2-secret")
+            handler.end_headers()
+
+    with _list_server(answer) as base:
+        with pytest.raises(lists.FetchError) as banner:
+            policies.add_list(tmp_path, "ssh", url=f"{base}/banner", fetch=LOOPBACK_FETCH)
+        with pytest.raises(lists.FetchError) as failed:
+            policies.add_list(tmp_path, "admin", url=f"{base}/admin", fetch=LOOPBACK_FETCH)
+    assert str(banner.value) == f"{base}/banner: cannot be fetched: the server's answer is not HTTP (BadStatusLine)"
+    assert str(failed.value) == f"{base}/admin: cannot be fetched: HTTP Error 403"
+    assert policies.load(tmp_path).lists == {} and not list((tmp_path / "lists").iterdir())
+
+
 def test_a_list_on_loopback_or_link_local_is_refused_before_anything_is_asked(tmp_path):
     """A write token or the owner could make the gateway fetch its own services (the web UI, the daemon's ports)
     or a router's link-local page as a list. The connection is closed before a request is sent."""
