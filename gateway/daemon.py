@@ -285,7 +285,10 @@ class Gateway:
         elif change.kind == "evicted":  # forgotten to make room: in the store at the next flush, here now
             self._forget(change.key)
         elif change.kind == "untracked":
-            # Not kept, yet still a new device: quarantine holds for it as for any other (nftables too)
+            # Not kept, yet still a new device: quarantine holds for it as for any other (nftables too). The
+            # contexts of such devices are dropped past twice the bound, or a flood would grow them forever.
+            if len(self.filtering.contexts) >= 2 * self.tracker.max_devices:
+                self.filtering.forget_unknown(self.tracker.devices.keys())
             self.filtering.seen(change.key)
             if not self._said_too_many:
                 self._said_too_many = True

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Collection
 from pathlib import Path
 
 from sqlalchemy import select
@@ -113,6 +114,14 @@ class Filtering:
         query: quarantine applies to it from now on, not only once it asks the gateway for a name."""
         if not key.startswith("ip:") and key not in self.contexts:
             self._context_for_unknown(key)
+
+    def forget_unknown(self, tracked: Collection[str]) -> None:
+        """Drop the contexts of devices neither ``tracked``, stored nor the router. A flood of spoofed MACs past
+        ``[devices] max`` makes one for each (to quarantine it) and they would grow without bound, the nftables
+        set with them; each is made again, new, at the device's next packet (on the event loop, as ``seen``)."""
+        keep = self._stored | self.routers
+        for key in [k for k in list(self.contexts) if k not in keep and k not in tracked]:
+            self.contexts.pop(key, None)
 
     # -- off the hot path --------------------------------------------------------------------------------
     def set_profiles(self, profiles: dict[str, list[str]]) -> None:

@@ -335,6 +335,26 @@ def test_a_mac_flood_past_devices_max_makes_room_from_stale_untouched_devices_th
     assert len(said) == 1 and said[0].levelname == "WARNING"
 
 
+def test_a_long_mac_flood_past_devices_max_leaves_the_filters_memory_bounded_and_still_quarantines(veth, tmp_path):
+    """Each device not kept for want of room still got a filtering context (for its quarantine), and none ever
+    went: a flood of spoofed MACs grew the daemon's memory and the nftables set without bound, [devices] max
+    notwithstanding. Past twice the bound the contexts of devices neither kept nor stored go (each is made again,
+    new, at the device's next packet); the latest flooder is still quarantined."""
+    from gateway.policies import set_quarantine
+
+    set_quarantine(tmp_path / "state", True)
+    spoofed = [f"02:5e:00:00:00:{i:02x}" for i in range(40)]
+    with DaemonOnVeth(veth, tmp_path) as daemon:
+        gw = daemon.gateway
+        gw.tracker.max_devices = 5
+        veth.client_python(SPOOFED_QUERIES, veth.client_if, veth.gw_ip4, veth.gw_mac, *spoofed)
+        assert daemon.handled(lambda _: gw.counters.get("queries") == 40), gw.counters.values
+        assert set(gw.tracker.devices) == set(spoofed[:5]) and gw.counters.get("devices_untracked") == 35
+        assert len(gw.filtering.contexts) <= 2 * 5, len(gw.filtering.contexts)
+        for mac in (*spoofed[:5], spoofed[-1]):  # the kept ones and the latest flooder: quarantined as new
+            assert gw.filtering.engine.is_quarantined(gw.filtering.contexts[mac])
+
+
 def eventually_stored(read, timeout: float = 10.0):
     """``read()``'s result once it is not None (the daemon writes in batches)."""
     deadline = time.monotonic() + timeout
