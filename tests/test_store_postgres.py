@@ -275,3 +275,44 @@ def test_a_nul_in_a_login_name_search_or_device_is_a_400_from_the_web_ui_not_a_5
         r = client.get(url)
         assert r.status_code == 400 and "NUL" in r.get_data(as_text=True), url
     assert client.get("/api/v1/devices?q=a").status_code == 200
+
+
+def test_a_device_the_owner_names_while_it_is_evicted_keeps_its_rows_on_postgresql(store, pg_url):
+    """Making room past [devices] max, the tracker checked that the chosen device was still untouched, then
+    deleted it: a name the owner gave it in between (committed while the delete waited on the row) was deleted
+    with it. The delete itself now says "untouched", which PostgreSQL checks again on the row it waited for."""
+    import threading
+
+    from sqlalchemy import select
+
+    from gateway.events import DeviceSeen
+    from gateway.store.schema import Device, DeviceName
+
+    now = time.time()
+    stale, newcomer = "02:ab:00:00:00:01", "02:ab:00:00:00:02"
+    with store.transaction() as s:
+        s.add(Device(mac=stale, first_seen=now - 9e5, last_seen=now - 2e5, status="new"))
+        s.flush()
+        s.add(DeviceName(mac=stale, name="cam", source="dhcp", first_seen=now - 9e5, last_seen=now - 9e5))
+    tracker = DeviceTracker(store, max_devices=0)
+    tracker.max_devices = len(tracker.devices)
+    tracker.keep(set(tracker.devices) - {stale})  # the other tests' devices stay: the stale one makes room
+    tracker.observe(DeviceSeen(now, newcomer, None))
+    assert stale not in tracker.devices
+    with psycopg.connect(pg_url) as owner:  # the web UI renaming it, not yet committed
+        owner.execute("UPDATE devices SET name = 'Porch camera', name_source = 'user' WHERE mac = %s", (stale,))
+        writer = threading.Thread(target=tracker.flush)
+        writer.start()
+        deadline = time.monotonic() + 20
+        with psycopg.connect(pg_url, autocommit=True) as watch:
+            while not watch.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                    " AND datname = current_database()").fetchone()[0]:
+                assert time.monotonic() < deadline and writer.is_alive(), "the tracker's write never waited"
+                time.sleep(0.05)
+        owner.commit()
+    writer.join(20)
+    with store.session() as s:
+        row = s.get(Device, stale)
+        assert row is not None and (row.name, row.name_source) == ("Porch camera", "user")
+        assert s.scalars(select(DeviceName.name).where(DeviceName.mac == stale)).all() == ["cam"]
+        assert s.get(Device, newcomer) is not None

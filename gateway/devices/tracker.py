@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from sqlalchemy import UniqueConstraint, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, UniqueConstraint, and_, delete, func, not_, or_, select, update
 from sqlalchemy.orm import Session
 
 from gateway.events import AddressSeen, Counters, DeviceSeen, DhcpSeen, DnsQuery, Event, MdnsSeen, PacketSeen
@@ -599,24 +599,32 @@ def _insert_ignore(s: Session, table: type, rows: list[dict], refresh: str | Non
     s.execute(stmt.on_conflict_do_update(index_elements=keys, set_={refresh: stmt.excluded[refresh]}), rows)
 
 
+def _untouched() -> ColumnElement[bool]:
+    """A device the owner never named, approved or quarantined, nor labelled (no NULL makes it unknown)."""
+    return and_(or_(Device.name_source.is_(None), Device.name_source != "user"), Device.status == "new",
+                Device.label_manufacturer.is_(None), Device.label_device_type.is_(None),
+                Device.label_category.is_(None))
+
+
 def owner_touched(s: Session, macs: list[str] | None = None) -> set[str]:
     """The devices (of ``macs``, or all) the owner named, approved or quarantined, or labelled."""
-    stmt = select(Device.mac).where(or_(
-        Device.name_source == "user", Device.status != "new", Device.label_manufacturer.is_not(None),
-        Device.label_device_type.is_not(None), Device.label_category.is_not(None)))
+    stmt = select(Device.mac).where(not_(_untouched()))
     if macs is not None:
         stmt = stmt.where(Device.mac.in_(macs))
     return set(s.scalars(stmt))
 
 
 def _delete_untouched(s: Session, macs: list[str]) -> None:
-    """Delete ``macs`` and their rows, but not one the owner touched since the tracker chose it."""
+    """Delete ``macs`` and their rows, but not one the owner touched since the tracker chose it. The condition is
+    in the DELETE itself: PostgreSQL checks it again on a row it waited for, so a name the owner commits while the
+    delete waits is kept (a check made before the delete would miss it)."""
+    untouched = _untouched()
     for start in range(0, len(macs), 500):  # within any database's limit on bound parameters
         chunk = macs[start:start + 500]
-        chunk = sorted(set(chunk) - owner_touched(s, chunk))
-        for table in DEVICE_ROWS:
-            s.execute(delete(table).where(table.mac.in_(chunk)).execution_options(synchronize_session=False))
-        s.execute(delete(Device).where(Device.mac.in_(chunk)).execution_options(synchronize_session=False))
+        gone = list(s.scalars(delete(Device).where(Device.mac.in_(chunk), untouched).returning(Device.mac)
+                              .execution_options(synchronize_session=False)))
+        for table in DEVICE_ROWS:  # ON DELETE CASCADE did it where foreign keys are enforced
+            s.execute(delete(table).where(table.mac.in_(gone)).execution_options(synchronize_session=False))
 
 
 def _trim(s: Session, macs: list[str]) -> None:
