@@ -258,9 +258,10 @@ def leave_one_type_out(
     progress=None,
 ) -> dict:
     """Every device type is left out of training once (``rounds`` trainings, each leaving out every
-    ``rounds``-th type); the max device-type probability of its captures is compared with that of held-out
-    captures of the known types (one fold of them, so they are unseen too)."""
+    ``rounds``-th type; as many as there are types when fewer); the max device-type probability of its captures
+    is compared with that of held-out captures of the known types (one fold of them, so they are unseen too)."""
     types = sorted({w.device_type for w in captures})
+    rounds = min(rounds, len(types))  # a round past the last type would leave nothing out: a wasted training
     fold = stratified_folds(captures, 5, seed)[0]
     per_type, known_all, unknown_all, unknown_flagged = {}, [], [], []
     for r in range(rounds):

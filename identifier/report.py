@@ -81,7 +81,7 @@ def run_report(
         report["baselines"] = sklearn_baselines(captures, 0, folds)
         _write(out, report)
     if "open-set" not in skip:
-        rounds = 9  # trainings, each leaving out every 9th type
+        rounds = min(9, len({w.device_type for w in captures}))  # trainings, each leaving out every 9th type
         with tqdm(total=rounds, desc="leave types out") as bar:
             report["open_set"] = leave_one_type_out(captures, names, 0, rounds=rounds, progress=bar)
         _write(out, report)

@@ -25,6 +25,7 @@ from identifier.evaluate import (
     OPEN_SET_GRID,
     choose_values,
     grid_points,
+    leave_one_type_out,
     open_set_balance,
     pick,
     shipped_values,
@@ -710,6 +711,27 @@ def test_the_nested_lab_objective_is_the_open_set_balance_and_picks_the_better_p
     # the shipped values are one of the grid's points, so the search can always keep them
     shipped = shipped_values()
     assert {k: shipped[k] for k in OPEN_SET_GRID} in grid_points(OPEN_SET_GRID)
+
+
+def test_leaving_types_out_trains_once_per_type_when_there_are_fewer_types_than_rounds():
+    # 3 types and the default 9 rounds: rounds 4 to 9 left nothing out and trained for nothing
+    def capture(vendor: str, device_type: str, i: int) -> LabelledWindow:
+        names = [f"api.{vendor.lower()}cloud.com", f"fw.{device_type.lower()}.{vendor.lower()}.net", "pool.ntp.org"]
+        obs = [DnsObservation(float(t), name) for t, name in enumerate(names)]
+        return LabelledWindow(obs, "", 0.0, vendor, device_type, "plug", f"{device_type}-{i}", "test", True)
+
+    captures = [capture(v, t, i) for v, t in (("Acme", "Plug"), ("Bolt", "Cam"), ("Cora", "Hub")) for i in range(5)]
+
+    class Rounds:
+        done = 0
+
+        def update(self, n: int) -> None:
+            self.done += n
+
+    rounds = Rounds()
+    result = leave_one_type_out(captures, [], seed=0, rounds=9, progress=rounds)
+    assert rounds.done == 3
+    assert sorted(result["auroc_per_type"]) == ["Cam", "Hub", "Plug"]
 
 
 def test_a_bad_session_line_is_named_by_file_and_line_and_loses_none_of_the_others(iotgw, tmp_path, capsys):
