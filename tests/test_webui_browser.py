@@ -242,3 +242,31 @@ def test_the_dashboard_says_when_its_session_ends_and_logs_back_in_to_it(served,
     page.click("button[type=submit]")
     page.wait_for_url(base + "/")
     assert page.locator("#session-ended").count() == 0
+
+
+def test_on_a_phone_every_column_of_the_device_list_and_query_log_is_on_screen(served, page):
+    """At 390 px the tables scrolled sideways inside their box: a device's status and last seen, a query's verdict
+    were off screen with nothing saying so. Each row now stacks its cells, each led by its column's name."""
+    base, store = served
+    mac = "aa:bb:cc:00:00:31"
+    add_device(store, mac, hostname="kitchen-plug", identified=True, queries=("tplinkcloud.com", "ads.tracker.net"))
+    _login(page, base)
+    page.set_viewport_size({"width": 390, "height": 844})
+    verdict = "tbody tr td:nth-child(5)"
+    for path, last_cell in (("/devices", f"tr[data-mac='{mac}'] td:last-child"), ("/queries", verdict)):
+        page.goto(base + path)
+        cell = page.locator(last_cell).first
+        box = cell.bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, f"{path}: {box}"
+        assert cell.evaluate("c => getComputedStyle(c, '::before').content") != "none"  # led by its column's name
+    _shot(page, "queries-phone")
+    assert page.locator(verdict).first.inner_text() in ("allowed", "blocked")
+
+
+def test_a_device_without_a_name_shows_its_mac_once_and_says_online_in_words(served, page):
+    base, store = served
+    add_device(store, "aa:bb:cc:00:00:32")
+    _login(page, base)
+    cell = page.locator("tr[data-mac='aa:bb:cc:00:00:32'] td").first
+    assert cell.inner_text().count("aa:bb:cc:00:00:32") == 1
+    assert "● online" in cell.inner_text()  # a green dot alone meant nothing, and a title needs a mouse
