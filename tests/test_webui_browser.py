@@ -270,3 +270,18 @@ def test_a_device_without_a_name_shows_its_mac_once_and_says_online_in_words(ser
     cell = page.locator("tr[data-mac='aa:bb:cc:00:00:32'] td").first
     assert cell.inner_text().count("aa:bb:cc:00:00:32") == 1
     assert "● online" in cell.inner_text()  # a green dot alone meant nothing, and a title needs a mouse
+
+
+def test_the_query_log_names_each_record_type(served, page):
+    """The Type column showed the stored number (1, 28, 65): it now says A, AAAA, HTTPS."""
+    base, store = served
+    add_device(store, "aa:bb:cc:00:00:33", queries=("a.example.com", "b.example.com", "c.example.com"))
+    with store.querylog_session.begin() as s:
+        from gateway.store.schema import Query
+
+        for row, number in zip(s.query(Query).order_by(Query.ts), (1, 28, 65), strict=True):
+            row.qtype = number
+    _login(page, base)
+    page.goto(base + "/queries")
+    types = page.locator("table.queries tbody tr td:nth-child(4)").all_inner_texts()
+    assert sorted(types) == ["A", "AAAA", "HTTPS"]

@@ -9,6 +9,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import dnslib
 from flask import Flask, Response, has_request_context, request
 from flask.sessions import SecureCookieSessionInterface
 from sqlalchemy.exc import OperationalError
@@ -47,6 +48,7 @@ def create_app(store: Store, cfg: Config) -> Flask:
     app.jinja_env.filters["when"] = _when
     app.jinja_env.filters["ago"] = _ago
     app.jinja_env.filters["pct"] = _pct
+    app.jinja_env.filters["qtype"] = _qtype
     app.extensions["iotgw"] = WebContext(store=store, cfg=cfg)
     security.install(app)
     app.register_blueprint(auth_views.bp)
@@ -117,6 +119,11 @@ def _ago(ts: float | None) -> str:
         if s >= size:
             return f"{int(s // size)} {unit} ago"
     return f"{int(s)} s ago"
+
+
+def _qtype(number: int | None) -> str:
+    """A query's record type by its name (A, AAAA, HTTPS): the log stores the number, which told an owner nothing."""
+    return "—" if number is None else str(dnslib.QTYPE.get(number, number))
 
 
 def _pct(value: float | None) -> str:
