@@ -285,3 +285,18 @@ def test_the_query_log_names_each_record_type(served, page):
     page.goto(base + "/queries")
     types = page.locator("table.queries tbody tr td:nth-child(4)").all_inner_texts()
     assert sorted(types) == ["A", "AAAA", "HTTPS"]
+
+
+def test_an_error_page_says_what_happened_in_the_sites_layout_with_a_way_back(served, page):
+    """A forgotten device's old link showed Werkzeug's bare "Not Found ... check your spelling" with no way back."""
+    base, _ = served
+    _login(page, base)
+    response = page.goto(base + "/devices/aa:bb:cc:00:00:99")
+    assert response.status == 404
+    error = page.locator("#error")
+    assert "the device may have been forgotten" in error.inner_text()
+    assert page.get_by_role("link", name="Devices").count() >= 1  # the site's navigation is there
+    error.get_by_role("link", name="Back to the dashboard").click()
+    page.wait_for_url(base + "/")
+    response = page.goto(base + "/queries?before=x")  # a reason given by the view is kept
+    assert response.status == 400 and "before must be an integer" in page.locator("#error").inner_text()

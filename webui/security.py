@@ -15,7 +15,7 @@ import secrets
 import time
 from urllib.parse import urlsplit
 
-from flask import Flask, Response, g, jsonify, redirect, request, session, url_for
+from flask import Flask, Response, g, jsonify, redirect, render_template, request, session, url_for
 from werkzeug.exceptions import HTTPException
 
 from gateway import accounts
@@ -35,6 +35,13 @@ CSRF_HEADER = "X-CSRF-Token"
 # Names that only the LAN resolves (mDNS, router and RFC 8375 home domains): no one on the internet can point one
 # at the gateway, so they need no configuration. Single-label names (``raspberrypi``) are local in the same way.
 LOCAL_SUFFIXES = (".local", ".lan", ".home", ".home.arpa", ".internal", ".localdomain", ".localhost")
+# What a page's error says when its view gave no reason of its own (Werkzeug's texts speak to developers).
+ERROR_TITLES = {400: "This request cannot be handled", 404: "Nothing here", 405: "Not possible here"}
+ERROR_TEXTS = {
+    400: "Something in the address or the form is not what this page expects. Go back and try again.",
+    404: "There is nothing at this address: the device may have been forgotten, or the link is out of date.",
+    405: "This address does not take that kind of request: use the page's own buttons and links.",
+}
 
 CSP = "; ".join(
     (
@@ -230,10 +237,17 @@ def _refuse(status: int, message: str):  # noqa: ANN202
 
 def _http_error(exc: HTTPException):  # noqa: ANN202 - a response, or the exception's own HTML page
     """Under /api/, every error is ``{"error": ...}`` JSON, also for a path or a method no route has (those
-    came as Werkzeug's HTML page); the pages keep it."""
+    came as Werkzeug's HTML page). A page's error is shown in the site's layout with a way back: Werkzeug's bare
+    page had no navigation and, for a forgotten device, only "check your spelling"."""
     if is_api():
         return api_error(exc.code or 500, exc.description or exc.name)
-    return exc
+    code = exc.code or 500
+    if code < 400:  # a routing redirect (a missing trailing slash) is no error
+        return exc
+    default = type(exc).description  # the class's generic text, as opposed to abort(code, "what was wrong")
+    message = exc.description if exc.description != default else ERROR_TEXTS.get(code, exc.description)
+    title = ERROR_TITLES.get(code, exc.name)
+    return render_template("error.html", code=code, name=exc.name, title=title, message=message), code
 
 
 def _broken_policy_file(exc: ConfigError):  # noqa: ANN202
