@@ -3,6 +3,7 @@ a loopback port, on a temporary SQLite store. Screenshots of the main pages go t
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -300,3 +301,17 @@ def test_an_error_page_says_what_happened_in_the_sites_layout_with_a_way_back(se
     page.wait_for_url(base + "/")
     response = page.goto(base + "/queries?before=x")  # a reason given by the view is kept
     assert response.status == 400 and "before must be an integer" in page.locator("#error").inner_text()
+
+
+def test_the_model_page_says_its_accuracy_in_words_and_folds_the_raw_figures(served, page):
+    """The shipped bundle's metrics were one table of nested JSON, some 18,000 px tall on a phone."""
+    base, _ = served
+    _login(page, base)
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.goto(base + "/model")
+    summary = page.locator("#model-summary").inner_text()
+    assert re.search(r"names the right product for \d+% of devices and the right manufacturer for \d+%", summary)
+    assert not page.locator("#metrics").is_visible()
+    assert page.evaluate("document.documentElement.scrollHeight") < 3000
+    page.get_by_text("All evaluation figures").click()
+    assert page.locator("#metrics").is_visible()
