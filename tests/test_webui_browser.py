@@ -315,3 +315,19 @@ def test_the_model_page_says_its_accuracy_in_words_and_folds_the_raw_figures(ser
     assert page.evaluate("document.documentElement.scrollHeight") < 3000
     page.get_by_text("All evaluation figures").click()
     assert page.locator("#metrics").is_visible()
+
+
+def test_removing_a_schedule_asks_first_and_cancelling_keeps_it(served, page, tmp_path):
+    """Forget device, revoke token and remove list asked first; a schedule's Remove dropped its days and times at
+    once."""
+    from gateway import policies
+
+    base, _ = served
+    state_dir = config(tmp_path).state_dir  # the served app's
+    policies.set_schedule(state_dir, "bedtime", "UTC", ["mon=21:00-24:00"])
+    _login(page, base)
+    page.goto(base + "/policies")
+    page.locator("#schedules").get_by_role("button", name="Remove").click()  # the fixture dismisses the dialog
+    assert page.dialogs == ["Remove the schedule bedtime and its times?"]
+    assert "bedtime" in policies.load(state_dir).schedules
+    assert page.locator("#schedules").get_by_text("bedtime").count() == 1
