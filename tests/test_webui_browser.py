@@ -331,3 +331,17 @@ def test_removing_a_schedule_asks_first_and_cancelling_keeps_it(served, page, tm
     assert page.dialogs == ["Remove the schedule bedtime and its times?"]
     assert "bedtime" in policies.load(state_dir).schedules
     assert page.locator("#schedules").get_by_text("bedtime").count() == 1
+
+
+def test_the_dashboard_explains_devices_left_unlisted_at_the_device_limit(served, page):
+    """The card read '3 not kept  too many devices: possible MAC flood ([devices] max)': not kept where, and what
+    happens to them? It now says they were left out of Devices, why, and that they are filtered as any new device."""
+    base, store = served
+    from gateway.overview import UNTRACKED_SETTING
+
+    store.set_setting(UNTRACKED_SETTING, "3")
+    _login(page, base)
+    page.goto(base + "/")
+    card = page.locator(".card", has=page.locator("[data-summary=untracked]")).inner_text()
+    assert card.startswith("3") and "devices not listed" in card
+    assert "[devices] max" in card and "filtered as any new device" in card
