@@ -126,10 +126,13 @@ class _CheckedHTTPSHandler(urllib.request.HTTPSHandler):
 
 
 def _opener(checked: bool) -> urllib.request.OpenerDirector:
-    """Only http(s), also after a redirect: urllib's default opener would follow one to ftp://."""
+    """Only http(s), also after a redirect (urllib's default opener would follow one to ftp://), and never
+    through a proxy from the environment."""
     opener = urllib.request.OpenerDirector()
     for handler in (
-        urllib.request.ProxyHandler(),  # with a proxy set in the environment, the proxy's address is the one checked
+        # No proxy, whatever http_proxy / https_proxy say: through one, the address checked would be the proxy's and
+        # any host behind it (the gateway itself, loopback, link-local) could be read. A home gateway needs none.
+        urllib.request.ProxyHandler({}),
         _CheckedHTTPHandler() if checked else urllib.request.HTTPHandler(),
         _CheckedHTTPSHandler() if checked else urllib.request.HTTPSHandler(),
         urllib.request.HTTPDefaultErrorHandler(),
@@ -309,7 +312,8 @@ def fetch(
 
     ``FetchError`` when the server cannot be reached, answers an error, sends too much or takes longer than
     ``deadline_s`` in all, or is at an address ``check_list_server`` refuses (also after a redirect) unless
-    ``from_gateway`` (for tests, whose servers listen on loopback); ``dest`` is then left as it was."""
+    ``from_gateway`` (for tests, whose servers listen on loopback); ``dest`` is then left as it was. Always
+    direct: proxy environment variables are ignored (``_opener``)."""
     if not url.lower().startswith(("https://", "http://")):
         raise ValueError(f"{url}: only http and https lists can be fetched")
     dest = Path(dest)

@@ -324,6 +324,55 @@ def test_list_servers_on_the_gateway_are_refused_also_after_a_redirect_and_a_lan
     assert list(policies.load(tmp_path).lists) == ["nas"]
 
 
+PROXIED_ADD = """
+import sys
+from gateway import policies
+from policy import lists
+try:
+    policies.add_list(sys.argv[1], "l", url=sys.argv[2])
+    print("added")
+except lists.FetchError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+def test_a_list_fetch_ignores_proxy_variables_so_the_gateways_own_address_stays_refused(tmp_path):
+    """With http_proxy set in the daemon's environment the fetch went to the proxy, and only the proxy's (LAN)
+    address was checked: a proxy on the LAN handed over a list from the gateway's own address. Fetches now ignore
+    proxy variables, so the list's own host is the one connected to and checked."""
+    import subprocess
+    import sys
+
+    from tests.capture_netns import http_server, veth_pair
+
+    asked_on_gateway, asked_proxy = [], []
+
+    def gateway_service(handler: http.server.BaseHTTPRequestHandler) -> None:
+        asked_on_gateway.append(handler.path)
+        handler.send_response(200)
+        handler.end_headers()
+        handler.wfile.write(b"secret.example\n")
+
+    def proxy(handler: http.server.BaseHTTPRequestHandler) -> None:  # answers as if it fetched the URL it was given
+        asked_proxy.append(handler.path)
+        handler.send_response(200)
+        handler.end_headers()
+        handler.wfile.write(b"secret.example\n")
+
+    with (veth_pair(f"lp{os.getpid() % 100000}") as pair,
+          http_server(pair, pair.gw, pair.gw_ip4, gateway_service) as own,
+          http_server(pair, pair.client, pair.client_ip4, proxy) as lan_proxy):
+        env = {**os.environ, "http_proxy": lan_proxy, "https_proxy": lan_proxy, "HTTP_PROXY": lan_proxy,
+               "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        env.pop("no_proxy", None), env.pop("NO_PROXY", None)
+        said = subprocess.run(["ip", "netns", "exec", pair.gw, sys.executable, "-c", PROXIED_ADD, str(tmp_path),
+                               f"{own}/list.txt"], env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert said.stdout.startswith(f"{own}/list.txt: cannot be fetched: {pair.gw_ip4} is this gateway's own address")
+    assert asked_proxy == [] and asked_on_gateway == []
+    assert policies.load(tmp_path).lists == {}
+
+
 def test_an_unreachable_or_failing_list_server_is_a_clear_refusal(tmp_path):
     def answer(handler: http.server.BaseHTTPRequestHandler) -> None:
         if handler.path == "/ftp":  # a redirect off http(s) is not followed

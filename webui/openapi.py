@@ -166,8 +166,9 @@ DOCUMENT: dict = {
         },
         "/api/v1/policies/lists": {
             "post": _op(
-                "Add a block list from a URL (downloaded now; 502 for a server on the gateway itself, loopback or"
-                " link-local, also after a redirect) or a file name in <state_dir>/lists",
+                "Add a block list from a URL (downloaded now, never through a proxy from the environment; 502 for a"
+                " server on the gateway itself, loopback or link-local, also after a redirect) or a file name in"
+                " <state_dir>/lists",
                 body="ListAdd",
                 status="201",
                 schema="ListReport",
