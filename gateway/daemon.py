@@ -82,7 +82,7 @@ class Gateway:
         self.neighbours = NeighbourTable()
         self._neighbour_missed = False
         self.tracker = DeviceTracker(store, neighbour_lookup=self._neighbour_mac, counters=self.counters,
-                                     max_devices=cfg.devices.max)
+                                     max_devices=cfg.devices.max, state_dir=cfg.state_dir)
         self._said_too_many = False
         self._untracked_noted = -1  # devices_untracked as last written to UNTRACKED_SETTING
         self.routers: frozenset[str] = frozenset()  # MACs of the gateway's own router (see _find_routers)

@@ -138,8 +138,7 @@ class Filtering:
             try:
                 data = load_policy(self.state_dir)
                 self.engine = PolicyEngine.build(data, self.profiles, base_dir=self.state_dir, previous=self.engine)
-                self.own_policies = frozenset(scope.removeprefix("device:") for scope in data.policies
-                                              if scope.startswith("device:"))
+                self.own_policies = data.own_devices()
                 for err in self.engine.list_errors[:20]:
                     log.warning("policy list: %s", err)
                 log.info("policy: revision %s loaded", data.revision)

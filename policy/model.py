@@ -191,6 +191,10 @@ class PolicySet:
         """The policy of ``scope``, created empty if there is none yet."""
         return self.policies.setdefault(normalise_scope(scope), Policy())
 
+    def own_devices(self) -> frozenset[str]:
+        """The devices (keys as the tracker has them) with a policy of their own: the owner touched them."""
+        return frozenset(scope.removeprefix("device:") for scope in self.policies if scope.startswith("device:"))
+
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistency (unknown list, schedule, action ...)."""
         if self.answer not in ANSWERS:

@@ -4,10 +4,12 @@ parser, the store, and a policy change applied while it runs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 
 import dns.message
@@ -56,6 +58,10 @@ class RunningGateway:
         asyncio.run_coroutine_threadsafe(self.gateway.stop(), self._loop).result(30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+
+    def flush(self) -> None:
+        """Write what the daemon holds now, as its flush loop does."""
+        assert asyncio.run_coroutine_threadsafe(self.gateway._flush(), self._loop).result(30)
 
     def ask(self, name: str, source_ip: str, rdtype: str = "A") -> dns.message.Message:
         query = dns.message.make_query(name, rdtype)
@@ -959,3 +965,72 @@ def test_dns_clients_past_devices_max_make_room_from_stale_untouched_devices_the
             (None, {"max": 6, "message": "too many devices: possible MAC flood"})]
     said = [r for r in caplog.records if "too many devices" in r.getMessage()]
     assert len(said) == 1 and said[0].levelname == "WARNING"
+
+
+@contextlib.contextmanager
+def _evicted_stale_device(tmp_path, upstream) -> Iterator[tuple[RunningGateway, str, float]]:
+    """A running daemon whose one stored device (unseen for two days, untouched, its DHCP name stored) was just
+    forgotten in memory to make room for a new device, its rows not yet deleted: nothing is written before the
+    test calls ``flush``. Yields the daemon, the stale device and its first_seen."""
+    from gateway.store.schema import Device, DeviceName
+
+    now = time.time()
+    stale, first_seen = "02:aa:bb:cc:dd:71", now - 9e5
+    seed = Store(f"sqlite:///{tmp_path / 'state' / 'iotgw.sqlite'}")
+    with seed.transaction() as s:
+        s.add(Device(mac=stale, first_seen=first_seen, last_seen=now - 2e5, status="new"))
+        s.flush()
+        s.add(DeviceName(mac=stale, name="old-plug", source="dhcp", first_seen=first_seen, last_seen=first_seen))
+    seed.close()
+    gw = RunningGateway(tmp_path, upstream)
+    gw.cfg.store.flush_interval_s = 3600  # written when the test says (and at the stop)
+    with gw:
+        tracker = gw.gateway.tracker
+        tracker.max_devices = len(tracker.devices)
+        gw.dhcp("02:aa:bb:cc:dd:72", "127.0.0.72", "newcomer")
+        eventually(lambda: "02:aa:bb:cc:dd:72" in tracker.devices)
+        assert stale not in tracker.devices and gw.gateway.counters.get("devices_evicted") == 1
+        yield gw, stale, first_seen
+
+
+def test_a_device_given_a_policy_of_its_own_while_it_is_evicted_keeps_its_rows(tmp_path, upstream):
+    """Evicted in memory, then given a policy by the owner before the daemon reloaded policy.json: the store's
+    delete knew nothing of policies and deleted the device and its rows, while its policy stayed for a device
+    that was gone. The delete now reads policy.json and never deletes a device with a policy of its own."""
+    from gateway.policies import load, set_device_mode
+    from gateway.store.schema import Device, DeviceName
+
+    with _evicted_stale_device(tmp_path, upstream) as (gw, stale, first_seen):
+        set_device_mode(tmp_path / "state", stale, "paused")  # the owner, a moment after the eviction
+        gw.flush()
+        with gw.store.session() as s:
+            row = s.get(Device, stale)
+            assert row is not None and row.first_seen == first_seen
+            assert s.query(DeviceName).filter_by(mac=stale).count() == 1
+    assert load(tmp_path / "state").policies[f"device:{stale}"].paused
+
+
+def test_an_evicted_device_the_owner_named_meanwhile_comes_back_as_itself_without_a_new_device_alert(
+        tmp_path, upstream):
+    """Evicted in memory, then named by the owner before the flush: the delete spared its rows, yet its next
+    packet made it a new device again (a second new_device alert to MQTT and Home Assistant, a new observation
+    window, first_seen lost in the daemon). It is now loaded back from the store, as at start."""
+    from gateway.alerts.outbox import recent_alerts
+    from gateway.devices.service import rename
+
+    with _evicted_stale_device(tmp_path, upstream) as (gw, stale, first_seen):
+        tracker = gw.gateway.tracker
+        rename(gw.store, stale, "Hall lamp")
+        gw.flush()
+        tracker.max_devices = 10
+        gw.dhcp(stale, "127.0.0.71", "old-plug")
+        gw.dhcp("02:aa:bb:cc:dd:73", "127.0.0.73", "later")  # its alert is recorded after any the stale one raised
+        eventually(lambda: recent_alerts(gw.store, kind="new_device", mac="02:aa:bb:cc:dd:73"))
+        assert recent_alerts(gw.store, kind="new_device", mac=stale) == []
+        dev = tracker.devices[stale]
+        assert dev.first_seen == first_seen and ("dhcp", "old-plug") in dev.names and not dev.new
+        assert stale not in gw.gateway._window_start  # no second identification
+        assert tracker.mac_for("127.0.0.71") == stale
+        gw.flush()
+        device = get_device(gw.store, stale).device
+        assert (device.first_seen, device.name, device.name_source) == (first_seen, "Hall lamp", "user")

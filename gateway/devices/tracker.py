@@ -11,11 +11,14 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from sqlalchemy import ColumnElement, UniqueConstraint, and_, delete, func, not_, or_, select, update
+from sqlalchemy import ColumnElement, Select, UniqueConstraint, and_, delete, func, not_, or_, select, update
 from sqlalchemy.orm import Session
 
+from gateway.config import ConfigError
 from gateway.events import AddressSeen, Counters, DeviceSeen, DhcpSeen, DnsQuery, Event, MdnsSeen, PacketSeen
+from gateway.policyfile import load_policy
 from gateway.store.db import Store
 from gateway.store.schema import (
     Address,
@@ -156,13 +159,18 @@ class Change:
 
 class DeviceTracker:
     def __init__(self, store: Store, *, neighbour_lookup: Callable[[str], str | None] | None = None,
-                 counters: Counters | None = None, max_devices: int = DEVICES_MAX) -> None:
+                 counters: Counters | None = None, max_devices: int = DEVICES_MAX,
+                 state_dir: Path | None = None) -> None:
         self.store = store
         self.max_devices = max_devices
+        self.state_dir = state_dir  # where policy.json is: a device with a policy of its own is never deleted
         # Devices the owner touched (named, approved or quarantined, labelled, given a policy): never forgotten to
         # make room. Replaced whole (``keep``) from a worker thread; read on the loop.
         self.kept: frozenset[str] = frozenset()
         self._evicted: list[str] = []  # forgotten to make room since the last take: their rows go in the next write
+        # Forgotten to make room, but kept in the store: the owner touched them meanwhile. Each is loaded back from
+        # the store when it is next seen, as at start, not met as a new device. Added to by the writer thread.
+        self._spared: set[str] = set()
         self._no_room_until = float("-inf")  # (event time) no device can make room before this
         self._refused: set[str] = set()  # devices refused for want of room, to count each once (bounded)
         self._said_full = False
@@ -275,6 +283,11 @@ class DeviceTracker:
 
     def _touch(self, key: str, ts: float) -> list[Change]:
         dev = self.devices.get(key)
+        if dev is None and key in self._spared:
+            self._spared.discard(key)
+            # one read on the loop, once for each such device; past [devices] max if need be: the owner touched it
+            self._load([key])  # nothing when the owner has deleted it since: then it is new
+            dev = self.devices.get(key)
         if dev is None:
             changes = []
             if len(self.devices) >= self.max_devices:
@@ -450,10 +463,23 @@ class DeviceTracker:
                 _insert_ignore(s, table, [row for row in rows if row["mac"] not in gone], refresh=seen)
             if batch.pruned - gone:
                 _trim(s, sorted(batch.pruned - gone))
-            if batch.evicted:
-                _delete_untouched(s, batch.evicted)
+            spared = set(batch.evicted) - _delete_untouched(s, self._unpoliced(batch.evicted))
+        self._spared |= spared  # after the commit: a rolled back delete is retried with the restored batch
         self.written = max(self.written, batch.generation)
         return gone
+
+    def _unpoliced(self, keys: list[str]) -> list[str]:
+        """``keys`` without the devices policy.json gives a policy of their own, read now: the daemon's copy of
+        the policy (``kept``) may be older than an owner's change made a moment ago. None when it cannot be read:
+        better keep a device's rows than delete a device that has a policy."""
+        if not keys or self.state_dir is None:
+            return keys
+        try:
+            owned = load_policy(self.state_dir).own_devices()
+        except (ConfigError, OSError) as exc:
+            log.warning("devices: none deleted to make room, the policy cannot be read: %s", exc)
+            return []
+        return [key for key in keys if key not in owned]
 
     def flush(self) -> None:
         for key in self.write(self.take()):
@@ -529,6 +555,7 @@ class DeviceTracker:
         """Drop a device deleted in the store, addresses and unwritten changes included: its next packet
         makes it a new device again."""
         self.devices.pop(key, None)
+        self._spared.discard(key)
         for ip in [ip for ip, k in self.ip_to_key.items() if k == key]:
             del self.ip_to_key[ip]
         self._pending_addresses = {ip: v for ip, v in self._pending_addresses.items() if v[0] != key}
@@ -536,10 +563,16 @@ class DeviceTracker:
         self._pending_fingerprints = [row for row in self._pending_fingerprints if row["mac"] != key]
         self._pending_services = [row for row in self._pending_services if row["mac"] != key]
 
-    def _load(self) -> None:
+    def _load(self, macs: list[str] | None = None) -> None:
+        """Load the devices in the store (only ``macs``, when given) with their names, fingerprints, services and
+        addresses."""
+
+        def of(stmt: Select, column: ColumnElement) -> Select:  # ``column`` names the row's device
+            return stmt if macs is None else stmt.where(column.in_(macs))
+
         owner_named: set[str] = set()
         with self.store.session() as s:
-            for row in s.scalars(select(Device)):
+            for row in s.scalars(of(select(Device), Device.mac)):
                 # The owner's name lives in the store alone: the tracker holds what the device calls itself. Had it
                 # cached the owner's name, a name the owner cleared or changed later would be written back.
                 if row.name_source == "user":
@@ -549,12 +582,15 @@ class DeviceTracker:
                                                       dirty=False, stored=0)
                 if row.mac.startswith("ip:"):  # it has no addresses row: its key is its address
                     self.ip_to_key.setdefault(row.mac[3:], row.mac)
-            for ip, mac in s.execute(select(Address.ip, Address.mac).order_by(Address.last_seen, Address.ip)):
+            for ip, mac in s.execute(of(select(Address.ip, Address.mac), Address.mac)
+                                     .order_by(Address.last_seen, Address.ip)):
+                if macs is not None and self.ip_to_key.get(ip, mac) != mac:  # another device's since
+                    continue
                 self.ip_to_key[ip] = mac
                 if mac in self.devices:
                     self._own_address(mac, ip)
-            names = select(DeviceName.mac, DeviceName.source, DeviceName.name).order_by(DeviceName.last_seen,
-                                                                                        DeviceName.id)
+            names = of(select(DeviceName.mac, DeviceName.source, DeviceName.name), DeviceName.mac).order_by(
+                DeviceName.last_seen, DeviceName.id)
             names_of: dict[str, list[tuple[str, str]]] = defaultdict(list)
             for mac, source, name in s.execute(names):
                 if mac not in self.devices:
@@ -566,16 +602,19 @@ class DeviceTracker:
                     self._add_name(mac, source, name)
                 if mac in owner_named:  # under the owner's name: the best the device said of itself
                     dev.name, dev.name_source = best_own_name(names) or (None, None)
-            fingerprints = select(DhcpFingerprint.mac, DhcpFingerprint.param_list, DhcpFingerprint.vendor_class,
-                                  DhcpFingerprint.hostname).order_by(DhcpFingerprint.first_seen, DhcpFingerprint.id)
+            fingerprints = of(select(DhcpFingerprint.mac, DhcpFingerprint.param_list, DhcpFingerprint.vendor_class,
+                                     DhcpFingerprint.hostname), DhcpFingerprint.mac).order_by(
+                DhcpFingerprint.first_seen, DhcpFingerprint.id)
             for mac, *fingerprint in s.execute(fingerprints):
                 if mac in self.devices:
                     self._remember(mac, self.devices[mac].fingerprints, tuple(fingerprint), "DHCP fingerprints")
-            services = select(MdnsService.mac, MdnsService.service).order_by(MdnsService.first_seen, MdnsService.id)
+            services = of(select(MdnsService.mac, MdnsService.service), MdnsService.mac).order_by(
+                MdnsService.first_seen, MdnsService.id)
             for mac, service in s.execute(services):
                 if mac in self.devices:
                     self._remember(mac, self.devices[mac].services, service, "mDNS services")
-        log.info("device tracker: %d devices, %d addresses", len(self.devices), len(self.ip_to_key))
+        if macs is None:
+            log.info("device tracker: %d devices, %d addresses", len(self.devices), len(self.ip_to_key))
 
 
 def _insert_ignore(s: Session, table: type, rows: list[dict], refresh: str | None = None) -> None:
@@ -614,17 +653,20 @@ def owner_touched(s: Session, macs: list[str] | None = None) -> set[str]:
     return set(s.scalars(stmt))
 
 
-def _delete_untouched(s: Session, macs: list[str]) -> None:
-    """Delete ``macs`` and their rows, but not one the owner touched since the tracker chose it. The condition is
-    in the DELETE itself: PostgreSQL checks it again on a row it waited for, so a name the owner commits while the
-    delete waits is kept (a check made before the delete would miss it)."""
+def _delete_untouched(s: Session, macs: list[str]) -> set[str]:
+    """Delete ``macs`` and their rows, but not one the owner touched since the tracker chose it; returns those
+    deleted. The condition is in the DELETE itself: PostgreSQL checks it again on a row it waited for, so a name
+    the owner commits while the delete waits is kept (a check made before the delete would miss it)."""
     untouched = _untouched()
+    deleted: set[str] = set()
     for start in range(0, len(macs), 500):  # within any database's limit on bound parameters
         chunk = macs[start:start + 500]
         gone = list(s.scalars(delete(Device).where(Device.mac.in_(chunk), untouched).returning(Device.mac)
                               .execution_options(synchronize_session=False)))
         for table in DEVICE_ROWS:  # ON DELETE CASCADE did it where foreign keys are enforced
             s.execute(delete(table).where(table.mac.in_(gone)).execution_options(synchronize_session=False))
+        deleted.update(gone)
+    return deleted
 
 
 def _trim(s: Session, macs: list[str]) -> None:
