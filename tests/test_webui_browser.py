@@ -335,6 +335,28 @@ def test_removing_a_schedule_asks_first_and_cancelling_keeps_it(served, page, tm
     assert page.locator("#schedules").get_by_text("bedtime").count() == 1
 
 
+def test_removing_a_policy_rule_asks_first_and_cancelling_keeps_it(served, page, tmp_path):
+    """A rule's Remove dropped it at once, while every other Remove on the site asked first."""
+    from gateway import policies
+
+    base, _ = served
+    state_dir = config(tmp_path).state_dir  # the served app's
+    scope = policies.scope_key("tag", "device_tv")
+    policies.set_schedule(state_dir, "bedtime", "UTC", ["mon=21:00-24:00"])
+    policies.add_rule(state_dir, scope, policies.rule_from_target("block", "all", "bedtime"))
+    policies.add_rule(state_dir, scope, policies.rule_from_target("block", "ads.example"))
+    _login(page, base)
+    page.goto(base + "/policies")
+    card = page.locator("#type-defaults .scope")
+    card.get_by_role("button", name="Remove rule 1").click()  # the fixture dismisses the dialog
+    card.get_by_role("button", name="Remove rule 2").click()
+    assert page.dialogs == ["Remove the rule 'block everything' during bedtime?",
+                            "Remove the rule 'block ads.example'?"]
+    assert [r.label() for r in policies.load(state_dir).policies[scope].rules] == [
+        "block all schedule=bedtime", "block name=ads.example"]
+    assert card.locator("table.rules tbody tr").count() == 2
+
+
 def test_the_dashboard_explains_devices_left_unlisted_at_the_device_limit(served, page):
     """The card read '3 not kept  too many devices: possible MAC flood ([devices] max)': not kept where, and what
     happens to them? It now says they were left out of Devices, why, and that they are filtered as any new device."""
