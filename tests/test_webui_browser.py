@@ -357,6 +357,28 @@ def test_removing_a_policy_rule_asks_first_and_cancelling_keeps_it(served, page,
     assert card.locator("table.rules tbody tr").count() == 2
 
 
+def test_something_seen_this_second_reads_just_now_everywhere(served, page):
+    """A device seen within the second read "last seen 0 s ago". Its times are set a moment ahead of the clock (as
+    the daemon's clock may be ahead of the web UI's) so that the page is read within that second, however slow."""
+    import time
+
+    from gateway.store.schema import Address, Device
+
+    base, store = served
+    mac = "aa:bb:cc:00:00:34"
+    add_device(store, mac, hostname="doorbell")
+    with store.transaction() as s:
+        ahead = time.time() + 3
+        s.get(Device, mac).last_seen = ahead
+        s.query(Address).filter_by(mac=mac).update({"last_seen": ahead})
+    _login(page, base)
+    assert page.locator(f"tr[data-mac='{mac}'] td[data-label='Last seen']").inner_text() == "just now"
+    page.goto(f"{base}/devices/{mac}")
+    assert "last seen just now" in page.locator("main p.muted").first.inner_text()
+    assert page.get_by_text("192.168.1.50 (dhcp, just now)").count() == 1
+    assert "0 s ago" not in page.locator("main").inner_text()
+
+
 def test_the_dashboard_explains_devices_left_unlisted_at_the_device_limit(served, page):
     """The card read '3 not kept  too many devices: possible MAC flood ([devices] max)': not kept where, and what
     happens to them? It now says they were left out of Devices, why, and that they are filtered as any new device."""

@@ -112,9 +112,13 @@ def _when(ts: float | None) -> str:
 
 
 def _ago(ts: float | None) -> str:
+    """How long ago, in the largest whole unit; "just now" within the second, where "0 s ago" read like a fault.
+    A time ahead of the clock (the daemon's clock a moment ahead of the web UI's) is also just now."""
     if not ts:
         return "never"
-    s = max(0, time.time() - ts)
+    s = time.time() - ts
+    if s < 1:
+        return "just now"
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if s >= size:
             return f"{int(s // size)} {unit} ago"
