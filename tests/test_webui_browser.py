@@ -357,6 +357,29 @@ def test_removing_a_policy_rule_asks_first_and_cancelling_keeps_it(served, page,
     assert card.locator("table.rules tbody tr").count() == 2
 
 
+def test_a_device_page_explains_its_addresses_and_timeline_and_skips_empty_dhcp_lines(served, page):
+    """The page showed "hostname — · options — · vendor class —" for a request that carried none of them, an address
+    "(server, 3 s ago)", and a domains table whose "After +0.0 s" said after what to nobody."""
+    from gateway.store.schema import Address, DhcpFingerprint
+
+    base, store = served
+    mac = "aa:bb:cc:00:00:35"
+    add_device(store, mac, ip="192.168.1.70", queries=("a.example.com", "b.example.net"))
+    with store.transaction() as s:
+        s.query(Address).filter_by(mac=mac).update({"source": "server"})
+        s.add(DhcpFingerprint(mac=mac, first_seen=1.0, client_id="01:aa:bb"))  # nothing the page shows
+        s.add(DhcpFingerprint(mac=mac, first_seen=2.0, param_list="1,3,6"))
+    _login(page, base)
+    page.goto(f"{base}/devices/{mac}")
+    dhcp = page.locator("h3:text-is('DHCP') ~ ul.list").first.locator("li").all_inner_texts()
+    assert dhcp == ["hostname — · options 1,3,6 · vendor class —"]
+    address = page.locator("li", has_text="192.168.1.70")
+    assert "its DNS queries come from it" in address.inner_text() and "server" not in address.inner_text()
+    assert page.locator("#timeline th").first.inner_text() == "First asked"
+    assert "after the gateway first saw the device" in page.locator("#timeline-legend").inner_text()
+    assert page.locator("#timeline tbody td").first.inner_text().startswith("after ")
+
+
 def test_something_seen_this_second_reads_just_now_everywhere(served, page):
     """A device seen within the second read "last seen 0 s ago". Its times are set a moment ahead of the clock (as
     the daemon's clock may be ahead of the web UI's) so that the page is read within that second, however slow."""
@@ -375,7 +398,7 @@ def test_something_seen_this_second_reads_just_now_everywhere(served, page):
     assert page.locator(f"tr[data-mac='{mac}'] td[data-label='Last seen']").inner_text() == "just now"
     page.goto(f"{base}/devices/{mac}")
     assert "last seen just now" in page.locator("main p.muted").first.inner_text()
-    assert page.get_by_text("192.168.1.50 (dhcp, just now)").count() == 1
+    assert page.get_by_text("192.168.1.50 (given to it by DHCP, just now)").count() == 1
     assert "0 s ago" not in page.locator("main").inner_text()
 
 
