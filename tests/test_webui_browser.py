@@ -402,6 +402,25 @@ def test_something_seen_this_second_reads_just_now_everywhere(served, page):
     assert "0 s ago" not in page.locator("main").inner_text()
 
 
+def test_on_a_phone_the_schedule_form_shows_each_field_and_its_placeholder_whole(served, page):
+    """At 390 px the schedule's "to" field cut its placeholder "HH:MM (24:00 = midnight)" off mid-word."""
+    base, _ = served
+    _login(page, base)
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.goto(base + "/policies")
+    fields = page.locator("#schedule-form input:not([type=hidden]):not([type=checkbox])")
+    # the placeholder's width in the field's own font, against the room inside the field
+    fits = fields.evaluate_all("""els => els.map(e => {
+        const cs = getComputedStyle(e), ctx = document.createElement("canvas").getContext("2d");
+        ctx.font = `${cs.fontStyle} ${cs.fontWeight} ${cs.fontSize} ${cs.fontFamily}`;
+        const room = e.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight);
+        const box = e.getBoundingClientRect();
+        return [e.name, ctx.measureText(e.placeholder).width <= room && box.left >= 0 && box.right <= 390];
+    })""")
+    assert fits and all(ok for _, ok in fits), fits
+    assert "24:00 is midnight" in page.locator("#schedule-form label", has=page.locator("input[name=end]")).inner_text()
+
+
 def test_the_dashboard_explains_devices_left_unlisted_at_the_device_limit(served, page):
     """The card read '3 not kept  too many devices: possible MAC flood ([devices] max)': not kept where, and what
     happens to them? It now says they were left out of Devices, why, and that they are filtered as any new device."""
