@@ -421,6 +421,38 @@ def test_on_a_phone_the_schedule_form_shows_each_field_and_its_placeholder_whole
     assert "24:00 is midnight" in page.locator("#schedule-form label", has=page.locator("input[name=end]")).inner_text()
 
 
+def test_the_router_badge_and_an_expired_token_read_whole_on_a_phone(served, page):
+    """Never seen on a page before: on a phone the device page's router badge, a whole sentence in a pill, broke
+    across lines into two half pills, and an expired token looked like any other but bold."""
+    import json
+
+    base, store = served
+    mac = "aa:bb:cc:00:00:36"
+    add_device(store, mac, hostname="fritz.box", ip="192.168.1.1", vendor="AVM Audiovisuelles Marketing GmbH")
+    store.set_setting(service.ROUTER_SETTING, json.dumps([mac]))  # as the daemon writes it
+    token, _ = accounts.create_token(store, "old-home-assistant", "read", days=30)
+    with store.transaction() as s:
+        from gateway.store.schema import ApiToken
+
+        s.get(ApiToken, token.id).expires_at = 1.0
+    _login(page, base)
+    page.set_viewport_size({"width": 390, "height": 844})
+    for path in ("/devices", f"/devices/{mac}"):
+        page.goto(base + path)
+        badges = page.locator(".status")
+        assert badges.count() == 2
+        assert badges.evaluate_all("bs => bs.map(b => b.getClientRects().length)") == [1, 1], path  # one piece each
+        assert badges.nth(1).inner_text() == "router"
+        _shot(page, "router-" + ("device" if mac in path else "devices") + "-phone")
+    assert "never quarantined as new" in page.locator("main p.muted").first.inner_text()
+    page.goto(base + "/settings")
+    expired = page.locator("#tokens .expired")
+    assert expired.inner_text().startswith("expired ")
+    bad = page.locator("#tokens button.danger").evaluate("b => getComputedStyle(b).backgroundColor")
+    assert expired.evaluate("e => getComputedStyle(e).color") == bad  # in the colour of danger, not the text's
+    _shot(page, "settings-expired-token-phone")
+
+
 def test_the_dashboard_explains_devices_left_unlisted_at_the_device_limit(served, page):
     """The card read '3 not kept  too many devices: possible MAC flood ([devices] max)': not kept where, and what
     happens to them? It now says they were left out of Devices, why, and that they are filtered as any new device."""
