@@ -286,7 +286,7 @@ def test_a_rule_removed_on_a_page_shown_before_the_cli_changed_the_scope_is_the_
         _cli(state_dir, "block", scope, name)
     client, _ = _log_in(app)
     html = client.get(f"/devices/{MAC}").get_data(as_text=True)
-    forms = re.findall(r'<form method="post" action="/policies/rules/remove">(.*?)</form>', html, re.S)
+    forms = re.findall(r'<form method="post" action="/policies/rules/remove"[^>]*>(.*?)</form>', html, re.S)
     fields = [dict(re.findall(r'name="([a-z_]+)" value="([^"]*)"', form)) for form in forms]
     assert len(fields) == 3
     _cli(state_dir, "unrule", scope, "0")  # meanwhile, from a shell: a.example goes
