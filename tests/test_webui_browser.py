@@ -246,15 +246,18 @@ def test_the_dashboard_says_when_its_session_ends_and_logs_back_in_to_it(served,
 
 
 def test_on_a_phone_every_column_of_the_device_list_and_query_log_is_on_screen(served, page):
-    """At 390 px the tables scrolled sideways inside their box: a device's status and last seen, a query's verdict
-    were off screen with nothing saying so. Each row now stacks its cells, each led by its column's name."""
+    """At 390 px the tables scrolled sideways inside their box: a device's status and last seen, a query's
+    verdict, when a domain was last asked for were off screen with nothing saying so. Each row now stacks its
+    cells, each led by its column's name."""
     base, store = served
     mac = "aa:bb:cc:00:00:31"
     add_device(store, mac, hostname="kitchen-plug", identified=True, queries=("tplinkcloud.com", "ads.tracker.net"))
     _login(page, base)
     page.set_viewport_size({"width": 390, "height": 844})
     verdict = "tbody tr td:nth-child(5)"
-    for path, last_cell in (("/devices", f"tr[data-mac='{mac}'] td:last-child"), ("/queries", verdict)):
+    pages = ((f"/devices/{mac}", "#timeline tbody tr td:last-child"),  # the domains it asked for, when last
+             ("/devices", f"tr[data-mac='{mac}'] td:last-child"), ("/queries", verdict))
+    for path, last_cell in pages:
         page.goto(base + path)
         cell = page.locator(last_cell).first
         box = cell.bounding_box()
