@@ -106,6 +106,13 @@ def normalise_scope(text: str) -> str:
     raise ValueError(f"{text!r}: unknown scope kind {kind!r}")
 
 
+def hidden_character(text: str) -> str | None:
+    """The first character of ``text`` that is no text to show (a control or bidi character: a newline, ESC,
+    U+202E), joiners (emoji sequences) allowed; None when there is none. Owner-given names and scope names
+    refuse such text."""
+    return next((c for c in text if unicodedata.category(c) in CONTROL_CATEGORIES and c not in JOINERS), None)
+
+
 def _scope_name(kind: str, value: str) -> str:
     """``value`` if it can name a type or tag scope: it is shown on pages, in the CLI and in logs, so a control
     or bidi character (a newline, ESC, U+202E) is refused, as in the names the owner gives devices."""
@@ -113,8 +120,7 @@ def _scope_name(kind: str, value: str) -> str:
         raise ValueError(f"a {kind} scope needs a name")
     if len(value) > SCOPE_NAME_MAX:
         raise ValueError(f"a {kind} name has at most {SCOPE_NAME_MAX} characters")
-    bad = next((c for c in value if unicodedata.category(c) in CONTROL_CATEGORIES and c not in JOINERS), None)
-    if bad is not None:
+    if (bad := hidden_character(value)) is not None:
         raise ValueError(f"a {kind} name may not contain control or bidi characters (found U+{ord(bad):04X})")
     return value
 

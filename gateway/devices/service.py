@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-import unicodedata
 from dataclasses import dataclass
 
 from sqlalchemy import delete, or_, select
@@ -20,7 +19,7 @@ from gateway.store.schema import (
     Identification,
     MdnsService,
 )
-from policy.model import CONTROL_CATEGORIES, JOINERS
+from policy.model import hidden_character
 
 STATUSES = ("new", "quarantined", "approved")
 DEVICES_REVISION = "devices_revision"  # bumped on every change made outside the daemon
@@ -168,8 +167,7 @@ def owner_text(field: str, text: str, limit: int) -> str:
     bidi character: a newline or NUL (PostgreSQL refuses it) has no place in a name, and U+202E reverses the text
     shown after it, on every page and in Home Assistant. The tracker drops them from names a device sends."""
     text = text.strip()[:limit]
-    bad = next((c for c in text if unicodedata.category(c) in CONTROL_CATEGORIES and c not in JOINERS), None)
-    if bad is not None:
+    if (bad := hidden_character(text)) is not None:
         raise ValueError(f"the {field} may not contain control or bidi characters (found U+{ord(bad):04X})")
     return text
 
