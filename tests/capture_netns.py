@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import http.server
 import json
 import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+
+from tests.list_server import DoGet, list_server
 
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -101,26 +102,6 @@ def veth_pair(tag: str) -> Iterator[VethPair]:
         sh("ip", "netns", "del", pair.gw, check=False)
 
 
-@contextlib.contextmanager
-def http_server(
-    pair: VethPair, ns: str, host: str, do_get: Callable[[http.server.BaseHTTPRequestHandler], None]
-) -> Iterator[str]:
-    """An HTTP server in this process whose socket lives in namespace ``ns`` on ``host``; its GET is ``do_get``.
-    Yields its base URL."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            do_get(self)
-
-        def log_message(self, *args) -> None:  # noqa: ANN002
-            pass
-
-    with pair.enter(ns):  # the listening socket, and every connection it accepts, belong to ns
-        server = http.server.ThreadingHTTPServer((host, 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://{host}:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
+def http_server(pair: VethPair, ns: str, host: str, do_get: DoGet) -> contextlib.AbstractContextManager[str]:
+    """``list_server`` with its socket in namespace ``ns`` on ``host``; yields its base URL."""
+    return list_server(do_get, host, bind=lambda: pair.enter(ns))

@@ -11,8 +11,6 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ import pytest
 from gateway import policies
 from policy import lists
 from policy.model import Rule
+from tests.list_server import list_server, replying
 
 # The list servers here listen on loopback, which fetch refuses by default (test_list_servers_on_the_gateway...).
 LOOPBACK_FETCH = functools.partial(lists.fetch, from_gateway=True)
@@ -105,27 +104,12 @@ def test_web_lists_are_confined_to_the_lists_directory(tmp_path):
 
 def test_url_list_is_fetched_from_a_real_server_and_removed_only_when_unused(tmp_path):
     body = b"# a list\nads.example\ntracker.example\n"
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:  # noqa: ANN002
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/hosts.txt"
+    with list_server(replying(lambda: body)) as base:
+        url = f"{base}/hosts.txt"
         report = policies.add_list(tmp_path, "remote", url=url, fetch=LOOPBACK_FETCH)
         assert report.blocked == 2 and (tmp_path / "lists" / "remote.txt").read_bytes() == body
         body = b"only.example\n"
         assert policies.update_list(tmp_path, "remote", fetch=LOOPBACK_FETCH).blocked == 1
-    finally:
-        server.shutdown()
-        server.server_close()
     with pytest.raises(ValueError, match="only http and https"):
         policies.add_list(tmp_path, "f", url="file:///etc/passwd")
     policies.add_rule(tmp_path, f"device:{MAC}", policies.rule_from_target("block", "list:remote"))
@@ -135,27 +119,6 @@ def test_url_list_is_fetched_from_a_real_server_and_removed_only_when_unused(tmp
     policies.remove_list(tmp_path, "remote")
     assert not (tmp_path / "lists" / "remote.txt").exists()
     assert json.loads((tmp_path / "policy.json").read_text())["lists"] == {}
-
-
-@contextmanager
-def _list_server(do_get: Callable[[http.server.BaseHTTPRequestHandler], None]) -> Iterator[str]:
-    """A real HTTP server on loopback whose GET is ``do_get``; yields its base URL."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            do_get(self)
-
-        def log_message(self, *args) -> None:  # noqa: ANN002
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_a_slow_list_server_does_not_hold_up_other_policy_changes(tmp_path):
@@ -170,7 +133,7 @@ def test_a_slow_list_server_does_not_hold_up_other_policy_changes(tmp_path):
         release.wait(30)
         handler.wfile.write(b"tracker.example\n")
 
-    with _list_server(slow) as base:
+    with list_server(slow) as base:
         added: list[policies.ListReport] = []
         adding = threading.Thread(
             target=lambda: added.append(policies.add_list(tmp_path, "slow", url=f"{base}/l", fetch=LOOPBACK_FETCH)))
@@ -204,7 +167,7 @@ def test_a_list_server_that_trickles_is_given_up_at_the_deadline_keeping_the_old
             handler.wfile.flush()
             time.sleep(0.05)
 
-    with _list_server(serve) as base:
+    with list_server(serve) as base:
         policies.add_list(tmp_path, "l", url=f"{base}/l", fetch=LOOPBACK_FETCH)
         body[0] = b""
         impatient = functools.partial(lists.fetch, deadline_s=0.5, from_gateway=True)
@@ -218,13 +181,7 @@ def test_a_fetched_page_that_is_no_block_list_is_reported_by_line_and_reason_nev
     """Adding a LAN URL as a list showed the first lines of whatever it answered (a router's status page, a NAS
     share) in the report, to anyone who may add lists. The report names the lines and why they failed."""
     page = [b"<html><title>Router admin</title>\nwifi key: hunter2-secret\n||x.example^$secret-modifier\n"]
-
-    def serve(handler: http.server.BaseHTTPRequestHandler) -> None:
-        handler.send_response(200)
-        handler.end_headers()
-        handler.wfile.write(page[0])
-
-    with _list_server(serve) as base:
+    with list_server(replying(lambda: page[0])) as base:
         added = policies.add_list(tmp_path, "nas", url=f"{base}/status", fetch=LOOPBACK_FETCH)
         page[0] = b"ok.example\n<b>other secret</b>\n"
         updated = policies.update_list(tmp_path, "nas", fetch=LOOPBACK_FETCH)
@@ -248,7 +205,7 @@ def test_a_list_server_that_is_no_web_server_or_fails_is_refused_without_quoting
             handler.send_response(403, "wifi key hunter2-secret")
             handler.end_headers()
 
-    with _list_server(answer) as base:
+    with list_server(answer) as base:
         with pytest.raises(lists.FetchError) as banner:
             policies.add_list(tmp_path, "ssh", url=f"{base}/banner", fetch=LOOPBACK_FETCH)
         with pytest.raises(lists.FetchError) as failed:
@@ -261,15 +218,8 @@ def test_a_list_server_that_is_no_web_server_or_fails_is_refused_without_quoting
 def test_a_list_on_loopback_or_link_local_is_refused_before_anything_is_asked(tmp_path):
     """A write token or the owner could make the gateway fetch its own services (the web UI, the daemon's ports)
     or a router's link-local page as a list. The connection is closed before a request is sent."""
-    asked = []
-
-    def serve(handler: http.server.BaseHTTPRequestHandler) -> None:
-        asked.append(handler.path)
-        handler.send_response(200)
-        handler.end_headers()
-        handler.wfile.write(b"ads.example\n")
-
-    with _list_server(serve) as base:
+    asked: list[str] = []
+    with list_server(replying(b"ads.example\n", asked)) as base:
         with pytest.raises(lists.FetchError, match=rf"{base}/l: cannot be fetched: 127.0.0.1 is a loopback address"):
             policies.add_list(tmp_path, "l", url=f"{base}/l")
         localhost = base.replace("127.0.0.1", "localhost")
@@ -293,12 +243,7 @@ def test_list_servers_on_the_gateway_are_refused_also_after_a_redirect_and_a_lan
 
     asked_on_gateway = []
 
-    def gateway_service(handler: http.server.BaseHTTPRequestHandler) -> None:
-        asked_on_gateway.append(handler.path)
-        handler.send_response(200)
-        handler.end_headers()
-        handler.wfile.write(b"secret.example\n")
-
+    gateway_service = replying(b"secret.example\n", asked_on_gateway)
     with (veth_pair(f"ls{os.getpid() % 100000}") as pair,
           http_server(pair, pair.gw, pair.gw_ip4, gateway_service) as own,
           http_server(pair, pair.gw, "127.0.0.1", gateway_service) as loopback):
@@ -348,18 +293,8 @@ def test_a_list_fetch_ignores_proxy_variables_so_the_gateways_own_address_stays_
 
     asked_on_gateway, asked_proxy = [], []
 
-    def gateway_service(handler: http.server.BaseHTTPRequestHandler) -> None:
-        asked_on_gateway.append(handler.path)
-        handler.send_response(200)
-        handler.end_headers()
-        handler.wfile.write(b"secret.example\n")
-
-    def proxy(handler: http.server.BaseHTTPRequestHandler) -> None:  # answers as if it fetched the URL it was given
-        asked_proxy.append(handler.path)
-        handler.send_response(200)
-        handler.end_headers()
-        handler.wfile.write(b"secret.example\n")
-
+    gateway_service = replying(b"secret.example\n", asked_on_gateway)
+    proxy = replying(b"secret.example\n", asked_proxy)  # answers as if it fetched the URL it was given
     with (veth_pair(f"lp{os.getpid() % 100000}") as pair,
           http_server(pair, pair.gw, pair.gw_ip4, gateway_service) as own,
           http_server(pair, pair.client, pair.client_ip4, proxy) as lan_proxy):
@@ -382,7 +317,7 @@ def test_an_unreachable_or_failing_list_server_is_a_clear_refusal(tmp_path):
         else:
             handler.send_error(404)
 
-    with _list_server(answer) as base:
+    with list_server(answer) as base:
         with pytest.raises(lists.FetchError, match=rf"{base}/gone: cannot be fetched: HTTP Error 404"):
             policies.add_list(tmp_path, "gone", url=f"{base}/gone", fetch=LOOPBACK_FETCH)
         with pytest.raises(lists.FetchError, match=rf"{base}/ftp: cannot be fetched: HTTP Error 302"):
@@ -409,14 +344,8 @@ def _edit_as(state_dir: Path, uid: int, gid: int) -> None:
 def test_policy_changes_made_as_root_stay_usable_by_the_state_directorys_owner():
     """`sudo iotgw policy ...`: every file it makes belongs to the service user, which owns the state directory,
     so the daemon still loads the policy and the CLI, run as that user, can still change it."""
-
-    def serve(handler: http.server.BaseHTTPRequestHandler) -> None:
-        handler.send_response(200)
-        handler.end_headers()
-        handler.wfile.write(b"ads.example\n")
-
     # Not pytest's tmp_path: its parents are root's 0700, which the service user could not pass through.
-    with tempfile.TemporaryDirectory() as top, _list_server(serve) as base:
+    with tempfile.TemporaryDirectory() as top, list_server(replying(b"ads.example\n")) as base:
         os.chmod(top, 0o711)  # noqa: S103 - only passed through, to reach the state directory
         state = Path(top) / "state"
         state.mkdir(mode=0o750)
@@ -459,11 +388,6 @@ def test_a_list_added_again_while_it_is_removed_keeps_its_new_file(tmp_path, mon
 
     body = b"ads.example\n"
 
-    def serve(handler: http.server.BaseHTTPRequestHandler) -> None:
-        handler.send_response(200)
-        handler.end_headers()
-        handler.wfile.write(body)
-
     def add_again(url: str) -> None:
         policies.add_list(tmp_path, "remote", url=url, fetch=LOOPBACK_FETCH)
 
@@ -480,7 +404,7 @@ def test_a_list_added_again_while_it_is_removed_keeps_its_new_file(tmp_path, mon
             proc.join(60)
             assert proc.exitcode == 0
 
-    with _list_server(serve) as base:
+    with list_server(replying(body)) as base:
         url = f"{base}/hosts.txt"
         policies.add_list(tmp_path, "remote", url=url, fetch=LOOPBACK_FETCH)
         monkeypatch.setattr(fcntl, "flock", flock)
