@@ -419,6 +419,8 @@ def parse_days(specs: list[str]) -> dict[str, tuple[int, int]]:
         day = day.strip().lower()
         if day not in DAYS:
             raise ValueError(f"{spec!r}: the day is one of {', '.join(DAYS)}")
+        if day in days:  # a schedule holds one range a day: the later one silently replaced the earlier
+            raise ValueError(f"{spec!r}: {day} is given twice; a schedule has one range a day")
         days[day] = (parse_clock(start.strip()), parse_clock(end.strip()))
     return days
 

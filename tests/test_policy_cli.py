@@ -75,6 +75,15 @@ def test_cli_schedule_unrule_and_errors(tmp_path, capsys):
         _run(state, "strict", "global", "maybe")
 
 
+def test_a_schedule_giving_a_day_twice_is_refused_rather_than_keeping_only_its_last_hours(tmp_path, capsys):
+    # mon=01:00-02:00 --day mon=03:00-04:00 reads as two windows; a schedule holds one range a day, and the first
+    # was dropped without a word.
+    state = tmp_path / "s"
+    assert _run(state, "schedule", "night", "--day", "mon=01:00-02:00", "--day", "Mon=03:00-04:00") == 2
+    assert "mon is given twice" in capsys.readouterr().err
+    assert not (state / "policy.json").exists()
+
+
 def test_cli_import_mud(tmp_path, capsys):
     from tests.test_policy_engine import MUD
 
