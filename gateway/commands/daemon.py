@@ -33,14 +33,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="everything on loopback with virtual devices: no root, LAN or config")
-    demo.add_argument("--dns-port", type=tcp_port, default=15353, help="DNS port on 127.0.0.1 (default 15353)")
-    demo.add_argument("--web-port", type=tcp_port, default=8080, help="web UI port on 127.0.0.1 (default 8080)")
-    demo.add_argument("--devices", type=positive_count, default=6, help="how many virtual devices join")
+    demo.add_argument("--dns-port", type=tcp_port, default=15353, metavar="PORT",
+                      help="DNS port on 127.0.0.1 (default 15353)")
+    demo.add_argument("--web-port", type=tcp_port, default=8080, metavar="PORT",
+                      help="web UI port on 127.0.0.1 (default 8080)")
+    demo.add_argument("--devices", type=positive_count, default=6, metavar="N",
+                      help="how many virtual devices join, one every 4 s (default 6)")
     demo.add_argument("--state-dir", metavar="DIR",
                       help="keep state here (default: a temporary directory, removed when the demo ends)")
     demo.add_argument("--mqtt", metavar="URL", help="also publish alerts to this MQTT broker")
-    demo.add_argument("--duration", type=seconds_or_zero, default=0,
-                      help="stop after this many seconds (0: run until ^C)")
+    demo.add_argument("--duration", type=seconds_or_zero, default=0, metavar="SECONDS",
+                      help="stop after this many seconds (default 0: run until Ctrl-C)")
     demo.set_defaults(func=cmd_demo)
 
     replay = sub.add_parser("replay", help="feed pcap files through the capture path into the store")

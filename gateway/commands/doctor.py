@@ -13,7 +13,7 @@ from gateway.config import ConfigError
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "doctor", help="check port 53, capabilities, interface, database, broker, model, clock"
+        "doctor", help="check port 53, capabilities, interface, database, devices, broker, model, clock"
     )
     add_state_args(p)
     p.add_argument("--json", action="store_true", help="one JSON list of findings")

@@ -35,12 +35,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     sub = fed.add_subparsers(dest="federation_command", required=True, metavar="ACTION")
 
     server = sub.add_parser("server", help="run a SuperLink and one federated run of SecAgg+ rounds")
-    server.add_argument("--state-dir", type=Path, required=True, help="SuperLink database, FLWR_HOME, logs")
+    server.add_argument("--state-dir", type=Path, required=True, metavar="DIR",
+                        help="SuperLink database, FLWR_HOME, logs")
     server.add_argument(
-        "--out-dir", type=Path, help="where the global model is published (default STATE/model)"
+        "--out-dir", type=Path, metavar="DIR", help="where the global model is published (default DIR/model)"
     )
-    server.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on")
-    server.add_argument("--port", type=tcp_port, default=9092)
+    server.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on (default 127.0.0.1)")
+    server.add_argument("--port", type=tcp_port, default=9092, help="its port (default 9092)")
     _add_tls_args(server, server_side=True)
     server.add_argument(
         "--authorized-key",
@@ -50,18 +51,27 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         metavar="PUB",
         help="a gateway's public key (from `iotgw federation keygen`); enables SuperNode authentication",
     )
-    server.add_argument("--rounds", type=int, default=3)
+    server.add_argument("--rounds", metavar="N", type=int, default=3, help="SecAgg+ rounds in the run (default 3)")
     server.add_argument(
-        "--min-nodes", type=int, default=3, help="homes a round needs (at least 3 for SecAgg+)"
+        "--min-nodes", metavar="N", type=int, default=3,
+        help="homes a round needs; SecAgg+ wants 3 or more (default 3)",
     )
-    server.add_argument("--nodes-wait", type=float, default=600.0, help="seconds to wait for --min-nodes")
-    server.add_argument("--stage-timeout", type=float, default=120.0, help="seconds per SecAgg+ stage")
-    server.add_argument("--clip-norm", type=float, default=5.0, help="L2 bound of a home's update")
-    server.add_argument("--dp-noise", type=float, default=0.0, help="DP noise multiplier (0: off)")
-    server.add_argument("--epochs", type=int, default=5, help="local epochs per round on each home")
-    server.add_argument("--lr", type=float, default=0.01, help="local learning rate")
     server.add_argument(
-        "--bundle", type=Path, help="model bundle the federation starts from (default: the shipped one)"
+        "--nodes-wait", metavar="SECONDS", type=float, default=600.0,
+        help="seconds to wait for --min-nodes (default 600)",
+    )
+    server.add_argument(
+        "--stage-timeout", metavar="SECONDS", type=float, default=120.0,
+        help="seconds per SecAgg+ stage, local training included (default 120)",
+    )
+    server.add_argument("--clip-norm", type=float, default=5.0, help="L2 bound of a home's update (default 5.0)")
+    server.add_argument("--dp-noise", type=float, default=0.0, help="DP noise multiplier (default 0: off)")
+    server.add_argument(
+        "--epochs", metavar="N", type=int, default=5, help="local epochs per round on each home (default 5)"
+    )
+    server.add_argument("--lr", type=float, default=0.01, help="local learning rate (default 0.01)")
+    server.add_argument(
+        "--bundle", type=Path, metavar="DIR", help="model bundle the federation starts from (default: the shipped one)"
     )
     server.set_defaults(func=_server)
 
@@ -72,22 +82,33 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     join.add_argument(
         "--superlink", metavar="HOST:PORT", help="the fleet's SuperLink (default: [federation] superlink)"
     )
-    join.add_argument("--window", type=positive_seconds, default=3600.0, help="seconds to stay joined")
+    join.add_argument(
+        "--window", type=positive_seconds, default=3600.0, metavar="SECONDS",
+        help="how long to stay joined (default 3600)",
+    )
     join.add_argument(
         "--pseudo-labels",
         action="store_true",
         help="also train on unconfirmed identifications the model is very sure of (off by default)",
     )
     join.add_argument(
-        "--poll", type=float, default=1.0, help="seconds between the SuperNode's polls while joined"
+        "--poll", type=float, default=1.0, metavar="SECONDS",
+        help="seconds between the SuperNode's polls while joined (default 1)"
     )
-    join.add_argument("--port", type=tcp_port, default=9094, help="local port of the SuperNode's runtime API")
+    join.add_argument(
+        "--port", type=tcp_port, default=9094, help="local port of the SuperNode's runtime API (default 9094)"
+    )
     _add_tls_args(join, server_side=False)
-    join.add_argument("--auth-key", type=Path, help="private key from `iotgw federation keygen`")
+    join.add_argument(
+        "--auth-key", type=Path, metavar="FILE",
+        help="private key from `iotgw federation keygen` (default: [federation] auth_key)",
+    )
     join.set_defaults(func=_join)
 
     keygen = sub.add_parser("keygen", help="make this gateway's SuperNode authentication key pair")
-    keygen.add_argument("--out", type=Path, required=True, help="private key path (the .pub goes beside it)")
+    keygen.add_argument(
+        "--out", type=Path, required=True, metavar="FILE", help="private key path (the .pub goes beside it)"
+    )
     keygen.add_argument("--force", action="store_true", help="replace an existing key pair")
     keygen.set_defaults(func=_keygen)
 
@@ -104,12 +125,14 @@ def federation_dir(cfg) -> Path:  # noqa: ANN001 - gateway.config.Config, import
 
 
 def _add_tls_args(parser: argparse.ArgumentParser, server_side: bool) -> None:
+    from_config = "" if server_side else " (default: [federation] tls_ca)"
     parser.add_argument(
-        "--tls-ca", type=Path, help="CA certificate (PEM) that signed the SuperLink's certificate"
+        "--tls-ca", type=Path, metavar="FILE",
+        help=f"CA certificate (PEM) that signed the SuperLink's certificate{from_config}",
     )
     if server_side:
-        parser.add_argument("--tls-cert", type=Path, help="SuperLink certificate (PEM)")
-        parser.add_argument("--tls-key", type=Path, help="SuperLink private key (PEM)")
+        parser.add_argument("--tls-cert", type=Path, metavar="FILE", help="SuperLink certificate (PEM)")
+        parser.add_argument("--tls-key", type=Path, metavar="FILE", help="SuperLink private key (PEM)")
     parser.add_argument(
         "--insecure", action="store_true", help="no TLS (loopback tests only; updates are still masked)"
     )

@@ -30,31 +30,36 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="seconds from each device's first packet that count (default 30)",
     )
     p.add_argument(
-        "--signals", choices=("all", "dns"), default="all", help="use every signal or DNS names only"
+        "--signals", choices=("all", "dns"), default="all", help="use every signal (default) or DNS names only"
     )
     p.add_argument("--sessions", metavar="FILE.jsonl", help="identify DNS sessions given as JSON lines")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_identify)
 
     p = sub.add_parser("train", help="train a model bundle on ../shared/data")
-    p.add_argument("--data", default=str(DEFAULT_DATA), metavar="DIR", help="the shared data directory")
+    p.add_argument("--data", default=str(DEFAULT_DATA), metavar="DIR",
+                   help="the shared data directory (default ../shared/data beside the checkout)")
     p.add_argument("--out", metavar="DIR", help="bundle directory (default: the shipped identifier/bundle)")
-    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     p.add_argument(
         "--cv-folds",
         type=cv_folds,
         default=5,
-        help="folds of the cross-validation recorded in the bundle (0: none)",
+        help="folds of the cross-validation recorded in the bundle (default 5; 0: none)",
     )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="cross-validated accuracy, baselines, open set and plots")
-    p.add_argument("--data", default=str(DEFAULT_DATA), metavar="DIR", help="the shared data directory")
+    p.add_argument("--data", default=str(DEFAULT_DATA), metavar="DIR",
+                   help="the shared data directory (default ../shared/data beside the checkout)")
     p.add_argument(
-        "--out", default="evaluation", metavar="DIR", help="where the JSON report and PNG plots go"
+        "--out", default="evaluation", metavar="DIR",
+        help="where the JSON report and PNG plots go (default ./evaluation)",
     )
-    p.add_argument("--seeds", type=positive_count, default=5)
-    p.add_argument("--folds", type=folds, default=5)
+    p.add_argument(
+        "--seeds", type=positive_count, default=5, metavar="N", help="seeds 0..N-1, each its own folds (default 5)"
+    )
+    p.add_argument("--folds", type=folds, default=5, metavar="N", help="cross-validation folds (default 5)")
     p.add_argument(
         "--skip",
         action="append",

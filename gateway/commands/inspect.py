@@ -19,15 +19,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     devices = sub.add_parser("devices", help="list devices")
     add_state_args(devices)
     devices.add_argument("--json", action="store_true", help="one JSON array")
-    devices.add_argument("--search", help="match MAC, name, vendor, type or address")
+    devices.add_argument("--search", metavar="TEXT",
+                         help="only devices whose MAC, name, vendor, type or address contains TEXT")
     devices.set_defaults(func=cmd_devices)
 
     queries = sub.add_parser("queries", help="the query log, newest first")
     add_state_args(queries)
     queries.add_argument("--device", metavar="MAC", type=device_key,
                          help="one device's queries (AA-BB-.., aabb.ccdd.eeff too)")
-    queries.add_argument("--search", metavar="TEXT", help="part of the name")
-    queries.add_argument("--limit", type=positive_count, default=50, help="at most this many (default 50)")
+    queries.add_argument("--search", metavar="TEXT", help="only names that contain TEXT")
+    queries.add_argument("--limit", type=positive_count, default=50, metavar="N", help="at most N queries (default 50)")
     queries.add_argument("--json", action="store_true", help="one JSON object per line")
     queries.set_defaults(func=cmd_queries)
 

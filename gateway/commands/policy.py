@@ -30,7 +30,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         c = cmds.add_parser(action, help=f"{action} a name and its subdomains, a list, a category, or all")
         c.add_argument("scope", help=scope_help)
         c.add_argument("target", help="a domain name, list:ID, category:NAME, or all")
-        c.add_argument("--schedule", help="apply only while this schedule is active")
+        c.add_argument("--schedule", metavar="NAME", help="apply only while this schedule (see schedule) is active")
         c.set_defaults(func=_add_rule, action=action)
 
     c = cmds.add_parser("unrule", help="remove a rule by its label, or by its number (see show)")
@@ -51,15 +51,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_list_add)
 
     c = cmds.add_parser("list-update", help="fetch a URL list again")
-    c.add_argument("id")
+    c.add_argument("id", help="the id it was added under")
     c.set_defaults(func=_list_update)
 
     c = cmds.add_parser(
         "schedule", help="define a weekly schedule, e.g. --day mon=21:00-24:00 --day tue=00:00-07:00"
     )
-    c.add_argument("name")
-    c.add_argument("--tz", default="UTC", help="IANA time zone, e.g. Europe/Berlin")
-    c.add_argument("--day", action="append", default=[], metavar="DAY=HH:MM-HH:MM")
+    c.add_argument("name", help="the schedule's name, for --schedule of block and allow (replaced if it exists)")
+    c.add_argument("--tz", default="UTC", help="IANA time zone, e.g. Europe/Berlin (default UTC)")
+    c.add_argument("--day", action="append", default=[], metavar="DAY=HH:MM-HH:MM",
+                   help="a day (mon..sun) and its hours; repeatable, a day once")
     c.set_defaults(func=_schedule)
 
     for name, help_text in (("pause", "pause internet"), ("resume", "end a pause")):
@@ -79,20 +80,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     c = cmds.add_parser("quarantine", help="quarantine new devices until approved (on/off)")
     c.add_argument("mode", choices=("on", "off"))
-    c.add_argument("--allow", action="append", metavar="NAME", help="replace the allow list (repeatable)")
+    c.add_argument("--allow", action="append", metavar="NAME",
+                   help="names a quarantined device may still query, replacing the list (repeatable; "
+                   "without it the list stays; at first it is public NTP servers)")
     c.set_defaults(func=_quarantine)
 
     c = cmds.add_parser("import-mud", help="import an RFC 8520 MUD file as a device type's allow profile")
-    c.add_argument("device_type")
-    c.add_argument("file")
+    c.add_argument("device_type", help="the device type the profile is for, e.g. TP-LinkPlugHS110")
+    c.add_argument("file", help="the MUD file (JSON)")
     c.set_defaults(func=_import_mud)
 
     c = cmds.add_parser("test", help="what the policy decides for a device and a name")
-    c.add_argument("mac")
-    c.add_argument("name")
-    c.add_argument("--type", dest="device_type")
-    c.add_argument("--category")
-    c.add_argument("--status", default="approved", choices=("new", "identified", "approved"))
+    c.add_argument("mac", help="the device's MAC address")
+    c.add_argument("name", help="the name it asks for")
+    c.add_argument("--type", dest="device_type", help="the device's type, for type: rules and strict mode")
+    c.add_argument("--category", help="the device's category, for category: rules")
+    c.add_argument("--status", default="approved", choices=("new", "identified", "approved"),
+                   help="the device's status: all but approved are quarantined while quarantine is on "
+                   "(default approved)")
     c.set_defaults(func=_test)
 
 

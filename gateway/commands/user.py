@@ -45,7 +45,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_token_list)
     p = token_sub.add_parser("revoke", help="revoke a token by id")
     add_state_args(p)
-    p.add_argument("id", type=int)
+    p.add_argument("id", type=int, help="the token's number, as token list prints it")
     p.set_defaults(func=_token_revoke)
 
 
