@@ -132,6 +132,26 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def positive_number(text: str) -> float:
+    """An argparse type for a finite number above 0 (a norm, a learning rate)."""
+    return _finite(text, above_zero=True)
+
+
+def number_or_zero(text: str) -> float:
+    """An argparse type for a finite number, 0 or more (a noise multiplier, 0 being none)."""
+    return _finite(text, above_zero=False)
+
+
+def _finite(text: str, above_zero: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0 or (above_zero and value == 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number {'above 0' if above_zero else '0 or more'}")
+    return value
+
+
 def seconds_or_zero(text: str) -> float:
     """An argparse type for a limit in seconds where 0 means none: a finite number, 0 or more. A negative or
     NaN ``--duration`` ended the demo at once, after it had printed an address and a login that no longer work."""

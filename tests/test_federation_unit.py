@@ -443,6 +443,33 @@ def test_a_port_out_of_range_is_refused_by_the_command_line(
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--rounds", "0"), ("--rounds", "-1"), ("--min-nodes", "1"), ("--min-nodes", "0"), ("--nodes-wait", "-5"),
+     ("--nodes-wait", "nan"), ("--stage-timeout", "0"), ("--clip-norm", "inf"), ("--clip-norm", "0"),
+     ("--dp-noise", "-1"), ("--dp-noise", "nan"), ("--epochs", "0"), ("--lr", "-0.01"), ("--lr", "nan")],
+)
+def test_a_server_setting_out_of_range_is_a_usage_error_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture, flag: str, value: str
+) -> None:
+    # these went into the run config as given: a run of 0 rounds, a NaN clip norm or a negative noise multiplier
+    # failed (or did nothing) only after the SuperLink had started
+    with pytest.raises(SystemExit) as refused:
+        _federation_parser().parse_args(["federation", "server", "--state-dir", str(tmp_path), "--insecure",
+                                         f"{flag}={value}"])
+    assert refused.value.code == 2
+    assert f"argument {flag}:" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("poll", ["0", "-1", "nan"])
+def test_a_join_poll_that_is_not_a_finite_number_of_seconds_above_0_is_a_usage_error(poll: str, capsys) -> None:
+    with pytest.raises(SystemExit) as refused:
+        _federation_parser().parse_args(["federation", "join", "--superlink", "127.0.0.1:9092", "--insecure",
+                                         f"--poll={poll}"])
+    assert refused.value.code == 2 and "argument --poll:" in capsys.readouterr().err
+
+
 def test_cli_requires_tls_or_an_explicit_insecure(tmp_path: Path) -> None:
     from gateway.commands import federation
 

@@ -21,7 +21,17 @@ import time
 import uuid
 from pathlib import Path
 
-from gateway.cli import add_state_args, config_from_args, interrupt_on_stop_signals, positive_seconds, tcp_port
+from gateway.cli import (
+    add_state_args,
+    config_from_args,
+    interrupt_on_stop_signals,
+    number_or_zero,
+    positive_count,
+    positive_number,
+    positive_seconds,
+    tcp_port,
+    whole_number,
+)
 from gateway.statedir import create_private
 
 CONNECTION = "iotgw"
@@ -51,25 +61,33 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         metavar="PUB",
         help="a gateway's public key (from `iotgw federation keygen`); enables SuperNode authentication",
     )
-    server.add_argument("--rounds", metavar="N", type=int, default=3, help="SecAgg+ rounds in the run (default 3)")
     server.add_argument(
-        "--min-nodes", metavar="N", type=int, default=3,
-        help="homes a round needs; SecAgg+ wants 3 or more (default 3)",
+        "--rounds", metavar="N", type=positive_count, default=3, help="SecAgg+ rounds in the run (default 3)"
     )
     server.add_argument(
-        "--nodes-wait", metavar="SECONDS", type=float, default=600.0,
+        "--min-nodes", metavar="N", type=min_nodes, default=3,
+        help="homes a round needs: 2 or more; fewer than 3 hide little of each other's update (default 3)",
+    )
+    server.add_argument(
+        "--nodes-wait", metavar="SECONDS", type=positive_seconds, default=600.0,
         help="seconds to wait for --min-nodes (default 600)",
     )
     server.add_argument(
-        "--stage-timeout", metavar="SECONDS", type=float, default=120.0,
+        "--stage-timeout", metavar="SECONDS", type=positive_seconds, default=120.0,
         help="seconds per SecAgg+ stage, local training included (default 120)",
     )
-    server.add_argument("--clip-norm", type=float, default=5.0, help="L2 bound of a home's update (default 5.0)")
-    server.add_argument("--dp-noise", type=float, default=0.0, help="DP noise multiplier (default 0: off)")
     server.add_argument(
-        "--epochs", metavar="N", type=int, default=5, help="local epochs per round on each home (default 5)"
+        "--clip-norm", metavar="X", type=positive_number, default=5.0, help="L2 bound of a home's update (default 5.0)"
     )
-    server.add_argument("--lr", type=float, default=0.01, help="local learning rate (default 0.01)")
+    server.add_argument(
+        "--dp-noise", metavar="X", type=number_or_zero, default=0.0, help="DP noise multiplier (default 0: off)"
+    )
+    server.add_argument(
+        "--epochs", metavar="N", type=positive_count, default=5, help="local epochs per round on each home (default 5)"
+    )
+    server.add_argument(
+        "--lr", metavar="X", type=positive_number, default=0.01, help="local learning rate (default 0.01)"
+    )
     server.add_argument(
         "--bundle", type=Path, metavar="DIR", help="model bundle the federation starts from (default: the shipped one)"
     )
@@ -92,7 +110,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="also train on unconfirmed identifications the model is very sure of (off by default)",
     )
     join.add_argument(
-        "--poll", type=float, default=1.0, metavar="SECONDS",
+        "--poll", type=positive_seconds, default=1.0, metavar="SECONDS",
         help="seconds between the SuperNode's polls while joined (default 1)"
     )
     join.add_argument(
@@ -117,6 +135,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     add_state_args(rollback)
     rollback.set_defaults(func=_rollback)
+
+
+def min_nodes(text: str) -> int:
+    """An argparse type for the homes a round needs: the sum of one home's update is that update."""
+    return whole_number(text, 2, "2 or more: the sum of one home's update is that update")
 
 
 def federation_dir(cfg) -> Path:  # noqa: ANN001 - gateway.config.Config, imported lazily
