@@ -216,10 +216,15 @@ def _check_contents(bundle: Bundle) -> None:
         if twice:  # a class id per name: one named twice leaves a head and the lists built from it out of step
             raise ValueError(f"labels.{head} names {', '.join(map(repr, twice))} more than once")
     _require(bundle.type_info, "type_info", lambda v: _str_map(v, lambda x: isinstance(x, str)))
-    for head in ("manufacturer", "category"):
-        # a captured type names its maker and category from here, past the heads: one outside the label set was
-        # answered as it stood (an edit naming the Aria scale's maker Philips made every Aria "Philips")
-        _require(bundle.type_info, "type_info", lambda v, h=head: v.get(h) is None or v[h] in bundle.labels[h])
+    # a captured type names its maker and category from here, past the heads: one outside the label set was
+    # answered as it stood (an edit naming the Aria scale's maker Philips made every Aria "Philips"). A type of the
+    # domain list has a category alone, and may be a kind no capture showed ("speaker")
+    _require(
+        bundle.type_info,
+        "type_info",
+        lambda v: "manufacturer" not in v
+        or (v["manufacturer"] in bundle.labels["manufacturer"] and v.get("category") in bundle.labels["category"]),
+    )
     _require(bundle.mac_blocks, "mac_blocks", _list_of_str)
     _require(bundle.oui_prefixes, "oui_prefixes", lambda v: isinstance(v, str))
     _require(bundle.profiles, "profiles", _list_of_str)

@@ -327,7 +327,8 @@ class Session:
         known = self._known()
         dtype = labels["device_type"][best]
         info = self.ident.bundle.type_info.get(dtype, {})
-        # a known type names its own manufacturer and category; the heads answer for the generic types
+        # a captured type names its own manufacturer and category, a type of the domain list its own category
+        # (train.type_info); the heads answer for the rest
         manufacturer = info.get("manufacturer") or labels["manufacturer"][int(p_man.argmax())]
         category = info.get("category") or labels["category"][int(p_cat.argmax())]
         sources = {signal_of(t) for t in self.state.tokens}

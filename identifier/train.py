@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from identifier.bundle import Bundle, Thresholds
-from identifier.dataset import LabelledWindow
+from identifier.dataset import LabelledWindow, listed_category
 from identifier.features import DEFAULT_FEATURES, SEEN_BITS, FeatureConfig, seen_bit, window_vectors
 from identifier.inference import HEADS
 from identifier.observation import Observation, PacketObservation
@@ -224,18 +224,25 @@ def name_vendors(windows: list[LabelledWindow]) -> dict[str, dict[str, int]]:
 
 
 def type_info(windows: list[LabelledWindow]) -> dict[str, dict[str, str]]:
-    """Device types that belong to a single manufacturer and category (the captured products)."""
+    """The manufacturer and category of each device type that belongs to a single one of each (the captured
+    products), and the category alone of each of the domain list's types (``listed_category``): a type is shown
+    with its own category, never the category head's guess, which for a speaker or a TV is a kind it never learned
+    (an Amazon "Speaker" came out "camera")."""
     seen: dict[str, set[tuple[str | None, str | None]]] = defaultdict(set)
+    listed: dict[str, dict[str, str]] = {}
     for w in windows:
         if w.device_type and w.timed:
             seen[w.device_type].add((w.manufacturer, w.category))
-    return {
+        elif w.device_type and (category := listed_category(w.device_type)):
+            listed[w.device_type] = {"category": category}
+    captured = {
         t: {"manufacturer": m, "category": c}
         for t, pairs in seen.items()
         if len(pairs) == 1
         for (m, c) in pairs
         if m and c
     }
+    return listed | captured
 
 
 def train(windows: list[LabelledWindow], seed: int = 0, progress: bool = False) -> Bundle:

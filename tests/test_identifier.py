@@ -19,7 +19,7 @@ from gateway.capture.pcap import read_frames
 from gateway.capture.windows import capture_windows
 from gateway.demo import demo_mac
 from identifier.bundle import DEFAULT_DIR, Bundle, BundleError, Thresholds
-from identifier.dataset import LabelledWindow
+from identifier.dataset import LabelledWindow, listed_category
 from identifier.domains import brand
 from identifier.evaluate import (
     OPEN_SET_GRID,
@@ -36,7 +36,7 @@ from identifier.features import DEFAULT_FEATURES, FeatureState
 from identifier.observation import DhcpObservation, DnsObservation
 from identifier.oui import blocks, vendor
 from identifier.stream import NAME_VOTE_FLOOR, NAME_VOTE_NET_POWER, Identifier, Identity
-from identifier.train import answers_hash, name_vendors
+from identifier.train import answers_hash, name_vendors, type_info
 from tests.shared_data import CAPTURES, DOMAINS, needs_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -433,6 +433,44 @@ def test_on_dns_alone_the_vendor_comes_from_the_manufacturer_head_and_the_type_f
     assert code == 0 and rows_all[0]["manufacturer"] == "Blink"
 
 
+@needs_data
+def test_a_type_of_the_domain_list_is_shown_with_its_own_category_never_another_kinds(iotgw, tmp_path):
+    # The category head learned only the captures' kinds: an Amazon "Speaker" came out "camera", a TV "hub".
+    groups: dict[str, list[str]] = {}
+    with DOMAINS.open(newline="") as f:
+        for row in csv.DictReader(f):
+            groups.setdefault(row["device_folder"], []).append(row["domain"])
+    sessions = tmp_path / "s.jsonl"
+    sessions.write_text("".join(
+        json.dumps({"id": folder, "queries": [{"t": float(i), "name": n} for i, n in enumerate(names)]}) + "\n"
+        for folder, names in groups.items()
+    ))
+    code, rows, _ = iotgw("identify", "--json", "--signals", "dns", "--sessions", str(sessions))
+    assert code == 0 and len(rows) == len(groups)
+    captured = {t for t, info in Identifier.load().bundle.type_info.items() if "manufacturer" in info}
+    listed = [(r["device_type"], r["category"]) for r in rows if r["device_type"] not in captured]
+    assert {("Speaker", "speaker"), ("TV", "tv"), ("Camera", "camera")} <= set(listed)
+    assert [(t, c) for t, c in listed if listed_category(t) and c != listed_category(t)] == []
+
+
+def test_type_info_gives_a_captured_product_its_maker_and_a_listed_type_its_category_alone():
+    def window(dtype: str, manufacturer: str, category: str | None, timed: bool) -> LabelledWindow:
+        return LabelledWindow([], "", 0.0, manufacturer, dtype, category, dtype, "x", timed)
+
+    info = type_info([
+        window("Aria", "Fitbit", "scale", True),
+        window("Speaker", "Amazon", None, False),
+        window("Speaker", "Harman Kardon", None, False),
+        window("Brewer", "Smarter", None, False),
+        window("Huawei", "Huawei", None, False),  # the list's maker-as-type: no kind to show
+    ])
+    assert info == {
+        "Aria": {"manufacturer": "Fitbit", "category": "scale"},
+        "Speaker": {"category": "speaker"},
+        "Brewer": {"category": "appliance"},
+    }
+
+
 def test_dns_order_and_pauses_tell_apart_siblings_that_query_the_same_names(iotgw, tmp_path):
     # D-Link's hub, switch and sensors all query wrpd.dlink.com, ntp1.dlink.com and one amazonaws.com name in
     # their first seconds. The hub asks for the time first and waits; the switch asks for it at once after
@@ -556,6 +594,10 @@ def test_a_bundle_reads_a_threshold_stored_under_its_earlier_name_and_refuses_on
         (
             lambda meta, _: meta["type_info"]["Aria"].update(manufacturer="Acme"),
             "type_info['Aria'] is {'category': 'scale', 'manufacturer': 'Acme'}",
+        ),
+        (
+            lambda meta, _: meta["type_info"]["Aria"].update(category="toaster"),
+            "type_info['Aria'] is {'category': 'toaster', 'manufacturer': 'Fitbit'}",
         ),
     ],
 )
@@ -925,7 +967,7 @@ def test_shipped_bundle_is_small_and_serves_demo_prototypes_and_profiles():
     protos = ident.prototypes()
     assert "HueBridge" in protos and "WeMoSwitch" in protos
     hits = 0
-    sentinel_types = [t for t in protos if t in ident.bundle.type_info]
+    sentinel_types = [t for t in protos if "manufacturer" in ident.bundle.type_info.get(t, {})]
     ouis = ident.oui_prefixes()
     assert set(ouis) == set(sentinel_types)
     for dtype in sentinel_types:
