@@ -71,6 +71,19 @@ def _shot(page, name: str) -> None:  # noqa: ANN001
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
+def _placeholders_fit(page, selector: str) -> list[tuple[str, bool]]:  # noqa: ANN001
+    """For each field ``selector`` finds: its name, and whether its placeholder, measured in the field's own font,
+    fits the room inside the field and the field is on screen."""
+    return page.locator(selector).evaluate_all("""els => els.map(e => {
+        const cs = getComputedStyle(e), ctx = document.createElement("canvas").getContext("2d");
+        ctx.font = `${cs.fontStyle} ${cs.fontWeight} ${cs.fontSize} ${cs.fontFamily}`;
+        const room = e.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight);
+        const box = e.getBoundingClientRect();
+        return [e.name, ctx.measureText(e.placeholder).width <= room && box.left >= 0
+                        && box.right <= document.documentElement.clientWidth];
+    })""")
+
+
 def test_log_in_watch_a_device_appear_rename_and_approve_it(served, page):
     base, store = served
     _login(page, base)
@@ -411,15 +424,7 @@ def test_on_a_phone_the_schedule_form_shows_each_field_and_its_placeholder_whole
     _login(page, base)
     page.set_viewport_size({"width": 390, "height": 844})
     page.goto(base + "/policies")
-    fields = page.locator("#schedule-form input:not([type=hidden]):not([type=checkbox])")
-    # the placeholder's width in the field's own font, against the room inside the field
-    fits = fields.evaluate_all("""els => els.map(e => {
-        const cs = getComputedStyle(e), ctx = document.createElement("canvas").getContext("2d");
-        ctx.font = `${cs.fontStyle} ${cs.fontWeight} ${cs.fontSize} ${cs.fontFamily}`;
-        const room = e.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight);
-        const box = e.getBoundingClientRect();
-        return [e.name, ctx.measureText(e.placeholder).width <= room && box.left >= 0 && box.right <= 390];
-    })""")
+    fits = _placeholders_fit(page, "#schedule-form input:not([type=hidden]):not([type=checkbox])")
     assert fits and all(ok for _, ok in fits), fits
     assert "24:00 is midnight" in page.locator("#schedule-form label", has=page.locator("input[name=end]")).inner_text()
 
@@ -468,3 +473,22 @@ def test_the_dashboard_explains_devices_left_unlisted_at_the_device_limit(served
     card = page.locator(".card", has=page.locator("[data-summary=untracked]")).inner_text()
     assert card.startswith("3") and "devices not listed" in card
     assert "[devices] max" in card and "filtered as any new device" in card
+
+
+def test_every_placeholder_reads_whole_on_a_desktop_and_on_a_phone(served, page):
+    """The rule field ("domain, list:ID, category:NAME or all"), the type-or-tag field of a new default, the token's
+    "Used by (e.g. home-assistant)" and the device search ("Search name, vendor, type, MAC, IP") were cut off
+    mid-word, on a desktop as on a phone."""
+    base, store = served
+    mac = "aa:bb:cc:00:00:37"
+    add_device(store, mac, hostname="kitchen-plug", identified=True)
+    _login(page, base)
+    cut, seen = [], 0
+    for width in (1280, 390):
+        page.set_viewport_size({"width": width, "height": 900})
+        for path in ("/devices", f"/devices/{mac}", "/policies", "/settings", "/queries"):
+            page.goto(base + path)
+            fits = _placeholders_fit(page, "main input[placeholder]")
+            seen += len(fits)
+            cut += [(width, path, name) for name, ok in fits if not ok]
+    assert seen > 20 and cut == []
