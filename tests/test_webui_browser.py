@@ -492,3 +492,23 @@ def test_every_placeholder_reads_whole_on_a_desktop_and_on_a_phone(served, page)
             seen += len(fits)
             cut += [(width, path, name) for name, ok in fits if not ok]
     assert seen > 20 and cut == []
+
+
+def test_a_devices_names_say_where_each_came_from_in_plain_words(served, page):
+    """Each name was followed by the store's word for its source: "(dhcp)", "(mdns)", "(user)"."""
+    from gateway.store.schema import DeviceName
+
+    base, store = served
+    mac = "aa:bb:cc:00:00:38"
+    add_device(store, mac, hostname="esp-3f2a1c")
+    with store.transaction() as s:
+        s.add(DeviceName(mac=mac, name="Kitchen-Plug._hap._tcp.local", source="mdns", first_seen=0, last_seen=0))
+    service.rename(store, mac, "Kitchen plug")
+    _login(page, base)
+    page.goto(f"{base}/devices/{mac}")
+    names = page.locator("h3:text-is('Names') + ul.list li").all_inner_texts()
+    assert sorted(names) == sorted([
+        "Kitchen plug · named by you",
+        "esp-3f2a1c · the name it gave when it asked for an address (DHCP)",
+        "Kitchen-Plug._hap._tcp.local · the name it announces on the local network (mDNS)",
+    ])

@@ -17,7 +17,7 @@ from sqlalchemy.exc import OperationalError
 from gateway.config import Config
 from gateway.statedir import write_private
 from gateway.store.db import BUSY_TIMEOUT_S, Store, database_busy
-from webui import security
+from webui import security, views
 from webui.context import WebContext
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ def create_app(store: Store, cfg: Config) -> Flask:
     app.jinja_env.filters["ago"] = _ago
     app.jinja_env.filters["pct"] = _pct
     app.jinja_env.filters["qtype"] = _qtype
+    app.jinja_env.filters["name_source"] = views.name_source
     app.extensions["iotgw"] = WebContext(store=store, cfg=cfg)
     security.install(app)
     app.register_blueprint(auth_views.bp)

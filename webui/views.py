@@ -10,6 +10,19 @@ from gateway.events import Alert
 from gateway.overview import DomainSeen, is_online
 from gateway.store.schema import Device, Identification, Query
 
+# Where a device's name came from, in the owner's words (the store's and the API's identifiers told an owner
+# nothing). Every page shows a source through ``name_source``; an unknown one is shown as it is.
+NAME_SOURCES = {
+    "user": "named by you",
+    "dhcp": "the name it gave when it asked for an address (DHCP)",
+    "mdns": "the name it announces on the local network (mDNS)",
+    "rdns": "the name the local DNS gives its address (reverse DNS)",
+}
+
+
+def name_source(source: str | None) -> str:
+    return NAME_SOURCES.get(source or "", source or "")
+
 
 def device(d: Device, counts: tuple[int, int] | None = None, routers: frozenset[str] = frozenset()) -> dict[str, Any]:
     """``routers``: the gateway's own router (``service.routers``), shown as such and never quarantined as new."""
