@@ -512,3 +512,27 @@ def test_a_devices_names_say_where_each_came_from_in_plain_words(served, page):
         "esp-3f2a1c · the name it gave when it asked for an address (DHCP)",
         "Kitchen-Plug._hap._tcp.local · the name it announces on the local network (mDNS)",
     ])
+
+
+def test_the_devices_not_listed_card_comes_updates_and_goes_with_the_dashboards_poll(served, page):
+    """The card was drawn only on a page load: a dashboard left open showed no sign of devices being left out, and
+    kept a number that the other counters' poll never updated. The page's clock is Playwright's, moved past the
+    15 s poll, so that no test waits on real time."""
+    from gateway.overview import UNTRACKED_SETTING
+
+    base, store = served
+    _login(page, base)
+    page.clock.install()
+    page.goto(base + "/")
+    card = page.locator("#untracked-card")
+    assert not card.is_visible()
+    for shown in ("3", "5", "0"):
+        store.set_setting(UNTRACKED_SETTING, shown)
+        with page.expect_response(lambda r: r.url.endswith("/api/v1/summary")) as polled:
+            page.clock.run_for(15_000)
+        polled.value.finished()  # the body is read and the page's handler runs after it: wait for what it shows
+        if shown == "0":
+            card.wait_for(state="hidden")
+        else:
+            page.locator("#untracked-card [data-summary=untracked]", has_text=shown).wait_for()
+            assert card.is_visible() and "devices not listed" in card.inner_text()

@@ -29,6 +29,13 @@ async function refreshSummary() {
       el.textContent = String(value);
     }
   }
+  // A card that only matters when its counter is above 0 (devices not listed) comes and goes with it.
+  for (const el of document.querySelectorAll("[data-summary-shown]")) {
+    const value = summary[el.getAttribute("data-summary-shown")];
+    if (value !== undefined) {
+      el.hidden = !value;
+    }
+  }
 }
 
 // The session is over (12 h, a logout elsewhere, a password change): the counters would silently stop
