@@ -536,3 +536,28 @@ def test_the_devices_not_listed_card_comes_updates_and_goes_with_the_dashboards_
         else:
             page.locator("#untracked-card [data-summary=untracked]", has_text=shown).wait_for()
             assert card.is_visible() and "devices not listed" in card.inner_text()
+
+
+def test_alerts_say_what_happened_in_words_without_empty_details(served, page):
+    """The dashboard and the alert list showed "new_device" and "device_identified", the MQTT identifiers, and a new
+    device's details read "name: None"."""
+    from gateway.events import ALERT_KINDS
+    from gateway.store.schema import AlertRecord
+    from webui import views
+
+    assert set(views.ALERT_KINDS) == set(ALERT_KINDS)  # every kind the daemon raises has its words
+    base, store = served
+    mac = "aa:bb:cc:00:00:39"
+    add_device(store, mac)
+    with store.transaction() as s:  # as the daemon records them
+        s.add(AlertRecord(ts=1.0, kind="new_device", mac=mac, data={"vendor": "Espressif Inc.", "name": None,
+                                                                    "ip": "192.168.1.50"}))
+        s.add(AlertRecord(ts=2.0, kind="device_identified", mac=mac, data={"device_type": "tplink-plug-hs110"}))
+    _login(page, base)
+    page.goto(base + "/")
+    latest = page.locator("h2:text-is('Latest alerts') + ul.list li").all_inner_texts()
+    assert [line.split(" · ")[1] for line in latest] == ["device identified", "new device"]
+    page.goto(base + "/alerts")
+    assert page.locator("#alerts td[data-label=Kind]").all_inner_texts() == ["device identified", "new device"]
+    details = page.locator("#alerts td[data-label=Details]").all_inner_texts()
+    assert details[1] == "vendor: Espressif Inc., ip: 192.168.1.50"

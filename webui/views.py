@@ -24,6 +24,29 @@ def name_source(source: str | None) -> str:
     return NAME_SOURCES.get(source or "", source or "")
 
 
+# Each alert kind (``gateway.events.ALERT_KINDS``) as the dashboard and the alert list say it: "new_device" and
+# "device_identified" were the MQTT topic's words, not an owner's. The API and MQTT keep the identifiers.
+ALERT_KINDS = {
+    "new_device": "new device",
+    "device_identified": "device identified",
+    "unknown_device": "device not recognised",
+    "device_online": "back online",
+    "device_offline": "went offline",
+    "blocked_summary": "blocked queries summary",
+    "quarantine_entered": "quarantined",
+    "quarantine_lifted": "quarantine lifted",
+    "anomaly": "unusual query",
+    "model_updated": "identification model updated",
+    "federated_round": "federated learning round",
+    "alerts_dropped": "alerts lost while the MQTT broker was away",
+    "too_many_devices": "device limit reached",
+}
+
+
+def alert_kind(kind: str) -> str:
+    return ALERT_KINDS.get(kind, kind)
+
+
 def device(d: Device, counts: tuple[int, int] | None = None, routers: frozenset[str] = frozenset()) -> dict[str, Any]:
     """``routers``: the gateway's own router (``service.routers``), shown as such and never quarantined as new."""
     return {
