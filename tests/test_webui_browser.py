@@ -561,3 +561,25 @@ def test_alerts_say_what_happened_in_words_without_empty_details(served, page):
     assert page.locator("#alerts td[data-label=Kind]").all_inner_texts() == ["device identified", "new device"]
     details = page.locator("#alerts td[data-label=Details]").all_inner_texts()
     assert details[1] == "vendor: Espressif Inc., ip: 192.168.1.50"
+
+
+def test_a_devices_signals_used_are_said_in_words(served, page):
+    """"Signals used" listed the identifier's own words: dns, oui, dhcp, macblock."""
+    from gateway.store.schema import Identification
+    from identifier.features import SIGNALS
+    from webui import views
+
+    assert set(views.SIGNALS) == {*SIGNALS, "macblock"}  # every signal the identifier reports has its words
+    base, store = served
+    mac = "aa:bb:cc:00:00:3a"
+    add_device(store, mac, hostname="plug", identified=True)  # signals dns, oui, dhcp
+    with store.transaction() as s:
+        s.query(Identification).filter_by(mac=mac).update({"signals": ["dhcp", "dns", "macblock", "oui"]})
+    _login(page, base)
+    page.goto(f"{base}/devices/{mac}")
+    assert page.locator("h3:text-is('Signals used') + ul.list li").all_inner_texts() == [
+        "how it asked for an address (DHCP)",
+        "the domains it looks up (DNS)",
+        "a device you confirmed with a nearby MAC address",
+        "who made its network card (its MAC address's prefix)",
+    ]

@@ -51,6 +51,7 @@ def create_app(store: Store, cfg: Config) -> Flask:
     app.jinja_env.filters["qtype"] = _qtype
     app.jinja_env.filters["name_source"] = views.name_source
     app.jinja_env.filters["alert_kind"] = views.alert_kind
+    app.jinja_env.filters["signal"] = views.signal
     app.extensions["iotgw"] = WebContext(store=store, cfg=cfg)
     security.install(app)
     app.register_blueprint(auth_views.bp)

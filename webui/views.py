@@ -47,6 +47,22 @@ def alert_kind(kind: str) -> str:
     return ALERT_KINDS.get(kind, kind)
 
 
+# What the identifier weighed (``identifier.features.SIGNALS`` and ``macblock``), as a device's page lists it under
+# "Signals used": "oui" and "packet" told an owner nothing.
+SIGNALS = {
+    "dns": "the domains it looks up (DNS)",
+    "dhcp": "how it asked for an address (DHCP)",
+    "oui": "who made its network card (its MAC address's prefix)",
+    "mdns": "what it announces on the local network (mDNS)",
+    "packet": "the ports and protocols it uses",
+    "macblock": "a device you confirmed with a nearby MAC address",
+}
+
+
+def signal(name: str) -> str:
+    return SIGNALS.get(name, name)
+
+
 def device(d: Device, counts: tuple[int, int] | None = None, routers: frozenset[str] = frozenset()) -> dict[str, Any]:
     """``routers``: the gateway's own router (``service.routers``), shown as such and never quarantined as new."""
     return {
