@@ -580,6 +580,6 @@ def test_a_devices_signals_used_are_said_in_words(served, page):
     assert page.locator("h3:text-is('Signals used') + ul.list li").all_inner_texts() == [
         "how it asked for an address (DHCP)",
         "the domains it looks up (DNS)",
-        "a device you confirmed with a nearby MAC address",
+        "a MAC address next to a known unit's (one production run)",
         "who made its network card (its MAC address's prefix)",
     ]

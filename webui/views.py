@@ -55,7 +55,7 @@ SIGNALS = {
     "oui": "who made its network card (its MAC address's prefix)",
     "mdns": "what it announces on the local network (mDNS)",
     "packet": "the ports and protocols it uses",
-    "macblock": "a device you confirmed with a nearby MAC address",
+    "macblock": "a MAC address next to a known unit's (one production run)",
 }
 
 
