@@ -61,8 +61,16 @@ def test_replay_reports_a_corrupt_file_by_name_and_goes_on(tmp_path):
     assert len(result.errors) == 3
     assert "garbage.pcap" in result.errors[0] and "missing.pcap" in result.errors[2]
     assert f"{truncated}: truncated after " in result.errors[1]
-    # a sender is present once per replay, at its first frame in the first file that has one
-    expected = _direct(first) + [e for e in _direct(truncated) + _direct(last) if not isinstance(e, DeviceSeen)]
+    # a sender is present once per replay, at its first frame in the first file that has one, stamped with its
+    # earliest frame in all of them: the second capture is months older than the first
+    earliest: dict[str, float] = {}
+    for path in (first, last):
+        for ts, frame in read_frames(path):
+            mac = frame[6:12].hex(":")
+            earliest[mac] = min(earliest.get(mac, ts), ts)
+    assert min(ts for ts, _ in read_frames(last)) < min(ts for ts, _ in read_frames(first))
+    expected = [DeviceSeen(earliest[e.mac], e.mac, e.ip) if isinstance(e, DeviceSeen) else e for e in _direct(first)]
+    expected += [e for e in _direct(truncated) + _direct(last) if not isinstance(e, DeviceSeen)]
     assert got == expected and len(_direct(last)) > 0
 
 
@@ -163,3 +171,47 @@ def test_a_device_replayed_from_a_capture_out_of_time_order_is_first_seen_at_its
     assert proc.returncode == 0, proc.stderr
     device = get_device(Store(db, migrate=False), mac).device
     assert (device.first_seen, device.last_seen) == (1000.0, 2000.0)
+
+
+def _query(mac: str, ts: float, name: str):
+    frame = (Ether(src=mac, dst="02:00:00:00:00:01") / IP(src="10.0.0.42", dst="10.0.0.1")
+             / UDP(sport=40000, dport=53) / DNS(rd=1, qd=DNSQR(qname=name)))
+    frame.time = ts
+    return frame
+
+
+def _iotgw_replay(tmp_path: Path, *pcaps: Path):
+    """Run `iotgw replay` on ``pcaps``; the store it wrote."""
+    import subprocess
+    import sys
+
+    from gateway.store.db import Store
+
+    db = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
+    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "replay", "--db", db, *map(str, pcaps)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return Store(db, migrate=False)
+
+
+def test_files_replayed_out_of_date_order_start_a_device_and_its_window_at_its_earliest_frame(tmp_path):
+    """The newer capture given first: the device is new at its earliest frame (alert and window), the newer
+    frames fall outside its window instead of closing it before the older ones arrive, and its window is closed
+    and identified when the replay ends."""
+    from gateway.alerts.outbox import recent_alerts
+    from gateway.devices.service import get_device
+    from gateway.store.schema import ObservationWindow
+
+    mac = "02:00:00:00:00:42"
+    newer, older = tmp_path / "newer.pcap", tmp_path / "older.pcap"
+    wrpcap(str(newer), [_query(mac, 2000.0, "late.example.com")])
+    wrpcap(str(older), [_query(mac, 1000.0, "early.example.com"), _query(mac, 1010.0, "second.example.com")])
+    store = _iotgw_replay(tmp_path, newer, older)
+    new_device = [a for a in recent_alerts(store, mac=mac) if a.kind == "new_device"]
+    assert [a.ts for a in new_device] == [1000.0]
+    with store.session() as s:
+        window = s.get(ObservationWindow, mac)
+        assert window.started_at == 1000.0
+        assert [o["name"] for o in window.observations] == ["early.example.com", "second.example.com"]
+    assert len(get_device(store, mac).identifications) == 1  # the window was closed, not left open
+

@@ -21,6 +21,41 @@ from gateway.events import Counters, Event
 log = logging.getLogger(__name__)
 
 _BATCH = 512  # frames per sink call when not replaying in real time
+# Senders whose earliest time the first pass keeps: a capture of a MAC flood must not hold a float per spoofed
+# source. A sender past the bound is reported at its first frame in file order, as before the first pass.
+_EARLIEST_MAX = 65536
+
+
+@dataclass
+class Timeline:
+    """What a first pass over the files tells before anything is replayed: each sender's earliest frame time
+    (raw source MAC -> seconds) and whether every frame, across the files in the order given, is in time order."""
+
+    earliest: dict[bytes, float] = field(default_factory=dict)
+    in_order: bool = True
+
+
+def timeline(paths: Iterable[str | Path]) -> Timeline:
+    """Read ``paths`` once for their frames' times and senders. A file that cannot be read gives what it holds
+    before the damage; the replay itself reports it by name."""
+    out = Timeline()
+    earliest = out.earliest
+    latest = None
+    for path in paths:
+        try:
+            for ts, frame in read_frames(path):
+                src = frame[6:12]
+                if src in earliest:
+                    if ts < earliest[src]:
+                        earliest[src] = ts
+                elif len(earliest) < _EARLIEST_MAX:
+                    earliest[src] = ts
+                if latest is not None and ts < latest:
+                    out.in_order = False
+                latest = ts if latest is None else max(latest, ts)
+        except PcapError:
+            pass
+    return out
 
 
 @dataclass
@@ -39,6 +74,7 @@ def replay(
     sink: Sink,
     realtime: bool = False,
     counters: Counters | None = None,
+    order: Timeline | None = None,
 ) -> ReplayResult:
     """Feed every frame of every file in ``paths`` through ``parse_frame`` (``others=True``) into ``sink``.
 
@@ -48,16 +84,20 @@ def replay(
     goes on.
     Malformed frames are counted (``replay_malformed``) and dropped; an exception in ``sink`` propagates.
     As in live capture, each unicast source's first frame (in the whole replay) also gives a ``DeviceSeen``
-    ahead of its own events, whether that frame says anything or decodes. Frames are not sorted (merged captures
-    may be out of time order): the device tracker keeps each device's earliest and latest time whatever the order.
+    ahead of its own events, whether that frame says anything or decodes. Frames are not sorted (merged captures,
+    or files given out of date order, may be out of time order), so that ``DeviceSeen`` carries the sender's
+    earliest time in ``order`` (read here with ``timeline`` when not given): the device is new, and its
+    identification window starts, at its earliest frame, as ``iotgw identify`` counts it.
     """
     counters = counters if counters is not None else Counters()
+    paths = list(paths)  # read twice when ``order`` is not given
+    order = order if order is not None else timeline(paths)
     result = ReplayResult()
     senders = Senders()
     for path in paths:
         result.files += 1
         try:
-            _replay_file(Path(path), sink, realtime, counters, result, senders)
+            _replay_file(Path(path), sink, realtime, counters, result, senders, order.earliest)
         except PcapError as exc:  # the message names the file
             log.error("replay: %s", exc)
             result.errors.append(str(exc))
@@ -66,7 +106,7 @@ def replay(
 
 
 def _replay_file(path: Path, sink: Sink, realtime: bool, counters: Counters, result: ReplayResult,
-                 senders: Senders) -> None:
+                 senders: Senders, earliest: dict[bytes, float]) -> None:
     events: list[Event] = []
     known = senders.known
     pending = 0
@@ -85,7 +125,7 @@ def _replay_file(path: Path, sink: Sink, realtime: bool, counters: Counters, res
                         events, pending = [], 0
                     time.sleep(delay)
             if frame[6:12] not in known:
-                events += senders.first(frame, ts)
+                events += senders.first(frame, earliest.get(frame[6:12], ts))
             try:
                 events.extend(parse_frame(frame, ts, others=True, source="replay"))
             except MalformedPacket:

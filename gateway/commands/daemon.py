@@ -46,7 +46,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                       help="stop after this many seconds (default 0: run until Ctrl-C)")
     demo.set_defaults(func=cmd_demo)
 
-    replay = sub.add_parser("replay", help="feed pcap files through the capture path into the store")
+    replay = sub.add_parser(
+        "replay", help="feed pcap files through the capture path into the store",
+        description="Feed capture files, in the order given, through live capture's path into the store. Each "
+        "device is new (alert, identification window) at its earliest frame in all the files, whatever their "
+        "order; when the frames are out of time order (merged captures, files not in date order), a device's "
+        "window closes when the replay ends.")
     add_state_args(replay)
     replay.add_argument("pcaps", nargs="+", metavar="FILE.pcap")
     replay.add_argument("--realtime", action="store_true", help="at recorded speed (default: as fast as possible)")
@@ -156,19 +161,20 @@ def _demo(args: argparse.Namespace, state: Path) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from gateway.capture.replay import replay
+    from gateway.capture.replay import replay, timeline
     from gateway.daemon import Gateway
     from gateway.store.db import Store
 
     cfg = config_from_args(args)
     cfg.dns.listen = []
     cfg.capture.sniff = False
-    gateway = Gateway(cfg, Store(cfg.db_url))
+    order = timeline(args.pcaps)  # a first pass: each sender's earliest frame, and whether the frames are in order
+    gateway = Gateway(cfg, Store(cfg.db_url), replay_in_order=order.in_order)
 
     async def main():  # noqa: ANN202 - a ReplayResult
         await gateway.start()
         try:  # the same parser and sink as live capture, in a thread so the consumer keeps draining
-            return await asyncio.to_thread(replay, args.pcaps, gateway.ingest, args.realtime, gateway.counters)
+            return await asyncio.to_thread(replay, args.pcaps, gateway.ingest, args.realtime, gateway.counters, order)
         finally:
             await gateway.stop()
 
