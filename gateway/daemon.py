@@ -64,6 +64,9 @@ ALERT_FEED_MAX = 50_000
 ANNOUNCE_GRACE_S = 3.0
 # How often the gateway looks up its own router (the default route's next hop and its MAC in the neighbour table).
 ROUTER_CHECK_S = 30.0
+# What presence (online/offline) is timed by: the wall clock live; in a replay the capture's own times, which in
+# a replay out of time order cannot tell a device's silence from frames still to come (``Alerts``).
+PRESENCE_CLOCKS = {None: "wall", True: "capture", False: "frozen"}
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ class Gateway:
     def __init__(self, cfg: Config, store: Store, *, firewall: bool = False,
                  replay_in_order: bool | None = None) -> None:
         """``replay_in_order`` is None for live capture, else whether the replay's frames are in time order
-        (``gateway.capture.replay.timeline``): then windows follow the capture's clock."""
+        (``gateway.capture.replay.timeline``): then windows and presence follow the capture's clock."""
         self.cfg = cfg
         # Frames in time order (live capture's always are): a device's packet past its window means its window is
         # over. Out of order, an earlier packet may still come, so such a window closes when the replay ends.
@@ -105,7 +108,7 @@ class Gateway:
             options=lambda: MODES,
             current=lambda mac: device_mode(state_dir, mac),
             apply=lambda mac, mode: set_device_mode(state_dir, mac, mode),  # the daemon reloads it within 0.5 s
-        ))
+        ), presence_clock=PRESENCE_CLOCKS[replay_in_order])
         profiles = self.identifier.profiles() if self.identifier is not None else None
         self.filtering = Filtering(store, cfg.state_dir, profiles=profiles, firewall=firewall, counters=self.counters)
         self.dns = None

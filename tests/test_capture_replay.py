@@ -214,4 +214,25 @@ def test_files_replayed_out_of_date_order_start_a_device_and_its_window_at_its_e
         assert window.started_at == 1000.0
         assert [o["name"] for o in window.observations] == ["early.example.com", "second.example.com"]
     assert len(get_device(store, mac).identifications) == 1  # the window was closed, not left open
+    # out of time order, a gap in what was replayed so far may yet be filled: nobody goes offline
+    assert not [a for a in recent_alerts(store) if a.kind in ("device_offline", "device_online")]
 
+
+def test_replay_presence_follows_the_capture_clock_not_the_wall_clock(tmp_path):
+    """A device silent in the capture for longer than the idle timeout (600 s) goes offline at the capture's
+    moment it became so, and online at its next frame; the end of the capture takes no one offline."""
+    from gateway.alerts.outbox import recent_alerts
+
+    quiet, chatty = "02:00:00:00:00:42", "02:00:00:00:00:43"
+    frames = [_query(quiet, 1000.0, "a.example.com"), _query(quiet, 1010.0, "b.example.com"),
+              _query(chatty, 1700.0, "c.example.com"), _query(quiet, 2000.0, "d.example.com"),
+              _query(chatty, 2100.0, "e.example.com")]
+    pcap = tmp_path / "gap.pcap"
+    wrpcap(str(pcap), frames)
+    store = _iotgw_replay(tmp_path, pcap)
+    presence = [(a.kind, a.ts, a.mac, a.data) for a in reversed(recent_alerts(store))
+                if a.kind in ("device_offline", "device_online")]
+    assert presence == [
+        ("device_offline", 1610.0, quiet, {"last_seen": 1010.0, "idle_timeout_s": 600.0}),
+        ("device_online", 2000.0, quiet, {"offline_s": 990.0}),
+    ]

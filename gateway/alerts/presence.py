@@ -58,3 +58,42 @@ class Presence:
     def forget(self, mac: str) -> None:
         self._last.pop(mac, None)
         self._offline.pop(mac, None)
+
+
+class CapturePresence(Presence):
+    """Presence on a replayed capture's clock, not the wall clock: the capture's frames are its only news of a
+    device, so a device goes offline when the capture's time (its newest frame so far) passes its last frame by
+    the idle timeout, stamped at that moment of the capture, and comes back with its next frame after it.
+    The end of a replay is not news of any device: whoever was online stays so.
+
+    ``expiring`` False (frames out of time order) takes no device offline at all: a gap in what was replayed
+    so far may be filled by a frame still to come, and an offline alert cannot be taken back."""
+
+    def __init__(self, idle_timeout_s: float = IDLE_TIMEOUT_S, *, expiring: bool = True) -> None:
+        super().__init__(idle_timeout_s)
+        self.expiring = expiring
+        self._clock = float("-inf")  # the newest frame time so far
+
+    def seen(self, mac: str, ts: float) -> Alert | None:
+        """As ``Presence.seen``, except for a device offline since its frame at ``before`` (a device the store
+        knew from an earlier run starts so): a frame up to ``before`` is history (the same capture replayed
+        again), and one within the idle timeout after it shows the device never was offline: neither is a return.
+        """
+        before = self._offline.get(mac)
+        if before is not None and ts <= before + self.idle_timeout_s:
+            if ts > before:
+                del self._offline[mac]
+                self._last[mac] = ts
+            return None
+        return super().seen(mac, ts)
+
+    def advance(self, ts: float) -> list[Alert]:
+        """The capture's clock reached ``ts``: ``device_offline`` for every device idle past the timeout by then,
+        each stamped when it became so."""
+        if ts <= self._clock:
+            return []
+        self._clock = ts
+        if not self.expiring:
+            return []
+        return [Alert("device_offline", alert.data["last_seen"] + self.idle_timeout_s, alert.mac, alert.data)
+                for alert in self.expire(ts)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -26,7 +27,7 @@ from gateway.alerts.blocked import BlockedSummariser
 from gateway.alerts.mqtt import MqttLink, topic_id
 from gateway.alerts.outbox import Outbox
 from gateway.alerts.payloads import check, envelope
-from gateway.alerts.presence import IDLE_TIMEOUT_S, Presence
+from gateway.alerts.presence import IDLE_TIMEOUT_S, CapturePresence, Presence
 from gateway.config import Config
 from gateway.devices import service as devices
 from gateway.events import Alert, DnsQuery, Event
@@ -61,7 +62,12 @@ class Alerts:
         blocked_interval_s: float = 300.0,
         state_interval_s: float = 60.0,
         max_inflight: int = 100,
+        presence_clock: str = "wall",
     ) -> None:
+        """``presence_clock``: "wall" (live), "capture" (a replay in time order: presence on the frames' times,
+        ``CapturePresence``) or "frozen" (a replay out of time order: nobody goes offline)."""
+        if presence_clock not in ("wall", "capture", "frozen"):
+            raise ValueError(f"presence_clock {presence_clock!r}: expected 'wall', 'capture' or 'frozen'")
         self.store = store
         self.gateway = topic_id(cfg.gateway.name)
         self.prefix = cfg.mqtt.discovery_prefix
@@ -71,7 +77,9 @@ class Alerts:
         self.state_interval_s = state_interval_s
         self.max_inflight = max_inflight
         self.outbox = Outbox(store, max_rows=cfg.mqtt.outbox_max)
-        self.presence = Presence(idle_timeout_s)
+        self._wall = presence_clock == "wall"
+        self.presence = (Presence(idle_timeout_s) if self._wall
+                         else CapturePresence(idle_timeout_s, expiring=presence_clock == "capture"))
         self.blocked = BlockedSummariser(blocked_interval_s)
         self._feed_lock = (
             threading.Lock()
@@ -115,7 +123,9 @@ class Alerts:
     # --- the daemon's side
 
     def start(self) -> None:
-        now = time.time()
+        # A replay's clock is not known yet: a stored device is offline since its last frame, for the capture to
+        # tell whether it came back (CapturePresence.seen).
+        now = time.time() if self._wall else math.inf
         for device in devices.list_devices(self.store):
             self.presence.seed(device.mac, device.last_seen, now)
         if self.link:
@@ -161,12 +171,18 @@ class Alerts:
         if not mac:
             return
         with self._feed_lock:
-            self._follow_clock(time.time())
+            if self._wall:
+                self._follow_clock(time.time())
+                due = []
+            else:
+                due = self.presence.advance(event.ts)
             online = self.presence.seen(mac, event.ts)
             if isinstance(event, DnsQuery):
                 self.blocked.add(event)
-        if online:
-            self.send(online)
+        if online is not None:
+            due.append(online)
+        for alert in due:
+            self.send(alert)
 
     def device_changed(self, mac: str) -> None:
         """A device was added, renamed, identified or changed status: republish its discovery and state."""
@@ -244,8 +260,11 @@ class Alerts:
 
     def _tick(self, now: float) -> None:
         with self._feed_lock:
-            self._follow_clock(now)
-            due = self.presence.expire(now) + self.blocked.flush(now)
+            if self._wall:  # a replay's presence moves with its frames (observe), never with the wall clock
+                self._follow_clock(now)
+                due = self.presence.expire(now) + self.blocked.flush(now)
+            else:
+                due = self.blocked.flush(now)
         for alert in due:
             self.send(alert)
 

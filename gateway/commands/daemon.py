@@ -48,10 +48,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     replay = sub.add_parser(
         "replay", help="feed pcap files through the capture path into the store",
-        description="Feed capture files, in the order given, through live capture's path into the store. Each "
-        "device is new (alert, identification window) at its earliest frame in all the files, whatever their "
-        "order; when the frames are out of time order (merged captures, files not in date order), a device's "
-        "window closes when the replay ends.")
+        description="Feed capture files, in the order given, through live capture's path into the store. The "
+        "capture's own clock rules: each device is new (alert, identification window) at its earliest frame in "
+        "all the files, whatever their order, and it goes offline only where the capture shows it silent for the "
+        "idle timeout (10 minutes) and online again at its next frame, each alert stamped with the capture's "
+        "time. When the frames are out of time order (merged captures, files not in date order) no device goes "
+        "offline, and a device's window closes when the replay ends. The replay's end is no one's departure.")
     add_state_args(replay)
     replay.add_argument("pcaps", nargs="+", metavar="FILE.pcap")
     replay.add_argument("--realtime", action="store_true", help="at recorded speed (default: as fast as possible)")
