@@ -810,6 +810,34 @@ def test_a_bad_session_line_is_named_by_file_and_line_and_loses_none_of_the_othe
     assert len(capsys.readouterr().out.splitlines()) == 5
 
 
+@needs_data
+def test_a_session_dhcp_request_is_read_under_other_tools_names_and_an_unread_key_is_said(iotgw, tmp_path):
+    # A Withings scale's real DHCP request and DNS, without its MAC: the request is what names it. Fingerbank
+    # writes a fingerprint as "1,3,28,6" and the vendor as dhcp_vendor; read as ours, the answer is the same.
+    pcap, mac = first_capture("Withings")
+    dev = capture_windows(pcap, 30.0).devices[mac]
+    request = next(o for o in dev.observations if isinstance(o, DhcpObservation))
+    queries = [{"t": o.ts - dev.first_ts, "name": o.name} for o in dev.observations if isinstance(o, DnsObservation)]
+    t = request.ts - dev.first_ts
+    dhcp = {
+        "ours": {"t": t, "param_list": list(request.param_list), "vendor_class": request.vendor_class,
+                 "message_type": request.message_type},
+        "fingerbank": {"t": t, "dhcp_fingerprint": ",".join(map(str, request.param_list)),
+                       "dhcp_vendor": request.vendor_class, "option53": "DHCPDISCOVER", "lease_s": 3600},
+        "unread": {"t": t, "opt55": list(request.param_list), "class_id": request.vendor_class},
+    }
+    sessions = tmp_path / "s.jsonl"
+    sessions.write_text("".join(json.dumps({"id": k, "queries": queries, "dhcp": d}) + "\n" for k, d in dhcp.items()))
+    code, rows, err = iotgw("identify", "--json", "--sessions", str(sessions))
+    assert code == 0  # keys it could not read are a warning: every session was identified
+    answers = {r.pop("id"): r for r in rows}
+    assert answers["ours"]["manufacturer"] == "Withings"
+    assert answers["fingerbank"] == answers["ours"]
+    assert answers["unread"] != answers["ours"]  # judged without the request: the test shows the request counts
+    assert "dhcp keys not read: 'class_id' (first in session unread), 'lease_s'" in err
+    assert "'opt55'" in err
+
+
 def test_a_session_id_with_control_characters_is_printed_escaped_never_as_another_line(tmp_path, capsys):
     forged = "a\nforged 00:11:22:33:44:55  D-Link / D-LinkCam / camera  conf 1.00  decided 0.1s"
     sessions = tmp_path / "s.jsonl"

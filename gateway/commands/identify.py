@@ -162,18 +162,28 @@ def cmd_identify(args: argparse.Namespace) -> int:
             identity = _classify(ident, mac, dev.first_ts, dev.observations, args.window)
             emit({"source": path, "mac": mac, **_record(identity)})
     if args.sessions:
+        unread_keys: dict[str, str] = {}  # dhcp key -> the first session that had it
         try:
             for item in read_sessions(args.sessions):
                 if isinstance(item, SessionError):  # this line is lost, the lines after it are not
                     print(f"iotgw identify: {item}", file=sys.stderr)
                     failed += 1
                     continue
-                sid, mac, observations = item
+                sid, mac, observations, unread = item
+                for key in unread:
+                    unread_keys.setdefault(key, sid)
                 first = min((o.ts for o in observations), default=0.0)
                 emit({"id": sid, **_record(_classify(ident, mac, first, observations, args.window))})
         except OSError as exc:
             print(f"iotgw identify: {exc}", file=sys.stderr)
             failed += 1
+        if unread_keys:  # a warning, not a failure: the sessions were identified on what could be read
+            first = ", ".join(f"{k!r} (first in session {_shown(sid)})" for k, sid in sorted(unread_keys.items())[:5])
+            print(
+                f"iotgw identify: {args.sessions}: dhcp keys not read: {first}; a dhcp object takes t and "
+                + ", ".join(f"{field} (or {', '.join(names[1:4])}...)" for field, names in DHCP_FIELDS.items()),
+                file=sys.stderr,
+            )
     return 1 if failed else 0
 
 
@@ -188,12 +198,13 @@ class SessionError(ValueError):
 
 
 def read_sessions(path: str):
-    """Per line of a sessions JSONL file, ``(id, mac, observations)``, or a ``SessionError`` naming the file and
-    line when it is not a session, so one bad line loses none of the others. A line is ``{"id", "queries":
-    [{"t", "name", "qtype"?}], "mac"?, "dhcp"?}``; ``dhcp`` is one object or a list (``t``, ``hostname``,
-    ``param_list``, ``vendor_class``, ``message_type``); ``mac`` in any common notation (``_mac``). An
+    """Per line of a sessions JSONL file, ``(id, mac, observations, unread)``, or a ``SessionError`` naming the
+    file and line when it is not a session, so one bad line loses none of the others. A line is ``{"id",
+    "queries": [{"t", "name", "qtype"?}], "mac"?, "dhcp"?}``; ``dhcp`` is one object or a list (``t`` and the
+    fields of ``DHCP_FIELDS``, under any of their names); ``mac`` in any common notation (``_mac``). An
     observation without ``t`` is at the session's first timed one (a DHCP request comes first), or at 0 when none
-    is timed.
+    is timed. ``unread`` lists the keys of ``dhcp`` objects that are none of these, for a warning: a fingerprint
+    under a name we do not know would otherwise be judged as absent without a word.
     """
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
@@ -230,19 +241,74 @@ def _session(item: dict):
         t = _seconds(q["t"]) if "t" in q else start
         qtype = _code(q.get("qtype", 1), "qtype", 0xFFFF)
         observations.append(DnsObservation(t, name.rstrip(".").lower(), qtype))
+    unread: set[str] = set()
     for d in dhcp:
+        if not isinstance(d, dict):
+            raise ValueError('"dhcp" must be an object or a list of them')
         t = _seconds(d["t"]) if "t" in d else start
-        hostname, vendor_class, message_type = d.get("hostname"), d.get("vendor_class"), d.get("message_type")
+        fields = _dhcp_fields(d)
+        unread |= set(d) - {"t"} - {name for names in DHCP_FIELDS.values() for name in names}
+        hostname, vendor_class = fields.get("hostname"), fields.get("vendor_class")
         if not all(isinstance(v, (str, type(None))) for v in (hostname, vendor_class)):
             raise ValueError("dhcp hostname and vendor_class must be strings")
-        params = tuple(_code(c, "dhcp param_list entry", 0xFF) for c in d.get("param_list", ()))
-        kind = None if message_type is None else _code(message_type, "dhcp message_type", 0xFF)
+        params = _param_list(fields.get("param_list", []))
+        kind = _message_type(fields["message_type"]) if fields.get("message_type") is not None else None
         observations.append(DhcpObservation(t, hostname, params, vendor_class, kind))
     mac = item.get("mac") or ""
     if not isinstance(mac, str):
         raise ValueError('"mac" must be a string')
     observations.sort(key=lambda o: o.ts)
-    return str(item["id"]), _mac(mac) if mac else "", observations
+    return str(item["id"]), _mac(mac) if mac else "", observations, sorted(unread)
+
+
+# A DHCP request's fields under the names other tools give them (ours first; Fingerbank's fingerprint and vendor,
+# the option numbers, scapy's and Wireshark's words), so a session file another tool wrote is read as it means.
+DHCP_FIELDS = {
+    "param_list": (
+        "param_list", "parameter_request_list", "param_req_list", "prl", "fingerprint", "dhcp_fingerprint",
+        "option_55", "option55", "55",
+    ),
+    "vendor_class": (
+        "vendor_class", "vendor_class_id", "vendor_class_identifier", "dhcp_vendor", "option_60", "option60", "60",
+    ),
+    "hostname": ("hostname", "host_name", "option_12", "option12", "12"),
+    "message_type": ("message_type", "message-type", "option_53", "option53", "53"),
+}
+DHCP_MESSAGE_TYPES = {"discover": 1, "offer": 2, "request": 3, "decline": 4, "ack": 5, "nak": 6, "release": 7,
+                      "inform": 8}
+
+
+def _dhcp_fields(d: dict) -> dict:
+    out = {}
+    for field, names in DHCP_FIELDS.items():
+        given = [name for name in names if name in d]
+        if len(given) > 1:  # two values for one field: which one the device sent is anyone's guess
+            raise ValueError(f"dhcp gives its {field} twice ({', '.join(given)})")
+        if given:
+            out[field] = d[given[0]]
+    return out
+
+
+def _param_list(value) -> tuple[int, ...]:
+    """Option 55 as a list of codes, or as the text Fingerbank writes ("1,3,6,15" or "1 3 6 15")."""
+    if isinstance(value, str):
+        parts = value.replace(",", " ").split()
+        if not all(p.isdigit() for p in parts):
+            raise ValueError(f"dhcp param_list {value[:40]!r} is not option codes separated by commas")
+        value = [int(p) for p in parts]
+    if not isinstance(value, list):
+        raise ValueError("dhcp param_list must be a list of option codes or a text of them")
+    return tuple(_code(c, "dhcp param_list entry", 0xFF) for c in value)
+
+
+def _message_type(value) -> int:
+    """Option 53 as its number or its name (``request``, ``DHCPREQUEST``)."""
+    if isinstance(value, str):
+        name = value.lower().removeprefix("dhcp")
+        if name not in DHCP_MESSAGE_TYPES:
+            raise ValueError(f"dhcp message_type {value[:40]!r} is none of {', '.join(DHCP_MESSAGE_TYPES)}")
+        return DHCP_MESSAGE_TYPES[name]
+    return _code(value, "dhcp message_type", 0xFF)
 
 
 def _mac(text: str) -> str:
