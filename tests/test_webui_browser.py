@@ -560,7 +560,7 @@ def test_alerts_say_what_happened_in_words_without_empty_details(served, page):
     page.goto(base + "/alerts")
     assert page.locator("#alerts td[data-label=Kind]").all_inner_texts() == ["device identified", "new device"]
     details = page.locator("#alerts td[data-label=Details]").all_inner_texts()
-    assert details[1] == "vendor: Espressif Inc., ip: 192.168.1.50"
+    assert details[1] == "maker of its network card: Espressif Inc., address: 192.168.1.50"
 
 
 def test_a_devices_signals_used_are_said_in_words(served, page):
@@ -583,3 +583,88 @@ def test_a_devices_signals_used_are_said_in_words(served, page):
         "a MAC address next to a known unit's (one production run)",
         "who made its network card (its MAC address's prefix)",
     ]
+
+
+def _real_alerts(tmp_path, mac: str) -> list:  # noqa: ANN001
+    """One alert of every kind, made by the code that raises it where that code stands alone (presence, the blocked
+    summary, federation's round log) and as the daemon, the outbox and Home Assistant's command build it elsewhere."""
+    import json
+
+    from gateway.alerts.blocked import BlockedSummariser
+    from gateway.alerts.presence import Presence
+    from gateway.events import Alert, DnsQuery
+    from gateway.federation import RoundAlerts
+
+    t = 1_790_000_000.0
+    presence = Presence()
+    presence.seen(mac, t)
+    alerts = presence.expire(t + 700)  # device_offline
+    alerts.append(presence.seen(mac, t + 7384.23))  # device_online: unseen for 7384.2 s
+    blocked = BlockedSummariser()
+    for i, name in enumerate(("ads.example", "ads.example", "track.example")):
+        blocked.add(DnsQuery(t + i, "192.168.1.50", mac, name, 1, name, verdict="blocked"))
+    alerts += blocked.flush(t + 400)
+    log = tmp_path / "rounds.log"
+    rounds = RoundAlerts(log, alerts.append)
+    log.write_text("".join(json.dumps(e) + "\n" for e in (
+        {"ts": t, "event": "stage", "run": 7, "round": "2", "stage": "fit"},
+        {"ts": t + 1, "event": "install", "installed": True, "version": "v2", "previous_version": "v1", "round": 2,
+         "accuracy": 0.91234, "accuracy_before": 0.8876},
+    )))
+    rounds.poll()
+    rounds.finish()  # federated_round, failed after the fit stage
+    return [*alerts,  # as gateway.daemon, gateway.alerts.outbox and gateway.alerts.publisher build theirs
+            Alert("new_device", t, mac, {"vendor": "Espressif Inc.", "name": None, "ip": "192.168.1.50"}),
+            Alert("device_identified", t, mac, {"confidence": 0.9397, "decided_after_s": 3.0001440048217773,
+                                                "manufacturer": "TP-Link", "device_type": "tplink-plug-hs110",
+                                                "category": "plug"}),
+            Alert("unknown_device", t, mac, {"confidence": 0.41, "decided_after_s": None}),
+            Alert("quarantine_entered", t, mac, {"by": "home_assistant"}),
+            Alert("quarantine_lifted", t, mac, {"by": "home_assistant"}),
+            Alert("anomaly", t, mac, {"domain": "evil.example", "reason": "outside the learned profile"}),
+            Alert("alerts_dropped", t, None, {"dropped": 12, "oldest_ts": t, "newest_ts": t + 60}),
+            Alert("too_many_devices", t, None, {"max": 512, "message": "too many devices: possible MAC flood"})]
+
+
+def test_alert_details_are_said_in_words_and_rounded(served, page, tmp_path):
+    """The alert list showed each detail by its key, unrounded: "decided_after_s: 3.0001440048217773, confidence:
+    0.9397". Every key the gateway's alerts carry now has words; one it does not know is still shown, as text."""
+    from gateway.store.schema import AlertRecord
+    from webui import views
+
+    base, store = served
+    mac = "aa:bb:cc:00:00:3b"
+    add_device(store, mac)
+    alerts = _real_alerts(tmp_path, mac)
+    assert {a.kind for a in alerts} == set(views.ALERT_KINDS)
+    assert {k for a in alerts for k in a.data} <= set(views.ALERT_DETAILS)  # every real key has words
+    with store.transaction() as s:
+        for i, a in enumerate(alerts):
+            s.add(AlertRecord(ts=a.ts + i, kind=a.kind, mac=a.mac, data=a.data))
+        s.add(AlertRecord(ts=0.5, kind="anomaly", mac=mac, data={"domain": "x.example", SCRIPT: IMG}))
+    _login(page, base)
+    page.goto(base + "/alerts")
+    rows = page.locator("#alerts tbody tr").evaluate_all(
+        "rs => rs.map(r => [r.querySelector('[data-label=Kind]').innerText,"
+        " r.querySelector('[data-label=Details]').innerText])")
+    details = {kind: text for kind, text in rows if kind != "unusual query" or "evil" in text}
+    t = 1_790_000_000.0
+    assert details["device identified"] == ("confidence: 94%, decided: after 3.0 s, manufacturer: TP-Link, "
+                                            "type: tplink-plug-hs110, category: plug")
+    assert details["device not recognised"] == "confidence: 41%, decided: at the end of its first minute"
+    assert details["back online"] == "offline for: 2 h 3 min"
+    assert details["went offline"] == f"last seen: {views.when(t)}, counted offline after no traffic for: 10 min"
+    assert details["blocked queries summary"] == (
+        f"blocked queries: 3, from: {views.when(t)}, to: {views.when(t + 2)}, summed up every: 5 min, "
+        "most blocked: ads.example (2), track.example (1)")
+    assert details["identification model updated"] == ("model version: v2, replacing: v1, round: 2, accuracy: 91%, "
+                                                        "accuracy before: 89%")
+    assert details["federated learning round"] == "round: 2, result: failed, error: stopped after the fit stage, run: 7"
+    assert details["quarantined"] == "by: Home Assistant"
+    assert details["new device"] == "maker of its network card: Espressif Inc., address: 192.168.1.50"
+    assert details["alerts lost while the MQTT broker was away"] == (
+        f"alerts lost: 12, first lost: {views.when(t)}, last lost: {views.when(t + 60)}")
+    assert details["device limit reached"] == "device limit: 512, why: too many devices: possible MAC flood"
+    assert f"domain: x.example, {SCRIPT}: {IMG}" in [text for _, text in rows]  # an unknown key, as text
+    assert page.locator("#alerts img").count() == 0 and page.dialogs == []
+    _shot(page, "alerts-details")

@@ -45,13 +45,16 @@ def create_app(store: Store, cfg: Config) -> Flask:
     # Everything rendered is escaped, whatever a template's file name: names come from the network.
     app.jinja_env.autoescape = True
     app.json.sort_keys = False  # keep the documented field order in API answers
-    app.jinja_env.filters["when"] = _when
+    app.jinja_env.filters["when"] = views.when
     app.jinja_env.filters["ago"] = _ago
-    app.jinja_env.filters["pct"] = _pct
+    app.jinja_env.filters["pct"] = views.pct
     app.jinja_env.filters["qtype"] = _qtype
     app.jinja_env.filters["name_source"] = views.name_source
+    app.jinja_env.filters["address_source"] = views.address_source
     app.jinja_env.filters["alert_kind"] = views.alert_kind
+    app.jinja_env.filters["alert_details"] = views.alert_details
     app.jinja_env.filters["signal"] = views.signal
+    app.jinja_env.filters["decided_after"] = views.decided_after
     app.extensions["iotgw"] = WebContext(store=store, cfg=cfg)
     security.install(app)
     app.register_blueprint(auth_views.bp)
@@ -110,10 +113,6 @@ def load_secret_key(state_dir: Path) -> bytes:
     return key
 
 
-def _when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "—"
-
-
 def _ago(ts: float | None) -> str:
     """How long ago, in the largest whole unit; "just now" within the second, where "0 s ago" read like a fault.
     A time ahead of the clock (the daemon's clock a moment ahead of the web UI's) is also just now."""
@@ -131,7 +130,3 @@ def _ago(ts: float | None) -> str:
 def _qtype(number: int | None) -> str:
     """A query's record type by its name (A, AAAA, HTTPS): the log stores the number, which told an owner nothing."""
     return "—" if number is None else str(dnslib.QTYPE.get(number, number))
-
-
-def _pct(value: float | None) -> str:
-    return f"{value * 100:.0f}%" if value is not None else "—"

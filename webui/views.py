@@ -3,6 +3,8 @@ to the outside, so the pages and the API always agree."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from gateway.devices.service import DeviceDetail
@@ -61,6 +63,143 @@ SIGNALS = {
 
 def signal(name: str) -> str:
     return SIGNALS.get(name, name)
+
+
+# How the gateway learnt a device's address (``Address.source``), as the device's page lists its addresses: "server"
+# told an owner nothing.
+ADDRESS_SOURCES = {
+    "server": "its DNS queries come from it",
+    "dhcp": "given to it by DHCP",
+    "neighbour": "in the gateway's neighbour table",
+    "packet": "seen in its traffic",
+}
+
+
+def address_source(source: str) -> str:
+    return ADDRESS_SOURCES.get(source, source)
+
+
+def when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "—"
+
+
+def pct(value: float | None) -> str:
+    return f"{value * 100:.0f}%" if value is not None else "—"
+
+
+def duration(s: float) -> str:
+    """Seconds to one decimal under a minute; longer, its two largest whole units ("5 min", "2 h 3 min"): an
+    offline time of 7384.2 s told an owner nothing."""
+    if s < 60:
+        return f"{s:.1f} s"
+    parts, rest = [], int(s)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        if rest >= size:
+            parts.append(f"{rest // size} {unit}")
+            rest %= size
+    return " ".join(parts[:2])
+
+
+def decided_after(s: float | None) -> str:
+    """When the identifier decided, from the device's first packet. "after 0.0 s" read like a fault: a device that
+    names itself in its first packets (a DHCP request with its host name) is decided at once. None: it never was
+    sure, and the daemon took its best guess when its window (its first minute) ended."""
+    if s is None:
+        return "at the end of its first minute"
+    if s < 0.1:
+        return "at once (within a tenth of a second of first being seen)"
+    return f"after {s:.1f} s"
+
+
+def _top(top: list) -> str:
+    """A blocked summary's most blocked names, ``[{"name": ..., "count": ...}]``; anything else as its text."""
+    return ", ".join(f"{t['name']} ({t['count']})" if isinstance(t, dict) and {"name", "count"} <= t.keys()
+                     else str(t) for t in top) if isinstance(top, list) else str(top)
+
+
+def _yes(value: object) -> str:
+    return "yes" if value is True else "no" if value is False else str(value)
+
+
+def _by(value: object) -> str:
+    return {"home_assistant": "Home Assistant"}.get(str(value), str(value))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _number_or_text(say: Callable[[float], str]) -> Callable[[object], str]:
+    """``say`` for a number; anything else (an alert recorded by another version) as its text, never an error page."""
+    return lambda v: say(v) if _is_number(v) else str(v)
+
+
+def _decided(value: object) -> str:
+    return decided_after(value) if value is None or _is_number(value) else str(value)
+
+
+# Every key an alert's details carry (``gateway.alerts.payloads.ALERT_FIELDS`` and the extras the daemon, presence,
+# the blocked summary and federation add), in the owner's words and rounded for reading: the alert list showed
+# "decided_after_s: 3.0001440048217773, confidence: 0.9397". A key missing here is shown as it is.
+ALERT_DETAILS: dict[str, tuple[str, Callable[[object], str]]] = {
+    # new_device
+    "vendor": ("maker of its network card", str),
+    "name": ("name", str),
+    "ip": ("address", str),
+    # device_identified, unknown_device
+    "manufacturer": ("manufacturer", str),
+    "device_type": ("type", str),
+    "category": ("category", str),
+    "confidence": ("confidence", _number_or_text(pct)),
+    "decided_after_s": ("decided", _decided),
+    # device_online, device_offline
+    "offline_s": ("offline for", _number_or_text(duration)),
+    "last_seen": ("last seen", _number_or_text(when)),
+    "idle_timeout_s": ("counted offline after no traffic for", _number_or_text(duration)),
+    # blocked_summary
+    "count": ("blocked queries", str),
+    "since": ("from", _number_or_text(when)),
+    "until": ("to", _number_or_text(when)),
+    "interval_s": ("summed up every", _number_or_text(duration)),
+    "top": ("most blocked", _top),
+    # quarantine_entered, quarantine_lifted
+    "by": ("by", _by),
+    # anomaly
+    "domain": ("domain", str),
+    "reason": ("why", str),
+    # model_updated
+    "version": ("model version", str),
+    "previous_version": ("replacing", str),
+    "accuracy": ("accuracy", _number_or_text(pct)),
+    "accuracy_before": ("accuracy before", _number_or_text(pct)),
+    "rolled_back": ("rolled back", _yes),
+    # federated_round (and model_updated's round)
+    "round": ("round", str),
+    "status": ("result", str),
+    "error": ("error", str),
+    "run_id": ("run", str),
+    # alerts_dropped
+    "dropped": ("alerts lost", str),
+    "oldest_ts": ("first lost", _number_or_text(when)),
+    "newest_ts": ("last lost", _number_or_text(when)),
+    # too_many_devices
+    "max": ("device limit", str),
+    "message": ("why", str),
+}
+# An empty detail (a new device's name before it gave one) read "name: None" and is left out; a decision time of
+# None says something: the device never was sure within its first minute.
+_NONE_SAYS = {"decided_after_s"}
+
+
+def alert_details(data: dict) -> list[tuple[str, str]]:
+    """An alert's details as (label, value) pairs in the owner's words, in the alert's order."""
+    out = []
+    for key, value in data.items():
+        if value is None and key not in _NONE_SAYS:
+            continue
+        label, say = ALERT_DETAILS.get(key, (key, str))
+        out.append((label, say(value)))
+    return out
 
 
 def device(d: Device, counts: tuple[int, int] | None = None, routers: frozenset[str] = frozenset()) -> dict[str, Any]:
