@@ -668,3 +668,25 @@ def test_alert_details_are_said_in_words_and_rounded(served, page, tmp_path):
     assert f"domain: x.example, {SCRIPT}: {IMG}" in [text for _, text in rows]  # an unknown key, as text
     assert page.locator("#alerts img").count() == 0 and page.dialogs == []
     _shot(page, "alerts-details")
+
+
+def test_a_device_decided_at_once_says_so_instead_of_after_0_0_s(served, page):
+    """A device that named itself in its first packets read "Identified after 0.0 s", like a fault."""
+    from gateway.store.schema import Device, Identification
+
+    base, store = served
+    at_once, tenth = "aa:bb:cc:00:00:3c", "aa:bb:cc:00:00:3d"
+    for mac, ip, after in ((at_once, "192.168.1.52", 0.04), (tenth, "192.168.1.53", 0.1)):
+        add_device(store, mac, hostname="plug", ip=ip, identified=True)
+        with store.transaction() as s:
+            s.get(Device, mac).decided_after_s = after
+            s.query(Identification).filter_by(mac=mac).update({"decided_after_s": after})
+    _login(page, base)
+    page.goto(f"{base}/devices/{at_once}")
+    assert page.get_by_text(
+        "Identified at once (within a tenth of a second of first being seen) by model test-1.").count() == 1
+    assert "after 0.0 s" not in page.locator("main").inner_text()
+    _shot(page, "device-decided-at-once")
+    page.goto(f"{base}/devices/{tenth}")
+    assert page.get_by_text("Identified after 0.1 s by model test-1.").count() == 1
+
