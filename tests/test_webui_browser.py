@@ -690,3 +690,27 @@ def test_a_device_decided_at_once_says_so_instead_of_after_0_0_s(served, page):
     page.goto(f"{base}/devices/{tenth}")
     assert page.get_by_text("Identified after 0.1 s by model test-1.").count() == 1
 
+
+def test_a_devices_address_sources_are_said_in_words_from_views(served, page):
+    """The words for how each address was learnt were written in the device page's template, apart from every other
+    mapping of the store's words; every source the tracker records has its words there."""
+    from gateway.store.schema import Address
+    from webui import views
+
+    assert set(views.ADDRESS_SOURCES) == {"server", "dhcp", "neighbour", "packet"}  # Address.source
+    base, store = served
+    mac = "aa:bb:cc:00:00:3e"
+    add_device(store, mac, ip="192.168.1.71")
+    with store.transaction() as s:
+        for i, source in enumerate(("server", "neighbour", "packet", "<b>later</b>")):
+            s.add(Address(ip=f"192.168.1.{72 + i}", mac=mac, source=source, first_seen=0, last_seen=0))
+    _login(page, base)
+    page.goto(f"{base}/devices/{mac}")
+    said = page.locator("h3:text-is('Addresses') + ul.list li").all_inner_texts()
+    assert sorted(re.sub(r", [^,]+\)$", ")", line) for line in said) == [  # without when each was last seen
+        "192.168.1.71 (given to it by DHCP)",
+        "192.168.1.72 (its DNS queries come from it)",
+        "192.168.1.73 (in the gateway's neighbour table)",
+        "192.168.1.74 (seen in its traffic)",
+        "192.168.1.75 (<b>later</b>)",  # a source from a later version, as its text
+    ]
