@@ -714,3 +714,40 @@ def test_a_devices_address_sources_are_said_in_words_from_views(served, page):
         "192.168.1.74 (seen in its traffic)",
         "192.168.1.75 (<b>later</b>)",  # a source from a later version, as its text
     ]
+
+
+def _lines(page, selector: str) -> list[int]:  # noqa: ANN001
+    """How many lines the text of each element ``selector`` finds takes: its line boxes' distinct tops."""
+    return page.locator(selector).evaluate_all("""els => els.map(e => {
+        const r = document.createRange();
+        r.selectNodeContents(e);
+        return new Set([...r.getClientRects()].filter(b => b.width > 0).map(b => Math.round(b.top))).size;
+    })""")
+
+
+def test_the_device_lists_headers_and_a_mac_with_its_online_badge_read_on_one_line(served, page):
+    """At 1280 px, as in `iotgw demo`, the header "Queries 24 h" broke between "24" and "h", and a device listed by
+    its MAC had "● online" on a second line under it."""
+    base, store = served
+    by_mac = "02:00:00:de:40:0f"
+    add_device(store, by_mac, vendor=None)
+    add_device(store, "50:c7:bf:de:40:0d", hostname="HS110(EU)", ip="192.168.1.51",
+               vendor="TP-LINK TECHNOLOGIES CO.,LTD.", identified=True)
+    add_device(store, "74:da:38:de:40:0a", ip="192.168.1.52", vendor="Edimax Technology Co. Ltd.", identified=True)
+    _login(page, base)
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.goto(base + "/devices")
+    headers = page.locator("#devices th").all_inner_texts()
+    assert "Queries 24 h" in headers
+    assert dict(zip(headers, _lines(page, "#devices th"), strict=True)) == dict.fromkeys(headers, 1)
+    for mac in (by_mac, "74:da:38:de:40:0a"):
+        link, badge = (page.locator(f"tr[data-mac='{mac}'] td:first-child {s}") for s in ("a", ".online"))
+        assert link.inner_text() == mac and badge.inner_text() == "● online"
+        assert badge.bounding_box()["y"] < link.bounding_box()["y"] + link.bounding_box()["height"], mac  # its line
+    _shot(page, "devices-1280")
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone: still stacked, nothing off screen
+    page.reload()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    assert page.locator(f"tr[data-mac='{by_mac}'] td[data-label=Status]").evaluate(
+        "c => getComputedStyle(c).display") == "block"
+    _shot(page, "devices-phone")
