@@ -651,7 +651,8 @@ def test_alert_details_are_said_in_words_and_rounded(served, page, tmp_path):
     t = 1_790_000_000.0
     assert details["device identified"] == ("confidence: 94%, decided: after 3.0 s, manufacturer: TP-Link, "
                                             "type: tplink-plug-hs110, category: plug")
-    assert details["device not recognised"] == "confidence: 41%, decided: at the end of its first minute"
+    assert details["device not recognised"] == (
+        "confidence: 41%, decided: as a best guess at the end of its first minute")
     assert details["back online"] == "offline for: 2 h 3 min"
     assert details["went offline"] == f"last seen: {views.when(t)}, counted offline after no traffic for: 10 min"
     assert details["blocked queries summary"] == (

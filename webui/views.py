@@ -105,7 +105,7 @@ def decided_after(s: float | None) -> str:
     names itself in its first packets (a DHCP request with its host name) is decided at once. None: it never was
     sure, and the daemon took its best guess when its window (its first minute) ended."""
     if s is None:
-        return "at the end of its first minute"
+        return "as a best guess at the end of its first minute"
     if s < 0.1:
         return "at once (within a tenth of a second of first being seen)"
     return f"after {s:.1f} s"
