@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
+import subprocess
 import threading
 import time
 
 import pytest
 from dnslib import DNSRecord
 
+from gateway.capture.frames import parse_frame
+from gateway.capture.pcap import Skipped, read_frames
 from gateway.capture.sniffer import Sniffer
 from gateway.devices.neighbours import NeighbourTable
 from gateway.events import Counters, DhcpSeen, DnsQuery, Event, MdnsSeen
@@ -529,3 +533,47 @@ def test_capture_survives_the_interface_going_down_and_up(veth):
         sniffer.stop()
     assert sniffer.counters.get("capture_errors") >= 1
     assert idle_cpu < 0.25
+
+
+@pytest.mark.parametrize("linktype,option", [(276, []), (113, ["-y", "LINUX_SLL"])], ids=["sll2", "sll"])
+def test_a_capture_written_by_tcpdump_on_any_interface_is_read_by_the_clients_mac(veth, tmp_path, linktype, option):
+    # the gateway namespace plays the router a home-lab user ran `tcpdump -i any -w lan.pcap` on
+    pcap = tmp_path / "any.pcap"
+    # -c: tcpdump ends itself at the 6th UDP packet (4 from the client, 1 on loopback, 1 sent to the client), so
+    # the file is whole when it exits and no wait guesses when the last packet was written; -Z root: tcpdump
+    # drops to its own user before opening the file otherwise
+    tcpdump = subprocess.Popen(["ip", "netns", "exec", veth.gw, "tcpdump", "-i", "any", *option, "-Z", "root", "-U",
+                                "-c", "6", "-w", str(pcap), "udp"], stderr=subprocess.PIPE, text=True)
+    try:
+        said = [tcpdump.stderr.readline()]  # "listening on any, ..." once its socket is capturing
+        while said[-1] and "listening on any" not in said[-1]:  # after "data link type ..."
+            said.append(tcpdump.stderr.readline())
+        assert said[-1], said
+        veth.client_python(SEND_ALL, veth.client_if, veth.gw_ip4, veth.gw_ip6)
+        with veth.enter():
+            for addr in ("127.0.0.1", veth.client_ip4):  # the router's own: on loopback, and out to the client
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.sendto(b"own", (addr, 9))
+        try:
+            tcpdump.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # fewer packets than counted: SIGINT writes what came, for the asserts
+            tcpdump.send_signal(signal.SIGINT)
+            tcpdump.wait(timeout=30)
+    finally:
+        if tcpdump.poll() is None:
+            tcpdump.kill()
+            tcpdump.wait()
+        tcpdump.stderr.close()
+    assert int.from_bytes(pcap.read_bytes()[20:24], "little") == linktype
+    skipped = Skipped()
+    frames = [frame for _, frame in read_frames(pcap, skipped)]
+    mac = veth.client_mac
+    assert {frame[6:12].hex(":") for frame in frames} == {mac}
+    assert {frame[:6].hex(":") for frame in frames} == {"ff:ff:ff:ff:ff:ff", "00:00:00:00:00:00", "01:00:5e:00:00:fb"}
+    # the loopback datagram (libpcap keeps only its incoming copy) and the one the router sent: no LAN device
+    assert (skipped.not_ethernet, skipped.outgoing, skipped.short) == (1, 1, 0)
+    events = [e for frame in frames for e in parse_frame(frame, 0.0)]
+    assert {e.qname for e in events if isinstance(e, DnsQuery)} == {"v4.example.com", "v6.example.org"}
+    (dhcp,) = [e for e in events if isinstance(e, DhcpSeen)]
+    (mdns,) = [e for e in events if isinstance(e, MdnsSeen)]
+    assert dhcp.hostname == "cam-test" and {e.mac for e in events} == {mac} and "_hap._tcp.local" in mdns.services

@@ -15,6 +15,7 @@ from gateway.capture.frames import MalformedPacket, parse_frame
 from gateway.capture.pcap import PcapError, read_frames
 from gateway.capture.replay import replay
 from gateway.events import Counters, DeviceSeen, DhcpSeen, DnsQuery, Event
+from tests.cooked_capture import SENTINEL_GATEWAY, as_cooked
 from tests.shared_data import CAPTURES, needs_data
 
 
@@ -47,6 +48,20 @@ def test_replay_gives_the_same_events_as_parsing_directly():
     assert all(e.source == "replay" for e in got if isinstance(e, DnsQuery))
     assert result.events == len(got) and result.errors == []
     assert result.frames == counters.get("replay_frames") == sum(1 for _ in read_frames(pcap))
+
+
+@needs_data
+@pytest.mark.parametrize("linktype", [113, 276])
+def test_replay_of_a_cooked_capture_gives_the_ethernet_ones_events_but_the_capturing_hosts(tmp_path, linktype):
+    pcap = sorted((CAPTURES / "HueBridge").glob("*.pcap"))[0]
+    cooked = tmp_path / "any.pcap"
+    own = as_cooked(pcap, cooked, linktype, host=SENTINEL_GATEWAY)
+    got: list[Event] = []
+    counters = Counters()
+    result = replay([cooked], got.extend, counters=counters)
+    assert got == [e for e in _direct(pcap) if e.mac != SENTINEL_GATEWAY]
+    assert (result.skipped.outgoing, result.skipped.total, counters.get("replay_skipped")) == (own, own, own)
+    assert result.frames == sum(1 for _ in read_frames(pcap)) - own and result.errors == []
 
 
 @needs_data

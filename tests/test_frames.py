@@ -6,11 +6,13 @@ import pytest
 from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.dns import DNS, DNSQR, DNSRR
 from scapy.layers.inet import IP, TCP, UDP, fragment
-from scapy.layers.l2 import CookedLinux, Dot1AD, Dot1Q, Ether
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import LLC, STP, CookedLinux, CookedLinuxV2, Dot1AD, Dot1Q, Ether
+from scapy.packet import Raw
 from scapy.utils import PcapNgWriter, PcapWriter, wrpcap
 
 from gateway.capture.frames import MalformedPacket, parse_frame
-from gateway.capture.pcap import PcapError, read_frames
+from gateway.capture.pcap import PcapError, Skipped, read_frames
 from gateway.capture.replay import replay
 from gateway.capture.windows import capture_windows
 from gateway.events import AddressSeen, DeviceSeen, DhcpSeen, DnsQuery, MdnsSeen, PacketSeen
@@ -204,15 +206,93 @@ def test_a_nanosecond_pcap_gives_the_recorded_times(tmp_path):
     assert times == pytest.approx([1700000000.25, 1700000000.75, 1700000001.25], rel=0, abs=1e-6)
 
 
-def test_a_pcapng_that_is_not_ethernet_is_refused_naming_the_file(tmp_path):
-    pcapng = tmp_path / "cooked.pcapng"  # what `dumpcap -i any` writes: Linux cooked (SLL) frames
+def test_a_link_type_not_read_is_refused_naming_the_file_and_the_types_read(tmp_path):
+    pcapng = tmp_path / "raw.pcapng"  # raw IP (LINKTYPE_RAW 101): no link-layer address, so no device MAC
     writer = PcapNgWriter(str(pcapng))
-    writer.write(CookedLinux(pkttype=0, lladdrtype=1, lladdrlen=6, src=bytes.fromhex("50c7bf0000010000"),
-                             proto=0x0800) / IP(src="10.0.0.7", dst="10.0.0.1") / UDP(sport=4000, dport=53)
-                 / DNS(rd=1, qd=DNSQR(qname="a.example.org")))
+    writer.linktype = 101
+    writer.write(IP(src="10.0.0.7", dst="10.0.0.1") / UDP(sport=4000, dport=53) / DNS(rd=1, qd=DNSQR(qname="a.org")))
     writer.close()
-    with pytest.raises(PcapError, match=r"cooked.pcapng: link type 113 is not Ethernet"):
+    with pytest.raises(PcapError, match=r"raw.pcapng: link type 101 is not one read here: Ethernet \(1\), "
+                                        r"Linux cooked SLL \(113\) and SLL2 \(276\)"):
         list(read_frames(pcapng))
+
+
+def _cooked(v2: bool, pkttype: int, payload, src: bytes = bytes.fromhex("50c7bf000001"), hatype: int = 1,
+            halen: int = 6, proto: int = 0x0800):
+    """A packet as `tcpdump -i any` writes it: SLL (113) or SLL2 (276), with its 8-byte address field."""
+    cls = CookedLinuxV2 if v2 else CookedLinux
+    return cls(pkttype=pkttype, lladdrtype=hatype, lladdrlen=halen, src=src.ljust(8, b"\0"), proto=proto) / payload
+
+
+def _write(path, packets, linktype: int, ng: bool) -> None:
+    if ng:
+        writer = PcapNgWriter(str(path))
+        writer.linktype = linktype  # the interface description block's link type
+    else:
+        writer = PcapWriter(str(path), linktype=linktype)
+    for i, pkt in enumerate(packets):
+        pkt.time = 1700000000 + i
+        writer.write(pkt)
+    writer.close()
+
+
+@pytest.mark.parametrize("v2,linktype", [(False, 113), (True, 276)])
+@pytest.mark.parametrize("ng", [False, True], ids=["pcap", "pcapng"])
+def test_a_linux_cooked_capture_is_read_as_the_ethernet_frames_its_packets_stand_for(tmp_path, v2, linktype, ng):
+    dev = bytes.fromhex("50c7bf000001")
+    query = IP(src="10.0.0.7", dst="10.0.0.1") / UDP(sport=4000, dport=53) / DNS(rd=1, qd=DNSQR(qname="a.example.org"))
+    dhcp = (IP(src="0.0.0.0", dst="255.255.255.255") / UDP(sport=68, dport=67) / BOOTP(chaddr=dev)
+            / DHCP(options=[("message-type", "discover"), ("hostname", b"plug-1"), "end"]))
+    mdns = IP(src="10.0.0.7", dst="224.0.0.251") / UDP(sport=5353, dport=5353) / DNS(qd=DNSQR(qname="_hap._tcp.local"))
+    mld = IPv6(src="fe80::1", dst="ff02::1:ff00:7") / UDP(sport=1, dport=2)
+    stp = LLC(dsap=0x42, ssap=0x42, ctrl=3) / STP()
+    answer = IP(src="10.0.0.1", dst="10.0.0.7") / UDP(sport=53, dport=4000) / DNS(qr=1, qd=DNSQR(qname="a.example.org"))
+    packets = [
+        _cooked(v2, 0, query),  # to us
+        _cooked(v2, 1, dhcp),  # broadcast
+        _cooked(v2, 2, mdns),  # multicast
+        _cooked(v2, 2, mld, proto=0x86DD),
+        _cooked(v2, 2, stp, src=bytes.fromhex("0a0000000002"), proto=0x0004),  # 802.2 LLC: a length in Ethernet
+        _cooked(v2, 3, query, src=bytes.fromhex("50c7bf000003")),  # to another host (a bridge port)
+        _cooked(v2, 4, answer, src=bytes.fromhex("0a00000000fe")),  # outgoing: the capturing host's own
+        _cooked(v2, 0, query, src=b"\0" * 6, hatype=772),  # loopback: a 6-byte address of zeros
+        _cooked(v2, 0, query, src=b"", hatype=65534, halen=0),  # WireGuard, a tun device: no address
+    ]
+    path = tmp_path / ("cooked.pcapng" if ng else "cooked.pcap")
+    _write(path, packets, linktype, ng)
+    skipped = Skipped()
+    got = list(read_frames(path, skipped))
+    assert [ts for ts, _ in got] == pytest.approx([1700000000 + i for i in range(6)])
+    assert [frame[12:14] for _, frame in got] == [b"\x08\x00", b"\x08\x00", b"\x08\x00", b"\x86\xdd",
+                                                  len(stp).to_bytes(2, "big"), b"\x08\x00"]  # 802.3: a length
+    frames = [Ether(frame) for _, frame in got]
+    assert [(f.dst, f.src) for f in frames] == [
+        ("00:00:00:00:00:00", "50:c7:bf:00:00:01"),
+        ("ff:ff:ff:ff:ff:ff", "50:c7:bf:00:00:01"),
+        ("01:00:5e:00:00:fb", "50:c7:bf:00:00:01"),  # the group the IP destination maps to
+        ("33:33:ff:00:00:07", "50:c7:bf:00:00:01"),
+        ("01:00:00:00:00:00", "0a:00:00:00:00:02"),  # no IP header to tell the group: still a group address
+        ("00:00:00:00:00:00", "50:c7:bf:00:00:03"),
+    ]
+    assert [bytes(f.payload) for f in frames] == [bytes(p) for p in (query, dhcp, mdns, mld, stp, query)]
+    assert (skipped.outgoing, skipped.not_ethernet, skipped.short) == (1, 2, 0)
+    assert str(skipped) == "3 packets skipped (1 sent by the capturing host, 2 not from an Ethernet interface)"
+    events = [e for _, frame in got for e in parse_frame(frame, 0.0)]
+    assert {(type(e).__name__, e.mac) for e in events} >= {
+        ("DnsQuery", "50:c7:bf:00:00:01"), ("DhcpSeen", "50:c7:bf:00:00:01"), ("MdnsSeen", "50:c7:bf:00:00:01"),
+        ("DnsQuery", "50:c7:bf:00:00:03")}
+
+
+@pytest.mark.parametrize("linktype,header", [(113, 16), (276, 20)])
+def test_a_cooked_packet_shorter_than_its_header_is_counted_and_the_rest_read(tmp_path, linktype, header):
+    path = tmp_path / "short.pcap"
+    query = _cooked(linktype == 276, 0, IP(src="10.0.0.7", dst="10.0.0.1") / UDP(sport=4000, dport=53)
+                    / DNS(rd=1, qd=DNSQR(qname="a.example.org")))
+    _write(path, [Raw(bytes(query)[: header - 1]), query], linktype, ng=False)
+    skipped = Skipped()
+    got = list(read_frames(path, skipped))
+    assert [Ether(frame).src for _, frame in got] == ["50:c7:bf:00:00:01"]
+    assert (skipped.short, skipped.total) == (1, 1)
 
 
 def test_a_pcap_record_longer_than_the_snaplen_is_corrupt_after_the_frames_before_it(tmp_path):

@@ -37,6 +37,7 @@ from identifier.observation import DhcpObservation, DnsObservation
 from identifier.oui import blocks, vendor
 from identifier.stream import NAME_VOTE_FLOOR, NAME_VOTE_NET_POWER, Identifier, Identity
 from identifier.train import answers_hash, name_vendors, type_info
+from tests.cooked_capture import SENTINEL_GATEWAY, as_cooked
 from tests.shared_data import CAPTURES, DOMAINS, needs_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +110,32 @@ def test_a_window_that_is_not_a_finite_number_of_seconds_above_0_is_a_usage_erro
         cli.main(["identify", "--json", f"--window={window}", "--sessions", str(sessions)])
     out, err = capsys.readouterr()
     assert usage.value.code == 2 and out == "" and "argument --window: " in err
+
+
+@needs_data
+@pytest.mark.parametrize("folder", ["HueBridge", "WeMoSwitch", "D-LinkSiren"])
+def test_a_cooked_capture_of_a_real_capture_is_answered_as_the_ethernet_one(iotgw, tmp_path, folder):
+    pcap, mac = first_capture(folder)
+    cooked = tmp_path / "any.pcap"
+    as_cooked(pcap, cooked, 113)
+    code, rows, err = iotgw("identify", "--json", str(pcap), str(cooked))
+    assert code == 0 and "skipped" not in err
+    ethernet, sll = ([{**r, "source": None} for r in rows if r["source"] == str(p)] for p in (pcap, cooked))
+    assert sll == ethernet and mac in {r["mac"] for r in sll}
+
+
+@needs_data
+def test_in_a_cooked_capture_the_capturing_hosts_own_packets_are_no_device(iotgw, tmp_path):
+    pcap, mac = first_capture("HueBridge")
+    gateway = SENTINEL_GATEWAY
+    cooked = tmp_path / "any.pcapng"
+    own = as_cooked(pcap, cooked, 276, host=gateway)
+    code, rows, err = iotgw("identify", "--json", str(pcap), str(cooked))
+    assert code == 0 and own > 100
+    assert f"{cooked}: {own} packets skipped ({own} sent by the capturing host)" in err
+    ethernet, sll2 = ([{**r, "source": None} for r in rows if r["source"] == str(p)] for p in (pcap, cooked))
+    assert gateway in {r["mac"] for r in ethernet}  # an Ethernet capture cannot tell the router's own frames
+    assert sll2 == [r for r in ethernet if r["mac"] != gateway] and mac in {r["mac"] for r in sll2}
 
 
 @needs_data

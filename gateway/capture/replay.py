@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.capture.frames import MalformedPacket, Senders, parse_frame
-from gateway.capture.pcap import PcapError, read_frames
+from gateway.capture.pcap import PcapError, Skipped, read_frames
 from gateway.capture.sniffer import Sink
 from gateway.events import Counters, Event
 
@@ -66,6 +66,7 @@ class ReplayResult:
     frames: int = 0
     events: int = 0
     malformed: int = 0
+    skipped: Skipped = field(default_factory=Skipped)  # cooked-capture packets that are no device's frame
     errors: list[str] = field(default_factory=list)
 
 
@@ -83,6 +84,8 @@ def replay(
     listed in ``errors`` naming it, the events read from it before the damage are kept, and the next file
     goes on.
     Malformed frames are counted (``replay_malformed``) and dropped; an exception in ``sink`` propagates.
+    Packets of a Linux cooked capture that are no LAN device's frame (sent by the capturing host, from loopback
+    or a tunnel) are counted in ``skipped`` and ``replay_skipped``.
     As in live capture, each unicast source's first frame (in the whole replay) also gives a ``DeviceSeen``
     ahead of its own events, whether that frame says anything or decodes. Frames are not sorted (merged captures,
     or files given out of date order, may be out of time order), so that ``DeviceSeen`` carries the sender's
@@ -96,12 +99,16 @@ def replay(
     senders = Senders()
     for path in paths:
         result.files += 1
+        before = result.skipped.total
         try:
             _replay_file(Path(path), sink, realtime, counters, result, senders, order.earliest)
         except PcapError as exc:  # the message names the file
             log.error("replay: %s", exc)
             result.errors.append(str(exc))
             counters.add("replay_errors")
+        finally:
+            if result.skipped.total > before:
+                counters.add("replay_skipped", result.skipped.total - before)
     return result
 
 
@@ -112,7 +119,7 @@ def _replay_file(path: Path, sink: Sink, realtime: bool, counters: Counters, res
     pending = 0
     start_wall = first_ts = None
     try:
-        for ts, frame in read_frames(path):
+        for ts, frame in read_frames(path, result.skipped):
             result.frames += 1
             counters.add("replay_frames")
             if realtime:

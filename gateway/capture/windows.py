@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.capture.frames import MalformedPacket, parse_frame, sender
-from gateway.capture.pcap import PcapError, read_frames
+from gateway.capture.pcap import PcapError, Skipped, read_frames
 from gateway.observations import to_observation
 from identifier.dataset import DataError, LabelledWindow, read_labels
 from identifier.observation import (
@@ -34,6 +34,7 @@ class CaptureWindows:
     devices: dict[str, DeviceWindow]
     malformed: int  # frames dropped because their DNS/DHCP/mDNS payload did not decode
     error: str | None = None  # with ``keep_partial``: why the file was not read to its end (names the file)
+    skipped: Skipped = field(default_factory=Skipped)  # cooked-capture packets that are no device's frame
 
 
 def capture_windows(path: str | Path, window: float | None = None, keep_partial: bool = False) -> CaptureWindows:
@@ -49,7 +50,8 @@ def capture_windows(path: str | Path, window: float | None = None, keep_partial:
     seen: dict[str, list[Observation]] = {}
     first: dict[str, float] = {}  # each unicast source MAC's earliest frame, read before the frame is parsed
     malformed = 0
-    frames = read_frames(path)
+    skipped = Skipped()
+    frames = read_frames(path, skipped)
     while True:
         try:
             ts, frame = next(frames)
@@ -58,7 +60,7 @@ def capture_windows(path: str | Path, window: float | None = None, keep_partial:
         except PcapError as exc:
             if not keep_partial:
                 raise
-            return CaptureWindows(_windows(seen, first, window), malformed, str(exc))
+            return CaptureWindows(_windows(seen, first, window), malformed, str(exc), skipped)
         # the sender is present from this frame on even when it says nothing the parser reports (a DNS answer,
         # a BOOTREPLY, a nameless mDNS packet) or says it badly, as the daemon's ``Senders`` tells it; the
         # earliest frame rather than the first in the file, since a capture may be out of time order
@@ -76,7 +78,7 @@ def capture_windows(path: str | Path, window: float | None = None, keep_partial:
             if obs is None or not mac:
                 continue
             seen.setdefault(mac, []).append(obs)
-    return CaptureWindows(_windows(seen, first, window), malformed)
+    return CaptureWindows(_windows(seen, first, window), malformed, skipped=skipped)
 
 
 def _windows(

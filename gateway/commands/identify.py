@@ -158,6 +158,8 @@ def cmd_identify(args: argparse.Namespace) -> int:
             failed += 1
         if windows.malformed:  # counted and dropped; the rest of the capture still counts
             print(f"iotgw identify: {path}: {windows.malformed} malformed frames dropped", file=sys.stderr)
+        if windows.skipped.total:  # a `tcpdump -i any` capture: the host's own packets, loopback, tunnels
+            print(f"iotgw identify: {path}: {windows.skipped}", file=sys.stderr)
         for mac, dev in windows.devices.items():
             identity = _classify(ident, mac, dev.first_ts, dev.observations, args.window)
             emit({"source": path, "mac": mac, **_record(identity)})
