@@ -53,7 +53,7 @@ class Skipped:
 
 # libpcap's pcap/sll.h: the packet types (the kernel's PACKET_*), and the two "protocol" values that are no
 # EtherType but say an 802.3 frame's payload follows (a length field in Ethernet)
-_SLL_HOST, _SLL_BROADCAST, _SLL_MULTICAST, _SLL_OTHERHOST, _SLL_OUTGOING = range(5)
+_SLL_HOST, _SLL_BROADCAST, _SLL_MULTICAST, _SLL_OTHERHOST = range(4)  # from another station
 _SLL_P_802_3, _SLL_P_802_2 = 0x0001, 0x0004
 _ARPHRD_ETHER = 1  # loopback (772) also has a 6-byte address, all zeros: the type, not the length, says Ethernet
 _BROADCAST = b"\xff" * 6
@@ -88,8 +88,9 @@ def _ethernet(pkttype: int, hatype: int, halen: int, addr: bytes, protocol: int,
     if hatype != _ARPHRD_ETHER or halen != 6:
         skipped.not_ethernet += 1
         return None
-    # sent by the capturing host (4) or its own multicast looped back to it (5, PACKET_LOOPBACK): not a LAN
-    # device, and a forwarded or bridged packet was already captured as it came in, from the device's MAC
+    # the rest are the capturing host's own: sent (4, outgoing), its multicast looped back (5), or between its
+    # kernel and user space (6, 7). Not a LAN device; a packet it forwards or bridges out was already captured
+    # as it came in, from the device's MAC
     if pkttype not in (_SLL_HOST, _SLL_BROADCAST, _SLL_MULTICAST, _SLL_OTHERHOST):
         skipped.outgoing += 1
         return None
