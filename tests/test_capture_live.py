@@ -536,9 +536,14 @@ def test_capture_survives_the_interface_going_down_and_up(veth):
 
 
 @pytest.mark.parametrize("linktype,option", [(276, []), (113, ["-y", "LINUX_SLL"])], ids=["sll2", "sll"])
-def test_a_capture_written_by_tcpdump_on_any_interface_is_read_by_the_clients_mac(veth, tmp_path, linktype, option):
-    # the gateway namespace plays the router a home-lab user ran `tcpdump -i any -w lan.pcap` on
-    pcap = tmp_path / "any.pcap"
+def test_a_capture_written_by_tcpdump_on_any_interface_is_read_by_the_clients_mac(tmp_path, linktype, option):
+    # the gateway namespace plays the router a home-lab user ran `tcpdump -i any -w lan.pcap` on; a pair of its own,
+    # since tcpdump counts packets: the module's pair has been taken down and up by then (its IPv6 addresses gone)
+    with veth_pair(f"d{os.getpid()}") as veth:
+        _tcpdump_any(veth, tmp_path / "any.pcap", linktype, option)
+
+
+def _tcpdump_any(veth: VethPair, pcap, linktype: int, option: list[str]) -> None:
     # -c: tcpdump ends itself at the 6th UDP packet (4 from the client, 1 on loopback, 1 sent to the client), so
     # the file is whole when it exits and no wait guesses when the last packet was written; -Z root: tcpdump
     # drops to its own user before opening the file otherwise
