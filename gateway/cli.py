@@ -114,10 +114,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_state_args(parser: argparse.ArgumentParser) -> None:
-    """``--config`` and ``--db``: every command that reads or writes state takes both."""
-    parser.add_argument("--config", metavar="FILE", help="TOML config (default /etc/iotgw/iotgw.toml if present)")
-    parser.add_argument("--db", metavar="URL", help="database URL (default: SQLite under the state directory)")
+STATE_FLAGS = {
+    "config": ("--config", "FILE", "TOML config (default /etc/iotgw/iotgw.toml if present)"),
+    "db": ("--db", "URL", "database URL (default: SQLite under the state directory)"),
+    "state_dir": ("--state-dir", "DIR", "state directory (default from the config)"),
+}
+
+
+def add_state_args(
+    parser: argparse.ArgumentParser, names: tuple[str, ...] = ("config", "db"), *, again: bool = False
+) -> None:
+    """``--config`` and ``--db`` (``names``, from STATE_FLAGS): every command that reads or writes state takes them.
+
+    A command with ACTIONs takes them on its own parser and again (``again``) on each ACTION that reads state, so
+    they work before and after the ACTION alike. An ACTION parses into a namespace of its own that is then copied
+    over the command's: with a default there, ``policy --config X show`` would lose X to ``show``'s None. So
+    ``again`` leaves the default out; given in both places, the later one wins, as a flag given twice does."""
+    for name in names:
+        flag, metavar, help_text = STATE_FLAGS[name]
+        parser.add_argument(
+            flag, dest=name, metavar=metavar, help=help_text, default=argparse.SUPPRESS if again else None
+        )
 
 
 def positive_seconds(text: str) -> float:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway import cli
 from gateway.commands import policy as policy_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def test_a_policy_change_from_a_shell_that_may_not_write_the_state_says_who_can_
     no_dac = ("setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search")
     proc = subprocess.run(
         [*no_dac, sys.executable, "-m", "gateway.cli", "policy", "--state-dir", str(state),
-         "--db", f"sqlite:///{tmp_path}/x.db", "block", "global", "ads.example.com"],
+         "block", "global", "ads.example.com"],
         capture_output=True, text=True, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 1 and proc.stdout == ""
@@ -141,3 +142,59 @@ def test_cli_unrule_with_the_rule_label_removes_that_rule_after_another_writer_m
     assert "no rule 'block name=b.example'" in capsys.readouterr().err
     assert _run(state, "unrule", scope, "0") == 0  # by number, as before
     assert json.loads((state / "policy.json").read_text())["policies"][scope]["rules"] == []
+
+
+def _config(tmp_path: Path, name: str) -> Path:
+    """A config file whose state directory is ``tmp_path/name``."""
+    config = tmp_path / f"{name}.toml"
+    config.write_text(f'[gateway]\nstate_dir = "{tmp_path / name}"\n')
+    return config
+
+
+def _rules(state: Path) -> dict:
+    return json.loads((state / "policy.json").read_text())["policies"]
+
+
+@pytest.mark.parametrize("flag", ["--config", "--state-dir"])
+def test_policy_takes_config_and_state_dir_before_or_after_its_action_alike(tmp_path, capsys, flag):
+    # They went before the ACTION only (after it: "unrecognized arguments") while `iotgw user token ...` took
+    # them after: a user had to know which.
+    def where(name: str) -> str:
+        return str(_config(tmp_path, name) if flag == "--config" else tmp_path / name)
+
+    assert cli.main(["policy", flag, where("before"), "block", "global", "ads.example"]) == 0
+    assert cli.main(["policy", "block", "global", "ads.example", flag, where("after")]) == 0
+    assert _rules(tmp_path / "before") == _rules(tmp_path / "after")
+    assert _rules(tmp_path / "after")["global"]["rules"] == [
+        {"action": "block", "kind": "name", "value": "ads.example", "schedule": None}
+    ]
+    capsys.readouterr()
+    assert cli.main(["policy", flag, where("before"), "test", "aa:bb:cc:00:00:01", "x.ads.example"]) == 0
+    assert cli.main(["policy", "test", "aa:bb:cc:00:00:01", "x.ads.example", flag, where("before")]) == 0
+    before, after = capsys.readouterr().out.splitlines()
+    assert before == after and json.loads(after)["action"] == "blocked"
+
+
+def test_policy_state_dir_given_before_and_after_the_action_the_later_one_wins(tmp_path):
+    # as a flag given twice on one level does; and the ACTION's own parser must not put back the default
+    assert cli.main(["policy", "--state-dir", str(tmp_path / "first"), "pause", "global",
+                     "--state-dir", str(tmp_path / "later")]) == 0
+    assert _rules(tmp_path / "later")["global"]["paused"] is True
+    assert not (tmp_path / "first").exists()
+    # --config before, --state-dir after: both count, the directory over the config's
+    assert cli.main(["policy", "--config", str(_config(tmp_path, "configured")), "resume", "global",
+                     "--state-dir", str(tmp_path / "later")]) == 0
+    assert _rules(tmp_path / "later")["global"]["paused"] is None
+    assert not (tmp_path / "configured").exists()
+
+
+def test_policy_refuses_db_which_it_would_not_use(tmp_path, capsys):
+    # The policy is a file in the state directory; a database URL was accepted and ignored, so a change meant
+    # for another gateway's state went to the default one.
+    db = ["--db", f"sqlite:///{tmp_path}/other.sqlite"]
+    for argv in (["policy", *db, "pause", "global"], ["policy", "pause", "global", *db]):
+        with pytest.raises(SystemExit) as refused:
+            cli.main([*argv, "--state-dir", str(tmp_path / "s")])
+        err = capsys.readouterr().err
+        assert refused.value.code == 2 and "error: --db: the policy is a file in the state directory" in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -15,11 +15,13 @@ from pathlib import Path
 from gateway import policies
 from gateway.cli import add_state_args, config_from_args
 
+STATE_ARGS = ("config", "state_dir")
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("policy", help="filtering policy: rules, lists, schedules, pause, quarantine")
-    add_state_args(p)
-    p.add_argument("--state-dir", metavar="DIR", help="state directory (default from the config)")
+    add_state_args(p, STATE_ARGS)
+    _refuse_db(p)
     cmds = p.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
     scope_help = "global, device:MAC, type:TYPE, category:CATEGORY or tag:device_TAG"
 
@@ -99,6 +101,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="the device's status: all but approved are quarantined while quarantine is on "
                    "(default approved)")
     c.set_defaults(func=_test)
+
+    for c in cmds.choices.values():
+        add_state_args(c, STATE_ARGS, again=True)
+        _refuse_db(c)
+
+
+class _NoDatabase(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        parser.error("--db: the policy is a file in the state directory, not in the database; "
+                     "give --state-dir DIR or --config FILE")
+
+
+def _refuse_db(parser: argparse.ArgumentParser) -> None:
+    """``--db``, which every other state command takes, refused by name: it was once accepted here and ignored,
+    and unknown it would read as the ACTION ("invalid choice: 'sqlite:///...'"). Not in --help."""
+    parser.add_argument("--db", action=_NoDatabase, help=argparse.SUPPRESS)
 
 
 # -- actions: each calls gateway.policies and prints what happened -------------------------------------------
