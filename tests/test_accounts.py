@@ -266,6 +266,48 @@ def test_cli_sets_the_password_and_manages_tokens(tmp_path, monkeypatch, capsys)
     store.close()
 
 
+def _token_names(url: str) -> list[str]:
+    store = Store(url)
+    try:
+        return [t.name for t in accounts.list_tokens(store)]
+    finally:
+        store.close()
+
+
+def test_cli_user_takes_config_and_db_before_or_after_its_actions_alike(tmp_path, monkeypatch, capsys):
+    # They went after the last ACTION only (before it: "unrecognized arguments") while `iotgw policy` took
+    # them before: a user had to know which. Every place gives the same database.
+    url = f"sqlite:///{tmp_path / 'placed.sqlite'}"
+    for n, argv in enumerate((["user", "--db", url, "token", "create"], ["user", "token", "--db", url, "create"],
+                              ["user", "token", "create", "--db", url])):
+        assert _run([*argv, f"t{n}"], monkeypatch) == 0
+    assert _token_names(url) == ["t0", "t1", "t2"]
+    capsys.readouterr()
+    for argv in (["user", "--db", url, "token", "list"], ["user", "token", "--db", url, "list"],
+                 ["user", "token", "list", "--db", url]):
+        assert _run(argv, monkeypatch) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[:3] == listed[3:6] == listed[6:] and len(listed) == 9
+    assert _run(["user", "--db", url, "set-password"], monkeypatch, "a long password\n") == 0
+    store = Store(url)
+    assert accounts.verify_login(store, "admin", "a long password")
+    store.close()
+    # --config names the state directory, whose SQLite database is the default
+    config = tmp_path / "iotgw.toml"
+    config.write_text(f'[gateway]\nstate_dir = "{tmp_path / "state"}"\n')
+    assert _run(["user", "--config", str(config), "token", "create", "from-config"], monkeypatch) == 0
+    assert _token_names(f"sqlite:///{tmp_path / 'state' / 'iotgw.sqlite'}") == ["from-config"]
+
+
+def test_cli_user_db_given_before_and_after_the_action_the_later_one_wins(tmp_path, monkeypatch):
+    # as a flag given twice on one level does; and an ACTION's own parser must not put back the default
+    first, later = (f"sqlite:///{tmp_path / name}.sqlite" for name in ("first", "later"))
+    assert _run(["user", "--db", first, "token", "create", "ha", "--db", later], monkeypatch) == 0
+    assert _run(["user", "--db", first, "token", "--db", later, "create", "nas"], monkeypatch) == 0
+    assert _token_names(later) == ["ha", "nas"]
+    assert not (tmp_path / "first.sqlite").exists()
+
+
 def test_a_cli_write_while_another_process_holds_the_database_says_busy_and_changes_nothing(
         tmp_path, monkeypatch, capsys):
     """``iotgw user token create`` while another process held the write lock past the busy timeout ended in a

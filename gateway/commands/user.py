@@ -13,19 +13,21 @@ from gateway.cli import add_state_args, config_from_args
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     user = sub.add_parser("user", help="web UI password and API tokens")
+    add_state_args(user)
     user_sub = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
 
     p = user_sub.add_parser(
         "set-password", help="set the admin password (prompts, or reads one line from stdin)"
     )
-    add_state_args(p)
+    add_state_args(p, again=True)
     p.add_argument("--username", default="admin", help=argparse.SUPPRESS)
     p.set_defaults(func=_set_password)
 
     token = user_sub.add_parser("token", help="API bearer tokens")
+    add_state_args(token, again=True)
     token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     p = token_sub.add_parser("create", help="create a token and print it once")
-    add_state_args(p)
+    add_state_args(p, again=True)
     p.add_argument("name", help="what will use the token, e.g. 'home-assistant'")
     p.add_argument(
         "--scope",
@@ -41,10 +43,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_token_create)
     p = token_sub.add_parser("list", help="tokens not revoked, expired ones marked")
-    add_state_args(p)
+    add_state_args(p, again=True)
     p.set_defaults(func=_token_list)
     p = token_sub.add_parser("revoke", help="revoke a token by id")
-    add_state_args(p)
+    add_state_args(p, again=True)
     p.add_argument("id", type=int, help="the token's number, as token list prints it")
     p.set_defaults(func=_token_revoke)
 
