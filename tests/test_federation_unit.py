@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -547,3 +548,67 @@ def _waits_for_a_lock(pid: int) -> bool:
     """``pid`` is blocked on a file lock another process holds (a "->" entry of /proc/locks)."""
     return any(line.split()[1] == "->" and line.split()[5] == str(pid)
                for line in Path("/proc/locks").read_text().splitlines())
+
+
+def _installed_twice(state: Path, shipped: Bundle) -> Path:
+    """A gateway state directory whose federation installed two models (the layout ModelStore.install writes),
+    and a config naming it."""
+    for link, version in (("previous", "fed-1-r3-00000001"), ("current", "fed-2-r3-00000002")):
+        replace(shipped, version=version).save(state / "federation" / "model" / f"bundle-{version}")
+        os.symlink(f"bundle-{version}", state / "federation" / "model" / link)
+    config = state.parent / f"{state.name}.toml"
+    config.write_text(f'[gateway]\nstate_dir = "{state}"\n')
+    return config
+
+
+def _current(state: Path) -> str:
+    return Bundle.load(state / "federation" / "model" / "current").version
+
+
+def test_rollback_takes_config_and_db_before_or_after_the_action_alike(tmp_path: Path, shipped: Bundle) -> None:
+    # They went after the ACTION only (before it: "unrecognized arguments") while `iotgw policy` took them
+    # before: a user had to know which.
+    from gateway.alerts.outbox import recent_alerts
+    from gateway.store.db import Store
+
+    parser = _federation_parser()
+    before, after = _installed_twice(tmp_path / "before", shipped), _installed_twice(tmp_path / "after", shipped)
+    url = f"sqlite:///{tmp_path / 'alerts.sqlite'}"
+    for argv in (["federation", "--config", str(before), "--db", url, "rollback"],
+                 ["federation", "rollback", "--config", str(after), "--db", url]):
+        args = parser.parse_args(argv)
+        assert args.func(args) == 0
+    assert _current(tmp_path / "before") == _current(tmp_path / "after") == "fed-1-r3-00000001"
+    store = Store(url)
+    try:  # both rollbacks said so in the database given, not in the state directories' default one
+        assert [a.data["version"] for a in recent_alerts(store)] == ["fed-1-r3-00000001"] * 2
+    finally:
+        store.close()
+    assert not list(tmp_path.glob("*/iotgw.sqlite"))
+
+
+def test_rollback_config_given_before_and_after_the_action_the_later_one_wins(
+    tmp_path: Path, shipped: Bundle
+) -> None:
+    # as a flag given twice on one level does; and the ACTION's own parser must not put back the default
+    first, later = _installed_twice(tmp_path / "first", shipped), _installed_twice(tmp_path / "later", shipped)
+    args = _federation_parser().parse_args(["federation", "--config", str(first), "rollback", "--config", str(later)])
+    assert args.func(args) == 0
+    assert (_current(tmp_path / "first"), _current(tmp_path / "later")) == ("fed-2-r3-00000002", "fed-1-r3-00000001")
+
+
+@pytest.mark.parametrize("flag", ["--config", "--db"])
+def test_server_and_keygen_refuse_config_and_db_they_would_not_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture, flag: str
+) -> None:
+    # taken before the ACTION for join and rollback, so `federation --db URL keygen` parses; run anyway, the
+    # flag would look used
+    parser = _federation_parser()
+    value = str(tmp_path / "iotgw.toml") if flag == "--config" else f"sqlite:///{tmp_path / 'x.sqlite'}"
+    for argv in (["keygen", "--out", str(tmp_path / "node_key")],
+                 ["server", "--state-dir", str(tmp_path / "fleet"), "--insecure"]):
+        args = parser.parse_args(["federation", flag, value, *argv])
+        assert args.func(args) == 2
+        assert capsys.readouterr().err == (
+            f"iotgw federation {argv[0]} reads no gateway state: {flag} is for join and rollback\n")
+    assert not list(tmp_path.iterdir())

@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 from gateway.cli import (
+    STATE_FLAGS,
     add_state_args,
     config_from_args,
     interrupt_on_stop_signals,
@@ -41,7 +42,11 @@ SUPERNODE_WRITES = ("flwr", "model", "contributions")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    fed = subparsers.add_parser("federation", help="federated retraining with secure aggregation (Flower)")
+    fed = subparsers.add_parser(
+        "federation", help="federated retraining with secure aggregation (Flower)",
+        description="--config and --db are for join and rollback, before or after the ACTION",
+    )
+    add_state_args(fed)
     sub = fed.add_subparsers(dest="federation_command", required=True, metavar="ACTION")
 
     server = sub.add_parser("server", help="run a SuperLink and one federated run of SecAgg+ rounds")
@@ -96,7 +101,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     join = sub.add_parser(
         "join", help="export this home's confirmed devices and run its SuperNode for the nightly window"
     )
-    add_state_args(join)
+    add_state_args(join, again=True)
     join.add_argument(
         "--superlink", metavar="HOST:PORT", help="the fleet's SuperLink (default: [federation] superlink)"
     )
@@ -133,7 +138,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     rollback = sub.add_parser(
         "rollback", help="reinstall the model that was installed before the current one"
     )
-    add_state_args(rollback)
+    add_state_args(rollback, again=True)
     rollback.set_defaults(func=_rollback)
 
 
@@ -176,9 +181,22 @@ def _tls(args: argparse.Namespace, server_side: bool):  # noqa: ANN202
     return Tls(args.tls_ca, getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
 
 
+def _refuse_state_args(args: argparse.Namespace) -> int:
+    """2, after saying so, when ``--config`` or ``--db`` came with an ACTION that reads no gateway state (they are
+    taken before any ACTION for join and rollback): run anyway, the flag would look used. 0 otherwise."""
+    given = [STATE_FLAGS[name][0] for name in ("config", "db") if getattr(args, name, None) is not None]
+    if not given:
+        return 0
+    print(f"iotgw federation {args.federation_command} reads no gateway state: {' and '.join(given)} "
+          f"{'is' if len(given) == 1 else 'are'} for join and rollback", file=sys.stderr)
+    return 2
+
+
 def _server(args: argparse.Namespace) -> int:
     from identifier.federated import processes
 
+    if _refuse_state_args(args):
+        return 2
     tls = _tls(args, server_side=True)
     if args.authorized_key and tls is None:
         raise SystemExit("iotgw federation: SuperNode authentication needs TLS (Flower refuses it without)")
@@ -404,6 +422,8 @@ def _stop(proc: subprocess.Popen) -> None:
 def _keygen(args: argparse.Namespace) -> int:
     from identifier.federated.processes import generate_node_key
 
+    if _refuse_state_args(args):
+        return 2
     try:
         import cryptography  # noqa: F401 - the federation extra brings it (with flwr); the key needs it
     except ModuleNotFoundError:
