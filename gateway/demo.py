@@ -61,17 +61,30 @@ class VirtualDevice:
     script: list[Observation]  # relative timestamps from the device's join
 
 
+FIRST_HOST = 10
+# Each device has a loopback address of its own, 127.0.0.10 to .254, and that number as its MAC's last byte.
+MAX_DEVICES = 255 - FIRST_HOST
+
+
 def virtual_devices(gateway: Gateway, count: int = 6, seed: int = 7) -> list[VirtualDevice]:
-    """Devices built from the model bundle's per-type prototypes, so what joins is what the model knows."""
+    """Devices built from the model bundle's per-type prototypes, so what joins is what the model knows: one of
+    each type drawn at random, and past one of every type, second (third...) units of the same types in the same
+    order, each with a MAC and address of its own, as a home with two of the same plug. Asking for more devices
+    than there are types once gave one of each type and no word of the rest."""
+    if not 0 < count <= MAX_DEVICES:
+        raise ValueError(f"the demo has room for 1 to {MAX_DEVICES} devices, not {count}")
     rng = random.Random(seed)
     prototypes = gateway.identifier.prototypes() if gateway.identifier is not None else {}
     if not prototypes:
         raise RuntimeError("the demo needs the identification model bundle (its prototypes drive the devices)")
     ouis = gateway.identifier.oui_prefixes()
-    chosen = rng.sample(sorted(prototypes), min(count, len(prototypes)))
+    types = rng.sample(sorted(prototypes), min(count, len(prototypes)))
     devices = []
-    for n, device_type in enumerate(chosen, start=10):
-        devices.append(VirtualDevice(device_type, demo_mac(ouis.get(device_type), n), f"127.0.0.{n}",
+    for i in range(count):
+        device_type, unit, n = types[i % len(types)], i // len(types) + 1, FIRST_HOST + i
+        # A unit's own name: it is the instance name of its mDNS announcements, which two devices do not share.
+        devices.append(VirtualDevice(device_type if unit == 1 else f"{device_type}-{unit}",
+                                     demo_mac(ouis.get(device_type), n), f"127.0.0.{n}",
                                      list(prototypes[device_type])))
     return devices
 

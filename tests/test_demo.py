@@ -103,6 +103,7 @@ def test_demo_ended_by_ctrl_c_or_sigterm_exits_cleanly_and_removes_its_temporary
 
 
 @pytest.mark.parametrize(("flag", "value", "said"), [("--devices", "-1", "must be above 0"),
+                                                     ("--devices", "246", "at most 245, one loopback address each"),
                                                      ("--dns-port", "70000", "is not a port"),
                                                      ("--duration", "-5", "0 or more"),
                                                      ("--duration", "nan", "0 or more")])
@@ -156,3 +157,42 @@ def test_device_list_piped_to_a_reader_that_left_ends_without_a_traceback(tmp_pa
         os.close(write_end)
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-2000:]
     assert proc.returncode == 1
+
+
+def test_demo_asked_for_more_devices_than_device_types_runs_that_many(tmp_path):
+    # The model knows 51 types; --devices 60 ran 51 devices, one of each, and said 51 without a word of why.
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "demo", "--duration", "3", "--web-port", str(free_port()),
+         "--dns-port", str(free_port()), "--devices", "60"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=demo_env(tmp_path))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "60 virtual devices join over the next 240 s" in proc.stdout, proc.stdout
+
+
+def test_virtual_devices_past_one_of_each_type_are_second_units_with_their_own_mac_address_and_name(tmp_path):
+    from gateway.config import Config
+    from gateway.daemon import Gateway
+    from gateway.demo import MAX_DEVICES, virtual_devices
+
+    cfg = Config(source="(test)")
+    cfg.gateway.state_dir = str(tmp_path)
+    store = Store(cfg.db_url)
+    try:
+        gateway = Gateway(cfg, store)
+        types = sorted(gateway.identifier.prototypes())
+        devices = virtual_devices(gateway, len(types) + 9)
+        few = virtual_devices(gateway, 6)
+        with pytest.raises(ValueError, match=f"room for 1 to {MAX_DEVICES} devices, not {MAX_DEVICES + 1}"):
+            virtual_devices(gateway, MAX_DEVICES + 1)
+        most = virtual_devices(gateway, MAX_DEVICES)
+    finally:
+        store.close()
+    firsts, seconds = devices[:len(types)], devices[len(types):]
+    assert sorted(d.name for d in firsts) == types  # one of each type first
+    assert [d.name for d in seconds] == [f"{d.name}-2" for d in firsts[:9]]
+    assert [d.script for d in seconds] == [d.script for d in firsts[:9]]
+    for second, first in zip(seconds, firsts, strict=False):  # the same maker's prefix, a unit of its own
+        assert second.mac[:8] == first.mac[:8] and second.mac != first.mac
+    assert few == devices[:6]  # asking for more adds devices to the same ones
+    assert len({d.mac for d in most}) == len({d.ip for d in most}) == len({d.name for d in most}) == MAX_DEVICES
+    assert most[-1].ip == "127.0.0.254"

@@ -38,7 +38,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--web-port", type=tcp_port, default=8080, metavar="PORT",
                       help="web UI port on 127.0.0.1 (default 8080)")
     demo.add_argument("--devices", type=positive_count, default=6, metavar="N",
-                      help="how many virtual devices join, one every 4 s (default 6)")
+                      help="how many virtual devices join, one every 4 s (default 6): one of each device type the "
+                      "model knows, then more units of the same types")
     demo.add_argument("--state-dir", metavar="DIR",
                       help="keep state here (default: a temporary directory, removed when the demo ends)")
     demo.add_argument("--mqtt", metavar="URL", help="also publish alerts to this MQTT broker")
@@ -81,6 +82,11 @@ def _has_net_admin() -> bool:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import MAX_DEVICES  # here, not in the parser: importing it takes seconds, --help must not
+
+    if args.devices > MAX_DEVICES:  # before anything starts, like argparse's own refusals
+        print(f"iotgw demo: argument --devices: at most {MAX_DEVICES}, one loopback address each", file=sys.stderr)
+        return 2
     if args.mqtt:  # before anything starts: a bad URL would otherwise end the demo in a traceback
         checked_flag("--mqtt", check_mqtt_url, args.mqtt)
     temporary = not args.state_dir
