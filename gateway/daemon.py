@@ -86,6 +86,7 @@ class Gateway:
         # Frames in time order (live capture's always are): a device's packet past its window means its window is
         # over. Out of order, an earlier packet may still come, so such a window closes when the replay ends.
         self._in_order = replay_in_order is not False
+        self._replay = replay_in_order is not None
         self.store = store
         self.counters = Counters()
         self.neighbours = NeighbourTable()
@@ -120,7 +121,6 @@ class Gateway:
         self._window_start: dict[str, float] = {}
         self._window_due: dict[str, float] = {}  # device key -> monotonic time its window closes by itself
         self._window_chars: dict[str, int] = {}  # device key -> JSON characters its window holds
-        self._window_over: set[str] = set()  # open windows a later packet of their device showed are over
         self._pending_identities: list[tuple[str, float, object]] = []  # written by the next flush
         self._merged_since_take: dict[str, str] = {}  # address key -> MAC, merged while a flush is being written
         self._closed_windows: list[tuple[str, float, list[dict]]] = []
@@ -178,8 +178,12 @@ class Gateway:
             self._closing.set()
             await asyncio.gather(self._flusher, return_exceptions=True)
         self._drain()
-        for key in list(self._window_over):  # out of order: nothing earlier can come any more
-            self._close_window(key)
+        if self._replay:
+            # The capture is over: every window still open is answered, as `iotgw identify` answers a device whose
+            # capture ends within its window (a fast replay ends long before the wall clock would close it) and
+            # out of order as soon as nothing earlier can come.
+            for key in list(self._window_start):
+                self._close_window(key)
         for _, alert in self._announce_due.values():  # still in their grace: announced rather than lost
             self.alert(alert)
         self._announce_due.clear()
@@ -259,8 +263,6 @@ class Gateway:
         if event.ts - self._window_start[key] > WINDOW_S:  # left out of the window, as `iotgw identify` does
             if self._in_order:
                 self._close_window(key)
-            else:
-                self._window_over.add(key)
             return
         window = self._windows[key]
         if len(window) >= WINDOW_MAX_OBS:
@@ -320,7 +322,6 @@ class Gateway:
                       self._announce_due):
                 table.pop(old, None)
             self._changed_windows.discard(old)
-            self._window_over.discard(old)
             self._closed_windows = [w for w in self._closed_windows if w[0] != old]
             self._pending_identities = self._follow_merge(self._pending_identities, old, new)
             self._merged_since_take[old] = new
@@ -352,7 +353,6 @@ class Gateway:
         self._window_due.pop(key, None)
         self._window_chars.pop(key, None)
         self._changed_windows.discard(key)
-        self._window_over.discard(key)
         self._closed_windows.append((key, start, self._windows.pop(key, [])))
         if session is not None and session.committed is None:
             self._identified(key, session.current())
@@ -386,7 +386,6 @@ class Gateway:
                       self._announce_due):
             table.pop(key, None)
         self._changed_windows.discard(key)
-        self._window_over.discard(key)
         self._pending_identities = [p for p in self._pending_identities if p[0] != key]
         self._closed_windows = [w for w in self._closed_windows if w[0] != key]
         self._device_removed(key)

@@ -251,3 +251,20 @@ def test_replay_presence_follows_the_capture_clock_not_the_wall_clock(tmp_path):
         ("device_offline", 1610.0, quiet, {"last_seen": 1010.0, "idle_timeout_s": 600.0}),
         ("device_online", 2000.0, quiet, {"offline_s": 990.0}),
     ]
+
+
+@pytest.mark.parametrize("order", ["in time order", "out of time order"])
+def test_every_device_replayed_is_identified_when_the_replay_ends_even_one_whose_capture_ends_in_its_window(
+        tmp_path, order):
+    """A device whose frames all lie within its first minute (the capture ends, or it went quiet) is answered when
+    the replay ends, as `iotgw identify` answers it, not left without an identification: a fast replay ends
+    long before the wall clock would have closed its window."""
+    from gateway.devices.service import get_device
+
+    brief, other = "02:00:00:00:00:44", "02:00:00:00:00:45"
+    first, second = tmp_path / "first.pcap", tmp_path / "second.pcap"
+    wrpcap(str(first), [_query(brief, 1000.0, "a.example.com"), _query(brief, 1005.0, "b.example.com")])
+    wrpcap(str(second), [_query(other, 500.0 if order == "out of time order" else 2000.0, "c.example.com")])
+    store = _iotgw_replay(tmp_path, first, second)
+    assert len(get_device(store, brief).identifications) == 1
+    assert len(get_device(store, other).identifications) == 1

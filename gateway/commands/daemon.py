@@ -54,7 +54,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "all the files, whatever their order, and it goes offline only where the capture shows it silent for the "
         "idle timeout (10 minutes) and online again at its next frame, each alert stamped with the capture's "
         "time. When the frames are out of time order (merged captures, files not in date order) no device goes "
-        "offline, and a device's window closes when the replay ends. The replay's end is no one's departure.")
+        "offline. Every identification window still open closes when the replay ends, so each device gets an "
+        "answer. The replay's end is no one's departure.")
     add_state_args(replay)
     replay.add_argument("pcaps", nargs="+", metavar="FILE.pcap")
     replay.add_argument("--realtime", action="store_true", help="at recorded speed (default: as fast as possible)")
