@@ -865,6 +865,29 @@ def test_a_session_dhcp_request_is_read_under_other_tools_names_and_an_unread_ke
     assert "'opt55'" in err
 
 
+def test_a_null_dhcp_field_is_absent_and_a_dhcp_or_query_that_is_no_object_is_a_clear_bad_line(iotgw, tmp_path):
+    # Tools that write a record per request give null for an option the device did not send (Fingerbank's
+    # dhcp_vendor or dhcp_fingerprint): that is the option absent, as a null hostname always was, not a bad line
+    plug = [{"t": 0.0, "name": "devs.tplinkcloud.com"}]
+    lines = [
+        {"id": "absent", "queries": plug, "dhcp": {"dhcp_vendor": "udhcp 1.15.2"}},
+        {"id": "nulls", "queries": plug, "dhcp": {"dhcp_vendor": "udhcp 1.15.2", "dhcp_fingerprint": None,
+                                                  "hostname": None, "option53": None}},
+        {"id": "text", "queries": plug, "dhcp": ["t"]},
+        {"id": "lists", "queries": plug, "dhcp": [["t", 0]]},
+        {"id": "query", "queries": ["t"]},
+    ]
+    sessions = tmp_path / "s.jsonl"
+    sessions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    code, rows, err = iotgw("identify", "--json", "--sessions", str(sessions))
+    assert code == 1 and "Traceback" not in err and "TypeError" not in err
+    answers = {r.pop("id"): r for r in rows}
+    assert list(answers) == ["absent", "nulls"] and answers["nulls"] == answers["absent"]
+    assert f'{sessions}:3: not a session (ValueError: "dhcp" must be an object or a list of them)' in err
+    assert f'{sessions}:4: not a session (ValueError: "dhcp" must be an object or a list of them)' in err
+    assert f'{sessions}:5: not a session (ValueError: "queries" must be a list of objects' in err
+
+
 def test_a_session_id_with_control_characters_is_printed_escaped_never_as_another_line(tmp_path, capsys):
     forged = "a\nforged 00:11:22:33:44:55  D-Link / D-LinkCam / camera  conf 1.00  decided 0.1s"
     sessions = tmp_path / "s.jsonl"

@@ -231,8 +231,11 @@ def _session(item: dict):
         raise ValueError('"queries" must be a list (empty for a device that sent no DNS)')
     dhcp = item.get("dhcp") or []
     dhcp = [dhcp] if isinstance(dhcp, dict) else dhcp
-    if not isinstance(dhcp, list):
+    # before anything is read from them: ``"t" in`` a string or a list is no key, and the error a TypeError
+    if not isinstance(dhcp, list) or not all(isinstance(d, dict) for d in dhcp):
         raise ValueError('"dhcp" must be an object or a list of them')
+    if not all(isinstance(q, dict) for q in queries):
+        raise ValueError('"queries" must be a list of objects ({"t", "name", "qtype"?})')
     timed = [_seconds(o["t"]) for o in [*queries, *dhcp] if "t" in o]
     start = min(timed, default=0.0)
     observations = []
@@ -245,8 +248,6 @@ def _session(item: dict):
         observations.append(DnsObservation(t, name.rstrip(".").lower(), qtype))
     unread: set[str] = set()
     for d in dhcp:
-        if not isinstance(d, dict):
-            raise ValueError('"dhcp" must be an object or a list of them')
         t = _seconds(d["t"]) if "t" in d else start
         fields = _dhcp_fields(d)
         unread |= set(d) - {"t"} - {name for names in DHCP_FIELDS.values() for name in names}
@@ -283,7 +284,8 @@ DHCP_MESSAGE_TYPES = {"discover": 1, "offer": 2, "request": 3, "decline": 4, "ac
 def _dhcp_fields(d: dict) -> dict:
     out = {}
     for field, names in DHCP_FIELDS.items():
-        given = [name for name in names if name in d]
+        # null is the option not sent (Fingerbank's "dhcp_vendor": null), as a null hostname always was
+        given = [name for name in names if d.get(name) is not None]
         if len(given) > 1:  # two values for one field: which one the device sent is anyone's guess
             raise ValueError(f"dhcp gives its {field} twice ({', '.join(given)})")
         if given:
