@@ -282,7 +282,7 @@ class Gateway:
         if session is not None:
             identity = session.update(obs)
             if identity is not None:
-                self._identified(key, identity)
+                self._identified(key, identity, event.ts)
 
     def _on_change(self, change: Change, event: Event) -> None:
         if change.kind == "new_device":
@@ -333,15 +333,19 @@ class Gateway:
         first_minute = new in self._window_start
         return [(new if k == old else k, ts, identity) for k, ts, identity in identities if k != old or first_minute]
 
-    def _identified(self, key: str, identity) -> None:  # noqa: ANN001 - identifier.stream.Identity
+    def _identified(self, key: str, identity, at: float) -> None:  # noqa: ANN001 - identifier.stream.Identity
+        """``at``: when the capture decided it. A replay stamps the answer with it, like its new-device and presence
+        alerts (an identification of a 2016 capture was stamped today, after its device went offline in 2016);
+        live, the wall clock, as always."""
         identity = identity.claimed()  # an unknown device's closest match stays among its alternatives
         kind = "device_identified" if identity.known else "unknown_device"
         data = {"confidence": round(float(identity.confidence), 4), "decided_after_s": identity.decided_after_s}
         if identity.known:
             data.update(manufacturer=identity.manufacturer, device_type=identity.device_type,
                         category=identity.category)
-        self._pending_identities.append((key, time.time(), identity))
-        self.alert(Alert(kind, time.time(), key, data))
+        ts = at if self._replay else time.time()
+        self._pending_identities.append((key, ts, identity))
+        self.alert(Alert(kind, ts, key, data))
 
     def _close_window(self, key: str) -> None:
         """End a device's observation window. A session that never committed concludes with its best guess,
@@ -355,7 +359,8 @@ class Gateway:
         self._changed_windows.discard(key)
         self._closed_windows.append((key, start, self._windows.pop(key, [])))
         if session is not None and session.committed is None:
-            self._identified(key, session.current())
+            dev = self.tracker.devices.get(key)  # its window ends at its first minute or its last packet
+            self._identified(key, session.current(), min(start + WINDOW_S, dev.last_seen if dev else start))
 
     def _close_due_windows(self) -> None:
         """Windows of devices that went quiet: the event path only closes a window on the next packet."""

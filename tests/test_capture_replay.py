@@ -268,3 +268,24 @@ def test_every_device_replayed_is_identified_when_the_replay_ends_even_one_whose
     store = _iotgw_replay(tmp_path, first, second)
     assert len(get_device(store, brief).identifications) == 1
     assert len(get_device(store, other).identifications) == 1
+
+
+@needs_data
+def test_a_replayed_device_is_identified_on_the_captures_clock_like_its_other_alerts(tmp_path):
+    """A 2016 capture's identifications (stored history and alert) are stamped at the capture's moment of the
+    decision, within the device's first minute: they were stamped with today's wall clock, after alerts of the
+    same capture from 2016."""
+    from gateway.alerts.outbox import recent_alerts
+    from gateway.devices.service import get_device
+
+    folder = CAPTURES / "HueBridge"
+    pcap = sorted(folder.glob("*.pcap"))[0]
+    mac = (folder / "_iotdevice-mac.txt").read_text().strip().lower()
+    store = _iotgw_replay(tmp_path, pcap)
+    device = get_device(store, mac)
+    first = device.device.first_seen
+    assert first < time.time() - 86400 * 365  # an old capture: the wall clock is years away
+    stamps = [i.ts for i in device.identifications]
+    stamps += [a.ts for a in recent_alerts(store) if a.mac == mac and a.kind in ("device_identified", "unknown_device")]
+    assert len(stamps) >= 2
+    assert all(first <= ts <= first + 60 for ts in stamps), (first, stamps)
