@@ -357,3 +357,25 @@ def test_a_pcapng_packet_naming_an_interface_never_described_is_corrupt_naming_t
         for ts, _ in read_frames(pcapng):
             got.append(ts)
     assert got == pytest.approx([1700000000.25], rel=0, abs=1e-6)
+
+
+def test_a_pcapng_record_stamped_past_the_year_9999_is_skipped_and_counted_not_a_device_no_page_can_date(tmp_path):
+    """A pcapng time is 64 bits of tsresol units: its second packet here is at about 1.8e13 s (year 572,000).
+    Replayed, it made a device first seen then, and every page that dated it could fail."""
+    import struct
+
+    from gateway.capture.pcap import Skipped
+
+    pcapng = tmp_path / "far.pcapng"
+    writer = PcapNgWriter(str(pcapng))
+    for frame in _dns_frames(3):
+        writer.write(frame)
+    writer.close()
+    data = bytearray(pcapng.read_bytes())
+    epbs = [i for i in range(0, len(data) - 4, 4) if data[i:i + 4] == struct.pack("<I", 6)]
+    struct.pack_into("<I", data, epbs[1] + 12, 0xFFFFFFFF)  # its timestamp's high 32 bits
+    pcapng.write_bytes(bytes(data))
+    skipped = Skipped()
+    times = [ts for ts, _ in read_frames(pcapng, skipped)]
+    assert len(times) == 2 and all(ts < 2e9 for ts in times)
+    assert skipped.bad_time == 1 and "1 stamped past the year 9999" in str(skipped)

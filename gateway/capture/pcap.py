@@ -5,7 +5,8 @@ from tcpdump 4.99 on) carry, per packet, the sender's link-layer address, the pa
 of an Ethernet header: each packet from an Ethernet interface becomes the Ethernet frame it stands for, keyed by
 its sender's MAC. Packets that stand for no LAN device's frame are counted in ``Skipped``, not errors: those the
 capturing host sent (its own, or a forwarded or bridged copy of a packet already captured coming in) and those
-from an interface without a 6-byte Ethernet address (loopback, tunnels, PPP, WireGuard).
+from an interface without a 6-byte Ethernet address (loopback, tunnels, PPP, WireGuard). So are records of any
+link type stamped past the year 9999, which a pcapng's 64-bit time can be.
 
 A file cut short (a capture stopped while writing, a partial copy) yields every complete record and then raises
 ``PcapError`` naming the file and how many records it kept: scapy's readers end such a file quietly or with an
@@ -25,6 +26,7 @@ ETHERNET = 1  # LINKTYPE_ETHERNET
 LINUX_SLL = 113  # LINKTYPE_LINUX_SLL: `tcpdump -i any` before 4.99, or with `-y LINUX_SLL`
 LINUX_SLL2 = 276  # LINKTYPE_LINUX_SLL2: `tcpdump -i any` with tcpdump 4.99 and libpcap 1.10
 READ_LINKTYPES = "Ethernet (1), Linux cooked SLL (113) and SLL2 (276)"
+LAST_TIME = 253402300799.0  # 9999-12-31 23:59:59 UTC, the last second a date can show
 MAX_CAPLEN = 262144  # libpcap's largest snapshot length: a record claiming more is damage, not a frame
 _PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
 
@@ -40,14 +42,15 @@ class Skipped:
     outgoing: int = 0  # sent by the capturing host: its own, or a copy of a packet it forwarded or bridged
     not_ethernet: int = 0  # from an interface whose address is not a 6-byte MAC: loopback, tunnels, PPP
     short: int = 0  # shorter than the cooked header (cut by the snapshot length)
+    bad_time: int = 0  # stamped past the year 9999 (a pcapng's 64-bit time): no clock, date or page can show it
 
     @property
     def total(self) -> int:
-        return self.outgoing + self.not_ethernet + self.short
+        return self.outgoing + self.not_ethernet + self.short + self.bad_time
 
     def __str__(self) -> str:
         parts = [f"{self.outgoing} sent by the capturing host", f"{self.not_ethernet} not from an Ethernet interface",
-                 f"{self.short} shorter than their cooked header"]
+                 f"{self.short} shorter than their cooked header", f"{self.bad_time} stamped past the year 9999"]
         return f"{self.total} packets skipped (" + ", ".join(p for p in parts if not p.startswith("0 ")) + ")"
 
 
@@ -192,7 +195,8 @@ def _pcapng_reader(path: str):
 
 def read_frames(path: str | Path, skipped: Skipped | None = None) -> Iterator[tuple[float, bytes]]:
     """Yield (timestamp, Ethernet frame) for every frame in ``path``; Linux cooked (SLL, SLL2) packets become
-    the Ethernet frames they stand for, and those that stand for none are counted in ``skipped``.
+    the Ethernet frames they stand for, and those that stand for none, or are stamped past ``LAST_TIME``, are
+    counted in ``skipped``.
 
     A file that is not a capture at all, whose link type (per interface in pcapng) is not one read here, with a
     pcap record longer than the snapshot length, that ends inside a record or block (a capture stopped while
@@ -225,6 +229,9 @@ def read_frames(path: str | Path, skipped: Skipped | None = None) -> Iterator[tu
                     convert = _converter(path, meta.linktype)
                     ts = ((meta.tshigh << 32) | meta.tslow) / meta.tsresol
                 kept = n
+                if ts > LAST_TIME:  # damage or hostility: a device first seen then broke every date shown of it
+                    skipped.bad_time += 1
+                    continue
                 if convert is not None:
                     data = convert(data, skipped)
                     if data is None:
