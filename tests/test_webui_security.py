@@ -551,3 +551,23 @@ def test_no_template_or_script_bypasses_escaping():
             "document.write",
         ):
             assert banned not in text, f"{path.name} uses {banned}"
+
+
+def test_a_stored_time_no_date_can_show_is_said_so_and_never_makes_a_page_an_error(env):
+    """A time past what a date can hold (a record of an older version, a hand-edited database; replays now skip
+    frames stamped past the year 9999) made the alert list and the device page answer 500."""
+    from gateway.alerts.outbox import Outbox
+    from gateway.events import Alert
+    from gateway.store.schema import Device
+
+    app, store, _ = env
+    with store.transaction() as s:
+        s.get(Device, MAC).first_seen = 1.8e19
+    Outbox(store).put(Alert("device_offline", 1.8e19, MAC, {"last_seen": float("nan"), "idle_timeout_s": 1e300}),
+                      publish=False)
+    client = app.test_client()
+    _login(client)
+    for url in ("/alerts", f"/devices/{MAC}", "/devices", "/"):
+        r = client.get(url)
+        assert r.status_code == 200, (url, r.status_code)
+    assert "not a valid time" in client.get("/alerts").get_data(as_text=True)

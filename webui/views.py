@@ -3,6 +3,7 @@ to the outside, so the pages and the API always agree."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -80,7 +81,14 @@ def address_source(source: str) -> str:
 
 
 def when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "—"
+    """A local date and time; a stored time no date can show (NaN, past the year 9999: a record of another
+    version, or a hand-edited database) is shown as such rather than making the page an error."""
+    if not ts:
+        return "—"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    except (OverflowError, OSError, ValueError):
+        return "not a valid time"
 
 
 def pct(value: float | None) -> str:
@@ -90,9 +98,11 @@ def pct(value: float | None) -> str:
 def duration(s: float) -> str:
     """Seconds to one decimal under a minute; longer, its two largest whole units ("5 min", "2 h 3 min"): an
     offline time of 7384.2 s told an owner nothing."""
-    if s < 60:
+    if not math.isfinite(s):
+        return "not a valid duration"
+    if round(s, 1) < 60:  # 59.97 s is "60.0 s" to one decimal: "1 min" from here
         return f"{s:.1f} s"
-    parts, rest = [], int(s)
+    parts, rest = [], int(round(s))
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
         if rest >= size:
             parts.append(f"{rest // size} {unit}")
