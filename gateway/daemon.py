@@ -37,7 +37,7 @@ from gateway.policies import MODES, device_mode, set_device_mode
 from gateway.store.db import Store
 from gateway.store.querylog import QueryLogWriter
 from gateway.store.schema import Device, Identification, ObservationWindow
-from identifier.observation import to_json
+from identifier.observation import from_json, to_json
 from identifier.oui import vendor as oui_vendor
 
 log = logging.getLogger(__name__)
@@ -279,7 +279,7 @@ class Gateway:
         window.append(item)
         self._changed_windows.add(key)
         session = self._sessions.get(key)
-        if session is not None:
+        if session is not None and self._in_order:  # out of order, the window is read in time order as it closes
             identity = session.update(obs)
             if identity is not None:
                 self._identified(key, identity, event.ts)
@@ -357,7 +357,15 @@ class Gateway:
         self._window_due.pop(key, None)
         self._window_chars.pop(key, None)
         self._changed_windows.discard(key)
-        self._closed_windows.append((key, start, self._windows.pop(key, [])))
+        window = self._windows.pop(key, [])
+        self._closed_windows.append((key, start, window))
+        if session is not None and not self._in_order:
+            # a replay out of time order: the session reads the window as live capture would have sent it, so it
+            # decides where and when `iotgw identify` does on the same frames
+            for obs in sorted((from_json(item) for item in window), key=lambda o: o.ts):
+                identity = session.update(obs)
+                if identity is not None:
+                    self._identified(key, identity, obs.ts)
         if session is not None and session.committed is None:
             dev = self.tracker.devices.get(key)  # its window ends at its first minute or its last packet
             self._identified(key, session.current(), min(start + WINDOW_S, dev.last_seen if dev else start))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -289,3 +290,27 @@ def test_a_replayed_device_is_identified_on_the_captures_clock_like_its_other_al
     stamps += [a.ts for a in recent_alerts(store) if a.mac == mac and a.kind in ("device_identified", "unknown_device")]
     assert len(stamps) >= 2
     assert all(first <= ts <= first + 60 for ts in stamps), (first, stamps)
+
+
+@needs_data
+def test_a_capture_replayed_out_of_time_order_is_decided_where_and_when_identify_decides_it(tmp_path, capsys):
+    """A real capture cut in two and given later half first: the device's session used to read its frames in
+    that order, so its decision (and when it came) differed from `iotgw identify` on the same frames."""
+    from scapy.utils import rdpcap
+
+    from gateway import cli
+    from gateway.devices.service import get_device
+
+    folder = CAPTURES / "HueBridge"
+    pcap = sorted(folder.glob("*.pcap"))[0]
+    mac = (folder / "_iotdevice-mac.txt").read_text().strip().lower()
+    frames = rdpcap(str(pcap))
+    early, late = tmp_path / "early.pcap", tmp_path / "late.pcap"
+    wrpcap(str(early), frames[: len(frames) // 2])
+    wrpcap(str(late), frames[len(frames) // 2:])
+    assert cli.main(["identify", "--json", "--window", "60", str(pcap)]) == 0
+    want = next(r for r in map(json.loads, capsys.readouterr().out.splitlines()) if r["mac"] == mac)
+    store = _iotgw_replay(tmp_path, late, early)
+    got = get_device(store, mac).identifications[0]
+    assert (got.device_type, round(got.confidence, 4), round(got.decided_after_s, 3)) == (
+        want["device_type"], want["confidence"], want["decided_after_s"])
