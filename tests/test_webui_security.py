@@ -571,3 +571,18 @@ def test_a_stored_time_no_date_can_show_is_said_so_and_never_makes_a_page_an_err
         r = client.get(url)
         assert r.status_code == 200, (url, r.status_code)
     assert "not a valid time" in client.get("/alerts").get_data(as_text=True)
+
+
+def test_a_domain_asked_in_the_devices_first_packets_reads_at_once_not_after_0_0_s(env):
+    from gateway.store.schema import Device, Query
+
+    app, store, _ = env
+    with store.querylog_session() as s:
+        first = min(q.ts for q in s.query(Query).filter_by(mac=MAC))
+    with store.transaction() as s:
+        s.get(Device, MAC).first_seen = first
+    client = app.test_client()
+    _login(client)
+    page = client.get(f"/devices/{MAC}").get_data(as_text=True)
+    cells = re.findall(r'<td data-label="First asked">([^<]*)</td>', page)
+    assert cells == ["at once", "after 1.0 s"]
