@@ -10,6 +10,7 @@ outbox, presence) to the alert thread, so a locked or slow database never stalls
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import logging
@@ -20,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import itemgetter
 
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
@@ -265,24 +267,44 @@ class Gateway:
                 self._close_window(key)
             return
         window = self._windows[key]
-        if len(window) >= WINDOW_MAX_OBS:
+        if len(window) >= WINDOW_MAX_OBS and self._in_order:
             return
         obs = to_observation(event)
         if obs is None:
             return
         item = to_json(obs)
-        chars = self._window_chars.get(key, 0) + len(json.dumps(item))
-        if chars > WINDOW_MAX_CHARS:  # full: like WINDOW_MAX_OBS, what identification sees of the device ends here
-            self.counters.add("window_observations_dropped")
-            return
-        self._window_chars[key] = chars
-        window.append(item)
+        if not self._in_order:
+            if not self._keep_earliest(key, window, item):
+                return
+        else:
+            chars = self._window_chars.get(key, 0) + len(json.dumps(item))
+            if chars > WINDOW_MAX_CHARS:  # full: like WINDOW_MAX_OBS, what identification sees of the device ends here
+                self.counters.add("window_observations_dropped")
+                return
+            self._window_chars[key] = chars
+            window.append(item)
         self._changed_windows.add(key)
         session = self._sessions.get(key)
         if session is not None and self._in_order:  # out of order, the window is read in time order as it closes
             identity = session.update(obs)
             if identity is not None:
                 self._identified(key, identity, event.ts)
+
+    def _keep_earliest(self, key: str, window: list[dict], item: dict) -> bool:
+        """Out of time order, a full window must still end up holding the device's earliest observations, the
+        ones the same frames in order would have filled it with: the first to arrive may be its latest. So it is
+        kept in time order (equal times in arrival order) and, past WINDOW_MAX_OBS or WINDOW_MAX_CHARS, gives up
+        its latest. False when ``item`` itself is what was given up."""
+        bisect.insort(window, item, key=itemgetter("t"))
+        chars = self._window_chars.get(key, 0) + len(json.dumps(item))
+        dropped = None
+        while len(window) > WINDOW_MAX_OBS or chars > WINDOW_MAX_CHARS:
+            if chars > WINDOW_MAX_CHARS:
+                self.counters.add("window_observations_dropped")
+            dropped = window.pop()
+            chars -= len(json.dumps(dropped))
+        self._window_chars[key] = chars
+        return dropped is not item
 
     def _on_change(self, change: Change, event: Event) -> None:
         if change.kind == "new_device":
@@ -360,9 +382,9 @@ class Gateway:
         window = self._windows.pop(key, [])
         self._closed_windows.append((key, start, window))
         if session is not None and not self._in_order:
-            # a replay out of time order: the session reads the window as live capture would have sent it, so it
-            # decides where and when `iotgw identify` does on the same frames
-            for obs in sorted((from_json(item) for item in window), key=lambda o: o.ts):
+            # a replay out of time order: the session reads the window (kept in time order, see _keep_earliest) as
+            # live capture would have sent it, so it decides where and when `iotgw identify` does on the same frames
+            for obs in map(from_json, window):
                 identity = session.update(obs)
                 if identity is not None:
                     self._identified(key, identity, obs.ts)

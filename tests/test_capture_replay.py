@@ -314,3 +314,28 @@ def test_a_capture_replayed_out_of_time_order_is_decided_where_and_when_identify
     got = get_device(store, mac).identifications[0]
     assert (got.device_type, round(got.confidence, 4), round(got.decided_after_s, 3)) == (
         want["device_type"], want["confidence"], want["decided_after_s"])
+
+
+def test_a_window_full_out_of_time_order_keeps_the_devices_earliest_observations_as_in_order(tmp_path):
+    """A device that fills its window (WINDOW_MAX_OBS) in its first minute, its later half given first: the window
+    kept the first observations to arrive, the later half, and the session read those at close instead of the
+    device's first ones, which the same frames in order (and `iotgw identify`) read."""
+    from gateway.daemon import WINDOW_MAX_OBS
+    from gateway.devices.service import get_device
+    from gateway.store.schema import ObservationWindow
+
+    mac = "02:00:00:00:00:46"
+    early, late = tmp_path / "early.pcap", tmp_path / "late.pcap"
+    wrpcap(str(early), [_query(mac, 1000.0 + i / 100, f"early{i}.example.com") for i in range(WINDOW_MAX_OBS)])
+    wrpcap(str(late), [_query(mac, 1030.0 + i / 100, f"late{i}.example.com") for i in range(WINDOW_MAX_OBS)])
+    seen = {}
+    for order, files in (("in order", (early, late)), ("out of order", (late, early))):
+        (tmp_path / order).mkdir()
+        store = _iotgw_replay(tmp_path / order, *files)
+        with store.session() as s:
+            names = [o["name"] for o in s.get(ObservationWindow, mac).observations]
+        got = get_device(store, mac).identifications
+        seen[order] = names, [(i.ts, i.device_type, i.confidence, i.decided_after_s) for i in got]
+        store.close()
+    assert seen["in order"][0] == [f"early{i}.example.com" for i in range(WINDOW_MAX_OBS)]
+    assert seen["out of order"] == seen["in order"]
