@@ -59,6 +59,7 @@ class VirtualDevice:
     mac: str
     ip: str
     script: list[Observation]  # relative timestamps from the device's join
+    unit: int = 1  # its number among the demo's devices of its type
 
 
 FIRST_HOST = 10
@@ -85,7 +86,7 @@ def virtual_devices(gateway: Gateway, count: int = 6, seed: int = 7) -> list[Vir
         # A unit's own name: it is the instance name of its mDNS announcements, which two devices do not share.
         devices.append(VirtualDevice(device_type if unit == 1 else f"{device_type}-{unit}",
                                      demo_mac(ouis.get(device_type), n), f"127.0.0.{n}",
-                                     list(prototypes[device_type])))
+                                     list(prototypes[device_type]), unit))
     return devices
 
 
@@ -164,7 +165,7 @@ def build_frame(device: VirtualDevice, obs: Observation) -> bytes | None:
                / DHCP(options=options))
         return bytes(pkt)
     if isinstance(obs, MdnsObservation):
-        records = [DNSRR(rrname=f"{name}.", type="A", rdata=device.ip, ttl=120)
+        records = [DNSRR(rrname=f"{_host_name(name, device.unit)}.", type="A", rdata=device.ip, ttl=120)
                    for name in obs.names if name.endswith(".local") and "._" not in name]
         records += [DNSRR(rrname=f"{service}.", type="PTR", rdata=f"{device.name}.{service}.", ttl=4500)
                     for service in obs.services]
@@ -175,3 +176,10 @@ def build_frame(device: VirtualDevice, obs: Observation) -> bytes | None:
                / UDP(sport=5353, dport=5353) / dns)
         return bytes(pkt)
     return None
+
+
+def _host_name(name: str, unit: int) -> str:
+    """The .local host name a demo device of that ``unit`` announces: a second unit finds the first's taken and, as
+    a real responder resolves the conflict (RFC 6762, 9), names itself "name-2". Its DHCP host name stays the
+    prototype's, as two units of one product often send the same."""
+    return name if unit == 1 else f"{name.removesuffix('.local')}-{unit}.local"

@@ -196,3 +196,38 @@ def test_virtual_devices_past_one_of_each_type_are_second_units_with_their_own_m
     assert few == devices[:6]  # asking for more adds devices to the same ones
     assert len({d.mac for d in most}) == len({d.ip for d in most}) == len({d.name for d in most}) == MAX_DEVICES
     assert most[-1].ip == "127.0.0.254"
+
+
+def test_a_second_unit_announces_its_own_mdns_host_name_not_the_first_units(tmp_path):
+    # Two hosts claiming one .local name on a link is a conflict a real responder resolves by renaming itself
+    # "name-2" (RFC 6762, 9); the second unit announced the first's names at its own address.
+    from gateway.capture.frames import parse_frame
+    from gateway.config import Config
+    from gateway.daemon import Gateway
+    from gateway.demo import build_frame, virtual_devices
+    from gateway.events import MdnsSeen
+    from identifier.observation import MdnsObservation
+
+    cfg = Config(source="(test)")
+    cfg.gateway.state_dir = str(tmp_path)
+    store = Store(cfg.db_url)
+    try:
+        gateway = Gateway(cfg, store)
+        types = len(gateway.identifier.prototypes())
+        devices = virtual_devices(gateway, 2 * types)
+    finally:
+        store.close()
+
+    def hosts(device) -> list[str]:
+        names = []
+        for obs in device.script:
+            if isinstance(obs, MdnsObservation) and (frame := build_frame(device, obs)) is not None:
+                names += [n for e in parse_frame(frame, 0.0) if isinstance(e, MdnsSeen) for n in e.names
+                          if "._" not in n]
+        return sorted(set(names))
+
+    announcing = [(first, second) for first, second in zip(devices[:types], devices[types:], strict=True)
+                  if hosts(first)]
+    assert len(announcing) >= 3  # HueBridge, Lightify, EdimaxCam...
+    for first, second in announcing:
+        assert hosts(second) == [f"{name.removesuffix('.local')}-2.local" for name in hosts(first)], first.name
