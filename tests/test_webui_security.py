@@ -586,3 +586,21 @@ def test_a_domain_asked_in_the_devices_first_packets_reads_at_once_not_after_0_0
     page = client.get(f"/devices/{MAC}").get_data(as_text=True)
     cells = re.findall(r'<td data-label="First asked">([^<]*)</td>', page)
     assert cells == ["at once", "after 1.0 s"]
+
+
+def test_a_domain_asked_as_the_device_was_decided_at_once_reads_at_once_too(env):
+    # 0.07 s after the first packet: the identification reads "at once" (under a tenth of a second), and the
+    # domain that decided it read "after 0.1 s" on the same page
+    from gateway.store.schema import Device, Query
+
+    app, store, _ = env
+    with store.querylog_session() as s:
+        first = min(q.ts for q in s.query(Query).filter_by(mac=MAC))
+    with store.transaction() as s:
+        device = s.get(Device, MAC)
+        device.first_seen, device.decided_after_s = first - 0.07, 0.07
+    client = app.test_client()
+    _login(client)
+    page = client.get(f"/devices/{MAC}").get_data(as_text=True)
+    assert "at once (within a tenth of a second" in page
+    assert re.findall(r'<td data-label="First asked">([^<]*)</td>', page)[0] == "at once"

@@ -110,15 +110,24 @@ def duration(s: float) -> str:
     return " ".join(parts[:2])
 
 
+AT_ONCE_S = 0.1  # within a tenth of a second of a device's first packet reads "at once", decisions and domains alike
+
+
 def decided_after(s: float | None) -> str:
     """When the identifier decided, from the device's first packet. "after 0.0 s" read like a fault: a device that
     names itself in its first packets (a DHCP request with its host name) is decided at once. None: it never was
     sure, and the daemon took its best guess when its window (its first minute) ended."""
     if s is None:
         return "as a best guess at the end of its first minute"
-    if s < 0.1:
+    if s < AT_ONCE_S:
         return "at once (within a tenth of a second of first being seen)"
     return f"after {s:.1f} s"
+
+
+def first_asked(s: float) -> str:
+    """When a device first asked for a domain, from its first packet, read as its identification's time is: the
+    page said "at once" of a decision and "after 0.1 s" of the query it was decided on."""
+    return "at once" if s < AT_ONCE_S else f"after {s:.1f} s"
 
 
 def _top(top: list) -> str:
