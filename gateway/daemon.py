@@ -262,6 +262,8 @@ class Gateway:
             self.counters.add("alert_feed_dropped")
         if key not in self._window_start:
             return
+        if event.ts < self._window_start[key] and not self._in_order:
+            self._start_window_earlier(key, event.ts)
         if event.ts - self._window_start[key] > WINDOW_S:  # left out of the window, as `iotgw identify` does
             if self._in_order:
                 self._close_window(key)
@@ -289,6 +291,18 @@ class Gateway:
             identity = session.update(obs)
             if identity is not None:
                 self._identified(key, identity, event.ts)
+
+    def _start_window_earlier(self, key: str, ts: float) -> None:
+        """Out of time order, a window starts at the device's earliest frame, which the first pass (``timeline``)
+        knows of every sender but not of a client a relay agent speaks for (it sends no frame of its own): such a
+        window moves back to its earlier request and leaves out what that puts past its first minute, as
+        ``iotgw identify`` does. Its session, fed only at close out of order, starts over there."""
+        self._window_start[key] = ts
+        window = self._windows[key] = [item for item in self._windows[key] if item["t"] - ts <= WINDOW_S]
+        self._window_chars[key] = sum(len(json.dumps(item)) for item in window)
+        self._changed_windows.add(key)
+        if key in self._sessions:
+            self._sessions[key] = self.identifier.session(key, ts)
 
     def _keep_earliest(self, key: str, window: list[dict], item: dict) -> bool:
         """Out of time order, a full window must still end up holding the device's earliest observations, the

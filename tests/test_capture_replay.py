@@ -339,3 +339,33 @@ def test_a_window_full_out_of_time_order_keeps_the_devices_earliest_observations
         store.close()
     assert seen["in order"][0] == [f"early{i}.example.com" for i in range(WINDOW_MAX_OBS)]
     assert seen["out of order"] == seen["in order"]
+
+
+def _relayed_request(relay: str, client: str, ts: float, hostname: str):
+    from scapy.layers.dhcp import BOOTP, DHCP
+
+    frame = (Ether(src=relay, dst="02:00:00:00:00:01") / IP(src="10.1.0.1", dst="10.0.0.1") / UDP(sport=67, dport=67)
+             / BOOTP(chaddr=bytes.fromhex(client.replace(":", "")), giaddr="10.1.0.1")
+             / DHCP(options=[("message-type", "request"), ("hostname", hostname.encode()), "end"]))
+    frame.time = ts
+    return frame
+
+
+def test_a_relayed_client_replayed_out_of_time_order_has_its_window_from_its_earliest_request(tmp_path):
+    """A client a relay agent speaks for sends no frame of its own, so the first pass has no earliest time for
+    it: its window started at its first request to arrive, the later one, took the earlier one at a negative
+    offset and the later one with it, unlike `iotgw identify` (and the same frames in order): from its earliest
+    request, the later one left out."""
+    from gateway.devices.service import get_device
+    from gateway.store.schema import ObservationWindow
+
+    relay, client = "02:00:00:00:00:47", "02:00:00:00:00:48"
+    newer, older = tmp_path / "newer.pcap", tmp_path / "older.pcap"
+    wrpcap(str(newer), [_relayed_request(relay, client, 2000.0, "late-name")])
+    wrpcap(str(older), [_relayed_request(relay, client, 1000.0, "early-name")])
+    store = _iotgw_replay(tmp_path, newer, older)
+    with store.session() as s:
+        window = s.get(ObservationWindow, client)
+        assert (window.started_at, [o["hostname"] for o in window.observations]) == (1000.0, ["early-name"])
+    assert get_device(store, client).device.first_seen == 1000.0
+    assert all(i.ts <= 1060.0 for i in get_device(store, client).identifications)
