@@ -166,7 +166,10 @@ class Gateway:
         await self._start_dns()
         self._start_sniffer()
 
-    async def stop(self) -> None:
+    async def stop(self, capture_ended: bool = False) -> None:
+        """``capture_ended``: a replay read its files to the end, so every window still open is answered; a replay
+        stopped part-way (Ctrl-C) leaves them unanswered rather than store a guess from half a window, which a
+        later full replay would find already made."""
         if self.dns is not None:
             await self.dns.stop()
         if self.sniffer is not None:
@@ -180,7 +183,7 @@ class Gateway:
             self._closing.set()
             await asyncio.gather(self._flusher, return_exceptions=True)
         self._drain()
-        if self._replay:
+        if self._replay and capture_ended:
             # The capture is over: every window still open is answered, as `iotgw identify` answers a device whose
             # capture ends within its window (a fast replay ends long before the wall clock would close it) and
             # out of order as soon as nothing earlier can come.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -369,3 +370,42 @@ def test_a_relayed_client_replayed_out_of_time_order_has_its_window_from_its_ear
         assert (window.started_at, [o["hostname"] for o in window.observations]) == (1000.0, ["early-name"])
     assert get_device(store, client).device.first_seen == 1000.0
     assert all(i.ts <= 1060.0 for i in get_device(store, client).identifications)
+
+
+def test_a_replay_stopped_part_way_ends_at_once_and_stores_no_guess_from_half_a_window(tmp_path):
+    """Ctrl-C (or SIGTERM) during `iotgw replay --realtime` of a 40 s capture: the replay thread slept on to the
+    capture's end before the program could exit, and then answered the device's half window with a guess that
+    stayed stored. Now it ends at once; the device is kept, its identification left to a full replay."""
+    import signal
+    import subprocess
+    import sys
+
+    from gateway.devices.service import get_device
+    from gateway.store.db import Store
+
+    mac = "02:00:00:00:00:46"
+    pcap = tmp_path / "slow.pcap"
+    wrpcap(str(pcap), [_query(mac, 1000.0, "a.example.com"), _query(mac, 1001.0, "b.example.com"),
+                       _query(mac, 1040.0, "c.example.com")])
+    db = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "replay", "--db", db, "--realtime", str(pcap)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the device is in the store: its first frames were replayed
+            time.sleep(0.2)
+            if (tmp_path / "iotgw.sqlite").exists():
+                store = Store(db, migrate=False)
+                try:
+                    with contextlib.suppress(Exception):  # the replay may not have made its tables yet
+                        if get_device(store, mac) is not None:
+                            break
+                finally:
+                    store.close()
+        proc.send_signal(signal.SIGINT)  # Ctrl-C; SIGTERM does the same
+        proc.wait(timeout=20)  # the capture has 39 s still to go
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    store = Store(db, migrate=False)
+    assert get_device(store, mac).identifications == []

@@ -8,6 +8,7 @@ identification sees a device's first seconds as they happened.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ def replay(
     realtime: bool = False,
     counters: Counters | None = None,
     order: Timeline | None = None,
+    stop: threading.Event | None = None,
 ) -> ReplayResult:
     """Feed every frame of every file in ``paths`` through ``parse_frame`` (``others=True``) into ``sink``.
 
@@ -91,17 +93,21 @@ def replay(
     or files given out of date order, may be out of time order), so that ``DeviceSeen`` carries the sender's
     earliest time in ``order`` (read here with ``timeline`` when not given): the device is new, and its
     identification window starts, at its earliest frame, as ``iotgw identify`` counts it.
+    ``stop`` set (Ctrl-C) ends the replay at the next frame, also in the middle of a real-time wait.
     """
     counters = counters if counters is not None else Counters()
     paths = list(paths)  # read twice when ``order`` is not given
     order = order if order is not None else timeline(paths)
     result = ReplayResult()
     senders = Senders()
+    stop = stop if stop is not None else threading.Event()
     for path in paths:
+        if stop.is_set():
+            break
         result.files += 1
         before = result.skipped.total
         try:
-            _replay_file(Path(path), sink, realtime, counters, result, senders, order.earliest)
+            _replay_file(Path(path), sink, realtime, counters, result, senders, order.earliest, stop)
         except PcapError as exc:  # the message names the file
             log.error("replay: %s", exc)
             result.errors.append(str(exc))
@@ -113,13 +119,15 @@ def replay(
 
 
 def _replay_file(path: Path, sink: Sink, realtime: bool, counters: Counters, result: ReplayResult,
-                 senders: Senders, earliest: dict[bytes, float]) -> None:
+                 senders: Senders, earliest: dict[bytes, float], stop: threading.Event) -> None:
     events: list[Event] = []
     known = senders.known
     pending = 0
     start_wall = first_ts = None
     try:
         for ts, frame in read_frames(path, result.skipped):
+            if stop.is_set():
+                break
             result.frames += 1
             counters.add("replay_frames")
             if realtime:
@@ -130,7 +138,8 @@ def _replay_file(path: Path, sink: Sink, realtime: bool, counters: Counters, res
                     if events:  # deliver what is due before waiting for the next frame
                         _flush(events, sink, result)
                         events, pending = [], 0
-                    time.sleep(delay)
+                    if stop.wait(delay):
+                        break
             if frame[6:12] not in known:
                 events += senders.first(frame, earliest.get(frame[6:12], ts))
             try:

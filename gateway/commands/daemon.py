@@ -13,9 +13,18 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
-from gateway.cli import add_state_args, checked_flag, config_from_args, positive_count, seconds_or_zero, tcp_port
+from gateway.cli import (
+    add_state_args,
+    checked_flag,
+    config_from_args,
+    interrupt_on_stop_signals,
+    positive_count,
+    seconds_or_zero,
+    tcp_port,
+)
 from gateway.config import check_mqtt_url
 
 log = logging.getLogger(__name__)
@@ -55,7 +64,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "idle timeout (10 minutes) and online again at its next frame, each alert stamped with the capture's "
         "time. When the frames are out of time order (merged captures, files not in date order) no device goes "
         "offline. Every identification window still open closes when the replay ends, so each device gets an "
-        "answer. The replay's end is no one's departure.")
+        "answer. The replay's end is no one's departure. Ctrl-C ends it at the next frame and leaves the windows "
+        "still open unanswered.")
     add_state_args(replay)
     replay.add_argument("pcaps", nargs="+", metavar="FILE.pcap")
     replay.add_argument("--realtime", action="store_true", help="at recorded speed (default: as fast as possible)")
@@ -180,12 +190,23 @@ def cmd_replay(args: argparse.Namespace) -> int:
     order = timeline(args.pcaps)  # a first pass: each sender's earliest frame, and whether the frames are in order
     gateway = Gateway(cfg, Store(cfg.db_url), replay_in_order=order.in_order)
 
+    # Ctrl-C or SIGTERM ends the replay at its next frame (also mid-wait with --realtime) and stops the gateway
+    # cleanly; the replay thread would otherwise run to the capture's end before the program could exit.
+    interrupted = threading.Event()
+
     async def main():  # noqa: ANN202 - a ReplayResult
         await gateway.start()
+        ended = False
         try:  # the same parser and sink as live capture, in a thread so the consumer keeps draining
-            return await asyncio.to_thread(replay, args.pcaps, gateway.ingest, args.realtime, gateway.counters, order)
+            result = await asyncio.to_thread(replay, args.pcaps, gateway.ingest, args.realtime, gateway.counters,
+                                             order, interrupted)
+            ended = not interrupted.is_set()
+            return result
         finally:
-            await gateway.stop()
+            interrupted.set()
+            await gateway.stop(capture_ended=ended)
+
+    interrupt_on_stop_signals()
 
     result = asyncio.run(main())  # a file that cannot be read is logged by name; the others still run
     print(f"replayed {len(args.pcaps) - len(result.errors)} of {len(args.pcaps)} files; "
