@@ -169,24 +169,30 @@ def test_demo_asked_for_more_devices_than_device_types_runs_that_many(tmp_path):
     assert "60 virtual devices join over the next 240 s" in proc.stdout, proc.stdout
 
 
-def test_virtual_devices_past_one_of_each_type_are_second_units_with_their_own_mac_address_and_name(tmp_path):
+@pytest.fixture
+def demo_gateway(tmp_path):
+    """A gateway with the shipped model, as the demo builds its virtual devices from."""
     from gateway.config import Config
     from gateway.daemon import Gateway
-    from gateway.demo import MAX_DEVICES, virtual_devices
 
     cfg = Config(source="(test)")
     cfg.gateway.state_dir = str(tmp_path)
     store = Store(cfg.db_url)
     try:
-        gateway = Gateway(cfg, store)
-        types = sorted(gateway.identifier.prototypes())
-        devices = virtual_devices(gateway, len(types) + 9)
-        few = virtual_devices(gateway, 6)
-        with pytest.raises(ValueError, match=f"room for 1 to {MAX_DEVICES} devices, not {MAX_DEVICES + 1}"):
-            virtual_devices(gateway, MAX_DEVICES + 1)
-        most = virtual_devices(gateway, MAX_DEVICES)
+        yield Gateway(cfg, store)
     finally:
         store.close()
+
+
+def test_virtual_devices_past_one_of_each_type_are_second_units_with_their_own_mac_address_and_name(demo_gateway):
+    from gateway.demo import MAX_DEVICES, virtual_devices
+
+    types = sorted(demo_gateway.identifier.prototypes())
+    devices = virtual_devices(demo_gateway, len(types) + 9)
+    few = virtual_devices(demo_gateway, 6)
+    with pytest.raises(ValueError, match=f"room for 1 to {MAX_DEVICES} devices, not {MAX_DEVICES + 1}"):
+        virtual_devices(demo_gateway, MAX_DEVICES + 1)
+    most = virtual_devices(demo_gateway, MAX_DEVICES)
     firsts, seconds = devices[:len(types)], devices[len(types):]
     assert sorted(d.name for d in firsts) == types  # one of each type first
     assert [d.name for d in seconds] == [f"{d.name}-2" for d in firsts[:9]]
@@ -198,25 +204,16 @@ def test_virtual_devices_past_one_of_each_type_are_second_units_with_their_own_m
     assert most[-1].ip == "127.0.0.254"
 
 
-def test_a_second_unit_announces_its_own_mdns_host_name_not_the_first_units(tmp_path):
+def test_a_second_unit_announces_its_own_mdns_host_name_not_the_first_units(demo_gateway):
     # Two hosts claiming one .local name on a link is a conflict a real responder resolves by renaming itself
     # "name-2" (RFC 6762, 9); the second unit announced the first's names at its own address.
     from gateway.capture.frames import parse_frame
-    from gateway.config import Config
-    from gateway.daemon import Gateway
     from gateway.demo import build_frame, virtual_devices
     from gateway.events import MdnsSeen
     from identifier.observation import MdnsObservation
 
-    cfg = Config(source="(test)")
-    cfg.gateway.state_dir = str(tmp_path)
-    store = Store(cfg.db_url)
-    try:
-        gateway = Gateway(cfg, store)
-        types = len(gateway.identifier.prototypes())
-        devices = virtual_devices(gateway, 2 * types)
-    finally:
-        store.close()
+    types = len(demo_gateway.identifier.prototypes())
+    devices = virtual_devices(demo_gateway, 2 * types)
 
     def hosts(device) -> list[str]:
         names = []
