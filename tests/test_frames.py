@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+from pathlib import Path
+
 import pytest
 from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.dns import DNS, DNSQR, DNSRR
@@ -340,18 +343,28 @@ def test_a_pcap_whose_last_record_is_cut_short_keeps_the_frames_before_it_and_na
     assert "truncated" not in caplog.text + capfd.readouterr().err  # no scapy warning that names no file
 
 
-def test_a_pcapng_packet_naming_an_interface_never_described_is_corrupt_naming_the_file(tmp_path):
-    import struct
-
-    pcapng = tmp_path / "iface.pcapng"
-    writer = PcapNgWriter(str(pcapng))
-    for frame in _dns_frames(2):
+def _edit_pcapng(path: Path, frames: int, edit) -> None:  # noqa: ANN001 - edit(data, packet block offsets)
+    """A pcapng of ``frames`` DNS frames, its bytes then changed in place by ``edit``, given each Enhanced Packet
+    Block's offset (its type field) in file order."""
+    writer = PcapNgWriter(str(path))
+    for frame in _dns_frames(frames):
         writer.write(frame)
     writer.close()
-    data = bytearray(pcapng.read_bytes())
-    last_epb = data.rindex(struct.pack("<I", 6))  # the second Enhanced Packet Block's type
-    struct.pack_into("<I", data, last_epb + 8, 5)  # its interface id: the file describes only interface 0
-    pcapng.write_bytes(bytes(data))
+    data = bytearray(path.read_bytes())
+    blocks, at = [], 0
+    while at < len(data):  # block by block: type, total length, ..., so a 6 inside a packet is never taken
+        kind, length = struct.unpack_from("<II", data, at)
+        if kind == 6:
+            blocks.append(at)
+        at += length
+    edit(data, blocks)
+    path.write_bytes(bytes(data))
+
+
+def test_a_pcapng_packet_naming_an_interface_never_described_is_corrupt_naming_the_file(tmp_path):
+    pcapng = tmp_path / "iface.pcapng"
+    # the second packet's interface id: the file describes only interface 0
+    _edit_pcapng(pcapng, 2, lambda data, blocks: struct.pack_into("<I", data, blocks[1] + 8, 5))
     got = []
     with pytest.raises(PcapError, match="iface.pcapng: corrupt after 1 records: .*interface 5"):
         for ts, _ in read_frames(pcapng):
@@ -362,19 +375,9 @@ def test_a_pcapng_packet_naming_an_interface_never_described_is_corrupt_naming_t
 def test_a_pcapng_record_stamped_past_the_year_9999_is_skipped_and_counted_not_a_device_no_page_can_date(tmp_path):
     """A pcapng time is 64 bits of tsresol units: its second packet here is at about 1.8e13 s (year 572,000).
     Replayed, it made a device first seen then, and every page that dated it could fail."""
-    import struct
-
-    from gateway.capture.pcap import Skipped
-
     pcapng = tmp_path / "far.pcapng"
-    writer = PcapNgWriter(str(pcapng))
-    for frame in _dns_frames(3):
-        writer.write(frame)
-    writer.close()
-    data = bytearray(pcapng.read_bytes())
-    epbs = [i for i in range(0, len(data) - 4, 4) if data[i:i + 4] == struct.pack("<I", 6)]
-    struct.pack_into("<I", data, epbs[1] + 12, 0xFFFFFFFF)  # its timestamp's high 32 bits
-    pcapng.write_bytes(bytes(data))
+    # the second packet's timestamp, its high 32 bits
+    _edit_pcapng(pcapng, 3, lambda data, blocks: struct.pack_into("<I", data, blocks[1] + 12, 0xFFFFFFFF))
     skipped = Skipped()
     times = [ts for ts, _ in read_frames(pcapng, skipped)]
     assert len(times) == 2 and all(ts < 2e9 for ts in times)
