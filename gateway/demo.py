@@ -165,10 +165,18 @@ def build_frame(device: VirtualDevice, obs: Observation) -> bytes | None:
                / DHCP(options=options))
         return bytes(pkt)
     if isinstance(obs, MdnsObservation):
+        # What the prototype's device announced, record for record as the capture parser reads them back: its host
+        # names, its service instances (the real device's own words, "D-Link DCH-S150 Configuration Utility", which
+        # tell a sensor from a siren), and the other services it named. Announcing the type's name as the instance
+        # instead made the D-Link sensor a siren, and not a known one.
         records = [DNSRR(rrname=f"{_host_name(name, device.unit)}.", type="A", rdata=device.ip, ttl=120)
                    for name in obs.names if name.endswith(".local") and "._" not in name]
-        records += [DNSRR(rrname=f"{service}.", type="PTR", rdata=f"{device.name}.{service}.", ttl=4500)
-                    for service in obs.services]
+        instances = [name for name in obs.names if "._" in name]
+        records += [DNSRR(rrname=f"_{name.split('._', 1)[1]}.", type="PTR",
+                          rdata=f"{_instance_name(name, device.unit)}.", ttl=4500) for name in instances]
+        offered = {f"_{name.split('._', 1)[1]}" for name in instances}
+        records += [DNSRR(rrname=f"{service}.", type="PTR", rdata=f"{service}.", ttl=4500)
+                    for service in obs.services if service not in offered]
         if not records:
             return None
         dns = DNS(qr=1, aa=1, an=records)
@@ -176,6 +184,13 @@ def build_frame(device: VirtualDevice, obs: Observation) -> bytes | None:
                / UDP(sport=5353, dport=5353) / dns)
         return bytes(pkt)
     return None
+
+
+def _instance_name(name: str, unit: int) -> str:
+    """A service instance a demo device of that ``unit`` announces: a second unit's is "Name (2)", as Bonjour and
+    Avahi rename an instance whose name is taken."""
+    instance, service = name.split("._", 1)
+    return name if unit == 1 else f"{instance} ({unit})._{service}"
 
 
 def _host_name(name: str, unit: int) -> str:
