@@ -173,14 +173,15 @@ def cmd_identify(args: argparse.Namespace) -> int:
                     continue
                 sid, mac, observations, unread = item
                 for key in unread:
-                    unread_keys.setdefault(key, sid)
+                    if len(unread_keys) < 5:  # the warning names five: a hostile file's keys are not all kept
+                        unread_keys.setdefault(key, sid)
                 first = min((o.ts for o in observations), default=0.0)
                 emit({"id": sid, **_record(_classify(ident, mac, first, observations, args.window))})
         except OSError as exc:
             print(f"iotgw identify: {exc}", file=sys.stderr)
             failed += 1
         if unread_keys:  # a warning, not a failure: the sessions were identified on what could be read
-            first = ", ".join(f"{k!r} (first in session {_shown(sid)})" for k, sid in sorted(unread_keys.items())[:5])
+            first = ", ".join(f"{k!r} (first in session {_shown(sid)})" for k, sid in sorted(unread_keys.items()))
             print(
                 f"iotgw identify: {args.sessions}: dhcp keys not read: {first}; a dhcp object takes t and "
                 + ", ".join(f"{field} (or {', '.join(names[1:4])}...)" for field, names in DHCP_FIELDS.items()),
