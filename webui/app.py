@@ -49,11 +49,11 @@ def create_app(store: Store, cfg: Config) -> Flask:
     app.jinja_env.filters["ago"] = _ago
     app.jinja_env.filters["pct"] = views.pct
     app.jinja_env.filters["qtype"] = _qtype
-    app.jinja_env.filters["name_source"] = views.name_source
-    app.jinja_env.filters["address_source"] = views.address_source
-    app.jinja_env.filters["alert_kind"] = views.alert_kind
+    app.jinja_env.filters["name_source"] = views.NAME_SOURCES
+    app.jinja_env.filters["address_source"] = views.ADDRESS_SOURCES
+    app.jinja_env.filters["alert_kind"] = views.ALERT_KINDS
     app.jinja_env.filters["alert_details"] = views.alert_details
-    app.jinja_env.filters["signal"] = views.signal
+    app.jinja_env.filters["signal"] = views.SIGNALS
     app.jinja_env.filters["decided_after"] = views.decided_after
     app.jinja_env.filters["first_asked"] = views.first_asked
     app.extensions["iotgw"] = WebContext(store=store, cfg=cfg)

@@ -13,23 +13,25 @@ from gateway.events import Alert
 from gateway.overview import DomainSeen, is_online
 from gateway.store.schema import Device, Identification, Query
 
-# Where a device's name came from, in the owner's words (the store's and the API's identifiers told an owner
-# nothing). Every page shows a source through ``name_source``; an unknown one is shown as it is.
-NAME_SOURCES = {
+
+class Words(dict):
+    """Identifiers (a name source, an alert kind...) in an owner's words, used as a template filter: the store's
+    and the API's identifiers told an owner nothing. One it has no words for is shown as it is."""
+
+    def __call__(self, key: str | None) -> str:
+        return self.get(key or "", key or "")
+
+
+# Where a device's name came from.
+NAME_SOURCES = Words({
     "user": "named by you",
     "dhcp": "the name it gave when it asked for an address (DHCP)",
     "mdns": "the name it announces on the local network (mDNS)",
     "rdns": "the name the local DNS gives its address (reverse DNS)",
-}
-
-
-def name_source(source: str | None) -> str:
-    return NAME_SOURCES.get(source or "", source or "")
-
-
-# Each alert kind (``gateway.events.ALERT_KINDS``) as the dashboard and the alert list say it: "new_device" and
-# "device_identified" were the MQTT topic's words, not an owner's. The API and MQTT keep the identifiers.
-ALERT_KINDS = {
+})
+# Each alert kind (``gateway.events.ALERT_KINDS``) as the dashboard and the alert list say it; the API and MQTT
+# keep the identifiers.
+ALERT_KINDS = Words({
     "new_device": "new device",
     "device_identified": "device identified",
     "unknown_device": "device not recognised",
@@ -43,41 +45,24 @@ ALERT_KINDS = {
     "federated_round": "federated learning round",
     "alerts_dropped": "alerts lost while the MQTT broker was away",
     "too_many_devices": "device limit reached",
-}
-
-
-def alert_kind(kind: str) -> str:
-    return ALERT_KINDS.get(kind, kind)
-
-
+})
 # What the identifier weighed (``identifier.features.SIGNALS`` and ``macblock``), as a device's page lists it under
-# "Signals used": "oui" and "packet" told an owner nothing.
-SIGNALS = {
+# "Signals used".
+SIGNALS = Words({
     "dns": "the domains it looks up (DNS)",
     "dhcp": "how it asked for an address (DHCP)",
     "oui": "who made its network card (its MAC address's prefix)",
     "mdns": "what it announces on the local network (mDNS)",
     "packet": "the ports and protocols it uses",
     "macblock": "a MAC address next to a known unit's (one production run)",
-}
-
-
-def signal(name: str) -> str:
-    return SIGNALS.get(name, name)
-
-
-# How the gateway learnt a device's address (``Address.source``), as the device's page lists its addresses: "server"
-# told an owner nothing.
-ADDRESS_SOURCES = {
+})
+# How the gateway learnt a device's address (``Address.source``), as the device's page lists its addresses.
+ADDRESS_SOURCES = Words({
     "server": "its DNS queries come from it",
     "dhcp": "given to it by DHCP",
     "neighbour": "in the gateway's neighbour table",
     "packet": "seen in its traffic",
-}
-
-
-def address_source(source: str) -> str:
-    return ADDRESS_SOURCES.get(source, source)
+})
 
 
 def when(ts: float | None) -> str:
