@@ -195,6 +195,26 @@ def test_a_capture_cut_short_is_named_with_exit_1_and_its_complete_records_still
 
 
 @needs_data
+def test_a_capture_in_which_no_device_sent_a_packet_is_said_so_not_silently_answered_with_nothing(iotgw, tmp_path):
+    from scapy.layers.dns import DNS, DNSQR
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.utils import wrpcap
+
+    good, mac = first_capture("HueBridge")
+    header_only = tmp_path / "header only.pcap"
+    header_only.write_bytes(good.read_bytes()[:24])  # a capture stopped before its first packet: a valid file
+    no_sender = tmp_path / "multicast.pcap"
+    query = Ether(src="01:00:5e:00:00:fb") / IP(src="10.0.0.9", dst="224.0.0.251") / UDP(sport=5353, dport=5353)
+    wrpcap(str(no_sender), [query / DNS(qd=DNSQR(qname="x.local"))])  # a multicast source is no device
+    code, rows, err = iotgw("identify", "--json", str(header_only), str(no_sender), str(good))
+    assert code == 0  # an empty capture is no damage
+    assert f"{header_only}: no device sent a packet in it" in err
+    assert f"{no_sender}: no device sent a packet in it" in err
+    assert {r["source"] for r in rows} == {str(good)} and mac in {r["mac"] for r in rows}
+
+
+@needs_data
 def test_malformed_frames_in_a_capture_are_counted_and_the_device_still_named(iotgw, tmp_path):
     from scapy.layers.inet import IP, UDP
     from scapy.layers.l2 import Ether

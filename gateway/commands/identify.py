@@ -160,6 +160,9 @@ def cmd_identify(args: argparse.Namespace) -> int:
             print(f"iotgw identify: {path}: {windows.malformed} malformed frames dropped", file=sys.stderr)
         if windows.skipped.total:  # a `tcpdump -i any` capture: the host's own packets, loopback, tunnels
             print(f"iotgw identify: {path}: {windows.skipped}", file=sys.stderr)
+        if not windows.devices and not windows.error:
+            # a valid capture, so no failure; but with no line for it, a batch could not tell it from one forgotten
+            print(f"iotgw identify: {path}: no device sent a packet in it", file=sys.stderr)
         for mac, dev in windows.devices.items():
             identity = _classify(ident, mac, dev.first_ts, dev.observations, args.window)
             emit({"source": path, "mac": mac, **_record(identity)})
