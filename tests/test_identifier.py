@@ -112,6 +112,16 @@ def test_a_window_that_is_not_a_finite_number_of_seconds_above_0_is_a_usage_erro
     assert usage.value.code == 2 and out == "" and "argument --window: " in err
 
 
+def test_an_empty_model_path_is_a_usage_error_not_the_shipped_bundle(capsys, tmp_path):
+    # `--model "$MODEL"` with MODEL unset answered with the shipped bundle, as if that were the model asked for
+    sessions = tmp_path / "s.jsonl"
+    sessions.write_text(json.dumps({"id": "a", "queries": [{"t": 0, "name": "devs.tplinkcloud.com"}]}) + "\n")
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["identify", "--json", "--model", "", "--sessions", str(sessions)])
+    out, err = capsys.readouterr()
+    assert usage.value.code == 2 and out == "" and "argument --model: " in err
+
+
 @needs_data
 @pytest.mark.parametrize("folder", ["HueBridge", "WeMoSwitch", "D-LinkSiren"])
 def test_a_cooked_capture_of_a_real_capture_is_answered_as_the_ethernet_one(iotgw, tmp_path, folder):

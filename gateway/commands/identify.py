@@ -21,7 +21,9 @@ DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../sha
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("identify", help="identify the devices in pcaps (or DNS sessions) with the model")
     p.add_argument("pcaps", nargs="*", metavar="PCAP")
-    p.add_argument("--model", metavar="DIR", help="model bundle directory (default: the shipped one)")
+    p.add_argument(
+        "--model", type=model_dir, metavar="DIR", help="model bundle directory (default: the shipped one)"
+    )
     p.add_argument(
         "--window",
         type=positive_seconds,
@@ -68,6 +70,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="leave a part out (repeatable)",
     )
     p.set_defaults(func=cmd_evaluate)
+
+
+def model_dir(text: str) -> str:
+    """An argparse type for ``--model``: a path. An empty one (``--model "$MODEL"`` with MODEL unset) loaded the
+    shipped bundle, answering as if it were the model asked for."""
+    if not text:
+        raise argparse.ArgumentTypeError(
+            "an empty path names no bundle directory (leave --model out for the shipped one)"
+        )
+    return text
 
 
 def seed(text: str) -> int:
