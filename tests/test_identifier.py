@@ -112,14 +112,40 @@ def test_a_window_that_is_not_a_finite_number_of_seconds_above_0_is_a_usage_erro
     assert usage.value.code == 2 and out == "" and "argument --window: " in err
 
 
-def test_an_empty_model_path_is_a_usage_error_not_the_shipped_bundle(capsys, tmp_path):
-    # `--model "$MODEL"` with MODEL unset answered with the shipped bundle, as if that were the model asked for
+@pytest.mark.parametrize("flag", ["--model", "--sessions"])
+def test_an_empty_model_or_sessions_path_is_a_usage_error_not_quietly_another_input(capsys, tmp_path, flag):
+    # `--model "$MODEL"` with MODEL unset answered with the shipped bundle, as if that were the model asked for;
+    # `--sessions "$FILE"` beside a pcap identified the pcap alone, exit 0, as if the file had no sessions
     sessions = tmp_path / "s.jsonl"
     sessions.write_text(json.dumps({"id": "a", "queries": [{"t": 0, "name": "devs.tplinkcloud.com"}]}) + "\n")
+    pcap = tmp_path / "one.pcap"
+    write_one_query(pcap)
+    given = {"--model": ["--sessions", str(sessions)], "--sessions": [str(pcap)]}[flag]
     with pytest.raises(SystemExit) as usage:
-        cli.main(["identify", "--json", "--model", "", "--sessions", str(sessions)])
+        cli.main(["identify", "--json", flag, "", *given])
     out, err = capsys.readouterr()
-    assert usage.value.code == 2 and out == "" and "argument --model: " in err
+    assert usage.value.code == 2 and out == "" and f"argument {flag}: " in err
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_an_empty_out_path_is_a_usage_error_never_the_shipped_bundle_or_the_current_directory(
+    capsys, tmp_path, command
+):
+    # `iotgw train --out "$OUT"` with OUT unset trained into identifier/bundle/, over the shipped model
+    with pytest.raises(SystemExit) as usage:
+        cli.main([command, "--out", "", "--data", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert usage.value.code == 2 and out == "" and "argument --out: " in err
+
+
+def write_one_query(pcap: Path) -> None:
+    from scapy.layers.dns import DNS, DNSQR
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.utils import wrpcap
+
+    query = Ether(src="50:c7:bf:00:00:01") / IP(src="10.0.0.7", dst="10.0.0.1") / UDP(sport=40000, dport=53)
+    wrpcap(str(pcap), [query / DNS(rd=1, qd=DNSQR(qname="devs.tplinkcloud.com"))])
 
 
 @needs_data

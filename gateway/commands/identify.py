@@ -22,7 +22,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("identify", help="identify the devices in pcaps (or DNS sessions) with the model")
     p.add_argument("pcaps", nargs="*", metavar="PCAP")
     p.add_argument(
-        "--model", type=model_dir, metavar="DIR", help="model bundle directory (default: the shipped one)"
+        "--model", type=given_path, metavar="DIR", help="model bundle directory (default: the shipped one)"
     )
     p.add_argument(
         "--window",
@@ -34,14 +34,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--signals", choices=("all", "dns"), default="all", help="use every signal (default) or DNS names only"
     )
-    p.add_argument("--sessions", metavar="FILE.jsonl", help="identify DNS sessions given as JSON lines")
+    p.add_argument(
+        "--sessions", type=given_path, metavar="FILE.jsonl", help="identify DNS sessions given as JSON lines"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_identify)
 
     p = sub.add_parser("train", help="train a model bundle on ../shared/data")
     p.add_argument("--data", default=str(DEFAULT_DATA), metavar="DIR",
                    help="the shared data directory (default ../shared/data beside the checkout)")
-    p.add_argument("--out", metavar="DIR", help="bundle directory (default: the shipped identifier/bundle)")
+    p.add_argument(
+        "--out", type=given_path, metavar="DIR", help="bundle directory (default: the shipped identifier/bundle)"
+    )
     p.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     p.add_argument(
         "--cv-folds",
@@ -55,7 +59,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=str(DEFAULT_DATA), metavar="DIR",
                    help="the shared data directory (default ../shared/data beside the checkout)")
     p.add_argument(
-        "--out", default="evaluation", metavar="DIR",
+        "--out", type=given_path, default="evaluation", metavar="DIR",
         help="where the JSON report and PNG plots go (default ./evaluation)",
     )
     p.add_argument(
@@ -72,13 +76,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
-def model_dir(text: str) -> str:
-    """An argparse type for ``--model``: a path. An empty one (``--model "$MODEL"`` with MODEL unset) loaded the
-    shipped bundle, answering as if it were the model asked for."""
+def given_path(text: str) -> str:
+    """An argparse type for a path given by flag, never an empty one, which a script's unset variable gives
+    (``--model "$MODEL"``): ``--model ""`` loaded the shipped bundle as if it were the one asked for,
+    ``--sessions ""`` beside a pcap was no input at all (exit 0), ``train --out ""`` trained over the shipped
+    bundle and ``evaluate --out ""`` wrote into the current directory."""
     if not text:
-        raise argparse.ArgumentTypeError(
-            "an empty path names no bundle directory (leave --model out for the shipped one)"
-        )
+        raise argparse.ArgumentTypeError("an empty path names no file or directory")
     return text
 
 
