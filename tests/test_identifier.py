@@ -893,6 +893,19 @@ def test_a_bad_session_line_is_named_by_file_and_line_and_loses_none_of_the_othe
     assert len(capsys.readouterr().out.splitlines()) == 5
 
 
+def test_a_session_line_that_is_no_object_or_a_query_without_a_name_is_said_in_the_files_words(iotgw, tmp_path):
+    # these were "AttributeError: 'list' object has no attribute 'get'" and "KeyError: 'name'": Python's words
+    lines = ["[1, 2]", '"plug"', "null", '{"id": "b", "queries": [{"t": 0}]}']
+    sessions = tmp_path / "s.jsonl"
+    sessions.write_text("\n".join(lines) + "\n")
+    code, rows, err = iotgw("identify", "--json", "--sessions", str(sessions))
+    assert code == 1 and rows == []
+    for n, kind in enumerate(("a list", "a string", "null"), 1):
+        assert f'{sessions}:{n}: not a session (a session is a JSON object {{"id", "queries", ...}}, not {kind})' in err
+    assert f'{sessions}:4: not a session (a query without a "name")' in err
+    assert "Error" not in err
+
+
 @needs_data
 def test_a_session_dhcp_request_is_read_under_other_tools_names_and_an_unread_key_is_said(iotgw, tmp_path):
     # A Withings scale's real DHCP request and DNS, without its MAC: the request is what names it. Fingerbank
@@ -939,9 +952,9 @@ def test_a_null_dhcp_field_is_absent_and_a_dhcp_or_query_that_is_no_object_is_a_
     assert code == 1 and "Traceback" not in err and "TypeError" not in err
     answers = {r.pop("id"): r for r in rows}
     assert list(answers) == ["absent", "nulls"] and answers["nulls"] == answers["absent"]
-    assert f'{sessions}:3: not a session (ValueError: "dhcp" must be an object or a list of them)' in err
-    assert f'{sessions}:4: not a session (ValueError: "dhcp" must be an object or a list of them)' in err
-    assert f'{sessions}:5: not a session (ValueError: "queries" must be a list of objects' in err
+    assert f'{sessions}:3: not a session ("dhcp" must be an object or a list of them)' in err
+    assert f'{sessions}:4: not a session ("dhcp" must be an object or a list of them)' in err
+    assert f'{sessions}:5: not a session ("queries" must be a list of objects' in err
 
 
 def test_a_session_id_with_control_characters_is_printed_escaped_never_as_another_line(tmp_path, capsys):

@@ -219,6 +219,13 @@ class SessionError(ValueError):
     """A sessions file line that is not a valid session; the message names file and line."""
 
 
+class NotASession(ValueError):
+    """What makes a line no session, said in the file's words: the message is shown without Python's."""
+
+
+_JSON_KINDS = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
 def read_sessions(path: str):
     """Per line of a sessions JSONL file, ``(id, mac, observations, unread)``, or a ``SessionError`` naming the
     file and line when it is not a session, so one bad line loses none of the others. A line is ``{"id",
@@ -235,34 +242,41 @@ def read_sessions(path: str):
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 if line.strip():
                     yield _session(json.loads(line))
+            except NotASession as exc:
+                yield SessionError(f"{path}:{lineno}: not a session ({exc})")
             # UnicodeDecodeError is a ValueError; OverflowError is a number too big for a float (a 400-digit
             # "t", an Infinity qtype): every one is this line's fault, never the file's
             except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
                 yield SessionError(f"{path}:{lineno}: not a session ({exc.__class__.__name__}: {exc})")
 
 
-def _session(item: dict):
+def _session(item):
     from identifier.observation import DhcpObservation, DnsObservation
 
+    if not isinstance(item, dict):
+        kind = "null" if item is None else f"a {_JSON_KINDS[type(item)]}"  # json.loads makes no other kind
+        raise NotASession(f'a session is a JSON object {{"id", "queries", ...}}, not {kind}')
     if not isinstance(item.get("id"), (str, int)) or isinstance(item["id"], bool):
-        raise ValueError('"id" must be a string')
+        raise NotASession('"id" must be a string')
     queries = item.get("queries")
     if not isinstance(queries, list):  # also a misspelt key: the session would be judged on nothing
-        raise ValueError('"queries" must be a list (empty for a device that sent no DNS)')
+        raise NotASession('"queries" must be a list (empty for a device that sent no DNS)')
     dhcp = item.get("dhcp") or []
     dhcp = [dhcp] if isinstance(dhcp, dict) else dhcp
     # before anything is read from them: ``"t" in`` a string or a list is no key, and the error a TypeError
     if not isinstance(dhcp, list) or not all(isinstance(d, dict) for d in dhcp):
-        raise ValueError('"dhcp" must be an object or a list of them')
+        raise NotASession('"dhcp" must be an object or a list of them')
     if not all(isinstance(q, dict) for q in queries):
-        raise ValueError('"queries" must be a list of objects ({"t", "name", "qtype"?})')
+        raise NotASession('"queries" must be a list of objects ({"t", "name", "qtype"?})')
     timed = [_seconds(o["t"]) for o in [*queries, *dhcp] if "t" in o]
     start = min(timed, default=0.0)
     observations = []
     for q in queries:
+        if "name" not in q:
+            raise NotASession('a query without a "name"')
         name = q["name"]
         if not isinstance(name, str) or not name.strip("."):
-            raise ValueError(f"query name {name!r} is not a DNS name")
+            raise NotASession(f"query name {name!r} is not a DNS name")
         t = _seconds(q["t"]) if "t" in q else start
         qtype = _code(q.get("qtype", 1), "qtype", 0xFFFF)
         observations.append(DnsObservation(t, name.rstrip(".").lower(), qtype))
@@ -273,13 +287,13 @@ def _session(item: dict):
         unread |= set(d) - {"t"} - {name for names in DHCP_FIELDS.values() for name in names}
         hostname, vendor_class = fields.get("hostname"), fields.get("vendor_class")
         if not all(isinstance(v, (str, type(None))) for v in (hostname, vendor_class)):
-            raise ValueError("dhcp hostname and vendor_class must be strings")
+            raise NotASession("dhcp hostname and vendor_class must be strings")
         params = _param_list(fields.get("param_list", []))
         kind = _message_type(fields["message_type"]) if fields.get("message_type") is not None else None
         observations.append(DhcpObservation(t, hostname, params, vendor_class, kind))
     mac = item.get("mac") or ""
     if not isinstance(mac, str):
-        raise ValueError('"mac" must be a string')
+        raise NotASession('"mac" must be a string')
     observations.sort(key=lambda o: o.ts)
     return str(item["id"]), _mac(mac) if mac else "", observations, sorted(unread)
 
@@ -307,7 +321,7 @@ def _dhcp_fields(d: dict) -> dict:
         # null is the option not sent (Fingerbank's "dhcp_vendor": null), as a null hostname always was
         given = [name for name in names if d.get(name) is not None]
         if len(given) > 1:  # two values for one field: which one the device sent is anyone's guess
-            raise ValueError(f"dhcp gives its {field} twice ({', '.join(given)})")
+            raise NotASession(f"dhcp gives its {field} twice ({', '.join(given)})")
         if given:
             out[field] = d[given[0]]
     return out
@@ -318,10 +332,10 @@ def _param_list(value) -> tuple[int, ...]:
     if isinstance(value, str):
         parts = value.replace(",", " ").split()
         if not all(p.isdigit() for p in parts):
-            raise ValueError(f"dhcp param_list {value[:40]!r} is not option codes separated by commas")
+            raise NotASession(f"dhcp param_list {value[:40]!r} is not option codes separated by commas")
         value = [int(p) for p in parts]
     if not isinstance(value, list):
-        raise ValueError("dhcp param_list must be a list of option codes or a text of them")
+        raise NotASession("dhcp param_list must be a list of option codes or a text of them")
     return tuple(_code(c, "dhcp param_list entry", 0xFF) for c in value)
 
 
@@ -330,7 +344,7 @@ def _message_type(value) -> int:
     if isinstance(value, str):
         name = value.lower().removeprefix("dhcp")
         if name not in DHCP_MESSAGE_TYPES:
-            raise ValueError(f"dhcp message_type {value[:40]!r} is none of {', '.join(DHCP_MESSAGE_TYPES)}")
+            raise NotASession(f"dhcp message_type {value[:40]!r} is none of {', '.join(DHCP_MESSAGE_TYPES)}")
         return DHCP_MESSAGE_TYPES[name]
     return _code(value, "dhcp message_type", 0xFF)
 
@@ -341,7 +355,7 @@ def _mac(text: str) -> str:
     try:
         return normalise_mac(text)
     except ValueError:  # normalise_mac's message echoes the whole text; a session line's may be megabytes
-        raise ValueError(
+        raise NotASession(
             f'"mac" {text[:40]!r} is not a MAC address (aa:bb:cc:dd:ee:ff, aa-bb-..., aabb.ccdd.eeff)'
         ) from None
 
@@ -349,14 +363,14 @@ def _mac(text: str) -> str:
 def _code(value, what: str, top: int) -> int:
     """A protocol number as the wire carries it (0..top): 1e300 or 1.5 is no qtype or DHCP option."""
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
-        raise ValueError(f"{what} must be a whole number from 0 to {top}, not {value!r}")
+        raise NotASession(f"{what} must be a whole number from 0 to {top}, not {value!r}")
     return value
 
 
 def _seconds(value) -> float:
     """A JSON number of seconds: a string ("1.5") or a bool is a mistake in the file, not a time."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"t must be a finite number of seconds, not {value!r}")
+        raise NotASession(f"t must be a finite number of seconds, not {value!r}")
     return float(value)
 
 
