@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+import os
 import struct
+import subprocess
+import sys
+import threading
+import zlib
 from pathlib import Path
 
 import pytest
@@ -382,3 +389,150 @@ def test_a_pcapng_record_stamped_past_the_year_9999_is_skipped_and_counted_not_a
     times = [ts for ts, _ in read_frames(pcapng, skipped)]
     assert len(times) == 2 and all(ts < 2e9 for ts in times)
     assert skipped.bad_time == 1 and "1 stamped past the year 9999" in str(skipped)
+
+
+def _capture(path: Path, ng: bool, frames: int) -> bytes:
+    """The bytes of a pcap or pcapng of ``frames`` DNS frames, written at ``path``."""
+    if ng:
+        writer = PcapNgWriter(str(path))
+        for frame in _dns_frames(frames):
+            writer.write(frame)
+        writer.close()
+    else:
+        wrpcap(str(path), _dns_frames(frames))
+    return path.read_bytes()
+
+
+def _through_a_pipe(data: bytes, read):  # noqa: ANN001, ANN202 - read(path) -> what it gives
+    """``read`` of a pipe's /dev/fd path (as bash's ``<(...)`` gives), a thread writing ``data`` into it."""
+    r, w = os.pipe()
+
+    def write() -> None:
+        with open(w, "wb") as pipe:
+            pipe.write(data)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        return read(f"/dev/fd/{r}")
+    finally:
+        writer.join()
+        os.close(r)
+
+
+@pytest.mark.parametrize(("via", "ng", "gz"), [("pipe", False, False), ("pipe", True, False), ("pipe", False, True),
+                                               ("pipe", True, True), ("file", True, True)],
+                         ids=["pcap-pipe", "pcapng-pipe", "pcap.gz-pipe", "pcapng.gz-pipe", "pcapng.gz-file"])
+def test_a_capture_through_a_pipe_or_gzipd_gives_the_frames_of_the_plain_file(tmp_path, via, ng, gz):
+    """``identify <(zcat x.pcap.gz)`` said "not a pcap": the magic was read, then scapy reopened the pipe, whose
+    first bytes were gone. A gzip'd pcapng was not read even as a file."""
+    plain = tmp_path / ("plain.pcapng" if ng else "plain.pcap")
+    data = _capture(plain, ng, 5)
+    expected = list(read_frames(plain))
+    assert len(expected) == 5
+    if gz:
+        data = gzip.compress(data)
+    if via == "pipe":
+        got = _through_a_pipe(data, lambda path: list(read_frames(path)))
+    else:
+        packed = tmp_path / "packed.pcapng.gz"
+        packed.write_bytes(data)
+        got = list(read_frames(packed))
+    assert got == expected
+
+
+@pytest.mark.parametrize("ng", [False, True], ids=["pcap", "pcapng"])
+def test_a_gzipd_capture_cut_short_is_truncated_after_every_frame_before_the_cut(tmp_path, ng):
+    """gzip's EOFError for a stream without its end marker was taken for a clean end: exit 0, no word of it."""
+    plain = tmp_path / "plain"
+    packed = gzip.compress(_capture(plain, ng, 200))
+    expected = list(read_frames(plain))
+    cut, unpacked = tmp_path / "cut.gz", tmp_path / "unpacked"
+    for at in (len(packed) // 3, len(packed) - 9):  # inside the deflate data; inside the CRC and length trailer
+        cut.write_bytes(packed[:at])
+        # what the cut stream decompresses to, whose complete records are the frames to keep, as for a plain cut
+        unpacked.write_bytes(zlib.decompressobj(31).decompress(packed[:at]))
+        kept = len(_until_damage(unpacked))
+        with pytest.raises(PcapError, match=f"cut.gz: truncated after {kept} records: the gzip stream ends before"):
+            list(read_frames(cut))
+        assert _until_damage(cut) == expected[:kept] and kept > 0
+
+
+def _until_damage(path: Path) -> list[tuple[float, bytes]]:
+    got = []
+    try:
+        for item in read_frames(path):
+            got.append(item)
+    except PcapError:
+        pass
+    return got
+
+
+def _simple_packet(data: bytearray, at: int) -> None:
+    """The Enhanced Packet Block at ``at`` made a Simple Packet Block of the same frame: no interface, no time."""
+    length, caplen, wirelen = (*struct.unpack_from("<I", data, at + 4), *struct.unpack_from("<II", data, at + 20))
+    frame = bytes(data[at + 28:at + 28 + caplen]) + b"\0" * (-caplen % 4)
+    block = struct.pack("<III", 3, 16 + len(frame), wirelen) + frame + struct.pack("<I", 16 + len(frame))
+    data[at:at + length] = block
+
+
+def test_a_pcapng_simple_packet_takes_the_time_of_the_frame_before_it_and_the_rest_of_the_file_is_read(tmp_path):
+    """A Simple Packet Block (no time) was 'corrupt record (unsupported operand type(s) for <<: ...)', and the
+    frames after it were lost."""
+    plain, spb = tmp_path / "plain.pcapng", tmp_path / "spb.pcapng"
+    _capture(plain, True, 4)
+    _edit_pcapng(spb, 4, lambda data, blocks: _simple_packet(data, blocks[1]))
+    expected = list(read_frames(plain))
+    got = list(read_frames(spb))
+    assert [frame for _, frame in got] == [frame for _, frame in expected]
+    assert [ts for ts, _ in got] == [expected[0][0], expected[0][0], expected[2][0], expected[3][0]]
+
+
+def test_a_pcapng_simple_packet_before_any_timed_frame_is_skipped_and_counted(tmp_path):
+    spb = tmp_path / "spb.pcapng"
+    _edit_pcapng(spb, 3, lambda data, blocks: _simple_packet(data, blocks[0]))
+    skipped = Skipped()
+    times = [ts for ts, _ in read_frames(spb, skipped)]
+    assert times == pytest.approx([1700000000.75, 1700000001.25], rel=0, abs=1e-6)
+    assert skipped.untimed == 1 and "1 untimed" in str(skipped)
+
+
+@pytest.mark.parametrize(("ng", "keep"), [(False, 2), (False, 10), (False, 23), (True, 10), (True, 27)],
+                         ids=["pcap-magic", "pcap-10", "pcap-23", "pcapng-10", "pcapng-27"])
+def test_a_capture_cut_inside_its_file_header_is_truncated_and_scapy_says_nothing(tmp_path, ng, keep, caplog, capfd):
+    """Cut in its header, a pcap was 'not a pcap or pcapng file', and a pcapng also let scapy's 'WARNING: PcapNg:
+    ...' lines, naming no file, through to stderr."""
+    cut = tmp_path / "cut"
+    cut.write_bytes(_capture(tmp_path / "whole", ng, 1)[:keep])
+    with pytest.raises(PcapError, match="cut: truncated inside its file header"):
+        list(read_frames(cut))
+    assert "PcapNg" not in caplog.text + capfd.readouterr().err
+
+
+def test_an_empty_file_is_said_in_our_words(tmp_path):
+    empty = tmp_path / "empty.pcap"
+    empty.write_bytes(b"")
+    with pytest.raises(PcapError, match=r"^\S*empty.pcap: empty file$"):
+        list(read_frames(empty))
+
+
+@needs_data
+def test_identify_reads_a_gzipd_capture_through_a_pipe_and_says_when_one_on_stdin_is_cut(tmp_path):
+    pcap = sorted((CAPTURES / "HueBridge").glob("*.pcap"))[0]
+
+    def run(*args: str, **kwargs) -> subprocess.CompletedProcess:  # noqa: ANN003
+        return subprocess.run([*args], capture_output=True, text=True, timeout=120, check=False, **kwargs)
+
+    def devices(stdout: str) -> list[dict]:
+        return [{k: v for k, v in json.loads(line).items() if k != "source"} for line in stdout.splitlines()]
+
+    whole = run(sys.executable, "-m", "gateway.cli", "identify", "--json", str(pcap))
+    piped = run("bash", "-c", f'"{sys.executable}" -m gateway.cli identify --json <(gzip -c "$1")', "_", str(pcap))
+    assert whole.returncode == piped.returncode == 0 and piped.stderr == ""
+    assert devices(piped.stdout) == devices(whole.stdout) != []
+
+    cut = tmp_path / "cut.pcap.gz"
+    cut.write_bytes(gzip.compress(pcap.read_bytes())[:-100])
+    with cut.open("rb") as stdin:
+        proc = run(sys.executable, "-m", "gateway.cli", "identify", "--json", "/dev/stdin", stdin=stdin)
+    assert proc.returncode == 1 and "iotgw identify: /dev/stdin: truncated after " in proc.stderr
