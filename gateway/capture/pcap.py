@@ -61,7 +61,7 @@ class Skipped:
     def __str__(self) -> str:
         parts = [f"{self.outgoing} sent by the capturing host", f"{self.not_ethernet} not from an Ethernet interface",
                  f"{self.short} shorter than their cooked header", f"{self.bad_time} stamped past the year 9999",
-                 f"{self.untimed} untimed (pcapng simple packets before any timed one)"]
+                 f"{self.untimed} untimed pcapng simple packets before any timed one"]
         return f"{self.total} packets skipped (" + ", ".join(p for p in parts if not p.startswith("0 ")) + ")"
 
 
