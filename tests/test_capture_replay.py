@@ -409,3 +409,25 @@ def test_a_replay_stopped_part_way_ends_at_once_and_stores_no_guess_from_half_a_
     assert proc.returncode == 130
     store = Store(db, migrate=False)
     assert get_device(store, mac).identifications == []
+
+
+@needs_data
+def test_iotgw_replay_reads_a_capture_from_a_pipe(tmp_path):
+    """The first pass over the files (each sender's earliest time) must leave a pipe to the replay: read there, it
+    was empty the second time and the replay said so."""
+    import subprocess
+    import sys
+
+    from gateway.devices.service import get_device
+    from gateway.store.db import Store
+
+    pcap = sorted((CAPTURES / "HueBridge").glob("*.pcap"))[0]
+    db = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
+    proc = subprocess.run(["bash", "-c", '"$0" -m gateway.cli replay --db "$1" <(gzip -c "$2")',
+                           sys.executable, db, str(pcap)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "replayed 1 of 1 files" in proc.stdout
+    mac = (CAPTURES / "HueBridge" / "_iotdevice-mac.txt").read_text().strip().lower()
+    device = get_device(Store(db, migrate=False), mac).device
+    first = next(ts for ts, frame in read_frames(pcap) if frame[6:12] == bytes.fromhex(mac.replace(":", "")))
+    assert device.name == "Philips-hue" and device.first_seen == pytest.approx(first)

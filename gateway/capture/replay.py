@@ -38,11 +38,15 @@ class Timeline:
 
 def timeline(paths: Iterable[str | Path]) -> Timeline:
     """Read ``paths`` once for their frames' times and senders. A file that cannot be read gives what it holds
-    before the damage; the replay itself reports it by name."""
+    before the damage; the replay itself reports it by name. A pipe (``<(zcat x.pcap.gz)``) is not read here:
+    it gives its frames once, to the replay, which takes them to be in time order, as a capture tool writes
+    them, and each sender first seen at its first frame there."""
     out = Timeline()
     earliest = out.earliest
     latest = None
     for path in paths:
+        if not Path(path).is_file():  # a pipe, or no file at all (the replay names it)
+            continue
         try:
             for ts, frame in read_frames(path):
                 src = frame[6:12]
@@ -96,7 +100,7 @@ def replay(
     ``stop`` set (Ctrl-C) ends the replay at the next frame, also in the middle of a real-time wait.
     """
     counters = counters if counters is not None else Counters()
-    paths = list(paths)  # read twice when ``order`` is not given
+    paths = list(paths)  # read twice (but a pipe) when ``order`` is not given
     order = order if order is not None else timeline(paths)
     result = ReplayResult()
     senders = Senders()
