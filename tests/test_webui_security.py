@@ -1,5 +1,6 @@
-"""The web UI's security, through Flask's test client on a real SQLite store: every route needs a login,
-every write needs a CSRF token (or a read-write bearer token), lockout, setup only from the LAN, headers."""
+"""The web UI's security, through Flask's test client on a real SQLite store (and waitress on a loopback port where
+the server itself decides): every route needs a login, every write needs a CSRF token (or a read-write bearer
+token), lockout, setup only from the LAN, headers, the body size limit."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from gateway.store.schema import ApiToken
 from tests.webui_seed import add_device, config
 from webui.app import SECRET_KEY_FILE, create_app, load_secret_key
 from webui.openapi import DOCUMENT
+from webui.server import MAX_READ_BYTES, serve_in_thread
 
 PASSWORD = "correct horse battery"  # noqa: S105 - the test account's
 MAC = "aa:bb:cc:00:00:01"
@@ -349,6 +352,31 @@ def test_security_headers_and_cookie_flags(env):
     cookie = r.headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Secure" not in cookie
     assert client.get("/api/v1/devices").headers["X-Frame-Options"] == "DENY"
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_a_body_beyond_the_limit_is_refused_before_the_server_reads_it_all(tmp_path, framing):
+    """Waitress took in up to 1 GiB per request (a temporary file on the SD card) before the app's 64 KiB limit
+    answered 413, from anyone on the LAN and before any login. The refusal now comes while most is unsent."""
+    cfg = config(tmp_path)
+    store = Store(cfg.db_url)
+    server = serve_in_thread(store, cfg)
+    head = "POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+    chunk = b"a" * 4096
+    try:
+        # The timeout only keeps a server that waits for the rest from hanging the test; it is no measure.
+        with socket.create_connection((server.host, server.port), timeout=60) as s:
+            if framing == "length":
+                s.sendall(f"{head}Content-Length: {1 << 29}\r\n\r\n".encode())  # and not one byte of the body
+            else:
+                s.sendall(f"{head}Transfer-Encoding: chunked\r\n\r\n".encode())
+                for _ in range(MAX_READ_BYTES // len(chunk) + 2):  # past the limit, never the final empty chunk
+                    s.sendall(b"1000\r\n" + chunk + b"\r\n")
+            reply = s.recv(64)
+    finally:
+        server.stop()
+        store.close()
+    assert reply.startswith(b"HTTP/1.1 413"), reply
 
 
 def test_the_session_cookie_is_secure_when_the_page_came_over_https(env):

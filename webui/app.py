@@ -22,6 +22,7 @@ from webui.context import WebContext
 
 log = logging.getLogger(__name__)
 SECRET_KEY_FILE = "web-secret-key"  # noqa: S105 - a file name
+MAX_BODY_BYTES = 64 * 1024  # forms and JSON bodies are small; refuse anything bigger
 
 
 def create_app(store: Store, cfg: Config) -> Flask:
@@ -39,7 +40,7 @@ def create_app(store: Store, cfg: Config) -> Flask:
         # LAN (a Pi has no certificate a browser trusts), and a Secure cookie is never sent back over HTTP.
         SESSION_COOKIE_SECURE=False,
         PERMANENT_SESSION_LIFETIME=timedelta(seconds=security.SESSION_LIFETIME_S),
-        MAX_CONTENT_LENGTH=64 * 1024,  # forms and JSON bodies are small; refuse anything bigger
+        MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
     )
     app.session_interface = _SessionCookie()
     # Everything rendered is escaped, whatever a template's file name: names come from the network.

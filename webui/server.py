@@ -12,9 +12,14 @@ from waitress.wasyncore import close_all
 
 from gateway.config import Config
 from gateway.store.db import Store
-from webui.app import create_app
+from webui.app import MAX_BODY_BYTES, create_app
 
 THREADS = 4  # a Pi has four cores; the views spend their time in SQLite, not in Python
+# Waitress reads a whole request body (to a temporary file past 512 KiB) before the app sees it, up to 1 GiB by
+# default: anyone on the LAN, before any login, could make it take in a gigabyte per connection only to hear 413
+# from Flask. So waitress stops reading at twice the app's limit, and the app keeps the exact one: waitress counts a
+# chunked body's framing too, which must not turn away a body within the limit.
+MAX_READ_BYTES = 2 * MAX_BODY_BYTES
 
 
 @dataclass
@@ -41,6 +46,7 @@ def make_server(store: Store, cfg: Config, host: str, port: int):  # noqa: ANN20
         threads=THREADS,
         ident="iotgw",
         clear_untrusted_proxy_headers=True,
+        max_request_body_size=MAX_READ_BYTES,
     )
 
 
