@@ -201,7 +201,8 @@ def replace_scope(state_dir: Path, scope: str, body: Any, if_match: Collection[s
         raise ValueError("rules: expected a list")
     rules = [_rule_from_json(i, r) for i, r in enumerate(raw_rules)]
     for key in ("strict", "paused"):
-        if body.get(key) not in (None, True, False):
+        # Not ``in (None, True, False)``: 1 and 0.0 equal True and False, and were stored and answered as numbers.
+        if body.get(key) is not None and not isinstance(body[key], bool):
             raise ValueError(f"{key}: expected true, false or null")
     answer = body.get("answer")
     if answer is not None and answer not in ANSWERS:

@@ -106,6 +106,8 @@ def test_device_policy_put_shows_in_policy_json_and_in_iotgw_policy(api):
          "rules[0]: no list 'oisd'"),
         ("/api/v1/policies/device/not-a-mac", {"rules": []}, "'not-a-mac' is not a MAC address"),
         ("/api/v1/policies/global", ["block", "ads.example"], "expected a JSON object"),
+        ("/api/v1/policies/global", {"strict": 1}, "strict: expected true, false or null"),
+        ("/api/v1/policies/tag/device_tv", {"paused": 0.0}, "paused: expected true, false or null"),
         ("/api/v1/policies/quarantine", {"enabled": "yes"}, "enabled: expected true or false"),
         ("/api/v1/policies/quarantine", {"enabled": True, "allow": ["ntp.example", "no way"]},
          "'no way' is not a domain name"),
