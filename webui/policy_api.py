@@ -206,7 +206,11 @@ def _identity(mac: str) -> tuple[str | None, str | None]:
 
 
 def _text(body: dict, key: str) -> str:
-    value = body.get(key) or ""
+    """``body[key]`` stripped; "" when absent or null. Not ``or ""``: false, 0 or [] then passed as left out, and a
+    schedule sent with ``"time_zone": 0`` was saved in UTC."""
+    value = body.get(key)
+    if value is None:
+        return ""
     if not isinstance(value, str):
         raise ValueError(f"{key}: expected a string")
     return value.strip()
