@@ -116,6 +116,10 @@ def test_device_policy_put_shows_in_policy_json_and_in_iotgw_policy(api):
         ("/api/v1/policies/schedules/night", {"days": {"mon": "22:00-06:00"}}, "a range needs 0 <= start < end"),
         ("/api/v1/policies/schedules/night", {"time_zone": 0, "days": {"mon": "21:00-24:00"}},
          "time_zone: expected a string"),
+        # A misspelt field was ignored: the schedule was saved in UTC, the quarantine kept its old allow list.
+        ("/api/v1/policies/schedules/night", {"timezone": "Europe/Berlin", "days": {"mon": "21:00-24:00"}},
+         "unknown field 'timezone'"),
+        ("/api/v1/policies/quarantine", {"enabled": True, "allowed": ["ntp.example"]}, "unknown field 'allowed'"),
     ],
 )
 def test_bad_input_is_a_400_with_a_clear_message_and_changes_nothing(api, url, body, message):

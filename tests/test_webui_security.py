@@ -340,6 +340,16 @@ def test_a_token_name_or_scope_that_is_no_string_is_refused(env, body):
     assert [t.id for t in accounts.list_tokens(store)] == [token_id]
 
 
+def test_a_token_asked_with_a_misspelt_field_is_refused_not_made_with_the_default_lifetime(env):
+    app, store, token_id = env
+    client = app.test_client()
+    csrf = _login(client)
+    r = client.post("/api/v1/tokens", json={"name": "ha", "scope": "read", "expires_in": 30},
+                    headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 400 and "unknown field 'expires_in'" in r.get_json()["error"]
+    assert [t.id for t in accounts.list_tokens(store)] == [token_id]
+
+
 def test_security_headers_and_cookie_flags(env):
     app, _, _ = env
     client = app.test_client()

@@ -156,7 +156,7 @@ def tokens():  # noqa: ANN201
 
 @bp.post("/tokens")
 def token_create():  # noqa: ANN201
-    body = json_body()
+    body = json_body(("name", "scope", "expires_in_days"))
     fields = _texts(body, {"name": None, "scope": None})  # a list or object would be stored as its repr
     days = body.get("expires_in_days", accounts.TOKEN_DEFAULT_DAYS)  # null: never
     try:
@@ -175,15 +175,20 @@ def token_revoke(token_id: int):  # noqa: ANN201
     return "", 204
 
 
-def json_body() -> dict:
+def json_body(fields: tuple[str, ...] | None = None) -> dict:
     """The request's JSON object; 400 for anything else, also for nesting deeper than the parser's recursion
-    (``[[[[...`` within the 64 KiB body limit raised RecursionError, a 500)."""
+    (``[[[[...`` within the 64 KiB body limit raised RecursionError, a 500). With ``fields``, also 400 for a key
+    not among them: a misspelt one (``timezone``, ``expires_in``) was ignored, and the request carried out with
+    the default instead (a schedule in UTC, a token for 90 days)."""
     try:
         body = request.get_json(silent=True)
     except RecursionError:
         abort(400, "the JSON body is nested too deeply")
     if not isinstance(body, dict):
         abort(400, "expected a JSON object with Content-Type: application/json")
+    unknown = sorted(set(body) - set(fields)) if fields is not None else []
+    if unknown:
+        abort(400, f"unknown field {unknown[0]!r} (expected {', '.join(fields)})")
     return body
 
 

@@ -372,6 +372,7 @@ DOCUMENT: dict = {
             "ListAdd": {
                 "type": "object",
                 "required": ["id"],
+                "additionalProperties": False,
                 "properties": {"id": _STR, "url": _STR, "file": _STR, "category": _STR},
             },
             "ListReport": {
@@ -392,6 +393,7 @@ DOCUMENT: dict = {
             },
             "Schedule": {
                 "type": "object",
+                "additionalProperties": False,
                 "properties": {
                     "time_zone": _STR,
                     "days": {
@@ -404,11 +406,13 @@ DOCUMENT: dict = {
             "Quarantine": {
                 "type": "object",
                 "required": ["enabled"],
+                "additionalProperties": False,
                 "properties": {"enabled": {"type": "boolean"}, "allow": {"type": "array", "items": _STR}},
             },
             "TokenCreate": {
                 "type": "object",
                 "required": ["name", "scope"],
+                "additionalProperties": False,
                 "properties": {
                     "name": _STR,
                     "scope": {"enum": ["read", "write"]},

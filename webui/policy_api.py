@@ -114,7 +114,7 @@ def policy_tag_delete(tag: str):  # noqa: ANN201
 @bp.post("/policies/lists")
 def policy_list_add():  # noqa: ANN201
     """``{"id", "url"}`` (fetched now) or ``{"id", "file"}`` (a file name in ``<state_dir>/lists``)."""
-    body = json_body()
+    body = json_body(("id", "url", "file", "category"))
     report = policies.add_list(
         _dir(),
         _text(body, "id"),
@@ -139,7 +139,7 @@ def policy_list_delete(list_id: str):  # noqa: ANN201
 @bp.put("/policies/schedules/<name>")
 def policy_schedule_put(name: str):  # noqa: ANN201
     """``{"time_zone": "Europe/Berlin", "days": {"mon": "21:00-24:00", ...}}``."""
-    body = json_body()
+    body = json_body(("time_zone", "days"))
     days = body.get("days", {})
     if not isinstance(days, dict) or not all(isinstance(v, str) for v in days.values()):
         return api_error(400, 'days: expected an object like {"mon": "21:00-24:00"}')
@@ -156,7 +156,7 @@ def policy_schedule_delete(name: str):  # noqa: ANN201
 @bp.put("/policies/quarantine")
 def policy_quarantine_put():  # noqa: ANN201
     """``{"enabled": true, "allow": ["pool.ntp.org", ...]}`` (``allow`` optional: keeps the list)."""
-    body = json_body()
+    body = json_body(("enabled", "allow"))
     allow = body.get("allow")
     if not isinstance(body.get("enabled"), bool):
         return api_error(400, "enabled: expected true or false")
