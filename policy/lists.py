@@ -18,6 +18,7 @@ import socket
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,6 +301,21 @@ def _failure(exc: BaseException) -> str:
     return str(exc)
 
 
+def _check_url(url: str) -> None:
+    """ValueError for a URL no request can be made of; urllib's own refusals (InvalidURL, "no host given") came
+    after the attempt, as a FetchError, a 502 that blamed a server never asked."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is no number or out of range
+    except ValueError as exc:
+        raise ValueError(f"{url!r} is not a URL: {exc}") from None
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise ValueError(f"{url!r}: a list's URL has no spaces or control characters (write a space as %20)")
+    # A '%' belongs in a host only as an IPv6 literal's zone ("[fe80::1%25eth0]"); "%00" is no name to look up.
+    if not parts.hostname or ("%" in parts.hostname and ":" not in parts.hostname):
+        raise ValueError(f"{url!r}: a list's URL needs a host name")
+
+
 def fetch(
     url: str,
     dest: str | Path,
@@ -316,6 +332,7 @@ def fetch(
     direct: proxy environment variables are ignored (``_opener``)."""
     if not url.lower().startswith(("https://", "http://")):
         raise ValueError(f"{url}: only http and https lists can be fetched")
+    _check_url(url)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     request = urllib.request.Request(url, headers={"User-Agent": "iotgw"})  # noqa: S310 (scheme checked)

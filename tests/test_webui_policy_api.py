@@ -234,6 +234,15 @@ def test_a_list_whose_server_is_down_is_a_502_on_the_api_and_a_message_on_the_pa
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+@pytest.mark.parametrize("url", ["http://exa mple.com/ads.txt", "http://a.example/ads.txt\r\nX: y",
+                                 "http://%00/ads.txt", "http:///ads.txt", "https://a.example:99999/ads.txt"])
+def test_a_list_url_that_is_no_url_is_a_400_naming_it_not_a_502_blaming_a_server(api, url):
+    app, state_dir, write, _ = api
+    r = app.test_client().post("/api/v1/policies/lists", json={"id": "ads", "url": url}, headers=write)
+    assert r.status_code == 400 and repr(url) in r.json["error"], r.json
+    assert not (state_dir / "policy.json").exists()
+
+
 def test_a_lan_page_added_as_a_list_is_not_shown_back_by_the_api_or_the_page(api):
     """A write token or the owner could have the gateway fetch any LAN URL and read its lines in the list report.
     The page is on another host of a LAN (a namespace): fetching from the gateway's own addresses is refused."""
