@@ -140,6 +140,19 @@ def test_every_write_route_rejects_a_session_without_csrf_token(env):
     assert client.get("/devices").status_code == 200  # still logged in: the refusals were CSRF, not auth
 
 
+@pytest.mark.parametrize("where", ["form", "header"])
+def test_a_csrf_token_with_a_non_ascii_character_is_refused_not_a_500(env, where):
+    app, _, _ = env
+    client = app.test_client()
+    _csrf(client)
+    form = {"username": "admin", "password": PASSWORD}
+    if where == "form":
+        r = client.post("/login", data=form | {"csrf_token": "\u00e9"})
+    else:
+        r = client.post("/login", data=form, headers={"X-CSRF-Token": "\u00e9"})
+    assert r.status_code == 403 and b"CSRF" in r.data
+
+
 def test_writes_with_the_csrf_token_succeed(env):
     app, store, _ = env
     client = app.test_client()

@@ -224,9 +224,15 @@ def _check_csrf():  # noqa: ANN202
         return None
     sent = request.headers.get(CSRF_HEADER) or request.form.get(CSRF_FIELD, "")
     expected = session.get(CSRF_FIELD, "")
-    if not sent or not expected or not hmac.compare_digest(sent, expected):
+    # Compared as bytes: compare_digest refuses a str with a non-ASCII character (TypeError), and a forged token
+    # "é" made a 500, before any login too.
+    if not sent or not expected or not hmac.compare_digest(_utf8(sent), _utf8(expected)):
         return _refuse(403, "Missing or wrong CSRF token: reload the page and try again.")
     return None
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")  # a lone surrogate is refused like any wrong token, not raised
 
 
 def _refuse(status: int, message: str):  # noqa: ANN202
