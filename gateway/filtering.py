@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from gateway.devices.service import DEVICES_REVISION
 from gateway.dns.server import Decision
+from gateway.dns.wire import dnslib_record
 from gateway.events import Counters
 from gateway.policyfile import load_policy, policy_path
 from gateway.statedir import file_stamp
@@ -85,10 +86,8 @@ class Filtering:
         the client gets the blocked reply to ``query``, never the tracker's address."""
         if len(response) < 12 or int.from_bytes(response[6:8], "big") < 2:
             return None  # a chain needs at least a CNAME and its target's record: skip the parse
-        import dnslib
-
         try:
-            record = dnslib.DNSRecord.parse(response)
+            record = dnslib_record(response)
         except Exception:
             return None
         targets = [str(rr.rdata).rstrip(".").lower() for rr in record.rr if rr.rtype == _CNAME]

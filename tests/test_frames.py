@@ -536,3 +536,51 @@ def test_identify_reads_a_gzipd_capture_through_a_pipe_and_says_when_one_on_stdi
     with cut.open("rb") as stdin:
         proc = run(sys.executable, "-m", "gateway.cli", "identify", "--json", "/dev/stdin", stdin=stdin)
     assert proc.returncode == 1 and "iotgw identify: /dev/stdin: truncated after " in proc.stderr
+
+
+def _udp_frame(payload: bytes, port: int) -> bytes:
+    return bytes(Ether(src=MAC) / IP(src="10.0.0.7", dst="224.0.0.251") / UDP(sport=port, dport=port) / payload)
+
+
+def _pointer_chain_query(size: int) -> bytes:
+    """A query whose every question is one label and a pointer to the question before: names of 1, 2, ... 180
+    labels. dnslib followed such chains recursively, copying labels at each level: 0.8 s for these 1.5 kB."""
+    body, starts = b"\x01a\x00\x00\x01\x00\x01", [12]
+    while 12 + len(body) + 8 <= size:
+        starts.append(12 + len(body))
+        body += b"\x01a" + struct.pack("!H", 0xC000 | starts[-2]) + b"\x00\x01\x00\x01"
+    return struct.pack("!6H", 1, 0x0100, len(starts), 0, 0, 0) + body
+
+
+def _mdns_pointing_into(region: bytes, offsets) -> bytes:  # noqa: ANN001 - offsets: an iterable of ints
+    """An mDNS response whose A records are named by pointers to ``offsets`` in ``region``, the first question's
+    name."""
+    offsets = list(offsets)
+    rrs = b"".join(struct.pack("!H", 0xC000 | (12 + i)) + struct.pack("!HHIH", 1, 1, 120, 4) + b"\x0a\0\0\x01"
+                   for i in offsets)
+    return struct.pack("!6H", 0, 0x8400, 1, len(offsets), 0, 0) + region + b"\x00\x01\x00\x01" + rrs
+
+
+def test_a_dns_query_whose_names_chain_pointers_past_255_bytes_is_malformed():
+    with pytest.raises(MalformedPacket, match="255"):
+        parse_frame(_udp_frame(_pointer_chain_query(1472), 53), 0.0)
+
+
+def test_a_dns_query_with_a_plain_name_longer_than_255_bytes_is_malformed():
+    name = b"\x3f" + b"a" * 63
+    payload = struct.pack("!6H", 1, 0x0100, 1, 0, 0, 0) + name * 5 + b"\x00\x00\x01\x00\x01"
+    with pytest.raises(MalformedPacket, match="255"):
+        parse_frame(_udp_frame(payload, 53), 0.0)
+
+
+def test_an_mdns_packet_whose_pointers_make_names_longer_than_255_bytes_is_malformed():
+    # Before: 80 names of up to 1,199 characters (89,600 in all) from one 2.5 kB packet.
+    payload = _mdns_pointing_into(b"\x01a" * 600 + b"\x00", range(0, 160, 2))
+    with pytest.raises(MalformedPacket, match="255"):
+        parse_frame(_udp_frame(payload, 5353), 0.0)
+
+
+def test_an_mdns_name_with_a_label_longer_than_63_bytes_is_malformed():
+    region = b"\x40" + b"a" * 64 + b"\x00"  # 0x40 starts an extended label type, not a 64-byte label
+    with pytest.raises(MalformedPacket, match="63"):
+        parse_frame(_udp_frame(_mdns_pointing_into(region, [0]), 5353), 0.0)

@@ -13,6 +13,7 @@ import struct
 
 import dnslib
 
+from gateway.dns.wire import dnslib_record
 from gateway.events import AddressSeen, DeviceSeen, DhcpSeen, DnsQuery, Event, MdnsSeen, PacketSeen
 from identifier.domains import sld
 
@@ -190,7 +191,7 @@ def _dns_query(payload: bytes, ts: float, client: str, mac: str, source: str) ->
     questions = _plain_questions(payload)
     if questions is None:  # anything unusual: let dnslib decide
         try:
-            msg = dnslib.DNSRecord.parse(payload)
+            msg = dnslib_record(payload)
         except Exception as exc:  # dnslib raises several types for bad input; all mean the same here
             raise MalformedPacket(f"DNS: {exc}") from exc
         if msg.header.qr:
@@ -217,6 +218,7 @@ def _plain_questions(payload: bytes) -> list[tuple[str, int]] | None:
     out = []
     for _ in range(count):
         labels = []
+        start = off
         while True:
             if off >= end:
                 return None
@@ -229,7 +231,7 @@ def _plain_questions(payload: bytes) -> list[tuple[str, int]] | None:
                 return None
             labels.append(label)
             off += 1 + n
-        if off + 4 > end:
+        if off + 4 > end or off - start > 255:
             return None
         qname = b".".join(labels).decode("ascii").rstrip(".").lower()
         out.append((qname, (payload[off] << 8) | payload[off + 1]))
@@ -239,7 +241,7 @@ def _plain_questions(payload: bytes) -> list[tuple[str, int]] | None:
 
 def _mdns(payload: bytes, ts: float, mac: str, ip: str | None) -> list[Event]:
     try:
-        msg = dnslib.DNSRecord.parse(payload)
+        msg = dnslib_record(payload)
     except Exception as exc:
         raise MalformedPacket(f"mDNS: {exc}") from exc
     names: list[str] = []
