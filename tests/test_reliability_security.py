@@ -239,3 +239,34 @@ def test_idle_tcp_connections_cannot_starve_the_resolver(monkeypatch: pytest.Mon
         finally:
             for conn in idle:
                 conn.close()
+
+
+def test_a_tcp_client_that_never_reads_its_answers_loses_its_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pipelined queries whose answers the client never reads fill the socket buffers; the server's write then
+    waits. Before, it waited for good, so a few such clients held every TCP slot."""
+    monkeypatch.setattr(server_module, "MAX_TCP_CLIENTS", 1)
+    monkeypatch.setattr(server_module, "TCP_IDLE_S", 0.5)
+    big = server_module.Decision("blocked", "test", b"\0\0\x81\x80" + b"\0" * 60000)  # 60 kB an answer
+
+    def decide(client, mac, qname, qtype, query):  # noqa: ANN001, ANN202
+        return big if qname == "big.example.test" else None
+
+    with FakeUpstream(answer("192.0.2.10")) as up, running(config([up.address]), decide=decide) as srv:
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.connect(("127.0.0.1", srv.port))
+        try:
+            query = dns.message.make_query("big.example.test", "A").to_wire()
+            # 300 answers, 18 MB: more than the kernel's buffers on both ends and asyncio's take
+            stuck.sendall((len(query).to_bytes(2, "big") + query) * 300)
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    assert rcode(ask_from(LAN_CLIENT, srv.port, "www.example.test", tcp=True)) == "NOERROR"
+                    break
+                except (EOFError, ConnectionError):
+                    assert time.monotonic() < deadline, "the client that never reads kept the only TCP slot"
+                    time.sleep(0.2)
+            assert srv.counters.get("dns_tcp_stalled") == 1
+        finally:
+            stuck.close()

@@ -618,7 +618,13 @@ class DnsServer:
                 if response is None:
                     break
                 writer.write(len(response).to_bytes(2, "big") + response)
-                await writer.drain()
+                try:
+                    # A client that sends queries and never reads its answers would hold its slot for good.
+                    await asyncio.wait_for(writer.drain(), TCP_IDLE_S)
+                except TimeoutError:
+                    self.counters.add("dns_tcp_stalled")
+                    writer.transport.abort()  # close() would wait to flush what the client does not read
+                    break
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             pass
         finally:
