@@ -22,6 +22,7 @@ from gateway.filtering import Filtering
 from policy.engine import PolicyEngine
 from policy.model import Policy, PolicySet, Rule
 from tests.dns_helpers import Dnsmasq, ask, config, needs_dnsmasq, rcode, running
+from tests.fake_upstream import FakeUpstream, answer
 from tests.ports import free_port
 
 pytestmark = needs_dnsmasq
@@ -349,3 +350,31 @@ def test_a_failing_hook_costs_one_query_not_the_server(upstream):
                 ask(srv.port, "boom.example.test", tcp=tcp, timeout=0.5)
             assert addresses(ask(srv.port, "www.example.test", tcp=tcp)) == {"192.0.2.10"}
         assert srv.counters.get("dns_errors") == 2
+
+
+def test_upstreams_are_asked_for_at_most_1232_byte_udp_answers_whatever_the_client_offers():
+    """A client's 65535 passed on lets upstreams send fragmented answers, whose forged second fragment poisons
+    the cache with no ID or port to guess; bigger answers come truncated and are fetched over TCP instead."""
+    seen: list[int] = []
+
+    def reply(query: dns.message.Message) -> tuple[float, bytes | None]:
+        seen.append(query.payload)
+        return answer("192.0.2.10")(query)
+
+    with FakeUpstream(reply) as up, running(config([up.address])) as srv:
+        for payload in (65535, 4096, 1232, 512):
+            msg = ask(srv.port, f"p{payload}.example.test", use_edns=0, payload=payload, want_dnssec=True)
+            assert addresses(msg) == {"192.0.2.10"} and msg.edns == 0
+    assert seen == [1232, 1232, 1232, 512]
+
+
+def test_an_upstream_ttl_with_the_top_bit_set_is_not_cached_for_a_day():
+    def reply(query: dns.message.Message) -> tuple[float, bytes | None]:
+        _, wire = answer("192.0.2.10")(query)
+        assert wire is not None and wire.count(b"\x00\x00\x00\x3c") == 1  # the record's TTL, 60
+        return 0.0, wire.replace(b"\x00\x00\x00\x3c", b"\x80\x00\x00\x00")  # 2^31: RFC 2181 says read it as 0
+
+    with FakeUpstream(reply) as up, running(config([up.address])) as srv:
+        for _ in range(2):
+            assert addresses(ask(srv.port, "www.example.test")) == {"192.0.2.10"}
+        assert up.queries == 2 and srv.counters.get("dns_cache_hits") == 0

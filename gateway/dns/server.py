@@ -342,7 +342,8 @@ class DnsServer:
                             response = data[:2] + decision.reply[2:]
                 self._local(response, sock, addr, fut, client, mac, q, now, verdict, rule)
                 return
-        pending = _Pending(data, q, sock, addr, fut, client, mac, verdict, rule, key, now, client_max)
+        pending = _Pending(wire.clamp_udp_size(data, 12 + q.length), q, sock, addr, fut, client, mac, verdict, rule,
+                           key, now, client_max)
         if not self._send_upstream(pending, now):
             self._fail(pending)
 

@@ -118,6 +118,21 @@ def opt_at(data: bytes, pos: int) -> tuple[int, int] | None:
     return flags, max(512, (data[pos + 3] << 8) | data[pos + 4])
 
 
+# The EDNS UDP size asked of upstreams (DNS flag day 2020): a bigger answer comes truncated and is fetched over
+# TCP. A client's 4096 or 65535 passed on made upstreams send fragmented answers, and a forged second fragment
+# carries no ID or port to guess: the known way to poison a forwarder's cache off-path.
+UPSTREAM_UDP_SIZE = 1232
+
+
+def clamp_udp_size(query: bytes, opt: int) -> bytes:
+    """``query`` with the UDP size of its OPT record at ``opt`` cut to ``UPSTREAM_UDP_SIZE``."""
+    if query[4:12] != COUNTS_EDNS or opt_at(query, opt) is None:
+        return query
+    if (query[opt + 3] << 8) | query[opt + 4] <= UPSTREAM_UDP_SIZE:
+        return query
+    return query[: opt + 3] + UPSTREAM_UDP_SIZE.to_bytes(2, "big") + query[opt + 5 :]
+
+
 def full_parse(data: bytes) -> tuple[Question, int, int]:
     """Slow path for queries the fast path does not recognise: (question, flags, client UDP size).
 
@@ -184,6 +199,8 @@ def ttl_positions(response: bytes, question_len: int) -> tuple[tuple[int, ...], 
             pos = skip_name(response, pos)
             rtype, _rclass, ttl, rdlen = struct.unpack_from("!HHIH", response, pos)
             if rtype != TYPE_OPT:
+                if ttl & 0x80000000:
+                    ttl = 0  # RFC 2181 8: a TTL with the top bit set is a TTL of 0, never 68 years
                 offsets.append(pos + 4)
                 ttls.append(ttl)
                 if rtype == TYPE_SOA and an <= index < an + ns:
