@@ -378,3 +378,16 @@ def test_an_upstream_ttl_with_the_top_bit_set_is_not_cached_for_a_day():
         for _ in range(2):
             assert addresses(ask(srv.port, "www.example.test")) == {"192.0.2.10"}
         assert up.queries == 2 and srv.counters.get("dns_cache_hits") == 0
+
+
+@pytest.mark.parametrize("name", ["version.bind", "servers.bind"])
+def test_chaos_queries_are_refused_here_not_answered_by_the_upstream(upstream, name):
+    """Forwarded, dnsmasq answered version.bind with its version ('dnsmasq-2.90') and servers.bind with its own
+    upstreams, to anyone on the LAN."""
+    with running(config([upstream.address])) as srv:
+        for tcp in (False, True):
+            msg = ask(srv.port, name, "TXT", rdclass="CH", tcp=tcp)
+            assert rcode(msg) == "REFUSED" and not msg.answer
+        assert rcode(ask(srv.port, "www.example.test", "A", rdclass="ANY")) != "REFUSED"  # class ANY is forwarded
+        assert srv.counters.get("dns_class_refused") == 2
+    assert [e.verdict for e in srv.events] == ["refused", "refused", "allowed"]

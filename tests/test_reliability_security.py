@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -270,3 +271,19 @@ def test_a_tcp_client_that_never_reads_its_answers_loses_its_slot(monkeypatch: p
             assert srv.counters.get("dns_tcp_stalled") == 1
         finally:
             stuck.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="forging a UDP source port takes a raw socket (root)")
+def test_a_udp_query_from_port_0_is_dropped_without_asking_the_upstream() -> None:
+    """No answer can reach port 0: before, the forged query was forwarded and logged as a LAN client's."""
+    with FakeUpstream(answer("192.0.2.10")) as up, running(config([up.address])) as srv:
+        query = dns.message.make_query("port0.example.test", "A").to_wire()
+        udp = struct.pack("!4H", 0, srv.port, 8 + len(query), 0) + query  # checksum 0: none, valid for IPv4
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                         socket.inet_aton(LAN_CLIENT), socket.inet_aton("127.0.0.1"))
+        with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+            raw.sendto(ip + udp, ("127.0.0.1", 0))
+        # A query after it on the same socket is read after it: once it is answered, the forged one was read.
+        assert rcode(ask_from(LAN_CLIENT, srv.port, "www.example.test")) == "NOERROR"
+        assert srv.counters.get("dns_port_zero") == 1 and up.queries == 1
+    assert [e.qname for e in srv.events] == ["www.example.test"]

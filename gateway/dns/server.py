@@ -60,6 +60,7 @@ MAX_TCP_CLIENTS = 256  # open DNS-over-TCP connections; more are closed at once 
 # the 16-bit ID space must never fill, or picking a free ID would never end.
 MAX_PENDING = 16384
 _IDS = [i.to_bytes(2, "big") for i in range(65536)]
+CLASS_IN, CLASS_ANY = 1, 255  # the classes forwarded; queries in any other are REFUSED here
 
 
 class _Client:
@@ -249,6 +250,9 @@ class DnsServer:
             except OSError as exc:
                 log.debug("dns: receive error %s", exc)
                 return
+            if not addr[1]:  # a forged source: no answer can reach port 0, so it must not cost an upstream query
+                self.counters.add("dns_port_zero")
+                continue
             try:
                 handle(data, addr, sock, None)
             except Exception:  # a bug must cost one query, never the listener
@@ -314,6 +318,13 @@ class DnsServer:
                 self._local(wire.error_reply(data, q.length, wire.REFUSED, bool(flags & wire.FLAG_EDNS)),
                             sock, addr, fut, client, None, q, now, "ratelimited", None)
                 return
+        if q.qclass != CLASS_IN and q.qclass != CLASS_ANY:
+            # CHAOS and the like are about the server, not the internet: forwarded, the upstream told anyone on
+            # the LAN its software and version (version.bind) or, from dnsmasq, its own upstreams (servers.bind).
+            self.counters.add("dns_class_refused")
+            self._local(wire.error_reply(data, q.length, wire.REFUSED, bool(flags & wire.FLAG_EDNS)),
+                        sock, addr, fut, client, None, q, now, "refused", None)
+            return
         mac = self.mac_for(client.ip) if self.mac_for is not None else None
         verdict, rule = "allowed", None
         if self.decide is not None:
