@@ -16,7 +16,7 @@ import pytest
 from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.dns import DNS, DNSQR, DNSRR
 from scapy.layers.inet import IP, TCP, UDP, fragment
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, PadN
 from scapy.layers.l2 import LLC, STP, CookedLinux, CookedLinuxV2, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 from scapy.utils import PcapNgWriter, PcapWriter, wrpcap
@@ -584,3 +584,26 @@ def test_an_mdns_name_with_a_label_longer_than_63_bytes_is_malformed():
     region = b"\x40" + b"a" * 64 + b"\x00"  # 0x40 starts an extended label type, not a 64-byte label
     with pytest.raises(MalformedPacket, match="63"):
         parse_frame(_udp_frame(_mdns_pointing_into(region, [0]), 5353), 0.0)
+
+
+def _ipv6_query(*extensions) -> bytes:  # noqa: ANN002 - scapy extension header layers
+    packet = Ether(src=MAC) / IPv6(src="fd00::7", dst="2001:db8::53")
+    for extension in extensions:
+        packet = packet / extension
+    return bytes(packet / UDP(sport=40000, dport=53) / DNS(rd=1, qd=DNSQR(qname="tracker.example.com")))
+
+
+@pytest.mark.parametrize("extensions", [
+    (IPv6ExtHdrDestOpt(),),
+    (IPv6ExtHdrHopByHop(), IPv6ExtHdrRouting(), IPv6ExtHdrDestOpt(options=[PadN(optdata=b"\0" * 12)])),
+    (IPv6ExtHdrFragment(offset=0, m=0, id=7),),  # an atomic fragment (RFC 6946) holds the whole datagram
+], ids=["destination-options", "three-headers", "atomic-fragment"])
+def test_a_dns_query_behind_ipv6_extension_headers_is_seen(extensions):
+    (event,) = parse_frame(_ipv6_query(*extensions), 1.0)
+    assert isinstance(event, DnsQuery) and (event.client, event.qname) == ("fd00::7", "tracker.example.com")
+
+
+def test_an_ipv6_fragment_is_a_fragment_not_decoded():
+    frame = _ipv6_query(IPv6ExtHdrFragment(offset=0, m=1, id=7))
+    assert parse_frame(frame, 1.0) == []
+    assert parse_frame(frame, 1.0, others=True) == [PacketSeen(1.0, MAC, "fd00::7", "fragment")]

@@ -25,6 +25,7 @@ ETH_EAPOL = 0x888E
 DNS_PORT = 53
 MDNS_PORT = 5353
 DHCP_PORTS = (67, 68)
+_IPV6_EXTENSIONS = (0, 43, 44, 51, 60)  # hop-by-hop, routing, fragment, authentication, destination options
 _MAGIC = b"\x63\x82\x53\x63"
 # DHCP message types whose address (ciaddr or option 50) is the client's own: DISCOVER, REQUEST, INFORM.
 # A DECLINE names an address another host was found using, and a RELEASE gives one up: neither maps it.
@@ -141,8 +142,17 @@ def parse_frame(frame: bytes, ts: float, *, others: bool = False, source: str = 
         proto = frame[off + 6]
         src_ip = str(ipaddress.IPv6Address(frame[off + 8 : off + 24]))
         l4 = off + 40
-        if proto == 0 and len(frame) >= l4 + 2:  # hop-by-hop options (MLD reports carry them)
-            proto, l4 = frame[l4], l4 + (frame[l4 + 1] + 1) * 8
+        # Extension headers: hop-by-hop (MLD reports carry one), routing, destination options, fragment, AH.
+        # Skipped, or a device's DNS behind a destination options header went unseen. Bounded by the frame.
+        while proto in _IPV6_EXTENSIONS and len(frame) >= l4 + 8:
+            if proto == 44:
+                if (frame[l4 + 2] << 8 | frame[l4 + 3]) != 0:  # offset or more fragments: as for IPv4
+                    return [PacketSeen(ts, mac, src_ip, "fragment")] if others else []
+                proto, l4 = frame[l4], l4 + 8  # an atomic fragment (RFC 6946): the whole packet
+            elif proto == 51:
+                proto, l4 = frame[l4], l4 + (frame[l4 + 1] + 2) * 4
+            else:
+                proto, l4 = frame[l4], l4 + (frame[l4 + 1] + 1) * 8
     elif others:
         kind = {ETH_ARP: "arp", ETH_EAPOL: "eapol"}.get(ethertype, "other")
         return [PacketSeen(ts, mac, None, kind)]
