@@ -512,9 +512,12 @@ def fuzz(upstream_port: int, packets: int, tcp_share: float, seed: int) -> dict:
                 if not end["pending"] and not end["tcp_tasks"]:
                     break
                 time.sleep(0.2)
-        except (ServerDied, ConnectionRefusedError):  # refused: a TCP connection to a server that is gone
-            if child.proc.poll() is None:
-                raise
+        except (ServerDied, ConnectionRefusedError) as exc:  # refused: a TCP connection to a server that is gone
+            try:
+                # Its pipes close a moment before it can be reaped: poll() alone still said "running" at times.
+                child.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                raise exc from None
             start = start or child.last  # died while warming up: the figures start at its first statistics
         # A dead server's counters stop at the last statistics it gave: what it sent after them is unaccounted.
         end = child.last
