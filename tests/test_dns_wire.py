@@ -126,3 +126,20 @@ def test_negative_answers_live_as_long_as_the_soa_says():
     assert wire.ttl_positions(msg.to_wire(), qlen)[2] == 120  # the SOA minimum caps its TTL (RFC 2308)
     msg.authority.clear()
     assert wire.ttl_positions(msg.to_wire(), qlen) is None  # no SOA: not cached
+
+
+def test_cache_holds_at_most_32_mib_of_answers_however_big_each_one():
+    """Answers fetched over TCP run to 64 KiB; 1,000 of them (a tenth of the default 10,000 entries) held 60 MB."""
+    fat = dns.rrset.from_text("x.example.test", 300, "IN", "TXT", *[f'"{n:03}{"a" * 247}"' for n in range(240)])
+    cache = AnswerCache(10000)
+    held = []
+    for i in range(1000):
+        q = query(f"n{i}.example.test", "TXT")
+        msg = dns.message.make_response(dns.message.from_wire(q))
+        msg.answer.append(dns.rrset.from_rdata_list(msg.question[0].name, 300, list(fat)))
+        response = msg.to_wire()
+        assert len(response) > 60000
+        cache.put(b"k%d" % i, response, wire.parse_question(q).length, now=0.0)
+        held.append(b"k%d" % i)
+    assert sum(len(cache.get(key, 1.0) or b"") for key in held) <= 32 << 20
+    assert cache.get(held[-1], 1.0) is not None  # the newest stay, the oldest go

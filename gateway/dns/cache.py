@@ -12,6 +12,10 @@ import struct
 from gateway.dns import wire
 
 MAX_TTL = 86400  # cap what an upstream can make us keep
+# And how much: answers fetched over TCP run to 64 KiB, so 10,000 entries of a domain whose owner serves fat
+# records (a client asking its names, an IoT device told to) held 640 MB, beyond a Pi's memory. Typical
+# answers are 100-200 bytes: the entry count binds first in ordinary use.
+MAX_BYTES = 32 << 20
 
 
 class _Entry:
@@ -28,10 +32,13 @@ class _Entry:
 
 
 class AnswerCache:
-    """A bounded map from cache key to answer bytes; ``size`` 0 disables it."""
+    """A map from cache key to answer bytes bounded by ``size`` entries and ``max_bytes`` of answers, the oldest
+    going first; ``size`` 0 disables it."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, max_bytes: int = MAX_BYTES) -> None:
         self.size = size
+        self.max_bytes = max_bytes
+        self.bytes = 0  # of the answers held
         self._entries: dict[bytes, _Entry] = {}
 
     def __len__(self) -> int:
@@ -44,6 +51,7 @@ class AnswerCache:
             return None
         if now >= entry.expires:
             del self._entries[key]
+            self.bytes -= len(entry.answer)
             return None
         age = int(now - entry.stored)
         if age != entry.age:
@@ -65,6 +73,12 @@ class AnswerCache:
         ttl = min(ttl, MAX_TTL)
         if ttl <= 0:
             return
-        if key not in self._entries and len(self._entries) >= self.size:
-            del self._entries[next(iter(self._entries))]
+        if len(response) > self.max_bytes:
+            return
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= len(old.answer)
+        self.bytes += len(response)
+        while len(self._entries) >= self.size or self.bytes > self.max_bytes:
+            self.bytes -= len(self._entries.pop(next(iter(self._entries))).answer)
         self._entries[key] = _Entry(response, offsets, ttls, now, ttl)
