@@ -191,3 +191,25 @@ def test_client_timeout_figure_is_the_config_default() -> None:
 
     assert DnsConfig(upstreams=["127.0.0.1"]).timeout_s == BUDGET_S
 
+
+
+def test_tcp_retries_of_truncated_answers_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each truncated answer opened a TCP connection upstream, bounded by nothing; past the cap a query gets
+    SERVFAIL at once instead of a connection (and a descriptor) of its own."""
+    monkeypatch.setattr(server_module, "MAX_TCP_RETRIES", 3, raising=False)  # old code fails the counts below
+    with FakeUpstream(truncated, tcp=silent) as up, running(config([up.address], timeout_s=2.0)) as srv:
+        clients = []
+        for i in range(10):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.settimeout(5)
+            sock.sendto(dns.message.make_query(f"fat{i}.example.test", "TXT").to_wire(), ("127.0.0.1", srv.port))
+            clients.append(sock)
+        try:
+            for sock in clients:
+                assert dns.message.from_wire(sock.recv(4096)).rcode() == dns.rcode.SERVFAIL
+        finally:
+            for sock in clients:
+                sock.close()
+        assert srv.counters.get("dns_tcp_retries") == 3 and srv.counters.get("dns_tcp_retries_full") == 7
+        assert up.queries == 10 + 3
+        assert srv.call(lambda: srv.server._tcp_retries) == 0

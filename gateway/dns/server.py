@@ -56,6 +56,10 @@ BURST = 256  # datagrams read per wake-up before other sockets and timers get th
 BUFFER_BYTES = 4 << 20  # socket buffers absorb bursts instead of dropping
 TCP_IDLE_S = 10.0
 MAX_TCP_CLIENTS = 256  # open DNS-over-TCP connections; more are closed at once (file descriptors are finite)
+# TCP connections to upstreams for truncated answers at once; more get SERVFAIL. Outside MAX_PENDING, they were
+# bounded by nothing: a flood of names with big answers (any LAN host, from spoofed addresses past the rate
+# limit) towards an upstream slow on TCP took every descriptor of the process (systemd's soft limit is 1,024).
+MAX_TCP_RETRIES = 128
 # Queries waiting for an upstream. Beyond this (a flood towards a silent upstream) new ones get SERVFAIL at once:
 # the 16-bit ID space must never fill, or picking a free ID would never end.
 MAX_PENDING = 16384
@@ -145,6 +149,7 @@ class DnsServer:
         self._tcp: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task] = set()
         self._tcp_clients = 0
+        self._tcp_retries = 0
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -441,6 +446,11 @@ class DnsServer:
                 self._retry(p, time.monotonic())
                 continue
             if data[2] & 0x02:  # truncated: ask the same upstream over TCP
+                if self._tcp_retries >= MAX_TCP_RETRIES:
+                    self.counters.add("dns_tcp_retries_full")
+                    self._fail(p)
+                    continue
+                self._tcp_retries += 1
                 task = asyncio.ensure_future(self._tcp_retry(p))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -529,6 +539,12 @@ class DnsServer:
                 self._retry(p, now)
 
     async def _tcp_retry(self, p: _Pending) -> None:
+        try:
+            await self._tcp_retry_once(p)
+        finally:
+            self._tcp_retries -= 1
+
+    async def _tcp_retry_once(self, p: _Pending) -> None:
         self.counters.add("dns_tcp_retries")
         up = self._upstreams[p.upstream]
         try:
