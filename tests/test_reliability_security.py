@@ -287,3 +287,21 @@ def test_a_udp_query_from_port_0_is_dropped_without_asking_the_upstream() -> Non
         assert rcode(ask_from(LAN_CLIENT, srv.port, "www.example.test")) == "NOERROR"
         assert srv.counters.get("dns_port_zero") == 1 and up.queries == 1
     assert [e.qname for e in srv.events] == ["www.example.test"]
+
+
+def test_one_host_holding_idle_tcp_connections_leaves_slots_for_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, one LAN host opening MAX_TCP_CLIENTS idle connections (and opening them again as they timed out)
+    shut every other host out of DNS over TCP."""
+    monkeypatch.setattr(server_module, "MAX_TCP_CLIENTS", 5)
+    monkeypatch.setattr(server_module, "MAX_TCP_PER_CLIENT", 2, raising=False)  # old code fails below instead
+    with FakeUpstream(answer("192.0.2.10")) as up, running(config([up.address])) as srv:
+        idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=3, source_address=(OUTSIDER, 0))
+                for _ in range(5)]
+        try:
+            for conn in idle[2:]:
+                assert conn.recv(10) == b""  # over its share: closed at once
+            assert rcode(ask_from(LAN_CLIENT, srv.port, "www.example.test", tcp=True)) == "NOERROR"
+            assert srv.counters.get("dns_tcp_rejected") == 3
+        finally:
+            for conn in idle:
+                conn.close()

@@ -56,6 +56,9 @@ BURST = 256  # datagrams read per wake-up before other sockets and timers get th
 BUFFER_BYTES = 4 << 20  # socket buffers absorb bursts instead of dropping
 TCP_IDLE_S = 10.0
 MAX_TCP_CLIENTS = 256  # open DNS-over-TCP connections; more are closed at once (file descriptors are finite)
+# Of them, one address's: else one LAN host (a slowloris reconnecting as each times out) held them all. TCP is a
+# stub's fallback for the odd big answer; a few hosts behind one address (a guest router) stay well under it.
+MAX_TCP_PER_CLIENT = 32
 # TCP connections to upstreams for truncated answers at once; more get SERVFAIL. Outside MAX_PENDING, they were
 # bounded by nothing: a flood of names with big answers (any LAN host, from spoofed addresses past the rate
 # limit) towards an upstream slow on TCP took every descriptor of the process (systemd's soft limit is 1,024).
@@ -149,6 +152,7 @@ class DnsServer:
         self._tcp: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task] = set()
         self._tcp_clients = 0
+        self._tcp_held: dict[str, int] = {}  # open TCP connections by client address
         self._tcp_retries = 0
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -625,11 +629,13 @@ class DnsServer:
             self.counters.add("dns_tcp_refused")
             writer.close()
             return
-        if self._tcp_clients >= MAX_TCP_CLIENTS:
+        held = self._tcp_held.get(client.ip, 0)
+        if self._tcp_clients >= MAX_TCP_CLIENTS or held >= MAX_TCP_PER_CLIENT:
             self.counters.add("dns_tcp_rejected")
             writer.close()
             return
         self._tcp_clients += 1
+        self._tcp_held[client.ip] = held + 1
         try:
             while True:
                 head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_S)
@@ -657,6 +663,10 @@ class DnsServer:
             pass
         finally:
             self._tcp_clients -= 1
+            if self._tcp_held[client.ip] == 1:
+                del self._tcp_held[client.ip]
+            else:
+                self._tcp_held[client.ip] -= 1
             writer.close()
 
 
