@@ -391,3 +391,12 @@ def test_chaos_queries_are_refused_here_not_answered_by_the_upstream(upstream, n
         assert rcode(ask(srv.port, "www.example.test", "A", rdclass="ANY")) != "REFUSED"  # class ANY is forwarded
         assert srv.counters.get("dns_class_refused") == 2
     assert [e.verdict for e in srv.events] == ["refused", "refused", "allowed"]
+
+
+def test_a_truncated_answer_to_an_edns_query_keeps_its_opt_record(upstream):
+    """RFC 6891 7: an EDNS query's answer carries OPT; a truncated one without it reads as a server without EDNS."""
+    with running(config([upstream.address])) as srv:
+        for _ in range(2):  # from the upstream, then from the cache
+            big = ask(srv.port, "big.example.test", use_edns=0, payload=512)
+            assert big.flags & dns.flags.TC and big.edns == 0 and not big.answer
+        assert srv.counters.get("dns_cache_hits") == 1

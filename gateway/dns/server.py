@@ -351,7 +351,7 @@ class DnsServer:
             if cached is not None:
                 self.counters.add("dns_cache_hits")
                 if len(cached) > client_max:  # the client asks again over TCP and gets it whole
-                    response = wire.truncated_reply(data[:2], cached, question_bytes)
+                    response = wire.truncated_reply(data[:2], cached, question_bytes, bool(flags & wire.FLAG_EDNS))
                 else:
                     response = data[:2] + cached[2:12] + question_bytes + cached[12 + q.length :]
                 if self.check_response is not None:
@@ -487,7 +487,8 @@ class DnsServer:
                     response = decision.reply
         query_id = p.query[:2]
         if len(response) > p.client_max:
-            response = wire.truncated_reply(query_id, response, p.query[12 : 12 + q.length])
+            response = wire.truncated_reply(query_id, response, p.query[12 : 12 + q.length],
+                                            p.query[4:12] == wire.COUNTS_EDNS)
         else:
             response = query_id + response[2:]
         if p.fut is None:

@@ -162,8 +162,11 @@ def error_reply(query: bytes, question_len: int, rcode: int, edns: bool) -> byte
     return query[:2] + flags + counts + query[HEADER_LEN : HEADER_LEN + question_len] + tail
 
 
-def truncated_reply(query_id: bytes, response: bytes, question: bytes) -> bytes:
-    """``response`` cut to its header and question with TC set: tells a UDP client to ask again over TCP."""
+def truncated_reply(query_id: bytes, response: bytes, question: bytes, edns: bool) -> bytes:
+    """``response`` cut to its header and question with TC set: tells a UDP client to ask again over TCP. An EDNS
+    query's keeps an OPT record (RFC 6891 7: without one, the client may take the server for one without EDNS)."""
+    if edns:
+        return query_id + bytes((response[2] | 0x02, response[3])) + COUNTS_EDNS + question + _OPT_1232
     return query_id + bytes((response[2] | 0x02, response[3])) + COUNTS_PLAIN + question
 
 
