@@ -46,6 +46,11 @@ def silent(query: dns.message.Message) -> tuple[float, bytes | None]:
     return 0.0, None
 
 
+def echo(query: dns.message.Message) -> tuple[float, bytes | None]:
+    """The query sent back as it came (QR clear): right ID, right question, and no answer at all."""
+    return 0.0, query.to_wire()
+
+
 def wrong_id(query: dns.message.Message) -> tuple[float, bytes | None]:
     """A spoofer's answer: right question, ID off by one."""
     _, wire = answer("198.51.100.66")(query)

@@ -20,7 +20,7 @@ from gateway.dns import Decision
 from gateway.dns import server as server_module
 from gateway.events import Counters, DnsQuery
 from tests.dns_helpers import ask, config, needs_dnsmasq, rcode, running
-from tests.fake_upstream import FakeUpstream, answer, rcode_reply, silent, slow, truncated, wrong_id
+from tests.fake_upstream import FakeUpstream, answer, echo, rcode_reply, silent, slow, truncated, wrong_id
 from tests.ports import free_port
 
 BUDGET_S = 2.0
@@ -47,6 +47,9 @@ FAULTS = {
     "truncates-tcp-silent": (truncated, silent, "SERVFAIL"),
     "truncates-no-tcp": (truncated, None, "SERVFAIL"),
     "spoofed-id": (wrong_id, None, "SERVFAIL"),
+    # Not an answer (QR clear): was passed on, and cached, as if it were one.
+    "echoes-the-query": (echo, None, "SERVFAIL"),
+    "truncates-tcp-echoes": (truncated, echo, "SERVFAIL"),
     "silent": (silent, None, "SERVFAIL"),
 }
 

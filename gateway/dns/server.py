@@ -439,7 +439,8 @@ class DnsServer:
                 return
             key = data[:2]
             p = pending.get(key)
-            if (p is None or self._upstreams[p.upstream] is not up
+            # QR must be set: our own query reflected back, or any non-answer, would be passed on and cached.
+            if (p is None or self._upstreams[p.upstream] is not up or len(data) < 12 or not data[2] & 0x80
                     or data[12 : 12 + p.question.length] != p.query[12 : 12 + p.question.length]):
                 self.counters.add("dns_upstream_stray")
                 continue
@@ -557,8 +558,8 @@ class DnsServer:
             # for the next upstream.
             response = await asyncio.wait_for(_tcp_exchange(up.host, up.port, p.sent_id + p.query[2:]),
                                               p.deadline - time.monotonic())
-            if response[:2] != p.sent_id or response[12 : 12 + p.question.length] != p.query[
-                    12 : 12 + p.question.length]:
+            if (response[:2] != p.sent_id or len(response) < 12 or not response[2] & 0x80
+                    or response[12 : 12 + p.question.length] != p.query[12 : 12 + p.question.length]):
                 raise wire.Malformed("TCP answer does not match the question")
         except (OSError, TimeoutError, asyncio.IncompleteReadError, wire.Malformed) as exc:
             log.debug("dns: TCP retry to %s failed: %s", up.host, exc)
