@@ -607,3 +607,12 @@ def test_an_ipv6_fragment_is_a_fragment_not_decoded():
     frame = _ipv6_query(IPv6ExtHdrFragment(offset=0, m=1, id=7))
     assert parse_frame(frame, 1.0) == []
     assert parse_frame(frame, 1.0, others=True) == [PacketSeen(1.0, MAC, "fd00::7", "fragment")]
+
+
+def test_an_mdns_packet_larger_than_rfc_6762_allows_is_malformed():
+    """A pcap's frame can be 256 KiB; before, this 65 kB one gave 3,262 names in one event."""
+    records = b"".join(bytes([len(b"%x" % i)]) + b"%x" % i + b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 120, 4)
+                       + b"\x0a\0\0\x01" for i in range(3262))
+    payload = struct.pack("!6H", 0, 0x8400, 1, 3262, 0, 0) + b"\x05local\x00\x00\x01\x00\x01" + records
+    with pytest.raises(MalformedPacket, match="9000"):
+        parse_frame(_udp_frame(payload, 5353), 0.0)

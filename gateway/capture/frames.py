@@ -24,6 +24,9 @@ ETH_VLAN = (0x8100, 0x88A8, 0x9100)  # 802.1Q, 802.1ad, and the older QinQ type 
 ETH_EAPOL = 0x888E
 DNS_PORT = 53
 MDNS_PORT = 5353
+# RFC 6762 17: an mDNS packet, IP and UDP headers included, must not exceed 9000 bytes. A frame in a pcap can
+# be 256 KiB: one such packet of 13,000 records took seconds (names are kept in order, checked for repeats).
+MDNS_MAX_BYTES = 9000
 DHCP_PORTS = (67, 68)
 _IPV6_EXTENSIONS = (0, 43, 44, 51, 60)  # hop-by-hop, routing, fragment, authentication, destination options
 _MAGIC = b"\x63\x82\x53\x63"
@@ -250,6 +253,8 @@ def _plain_questions(payload: bytes) -> list[tuple[str, int]] | None:
 
 
 def _mdns(payload: bytes, ts: float, mac: str, ip: str | None) -> list[Event]:
+    if len(payload) > MDNS_MAX_BYTES:
+        raise MalformedPacket(f"mDNS: {len(payload)} bytes, more than {MDNS_MAX_BYTES}")
     try:
         msg = dnslib_record(payload)
     except Exception as exc:
