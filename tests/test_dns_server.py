@@ -14,6 +14,7 @@ import dns.opcode
 import dns.query
 import dns.rcode
 import dns.rdatatype
+import dns.rrset
 import pytest
 
 from gateway.dns import Decision
@@ -400,3 +401,20 @@ def test_a_truncated_answer_to_an_edns_query_keeps_its_opt_record(upstream):
             big = ask(srv.port, "big.example.test", use_edns=0, payload=512)
             assert big.flags & dns.flags.TC and big.edns == 0 and not big.answer
         assert srv.counters.get("dns_cache_hits") == 1
+
+
+def test_udp_answers_stop_at_1232_bytes_whatever_size_the_client_offers():
+    """A forged LAN source offering 65535 drew the whole answer (up to 64 KiB from the cache) at its victim for a
+    40-byte query; now the client is told to come over TCP, where no source can be forged."""
+    def big(query: dns.message.Message) -> tuple[float, bytes | None]:
+        msg = dns.message.make_response(query)
+        msg.answer.append(dns.rrset.from_text(query.question[0].name, 60, "IN", "A",
+                                              *[f"192.0.2.{i}" for i in range(1, 121)]))
+        return 0.0, msg.to_wire(max_size=65535)  # 1,966 bytes over UDP, past the 1,232 asked for
+
+    with FakeUpstream(big) as up, running(config([up.address])) as srv:
+        for _ in range(2):  # from the upstream, then from the cache
+            reply = ask(srv.port, "many.example.test", use_edns=0, payload=65535)
+            assert reply.flags & dns.flags.TC and not reply.answer
+        assert len(addresses(ask(srv.port, "many.example.test", tcp=True, use_edns=0, payload=65535))) == 120
+        assert up.queries == 1

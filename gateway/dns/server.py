@@ -69,6 +69,10 @@ MAX_TCP_RETRIES = 128
 # the 16-bit ID space must never fill, or picking a free ID would never end.
 MAX_PENDING = 16384
 _IDS = [i.to_bytes(2, "big") for i in range(65536)]
+# The largest UDP answer, whatever size a client offers (dnsmasq's edns-packet-max and Unbound's max-udp-size
+# default to the same): bigger ones go truncated and are fetched over TCP. A 40-byte query with a forged LAN
+# source and an EDNS size of 65535 drew a 64 KiB cached answer at its victim, 1,600 times what it cost.
+UDP_ANSWER_MAX = 1232
 CLASS_IN, CLASS_ANY = 1, 255  # the classes forwarded; queries in any other are REFUSED here
 
 
@@ -314,6 +318,8 @@ class DnsServer:
         client = self._clients.get(addr[0]) or self._new_client(addr[0])
         if fut is not None:
             client_max = 65535
+        elif client_max > UDP_ANSWER_MAX:
+            client_max = UDP_ANSWER_MAX
         if not client.allowed:
             self.counters.add("dns_refused")
             self._local(wire.error_reply(data, q.length, wire.REFUSED, bool(flags & wire.FLAG_EDNS)),
