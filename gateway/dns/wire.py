@@ -2,7 +2,9 @@
 
 A full parse costs 9-41 us a message (REFERENCE.md); the forwarder only needs the question, the EDNS flags
 of a query and the TTL positions of an answer, so it reads those and nothing else. Anything odd goes to
-dnspython on the slow path (``full_parse``), which decides whether the packet is a query at all.
+dnspython on the slow path (``full_parse``), which decides whether the packet is a query at all. Whole
+messages others read (the capture, the CNAME check on answers) go through ``dnslib_record``, dnslib with a name
+decoder bounded as RFC 1035 says.
 """
 
 from __future__ import annotations
