@@ -295,7 +295,7 @@ def test_one_host_holding_idle_tcp_connections_leaves_slots_for_the_others(monke
     monkeypatch.setattr(server_module, "MAX_TCP_CLIENTS", 5)
     monkeypatch.setattr(server_module, "MAX_TCP_PER_CLIENT", 2, raising=False)  # old code fails below instead
     with FakeUpstream(answer("192.0.2.10")) as up, running(config([up.address])) as srv:
-        idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=3, source_address=(OUTSIDER, 0))
+        idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=3, source_address=(OUTSIDER, 0))  # LAN here
                 for _ in range(5)]
         try:
             for conn in idle[2:]:
