@@ -67,11 +67,11 @@ class Dnsmasq:
 
 
 def ask(port: int, name: str, rdtype: str = "A", *, host: str = "127.0.0.1", tcp: bool = False,
-        timeout: float = 3.0, **make: object) -> dns.message.Message:
+        timeout: float = 3.0, source: str | None = None, **make: object) -> dns.message.Message:
     query = dns.message.make_query(name, rdtype, **make)
     if tcp:
-        return dns.query.tcp(query, host, port=port, timeout=timeout)
-    return dns.query.udp(query, host, port=port, timeout=timeout)
+        return dns.query.tcp(query, host, port=port, timeout=timeout, source=source)
+    return dns.query.udp(query, host, port=port, timeout=timeout, source=source)
 
 
 class Running:

@@ -238,6 +238,20 @@ def test_rate_limit_refuses_beyond_the_limit(upstream):
     assert [e.verdict for e in srv.events][-2:] == ["ratelimited", "ratelimited"]
 
 
+def test_a_flood_of_refused_outsiders_does_not_reset_the_lan_clients_rate_windows(upstream, monkeypatch):
+    """Client state is dropped when its table is full; outsiders from many addresses (the LAN is 127.0.0.1 here)
+    filled the one table and so handed a rate-limited LAN client a fresh window."""
+    import gateway.dns.server
+
+    monkeypatch.setattr(gateway.dns.server, "MAX_CLIENTS", 4)  # 65,536 real addresses would take minutes
+    with running(config([upstream.address], lan=["127.0.0.1/32"], rate_limit_per_minute=3)) as srv:
+        assert [rcode(ask(srv.port, f"n{i}.example.test")) for i in range(4)] == ["NXDOMAIN"] * 3 + ["REFUSED"]
+        for i in range(2, 12):
+            assert rcode(ask(srv.port, "www.example.test", source=f"127.0.0.{i}")) == "REFUSED"
+        assert rcode(ask(srv.port, "n9.example.test")) == "REFUSED"  # still over its limit this minute
+        assert srv.counters.get("dns_refused") == 10
+
+
 def test_malformed_packets_are_counted_and_dropped(upstream):
     good = dns.message.make_query("www.example.test", "A").to_wire()
     bad = [

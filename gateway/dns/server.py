@@ -47,7 +47,9 @@ Emit = Callable[[DnsQuery], None]
 
 RATE_WINDOW_S = 60.0  # Pi-hole counts queries per client per minute
 DOWN_FOR_S = 30.0  # an upstream that timed out or refused is tried last for this long
-MAX_CLIENTS = 65536  # per-client state (LAN check, rate window); cleared when exceeded
+# Per-client state (LAN check, rate window), LAN clients and outsiders apart; each table cleared when full, so
+# a flood of refused outsiders cannot reset the LAN clients' rate windows.
+MAX_CLIENTS = 65536
 # Remembered question parses. Filled before the LAN check and the rate limit, so any client can fill it: at
 # 8,192 long names it holds ~28 MB (benchmarks/fuzz_dns.py, question_memo_worst_mb); 65,536 held ~230 MB.
 MAX_QUESTIONS = 8192
@@ -148,7 +150,8 @@ class DnsServer:
         self._limit = config.rate_limit_per_minute
         self._cache = AnswerCache(config.cache_size)
         self._questions: dict[bytes, wire.Question] = {}
-        self._clients: dict[str, _Client] = {}
+        self._clients: dict[str, _Client] = {}  # raw address -> LAN client
+        self._outsiders: dict[str, _Client] = {}  # raw address -> a client refused as outside the LAN
         self._pending: dict[bytes, _Pending] = {}
         # A heap of (deadline, upstream ID); answered queries leave their entry to expire here, so it holds no
         # reference to them. Not a FIFO: a late retry's deadline is cut to the query's budget, earlier than
@@ -315,7 +318,7 @@ class DnsServer:
 
     def _query(self, data: bytes, q: wire.Question, question_bytes: bytes, flags: int, client_max: int,
                addr: tuple, sock: socket.socket | None, fut: asyncio.Future | None, now: float) -> None:
-        client = self._clients.get(addr[0]) or self._new_client(addr[0])
+        client = self._clients.get(addr[0]) or self._client(addr[0])
         if fut is not None:
             client_max = 65535
         elif client_max > UDP_ANSWER_MAX:
@@ -592,7 +595,7 @@ class DnsServer:
                 self._malformed(fut)
                 return
             # The LAN check comes first: outsiders are refused whatever they ask, as _query refuses their queries.
-            if not (self._clients.get(addr[0]) or self._new_client(addr[0])).allowed:
+            if not self._client(addr[0]).allowed:
                 self.counters.add("dns_refused")
                 reply = wire.error_reply(data, length, wire.REFUSED, False)
             else:
@@ -618,15 +621,20 @@ class DnsServer:
         if fut is not None and not fut.done():
             fut.set_result(None)  # a TCP client sending garbage loses its connection
 
-    def _new_client(self, raw: str) -> _Client:
+    def _client(self, raw: str) -> _Client:
+        """The state of the client at ``raw`` (its address as the socket gives it), made on its first query."""
+        client = self._clients.get(raw) or self._outsiders.get(raw)
+        if client is not None:
+            return client
         ip = raw.split("%", 1)[0]
         address = ipaddress.ip_address(ip)
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
             address = address.ipv4_mapped
         client = _Client(ip, any(address in net for net in self._lan))
-        if len(self._clients) >= MAX_CLIENTS:
-            self._clients.clear()
-        self._clients[raw] = client
+        table = self._clients if client.allowed else self._outsiders
+        if len(table) >= MAX_CLIENTS:
+            table.clear()
+        table[raw] = client
         return client
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -634,7 +642,7 @@ class DnsServer:
         peer = writer.get_extra_info("peername")
         assert self._loop is not None
         # Outsiders are turned away before they take a slot: else they could hold every one and shut the LAN out.
-        client = (self._clients.get(peer[0]) or self._new_client(peer[0])) if peer else None
+        client = self._client(peer[0]) if peer else None
         if client is None or not client.allowed:
             self.counters.add("dns_tcp_refused")
             writer.close()
