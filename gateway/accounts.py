@@ -1,14 +1,30 @@
 """Web UI accounts and API tokens: one set of functions for ``iotgw user`` and the web UI.
 
-The admin password is hashed with argon2id; five wrong passwords in a row lock the account for 15 minutes
-(AdGuard Home's rule), counted in the database so that restarting the web UI does not reset it. API tokens
-are random, shown once, and stored as SHA-256 digests: a leaked database does not leak usable tokens, and a
-token is long enough (256 bits) that a fast unsalted hash is as good as a slow one.
+The admin password is hashed with argon2id. API tokens are random, shown once, and stored as SHA-256 digests: a
+leaked database does not leak usable tokens, and a token is long enough (256 bits) that a fast unsalted hash is as
+good as a slow one.
+
+Failed logins. The threat is a compromised device on the LAN: it can guess the password, and if a lockout were the
+account's it could keep the owner out for good with five wrong guesses every 15 minutes; it can also take many
+addresses (IPv4 aliases, IPv6 privacy addresses are free, and every host of a home shares one /64). So five wrong
+passwords in a row from one client address (the TCP peer, never a forwarded header) lock that address out of that
+account for 15 minutes, as AdGuard Home does, and other addresses go on; a login from the address clears its count.
+Past 50 failed logins to the account from all addresses within 15 minutes, addresses that have not logged in to it
+within 30 days are refused for 15 minutes, while those that have keep their own five-in-a-row rule: guessing from
+fresh addresses stays at about 50 per 15 minutes, and the owner's own machines still get in. A locked address is
+refused without its password being checked, so guessing then learns nothing.
+
+The counts, locks and logins are rows of the config database, so restarting ``iotgw web`` resets nothing (an
+attacker who can make it restart gains no guesses). The rows are bounded whatever an attacker sends:
+``MAX_TRUSTED_ADDRESSES`` addresses that logged in per account (only the password makes one, so a flood of
+failures cannot push the owner's out) and ``MAX_UNTRUSTED_ADDRESSES`` others in all, the longest quiet dropped first.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import logging
 import secrets
 import threading
 import time
@@ -17,17 +33,25 @@ from dataclasses import dataclass
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from gateway.store.db import INT64_LIMIT, Store, database_busy
-from gateway.store.schema import ApiToken, User
+from gateway.store.schema import ApiToken, LoginAddress, User
 from policy.model import CONTROL_CATEGORIES
 
 ADMIN = "admin"
 MIN_PASSWORD_LENGTH = 8
-MAX_FAILED_LOGINS = 5
+MAX_FAILED_LOGINS = 5  # in a row from one address: that address is locked out for LOCKOUT_S
 LOCKOUT_S = 15 * 60
+# Failures from all addresses within LOCKOUT_S past which addresses that have not logged in within TRUST_S are
+# refused for LOCKOUT_S (the module's docstring says why).
+MAX_ACCOUNT_FAILURES = 50
+TRUST_S = 30 * 86400
+MAX_TRUSTED_ADDRESSES = 64  # per account: a household's machines, many times over
+# In all. Well beyond MAX_ACCOUNT_FAILURES: fresh addresses are throttled hours before they could push out one
+# that is still locked.
+MAX_UNTRUSTED_ADDRESSES = 1024
 TOKEN_SCOPES = ("read", "write")
 # A token's last use is noted to the minute (the token list shows minutes): one write a minute per token at most.
 TOKEN_USE_RESOLUTION_S = 60.0
@@ -45,14 +69,17 @@ _DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
 # Each argon2 check takes ~64 MiB and a core for tens of milliseconds; more at once only queue for the CPU.
 MAX_PASSWORD_CHECKS = 2
 _password_checks = threading.BoundedSemaphore(MAX_PASSWORD_CHECKS)
+log = logging.getLogger(__name__)
 
 
 class LockedOut(Exception):
-    """Too many failed logins; ``until`` is when the next attempt will be heard."""
+    """Too many failed logins; ``until`` is when the next attempt will be heard. ``address_locked``: this
+    address failed ``MAX_FAILED_LOGINS`` times in a row; else the account refuses addresses new to it."""
 
-    def __init__(self, until: float) -> None:
+    def __init__(self, until: float, *, address_locked: bool) -> None:
         super().__init__(f"locked until {time.strftime('%H:%M:%S', time.localtime(until))}")
         self.until = until
+        self.address_locked = address_locked
 
 
 class TokenNotFound(LookupError):
@@ -74,7 +101,9 @@ def has_password(store: Store, username: str = ADMIN) -> bool:
 
 
 def set_password(store: Store, password: str, username: str = ADMIN) -> None:
-    """Create the account or replace its password; existing web sessions of the user stop working."""
+    """Create the account or replace its password; existing web sessions of the user stop working. Failure counts
+    and lockouts end (they were guesses at the old password; ``iotgw user set-password`` is also the way out of one);
+    the addresses that logged in stay known."""
     if len(password) < MIN_PASSWORD_LENGTH:
         raise ValueError(f"the password needs at least {MIN_PASSWORD_LENGTH} characters")
     digest = _hasher.hash(password)
@@ -82,10 +111,15 @@ def set_password(store: Store, password: str, username: str = ADMIN) -> None:
     with store.transaction() as s:
         user = s.get(User, username)
         if user is None:
-            s.add(User(username=username, password_hash=digest, password_changed_at=now, failed_logins=0))
+            s.add(User(username=username, password_hash=digest, password_changed_at=now))
         else:
             user.password_hash, user.password_changed_at = digest, now
-            user.failed_logins, user.locked_until = 0, None
+            user.failures_since, user.recent_failures, user.new_addresses_locked_until = None, 0, None
+            s.execute(
+                update(LoginAddress)
+                .where(LoginAddress.username == username)
+                .values(failures=0, last_failure_at=None, locked_until=None)
+            )
 
 
 def set_initial_password(store: Store, password: str, username: str = ADMIN) -> bool:
@@ -96,11 +130,7 @@ def set_initial_password(store: Store, password: str, username: str = ADMIN) -> 
     digest = _hasher.hash(password)
     try:
         with store.transaction() as s:
-            s.add(
-                User(
-                    username=username, password_hash=digest, password_changed_at=time.time(), failed_logins=0
-                )
-            )
+            s.add(User(username=username, password_hash=digest, password_changed_at=time.time()))
     except IntegrityError:
         return False
     return True
@@ -122,39 +152,111 @@ def end_sessions(store: Store, username: str) -> None:
         )
 
 
-def verify_login(store: Store, username: str, password: str, *, now: float | None = None) -> bool:
-    """True for the right password. Raises ``LockedOut`` while the account is locked, without checking the
-    password at all, so that guessing during a lockout learns nothing.
+def client_address(peer: str) -> str:
+    """The address a login is counted under: ``peer`` (the TCP peer) in one spelling, an IPv4-mapped IPv6 address
+    as IPv4, without a zone. ValueError for anything that is not an IP address."""
+    try:
+        addr = ipaddress.ip_address(peer.split("%")[0])
+    except ValueError:
+        raise ValueError(f"a login's client address must be an IP address, not {peer[:64]!r}") from None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return str(addr)
+
+
+def verify_login(store: Store, username: str, password: str, peer: str, *, now: float | None = None) -> bool:
+    """True for the right password from client address ``peer``. Raises ``LockedOut`` while that address is
+    locked out of the account, without checking the password at all, so that guessing during a lockout learns
+    nothing (the module's docstring has the rules).
 
     The slow argon2 check runs with no transaction open and at most ``MAX_PASSWORD_CHECKS`` at a time: a login
     flood must not hold the database's write lock (every other writer would wait) nor take every core."""
     now = time.time() if now is None else now
+    address = client_address(peer)
     with store.session() as s:
         user = s.get(User, username)
-        digest, locked_until = (user.password_hash, user.locked_until) if user else (None, None)
-    if locked_until is not None and now < locked_until:
-        raise LockedOut(locked_until)
+        digest = user.password_hash if user else None
+        if user is not None:
+            _refuse_if_locked(user, s.get(LoginAddress, (username, address)), now)
     with _password_checks:
         ok = _verify(digest or _DUMMY_HASH, password)
         rehashed = _hasher.hash(password) if ok and digest and _hasher.check_needs_rehash(digest) else None
     if digest is None:
-        return False
-    # A short transaction: another login may have counted a failure or locked the account meanwhile.
+        return False  # no rows for names that have no account: guessing names fills no table
+    # A short transaction: another login may have counted a failure or locked the address meanwhile. The user's
+    # row is locked for it (SQLite's BEGIN IMMEDIATE already is one writer at a time), so that on PostgreSQL two
+    # logins cannot both add the same new address nor both count from the same number.
     with store.transaction() as s:
-        user = s.get(User, username)
+        user = s.get(User, username, with_for_update=True)
         if user is None or user.password_hash != digest:
             return False  # deleted or re-set during the check: it checked a password that no longer applies
-        if user.locked_until is not None and now < user.locked_until:
-            raise LockedOut(user.locked_until)
+        row = s.get(LoginAddress, (username, address))
+        _refuse_if_locked(user, row, now)
+        if row is None:
+            row = LoginAddress(username=username, address=address, failures=0)
+            s.add(row)
         if ok:
-            user.failed_logins, user.locked_until = 0, None
+            row.failures, row.last_failure_at, row.locked_until, row.logged_in_at = 0, None, None, now
+            s.flush()
+            _forget_beyond(s, _trusted(now) & (LoginAddress.username == username), MAX_TRUSTED_ADDRESSES,
+                           LoginAddress.logged_in_at)
             if rehashed:
                 user.password_hash = rehashed
             return True
-        user.failed_logins += 1
-        if user.failed_logins >= MAX_FAILED_LOGINS:
-            user.failed_logins, user.locked_until = 0, now + LOCKOUT_S
+        row.failures, row.last_failure_at = row.failures + 1, now
+        if row.failures >= MAX_FAILED_LOGINS:
+            row.failures, row.locked_until = 0, now + LOCKOUT_S
+        _count_account_failure(user, now)
+        s.flush()
+        _forget_beyond(s, _untrusted(now), MAX_UNTRUSTED_ADDRESSES, LoginAddress.last_failure_at.asc().nulls_first())
     return False
+
+
+def _trusted(now: float):  # noqa: ANN202 - a SQL condition
+    return LoginAddress.logged_in_at >= now - TRUST_S
+
+
+def _untrusted(now: float):  # noqa: ANN202 - a SQL condition; not ~_trusted, which NULL would leave out
+    return or_(LoginAddress.logged_in_at.is_(None), LoginAddress.logged_in_at < now - TRUST_S)
+
+
+def _refuse_if_locked(user: User, row: LoginAddress | None, now: float) -> None:
+    if row is not None and row.locked_until is not None and now < row.locked_until:
+        raise LockedOut(row.locked_until, address_locked=True)
+    trusted = row is not None and row.logged_in_at is not None and row.logged_in_at >= now - TRUST_S
+    until = user.new_addresses_locked_until
+    if not trusted and until is not None and now < until:
+        raise LockedOut(until, address_locked=False)
+
+
+def _count_account_failure(user: User, now: float) -> None:
+    """One more failure to the account within the current window of ``LOCKOUT_S``; at ``MAX_ACCOUNT_FAILURES``
+    addresses new to the account are refused for ``LOCKOUT_S`` and the count starts again."""
+    if user.failures_since is None or not 0 <= now - user.failures_since < LOCKOUT_S:
+        user.failures_since, user.recent_failures = now, 0
+    user.recent_failures += 1
+    if user.recent_failures >= MAX_ACCOUNT_FAILURES:
+        user.failures_since, user.recent_failures = None, 0
+        user.new_addresses_locked_until = now + LOCKOUT_S
+        # Once per lock: what the owner (or fail2ban) should hear, with no address, since it came from many.
+        log.warning(
+            "%d failed logins for %r within %d min: addresses that have not logged in to it are refused until %s",
+            MAX_ACCOUNT_FAILURES, user.username[:64], LOCKOUT_S // 60,
+            time.strftime("%H:%M:%S", time.localtime(now + LOCKOUT_S)),
+        )
+
+
+def _forget_beyond(s, which, limit: int, age) -> None:  # noqa: ANN001 - a session, a SQL condition and column
+    """Delete the rows ``which`` selects beyond ``limit``, those with the oldest ``age`` first."""
+    excess = s.scalar(select(func.count()).select_from(LoginAddress).where(which)) - limit
+    if excess > 0:
+        oldest = s.execute(
+            select(LoginAddress.username, LoginAddress.address).where(which).order_by(age).limit(excess)
+        ).all()
+        for username, address in oldest:
+            s.execute(
+                delete(LoginAddress).where(LoginAddress.username == username, LoginAddress.address == address)
+            )
 
 
 def create_token(

@@ -1,4 +1,5 @@
-"""Accounts: argon2 passwords, lockout after five failures, hashed API tokens, and ``iotgw user``."""
+"""Accounts: argon2 passwords, lockout of a client address after five failures (and of new addresses after many
+from all), hashed API tokens, and ``iotgw user``."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from sqlalchemy import inspect, select
 from gateway import accounts
 from gateway.commands import user as user_command
 from gateway.store.db import Store
-from gateway.store.schema import ApiToken, User
+from gateway.store.schema import ApiToken, LoginAddress, User
+
+DEVICE, OWNER = "192.168.1.66", "192.168.1.10"  # a compromised device guessing, and the owner's laptop
 
 
 @pytest.fixture
@@ -35,9 +38,9 @@ def test_password_is_stored_as_argon2_and_verifies(store):
     with store.session() as s:
         digest = s.get(User, "admin").password_hash
     assert digest.startswith("$argon2id$") and "correct horse" not in digest
-    assert accounts.verify_login(store, "admin", "correct horse")
-    assert not accounts.verify_login(store, "admin", "wrong horse")
-    assert not accounts.verify_login(store, "nobody", "correct horse")
+    assert accounts.verify_login(store, "admin", "correct horse", OWNER)
+    assert not accounts.verify_login(store, "admin", "wrong horse", OWNER)
+    assert not accounts.verify_login(store, "nobody", "correct horse", OWNER)
 
 
 def test_short_password_is_refused(store):
@@ -49,30 +52,136 @@ def test_short_password_is_refused(store):
 def test_initial_password_cannot_replace_an_existing_one(store):
     assert accounts.set_initial_password(store, "first password")
     assert not accounts.set_initial_password(store, "second password")
-    assert accounts.verify_login(store, "admin", "first password")
+    assert accounts.verify_login(store, "admin", "first password", OWNER)
 
 
-def test_five_failures_lock_for_fifteen_minutes_even_with_the_right_password(store):
+def test_five_failures_lock_the_address_for_fifteen_minutes_and_no_other(store):
+    """The lock was the account's: a device guessing five times every 15 minutes kept the owner out for good."""
     accounts.set_password(store, "correct horse")
     t0 = 1_000_000.0
     for i in range(accounts.MAX_FAILED_LOGINS):
-        assert not accounts.verify_login(store, "admin", f"guess {i}", now=t0 + i)
-    with pytest.raises(accounts.LockedOut) as locked:
-        accounts.verify_login(store, "admin", "correct horse", now=t0 + 10)
-    assert locked.value.until == pytest.approx(t0 + 4 + accounts.LOCKOUT_S)
+        assert not accounts.verify_login(store, "admin", f"guess {i}", DEVICE, now=t0 + i)
+    with pytest.raises(accounts.LockedOut) as locked:  # even with the right password, which is not checked
+        accounts.verify_login(store, "admin", "correct horse", DEVICE, now=t0 + 10)
+    assert locked.value.until == pytest.approx(t0 + 4 + accounts.LOCKOUT_S) and locked.value.address_locked
+    assert accounts.verify_login(store, "admin", "correct horse", OWNER, now=t0 + 11)  # the owner, meanwhile
+    with pytest.raises(accounts.LockedOut):  # and the owner's login did not unlock the device
+        accounts.verify_login(store, "admin", "correct horse", DEVICE, now=t0 + 4 + accounts.LOCKOUT_S - 1)
+    assert accounts.verify_login(store, "admin", "correct horse", DEVICE, now=t0 + 4 + accounts.LOCKOUT_S + 1)
+
+
+def test_an_address_is_counted_in_one_spelling_and_a_non_address_is_refused(store):
+    accounts.set_password(store, "correct horse")
+    spellings = ["2001:db8::7", "2001:DB8:0:0::7", "2001:db8::7%eth0"]
+    for i in range(accounts.MAX_FAILED_LOGINS):
+        assert not accounts.verify_login(store, "admin", "guess", spellings[i % 3], now=100.0)
     with pytest.raises(accounts.LockedOut):
-        accounts.verify_login(store, "admin", "correct horse", now=t0 + 4 + accounts.LOCKOUT_S - 1)
-    assert accounts.verify_login(store, "admin", "correct horse", now=t0 + 4 + accounts.LOCKOUT_S + 1)
+        accounts.verify_login(store, "admin", "correct horse", "2001:0db8::0007", now=101.0)
+    for i in range(accounts.MAX_FAILED_LOGINS):
+        accounts.verify_login(store, "admin", "guess", "::ffff:192.168.1.9" if i % 2 else "192.168.1.9", now=100.0)
+    with pytest.raises(accounts.LockedOut):
+        accounts.verify_login(store, "admin", "correct horse", "192.168.1.9", now=101.0)
+    with pytest.raises(ValueError, match="must be an IP address, not 'unix:/run/x'"):
+        accounts.verify_login(store, "admin", "correct horse", "unix:/run/x")
 
 
-def test_a_success_resets_the_failure_count(store):
+def test_a_success_from_an_address_resets_its_failure_count(store):
     accounts.set_password(store, "correct horse")
     for _ in range(accounts.MAX_FAILED_LOGINS - 1):
-        accounts.verify_login(store, "admin", "nope", now=100.0)
-    assert accounts.verify_login(store, "admin", "correct horse", now=101.0)
+        accounts.verify_login(store, "admin", "nope", OWNER, now=100.0)
+    assert accounts.verify_login(store, "admin", "correct horse", OWNER, now=101.0)
     for _ in range(accounts.MAX_FAILED_LOGINS - 1):
-        accounts.verify_login(store, "admin", "nope", now=102.0)
-    assert accounts.verify_login(store, "admin", "correct horse", now=103.0)  # not locked: count restarted
+        accounts.verify_login(store, "admin", "nope", OWNER, now=102.0)
+    assert accounts.verify_login(store, "admin", "correct horse", OWNER, now=103.0)  # not locked: count restarted
+
+
+def _guess_from_many(store, now: float, first: int = 0) -> int:  # noqa: ANN001
+    """Five wrong guesses from each of fresh addresses until the account has had MAX_ACCOUNT_FAILURES; returns the
+    next unused address number."""
+    n = first
+    for _ in range(accounts.MAX_ACCOUNT_FAILURES // accounts.MAX_FAILED_LOGINS):
+        for _ in range(accounts.MAX_FAILED_LOGINS):
+            assert not accounts.verify_login(store, "admin", "guess", f"fd00::{n:x}", now=now)
+        n += 1
+    return n
+
+
+def test_distributed_guessing_shuts_out_new_addresses_but_not_one_that_logged_in(store):
+    """A device with many addresses (aliases, IPv6 privacy addresses) guesses five times from each: past
+    MAX_ACCOUNT_FAILURES from all, an address that has not logged in is refused for LOCKOUT_S, while the owner's
+    laptop, which has, still logs in and keeps its own five-in-a-row rule."""
+    accounts.set_password(store, "correct horse")
+    t0 = 1_000_000.0
+    assert accounts.verify_login(store, "admin", "correct horse", OWNER, now=t0 - 20 * 86400)  # 20 days ago
+    n = _guess_from_many(store, t0)
+    with pytest.raises(accounts.LockedOut) as locked:  # a new address, right password or not
+        accounts.verify_login(store, "admin", "correct horse", f"fd00::{n:x}", now=t0 + 1)
+    assert not locked.value.address_locked and locked.value.until == pytest.approx(t0 + accounts.LOCKOUT_S)
+    with pytest.raises(accounts.LockedOut) as locked:  # an address that failed before but never logged in
+        accounts.verify_login(store, "admin", "correct horse", "192.168.1.77", now=t0 + 1)
+    assert not locked.value.address_locked
+    assert accounts.verify_login(store, "admin", "correct horse", OWNER, now=t0 + 2)
+    for _ in range(accounts.MAX_FAILED_LOGINS):
+        assert not accounts.verify_login(store, "admin", "typo", OWNER, now=t0 + 3)
+    with pytest.raises(accounts.LockedOut) as locked:
+        accounts.verify_login(store, "admin", "correct horse", OWNER, now=t0 + 4)
+    assert locked.value.address_locked
+    # After LOCKOUT_S new addresses are heard again.
+    assert accounts.verify_login(store, "admin", "correct horse", f"fd00::{n:x}", now=t0 + accounts.LOCKOUT_S)
+
+
+def test_a_login_more_than_thirty_days_ago_no_longer_lets_an_address_past_distributed_guessing(store):
+    accounts.set_password(store, "correct horse")
+    t0 = 1_000_000.0
+    assert accounts.verify_login(store, "admin", "correct horse", OWNER, now=t0 - accounts.TRUST_S - 1)
+    _guess_from_many(store, t0)
+    with pytest.raises(accounts.LockedOut):
+        accounts.verify_login(store, "admin", "correct horse", OWNER, now=t0 + 1)
+
+
+def test_failures_spread_over_more_than_fifteen_minutes_do_not_shut_out_new_addresses(store):
+    accounts.set_password(store, "correct horse")
+    half = accounts.MAX_ACCOUNT_FAILURES // 2
+    for i in range(half):
+        accounts.verify_login(store, "admin", "guess", f"fd00::{i // 4:x}", now=1000.0)
+    for i in range(half):
+        accounts.verify_login(store, "admin", "guess", f"fd00::1:{i // 4:x}", now=1000.0 + accounts.LOCKOUT_S)
+    assert accounts.verify_login(store, "admin", "correct horse", "fd00::2:1", now=1001.0 + accounts.LOCKOUT_S)
+
+
+def test_the_address_rows_stay_bounded_and_a_flood_never_pushes_out_an_address_that_logged_in(store, monkeypatch):
+    """Only the password makes an address trusted, so a flood of failures from fresh addresses drops only other
+    such rows; and addresses that logged in are kept up to their own bound, the longest unused dropped."""
+    monkeypatch.setattr(accounts, "MAX_UNTRUSTED_ADDRESSES", 6)  # the real 1024 would take as many argon2 checks
+    monkeypatch.setattr(accounts, "MAX_TRUSTED_ADDRESSES", 2)
+    accounts.set_password(store, "correct horse")
+    for i, addr in enumerate([OWNER, "192.168.1.11", "192.168.1.12"]):  # three machines of the owner's
+        assert accounts.verify_login(store, "admin", "correct horse", addr, now=100.0 + i)
+    for i in range(20):
+        assert not accounts.verify_login(store, "admin", "guess", f"fd00::{i:x}", now=200.0 + i)
+    with store.session() as s:
+        rows = {r.address: r for r in s.scalars(select(LoginAddress))}
+    trusted = {a for a, r in rows.items() if r.logged_in_at is not None}
+    assert trusted == {"192.168.1.11", "192.168.1.12"}  # OWNER, the longest unused, was dropped
+    assert set(rows) - trusted == {f"fd00::{i:x}" for i in range(14, 20)}  # the newest six failures
+
+
+def test_lockouts_survive_a_restart_and_a_new_password_ends_them(tmp_path):
+    url = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
+    store = Store(url)
+    accounts.set_password(store, "correct horse")
+    for _ in range(accounts.MAX_FAILED_LOGINS):
+        accounts.verify_login(store, "admin", "guess", DEVICE, now=100.0)
+    store.close()
+    store = Store(url)  # a restarted `iotgw web`
+    try:
+        with pytest.raises(accounts.LockedOut):
+            accounts.verify_login(store, "admin", "correct horse", DEVICE, now=101.0)
+        assert accounts.verify_login(store, "admin", "correct horse", OWNER, now=101.0)
+        accounts.set_password(store, "a new password")  # `iotgw user set-password`: the guesses were at the old one
+        assert accounts.verify_login(store, "admin", "a new password", DEVICE, now=102.0)
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize(
@@ -91,7 +200,7 @@ def test_password_check_holds_no_write_lock_so_other_writers_go_on(store, monkey
 
     monkeypatch.setattr(accounts, "_verify", held_verify)
     results: list[bool] = []
-    login = threading.Thread(target=lambda: results.append(accounts.verify_login(store, username, password)))
+    login = threading.Thread(target=lambda: results.append(accounts.verify_login(store, username, password, OWNER)))
     login.start()
     try:
         assert checking.wait(timeout=60)  # guard against a hang only
@@ -116,18 +225,20 @@ def test_failures_counted_during_a_password_check_are_kept(store, monkeypatch):
         return real_verify(digest, pw)
 
     monkeypatch.setattr(accounts, "_verify", held_verify)
-    slow = threading.Thread(target=accounts.verify_login, args=(store, "admin", "slow guess"), kwargs={"now": 100.0})
+    slow = threading.Thread(
+        target=accounts.verify_login, args=(store, "admin", "slow guess", DEVICE), kwargs={"now": 100.0}
+    )
     slow.start()
     try:
         assert checking.wait(timeout=60)
         monkeypatch.setattr(accounts, "_verify", real_verify)
         for i in range(accounts.MAX_FAILED_LOGINS - 1):
-            assert not accounts.verify_login(store, "admin", f"guess {i}", now=100.0)
+            assert not accounts.verify_login(store, "admin", f"guess {i}", DEVICE, now=100.0)
     finally:
         release.set()
         slow.join()
     with pytest.raises(accounts.LockedOut):  # the slow guess was the fifth failure
-        accounts.verify_login(store, "admin", "correct horse", now=101.0)
+        accounts.verify_login(store, "admin", "correct horse", DEVICE, now=101.0)
 
 
 def test_tokens_are_stored_hashed_scoped_and_revocable(store):
@@ -215,6 +326,40 @@ def test_a_token_made_before_tokens_could_expire_keeps_working_after_the_migrati
         store.close()
 
 
+def test_an_account_locked_before_the_upgrade_is_not_locked_after_it(tmp_path):
+    """A database at the schema with the account-wide lock (config_0005), the account locked: the lock cannot be
+    given to an address, so the migration drops it rather than keep the owner out, and the per-address rule
+    starts counting afresh."""
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+
+    from gateway.store import db as store_db
+    from gateway.store.schema import ConfigBase
+
+    url = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
+    old = Store(url, migrate=False)
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(store_db.MIGRATIONS))
+    with old.engine.begin() as conn:
+        cfg.attributes["connection"], cfg.attributes["metadata"] = conn, ConfigBase.metadata
+        command.upgrade(cfg, "config_0005_token_expiry")
+        conn.exec_driver_sql(
+            "INSERT INTO users (username, password_hash, password_changed_at, failed_logins, locked_until)"
+            " VALUES (?, ?, ?, ?, ?)",
+            ("admin", accounts._hasher.hash("correct horse"), 1.0, 0, time.time() + accounts.LOCKOUT_S),
+        )
+    old.close()
+    store = Store(url)
+    try:
+        assert accounts.verify_login(store, "admin", "correct horse", OWNER)
+        for _ in range(accounts.MAX_FAILED_LOGINS):
+            assert not accounts.verify_login(store, "admin", "guess", DEVICE)
+        with pytest.raises(accounts.LockedOut):
+            accounts.verify_login(store, "admin", "correct horse", DEVICE)
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("name", ["ha\tread", "two\nlines", "red\x1b[31mtext", "back\u202eward", "del\x7f"])
 def test_token_names_with_control_characters_are_refused_and_nothing_is_stored(store, name):
     with pytest.raises(ValueError, match="may not contain control characters"):
@@ -261,7 +406,7 @@ def test_cli_sets_the_password_and_manages_tokens(tmp_path, monkeypatch, capsys)
     (line,) = capsys.readouterr().out.splitlines()
     assert line.split("\t")[1:3] == ["read", "ha\\u001b]0;x\\u0007\\u0009read\\u202e"]
     store = Store(db[1])
-    assert accounts.verify_login(store, "admin", "a long password")
+    assert accounts.verify_login(store, "admin", "a long password", OWNER)
     assert accounts.authenticate_token(store, secret) is None
     store.close()
 
@@ -290,7 +435,7 @@ def test_cli_user_takes_config_and_db_before_or_after_its_actions_alike(tmp_path
     assert listed[:3] == listed[3:6] == listed[6:] and len(listed) == 9
     assert _run(["user", "--db", url, "set-password"], monkeypatch, "a long password\n") == 0
     store = Store(url)
-    assert accounts.verify_login(store, "admin", "a long password")
+    assert accounts.verify_login(store, "admin", "a long password", OWNER)
     store.close()
     # --config names the state directory, whose SQLite database is the default
     config = tmp_path / "iotgw.toml"

@@ -1,9 +1,10 @@
 """The web UI's security, through Flask's test client on a real SQLite store (and waitress on a loopback port where
 the server itself decides): every route needs a login, every write needs a CSRF token (or a read-write bearer
-token), lockout, setup only from the LAN, headers, the body size limit."""
+token), lockout of a guessing address, setup only from the LAN, headers, the body size limit."""
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import re
@@ -86,7 +87,7 @@ def _state(app, store, token_id):  # noqa: ANN001, ANN202
         d.status,
         d.label_device_type,
         token_id in live,
-        accounts.verify_login(store, "admin", PASSWORD),
+        accounts.verify_login(store, "admin", PASSWORD, "127.0.0.1"),
         policy_file.exists(),  # any policy write, refused or not, would create it
     )
 
@@ -238,7 +239,7 @@ def test_a_token_expires_when_chosen_is_refused_like_a_revoked_one_and_listed_as
     assert re.search(r"<td[^>]*>dNone</td>.*?<td data-label=\"Expires\">never</td>", page, re.S)
 
 
-def test_login_locks_out_after_five_failures(env, caplog):
+def test_login_locks_out_the_address_after_five_failures(env, caplog):
     app, _, _ = env
     client = app.test_client()
     token = _csrf(client)
@@ -247,10 +248,12 @@ def test_login_locks_out_after_five_failures(env, caplog):
         r = client.post("/login", data={"username": "admin", "password": "guess", "csrf_token": token})
         assert r.status_code == 401
     r = client.post("/login", data={"username": "admin", "password": PASSWORD, "csrf_token": token})
-    assert r.status_code == 429 and b"Too many failed logins" in r.data
+    page = r.get_data(as_text=True)
+    assert r.status_code == 429
+    assert re.search(r"Too many failed logins from this address\. Try again at \d\d:\d\d \(in 15 min\)\.", page)
     assert client.get("/devices").status_code == 302
     # Each failure is logged with its source address (for an audit or fail2ban), never with a password.
-    failed = [m for m in caplog.messages if m.startswith("failed login for 'admin' from ")]
+    failed = [m for m in caplog.messages if m.startswith("failed login for 'admin' from 127.0.0.1")]
     assert len(failed) == accounts.MAX_FAILED_LOGINS
     assert any("locked out" in m for m in caplog.messages)
     assert "guess" not in caplog.text and PASSWORD not in caplog.text
@@ -260,15 +263,92 @@ def test_changing_the_password_while_locked_out_says_so_rather_than_that_the_pas
     app, store, _ = env
     owner = app.test_client()
     csrf = _login(owner)
-    guesser = app.test_client()
+    guesser = app.test_client()  # from the owner's address too (the test client's): a lock is an address's
     token = _csrf(guesser)
     for _ in range(accounts.MAX_FAILED_LOGINS):
         guesser.post("/login", data={"username": "admin", "password": "guess", "csrf_token": token})
     form = {"current": PASSWORD, "password": "another long password", "confirm": "another long password"}
     r = owner.post("/settings/password", data=form | {"csrf_token": csrf})
     page = owner.get(r.location).get_data(as_text=True)
-    assert "Too many failed logins. Try again in 15 min." in page and "is wrong" not in page
+    assert "Too many failed logins from this address. Try again at " in page and "(in 15 min)" in page
+    assert "is wrong" not in page
     assert accounts.session_state(store, "admin") is not None and owner.get("/settings").status_code == 200
+
+
+class _ClientAt:
+    """A browser at client address ``source``: its connections are bound there, so the server's TCP peer is it
+    (all of 127.0.0.0/8 is routed to lo on Linux). Keeps the session cookie, follows no redirect."""
+
+    def __init__(self, server, source: str) -> None:  # noqa: ANN001 - a RunningServer
+        self.server, self.source, self.cookie = server, source, ""
+
+    def request(self, method: str, path: str, form: dict[str, str] | None = None) -> tuple[int, str]:
+        from urllib.parse import urlencode
+
+        conn = http.client.HTTPConnection(self.server.host, self.server.port, timeout=60,
+                                          source_address=(self.source, 0))
+        headers = {"Cookie": self.cookie} if self.cookie else {}
+        body = None
+        if form is not None:
+            body = urlencode(form)
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            text = response.read().decode()
+        finally:
+            conn.close()
+        cookie = response.getheader("Set-Cookie")
+        if cookie:
+            self.cookie = cookie.split(";", 1)[0]
+        return response.status, text
+
+    def login(self, password: str) -> tuple[int, str]:
+        _, page = self.request("GET", "/login")
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+        return self.request("POST", "/login", {"username": "admin", "password": password, "csrf_token": csrf})
+
+
+@pytest.fixture
+def served(tmp_path):
+    cfg = config(tmp_path)
+    store = Store(cfg.db_url)
+    accounts.set_password(store, PASSWORD)
+    server = serve_in_thread(store, cfg)
+    yield server
+    server.stop()
+    store.close()
+
+
+def test_a_device_guessing_is_locked_out_while_the_owner_logs_in_from_another_address(served):
+    """The lock was the account's: a compromised device guessing five times every 15 minutes kept the owner out
+    of the web UI for good. Now it is the address's; here a real server sees each client's own TCP peer."""
+    device, owner = _ClientAt(served, "127.0.0.2"), _ClientAt(served, "127.0.0.1")
+    for _ in range(accounts.MAX_FAILED_LOGINS):
+        assert device.login("guess")[0] == 401
+    status, page = device.login(PASSWORD)  # the right password, not even checked
+    assert status == 429 and "Too many failed logins from this address. Try again at " in page
+    status, _ = owner.login(PASSWORD)
+    assert status == 302 and owner.request("GET", "/devices")[0] == 200
+    assert device.login(PASSWORD)[0] == 429  # the owner's login did not unlock the device
+    assert device.request("GET", "/devices")[0] == 302
+
+
+def test_guessing_from_many_addresses_shuts_out_new_ones_but_not_the_owners(served):
+    """A device can take many addresses (aliases, IPv6 privacy addresses); five guesses from each would make the
+    per-address rule no limit. Past MAX_ACCOUNT_FAILURES from all, an address that never logged in is refused,
+    the right password or not, while the owner's, which logged in before, still gets in. What the refused
+    address is told names no other address."""
+    assert _ClientAt(served, "127.0.0.1").login(PASSWORD)[0] == 302  # the owner, some day before
+    for n in range(accounts.MAX_ACCOUNT_FAILURES // accounts.MAX_FAILED_LOGINS):
+        device = _ClientAt(served, f"127.0.0.{10 + n}")
+        for _ in range(accounts.MAX_FAILED_LOGINS):
+            assert device.login("guess")[0] == 401
+    status, page = _ClientAt(served, "127.0.0.200").login(PASSWORD)
+    assert status == 429, page
+    assert "from many addresses" in page and "127.0.0." not in page
+    owner = _ClientAt(served, "127.0.0.1")  # a new session: the password is checked
+    assert owner.login(PASSWORD)[0] == 302 and owner.request("GET", "/devices")[0] == 200
 
 
 def test_password_change_ends_other_sessions(env):
@@ -438,7 +518,7 @@ def test_setup_page_only_from_the_lan_and_only_once(tmp_path):
         "/setup", data={"password": "hijack password", "confirm": "hijack password", "csrf_token": token}
     )
     assert r.status_code == 302 and r.location == "/login"
-    assert accounts.verify_login(store, "admin", "a long password")
+    assert accounts.verify_login(store, "admin", "a long password", "192.168.1.20")
     store.close()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from urllib.parse import urlsplit
 
@@ -22,7 +23,8 @@ def login():  # noqa: ANN201
     if request.method == "POST":
         username = request.form.get("username", accounts.ADMIN).strip() or accounts.ADMIN
         try:
-            ok = accounts.verify_login(ctx().store, username, request.form.get("password", ""))
+            # The TCP peer: waitress is told to trust no proxy header, so a client cannot name another's address.
+            ok = accounts.verify_login(ctx().store, username, request.form.get("password", ""), request.remote_addr)
         except accounts.LockedOut as exc:
             log.warning("login refused for %r from %s: locked out", username[:64], request.remote_addr)
             error, status = locked_out_message(exc), 429
@@ -71,8 +73,16 @@ def setup():  # noqa: ANN201
 
 
 def locked_out_message(exc: accounts.LockedOut) -> str:
-    """What the login form and the password change say while the account is locked."""
-    return f"Too many failed logins. Try again in {max(1, round((exc.until - time.time()) / 60))} min."
+    """What the login form and the password change say to a locked-out client: until when, and whether it is its
+    own failures or the account's. It speaks of the client's own address only, never of which are trusted."""
+    until = time.strftime("%H:%M", time.localtime(exc.until))
+    minutes = max(1, math.ceil((exc.until - time.time()) / 60))
+    if exc.address_locked:
+        return f"Too many failed logins from this address. Try again at {until} (in {minutes} min)."
+    return (
+        f"Too many failed logins to this account from many addresses: an address that has not logged in to it "
+        f"within {accounts.TRUST_S // 86400} days is refused until {until} (in {minutes} min)."
+    )
 
 
 def _local(target: str | None) -> str:

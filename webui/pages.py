@@ -221,7 +221,7 @@ def settings_password():  # noqa: ANN201
     form = request.form
     store = ctx().store
     try:
-        ok = accounts.verify_login(store, accounts.ADMIN, form.get("current", ""))
+        ok = accounts.verify_login(store, accounts.ADMIN, form.get("current", ""), request.remote_addr)
     except accounts.LockedOut as exc:  # the right current password is not heard either: say why
         flash(locked_out_message(exc))
         return redirect(url_for("pages.settings"))

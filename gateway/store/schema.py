@@ -181,11 +181,28 @@ class User(ConfigBase):
     username: Mapped[str] = mapped_column(String(64), primary_key=True)
     password_hash: Mapped[str] = mapped_column(String(255))
     password_changed_at: Mapped[float] = mapped_column(Float)
-    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
-    locked_until: Mapped[float | None] = mapped_column(Float)
+    # Failed logins from every address since ``failures_since`` (a 15-minute window), and how long addresses
+    # that have not logged in are refused once there were too many (``gateway.accounts``).
+    failures_since: Mapped[float | None] = mapped_column(Float)
+    recent_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    new_addresses_locked_until: Mapped[float | None] = mapped_column(Float)
     # Bumped at logout: a session remembers it at login and is refused once it differs (the cookie is signed,
     # not stored, so without this a copied cookie would outlive the logout).
     session_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class LoginAddress(ConfigBase):
+    """One client address's logins to one account: its failures in a row, its lockout, and when it last logged
+    in (``gateway.accounts`` bounds the rows)."""
+
+    __tablename__ = "login_addresses"
+
+    username: Mapped[str] = mapped_column(String(64), primary_key=True)
+    address: Mapped[str] = mapped_column(String(45), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_failure_at: Mapped[float | None] = mapped_column(Float)
+    locked_until: Mapped[float | None] = mapped_column(Float)
+    logged_in_at: Mapped[float | None] = mapped_column(Float)
 
 
 class ApiToken(ConfigBase):
