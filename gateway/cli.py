@@ -105,8 +105,18 @@ def permission_message(exc: PermissionError) -> str:
     return f"permission denied: {what}: run this as root (sudo) or as the iotgw user"
 
 
+class Parser(argparse.ArgumentParser):
+    """A parser that takes only whole flag names. With argparse's prefix matching, ``--d`` on ``policy schedule``
+    was ``--day`` or the hidden ``--db``, and a flag added later would silently change what an abbreviation in
+    someone's script means. ``add_subparsers`` makes its parsers of the parent's class, so every ACTION's parser
+    takes only whole names too (``allow_abbrev`` itself is not inherited)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iotgw", description="IoT edge gateway")
+    parser = Parser(prog="iotgw", description="IoT edge gateway")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:

@@ -1,0 +1,58 @@
+"""The ``iotgw`` command line as a whole (``gateway/cli.py``): what every command's parser takes, run as an owner
+runs it, as ``python -m gateway.cli``."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import build_parser
+from gateway.store.db import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def iotgw(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *argv], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, stdin=subprocess.DEVNULL)
+
+
+def _parsers(parser: argparse.ArgumentParser, name: str = "iotgw"):
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _parsers(sub, f"{name} {sub_name}")
+
+
+def test_every_parser_of_every_command_takes_only_whole_flag_names():
+    """``allow_abbrev`` is not inherited: each ACTION's parser must refuse abbreviations itself."""
+    taking = [name for name, parser in _parsers(build_parser()) if parser.allow_abbrev]
+    assert taking == []
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
+    Store(url).close()
+    return url
+
+
+@pytest.mark.parametrize(("argv", "abbreviated"), [
+    (["queries", "--db", "{db}", "--js"], "--js"),  # --json
+    (["user", "--db", "{db}", "token", "create", "ha", "--sc", "write"], "--sc"),  # --scope
+    (["policy", "--state-dir", "{state}", "schedule", "night", "--da", "mon=21:00-24:00"], "--da"),  # --day
+])
+def test_an_abbreviated_flag_is_refused_with_a_usage_error_and_changes_nothing(tmp_path, db, argv, abbreviated):
+    """argparse's prefix matching took ``--da`` for ``--day``; a flag added later (a hidden ``--db``) would make it
+    ambiguous or silently mean something else. Only whole names work, at the top and in nested ACTIONs."""
+    state = tmp_path / "state"
+    proc = iotgw(*(a.format(db=db, state=state) for a in argv))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("usage: ") and f"error: unrecognized arguments: {abbreviated}" in proc.stderr
+    assert proc.stdout == "" and not state.exists()
+    assert "Traceback" not in proc.stderr
