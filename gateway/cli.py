@@ -14,6 +14,7 @@ import select
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from gateway.config import Config, ConfigError, check_addresses, check_database_url, check_mqtt_url, load
 
@@ -143,8 +144,22 @@ def add_state_args(
     for name in names:
         flag, metavar, help_text = STATE_FLAGS[name]
         parser.add_argument(
-            flag, dest=name, metavar=metavar, help=help_text, default=argparse.SUPPRESS if again else None
+            flag, dest=name, metavar=metavar, help=help_text, type=non_empty,
+            default=argparse.SUPPRESS if again else None,
         )
+
+
+def non_empty(text: str) -> str:
+    """An argparse type for a file, directory, URL, address or name: an empty one (``--db "$DB"`` with DB unset)
+    was taken as the flag left out, or as the current directory, without a word."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def non_empty_path(text: str) -> Path:
+    """``non_empty`` as a Path: ``Path("")`` is the current directory."""
+    return Path(non_empty(text))
 
 
 def positive_seconds(text: str) -> float:

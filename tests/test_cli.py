@@ -56,3 +56,31 @@ def test_an_abbreviated_flag_is_refused_with_a_usage_error_and_changes_nothing(t
     assert proc.stderr.startswith("usage: ") and f"error: unrecognized arguments: {abbreviated}" in proc.stderr
     assert proc.stdout == "" and not state.exists()
     assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def broken_config(tmp_path: Path) -> Path:
+    """A config with a syntax error: without the fix below, each command stops on it before it does anything."""
+    path = tmp_path / "broken.toml"
+    path.write_text("[dns\n")
+    return path
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["devices", "--config", "{config}", "--db", ""], "--db"),
+    (["policy", "--config", "", "show"], "--config"),
+    (["policy", "--config", "{config}", "list-add", "x", "--file", ""], "--file"),
+    (["user", "--config", "{config}", "token", "list", "--db", ""], "--db"),
+    (["run", "--config", "{config}", "--mqtt", ""], "--mqtt"),
+    (["run", "--config", "{config}", "--interface", " "], "--interface"),
+    (["web", "--config", "{config}", "--listen", ""], "--listen"),
+    (["federation", "keygen", "--out", ""], "--out"),
+    (["setup", "--config", "", "--no-password"], "--config"),
+])
+def test_an_empty_flag_value_is_refused_naming_the_flag(broken_config, argv, flag):
+    """``--db "$DB"`` with DB unset: an empty value was taken as the flag left out (the default database, the
+    default broker, all interfaces) or as the current directory, without a word."""
+    proc = iotgw(*(a.format(config=broken_config) for a in argv))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines()[-1].endswith(f"error: argument {flag}: must not be empty"), proc.stderr
+    assert "Traceback" not in proc.stderr

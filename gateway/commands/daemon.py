@@ -21,6 +21,7 @@ from gateway.cli import (
     checked_flag,
     config_from_args,
     interrupt_on_stop_signals,
+    non_empty,
     positive_count,
     seconds_or_zero,
     tcp_port,
@@ -36,9 +37,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--dns-listen", action="append", metavar="HOST:PORT", help="listen address (repeatable)")
     run.add_argument("--upstream", action="append", metavar="HOST[:PORT]", help="upstream resolver (repeatable)")
     run.add_argument("--lan", action="append", metavar="CIDR", help="LAN prefix allowed to query (repeatable)")
-    run.add_argument("--interface", metavar="IFACE", help="interface for passive capture")
+    run.add_argument("--interface", type=non_empty, metavar="IFACE", help="interface for passive capture")
     run.add_argument("--no-sniff", action="store_true", help="no passive capture")
-    run.add_argument("--mqtt", metavar="URL", help="MQTT broker, mqtt://host:1883 or mqtts://host:8883")
+    run.add_argument("--mqtt", type=non_empty, metavar="URL", help="MQTT broker, mqtt://host:1883 or mqtts://host:8883")
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="everything on loopback with virtual devices: no root, LAN or config")
@@ -49,9 +50,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--devices", type=positive_count, default=6, metavar="N",
                       help="how many virtual devices join, one every 4 s (default 6): one of each device type the "
                       "model knows, then more units of the same types")
-    demo.add_argument("--state-dir", metavar="DIR",
+    demo.add_argument("--state-dir", type=non_empty, metavar="DIR",
                       help="keep state here (default: a temporary directory, removed when the demo ends)")
-    demo.add_argument("--mqtt", metavar="URL", help="also publish alerts to this MQTT broker")
+    demo.add_argument("--mqtt", type=non_empty, metavar="URL", help="also publish alerts to this MQTT broker")
     demo.add_argument("--duration", type=seconds_or_zero, default=0, metavar="SECONDS",
                       help="stop after this many seconds (default 0: run until Ctrl-C)")
     demo.set_defaults(func=cmd_demo)

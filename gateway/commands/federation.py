@@ -26,6 +26,8 @@ from gateway.cli import (
     add_state_args,
     config_from_args,
     interrupt_on_stop_signals,
+    non_empty,
+    non_empty_path,
     number_or_zero,
     positive_count,
     positive_number,
@@ -50,17 +52,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     sub = fed.add_subparsers(dest="federation_command", required=True, metavar="ACTION")
 
     server = sub.add_parser("server", help="run a SuperLink and one federated run of SecAgg+ rounds")
-    server.add_argument("--state-dir", type=Path, required=True, metavar="DIR",
+    server.add_argument("--state-dir", type=non_empty_path, required=True, metavar="DIR",
                         help="SuperLink database, FLWR_HOME, logs")
     server.add_argument(
-        "--out-dir", type=Path, metavar="DIR", help="where the global model is published (default DIR/model)"
+        "--out-dir", type=non_empty_path, metavar="DIR", help="where the global model is published (default DIR/model)"
     )
-    server.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on (default 127.0.0.1)")
+    server.add_argument(
+        "--host", type=non_empty, default="127.0.0.1", help="address the SuperLink listens on (default 127.0.0.1)"
+    )
     server.add_argument("--port", type=tcp_port, default=9092, help="its port (default 9092)")
     _add_tls_args(server, server_side=True)
     server.add_argument(
         "--authorized-key",
-        type=Path,
+        type=non_empty_path,
         action="append",
         default=[],
         metavar="PUB",
@@ -94,7 +98,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--lr", metavar="X", type=positive_number, default=0.01, help="local learning rate (default 0.01)"
     )
     server.add_argument(
-        "--bundle", type=Path, metavar="DIR", help="model bundle the federation starts from (default: the shipped one)"
+        "--bundle", type=non_empty_path, metavar="DIR",
+        help="model bundle the federation starts from (default: the shipped one)",
     )
     server.set_defaults(func=_server)
 
@@ -103,7 +108,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     add_state_args(join, again=True)
     join.add_argument(
-        "--superlink", metavar="HOST:PORT", help="the fleet's SuperLink (default: [federation] superlink)"
+        "--superlink", type=non_empty, metavar="HOST:PORT",
+        help="the fleet's SuperLink (default: [federation] superlink)",
     )
     join.add_argument(
         "--window", type=positive_seconds, default=3600.0, metavar="SECONDS",
@@ -123,14 +129,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_tls_args(join, server_side=False)
     join.add_argument(
-        "--auth-key", type=Path, metavar="FILE",
+        "--auth-key", type=non_empty_path, metavar="FILE",
         help="private key from `iotgw federation keygen` (default: [federation] auth_key)",
     )
     join.set_defaults(func=_join)
 
     keygen = sub.add_parser("keygen", help="make this gateway's SuperNode authentication key pair")
     keygen.add_argument(
-        "--out", type=Path, required=True, metavar="FILE", help="private key path (the .pub goes beside it)"
+        "--out", type=non_empty_path, required=True, metavar="FILE", help="private key path (the .pub goes beside it)"
     )
     keygen.add_argument("--force", action="store_true", help="replace an existing key pair")
     keygen.set_defaults(func=_keygen)
@@ -155,12 +161,12 @@ def federation_dir(cfg) -> Path:  # noqa: ANN001 - gateway.config.Config, import
 def _add_tls_args(parser: argparse.ArgumentParser, server_side: bool) -> None:
     from_config = "" if server_side else " (default: [federation] tls_ca)"
     parser.add_argument(
-        "--tls-ca", type=Path, metavar="FILE",
+        "--tls-ca", type=non_empty_path, metavar="FILE",
         help=f"CA certificate (PEM) that signed the SuperLink's certificate{from_config}",
     )
     if server_side:
-        parser.add_argument("--tls-cert", type=Path, metavar="FILE", help="SuperLink certificate (PEM)")
-        parser.add_argument("--tls-key", type=Path, metavar="FILE", help="SuperLink private key (PEM)")
+        parser.add_argument("--tls-cert", type=non_empty_path, metavar="FILE", help="SuperLink certificate (PEM)")
+        parser.add_argument("--tls-key", type=non_empty_path, metavar="FILE", help="SuperLink private key (PEM)")
     parser.add_argument(
         "--insecure", action="store_true", help="no TLS (loopback tests only; updates are still masked)"
     )

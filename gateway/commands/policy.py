@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gateway import policies
-from gateway.cli import add_state_args, config_from_args
+from gateway.cli import add_state_args, config_from_args, non_empty
 
 STATE_ARGS = ("config", "state_dir")
 
@@ -47,8 +47,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c = cmds.add_parser("list-add", help="add a block list from a local file or a URL (fetched now)")
     c.add_argument("id", help="a short id, e.g. oisd")
     src = c.add_mutually_exclusive_group(required=True)
-    src.add_argument("--file", help="a local hosts, domain or adblock file")
-    src.add_argument("--url", help="http(s) URL, downloaded now and on list-update")
+    src.add_argument("--file", type=non_empty, help="a local hosts, domain or adblock file")
+    src.add_argument("--url", type=non_empty, help="http(s) URL, downloaded now and on list-update")
     c.add_argument("--category", help="also put the list in this category")
     c.set_defaults(func=_list_add)
 

@@ -14,14 +14,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gateway.cli import non_empty
 from gateway.config import DEFAULT_PATH, ConfigError, decode, load
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("setup", help="first-boot setup: LAN interface, admin password, router DNS")
-    p.add_argument("--config", metavar="FILE", default=str(DEFAULT_PATH), help="config file to update")
+    p.add_argument("--config", type=non_empty, metavar="FILE", default=str(DEFAULT_PATH), help="config file to update")
     p.add_argument(
-        "--interface", metavar="IF", help="the LAN interface (default: ask, offering the default route's)"
+        "--interface", type=non_empty, metavar="IF",
+        help="the LAN interface (default: ask, offering the default route's)",
     )
     p.add_argument("--no-password", action="store_true", help="skip setting the admin password")
     p.set_defaults(func=setup)

@@ -6,7 +6,7 @@ import argparse
 import logging
 import shlex
 
-from gateway.cli import add_state_args, config_from_args
+from gateway.cli import add_state_args, config_from_args, non_empty
 from gateway.config import ConfigError, parse_hostport
 
 log = logging.getLogger(__name__)
@@ -16,9 +16,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("web", help="serve the web UI and JSON API")
     add_state_args(p)
     p.add_argument(
-        "--listen", metavar="HOST:PORT", help="address to serve on (default [web].listen, 0.0.0.0:8080)"
+        "--listen", type=non_empty, metavar="HOST:PORT", help="address to serve on (default [web].listen, 0.0.0.0:8080)"
     )
-    p.add_argument("--state-dir", metavar="DIR", help="state directory (holds the session signing key)")
+    p.add_argument("--state-dir", type=non_empty, metavar="DIR", help="state directory (holds the session signing key)")
     p.set_defaults(func=_web)
 
 
