@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except Exception as exc:
+        if _database_unavailable(exc):
+            print(f"iotgw: cannot open the database {exc} (--db, or [store] url in the config)", file=sys.stderr)
+            return 2
         if not _database_busy(exc):
             raise
         from gateway.store.db import BUSY_TIMEOUT_S
@@ -76,6 +79,15 @@ def _database_busy(exc: Exception) -> bool:
     from gateway.store.db import database_busy
 
     return database_busy(exc)
+
+
+def _database_unavailable(exc: Exception) -> bool:
+    """``gateway.store.db.DatabaseUnavailable``, looked for the way ``_database_busy`` does."""
+    if "gateway.store.db" not in sys.modules:
+        return False
+    from gateway.store.db import DatabaseUnavailable
+
+    return isinstance(exc, DatabaseUnavailable)
 
 
 def stdout_reader_gone() -> bool:

@@ -323,7 +323,7 @@ def check_database(cfg: Config) -> Finding:
 
 
 def _open_database(url: str) -> tuple[bool, str]:
-    from gateway.store.db import Store  # late: SQLAlchemy and Alembic are not needed for the other checks
+    from gateway.store.db import DatabaseUnavailable, Store  # late: SQLAlchemy and Alembic are not needed elsewhere
 
     try:
         store = Store(url)
@@ -331,6 +331,8 @@ def _open_database(url: str) -> tuple[bool, str]:
             store.get_setting("schema-check")
         finally:
             store.close()
+    except DatabaseUnavailable as exc:  # its message names the URL already
+        return False, str(exc)
     except Exception as exc:  # noqa: BLE001 - any failure to open is the finding itself
         return (
             False,

@@ -84,3 +84,21 @@ def test_an_empty_flag_value_is_refused_naming_the_flag(broken_config, argv, fla
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines()[-1].endswith(f"error: argument {flag}: must not be empty"), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("make", "said"), [
+    (lambda p: p.mkdir(), "{path} is a directory, not a database file"),
+    (lambda p: p.write_bytes(b"not SQLite\n" * 100), "file is not a database"),
+])
+def test_a_db_that_cannot_be_opened_is_one_line_naming_it(tmp_path, make, said):
+    path = tmp_path / "iotgw.sqlite"
+    make(path)
+    url = f"sqlite:///{path}"
+    for argv in (["devices", "--db", url], ["user", "token", "list", "--db", url]):
+        proc = iotgw(*argv)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.splitlines() == [
+            f"iotgw: cannot open the database {url}: {said.format(path=path)} (--db, or [store] url in the config)"
+        ]
+    if path.is_dir():  # refused before the query log's database was made beside it
+        assert [p.name for p in tmp_path.iterdir()] == ["iotgw.sqlite"]

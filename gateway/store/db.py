@@ -11,9 +11,10 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import Engine, Integer, MetaData, Text, cast, create_engine, event, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from gateway.config import redact_url
 from gateway.statedir import create_private
 from gateway.store.schema import ConfigBase, QueryLogBase, Setting
 
@@ -23,6 +24,11 @@ INT64_LIMIT = 2**63
 # How long a write waits for another process's write lock on SQLite (the daemon's flush, a CLI command, the web UI)
 # before it is refused with "database is locked".
 BUSY_TIMEOUT_S = 30.0
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot be opened: a SQLite path that is a directory or holds no database, a server that is
+    not reachable or refuses the login. Its message is one line: the URL (password hidden) and why."""
 
 
 def database_busy(exc: BaseException) -> bool:
@@ -61,7 +67,14 @@ class Store:
         self.session = sessionmaker(self.engine, expire_on_commit=False)
         self.querylog_session = sessionmaker(self.querylog_engine, expire_on_commit=False)
         if migrate:
-            self.migrate()
+            try:
+                self.migrate()
+            except DatabaseError as exc:
+                if database_busy(exc):
+                    raise
+                self.close()
+                reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+                raise DatabaseUnavailable(f"{redact_url(url)}: {reason}") from exc
 
     def migrate(self) -> None:
         """Bring both databases to the newest schema (idempotent)."""
@@ -135,6 +148,8 @@ def _engine(url: str) -> Engine:
     if u.get_backend_name() != "sqlite":
         return create_engine(u, pool_pre_ping=True)
     if u.database not in (None, "", ":memory:"):
+        if Path(u.database).is_dir():  # checked before the query log's file is made beside it
+            raise DatabaseUnavailable(f"{redact_url(url)}: {u.database} is a directory, not a database file")
         Path(u.database).parent.mkdir(parents=True, exist_ok=True)
         _create_private(Path(u.database))
     engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False})
