@@ -277,7 +277,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cfg.mqtt.url = checked_flag("--mqtt", check_mqtt_url, args.mqtt)
     if getattr(args, "state_dir", None):
         cfg.gateway.state_dir = args.state_dir
+    where = "--state-dir" if getattr(args, "state_dir", None) else f"{cfg.source}: gateway.state_dir"
+    check_directory(where, cfg.state_dir)
     return cfg
+
+
+def check_directory(where: str, path: Path) -> None:
+    """ConfigError naming ``where`` when ``path`` exists but is not a directory (a missing one is made when
+    needed): otherwise the first write into it fails as "[Errno 17] File exists", naming neither."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{where}: {path} is not a directory")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,17 @@ def test_demo_with_a_bad_option_says_which_and_starts_nothing(tmp_path, flag, va
     assert not list(tmp_path.glob("iotgw-demo-*"))
 
 
+def test_demo_with_a_state_dir_that_is_a_file_says_so_and_starts_nothing(tmp_path):
+    """It failed as "[Errno 17] File exists: 'X'", naming neither the flag nor what is wrong with it."""
+    not_a_dir = tmp_path / "state"
+    not_a_dir.write_text("a file\n")
+    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "demo", "--state-dir", str(not_a_dir), "--duration",
+                           "5", "--web-port", str(free_port()), "--dns-port", str(free_port())],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path, env=demo_env(tmp_path))
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [f"iotgw: configuration error: --state-dir: {not_a_dir} is not a directory"]
+
+
 def test_devices_command_the_demo_prints_after_it_ended_says_there_is_no_database_and_creates_nothing(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "demo", "--duration", "3", "--web-port", str(free_port()),

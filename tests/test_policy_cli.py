@@ -198,3 +198,23 @@ def test_policy_refuses_db_which_it_would_not_use(tmp_path, capsys):
         err = capsys.readouterr().err
         assert refused.value.code == 2 and "error: --db: the policy is a file in the state directory" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def _iotgw(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *argv], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT, stdin=subprocess.DEVNULL)
+
+
+def test_a_state_dir_that_is_a_file_is_refused_naming_the_flag_or_the_config_key(tmp_path):
+    """The first write into it failed as "[Errno 17] File exists: 'X'", naming neither the flag nor the key."""
+    not_a_dir = tmp_path / "policy.json"
+    not_a_dir.write_text("{}\n")
+    config = tmp_path / "iotgw.toml"
+    config.write_text(f'[gateway]\nstate_dir = "{not_a_dir}"\n')
+    for argv, where in ((["--state-dir", str(not_a_dir)], "--state-dir"), (["--config", str(config)],
+                                                                             f"{config}: gateway.state_dir")):
+        for action in (["show"], ["block", "global", "ads.example"]):
+            proc = _iotgw("policy", *argv, *action)
+            assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+            assert proc.stderr.splitlines() == [f"iotgw: configuration error: {where}: {not_a_dir} is not a directory"]
+    assert not_a_dir.read_text() == "{}\n"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from gateway.cli import (
     add_state_args,
+    check_directory,
     checked_flag,
     config_from_args,
     interrupt_on_stop_signals,
@@ -101,6 +102,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 2
     if args.mqtt:  # before anything starts: a bad URL would otherwise end the demo in a traceback
         checked_flag("--mqtt", check_mqtt_url, args.mqtt)
+    if args.state_dir:
+        check_directory("--state-dir", Path(args.state_dir))
     temporary = not args.state_dir
     state = Path(args.state_dir or tempfile.mkdtemp(prefix="iotgw-demo-"))
     try:

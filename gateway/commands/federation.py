@@ -24,6 +24,7 @@ from pathlib import Path
 from gateway.cli import (
     STATE_FLAGS,
     add_state_args,
+    check_directory,
     config_from_args,
     interrupt_on_stop_signals,
     non_empty,
@@ -206,6 +207,7 @@ def _server(args: argparse.Namespace) -> int:
     tls = _tls(args, server_side=True)
     if args.authorized_key and tls is None:
         raise SystemExit("iotgw federation: SuperNode authentication needs TLS (Flower refuses it without)")
+    check_directory("--state-dir", args.state_dir)
     state = args.state_dir.resolve()
     out_dir = (args.out_dir or state / "model").resolve()
     state.mkdir(parents=True, exist_ok=True)
