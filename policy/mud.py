@@ -57,7 +57,14 @@ def load_mud(path: str | Path) -> Profile:
     """Read a MUD JSON file into an allow profile."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MudError(f"{path}: {exc}") from exc
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise MudError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:  # RFC 8520 files are JSON, which is UTF-8; the codec's message names no file
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise MudError(f"{path}:{line}: not UTF-8 (byte {exc.start} is {raw[exc.start]:#04x})") from exc
+    except json.JSONDecodeError as exc:
+        raise MudError(f"{path}:{exc.lineno}: not JSON: {exc.msg}") from exc
     return profile_from_mud(data, str(path))

@@ -218,3 +218,20 @@ def test_a_state_dir_that_is_a_file_is_refused_naming_the_flag_or_the_config_key
             assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
             assert proc.stderr.splitlines() == [f"iotgw: configuration error: {where}: {not_a_dir} is not a directory"]
     assert not_a_dir.read_text() == "{}\n"
+
+
+def test_a_mud_file_that_cannot_be_read_is_one_line_naming_it_and_its_line(tmp_path):
+    state = tmp_path / "state"
+    not_utf8 = tmp_path / "latin1.json"
+    not_utf8.write_bytes(b'{\n "ietf-mud:mud": {"systeminfo": "Caf\xe9 cam"}\n}\n')
+    broken = tmp_path / "broken.json"
+    broken.write_text('{\n "ietf-mud:mud": {\n}\n')
+    missing = tmp_path / "missing.json"
+    for path, said in ((not_utf8, f"{not_utf8}:2: not UTF-8 (byte 38 is 0xe9)"),
+                       (broken, f"{broken}:4: not JSON: Expecting ',' delimiter"),
+                       (missing, f"{missing}: cannot read: No such file or directory"),
+                       (tmp_path, f"{tmp_path}: cannot read: Is a directory")):
+        proc = _iotgw("policy", "--state-dir", str(state), "import-mud", "acme_cam", str(path))
+        assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+        assert proc.stderr.splitlines() == [f"iotgw policy: {said}"]
+    assert not (state / "policy.json").exists()
