@@ -108,3 +108,20 @@ def test_iotgw_web_without_a_password_names_the_set_password_command_for_its_own
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert accounts.has_password(Store(db, migrate=False))
+
+
+def test_iotgw_web_on_an_address_it_cannot_listen_on_says_so_naming_the_flag_or_the_config_key(tmp_path):
+    """A host name that does not resolve passed the address check and ended in waitress's traceback; a bad
+    --listen was reported as the config's web.listen."""
+    db = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
+    config = tmp_path / "iotgw.toml"
+    config.write_text('[web]\nlisten = "gateway.invalid:8080"\n')
+    for flags, said in (
+        (["--listen", "gateway.invalid:8080"], "--listen: cannot listen on 'gateway.invalid'"),
+        (["--listen", "127.0.0.1:99999"], "--listen: '127.0.0.1:99999': port out of range"),
+        (["--config", str(config)], f"{config}: web.listen: cannot listen on 'gateway.invalid'"),
+    ):
+        proc = subprocess.run([sys.executable, "-m", "gateway.cli", "web", "--db", db, "--state-dir", str(tmp_path),
+                               *flags], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert len(proc.stderr.splitlines()) == 1 and f"iotgw: configuration error: {said}" in proc.stderr, proc.stderr

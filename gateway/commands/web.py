@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import socket
 
 from gateway.cli import add_state_args, config_from_args, non_empty
 from gateway.config import ConfigError, parse_hostport
@@ -30,10 +31,15 @@ def _web(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.listen:
         cfg.web.listen = args.listen
+    where = "--listen" if args.listen else f"{cfg.source}: web.listen"
     try:
         host, port = parse_hostport(cfg.web.listen, 8080)
+        # A host name that does not resolve passes parse_hostport; waitress would refuse it with a traceback
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except ValueError as exc:
-        raise ConfigError(f"web.listen: {exc}") from exc
+        raise ConfigError(f"{where}: {exc}") from exc
+    except socket.gaierror as exc:
+        raise ConfigError(f"{where}: cannot listen on {host!r}: {exc.strerror}") from exc
     store = Store(cfg.db_url)
     shown = f"[{host}]" if ":" in host else host
     log.info("web UI on http://%s:%d/", shown, port)
