@@ -250,7 +250,9 @@ def test_a_join_takes_its_superlink_and_tls_from_the_config_and_its_flags_win(tm
         f'[federation]\nsuperlink = "127.0.0.1:9"\ntls_ca = "{missing_ca}"\ninsecure = true\n'
     )
     from_file = iotgw("federation", "join", "--config", str(config))  # the file's tls_ca, over its insecure
-    assert (from_file.returncode, from_file.stderr) == (1, f"iotgw federation: {missing_ca}: no such file\n")
+    assert (from_file.returncode, from_file.stderr) == (
+        2, f"iotgw: configuration error: {config}: federation.tls_ca: {missing_ca}: no such file\n"
+    )
     flagged = iotgw("federation", "join", "--config", str(config), "--insecure")
     assert flagged.returncode == 0, flagged.stderr
     assert "no confirmed devices yet" in flagged.stdout  # it went on to export: the SuperLink came from the file
@@ -260,6 +262,20 @@ def test_a_join_takes_its_superlink_and_tls_from_the_config_and_its_flags_win(tm
     config.write_text(f'[gateway]\nstate_dir = "{tmp_path / "state"}"\n[federation]\nsuperlink = 9\n')
     bad = iotgw("federation", "join", "--config", str(config))
     assert bad.returncode != 0 and f"{config}:4: federation.superlink: expected str" in bad.stderr
+
+
+def test_a_server_given_a_missing_tls_file_or_a_state_dir_that_is_a_file_names_the_flag(tmp_path: Path) -> None:
+    pem = tmp_path / "ca.pem"
+    pem.write_text("not used: the server stops before it reads it\n")
+    tls = ["--tls-ca", str(pem), "--tls-cert", str(pem)]
+    for flags, said in (
+        ([*tls, "--tls-key", str(tmp_path / "no.key")], f"--tls-key: {tmp_path / 'no.key'}: no such file"),
+        ([*tls, "--tls-key", str(tmp_path)], f"--tls-key: {tmp_path}: a directory, not a file"),
+        (["--insecure", "--state-dir", str(pem)], f"--state-dir: {pem} is not a directory"),
+    ):
+        done = iotgw("federation", "server", "--state-dir", str(tmp_path / "link"), *flags)
+        assert (done.returncode, done.stderr) == (2, f"iotgw: configuration error: {said}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ca.pem"]
 
 
 def test_rollback_reinstalls_the_previous_bundle_and_says_so(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from gateway.cli import (
     tcp_port,
     whole_number,
 )
+from gateway.config import ConfigError
 from gateway.statedir import create_private
 
 CONNECTION = "iotgw"
@@ -183,8 +184,10 @@ def _tls(args: argparse.Namespace, server_side: bool):  # noqa: ANN202
     if missing:
         raise SystemExit(f"iotgw federation: give {', '.join(missing)} or --insecure")
     for name in needed:
-        if not getattr(args, name).is_file():
-            raise SystemExit(f"iotgw federation: {getattr(args, name)}: no such file")
+        path = getattr(args, name)
+        if not path.is_file():  # named by the flag, or by the config key it came from (_from_config)
+            where = getattr(args, f"{name}_from", f"--{name.replace('_', '-')}")
+            raise ConfigError(f"{where}: {path}: {'a directory, not a file' if path.is_dir() else 'no such file'}")
     return Tls(args.tls_ca, getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
 
 
@@ -408,6 +411,7 @@ def _from_config(args: argparse.Namespace, cfg) -> bool:  # noqa: ANN001 - gatew
     if args.tls_ca is None and not args.insecure:
         if fed.tls_ca:
             args.tls_ca = Path(fed.tls_ca)
+            args.tls_ca_from = f"{cfg.source}: federation.tls_ca"
         else:
             args.insecure = fed.insecure
     if args.auth_key is None and fed.auth_key:
