@@ -33,6 +33,10 @@ COMMAND_MODULES = (
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    not_text = not_utf8(argv)
+    if not_text:
+        parser.error(not_text)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
@@ -69,6 +73,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"iotgw: the database is busy: another process (the daemon, the web UI, another command) held it "
               f"for {BUSY_TIMEOUT_S:.0f} s; nothing was changed, try again", file=sys.stderr)
         return 1
+
+
+def not_utf8(argv: list[str]) -> str | None:
+    """What to say about the first argument that is not UTF-8 (a Latin-1 terminal, a file name in another
+    encoding), naming the flag before it; None when all are. Python hands such bytes over as lone surrogates,
+    which pass argparse and every check and then fail, with a traceback, where the text is stored or encoded."""
+    for i, arg in enumerate(argv):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            flag = argv[i - 1] if i and argv[i - 1].startswith("--") and "=" not in argv[i - 1] else None
+            return f"{f'argument {flag}: ' if flag else ''}'{shown}' is not UTF-8 text"
+    return None
 
 
 def _database_busy(exc: Exception) -> bool:

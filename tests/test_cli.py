@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway import accounts
 from gateway.cli import build_parser
 from gateway.store.db import Store
 
@@ -56,6 +57,22 @@ def test_an_abbreviated_flag_is_refused_with_a_usage_error_and_changes_nothing(t
     assert proc.stderr.startswith("usage: ") and f"error: unrecognized arguments: {abbreviated}" in proc.stderr
     assert proc.stdout == "" and not state.exists()
     assert "Traceback" not in proc.stderr
+
+
+def test_an_argument_that_is_not_utf8_is_a_usage_error_naming_its_flag(db):
+    """A Latin-1 terminal's bytes reach Python as lone surrogates: they passed argparse and every check and ended in
+    a traceback where they were stored (``token create``) or searched for (``queries --search``)."""
+    for argv, said in (
+        ([b"queries", b"--db", db.encode(), b"--search", b"caf\xe9"], r"argument --search: 'caf\xe9'"),
+        ([b"user", b"--db", db.encode(), b"token", b"create", b"caf\xe9"], r"'caf\xe9'"),
+    ):
+        proc = subprocess.run([sys.executable, "-m", "gateway.cli", *argv], capture_output=True, text=True,
+                              timeout=60, cwd=ROOT)
+        assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+        assert proc.stderr.splitlines()[-1] == f"iotgw: error: {said} is not UTF-8 text"
+    store = Store(db)
+    assert accounts.list_tokens(store) == []
+    store.close()
 
 
 @pytest.fixture
