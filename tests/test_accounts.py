@@ -477,3 +477,17 @@ def test_a_cli_write_while_another_process_holds_the_database_says_busy_and_chan
     store = Store(f"sqlite:///{path}")
     assert accounts.list_tokens(store) == []
     store.close()
+
+
+def test_a_password_piped_in_that_is_not_utf8_is_refused_in_one_line_and_nothing_is_stored(tmp_path):
+    """The bytes reach Python as lone surrogates; hashing them said only "'utf-8' codec can't encode characters"."""
+    import subprocess
+    from pathlib import Path
+
+    db = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
+    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "user", "set-password", "--db", db],
+                          input=b"caf\xe9 au lait\n", capture_output=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert (proc.returncode, proc.stdout) == (1, b"")
+    assert proc.stderr == b"iotgw: the password is not UTF-8 text; nothing changed\n"
+    assert not accounts.has_password(Store(db))

@@ -67,6 +67,11 @@ def _set_password(args: argparse.Namespace) -> int:
             return 1
     else:
         password = sys.stdin.readline().rstrip("\r\n")
+    try:  # stdin's undecodable bytes arrive as lone surrogates; the hash would fail on them, saying "codec"
+        password.encode("utf-8")
+    except UnicodeEncodeError:
+        print("iotgw: the password is not UTF-8 text; nothing changed", file=sys.stderr)
+        return 1
     try:
         accounts.set_password(_store(args), password, args.username)
     except ValueError as exc:
