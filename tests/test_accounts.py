@@ -386,8 +386,10 @@ def test_cli_sets_the_password_and_manages_tokens(tmp_path, monkeypatch, capsys)
     assert "\twrite\tha\t" in capsys.readouterr().out
     assert _run(["user", "token", "create", "nas", "--expires", "never", *db], monkeypatch) == 0
     assert "never expires) created" in capsys.readouterr().err
-    assert _run(["user", "token", "create", "x", "--expires", "7", *db], monkeypatch) == 1
-    assert "expires after 30, 90 or 365 days, or never" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        _run(["user", "token", "create", "x", "--expires", "7", *db], monkeypatch)
+    assert refused.value.code == 2
+    assert "argument --expires: a token expires after 30, 90 or 365 days, or never" in capsys.readouterr().err
     assert _run(["user", "token", "list", *db], monkeypatch) == 0
     first, second = capsys.readouterr().out.splitlines()
     assert "\texpires 20" in first and second.endswith("\tnever expires")
@@ -491,3 +493,18 @@ def test_a_password_piped_in_that_is_not_utf8_is_refused_in_one_line_and_nothing
     assert (proc.returncode, proc.stdout) == (1, b"")
     assert proc.stderr == b"iotgw: the password is not UTF-8 text; nothing changed\n"
     assert not accounts.has_password(Store(db))
+
+
+def test_a_token_lifetime_other_than_the_choices_is_a_usage_error_naming_the_flag(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    db = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
+    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "user", "token", "create", "ha", "--expires", "7",
+                           "--db", db], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        "iotgw user token create: error: argument --expires: a token expires after 30, 90 or 365 days, or never"
+    )
+    assert not (tmp_path / "iotgw.sqlite").exists()

@@ -37,7 +37,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--expires",
-        default="90",  # accounts.TOKEN_DEFAULT_DAYS; accounts.parse_lifetime checks it (not imported for --help)
+        type=_lifetime,
+        default="90",  # accounts.TOKEN_DEFAULT_DAYS, not imported for --help
         metavar="DAYS",
         help="days until the token stops working: 30, 90 (default), 365 or never",
     )
@@ -49,6 +50,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_state_args(p, again=True)
     p.add_argument("id", type=int, help="the token's number, as token list prints it")
     p.set_defaults(func=_token_revoke)
+
+
+def _lifetime(text: str) -> int | None:
+    """An argparse type: ``--expires`` as days, None for never; a usage error (exit 2) for any other value."""
+    from gateway import accounts  # only once ``token create`` is parsed: it loads SQLAlchemy and argon2
+
+    try:
+        return accounts.parse_lifetime(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _store(args: argparse.Namespace):  # noqa: ANN202 - a Store; imported lazily to keep --help fast
@@ -85,8 +96,7 @@ def _token_create(args: argparse.Namespace) -> int:
     from gateway import accounts
 
     try:
-        days = accounts.parse_lifetime(args.expires)
-        token, secret = accounts.create_token(_store(args), args.name, args.scope, days)
+        token, secret = accounts.create_token(_store(args), args.name, args.scope, args.expires)
     except ValueError as exc:
         print(f"iotgw: {exc}", file=sys.stderr)
         return 1
