@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 def add_commands(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="run the gateway daemon (DNS, capture, identification, policy, alerts)")
     add_state_args(run)
-    run.add_argument("--dns-listen", action="append", metavar="HOST:PORT", help="listen address (repeatable)")
+    run.add_argument("--dns-listen", action="append", metavar="HOST:PORT", help="DNS listen address (repeatable)")
     run.add_argument("--upstream", action="append", metavar="HOST[:PORT]", help="upstream resolver (repeatable)")
     run.add_argument("--lan", action="append", metavar="CIDR", help="LAN prefix allowed to query (repeatable)")
     run.add_argument("--interface", type=non_empty, metavar="IFACE", help="interface for passive capture")
@@ -69,7 +69,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "answer. The replay's end is no one's departure. Ctrl-C ends it at the next frame and leaves the windows "
         "still open unanswered.")
     add_state_args(replay)
-    replay.add_argument("pcaps", nargs="+", metavar="FILE.pcap")
+    replay.add_argument("pcaps", nargs="+", metavar="FILE.pcap", help="pcap or pcapng files, in the order given")
     replay.add_argument("--realtime", action="store_true", help="at recorded speed (default: as fast as possible)")
     replay.set_defaults(func=cmd_replay)
 

@@ -62,7 +62,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     server.add_argument(
         "--host", type=non_empty, default="127.0.0.1", help="address the SuperLink listens on (default 127.0.0.1)"
     )
-    server.add_argument("--port", type=tcp_port, default=9092, help="its port (default 9092)")
+    server.add_argument("--port", type=tcp_port, default=9092, help="the SuperLink's port (default 9092)")
     _add_tls_args(server, server_side=True)
     server.add_argument(
         "--authorized-key",

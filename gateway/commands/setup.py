@@ -20,7 +20,10 @@ from gateway.config import DEFAULT_PATH, ConfigError, decode, load
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("setup", help="first-boot setup: LAN interface, admin password, router DNS")
-    p.add_argument("--config", type=non_empty, metavar="FILE", default=str(DEFAULT_PATH), help="config file to update")
+    p.add_argument(
+        "--config", type=non_empty, metavar="FILE", default=str(DEFAULT_PATH),
+        help=f"config file to update (default {DEFAULT_PATH})",
+    )
     p.add_argument(
         "--interface", type=non_empty, metavar="IF",
         help="the LAN interface (default: ask, offering the default route's)",

@@ -19,7 +19,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--listen", type=non_empty, metavar="HOST:PORT", help="address to serve on (default [web].listen, 0.0.0.0:8080)"
     )
-    p.add_argument("--state-dir", type=non_empty, metavar="DIR", help="state directory (holds the session signing key)")
+    p.add_argument("--state-dir", type=non_empty, metavar="DIR",
+                   help="state directory: the session signing key, and the database unless --db")
     p.set_defaults(func=_web)
 
 
