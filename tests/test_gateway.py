@@ -1034,3 +1034,22 @@ def test_an_evicted_device_the_owner_named_meanwhile_comes_back_as_itself_withou
         gw.flush()
         device = get_device(gw.store, stale).device
         assert (device.first_seen, device.name, device.name_source) == (first_seen, "Hall lamp", "user")
+
+
+def test_run_on_an_interface_that_is_not_there_says_so_naming_the_flag_or_key_and_starts_nothing(tmp_path):
+    """The sniffer's bind failed with "[Errno 19] No such device" in a traceback, after the DNS server was up."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = free_port()
+    config = tmp_path / "iotgw.toml"
+    config.write_text(f'[gateway]\nstate_dir = "{tmp_path / "state"}"\n[capture]\ninterface = "nosuch1"\n')
+    for flags, said in ((["--interface", "nosuch0"], "--interface: no network interface 'nosuch0'"),
+                        ([], f"{config}: capture.interface: no network interface 'nosuch1'")):
+        proc = subprocess.run([sys.executable, "-m", "gateway.cli", "run", "--config", str(config), "--dns-listen",
+                               f"127.0.0.1:{port}", *flags], capture_output=True, text=True, timeout=60,
+                              cwd=Path(__file__).resolve().parents[1], stdin=subprocess.DEVNULL)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr == f"iotgw: configuration error: {said} here (see `ip link`)\n"
+    assert not (tmp_path / "state").exists()

@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -27,7 +28,7 @@ from gateway.cli import (
     seconds_or_zero,
     tcp_port,
 )
-from gateway.config import check_mqtt_url
+from gateway.config import ConfigError, check_mqtt_url
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gateway.store.db import Store
 
     cfg = config_from_args(args)
+    if cfg.capture.sniff and cfg.capture.interface:
+        # Checked before anything starts: the sniffer's bind failed with "[Errno 19] No such device" and a traceback
+        # after the DNS server was already up.
+        try:
+            socket.if_nametoindex(cfg.capture.interface)
+        except OSError:
+            where = "--interface" if args.interface else f"{cfg.source}: capture.interface"
+            raise ConfigError(f"{where}: no network interface {cfg.capture.interface!r} here (see `ip link`)") from None
     store = Store(cfg.db_url)
     # nftables quarantine needs CAP_NET_ADMIN and the nft tool; without them quarantine is DNS-only.
     firewall = shutil.which("nft") is not None and _has_net_admin()
