@@ -235,3 +235,23 @@ def test_a_mud_file_that_cannot_be_read_is_one_line_naming_it_and_its_line(tmp_p
         assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
         assert proc.stderr.splitlines() == [f"iotgw policy: {said}"]
     assert not (state / "policy.json").exists()
+
+
+@pytest.mark.parametrize(("action", "flag"), [
+    (["block", "global", "ads.example", "--schedule", ""], "--schedule"),  # was an always-on rule
+    (["schedule", "night", "--tz", "", "--day", "mon=21:00-24:00"], "--tz"),  # was UTC
+    (["list-add", "x", "--file", "{mud}", "--category", ""], "--category"),  # was no category
+    (["import-mud", "", "{mud}"], "device_type"),  # was a profile for the type ''
+])
+def test_an_empty_name_is_refused_naming_its_argument_and_the_policy_is_unchanged(tmp_path, action, flag):
+    """``--schedule "$NIGHT"`` with NIGHT unset: the empty value read as the flag left out and made, silently,
+    a different policy from the one asked for."""
+    from tests.test_policy_engine import MUD
+
+    mud = tmp_path / "cam.json"
+    mud.write_text(json.dumps(MUD))
+    state = tmp_path / "state"
+    proc = _iotgw("policy", "--state-dir", str(state), *(a.format(mud=mud) for a in action))
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+    assert proc.stderr.splitlines()[-1].endswith(f"error: argument {flag}: must not be empty"), proc.stderr
+    assert not state.exists()

@@ -32,7 +32,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         c = cmds.add_parser(action, help=f"{action} a name and its subdomains, a list, a category, or all")
         c.add_argument("scope", help=scope_help)
         c.add_argument("target", help="a domain name, list:ID, category:NAME, or all")
-        c.add_argument("--schedule", metavar="NAME", help="apply only while this schedule (see schedule) is active")
+        c.add_argument("--schedule", type=non_empty, metavar="NAME",
+                       help="apply only while this schedule (see schedule) is active")
         c.set_defaults(func=_add_rule, action=action)
 
     c = cmds.add_parser("unrule", help="remove a rule by its label, or by its number (see show)")
@@ -49,7 +50,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("--file", type=non_empty, help="a local hosts, domain or adblock file")
     src.add_argument("--url", type=non_empty, help="http(s) URL, downloaded now and on list-update")
-    c.add_argument("--category", help="also put the list in this category")
+    c.add_argument("--category", type=non_empty, help="also put the list in this category")
     c.set_defaults(func=_list_add)
 
     c = cmds.add_parser("list-update", help="fetch a URL list again")
@@ -60,7 +61,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "schedule", help="define a weekly schedule, e.g. --day mon=21:00-24:00 --day tue=00:00-07:00"
     )
     c.add_argument("name", help="the schedule's name, for --schedule of block and allow (replaced if it exists)")
-    c.add_argument("--tz", default="UTC", help="IANA time zone, e.g. Europe/Berlin (default UTC)")
+    c.add_argument("--tz", type=non_empty, default="UTC", help="IANA time zone, e.g. Europe/Berlin (default UTC)")
     c.add_argument("--day", action="append", default=[], metavar="DAY=HH:MM-HH:MM",
                    help="a day (mon..sun) and its hours; repeatable, a day once")
     c.set_defaults(func=_schedule)
@@ -88,7 +89,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_quarantine)
 
     c = cmds.add_parser("import-mud", help="import an RFC 8520 MUD file as a device type's allow profile")
-    c.add_argument("device_type", help="the device type the profile is for, e.g. TP-LinkPlugHS110")
+    c.add_argument("device_type", type=non_empty, help="the device type the profile is for, e.g. TP-LinkPlugHS110")
     c.add_argument("file", help="the MUD file (JSON)")
     c.set_defaults(func=_import_mud)
 
