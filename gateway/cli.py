@@ -76,13 +76,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def not_utf8(argv: list[str]) -> str | None:
-    """What to say about the first argument that is not UTF-8 (a Latin-1 terminal, a file name in another
-    encoding), naming the flag before it; None when all are. Python hands such bytes over as lone surrogates,
-    which pass argparse and every check and then fail, with a traceback, where the text is stored or encoded."""
+    """What to say about the first argument that is not UTF-8 (typed in a Latin-1 terminal), naming the flag before
+    it; None when all are. Python hands such bytes over as lone surrogates, which pass argparse and every check and
+    then fail, with a traceback, where the text is stored or encoded. The name of a file that exists is left alone:
+    file names are bytes, and opening one works (``iotgw replay``)."""
     for i, arg in enumerate(argv):
         try:
             arg.encode("utf-8")
         except UnicodeEncodeError:
+            if os.path.lexists(arg):
+                continue
             shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
             flag = argv[i - 1] if i and argv[i - 1].startswith("--") and "=" not in argv[i - 1] else None
             return f"{f'argument {flag}: ' if flag else ''}'{shown}' is not UTF-8 text"

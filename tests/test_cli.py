@@ -75,6 +75,17 @@ def test_an_argument_that_is_not_utf8_is_a_usage_error_naming_its_flag(db):
     store.close()
 
 
+def test_the_name_of_a_file_that_exists_may_be_in_any_encoding(tmp_path, db):
+    """File names are bytes: a capture saved under a Latin-1 name is replayed (here: read, and found no capture)."""
+    latin1 = bytes(tmp_path) + b"/caf\xe9.pcap"
+    with open(latin1, "wb") as f:
+        f.write(b"not a capture\n")
+    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "replay", "--db", db, latin1], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 1 and "replayed 0 of 1 files" in proc.stdout, proc.stderr
+    assert "not a pcap or pcapng file" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.fixture
 def broken_config(tmp_path: Path) -> Path:
     """A config with a syntax error: without the fix below, each command stops on it before it does anything."""
