@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from gateway.cli import positive_count, positive_seconds, whole_number
+from gateway.cli import non_empty, positive_count, positive_seconds, whole_number
 from policy.model import normalise_mac
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the checkout
@@ -22,7 +22,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("identify", help="identify the devices in pcaps (or DNS sessions) with the model")
     p.add_argument("pcaps", nargs="*", metavar="PCAP")
     p.add_argument(
-        "--model", type=given_path, metavar="DIR", help="model bundle directory (default: the shipped one)"
+        "--model", type=non_empty, metavar="DIR", help="model bundle directory (default: the shipped one)"
     )
     p.add_argument(
         "--window",
@@ -35,16 +35,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--signals", choices=("all", "dns"), default="all", help="use every signal (default) or DNS names only"
     )
     p.add_argument(
-        "--sessions", type=given_path, metavar="FILE.jsonl", help="identify DNS sessions given as JSON lines"
+        "--sessions", type=non_empty, metavar="FILE.jsonl", help="identify DNS sessions given as JSON lines"
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_identify)
 
     p = sub.add_parser("train", help="train a model bundle on ../shared/data")
-    p.add_argument("--data", default=str(DEFAULT_DATA), metavar="DIR",
+    p.add_argument("--data", type=non_empty, default=str(DEFAULT_DATA), metavar="DIR",
                    help="the shared data directory (default ../shared/data beside the checkout)")
     p.add_argument(
-        "--out", type=given_path, metavar="DIR", help="bundle directory (default: the shipped identifier/bundle)"
+        "--out", type=non_empty, metavar="DIR", help="bundle directory (default: the shipped identifier/bundle)"
     )
     p.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     p.add_argument(
@@ -56,10 +56,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="cross-validated accuracy, baselines, open set and plots")
-    p.add_argument("--data", default=str(DEFAULT_DATA), metavar="DIR",
+    p.add_argument("--data", type=non_empty, default=str(DEFAULT_DATA), metavar="DIR",
                    help="the shared data directory (default ../shared/data beside the checkout)")
     p.add_argument(
-        "--out", type=given_path, default="evaluation", metavar="DIR",
+        "--out", type=non_empty, default="evaluation", metavar="DIR",
         help="where the JSON report and PNG plots go (default ./evaluation)",
     )
     p.add_argument(
@@ -74,16 +74,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="leave a part out (repeatable)",
     )
     p.set_defaults(func=cmd_evaluate)
-
-
-def given_path(text: str) -> str:
-    """An argparse type for a path given by flag, never an empty one, which a script's unset variable gives
-    (``--model "$MODEL"``): ``--model ""`` loaded the shipped bundle as if it were the one asked for,
-    ``--sessions ""`` beside a pcap was no input at all (exit 0), ``train --out ""`` trained over the shipped
-    bundle and ``evaluate --out ""`` wrote into the current directory."""
-    if not text:
-        raise argparse.ArgumentTypeError("an empty path names no file or directory")
-    return text
 
 
 def seed(text: str) -> int:
