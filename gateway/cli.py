@@ -6,6 +6,7 @@ and registers itself with ``add_commands(subparsers)``; handlers import what the
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import math
@@ -61,6 +62,17 @@ def main(argv: list[str] | None = None) -> int:
         # `iotgw queries | head`: the reader has what it wanted. Later writes (the interpreter's own flush at
         # exit) go nowhere rather than raising again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:
+        # A write that found no room (`> /dev/full`, a full disk or quota): Python names no file for a write on an
+        # open one, so neither can this; the words are enough to act on, a traceback is not.
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO) or exc.filename is not None:
+            raise
+        print(f"iotgw: a write failed: {exc.strerror}", file=sys.stderr)
+        try:
+            sys.stdout.flush()
+        except OSError:  # stdout itself: the interpreter's flush at exit would fail again, with a traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except Exception as exc:
         if _database_unavailable(exc):

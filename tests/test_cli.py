@@ -130,3 +130,13 @@ def test_a_db_that_cannot_be_opened_is_one_line_naming_it(tmp_path, make, said):
         ]
     if path.is_dir():  # refused before the query log's database was made beside it
         assert [p.name for p in tmp_path.iterdir()] == ["iotgw.sqlite"]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device every write to fails as full")
+def test_output_to_a_full_device_is_one_line_not_a_traceback(tmp_path):
+    sessions = tmp_path / "s.jsonl"
+    sessions.write_text('{"id": "a", "queries": [{"t": 0, "name": "devs.tplinkcloud.com"}]}\n')
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "gateway.cli", "identify", "--json", "--sessions", str(sessions)],
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, cwd=ROOT)
+    assert (proc.returncode, proc.stderr) == (1, "iotgw: a write failed: No space left on device\n")

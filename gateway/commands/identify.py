@@ -174,21 +174,17 @@ def cmd_identify(args: argparse.Namespace) -> int:
             emit({"source": path, "mac": mac, **_record(identity)})
     if args.sessions:
         unread_keys: dict[str, str] = {}  # dhcp key -> the first session that had it
-        try:
-            for item in read_sessions(args.sessions):
-                if isinstance(item, SessionError):  # this line is lost, the lines after it are not
-                    print(f"iotgw identify: {item}", file=sys.stderr)
-                    failed += 1
-                    continue
-                sid, mac, observations, unread = item
-                for key in unread:
-                    if len(unread_keys) < 5:  # the warning names five: a hostile file's keys are not all kept
-                        unread_keys.setdefault(key, sid)
-                first = min((o.ts for o in observations), default=0.0)
-                emit({"id": sid, **_record(_classify(ident, mac, first, observations, args.window))})
-        except OSError as exc:
-            print(f"iotgw identify: {exc}", file=sys.stderr)
-            failed += 1
+        for item in read_sessions(args.sessions):
+            if isinstance(item, SessionError):  # this line is lost, the lines after it are not
+                print(f"iotgw identify: {item}", file=sys.stderr)
+                failed += 1
+                continue
+            sid, mac, observations, unread = item
+            for key in unread:
+                if len(unread_keys) < 5:  # the warning names five: a hostile file's keys are not all kept
+                    unread_keys.setdefault(key, sid)
+            first = min((o.ts for o in observations), default=0.0)
+            emit({"id": sid, **_record(_classify(ident, mac, first, observations, args.window))})
         if unread_keys:  # a warning, not a failure: the sessions were identified on what could be read
             first = ", ".join(f"{k!r} (first in session {_shown(sid)})" for k, sid in sorted(unread_keys.items()))
             print(
@@ -225,19 +221,22 @@ def read_sessions(path: str):
     is timed. ``unread`` lists the keys of ``dhcp`` objects that are none of these, for a warning: a fingerprint
     under a name we do not know would otherwise be judged as absent without a word.
     """
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            try:
-                # a byte order mark is how some editors start a UTF-8 file: not part of the first session
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-                if line.strip():
-                    yield _session(json.loads(line))
-            except NotASession as exc:
-                yield SessionError(f"{path}:{lineno}: not a session ({exc})")
-            # UnicodeDecodeError is a ValueError; OverflowError is a number too big for a float (a 400-digit
-            # "t", an Infinity qtype): every one is this line's fault, never the file's
-            except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
-                yield SessionError(f"{path}:{lineno}: not a session ({exc.__class__.__name__}: {exc})")
+    try:
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    # a byte order mark is how some editors start a UTF-8 file: not part of the first session
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                    if line.strip():
+                        yield _session(json.loads(line))
+                except NotASession as exc:
+                    yield SessionError(f"{path}:{lineno}: not a session ({exc})")
+                # UnicodeDecodeError is a ValueError; OverflowError is a number too big for a float (a 400-digit
+                # "t", an Infinity qtype): every one is this line's fault, never the file's
+                except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+                    yield SessionError(f"{path}:{lineno}: not a session ({exc.__class__.__name__}: {exc})")
+    except OSError as exc:  # here, not around the caller's loop, where a failed write of the answers is one too
+        yield SessionError(f"{path}: cannot be read ({exc.strerror or exc})")
 
 
 def _session(item):
