@@ -431,3 +431,27 @@ def test_iotgw_replay_reads_a_capture_from_a_pipe(tmp_path):
     device = get_device(Store(db, migrate=False), mac).device
     first = next(ts for ts, frame in read_frames(pcap) if frame[6:12] == bytes.fromhex(mac.replace(":", "")))
     assert device.name == "Philips-hue" and device.first_seen == pytest.approx(first)
+
+
+def test_a_pipe_given_with_other_captures_makes_the_replay_out_of_time_order(tmp_path):
+    """The first pass cannot read a pipe, so it cannot tell whether the pipe's frames come before the other files'.
+    Taken as in time order, the older capture piped in after the newer file was replayed as if in order: the
+    device's window started at its newer frame and took the older ones after it, out of order."""
+    import subprocess
+    import sys
+
+    from gateway.store.db import Store
+    from gateway.store.schema import ObservationWindow
+
+    mac = "02:00:00:00:00:42"
+    newer, older = tmp_path / "newer.pcap", tmp_path / "older.pcap"
+    wrpcap(str(newer), [_query(mac, 2000.0, "late.example.com")])
+    wrpcap(str(older), [_query(mac, 1000.0, "early.example.com"), _query(mac, 1010.0, "second.example.com")])
+    db = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
+    proc = subprocess.run(["bash", "-c", '"$0" -m gateway.cli replay --db "$1" "$2" <(cat "$3")',
+                           sys.executable, db, str(newer), str(older)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "replayed 2 of 2 files" in proc.stdout, proc.stderr
+    with Store(db, migrate=False).session() as s:  # as when both are files given out of date order
+        window = s.get(ObservationWindow, mac)
+        assert window.started_at == 1000.0
+        assert [o["name"] for o in window.observations] == ["early.example.com", "second.example.com"]

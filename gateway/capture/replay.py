@@ -40,12 +40,16 @@ def timeline(paths: Iterable[str | Path]) -> Timeline:
     """Read ``paths`` once for their frames' times and senders. A file that cannot be read gives what it holds
     before the damage; the replay itself reports it by name. A pipe (``<(zcat x.pcap.gz)``) is not read here:
     it gives its frames once, to the replay, which takes them to be in time order, as a capture tool writes
-    them, and each sender first seen at its first frame there."""
+    them, and each sender first seen at its first frame there. Given with other captures, a pipe makes the
+    frames out of time order: whether its frames come before or after theirs is not known until they are read."""
+    paths = list(paths)
     out = Timeline()
     earliest = out.earliest
     latest = None
     for path in paths:
         if not Path(path).is_file():  # a pipe, or no file at all (the replay names it)
+            if len(paths) > 1 and Path(path).exists() and not Path(path).is_dir():
+                out.in_order = False
             continue
         try:
             for ts, frame in read_frames(path):
