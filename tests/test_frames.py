@@ -458,6 +458,19 @@ def test_a_gzipd_capture_cut_short_is_truncated_after_every_frame_before_the_cut
         assert _until_damage(cut) == expected[:kept] and kept > 0
 
 
+
+@pytest.mark.parametrize("ng", [False, True], ids=["pcap", "pcapng"])
+def test_a_gzipd_capture_padded_with_zeros_gives_the_frames_of_the_plain_file(tmp_path, ng):
+    """gzip and zcat take zeros after the last member (padding to a block, as tape and some copies leave) as the
+    end; they were read as the header of another member, 'damaged gzip stream', and the capture as unreadable."""
+    plain, padded = tmp_path / "plain", tmp_path / "padded.gz"
+    padded.write_bytes(gzip.compress(_capture(plain, ng, 5)) + b"\0" * 10000)
+    assert subprocess.run(["gzip", "-t", str(padded)], capture_output=True).returncode == 0
+    assert list(read_frames(padded)) == list(read_frames(plain))
+    padded.write_bytes(padded.read_bytes() + b"garbage")  # not padding: still named
+    with pytest.raises(PcapError, match="padded.gz: unreadable after 5 records: damaged gzip stream"):
+        list(read_frames(padded))
+
 def _until_damage(path: Path) -> list[tuple[float, bytes]]:
     got = []
     try:

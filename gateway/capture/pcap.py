@@ -173,8 +173,13 @@ class _Gunzip:
 
     def read(self, size: int) -> bytes:
         while len(self._out) < size:
-            if self._z.eof:  # a member ended: the file may hold another
-                self._in = self._z.unused_data or self._raw.read(_GZIP_IN)
+            if self._z.eof:  # a member ended: the file may hold another, or zeros, which gzip takes as the end
+                self._in = self._z.unused_data.lstrip(b"\0")
+                while not self._in:
+                    more = self._raw.read(_GZIP_IN)
+                    if not more:
+                        break
+                    self._in = more.lstrip(b"\0")
                 if not self._in:
                     break
                 self._z = zlib.decompressobj(31)
