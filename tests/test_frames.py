@@ -610,7 +610,8 @@ def _ipv6_query(*extensions) -> bytes:  # noqa: ANN002 - scapy extension header 
     (IPv6ExtHdrDestOpt(),),
     (IPv6ExtHdrHopByHop(), IPv6ExtHdrRouting(), IPv6ExtHdrDestOpt(options=[PadN(optdata=b"\0" * 12)])),
     (IPv6ExtHdrFragment(offset=0, m=0, id=7),),  # an atomic fragment (RFC 6946) holds the whole datagram
-], ids=["destination-options", "three-headers", "atomic-fragment"])
+    (IPv6ExtHdrFragment(offset=0, res2=3, m=0, id=7),),  # its reserved bits are ignored on receipt (RFC 8200 4.5)
+], ids=["destination-options", "three-headers", "atomic-fragment", "atomic-fragment-reserved-bits"])
 def test_a_dns_query_behind_ipv6_extension_headers_is_seen(extensions):
     (event,) = parse_frame(_ipv6_query(*extensions), 1.0)
     assert isinstance(event, DnsQuery) and (event.client, event.qname) == ("fd00::7", "tracker.example.com")

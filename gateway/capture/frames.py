@@ -149,7 +149,8 @@ def parse_frame(frame: bytes, ts: float, *, others: bool = False, source: str = 
         # Skipped, or a device's DNS behind a destination options header went unseen. Bounded by the frame.
         while proto in _IPV6_EXTENSIONS and len(frame) >= l4 + 8:
             if proto == 44:
-                if (frame[l4 + 2] << 8 | frame[l4 + 3]) != 0:  # offset or more fragments: as for IPv4
+                # offset or more fragments: as for IPv4; the 2 reserved bits between them are ignored (RFC 8200)
+                if (frame[l4 + 2] << 8 | frame[l4 + 3]) & 0xFFF9:
                     return [PacketSeen(ts, mac, src_ip, "fragment")] if others else []
                 proto, l4 = frame[l4], l4 + 8  # an atomic fragment (RFC 6946): the whole packet
             elif proto == 51:
