@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import threading
 import time
 
@@ -382,6 +383,28 @@ def test_upstreams_are_asked_for_at_most_1232_byte_udp_answers_whatever_the_clie
             assert addresses(msg) == {"192.0.2.10"} and msg.edns == 0
     assert seen == [1232, 1232, 1232, 512]
 
+
+
+def test_a_query_off_the_fast_path_asks_upstreams_for_at_most_1232_bytes_too():
+    """A query with another record beside its OPT takes the slow path, which passed the client's 65535 on: any
+    LAN host could still make upstreams fragment their answers."""
+    seen: list[int] = []
+
+    def reply(query: dns.message.Message) -> tuple[float, bytes | None]:
+        seen.append(query.payload)
+        return answer("192.0.2.10")(query)
+
+    opt = b"\0" + struct.pack("!HHIH", 41, 65535, 0, 0)  # root name, OPT, UDP size 65535
+    extra = b"\0" + struct.pack("!HHIH", 1, 1, 60, 4) + bytes((192, 0, 2, 1))  # an A record beside it
+    with FakeUpstream(reply) as up, running(config([up.address])) as srv:
+        for i, additional in enumerate((opt + extra, extra + opt)):
+            question = dns.message.make_query(f"slow{i}.example.test", "A").to_wire()[12:]
+            query = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 2) + question + additional
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.settimeout(3)
+                sock.sendto(query, ("127.0.0.1", srv.port))
+                assert addresses(dns.message.from_wire(sock.recv(4096))) == {"192.0.2.10"}
+    assert [int(p) for p in seen] == [1232, 1232]
 
 def test_an_upstream_ttl_with_the_top_bit_set_is_not_cached_for_a_day():
     def reply(query: dns.message.Message) -> tuple[float, bytes | None]:

@@ -127,12 +127,36 @@ UPSTREAM_UDP_SIZE = 1232
 
 
 def clamp_udp_size(query: bytes, opt: int) -> bytes:
-    """``query`` with the UDP size of its OPT record at ``opt`` cut to ``UPSTREAM_UDP_SIZE``."""
-    if query[4:12] != COUNTS_EDNS or opt_at(query, opt) is None:
+    """``query`` with the UDP size of its OPT record cut to ``UPSTREAM_UDP_SIZE``. ``opt`` is just past the
+    question, where the fast path's OPT sits; a query of another shape (the slow path's: the OPT beside other
+    records) has its records walked for it, or any LAN host could still have upstreams fragment their answers."""
+    counts = query[4:12]
+    if counts == COUNTS_PLAIN:
         return query
-    if (query[opt + 3] << 8) | query[opt + 4] <= UPSTREAM_UDP_SIZE:
+    if counts == COUNTS_EDNS and opt_at(query, opt) is not None:
+        size_at = opt + 3
+    else:
+        size_at = _opt_size_at(query, opt)
+        if size_at is None:
+            return query
+    if (query[size_at] << 8) | query[size_at + 1] <= UPSTREAM_UDP_SIZE:
         return query
-    return query[: opt + 3] + UPSTREAM_UDP_SIZE.to_bytes(2, "big") + query[opt + 5 :]
+    return query[:size_at] + UPSTREAM_UDP_SIZE.to_bytes(2, "big") + query[size_at + 2 :]
+
+
+def _opt_size_at(message: bytes, pos: int) -> int | None:
+    """Where the UDP size (the class field) of the OPT record among the records from ``pos`` sits, if any."""
+    try:
+        an, ns, ar = struct.unpack_from("!HHH", message, 6)
+        for _ in range(an + ns + ar):
+            pos = skip_name(message, pos)
+            rtype, _rclass, _ttl, rdlen = struct.unpack_from("!HHIH", message, pos)
+            if rtype == TYPE_OPT:
+                return pos + 2
+            pos += 10 + rdlen
+    except (struct.error, Malformed):
+        pass
+    return None
 
 
 def full_parse(data: bytes) -> tuple[Question, int, int]:
