@@ -471,6 +471,20 @@ def test_a_gzipd_capture_padded_with_zeros_gives_the_frames_of_the_plain_file(tm
     with pytest.raises(PcapError, match="padded.gz: unreadable after 5 records: damaged gzip stream"):
         list(read_frames(padded))
 
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_a_pcapng_block_claiming_gigabytes_is_corrupt_before_anything_is_read_into_memory(tmp_path, gz):
+    """A block's 32-bit length was read whole: from a gzip'd file, a 300 kB one claiming 300 MiB of zeros took
+    950 MB of memory before it was called cut short, and a 4 GB claim ends a Pi; a plain file's read asked for
+    the claimed size up front."""
+    shb = struct.pack("<II", 0x0A0D0D0A, 28) + struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1) + struct.pack("<I", 28)
+    claimed = 0xFFFFFFF0
+    data = shb + struct.pack("<II", 0x80000064, claimed) + b"\0" * (1 << 20)  # a local block type, 1 MiB of it
+    path = tmp_path / "huge.pcapng"
+    path.write_bytes(gzip.compress(data) if gz else data)
+    with pytest.raises(PcapError, match=f"huge.pcapng: corrupt after 0 records: a block of {claimed - 12} bytes"):
+        list(read_frames(path))
+
 def _until_damage(path: Path) -> list[tuple[float, bytes]]:
     got = []
     try:

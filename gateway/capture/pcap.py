@@ -38,6 +38,9 @@ _PCAP_MAGICS = (b"\xa1\xb2\xc3\xd4", b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\x3c\x4d", b
 _GZIP_MAGIC = b"\x1f\x8b"
 _GZIP_OUT = 65536  # decompressed bytes at most per zlib call, beyond what a read asks: memory stays bounded
 _GZIP_IN = 4096  # compressed bytes per zlib call: damage loses what that call had decompressed, so keep it small
+# The most one read may ask for: a pcapng block's length is 32 bits, and scapy reads a block whole. 16 MiB was
+# Wireshark's own bound for years; a frame is at most MAX_CAPLEN, and no name or secrets block comes near it.
+MAX_READ = 16 << 20
 
 
 class PcapError(Exception):
@@ -210,6 +213,8 @@ class _Stream:
         self.short = False  # a read got fewer bytes than asked: the data ended
 
     def read(self, size: int) -> bytes:
+        if size > MAX_READ:  # before any of it is read: from a gzip stream it would be decompressed into memory
+            raise _Corrupt(f"a block of {size} bytes after byte {self.offset}, more than {MAX_READ >> 20} MiB")
         try:
             data = self._source.read(size)
         except OSError as exc:
@@ -366,9 +371,9 @@ def read_frames(path: str | Path, skipped: Skipped | None = None) -> Iterator[tu
 
     An empty file, one that is not a capture at all, whose link type (per interface in pcapng) is not one read
     here, with a pcap record longer than the snapshot length, that ends inside its file header or a record or
-    block (a capture stopped while writing) or whose gzip stream ends before its end marker, or a pcapng packet
-    naming an interface the file never described, raises ``PcapError`` naming it, after yielding the frames
-    before the damage.
+    block (a capture stopped while writing) or whose gzip stream ends before its end marker, a pcapng packet
+    naming an interface the file never described, or a pcapng block longer than ``MAX_READ``, raises
+    ``PcapError`` naming it, after yielding the frames before the damage.
     """
     skipped = skipped if skipped is not None else Skipped()
     try:
