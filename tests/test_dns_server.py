@@ -24,7 +24,7 @@ from gateway.filtering import Filtering
 from policy.engine import PolicyEngine
 from policy.model import Policy, PolicySet, Rule
 from tests.dns_helpers import Dnsmasq, ask, config, needs_dnsmasq, rcode, running
-from tests.fake_upstream import FakeUpstream, answer
+from tests.fake_upstream import FakeUpstream, answer, silent
 from tests.ports import free_port
 
 pytestmark = needs_dnsmasq
@@ -455,3 +455,27 @@ def test_udp_answers_stop_at_1232_bytes_whatever_size_the_client_offers():
             assert reply.flags & dns.flags.TC and not reply.answer
         assert len(addresses(ask(srv.port, "many.example.test", tcp=True, use_edns=0, payload=65535))) == 120
         assert up.queries == 1
+
+
+def _many_addresses(query: dns.message.Message) -> tuple[float, bytes | None]:
+    msg = dns.message.make_response(query)
+    msg.answer.append(dns.rrset.from_text(query.question[0].name, 60, "IN", "A",
+                                          *[f"192.0.2.{i}" for i in range(1, 121)]))
+    return 0.0, msg.to_wire(max_size=65535)  # 1,966 bytes
+
+
+@pytest.mark.parametrize(("reply", "truncated", "said"),
+                         [(_many_addresses, True, "NOERROR"), (silent, False, "SERVFAIL")])
+def test_an_edns_query_off_the_fast_path_keeps_its_opt_record_in_a_truncated_or_servfail_reply(reply, truncated, said):
+    """RFC 6891 7: an EDNS query's reply carries OPT. The truncated and SERVFAIL replies looked for the OPT only
+    where the fast path has it, so a query with another record beside its OPT got neither."""
+    opt = b"\0" + struct.pack("!HHIH", 41, 512, 0, 0)
+    extra = b"\0" + struct.pack("!HHIH", 1, 1, 60, 4) + bytes((192, 0, 2, 1))
+    question = dns.message.make_query("many.example.test", "A").to_wire()[12:]
+    query = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 2) + question + extra + opt
+    with FakeUpstream(reply) as up, running(config([up.address], timeout_s=1.0)) as srv:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5)
+            sock.sendto(query, ("127.0.0.1", srv.port))
+            msg = dns.message.from_wire(sock.recv(4096))
+    assert msg.edns == 0 and bool(msg.flags & dns.flags.TC) == truncated and rcode(msg) == said

@@ -500,7 +500,7 @@ class DnsServer:
         query_id = p.query[:2]
         if len(response) > p.client_max:
             response = wire.truncated_reply(query_id, response, p.query[12 : 12 + q.length],
-                                            p.query[4:12] == wire.COUNTS_EDNS)
+                                            wire.has_opt(p.query, 12 + q.length))
         else:
             response = query_id + response[2:]
         if p.fut is None:
@@ -519,7 +519,7 @@ class DnsServer:
     def _fail(self, p: _Pending) -> None:
         """No upstream answered in time: SERVFAIL."""
         self.counters.add("dns_servfail")
-        edns = p.query[4:12] == wire.COUNTS_EDNS
+        edns = wire.has_opt(p.query, 12 + p.question.length)
         self._local(wire.error_reply(p.query, p.question.length, wire.SERVFAIL, edns), p.sock, p.addr, p.fut,
                     p.client, p.mac, p.question, p.t0, p.verdict, p.rule)
 

@@ -144,6 +144,17 @@ def clamp_udp_size(query: bytes, opt: int) -> bytes:
     return query[:size_at] + UPSTREAM_UDP_SIZE.to_bytes(2, "big") + query[size_at + 2 :]
 
 
+def has_opt(query: bytes, opt: int) -> bool:
+    """Whether ``query`` carries an OPT record (``opt`` as for ``clamp_udp_size``), so that a reply made for it
+    must carry one too (RFC 6891 7). For the replies made from a query's bytes alone: SERVFAIL, truncated."""
+    counts = query[4:12]
+    if counts == COUNTS_PLAIN:
+        return False
+    if counts == COUNTS_EDNS and opt_at(query, opt) is not None:
+        return True
+    return _opt_size_at(query, opt) is not None
+
+
 def _opt_size_at(message: bytes, pos: int) -> int | None:
     """Where the UDP size (the class field) of the OPT record among the records from ``pos`` sits, if any."""
     try:
