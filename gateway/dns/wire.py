@@ -313,7 +313,9 @@ class _BoundedBuffer(dnslib.DNSBuffer):
 
 
 def dnslib_record(data: bytes) -> dnslib.DNSRecord:
-    """``dnslib.DNSRecord.parse`` with names decoded by ``_BoundedBuffer``; raises what dnslib raises."""
+    """``dnslib.DNSRecord.parse`` with names decoded by ``_BoundedBuffer``. Raises what dnslib's parts raise
+    (``DNSError``, ``BufferError``), and ``UnicodeDecodeError`` for a label that is not UTF-8, where dnslib said
+    ``DNSError``: callers take any exception as a malformed message."""
     buffer = _BoundedBuffer(data)
     header = dnslib.DNSHeader.parse(buffer)
     questions = [dnslib.DNSQuestion.parse(buffer) for _ in range(header.q)]
