@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         # A write that found no room (`> /dev/full`, a full disk or quota): Python names no file for a write on an
         # open one, so neither can this; the words are enough to act on, a traceback is not.
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO) or exc.filename is not None:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or exc.filename is not None:  # (EIO can be a read's)
             raise
         print(f"iotgw: a write failed: {exc.strerror}", file=sys.stderr)
         try:

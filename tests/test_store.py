@@ -123,3 +123,24 @@ def test_queries_command_finds_a_device_however_its_mac_is_typed_and_refuses_a_l
         assert [json.loads(line)["qname"] for line in found.stdout.splitlines()] == ["a.example.com"], typed
     refused = queries("--limit", "-1")
     assert refused.returncode == 2 and "argument --limit" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_migration_failing_on_the_data_is_its_own_error_not_a_database_that_does_not_open(tmp_path, monkeypatch):
+    """A file that is no database is "cannot open" (one line, exit 2); a migration's statement failing on the data
+    is a bug whose traceback must show. The second fault cannot be caused with today's migrations, hence the patch."""
+    import pytest
+    from sqlalchemy.exc import IntegrityError
+
+    from gateway.store.db import DatabaseUnavailable
+
+    not_a_db = tmp_path / "junk.sqlite"
+    not_a_db.write_bytes(b"x" * 4096)
+    with pytest.raises(DatabaseUnavailable, match="junk.sqlite: file is not a database"):
+        Store(f"sqlite:///{not_a_db}")
+
+    def failing(self: Store) -> None:
+        raise IntegrityError("INSERT INTO users ...", {}, Exception("UNIQUE constraint failed: users.username"))
+
+    monkeypatch.setattr(Store, "migrate", failing)
+    with pytest.raises(IntegrityError):
+        Store(f"sqlite:///{tmp_path / 'iotgw.sqlite'}")

@@ -11,7 +11,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import Engine, Integer, MetaData, Text, cast, create_engine, event, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.exc import DatabaseError, DataError, IntegrityError, InternalError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.config import redact_url
@@ -70,7 +70,9 @@ class Store:
             try:
                 self.migrate()
             except DatabaseError as exc:
-                if database_busy(exc):
+                # Not the ones a migration's own statements raise on the data or the schema: those are bugs to see
+                # with their traceback, not a database that does not open.
+                if database_busy(exc) or isinstance(exc, (DataError, IntegrityError, InternalError, ProgrammingError)):
                     raise
                 self.close()
                 reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
