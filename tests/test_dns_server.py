@@ -232,6 +232,22 @@ def test_tcp_connections_from_outside_the_lan_take_no_slot(upstream):
                 conn.close()
 
 
+def test_stop_ends_every_tcp_connection_before_it_returns(upstream):
+    """Cancelled but not awaited, an open connection's handler ran after stop() had returned, on a loop its caller
+    may have closed by then ("Event loop is closed" warnings in these tests)."""
+    with running(config([upstream.address])) as srv, socket.create_connection(("127.0.0.1", srv.port)) as conn:
+        query = dns.message.make_query("www.example.test", "A").to_wire()
+        conn.sendall(len(query).to_bytes(2, "big") + query)
+        conn.settimeout(5)
+        assert conn.recv(2)  # answered, so its handler is running and waits for the next query
+
+        async def stop_then_count() -> int:
+            await srv.server.stop()
+            return srv.server._tcp_clients
+
+        assert asyncio.run_coroutine_threadsafe(stop_then_count(), srv.loop).result(10) == 0
+
+
 def test_rate_limit_refuses_beyond_the_limit(upstream):
     with running(config([upstream.address], rate_limit_per_minute=5)) as srv:
         codes = [rcode(ask(srv.port, f"n{i}.example.test")) for i in range(7)]

@@ -212,11 +212,15 @@ class DnsServer:
             up.socks.clear()
         for server in self._tcp:
             server.close()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)  # TCP retries and TCP clients' connections
+        for task in tasks:
             task.cancel()
         for server in self._tcp:
             await server.wait_closed()
         self._tcp.clear()
+        # Awaited, so that each connection has closed its socket before stop() returns: left to the loop's end,
+        # they ran on a closed loop ("Event loop is closed") wherever the caller closed it straight after.
+        await asyncio.gather(*tasks, return_exceptions=True)
         for pending in self._pending.values():
             if pending.fut is not None and not pending.fut.done():
                 pending.fut.cancel()
@@ -469,7 +473,7 @@ class DnsServer:
                 self._tcp_retries += 1
                 task = asyncio.ensure_future(self._tcp_retry(p))
                 self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(self._tcp_retry_done)  # not a finally: a task cancelled unstarted runs none
                 continue
             self._answer_safely(p, data)
 
@@ -555,13 +559,11 @@ class DnsServer:
                 del self._pending[key]
                 self._retry(p, now)
 
-    async def _tcp_retry(self, p: _Pending) -> None:
-        try:
-            await self._tcp_retry_once(p)
-        finally:
-            self._tcp_retries -= 1
+    def _tcp_retry_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self._tcp_retries -= 1
 
-    async def _tcp_retry_once(self, p: _Pending) -> None:
+    async def _tcp_retry(self, p: _Pending) -> None:
         self.counters.add("dns_tcp_retries")
         up = self._upstreams[p.upstream]
         try:
@@ -639,6 +641,10 @@ class DnsServer:
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """DNS over TCP: 2-byte length framing, one query at a time per connection."""
+        task = asyncio.current_task()
+        if task is not None:  # stop() ends it
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         peer = writer.get_extra_info("peername")
         assert self._loop is not None
         # Outsiders are turned away before they take a slot: else they could hold every one and shut the LAN out.
