@@ -68,9 +68,8 @@ def device(mac: str):  # noqa: ANN201
 def device_update(mac: str):  # noqa: ANN201
     """``{"name": "..."}`` renames (empty or null clears the owner's name: the device's own best name shows again);
     ``{"status": "approved"}`` approves."""
-    body = json_body()
-    unknown = set(body) - {"name", "status"}
-    if unknown or not body:
+    body = json_body(("name", "status"))
+    if not body:
         return api_error(400, "expected an object with 'name' and/or 'status'")
     fields = _texts(body, {"name": service.NAME_MAX, "status": None})  # set_status checks the status itself
     store = ctx().store
@@ -92,9 +91,8 @@ def device_update(mac: str):  # noqa: ANN201
 def device_label(mac: str):  # noqa: ANN201
     """Confirm or correct the identity: ``{"manufacturer", "device_type", "category"}``; a field left out or
     null is cleared."""
-    body = json_body()
-    unknown = set(body) - set(service.LABEL_MAX)
-    if unknown or not body:
+    body = json_body(tuple(service.LABEL_MAX))
+    if not body:
         return api_error(400, "expected an object with 'manufacturer', 'device_type' and/or 'category'")
     fields = _texts(body, service.LABEL_MAX)
     try:
