@@ -26,7 +26,7 @@ from gateway.store.schema import ApiToken
 from tests.webui_seed import add_device, config
 from webui.app import SECRET_KEY_FILE, create_app, load_secret_key
 from webui.openapi import DOCUMENT
-from webui.server import MAX_READ_BYTES, serve_in_thread
+from webui.server import CONNECTION_LIMIT, MAX_CONNECTIONS_PER_CLIENT, MAX_READ_BYTES, serve_in_thread
 
 PASSWORD = "correct horse battery"  # noqa: S105 - the test account's
 MAC = "aa:bb:cc:00:00:01"
@@ -349,6 +349,37 @@ def test_guessing_from_many_addresses_shuts_out_new_ones_but_not_the_owners(serv
     assert "from many addresses" in page and "127.0.0." not in page
     owner = _ClientAt(served, "127.0.0.1")  # a new session: the password is checked
     assert owner.login(PASSWORD)[0] == 302 and owner.request("GET", "/devices")[0] == 200
+
+
+def test_one_host_holding_half_sent_requests_leaves_the_web_ui_answering_the_others(served):
+    """Waitress serves CONNECTION_LIMIT connections in all and keeps one that sent part of a request for minutes:
+    more than that many from one LAN host (a compromised device) left the owner's browser without an answer. Now
+    an address holds MAX_CONNECTIONS_PER_CLIENT of them; its connections past that are closed as soon as accepted,
+    and the ones it holds are still served."""
+    device = []
+    try:
+        for _ in range(CONNECTION_LIMIT + 10):
+            # The timeout only keeps the old server, which never answers these, from hanging the test.
+            s = socket.create_connection((served.host, served.port), timeout=60, source_address=("127.0.0.2", 0))
+            s.sendall(b"GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # the blank line that ends it never comes
+            device.append(s)
+        assert _ClientAt(served, "127.0.0.1").request("GET", "/login")[0] == 200
+        # The server accepts connections in the order they were made, so the first are the ones it keeps.
+        held, refused = device[:MAX_CONNECTIONS_PER_CLIENT], device[MAX_CONNECTIONS_PER_CLIENT:]
+        assert all(_closed_by_peer(s) for s in refused)
+        held[-1].sendall(b"\r\n")
+        assert held[-1].recv(64).startswith(b"HTTP/1.1 200")
+    finally:
+        for s in device:
+            s.close()
+
+
+def _closed_by_peer(s: socket.socket) -> bool:
+    """Whether the server closed ``s``: an end of stream, or a reset since it closed with the request unread."""
+    try:
+        return s.recv(64) == b""
+    except ConnectionResetError:
+        return True
 
 
 def test_password_change_ends_other_sessions(env):
