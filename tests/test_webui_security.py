@@ -374,6 +374,15 @@ def test_one_host_holding_half_sent_requests_leaves_the_web_ui_answering_the_oth
             s.close()
 
 
+def test_a_served_ui_gives_its_port_as_the_number_a_socket_connects_to(served):
+    """It was the string getnameinfo gives: connect() raised TypeError, while http.client took it."""
+    with socket.socket() as s:
+        s.settimeout(60)
+        s.connect((served.host, served.port))
+        s.sendall(b"GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert s.recv(64).startswith(b"HTTP/1.1 200")
+
+
 def _closed_by_peer(s: socket.socket) -> bool:
     """Whether the server closed ``s``: an end of stream, or a reset since it closed with the request unread."""
     try:

@@ -139,4 +139,5 @@ def serve_in_thread(
         server.trigger.pull_trigger(shutdown)
         thread.join(timeout=10)
 
-    return RunningServer(host=server.effective_host, port=server.effective_port, stop=stop)
+    # getnameinfo gives the port as a string; socket.connect wants the number RunningServer says it is
+    return RunningServer(host=server.effective_host, port=int(server.effective_port), stop=stop)
