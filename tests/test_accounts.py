@@ -3,16 +3,17 @@ from all), hashed API tokens, and ``iotgw user``."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 from sqlalchemy import inspect, select
 
 from gateway import accounts
+from gateway.cli import Parser
 from gateway.commands import user as user_command
 from gateway.store.db import Store
 from gateway.store.schema import ApiToken, LoginAddress, User
@@ -293,29 +294,38 @@ def test_a_token_lifetime_other_than_the_choices_is_refused_and_nothing_is_store
     assert accounts.list_tokens(store) == []
 
 
-def test_a_token_made_before_tokens_could_expire_keeps_working_after_the_migration(tmp_path):
-    """A database at the schema before expiry (config_0004), holding a token made then: opening it with this code
-    adds the column, and the token, promised never to expire, still works and is listed as never expiring."""
+@contextmanager
+def _at_revision(url: str, revision: str):  # noqa: ANN202
+    """A connection to a new database brought only to ``revision``: the schema an older release left behind."""
     from alembic import command
     from alembic.config import Config as AlembicConfig
 
     from gateway.store import db as store_db
     from gateway.store.schema import ConfigBase
 
-    url = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
     old = Store(url, migrate=False)
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(store_db.MIGRATIONS))
-    with old.engine.begin() as conn:
-        cfg.attributes["connection"], cfg.attributes["metadata"] = conn, ConfigBase.metadata
-        command.upgrade(cfg, "config_0004_session_generation")
+    try:
+        with old.engine.begin() as conn:
+            cfg.attributes["connection"], cfg.attributes["metadata"] = conn, ConfigBase.metadata
+            command.upgrade(cfg, revision)
+            yield conn
+    finally:
+        old.close()
+
+
+def test_a_token_made_before_tokens_could_expire_keeps_working_after_the_migration(tmp_path):
+    """A database at the schema before expiry (config_0004), holding a token made then: opening it with this code
+    adds the column, and the token, promised never to expire, still works and is listed as never expiring."""
+    url = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
+    with _at_revision(url, "config_0004_session_generation") as conn:
         assert "expires_at" not in {c["name"] for c in inspect(conn).get_columns("api_tokens")}
         secret = accounts.TOKEN_PREFIX + "made-by-the-old-code"
         conn.exec_driver_sql(
             "INSERT INTO api_tokens (name, token_sha256, scope, created_at) VALUES (?, ?, ?, ?)",
             ("old-script", accounts._sha256(secret), "write", 1.0),
         )
-    old.close()
     store = Store(url)
     try:
         principal = accounts.authenticate_token(store, secret)
@@ -330,25 +340,13 @@ def test_an_account_locked_before_the_upgrade_is_not_locked_after_it(tmp_path):
     """A database at the schema with the account-wide lock (config_0005), the account locked: the lock cannot be
     given to an address, so the migration drops it rather than keep the owner out, and the per-address rule
     starts counting afresh."""
-    from alembic import command
-    from alembic.config import Config as AlembicConfig
-
-    from gateway.store import db as store_db
-    from gateway.store.schema import ConfigBase
-
     url = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
-    old = Store(url, migrate=False)
-    cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(store_db.MIGRATIONS))
-    with old.engine.begin() as conn:
-        cfg.attributes["connection"], cfg.attributes["metadata"] = conn, ConfigBase.metadata
-        command.upgrade(cfg, "config_0005_token_expiry")
+    with _at_revision(url, "config_0005_token_expiry") as conn:
         conn.exec_driver_sql(
             "INSERT INTO users (username, password_hash, password_changed_at, failed_logins, locked_until)"
             " VALUES (?, ?, ?, ?, ?)",
             ("admin", accounts._hasher.hash("correct horse"), 1.0, 0, time.time() + accounts.LOCKOUT_S),
         )
-    old.close()
     store = Store(url)
     try:
         assert accounts.verify_login(store, "admin", "correct horse", OWNER)
@@ -368,7 +366,7 @@ def test_token_names_with_control_characters_are_refused_and_nothing_is_stored(s
 
 
 def _run(argv, monkeypatch, stdin=""):  # noqa: ANN001, ANN202
-    parser = argparse.ArgumentParser()
+    parser = Parser()
     user_command.add_commands(parser.add_subparsers(required=True))
     args = parser.parse_args(argv)
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))

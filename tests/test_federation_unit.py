@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gateway.cli import Parser
 from identifier.bundle import Bundle
 from identifier.dataset import domain_windows
 from identifier.federated import homedata, model, processes, updates
@@ -386,7 +387,7 @@ def test_node_key_is_an_openssh_p384_pair_with_a_private_file(tmp_path: Path) ->
 def _federation_parser() -> argparse.ArgumentParser:
     from gateway.commands import federation
 
-    parser = argparse.ArgumentParser()
+    parser = Parser()
     federation.add_commands(parser.add_subparsers(dest="command"))
     return parser
 
@@ -472,10 +473,7 @@ def test_a_join_poll_that_is_not_a_finite_number_of_seconds_above_0_is_a_usage_e
 
 
 def test_cli_requires_tls_or_an_explicit_insecure(tmp_path: Path) -> None:
-    from gateway.commands import federation
-
-    parser = argparse.ArgumentParser()
-    federation.add_commands(parser.add_subparsers(dest="command"))
+    parser = _federation_parser()
     args = parser.parse_args(["federation", "server", "--state-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="--tls-ca, --tls-cert, --tls-key or --insecure"):
         args.func(args)

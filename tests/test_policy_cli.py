@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(state_dir, *argv: str) -> int:
     # Only the policy group: the other command modules are built elsewhere.
-    parser = argparse.ArgumentParser(prog="iotgw")
+    parser = cli.Parser(prog="iotgw")  # the command line's own class: whole flag names only
     policy_cmd.add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["policy", "--state-dir", str(state_dir), *argv])
     return args.func(args)

@@ -19,9 +19,10 @@ from gateway.store.db import Store
 ROOT = Path(__file__).resolve().parents[1]
 # Only the web and user command groups: the daemon's groups are built elsewhere and wired by the lead.
 RUN = (
-    "import argparse, sys\n"
+    "import sys\n"
+    "from gateway.cli import Parser\n"
     "from gateway.commands import web\n"
-    "p = argparse.ArgumentParser(); web.add_commands(p.add_subparsers(required=True))\n"
+    "p = Parser(); web.add_commands(p.add_subparsers(required=True))\n"
     "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))\n"
 )
 
