@@ -23,7 +23,6 @@ failures cannot push the owner's out) and ``MAX_UNTRUSTED_ADDRESSES`` others in 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import logging
 import secrets
 import threading
@@ -36,6 +35,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from gateway.config import peer_ip
 from gateway.store.db import INT64_LIMIT, Store, database_busy
 from gateway.store.schema import ApiToken, LoginAddress, User
 from policy.model import CONTROL_CATEGORIES
@@ -156,12 +156,9 @@ def client_address(peer: str) -> str:
     """The address a login is counted under: ``peer`` (the TCP peer) in one spelling, an IPv4-mapped IPv6 address
     as IPv4, without a zone. ValueError for anything that is not an IP address."""
     try:
-        addr = ipaddress.ip_address(peer.split("%")[0])
+        return str(peer_ip(peer))
     except ValueError:
         raise ValueError(f"a login's client address must be an IP address, not {peer[:64]!r}") from None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return str(addr)
 
 
 def verify_login(store: Store, username: str, password: str, peer: str, *, now: float | None = None) -> bool:

@@ -314,6 +314,16 @@ def upstream_address(text: str) -> tuple[str, int]:
     return host, port
 
 
+def peer_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address a socket peer stands for, in one spelling: its scope id (``%eth0``) dropped, an IPv4-mapped
+    IPv6 address (``::ffff:10.0.0.5``, a dual-stack socket's IPv4 client) as the IPv4 one, so that a LAN prefix
+    or a per-address count sees one client. ValueError when ``text`` is no IP address."""
+    address = ipaddress.ip_address(text.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
 def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
     """``1.2.3.4``, ``1.2.3.4:53``, ``[::1]:53`` or ``::1`` -> (host, port)."""
     text = text.strip()

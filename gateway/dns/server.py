@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.config import DnsConfig, parse_hostport, upstream_address
+from gateway.config import DnsConfig, parse_hostport, peer_ip, upstream_address
 from gateway.dns import wire
 from gateway.dns.cache import AnswerCache
 from gateway.events import Counters, DnsQuery
@@ -160,7 +160,6 @@ class DnsServer:
         self._udp: list[socket.socket] = []
         self._tcp: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task] = set()
-        self._tcp_clients = 0
         self._tcp_held: dict[str, int] = {}  # open TCP connections by client address
         self._tcp_retries = 0
         self._sweeper: asyncio.TimerHandle | None = None
@@ -628,16 +627,18 @@ class DnsServer:
         client = self._clients.get(raw) or self._outsiders.get(raw)
         if client is not None:
             return client
-        ip = raw.split("%", 1)[0]
-        address = ipaddress.ip_address(ip)
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        client = _Client(ip, any(address in net for net in self._lan))
+        address = peer_ip(raw)
+        client = _Client(raw.split("%", 1)[0], any(address in net for net in self._lan))
         table = self._clients if client.allowed else self._outsiders
         if len(table) >= MAX_CLIENTS:
             table.clear()
         table[raw] = client
         return client
+
+    @property
+    def _tcp_clients(self) -> int:
+        """Open DNS-over-TCP connections: summed when one is accepted (at most MAX_TCP_CLIENTS addresses)."""
+        return sum(self._tcp_held.values())
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """DNS over TCP: 2-byte length framing, one query at a time per connection."""
@@ -658,7 +659,6 @@ class DnsServer:
             self.counters.add("dns_tcp_rejected")
             writer.close()
             return
-        self._tcp_clients += 1
         self._tcp_held[client.ip] = held + 1
         try:
             while True:
@@ -686,7 +686,6 @@ class DnsServer:
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             pass
         finally:
-            self._tcp_clients -= 1
             if self._tcp_held[client.ip] == 1:
                 del self._tcp_held[client.ip]
             else:
