@@ -660,10 +660,14 @@ class DnsServer:
             writer.close()
             return
         self._tcp_held[client.ip] = held + 1
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancel that comes as the awaited thing
+        # finishes (a drain done at once), and stop() then waited out the next read's TCP_IDLE_S.
         try:
             while True:
-                head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_S)
-                data = await asyncio.wait_for(reader.readexactly(int.from_bytes(head, "big")), TCP_IDLE_S)
+                async with asyncio.timeout(TCP_IDLE_S):
+                    head = await reader.readexactly(2)
+                async with asyncio.timeout(TCP_IDLE_S):
+                    data = await reader.readexactly(int.from_bytes(head, "big"))
                 fut: asyncio.Future = self._loop.create_future()
                 try:
                     self._handle(data, peer, None, fut)
@@ -672,13 +676,15 @@ class DnsServer:
                     log.exception("dns: TCP query from %s failed", peer[0])
                     break
                 # Every path resolves fut within the upstream timeout; the bound is for a bug that does not.
-                response = await asyncio.wait_for(fut, self._timeout + TCP_IDLE_S)
+                async with asyncio.timeout(self._timeout + TCP_IDLE_S):
+                    response = await fut
                 if response is None:
                     break
                 writer.write(len(response).to_bytes(2, "big") + response)
                 try:
                     # A client that sends queries and never reads its answers would hold its slot for good.
-                    await asyncio.wait_for(writer.drain(), TCP_IDLE_S)
+                    async with asyncio.timeout(TCP_IDLE_S):
+                        await writer.drain()
                 except TimeoutError:
                     self.counters.add("dns_tcp_stalled")
                     writer.transport.abort()  # close() would wait to flush what the client does not read
