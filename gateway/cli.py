@@ -15,7 +15,9 @@ import select
 import signal
 import sys
 from collections.abc import Callable
+from gettext import gettext  # argparse's messages go through it
 from pathlib import Path
+from typing import NoReturn
 
 from gateway.config import Config, ConfigError, check_addresses, check_database_url, check_mqtt_url, load
 
@@ -159,6 +161,54 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, allow_abbrev=False, **kwargs)
+        self._arg_strings: list[str] = []
+
+    # argparse puts a flag it does not know aside and takes the value the user meant for it as the next
+    # positional: ``policy --sta X show`` said "argument ACTION: invalid choice: 'X'", naming neither what was
+    # wrong nor where. When a positional is refused and an unknown flag came before it, the flag is named instead,
+    # in argparse's own words for it.
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 - argparse's signature
+        self._arg_strings = list(sys.argv[1:] if args is None else args)  # a subparser is called with its own
+        return super().parse_known_args(args, namespace)
+
+    def _check_value(self, action: argparse.Action, value: object) -> None:
+        if not action.option_strings and action.choices is not None and value not in action.choices:
+            flag = self._unknown_flag_before(value)
+            if flag:
+                raise argparse.ArgumentError(None, f"unrecognized arguments: {flag}")
+        super()._check_value(action, value)
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith(_MISSING_POSITIONALS):  # ``policy strict --mod on``: "on" became the scope
+            flag = self._unknown_flag_before(None)
+            if flag:
+                message = f"unrecognized arguments: {flag}"
+        super().error(message)
+
+    def _unknown_flag_before(self, value: object) -> str | None:
+        """The first flag-like argument this parser does not know, before ``value`` (before the end if None).
+        Every argument up to its first positional is this parser's own, not an ACTION's."""
+        for arg in self._arg_strings:
+            if arg == "--" or (value is not None and arg == value):
+                return None
+            if arg.startswith("-") and arg != "-" and not _is_number(arg):
+                known = arg.split("=", 1)[0] if arg.startswith("--") else arg[:2]
+                if known not in self._option_string_actions:
+                    return arg.split("=", 1)[0]
+        return None
+
+
+_MISSING_POSITIONALS = gettext("the following arguments are required: %s").split("%s")[0]
+
+
+def _is_number(text: str) -> bool:
+    """``-5`` is a value to argparse, not a flag (no command has a flag that looks like a number)."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -59,6 +59,31 @@ def test_an_abbreviated_flag_is_refused_with_a_usage_error_and_changes_nothing(t
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(("argv", "prog", "flag"), [
+    (["policy", "--sta", "{state}", "show"], "iotgw policy", "--sta"),  # was: argument ACTION: invalid choice
+    (["policy", "--config", "{state}/none.toml", "--sta", "{state}", "show"], "iotgw policy", "--sta"),
+    (["--conf", "x.toml", "devices"], "iotgw", "--conf"),  # was: argument COMMAND: invalid choice: 'x.toml'
+    (["user", "--sc", "write", "token", "list"], "iotgw user", "--sc"),
+    (["policy", "strict", "--mod", "on"], "iotgw policy strict", "--mod"),  # was: arguments are required: mode
+])
+def test_an_unknown_flag_before_a_positional_is_named_not_the_positional(tmp_path, argv, prog, flag):
+    """argparse takes the value meant for a flag it does not know as the next positional, and refused that
+    (``policy --sta X show``: "invalid choice: 'X'"), never saying that the flag was the mistake."""
+    state = tmp_path / "state"
+    proc = iotgw(*(a.format(state=state) for a in argv))
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+    assert proc.stderr.splitlines()[-1] == f"{prog}: error: unrecognized arguments: {flag}"
+    assert not state.exists()
+
+
+def test_a_positional_refused_with_no_unknown_flag_before_it_is_named_as_before():
+    proc = iotgw("policy", "--config", "x.toml", "shw")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1].startswith("iotgw policy: error: argument ACTION: invalid choice: 'shw'")
+    proc = iotgw("policy", "strict", "global")
+    assert proc.stderr.splitlines()[-1] == "iotgw policy strict: error: the following arguments are required: mode"
+
+
 def test_an_argument_that_is_not_utf8_is_a_usage_error_naming_its_flag(db):
     """A Latin-1 terminal's bytes reach Python as lone surrogates: they passed argparse and every check and ended in
     a traceback where they were stored (``token create``) or searched for (``queries --search``)."""
