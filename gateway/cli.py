@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import importlib
 import logging
 import math
@@ -36,11 +37,7 @@ COMMAND_MODULES = (
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    argv = sys.argv[1:] if argv is None else argv
-    not_text = not_utf8(argv)
-    if not_text:
-        parser.error(not_text)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -87,23 +84,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"iotgw: the database is busy: another process (the daemon, the web UI, another command) held it "
               f"for {BUSY_TIMEOUT_S:.0f} s; nothing was changed, try again", file=sys.stderr)
         return 1
-
-
-def not_utf8(argv: list[str]) -> str | None:
-    """What to say about the first argument that is not UTF-8 (typed in a Latin-1 terminal), naming the flag before
-    it; None when all are. Python hands such bytes over as lone surrogates, which pass argparse and every check and
-    then fail, with a traceback, where the text is stored or encoded. The name of a file that exists is left alone:
-    file names are bytes, and opening one works (``iotgw replay``)."""
-    for i, arg in enumerate(argv):
-        try:
-            arg.encode("utf-8")
-        except UnicodeEncodeError:
-            if os.path.lexists(arg):
-                continue
-            shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            flag = argv[i - 1] if i and argv[i - 1].startswith("--") and "=" not in argv[i - 1] else None
-            return f"{f'argument {flag}: ' if flag else ''}'{shown}' is not UTF-8 text"
-    return None
 
 
 def _database_busy(exc: Exception) -> bool:
@@ -170,6 +150,10 @@ class Parser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 - argparse's signature
         self._arg_strings = list(sys.argv[1:] if args is None else args)  # a subparser is called with its own
+        for action in self._actions:  # here, not in add_argument: a group's add_argument never reaches ours
+            if action.nargs != 0 and not isinstance(action, argparse._SubParsersAction):
+                if not getattr(action.type, "checks_utf8", False):
+                    action.type = _utf8_checked(action.type)
         return super().parse_known_args(args, namespace)
 
     def _check_value(self, action: argparse.Action, value: object) -> None:
@@ -200,6 +184,33 @@ class Parser(argparse.ArgumentParser):
 
 
 _MISSING_POSITIONALS = gettext("the following arguments are required: %s").split("%s")[0]
+
+
+def _utf8_checked(convert: Callable[[str], object] | None) -> Callable[[str], object]:
+    """``convert`` (an argparse type; None: the text itself) refusing first a value that is not UTF-8, as a usage
+    error naming its flag (or positional) whichever way it was given (``--search X``, ``--search=X``).
+
+    A Latin-1 terminal's bytes reach Python as lone surrogates, which passed every check and then failed, with a
+    traceback, where the text was stored, encoded or printed. A name for a file that does not exist yet (an
+    ``--out``) is refused too, on purpose: what iotgw is given ends up in UTF-8 only text (the TOML config that
+    must name a key or a model directory to use it, the database, JSON, stdout). The name of a file that exists
+    is left alone: file names are bytes, and opening one works (``iotgw replay``)."""
+
+    @functools.wraps(convert or str)  # keeps the name argparse shows in "invalid int value: 'x'"
+    def checked(text: str) -> object:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            if not os.path.lexists(text):
+                shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                raise argparse.ArgumentTypeError(
+                    f"'{shown}' is not UTF-8 text: iotgw keeps names and paths in UTF-8 (its config, database and "
+                    "JSON), so only a file that already exists may be named in another encoding"
+                ) from None
+        return convert(text) if convert else text
+
+    checked.checks_utf8 = True
+    return checked
 
 
 def _is_number(text: str) -> bool:

@@ -4,6 +4,7 @@ runs it, as ``python -m gateway.cli``."""
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,20 +85,32 @@ def test_a_positional_refused_with_no_unknown_flag_before_it_is_named_as_before(
     assert proc.stderr.splitlines()[-1] == "iotgw policy strict: error: the following arguments are required: mode"
 
 
-def test_an_argument_that_is_not_utf8_is_a_usage_error_naming_its_flag(db):
+NOT_UTF8 = ("is not UTF-8 text: iotgw keeps names and paths in UTF-8 (its config, database and JSON), so only a "
+            "file that already exists may be named in another encoding")
+
+
+def test_an_argument_that_is_not_utf8_is_a_usage_error_naming_its_flag(tmp_path, db):
     """A Latin-1 terminal's bytes reach Python as lone surrogates: they passed argparse and every check and ended in
-    a traceback where they were stored (``token create``) or searched for (``queries --search``)."""
-    for argv, said in (
-        ([b"queries", b"--db", db.encode(), b"--search", b"caf\xe9"], r"argument --search: 'caf\xe9'"),
-        ([b"user", b"--db", db.encode(), b"token", b"create", b"caf\xe9"], r"'caf\xe9'"),
+    a traceback where they were stored (``token create``) or searched for (``queries --search``). The flag is named
+    however it was given (``--search=X`` named none), and a name for a file still to be made (``keygen --out``) is
+    refused too, saying why: a path iotgw is given ends up in its UTF-8 only config, database or JSON."""
+    key = bytes(tmp_path) + b"/caf\xe9.key"
+    for argv, prog, said in (
+        ([b"queries", b"--db", db.encode(), b"--search", b"caf\xe9"], "iotgw queries", r"argument --search: 'caf\xe9'"),
+        ([b"queries", b"--db", db.encode(), b"--search=caf\xe9"], "iotgw queries", r"argument --search: 'caf\xe9'"),
+        ([b"user", b"--db", db.encode(), b"token", b"create", b"caf\xe9"], "iotgw user token create",
+         r"argument name: 'caf\xe9'"),
+        ([b"federation", b"keygen", b"--out=" + key], "iotgw federation keygen",
+         f"argument --out: '{tmp_path}/caf\\xe9.key'"),
     ):
         proc = subprocess.run([sys.executable, "-m", "gateway.cli", *argv], capture_output=True, text=True,
                               timeout=60, cwd=ROOT)
         assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
-        assert proc.stderr.splitlines()[-1] == f"iotgw: error: {said} is not UTF-8 text"
+        assert proc.stderr.splitlines()[-1] == f"{prog}: error: {said} {NOT_UTF8}"
     store = Store(db)
     assert accounts.list_tokens(store) == []
     store.close()
+    assert not os.path.lexists(key) and not os.path.lexists(key + b".pub")
 
 
 def test_the_name_of_a_file_that_exists_may_be_in_any_encoding(tmp_path, db):
