@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -126,3 +127,38 @@ def test_iotgw_web_on_an_address_it_cannot_listen_on_says_so_naming_the_flag_or_
                                *flags], capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert len(proc.stderr.splitlines()) == 1 and f"iotgw: configuration error: {said}" in proc.stderr, proc.stderr
+
+
+def test_iotgw_web_stopped_by_sigterm_cleans_up_as_ctrl_c_does(tmp_path):
+    """systemd stops the service with SIGTERM, which killed the process where it stood: the database was never
+    closed (its WAL left beside it, unmerged) and nothing said the UI had stopped. Now SIGTERM ends it as Ctrl-C
+    does: the clean-up runs, it says so, and it exits 0, as `iotgw run` does."""
+    db = tmp_path / "iotgw.sqlite"
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "web", "--db", f"sqlite:///{db}",
+                             "--state-dir", str(tmp_path), "--listen", f"127.0.0.1:{port}"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # ends when the process does
+            if "web UI on" in line:
+                break
+        deadline = time.monotonic() + 60
+        while True:  # a page served: waitress's loop is running, where SIGTERM usually finds it
+            try:
+                login = urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=5)  # noqa: S310 - loopback
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.monotonic() < deadline, "iotgw web did not start serving"
+                time.sleep(0.2)
+        assert login.status == 200
+        assert Path(f"{db}-wal").exists()  # the database is open in WAL mode
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=60) == 0, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "web UI stopped" in rest and "Traceback" not in rest, rest
+    assert not Path(f"{db}-wal").exists()  # closed: the last connection merged the WAL into the database

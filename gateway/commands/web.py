@@ -7,7 +7,7 @@ import logging
 import shlex
 import socket
 
-from gateway.cli import add_state_args, config_from_args, non_empty
+from gateway.cli import add_state_args, config_from_args, interrupt_on_stop_signals, non_empty
 from gateway.config import ConfigError, parse_hostport
 
 log = logging.getLogger(__name__)
@@ -41,13 +41,23 @@ def _web(args: argparse.Namespace) -> int:
         raise ConfigError(f"{where}: {exc}") from exc
     except socket.gaierror as exc:
         raise ConfigError(f"{where}: cannot listen on {host!r}: {exc.strerror}") from exc
+    # systemd stops the service with SIGTERM: it ends the server as Ctrl-C does (waitress's loop takes the
+    # KeyboardInterrupt and returns), so the clean-up below runs, rather than the process dying where it stands.
+    interrupt_on_stop_signals()
     store = Store(cfg.db_url)
-    shown = f"[{host}]" if ":" in host else host
-    log.info("web UI on http://%s:%d/", shown, port)
-    if not accounts.has_password(store):
-        # The same --config and --db, or the password would go to another database than the one served.
-        same = "".join(f" --{flag} {shlex.quote(value)}" for flag, value in (("config", args.config), ("db", args.db))
-                       if value)
-        log.warning("no admin password yet: open the web UI from the LAN, or run `iotgw user set-password%s`", same)
-    serve(store, cfg, host, port)
+    try:
+        shown = f"[{host}]" if ":" in host else host
+        log.info("web UI on http://%s:%d/", shown, port)
+        if not accounts.has_password(store):
+            # The same --config and --db, or the password would go to another database than the one served.
+            same = "".join(f" --{flag} {shlex.quote(value)}"
+                           for flag, value in (("config", args.config), ("db", args.db)) if value)
+            log.warning("no admin password yet: open the web UI from the LAN, or run `iotgw user set-password%s`",
+                        same)
+        serve(store, cfg, host, port)
+    except KeyboardInterrupt:  # one that came before waitress's loop, which takes its own
+        pass
+    finally:
+        store.close()  # the last connection to close checkpoints SQLite's WAL into the database file
+        log.info("web UI stopped")
     return 0
