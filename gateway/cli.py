@@ -351,7 +351,16 @@ def checked_flag(flag: str, check: Callable[[str], object], value: str) -> str:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The config file with the command line's flags on top."""
+    """The config file with the command line's flags on top, its state directory checked (``check_directory``)."""
+    cfg = config_with_flags(args)
+    where = "--state-dir" if getattr(args, "state_dir", None) else f"{cfg.source}: gateway.state_dir"
+    check_directory(where, cfg.state_dir)
+    return cfg
+
+
+def config_with_flags(args: argparse.Namespace) -> Config:
+    """The config file with the command line's flags on top, its state directory not yet looked at: ``iotgw
+    doctor`` reports a state directory that is a file as one of its findings and goes on with the others."""
     cfg = load(args.config)
     if getattr(args, "db", None):
         cfg.store.url = checked_flag("--db", check_database_url, args.db)
@@ -371,8 +380,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cfg.mqtt.url = checked_flag("--mqtt", check_mqtt_url, args.mqtt)
     if getattr(args, "state_dir", None):
         cfg.gateway.state_dir = args.state_dir
-    where = "--state-dir" if getattr(args, "state_dir", None) else f"{cfg.source}: gateway.state_dir"
-    check_directory(where, cfg.state_dir)
     return cfg
 
 

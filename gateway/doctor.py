@@ -284,11 +284,36 @@ def check_interface(cfg: Config) -> Finding:
     return Finding("interface", "ok", f"{name} is up ({carrier})")
 
 
+# ---------------------------------------------------------------- state directory
+
+
+def check_state_dir(cfg: Config) -> Finding:
+    """The state directory (policy, session key, federation, the SQLite database) is a directory, or not there yet.
+    A file in its place was a configuration error that stopped doctor before any other check."""
+    if _state_dir_is_a_file(cfg):
+        return Finding(
+            "state-dir",
+            "fail",
+            f"{cfg.source}: gateway.state_dir: {cfg.state_dir} is not a directory",
+            "move the file aside, or set [gateway] state_dir to a directory"
+            + ("" if cfg.source == "(defaults)" else f" in {cfg.source}"),
+        )
+    if not cfg.state_dir.exists():
+        return Finding("state-dir", "ok", f"{cfg.state_dir} does not exist yet")
+    return Finding("state-dir", "ok", str(cfg.state_dir))
+
+
+def _state_dir_is_a_file(cfg: Config) -> bool:
+    return cfg.state_dir.exists() and not cfg.state_dir.is_dir()
+
+
 # ---------------------------------------------------------------- database
 
 
 def check_database(cfg: Config) -> Finding:
     """Opens and migrates the database, as the state directory's owner when run as root."""
+    if not cfg.store.url and _state_dir_is_a_file(cfg):  # said once, by check_state_dir
+        return Finding("database", "skip", f"the state directory {cfg.state_dir} is not a directory (see state-dir)")
     if os.geteuid() == 0 and cfg.db_url.startswith("sqlite") and not cfg.state_dir.exists():
         # Creating it here would leave it owned by root, and the daemon (user iotgw) could not write it.
         return Finding(
@@ -545,6 +570,7 @@ CHECKS: tuple[Callable[[Config], Finding], ...] = (
     check_dns_port,
     check_capabilities,
     check_interface,
+    check_state_dir,
     check_database,
     check_devices,
     check_broker,

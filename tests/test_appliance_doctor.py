@@ -128,6 +128,25 @@ def test_database_path_that_is_not_a_directory(tmp_path: Path) -> None:
     assert "install -d -o iotgw" in findings["database"]["fix"]
 
 
+def test_state_directory_that_is_a_file_is_one_failed_check_and_the_others_still_run(tmp_path: Path) -> None:
+    """It was a configuration error that stopped doctor at its first line: the one finding was "config", and the
+    port, capabilities, broker, model and clock went unchecked."""
+    config = write_config(tmp_path, free_port())
+    state = tmp_path / "state"
+    state.rmdir()
+    state.write_text("a file where the state directory should be\n")
+    code, findings, err = doctor(config)
+    assert code == 1, (findings, err)
+    assert "config" not in findings
+    assert findings["state-dir"]["status"] == "fail"
+    assert findings["state-dir"]["detail"] == f"{config}: gateway.state_dir: {state} is not a directory"
+    assert "move the file aside" in findings["state-dir"]["fix"]
+    assert findings["database"]["status"] == "skip" and "(see state-dir)" in findings["database"]["detail"]
+    assert {"dns-port", "capabilities", "interface", "devices", "broker", "model", "clock"} <= findings.keys()
+    assert findings["dns-port"]["status"] == "ok" and findings["clock"]["status"] in ("ok", "warn")
+    assert state.read_text() == "a file where the state directory should be\n"
+
+
 def test_database_file_that_is_not_a_database(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, free_port())
     (tmp_path / "state" / "iotgw.sqlite").write_bytes(b"\x00garbage, not SQLite\n" * 100)

@@ -7,13 +7,14 @@ import json
 import sys
 from dataclasses import asdict
 
-from gateway.cli import add_state_args, config_from_args
+from gateway.cli import add_state_args, config_with_flags
 from gateway.config import ConfigError
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "doctor", help="check port 53, capabilities, interface, database, devices, broker, model, clock"
+        "doctor",
+        help="check port 53, capabilities, interface, state directory, database, devices, broker, model, clock",
     )
     add_state_args(p)
     p.add_argument("--json", action="store_true", help="one JSON list of findings")
@@ -24,7 +25,7 @@ def doctor(args: argparse.Namespace) -> int:
     from gateway.doctor import Finding, run_all  # late: psutil and the store load only here
 
     try:
-        findings = run_all(config_from_args(args))
+        findings = run_all(config_with_flags(args))  # a state directory that is a file is one finding
     except ConfigError as exc:
         unreadable = isinstance(exc.__cause__, PermissionError)
         findings = [
