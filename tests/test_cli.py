@@ -37,6 +37,19 @@ def test_every_parser_of_every_command_takes_only_whole_flag_names():
     assert taking == []
 
 
+def test_every_argument_and_action_of_every_command_says_what_it_is():
+    """``policy strict``'s, ``answer``'s and ``quarantine``'s modes and ``identify``'s PCAP were listed in --help
+    with nothing beside them: what ``inherit`` or ``nodata`` does was nowhere on the command line."""
+    silent = []
+    for name, parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                silent += [f"{name} {choice.dest}" for choice in action._choices_actions if not choice.help]
+            elif not action.help:
+                silent.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert silent == []
+
+
 @pytest.fixture
 def db(tmp_path: Path) -> str:
     url = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"

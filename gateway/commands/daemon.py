@@ -36,12 +36,20 @@ log = logging.getLogger(__name__)
 def add_commands(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="run the gateway daemon (DNS, capture, identification, policy, alerts)")
     add_state_args(run)
-    run.add_argument("--dns-listen", action="append", metavar="HOST:PORT", help="DNS listen address (repeatable)")
-    run.add_argument("--upstream", action="append", metavar="HOST[:PORT]", help="upstream resolver (repeatable)")
-    run.add_argument("--lan", action="append", metavar="CIDR", help="LAN prefix allowed to query (repeatable)")
-    run.add_argument("--interface", type=non_empty, metavar="IFACE", help="interface for passive capture")
-    run.add_argument("--no-sniff", action="store_true", help="no passive capture")
-    run.add_argument("--mqtt", type=non_empty, metavar="URL", help="MQTT broker, mqtt://host:1883 or mqtts://host:8883")
+    # Each flag replaces its config key; the defaults named are the config's own when the file leaves it out.
+    run.add_argument("--dns-listen", action="append", metavar="HOST:PORT",
+                     help="DNS listen address, repeatable (default [dns] listen: 0.0.0.0:53 and [::]:53)")
+    run.add_argument("--upstream", action="append", metavar="HOST[:PORT]",
+                     help="upstream resolver, repeatable (default [dns] upstreams: 1.1.1.1 and 9.9.9.9)")
+    run.add_argument("--lan", action="append", metavar="CIDR",
+                     help="LAN prefix allowed to query, repeatable (default [dns] lan: the private and link-local "
+                     "prefixes)")
+    run.add_argument("--interface", type=non_empty, metavar="IFACE",
+                     help="interface for passive capture (default [capture] interface; none: no capture)")
+    run.add_argument("--no-sniff", action="store_true", help="no passive capture, whatever the config says")
+    run.add_argument("--mqtt", type=non_empty, metavar="URL",
+                     help="MQTT broker for alerts, mqtt://host:1883 or mqtts://host:8883 (default [mqtt] url; "
+                     "none: no MQTT)")
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="everything on loopback with virtual devices: no root, LAN or config")
@@ -67,8 +75,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "idle timeout (10 minutes) and online again at its next frame, each alert stamped with the capture's "
         "time. When the frames are out of time order (merged captures, files not in date order) no device goes "
         "offline. Every identification window still open closes when the replay ends, so each device gets an "
-        "answer. The replay's end is no one's departure. Ctrl-C ends it at the next frame and leaves the windows "
-        "still open unanswered.")
+        "answer. The replay's end is no one's departure. Ctrl-C (or SIGTERM) ends it early, at the next frame: the "
+        "devices replayed so far are kept, and the windows still open are left unanswered.")
     add_state_args(replay)
     replay.add_argument("pcaps", nargs="+", metavar="FILE.pcap", help="pcap or pcapng files, in the order given")
     replay.add_argument("--realtime", action="store_true", help="at recorded speed (default: as fast as possible)")

@@ -57,7 +57,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     server.add_argument("--state-dir", type=non_empty_path, required=True, metavar="DIR",
                         help="SuperLink database, FLWR_HOME, logs")
     server.add_argument(
-        "--out-dir", type=non_empty_path, metavar="DIR", help="where the global model is published (default DIR/model)"
+        "--out-dir", type=non_empty_path, metavar="DIR",
+        help="where the global model is published (default: model/ in --state-dir)",
     )
     server.add_argument(
         "--host", type=non_empty, default="127.0.0.1", help="address the SuperLink listens on (default 127.0.0.1)"
@@ -70,7 +71,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="PUB",
-        help="a gateway's public key (from `iotgw federation keygen`); enables SuperNode authentication",
+        help="a gateway's public key (from `iotgw federation keygen`), repeatable; enables SuperNode "
+        "authentication (without one, any SuperNode that reaches the SuperLink may join)",
     )
     server.add_argument(
         "--rounds", metavar="N", type=positive_count, default=3, help="SecAgg+ rounds in the run (default 3)"

@@ -20,7 +20,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../sha
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("identify", help="identify the devices in pcaps (or DNS sessions) with the model")
-    p.add_argument("pcaps", nargs="*", metavar="PCAP")
+    p.add_argument("pcaps", nargs="*", metavar="PCAP", help="pcap or pcapng files (or --sessions instead)")
     p.add_argument(
         "--model", type=non_empty, metavar="DIR", help="model bundle directory (default: the shipped one)"
     )
@@ -46,11 +46,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", type=non_empty, metavar="DIR", help="bundle directory (default: the shipped identifier/bundle)"
     )
-    p.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, metavar="N", help="random seed (default 0)")
     p.add_argument(
         "--cv-folds",
         type=cv_folds,
         default=5,
+        metavar="N",
         help="folds of the cross-validation recorded in the bundle (default 5; 0: none)",
     )
     p.set_defaults(func=cmd_train)

@@ -33,7 +33,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         c.add_argument("scope", help=scope_help)
         c.add_argument("target", help="a domain name, list:ID, category:NAME, or all")
         c.add_argument("--schedule", type=non_empty, metavar="NAME",
-                       help="apply only while this schedule (see schedule) is active")
+                       help="apply only while this schedule (see schedule) is active (default: always)")
         c.set_defaults(func=_add_rule, action=action)
 
     c = cmds.add_parser("unrule", help="remove a rule by its label, or by its number (see show)")
@@ -63,26 +63,31 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("name", help="the schedule's name, for --schedule of block and allow (replaced if it exists)")
     c.add_argument("--tz", type=non_empty, default="UTC", help="IANA time zone, e.g. Europe/Berlin (default UTC)")
     c.add_argument("--day", action="append", default=[], metavar="DAY=HH:MM-HH:MM",
-                   help="a day (mon..sun) and its hours; repeatable, a day once")
+                   help="a day (mon..sun) and its hours; repeatable, each day at most once")
     c.set_defaults(func=_schedule)
 
-    for name, help_text in (("pause", "pause internet"), ("resume", "end a pause")):
+    for name, help_text in (("pause", "block all of the scope's queries until resume"), ("resume", "end a pause")):
         c = cmds.add_parser(name, help=help_text)
         c.add_argument("scope", help=scope_help)
         c.set_defaults(func=_pause, paused=name == "pause")
 
     c = cmds.add_parser("strict", help="allow only the device type's profile (on, off, inherit)")
     c.add_argument("scope", help=scope_help)
-    c.add_argument("mode", choices=("on", "off", "inherit"))
+    c.add_argument("mode", choices=("on", "off", "inherit"),
+                   help="on: block every name outside the profile (every name, for a type with none); off: do not, "
+                   "even where a wider scope is strict; inherit: as the wider scope says")
     c.set_defaults(func=_strict)
 
     c = cmds.add_parser("answer", help="how blocked queries are answered")
     c.add_argument("scope", help=scope_help)
-    c.add_argument("mode", choices=("null", "nxdomain", "nodata", "refused", "inherit"))
+    c.add_argument("mode", choices=("null", "nxdomain", "nodata", "refused", "inherit"),
+                   help="null: 0.0.0.0 or :: (the default); nxdomain: no such name; nodata: the name, no address; "
+                   "refused; inherit: as the wider scope says (global: back to null)")
     c.set_defaults(func=_answer)
 
     c = cmds.add_parser("quarantine", help="quarantine new devices until approved (on/off)")
-    c.add_argument("mode", choices=("on", "off"))
+    c.add_argument("mode", choices=("on", "off"), help="on: a device not yet approved may query only the "
+                   "--allow names and its type's profile (its vendor's cloud, to be set up); off: no quarantine")
     c.add_argument("--allow", action="append", metavar="NAME",
                    help="names a quarantined device may still query, replacing the list (repeatable; "
                    "without it the list stays; at first it is public NTP servers)")
