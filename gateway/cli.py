@@ -150,7 +150,9 @@ class Parser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 - argparse's signature
         self._arg_strings = list(sys.argv[1:] if args is None else args)  # a subparser is called with its own
-        for action in self._actions:  # here, not in add_argument: a group's add_argument never reaches ours
+        # Every value is checked to be UTF-8 (_utf8_checked) by its own action, which names it. Wrapped here, not
+        # in add_argument: an argument group's add_argument never reaches ours.
+        for action in self._actions:
             if action.nargs != 0 and not isinstance(action, argparse._SubParsersAction):
                 if not getattr(action.type, "checks_utf8", False):
                     action.type = _utf8_checked(action.type)
@@ -164,7 +166,7 @@ class Parser(argparse.ArgumentParser):
         super()._check_value(action, value)
 
     def error(self, message: str) -> NoReturn:
-        if message.startswith(_MISSING_POSITIONALS):  # ``policy strict --mod on``: "on" became the scope
+        if message.startswith(_MISSING_ARGUMENTS):  # ``policy strict --mod on``: "on" became the scope, no mode
             flag = self._unknown_flag_before(None)
             if flag:
                 message = f"unrecognized arguments: {flag}"
@@ -183,7 +185,7 @@ class Parser(argparse.ArgumentParser):
         return None
 
 
-_MISSING_POSITIONALS = gettext("the following arguments are required: %s").split("%s")[0]
+_MISSING_ARGUMENTS = gettext("the following arguments are required: %s").split("%s")[0]
 
 
 def _utf8_checked(convert: Callable[[str], object] | None) -> Callable[[str], object]:
