@@ -198,6 +198,34 @@ def test_not_a_pcap_names_the_file(tmp_path):
         list(read_frames(bad))
 
 
+def _section(path: Path, packets, linktype: int) -> bytes:  # noqa: ANN001 - scapy packets
+    """The bytes of a one-section pcapng of ``packets`` on one interface of ``linktype``."""
+    _write(path, packets, linktype, ng=True)
+    return path.read_bytes()
+
+
+def test_pcapng_sections_joined_by_cat_each_read_with_their_own_interfaces(tmp_path):
+    """Each section of a pcapng counts its interfaces from 0: scapy kept the first section's, so the second's
+    cooked packets were read with the first's Ethernet link type, as frames from a MAC made of their header."""
+    query = IP(src="10.0.0.7", dst="10.0.0.1") / UDP(sport=4000, dport=53) / DNS(rd=1, qd=DNSQR(qname="a.org"))
+    ethernet = _section(tmp_path / "eth.pcapng", [Ether(src=MAC, dst="02:00:00:00:00:01") / query], 1)
+    cooked = _section(tmp_path / "any.pcapng", [_cooked(True, 0, query)], 276)
+    joined = tmp_path / "joined.pcapng"
+    joined.write_bytes(ethernet + cooked)
+    got = [frame for _, frame in read_frames(joined)]
+    assert [frame[6:12].hex(":") for frame in got] == [MAC, "50:c7:bf:00:00:01"]
+    assert [frame[14:] for frame in got] == [bytes(query)] * 2
+
+    # the second section's packet names its interface 1, which only the first section's list would have held
+    two_sections, at = bytearray(cooked + ethernet), len(cooked)
+    while struct.unpack_from("<I", two_sections, at)[0] != 6:  # block by block to its Enhanced Packet Block
+        at += struct.unpack_from("<I", two_sections, at + 4)[0]
+    struct.pack_into("<I", two_sections, at + 8, 1)
+    joined.write_bytes(bytes(two_sections))
+    with pytest.raises(PcapError, match="joined.pcapng: corrupt after 1 records: .*interface 1"):
+        list(read_frames(joined))
+
+
 def _dns_frames(n: int) -> list[Ether]:
     frames = [Ether(src=MAC) / IP(src="10.0.0.7", dst="10.0.0.1") / UDP(sport=40000 + i, dport=53)
               / DNS(rd=1, qd=DNSQR(qname=f"q{i}.example.org")) for i in range(n)]

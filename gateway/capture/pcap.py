@@ -292,6 +292,10 @@ def _pcapng_reader(path: str, stream: _Stream, magic: bytes):
 
         def _read_block_shb(self) -> None:  # the file's first block, read by __init__, or a later section's
             start = self.f.tell() - 4  # its type, the magic, is read
+            # A section's interface ids count from 0 in its own Interface Description Blocks (and its process ids in
+            # its own): scapy kept the sections before, so in two captures joined by `cat` the second's packets took
+            # the first's interfaces, their link types and time resolutions (cooked packets read as Ethernet).
+            self.interfaces, self.process_information = [], []
             was, _inside.reading = getattr(_inside, "reading", False), True
             _inside.warning = None
             try:
@@ -366,6 +370,7 @@ def read_frames(path: str | Path, skipped: Skipped | None = None) -> Iterator[tu
     counted in ``skipped``.
 
     ``path`` is read once from its start, so it may be a pipe; pcap or pcapng, plain or gzip'd, told by content.
+    A pcapng of several sections (captures joined by ``cat``) reads each section with its own interfaces.
     A pcapng Simple Packet Block carries no time: its frame takes the time of the frame before it (a capture
     tool writes in time order), and one before any timed frame is counted in ``skipped.untimed``.
 
