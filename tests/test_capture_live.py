@@ -448,6 +448,46 @@ def test_queries_to_the_gateways_own_dns_are_left_to_the_dns_server(veth):
     assert [e.qname for e in got.events if isinstance(e, DnsQuery)] == ["outside.example.com"]
 
 
+TCP_QUERIES = """
+import socket, sys
+from dnslib import DNSRecord
+def message(name):
+    query = DNSRecord.question(name).pack()
+    return len(query).to_bytes(2, "big") + query
+gw4, gw6 = sys.argv[1:3]
+for server, data in ((gw4, message("tcp4.example.com")), (gw6, message("tcp6.example.org")),
+                     (gw4, message("first.example.net") + message("second.example.net"))):
+    with socket.create_connection((server, 53)) as s:  # a stub resolver's one write: length and query
+        s.sendall(data)
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # sent last: once it is seen, so are the others
+    s.sendto(DNSRecord.question("udp.example.com").pack(), (gw4, 53))
+"""
+
+
+def test_dns_queries_over_tcp_pass_the_kernel_filter_and_are_reported(veth):
+    """A device whose query went over TCP (after a truncated answer, or always) was unseen: the kernel filter
+    passed UDP only. The gateway's listeners take the connections without ever accepting them (the kernel
+    answers the handshake and keeps the data), as a resolver there would."""
+    got = Collector()
+    with veth.enter():
+        listeners = [socket.create_server((veth.gw_ip4, 53)),
+                     socket.create_server((veth.gw_ip6, 53), family=socket.AF_INET6)]
+    sniffer = _sniff(veth, got)
+    try:
+        veth.client_python(TCP_QUERIES, veth.gw_ip4, veth.gw_ip6)
+        assert got.wait_for(lambda evs: any(getattr(e, "qname", "") == "udp.example.com" for e in evs)), got.events
+    finally:
+        sniffer.stop()
+        for listener in listeners:
+            listener.close()
+    mac = veth.client_mac
+    assert [(e.qname, e.client, e.mac) for e in got.events if isinstance(e, DnsQuery)] == [
+        ("tcp4.example.com", veth.client_ip4, mac), ("tcp6.example.org", veth.client_ip6, mac),
+        ("first.example.net", veth.client_ip4, mac), ("second.example.net", veth.client_ip4, mac),
+        ("udp.example.com", veth.client_ip4, mac)]
+    assert sniffer.counters.get("capture_malformed") == sniffer.counters.get("capture_split_dns") == 0
+
+
 def test_sink_exception_is_counted_and_capture_goes_on(veth):
     got = Collector()
     failed = threading.Event()

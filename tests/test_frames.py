@@ -18,10 +18,10 @@ from scapy.layers.dns import DNS, DNSQR, DNSRR
 from scapy.layers.inet import IP, TCP, UDP, fragment
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, PadN
 from scapy.layers.l2 import LLC, STP, CookedLinux, CookedLinuxV2, Dot1AD, Dot1Q, Ether
-from scapy.packet import Raw
+from scapy.packet import Padding, Raw
 from scapy.utils import PcapNgWriter, PcapWriter, wrpcap
 
-from gateway.capture.frames import MalformedPacket, parse_frame
+from gateway.capture.frames import MalformedPacket, SplitDnsMessage, parse_frame
 from gateway.capture.pcap import PcapError, Skipped, read_frames
 from gateway.capture.replay import replay
 from gateway.capture.windows import capture_windows
@@ -672,3 +672,82 @@ def test_an_mdns_packet_larger_than_rfc_6762_allows_is_malformed():
     payload = struct.pack("!6H", 0, 0x8400, 1, 3262, 0, 0) + b"\x05local\x00\x00\x01\x00\x01" + records
     with pytest.raises(MalformedPacket, match="9000"):
         parse_frame(_udp_frame(payload, 5353), 0.0)
+
+
+def _tcp_dns(data: bytes, v6: bool = False, flags: str = "PA", seq: int = 1) -> Ether:
+    """A device's TCP segment to port 53 carrying ``data``: what its resolver writes, each message after its
+    2-byte length (RFC 1035 4.2.2)."""
+    ip = IPv6(src="fd00::7", dst="fd00::53") if v6 else IP(src="10.0.0.7", dst="192.0.2.53")
+    return Ether(src=MAC, dst="02:00:00:00:00:01") / ip / TCP(sport=40000, dport=53, flags=flags, seq=seq) / data
+
+
+def _tcp_message(name: str) -> bytes:
+    query = bytes(DNS(id=7, rd=1, qd=DNSQR(qname=name)))
+    return len(query).to_bytes(2, "big") + query
+
+
+def test_a_dns_query_over_tcp_gives_the_query_a_udp_one_does():
+    for v6, client in ((False, "10.0.0.7"), (True, "fd00::7")):
+        (event,) = parse_frame(bytes(_tcp_dns(_tcp_message("Cam.Example.com"), v6)), 3.0)
+        assert isinstance(event, DnsQuery)
+        assert (event.mac, event.client, event.qname, event.sld, event.ts) == (
+            MAC, client, "cam.example.com", "example.com", 3.0)
+    # pipelined (RFC 7766 6.2.1.1), or segments the kernel's GRO merged: every whole message in the segment
+    both = parse_frame(bytes(_tcp_dns(_tcp_message("a.example.com") + _tcp_message("b.example.org"))), 3.0)
+    assert [e.qname for e in both] == ["a.example.com", "b.example.org"]
+    assert parse_frame(bytes(_tcp_dns(_tcp_message("self.example.com"))), 3.0, skip_dns_to=frozenset(
+        {"192.0.2.53"})) == []  # sent to the gateway's own DNS server, which reports it itself
+
+
+def test_a_dns_message_split_across_tcp_segments_is_counted_split_not_read_nor_malformed():
+    message = _tcp_message("split.example.com")
+    for part in (message[:2], message[2:], message[:9], message[9:], message + message[:5]):
+        with pytest.raises(SplitDnsMessage, match="runs past its segment"):
+            parse_frame(bytes(_tcp_dns(part)), 1.0)
+    cut = bytes(_tcp_dns(message))[:-4]  # a capture's snapshot length cut it
+    with pytest.raises(SplitDnsMessage, match="last 4 bytes were not captured"):
+        parse_frame(cut, 1.0)
+    with pytest.raises(MalformedPacket) as garbage:  # whole, and no DNS message
+        parse_frame(bytes(_tcp_dns(b"\x00\x03abc")), 1.0)
+    assert not isinstance(garbage.value, SplitDnsMessage)
+
+    # A bare ACK is 54 bytes and Ethernet pads it to 60: the padding is no part of a message (the IP length says so)
+    ack = _tcp_dns(b"", flags="A") / Padding(load=b"\0" * 6)
+    syn = _tcp_dns(b"", v6=True, flags="S")
+    for frame, ip in ((ack, "10.0.0.7"), (syn, "fd00::7")):
+        assert parse_frame(bytes(frame), 1.0) == []
+        assert parse_frame(bytes(frame), 1.0, others=True) == [PacketSeen(1.0, MAC, ip, "tcp", 53)]  # as before
+    assert len(bytes(ack)) == 60
+
+
+def test_dns_over_tcp_in_a_capture_is_read_by_identify_replay_and_windows_and_split_messages_are_counted(tmp_path):
+    """Before, a device whose resolver used TCP (after a truncated answer, or always) showed no DNS at all."""
+    message = _tcp_message("tcp-only.example.com")
+    frames = [_tcp_dns(b"", flags="S"), _tcp_dns(b"", flags="A", seq=2) / Padding(load=b"\0" * 6),
+              _tcp_dns(message, seq=2),
+              _tcp_dns(_tcp_message("v6.example.org"), v6=True),
+              _tcp_dns(message[:2], seq=30), _tcp_dns(message[2:], seq=32)]  # a resolver writing in two calls
+    for i, frame in enumerate(frames):
+        frame.time = 1700000000 + i
+    pcap = tmp_path / "tcp.pcap"
+    wrpcap(str(pcap), frames)
+
+    windows = capture_windows(pcap)
+    (device,) = windows.devices.values()
+    assert device.mac == MAC and device.first_ts == 1700000000
+    assert [getattr(obs, "name", None) for obs in device.observations] == [
+        None, None, "tcp-only.example.com", "v6.example.org"]  # the SYN and ACK: other packets, as before
+    assert (windows.malformed, windows.skipped.split_dns, windows.skipped.total) == (0, 2, 2)
+
+    got = []
+    result = replay([pcap], got.extend)
+    assert [(e.qname, e.client, e.source) for e in got if isinstance(e, DnsQuery)] == [
+        ("tcp-only.example.com", "10.0.0.7", "replay"), ("v6.example.org", "fd00::7", "replay")]
+    assert (result.malformed, result.skipped.split_dns) == (0, 2)
+
+    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "identify", "--json", str(pcap)], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert f"iotgw identify: {pcap}: 2 packets skipped (2 DNS over TCP segments holding part of a message, " \
+           "not reassembled)" in proc.stderr
+    assert [json.loads(line)["mac"] for line in proc.stdout.splitlines()] == [MAC]

@@ -39,6 +39,20 @@ class MalformedPacket(ValueError):
     """A frame that claims to be DNS, DHCP or mDNS but cannot be decoded; counted and dropped by callers."""
 
 
+class SplitDnsMessage(MalformedPacket):
+    """A TCP segment to port 53 that does not hold whole DNS messages: one split across segments (or cut by a
+    capture's snapshot length). Not reassembled, and counted apart from malformed frames by the callers that
+    tell them apart (a ``MalformedPacket`` to those that do not): the device did nothing wrong.
+
+    Why not reassembled: a stub resolver writes its length and query in one call (glibc's and bionic's writev,
+    musl's sendmsg, Go, dnspython, systemd-resolved), so a query is one segment; only one longer than a segment
+    (over ~1,400 bytes) or written in two calls is split. Joining them would take per-flow state, sequence
+    numbers and retransmissions to track, which any LAN host could flood, for queries no device we know sends.
+    And without that state the segment cannot be read in part: a continuation starts inside a message, so its
+    first two bytes are no length, and only messages that fill the segment exactly show it starts on one.
+    """
+
+
 def mac_str(raw: bytes) -> str:
     return raw.hex(":")
 
@@ -106,8 +120,10 @@ def parse_frame(frame: bytes, ts: float, *, others: bool = False, source: str = 
     ``others`` also reports packets that are not DNS, DHCP or mDNS (as ``PacketSeen``): replay wants them for
     identification of devices that send no DNS; live capture filters them out in the kernel.
     ``skip_dns_to``: DNS queries to these addresses are left out (the gateway's own DNS server reports them).
+    DNS queries are read over UDP and TCP (a TCP segment to port 53 holding whole length-prefixed messages).
     Raises ``MalformedPacket`` for a frame whose DNS, DHCP or mDNS payload does not decode, or whose IPv4 header
-    length is impossible (whatever it carries: its ports and payload cannot be located).
+    length is impossible (whatever it carries: its ports and payload cannot be located), and its subclass
+    ``SplitDnsMessage`` for a TCP segment to port 53 holding part of a message.
     """
     if len(frame) < 14:
         raise MalformedPacket("frame shorter than an Ethernet header")
@@ -163,12 +179,15 @@ def parse_frame(frame: bytes, ts: float, *, others: bool = False, source: str = 
     else:
         return []
 
+    if proto == 6:
+        port = (frame[l4 + 2] << 8) | frame[l4 + 3] if len(frame) >= l4 + 4 else None
+        if port == DNS_PORT:  # the one test other TCP pays
+            return _dns_over_tcp(frame, off, ethertype, l4, ts, src_ip, mac, others, source, skip_dns_to)
+        return [PacketSeen(ts, mac, src_ip, "tcp", port)] if others else []
     if proto != 17:
         if not others:
             return []
-        kind = {6: "tcp", 1: "icmp", 58: "icmpv6", 2: "igmp"}.get(proto, "other")
-        port = struct.unpack_from("!H", frame, l4 + 2)[0] if proto == 6 and len(frame) >= l4 + 4 else None
-        return [PacketSeen(ts, mac, src_ip, kind, port)]
+        return [PacketSeen(ts, mac, src_ip, {1: "icmp", 58: "icmpv6", 2: "igmp"}.get(proto, "other"))]
 
     if len(frame) < l4 + 8:
         raise MalformedPacket("truncated UDP header")
@@ -189,6 +208,43 @@ def parse_frame(frame: bytes, ts: float, *, others: bool = False, source: str = 
     if others:
         return [PacketSeen(ts, mac, ip, "udp", dport)]
     return []
+
+
+def _dns_over_tcp(frame: bytes, off: int, ethertype: int, l4: int, ts: float, src_ip: str, mac: str, others: bool,
+                  source: str, skip_dns_to: frozenset[str]) -> list[Event]:
+    """The queries of a TCP segment to port 53: DNS over TCP (RFC 1035 4.2.2, RFC 7766) is each message after
+    its 2-byte length, and one segment may hold several (pipelined queries; segments the kernel's GRO merged).
+    A segment with no data (handshake, ACK, FIN) is the other TCP packet it was before DNS over TCP was read;
+    one whose messages do not fill it exactly is ``SplitDnsMessage``."""
+    if len(frame) < l4 + 20:
+        raise MalformedPacket("truncated TCP header")
+    data = l4 + (frame[l4 + 12] >> 4) * 4
+    if data < l4 + 20:
+        raise MalformedPacket(f"TCP header length {data - l4} bytes, less than 20")
+    # The IP length, not the frame's: Ethernet pads a bare ACK to 60 bytes, and the padding is no DNS data.
+    if ethertype == ETH_IPV4:
+        end = off + ((frame[off + 2] << 8) | frame[off + 3])
+    else:  # 0 is a jumbogram's, whose length is in an option: the frame's
+        end = off + 40 + ((frame[off + 4] << 8) | frame[off + 5]) if frame[off + 4] | frame[off + 5] else len(frame)
+    if data > end:
+        raise MalformedPacket("TCP header runs past the IP packet")
+    if data == end:
+        return [PacketSeen(ts, mac, src_ip, "tcp", DNS_PORT)] if others else []
+    if skip_dns_to and _dst_ip(frame, off, ethertype) in skip_dns_to:
+        return []
+    if end > len(frame):
+        raise SplitDnsMessage(f"DNS over TCP: the segment's last {end - len(frame)} bytes were not captured")
+    # The lengths first, the messages only if they fill the segment: a continuation would otherwise have its first
+    # two bytes taken for a length and a slice of a message decoded, counted malformed
+    messages = []
+    at = data
+    while at < end:
+        size = (frame[at] << 8) | frame[at + 1] if at + 2 <= end else None
+        if size is None or at + 2 + size > end:
+            raise SplitDnsMessage(f"DNS over TCP: a message runs past its segment ({end - at} bytes of it here)")
+        messages.append(frame[at + 2 : at + 2 + size])
+        at += 2 + size
+    return [event for message in messages for event in _dns_query(message, ts, src_ip, mac, source)]
 
 
 def _dst_ip(frame: bytes, off: int, ethertype: int) -> str:

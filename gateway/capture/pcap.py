@@ -49,22 +49,25 @@ class PcapError(Exception):
 
 @dataclass
 class Skipped:
-    """Packets of a Linux cooked capture that stand for no LAN device's Ethernet frame: counted, not errors."""
+    """Packets counted, not errors, and not read: those of a Linux cooked capture that stand for no LAN device's
+    Ethernet frame, those no time can be given, and DNS over TCP segments holding part of a message."""
 
     outgoing: int = 0  # sent by the capturing host: its own, or a copy of a packet it forwarded or bridged
     not_ethernet: int = 0  # from an interface whose address is not a 6-byte MAC: loopback, tunnels, PPP
     short: int = 0  # shorter than the cooked header (cut by the snapshot length)
     bad_time: int = 0  # stamped past the year 9999 (a pcapng's 64-bit time): no clock, date or page can show it
     untimed: int = 0  # pcapng Simple Packet Blocks (no timestamp) before any frame whose time they could take
+    split_dns: int = 0  # counted by the frames' reader, not here: see gateway.capture.frames.SplitDnsMessage
 
     @property
     def total(self) -> int:
-        return self.outgoing + self.not_ethernet + self.short + self.bad_time + self.untimed
+        return self.outgoing + self.not_ethernet + self.short + self.bad_time + self.untimed + self.split_dns
 
     def __str__(self) -> str:
         parts = [f"{self.outgoing} sent by the capturing host", f"{self.not_ethernet} not from an Ethernet interface",
                  f"{self.short} shorter than their cooked header", f"{self.bad_time} stamped past the year 9999",
-                 f"{self.untimed} untimed pcapng simple packets before any timed one"]
+                 f"{self.untimed} untimed pcapng simple packets before any timed one",
+                 f"{self.split_dns} DNS over TCP segments holding part of a message, not reassembled"]
         return f"{self.total} packets skipped (" + ", ".join(p for p in parts if not p.startswith("0 ")) + ")"
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.capture.frames import MalformedPacket, Senders, parse_frame
+from gateway.capture.frames import MalformedPacket, Senders, SplitDnsMessage, parse_frame
 from gateway.capture.pcap import PcapError, Skipped, read_frames
 from gateway.capture.sniffer import Sink
 from gateway.events import Counters, Event
@@ -75,7 +75,7 @@ class ReplayResult:
     frames: int = 0
     events: int = 0
     malformed: int = 0
-    skipped: Skipped = field(default_factory=Skipped)  # cooked-capture packets that are no device's frame
+    skipped: Skipped = field(default_factory=Skipped)  # cooked-capture packets that are no device's frame, and others
     errors: list[str] = field(default_factory=list)
 
 
@@ -95,7 +95,8 @@ def replay(
     goes on.
     Malformed frames are counted (``replay_malformed``) and dropped; an exception in ``sink`` propagates.
     Packets of a Linux cooked capture that are no LAN device's frame (sent by the capturing host, from loopback
-    or a tunnel) are counted in ``skipped`` and ``replay_skipped``.
+    or a tunnel), and DNS over TCP segments holding part of a message, are counted in ``skipped`` and
+    ``replay_skipped``.
     As in live capture, each unicast source's first frame (in the whole replay) also gives a ``DeviceSeen``
     ahead of its own events, whether that frame says anything or decodes. Frames are not sorted (merged captures,
     or files given out of date order, may be out of time order), so that ``DeviceSeen`` carries the sender's
@@ -152,6 +153,8 @@ def _replay_file(path: Path, sink: Sink, realtime: bool, counters: Counters, res
                 events += senders.first(frame, earliest.get(frame[6:12], ts))
             try:
                 events.extend(parse_frame(frame, ts, others=True, source="replay"))
+            except SplitDnsMessage:
+                result.skipped.split_dns += 1
             except MalformedPacket:
                 result.malformed += 1
                 counters.add("replay_malformed")

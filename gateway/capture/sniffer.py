@@ -1,5 +1,5 @@
-"""The live passive sniffer: DNS queries, DHCP and mDNS seen on an interface (a mirror port or a bridge), and
-each sender's presence from the first of those frames it sends (``Senders``).
+"""The live passive sniffer: DNS queries (over UDP and TCP), DHCP and mDNS seen on an interface (a mirror port
+or a bridge), and each sender's presence from the first of those frames it sends (``Senders``).
 
 An AF_PACKET socket with a classic BPF program attached in the kernel, so only the few packets we decode ever
 reach Python, and a TPACKET_V3 receive ring, so they arrive in blocks without a system call per packet.
@@ -22,39 +22,47 @@ from collections.abc import Callable
 
 import psutil
 
-from gateway.capture.frames import MalformedPacket, Senders, parse_frame
+from gateway.capture.frames import MalformedPacket, Senders, SplitDnsMessage, parse_frame
 from gateway.events import Counters, Event
 
 log = logging.getLogger(__name__)
 
 Sink = Callable[[list[Event]], None]
 
-# Regenerate with (F = 'udp and (dst port 53 or port 67 or port 68 or port 5353)'):
+# Regenerate with (F = '(udp and (dst port 53 or port 67 or port 68 or port 5353)) or (tcp and dst port 53)'):
 #   tcpdump -ddd -y EN10MB "inbound and (F or (vlan and (F or (vlan and F))))"
 # (the first line of the output is the instruction count; each further line is "code jt jf k").
 # "inbound" compiles to a test of the kernel's packet type (SKF_AD_PKTTYPE), so frames the host sends itself
 # (PACKET_OUTGOING) never reach us: on lo and veth every packet would otherwise be seen twice. DNS answers
-# (source port 53) are left out because the parser reports queries only. IPv4 later fragments are rejected; a
-# first fragment passes (its UDP ports are there) and the parser drops it, as it cannot be decoded alone.
+# (source port 53) are left out because the parser reports queries only. TCP to port 53 passes whole, handshake
+# and bare ACKs too (a few frames a connection, each a length check in the parser): a query sent over TCP after a
+# truncated answer, or by a resolver that always uses TCP, is a query the device made. IPv4 later fragments are
+# rejected; a first fragment passes (its ports are there) and the parser drops it, as it cannot be decoded alone.
 # The kernel takes the outer 802.1Q/802.1ad tag off before we see a frame, but a second tag (QinQ, or a tag
 # on a trunk it does not untag) stays in the frame: the "vlan" branches accept one or two tags in place.
 # libpcap's "vlan" shifts the offsets of everything after it, so the second tag is nested inside the first
 # branch rather than written as a separate alternative (which would test for three tags).
 BPF_FILTER: tuple[tuple[int, int, int, int], ...] = (
-    (40, 0, 0, 4294963204), (21, 81, 0, 4), (40, 0, 0, 12), (21, 0, 12, 2048), (48, 0, 0, 23), (21, 0, 77, 17),
-    (40, 0, 0, 20), (69, 75, 0, 8191), (177, 0, 0, 14), (72, 0, 0, 16), (21, 71, 0, 53), (21, 70, 0, 67),
-    (21, 69, 0, 68), (21, 68, 0, 5353), (72, 0, 0, 14), (21, 66, 64, 67), (21, 0, 9, 34525), (48, 0, 0, 20),
-    (21, 0, 64, 17), (40, 0, 0, 56), (21, 61, 0, 53), (21, 60, 0, 67), (21, 59, 0, 68), (21, 58, 0, 5353),
-    (40, 0, 0, 54), (21, 56, 54, 67), (21, 2, 0, 33024), (21, 1, 0, 34984), (21, 0, 54, 37120), (40, 0, 0, 16),
-    (21, 0, 12, 2048), (48, 0, 0, 27), (21, 0, 50, 17), (40, 0, 0, 24), (69, 48, 0, 8191), (177, 0, 0, 18),
-    (72, 0, 0, 20), (21, 44, 0, 53), (21, 43, 0, 67), (21, 42, 0, 68), (21, 41, 0, 5353), (72, 0, 0, 18),
-    (21, 39, 37, 67), (21, 0, 9, 34525), (48, 0, 0, 24), (21, 0, 37, 17), (40, 0, 0, 60), (21, 34, 0, 53),
-    (21, 33, 0, 67), (21, 32, 0, 68), (21, 31, 0, 5353), (40, 0, 0, 58), (21, 29, 27, 67), (21, 2, 0, 33024),
-    (21, 1, 0, 34984), (21, 0, 27, 37120), (40, 0, 0, 20), (21, 0, 12, 2048), (48, 0, 0, 31), (21, 0, 23, 17),
-    (40, 0, 0, 28), (69, 21, 0, 8191), (177, 0, 0, 22), (72, 0, 0, 24), (21, 17, 0, 53), (21, 16, 0, 67),
-    (21, 15, 0, 68), (21, 14, 0, 5353), (72, 0, 0, 22), (21, 12, 10, 67), (21, 0, 12, 34525), (48, 0, 0, 28),
-    (21, 0, 10, 17), (40, 0, 0, 64), (21, 7, 0, 53), (21, 6, 0, 67), (21, 5, 0, 68), (21, 4, 0, 5353),
-    (40, 0, 0, 62), (21, 2, 0, 67), (21, 1, 0, 68), (21, 0, 1, 5353), (6, 0, 0, 262144), (6, 0, 0, 0),
+    (40, 0, 0, 4294963204), (21, 118, 0, 4), (40, 0, 0, 12), (21, 0, 18, 2048), (48, 0, 0, 23), (21, 0, 10, 17),
+    (40, 0, 0, 20), (69, 112, 0, 8191), (177, 0, 0, 14), (72, 0, 0, 16), (21, 108, 0, 53), (21, 107, 0, 67),
+    (21, 106, 0, 68), (21, 105, 0, 5353), (72, 0, 0, 14), (21, 103, 86, 67), (21, 0, 103, 6), (40, 0, 0, 20),
+    (69, 101, 0, 8191), (177, 0, 0, 14), (72, 0, 0, 16), (21, 97, 98, 53), (21, 0, 13, 34525), (48, 0, 0, 20),
+    (21, 0, 7, 17), (40, 0, 0, 56), (21, 92, 0, 53), (21, 91, 0, 67), (21, 90, 0, 68), (21, 89, 0, 5353),
+    (40, 0, 0, 54), (21, 87, 70, 67), (21, 87, 0, 44), (21, 0, 86, 6), (40, 0, 0, 56), (21, 83, 84, 53),
+    (21, 2, 0, 33024), (21, 1, 0, 34984), (21, 0, 81, 37120), (40, 0, 0, 16), (21, 0, 18, 2048), (48, 0, 0, 27),
+    (21, 0, 10, 17), (40, 0, 0, 24), (69, 60, 0, 8191), (177, 0, 0, 18), (72, 0, 0, 20), (21, 71, 0, 53),
+    (21, 70, 0, 67), (21, 69, 0, 68), (21, 68, 0, 5353), (72, 0, 0, 18), (21, 66, 16, 67), (21, 0, 51, 6),
+    (40, 0, 0, 24), (69, 49, 0, 8191), (177, 0, 0, 18), (72, 0, 0, 20), (21, 60, 46, 53), (21, 0, 15, 34525),
+    (48, 0, 0, 24), (21, 0, 9, 17), (40, 0, 0, 60), (21, 55, 0, 53), (21, 54, 0, 67), (21, 53, 0, 68),
+    (21, 52, 0, 5353), (40, 0, 0, 58), (21, 50, 0, 67), (21, 49, 0, 68), (21, 48, 34, 5353), (21, 33, 0, 44),
+    (21, 0, 32, 6), (40, 0, 0, 60), (21, 44, 30, 53), (21, 2, 0, 33024), (21, 1, 0, 34984), (21, 0, 27, 37120),
+    (40, 0, 0, 20), (21, 0, 12, 2048), (48, 0, 0, 31), (21, 0, 25, 17), (40, 0, 0, 28), (69, 36, 0, 8191),
+    (177, 0, 0, 22), (72, 0, 0, 24), (21, 32, 0, 53), (21, 31, 0, 67), (21, 30, 0, 68), (21, 29, 0, 5353),
+    (72, 0, 0, 22), (21, 27, 10, 67), (21, 0, 27, 34525), (48, 0, 0, 28), (21, 0, 9, 17), (40, 0, 0, 64),
+    (21, 22, 0, 53), (21, 21, 0, 67), (21, 20, 0, 68), (21, 19, 0, 5353), (40, 0, 0, 62), (21, 17, 0, 67),
+    (21, 16, 0, 68), (21, 15, 16, 5353), (21, 15, 10, 44), (40, 0, 0, 20), (21, 0, 7, 2048), (48, 0, 0, 31),
+    (21, 0, 11, 6), (40, 0, 0, 28), (69, 9, 0, 8191), (177, 0, 0, 22), (72, 0, 0, 24), (21, 5, 6, 53),
+    (21, 0, 5, 34525), (48, 0, 0, 28), (21, 0, 3, 6), (40, 0, 0, 64), (21, 0, 1, 53), (6, 0, 0, 262144), (6, 0, 0, 0),
 )
 
 ETH_P_ALL = 0x0003
@@ -127,7 +135,8 @@ class Sniffer:
     ``sink`` gets one list of events per ring block (the frames of up to ~10 ms, at most 32 KiB of them);
     it runs on the sniffer's thread, so it should queue rather than block. ``ring_bytes`` is the kernel
     buffer that absorbs bursts and stalls while Python is busy. Counters: ``capture_frames``,
-    ``capture_malformed``, ``capture_dropped`` (frames the kernel lost because the ring was full),
+    ``capture_malformed``, ``capture_split_dns`` (DNS over TCP segments holding part of a message, not read:
+    ``SplitDnsMessage``), ``capture_dropped`` (frames the kernel lost because the ring was full),
     ``capture_sink_errors``, ``capture_errors`` (the interface went down).
 
     ``skip_dns_to_self`` leaves out DNS queries addressed to the interface's own addresses: when the gateway's
@@ -260,6 +269,8 @@ class Sniffer:
                 events += senders.first(frame, ts)
             try:
                 events.extend(parse_frame(frame, ts, source="capture", skip_dns_to=self._own))
+            except SplitDnsMessage:
+                self.counters.add("capture_split_dns")
             except MalformedPacket:
                 self.counters.add("capture_malformed")
             except Exception:  # a parser bug on hostile input must not end the capture

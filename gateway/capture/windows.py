@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.capture.frames import MalformedPacket, parse_frame, sender
+from gateway.capture.frames import MalformedPacket, SplitDnsMessage, parse_frame, sender
 from gateway.capture.pcap import PcapError, Skipped, read_frames
 from gateway.observations import to_observation
 from identifier.dataset import DataError, LabelledWindow, read_labels
@@ -34,7 +34,7 @@ class CaptureWindows:
     devices: dict[str, DeviceWindow]
     malformed: int  # frames dropped because their DNS/DHCP/mDNS payload did not decode
     error: str | None = None  # with ``keep_partial``: why the file was not read to its end (names the file)
-    skipped: Skipped = field(default_factory=Skipped)  # cooked-capture packets that are no device's frame
+    skipped: Skipped = field(default_factory=Skipped)  # packets not read: cooked ones no device's frame, and others
 
 
 def capture_windows(path: str | Path, window: float | None = None, keep_partial: bool = False) -> CaptureWindows:
@@ -69,6 +69,9 @@ def capture_windows(path: str | Path, window: float | None = None, keep_partial:
             first[src] = min(first.get(src, ts), ts)
         try:
             events = parse_frame(frame, ts, others=True, source="replay")
+        except SplitDnsMessage:
+            skipped.split_dns += 1
+            continue
         except MalformedPacket:
             malformed += 1
             continue
