@@ -598,13 +598,15 @@ def _udp_frame(payload: bytes, port: int) -> bytes:
 
 
 def _pointer_chain_query(size: int) -> bytes:
-    """A query whose every question is one label and a pointer to the question before: names of 1, 2, ... 180
-    labels. dnslib followed such chains recursively, copying labels at each level: 0.8 s for these 1.5 kB."""
-    body, starts = b"\x01a\x00\x00\x01\x00\x01", [12]
-    while 12 + len(body) + 8 <= size:
+    """A query of one question whose every answer record is named by one label and a pointer to the name before,
+    names growing past 255 bytes. dnslib followed such chains recursively, copying labels at each level: 0.8 s for
+    1.5 kB of them as questions, of which a query now holds one (RFC 9619); a question name with a space in it
+    is no plain name, so dnslib reads the packet, answers and all."""
+    body, starts = b"\x01 \x00\x00\x01\x00\x01", [12]
+    while 12 + len(body) + 20 <= size:
         starts.append(12 + len(body))
-        body += b"\x01a" + struct.pack("!H", 0xC000 | starts[-2]) + b"\x00\x01\x00\x01"
-    return struct.pack("!6H", 1, 0x0100, len(starts), 0, 0, 0) + body
+        body += b"\x03aaa" + struct.pack("!H", 0xC000 | starts[-2]) + struct.pack("!HHIH", 1, 1, 0, 4) + b"\0" * 4
+    return struct.pack("!6H", 1, 0x0100, 1, len(starts) - 1, 0, 0) + body
 
 
 def _mdns_pointing_into(region: bytes, offsets) -> bytes:  # noqa: ANN001 - offsets: an iterable of ints
@@ -718,6 +720,21 @@ def test_a_dns_message_split_across_tcp_segments_is_counted_split_not_read_nor_m
         assert parse_frame(bytes(frame), 1.0) == []
         assert parse_frame(bytes(frame), 1.0, others=True) == [PacketSeen(1.0, MAC, ip, "tcp", 53)]  # as before
     assert len(bytes(ack)) == 60
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_a_dns_query_of_several_questions_is_malformed_not_one_query_each(transport):
+    """RFC 9619: a query holds one question. One packet of 40 made 40 queries of any names a host chose."""
+    many = bytes(DNS(id=1, rd=1, qd=[DNSQR(qname=f"q{i}.example.com") for i in range(40)]))
+    cookie_only = bytes(DNS(id=2, rd=1, qd=[]))  # no question at all: a DNS cookie's refresh (RFC 7873 5.4)
+    frame = (lambda m: bytes(_tcp_dns(len(m).to_bytes(2, "big") + m))) if transport == "tcp" else (
+        lambda m: bytes(Ether(src=MAC) / IP(src="10.0.0.7", dst="10.0.0.1") / UDP(sport=4000, dport=53) / m))
+    with pytest.raises(MalformedPacket, match=r"a query of 40 questions, not one \(RFC 9619\)"):
+        parse_frame(frame(many), 1.0)
+    assert parse_frame(frame(cookie_only), 1.0) == []
+    answer = bytes(DNS(id=1, qr=1, qd=[DNSQR(qname="a.example.com"), DNSQR(qname="b.example.com")]))
+    assert parse_frame(bytes(Ether(src=MAC) / IP(src="10.0.0.1", dst="10.0.0.7") / UDP(sport=53, dport=4000)
+                             / answer), 1.0) == []  # answers are not read
 
 
 def test_dns_over_tcp_in_a_capture_is_read_by_identify_replay_and_windows_and_split_messages_are_counted(tmp_path):

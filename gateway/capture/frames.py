@@ -258,6 +258,10 @@ def _ip4(raw: bytes) -> str:
 
 
 def _dns_query(payload: bytes, ts: float, client: str, mac: str, source: str) -> list[Event]:
+    # RFC 9619: a query holds one question (or none: a DNS cookie alone). Each question was an event, so one packet
+    # made as many "queries" as it listed; BIND and Unbound answer such a packet FORMERR, resolving none of them.
+    if len(payload) >= 12 and not payload[2] & 0x80 and (payload[4] or payload[5] > 1):
+        raise MalformedPacket(f"DNS: a query of {(payload[4] << 8) | payload[5]} questions, not one (RFC 9619)")
     questions = _plain_questions(payload)
     if questions is None:  # anything unusual: let dnslib decide
         try:
