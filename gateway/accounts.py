@@ -6,18 +6,31 @@ good as a slow one.
 
 Failed logins. The threat is a compromised device on the LAN: it can guess the password, and if a lockout were the
 account's it could keep the owner out for good with five wrong guesses every 15 minutes; it can also take many
-addresses (IPv4 aliases, IPv6 privacy addresses are free, and every host of a home shares one /64). So five wrong
-passwords in a row from one client address (the TCP peer, never a forwarded header) lock that address out of that
-account for 15 minutes, as AdGuard Home does, and other addresses go on; a login from the address clears its count.
-Past 50 failed logins to the account from all addresses within 15 minutes, addresses that have not logged in to it
-within 30 days are refused for 15 minutes, while those that have keep their own five-in-a-row rule: guessing from
-fresh addresses stays at about 50 per 15 minutes, and the owner's own machines still get in. A locked address is
-refused without its password being checked, so guessing then learns nothing.
+addresses (IPv4 aliases, IPv6 privacy addresses are free, and every host of a home shares one /64). The answer is
+OWASP's device cookies ("Slow Down Online Guessing Attacks with Device Cookies"): a browser that logs in gets a
+random cookie bound to the account (``issue_device_cookie``), and
 
-The counts, locks and logins are rows of the config database, so restarting ``iotgw web`` resets nothing (an
-attacker who can make it restart gains no guesses). The rows are bounded whatever an attacker sends:
-``MAX_TRUSTED_ADDRESSES`` addresses that logged in per account (only the password makes one, so a flood of
-failures cannot push the owner's out) and ``MAX_UNTRUSTED_ADDRESSES`` others in all, the longest quiet dropped first.
+- a login made with a valid device cookie is judged by that cookie alone: five wrong passwords in a row with it
+  lock out that cookie for 15 minutes, not the address, and nothing else refuses it, whatever its address;
+- a login without one (or with a forged, revoked, expired or other account's cookie) is judged by its client
+  address (the TCP peer, never a forwarded header): five wrong passwords in a row lock that address out of the
+  account for 15 minutes, as AdGuard Home does, and other addresses go on; a login from the address clears its
+  count. Past 50 such failures to the account within 15 minutes, every client without a device cookie is refused
+  for 15 minutes, so guessing from fresh addresses stays at about 50 per 15 minutes while the owner's browsers,
+  which hold cookies, still get in, from any address (a fresh IPv6 privacy address included).
+
+An address that logged in earns nothing. It did, for 30 days, until device cookies: but DHCP hands a departed
+laptop's address to the next host, which may be the guessing device, and the owner's own machines change
+addresses; a cookie is held by the browser that typed the password, which is who the exemption was meant for.
+
+A locked client is refused without its password being checked, so guessing then learns nothing. Setting the
+password anew (``set_password``) ends every lockout and revokes every device cookie of the account.
+
+The counts, locks and cookies are rows of the config database (cookies as SHA-256 digests, like API tokens), so
+restarting ``iotgw web`` resets nothing (an attacker who can make it restart gains no guesses). The rows are
+bounded whatever an attacker sends: ``MAX_DEVICES`` cookies per account (only the password makes one, so a flood of
+failures cannot push the owner's out; the longest unused go first, and any unused for ``DEVICE_LIFETIME_S``) and
+``MAX_ADDRESSES`` failing addresses in all, the longest quiet dropped first.
 """
 
 from __future__ import annotations
@@ -32,26 +45,28 @@ from dataclasses import dataclass
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import delete, func, select, true, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from gateway.config import peer_ip
 from gateway.store.db import INT64_LIMIT, Store, database_busy
-from gateway.store.schema import ApiToken, LoginAddress, User
+from gateway.store.schema import ApiToken, LoginAddress, LoginDevice, User
 from policy.model import CONTROL_CATEGORIES
 
 ADMIN = "admin"
 MIN_PASSWORD_LENGTH = 8
-MAX_FAILED_LOGINS = 5  # in a row from one address: that address is locked out for LOCKOUT_S
+MAX_FAILED_LOGINS = 5  # in a row from one address, or with one device cookie: it is locked out for LOCKOUT_S
 LOCKOUT_S = 15 * 60
-# Failures from all addresses within LOCKOUT_S past which addresses that have not logged in within TRUST_S are
-# refused for LOCKOUT_S (the module's docstring says why).
+# Failures without a device cookie within LOCKOUT_S past which every client without one is refused for LOCKOUT_S
+# (the module's docstring says why).
 MAX_ACCOUNT_FAILURES = 50
-TRUST_S = 30 * 86400
-MAX_TRUSTED_ADDRESSES = 64  # per account: a household's machines, many times over
+# A device cookie lasts this long from the login that gave it (each login gives a new one): an owner who opens the
+# web UI once a season keeps theirs; one not used for a year is dropped.
+DEVICE_LIFETIME_S = 365 * 86400
+MAX_DEVICES = 64  # per account: a household's browsers, many times over
 # In all. Well beyond MAX_ACCOUNT_FAILURES: fresh addresses are throttled hours before they could push out one
 # that is still locked.
-MAX_UNTRUSTED_ADDRESSES = 1024
+MAX_ADDRESSES = 1024
 TOKEN_SCOPES = ("read", "write")
 # A token's last use is noted to the minute (the token list shows minutes): one write a minute per token at most.
 TOKEN_USE_RESOLUTION_S = 60.0
@@ -73,13 +88,19 @@ log = logging.getLogger(__name__)
 
 
 class LockedOut(Exception):
-    """Too many failed logins; ``until`` is when the next attempt will be heard. ``address_locked``: this
-    address failed ``MAX_FAILED_LOGINS`` times in a row; else the account refuses addresses new to it."""
+    """Too many failed logins; ``until`` is when the next attempt will be heard. ``cause`` says whose failures:
+    ``"device"``, this device cookie's ``MAX_FAILED_LOGINS`` in a row; ``"address"``, this address's (a client
+    without a device cookie); ``"account"``, the account's from many addresses, which refuses every client without
+    a device cookie."""
 
-    def __init__(self, until: float, *, address_locked: bool) -> None:
-        super().__init__(f"locked until {time.strftime('%H:%M:%S', time.localtime(until))}")
+    CAUSES = ("device", "address", "account")
+
+    def __init__(self, until: float, cause: str) -> None:
+        if cause not in self.CAUSES:
+            raise ValueError(f"a lockout's cause is one of {', '.join(self.CAUSES)}, not {cause!r}")
+        super().__init__(f"locked until {time.strftime('%H:%M:%S', time.localtime(until))} ({cause})")
         self.until = until
-        self.address_locked = address_locked
+        self.cause = cause
 
 
 class TokenNotFound(LookupError):
@@ -102,8 +123,9 @@ def has_password(store: Store, username: str = ADMIN) -> bool:
 
 def set_password(store: Store, password: str, username: str = ADMIN) -> None:
     """Create the account or replace its password; existing web sessions of the user stop working. Failure counts
-    and lockouts end (they were guesses at the old password; ``iotgw user set-password`` is also the way out of one);
-    the addresses that logged in stay known."""
+    and lockouts end (they were guesses at the old password; ``iotgw user set-password`` is also the way out of one),
+    and every device cookie of the account is revoked: a new password is also how an owner shuts out a browser
+    (or a copied cookie) that should no longer get past a lockout."""
     if len(password) < MIN_PASSWORD_LENGTH:
         raise ValueError(f"the password needs at least {MIN_PASSWORD_LENGTH} characters")
     digest = _hasher.hash(password)
@@ -115,11 +137,8 @@ def set_password(store: Store, password: str, username: str = ADMIN) -> None:
         else:
             user.password_hash, user.password_changed_at = digest, now
             user.failures_since, user.recent_failures, user.new_addresses_locked_until = None, 0, None
-            s.execute(
-                update(LoginAddress)
-                .where(LoginAddress.username == username)
-                .values(failures=0, last_failure_at=None, locked_until=None)
-            )
+            s.execute(delete(LoginAddress).where(LoginAddress.username == username))
+            s.execute(delete(LoginDevice).where(LoginDevice.username == username))
 
 
 def set_initial_password(store: Store, password: str, username: str = ADMIN) -> bool:
@@ -161,74 +180,111 @@ def client_address(peer: str) -> str:
         raise ValueError(f"a login's client address must be an IP address, not {peer[:64]!r}") from None
 
 
-def verify_login(store: Store, username: str, password: str, peer: str, *, now: float | None = None) -> bool:
-    """True for the right password from client address ``peer``. Raises ``LockedOut`` while that address is
-    locked out of the account, without checking the password at all, so that guessing during a lockout learns
-    nothing (the module's docstring has the rules).
+def verify_login(
+    store: Store, username: str, password: str, peer: str, *, device: str | None = None, now: float | None = None
+) -> bool:
+    """True for the right password from client address ``peer``, presenting the device cookie ``device`` if the
+    browser holds one. Raises ``LockedOut`` while that cookie (if valid) or else that address is locked out of the
+    account, or the account refuses clients without a valid cookie, without checking the password at all, so that
+    guessing during a lockout learns nothing (the module's docstring has the rules). A cookie that is not valid
+    for this account counts as none.
 
     The slow argon2 check runs with no transaction open and at most ``MAX_PASSWORD_CHECKS`` at a time: a login
     flood must not hold the database's write lock (every other writer would wait) nor take every core."""
     now = time.time() if now is None else now
     address = client_address(peer)
+    cookie = _cookie_sha256(device) if device else None
     with store.session() as s:
         user = s.get(User, username)
         digest = user.password_hash if user else None
         if user is not None:
-            _refuse_if_locked(user, s.get(LoginAddress, (username, address)), now)
+            _refuse_if_locked(user, *_login_rows(s, username, cookie, address, now), now)
     with _password_checks:
         ok = _verify(digest or _DUMMY_HASH, password)
         rehashed = _hasher.hash(password) if ok and digest and _hasher.check_needs_rehash(digest) else None
     if digest is None:
         return False  # no rows for names that have no account: guessing names fills no table
-    # A short transaction: another login may have counted a failure or locked the address meanwhile. The user's
+    # A short transaction: another login may have counted a failure or locked the client meanwhile. The user's
     # row is locked for it (SQLite's BEGIN IMMEDIATE already is one writer at a time), so that on PostgreSQL two
     # logins cannot both add the same new address nor both count from the same number.
     with store.transaction() as s:
         user = s.get(User, username, with_for_update=True)
         if user is None or user.password_hash != digest:
             return False  # deleted or re-set during the check: it checked a password that no longer applies
-        row = s.get(LoginAddress, (username, address))
-        _refuse_if_locked(user, row, now)
+        known, row = _login_rows(s, username, cookie, address, now)
+        _refuse_if_locked(user, known, row, now)
+        if ok and rehashed:
+            user.password_hash = rehashed
+        if known is not None:  # the cookie's own count; the address and the account's count are not touched
+            known.failures = 0 if ok else known.failures + 1
+            if known.failures >= MAX_FAILED_LOGINS:
+                known.failures, known.locked_until = 0, now + LOCKOUT_S
+            return ok
+        if ok:
+            if row is not None:
+                s.delete(row)  # a login clears the address's count; a row stays only while it has failures
+            return True
         if row is None:
             row = LoginAddress(username=username, address=address, failures=0)
             s.add(row)
-        if ok:
-            row.failures, row.last_failure_at, row.locked_until, row.logged_in_at = 0, None, None, now
-            s.flush()
-            _forget_beyond(s, _trusted(now) & (LoginAddress.username == username), MAX_TRUSTED_ADDRESSES,
-                           LoginAddress.logged_in_at)
-            if rehashed:
-                user.password_hash = rehashed
-            return True
         row.failures, row.last_failure_at = row.failures + 1, now
         if row.failures >= MAX_FAILED_LOGINS:
             row.failures, row.locked_until = 0, now + LOCKOUT_S
         _count_account_failure(user, now)
         s.flush()
-        _forget_beyond(s, _untrusted(now), MAX_UNTRUSTED_ADDRESSES, LoginAddress.last_failure_at.asc().nulls_first())
+        _forget_beyond(s, LoginAddress, true(), MAX_ADDRESSES, LoginAddress.last_failure_at)
     return False
 
 
-def _trusted(now: float):  # noqa: ANN202 - a SQL condition
-    return LoginAddress.logged_in_at >= now - TRUST_S
+def issue_device_cookie(store: Store, username: str, *, replacing: str | None = None,
+                        now: float | None = None) -> str:
+    """A new device cookie for a browser that just logged in to ``username``; the cookie it presented
+    (``replacing``), if that was the account's, stops working, so each login renews the cookie and a copy taken
+    before it lapses. Only the digest is stored, with its own count of failures."""
+    now = time.time() if now is None else now
+    secret = secrets.token_urlsafe(32)
+    with store.transaction() as s:
+        if replacing:
+            s.execute(delete(LoginDevice).where(LoginDevice.cookie_sha256 == _cookie_sha256(replacing),
+                                                LoginDevice.username == username))
+        s.execute(delete(LoginDevice).where(LoginDevice.issued_at < now - DEVICE_LIFETIME_S))
+        s.add(LoginDevice(cookie_sha256=_cookie_sha256(secret), username=username, issued_at=now, failures=0))
+        s.flush()
+        _forget_beyond(s, LoginDevice, LoginDevice.username == username, MAX_DEVICES, LoginDevice.issued_at)
+    return secret
 
 
-def _untrusted(now: float):  # noqa: ANN202 - a SQL condition; not ~_trusted, which NULL would leave out
-    return or_(LoginAddress.logged_in_at.is_(None), LoginAddress.logged_in_at < now - TRUST_S)
+def _cookie_sha256(cookie: str) -> str:
+    # surrogatepass: a cookie is client text, and a lone surrogate must be a cookie that matches nothing, not a 500
+    return hashlib.sha256(cookie.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _refuse_if_locked(user: User, row: LoginAddress | None, now: float) -> None:
+def _login_rows(s, username: str, cookie: str | None, address: str,  # noqa: ANN001 - a session
+                now: float) -> tuple[LoginDevice | None, LoginAddress | None]:
+    """The device cookie's row if it is a live one of this account, else the address's row (either may be None)."""
+    known = s.get(LoginDevice, cookie) if cookie else None
+    if known is not None and (known.username != username or known.issued_at < now - DEVICE_LIFETIME_S):
+        known = None
+    if known is not None:
+        return known, None
+    return None, s.get(LoginAddress, (username, address))
+
+
+def _refuse_if_locked(user: User, known: LoginDevice | None, row: LoginAddress | None, now: float) -> None:
+    if known is not None:
+        if known.locked_until is not None and now < known.locked_until:
+            raise LockedOut(known.locked_until, "device")
+        return  # a live cookie is judged by its own count alone, whatever the address or the account's state
     if row is not None and row.locked_until is not None and now < row.locked_until:
-        raise LockedOut(row.locked_until, address_locked=True)
-    trusted = row is not None and row.logged_in_at is not None and row.logged_in_at >= now - TRUST_S
+        raise LockedOut(row.locked_until, "address")
     until = user.new_addresses_locked_until
-    if not trusted and until is not None and now < until:
-        raise LockedOut(until, address_locked=False)
+    if until is not None and now < until:
+        raise LockedOut(until, "account")
 
 
 def _count_account_failure(user: User, now: float) -> None:
-    """One more failure to the account within the current window of ``LOCKOUT_S``; at ``MAX_ACCOUNT_FAILURES``
-    addresses new to the account are refused for ``LOCKOUT_S`` and the count starts again."""
+    """One more failure without a device cookie to the account within the current window of ``LOCKOUT_S``; at
+    ``MAX_ACCOUNT_FAILURES`` clients without one are refused for ``LOCKOUT_S`` and the count starts again."""
     if user.failures_since is None or not 0 <= now - user.failures_since < LOCKOUT_S:
         user.failures_since, user.recent_failures = now, 0
     user.recent_failures += 1
@@ -237,23 +293,18 @@ def _count_account_failure(user: User, now: float) -> None:
         user.new_addresses_locked_until = now + LOCKOUT_S
         # Once per lock: what the owner (or fail2ban) should hear, with no address, since it came from many.
         log.warning(
-            "%d failed logins for %r within %d min: addresses that have not logged in to it are refused until %s",
+            "%d failed logins for %r within %d min: clients without a device cookie are refused until %s",
             MAX_ACCOUNT_FAILURES, user.username[:64], LOCKOUT_S // 60,
             time.strftime("%H:%M:%S", time.localtime(now + LOCKOUT_S)),
         )
 
 
-def _forget_beyond(s, which, limit: int, age) -> None:  # noqa: ANN001 - a session, a SQL condition and column
-    """Delete the rows ``which`` selects beyond ``limit``, those with the oldest ``age`` first."""
-    excess = s.scalar(select(func.count()).select_from(LoginAddress).where(which)) - limit
+def _forget_beyond(s, model, which, limit: int, age) -> None:  # noqa: ANN001 - a session, a model, SQL expressions
+    """Delete the rows of ``model`` that ``which`` selects beyond ``limit``, those with the oldest ``age`` first."""
+    excess = s.scalar(select(func.count()).select_from(model).where(which)) - limit
     if excess > 0:
-        oldest = s.execute(
-            select(LoginAddress.username, LoginAddress.address).where(which).order_by(age).limit(excess)
-        ).all()
-        for username, address in oldest:
-            s.execute(
-                delete(LoginAddress).where(LoginAddress.username == username, LoginAddress.address == address)
-            )
+        for oldest in s.scalars(select(model).where(which).order_by(age).limit(excess)).all():
+            s.delete(oldest)
 
 
 def create_token(

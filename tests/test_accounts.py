@@ -1,5 +1,5 @@
-"""Accounts: argon2 passwords, lockout of a client address after five failures (and of new addresses after many
-from all), hashed API tokens, and ``iotgw user``."""
+"""Accounts: argon2 passwords, lockout of a client address or a device cookie after five failures (and of every
+client without a device cookie after many from all), hashed API tokens, and ``iotgw user``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from gateway import accounts
 from gateway.cli import Parser
 from gateway.commands import user as user_command
 from gateway.store.db import Store
-from gateway.store.schema import ApiToken, LoginAddress, User
+from gateway.store.schema import ApiToken, LoginAddress, LoginDevice, User
 
 DEVICE, OWNER = "192.168.1.66", "192.168.1.10"  # a compromised device guessing, and the owner's laptop
 
@@ -64,7 +64,7 @@ def test_five_failures_lock_the_address_for_fifteen_minutes_and_no_other(store):
         assert not accounts.verify_login(store, "admin", f"guess {i}", DEVICE, now=t0 + i)
     with pytest.raises(accounts.LockedOut) as locked:  # even with the right password, which is not checked
         accounts.verify_login(store, "admin", "correct horse", DEVICE, now=t0 + 10)
-    assert locked.value.until == pytest.approx(t0 + 4 + accounts.LOCKOUT_S) and locked.value.address_locked
+    assert locked.value.until == pytest.approx(t0 + 4 + accounts.LOCKOUT_S) and locked.value.cause == "address"
     assert accounts.verify_login(store, "admin", "correct horse", OWNER, now=t0 + 11)  # the owner, meanwhile
     with pytest.raises(accounts.LockedOut):  # and the owner's login did not unlock the device
         accounts.verify_login(store, "admin", "correct horse", DEVICE, now=t0 + 4 + accounts.LOCKOUT_S - 1)
@@ -107,37 +107,108 @@ def _guess_from_many(store, now: float, first: int = 0) -> int:  # noqa: ANN001
     return n
 
 
-def test_distributed_guessing_shuts_out_new_addresses_but_not_one_that_logged_in(store):
+def _owner_cookie(store: Store, now: float) -> str:
+    """The owner's browser logs in from OWNER at ``now`` and keeps the device cookie it is given."""
+    assert accounts.verify_login(store, "admin", "correct horse", OWNER, now=now)
+    return accounts.issue_device_cookie(store, "admin", now=now)
+
+
+def test_distributed_guessing_shuts_out_clients_without_a_device_cookie_but_not_the_owners_browser(store):
     """A device with many addresses (aliases, IPv6 privacy addresses) guesses five times from each: past
-    MAX_ACCOUNT_FAILURES from all, an address that has not logged in is refused for LOCKOUT_S, while the owner's
-    laptop, which has, still logs in and keeps its own five-in-a-row rule."""
+    MAX_ACCOUNT_FAILURES from all, every client without a device cookie is refused for LOCKOUT_S, while the
+    owner's browser, which has one from a login 20 days ago, still logs in, and keeps its own five-in-a-row rule."""
     accounts.set_password(store, "correct horse")
     t0 = 1_000_000.0
-    assert accounts.verify_login(store, "admin", "correct horse", OWNER, now=t0 - 20 * 86400)  # 20 days ago
+    cookie = _owner_cookie(store, t0 - 20 * 86400)
     n = _guess_from_many(store, t0)
     with pytest.raises(accounts.LockedOut) as locked:  # a new address, right password or not
         accounts.verify_login(store, "admin", "correct horse", f"fd00::{n:x}", now=t0 + 1)
-    assert not locked.value.address_locked and locked.value.until == pytest.approx(t0 + accounts.LOCKOUT_S)
+    assert locked.value.cause == "account" and locked.value.until == pytest.approx(t0 + accounts.LOCKOUT_S)
     with pytest.raises(accounts.LockedOut) as locked:  # an address that failed before but never logged in
         accounts.verify_login(store, "admin", "correct horse", "192.168.1.77", now=t0 + 1)
-    assert not locked.value.address_locked
-    assert accounts.verify_login(store, "admin", "correct horse", OWNER, now=t0 + 2)
+    assert locked.value.cause == "account"
+    assert accounts.verify_login(store, "admin", "correct horse", OWNER, device=cookie, now=t0 + 2)
     for _ in range(accounts.MAX_FAILED_LOGINS):
-        assert not accounts.verify_login(store, "admin", "typo", OWNER, now=t0 + 3)
+        assert not accounts.verify_login(store, "admin", "typo", OWNER, device=cookie, now=t0 + 3)
     with pytest.raises(accounts.LockedOut) as locked:
-        accounts.verify_login(store, "admin", "correct horse", OWNER, now=t0 + 4)
-    assert locked.value.address_locked
-    # After LOCKOUT_S new addresses are heard again.
+        accounts.verify_login(store, "admin", "correct horse", OWNER, device=cookie, now=t0 + 4)
+    assert locked.value.cause == "device"
+    # After LOCKOUT_S clients without a cookie are heard again.
     assert accounts.verify_login(store, "admin", "correct horse", f"fd00::{n:x}", now=t0 + accounts.LOCKOUT_S)
 
 
-def test_a_login_more_than_thirty_days_ago_no_longer_lets_an_address_past_distributed_guessing(store):
+def test_the_owners_browser_on_a_fresh_ipv6_privacy_address_gets_in_while_the_account_refuses_new_clients(store):
+    """Hole (a): the owner's laptop had moved to a new privacy address, which was new to the account, so it was
+    refused for as long as the guessing went on. Its device cookie lets it in from any address."""
     accounts.set_password(store, "correct horse")
     t0 = 1_000_000.0
-    assert accounts.verify_login(store, "admin", "correct horse", OWNER, now=t0 - accounts.TRUST_S - 1)
+    cookie = _owner_cookie(store, t0 - 86400)  # yesterday, from OWNER
     _guess_from_many(store, t0)
-    with pytest.raises(accounts.LockedOut):
-        accounts.verify_login(store, "admin", "correct horse", OWNER, now=t0 + 1)
+    fresh = "2001:db8:1:2:a1b2:c3d4:e5f6:789"  # today's privacy address of the same laptop
+    assert accounts.verify_login(store, "admin", "correct horse", fresh, device=cookie, now=t0 + 1)
+    with pytest.raises(accounts.LockedOut):  # the same address without the cookie is just another new client
+        accounts.verify_login(store, "admin", "correct horse", fresh, now=t0 + 2)
+
+
+def test_an_address_that_logged_in_earns_no_exemption_from_the_account_wide_refusal(store):
+    """Hole (b): an address that had logged in within 30 days was let past the account-wide refusal, so a guessing
+    device that DHCP gave a departed laptop's address kept its five guesses per 15 minutes on top of the 50."""
+    accounts.set_password(store, "correct horse")
+    t0 = 1_000_000.0
+    assert accounts.verify_login(store, "admin", "correct horse", OWNER, now=t0 - 86400)  # the laptop, yesterday
+    _guess_from_many(store, t0)
+    with pytest.raises(accounts.LockedOut) as locked:  # today OWNER is the guessing device's, holding no cookie
+        accounts.verify_login(store, "admin", "guess", OWNER, now=t0 + 1)
+    assert locked.value.cause == "account"
+
+
+def test_failures_with_a_device_cookie_lock_out_that_cookie_not_the_address_nor_the_account(store):
+    """Five typos in the owner's browser lock that browser's cookie only: another browser without a cookie at the
+    same address still logs in, and the typos do not count toward the account-wide refusal."""
+    accounts.set_password(store, "correct horse")
+    cookie = _owner_cookie(store, 100.0)
+    for _ in range(accounts.MAX_FAILED_LOGINS):
+        assert not accounts.verify_login(store, "admin", "typo", OWNER, device=cookie, now=200.0)
+    with pytest.raises(accounts.LockedOut) as locked:
+        accounts.verify_login(store, "admin", "correct horse", DEVICE, device=cookie, now=201.0)  # from anywhere
+    assert locked.value.cause == "device" and locked.value.until == pytest.approx(200.0 + accounts.LOCKOUT_S)
+    assert accounts.verify_login(store, "admin", "correct horse", OWNER, now=202.0)  # no cookie: the address's
+    with store.session() as s:
+        user = s.get(User, "admin")
+        assert user.recent_failures == 0 and s.scalars(select(LoginAddress)).all() == []
+    assert accounts.verify_login(store, "admin", "correct horse", OWNER, device=cookie,
+                                 now=200.0 + accounts.LOCKOUT_S)
+
+
+@pytest.mark.parametrize("which", ["forged", "other account", "revoked by a new password", "expired", "replaced"])
+def test_a_device_cookie_that_is_not_a_live_one_of_the_account_counts_as_none(store, which, monkeypatch):
+    monkeypatch.setattr(accounts, "MAX_ACCOUNT_FAILURES", 10)  # the rule, at a fifth of the argon2 checks
+    accounts.set_password(store, "correct horse")
+    accounts.set_password(store, "correct horse", username="guest")
+    t0 = 1_000_000.0
+    cookie = {
+        "forged": lambda: "x" * 43,
+        "other account": lambda: accounts.issue_device_cookie(store, "guest", now=t0 - 1),
+        "expired": lambda: accounts.issue_device_cookie(store, "admin", now=t0 - accounts.DEVICE_LIFETIME_S - 1),
+    }.get(which, lambda: accounts.issue_device_cookie(store, "admin", now=t0 - 1))()
+    if which == "revoked by a new password":
+        accounts.set_password(store, "correct horse")
+    if which == "replaced":  # the next login gave the browser a new cookie; a copy of the old one is worth nothing
+        accounts.issue_device_cookie(store, "admin", replacing=cookie, now=t0 - 1)
+    _guess_from_many(store, t0)
+    with pytest.raises(accounts.LockedOut) as locked:
+        accounts.verify_login(store, "admin", "correct horse", OWNER, device=cookie, now=t0 + 1)
+    assert locked.value.cause == "account"
+
+
+def test_a_new_password_revokes_every_device_cookie_of_the_account_only(store):
+    accounts.set_password(store, "correct horse")
+    accounts.set_password(store, "guest password", username="guest")
+    for username in ("admin", "admin", "guest"):
+        accounts.issue_device_cookie(store, username, now=100.0)
+    accounts.set_password(store, "a new password")
+    with store.session() as s:
+        assert [d.username for d in s.scalars(select(LoginDevice))] == ["guest"]
 
 
 def test_failures_spread_over_more_than_fifteen_minutes_do_not_shut_out_new_addresses(store):
@@ -150,21 +221,26 @@ def test_failures_spread_over_more_than_fifteen_minutes_do_not_shut_out_new_addr
     assert accounts.verify_login(store, "admin", "correct horse", "fd00::2:1", now=1001.0 + accounts.LOCKOUT_S)
 
 
-def test_the_address_rows_stay_bounded_and_a_flood_never_pushes_out_an_address_that_logged_in(store, monkeypatch):
-    """Only the password makes an address trusted, so a flood of failures from fresh addresses drops only other
-    such rows; and addresses that logged in are kept up to their own bound, the longest unused dropped."""
-    monkeypatch.setattr(accounts, "MAX_UNTRUSTED_ADDRESSES", 6)  # the real 1024 would take as many argon2 checks
-    monkeypatch.setattr(accounts, "MAX_TRUSTED_ADDRESSES", 2)
+def test_the_address_and_device_rows_stay_bounded_and_a_flood_never_pushes_out_a_device_cookie(store, monkeypatch):
+    """Only the password makes a device cookie, so a flood of failures from fresh addresses drops only other
+    addresses' rows; cookies are kept up to their own bound per account, the longest unused dropped, and a
+    successful login leaves no address row behind."""
+    monkeypatch.setattr(accounts, "MAX_ADDRESSES", 6)  # the real 1024 would take as many argon2 checks
+    monkeypatch.setattr(accounts, "MAX_DEVICES", 2)
     accounts.set_password(store, "correct horse")
-    for i, addr in enumerate([OWNER, "192.168.1.11", "192.168.1.12"]):  # three machines of the owner's
-        assert accounts.verify_login(store, "admin", "correct horse", addr, now=100.0 + i)
+    cookies = [_owner_cookie(store, 100.0 + i) for i in range(3)]  # three browsers of the owner's
     for i in range(20):
         assert not accounts.verify_login(store, "admin", "guess", f"fd00::{i:x}", now=200.0 + i)
     with store.session() as s:
-        rows = {r.address: r for r in s.scalars(select(LoginAddress))}
-    trusted = {a for a, r in rows.items() if r.logged_in_at is not None}
-    assert trusted == {"192.168.1.11", "192.168.1.12"}  # OWNER, the longest unused, was dropped
-    assert set(rows) - trusted == {f"fd00::{i:x}" for i in range(14, 20)}  # the newest six failures
+        addresses = {r.address for r in s.scalars(select(LoginAddress))}
+        devices = {r.cookie_sha256 for r in s.scalars(select(LoginDevice))}
+    assert addresses == {f"fd00::{i:x}" for i in range(14, 20)}  # the newest six failures; OWNER's login left none
+    assert devices == {accounts._cookie_sha256(c) for c in cookies[1:]}  # the first, the longest unused, dropped
+    assert accounts.verify_login(store, "admin", "correct horse", OWNER, device=cookies[2], now=300.0)
+    renewed = accounts.issue_device_cookie(store, "admin", replacing=cookies[2], now=300.0)
+    with store.session() as s:  # a login renews the browser's cookie in place: no row for each login
+        devices = {r.cookie_sha256 for r in s.scalars(select(LoginDevice))}
+    assert devices == {accounts._cookie_sha256(c) for c in (cookies[1], renewed)}
 
 
 def test_lockouts_survive_a_restart_and_a_new_password_ends_them(tmp_path):
@@ -179,6 +255,13 @@ def test_lockouts_survive_a_restart_and_a_new_password_ends_them(tmp_path):
         with pytest.raises(accounts.LockedOut):
             accounts.verify_login(store, "admin", "correct horse", DEVICE, now=101.0)
         assert accounts.verify_login(store, "admin", "correct horse", OWNER, now=101.0)
+        cookie = accounts.issue_device_cookie(store, "admin", now=101.0)
+        store.close()
+        store = Store(url)  # restarted again: the cookie is still the browser's and still counts its failures
+        for _ in range(accounts.MAX_FAILED_LOGINS):
+            assert not accounts.verify_login(store, "admin", "typo", OWNER, device=cookie, now=101.0)
+        with pytest.raises(accounts.LockedOut):
+            accounts.verify_login(store, "admin", "correct horse", OWNER, device=cookie, now=102.0)
         accounts.set_password(store, "a new password")  # `iotgw user set-password`: the guesses were at the old one
         assert accounts.verify_login(store, "admin", "a new password", DEVICE, now=102.0)
     finally:
@@ -354,6 +437,36 @@ def test_an_account_locked_before_the_upgrade_is_not_locked_after_it(tmp_path):
             assert not accounts.verify_login(store, "admin", "guess", DEVICE)
         with pytest.raises(accounts.LockedOut):
             accounts.verify_login(store, "admin", "correct horse", DEVICE)
+    finally:
+        store.close()
+
+
+def test_an_address_that_logged_in_before_the_upgrade_is_exempt_from_nothing_after_it_and_locks_stay(tmp_path):
+    """A database at the schema with address exemptions (config_0006): the address that only logged in is
+    forgotten with the exemption, while an address locked out stays locked out."""
+    url = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
+    now = time.time()
+    with _at_revision(url, "config_0006_login_addresses") as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO users (username, password_hash, password_changed_at, failures_since, recent_failures,"
+            " new_addresses_locked_until) VALUES (?, ?, ?, ?, ?, ?)",
+            ("admin", accounts._hasher.hash("correct horse"), 1.0, None, 0, now + accounts.LOCKOUT_S),
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO login_addresses (username, address, failures, last_failure_at, locked_until, logged_in_at)"
+            " VALUES (?, ?, ?, ?, ?, ?), (?, ?, ?, ?, ?, ?)",
+            ("admin", OWNER, 0, None, None, now - 86400, "admin", DEVICE, 0, now, now + accounts.LOCKOUT_S, None),
+        )
+    store = Store(url)
+    try:
+        with store.session() as s:
+            assert [r.address for r in s.scalars(select(LoginAddress))] == [DEVICE]
+        with pytest.raises(accounts.LockedOut) as locked:
+            accounts.verify_login(store, "admin", "correct horse", OWNER)
+        assert locked.value.cause == "account"
+        with pytest.raises(accounts.LockedOut) as locked:
+            accounts.verify_login(store, "admin", "correct horse", DEVICE)
+        assert locked.value.cause == "address"
     finally:
         store.close()
 

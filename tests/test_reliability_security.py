@@ -165,7 +165,8 @@ def test_secrets_never_reach_the_logs(tmp_path: Path) -> None:
         assert failed.value.code == 401
         landed = post(browser, f"{base}/login", {"username": "admin", "password": PASSWORD, "csrf_token": csrf})
         assert "/login" not in landed.geturl()
-        session_cookie = next(c.value for c in jar)
+        cookies = {c.name: c.value for c in jar}
+        session_cookie, device_cookie = cookies["iotgw_session"], cookies["iotgw_device"]
         csrf = re.search(r'name="csrf-token" content="([^"]+)"', landed.read().decode()).group(1)  # type: ignore[union-attr]
         body = json.dumps({"name": "ha", "scope": "read"}).encode()
         create = urllib.request.Request(f"{base}/api/v1/tokens", data=body,
@@ -191,7 +192,8 @@ def test_secrets_never_reach_the_logs(tmp_path: Path) -> None:
     private_key = (tmp_path / "node_key").read_text()
     secrets = {
         "password": PASSWORD, "mistyped password": TYPO, "CLI token": cli_token, "API token": api_token,
-        "wrong token": api_token + "x", "session cookie": session_cookie, "session key (hex)": session_key.hex(),
+        "wrong token": api_token + "x", "session cookie": session_cookie,
+        "device cookie": device_cookie, "session key (hex)": session_key.hex(),
         "node private key": "".join(private_key.splitlines()[1:3]),
     }
     for what, secret in secrets.items():

@@ -260,34 +260,65 @@ def test_login_locks_out_the_address_after_five_failures(env, caplog):
 
 
 def test_changing_the_password_while_locked_out_says_so_rather_than_that_the_password_is_wrong(env):
+    """The owner's browser got five current passwords wrong: its device cookie is locked, and the right one is
+    then refused with that reason. A guesser at the owner's address (the test client's, shared by all clients
+    here) does not lock the owner's browser out, since the cookie, not the address, judges it."""
     app, store, _ = env
     owner = app.test_client()
     csrf = _login(owner)
-    guesser = app.test_client()  # from the owner's address too (the test client's): a lock is an address's
+    guesser = app.test_client()
     token = _csrf(guesser)
     for _ in range(accounts.MAX_FAILED_LOGINS):
         guesser.post("/login", data={"username": "admin", "password": "guess", "csrf_token": token})
-    form = {"current": PASSWORD, "password": "another long password", "confirm": "another long password"}
+    assert guesser.post("/login", data={"username": "admin", "password": PASSWORD, "csrf_token": token}
+                        ).status_code == 429
+    wrong = {"current": "typo", "password": "another long password", "confirm": "another long password"}
+    for _ in range(accounts.MAX_FAILED_LOGINS):
+        page = owner.get(owner.post("/settings/password", data=wrong | {"csrf_token": csrf}).location)
+        assert "The current password is wrong." in page.get_data(as_text=True)
+    form = wrong | {"current": PASSWORD}
     r = owner.post("/settings/password", data=form | {"csrf_token": csrf})
     page = owner.get(r.location).get_data(as_text=True)
-    assert "Too many failed logins from this address. Try again at " in page and "(in 15 min)" in page
+    assert "Too many failed logins from this browser. Try again at " in page and "(in 15 min)" in page
     assert "is wrong" not in page
     assert accounts.session_state(store, "admin") is not None and owner.get("/settings").status_code == 200
 
 
+def test_a_password_changed_in_the_web_ui_revokes_device_cookies_and_the_next_login_gives_a_new_one(env, monkeypatch):
+    monkeypatch.setattr(accounts, "MAX_ACCOUNT_FAILURES", 10)  # the rule, at a fifth of the argon2 checks
+    app, store, _ = env
+    owner = app.test_client()
+    csrf = _login(owner)
+    old = owner.get_cookie("iotgw_device").value
+    form = {"current": PASSWORD, "password": "another long password", "confirm": "another long password"}
+    assert owner.post("/settings/password", data=form | {"csrf_token": csrf}).location == "/login"
+    login = {"username": "admin", "password": "another long password", "csrf_token": _csrf(owner)}
+    assert owner.post("/login", data=login).status_code == 302
+    new = owner.get_cookie("iotgw_device").value
+    for n in range(accounts.MAX_ACCOUNT_FAILURES // accounts.MAX_FAILED_LOGINS):
+        for _ in range(accounts.MAX_FAILED_LOGINS):
+            accounts.verify_login(store, "admin", "guess", f"fd00::{n:x}")
+    with pytest.raises(accounts.LockedOut) as locked:  # the cookie from before the change is worth nothing now
+        accounts.verify_login(store, "admin", "another long password", "192.168.1.20", device=old)
+    assert locked.value.cause == "account"
+    assert accounts.verify_login(store, "admin", "another long password", "192.168.1.20", device=new)
+
+
 class _ClientAt:
     """A browser at client address ``source``: its connections are bound there, so the server's TCP peer is it
-    (all of 127.0.0.0/8 is routed to lo on Linux). Keeps the session cookie, follows no redirect."""
+    (all of 127.0.0.0/8 is routed to lo on Linux). Keeps its cookies (``cookies``: name to value; pass some to
+    start with them), follows no redirect. ``set_cookies`` holds the last response's Set-Cookie headers."""
 
-    def __init__(self, server, source: str) -> None:  # noqa: ANN001 - a RunningServer
-        self.server, self.source, self.cookie = server, source, ""
+    def __init__(self, server, source: str, cookies: dict[str, str] | None = None) -> None:  # noqa: ANN001
+        self.server, self.source, self.cookies = server, source, dict(cookies or {})
+        self.set_cookies: list[str] = []
 
     def request(self, method: str, path: str, form: dict[str, str] | None = None) -> tuple[int, str]:
         from urllib.parse import urlencode
 
         conn = http.client.HTTPConnection(self.server.host, self.server.port, timeout=60,
                                           source_address=(self.source, 0))
-        headers = {"Cookie": self.cookie} if self.cookie else {}
+        headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in self.cookies.items())} if self.cookies else {}
         body = None
         if form is not None:
             body = urlencode(form)
@@ -298,9 +329,10 @@ class _ClientAt:
             text = response.read().decode()
         finally:
             conn.close()
-        cookie = response.getheader("Set-Cookie")
-        if cookie:
-            self.cookie = cookie.split(";", 1)[0]
+        self.set_cookies = response.msg.get_all("Set-Cookie") or []
+        for cookie in self.set_cookies:
+            name, _, value = cookie.split(";", 1)[0].partition("=")
+            self.cookies[name] = value
         return response.status, text
 
     def login(self, password: str) -> tuple[int, str]:
@@ -334,12 +366,15 @@ def test_a_device_guessing_is_locked_out_while_the_owner_logs_in_from_another_ad
     assert device.request("GET", "/devices")[0] == 302
 
 
-def test_guessing_from_many_addresses_shuts_out_new_ones_but_not_the_owners(served):
+def test_guessing_from_many_addresses_shuts_out_browsers_without_a_device_cookie_but_not_the_owners(served):
     """A device can take many addresses (aliases, IPv6 privacy addresses); five guesses from each would make the
-    per-address rule no limit. Past MAX_ACCOUNT_FAILURES from all, an address that never logged in is refused,
-    the right password or not, while the owner's, which logged in before, still gets in. What the refused
-    address is told names no other address."""
-    assert _ClientAt(served, "127.0.0.1").login(PASSWORD)[0] == 302  # the owner, some day before
+    per-address rule no limit. Past MAX_ACCOUNT_FAILURES from all, a browser without a device cookie is refused,
+    the right password or not, whatever its address (the owner's old one included: DHCP may have given it to
+    the device), while the owner's browser, which logged in before, gets in with its cookie from a new address.
+    What the refused client is told names no address."""
+    owner = _ClientAt(served, "127.0.0.1")
+    assert owner.login(PASSWORD)[0] == 302  # some day before
+    device_cookie = {"iotgw_device": owner.cookies["iotgw_device"]}
     for n in range(accounts.MAX_ACCOUNT_FAILURES // accounts.MAX_FAILED_LOGINS):
         device = _ClientAt(served, f"127.0.0.{10 + n}")
         for _ in range(accounts.MAX_FAILED_LOGINS):
@@ -347,8 +382,52 @@ def test_guessing_from_many_addresses_shuts_out_new_ones_but_not_the_owners(serv
     status, page = _ClientAt(served, "127.0.0.200").login(PASSWORD)
     assert status == 429, page
     assert "from many addresses" in page and "127.0.0." not in page
-    owner = _ClientAt(served, "127.0.0.1")  # a new session: the password is checked
-    assert owner.login(PASSWORD)[0] == 302 and owner.request("GET", "/devices")[0] == 200
+    assert _ClientAt(served, "127.0.0.1").login(PASSWORD)[0] == 429  # the owner's old address, without the cookie
+    moved = _ClientAt(served, "127.0.0.250", device_cookie)  # the owner's browser on a fresh address
+    assert moved.login(PASSWORD)[0] == 302 and moved.request("GET", "/devices")[0] == 200
+    # The login renewed the cookie; the one it replaced, copied before, no longer gets past the refusal.
+    assert moved.cookies["iotgw_device"] != device_cookie["iotgw_device"]
+    assert _ClientAt(served, "127.0.0.251", device_cookie).login(PASSWORD)[0] == 429
+
+
+def test_a_login_gives_a_device_cookie_for_this_site_only_that_no_script_can_read(served, tmp_path):
+    """HttpOnly, SameSite=Strict, Path=/ and long-lived; not Secure over plain HTTP (the browser would never send
+    it back), as the session cookie is not. Only its digest is in the database."""
+    from sqlalchemy import select
+
+    from gateway.store.schema import LoginDevice
+
+    owner = _ClientAt(served, "127.0.0.1")
+    assert owner.login(PASSWORD)[0] == 302
+    [device] = [c for c in owner.set_cookies if c.startswith("iotgw_device=")]
+    attributes = {a.strip().split("=", 1)[0].lower(): a.strip().partition("=")[2] for a in device.split(";")[1:]}
+    assert attributes == {"expires": attributes["expires"], "max-age": str(accounts.DEVICE_LIFETIME_S),
+                          "httponly": "", "path": "/", "samesite": "Strict"}
+    secret = owner.cookies["iotgw_device"]
+    assert len(secret) >= 43  # 256 random bits
+    store = Store(config(tmp_path).db_url)
+    try:
+        with store.session() as s:
+            [row] = s.scalars(select(LoginDevice)).all()
+        assert row.username == "admin" and secret not in row.cookie_sha256
+    finally:
+        store.close()
+
+
+def test_five_wrong_passwords_in_a_browser_with_a_device_cookie_lock_out_that_browser_not_its_address(served):
+    """The owner's browser typing the password wrong five times is locked out by its cookie; another browser on
+    the same machine (the same address) is not, where before the address was."""
+    owner = _ClientAt(served, "127.0.0.1")
+    assert owner.login(PASSWORD)[0] == 302
+    cookie = {"iotgw_device": owner.cookies["iotgw_device"]}
+    typing = _ClientAt(served, "127.0.0.1", cookie)  # the same browser, its session over
+    for _ in range(accounts.MAX_FAILED_LOGINS):
+        assert typing.login("typo")[0] == 401
+    status, page = typing.login(PASSWORD)
+    assert status == 429 and "Too many failed logins from this browser. Try again at " in page
+    assert _ClientAt(served, "127.0.0.3", cookie).login(PASSWORD)[0] == 429  # the cookie's, from any address
+    other = _ClientAt(served, "127.0.0.1")  # another browser on the same machine
+    assert other.login(PASSWORD)[0] == 302 and other.request("GET", "/devices")[0] == 200
 
 
 def test_one_host_holding_half_sent_requests_leaves_the_web_ui_answering_the_others(served):
@@ -531,7 +610,9 @@ def test_the_session_cookie_is_secure_when_the_page_came_over_https(env):
     csrf = re.search(r'name="csrf-token" content="([^"]+)"', r.get_data(as_text=True)).group(1)
     form = {"username": "admin", "password": PASSWORD, "csrf_token": csrf}
     r = client.post("/login", data=form, base_url="https://localhost")
-    assert r.status_code == 302 and "Secure" in r.headers["Set-Cookie"]
+    cookies = {c.split("=", 1)[0]: c for c in r.headers.getlist("Set-Cookie")}
+    assert r.status_code == 302 and set(cookies) == {"iotgw_session", "iotgw_device"}
+    assert all("; Secure" in c for c in cookies.values()), cookies  # the device cookie as well as the session's
     assert client.get("/devices", base_url="https://localhost").status_code == 200
 
 
@@ -552,6 +633,9 @@ def test_setup_page_only_from_the_lan_and_only_once(tmp_path):
         "/setup", data={"password": "a long password", "confirm": "a long password", "csrf_token": token}
     )
     assert r.status_code == 302 and lan.get("/devices").status_code == 200
+    # Setting the password is a login too: the owner's browser holds a device cookie from the start.
+    assert accounts.verify_login(store, "admin", "a long password", "192.168.1.21",
+                                 device=lan.get_cookie("iotgw_device").value)
     second = app.test_client()
     token = _csrf_from(second, "/login")
     r = second.post(

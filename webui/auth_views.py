@@ -11,7 +11,7 @@ from flask import Blueprint, g, redirect, render_template, request, session, url
 
 from gateway import accounts
 from webui.context import ctx
-from webui.security import start_session
+from webui.security import device_cookie, give_device_cookie, start_session
 
 bp = Blueprint("auth", __name__)
 log = logging.getLogger(__name__)
@@ -24,14 +24,16 @@ def login():  # noqa: ANN201
         username = request.form.get("username", accounts.ADMIN).strip() or accounts.ADMIN
         try:
             # The TCP peer: waitress is told to trust no proxy header, so a client cannot name another's address.
-            ok = accounts.verify_login(ctx().store, username, request.form.get("password", ""), request.remote_addr)
+            ok = accounts.verify_login(ctx().store, username, request.form.get("password", ""), request.remote_addr,
+                                       device=device_cookie())
         except accounts.LockedOut as exc:
-            log.warning("login refused for %r from %s: locked out", username[:64], request.remote_addr)
+            log.warning("login refused for %r from %s: locked out (%s)", username[:64], request.remote_addr,
+                        exc.cause)
             error, status = locked_out_message(exc), 429
         else:
             if ok:
                 start_session(username)
-                return redirect(_local(request.args.get("next")))
+                return give_device_cookie(redirect(_local(request.args.get("next"))), username)
             # For an audit or fail2ban; %r keeps a hostile user name on one line. Never the password.
             log.warning("failed login for %r from %s", username[:64], request.remote_addr)
             error, status = "Wrong user name or password.", 401
@@ -66,7 +68,7 @@ def setup():  # noqa: ANN201
                 if not created:
                     return redirect(url_for("auth.login"))
                 start_session(accounts.ADMIN)
-                return redirect(url_for("pages.dashboard"))
+                return give_device_cookie(redirect(url_for("pages.dashboard")), accounts.ADMIN)
     return render_template(
         "setup.html", error=error, min_length=accounts.MIN_PASSWORD_LENGTH
     ), 400 if error else 200
@@ -74,14 +76,17 @@ def setup():  # noqa: ANN201
 
 def locked_out_message(exc: accounts.LockedOut) -> str:
     """What the login form and the password change say to a locked-out client: until when, and whether it is its
-    own failures or the account's. It speaks of the client's own address only, never of which are trusted."""
+    own failures or the account's. It speaks of the client's own browser or address only, never of others."""
     until = time.strftime("%H:%M", time.localtime(exc.until))
     minutes = max(1, math.ceil((exc.until - time.time()) / 60))
-    if exc.address_locked:
-        return f"Too many failed logins from this address. Try again at {until} (in {minutes} min)."
+    when = f"Try again at {until} (in {minutes} min)."
+    if exc.cause == "device":
+        return f"Too many failed logins from this browser. {when}"
+    if exc.cause == "address":
+        return f"Too many failed logins from this address. {when}"
     return (
-        f"Too many failed logins to this account from many addresses: an address that has not logged in to it "
-        f"within {accounts.TRUST_S // 86400} days is refused until {until} (in {minutes} min)."
+        f"Too many failed logins to this account from many addresses: only a browser that has logged in to it "
+        f"before is let in until {until} (in {minutes} min)."
     )
 
 

@@ -14,6 +14,7 @@ from gateway.store.db import INT64_LIMIT
 from webui import charts, views
 from webui.auth_views import locked_out_message
 from webui.context import ctx
+from webui.security import device_cookie
 
 bp = Blueprint("pages", __name__)
 PAGE_SIZE = 100
@@ -221,7 +222,8 @@ def settings_password():  # noqa: ANN201
     form = request.form
     store = ctx().store
     try:
-        ok = accounts.verify_login(store, accounts.ADMIN, form.get("current", ""), request.remote_addr)
+        ok = accounts.verify_login(store, accounts.ADMIN, form.get("current", ""), request.remote_addr,
+                                   device=device_cookie())
     except accounts.LockedOut as exc:  # the right current password is not heard either: say why
         flash(locked_out_message(exc))
         return redirect(url_for("pages.settings"))

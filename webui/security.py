@@ -30,6 +30,9 @@ PUBLIC_ENDPOINTS = frozenset({"auth.login", "auth.setup", "static"})
 # Token management needs the admin's session: a leaked token must not be able to mint itself successors.
 SESSION_ONLY_ENDPOINTS = frozenset({"api.tokens", "api.token_create", "api.token_revoke"})
 SESSION_LIFETIME_S = 12 * 3600
+# The device cookie a browser gets at login (``gateway.accounts`` has the scheme): it outlives the session by far,
+# since what it proves is that this browser once typed the password.
+DEVICE_COOKIE = "iotgw_device"
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 # Names that only the LAN resolves (mDNS, router and RFC 8375 home domains): no one on the internet can point one
@@ -90,6 +93,21 @@ def start_session(username: str) -> None:
     session["pwd_at"], session["gen"] = state if state else (None, None)
     session["login_at"] = time.time()
     csrf_token()
+
+
+def device_cookie() -> str | None:
+    """The device cookie the request carries, if any (``accounts.verify_login`` decides whether it is valid)."""
+    return request.cookies.get(DEVICE_COOKIE) or None
+
+
+def give_device_cookie(response: Response, username: str) -> Response:
+    """After a login: a new device cookie for this browser, replacing the one it presented. HttpOnly (no script,
+    an injected one included, can read it), SameSite=Strict (no other site's page sends it along) and Secure over
+    HTTPS, as the session cookie is; it lasts ``accounts.DEVICE_LIFETIME_S``, as its row does."""
+    secret = accounts.issue_device_cookie(ctx().store, username, replacing=device_cookie())
+    response.set_cookie(DEVICE_COOKIE, secret, max_age=accounts.DEVICE_LIFETIME_S, path="/", httponly=True,
+                        samesite="Strict", secure=request.is_secure)
+    return response
 
 
 def from_lan() -> bool:

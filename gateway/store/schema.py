@@ -192,8 +192,8 @@ class User(ConfigBase):
 
 
 class LoginAddress(ConfigBase):
-    """One client address's logins to one account: its failures in a row, its lockout, and when it last logged
-    in (``gateway.accounts`` bounds the rows)."""
+    """One client address's failed logins to one account, made without a device cookie: its failures in a row and
+    its lockout (``gateway.accounts`` bounds the rows)."""
 
     __tablename__ = "login_addresses"
 
@@ -202,7 +202,19 @@ class LoginAddress(ConfigBase):
     failures: Mapped[int] = mapped_column(Integer, default=0)
     last_failure_at: Mapped[float | None] = mapped_column(Float)
     locked_until: Mapped[float | None] = mapped_column(Float)
-    logged_in_at: Mapped[float | None] = mapped_column(Float)
+
+
+class LoginDevice(ConfigBase):
+    """A device cookie: given to a browser at its login, bound to the account. Only its SHA-256 is stored, as for
+    API tokens. Failed logins made with it count here, in a row, and lock out this cookie, not the address."""
+
+    __tablename__ = "login_devices"
+
+    cookie_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), index=True)
+    issued_at: Mapped[float] = mapped_column(Float)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[float | None] = mapped_column(Float)
 
 
 class ApiToken(ConfigBase):
