@@ -258,6 +258,30 @@ def test_alerts_two_processes_enqueue_reach_the_publisher_in_id_order(store):
     assert [r.kind for r in rows] == ["quarantine_entered", "device_online"] and rows[0].id < rows[1].id
 
 
+def test_device_cookies_on_postgresql_lock_out_the_cookie_renew_and_are_revoked_by_a_new_password(store):
+    """The device-cookie rows on PostgreSQL: failures with a cookie lock it and not the address, a login renews it
+    in place, and a new password revokes it."""
+    from sqlalchemy import func, select
+
+    from gateway.store.schema import LoginAddress, LoginDevice
+
+    accounts.set_password(store, "correct horse battery")
+    cookie = accounts.issue_device_cookie(store, "admin", now=100.0)
+    for _ in range(accounts.MAX_FAILED_LOGINS):
+        assert not accounts.verify_login(store, "admin", "typo", "192.168.1.10", device=cookie, now=200.0)
+    with pytest.raises(accounts.LockedOut) as locked:
+        accounts.verify_login(store, "admin", "correct horse battery", "192.168.1.10", device=cookie, now=201.0)
+    assert locked.value.cause == "device"
+    assert accounts.verify_login(store, "admin", "correct horse battery", "192.168.1.10", now=202.0)
+    renewed = accounts.issue_device_cookie(store, "admin", replacing=cookie, now=203.0)
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(LoginAddress)) == 0
+        assert s.scalars(select(LoginDevice.cookie_sha256)).all() == [accounts._cookie_sha256(renewed)]
+    accounts.set_password(store, "another long password")
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(LoginDevice)) == 0
+
+
 def test_a_nul_in_a_login_name_search_or_device_is_a_400_from_the_web_ui_not_a_500(store, tmp_path):
     cfg = Config()
     cfg.gateway.state_dir = str(tmp_path / "state")
