@@ -258,6 +258,35 @@ def test_the_dashboard_says_when_its_session_ends_and_logs_back_in_to_it(served,
     assert page.locator("#session-ended").count() == 0
 
 
+def test_while_guessing_from_many_addresses_goes_on_only_a_browser_that_logged_in_before_gets_in(served, page,
+                                                                                                monkeypatch):
+    """Chromium keeps the device cookie the login gives, out of the page's scripts' reach, and it lets that
+    browser in while the account refuses new clients; another browser on the same machine (the same address,
+    which before was let in for having logged in) is refused and told why."""
+    monkeypatch.setattr(accounts, "MAX_ACCOUNT_FAILURES", 10)  # the rule, at a fifth of the argon2 checks
+    base, store = served
+    _login(page, base)
+    [device] = [c for c in page.context.cookies() if c["name"] == "iotgw_device"]
+    assert device["httpOnly"] and device["sameSite"] == "Strict" and not device["secure"]
+    assert "iotgw_device" not in page.evaluate("document.cookie")  # no script, an injected one included, reads it
+    for n in range(accounts.MAX_ACCOUNT_FAILURES // accounts.MAX_FAILED_LOGINS):  # a device with many addresses
+        for _ in range(accounts.MAX_FAILED_LOGINS):
+            assert not accounts.verify_login(store, accounts.ADMIN, "guess", f"fd00::{n:x}")
+    other = page.context.browser.new_context()
+    try:
+        stranger = other.new_page()
+        stranger.goto(base + "/login")
+        stranger.fill("input[name=password]", PASSWORD)
+        stranger.click("button[type=submit]")
+        assert "from many addresses" in stranger.locator("main").inner_text()
+        assert "/login" in stranger.url
+    finally:
+        other.close()
+    page.context.clear_cookies(name="iotgw_session")  # the owner's session is over; the device cookie stays
+    _login(page, base)
+    assert page.locator("#devices").count() == 1
+
+
 def test_on_a_phone_every_column_of_the_device_list_and_query_log_is_on_screen(served, page):
     """At 390 px the tables scrolled sideways inside their box: a device's status and last seen, a query's
     verdict, when a domain was last asked for were off screen with nothing saying so. Each row now stacks its
