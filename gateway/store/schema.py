@@ -181,8 +181,9 @@ class User(ConfigBase):
     username: Mapped[str] = mapped_column(String(64), primary_key=True)
     password_hash: Mapped[str] = mapped_column(String(255))
     password_changed_at: Mapped[float] = mapped_column(Float)
-    # Failed logins from every address since ``failures_since`` (a 15-minute window), and how long addresses
-    # that have not logged in are refused once there were too many (``gateway.accounts``).
+    # Failed logins without a device cookie since ``failures_since`` (a 15-minute window), and how long clients
+    # without one are refused once there were too many (``gateway.accounts``; the column's name is from when an
+    # address that had logged in was let through instead).
     failures_since: Mapped[float | None] = mapped_column(Float)
     recent_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     new_addresses_locked_until: Mapped[float | None] = mapped_column(Float)
