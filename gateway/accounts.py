@@ -255,7 +255,7 @@ def issue_device_cookie(store: Store, username: str, *, replacing: str | None = 
 
 
 def _cookie_sha256(cookie: str) -> str:
-    # surrogatepass: a cookie is client text, and a lone surrogate must be a cookie that matches nothing, not a 500
+    # surrogatepass: a cookie is client text; whatever it holds must hash to a digest that matches nothing, not raise
     return hashlib.sha256(cookie.encode("utf-8", "surrogatepass")).hexdigest()
 
 

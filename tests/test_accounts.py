@@ -180,7 +180,8 @@ def test_failures_with_a_device_cookie_lock_out_that_cookie_not_the_address_nor_
                                  now=200.0 + accounts.LOCKOUT_S)
 
 
-@pytest.mark.parametrize("which", ["forged", "other account", "revoked by a new password", "expired", "replaced"])
+@pytest.mark.parametrize("which", ["forged", "not text", "other account", "revoked by a new password", "expired",
+                                   "replaced"])
 def test_a_device_cookie_that_is_not_a_live_one_of_the_account_counts_as_none(store, which, monkeypatch):
     monkeypatch.setattr(accounts, "MAX_ACCOUNT_FAILURES", 10)  # the rule, at a fifth of the argon2 checks
     accounts.set_password(store, "correct horse")
@@ -188,6 +189,7 @@ def test_a_device_cookie_that_is_not_a_live_one_of_the_account_counts_as_none(st
     t0 = 1_000_000.0
     cookie = {
         "forged": lambda: "x" * 43,
+        "not text": lambda: "caf\udce9\x00" + "\u00e9" * 4096,
         "other account": lambda: accounts.issue_device_cookie(store, "guest", now=t0 - 1),
         "expired": lambda: accounts.issue_device_cookie(store, "admin", now=t0 - accounts.DEVICE_LIFETIME_S - 1),
     }.get(which, lambda: accounts.issue_device_cookie(store, "admin", now=t0 - 1))()
