@@ -142,6 +142,8 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, allow_abbrev=False, **kwargs)
         self._arg_strings: list[str] = []
+        self._is_action = False  # a COMMAND's or ACTION's parser (made by _Commands.add_parser)
+        self.register("action", "parsers", _Commands)
 
     # argparse puts a flag it does not know aside and takes the value the user meant for it as the next
     # positional: ``policy --sta X show`` said "argument ACTION: invalid choice: 'X'", naming neither what was
@@ -156,20 +158,31 @@ class Parser(argparse.ArgumentParser):
             if action.nargs != 0 and not isinstance(action, argparse._SubParsersAction):
                 if not getattr(action.type, "checks_utf8", False):
                     action.type = _utf8_checked(action.type)
-        return super().parse_known_args(args, namespace)
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and self._is_action:
+            # argparse hands what a COMMAND's parser did not take up to ``iotgw``, which refused it with its own
+            # usage (``policy --sta=X show``: "usage: iotgw [-h] [-v] COMMAND"); the parser that was given it says so
+            self.error(_unrecognized(extras))
+        return namespace, extras
+
+    def parse_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 - argparse's signature
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(_unrecognized(extras))
+        return namespace
 
     def _check_value(self, action: argparse.Action, value: object) -> None:
         if not action.option_strings and action.choices is not None and value not in action.choices:
             flag = self._unknown_flag_before(value)
             if flag:
-                raise argparse.ArgumentError(None, f"unrecognized arguments: {flag}")
+                raise argparse.ArgumentError(None, _unrecognized([flag]))
         super()._check_value(action, value)
 
     def error(self, message: str) -> NoReturn:
         if message.startswith(_MISSING_ARGUMENTS):  # ``policy strict --mod on``: "on" became the scope, no mode
             flag = self._unknown_flag_before(None)
             if flag:
-                message = f"unrecognized arguments: {flag}"
+                message = _unrecognized([flag])
         super().error(message)
 
     def _unknown_flag_before(self, value: object) -> str | None:
@@ -186,6 +199,27 @@ class Parser(argparse.ArgumentParser):
 
 
 _MISSING_ARGUMENTS = gettext("the following arguments are required: %s").split("%s")[0]
+
+
+def _unrecognized(extras: list[str]) -> str:
+    """argparse's words for arguments no parser took, naming an unknown flag by its name alone: given as
+    ``--sta=X`` or ``--sta X``, the mistake is ``--sta``, whatever its value."""
+    first = extras[0]
+    if first.startswith("-") and first != "-" and not _is_number(first):
+        return gettext("unrecognized arguments: %s") % first.split("=", 1)[0]
+    return gettext("unrecognized arguments: %s") % " ".join(extras)
+
+
+class _Commands(argparse._SubParsersAction):
+    """``add_subparsers`` of a Parser: each COMMAND's (and ACTION's) parser reports arguments it did not take
+    itself, and its one-line ``help`` (the line in its parent's list) is also the description its own --help
+    starts with, unless it has a longer one."""
+
+    def add_parser(self, name: str, **kwargs: object) -> argparse.ArgumentParser:
+        kwargs.setdefault("description", kwargs.get("help"))
+        parser = super().add_parser(name, **kwargs)
+        parser._is_action = True
+        return parser
 
 
 def _utf8_checked(convert: Callable[[str], object] | None) -> Callable[[str], object]:
@@ -225,7 +259,8 @@ def _is_number(text: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="iotgw", description="IoT edge gateway")
+    parser = Parser(prog="iotgw", description="IoT edge gateway",
+                    epilog="Run 'iotgw COMMAND --help' for a command's options.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:

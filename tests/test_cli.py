@@ -50,6 +50,17 @@ def test_every_argument_and_action_of_every_command_says_what_it_is():
     assert silent == []
 
 
+def test_every_command_and_action_has_a_description_and_the_list_says_where_the_options_are():
+    """Only ``replay`` and ``federation`` said what they were at the top of their --help; the others opened on the
+    usage line alone. The one line of ``iotgw --help``'s list is the least each one says."""
+    bare = [name for name, parser in _parsers(build_parser()) if not parser.description]
+    assert bare == []
+    proc = iotgw("--help")
+    assert proc.returncode == 0
+    assert proc.stdout.rstrip().endswith("Run 'iotgw COMMAND --help' for a command's options.")
+    assert iotgw("devices", "--help").stdout.split("\n\n")[1] == "list devices"
+
+
 @pytest.fixture
 def db(tmp_path: Path) -> str:
     url = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
@@ -79,10 +90,16 @@ def test_an_abbreviated_flag_is_refused_with_a_usage_error_and_changes_nothing(t
     (["--conf", "x.toml", "devices"], "iotgw", "--conf"),  # was: argument COMMAND: invalid choice: 'x.toml'
     (["user", "--sc", "write", "token", "list"], "iotgw user", "--sc"),
     (["policy", "strict", "--mod", "on"], "iotgw policy strict", "--mod"),  # was: arguments are required: mode
+    # as --flag=value argparse took the ACTION and passed the flag up to iotgw, refused with iotgw's usage
+    (["policy", "--sta={state}", "show"], "iotgw policy", "--sta"),
+    (["policy", "show", "--sta={state}"], "iotgw policy show", "--sta"),
+    (["user", "token", "list", "--sc", "write"], "iotgw user token list", "--sc"),
+    (["--conf=x.toml", "devices"], "iotgw", "--conf"),
 ])
 def test_an_unknown_flag_before_a_positional_is_named_not_the_positional(tmp_path, argv, prog, flag):
     """argparse takes the value meant for a flag it does not know as the next positional, and refused that
-    (``policy --sta X show``: "invalid choice: 'X'"), never saying that the flag was the mistake."""
+    (``policy --sta X show``: "invalid choice: 'X'"), never saying that the flag was the mistake. Given as
+    ``--sta=X``, or after the ACTION, the flag went up to ``iotgw``, which refused it with its own usage."""
     state = tmp_path / "state"
     proc = iotgw(*(a.format(state=state) for a in argv))
     assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
