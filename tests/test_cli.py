@@ -61,6 +61,26 @@ def test_every_command_and_action_has_a_description_and_the_list_says_where_the_
     assert iotgw("devices", "--help").stdout.split("\n\n")[1] == "list devices"
 
 
+# Arguments of one name that are different things: train's and evaluate's --out is a directory, keygen's a key
+# file; policy's scope is where a rule applies, a token's what it may do.
+NAMES_FOR_DIFFERENT_THINGS = {"out", "scope"}
+
+
+def test_an_argument_is_shown_under_one_name_in_every_command():
+    """``setup --interface IF`` and ``run --interface IFACE``, ``policy test --type DEVICE_TYPE`` and ``import-mud
+    device_type``, ``replay FILE.pcap`` and ``identify PCAP``: one thing under two names reads as two things."""
+    shown: dict[str, set[str]] = {}
+    for _name, parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if action.nargs == 0 or action.help == argparse.SUPPRESS or action.dest in NAMES_FOR_DIFFERENT_THINGS:
+                continue
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            metavar = action.metavar or (action.dest.upper() if action.option_strings else action.dest)
+            shown.setdefault(action.dest, set()).add(str(metavar) if action.choices is None else "{choices}")
+    assert {dest: names for dest, names in shown.items() if len(names) > 1} == {}
+
+
 @pytest.fixture
 def db(tmp_path: Path) -> str:
     url = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"

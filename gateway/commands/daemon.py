@@ -78,7 +78,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "answer. The replay's end is no one's departure. Ctrl-C (or SIGTERM) ends it early, at the next frame: the "
         "devices replayed so far are kept, and the windows still open are left unanswered.")
     add_state_args(replay)
-    replay.add_argument("pcaps", nargs="+", metavar="FILE.pcap", help="pcap or pcapng files, in the order given")
+    replay.add_argument("pcaps", nargs="+", metavar="PCAP", help="pcap or pcapng files, in the order given")
     replay.add_argument("--realtime", action="store_true", help="at recorded speed (default: as fast as possible)")
     replay.set_defaults(func=cmd_replay)
 

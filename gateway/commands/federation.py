@@ -48,7 +48,8 @@ SUPERNODE_WRITES = ("flwr", "model", "contributions")
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     fed = subparsers.add_parser(
         "federation", help="federated retraining with secure aggregation (Flower)",
-        description="--config and --db are for join and rollback, before or after the ACTION",
+        description="federated retraining with secure aggregation (Flower); --config and --db are for join and "
+        "rollback, before or after the ACTION",
     )
     add_state_args(fed)
     sub = fed.add_subparsers(dest="federation_command", required=True, metavar="ACTION")

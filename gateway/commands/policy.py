@@ -94,14 +94,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_quarantine)
 
     c = cmds.add_parser("import-mud", help="import an RFC 8520 MUD file as a device type's allow profile")
-    c.add_argument("device_type", type=non_empty, help="the device type the profile is for, e.g. TP-LinkPlugHS110")
-    c.add_argument("file", help="the MUD file (JSON)")
+    c.add_argument("device_type", type=non_empty, metavar="TYPE",
+                   help="the device type the profile is for, e.g. TP-LinkPlugHS110")
+    c.add_argument("file", metavar="FILE", help="the MUD file (JSON)")
     c.set_defaults(func=_import_mud)
 
     c = cmds.add_parser("test", help="what the policy decides for a device and a name")
     c.add_argument("mac", help="the device's MAC address")
     c.add_argument("name", help="the name it asks for")
-    c.add_argument("--type", dest="device_type", help="the device's type, for type: rules and strict mode")
+    c.add_argument("--type", dest="device_type", metavar="TYPE",
+                   help="the device's type, for type: rules and strict mode")
     c.add_argument("--category", help="the device's category, for category: rules")
     c.add_argument("--status", default="approved", choices=("new", "identified", "approved"),
                    help="the device's status: all but approved are quarantined while quarantine is on "

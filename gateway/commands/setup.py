@@ -25,7 +25,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help=f"config file to update (default {DEFAULT_PATH})",
     )
     p.add_argument(
-        "--interface", type=non_empty, metavar="IF",
+        "--interface", type=non_empty, metavar="IFACE",
         help="the LAN interface (default: ask, offering the default route's)",
     )
     p.add_argument("--no-password", action="store_true", help="skip setting the admin password")
