@@ -228,3 +228,21 @@ def test_output_to_a_full_device_is_one_line_not_a_traceback(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "gateway.cli", "identify", "--json", "--sessions", str(sessions)],
                               stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, cwd=ROOT)
     assert (proc.returncode, proc.stderr) == (1, "iotgw: a write failed: No space left on device\n")
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_train_and_evaluate_without_the_training_data_say_what_to_give_and_write_nothing(tmp_path, command):
+    """The default --data is ../shared/data beside a source checkout, which an installed iotgw has not: the error
+    was "iotgw: no training data under ..." (exit 1) without naming --data, and evaluate had made its --out first."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    (data / "iot-sentinel").mkdir(parents=True)
+    (data / "iot-sentinel" / "labels.csv").write_text("folder,device_type,manufacturer,category\n")
+    for given, lacking in ((tmp_path / "none", "no iot-sentinel/labels.csv and no supplychain-domains/device_domains"
+                            ".csv"), (data, "no supplychain-domains/device_domains.csv")):
+        proc = iotgw(command, "--data", str(given), "--out", str(out))
+        assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+        assert proc.stderr.splitlines() == [
+            f"iotgw {command}: --data {given}: {lacking} there; give --data DIR, the directory holding "
+            "iot-sentinel/ and supplychain-domains/ (../shared/data beside a source checkout)"
+        ]
+        assert not out.exists()

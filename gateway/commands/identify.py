@@ -15,7 +15,15 @@ from pathlib import Path
 from gateway.cli import non_empty, positive_count, positive_seconds, whole_number
 from policy.model import normalise_mac
 
-DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the checkout
+# ../shared/data beside a source checkout; an installed package has none (it points into site-packages' parents)
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+# What a data directory must hold: the labelled captures' index and the domain list (the captures are read from
+# iot-sentinel/captures/ as labels.csv names them)
+TRAINING_FILES = ("iot-sentinel/labels.csv", "supplychain-domains/device_domains.csv")
+DATA_HELP = (
+    f"the directory holding {' and '.join(TRAINING_FILES)} (default: ../shared/data beside a source checkout; "
+    "an installed iotgw has none, so give it)"
+)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -40,9 +48,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_identify)
 
-    p = sub.add_parser("train", help="train a model bundle on ../shared/data")
-    p.add_argument("--data", type=non_empty, default=str(DEFAULT_DATA), metavar="DIR",
-                   help="the shared data directory (default ../shared/data beside the checkout)")
+    p = sub.add_parser("train", help="train a model bundle on the labelled captures and domain lists (--data)")
+    p.add_argument("--data", type=non_empty, metavar="DIR", help=DATA_HELP)
     p.add_argument(
         "--out", type=non_empty, metavar="DIR", help="bundle directory (default: the shipped identifier/bundle)"
     )
@@ -57,8 +64,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="cross-validated accuracy, baselines, open set and plots")
-    p.add_argument("--data", type=non_empty, default=str(DEFAULT_DATA), metavar="DIR",
-                   help="the shared data directory (default ../shared/data beside the checkout)")
+    p.add_argument("--data", type=non_empty, metavar="DIR", help=DATA_HELP)
     p.add_argument(
         "--out", type=non_empty, default="evaluation", metavar="DIR",
         help="where the JSON report and PNG plots go (default ./evaluation)",
@@ -368,18 +374,22 @@ def _seconds(value) -> float:
 # ----------------------------------------------------------------------------------------------------
 
 
+def missing_training_files(data: Path) -> list[str]:
+    """Which of ``TRAINING_FILES`` ``data`` lacks: a look taken before anything is read or written."""
+    return [name for name in TRAINING_FILES if not (data / name).is_file()]
+
+
 def load_training_data(data: str | Path):
     """The labelled capture windows and domain name sets under ``data`` (../shared/data); DataError naming the
     file and line of anything that would make training learn less, or other labels, than the files say."""
     from gateway.capture.windows import labelled_captures
-    from identifier.dataset import domain_windows
+    from identifier.dataset import DataError, domain_windows
 
     data = Path(data)
+    missing = missing_training_files(data)
+    if missing:
+        raise DataError(f"{data}: no {' and no '.join(missing)} there")
     sentinel, domains = data / "iot-sentinel", data / "supplychain-domains" / "device_domains.csv"
-    if not (sentinel / "labels.csv").exists() or not domains.exists():
-        raise SystemExit(
-            f"iotgw: no training data under {data} (want iot-sentinel/ and supplychain-domains/)"
-        )
     captures = labelled_captures(sentinel, 60.0)
     # the list's own IoT-Sentinel rows repeat these captures under other labels (MAX! Cube as Ubiquiti)
     names = domain_windows(
@@ -402,19 +412,38 @@ def _writable_dir(directory: Path) -> str | None:
     return None
 
 
+def _data_dir(command: str, given: str | None) -> Path | None:
+    """``--data`` or its default, once it holds the training data; None, after saying what is missing and what to
+    give, when it does not. Asked first: ``evaluate`` made its ``--out`` directory, and then stopped on this."""
+    data = Path(given) if given else DEFAULT_DATA
+    missing = missing_training_files(data)
+    if not missing:
+        return data
+    where = f"--data {data}" if given else f"{data} (the default without --data)"
+    print(
+        f"iotgw {command}: {where}: no {' and no '.join(missing)} there; give --data DIR, the directory holding "
+        "iot-sentinel/ and supplychain-domains/ (../shared/data beside a source checkout)",
+        file=sys.stderr,
+    )
+    return None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from identifier.bundle import DEFAULT_DIR
     from identifier.dataset import DataError
     from identifier.evaluate import cross_validated_metrics
     from identifier.train import train
 
+    data = _data_dir("train", args.data)
+    if data is None:
+        return 2
     out_dir = Path(args.out) if args.out else DEFAULT_DIR
     problem = _writable_dir(out_dir)
     if problem:
         print(f"iotgw train: --out {problem}", file=sys.stderr)
         return 2
     try:
-        captures, names = load_training_data(args.data)
+        captures, names = load_training_data(data)
     except DataError as exc:  # nothing trained, the bundle in --out untouched
         print(f"iotgw train: {exc}", file=sys.stderr)
         return 2
@@ -434,12 +463,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from identifier.dataset import DataError
     from identifier.report import run_report
 
+    data = _data_dir("evaluate", args.data)
+    if data is None:
+        return 2
     problem = _writable_dir(Path(args.out))
     if problem:
         print(f"iotgw evaluate: --out {problem}", file=sys.stderr)
         return 2
     try:
-        captures, names = load_training_data(args.data)
+        captures, names = load_training_data(data)
     except DataError as exc:
         print(f"iotgw evaluate: {exc}", file=sys.stderr)
         return 2
