@@ -64,7 +64,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                       help="keep state here (default: a temporary directory, removed when the demo ends)")
     demo.add_argument("--mqtt", type=non_empty, metavar="URL", help="also publish alerts to this MQTT broker")
     demo.add_argument("--duration", type=seconds_or_zero, default=0, metavar="SECONDS",
-                      help="stop after this many seconds (default 0: run until Ctrl-C)")
+                      help="stop after this many seconds (default 0: no limit); Ctrl-C or SIGTERM stops it at any "
+                      "time")
     demo.set_defaults(func=cmd_demo)
 
     replay = sub.add_parser(

@@ -164,11 +164,16 @@ def federation_dir(cfg) -> Path:  # noqa: ANN001 - gateway.config.Config, import
 
 
 def _add_tls_args(parser: argparse.ArgumentParser, server_side: bool) -> None:
-    from_config = "" if server_side else " (default: [federation] tls_ca)"
-    parser.add_argument(
-        "--tls-ca", type=non_empty_path, metavar="FILE",
-        help=f"CA certificate (PEM) that signed the SuperLink's certificate{from_config}",
+    # The SuperLink asks gateways for no client certificate (Flower sets require_client_auth=False): server-side
+    # the CA is what its own connections back to the SuperLink (flwr run, the ServerApp) verify it with.
+    ca_help = (
+        "CA certificate (PEM) that signed --tls-cert: the server's own flwr run and ServerApp verify the SuperLink "
+        "with it, and gateways join with the same file as their --tls-ca; it checks no gateway (--authorized-key "
+        "does that)"
+        if server_side else
+        "CA certificate (PEM) that signed the SuperLink's certificate (default: [federation] tls_ca)"
     )
+    parser.add_argument("--tls-ca", type=non_empty_path, metavar="FILE", help=ca_help)
     if server_side:
         parser.add_argument("--tls-cert", type=non_empty_path, metavar="FILE", help="SuperLink certificate (PEM)")
         parser.add_argument("--tls-key", type=non_empty_path, metavar="FILE", help="SuperLink private key (PEM)")

@@ -43,7 +43,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--signals", choices=("all", "dns"), default="all", help="use every signal (default) or DNS names only"
     )
     p.add_argument(
-        "--sessions", type=non_empty, metavar="FILE.jsonl", help="identify DNS sessions given as JSON lines"
+        "--sessions", type=non_empty, metavar="FILE.jsonl",
+        help='identify DNS sessions instead: one JSON object per line, {"id", "queries": [{"t", "name"}], "mac"?, '
+        '"dhcp"?} (docs/identification.md)',
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_identify)

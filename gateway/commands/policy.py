@@ -23,7 +23,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_state_args(p, STATE_ARGS)
     _refuse_db(p)
     cmds = p.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
-    scope_help = "global, device:MAC, type:TYPE, category:CATEGORY or tag:device_TAG"
+    # policy.model.normalise_scope: a tag is a device category, named as AdGuard Home names its device tags
+    scope_help = (
+        "where it applies: global; device:MAC; type:TYPE (a device type, e.g. type:TP-LinkPlugHS110); or tag:TAG, "
+        "every device of a category, named like AdGuard Home's device tags: tag:device_camera, tag:device_tv, "
+        "tag:device_audio (speakers), tag:device_plug... (category:camera is the same as tag:device_camera)"
+    )
 
     c = cmds.add_parser("show", help="print the policy as JSON")
     c.set_defaults(func=_show)
