@@ -240,7 +240,7 @@ def test_a_mud_file_that_cannot_be_read_is_one_line_naming_it_and_its_line(tmp_p
     (["block", "global", "ads.example", "--schedule", ""], "--schedule"),  # was an always-on rule
     (["schedule", "night", "--tz", "", "--day", "mon=21:00-24:00"], "--tz"),  # was UTC
     (["list-add", "x", "--file", "{mud}", "--category", ""], "--category"),  # was no category
-    (["import-mud", "", "{mud}"], "device_type"),  # was a profile for the type ''
+    (["import-mud", "", "{mud}"], "TYPE"),  # was a profile for the type ''
 ])
 def test_an_empty_name_is_refused_naming_its_argument_and_the_policy_is_unchanged(tmp_path, action, flag):
     """``--schedule "$NIGHT"`` with NIGHT unset: the empty value read as the flag left out and made, silently,
