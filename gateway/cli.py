@@ -219,6 +219,9 @@ class _Commands(argparse._SubParsersAction):
         kwargs.setdefault("description", kwargs.get("help"))
         parser = super().add_parser(name, **kwargs)
         parser._is_action = True
+        # ``iotgw run -v`` as well as ``iotgw -v run``: where -v goes is no thing to make a user learn. SUPPRESS
+        # leaves the top level's value alone when it is not given here.
+        parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
         return parser
 
 

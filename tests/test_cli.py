@@ -246,3 +246,14 @@ def test_train_and_evaluate_without_the_training_data_say_what_to_give_and_write
             "iot-sentinel/ and supplychain-domains/ (../shared/data beside a source checkout)"
         ]
         assert not out.exists()
+
+
+def test_verbose_is_taken_before_or_after_any_command_or_action():
+    """``iotgw run -v`` was refused ("unrecognized arguments: -v"): only ``iotgw -v run`` turned debug logging on."""
+    parser = build_parser()
+    lacking = [name for name, sub in _parsers(parser) if "-v" not in sub._option_string_actions]
+    assert lacking == []
+    assert parser.parse_args(["devices"]).verbose is False
+    assert parser.parse_args(["devices", "-v"]).verbose is True
+    assert parser.parse_args(["-v", "devices"]).verbose is True
+    assert parser.parse_args(["policy", "show", "--verbose"]).verbose is True
