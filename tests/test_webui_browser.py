@@ -781,3 +781,20 @@ def test_the_device_lists_headers_and_a_mac_with_its_online_badge_read_on_one_li
     assert page.locator(f"tr[data-mac='{by_mac}'] td[data-label=Status]").evaluate(
         "c => getComputedStyle(c).display") == "block"
     _shot(page, "devices-phone")
+
+
+def test_no_page_makes_the_browser_log_an_error(served, page):
+    """Walking `iotgw demo` in Chromium: every page logged "Failed to load resource: 404" in the console, the
+    browser asking for /favicon.ico, which the site does not have."""
+    base, store = served
+    add_device(store, "aa:bb:cc:00:00:41", hostname="esp-41", identified=True)
+    errors = []
+    page.on("console", lambda m: errors.append((page.url, m.text)) if m.type == "error" else None)
+    page.goto(base + "/login")
+    _login(page, base)
+    for path in ("/", "/devices", "/devices/aa:bb:cc:00:00:41", "/policies", "/queries", "/alerts", "/model",
+                 "/settings"):
+        page.goto(base + path)
+        page.wait_for_load_state("networkidle")
+    assert errors == []
+
