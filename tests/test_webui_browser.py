@@ -798,3 +798,28 @@ def test_no_page_makes_the_browser_log_an_error(served, page):
         page.wait_for_load_state("networkidle")
     assert errors == []
 
+
+def test_alerts_name_a_named_device_and_keep_its_mac_beside_the_name(served, page):
+    """Alerts named each device by its MAC only, on the dashboard and the alert list, after the owner had named it
+    "Kitchen plug" on its page."""
+    from gateway.devices import service
+    from gateway.store.schema import AlertRecord
+
+    base, store = served
+    named, bare = "aa:bb:cc:00:00:42", "aa:bb:cc:00:00:43"
+    add_device(store, named, hostname="HS110(EU)")
+    add_device(store, bare, hostname=None, ip="192.168.1.51")
+    service.rename(store, named, "Kitchen plug")
+    with store.transaction() as s:
+        s.add(AlertRecord(ts=1.0, kind="new_device", mac=bare, data={"ip": "192.168.1.51"}))
+        s.add(AlertRecord(ts=2.0, kind="new_device", mac=named, data={"ip": "192.168.1.50"}))
+    _login(page, base)
+    page.goto(base + "/alerts")
+    cells = page.locator("#alerts td[data-label=Device]")
+    assert cells.all_inner_texts() == [f"Kitchen plug\n{named}", bare]
+    assert cells.first.get_by_role("link").inner_text() == "Kitchen plug"
+    page.goto(base + "/")
+    latest = page.locator("h2:text-is('Latest alerts') + ul.list li").all_inner_texts()
+    assert [line.split(" · ", 2)[2] for line in latest] == ["Kitchen plug", bare]
+    page.locator("h2:text-is('Latest alerts') + ul.list").get_by_role("link", name="Kitchen plug").click()
+    page.wait_for_url(f"{base}/devices/{named}")

@@ -10,7 +10,7 @@ from gateway import accounts, overview, policies
 from gateway.alerts import recent_alerts
 from gateway.devices import device_key, service
 from gateway.store import querylog
-from gateway.store.db import INT64_LIMIT
+from gateway.store.db import INT64_LIMIT, Store
 from webui import charts, views
 from webui.auth_views import locked_out_message
 from webui.context import ctx
@@ -64,8 +64,17 @@ def dashboard():  # noqa: ANN201
         summary=overview.summary(store, now),
         chart=charts.bars(overview.queries_over_time(store, now=now)),
         new_devices=[views.device(d) for d in new_devices],
-        alerts=[views.alert(a) for a in recent_alerts(store, 10)],
+        alerts=_named_alerts(store, 10),
     )
+
+
+def _named_alerts(store: Store, limit: int) -> list[dict]:
+    """The newest alerts, each with its device's name: by its MAC alone the owner could not tell which device
+    an alert was about once they had named it."""
+    found = recent_alerts(store, limit)
+    macs = sorted({a.mac for a in found if a.mac})
+    names = {d.mac: d.name for d in service.list_devices(store, macs=macs)} if macs else {}
+    return [views.alert(a) | {"name": names.get(a.mac)} for a in found]
 
 
 @bp.get("/devices")
@@ -190,7 +199,7 @@ def queries():  # noqa: ANN201
 
 @bp.get("/alerts")
 def alerts():  # noqa: ANN201
-    return render_template("alerts.html", alerts=[views.alert(a) for a in recent_alerts(ctx().store, 200)])
+    return render_template("alerts.html", alerts=_named_alerts(ctx().store, 200))
 
 
 @bp.get("/model")
