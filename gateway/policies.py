@@ -28,7 +28,7 @@ from policy import lists
 from policy.lists import normalise_name
 from policy.model import RULE_ACTIONS, RULE_KINDS, ListSpec, Policy, PolicySet, Rule, normalise_scope
 from policy.records import ANSWERS, DeviceContext, Verdict
-from policy.schedule import DAYS, Schedule, parse_clock
+from policy.schedule import DAYS, Schedule, format_clock, parse_clock
 
 # A scope's mode: follow its rules ("default"), allow only the device type's profile, or block everything.
 # For a device this is the choice Home Assistant's policy select and the web UI offer.
@@ -540,12 +540,9 @@ def decide(
 
 
 def _schedule_view(schedule: Schedule) -> dict[str, Any]:
-    def clock(ms: int) -> str:
-        return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}"
-
     return {
         "time_zone": schedule.time_zone,
-        "days": {d: f"{clock(s)}-{clock(e)}" for d, (s, e) in schedule.days.items()},
+        "days": {d: f"{format_clock(s)}-{format_clock(e)}" for d, (s, e) in schedule.days.items()},
     }
 
 

@@ -29,6 +29,24 @@ def parse_clock(text: str) -> int:
     return (hours * 60 + minutes) * 60_000
 
 
+def format_clock(ms: int) -> str:
+    """Milliseconds from midnight -> ``"HH:MM"``, the inverse of ``parse_clock``."""
+    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}"
+
+
+def _range_error(day: str, start: int, end: int) -> str:
+    """Why a day's range is refused, in the times the owner typed: "mon: a range needs 0 <= start < end <= 24h,
+    got 79200000-25200000 ms" was all the web form said to a bedtime of 22:00-07:00."""
+    if 0 <= end < start <= DAY_MS:
+        span = f"{format_clock(start)}-{format_clock(end)}"
+        return (f"{day}: {span} crosses midnight, and a day's range ends by 24:00: split it into "
+                f"{format_clock(start)}-24:00 and 00:00-{format_clock(end)} of the next day (a schedule holds one "
+                "range a day, so a bedtime every night takes two schedules)")
+    if 0 <= start == end <= DAY_MS:
+        return f"{day}: {format_clock(start)}-{format_clock(end)} is empty: the end comes after the start"
+    return f"{day}: a range needs 0 <= start < end <= 24h, got {start}-{end} ms"
+
+
 @dataclass
 class Schedule:
     """When a rule applies. ``days`` maps ``mon`` .. ``sun`` to ``(start_ms, end_ms)``."""
@@ -45,7 +63,7 @@ class Schedule:
             if day not in DAYS:
                 raise ValueError(f"unknown weekday {day!r} (use {', '.join(DAYS)})")
             if not 0 <= start < end <= DAY_MS:
-                raise ValueError(f"{day}: a range needs 0 <= start < end <= 24h, got {start}-{end} ms")
+                raise ValueError(_range_error(day, start, end))
         self._until = float("-inf")
         self._from = float("inf")
         self._active = False

@@ -142,8 +142,12 @@ def test_schedule_wall_clock_across_dst():
 
 
 def test_schedule_validation_and_round_trip():
-    with pytest.raises(ValueError, match="start < end"):
+    with pytest.raises(ValueError, match="22:00-06:00 crosses midnight.*22:00-24:00 and 00:00-06:00"):
         Schedule("UTC", {"mon": (parse_clock("22:00"), parse_clock("06:00"))})
+    with pytest.raises(ValueError, match="mon: 08:00-08:00 is empty"):
+        Schedule("UTC", {"mon": (parse_clock("08:00"), parse_clock("08:00"))})
+    with pytest.raises(ValueError, match="start < end <= 24h, got 0-90000000 ms"):  # no clock time: raw JSON
+        Schedule("UTC", {"mon": (0, 90_000_000)})
     with pytest.raises(ValueError, match="time zone"):
         Schedule("Mars/Olympus", {})
     with pytest.raises(ValueError):

@@ -823,3 +823,22 @@ def test_alerts_name_a_named_device_and_keep_its_mac_beside_the_name(served, pag
     assert [line.split(" · ", 2)[2] for line in latest] == ["Kitchen plug", bare]
     page.locator("h2:text-is('Latest alerts') + ul.list").get_by_role("link", name="Kitchen plug").click()
     page.wait_for_url(f"{base}/devices/{named}")
+
+
+def test_a_bedtime_across_midnight_is_refused_in_clock_times_and_says_how_to_split_it(served, page):
+    """A schedule of 22:00 to 07:00 from the web form, a bedtime, was refused as "mon: a range needs 0 <= start <
+    end <= 24h, got 79200000-25200000 ms"."""
+    base, _ = served
+    _login(page, base)
+    page.goto(base + "/policies")
+    form = page.locator("#schedule-form")
+    form.locator("input[name=name]").fill("bedtime")
+    form.locator("input[value=mon]").check()
+    form.locator("input[name=start]").fill("22:00")
+    form.locator("input[name=end]").fill("07:00")
+    form.get_by_role("button", name="Save schedule").click()
+    page.wait_for_load_state()
+    flash = page.locator(".flash").inner_text()
+    assert flash.startswith("Not changed: mon: 22:00-07:00 crosses midnight"), flash
+    assert "22:00-24:00 and 00:00-07:00" in flash and " ms" not in flash
+    assert "cannot cross midnight" in page.locator("#schedule-hint").inner_text()  # said before it is tried
