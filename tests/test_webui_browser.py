@@ -842,3 +842,27 @@ def test_a_bedtime_across_midnight_is_refused_in_clock_times_and_says_how_to_spl
     assert flash.startswith("Not changed: mon: 22:00-07:00 crosses midnight"), flash
     assert "22:00-24:00 and 00:00-07:00" in flash and " ms" not in flash
     assert "cannot cross midnight" in page.locator("#schedule-hint").inner_text()  # said before it is tried
+
+
+def test_a_type_default_offers_the_homes_device_types_as_the_model_and_owner_name_them(served, page):
+    """The default's field offered only category tags and gave "tplink-plug-hs110" as its example, a name the
+    shipped model never gives (it says "TP-LinkPlugHS110"): a default typed that way applied to no device."""
+    from gateway.devices import service
+
+    base, store = served
+    add_device(store, "aa:bb:cc:00:00:44", hostname="plug", identified=True)  # the model said tplink-plug-hs110
+    add_device(store, "aa:bb:cc:00:00:45", ip="192.168.1.51", vendor="eQ-3 Entwicklung GmbH")
+    service.label(store, "aa:bb:cc:00:00:45", manufacturer="eQ-3", device_type="HomeMaticPlug", category="plug")
+    _login(page, base)
+    page.goto(base + "/policies")
+    field = page.locator("#default-rule-form input[name=target_scope]")
+    options = page.locator(f"datalist#{field.get_attribute('list')} option").evaluate_all(
+        "os => os.map(o => o.value)")
+    assert {"tplink-plug-hs110", "HomeMaticPlug", "device_camera"} <= set(options)
+    assert "TP-LinkPlugHS110" in field.get_attribute("placeholder")
+    field.fill("HomeMaticPlug")
+    page.locator("#default-rule-form input[name=target]").fill("example.com")
+    page.locator("#default-rule-form").get_by_role("button", name="Add rule").click()
+    page.wait_for_load_state()
+    page.goto(base + "/devices/aa:bb:cc:00:00:45")
+    assert "type:HomeMaticPlug" in page.locator("#policy-editor ~ p.muted").last.inner_text()

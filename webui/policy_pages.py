@@ -12,7 +12,7 @@ from pathlib import Path
 from flask import flash, redirect, render_template, request, url_for
 
 from gateway import policies
-from gateway.devices.service import list_devices
+from gateway.devices.service import device_types, list_devices
 from policy.model import CATEGORY_TAGS, normalise_scope
 from policy.records import ANSWERS
 from policy.schedule import DAYS
@@ -36,6 +36,7 @@ def policies_page():  # noqa: ANN201
         modes=policies.MODES,
         answers=ANSWERS,
         days=DAYS,
+        types=device_types(ctx().store),
         tags=sorted(set(CATEGORY_TAGS.values())),
         lists_dir=policies.lists_dir(ctx().cfg.state_dir),
     )

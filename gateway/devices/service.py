@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import delete, func, or_, select
 
 from gateway.devices import device_key
 from gateway.devices.tracker import DEVICE_ROWS, NAME_MAX, best_own_name
@@ -177,6 +177,14 @@ def confirmed_types(store: Store) -> list[tuple[str, str]]:
     with store.session() as s:
         rows = s.execute(select(Device.mac, Device.label_device_type).where(Device.label_device_type.is_not(None)))
         return [(mac, device_type) for mac, device_type in rows]
+
+
+def device_types(store: Store, limit: int = 200) -> list[str]:
+    """The device types of the home's devices, the owner's label before the model's, sorted: the names a type's
+    default policy must be given to apply (types match exactly). ``limit`` bounds the list a page offers."""
+    shown = func.coalesce(Device.label_device_type, Device.device_type)
+    with store.session() as s:
+        return list(s.scalars(select(shown).where(shown.is_not(None)).distinct().order_by(shown).limit(limit)))
 
 
 def forget(store: Store, mac: str) -> None:
