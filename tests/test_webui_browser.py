@@ -866,3 +866,29 @@ def test_a_type_default_offers_the_homes_device_types_as_the_model_and_owner_nam
     page.wait_for_load_state()
     page.goto(base + "/devices/aa:bb:cc:00:00:45")
     assert "type:HomeMaticPlug" in page.locator("#policy-editor ~ p.muted").last.inner_text()
+
+
+
+def test_policy_changes_are_confirmed_in_the_words_the_page_uses(served, page, tmp_path):
+    """Adding a rule flashed its internal label, "block name=doubleclick.net schedule=bedtime added.", and choosing
+    "0.0.0.0 / ::" for blocked queries flashed "Blocked queries answered null."."""
+    from gateway import policies
+
+    base, _ = served
+    policies.set_schedule(config(tmp_path).state_dir, "bedtime", "UTC", ["mon=21:00-24:00"])
+    _login(page, base)
+    page.goto(base + "/policies")
+    form = page.locator("#global-rule-form")
+    form.locator("input[name=target]").fill("doubleclick.net")
+    form.locator("select[name=schedule]").select_option("bedtime")
+    form.get_by_role("button", name="Add rule").click()
+    page.wait_for_load_state()
+    assert page.locator(".flash").inner_text() == "Added: block doubleclick.net during bedtime."
+    assert page.locator("#global-rules td.qname").inner_text() == "block doubleclick.net"
+    answer = page.locator("#global-policy select[name=answer]")
+    for value, shown in (("nxdomain", "NXDOMAIN"), ("null", "0.0.0.0 / ::")):
+        answer.select_option(value)
+        page.locator("#global-policy form:has(select[name=answer])").get_by_role("button", name="Save").click()
+        page.wait_for_load_state()
+        assert page.locator(".flash").inner_text() == f"Blocked queries now get {shown}."
+        assert answer.locator("option:checked").inner_text() == shown

@@ -46,7 +46,7 @@ def test_block_a_domain_for_one_device_in_the_browser_and_its_dns_is_blocked(tmp
             page.fill("#device-rule-form input[name=target]", "example.test")
             page.click("#device-rule-form button")
             page.wait_for_url(f"{base}/devices/{MAC}#policy-editor")
-            assert "block name=example.test added." in page.locator(".flash").inner_text()
+            assert page.locator(".flash").inner_text() == "Added: block example.test."
             assert page.locator("#device-rules").get_by_text("block example.test").count() == 1
 
             # The running daemon picks the change up within a second; only this device is affected.

@@ -13,11 +13,21 @@ from flask import flash, redirect, render_template, request, url_for
 
 from gateway import policies
 from gateway.devices.service import device_types, list_devices
-from policy.model import CATEGORY_TAGS, normalise_scope
+from policy.model import CATEGORY_TAGS, Rule, normalise_scope
 from policy.records import ANSWERS
 from policy.schedule import DAYS
 from webui.context import ctx
 from webui.pages import bp
+
+# How the pages name each answer a blocked query can get: a flash said "Blocked queries answered null."
+ANSWER_WORDS = {"null": "0.0.0.0 / ::", "nxdomain": "NXDOMAIN", "nodata": "no data", "refused": "REFUSED"}
+
+
+def rule_words(rule: Rule) -> str:
+    """A rule as the rules table shows it ("block doubleclick.net during bedtime"), where flashes showed its
+    label ("block name=doubleclick.net schedule=bedtime")."""
+    what = "everything" if rule.kind == "all" else rule.value if rule.kind == "name" else f"{rule.kind} {rule.value}"
+    return f"{rule.action} {what}" + (f" during {rule.schedule}" if rule.schedule else "")
 
 
 @bp.get("/policies", endpoint="policies")
@@ -35,6 +45,7 @@ def policies_page():  # noqa: ANN201
         devices=[s | {"mac": mac, "name": names.get(mac)} for mac, s in own.items()],
         modes=policies.MODES,
         answers=ANSWERS,
+        answer_words=ANSWER_WORDS,
         days=DAYS,
         types=device_types(ctx().store),
         tags=sorted(set(CATEGORY_TAGS.values())),
@@ -46,10 +57,9 @@ def policies_page():  # noqa: ANN201
 def policy_rule_add():  # noqa: ANN201
     form = request.form
     return _apply(
-        lambda d, scope: policies.add_rule(
+        lambda d, scope: "Added: " + rule_words(policies.add_rule(
             d, scope, policies.rule_from_target(form.get("action", ""), form.get("target", ""), form.get("schedule"))
-        ).label()
-        + " added.",
+        )) + ".",
     )
 
 
@@ -57,9 +67,11 @@ def policy_rule_add():  # noqa: ANN201
 def policy_rule_remove():  # noqa: ANN201
     index = request.form.get("index", type=int)
     label = request.form.get("rule")  # the rule the page showed at ``index``: it goes even if it moved since
-    return _apply(
-        lambda d, scope: f"Removed {policies.remove_rule(d, scope, -1 if index is None else index, label).label()}."
-    )
+
+    def remove(d: Path, scope: str) -> str:
+        return f"Removed: {rule_words(policies.remove_rule(d, scope, -1 if index is None else index, label))}."
+
+    return _apply(remove)
 
 
 @bp.post("/policies/mode")
@@ -71,7 +83,8 @@ def policy_mode():  # noqa: ANN201
 @bp.post("/policies/answer")
 def policy_answer():  # noqa: ANN201
     answer = request.form.get("answer", "")
-    return _apply(lambda d, scope: policies.set_answer(d, scope, answer), f"Blocked queries answered {answer}.")
+    return _apply(lambda d, scope: policies.set_answer(d, scope, answer),
+                  f"Blocked queries now get {ANSWER_WORDS.get(answer, answer)}.")
 
 
 @bp.post("/policies/lists")
