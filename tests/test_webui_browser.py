@@ -892,3 +892,17 @@ def test_policy_changes_are_confirmed_in_the_words_the_page_uses(served, page, t
         page.wait_for_load_state()
         assert page.locator(".flash").inner_text() == f"Blocked queries now get {shown}."
         assert answer.locator("option:checked").inner_text() == shown
+
+
+def test_a_device_page_without_a_name_says_its_mac_once(served, page):
+    """Its heading is its MAC when it has no name, and the line under it began with the same MAC again."""
+    base, store = served
+    mac = "aa:bb:cc:00:00:46"
+    add_device(store, mac)
+    add_device(store, "aa:bb:cc:00:00:47", hostname="esp-47", ip="192.168.1.51")
+    _login(page, base)
+    page.goto(f"{base}/devices/{mac}")
+    assert page.locator("#device-name").inner_text() == mac
+    assert page.locator("main").inner_text().count(mac) == 1
+    page.goto(f"{base}/devices/aa:bb:cc:00:00:47")  # a named one keeps its MAC under its name
+    assert page.locator("#device-name + p").inner_text().startswith("aa:bb:cc:00:00:47 · Espressif Inc.")
