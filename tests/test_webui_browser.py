@@ -906,3 +906,21 @@ def test_a_device_page_without_a_name_says_its_mac_once(served, page):
     assert page.locator("main").inner_text().count(mac) == 1
     page.goto(f"{base}/devices/aa:bb:cc:00:00:47")  # a named one keeps its MAC under its name
     assert page.locator("#device-name + p").inner_text().startswith("aa:bb:cc:00:00:47 · Espressif Inc.")
+
+
+def test_the_model_page_says_federations_last_round_in_words_and_how_to_take_part(served, page):
+    """The last round read "at: ...", "error: None", "round: 3", "status: ok" (its record's keys, sorted), and with
+    no round yet the page said so without what federated learning is or how a gateway takes part."""
+    import json
+
+    base, store = served
+    _login(page, base)
+    page.goto(base + "/model")
+    assert "iotgw federation join" in page.locator("#federation").inner_text()
+    store.set_setting("federation_last_round", json.dumps({"round": 3, "status": "ok", "error": None,
+                                                           "at": "2026-11-23 03:10:00"}))
+    page.reload()
+    text = page.locator("#federation").inner_text()
+    assert "The last round this gateway took part in, at 2026-11-23 03:10:00:" in text
+    assert "round: 3" in text and "result: ok" in text
+    assert "None" not in text and "at:" not in text
