@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -924,3 +925,36 @@ def test_the_model_page_says_federations_last_round_in_words_and_how_to_take_par
     assert "The last round this gateway took part in, at 2026-11-23 03:10:00:" in text
     assert "round: 3" in text and "result: ok" in text
     assert "None" not in text and "at:" not in text
+
+
+def test_the_query_logs_rule_column_says_which_rule_in_words(served, page):
+    """The Rule column showed the engine's key, "device:aa:bb:cc:00:00:48 block name=ads.example schedule=bedtime";
+    the key stays as the cell's title, for whoever debugs a rule."""
+    from gateway.store.schema import Query
+
+    base, store = served
+    mac = "aa:bb:cc:00:00:48"
+    add_device(store, mac)
+    rules = {
+        f"device:{mac} block name=ads.example schedule=bedtime": "its own rule: block ads.example during bedtime",
+        "global block list=oisd": "global rule: block list oisd",
+        "tag:device_camera block category=ads list=oisd": "category camera rule: block category ads (list oisd)",
+        "global block list=oisd exception": "global rule: block list oisd, but the list makes an exception",
+        "type:TP-LinkPlugHS110 block all": "type TP-LinkPlugHS110 rule: block everything",
+        f"device:{mac} paused": "its own mode: paused (internet off)",
+        "tag:device_plug strict": "category plug mode: strict (only its profile)",
+        "quarantine": "quarantine: not on its allowed list",
+        "quarantine allow": "quarantine: on its allowed list",
+        "cname cdn.example: global block name=cdn.example": "its alias cdn.example: global rule: block cdn.example",
+        "something new": "something new",  # a key this page does not know is shown as it is
+    }
+    with store.querylog_session.begin() as s:
+        for i, rule in enumerate(rules):
+            s.add(Query(ts=time.time() - 100 + i, client="192.168.1.50", mac=mac, qname=f"q{i}.example", qtype=1,
+                        sld="example", verdict="blocked", rule=rule, source="server"))
+    _login(page, base)
+    for path in ("/queries", f"/devices/{mac}"):
+        page.goto(base + path)
+        cells = page.locator("table.queries td[data-label=Rule]")
+        assert cells.all_inner_texts()[::-1] == list(rules.values()), path
+        assert cells.evaluate_all("cs => cs.map(c => c.title)")[::-1] == list(rules), path

@@ -11,6 +11,7 @@ from gateway.alerts import recent_alerts
 from gateway.devices import device_key, service
 from gateway.store import querylog
 from gateway.store.db import INT64_LIMIT, Store
+from gateway.store.schema import Query
 from webui import charts, views
 from webui.auth_views import locked_out_message
 from webui.context import ctx
@@ -112,7 +113,7 @@ def device(mac: str):  # noqa: ANN201
         abort(404)
     d = detail.device
     data = views.device_detail(detail, overview.domain_timeline(store, d.mac), service.routers(store))
-    queries = [views.query(q) for q in querylog.recent(store, mac=d.mac, limit=50)]
+    queries = _shown_queries(querylog.recent(store, mac=d.mac, limit=50))
     policy_data = policies.load(ctx().cfg.state_dir)
     editor = None
     if not d.mac.startswith("ip:"):  # a device known only by its address has no policy of its own yet
@@ -188,13 +189,18 @@ def queries():  # noqa: ANN201
     )
     return render_template(
         "queries.html",
-        queries=[views.query(q) for q in rows],
+        queries=_shown_queries(rows),
         q=args.get("q", ""),
         mac=args.get("mac", ""),
         verdict=verdict or "",
         verdicts=VERDICTS,
         older=rows[-1].id if len(rows) == PAGE_SIZE else None,
     )
+
+
+def _shown_queries(rows: list[Query]) -> list[dict]:
+    """Query log rows for a page, each with its rule in words beside the key the API gives."""
+    return [views.query(q) | {"rule_words": views.rule_words(q.rule)} for q in rows]
 
 
 @bp.get("/alerts")

@@ -4,6 +4,7 @@ to the outside, so the pages and the API always agree."""
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -313,6 +314,57 @@ def query(q: Query) -> dict[str, Any]:
         "rule": q.rule,
         "source": q.source,
     }
+
+
+# What matched a query, as ``policy.engine`` keys it in the query log: "<scope> <action> <kind>=<value>
+# [schedule=S] [list=L] [exception]", "<scope> paused|strict", "quarantine [allow]" and "cname <name>: <key>".
+_MODES = {"paused": "paused (internet off)", "strict": "strict (only its profile)"}
+_RULE = re.compile(r"(?P<action>block|allow) (?:all|(?P<kind>name|list|category)=(?P<value>\S+))"
+                   r"(?: schedule=(?P<schedule>\S+))?(?: list=(?P<list>\S+))?(?P<exception> exception)?")
+
+_SCOPED = re.compile(r"(?P<scope>global|device:\S+|tag:\S+|type:.+?) (?P<rest>paused|strict|(?:block|allow) .+)")
+
+
+def _scope_words(scope: str) -> str | None:
+    if scope == "global":
+        return "global"
+    kind, _, value = scope.partition(":")
+    if kind == "tag" and value:
+        return f"category {value.removeprefix('device_')}"
+    return {"device": "its own", "type": f"type {value}"}.get(kind) if value else None
+
+
+def rule_words(key: str | None) -> str:
+    """A query log's rule key in the owner's words ("its own rule: block ads.example during bedtime"); a key of
+    another form is given as it is."""
+    if not key:
+        return ""
+    if key in ("quarantine", "quarantine allow"):
+        return f"quarantine: {'on' if key.endswith('allow') else 'not on'} its allowed list"
+    if key.startswith("cname ") and ": " in key:
+        alias, _, inner = key[len("cname "):].partition(": ")
+        return f"its alias {alias}: {rule_words(inner)}"
+    # a type is named as the owner labelled it, spaces and all: its scope ends where the rule or mode begins
+    split = _SCOPED.fullmatch(key)
+    who = _scope_words(split["scope"]) if split else None
+    if who is None:
+        return key
+    rest = split["rest"]
+    if rest in _MODES:
+        return f"{who} mode: {_MODES[rest]}"
+    rule = _RULE.fullmatch(rest)
+    if rule is None:
+        return key
+    kind, value = rule["kind"], rule["value"]
+    what = "everything" if kind is None else value if kind == "name" else f"{kind} {value}"
+    words = f"{who} rule: {rule['action']} {what}"
+    if rule["schedule"]:
+        words += f" during {rule['schedule']}"
+    if rule["list"]:
+        words += f" (list {rule['list']})"
+    if rule["exception"]:
+        words += ", but the list makes an exception"
+    return words
 
 
 def alert(a: Alert) -> dict[str, Any]:
