@@ -846,8 +846,9 @@ def test_a_bedtime_across_midnight_is_refused_in_clock_times_and_says_how_to_spl
 
 
 def test_a_type_default_offers_the_homes_device_types_as_the_model_and_owner_name_them(served, page):
-    """The default's field offered only category tags and gave "tplink-plug-hs110" as its example, a name the
-    shipped model never gives (it says "TP-LinkPlugHS110"): a default typed that way applied to no device."""
+    """The default's field offered only AdGuard Home's category tags (no device_plug for the home's plugs) and gave
+    "tplink-plug-hs110" as its example, a name the shipped model never gives (it says "TP-LinkPlugHS110"): a
+    default typed that way applied to no device."""
     from gateway.devices import service
 
     base, store = served
@@ -859,7 +860,7 @@ def test_a_type_default_offers_the_homes_device_types_as_the_model_and_owner_nam
     field = page.locator("#default-rule-form input[name=target_scope]")
     options = page.locator(f"datalist#{field.get_attribute('list')} option").evaluate_all(
         "os => os.map(o => o.value)")
-    assert {"tplink-plug-hs110", "HomeMaticPlug", "device_camera"} <= set(options)
+    assert {"tplink-plug-hs110", "HomeMaticPlug", "device_camera", "device_plug"} <= set(options)
     assert "TP-LinkPlugHS110" in field.get_attribute("placeholder")
     field.fill("HomeMaticPlug")
     page.locator("#default-rule-form input[name=target]").fill("example.com")

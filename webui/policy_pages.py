@@ -12,8 +12,8 @@ from pathlib import Path
 from flask import flash, redirect, render_template, request, url_for
 
 from gateway import policies
-from gateway.devices.service import device_types, list_devices
-from policy.model import CATEGORY_TAGS, Rule, normalise_scope
+from gateway.devices.service import device_categories, device_types, list_devices
+from policy.model import CATEGORY_TAGS, Rule, category_tag, normalise_scope
 from policy.records import ANSWERS
 from policy.schedule import DAYS
 from webui.context import ctx
@@ -48,7 +48,8 @@ def policies_page():  # noqa: ANN201
         answer_words=ANSWER_WORDS,
         days=DAYS,
         types=device_types(ctx().store),
-        tags=sorted(set(CATEGORY_TAGS.values())),
+        # AdGuard Home's tags and the home's own categories' (a plug is device_plug, which AdGuard Home has not)
+        tags=sorted({*CATEGORY_TAGS.values(), *map(category_tag, device_categories(ctx().store))}),
         lists_dir=policies.lists_dir(ctx().cfg.state_dir),
     )
 

@@ -182,7 +182,16 @@ def confirmed_types(store: Store) -> list[tuple[str, str]]:
 def device_types(store: Store, limit: int = 200) -> list[str]:
     """The device types of the home's devices, the owner's label before the model's, sorted: the names a type's
     default policy must be given to apply (types match exactly). ``limit`` bounds the list a page offers."""
-    shown = func.coalesce(Device.label_device_type, Device.device_type)
+    return _labels(store, Device.label_device_type, Device.device_type, limit)
+
+
+def device_categories(store: Store, limit: int = 200) -> list[str]:
+    """The categories of the home's devices, as ``device_types`` finds types."""
+    return _labels(store, Device.label_category, Device.category, limit)
+
+
+def _labels(store: Store, owners, models, limit: int) -> list[str]:  # noqa: ANN001 - two columns of Device
+    shown = func.coalesce(owners, models)
     with store.session() as s:
         return list(s.scalars(select(shown).where(shown.is_not(None)).distinct().order_by(shown).limit(limit)))
 
