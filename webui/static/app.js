@@ -63,3 +63,30 @@ function sessionEnded() {
 if (document.getElementById("summary")) {
   summaryTimer = window.setInterval(() => { refreshSummary().catch(() => {}); }, 15000);
 }
+
+// A schedule's range cannot cross midnight (the server refuses it); said as the times are typed, so that the
+// form is not sent and emptied by the page that says why.
+function clockMinutes(text) {
+  const parts = /^(\d{1,2}):(\d{2})$/.exec(text.trim());
+  return parts ? Number(parts[1]) * 60 + Number(parts[2]) : null;
+}
+
+const scheduleForm = document.getElementById("schedule-form");
+if (scheduleForm) {
+  const start = scheduleForm.elements.namedItem("start");
+  const end = scheduleForm.elements.namedItem("end");
+  const check = () => {
+    const from = clockMinutes(start.value);
+    const to = clockMinutes(end.value);
+    let problem = "";
+    if (from !== null && to !== null && to < from) {
+      problem = `${start.value}-${end.value} crosses midnight: save ${start.value}-24:00 and ` +
+        `00:00-${end.value} as two schedules`;
+    } else if (from !== null && to !== null && to === from) {
+      problem = `${start.value}-${end.value} is empty: the end comes after the start`;
+    }
+    end.setCustomValidity(problem);
+  };
+  start.addEventListener("input", check);
+  end.addEventListener("input", check);
+}
