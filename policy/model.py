@@ -142,6 +142,11 @@ class Rule:
         target = self.kind if self.kind == "all" else f"{self.kind}={self.value}"
         return f"{self.action} {target}" + (f" schedule={self.schedule}" if self.schedule else "")
 
+    def words(self) -> str:
+        """The rule as the owner reads it ("block doubleclick.net during bedtime"); ``label`` is the engine's."""
+        what = {"all": "everything", "name": self.value}.get(self.kind, f"{self.kind} {self.value}")
+        return f"{self.action} {what}" + (f" during {self.schedule}" if self.schedule else "")
+
 
 @dataclass
 class Policy:

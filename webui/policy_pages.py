@@ -13,7 +13,7 @@ from flask import flash, redirect, render_template, request, url_for
 
 from gateway import policies
 from gateway.devices.service import device_categories, device_types, list_devices
-from policy.model import CATEGORY_TAGS, Rule, category_tag, normalise_scope
+from policy.model import CATEGORY_TAGS, category_tag, normalise_scope
 from policy.records import ANSWERS
 from policy.schedule import DAYS
 from webui.context import ctx
@@ -21,13 +21,6 @@ from webui.pages import bp
 
 # How the pages name each answer a blocked query can get: a flash said "Blocked queries answered null."
 ANSWER_WORDS = {"null": "0.0.0.0 / ::", "nxdomain": "NXDOMAIN", "nodata": "no data", "refused": "REFUSED"}
-
-
-def rule_words(rule: Rule) -> str:
-    """A rule as the rules table shows it ("block doubleclick.net during bedtime"), where flashes showed its
-    label ("block name=doubleclick.net schedule=bedtime")."""
-    what = "everything" if rule.kind == "all" else rule.value if rule.kind == "name" else f"{rule.kind} {rule.value}"
-    return f"{rule.action} {what}" + (f" during {rule.schedule}" if rule.schedule else "")
 
 
 @bp.get("/policies", endpoint="policies")
@@ -58,9 +51,9 @@ def policies_page():  # noqa: ANN201
 def policy_rule_add():  # noqa: ANN201
     form = request.form
     return _apply(
-        lambda d, scope: "Added: " + rule_words(policies.add_rule(
+        lambda d, scope: "Added: " + policies.add_rule(
             d, scope, policies.rule_from_target(form.get("action", ""), form.get("target", ""), form.get("schedule"))
-        )) + ".",
+        ).words() + ".",
     )
 
 
@@ -70,7 +63,7 @@ def policy_rule_remove():  # noqa: ANN201
     label = request.form.get("rule")  # the rule the page showed at ``index``: it goes even if it moved since
 
     def remove(d: Path, scope: str) -> str:
-        return f"Removed: {rule_words(policies.remove_rule(d, scope, -1 if index is None else index, label))}."
+        return f"Removed: {policies.remove_rule(d, scope, -1 if index is None else index, label).words()}."
 
     return _apply(remove)
 

@@ -13,6 +13,7 @@ from gateway.devices.service import DeviceDetail
 from gateway.events import Alert
 from gateway.overview import DomainSeen, is_online
 from gateway.store.schema import Device, Identification, Query
+from policy.model import Rule
 
 
 class Words(dict):
@@ -355,11 +356,7 @@ def rule_words(key: str | None) -> str:
     rule = _RULE.fullmatch(rest)
     if rule is None:
         return key
-    kind, value = rule["kind"], rule["value"]
-    what = "everything" if kind is None else value if kind == "name" else f"{kind} {value}"
-    words = f"{who} rule: {rule['action']} {what}"
-    if rule["schedule"]:
-        words += f" during {rule['schedule']}"
+    words = f"{who} rule: {Rule(rule['action'], rule['kind'] or 'all', rule['value'] or '', rule['schedule']).words()}"
     if rule["list"]:
         words += f" (list {rule['list']})"
     if rule["exception"]:
