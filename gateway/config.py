@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,8 @@ class ConfigError(Exception):
 class DnsConfig:
     listen: list[str] = field(default_factory=lambda: ["0.0.0.0:53", "[::]:53"])
     upstreams: list[str] = field(default_factory=lambda: ["1.1.1.1", "9.9.9.9"])
-    # Clients outside these prefixes get REFUSED: never an open resolver.
+    # Clients outside these prefixes get REFUSED: never an open resolver. A link-local client (fe80::/10) must also
+    # come from an interface of link_local_interfaces: the same address on the WAN link is someone else.
     lan: list[str] = field(
         default_factory=lambda: ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7", "fe80::/10"]
     )
@@ -322,6 +324,28 @@ def peer_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return address.ipv4_mapped
     return address
+
+
+def link_local_interfaces(dns: DnsConfig, lan_interface: str | None) -> list[str]:
+    """The interfaces the DNS server answers link-local (fe80::/10) clients on: the LAN interface (``[capture]
+    interface``, which ``iotgw setup`` writes) and any interface a listen address names as its zone
+    (``[fe80::1%br-lan]:53``). A link-local address is only unique on its own link: from any other interface
+    (the WAN port's, whose neighbours are the ISP's modem and beyond) such a client is an outsider."""
+    names = [lan_interface] if lan_interface else []
+    for listen in dns.listen:
+        zone = parse_hostport(listen, 53)[0].partition("%")[2]
+        if zone and zone not in names:
+            names.append(zone)
+    return names
+
+
+def socket_address(host: str, port: int) -> tuple:
+    """The address ``bind`` takes for ``host``: Python reads the ``%eth0`` of an IPv6 address's text but leaves the
+    scope id at 0, so binding ``fe80::1%eth0`` failed (EINVAL); getaddrinfo fills it in. socket.gaierror when
+    there is no such interface."""
+    if "%" not in host:
+        return host, port
+    return socket.getaddrinfo(host, port, socket.AF_INET6, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST)[0][4]
 
 
 def parse_hostport(text: str, default_port: int) -> tuple[str, int]:

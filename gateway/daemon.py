@@ -209,7 +209,8 @@ class Gateway:
         from gateway.dns.server import DnsServer
 
         self.dns = DnsServer(self.cfg.dns, self.counters, mac_for=self.tracker.mac_for, emit=self.emit_query,
-                             decide=self.filtering.decide, check_response=self.filtering.check_response)
+                             decide=self.filtering.decide, check_response=self.filtering.check_response,
+                             lan_interface=self.cfg.capture.interface)
         await self.dns.start()
 
     def _start_sniffer(self) -> None:

@@ -8,6 +8,7 @@ root ``iotgw doctor`` never leaves root-owned files where the ``iotgw`` user mus
 from __future__ import annotations
 
 import errno
+import ipaddress
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from gateway.config import Config, parse_hostport, redact_url
+from gateway.config import Config, link_local_interfaces, parse_hostport, redact_url, socket_address
 
 Status = Literal["ok", "warn", "fail", "skip"]
 
@@ -162,7 +163,7 @@ def _try_bind(host: str, port: int) -> OSError | None:
             with socket.socket(family, kind) as sock:
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind((host, port))
+                sock.bind(socket_address(host, port))
         except OSError as exc:
             return exc
     return None
@@ -305,6 +306,28 @@ def check_state_dir(cfg: Config) -> Finding:
 
 def _state_dir_is_a_file(cfg: Config) -> bool:
     return cfg.state_dir.exists() and not cfg.state_dir.is_dir()
+
+
+# ---------------------------------------------------------------- link-local DNS clients
+
+
+def check_link_local(cfg: Config) -> Finding:
+    """A link-local client (fe80::/10) is only answered on an interface of ``config.link_local_interfaces``: with
+    none known, every one is refused, which a LAN whose router hands out the gateway's fe80:: address needs."""
+    link_local = ipaddress.ip_network("fe80::/10")
+    nets = [ipaddress.ip_network(prefix, strict=False) for prefix in cfg.dns.lan]
+    if not cfg.dns.listen or not any(n.version == 6 and n.overlaps(link_local) for n in nets):
+        return Finding("dns-link-local", "skip", "[dns] lan has no link-local prefix (fe80::/10)")
+    names = link_local_interfaces(cfg.dns, cfg.capture.interface)
+    if not names:
+        return Finding(
+            "dns-link-local",
+            "warn",
+            "link-local IPv6 clients (fe80::/10 is in [dns] lan) get REFUSED: no LAN interface is set, and a "
+            "link-local address means nothing without its interface (the WAN link has them too)",
+            "run `iotgw setup`, or set [capture] interface to the LAN interface (sniff = false keeps capture off)",
+        )
+    return Finding("dns-link-local", "ok", f"link-local clients are answered on {', '.join(names)} only")
 
 
 # ---------------------------------------------------------------- database
@@ -571,6 +594,7 @@ CHECKS: tuple[Callable[[Config], Finding], ...] = (
     check_capabilities,
     check_interface,
     check_state_dir,
+    check_link_local,
     check_database,
     check_devices,
     check_broker,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import Config
-from gateway.doctor import check_broker, check_capabilities, check_clock
+from gateway.doctor import check_broker, check_capabilities, check_clock, check_link_local
 from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,6 +258,18 @@ def test_dns_listen_that_cannot_be_bound_says_why_not_port_taken(tmp_path: Path,
     code, findings, err = doctor(write_config(tmp_path, 0, listen=listen))
     assert code == 1 and findings["dns-port"]["status"] == "fail", (findings, err)
     assert findings["dns-port"]["detail"].startswith(f"{listen}: {detail}")
+
+
+def test_link_local_dns_clients_with_no_lan_interface_known_is_a_warning_that_names_the_setting() -> None:
+    cfg = Config()  # fe80::/10 is in the default LAN; no [capture] interface
+    finding = check_link_local(cfg)
+    assert finding.status == "warn" and "REFUSED" in finding.detail and "[capture] interface" in finding.fix
+    cfg.capture.interface = "br-lan"
+    cfg.dns.listen = ["0.0.0.0:53", "[fe80::1%wlan0]:53"]  # a zone names a served link too
+    assert (check_link_local(cfg).status, check_link_local(cfg).detail) == (
+        "ok", "link-local clients are answered on br-lan, wlan0 only")
+    cfg.dns.lan = ["192.168.0.0/16", "fd00::/8"]
+    assert check_link_local(cfg).status == "skip"
 
 
 def test_interface_down(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.config import DnsConfig, parse_hostport, peer_ip, upstream_address
+from gateway.config import DnsConfig, link_local_interfaces, parse_hostport, peer_ip, socket_address, upstream_address
 from gateway.dns import wire
 from gateway.dns.cache import AnswerCache
 from gateway.events import Counters, DnsQuery
@@ -127,11 +127,13 @@ class _Pending:
 
 class DnsServer:
     """A forwarding DNS server for the LAN. ``start()`` binds every listen address (UDP and TCP on the same
-    port); ``bound`` then lists the (host, port) pairs, which matters with port 0."""
+    port); ``bound`` then lists the (host, port) pairs, which matters with port 0. ``lan_interface`` is the
+    interface the LAN is on (``[capture] interface``): with the zones of the listen addresses, the only ones a
+    link-local client is answered on (``config.link_local_interfaces``); with none, no link-local client is."""
 
     def __init__(self, config: DnsConfig, counters: Counters, *, mac_for: MacFor | None = None,
                  decide: Decide | None = None, check_response: CheckResponse | None = None,
-                 emit: Emit | None = None) -> None:
+                 emit: Emit | None = None, lan_interface: str | None = None) -> None:
         self.config = config
         self.counters = counters
         self.mac_for = mac_for
@@ -140,6 +142,7 @@ class DnsServer:
         self.emit = emit
         self.bound: list[tuple[str, int]] = []
         self._lan = [ipaddress.ip_network(prefix, strict=False) for prefix in config.lan]
+        self._links = frozenset(link_local_interfaces(config, lan_interface))
         self._upstreams = [_Upstream(*_upstream(u)) for u in config.upstreams]
         if not self._upstreams:
             raise ValueError("dns.upstreams: at least one upstream is needed")
@@ -150,8 +153,9 @@ class DnsServer:
         self._limit = config.rate_limit_per_minute
         self._cache = AnswerCache(config.cache_size)
         self._questions: dict[bytes, wire.Question] = {}
-        self._clients: dict[str, _Client] = {}  # raw address -> LAN client
-        self._outsiders: dict[str, _Client] = {}  # raw address -> a client refused as outside the LAN
+        # Peer address text (with the scope id for a link-local one: see _client) -> LAN client, or outsider
+        self._clients: dict[str | tuple[str, int], _Client] = {}
+        self._outsiders: dict[str | tuple[str, int], _Client] = {}
         self._pending: dict[bytes, _Pending] = {}
         # A heap of (deadline, upstream ID); answered queries leave their entry to expire here, so it holds no
         # reference to them. Not a FIFO: a late retry's deadline is cut to the query's budget, earlier than
@@ -241,7 +245,7 @@ class DnsServer:
             try:
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind((host, port))
+                sock.bind(socket_address(host, port))
                 bound_port = sock.getsockname()[1]
                 server = await asyncio.start_server(self._serve_tcp, host, bound_port, reuse_address=True)
             except OSError:
@@ -321,7 +325,7 @@ class DnsServer:
 
     def _query(self, data: bytes, q: wire.Question, question_bytes: bytes, flags: int, client_max: int,
                addr: tuple, sock: socket.socket | None, fut: asyncio.Future | None, now: float) -> None:
-        client = self._clients.get(addr[0]) or self._client(addr[0])
+        client = self._clients.get(addr[0]) or self._client(addr)
         if fut is not None:
             client_max = 65535
         elif client_max > UDP_ANSWER_MAX:
@@ -596,7 +600,7 @@ class DnsServer:
                 self._malformed(fut)
                 return
             # The LAN check comes first: outsiders are refused whatever they ask, as _query refuses their queries.
-            if not self._client(addr[0]).allowed:
+            if not self._client(addr).allowed:
                 self.counters.add("dns_refused")
                 reply = wire.error_reply(data, length, wire.REFUSED, False)
             else:
@@ -622,18 +626,39 @@ class DnsServer:
         if fut is not None and not fut.done():
             fut.set_result(None)  # a TCP client sending garbage loses its connection
 
-    def _client(self, raw: str) -> _Client:
-        """The state of the client at ``raw`` (its address as the socket gives it), made on its first query."""
-        client = self._clients.get(raw) or self._outsiders.get(raw)
+    def _client(self, addr: tuple) -> _Client:
+        """The state of the client at ``addr`` (the socket's peer address), made on its first query. Keyed by the
+        address's text, and a link-local one also by its scope id: Python's text has no ``%eth0``, and the same
+        address on two links is two clients. So a link-local client misses the hot path's lookup by text and is
+        found here."""
+        raw = addr[0]
+        key = (raw, addr[3]) if len(addr) > 3 and addr[3] else raw
+        client = self._clients.get(key) or self._outsiders.get(key)
         if client is not None:
             return client
         address = peer_ip(raw)
-        client = _Client(raw.split("%", 1)[0], any(address in net for net in self._lan))
+        allowed = any(address in net for net in self._lan)
+        if allowed and address.version == 6 and address.is_link_local:
+            allowed = self._on_lan_link(addr)
+        client = _Client(raw.split("%", 1)[0], allowed)
         table = self._clients if client.allowed else self._outsiders
         if len(table) >= MAX_CLIENTS:
             table.clear()
-        table[raw] = client
+        table[key] = client
         return client
+
+    def _on_lan_link(self, addr: tuple) -> bool:
+        """Whether a link-local peer came in on a LAN interface: its scope id (the 4th item of an IPv6 peer
+        address) is the index of the interface it arrived on. Looked up by name for each new client rather than
+        once at start: a bridge made again after a restart of the network has a new index."""
+        scope = addr[3] if len(addr) > 3 else 0
+        if not scope or not self._links:
+            return False
+        try:
+            name = socket.if_indextoname(scope)
+        except OSError:  # gone since the packet came
+            return False
+        return name in self._links or str(scope) in self._links
 
     @property
     def _tcp_clients(self) -> int:
@@ -649,7 +674,7 @@ class DnsServer:
         peer = writer.get_extra_info("peername")
         assert self._loop is not None
         # Outsiders are turned away before they take a slot: else they could hold every one and shut the LAN out.
-        client = self._client(peer[0]) if peer else None
+        client = self._client(peer) if peer else None
         if client is None or not client.allowed:
             self.counters.add("dns_tcp_refused")
             writer.close()
