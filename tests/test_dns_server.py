@@ -495,3 +495,56 @@ def test_an_edns_query_off_the_fast_path_keeps_its_opt_record_in_a_truncated_or_
             sock.sendto(query, ("127.0.0.1", srv.port))
             msg = dns.message.from_wire(sock.recv(4096))
     assert msg.edns == 0 and bool(msg.flags & dns.flags.TC) == truncated and rcode(msg) == said
+
+
+def _queries_without_one_question() -> dict[str, bytes]:
+    """Queries with QDCOUNT 0 and 2 (RFC 9619: a query holds exactly one question), each with an ID of its own."""
+    one = dns.message.make_query("www.example.test", "A")
+    one.id = 0x1234
+    wire_one = one.to_wire()
+    question = wire_one[12:]
+    none = b"\x43\x21\x01\x00" + bytes(8)  # the header alone, RD set
+    two = b"\x56\x78\x01\x00\x00\x02" + bytes(6) + question + question
+    return {"qdcount-0": none, "qdcount-2": two}
+
+
+def _header(reply: bytes) -> tuple[int, int, int, tuple[int, ...]]:
+    ident, flags, *counts = struct.unpack("!HHHHHH", reply[:12])
+    return ident, flags & 0x8000, flags & 0x000F, tuple(counts)
+
+
+def test_a_query_without_exactly_one_question_gets_formerr_over_udp_and_tcp(upstream):
+    """It was counted malformed and dropped: the client waited out its timeout and asked again, as BIND and Unbound
+    would have told it FORMERR at once. Nothing goes upstream, and a TCP client's connection stays open."""
+    queries = _queries_without_one_question()
+    with running(config([upstream.address])) as srv:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(3)
+            for query in queries.values():
+                sock.sendto(query, ("127.0.0.1", srv.port))
+                assert _header(sock.recv(512)) == (int.from_bytes(query[:2], "big"), 0x8000, dns.rcode.FORMERR,
+                                                   (0, 0, 0, 0))
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=3) as conn:
+            stream = conn.makefile("rb")
+            for query in queries.values():
+                conn.sendall(len(query).to_bytes(2, "big") + query)
+                reply = stream.read(int.from_bytes(stream.read(2), "big"))
+                assert _header(reply)[:3] == (int.from_bytes(query[:2], "big"), 0x8000, dns.rcode.FORMERR)
+            good = dns.message.make_query("www.example.test", "A").to_wire()
+            conn.sendall(len(good).to_bytes(2, "big") + good)
+            answer = dns.message.from_wire(stream.read(int.from_bytes(stream.read(2), "big")))
+            assert addresses(answer) == {"192.0.2.10"}  # the same connection goes on
+        assert srv.counters.get("dns_formerr") == 4
+        assert srv.counters.get("dns_malformed") == 4
+    assert [e.qname for e in srv.events] == ["www.example.test"]  # only the good query was forwarded and logged
+
+
+def test_an_outsider_asking_without_one_question_is_refused_not_told_formerr(upstream):
+    with running(config([upstream.address], lan=["10.0.0.0/8"])) as srv:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(3)
+            for query in _queries_without_one_question().values():
+                sock.sendto(query, ("127.0.0.1", srv.port))
+                assert _header(sock.recv(512))[1:] == (0x8000, dns.rcode.REFUSED, (0, 0, 0, 0))
+        assert srv.counters.get("dns_refused") == 2
+        assert srv.counters.get("dns_formerr") == 0

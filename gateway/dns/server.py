@@ -588,8 +588,9 @@ class DnsServer:
 
     def _slow(self, data: bytes, addr: tuple, sock: socket.socket | None, fut: asyncio.Future | None,
               now: float) -> None:
-        """Queries the fast path does not recognise: responses (dropped), other opcodes (NOTIMP, REFUSED from
-        outside the LAN), queries with several additionals (TSIG, cookies) or an OPT elsewhere."""
+        """Queries the fast path does not recognise: responses (dropped), other opcodes (NOTIMP), a question count
+        other than 1 (FORMERR), queries with several additionals (TSIG, cookies) or an OPT elsewhere. Outsiders
+        get REFUSED for the answers made here, whatever they ask, as _query refuses their queries."""
         if len(data) < 12 or data[2] & 0x80:
             self._malformed(fut)
             return
@@ -599,20 +600,24 @@ class DnsServer:
             except wire.Malformed:
                 self._malformed(fut)
                 return
-            # The LAN check comes first: outsiders are refused whatever they ask, as _query refuses their queries.
             if not self._client(addr).allowed:
                 self.counters.add("dns_refused")
                 reply = wire.error_reply(data, length, wire.REFUSED, False)
             else:
                 self.counters.add("dns_notimp")
                 reply = wire.error_reply(data, length, wire.NOTIMP, False)
-            if fut is None:
-                try:
-                    sock.sendto(reply, addr)  # type: ignore[union-attr]
-                except OSError:
-                    self.counters.add("dns_send_errors")
-            elif not fut.done():
-                fut.set_result(reply)
+            self._reply(reply, addr, sock, fut)
+            return
+        if data[4] or data[5] != 1:
+            # RFC 9619: a query holds exactly one question. Dropped, the client waited out its timeout and asked
+            # again; BIND and Unbound answer FORMERR, with the header alone (which question would it echo?).
+            if not self._client(addr).allowed:
+                self.counters.add("dns_refused")
+                self._reply(wire.header_reply(data, wire.REFUSED), addr, sock, fut)
+                return
+            self.counters.add("dns_malformed")
+            self.counters.add("dns_formerr")
+            self._reply(wire.header_reply(data, wire.FORMERR), addr, sock, fut)
             return
         try:
             q, flags, client_max = wire.full_parse(data)
@@ -620,6 +625,16 @@ class DnsServer:
             self._malformed(fut)
             return
         self._query(data, q, data[12 : 12 + q.length], flags, client_max, addr, sock, fut, now)
+
+    def _reply(self, reply: bytes, addr: tuple, sock: socket.socket | None, fut: asyncio.Future | None) -> None:
+        """Send a reply made here for a query with no question to log."""
+        if fut is None:
+            try:
+                sock.sendto(reply, addr)  # type: ignore[union-attr]
+            except OSError:
+                self.counters.add("dns_send_errors")
+        elif not fut.done():
+            fut.set_result(reply)
 
     def _malformed(self, fut: asyncio.Future | None) -> None:
         self.counters.add("dns_malformed")

@@ -199,6 +199,12 @@ def error_reply(query: bytes, question_len: int, rcode: int, edns: bool) -> byte
     return query[:2] + flags + counts + query[HEADER_LEN : HEADER_LEN + question_len] + tail
 
 
+def header_reply(query: bytes, rcode: int) -> bytes:
+    """A reply of the header alone, every count 0, ID, opcode and RD copied: for a query whose question cannot be
+    echoed, as FORMERR to one with a question count other than 1 (what BIND and Unbound send)."""
+    return query[:2] + bytes((0x80 | (query[2] & 0x79), 0x80 | rcode)) + bytes(8)
+
+
 def truncated_reply(query_id: bytes, response: bytes, question: bytes, edns: bool) -> bytes:
     """``response`` cut to its header and question with TC set: tells a UDP client to ask again over TCP. An EDNS
     query's keeps an OPT record (RFC 6891 7: without one, the client may take the server for one without EDNS)."""
