@@ -12,6 +12,7 @@ import threading
 import time
 from contextlib import nullcontext
 
+import dns.edns
 import dns.message
 import dns.rcode
 import pytest
@@ -174,6 +175,27 @@ def test_a_flood_towards_a_silent_upstream_is_capped_and_answered(monkeypatch: p
         assert codes == ["SERVFAIL"] * 50
         assert srv.counters.get("dns_pending_full") == 30
         assert up.queries == 20
+
+
+def test_the_bytes_of_queries_waiting_for_a_silent_upstream_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MAX_PENDING alone let 16,384 queries of 4 kB each (padded with an EDNS option) wait: 64 MB for the budget.
+    Beyond MAX_PENDING_BYTES new ones get SERVFAIL at once, however few are waiting."""
+    monkeypatch.setattr(server_module, "MAX_PENDING_BYTES", 40_000)  # 10 of these queries, and the one that tips it
+    padding = dns.edns.GenericOption(dns.edns.OptionType.PADDING, bytes(3900))
+    queries = [dns.message.make_query(f"n{i}.example.test", "A", use_edns=0, options=[padding]).to_wire(max_size=65535)
+               for i in range(30)]
+    assert all(3900 < len(q) < 4000 for q in queries)
+    with FakeUpstream(silent) as up, running(config([up.address], timeout_s=BUDGET_S, rate_limit_per_minute=0)) as srv:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(CLIENT_WAIT_S)
+            for query in queries:
+                client.sendto(query, ("127.0.0.1", srv.port))
+            codes = [rcode(dns.message.from_wire(client.recv(4096))) for _ in queries]
+        assert codes == ["SERVFAIL"] * 30
+        assert srv.counters.get("dns_pending_full") == 19
+        assert up.queries == 11
+        # Every query has had its answer, so none waits and no byte is left counted.
+        assert srv.call(lambda: (len(srv.server._pending), srv.server._pending_bytes)) == (0, 0)
 
 
 @needs_dnsmasq

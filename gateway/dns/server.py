@@ -70,6 +70,10 @@ MAX_TCP_RETRIES = 128
 # Queries waiting for an upstream. Beyond this (a flood towards a silent upstream) new ones get SERVFAIL at once:
 # the 16-bit ID space must never fill, or picking a free ID would never end.
 MAX_PENDING = 16384
+# And the bytes of their queries: MAX_PENDING alone let 16,384 UDP queries padded to 4 kB (an EDNS option) wait,
+# 64 MB for the 2 s budget, and TCP ones may be 64 kB. A real query is 30 to 100 bytes (about 300 at most
+# with a 255-byte name and an OPT), so a full table of them stays under a tenth of this.
+MAX_PENDING_BYTES = 4 << 20
 _IDS = [i.to_bytes(2, "big") for i in range(65536)]
 # The largest UDP answer, whatever size a client offers (dnsmasq's edns-packet-max and Unbound's max-udp-size
 # default to the same): bigger ones go truncated and are fetched over TCP. A 40-byte query with a forged LAN
@@ -157,6 +161,7 @@ class DnsServer:
         self._clients: dict[str | tuple[str, int], _Client] = {}
         self._outsiders: dict[str | tuple[str, int], _Client] = {}
         self._pending: dict[bytes, _Pending] = {}
+        self._pending_bytes = 0  # of their queries, kept with every insert into and removal from _pending
         # A heap of (deadline, upstream ID); answered queries leave their entry to expire here, so it holds no
         # reference to them. Not a FIFO: a late retry's deadline is cut to the query's budget, earlier than
         # those of queries sent before it, and must not wait behind them past timeout_s.
@@ -228,6 +233,7 @@ class DnsServer:
             if pending.fut is not None and not pending.fut.done():
                 pending.fut.cancel()
         self._pending.clear()
+        self._pending_bytes = 0
         self._deadlines.clear()
 
     async def __aenter__(self) -> DnsServer:
@@ -420,7 +426,7 @@ class DnsServer:
                     choice = i
             if choice < 0:
                 return False
-        if len(self._pending) >= MAX_PENDING:
+        if len(self._pending) >= MAX_PENDING or self._pending_bytes >= MAX_PENDING_BYTES:
             self.counters.add("dns_pending_full")
             return False
         bits = random.getrandbits(18)
@@ -438,6 +444,7 @@ class DnsServer:
             return self._send_upstream(p, now)
         p.deadline = min(now + self._attempt_s, p.t0 + self._timeout)
         self._pending[new_id] = p
+        self._pending_bytes += len(p.query)
         heapq.heappush(self._deadlines, (p.deadline, new_id))
         return True
 
@@ -463,6 +470,7 @@ class DnsServer:
                 self.counters.add("dns_upstream_stray")
                 continue
             del pending[key]
+            self._pending_bytes -= len(p.query)
             if data[3] & 0x0F in (wire.SERVFAIL, wire.REFUSED) and self._untried(p):
                 # A broken or misconfigured upstream: another may answer (dnsmasq does the same).
                 self.counters.add("dns_upstream_failed")
@@ -546,6 +554,7 @@ class DnsServer:
             p = pending.get(key)
             if p is not None and p.deadline <= now:  # else answered, and the ID maybe reused since
                 del pending[key]
+                self._pending_bytes -= len(p.query)
                 self.counters.add("dns_upstream_timeouts")
                 self._upstreams[p.upstream].down_until = now + DOWN_FOR_S
                 self._retry(p, now)
@@ -560,6 +569,7 @@ class DnsServer:
         for key, p in list(self._pending.items()):
             if self._upstreams[p.upstream] is up:
                 del self._pending[key]
+                self._pending_bytes -= len(p.query)
                 self._retry(p, now)
 
     def _tcp_retry_done(self, task: asyncio.Task) -> None:
