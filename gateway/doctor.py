@@ -317,17 +317,17 @@ def check_link_local(cfg: Config) -> Finding:
     link_local = ipaddress.ip_network("fe80::/10")
     nets = [ipaddress.ip_network(prefix, strict=False) for prefix in cfg.dns.lan]
     if not cfg.dns.listen or not any(n.version == 6 and n.overlaps(link_local) for n in nets):
-        return Finding("dns-link-local", "skip", "[dns] lan has no link-local prefix (fe80::/10)")
+        return Finding("link-local", "skip", "[dns] lan has no link-local prefix (fe80::/10)")
     names = link_local_interfaces(cfg.dns, cfg.capture.interface)
     if not names:
         return Finding(
-            "dns-link-local",
+            "link-local",
             "warn",
             "link-local IPv6 clients (fe80::/10 is in [dns] lan) get REFUSED: no LAN interface is set, and a "
             "link-local address means nothing without its interface (the WAN link has them too)",
             "run `iotgw setup`, or set [capture] interface to the LAN interface (sniff = false keeps capture off)",
         )
-    return Finding("dns-link-local", "ok", f"link-local clients are answered on {', '.join(names)} only")
+    return Finding("link-local", "ok", f"link-local clients are answered on {', '.join(names)} only")
 
 
 # ---------------------------------------------------------------- database

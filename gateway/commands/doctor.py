@@ -14,7 +14,8 @@ from gateway.config import ConfigError
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "doctor",
-        help="check port 53, capabilities, interface, state directory, database, devices, broker, model, clock",
+        help="check port 53, capabilities, interface, state directory, link-local DNS clients, database, devices, "
+             "broker, model, clock",
     )
     add_state_args(p)
     p.add_argument("--json", action="store_true", help="one JSON list of findings")
