@@ -41,9 +41,9 @@ def veth():
 
 
 @contextmanager
-def running_daemon(tmp_path, veth, *, sniff: bool = False) -> Iterator[Store]:
+def running_daemon(tmp_path, veth, *, sniff: bool = False, lan: tuple[str, ...] = ()) -> Iterator[Store]:
     """``iotgw run`` in the gateway's namespace with a dnsmasq upstream there, answering once it yields its store;
-    with ``sniff``, capturing on the gateway's veth too."""
+    with ``sniff``, capturing on the gateway's veth too (its LAN interface); ``lan`` adds LAN prefixes."""
     upstream = subprocess.Popen(
         ["ip", "netns", "exec", veth.gw, "dnsmasq", "--no-daemon", "--port=5300", "--listen-address=127.0.0.1",
          "--bind-interfaces", "--no-resolv", "--no-hosts", "--conf-file=/dev/null", "--user=root",
@@ -56,7 +56,8 @@ def running_daemon(tmp_path, veth, *, sniff: bool = False) -> Iterator[Store]:
         ["ip", "netns", "exec", veth.gw, sys.executable, "-m", "gateway.cli", "run", "--db", db,
          *(["--interface", veth.gw_if] if sniff else ["--no-sniff"]),
          "--dns-listen", f"{veth.gw_ip4}:53", "--dns-listen", f"[{veth.gw_ip6}]:53", "--upstream", "127.0.0.1:5300",
-         "--lan", "10.213.0.0/24", "--lan", "fd13:213::/64", "--config", str(config)],
+         "--lan", "10.213.0.0/24", "--lan", "fd13:213::/64", *(a for p in lan for a in ("--lan", p)),
+         "--config", str(config)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=os.getcwd())
     try:
         deadline = time.monotonic() + 30
@@ -114,6 +115,28 @@ def test_a_client_met_before_the_kernel_knew_its_mac_is_announced_once_under_its
             time.sleep(0.3)
         alerts = [(a.kind, a.mac) for a in recent_alerts(store, kind="new_device")]
         assert alerts == [("new_device", mac)]
+
+
+LINK_LOCAL_QUERY = """
+import socket, sys
+import dns.message, dns.rcode
+server, source, ifname = sys.argv[1:4]
+with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+    sock.settimeout(5)
+    sock.bind((source, 0, 0, socket.if_nametoindex(ifname)))
+    sock.sendto(dns.message.make_query("ll.example.test", "A").to_wire(), (server, 53))
+    print(dns.rcode.to_text(dns.message.from_wire(sock.recv(4096)).rcode()))
+"""
+
+
+@pytest.mark.parametrize(("sniff", "expected"), [(True, "NOERROR"), (False, "REFUSED")])
+def test_a_link_local_client_is_answered_only_once_the_lan_interface_is_known(tmp_path, veth, sniff, expected):
+    """``iotgw run --interface gw0`` hands the DNS server its LAN interface, and a link-local client there is
+    answered; with none known (``--no-sniff`` and no ``--interface``) it is refused, as one on the WAN link would
+    be (tests/test_dns_link_local.py has both links). Before, fe80::/10 was answered on any interface."""
+    sh("ip", "-n", veth.client, "addr", "add", "fe80::2/64", "dev", veth.client_if, "nodad")
+    with running_daemon(tmp_path, veth, sniff=sniff, lan=("fe80::/10",)):
+        assert veth.client_python(LINK_LOCAL_QUERY, veth.gw_ip6, "fe80::2", veth.client_if).strip() == expected
 
 
 DHCP_REPLY = """
