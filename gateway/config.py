@@ -319,7 +319,8 @@ def upstream_address(text: str) -> tuple[str, int]:
 def peer_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """The address a socket peer stands for, in one spelling: its scope id (``%eth0``) dropped, an IPv4-mapped
     IPv6 address (``::ffff:10.0.0.5``, a dual-stack socket's IPv4 client) as the IPv4 one, so that a LAN prefix
-    or a per-address count sees one client. ValueError when ``text`` is no IP address."""
+    or a per-address count sees one client. ValueError when ``text`` is no IP address. A link-local address says
+    nothing of its link here: the DNS server checks that from the peer's scope id (``link_local_interfaces``)."""
     address = ipaddress.ip_address(text.split("%", 1)[0])
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return address.ipv4_mapped
