@@ -7,8 +7,8 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import dns.message
@@ -100,11 +100,19 @@ async def _call(fn, *args):  # noqa: ANN001, ANN202
 
 
 @contextmanager
-def running(config: DnsConfig, **hooks: object) -> Iterator[Running]:
+def running(config: DnsConfig, *, within: Callable[[], AbstractContextManager] | None = None,
+            **hooks: object) -> Iterator[Running]:
+    """A DnsServer on a loop of its own thread; ``within`` (e.g. a network namespace's ``enter``) is the context
+    that thread runs in, so the server's sockets are made there."""
     events: list[DnsQuery] = []
     hooks.setdefault("emit", events.append)
     loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
+
+    def serve() -> None:
+        with within() if within else nullcontext():
+            loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     server = DnsServer(config, Counters(), **hooks)
     try:

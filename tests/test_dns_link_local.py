@@ -4,11 +4,9 @@ nothing without its interface: only the LAN link's client may be answered."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -16,9 +14,8 @@ import pytest
 
 from gateway.config import DnsConfig
 from gateway.dns import DnsServer
-from gateway.events import Counters
 from tests.capture_netns import VethPair, sh, veth_pair
-from tests.dns_helpers import needs_dnsmasq
+from tests.dns_helpers import needs_dnsmasq, running
 
 pytestmark = [
     pytest.mark.root,
@@ -92,25 +89,11 @@ def server_in(pair: VethPair, listen: tuple[str, ...] = ("[::]:0",), **kw: objec
          "--bind-interfaces", "--no-resolv", "--no-hosts", "--conf-file=/dev/null", "--user=root",
          "--pid-file=", "--address=/example.test/192.0.2.7"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    loop = asyncio.new_event_loop()
-
-    def run() -> None:
-        with pair.enter():
-            loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    server = DnsServer(DnsConfig(listen=list(listen), upstreams=["127.0.0.1:5300"]), Counters(), **kw)
     try:
-        asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
-        try:
-            yield server
-        finally:
-            asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
+        config = DnsConfig(listen=list(listen), upstreams=["127.0.0.1:5300"])
+        with running(config, within=pair.enter, **kw) as run:
+            yield run.server
     finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
         upstream.terminate()
         upstream.wait(5)
 

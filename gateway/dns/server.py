@@ -395,13 +395,7 @@ class DnsServer:
                client: _Client, mac: str | None, q: wire.Question, t0: float, verdict: str,
                rule: str | None) -> None:
         """Send an answer made here and log it."""
-        if fut is None:
-            try:
-                sock.sendto(response, addr)  # type: ignore[union-attr]
-            except OSError:
-                self.counters.add("dns_send_errors")
-        elif not fut.done():
-            fut.set_result(response)
+        self._reply(response, addr, sock, fut)
         if self.emit is not None:
             self.emit(DnsQuery(time.time(), client.ip, mac, q.qname, q.qtype, q.sld, response[3] & 0x0F,
                                (time.monotonic() - t0) * 1000.0, verdict, rule, "server"))
@@ -637,7 +631,7 @@ class DnsServer:
         self._query(data, q, data[12 : 12 + q.length], flags, client_max, addr, sock, fut, now)
 
     def _reply(self, reply: bytes, addr: tuple, sock: socket.socket | None, fut: asyncio.Future | None) -> None:
-        """Send a reply made here for a query with no question to log."""
+        """Send a reply made here: to the UDP client's address, or as the TCP connection's answer."""
         if fut is None:
             try:
                 sock.sendto(reply, addr)  # type: ignore[union-attr]
