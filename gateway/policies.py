@@ -410,7 +410,7 @@ def _report(list_id: str, path: Path, *, fetched: bool) -> ListReport:
 
 
 def parse_days(specs: list[str]) -> dict[str, tuple[int, int]]:
-    """``["mon=21:00-24:00", "tue=00:00-07:00"]`` -> schedule days; a range cannot cross midnight."""
+    """``["mon=22:00-07:00", "sat=09:00-12:00"]`` -> schedule days; mon=22:00-07:00 ends on Tuesday at 07:00."""
     days: dict[str, tuple[int, int]] = {}
     for spec in specs:
         day, _, span = spec.strip().partition("=")
@@ -426,13 +426,15 @@ def parse_days(specs: list[str]) -> dict[str, tuple[int, int]]:
     return days
 
 
-def set_schedule(state_dir: Path, name: str, time_zone: str, days: list[str]) -> None:
+def set_schedule(state_dir: Path, name: str, time_zone: str, days: list[str]) -> Schedule:
+    """Save the schedule ``name`` (replacing one of that name) and return it, to be said back to the owner."""
     name = (name or "").strip()
     if not _SCHEDULE_NAME.fullmatch(name):
         raise ValueError(f"schedule name {name!r}: 1-64 letters, digits, '_', '-' or '.'")
     schedule = Schedule((time_zone or "UTC").strip(), parse_days(days))
     with editing(state_dir) as data:
         data.schedules[name] = schedule
+    return schedule
 
 
 def remove_schedule(state_dir: Path, name: str) -> None:

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway import cli
+from gateway import cli, policies
 from gateway.commands import policy as policy_cmd
+from policy.engine import PolicyEngine
+from policy.records import DeviceContext
+from tests.test_policy_engine import _ts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,10 +72,40 @@ def test_cli_schedule_unrule_and_errors(tmp_path, capsys):
     assert "unknown schedule" in capsys.readouterr().err
     assert _run(state, "unrule", "tag:device_tv", "5") == 2
     assert _run(state, "unrule", "tag:device_tv", "0") == 0
-    assert _run(state, "schedule", "bad", "--day", "mon=22:00-06:00") == 2
+    assert _run(state, "schedule", "bad", "--day", "mon=22:00-22:00") == 2
     assert json.loads((state / "policy.json").read_text())["revision"] == 3  # failed edits change nothing
     with pytest.raises(SystemExit):
         _run(state, "strict", "global", "maybe")
+
+
+def test_a_bedtime_on_school_nights_is_one_schedule_of_overnight_ranges(tmp_path, capsys):
+    """--day mon=22:00-07:00 was refused ("crosses midnight: split it into 22:00-24:00 and 00:00-07:00 of the next
+    day"), and a schedule holds one range a day: a bedtime every night took two schedules and two rules."""
+    state, mac, tz = tmp_path / "s", "aa:bb:cc:00:00:07", "Europe/London"
+    nights = [f"--day={day}=22:00-07:00" for day in ("sun", "mon", "tue", "wed", "thu")]
+    assert _run(state, "schedule", "school-nights", "--tz", tz, *nights) == 0
+    assert capsys.readouterr().out.startswith(
+        "schedule school-nights set (Europe/London): mon 22:00-07:00 (next day), tue 22:00-07:00 (next day), "
+        "wed 22:00-07:00 (next day), thu 22:00-07:00 (next day), sun 22:00-07:00 (next day) (revision 1)")
+    assert _run(state, "block", f"device:{mac}", "all", "--schedule", "school-nights") == 0
+    assert json.loads((state / "policy.json").read_text())["schedules"]["school-nights"]["mon"] == {
+        "start": 79_200_000, "end": 25_200_000}  # AdGuard Home's shape, start > end for a night
+    engine = PolicyEngine.build(policies.load(state), base_dir=state)
+    cases = [  # 2024-01-15 is a Monday
+        ((2024, 1, 14, 22, 30), True),  # Sunday night
+        ((2024, 1, 15, 6, 59), True),  # Monday morning: Sunday's night
+        ((2024, 1, 15, 7, 0), False),
+        ((2024, 1, 15, 23, 0), True),  # Monday night
+        ((2024, 1, 16, 6, 59), True),
+        ((2024, 1, 16, 7, 0), False),
+        ((2024, 1, 19, 6, 0), True),  # Friday morning: Thursday's night
+        ((2024, 1, 19, 23, 0), False),  # Friday night: no school the next day
+        ((2024, 1, 20, 6, 0), False),
+        ((2024, 1, 21, 23, 0), True),
+    ]
+    ctx = DeviceContext(mac, None, None, "approved")
+    got = [engine.decide(ctx, "x.example", _ts(tz, *when, 0)).blocked for when, _ in cases]
+    assert got == [want for _, want in cases]
 
 
 def test_a_schedule_giving_a_day_twice_is_refused_rather_than_keeping_only_its_last_hours(tmp_path, capsys):

@@ -99,7 +99,7 @@ def test_missing_list_file_is_reported_not_fatal(tmp_path):
 
 
 def test_schedule_boundaries_in_a_time_zone():
-    # Bedtime in Berlin: Monday 21:00-24:00 and Tuesday 00:00-07:00 (a range never crosses midnight).
+    # Bedtime in Berlin as two ranges that meet at midnight: Monday 21:00-24:00 and Tuesday 00:00-07:00.
     bedtime = Schedule(
         "Europe/Berlin",
         {"mon": (parse_clock("21:00"), parse_clock("24:00")), "tue": (0, parse_clock("07:00"))},
@@ -141,13 +141,115 @@ def test_schedule_wall_clock_across_dst():
     assert not s.active(_ts("UTC", 2024, 3, 31, 2, 0, 0))
 
 
+def _night(start: str, end: str) -> tuple[int, int]:
+    return parse_clock(start), parse_clock(end)
+
+
+def test_a_bedtime_range_ends_the_next_morning():
+    """A schedule held one range a day and refused 22:00-07:00 ("split it into 22:00-24:00 and 00:00-07:00 of the
+    next day"): a bedtime every night took two schedules and two rules. mon 22:00-07:00 is Monday 22:00 to
+    Tuesday 07:00, and only that: not the Sunday night before it, not Tuesday evening."""
+    ps = PolicySet(schedules={"bedtime": Schedule("Europe/Berlin", {"mon": _night("22:00", "07:00")})})
+    ps.policy("device:aa:bb:cc:00:00:01").rules.append(Rule("block", "all", schedule="bedtime"))
+    engine = PolicyEngine.build(ps)
+    tz = "Europe/Berlin"
+    cases = [  # 2024-01-15 is a Monday
+        (_ts(tz, 2024, 1, 14, 23, 0, 0), False),  # Sunday night: sun has no range
+        (_ts(tz, 2024, 1, 15, 6, 59, 0), False),
+        (_ts(tz, 2024, 1, 15, 21, 59, 59), False),
+        (_ts(tz, 2024, 1, 15, 22, 0, 0), True),
+        (_ts(tz, 2024, 1, 15, 23, 0, 0), True),
+        (_ts(tz, 2024, 1, 16, 0, 0, 0), True),
+        (_ts(tz, 2024, 1, 16, 6, 59, 59), True),
+        (_ts(tz, 2024, 1, 16, 7, 0, 0), False),  # the end is exclusive, on Tuesday
+        (_ts(tz, 2024, 1, 16, 23, 0, 0), False),  # tue has no range of its own
+        (_ts(tz, 2024, 1, 23, 6, 0, 0), True),  # a week on
+        (_ts("UTC", 2024, 1, 16, 5, 30, 0), True),  # 06:30 in Berlin
+    ]
+    assert [engine.decide(CAM, "x.example", t).blocked for t, _ in cases] == [want for _, want in cases]
+    assert [engine.decide(CAM, "x.example", t).blocked for t, _ in sorted(cases)] == [
+        want for _, want in sorted(cases)
+    ]
+
+
+def test_sunday_nights_range_runs_into_monday():
+    s = Schedule("UTC", {"sun": _night("22:00", "07:00")})  # weekday() numbers Monday 0: Sunday is the last
+    assert s.active(_ts("UTC", 2024, 1, 14, 23, 0, 0))
+    assert s.active(_ts("UTC", 2024, 1, 15, 6, 59, 59))
+    assert not s.active(_ts("UTC", 2024, 1, 15, 7, 0, 0))
+    assert not s.active(_ts("UTC", 2024, 1, 13, 23, 0, 0))  # Saturday night
+    assert not s.active(_ts("UTC", 2024, 1, 14, 6, 0, 0))  # Sunday morning: Saturday's night has no range
+
+
+def test_a_day_has_its_own_range_and_the_previous_nights_tail():
+    # Tuesday: 00:00-07:00 from Monday night, then its own 21:00-06:00 from the evening into Wednesday.
+    s = Schedule("UTC", {"mon": _night("22:00", "07:00"), "tue": _night("21:00", "06:00")})
+    assert [s.active(_ts("UTC", 2024, 1, 16, h, m, 0)) for h, m in ((6, 59), (7, 0), (20, 59), (21, 0), (23, 59))] == [
+        True, False, False, True, True]
+    assert s.active(_ts("UTC", 2024, 1, 17, 5, 59, 0)) and not s.active(_ts("UTC", 2024, 1, 17, 6, 0, 0))
+    # A morning range of the day itself and the night's tail: active in either, not in the gap between them.
+    s = Schedule("UTC", {"mon": _night("22:00", "07:00"), "tue": _night("08:00", "09:00")})
+    assert [s.active(_ts("UTC", 2024, 1, 16, h, m, 0)) for h, m in ((6, 59), (7, 30), (8, 30), (9, 0))] == [
+        True, False, True, False]
+    # Overlapping: the tail ends inside the day's own range, which goes on.
+    s = Schedule("UTC", {"mon": _night("22:00", "07:00"), "tue": _night("06:00", "09:00")})
+    assert [s.active(_ts("UTC", 2024, 1, 16, h, 0, 0)) for h in (5, 6, 7, 8, 9)] == [True, True, True, True, False]
+
+
+@pytest.mark.parametrize("zone, night, cases", [
+    # 2024-03-31, a Sunday: London's clocks go from 01:00 GMT to 02:00 BST. Bedtime is an hour shorter.
+    ("Europe/London", (2024, 3, 30), [((30, 21, 59, 59), False), ((30, 22, 0, 0), True), ((31, 0, 59, 59), True),
+                                       ((31, 1, 0, 0), True), ((31, 5, 59, 59), True), ((31, 6, 0, 0), False)]),
+    # 2024-10-27: from 02:00 BST back to 01:00 GMT. 22:00 BST is 21:00 UTC, 07:00 GMT is 07:00 UTC: 10 hours.
+    ("Europe/London", (2024, 10, 26), [((26, 20, 59, 59), False), ((26, 21, 0, 0), True), ((27, 0, 30, 0), True),
+                                        ((27, 1, 30, 0), True), ((27, 6, 59, 59), True), ((27, 7, 0, 0), False)]),
+    # 2024-03-10: New York from 02:00 EST to 03:00 EDT. 22:00 EST is 03:00 UTC, 07:00 EDT is 11:00 UTC.
+    ("America/New_York", (2024, 3, 9), [((10, 2, 59, 59), False), ((10, 3, 0, 0), True), ((10, 7, 0, 0), True),
+                                         ((10, 10, 59, 59), True), ((10, 11, 0, 0), False)]),
+])
+def test_a_bedtime_across_a_dst_change_keeps_the_clock_times(zone, night, cases):
+    year, month, day = night
+    weekday = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")[dt.date(year, month, day).weekday()]
+    s = Schedule(zone, {weekday: _night("22:00", "07:00")})
+    times = [(_ts("UTC", year, month, *when), want) for when, want in cases]  # in UTC: no local time is ambiguous
+    assert [s.active(t) for t, _ in times] == [want for _, want in times]  # in order: the cache is in play
+    assert [Schedule(zone, s.days).active(t) for t, _ in times] == [want for _, want in times]
+
+
+def test_the_cached_answer_never_outlives_an_overnight_ranges_edges():
+    # Edges off the quarter hour, which alone would have caught them: 22:05 on Monday, 07:05 on Tuesday.
+    s = Schedule("UTC", {"mon": _night("22:05", "07:05")})
+    assert [s.active(_ts("UTC", 2024, 1, 15, 22, m, sec)) for m, sec in ((0, 0), (4, 59), (5, 0))] == [
+        False, False, True]
+    assert [s.active(_ts("UTC", 2024, 1, 16, 7, m, sec)) for m, sec in ((0, 0), (4, 59), (5, 0))] == [
+        True, True, False]
+    # Minute by minute through a week with a DST change, against a schedule asked afresh each time.
+    zone = "Europe/London"
+    days = {"sat": _night("22:05", "07:05"), "sun": _night("23:55", "00:10"), "mon": _night("06:20", "06:40")}
+    cached = Schedule(zone, days)
+    start = _ts("UTC", 2024, 3, 29, 0, 0, 0)
+    for t in range(int(start), int(start) + 7 * 86400, 60):
+        assert cached.active(t) == Schedule(zone, days).active(t), dt.datetime.fromtimestamp(t, ZoneInfo(zone))
+
+
 def test_schedule_validation_and_round_trip():
-    with pytest.raises(ValueError, match="22:00-06:00 crosses midnight.*22:00-24:00 and 00:00-06:00"):
-        Schedule("UTC", {"mon": (parse_clock("22:00"), parse_clock("06:00"))})
-    with pytest.raises(ValueError, match="mon: 08:00-08:00 is empty"):
+    with pytest.raises(ValueError, match=r"mon: 08:00-08:00 is empty.*the whole day is 00:00-24:00"):
         Schedule("UTC", {"mon": (parse_clock("08:00"), parse_clock("08:00"))})
-    with pytest.raises(ValueError, match="start < end <= 24h, got 0-90000000 ms"):  # no clock time: raw JSON
+    with pytest.raises(ValueError, match="mon: 24:00-07:00 starts at 24:00"):
+        Schedule("UTC", {"mon": (parse_clock("24:00"), parse_clock("07:00"))})
+    with pytest.raises(ValueError, match=r"0 to 24h \(86400000 ms\), got 0-90000000 ms"):  # no clock time: raw JSON
         Schedule("UTC", {"mon": (0, 90_000_000)})
+    with pytest.raises(ValueError, match="got -1-3600000 ms"):
+        Schedule("UTC", {"mon": (-1, 3_600_000)})
+    until_midnight = Schedule("UTC", {"mon": _night("22:00", "00:00")})  # a tail of nothing: as 22:00-24:00
+    assert until_midnight.active(_ts("UTC", 2024, 1, 15, 23, 59, 59))
+    assert not until_midnight.active(_ts("UTC", 2024, 1, 16, 0, 0, 0))
+    bedtime = Schedule("UTC", {"sat": _night("09:00", "12:00"), "mon": _night("22:00", "07:00")})
+    assert bedtime.describe() == "mon 22:00-07:00 (next day), sat 09:00-12:00"
+    assert until_midnight.describe() == "mon 22:00-00:00" and Schedule().describe() == "no times"
+    # AdGuard Home's JSON shape, with start > end (which AdGuard Home itself refuses) for a night.
+    assert bedtime.to_dict()["mon"] == {"start": 79_200_000, "end": 25_200_000}
+    assert Schedule.from_dict(bedtime.to_dict()) == bedtime
     with pytest.raises(ValueError, match="time zone"):
         Schedule("Mars/Olympus", {})
     with pytest.raises(ValueError):

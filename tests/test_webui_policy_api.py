@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event
 
-from gateway import accounts
+from gateway import accounts, policies
 from gateway.store.db import Store
 from gateway.store.schema import Device
+from policy.engine import PolicyEngine
+from policy.records import DeviceContext
+from tests.test_policy_engine import _ts
 from tests.webui_seed import add_device, config
 from webui.app import create_app
 
@@ -113,7 +116,8 @@ def test_device_policy_put_shows_in_policy_json_and_in_iotgw_policy(api):
          "'no way' is not a domain name"),
         ("/api/v1/policies/schedules/night", {"time_zone": "Mars/Base", "days": {"mon": "21:00-24:00"}},
          "unknown time zone 'Mars/Base'"),
-        ("/api/v1/policies/schedules/night", {"days": {"mon": "22:00-06:00"}}, "mon: 22:00-06:00 crosses midnight"),
+        ("/api/v1/policies/schedules/night", {"days": {"mon": "22:00-22:00"}}, "mon: 22:00-22:00 is empty"),
+        ("/api/v1/policies/schedules/night", {"days": {"mon": "24:00-07:00"}}, "starts at 24:00"),
         ("/api/v1/policies/schedules/night", {"time_zone": 0, "days": {"mon": "21:00-24:00"}},
          "time_zone: expected a string"),
         # A misspelt field was ignored: the schedule was saved in UTC, the quarantine kept its old allow list.
@@ -392,3 +396,22 @@ def test_a_schedule_named_with_spaces_around_is_saved_under_its_name_and_answere
     r = client.put("/api/v1/policies/schedules/%20bedtime%09", json={"days": {"mon": "21:00-24:00"}}, headers=write)
     assert r.status_code == 200 and r.json["days"] == {"mon": "21:00-24:00"}
     assert list(client.get("/api/v1/policies", headers=write).json["schedules"]) == ["bedtime"]
+
+
+def test_a_bedtime_from_22_to_07_is_saved_through_the_api_and_blocks_that_night(api):
+    """{"mon": "22:00-07:00"} was a 400 ("crosses midnight"): it is Monday 22:00 to Tuesday 07:00, answered and
+    listed as sent, so that a client can send it back."""
+    app, state_dir, write, _ = api
+    client = app.test_client()
+    r = client.put("/api/v1/policies/schedules/bedtime",
+                   json={"time_zone": "America/New_York", "days": {"mon": "22:00-07:00"}}, headers=write)
+    assert r.status_code == 200 and r.json == {"time_zone": "America/New_York", "days": {"mon": "22:00-07:00"}}
+    r = client.put(f"/api/v1/policies/device/{MAC}",
+                   json={"rules": [{"action": "block", "kind": "all", "schedule": "bedtime"}]}, headers=write)
+    assert r.status_code == 200
+    assert client.get("/api/v1/policies", headers=write).json["schedules"]["bedtime"]["days"] == {"mon": "22:00-07:00"}
+    engine = PolicyEngine.build(policies.load(state_dir), base_dir=state_dir)
+    device = DeviceContext(MAC, None, None, "approved")
+    tz = "America/New_York"
+    assert [engine.decide(device, "x.example", _ts(tz, 2024, 1, d, h, m, 0)).blocked
+            for d, h, m in ((15, 21, 59), (15, 22, 0), (16, 6, 59), (16, 7, 0))] == [False, True, True, False]

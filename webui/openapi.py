@@ -398,7 +398,8 @@ DOCUMENT: dict = {
                     "time_zone": _STR,
                     "days": {
                         "type": "object",
-                        "description": 'weekday -> "HH:MM-HH:MM", e.g. {"mon": "21:00-24:00"}',
+                        "description": 'weekday -> "HH:MM-HH:MM"; an end before the start is on the next day:'
+                        ' {"mon": "22:00-07:00"} is Monday 22:00 to Tuesday 07:00',
                         "additionalProperties": _STR,
                     },
                 },

@@ -138,7 +138,7 @@ def policy_list_delete(list_id: str):  # noqa: ANN201
 
 @bp.put("/policies/schedules/<name>")
 def policy_schedule_put(name: str):  # noqa: ANN201
-    """``{"time_zone": "Europe/Berlin", "days": {"mon": "21:00-24:00", ...}}``."""
+    """``{"time_zone": "Europe/Berlin", "days": {"mon": "22:00-07:00", ...}}`` (Monday 22:00 to Tuesday 07:00)."""
     body = json_body(("time_zone", "days"))
     days = body.get("days", {})
     if not isinstance(days, dict) or not all(isinstance(v, str) for v in days.values()):

@@ -63,12 +63,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_list_update)
 
     c = cmds.add_parser(
-        "schedule", help="define a weekly schedule, e.g. --day mon=21:00-24:00 --day tue=00:00-07:00"
+        "schedule", help="define a weekly schedule, e.g. --day mon=22:00-07:00 (Monday 22:00 to Tuesday 07:00)"
     )
     c.add_argument("name", help="the schedule's name, for --schedule of block and allow (replaced if it exists)")
     c.add_argument("--tz", type=non_empty, default="UTC", help="IANA time zone, e.g. Europe/Berlin (default UTC)")
     c.add_argument("--day", action="append", default=[], metavar="DAY=HH:MM-HH:MM",
-                   help="a day (mon..sun) and its hours; repeatable, each day at most once")
+                   help="a day (mon..sun) and its hours; an end before the start is on the next day (fri=22:00-07:00 "
+                   "ends on Saturday); repeatable, each day at most once")
     c.set_defaults(func=_schedule)
 
     for name, help_text in (("pause", "block all of the scope's queries until resume"), ("resume", "end a pause")):
@@ -207,8 +208,8 @@ def _list_update(args: argparse.Namespace) -> int:
 
 def _schedule(args: argparse.Namespace) -> int:
     def change(state_dir: Path) -> str:
-        policies.set_schedule(state_dir, args.name, args.tz, args.day)
-        return f"schedule {args.name} set"
+        schedule = policies.set_schedule(state_dir, args.name, args.tz, args.day)
+        return f"schedule {args.name.strip()} set ({schedule.time_zone}): {schedule.describe()}"
 
     return _run(args, change)
 
