@@ -826,32 +826,58 @@ def test_alerts_name_a_named_device_and_keep_its_mac_beside_the_name(served, pag
     page.wait_for_url(f"{base}/devices/{named}")
 
 
-def test_a_bedtime_across_midnight_is_refused_in_clock_times_and_says_how_to_split_it(served, page):
-    """A schedule of 22:00 to 07:00 from the web form, a bedtime, was refused as "mon: a range needs 0 <= start <
-    end <= 24h, got 79200000-25200000 ms", on a page whose form had lost what was typed. The server's words are
-    tests/test_webui_policy_api.py's; here the form says it before it is sent."""
+def test_a_bedtime_from_22_to_07_is_saved_from_the_form_and_blocks_those_nights(served, page, tmp_path):
+    """A schedule of 22:00 to 07:00, a bedtime, was stopped by the form ("crosses midnight: save 22:00-24:00 and
+    00:00-07:00 as two schedules") and refused by the server: a bedtime every night took two schedules and two
+    rules. Now mon 22:00-07:00 is Monday 22:00 to Tuesday 07:00, said so on the page; only an empty range is
+    stopped before it is sent."""
+    from gateway import policies
+    from policy.engine import PolicyEngine
+    from policy.records import DeviceContext
+    from tests.test_policy_engine import _ts
+
     base, _ = served
+    state_dir = config(tmp_path).state_dir  # the served app's
     _login(page, base)
     page.goto(base + "/policies")
-    assert "cannot cross midnight" in page.locator("#schedule-hint").inner_text()
+    assert "runs into the next day" in page.locator("#schedule-hint").inner_text()
     form = page.locator("#schedule-form")
     form.locator("input[name=name]").fill("bedtime")
-    form.locator("input[value=mon]").check()
+    form.locator("input[name=time_zone]").fill("Europe/London")
+    for day in ("sun", "mon"):
+        form.locator(f"input[value={day}]").check()
     form.locator("input[name=start]").fill("22:00")
     end = form.locator("input[name=end]")
-    end.fill("07:00")
+    end.fill("22:00")
     form.get_by_role("button", name="Save schedule").click()
     assert end.evaluate("e => e.validationMessage") == (
-        "22:00-07:00 crosses midnight: save 22:00-24:00 and 00:00-07:00 as two schedules")
+        "22:00-22:00 is empty: give an end other than the start (the whole day is 00:00-24:00)")
     assert page.locator(".flash").count() == 0  # not sent: what was typed is still there
     assert form.locator("input[name=name]").input_value() == "bedtime"
-    end.fill("22:00")
-    assert "is empty" in end.evaluate("e => e.validationMessage")
-    end.fill("24:00")
+    end.fill("07:00")
+    assert end.evaluate("e => e.validationMessage") == ""
     form.get_by_role("button", name="Save schedule").click()
     page.wait_for_load_state()
-    assert page.locator(".flash").inner_text() == "Schedule bedtime saved."
+    assert page.locator(".flash").inner_text() == (
+        "Schedule bedtime saved: mon 22:00-07:00 (next day), sun 22:00-07:00 (next day).")
+    assert page.locator("#schedules li").first.inner_text().startswith(
+        "bedtime (Europe/London): mon 22:00-07:00 (next day), sun 22:00-07:00 (next day)")
 
+    rule_form = page.locator("#global-rule-form")
+    rule_form.locator("input[name=target]").fill("all")
+    rule_form.locator("select[name=schedule]").select_option("bedtime")
+    rule_form.get_by_role("button", name="Add rule").click()
+    page.wait_for_load_state()
+    assert page.locator(".flash").inner_text() == "Added: block everything during bedtime."
+    engine = PolicyEngine.build(policies.load(state_dir), base_dir=state_dir)
+    device = DeviceContext("aa:bb:cc:00:00:09", None, None, "approved")
+    tz = "Europe/London"
+    cases = [  # 2024-01-14 is a Sunday
+        ((14, 21, 59), False), ((14, 22, 0), True), ((15, 6, 59), True), ((15, 7, 0), False),
+        ((15, 23, 0), True), ((16, 6, 59), True), ((16, 7, 0), False), ((16, 23, 0), False),
+    ]
+    got = [engine.decide(device, "x.example", _ts(tz, 2024, 1, *when, 0)).blocked for when, _ in cases]
+    assert got == [want for _, want in cases]
 
 
 def test_a_type_default_offers_the_homes_device_types_as_the_model_and_owner_name_them(served, page):

@@ -75,11 +75,11 @@ def test_block_a_domain_for_one_device_in_the_browser_and_its_dns_is_blocked(tmp
             page.goto(f"{base}/policies")
             page.fill("#schedule-form input[name=name]", "bedtime")
             page.check("#schedule-form input[value=mon]")
-            page.fill("#schedule-form input[name=start]", "21:00")
-            page.fill("#schedule-form input[name=end]", "24:00")
+            page.fill("#schedule-form input[name=start]", "22:00")
+            page.fill("#schedule-form input[name=end]", "07:00")  # to Tuesday morning
             page.click("#schedule-form button")
             page.wait_for_url(f"{base}/policies")
-            assert "Schedule bedtime saved." in page.locator(".flash").inner_text()
+            assert page.locator(".flash").inner_text() == "Schedule bedtime saved: mon 22:00-07:00 (next day)."
             page.select_option("#default-rule-form select[name=kind]", "tag")
             page.fill("#default-rule-form input[name=target_scope]", "device_tv")
             page.fill("#default-rule-form input[name=target]", "all")

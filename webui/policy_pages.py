@@ -25,7 +25,8 @@ ANSWER_WORDS = {"null": "0.0.0.0 / ::", "nxdomain": "NXDOMAIN", "nodata": "no da
 
 @bp.get("/policies", endpoint="policies")
 def policies_page():  # noqa: ANN201
-    view = policies.overview(policies.load(ctx().cfg.state_dir))
+    data = policies.load(ctx().cfg.state_dir)
+    view = policies.overview(data)
     scopes = view["policies"]
     own = {s["scope"][len("device:"):]: s for s in scopes if s["scope"].startswith("device:")}
     # Only the devices with a policy of their own: a LAN host spoofing MACs can make thousands of others.
@@ -40,6 +41,7 @@ def policies_page():  # noqa: ANN201
         answers=ANSWERS,
         answer_words=ANSWER_WORDS,
         days=DAYS,
+        schedule_times={name: schedule.describe() for name, schedule in data.schedules.items()},
         types=device_types(ctx().store),
         # AdGuard Home's tags and the home's own categories' (a plug is device_plug, which AdGuard Home has not)
         tags=sorted({*CATEGORY_TAGS.values(), *map(category_tag, device_categories(ctx().store))}),
@@ -116,11 +118,12 @@ def policy_schedule_set():  # noqa: ANN201
     name = form.get("name", "").strip()
     span = f"{form.get('start', '').strip()}-{form.get('end', '').strip()}"
     days = [f"{day}={span}" for day in form.getlist("day")]
-    return _apply(
-        lambda d, _: policies.set_schedule(d, name, form.get("time_zone", "UTC"), days),
-        f"Schedule {name} saved.",
-        scope="global",
-    )
+
+    def save(state_dir: Path, _: str) -> str:  # said back as saved: 22:00-07:00 reads as ending the next morning
+        schedule = policies.set_schedule(state_dir, name, form.get("time_zone", "UTC"), days)
+        return f"Schedule {name} saved: {schedule.describe()}."
+
+    return _apply(save, scope="global")
 
 
 @bp.post("/policies/schedules/<name>/remove")

@@ -64,8 +64,8 @@ if (document.getElementById("summary")) {
   summaryTimer = window.setInterval(() => { refreshSummary().catch(() => {}); }, 15000);
 }
 
-// A schedule's range cannot cross midnight (the server refuses it); said as the times are typed, so that the
-// form is not sent and emptied by the page that says why.
+// A schedule's empty range (from and to the same) is refused by the server; said as the times are typed, so that
+// the form is not sent and emptied by the page that says why. An end before the start is the next day's.
 function clockMinutes(text) {
   const parts = /^(\d{1,2}):(\d{2})$/.exec(text.trim());
   return parts ? Number(parts[1]) * 60 + Number(parts[2]) : null;
@@ -78,14 +78,9 @@ if (scheduleForm) {
   const check = () => {
     const from = clockMinutes(start.value);
     const to = clockMinutes(end.value);
-    let problem = "";
-    if (from !== null && to !== null && to < from) {
-      problem = `${start.value}-${end.value} crosses midnight: save ${start.value}-24:00 and ` +
-        `00:00-${end.value} as two schedules`;
-    } else if (from !== null && to !== null && to === from) {
-      problem = `${start.value}-${end.value} is empty: the end comes after the start`;
-    }
-    end.setCustomValidity(problem);
+    const empty = from !== null && to !== null && to === from;
+    end.setCustomValidity(empty ? `${start.value}-${end.value} is empty: give an end other than the start ` +
+      "(the whole day is 00:00-24:00)" : "");
   };
   start.addEventListener("input", check);
   end.addEventListener("input", check);
