@@ -994,3 +994,25 @@ def test_the_query_logs_rule_column_says_which_rule_in_words(served, page):
         cells = page.locator("table.queries td[data-label=Rule]")
         assert cells.all_inner_texts()[::-1] == list(rules.values()), path
         assert cells.evaluate_all("cs => cs.map(c => c.title)")[::-1] == list(rules), path
+
+
+def test_a_password_change_lands_on_the_login_page_saying_what_happened(served, page):
+    """The change ends every session, this one too: the login page it lands on said nothing, as if it had failed."""
+    base, store = served
+    _login(page, base)
+    page.goto(base + "/settings")
+    new = "a new and longer passphrase"
+    page.fill("input[name=current]", PASSWORD)
+    page.fill("input[name=password]", new)
+    page.fill("input[name=confirm]", new)
+    page.get_by_role("button", name="Change password").click()
+    page.wait_for_url(base + "/login")
+    assert page.get_by_role("status").inner_text() == (
+        "Password changed: every session was ended, this one too. Log in with the new password.")
+    _shot(page, "login-password-changed")
+    page.reload()  # said once, not on every later visit
+    assert page.get_by_role("status").count() == 0
+    page.fill("input[name=password]", new)
+    page.click("button[type=submit]")
+    page.wait_for_url(base + "/")
+    assert page.get_by_role("status").count() == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from flask import Blueprint, abort, flash, redirect, render_template, request, send_from_directory, url_for
+from flask import Blueprint, abort, flash, redirect, render_template, request, send_from_directory, session, url_for
 
 from gateway import accounts, overview, policies
 from gateway.alerts import recent_alerts
@@ -252,7 +252,11 @@ def settings_password():  # noqa: ANN201
         except ValueError as exc:
             flash(str(exc).capitalize() + ".")
         else:
-            # The change ended every session, this one included; log in again with the new password.
+            # The change ended every session, this one included, and revoked every browser's device cookie: the
+            # stale session's keys go, and the login page says why it is there (it was shown without a word, as
+            # if the change had failed). The message rides in the session cookie, like every other flash.
+            session.clear()
+            flash("Password changed: every session was ended, this one too. Log in with the new password.")
             return redirect(url_for("auth.login"))
     return redirect(url_for("pages.settings"))
 
