@@ -653,8 +653,10 @@ def test_only_the_lan_is_answered_even_with_a_valid_token_or_session(env):
     bearer = {"Authorization": f"Bearer {secret}"}
     client = app.test_client()
     _login(client)
+    # fe80::/10 is in the LAN, but a link-local peer without a LAN interface (here none is known: see
+    # test_webui_link_local) may be any link's
     for peer, status in (("8.8.8.8", 403), ("2001:db8::1", 403), ("100.64.0.7", 403), ("10.1.2.3", 200),
-                         ("fd00::7", 200)):
+                         ("fd00::7", 200), ("fe80::7", 403), ("fe80::7%lo", 403)):
         client.environ_base["REMOTE_ADDR"] = peer
         assert client.get("/devices").status_code == status, peer
         assert client.get("/api/v1/devices", headers=bearer).status_code == status, peer

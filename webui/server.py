@@ -4,6 +4,7 @@ the browser tests."""
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -70,7 +71,8 @@ class _CappedServer(TcpWSGIServer):
         accepted = super().accept()
         if accepted is None:
             return None
-        conn, (address, *_) = accepted
+        conn, addr = accepted
+        address = self.fix_addr(addr)[0]  # as the channels' addr has it: fe80::2 on two links is two clients
         # Counted over the map, which all of a host name's listening sockets share, rather than kept in a tally
         # that a missed close would skew; the map holds at most CONNECTION_LIMIT entries.
         held = Counter(ch.addr[0] for ch in self._map.values() if isinstance(ch, HTTPChannel))
@@ -83,6 +85,20 @@ class _CappedServer(TcpWSGIServer):
             self._refusing.add(address)
             log.warning("web UI: %s holds %d connections; refusing more from it", address, held[address])
         return None
+
+    def fix_addr(self, addr: tuple) -> tuple:
+        """The peer address a channel keeps, and waitress hands the app as REMOTE_ADDR: a link-local peer's with
+        its interface (``fe80::2%eth0``), which the LAN check needs (``security.from_lan``). Python's accept()
+        gives the scope id only as the 4th item of the tuple and its host text without it, so the REMOTE_ADDR of
+        fe80::2 on the LAN and of fe80::2 on the WAN port were the same. Named at accept, as it is in a log line;
+        its index when the interface has no name by then."""
+        if len(addr) < 4 or not addr[3]:
+            return addr
+        try:
+            zone = socket.if_indextoname(addr[3])
+        except OSError:
+            zone = str(addr[3])
+        return (f"{addr[0]}%{zone}", *addr[1:])
 
 
 def make_server(store: Store, cfg: Config, host: str, port: int):  # noqa: ANN201
