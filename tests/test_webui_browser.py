@@ -1016,3 +1016,39 @@ def test_a_password_change_lands_on_the_login_page_saying_what_happened(served, 
     page.click("button[type=submit]")
     page.wait_for_url(base + "/")
     assert page.get_by_role("status").count() == 0
+
+
+def test_a_devices_page_lists_its_identification_history_newest_first_with_what_changed(served, page):
+    """The page showed only the latest answer: an owner could not see that a revision or a new model changed it."""
+    base, store = served
+    mac = "aa:bb:cc:00:00:0b"
+    add_device(store, mac, hostname="plug", identified=True)  # tplink-plug-hs110 by test-1, 25 s ago
+    from gateway.store.schema import Identification
+
+    now = time.time()
+    answer = {"manufacturer": "TP-Link", "category": "plug", "known": True, "alternatives": [], "signals": ["dns"]}
+    with store.transaction() as s:
+        for n in range(10):  # older checks of the same answer: past the ten shown
+            s.add(Identification(mac=mac, ts=now - 100 - n, device_type="tplink-plug-hs110", confidence=0.9,
+                                 decided_after_s=4.2, model_version="test-1", **answer))
+        s.add(Identification(mac=mac, ts=now - 20, device_type="tplink-plug-hs100", confidence=0.97,
+                             decided_after_s=9.0, model_version="test-1", **answer))
+        s.add(Identification(mac=mac, ts=now - 10, device_type="tplink-plug-hs100", confidence=0.99,
+                             decided_after_s=None, model_version="test-2", **answer))
+    _login(page, base)
+    page.goto(f"{base}/devices/{mac}")
+    rows = page.locator("#identifications tbody tr")
+    assert rows.count() == 10
+    cells = [rows.nth(i).locator("td").all_inner_texts() for i in range(3)]
+    assert cells[0][1:] == ["tplink-plug-hs100 (TP-Link) · plug", "99%",
+                            "as a best guess at the end of its first minute", "test-2", "new model (was test-1)"]
+    assert cells[1][1:] == ["tplink-plug-hs100 (TP-Link) · plug", "97%", "after 9.0 s", "test-1",
+                            "answer changed from tplink-plug-hs110 (TP-Link) · plug"]
+    assert cells[2][1:] == ["tplink-plug-hs110 (TP-Link) · plug", "94%", "after 4.2 s", "test-1",
+                            "same answer, confidence was 90%"]
+    assert "(the last 10 of 13)" in page.locator("#history-legend").inner_text()
+    _shot(page, "device-history")
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.reload()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    _shot(page, "device-history-phone")

@@ -56,6 +56,7 @@ def create_app(store: Store, cfg: Config) -> Flask:
     app.jinja_env.filters["alert_details"] = views.alert_details
     app.jinja_env.filters["signal"] = views.SIGNALS
     app.jinja_env.filters["decided_after"] = views.decided_after
+    app.jinja_env.filters["answer"] = views.answer_words
     app.jinja_env.filters["first_asked"] = views.first_asked
     app.extensions["iotgw"] = WebContext(store=store, cfg=cfg)
     security.install(app)

@@ -21,6 +21,9 @@ bp = Blueprint("pages", __name__)
 PAGE_SIZE = 100
 DEVICE_PAGE_SIZE = 200
 MAX_DEVICE_PAGE = 1000
+# A device's page lists its newest identifications (the API gives service.DETAIL_ROWS): enough to see the answer
+# settle and each new model's, short enough to read.
+IDENTIFICATIONS_SHOWN = 10
 VERDICTS = ("allowed", "blocked", "refused", "ratelimited")
 
 
@@ -114,6 +117,8 @@ def device(mac: str):  # noqa: ANN201
     d = detail.device
     data = views.device_detail(detail, overview.domain_timeline(store, d.mac), service.routers(store))
     queries = _shown_queries(querylog.recent(store, mac=d.mac, limit=50))
+    history = views.identification_history(data["identifications"], IDENTIFICATIONS_SHOWN,
+                                           complete=len(detail.identifications) < service.DETAIL_ROWS)
     policy_data = policies.load(ctx().cfg.state_dir)
     editor = None
     if not d.mac.startswith("ip:"):  # a device known only by its address has no policy of its own yet
@@ -124,6 +129,8 @@ def device(mac: str):  # noqa: ANN201
         "device.html",
         d=data,
         queries=queries,
+        history=history,
+        recorded=len(detail.identifications),
         statuses=service.STATUSES,
         policy=editor,
         modes=policies.MODES,

@@ -300,6 +300,43 @@ def identification(i: Identification) -> dict[str, Any]:
     }
 
 
+def identification_history(rows: list[dict[str, Any]], limit: int, *, complete: bool) -> list[dict[str, Any]]:
+    """A device's stored identifications (``identification`` dicts, oldest first) newest first, at most ``limit``,
+    each with ``change``: what it changed from the one before it, in words, so that an owner sees when and why
+    the answer moved (a revision on more traffic, a new model). ``complete``: ``rows`` starts at the device's
+    first identification (none was cut off), so the oldest can be called the first answer."""
+    out = []
+    for i, row in enumerate(rows):
+        if i == 0:
+            change = "first answer" if complete else ""
+        else:
+            change = _change(rows[i - 1], row)
+        out.append(row | {"change": change})
+    return out[::-1][:limit]
+
+
+def answer_words(i: dict[str, Any]) -> str:
+    """An identification's answer as its history lists it: "type (manufacturer) · category", or unknown."""
+    if i["known"] is False:
+        return "unknown device"
+    text = i["device_type"] or "—"
+    if i["manufacturer"]:
+        text += f" ({i['manufacturer']})"
+    return text + (f" · {i['category']}" if i["category"] else "")
+
+
+def _change(before: dict[str, Any], row: dict[str, Any]) -> str:
+    parts = []
+    if answer_words(before) != answer_words(row):
+        parts.append(f"answer changed from {answer_words(before)}")
+    if before["model_version"] != row["model_version"]:
+        parts.append(f"new model (was {before['model_version']})")
+    if not parts:
+        parts.append("same answer" if before["confidence"] == row["confidence"]
+                     else f"same answer, confidence was {pct(before['confidence'])}")
+    return "; ".join(parts)
+
+
 def query(q: Query) -> dict[str, Any]:
     return {
         "id": q.id,
