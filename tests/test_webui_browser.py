@@ -1052,3 +1052,35 @@ def test_a_devices_page_lists_its_identification_history_newest_first_with_what_
     page.reload()
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     _shot(page, "device-history-phone")
+
+
+def test_a_device_without_names_says_where_names_come_from(served, page):
+    base, store = served
+    mac = "aa:bb:cc:00:00:0c"
+    add_device(store, mac)  # no DHCP host name, no mDNS, not named by the owner
+    _login(page, base)
+    page.goto(f"{base}/devices/{mac}")
+    said = page.locator("#names").inner_text()
+    assert said.startswith("None yet.") and all(w in said for w in ("(DHCP)", "(mDNS)", "by you: Rename above"))
+
+
+@pytest.mark.parametrize("width", [1100, 390])
+def test_the_dashboard_charts_legend_reads_as_one_legend_under_its_time_axis(served, page, width):
+    """The legend's words were spread over the chart's whole width between the axis's two times, as if each labelled
+    a part of the chart."""
+    base, store = served
+    add_device(store, "aa:bb:cc:00:00:0d", queries=("a.example.com", "b.example.com", "c.example.com"))
+    page.set_viewport_size({"width": width, "height": 900})
+    _login(page, base)
+    page.goto(base + "/")
+    box = {name: page.locator(sel).bounding_box() for name, sel in (
+        ("chart", ".chart svg"), ("total", ".legend-total"), ("blocked", ".legend-blocked"),
+        ("legend", "#chart-legend"), ("first", ".chart-axis span:first-child"), ("now", ".chart-axis span:last-child"))}
+    line = box["total"]["height"]
+    assert box["blocked"]["x"] - (box["total"]["x"] + box["total"]["width"]) < line  # side by side, one space apart
+    assert box["legend"]["height"] < 1.5 * line  # one line, the peak on it too
+    assert re.fullmatch(r"queries blocked · peak \d/h", page.locator("#chart-legend").inner_text())
+    assert abs(box["first"]["x"] - box["chart"]["x"]) < 2  # the axis's times at the ends of the bars
+    assert abs(box["now"]["x"] + box["now"]["width"] - box["chart"]["x"] - box["chart"]["width"]) < 2
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    _shot(page, f"dashboard-chart-{width}")
