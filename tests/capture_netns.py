@@ -102,6 +102,31 @@ def veth_pair(tag: str) -> Iterator[VethPair]:
         sh("ip", "netns", "del", pair.gw, check=False)
 
 
+GW_LL, CLIENT_LL = "fe80::1", "fe80::2"  # on both links of ``lan_and_wan``: told apart only by the interface
+WAN_IF, WAN_PEER_IF = "gw1", "wan0"
+
+
+@contextlib.contextmanager
+def lan_and_wan(tag: str) -> Iterator[tuple[VethPair, str]]:
+    """(the LAN pair, the WAN namespace): the gateway's gw0 faces the LAN client, its gw1 a WAN neighbour, and the
+    far end of each has the same link-local address, CLIENT_LL (the gateway GW_LL on both). Every end has only
+    the address given here (no kernel-made ones, which would wait for DAD)."""
+    wan = f"iotgw-{tag}-wan"
+    with veth_pair(tag) as pair:
+        try:
+            sh("ip", "netns", "add", wan)
+            sh("ip", "-n", pair.gw, "link", "add", WAN_IF, "type", "veth", "peer", "name", WAN_PEER_IF, "netns", wan)
+            for ns, ifname, address in ((pair.gw, pair.gw_if, GW_LL), (pair.client, pair.client_if, CLIENT_LL),
+                                        (pair.gw, WAN_IF, GW_LL), (wan, WAN_PEER_IF, CLIENT_LL)):
+                sh("ip", "-n", ns, "link", "set", ifname, "down")
+                sh("ip", "-n", ns, "link", "set", ifname, "addrgenmode", "none")
+                sh("ip", "-n", ns, "addr", "add", f"{address}/64", "dev", ifname, "nodad")
+                sh("ip", "-n", ns, "link", "set", ifname, "up")
+            yield pair, wan
+        finally:
+            sh("ip", "netns", "del", wan, check=False)
+
+
 def http_server(pair: VethPair, ns: str, host: str, do_get: DoGet) -> contextlib.AbstractContextManager[str]:
     """``list_server`` with its socket in namespace ``ns`` on ``host``; yields its base URL."""
     return list_server(do_get, host, bind=lambda: pair.enter(ns))

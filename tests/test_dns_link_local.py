@@ -14,7 +14,7 @@ import pytest
 
 from gateway.config import DnsConfig
 from gateway.dns import DnsServer
-from tests.capture_netns import VethPair, sh, veth_pair
+from tests.capture_netns import CLIENT_LL, GW_LL, WAN_PEER_IF, VethPair, lan_and_wan, sh
 from tests.dns_helpers import needs_dnsmasq, running
 
 pytestmark = [
@@ -22,9 +22,6 @@ pytestmark = [
     needs_dnsmasq,
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and veth pairs need root"),
 ]
-
-GW_LL, CLIENT_LL = "fe80::1", "fe80::2"  # on both links: the same address, told apart only by the interface
-WAN_IF, WAN_PEER_IF = "gw1", "wan0"
 
 # Run in the client's namespace: one A query from (source address, interface) to the gateway's link-local
 # address on that interface, over UDP or TCP; prints the answer's RCODE, or CLOSED when a TCP connection is
@@ -61,23 +58,8 @@ print(dns.rcode.to_text(dns.message.from_wire(reply).rcode()))
 
 @pytest.fixture
 def links() -> Iterator[tuple[VethPair, str]]:
-    """(the LAN pair, the WAN namespace): the gateway's gw0 faces the LAN client, its gw1 a WAN neighbour; every
-    end has only the link-local address given here (no kernel-made ones, which would wait for DAD)."""
-    tag = f"ll{os.getpid()}"
-    wan = f"iotgw-{tag}-wan"
-    with veth_pair(tag) as pair:
-        try:
-            sh("ip", "netns", "add", wan)
-            sh("ip", "-n", pair.gw, "link", "add", WAN_IF, "type", "veth", "peer", "name", WAN_PEER_IF, "netns", wan)
-            for ns, ifname, address in ((pair.gw, pair.gw_if, GW_LL), (pair.client, pair.client_if, CLIENT_LL),
-                                        (pair.gw, WAN_IF, GW_LL), (wan, WAN_PEER_IF, CLIENT_LL)):
-                sh("ip", "-n", ns, "link", "set", ifname, "down")
-                sh("ip", "-n", ns, "link", "set", ifname, "addrgenmode", "none")
-                sh("ip", "-n", ns, "addr", "add", f"{address}/64", "dev", ifname, "nodad")
-                sh("ip", "-n", ns, "link", "set", ifname, "up")
-            yield pair, wan
-        finally:
-            sh("ip", "netns", "del", wan, check=False)
+    with lan_and_wan(f"ll{os.getpid()}") as made:
+        yield made
 
 
 @contextmanager

@@ -14,8 +14,7 @@ import pytest
 
 from gateway import accounts
 from gateway.store.db import Store
-from tests.capture_netns import VethPair, sh
-from tests.test_dns_link_local import CLIENT_LL, GW_LL, WAN_PEER_IF, links  # noqa: F401 - links is a fixture
+from tests.capture_netns import CLIENT_LL, GW_LL, WAN_PEER_IF, VethPair, lan_and_wan, sh
 from tests.webui_seed import config
 from webui.server import serve_in_thread
 
@@ -23,6 +22,12 @@ pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and veth pairs need root"),
 ]
+
+@pytest.fixture
+def links() -> Iterator[tuple[VethPair, str]]:
+    with lan_and_wan(f"wl{os.getpid()}") as made:
+        yield made
+
 
 # Run in a client namespace: GET /login from (source address, interface) to the gateway's link-local address on
 # that interface; prints the status code. The Host header is the gateway's address, as a browser would send it.
@@ -75,7 +80,7 @@ def get_login(ns: str, ifname: str, port: int) -> str:
     return proc.stdout.strip()
 
 
-def test_a_link_local_client_reaches_the_web_ui_on_the_lan_link_only(links, tmp_path):  # noqa: F811
+def test_a_link_local_client_reaches_the_web_ui_on_the_lan_link_only(links, tmp_path):
     pair, wan = links
     with web_in(pair, tmp_path, lan_interface=pair.gw_if) as port:
         assert get_login(pair.client, pair.client_if, port) == "200"
@@ -83,7 +88,7 @@ def test_a_link_local_client_reaches_the_web_ui_on_the_lan_link_only(links, tmp_
         assert get_login(wan, WAN_PEER_IF, port) == "403"
 
 
-def test_with_no_lan_interface_known_no_link_local_client_reaches_the_web_ui(links, tmp_path):  # noqa: F811
+def test_with_no_lan_interface_known_no_link_local_client_reaches_the_web_ui(links, tmp_path):
     pair, wan = links
     with web_in(pair, tmp_path) as port:
         assert get_login(pair.client, pair.client_if, port) == "403"
@@ -91,7 +96,7 @@ def test_with_no_lan_interface_known_no_link_local_client_reaches_the_web_ui(lin
 
 
 @pytest.mark.parametrize("section", ["web", "dns"])
-def test_a_zone_in_the_web_or_dns_listen_address_names_a_lan_link(links, tmp_path, section):  # noqa: F811
+def test_a_zone_in_the_web_or_dns_listen_address_names_a_lan_link(links, tmp_path, section):
     """``[fe80::1%gw0]:8080`` in [web] listen says gw0 is served, as it does in [dns] listen for the DNS server:
     its link-local clients reach the web UI on every listener, [::] too."""
     pair, wan = links
