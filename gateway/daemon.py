@@ -23,7 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from operator import itemgetter
 
+from sqlalchemy import and_, func, select
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from gateway import sdnotify
 from gateway.alerts import Alerts, PolicyHooks
@@ -66,6 +68,13 @@ ALERT_FEED_MAX = 50_000
 ANNOUNCE_GRACE_S = 3.0
 # How often the gateway looks up its own router (the default route's next hop and its MAC in the neighbour table).
 ROUTER_CHECK_S = 30.0
+# A new model re-identifies the home's devices from their stored windows this many at a time, each round in a
+# worker thread: the windows of one round are in memory together (each up to WINDOW_MAX_CHARS of JSON), and
+# between rounds the event loop has the GIL to itself for DNS and capture.
+REIDENTIFY_BATCH = 16
+# The model version the home's devices were last re-identified with (a setting): a daemon started on another one
+# (installed or rolled back while it was stopped, or stopped part-way through a pass) re-identifies them then.
+IDENTIFIED_BY_SETTING = "identified_by_model"
 # What presence (online/offline) is timed by: the wall clock live; in a replay the capture's own times, which in
 # a replay out of time order cannot tell a device's silence from frames still to come (``Alerts``).
 PRESENCE_CLOCKS = {None: "wall", True: "capture", False: "frozen"}
@@ -134,6 +143,8 @@ class Gateway:
         self._alert_thread: threading.Thread | None = None
         self._closing = asyncio.Event()  # stop() asks the flush loop to end after the write under way
         self._flusher: asyncio.Task | None = None
+        self._reidentifying: asyncio.Task | None = None  # the pass of the latest model over the stored windows
+        self._reidentify_stop = threading.Event()  # asks that pass's worker thread to end after its device
 
     # -- sources ----------------------------------------------------------------------------------------
     def ingest(self, events: list[Event]) -> None:
@@ -165,6 +176,7 @@ class Gateway:
         self._flusher = asyncio.create_task(self._flush_loop(), name="flush")
         await self._start_dns()
         self._start_sniffer()
+        await self._reidentify_if_new(self.identifier)
 
     async def stop(self, capture_ended: bool = False) -> None:
         """``capture_ended``: a replay read its files to the end, so every window still open is answered; a replay
@@ -177,6 +189,7 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._end_reidentifying()  # its worker thread writes to the store: done before the store closes
         if self._flusher is not None:
             # Not cancelled: its write goes on in a worker thread, and only the loop takes back (or writes device
             # by device) a batch the store refused. The final write below must also come after it, not race it.
@@ -378,14 +391,9 @@ class Gateway:
         alerts (an identification of a 2016 capture was stamped today, after its device went offline in 2016);
         live, the wall clock, as always."""
         identity = identity.claimed()  # an unknown device's closest match stays among its alternatives
-        kind = "device_identified" if identity.known else "unknown_device"
-        data = {"confidence": round(float(identity.confidence), 4), "decided_after_s": identity.decided_after_s}
-        if identity.known:
-            data.update(manufacturer=identity.manufacturer, device_type=identity.device_type,
-                        category=identity.category)
         ts = at if self._replay else time.time()
         self._pending_identities.append((key, ts, identity))
-        self.alert(Alert(kind, ts, key, data))
+        self.alert(identity_alert(key, identity, ts))
 
     def _close_window(self, key: str) -> None:
         """End a device's observation window. A session that never committed concludes with its best guess,
@@ -512,8 +520,9 @@ class Gateway:
                 log.exception("refresh failed")
 
     async def _reload_identifier(self) -> None:
-        """A new bundle (a federated install or rollback): devices met from now on are identified by it, and
-        its learned profiles drive strict mode; sessions already running finish on the model they began with."""
+        """A new bundle (a federated install or rollback): devices met from now on are identified by it, its
+        learned profiles drive strict mode, and the devices already known are re-identified by it from their
+        stored windows (``_reidentify``); sessions already running finish on the model they began with."""
         identifier = await asyncio.to_thread(load_identifier, self.cfg)
         if identifier is None:
             return  # said why; the current model goes on
@@ -522,6 +531,128 @@ class Gateway:
         self.filtering.set_profiles(identifier.profiles())
         log.info("identification: model %s loaded from %s", identifier.bundle.version,
                  self.cfg.model_dir or "the package")
+        await self._reidentify_if_new(identifier)
+
+    # -- re-identification ------------------------------------------------------------------------------
+    async def _reidentify_if_new(self, identifier) -> None:  # noqa: ANN001 - identifier.stream.Identifier | None
+        """Start re-identifying the home's devices with ``identifier`` unless they last were with its version
+        (a restart on the same model, or the same bundle installed again); a pass under way for an older model
+        ends first."""
+        if identifier is None:
+            return
+        await self._end_reidentifying()
+        if await asyncio.to_thread(self.store.get_setting, IDENTIFIED_BY_SETTING) == identifier.version:
+            return
+        self._reidentify_stop = threading.Event()
+        self._reidentifying = asyncio.create_task(self._reidentify(identifier, self._reidentify_stop),
+                                                  name="reidentify")
+
+    async def _end_reidentifying(self) -> None:
+        if self._reidentifying is not None:
+            self._reidentify_stop.set()
+            await asyncio.gather(self._reidentifying, return_exceptions=True)
+            self._reidentifying = None
+
+    async def _reidentify(self, identifier, stop: threading.Event) -> None:  # noqa: ANN001 - stream.Identifier
+        """Identify again, with ``identifier``, every device the store holds a window of, as its session would
+        have on that window (``window_identity``), REIDENTIFY_BATCH devices a round in a worker thread. An answer
+        that changed (labels or known) is stored as a fresh identification is, stamped with the new model's
+        version, and applied (type policies, Home Assistant); one whose type changed is also announced. Left
+        alone: devices the owner labelled (their label is their identity), devices in their first window or whose
+        window or answer is not written yet (they finish on the model they began with), devices without a window.
+        The version is recorded once every device was seen, so a pass cut short runs again at the next start."""
+        version, after, changed, seen = identifier.version, "", 0, 0
+        try:
+            while after is not None and not stop.is_set():
+                after, count, found = await asyncio.to_thread(self._reidentify_batch, identifier, after,
+                                                              self._deciding(), stop)
+                # Again now: a window that closed while the round ran may have an answer not written yet. A window
+                # cannot open meanwhile on what was read (a device met again has a new window, see _store_answers).
+                deciding = self._deciding()
+                answers = await asyncio.to_thread(self._store_answers, [f for f in found if f[0] not in deciding])
+                seen += count
+                changed += len(answers)
+                for key, previous, identity in answers:
+                    if previous != identity.device_type:
+                        alert = identity_alert(key, identity, time.time())
+                        alert.data.update(previous_device_type=previous, model_version=version)
+                        self.alert(alert)
+            if stop.is_set():
+                return
+            await asyncio.to_thread(self.store.set_setting, IDENTIFIED_BY_SETTING, version)
+        except OperationalError as exc:  # a full or read-only disk: the next start tries again
+            self._store_error("re-identifications", exc)
+            return
+        except Exception:
+            self.counters.add("reidentify_errors")
+            log.exception("re-identification with model %s failed; the next start tries again", version)
+            return
+        log.info("identification: model %s re-identified %d devices from their windows, %d answers changed",
+                 version, seen, changed)
+
+    def _deciding(self) -> frozenset[str]:
+        """The devices whose identification is not settled in the store: in their first window, or with a window
+        or an answer the next flush writes (on the loop thread)."""
+        return frozenset(self._window_start.keys() | self._changed_windows | {p[0] for p in self._pending_identities}
+                         | {w[0] for w in self._closed_windows})
+
+    def _reidentify_batch(self, identifier, after: str, busy: frozenset[str],  # noqa: ANN001 - stream.Identifier
+                          stop: threading.Event) -> tuple[str | None, int, list[tuple]]:
+        """One round of ``_reidentify`` (in a worker thread): the next devices after the key ``after`` that have
+        a window and no label of the owner's, and are not ``busy``. Returns the key to go on after (None: this
+        was the last round), how many devices were identified again, and (key, window start, answer held,
+        identity) of those whose answer changed."""
+        version = identifier.version
+        unlabelled = and_(Device.label_manufacturer.is_(None), Device.label_device_type.is_(None),
+                          Device.label_category.is_(None))
+        with self.store.session() as s:
+            rows = s.execute(
+                select(Device.mac, Device.manufacturer, Device.device_type, Device.category, Device.known,
+                       ObservationWindow.started_at, ObservationWindow.observations)
+                .join(ObservationWindow, ObservationWindow.mac == Device.mac)
+                .where(Device.mac > after, unlabelled).order_by(Device.mac).limit(REIDENTIFY_BATCH)).all()
+            newest = dict(s.execute(
+                select(Identification.mac, Identification.model_version)
+                .where(Identification.id.in_(select(func.max(Identification.id))
+                                             .where(Identification.mac.in_([r.mac for r in rows]))
+                                             .group_by(Identification.mac)))).all()) if rows else {}
+        after = rows[-1].mac if len(rows) == REIDENTIFY_BATCH else None
+        count, found = 0, []
+        for mac, manufacturer, device_type, category, known, started_at, observations in rows:
+            if stop.is_set():
+                break
+            if mac in busy or newest.get(mac) == version:  # still being decided, or already by this model
+                continue
+            count += 1
+            identity = window_identity(identifier, mac, started_at, observations)
+            held = (manufacturer, device_type, category, known)
+            if (identity.manufacturer, identity.device_type, identity.category, identity.known) != held:
+                found.append((mac, started_at, held, identity))
+        return after, count, found
+
+    def _store_answers(self, found: list[tuple]) -> list[tuple[str, str | None, object]]:
+        """Store the changed answers of a ``_reidentify_batch`` and apply them (in a worker thread); returns
+        (key, previous device type, identity) of those stored."""
+        answers: list[tuple[str, str | None, object]] = []
+        if not found:
+            return answers
+        ts = time.time()
+        with self.store.transaction() as s:
+            for mac, started_at, held, identity in found:
+                device, window = s.get(Device, mac), s.get(ObservationWindow, mac)
+                # What was read may be gone by now: the device deleted (or deleted and met again, with a new
+                # window), labelled by its owner, or given a fresh answer; then this one is stale.
+                if (device is None or window is None or window.started_at != started_at
+                        or any((device.label_manufacturer, device.label_device_type, device.label_category))
+                        or (device.manufacturer, device.device_type, device.category, device.known) != held):
+                    continue
+                record_identity(s, device, ts, identity)
+                answers.append((mac, held[1], identity))
+        for mac, _, _ in answers:
+            self.alerts.device_changed(mac)
+        if answers:
+            self.filtering.reload_devices()  # a type's default policy applies from the next query on
+        return answers
 
     async def _check_routers(self) -> None:
         """Look up the gateway's own router; when it changed, exempt it from quarantine as a new device, keep it
@@ -678,15 +809,7 @@ class Gateway:
                 device = s.get(Device, key)
                 if device is None:
                     continue
-                s.add(Identification(
-                    mac=key, ts=ts, manufacturer=identity.manufacturer, device_type=identity.device_type,
-                    category=identity.category, confidence=float(identity.confidence), known=identity.known,
-                    decided_after_s=identity.decided_after_s, alternatives=list(identity.alternatives),
-                    signals=list(identity.signals), model_version=identity.model_version,
-                ))
-                device.manufacturer, device.device_type = identity.manufacturer, identity.device_type
-                device.category, device.confidence = identity.category, float(identity.confidence)
-                device.known, device.decided_after_s = identity.known, identity.decided_after_s
+                record_identity(s, device, ts, identity)
                 self.alerts.device_changed(key)
             for key, start, observations in windows:
                 if s.get(Device, key) is not None:
@@ -694,6 +817,36 @@ class Gateway:
         if identities:
             self.filtering.reload_devices()  # a type's default policy applies from the next query on
         return gone
+
+
+def identity_alert(key: str, identity, ts: float) -> Alert:  # noqa: ANN001 - identifier.stream.Identity
+    """What the owner hears of a claimed identity (``Identity.claimed``)."""
+    data = {"confidence": round(float(identity.confidence), 4), "decided_after_s": identity.decided_after_s}
+    if identity.known:
+        data.update(manufacturer=identity.manufacturer, device_type=identity.device_type, category=identity.category)
+    return Alert("device_identified" if identity.known else "unknown_device", ts, key, data)
+
+
+def record_identity(s: Session, device: Device, ts: float, identity) -> None:  # noqa: ANN001 - stream.Identity
+    """Store a claimed identity as ``device``'s newest identification and its current one."""
+    s.add(Identification(
+        mac=device.mac, ts=ts, manufacturer=identity.manufacturer, device_type=identity.device_type,
+        category=identity.category, confidence=float(identity.confidence), known=identity.known,
+        decided_after_s=identity.decided_after_s, alternatives=list(identity.alternatives),
+        signals=list(identity.signals), model_version=identity.model_version,
+    ))
+    device.manufacturer, device.device_type = identity.manufacturer, identity.device_type
+    device.category, device.confidence = identity.category, float(identity.confidence)
+    device.known, device.decided_after_s = identity.known, identity.decided_after_s
+
+
+def window_identity(identifier, key: str, started_at: float, observations: list[dict]):  # noqa: ANN001, ANN201
+    """The claimed identity ``identifier`` gives a device on its stored window: what its session would have
+    answered at the window's close (the last decision, else the best guess), as ``iotgw identify`` answers."""
+    session = identifier.session(key, started_at)
+    for obs in map(from_json, observations):
+        session.update(obs)
+    return (session.committed or session.current()).claimed()
 
 
 def model_stamp(cfg: Config) -> tuple[str, float] | None:

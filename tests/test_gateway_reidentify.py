@@ -1,0 +1,150 @@
+"""A model bundle installed (a federated round's, or a rollback) re-identifies the devices the home already has
+from their stored observation windows, on the whole daemon: real DNS sockets to a real dnsmasq, real DHCP frames
+through the parser, the store, the policy file, and two real bundles: the shipped one and the same net with the
+open-set bars lowered (what a round that learnt a home's unknown products changes), installed as ``ModelStore``
+installs one."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import gateway.daemon
+from gateway.alerts import recent_alerts
+from gateway.daemon import IDENTIFIED_BY_SETTING
+from gateway.devices.service import get_device, label
+from gateway.policyfile import load_policy, save_policy
+from gateway.store.schema import Device, ObservationWindow
+from identifier.bundle import Bundle
+from policy.model import Policy, Rule
+from tests.dns_helpers import needs_dnsmasq
+from tests.test_gateway import RunningGateway, answers, eventually, kettle_asks_for_a_lease
+
+pytestmark = needs_dnsmasq
+
+KETTLE, THING, LABELLED, BARE, LATE = (
+    "5c:cf:7f:99:a0:11", "02:aa:bb:cc:dd:51", "02:aa:bb:cc:dd:52", "02:aa:bb:cc:dd:53", "02:aa:bb:cc:dd:54")
+
+
+def learnt(shipped: Bundle, version: str) -> Bundle:
+    """The shipped net with every open-set bar down: a device the shipped model calls unknown is named its
+    closest type, and a device it names keeps its name."""
+    th = replace(shipped.thresholds, known=0.0, known_unvoted=0.0, known_without_specific=0.0, max_new_words=1.0)
+    return replace(shipped, version=version, thresholds=th)
+
+
+def install(model_dir: Path, bundle: Bundle) -> None:
+    """What ``ModelStore.install`` (and a rollback) does: a complete bundle beside the link, a new link over it."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    bundle.save(model_dir / f"bundle-{bundle.version}")
+    os.symlink(f"bundle-{bundle.version}", model_dir / ".current.tmp")
+    os.replace(model_dir / ".current.tmp", model_dir / "current")
+
+
+def window(gw: RunningGateway, mac: str) -> ObservationWindow | None:
+    with gw.store.session() as s:
+        return s.get(ObservationWindow, mac)
+
+
+def identified(gw: RunningGateway, mac: str, count: int, timeout: float = 10.0) -> list:
+    """``mac``'s identifications, oldest first, once there are ``count`` of them and its window is stored."""
+    def stored():
+        detail = get_device(gw.store, mac)
+        assert window(gw, mac) is not None
+        assert len(detail.identifications) == count
+        return detail.identifications
+    return eventually(stored, timeout)
+
+
+def joins(gw: RunningGateway, mac: str, ip: str) -> None:
+    """A device the shipped model cannot name: a DHCP request with a hostname and a DNS query."""
+    gw.dhcp(mac, ip, "thing")
+    assert answers(gw.ask("www.example.test", ip)) == {"192.0.2.10"}
+
+
+def test_an_installed_model_re_identifies_the_devices_already_known_from_their_windows(tmp_path, upstream,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(gateway.daemon, "WINDOW_S", 1.0)  # the first devices' windows close while the test waits
+    shipped = Bundle.load()
+    gw = RunningGateway(tmp_path, upstream)
+    with gw.store.transaction() as s:  # identified before the store kept windows: nothing to re-identify from
+        s.add(Device(mac=BARE, first_seen=1.0, last_seen=2.0, status="new", manufacturer="unknown",
+                     device_type="unknown", category="unknown", confidence=0.3, known=False))
+    with gw:
+        kettle_asks_for_a_lease(gw, KETTLE, "127.0.0.91")
+        joins(gw, THING, "127.0.0.92")
+        joins(gw, LABELLED, "127.0.0.93")
+        kettle = identified(gw, KETTLE, 1)[0]
+        thing = identified(gw, THING, 1)[0]
+        identified(gw, LABELLED, 1)
+        assert kettle.known and kettle.model_version == shipped.version
+        assert not thing.known and thing.device_type == "unknown"
+        closest = thing.alternatives[0][0]  # what the lowered bars will name it
+        label(gw.store, LABELLED, manufacturer="Acme", device_type="AcmeSensor", category="sensor")
+        # The owner blocks a name for the type the device will turn out to be.
+        policy = load_policy(gw.cfg.state_dir)
+        policy.policies[f"type:{closest}"] = Policy(rules=[Rule("block", "name", "example.test")])
+        save_policy(gw.cfg.state_dir, policy)
+        # A device still in its first minute when the model comes: it finishes on the model it began with.
+        monkeypatch.setattr(gateway.daemon, "WINDOW_S", 3600.0)
+        joins(gw, LATE, "127.0.0.94")
+        eventually(lambda: window(gw, LATE) is not None)  # its open window is stored too, as it grows
+
+        install(gw.cfg.federation_dir / "model", learnt(shipped, "fed-r2"))
+        old, new = identified(gw, THING, 2, timeout=30)
+        eventually(lambda: gw.store.get_setting(IDENTIFIED_BY_SETTING) == "fed-r2")  # the whole home is done
+        assert old.id == thing.id
+        assert (new.known, new.device_type, new.model_version) == (True, closest, "fed-r2")
+        device = get_device(gw.store, THING).device
+        assert (device.known, device.device_type, device.manufacturer) == (True, closest, new.manufacturer)
+        alerts = recent_alerts(gw.store, kind="device_identified", mac=THING)
+        assert len(alerts) == 1, "the type changed: one alert, as a fresh identification raises"
+        assert alerts[0].data["device_type"] == closest and alerts[0].data["previous_device_type"] == "unknown"
+        assert alerts[0].data["model_version"] == "fed-r2"
+        # The type's policy applies to it from now on.
+        assert gw.gateway.filtering.contexts[THING].device_type == closest
+        eventually(lambda: answers(gw.ask("www.example.test", "127.0.0.92")) == {"0.0.0.0"})
+
+        # Same answer under the new model: no row, no alert.
+        assert [i.id for i in identified(gw, KETTLE, 1)] == [kettle.id]
+        assert len(recent_alerts(gw.store, kind="device_identified", mac=KETTLE)) == 1
+        # The owner's label is the device's identity: the model's answer is left as it was.
+        labelled = get_device(gw.store, LABELLED)
+        assert len(labelled.identifications) == 1 and labelled.device.device_type == "unknown"
+        assert labelled.device.label_device_type == "AcmeSensor"
+        assert not recent_alerts(gw.store, kind="device_identified", mac=LABELLED)
+        # No window, nothing to go on.
+        bare = get_device(gw.store, BARE)
+        assert not bare.identifications and bare.device.device_type == "unknown"
+        # The device in its first minute: no answer yet, its session on the model it began with.
+        assert not get_device(gw.store, LATE).identifications
+        assert gw.gateway._sessions[LATE].ident.version == shipped.version
+
+
+def test_a_model_installed_or_rolled_back_while_the_daemon_was_stopped_re_identifies_at_start(tmp_path, upstream,
+                                                                                            monkeypatch):
+    monkeypatch.setattr(gateway.daemon, "WINDOW_S", 1.0)
+    shipped = Bundle.load()
+    model_dir = Path(tmp_path / "state" / "federation" / "model")
+    with RunningGateway(tmp_path, upstream) as gw:
+        joins(gw, THING, "127.0.0.95")
+        first = identified(gw, THING, 1)[0]
+        assert not first.known and first.model_version == shipped.version
+        closest = first.alternatives[0][0]
+
+    install(model_dir, learnt(shipped, "fed-r2"))
+    with RunningGateway(tmp_path, upstream) as gw:
+        new = identified(gw, THING, 2, timeout=30)[1]
+        eventually(lambda: gw.store.get_setting(IDENTIFIED_BY_SETTING) == "fed-r2")
+        assert (new.known, new.device_type, new.model_version) == (True, closest, "fed-r2")
+
+    # The round is rolled back: its previous bundle is the current one again.
+    install(model_dir, replace(shipped, version="fed-r1"))
+    with RunningGateway(tmp_path, upstream) as gw:
+        back = identified(gw, THING, 3, timeout=30)[2]
+        eventually(lambda: gw.store.get_setting(IDENTIFIED_BY_SETTING) == "fed-r1")
+        assert (back.known, back.device_type, back.model_version) == (False, "unknown", "fed-r1")
+        alert = recent_alerts(gw.store, kind="unknown_device", mac=THING)[0]
+        assert alert.data["previous_device_type"] == closest and alert.data["model_version"] == "fed-r1"
+        assert get_device(gw.store, THING).device.device_type == "unknown"
