@@ -72,6 +72,10 @@ ROUTER_CHECK_S = 30.0
 # worker thread: the windows of one round are in memory together (each up to WINDOW_MAX_CHARS of JSON), and
 # between rounds the event loop has the GIL to itself for DNS and capture.
 REIDENTIFY_BATCH = 16
+# ... and after each round the pass rests as long as the round took: its worker thread holds the GIL for most of
+# a round, and every hand-off of a DNS answer's path waits for it (up to the 5 ms switch interval each), so on a
+# Pi the pass takes at most half the interpreter's time, in exchange for taking twice as long (a rare event).
+REIDENTIFY_REST = 1.0
 # The model version the home's devices were last re-identified with (a setting): a daemon started on another one
 # (installed or rolled back while it was stopped, or stopped part-way through a pass) re-identifies them then.
 IDENTIFIED_BY_SETTING = "identified_by_model"
@@ -564,6 +568,7 @@ class Gateway:
         version, after, changed, seen = identifier.version, "", 0, 0
         try:
             while after is not None and not stop.is_set():
+                began = time.monotonic()
                 after, count, found = await asyncio.to_thread(self._reidentify_batch, identifier, after,
                                                               self._deciding(), stop)
                 # Again now: a window that closed while the round ran may have an answer not written yet. A window
@@ -577,6 +582,8 @@ class Gateway:
                         alert = identity_alert(key, identity, time.time())
                         alert.data.update(previous_device_type=previous, model_version=version)
                         self.alert(alert)
+                if after is not None:
+                    await asyncio.sleep((time.monotonic() - began) * REIDENTIFY_REST)
             if stop.is_set():
                 return
             await asyncio.to_thread(self.store.set_setting, IDENTIFIED_BY_SETTING, version)
