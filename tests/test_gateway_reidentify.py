@@ -6,18 +6,21 @@ installs one."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import replace
 from pathlib import Path
 
 import gateway.daemon
 from gateway.alerts import recent_alerts
-from gateway.daemon import IDENTIFIED_BY_SETTING
+from gateway.alerts.homeassistant import device_id
+from gateway.daemon import IDENTIFIED_BY_SETTING, Gateway
 from gateway.devices.service import get_device, label
 from gateway.policyfile import load_policy, save_policy
 from gateway.store.schema import Device, ObservationWindow
 from identifier.bundle import Bundle
 from policy.model import Policy, Rule
+from tests.broker import Mosquitto, Recorder
 from tests.dns_helpers import needs_dnsmasq
 from tests.test_gateway import RunningGateway, answers, eventually, kettle_asks_for_a_lease
 
@@ -66,12 +69,24 @@ def joins(gw: RunningGateway, mac: str, ip: str) -> None:
 def test_an_installed_model_re_identifies_the_devices_already_known_from_their_windows(tmp_path, upstream,
                                                                                      monkeypatch):
     monkeypatch.setattr(gateway.daemon, "WINDOW_S", 1.0)  # the first devices' windows close while the test waits
+    (tmp_path / "broker").mkdir()
+    broker = Mosquitto(tmp_path / "broker")
+    broker.start()
+    try:
+        reidentified_live(tmp_path, upstream, monkeypatch, broker)
+    finally:
+        broker.stop()
+
+
+def reidentified_live(tmp_path, upstream, monkeypatch, broker: Mosquitto) -> None:  # noqa: ANN001
     shipped = Bundle.load()
     gw = RunningGateway(tmp_path, upstream)
+    gw.cfg.mqtt.url = broker.url  # Home Assistant's view of the devices, through a real broker
+    gw.gateway = Gateway(gw.cfg, gw.store)
     with gw.store.transaction() as s:  # identified before the store kept windows: nothing to re-identify from
         s.add(Device(mac=BARE, first_seen=1.0, last_seen=2.0, status="new", manufacturer="unknown",
                      device_type="unknown", category="unknown", confidence=0.3, known=False))
-    with gw:
+    with gw, contextlib.closing(Recorder(broker, ["homeassistant/#"])) as ha:
         kettle_asks_for_a_lease(gw, KETTLE, "127.0.0.91")
         joins(gw, THING, "127.0.0.92")
         joins(gw, LABELLED, "127.0.0.93")
@@ -102,7 +117,10 @@ def test_an_installed_model_re_identifies_the_devices_already_known_from_their_w
         assert len(alerts) == 1, "the type changed: one alert, as a fresh identification raises"
         assert alerts[0].data["device_type"] == closest and alerts[0].data["previous_device_type"] == "unknown"
         assert alerts[0].data["model_version"] == "fed-r2"
-        # The type's policy applies to it from now on.
+        # Home Assistant's device says the new type ...
+        node = device_id(gw.cfg.gateway.name, THING)
+        ha.wait(lambda m: m.topic.endswith(f"/{node}/config") and m.json()["device"]["model"] == closest)
+        # ... and the type's policy applies to it from now on.
         assert gw.gateway.filtering.contexts[THING].device_type == closest
         eventually(lambda: answers(gw.ask("www.example.test", "127.0.0.92")) == {"0.0.0.0"})
 
