@@ -418,9 +418,24 @@ class Gateway:
                 identity = session.update(obs)
                 if identity is not None:
                     self._identified(key, identity, obs.ts)
+        dev = self.tracker.devices.get(key)  # its window ends at its first minute or its last packet
+        end = min(start + WINDOW_S, dev.last_seen if dev else start)
         if session is not None and session.committed is None:
-            dev = self.tracker.devices.get(key)  # its window ends at its first minute or its last packet
-            self._identified(key, session.current(), min(start + WINDOW_S, dev.last_seen if dev else start))
+            self._identified(key, session.current(), end)
+        if self.identifier is not None and (session is None or session.ident is not self.identifier):
+            # Another model was loaded during its window (or the first one, when it began without): the pass over
+            # the stored windows left it out, so its whole window is identified here by the model now running.
+            held = (session.committed or session.current()).claimed() if session is not None else None
+            identity = window_identity(self.identifier, key, start, window)
+            if held is None or answer(identity) != answer(held):
+                ts = end if self._replay else time.time()
+                self._pending_identities.append((key, ts, identity))
+                alert = identity_alert(key, identity, ts)
+                if held is None:  # its first answer
+                    self.alert(alert)
+                elif held.device_type != identity.device_type:  # as the pass announces a changed type
+                    alert.data.update(previous_device_type=held.device_type, model_version=identity.model_version)
+                    self.alert(alert)
 
     def _close_due_windows(self) -> None:
         """Windows of devices that went quiet: the event path only closes a window on the next packet."""
@@ -633,7 +648,7 @@ class Gateway:
             count += 1
             identity = window_identity(identifier, mac, started_at, observations)
             held = (manufacturer, device_type, category, known)
-            if (identity.manufacturer, identity.device_type, identity.category, identity.known) != held:
+            if answer(identity) != held:
                 found.append((mac, started_at, held, identity))
         return after, count, found
 
@@ -832,6 +847,11 @@ def identity_alert(key: str, identity, ts: float) -> Alert:  # noqa: ANN001 - id
     if identity.known:
         data.update(manufacturer=identity.manufacturer, device_type=identity.device_type, category=identity.category)
     return Alert("device_identified" if identity.known else "unknown_device", ts, key, data)
+
+
+def answer(identity) -> tuple:  # noqa: ANN001 - identifier.stream.Identity
+    """What a re-identification must change to be stored: the labels and the open-set verdict."""
+    return identity.manufacturer, identity.device_type, identity.category, identity.known
 
 
 def record_identity(s: Session, device: Device, ts: float, identity) -> None:  # noqa: ANN001 - stream.Identity

@@ -138,6 +138,17 @@ def reidentified_live(tmp_path, upstream, monkeypatch, broker: Mosquitto) -> Non
         # The device in its first minute: no answer yet, its session on the model it began with.
         assert not get_device(gw.store, LATE).identifications
         assert gw.gateway._sessions[LATE].ident.version == shipped.version
+        # ... and, its window over (a packet past it, the minute shortened again), the model now running names it.
+        monkeypatch.setattr(gateway.daemon, "WINDOW_S", 1.0)
+
+        def closed():
+            gw.ask("www.example.test", "127.0.0.94")
+            return identified(gw, LATE, 2, timeout=1)
+        first, again = eventually(closed)
+        assert (first.known, first.model_version) == (False, shipped.version)
+        assert (again.known, again.device_type, again.model_version) == (True, first.alternatives[0][0], "fed-r2")
+        alert = recent_alerts(gw.store, kind="device_identified", mac=LATE)[0]
+        assert alert.data["previous_device_type"] == "unknown" and alert.data["model_version"] == "fed-r2"
 
 
 def test_a_model_installed_or_rolled_back_while_the_daemon_was_stopped_re_identifies_at_start(tmp_path, upstream,
