@@ -155,8 +155,8 @@ def test_a_model_installed_or_rolled_back_while_the_daemon_was_stopped_re_identi
                                                                                             monkeypatch):
     monkeypatch.setattr(gateway.daemon, "WINDOW_S", 1.0)
     shipped = Bundle.load()
-    model_dir = Path(tmp_path / "state" / "federation" / "model")
     with RunningGateway(tmp_path, upstream) as gw:
+        model_dir = gw.cfg.federation_dir / "model"
         joins(gw, THING, "127.0.0.95")
         first = identified(gw, THING, 1)[0]
         assert not first.known and first.model_version == shipped.version
