@@ -430,12 +430,10 @@ class Gateway:
             if held is None or answer(identity) != answer(held):
                 ts = end if self._replay else time.time()
                 self._pending_identities.append((key, ts, identity))
-                alert = identity_alert(key, identity, ts)
                 if held is None:  # its first answer
-                    self.alert(alert)
+                    self.alert(identity_alert(key, identity, ts))
                 elif held.device_type != identity.device_type:  # as the pass announces a changed type
-                    alert.data.update(previous_device_type=held.device_type, model_version=identity.model_version)
-                    self.alert(alert)
+                    self.alert(identity_alert(key, identity, ts, replacing=held.device_type))
 
     def _close_due_windows(self) -> None:
         """Windows of devices that went quiet: the event path only closes a window on the next packet."""
@@ -594,9 +592,7 @@ class Gateway:
                 changed += len(answers)
                 for key, previous, identity in answers:
                     if previous != identity.device_type:
-                        alert = identity_alert(key, identity, time.time())
-                        alert.data.update(previous_device_type=previous, model_version=version)
-                        self.alert(alert)
+                        self.alert(identity_alert(key, identity, time.time(), replacing=previous))
                 if after is not None:
                     await asyncio.sleep((time.monotonic() - began) * REIDENTIFY_REST)
             if stop.is_set():
@@ -841,11 +837,15 @@ class Gateway:
         return gone
 
 
-def identity_alert(key: str, identity, ts: float) -> Alert:  # noqa: ANN001 - identifier.stream.Identity
-    """What the owner hears of a claimed identity (``Identity.claimed``)."""
+def identity_alert(key: str, identity, ts: float, *,  # noqa: ANN001 - identifier.stream.Identity
+                   replacing: str | None = None) -> Alert:
+    """What the owner hears of a claimed identity (``Identity.claimed``); ``replacing``: the device type a new
+    model's re-identification changed, said with the model's version."""
     data = {"confidence": round(float(identity.confidence), 4), "decided_after_s": identity.decided_after_s}
     if identity.known:
         data.update(manufacturer=identity.manufacturer, device_type=identity.device_type, category=identity.category)
+    if replacing is not None:
+        data.update(previous_device_type=replacing, model_version=identity.model_version)
     return Alert("device_identified" if identity.known else "unknown_device", ts, key, data)
 
 

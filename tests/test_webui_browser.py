@@ -648,7 +648,8 @@ def _real_alerts(tmp_path, mac: str) -> list:  # noqa: ANN001
             Alert("device_identified", t, mac, {"confidence": 0.9397, "decided_after_s": 3.0001440048217773,
                                                 "manufacturer": "TP-Link", "device_type": "tplink-plug-hs110",
                                                 "category": "plug"}),
-            Alert("unknown_device", t, mac, {"confidence": 0.41, "decided_after_s": None}),
+            Alert("unknown_device", t, mac, {"confidence": 0.41, "decided_after_s": None,
+                                             "previous_device_type": "WeMoSwitch", "model_version": "fed-r2"}),
             Alert("quarantine_entered", t, mac, {"by": "home_assistant"}),
             Alert("quarantine_lifted", t, mac, {"by": "home_assistant"}),
             Alert("anomaly", t, mac, {"domain": "evil.example", "reason": "outside the learned profile"}),
@@ -682,7 +683,8 @@ def test_alert_details_are_said_in_words_and_rounded(served, page, tmp_path):
     assert details["device identified"] == ("confidence: 94%, decided: after 3.0 s, manufacturer: TP-Link, "
                                             "type: tplink-plug-hs110, category: plug")
     assert details["device not recognised"] == (
-        "confidence: 41%, decided: as a best guess at the end of its first minute")
+        "confidence: 41%, decided: as a best guess at the end of its first minute, type before: WeMoSwitch, "
+        "re-identified by model: fed-r2")
     assert details["back online"] == "offline for: 2 h 3 min"
     assert details["went offline"] == f"last seen: {views.when(t)}, counted offline after no traffic for: 10 min"
     assert details["blocked queries summary"] == (

@@ -158,6 +158,9 @@ ALERT_DETAILS: dict[str, tuple[str, Callable[[object], str]]] = {
     "category": ("category", str),
     "confidence": ("confidence", _number_or_text(pct)),
     "decided_after_s": ("decided", _decided),
+    # ... when a new model re-identified the device from its first minute and changed its type
+    "previous_device_type": ("type before", str),
+    "model_version": ("re-identified by model", str),
     # device_online, device_offline
     "offline_s": ("offline for", _number_or_text(duration)),
     "last_seen": ("last seen", _number_or_text(when)),
