@@ -76,6 +76,9 @@ REIDENTIFY_BATCH = 16
 # a round, and every hand-off of a DNS answer's path waits for it (up to the 5 ms switch interval each), so on a
 # Pi the pass takes at most half the interpreter's time, in exchange for taking twice as long (a rare event).
 REIDENTIFY_REST = 1.0
+# ... and devices whose answer was not written when it read them are read again after the next flush, which it
+# looks for this often.
+REIDENTIFY_FLUSH_POLL_S = 0.25
 # The model version the home's devices were last re-identified with (a setting): a daemon started on another one
 # (installed or rolled back while it was stopped, or stopped part-way through a pass) re-identifies them then.
 IDENTIFIED_BY_SETTING = "identified_by_model"
@@ -149,6 +152,8 @@ class Gateway:
         self._flusher: asyncio.Task | None = None
         self._reidentifying: asyncio.Task | None = None  # the pass of the latest model over the stored windows
         self._reidentify_stop = threading.Event()  # asks that pass's worker thread to end after its device
+        self._writing: frozenset[str] = frozenset()  # devices with answers or windows in the write under way
+        self._flushes = 0  # writes ended (stored or not): the pass waits for one to read what it held
 
     # -- sources ----------------------------------------------------------------------------------------
     def ingest(self, events: list[Event]) -> None:
@@ -575,25 +580,42 @@ class Gateway:
         have on that window (``window_identity``), REIDENTIFY_BATCH devices a round in a worker thread. An answer
         that changed (labels or known) is stored as a fresh identification is, stamped with the new model's
         version, and applied (type policies, Home Assistant); one whose type changed is also announced. Left
-        alone: devices the owner labelled (their label is their identity), devices in their first window or whose
-        window or answer is not written yet (they finish on the model they began with), devices without a window.
-        The version is recorded once every device was seen, so a pass cut short runs again at the next start."""
+        alone: devices the owner labelled (their label is their identity), devices in their first window (they
+        finish on the model they began with, and their window's close identifies them with this one), devices
+        without a window. One whose window or answer was not written yet is read again after a flush. The version
+        is recorded once every device was seen, so a pass cut short runs again at the next start."""
         version, after, changed, seen = identifier.version, "", 0, 0
+        again: set[str] = set()  # devices to read once more after a flush (see below) ...
+        rereading: list[str] = []  # ... and those being read again, a round at a time
         try:
-            while after is not None and not stop.is_set():
+            while (after is not None or again or rereading) and not stop.is_set():
+                macs = None
+                if after is None:  # the home is done but for ``again``: read it once their answers are written
+                    if not rereading:
+                        flushes = self._flushes
+                        while self._flushes == flushes and not stop.is_set():
+                            await asyncio.sleep(REIDENTIFY_FLUSH_POLL_S)
+                        rereading, again = sorted(again), set()
+                    macs, rereading = rereading[:REIDENTIFY_BATCH], rereading[REIDENTIFY_BATCH:]
                 began = time.monotonic()
-                after, count, found = await asyncio.to_thread(self._reidentify_batch, identifier, after,
-                                                              self._deciding(), stop)
+                busy = self._deciding()
+                # An answer not written yet (its window closed just before the swap, on the old model) is the
+                # device's after the next flush: read once more then, or the old model's answer stays. A device in
+                # its window is not: its window's close identifies it with the model now running.
+                again |= busy - self._window_start.keys()
+                after, count, found = await asyncio.to_thread(self._reidentify_batch, identifier, after, busy, stop,
+                                                              macs)
                 # Again now: a window that closed while the round ran may have an answer not written yet. A window
                 # cannot open meanwhile on what was read (a device met again has a new window, see _store_answers).
                 deciding = self._deciding()
+                again |= deciding - self._window_start.keys()
                 answers = await asyncio.to_thread(self._store_answers, [f for f in found if f[0] not in deciding])
                 seen += count
                 changed += len(answers)
                 for key, previous, identity in answers:
                     if previous != identity.device_type:
                         self.alert(identity_alert(key, identity, time.time(), replacing=previous))
-                if after is not None:
+                if after is not None or rereading:
                     await asyncio.sleep((time.monotonic() - began) * REIDENTIFY_REST)
             if stop.is_set():
                 return
@@ -610,31 +632,32 @@ class Gateway:
 
     def _deciding(self) -> frozenset[str]:
         """The devices whose identification is not settled in the store: in their first window, or with a window
-        or an answer the next flush writes (on the loop thread)."""
+        or an answer the next flush (or the one under way) writes (on the loop thread)."""
         return frozenset(self._window_start.keys() | self._changed_windows | {p[0] for p in self._pending_identities}
-                         | {w[0] for w in self._closed_windows})
+                         | {w[0] for w in self._closed_windows} | self._writing)
 
-    def _reidentify_batch(self, identifier, after: str, busy: frozenset[str],  # noqa: ANN001 - stream.Identifier
-                          stop: threading.Event) -> tuple[str | None, int, list[tuple]]:
-        """One round of ``_reidentify`` (in a worker thread): the next devices after the key ``after`` that have
-        a window and no label of the owner's, and are not ``busy``. Returns the key to go on after (None: this
-        was the last round), how many devices were identified again, and (key, window start, answer held,
-        identity) of those whose answer changed."""
+    def _reidentify_batch(self, identifier, after: str | None, busy: frozenset[str],  # noqa: ANN001
+                          stop: threading.Event, macs: list[str] | None = None) -> tuple[str | None, int, list[tuple]]:
+        """One round of ``_reidentify`` (in a worker thread): the next devices after the key ``after`` (or those
+        of ``macs``) that have a window and no label of the owner's, and are not ``busy``. Returns the key to go
+        on after (None: this was the last round), how many devices were identified again, and (key, window start,
+        answer held, identity) of those whose answer changed."""
         version = identifier.version
         unlabelled = and_(Device.label_manufacturer.is_(None), Device.label_device_type.is_(None),
                           Device.label_category.is_(None))
+        which = Device.mac.in_(macs) if macs is not None else Device.mac > after
         with self.store.session() as s:
             rows = s.execute(
                 select(Device.mac, Device.manufacturer, Device.device_type, Device.category, Device.known,
                        ObservationWindow.started_at, ObservationWindow.observations)
                 .join(ObservationWindow, ObservationWindow.mac == Device.mac)
-                .where(Device.mac > after, unlabelled).order_by(Device.mac).limit(REIDENTIFY_BATCH)).all()
+                .where(which, unlabelled).order_by(Device.mac).limit(REIDENTIFY_BATCH)).all()
             newest = dict(s.execute(
                 select(Identification.mac, Identification.model_version)
                 .where(Identification.id.in_(select(func.max(Identification.id))
                                              .where(Identification.mac.in_([r.mac for r in rows]))
                                              .group_by(Identification.mac)))).all()) if rows else {}
-        after = rows[-1].mac if len(rows) == REIDENTIFY_BATCH else None
+        after = rows[-1].mac if len(rows) == REIDENTIFY_BATCH and macs is None else None
         count, found = 0, []
         for mac, manufacturer, device_type, category, known, started_at, observations in rows:
             if stop.is_set():
@@ -729,6 +752,7 @@ class Gateway:
         """Write what changed since the last flush; False when the store could not be written (a full or
         read-only disk) and the batch is kept for the next try."""
         batch = self._take()
+        self._writing = frozenset(i[0] for i in batch[1]) | frozenset(w[0] for w in batch[2])
         try:
             gone = await asyncio.to_thread(self._write, batch)
         except OperationalError as exc:  # a full or read-only disk: keep the batch for the next try
@@ -745,6 +769,9 @@ class Gateway:
             self.counters.add("flush_errors")
             log.exception("flush failed")
             return True
+        finally:
+            self._writing = frozenset()
+            self._flushes += 1
         for key in gone:
             self._forget(key)
         if (untracked := self.counters.get("devices_untracked")) != self._untracked_noted:

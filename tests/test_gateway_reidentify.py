@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -177,3 +178,37 @@ def test_a_model_installed_or_rolled_back_while_the_daemon_was_stopped_re_identi
         alert = recent_alerts(gw.store, kind="unknown_device", mac=THING)[0]
         assert alert.data["previous_device_type"] == closest and alert.data["model_version"] == "fed-r1"
         assert get_device(gw.store, THING).device.device_type == "unknown"
+
+
+def test_an_answer_the_old_model_gave_just_before_the_install_and_not_yet_written_is_re_identified(
+        tmp_path, upstream, monkeypatch):
+    """A window that closed on the old model just before the new one came holds an answer the next flush writes:
+    the pass must not skip its device for good as 'still being decided', or the old model's answer stays."""
+    monkeypatch.setattr(gateway.daemon, "WINDOW_S", 1.0)
+    shipped = Bundle.load()
+    rounds = threading.Event()
+    batch = Gateway._reidentify_batch
+
+    def noted(self, *args, **kwargs):  # noqa: ANN001, ANN202 - the real round, and a note that it ran
+        try:
+            return batch(self, *args, **kwargs)
+        finally:
+            rounds.set()
+
+    monkeypatch.setattr(Gateway, "_reidentify_batch", noted)
+    gw = RunningGateway(tmp_path, upstream)
+    gw.cfg.store.flush_interval_s = 3600  # written only by gw.flush(): the test says when
+    gw.gateway = Gateway(gw.cfg, gw.store)
+    with gw:
+        rounds.wait(30)  # the start-up pass, over an empty home
+        joins(gw, THING, "127.0.0.96")
+        # its window closed: the old model's answer waits for the next flush
+        eventually(lambda: THING in {key for key, _, _ in list(gw.gateway._pending_identities)})
+        rounds.clear()
+        install(gw.cfg.federation_dir / "model", learnt(shipped, "fed-r2"))
+        assert rounds.wait(30), "the new model's pass ran a round"
+        gw.flush()  # the old model's answer is written after the pass's round skipped the device
+        eventually(lambda: gw.store.get_setting(IDENTIFIED_BY_SETTING) == "fed-r2", 30)
+        old, new = identified(gw, THING, 2)
+        assert (old.known, old.model_version) == (False, shipped.version)
+        assert (new.known, new.model_version) == (True, "fed-r2")
