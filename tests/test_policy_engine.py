@@ -408,3 +408,23 @@ def test_policy_set_round_trips_through_json_and_validates():
         PolicySet.from_dict(bad)
     with pytest.raises(ValueError, match="malformed"):
         PolicySet.from_dict({"policies": {"global": {"rules": [{"verb": "x"}]}}})
+
+
+def test_the_query_logs_words_for_a_rule_say_categories_and_tags_with_spaces(tmp_path):
+    """The owner names a list category and labels a device's category freely ("social media", "smart speaker"):
+    the engine's key for such a rule was shown as it is, where every other rule is said in words."""
+    from webui.views import rule_words
+
+    (tmp_path / "fb.txt").write_text("||facebook.example^\n")
+    ps = PolicySet()
+    ps.lists = {"fb": ListSpec("fb.txt")}
+    ps.categories = {"social media": ["fb"]}
+    ps.policy("category:smart speaker").rules.append(Rule("block", "category", "social media"))
+    ps.policy("category:smart speaker").rules.append(Rule("block", "name", "ads.example"))
+    engine = PolicyEngine.build(ps, base_dir=tmp_path)
+    speaker = DeviceContext("aa:bb:cc:00:00:07", "EchoDot", "smart speaker", "approved")
+    listed = engine.decide(speaker, "facebook.example", NOW).rule
+    named = engine.decide(speaker, "ads.example", NOW).rule
+    assert listed == "tag:device_smart speaker block category=social media list=fb"
+    assert rule_words(listed) == "category smart speaker rule: block category social media (list fb)"
+    assert rule_words(named) == "category smart speaker rule: block ads.example"

@@ -360,10 +360,12 @@ def query(q: Query) -> dict[str, Any]:
 # What matched a query, as ``policy.engine`` keys it in the query log: "<scope> <action> <kind>=<value>
 # [schedule=S] [list=L] [exception]", "<scope> paused|strict", "quarantine [allow]" and "cname <name>: <key>".
 _MODES = {"paused": "paused (internet off)", "strict": "strict (only its profile)"}
-_RULE = re.compile(r"(?P<action>block|allow) (?:all|(?P<kind>name|list|category)=(?P<value>\S+))"
+# A list category is named freely by the owner ("social media"), as is a device category, a tag's name: spaces and
+# all; names, list ids and schedules have none.
+_RULE = re.compile(r"(?P<action>block|allow) (?:all|(?P<kind>name|list)=(?P<value>\S+)|category=(?P<category>.+?))"
                    r"(?: schedule=(?P<schedule>\S+))?(?: list=(?P<list>\S+))?(?P<exception> exception)?")
 
-_SCOPED = re.compile(r"(?P<scope>global|device:\S+|tag:\S+|type:.+?) (?P<rest>paused|strict|(?:block|allow) .+)")
+_SCOPED = re.compile(r"(?P<scope>global|device:\S+|tag:.+?|type:.+?) (?P<rest>paused|strict|(?:block|allow) .+)")
 
 
 def _scope_words(scope: str) -> str | None:
@@ -396,7 +398,8 @@ def rule_words(key: str | None) -> str:
     rule = _RULE.fullmatch(rest)
     if rule is None:
         return key
-    words = f"{who} rule: {Rule(rule['action'], rule['kind'] or 'all', rule['value'] or '', rule['schedule']).words()}"
+    kind, value = ("category", rule["category"]) if rule["category"] else (rule["kind"] or "all", rule["value"] or "")
+    words = f"{who} rule: {Rule(rule['action'], kind, value, rule['schedule']).words()}"
     if rule["list"]:
         words += f" (list {rule['list']})"
     if rule["exception"]:
