@@ -1056,6 +1056,25 @@ def test_a_devices_page_lists_its_identification_history_newest_first_with_what_
     _shot(page, "device-history-phone")
 
 
+def test_a_devices_identification_history_counts_every_answer_past_the_hundred_the_page_reads(served, page):
+    """The page reads a device's newest 100 identifications: with 130 stored it said "the last 10 of 100"."""
+    from gateway.store.schema import Identification
+
+    base, store = served
+    mac = "aa:bb:cc:00:00:0c"
+    add_device(store, mac, hostname="plug", identified=True)  # one identification
+    now = time.time()
+    with store.transaction() as s:
+        for n in range(129):
+            s.add(Identification(mac=mac, ts=now - 1000 + n, manufacturer="TP-Link", device_type="tplink-plug-hs110",
+                                 category="plug", confidence=0.9, known=True, decided_after_s=4.2, alternatives=[],
+                                 signals=["dns"], model_version="test-1"))
+    _login(page, base)
+    page.goto(f"{base}/devices/{mac}")
+    assert page.locator("#identifications tbody tr").count() == 10
+    assert "(the last 10 of 130)" in page.locator("#history-legend").inner_text()
+
+
 def test_a_device_without_names_says_where_names_come_from(served, page):
     base, store = served
     mac = "aa:bb:cc:00:00:0c"

@@ -117,8 +117,10 @@ def device(mac: str):  # noqa: ANN201
     d = detail.device
     data = views.device_detail(detail, overview.domain_timeline(store, d.mac), service.routers(store))
     queries = _shown_queries(querylog.recent(store, mac=d.mac, limit=50))
+    # the page says how many there are: past DETAIL_ROWS, get_device's list no longer tells
+    recorded = service.identification_count(store, d.mac)
     history = views.identification_history(data["identifications"], IDENTIFICATIONS_SHOWN,
-                                           complete=len(detail.identifications) < service.DETAIL_ROWS)
+                                           complete=recorded == len(detail.identifications))
     policy_data = policies.load(ctx().cfg.state_dir)
     editor = None
     if not d.mac.startswith("ip:"):  # a device known only by its address has no policy of its own yet
@@ -130,7 +132,7 @@ def device(mac: str):  # noqa: ANN201
         d=data,
         queries=queries,
         history=history,
-        recorded=len(detail.identifications),
+        recorded=recorded,
         statuses=service.STATUSES,
         policy=editor,
         modes=policies.MODES,

@@ -108,6 +108,13 @@ def get_device(store: Store, mac: str) -> DeviceDetail:
         )
 
 
+def identification_count(store: Store, mac: str) -> int:
+    """How many identifications the store holds of the device ``mac`` (a key as stored), of which ``get_device``
+    gives the newest DETAIL_ROWS."""
+    with store.session() as s:
+        return s.scalar(select(func.count()).select_from(Identification).where(Identification.mac == mac))
+
+
 def rename(store: Store, mac: str, name: str) -> None:
     """The owner's name for the device; every name given is kept in its history. An empty one clears it: the
     device is called at once by the best name it gave itself, as the daemon would call it (even if none runs)."""
