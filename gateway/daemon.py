@@ -563,7 +563,11 @@ class Gateway:
         if identifier is None:
             return
         await self._end_reidentifying()
-        if await asyncio.to_thread(self.store.get_setting, IDENTIFIED_BY_SETTING) == identifier.version:
+        done = await asyncio.to_thread(self.store.get_setting, IDENTIFIED_BY_SETTING) == identifier.version
+        # Another model was loaded while the setting was read (start's call, and the refresh loop's for a bundle
+        # installed as the daemon started): that one's call starts the pass. Started here too, this one's would be
+        # out of reach of stop() and of the newer pass, writing the older model's answers.
+        if done or identifier is not self.identifier:
             return
         self._reidentify_stop = threading.Event()
         self._reidentifying = asyncio.create_task(self._reidentify(identifier, self._reidentify_stop),

@@ -6,6 +6,7 @@ installs one."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import threading
@@ -20,6 +21,7 @@ from gateway.devices.service import get_device, label
 from gateway.policyfile import load_policy, save_policy
 from gateway.store.schema import Device, ObservationWindow
 from identifier.bundle import Bundle
+from identifier.stream import Identifier
 from policy.model import Policy, Rule
 from tests.broker import Mosquitto, Recorder
 from tests.dns_helpers import needs_dnsmasq
@@ -212,3 +214,22 @@ def test_an_answer_the_old_model_gave_just_before_the_install_and_not_yet_writte
         old, new = identified(gw, THING, 2)
         assert (old.known, old.model_version) == (False, shipped.version)
         assert (new.known, new.model_version) == (True, "fed-r2")
+
+
+def test_a_pass_is_not_started_for_a_model_replaced_while_its_call_read_the_setting(tmp_path, upstream):
+    """start()'s call for the model it began with reads the setting in a worker thread; a bundle installed as the
+    daemon started is loaded by the refresh loop meanwhile. Each call started its pass: the older one's was out of
+    reach of stop() (its task and stop event replaced by the newer's) and went on writing the older model's answers.
+    """
+    shipped = Bundle.load()
+    with RunningGateway(tmp_path, upstream) as gw:
+        eventually(lambda: gw.store.get_setting(IDENTIFIED_BY_SETTING) == shipped.version)  # start's pass is over
+        gw.store.set_setting(IDENTIFIED_BY_SETTING, "fed-r1")  # as if the home was last identified by another
+        older = gw.gateway.identifier
+        gw.gateway.identifier = Identifier(learnt(shipped, "fed-r2"))
+
+        async def call_for_the_older():
+            await gw.gateway._reidentify_if_new(older)
+            return gw.gateway._reidentifying
+
+        assert asyncio.run_coroutine_threadsafe(call_for_the_older(), gw._loop).result(30) is None
