@@ -576,7 +576,9 @@ class Gateway:
     async def _end_reidentifying(self) -> None:
         if self._reidentifying is not None:
             self._reidentify_stop.set()
-            await asyncio.gather(self._reidentifying, return_exceptions=True)
+            # wait(), not gather(): a caller cancelled here (the refresh loop, by stop()) must not cancel the pass,
+            # whose worker thread would go on writing with no one waiting for it; stop() waits for it again.
+            await asyncio.wait([self._reidentifying])
             self._reidentifying = None
 
     async def _reidentify(self, identifier, stop: threading.Event) -> None:  # noqa: ANN001 - stream.Identifier

@@ -233,3 +233,31 @@ def test_a_pass_is_not_started_for_a_model_replaced_while_its_call_read_the_sett
             return gw.gateway._reidentifying
 
         assert asyncio.run_coroutine_threadsafe(call_for_the_older(), gw._loop).result(30) is None
+
+
+def test_a_pass_outlives_a_caller_cancelled_while_it_waited_for_the_pass_to_end(tmp_path, upstream, monkeypatch):
+    """stop() cancels the refresh loop, which may be waiting in _end_reidentifying for the pass of the model it is
+    replacing: the cancel reached the pass, and stop() then found it over while its worker thread could still be
+    writing to the store it goes on to close."""
+    monkeypatch.setattr(gateway.daemon, "WINDOW_S", 1.0)
+    gw = RunningGateway(tmp_path, upstream)
+    gw.cfg.store.flush_interval_s = 3600  # the pass waits for a flush that does not come: it is under way
+    gw.gateway = Gateway(gw.cfg, gw.store)
+    with gw:
+        joins(gw, THING, "127.0.0.97")
+        eventually(lambda: THING in {key for key, _, _ in list(gw.gateway._pending_identities)})
+
+        async def cancelled_while_ending():
+            daemon = gw.gateway
+            daemon.identifier = Identifier(learnt(Bundle.load(), "fed-r2"))
+            await daemon._reidentify_if_new(daemon.identifier)
+            under_way = daemon._reidentifying
+            ending = asyncio.create_task(daemon._end_reidentifying())
+            await asyncio.sleep(0)  # it is waiting for the pass
+            ending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ending
+            await asyncio.wait([under_way])
+            return under_way.cancelled()
+
+        assert asyncio.run_coroutine_threadsafe(cancelled_while_ending(), gw._loop).result(30) is False
