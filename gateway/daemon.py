@@ -559,8 +559,9 @@ class Gateway:
     async def _reidentify_if_new(self, identifier) -> None:  # noqa: ANN001 - identifier.stream.Identifier | None
         """Start re-identifying the home's devices with ``identifier`` unless they last were with its version
         (a restart on the same model, or the same bundle installed again); a pass under way for an older model
-        ends first."""
-        if identifier is None:
+        ends first. A replay starts none: it feeds its captures, on their clock, and the store's other devices are
+        the daemon's, which re-identifies them at its next start (the setting is left as it was)."""
+        if identifier is None or self._replay:
             return
         await self._end_reidentifying()
         done = await asyncio.to_thread(self.store.get_setting, IDENTIFIED_BY_SETTING) == identifier.version

@@ -197,18 +197,51 @@ def _query(mac: str, ts: float, name: str):
     return frame
 
 
-def _iotgw_replay(tmp_path: Path, *pcaps: Path):
-    """Run `iotgw replay` on ``pcaps``; the store it wrote."""
+def _iotgw_replay(tmp_path: Path, *pcaps: Path, realtime: bool = False):
+    """Run `iotgw replay` on ``pcaps`` (``realtime``: at recorded speed); the store it wrote."""
     import subprocess
     import sys
 
     from gateway.store.db import Store
 
     db = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
-    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "replay", "--db", db, *map(str, pcaps)],
+    speed = ["--realtime"] if realtime else []
+    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "replay", "--db", db, *speed, *map(str, pcaps)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return Store(db, migrate=False)
+
+
+@needs_data
+def test_a_replay_leaves_the_homes_devices_to_the_daemon_when_the_model_changed(tmp_path):
+    """A replay feeds its captures, and its alerts are on their clock. Its start re-identified the devices already
+    in the store when they were last identified by another model: their answers changed, and alerts stamped
+    today came out of a replay of 2016 captures. That is the daemon's to do, at its next start."""
+    from sqlalchemy import update
+
+    from gateway.alerts.outbox import recent_alerts
+    from gateway.daemon import IDENTIFIED_BY_SETTING
+    from gateway.devices.service import get_device
+    from gateway.store.schema import Device, Identification
+
+    folder = CAPTURES / "HueBridge"
+    mac = (folder / "_iotdevice-mac.txt").read_text().strip().lower()
+    store = _iotgw_replay(tmp_path, sorted(folder.glob("*.pcap"))[0])
+    # As if an older model had called it unknown, and the home was last identified by that model.
+    with store.transaction() as s:
+        s.execute(update(Device).where(Device.mac == mac).values(
+            manufacturer="unknown", device_type="unknown", category="unknown", known=False))
+        s.execute(update(Identification).where(Identification.mac == mac).values(model_version="fed-r0"))
+    store.set_setting(IDENTIFIED_BY_SETTING, "fed-r0")
+    before = len(get_device(store, mac).identifications)
+    store.close()
+
+    # at recorded speed: a few seconds, long enough for any pass over one device
+    store = _iotgw_replay(tmp_path, sorted((CAPTURES / "Aria").glob("Setup-C-13-*.pcap"))[0], realtime=True)
+    device = get_device(store, mac)
+    assert len(device.identifications) == before and device.device.device_type == "unknown"
+    assert not [a for a in recent_alerts(store) if a.mac == mac and "previous_device_type" in a.data]
+    assert store.get_setting(IDENTIFIED_BY_SETTING) == "fed-r0"
 
 
 def test_files_replayed_out_of_date_order_start_a_device_and_its_window_at_its_earliest_frame(tmp_path):
