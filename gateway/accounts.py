@@ -244,6 +244,10 @@ def issue_device_cookie(store: Store, username: str, *, replacing: str | None = 
     now = time.time() if now is None else now
     secret = secrets.token_urlsafe(32)
     with store.transaction() as s:
+        # The account's row lock, as verify_login takes it before it counts a failure on a cookie's row: deleted
+        # here meanwhile (replaced, expired or pushed out), that row's update matched nothing and the login failed
+        # with a StaleDataError on PostgreSQL. SQLite's BEGIN IMMEDIATE already is one writer at a time.
+        s.get(User, username, with_for_update=True)
         if replacing:
             s.execute(delete(LoginDevice).where(LoginDevice.cookie_sha256 == _cookie_sha256(replacing),
                                                 LoginDevice.username == username))

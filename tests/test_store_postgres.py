@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from gateway.devices.tracker import DeviceTracker
 from gateway.events import AddressSeen, DhcpSeen, DnsQuery, MdnsSeen
 from gateway.store.db import Store
 from gateway.store.querylog import QueryLogWriter, counts_since, recent
-from gateway.store.schema import ConfigBase, Query, QueryLogBase
+from gateway.store.schema import ConfigBase, LoginDevice, Query, QueryLogBase
 from tests.ports import free_port
 from webui.app import create_app
 
@@ -280,6 +281,40 @@ def test_device_cookies_on_postgresql_lock_out_the_cookie_renew_and_are_revoked_
     accounts.set_password(store, "another long password")
     with store.session() as s:
         assert s.scalar(select(func.count()).select_from(LoginDevice)) == 0
+
+
+def test_a_login_renewing_a_device_cookie_waits_while_a_failure_with_that_cookie_is_counted(store, monkeypatch):
+    """Two tabs of one browser: one logs in (its new cookie replaces the old), the other types a wrong password
+    with the old cookie at the same moment. The count of the old cookie's failures is kept under the account's
+    row lock; the renewal deleted that row without the lock, under the counting login's feet, which then failed
+    with a StaleDataError (a 500 on the login page) instead of saying the password was wrong."""
+    accounts.set_password(store, "correct horse battery")
+    cookie = accounts.issue_device_cookie(store, "admin")
+    real = accounts._refuse_if_locked
+    calls, renewal = [], {}
+
+    def _lock_waits() -> int:
+        with store.engine.connect() as conn:
+            return conn.exec_driver_sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                        ).scalar()
+
+    def refuse_then_renew(user, known, row, now):  # noqa: ANN001, ANN202
+        real(user, known, row, now)
+        calls.append(known)
+        if len(calls) == 2:  # the counting transaction, with the cookie's row loaded: the other tab's login ends
+            thread = threading.Thread(target=lambda: renewal.update(
+                cookie=accounts.issue_device_cookie(store, "admin", replacing=cookie)))
+            renewal["thread"] = thread
+            thread.start()
+            while thread.is_alive() and not _lock_waits():  # until done, or waiting for this login's lock
+                time.sleep(0.01)
+
+    monkeypatch.setattr(accounts, "_refuse_if_locked", refuse_then_renew)
+    assert accounts.verify_login(store, "admin", "typo", "192.168.1.10", device=cookie) is False
+    renewal["thread"].join()
+    assert calls[1] is not None  # the failure was the cookie's, counted against it
+    with store.session() as s:
+        assert s.scalars(select(LoginDevice.cookie_sha256)).all() == [accounts._cookie_sha256(renewal["cookie"])]
 
 
 def test_a_nul_in_a_login_name_search_or_device_is_a_400_from_the_web_ui_not_a_500(store, tmp_path):
