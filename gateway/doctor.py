@@ -316,8 +316,11 @@ def check_link_local(cfg: Config) -> Finding:
     none known, every one is refused, which a LAN whose router hands out the gateway's fe80:: address needs."""
     link_local = ipaddress.ip_network("fe80::/10")
     nets = [ipaddress.ip_network(prefix, strict=False) for prefix in cfg.dns.lan]
-    if not cfg.dns.listen or not any(n.version == 6 and n.overlaps(link_local) for n in nets):
+    if not any(n.version == 6 and n.overlaps(link_local) for n in nets):
         return Finding("link-local", "skip", "[dns] lan has no link-local prefix (fe80::/10)")
+    # An IPv4-only server hears no IPv6 client at all: warning that link-local ones get REFUSED was false.
+    if not any(":" in parse_hostport(listen, 53)[0] for listen in cfg.dns.listen):
+        return Finding("link-local", "skip", "[dns] listen has no IPv6 address")
     names = link_local_interfaces(cfg.dns, cfg.capture.interface)
     if not names:
         return Finding(

@@ -272,6 +272,14 @@ def test_link_local_dns_clients_with_no_lan_interface_known_is_a_warning_that_na
     assert check_link_local(cfg).status == "skip"
 
 
+def test_link_local_dns_clients_are_no_concern_of_a_dns_server_listening_on_ipv4_only() -> None:
+    cfg = Config()  # fe80::/10 in the LAN and no [capture] interface, but no IPv6 client can reach the server
+    cfg.dns.listen = ["0.0.0.0:53", "192.168.1.2:5353"]
+    assert (check_link_local(cfg).status, check_link_local(cfg).detail) == ("skip", "[dns] listen has no IPv6 address")
+    cfg.dns.listen = ["0.0.0.0:53", "[fd00::2]:53"]  # a link-local source may still send to a global address
+    assert check_link_local(cfg).status == "warn"
+
+
 def test_interface_down(tmp_path: Path) -> None:
     name = f"iotgwd{os.getpid() % 100000}"
     add = ["ip", "link", "add", name, "type", "veth", "peer", "name", f"{name}p"]
