@@ -304,6 +304,25 @@ def test_a_password_changed_in_the_web_ui_revokes_device_cookies_and_the_next_lo
     assert accounts.verify_login(store, "admin", "another long password", "192.168.1.20", device=new)
 
 
+def test_the_browser_that_changed_the_password_still_gets_in_when_guessing_locks_the_account_again(env, monkeypatch):
+    """The owner changes the password because someone is guessing it; the guessing goes on from fresh addresses,
+    and the account soon refuses every client without a device cookie again. The browser that made the change
+    proved the password as a login does: it must not be the one shut out with the guessers."""
+    monkeypatch.setattr(accounts, "MAX_ACCOUNT_FAILURES", 10)  # the rule, at a fifth of the argon2 checks
+    app, store, _ = env
+    owner = app.test_client()
+    csrf = _login(owner)
+    form = {"current": PASSWORD, "password": "another long password", "confirm": "another long password"}
+    assert owner.post("/settings/password", data=form | {"csrf_token": csrf}).location == "/login"
+    for n in range(accounts.MAX_ACCOUNT_FAILURES // accounts.MAX_FAILED_LOGINS):
+        for _ in range(accounts.MAX_FAILED_LOGINS):
+            accounts.verify_login(store, "admin", "guess", f"fd00::{n:x}")
+    with pytest.raises(accounts.LockedOut):  # the account refuses clients without a cookie again
+        accounts.verify_login(store, "admin", "another long password", "192.168.1.30")
+    login = {"username": "admin", "password": "another long password", "csrf_token": _csrf(owner)}
+    assert owner.post("/login", data=login).status_code == 302
+
+
 class _ClientAt:
     """A browser at client address ``source``: its connections are bound there, so the server's TCP peer is it
     (all of 127.0.0.0/8 is routed to lo on Linux). Keeps its cookies (``cookies``: name to value; pass some to

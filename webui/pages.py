@@ -15,7 +15,7 @@ from gateway.store.schema import Query
 from webui import charts, views
 from webui.auth_views import locked_out_message
 from webui.context import ctx
-from webui.security import device_cookie
+from webui.security import device_cookie, give_device_cookie
 
 bp = Blueprint("pages", __name__)
 PAGE_SIZE = 100
@@ -266,7 +266,10 @@ def settings_password():  # noqa: ANN201
             # if the change had failed). The message rides in the session cookie, like every other flash.
             session.clear()
             flash("Password changed: every session was ended, this one too. Log in with the new password.")
-            return redirect(url_for("auth.login"))
+            # This browser just proved the password, as a login does: it gets a new cookie. Left with none, it was
+            # refused with every other client once guessing from many addresses (the usual reason to change a
+            # password) locked the account again, minutes after the change.
+            return give_device_cookie(redirect(url_for("auth.login")), accounts.ADMIN)
     return redirect(url_for("pages.settings"))
 
 
