@@ -237,17 +237,23 @@ def verify_login(
 
 
 def issue_device_cookie(store: Store, username: str, *, replacing: str | None = None,
-                        now: float | None = None) -> str:
+                        password_changed_at: float | None = None, now: float | None = None) -> str | None:
     """A new device cookie for a browser that just logged in to ``username``; the cookie it presented
     (``replacing``), if that was the account's, stops working, so each login renews the cookie and a copy taken
-    before it lapses. Only the digest is stored, with its own count of failures."""
+    before it lapses. Only the digest is stored, with its own count of failures.
+
+    ``password_changed_at``: the account's, read before the login checked the password (``session_state``). None
+    (no cookie) if the password was set anew since: the login proved the old one, and the new password's
+    revocation of every cookie must not be outlived by one issued just after it."""
     now = time.time() if now is None else now
     secret = secrets.token_urlsafe(32)
     with store.transaction() as s:
         # The account's row lock, as verify_login takes it before it counts a failure on a cookie's row: deleted
         # here meanwhile (replaced, expired or pushed out), that row's update matched nothing and the login failed
         # with a StaleDataError on PostgreSQL. SQLite's BEGIN IMMEDIATE already is one writer at a time.
-        s.get(User, username, with_for_update=True)
+        user = s.get(User, username, with_for_update=True)
+        if password_changed_at is not None and (user is None or user.password_changed_at != password_changed_at):
+            return None
         if replacing:
             s.execute(delete(LoginDevice).where(LoginDevice.cookie_sha256 == _cookie_sha256(replacing),
                                                 LoginDevice.username == username))

@@ -323,6 +323,27 @@ def test_the_browser_that_changed_the_password_still_gets_in_when_guessing_locks
     assert owner.post("/login", data=login).status_code == 302
 
 
+def test_a_login_that_proved_a_password_set_anew_during_its_check_keeps_no_session_and_no_device_cookie(
+        env, monkeypatch):
+    """Whoever knows the old password logs in as the owner sets a new one (the argon2 check takes a while): the
+    new password ends every session and revokes every cookie, and must end this login's too. Its session was bound
+    to the password as read after the check, the new one, and its device cookie issued after the revocation."""
+    app, store, _ = env
+    check = accounts.verify_login
+
+    def checked_during_a_password_change(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        ok = check(*args, **kwargs)
+        accounts.set_password(store, "the owner's new password")  # committed as the check returns
+        return ok
+
+    monkeypatch.setattr(accounts, "verify_login", checked_during_a_password_change)
+    late = app.test_client()
+    r = late.post("/login", data={"username": "admin", "password": PASSWORD, "csrf_token": _csrf(late)})
+    assert r.status_code == 302
+    assert late.get("/settings").status_code == 302  # to the login page: the session is refused
+    assert late.get_cookie("iotgw_device") is None
+
+
 class _ClientAt:
     """A browser at client address ``source``: its connections are bound there, so the server's TCP peer is it
     (all of 127.0.0.0/8 is routed to lo on Linux). Keeps its cookies (``cookies``: name to value; pass some to

@@ -22,6 +22,9 @@ def login():  # noqa: ANN201
     error, status = None, 200
     if request.method == "POST":
         username = request.form.get("username", accounts.ADMIN).strip() or accounts.ADMIN
+        # Read before the password is checked: a password set anew during the check must leave this login's
+        # session and device cookie refused, as it does every other (start_session, give_device_cookie).
+        state = accounts.session_state(ctx().store, username)
         try:
             # The TCP peer: waitress is told to trust no proxy header, so a client cannot name another's address.
             ok = accounts.verify_login(ctx().store, username, request.form.get("password", ""), request.remote_addr,
@@ -32,8 +35,9 @@ def login():  # noqa: ANN201
             error, status = locked_out_message(exc), 429
         else:
             if ok:
-                start_session(username)
-                return give_device_cookie(redirect(_local(request.args.get("next"))), username)
+                start_session(username, state)
+                return give_device_cookie(redirect(_local(request.args.get("next"))), username,
+                                          state[0] if state else None)
             # For an audit or fail2ban; %r keeps a hostile user name on one line. Never the password.
             log.warning("failed login for %r from %s", username[:64], request.remote_addr)
             error, status = "Wrong user name or password.", 401

@@ -85,12 +85,15 @@ def csrf_token() -> str:
     return session[CSRF_FIELD]
 
 
-def start_session(username: str) -> None:
-    """After a successful login: a fresh session (new CSRF token) bound to the current password."""
+def start_session(username: str, state: tuple[float, int] | None = None) -> None:
+    """After a successful login: a fresh session (new CSRF token) bound to the password. ``state`` is the
+    account's ``session_state`` as read before the password was checked (else it is read now): a password set
+    anew meanwhile then leaves this session refused, as it does every other, rather than bound to the new one."""
     session.clear()
     session.permanent = True
     session["user"] = username
-    state = accounts.session_state(ctx().store, username)
+    if state is None:
+        state = accounts.session_state(ctx().store, username)
     session["pwd_at"], session["gen"] = state if state else (None, None)
     session["login_at"] = time.time()
     csrf_token()
@@ -101,11 +104,15 @@ def device_cookie() -> str | None:
     return request.cookies.get(DEVICE_COOKIE) or None
 
 
-def give_device_cookie(response: Response, username: str) -> Response:
+def give_device_cookie(response: Response, username: str, password_changed_at: float | None = None) -> Response:
     """After a login: a new device cookie for this browser, replacing the one it presented. HttpOnly (no script,
     an injected one included, can read it), SameSite=Strict (no other site's page sends it along) and Secure over
-    HTTPS, as the session cookie is; it lasts ``accounts.DEVICE_LIFETIME_S``, as its row does."""
-    secret = accounts.issue_device_cookie(ctx().store, username, replacing=device_cookie())
+    HTTPS, as the session cookie is; it lasts ``accounts.DEVICE_LIFETIME_S``, as its row does. None given if the
+    password changed since ``password_changed_at`` (``accounts.issue_device_cookie``)."""
+    secret = accounts.issue_device_cookie(ctx().store, username, replacing=device_cookie(),
+                                          password_changed_at=password_changed_at)
+    if secret is None:
+        return response
     response.set_cookie(DEVICE_COOKIE, secret, max_age=accounts.DEVICE_LIFETIME_S, path="/", httponly=True,
                         samesite="Strict", secure=request.is_secure)
     return response
