@@ -136,3 +136,32 @@ def test_setup_without_a_terminal_names_the_set_password_command_for_its_own_con
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # Without --config the command would set the password of the default config's database, not this one's.
     assert f"run `sudo iotgw user set-password --config {path}` to set it" in proc.stdout, proc.stdout
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="a network namespace with its own interfaces and routes needs root")
+@pytest.mark.parametrize(("wan", "picked"), [("203.0.113.2/24", "lan0"), ("100.64.0.2/24", "lan0"),
+                                             ("192.168.50.2/24", "wan0")])
+def test_setup_without_a_terminal_offers_the_lan_port_of_a_router_not_its_default_route(tmp_path, wan, picked):
+    """On a router the default route leaves by the WAN port, and the interface setup writes is the one whose
+    link-local DNS and web clients are trusted: it wrote the WAN port. Now an interface outside [dns] lan (public,
+    carrier-grade NAT) is passed over for one inside it; a default route on a LAN address (a Pi's one port, or a
+    router behind another router, which only the owner can tell) is still the default."""
+    ns = f"iotgw-setup{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for name, address in (("wan0", wan), ("lan0", "192.168.77.1/24")):
+            # a veth pair with both ends here: a link that is up, as a port with a cable in is
+            subprocess.run(["ip", "-n", ns, "link", "add", name, "type", "veth", "peer", "name", f"{name}p"],
+                           check=True)
+            subprocess.run(["ip", "-n", ns, "addr", "add", address, "dev", name], check=True)
+            for end in (name, f"{name}p"):
+                subprocess.run(["ip", "-n", ns, "link", "set", end, "up"], check=True)
+        gateway = wan.rsplit(".", 1)[0] + ".1"
+        subprocess.run(["ip", "-n", ns, "route", "add", "default", "via", gateway, "dev", "wan0"], check=True)
+        path = example_config(tmp_path)
+        proc = run_setup("--config", str(path), "--no-password", prefix=("ip", "netns", "exec", ns))
+        assert f"LAN interface: {picked}" in proc.stdout, proc.stdout + proc.stderr
+        assert load(path).capture.interface == picked
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import ipaddress
 import os
 import re
 import shlex
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 from gateway.cli import non_empty
-from gateway.config import DEFAULT_PATH, ConfigError, decode, load
+from gateway.config import DEFAULT_PATH, ConfigError, DnsConfig, decode, load
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +27,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--interface", type=non_empty, metavar="IFACE",
-        help="the LAN interface (default: ask, offering the default route's)",
+        help="the LAN interface (default: ask, offering the default route's; on a router, the one with a LAN address)",
     )
     p.add_argument("--no-password", action="store_true", help="skip setting the admin password")
     p.set_defaults(func=setup)
@@ -37,7 +38,7 @@ def setup(args: argparse.Namespace) -> int:
 
     path = Path(args.config)
     candidates = lan_interfaces()
-    name = args.interface or ask_interface(candidates)
+    name = args.interface or ask_interface(candidates, lan_prefixes(path))
     if name not in candidates:
         print(
             f"iotgw setup: {name!r} is not an interface with an IPv4 address here; "
@@ -97,10 +98,31 @@ def default_route_interface() -> str | None:
     return None
 
 
-def ask_interface(candidates: dict[str, str]) -> str:
+def lan_prefixes(path: Path) -> list[str]:
+    """The config's ``[dns] lan`` (the defaults when there is no config yet, or it does not load: the steps after
+    this one say what is wrong with it)."""
+    try:
+        return load(path).dns.lan if path.exists() else DnsConfig().lan
+    except (ConfigError, OSError):
+        return DnsConfig().lan
+
+
+def default_lan_interface(candidates: dict[str, str], lan: list[str]) -> str:
+    """The interface offered as the LAN's: the default route's (a Pi's one port), unless its address is outside
+    the LAN prefixes while another interface's is inside. A router's default route leaves by its WAN port, whose
+    address is public or carrier-grade NAT, and the LAN interface is the one whose link-local clients the DNS
+    server and the web UI trust, so offering the WAN port would open both to the ISP's side."""
+    nets = [ipaddress.ip_network(prefix, strict=False) for prefix in lan]
+    inside = [name for name, address in candidates.items()
+              if name != "lo" and any(ipaddress.ip_address(address) in net for net in nets)]
     default = default_route_interface()
-    if default not in candidates:
-        default = next((n for n in candidates if n != "lo"), "")
+    if default in candidates and (default in inside or not inside):
+        return default
+    return inside[0] if inside else next((n for n in candidates if n != "lo"), "")
+
+
+def ask_interface(candidates: dict[str, str], lan: list[str]) -> str:
+    default = default_lan_interface(candidates, lan)
     if not sys.stdin.isatty():
         return default
     print("Interfaces with an IPv4 address:")
