@@ -531,14 +531,16 @@ def decide(
     device_type: str | None = None,
     category: str | None = None,
     status: str = "approved",
+    at: float | None = None,
 ) -> tuple[Verdict, list[str]]:
-    """What the policy decides now for ``name`` asked by a device, and the bad lines of the lists it loaded."""
+    """What the policy decides for ``name`` asked by a device, now or ``at`` (Unix seconds: scheduled rules), and
+    the bad lines of the lists it loaded."""
     from policy.engine import PolicyEngine
     from policy.model import normalise_mac
 
     engine = PolicyEngine.build(load(state_dir), base_dir=state_dir)
     ctx = DeviceContext(normalise_mac(mac), device_type, category, status)
-    return engine.decide(ctx, name, time.time()), [str(e) for e in engine.list_errors]
+    return engine.decide(ctx, name, time.time() if at is None else at), [str(e) for e in engine.list_errors]
 
 
 def _schedule_view(schedule: Schedule) -> dict[str, Any]:

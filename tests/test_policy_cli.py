@@ -287,3 +287,18 @@ def test_an_empty_name_is_refused_naming_its_argument_and_the_policy_is_unchange
     assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
     assert proc.stderr.splitlines()[-1].endswith(f"error: argument {flag}: must not be empty"), proc.stderr
     assert not state.exists()
+
+
+def test_policy_test_at_a_given_time_shows_a_bedtime_from_the_shell(tmp_path, capsys):
+    """``iotgw policy test`` decided at the current time only: an owner could not check a bedtime rule by day."""
+    state, mac = tmp_path / "s", "aa:bb:cc:00:00:08"
+    assert _run(state, "schedule", "bedtime", "--tz", "Europe/Berlin", "--day", "mon=22:00-07:00") == 0
+    assert _run(state, "block", f"device:{mac}", "all", "--schedule", "bedtime") == 0
+    # 2024-01-15 is a Monday; Berlin is UTC+1 in January
+    assert _test(state, capsys, mac, "x.example", "--at", "2024-01-15T23:30+01:00")["action"] == "blocked"
+    assert _test(state, capsys, mac, "x.example", "--at", "2024-01-16T05:59Z")["action"] == "blocked"
+    assert _test(state, capsys, mac, "x.example", "--at", "2024-01-16T06:00Z")["action"] == "allowed"
+    assert _test(state, capsys, mac, "x.example", "--at", "2024-01-16T23:30+01:00")["action"] == "allowed"
+    with pytest.raises(SystemExit):
+        _run(state, "test", mac, "x.example", "--at", "monday night")
+    assert "'monday night' is not an ISO 8601 time" in capsys.readouterr().err

@@ -7,6 +7,7 @@ it. Lists fetched from a URL are kept in ``<state_dir>/lists``.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 from collections.abc import Callable
@@ -114,6 +115,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--status", default="approved", choices=("new", "identified", "approved"),
                    help="the device's status: all but approved are quarantined while quarantine is on "
                    "(default approved)")
+    c.add_argument("--at", type=_moment, metavar="WHEN",
+                   help="decide at this time instead of now, for scheduled rules: ISO 8601, e.g. 2026-11-23T23:00 "
+                   "(this machine's local time) or 2026-11-23T23:00+01:00")
     c.set_defaults(func=_test)
 
     for c in cmds.choices.values():
@@ -254,11 +258,19 @@ def _import_mud(args: argparse.Namespace) -> int:
     return _run(args, change)
 
 
+def _moment(text: str) -> float:
+    """``--at``'s ISO 8601 time as Unix seconds; one without an offset is this machine's local time."""
+    try:
+        return datetime.datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time such as 2026-11-23T23:00") from None
+
+
 def _test(args: argparse.Namespace) -> int:
     try:
         verdict, errors = policies.decide(
             _state_dir(args), args.mac, args.name,
-            device_type=args.device_type, category=args.category, status=args.status,
+            device_type=args.device_type, category=args.category, status=args.status, at=args.at,
         )
     except ValueError as exc:
         print(f"iotgw policy: {exc}", file=sys.stderr)
