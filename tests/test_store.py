@@ -144,3 +144,25 @@ def test_a_migration_failing_on_the_data_is_its_own_error_not_a_database_that_do
     monkeypatch.setattr(Store, "migrate", failing)
     with pytest.raises(IntegrityError):
         Store(f"sqlite:///{tmp_path / 'iotgw.sqlite'}")
+
+
+def test_a_devices_identifications_of_one_time_keep_the_order_they_were_written_in(tmp_path):
+    """A replay's model swap within a device's window stamps the old model's answer and the new one's with the
+    window's close: ordered by time alone, either could come out as the device's latest."""
+    from gateway.devices.service import get_device
+    from gateway.store.schema import Device, Identification
+
+    store = Store(f"sqlite:///{tmp_path / 'iotgw.sqlite'}")
+    store.migrate()
+    mac, t = "aa:bb:cc:00:00:01", 1_700_000_000.0
+    with store.transaction() as s:
+        s.add(Device(mac=mac, first_seen=t, last_seen=t, status="new"))
+        s.flush()
+        for model in ("v2", "v1", "v3"):  # ids 1, 2, 3 at one time: v3 was written last
+            s.add(Identification(mac=mac, ts=t + 60, device_type=f"type-{model}", confidence=0.9, known=True,
+                                 model_version=model))
+            s.flush()
+        s.add(Identification(mac=mac, ts=t + 30, device_type="type-v0", confidence=0.5, known=True,
+                             model_version="v0"))
+    models = [i.model_version for i in get_device(store, mac).identifications]
+    assert models == ["v0", "v2", "v1", "v3"]

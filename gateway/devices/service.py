@@ -91,8 +91,9 @@ def get_device(store: Store, mac: str) -> DeviceDetail:
     first, the others newest first); ``mac`` may be typed any way ``device_key`` reads."""
     mac = device_key(mac)
 
-    def newest(table, order):  # noqa: ANN001, ANN202 - a mapped class and its column
-        return list(s.scalars(select(table).where(table.mac == mac).order_by(order.desc()).limit(DETAIL_ROWS)))
+    def newest(table, *order):  # noqa: ANN001, ANN202 - a mapped class and its columns
+        return list(s.scalars(select(table).where(table.mac == mac).order_by(*(o.desc() for o in order))
+                              .limit(DETAIL_ROWS)))
 
     with store.session() as s:
         device = s.get(Device, mac)
@@ -104,7 +105,8 @@ def get_device(store: Store, mac: str) -> DeviceDetail:
             names=newest(DeviceName, DeviceName.last_seen),
             fingerprints=newest(DhcpFingerprint, DhcpFingerprint.first_seen),
             services=newest(MdnsService, MdnsService.first_seen),
-            identifications=newest(Identification, Identification.ts)[::-1],
+            # two of one time (a replay's model swap within a window stamps both at its close): the later written
+            identifications=newest(Identification, Identification.ts, Identification.id)[::-1],
         )
 
 
