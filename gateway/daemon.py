@@ -79,6 +79,8 @@ REIDENTIFY_REST = 1.0
 # ... and devices whose answer was not written when it read them are read again after the next flush, which it
 # looks for this often.
 REIDENTIFY_FLUSH_POLL_S = 0.25
+# A pass that failed (a full disk, an error) is tried again after this long, not only at the next start.
+REIDENTIFY_RETRY_S = 600.0
 # The model version the home's devices were last re-identified with (a setting): a daemon started on another one
 # (installed or rolled back while it was stopped, or stopped part-way through a pass) re-identifies them then.
 IDENTIFIED_BY_SETTING = "identified_by_model"
@@ -152,6 +154,7 @@ class Gateway:
         self._flusher: asyncio.Task | None = None
         self._reidentifying: asyncio.Task | None = None  # the pass of the latest model over the stored windows
         self._reidentify_stop = threading.Event()  # asks that pass's worker thread to end after its device
+        self._reidentify_retry: float | None = None  # when (monotonic) to try again a pass that failed
         self._writing: frozenset[str] = frozenset()  # devices with answers or windows in the write under way
         self._flushes = 0  # writes ended (stored or not): the pass waits for one to read what it held
 
@@ -535,6 +538,9 @@ class Gateway:
                 if (stamp := model_stamp(self.cfg)) != self._model_stamp:
                     self._model_stamp = stamp
                     await self._reload_identifier()
+                elif self._reidentify_retry is not None and time.monotonic() >= self._reidentify_retry:
+                    self._reidentify_retry = None
+                    await self._reidentify_if_new(self.identifier)
                 for ts, mac, qname in self.filtering.new_anomalies():
                     self.alert(Alert("anomaly", ts, mac, {"domain": qname, "reason": "outside the learned profile"}))
             except Exception:
@@ -590,7 +596,8 @@ class Gateway:
         alone: devices the owner labelled (their label is their identity), devices in their first window (they
         finish on the model they began with, and their window's close identifies them with this one), devices
         without a window. One whose window or answer was not written yet is read again after a flush. The version
-        is recorded once every device was seen, so a pass cut short runs again at the next start."""
+        is recorded once every device was seen, so a pass cut short runs again at the next start, and one that
+        failed also after REIDENTIFY_RETRY_S."""
         version, after, changed, seen = identifier.version, "", 0, 0
         again: set[str] = set()  # devices to read once more after a flush (see below) ...
         rereading: list[str] = []  # ... and those being read again, a round at a time
@@ -627,12 +634,15 @@ class Gateway:
             if stop.is_set():
                 return
             await asyncio.to_thread(self.store.set_setting, IDENTIFIED_BY_SETTING, version)
-        except OperationalError as exc:  # a full or read-only disk: the next start tries again
+        except OperationalError as exc:  # a full or read-only disk
             self._store_error("re-identifications", exc)
+            self._reidentify_retry = time.monotonic() + REIDENTIFY_RETRY_S
             return
         except Exception:
             self.counters.add("reidentify_errors")
-            log.exception("re-identification with model %s failed; the next start tries again", version)
+            log.exception("re-identification with model %s failed; tried again in %d min", version,
+                          REIDENTIFY_RETRY_S // 60)
+            self._reidentify_retry = time.monotonic() + REIDENTIFY_RETRY_S
             return
         log.info("identification: model %s re-identified %d devices from their windows, %d answers changed",
                  version, seen, changed)

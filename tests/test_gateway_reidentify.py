@@ -261,3 +261,29 @@ def test_a_pass_outlives_a_caller_cancelled_while_it_waited_for_the_pass_to_end(
             return under_way.cancelled()
 
         assert asyncio.run_coroutine_threadsafe(cancelled_while_ending(), gw._loop).result(30) is False
+
+
+def test_a_pass_that_failed_is_tried_again_without_a_restart(tmp_path, upstream, monkeypatch):
+    """A pass that failed (a full disk, an error) was tried again only at the daemon's next start: until then the
+    home kept the old model's answers. The fault is injected: the first round raises."""
+    monkeypatch.setattr(gateway.daemon, "WINDOW_S", 1.0)
+    monkeypatch.setattr(gateway.daemon, "REIDENTIFY_RETRY_S", 1.0, raising=False)  # new with the retry
+    shipped = Bundle.load()
+    batch = Gateway._reidentify_batch
+    failed = []
+
+    def fails_once(self, identifier, *args, **kwargs):  # noqa: ANN001, ANN202 - the real round after one failure
+        if identifier.version == "fed-r2" and not failed:
+            failed.append(True)
+            raise RuntimeError("injected: the round failed")
+        return batch(self, identifier, *args, **kwargs)
+
+    monkeypatch.setattr(Gateway, "_reidentify_batch", fails_once)
+    with RunningGateway(tmp_path, upstream) as gw:
+        joins(gw, THING, "127.0.0.98")
+        assert not identified(gw, THING, 1)[0].known
+        install(gw.cfg.federation_dir / "model", learnt(shipped, "fed-r2"))
+        new = identified(gw, THING, 2, timeout=30)[1]
+        assert failed and gw.gateway.counters.get("reidentify_errors") == 1
+        assert (new.known, new.model_version) == (True, "fed-r2")
+        eventually(lambda: gw.store.get_setting(IDENTIFIED_BY_SETTING) == "fed-r2")
