@@ -656,30 +656,31 @@ class Gateway:
     def _reidentify_batch(self, identifier, after: str | None, busy: frozenset[str],  # noqa: ANN001
                           stop: threading.Event, macs: list[str] | None = None) -> tuple[str | None, int, list[tuple]]:
         """One round of ``_reidentify`` (in a worker thread): the next devices after the key ``after`` (or those
-        of ``macs``) that have a window and no label of the owner's, and are not ``busy``. Returns the key to go
-        on after (None: this was the last round), how many devices were identified again, and (key, window start,
-        answer held, identity) of those whose answer changed."""
-        version = identifier.version
+        of ``macs``) that have a window, no label of the owner's and a newest identification by another model (or
+        none), and are not ``busy``. Returns the key to go on after (None: this was the last round), how many
+        devices were identified again, and (key, window start, answer held, identity) of those whose answer
+        changed."""
         unlabelled = and_(Device.label_manufacturer.is_(None), Device.label_device_type.is_(None),
                           Device.label_category.is_(None))
+        # A device whose newest identification is this model's was re-identified by it already (a pass cut short,
+        # then a restart): tested in the query, so its window is never read. Tested after reading, a start read
+        # every stored window, a round at a time with a rest after each, to find the few left to do.
+        newest = (select(Identification.model_version).where(Identification.mac == Device.mac)
+                  .order_by(Identification.id.desc()).limit(1).correlate(Device).scalar_subquery())
+        not_yet = func.coalesce(newest, "") != identifier.version
         which = Device.mac.in_(macs) if macs is not None else Device.mac > after
         with self.store.session() as s:
             rows = s.execute(
                 select(Device.mac, Device.manufacturer, Device.device_type, Device.category, Device.known,
                        ObservationWindow.started_at, ObservationWindow.observations)
                 .join(ObservationWindow, ObservationWindow.mac == Device.mac)
-                .where(which, unlabelled).order_by(Device.mac).limit(REIDENTIFY_BATCH)).all()
-            newest = dict(s.execute(
-                select(Identification.mac, Identification.model_version)
-                .where(Identification.id.in_(select(func.max(Identification.id))
-                                             .where(Identification.mac.in_([r.mac for r in rows]))
-                                             .group_by(Identification.mac)))).all()) if rows else {}
+                .where(which, unlabelled, not_yet).order_by(Device.mac).limit(REIDENTIFY_BATCH)).all()
         after = rows[-1].mac if len(rows) == REIDENTIFY_BATCH and macs is None else None
         count, found = 0, []
         for mac, manufacturer, device_type, category, known, started_at, observations in rows:
             if stop.is_set():
                 break
-            if mac in busy or newest.get(mac) == version:  # still being decided, or already by this model
+            if mac in busy:  # still being decided
                 continue
             count += 1
             identity = window_identity(identifier, mac, started_at, observations)
