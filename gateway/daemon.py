@@ -419,29 +419,37 @@ class Gateway:
         self._changed_windows.discard(key)
         window = self._windows.pop(key, [])
         self._closed_windows.append((key, start, window))
-        if session is not None and not self._in_order:
-            # a replay out of time order: the session reads the window (kept in time order, see _keep_earliest) as
-            # live capture would have sent it, so it decides where and when `iotgw identify` does on the same frames
+        dev = self.tracker.devices.get(key)  # its window ends at its first minute or its last packet
+        end = min(start + WINDOW_S, dev.last_seen if dev else start)
+        # Another model was loaded during its window (or the first one, when it began without): the pass over the
+        # stored windows left it out, so the model now running answers it here.
+        replaced = self.identifier is not None and (session is None or session.ident is not self.identifier)
+        if replaced and session is not None and session.committed is not None:
+            # The old model decided within the window: stored and announced already. The new answer is stored and
+            # announced as the pass's are, only where it changed.
+            held = session.committed.claimed()
+            identity = window_identity(self.identifier, key, start, window)
+            if answer(identity) != answer(held):
+                ts = end if self._replay else time.time()
+                self._pending_identities.append((key, ts, identity))
+                if held.device_type != identity.device_type:
+                    self.alert(identity_alert(key, identity, ts, replacing=held.device_type))
+            return
+        if replaced:
+            # Nothing was said of the device yet: the model now running reads the whole window as if it had from its
+            # start, and its answer is the device's first, announced once. The old model's best guess is neither
+            # stored nor announced: the owner heard of one new device twice at once, first from a model no longer
+            # running, then as a change of type from that guess.
+            session = self.identifier.session(key, start)
+        if session is not None and (replaced or not self._in_order):
+            # A replay out of time order reads the window (kept in time order, see _keep_earliest) only now, as live
+            # capture would have sent it, so it decides where and when `iotgw identify` does on the same frames.
             for obs in map(from_json, window):
                 identity = session.update(obs)
                 if identity is not None:
                     self._identified(key, identity, obs.ts)
-        dev = self.tracker.devices.get(key)  # its window ends at its first minute or its last packet
-        end = min(start + WINDOW_S, dev.last_seen if dev else start)
         if session is not None and session.committed is None:
             self._identified(key, session.current(), end)
-        if self.identifier is not None and (session is None or session.ident is not self.identifier):
-            # Another model was loaded during its window (or the first one, when it began without): the pass over
-            # the stored windows left it out, so its whole window is identified here by the model now running.
-            held = (session.committed or session.current()).claimed() if session is not None else None
-            identity = window_identity(self.identifier, key, start, window)
-            if held is None or answer(identity) != answer(held):
-                ts = end if self._replay else time.time()
-                self._pending_identities.append((key, ts, identity))
-                if held is None:  # its first answer
-                    self.alert(identity_alert(key, identity, ts))
-                elif held.device_type != identity.device_type:  # as the pass announces a changed type
-                    self.alert(identity_alert(key, identity, ts, replacing=held.device_type))
 
     def _close_due_windows(self) -> None:
         """Windows of devices that went quiet: the event path only closes a window on the next packet."""

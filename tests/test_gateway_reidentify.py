@@ -146,12 +146,11 @@ def reidentified_live(tmp_path, upstream, monkeypatch, broker: Mosquitto) -> Non
 
         def closed():
             gw.ask("www.example.test", "127.0.0.94")
-            return identified(gw, LATE, 2, timeout=1)
-        first, again = eventually(closed)
-        assert (first.known, first.model_version) == (False, shipped.version)
-        assert (again.known, again.device_type, again.model_version) == (True, first.alternatives[0][0], "fed-r2")
-        alert = recent_alerts(gw.store, kind="device_identified", mac=LATE)[0]
-        assert alert.data["previous_device_type"] == "unknown" and alert.data["model_version"] == "fed-r2"
+            return identified(gw, LATE, 1, timeout=1)
+        (only,) = eventually(closed)  # the old model never decided: its guess is not the device's answer
+        assert (only.known, only.model_version) == (True, "fed-r2")
+        alert = eventually(lambda: recent_alerts(gw.store, kind="device_identified", mac=LATE)[0])
+        assert alert.data["device_type"] == only.device_type and "previous_device_type" not in alert.data
 
 
 def test_a_model_installed_or_rolled_back_while_the_daemon_was_stopped_re_identifies_at_start(tmp_path, upstream,
@@ -334,3 +333,30 @@ def test_a_start_reads_only_the_windows_of_devices_the_running_model_has_not_ide
         eventually(lambda: gw.store.get_setting(IDENTIFIED_BY_SETTING) == shipped.version, 30)
     assert sum(count for _, count, _ in rounds) == len(left)
     assert len(rounds) == 1, "the windows already identified by this model were read"
+
+
+def test_a_device_whose_window_spans_an_install_and_never_decided_is_announced_once(tmp_path, upstream, monkeypatch):
+    """A device in its first minute when a model came, on which the old model never decided: its window's close
+    stored and announced the old model's best guess ("unknown"), then the new model's answer with "type before:
+    unknown", two alerts at once for one new device. Its first answer is the model's now running, announced once."""
+    monkeypatch.setattr(gateway.daemon, "WINDOW_S", 3600.0)
+    shipped = Bundle.load()
+    with RunningGateway(tmp_path, upstream) as gw:
+        eventually(lambda: gw.store.get_setting(IDENTIFIED_BY_SETTING) == shipped.version)
+        joins(gw, THING, "127.0.0.99")
+        eventually(lambda: window(gw, THING) is not None)
+        install(gw.cfg.federation_dir / "model", learnt(shipped, "fed-r2"))
+        eventually(lambda: gw.store.get_setting(IDENTIFIED_BY_SETTING) == "fed-r2", 30)
+        assert gw.gateway._sessions[THING].ident.version == shipped.version
+        assert gw.gateway._sessions[THING].committed is None  # the old model never decided on it
+        monkeypatch.setattr(gateway.daemon, "WINDOW_S", 1.0)  # a packet past its window closes it
+
+        def closed():
+            gw.ask("www.example.test", "127.0.0.99")
+            return identified(gw, THING, 1, timeout=1)
+        (only,) = eventually(closed)
+        assert (only.known, only.model_version) == (True, "fed-r2")
+        alerts = eventually(lambda: recent_alerts(gw.store, kind="device_identified", mac=THING) or None)
+        assert not recent_alerts(gw.store, kind="unknown_device", mac=THING)
+        assert len(alerts) == 1 and alerts[0].data["device_type"] == only.device_type
+        assert "previous_device_type" not in alerts[0].data  # nothing was said of it before
