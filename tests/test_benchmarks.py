@@ -87,6 +87,11 @@ SMOKE = [
                  {"names", "load_s", "rss_added_mb", "index_mb", "lookup_us_p50", "lookup_us_p99",
                   "blocked_fraction"},
                  id="policy_lookup"),
+    pytest.param("reidentify.py", ["--devices", "20", "--idle-s", "0.5"],
+                 {"devices", "completed", "answers_changed", "pass_wall_s", "work_s", "work_cpu_s",
+                  "work_ms_per_device", "rss_mb_before", "rss_mb_peak", "rss_mb_max", "dns_idle", "dns_during_pass",
+                  "dns_lost"},
+                 id="reidentify"),
     pytest.param("soak.py", ["--clients", "3", "--qps", "20", "--duration", "4", "--sample-s", "1"],
                  {"sent", "answered", "errors", "timeouts", "rcodes", "rss_mb_start", "rss_mb_half", "rss_mb_end",
                   "rss_mb_max", "rss_slope_mb_per_h_second_half", "fds_start", "fds_half", "fds_end", "fds_max",
@@ -130,6 +135,7 @@ def test_benchmark_help_explains_instead_of_running(script, tmp_path):
     ("federated_round.py", ["--homes", "0"]),
     ("policy_lookup.py", ["--queries", "0"]),
     ("device_flood.py", ["--macs", "0"]),
+    ("reidentify.py", ["--devices", "0"]),
     ("soak.py", ["--clients", "0"]),
 ])
 def test_benchmark_refuses_a_zero_count_or_length_with_a_usage_error(script, args, tmp_path):
