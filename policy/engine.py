@@ -21,7 +21,7 @@ from pathlib import Path
 from policy import lists
 from policy.lists import ListError, normalise_name
 from policy.matcher import DomainIndex, hash_names, suffixes
-from policy.model import PolicySet, Rule, category_tag
+from policy.model import PolicySet, Rule, category_tag, scope_words
 from policy.records import ALLOWED, ALLOWED_ANOMALY, ANSWERS, DeviceContext, Verdict
 from policy.schedule import Schedule
 
@@ -29,12 +29,26 @@ _Pair = tuple[Verdict, Verdict]  # (without anomaly, with anomaly), indexed by t
 _Verdicts = dict[str, _Pair]  # answer mode -> pair: a rule's answer is the asking device's setting
 
 
-def _pair(action: str, rule: str | None, answer: str) -> _Pair:
-    return Verdict(action, rule, answer, False), Verdict(action, rule, answer, True)
+# What a mode blocks, in words; its key is "<scope> paused|strict".
+_MODES = {"paused": "paused (internet off)", "strict": "strict (only its profile)"}
 
 
-def _verdicts(action: str, rule: str) -> _Verdicts:
-    return {answer: _pair(action, rule, answer) for answer in ANSWERS}
+def _pair(action: str, rule: str, words: str, answer: str) -> _Pair:
+    return Verdict(action, rule, answer, False, words), Verdict(action, rule, answer, True, words)
+
+
+def _verdicts(action: str, rule: str, words: str) -> _Verdicts:
+    return {answer: _pair(action, rule, words, answer) for answer in ANSWERS}
+
+
+def _mode(scope: str, mode: str, answer: str) -> _Pair:
+    return _pair("blocked", f"{scope} {mode}", f"{scope_words(scope)} mode: {_MODES[mode]}", answer)
+
+
+def _quarantine(allowed: bool, answer: str) -> _Pair:
+    if allowed:
+        return _pair("allowed", "quarantine allow", "quarantine: on its allowed list", answer)
+    return _pair("blocked", "quarantine", "quarantine: not on its allowed list", answer)
 
 
 @dataclass
@@ -84,7 +98,7 @@ class PolicyEngine:
         self._quarantine_on = False
         self._quarantine_allow: frozenset[str] = frozenset()
         self._answer = "null"
-        self._quarantine_pairs: tuple[_Pair, _Pair] = (_pair("allowed", "quarantine allow", "null"),) * 2
+        self._quarantine_pairs: tuple[_Pair, _Pair] = (_quarantine(True, "null"),) * 2
         self._resolved: dict[tuple, _Resolved] = {}
 
     # -- building -------------------------------------------------------------------------------------------
@@ -120,10 +134,7 @@ class PolicyEngine:
 
         engine._quarantine_on = data.quarantine.enabled
         engine._quarantine_allow = frozenset(normalise_name(n) for n in data.quarantine.allow)
-        engine._quarantine_pairs = (
-            _pair("blocked", "quarantine", data.answer),
-            _pair("allowed", "quarantine allow", data.answer),
-        )
+        engine._quarantine_pairs = (_quarantine(False, data.answer), _quarantine(True, data.answer))
         for scope, pol in data.policies.items():
             grouped: dict[str | None, list[Rule]] = {}
             for rule in pol.rules:
@@ -171,9 +182,12 @@ class PolicyEngine:
     ) -> _Part:
         part = _Part(schedule, {}, {}, 0, 0, {}, None)
         for rule in rules:
+            # The key and its words are made here, side by side: an owner-given name (a type, a tag, a list
+            # category) can hold anything, spaces and " block " too, so no words can be parsed out of a key.
             label = f"{scope} {rule.label()}"
-            blocked = _verdicts("blocked", label)
-            allowed = _verdicts("allowed", label)
+            said = f"{scope_words(scope)} rule: {rule.words()}"
+            blocked = _verdicts("blocked", label, said)
+            allowed = _verdicts("allowed", label, said)
             if rule.kind == "all":
                 if rule.action == "block":
                     part.block_all = blocked
@@ -187,15 +201,18 @@ class PolicyEngine:
                 if list_id not in slot_of:
                     continue  # disabled list
                 base = slot_of[list_id]
-                sub = f"{label} list={list_id}" if rule.kind == "category" else label
+                sub, sub_said = label, said
+                if rule.kind == "category":  # which of the category's lists named the name
+                    sub, sub_said = f"{label} list={list_id}", f"{said} (list {list_id})"
                 if rule.action == "block":
                     part.block_mask |= 1 << base
                     part.allow_mask |= 1 << (base + 1)  # the list's own @@ exceptions
-                    part.slot_verdicts.setdefault(base, _verdicts("blocked", sub))
-                    part.slot_verdicts.setdefault(base + 1, _verdicts("allowed", f"{sub} exception"))
+                    part.slot_verdicts.setdefault(base, _verdicts("blocked", sub, sub_said))
+                    part.slot_verdicts.setdefault(base + 1, _verdicts(
+                        "allowed", f"{sub} exception", f"{sub_said}, but the list makes an exception"))
                 else:
                     part.allow_mask |= 0b11 << base
-                    part.slot_verdicts[base] = part.slot_verdicts[base + 1] = _verdicts("allowed", sub)
+                    part.slot_verdicts[base] = part.slot_verdicts[base + 1] = _verdicts("allowed", sub, sub_said)
         return part
 
     # -- deciding -----------------------------------------------------------------------------------------
@@ -239,9 +256,9 @@ class PolicyEngine:
         for name in names:
             matched = self._match(res, suffixes(name.rstrip(".").lower()), now)
             if matched is not None and matched[res.answer][0].blocked:
-                return Verdict(
-                    "blocked", f"cname {name.rstrip('.').lower()}: {matched[res.answer][0].rule}", res.answer
-                )
+                alias, rule = name.rstrip(".").lower(), matched[res.answer][0]
+                return Verdict("blocked", f"cname {alias}: {rule.rule}", res.answer,
+                               words=f"its alias {alias}: {rule.words}")
         return ALLOWED
 
     def _match(self, res: _Resolved, sfx: list[str], now: float) -> _Verdicts | None:
@@ -279,8 +296,8 @@ class PolicyEngine:
         answer = next((s.answer for s in chain if s.answer is not None), self._answer)
         res = _Resolved(
             chain,
-            _pair("blocked", f"{paused.key} paused", answer) if paused and paused.paused else None,
-            _pair("blocked", f"{strict.key} strict", answer) if strict and strict.strict else None,
+            _mode(paused.key, "paused", answer) if paused and paused.paused else None,
+            _mode(strict.key, "strict", answer) if strict and strict.strict else None,
             answer,
             any(p.allow_mask or p.block_mask for s in chain for p in s.parts),
         )

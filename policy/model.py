@@ -106,6 +106,17 @@ def normalise_scope(text: str) -> str:
     raise ValueError(f"{text!r}: unknown scope kind {kind!r}")
 
 
+def scope_words(scope: str) -> str:
+    """Whose rule a canonical scope is, as the owner reads it: ``global``, ``its own`` (the asking device's),
+    ``type <type>`` or ``category <category>`` (``tag:device_camera`` -> ``category camera``)."""
+    if scope == "global":
+        return scope
+    kind, _, value = scope.partition(":")
+    if kind == "tag":
+        return f"category {value.removeprefix('device_')}"
+    return "its own" if kind == "device" else f"type {value}"
+
+
 def hidden_character(text: str) -> str | None:
     """The first character of ``text`` that is no text to show (a control or bidi character: a newline, ESC,
     U+202E), joiners (emoji sequences) allowed; None when there is none. Owner-given names and scope names

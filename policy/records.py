@@ -31,8 +31,10 @@ class DeviceContext:
 class Verdict:
     """The decision for one query.
 
-    ``rule`` names what matched (``device:aa:bb:..:block:name=ads.example``, ``global:list=oisd``,
-    ``quarantine``, ``strict:camera`` ...) or is ``None`` when nothing did; it goes into the query log.
+    ``rule`` keys what matched (``device:aa:bb:.. block name=ads.example``, ``global block list=oisd``,
+    ``quarantine``, ``type:camera strict`` ...) or is ``None`` when nothing did; ``words`` says the same to the
+    owner ("its own rule: block ads.example"). Both go into the query log: the key's owner-given names (a type,
+    a tag, a list category) may hold spaces and anything else, so the words cannot be read back out of it.
     ``answer`` says how to answer when blocked. ``anomaly`` is set when the device has a profile and the
     name lies outside it: the gateway raises an event, whatever the action.
     """
@@ -41,6 +43,7 @@ class Verdict:
     rule: str | None = None
     answer: str = "null"
     anomaly: bool = False
+    words: str | None = None
 
     @property
     def blocked(self) -> bool:

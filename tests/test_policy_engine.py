@@ -413,8 +413,6 @@ def test_policy_set_round_trips_through_json_and_validates():
 def test_the_query_logs_words_for_a_rule_say_categories_and_tags_with_spaces(tmp_path):
     """The owner names a list category and labels a device's category freely ("social media", "smart speaker"):
     the engine's key for such a rule was shown as it is, where every other rule is said in words."""
-    from webui.views import rule_words
-
     (tmp_path / "fb.txt").write_text("||facebook.example^\n")
     ps = PolicySet()
     ps.lists = {"fb": ListSpec("fb.txt")}
@@ -423,8 +421,89 @@ def test_the_query_logs_words_for_a_rule_say_categories_and_tags_with_spaces(tmp
     ps.policy("category:smart speaker").rules.append(Rule("block", "name", "ads.example"))
     engine = PolicyEngine.build(ps, base_dir=tmp_path)
     speaker = DeviceContext("aa:bb:cc:00:00:07", "EchoDot", "smart speaker", "approved")
-    listed = engine.decide(speaker, "facebook.example", NOW).rule
-    named = engine.decide(speaker, "ads.example", NOW).rule
-    assert listed == "tag:device_smart speaker block category=social media list=fb"
-    assert rule_words(listed) == "category smart speaker rule: block category social media (list fb)"
-    assert rule_words(named) == "category smart speaker rule: block ads.example"
+    listed = engine.decide(speaker, "facebook.example", NOW)
+    named = engine.decide(speaker, "ads.example", NOW)
+    assert listed.rule == "tag:device_smart speaker block category=social media list=fb"
+    assert listed.words == "category smart speaker rule: block category social media (list fb)"
+    assert named.words == "category smart speaker rule: block ads.example"
+
+
+_ALWAYS = Schedule("UTC", {day: (0, parse_clock("24:00")) for day in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")})
+
+
+def _words_case(scope: str, rule: Rule | None, category: str | None = None, schedule: str | None = None) -> PolicySet:
+    ps = PolicySet()
+    ps.lists = {"fb": ListSpec("fb.txt")}
+    ps.categories = {category or "social": ["fb"]}
+    if schedule:
+        ps.schedules[schedule] = _ALWAYS
+    pol = ps.policy(scope)
+    if rule is None:
+        pol.paused = True
+    else:
+        pol.rules.append(rule)
+    return ps
+
+
+# (scope, rule (None: the scope is paused), list category, schedule, device type, device category, asked, words)
+_HOSTILE_NAMES = {
+    "a type with ' block ' in it": (
+        "type:smart block speaker", Rule("block", "name", "ads.example"), None, None, "smart block speaker", None,
+        "ads.example", "type smart block speaker rule: block ads.example"),
+    "a type that reads as a rule": (
+        "type:x block category=y", Rule("block", "name", "ads.example"), None, None, "x block category=y", None,
+        "ads.example", "type x block category=y rule: block ads.example"),
+    "a paused type ending in ' block'": (
+        "type:cam block", None, None, None, "cam block", None, "anything.example",
+        "type cam block mode: paused (internet off)"),
+    "a type with colons": (
+        "type:hub:v2: pro", Rule("block", "all"), None, None, "hub:v2: pro", None, "anything.example",
+        "type hub:v2: pro rule: block everything"),
+    "a tag with ' allow ' in it": (
+        "category:stay allow listed", Rule("block", "name", "ads.example"), None, None, None, "stay allow listed",
+        "ads.example", "category stay allow listed rule: block ads.example"),
+    "a list category that reads as a schedule": (
+        "global", Rule("block", "category", "ads schedule=night"), "ads schedule=night", None, None, None,
+        "facebook.example", "global rule: block category ads schedule=night (list fb)"),
+    "a list category that reads as an exception": (
+        "global", Rule("block", "category", "trackers exception"), "trackers exception", None, None, None,
+        "facebook.example", "global rule: block category trackers exception (list fb)"),
+    "a schedule with a space": (
+        "global", Rule("block", "name", "ads.example", schedule="school nights"), None, "school nights", None, None,
+        "ads.example", "global rule: block ads.example during school nights"),
+}
+
+
+@pytest.mark.parametrize("case", list(_HOSTILE_NAMES.values()), ids=list(_HOSTILE_NAMES))
+def test_the_query_logs_words_for_a_rule_keep_owner_given_names_whole(tmp_path, case):
+    """An owner labels types and tags and names list categories freely (and schedules in policy.json): the words
+    were parsed back from the engine's key with regular expressions, which read " block " in a type's name as
+    where the rule begins (the key stayed raw), and "schedule=" or " exception" in a category's name as parts
+    of the rule (wrong words)."""
+    scope, rule, category, schedule, device_type, device_category, asked, words = case
+    (tmp_path / "fb.txt").write_text("||facebook.example^\n")
+    engine = PolicyEngine.build(_words_case(scope, rule, category, schedule), base_dir=tmp_path)
+    verdict = engine.decide(DeviceContext("aa:bb:cc:00:00:08", device_type, device_category, "approved"), asked, NOW)
+    assert verdict.blocked
+    assert verdict.words == words
+
+
+def test_the_words_of_a_cname_block_keep_the_owner_given_type_whole(tmp_path):
+    """A CNAME chain's key nests the rule's: its words nest the rule's words, whatever the type is called."""
+    ps = PolicySet()
+    ps.policy("type:smart block speaker").rules.append(Rule("block", "name", "tracker-cdn.example"))
+    engine = PolicyEngine.build(ps)
+    speaker = DeviceContext("aa:bb:cc:00:00:08", "smart block speaker", None, "approved")
+    verdict = engine.check_cname_chain(speaker, ["Edge.Tracker-CDN.example."], NOW)
+    assert verdict.rule == "cname edge.tracker-cdn.example: type:smart block speaker block name=tracker-cdn.example"
+    assert verdict.words == (
+        "its alias edge.tracker-cdn.example: type smart block speaker rule: block tracker-cdn.example")
+
+
+def test_the_words_of_quarantine_say_whether_the_name_is_on_its_allowed_list():
+    ps = PolicySet()
+    ps.quarantine.enabled = True
+    engine = PolicyEngine.build(ps)
+    new = DeviceContext("aa:bb:cc:00:00:08")
+    assert engine.decide(new, "pool.ntp.org", NOW).words == "quarantine: on its allowed list"
+    assert engine.decide(new, "ads.example", NOW).words == "quarantine: not on its allowed list"
