@@ -23,6 +23,7 @@ class DnsQuery:
     verdict: str = "allowed"  # "allowed" | "blocked" | "refused" | "ratelimited"
     rule: str | None = None  # the policy rule that decided, for the query log
     source: str = "server"  # "server" | "capture" | "replay"
+    rule_words: str | None = None  # the rule in the owner's words, made by the policy engine beside ``rule``
 
 
 @dataclass(slots=True)

@@ -73,12 +73,12 @@ class Filtering:
         if verdict.anomaly:
             self.anomalies.append((now, ctx.mac, qname))
         if not verdict.blocked:
-            return Decision("allowed", verdict.rule) if verdict.rule else None
+            return Decision("allowed", verdict.rule, None, verdict.words) if verdict.rule else None
         try:
             reply = blocked_reply(query, verdict.answer)
         except MalformedQuery:
-            return Decision("blocked", verdict.rule, None)
-        return Decision("blocked", verdict.rule, reply)
+            return Decision("blocked", verdict.rule, None, verdict.words)
+        return Decision("blocked", verdict.rule, reply, verdict.words)
 
     def check_response(self, client: str, mac: str | None, qname: str, response: bytes,
                        query: bytes) -> Decision | None:
@@ -99,7 +99,8 @@ class Filtering:
         if not verdict.blocked:
             return None
         # No fallback to forwarding: the server parsed this query already, and a leak would defeat the block.
-        return Decision("blocked", verdict.rule, blocked_reply(query, verdict.answer))  # "cname <target>: <rule>"
+        # "cname <target>: <rule>"
+        return Decision("blocked", verdict.rule, blocked_reply(query, verdict.answer), verdict.words)
 
     def _context_for_unknown(self, key: str) -> DeviceContext:
         # A device the tracker has not written yet: it is new, and so under quarantine if quarantine is on.

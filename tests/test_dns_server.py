@@ -362,6 +362,50 @@ def test_cname_to_a_blocked_name_is_answered_blocked_from_upstream_and_from_the_
     assert {e.rule for e in srv.events[:2]} == {"cname ads.tracker.test: global block name=tracker.test"}
 
 
+def test_the_query_log_keeps_each_rule_in_the_words_the_engine_said_it(tmp_path):
+    """Blocked here, allowed by a rule and forwarded, blocked by a CNAME from upstream and from the cache, for a
+    device whose type the owner named "smart block speaker": each query log row keeps the engine's words beside its
+    key. The words were parsed out of the key when shown, and such a type's stayed a raw key."""
+    from gateway.store.db import Store
+    from gateway.store.querylog import QueryLogWriter, recent
+    from policy.records import DeviceContext
+
+    tracker = Dnsmasq(tmp_path, extra=["--local=/tracker.test/", "--host-record=ads.tracker.test,192.0.2.66",
+                                       "--cname=metrics.example.test,ads.tracker.test"])
+    tracker.start()
+    filtering = Filtering(store=None, state_dir=tmp_path)  # type: ignore[arg-type] - no device table needed
+    scope = "type:smart block speaker"
+    rules = PolicySet(policies={scope: Policy(rules=[Rule("block", "name", "tracker.test"),
+                                                     Rule("block", "name", "other.example.test"),
+                                                     Rule("allow", "name", "www.example.test")])})
+    filtering.engine = PolicyEngine.build(rules, base_dir=tmp_path)
+    filtering.contexts["ip:127.0.0.1"] = DeviceContext("ip:127.0.0.1", "smart block speaker", status="approved")
+    try:
+        with running(config([tracker.address]), decide=filtering.decide,
+                     check_response=filtering.check_response) as srv:
+            for name in ("other.example.test", "www.example.test", "metrics.example.test", "metrics.example.test"):
+                ask(srv.port, name)
+    finally:
+        tracker.stop()
+    store = Store(f"sqlite:///{tmp_path / 'iotgw.sqlite'}")
+    try:
+        writer = QueryLogWriter(store)
+        writer.add(srv.events)
+        assert writer.flush() == 4
+        logged = [(q.qname, q.verdict, q.rule, q.rule_words) for q in reversed(recent(store))]
+    finally:
+        store.close()
+    said = "type smart block speaker rule:"
+    cname = ("metrics.example.test", "blocked", f"cname ads.tracker.test: {scope} block name=tracker.test",
+             f"its alias ads.tracker.test: {said} block tracker.test")
+    assert logged == [
+        ("other.example.test", "blocked", f"{scope} block name=other.example.test", f"{said} block other.example.test"),
+        ("www.example.test", "allowed", f"{scope} allow name=www.example.test", f"{said} allow www.example.test"),
+        cname,
+        cname,  # the cached answer
+    ]
+
+
 def test_a_listen_address_in_use_is_a_clear_error(upstream):
     with running(config([upstream.address])) as srv:
         taken = f"127.0.0.1:{srv.port}"

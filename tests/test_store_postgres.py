@@ -215,14 +215,15 @@ def test_a_long_or_refused_query_name_loses_only_its_own_row(store):
     long_name = "\\001" * 189 + ".example.com"  # dnslib spells each unprintable byte so
     names = ["before.example.com", long_name, "nul\x00.example.com", "after.example.com"]
     writer = QueryLogWriter(store)
-    writer.add(DnsQuery(time.time(), "10.9.0.7", mac, name, 1, "example.com", rule="r" * 300) for name in names)
+    writer.add(DnsQuery(time.time(), "10.9.0.7", mac, name, 1, "example.com", rule="r" * 300, rule_words="w" * 1200)
+               for name in names)
     assert writer.flush() == 3  # PostgreSQL refuses NUL in text: that row alone is dropped
     assert writer.rejected == 1
     writer.add([DnsQuery(time.time(), "10.9.0.7", mac, "later.example.com", 1, "example.com")])
     assert writer.flush() == 1  # the writer goes on
     rows = recent(store, mac=mac)
     assert [r.qname for r in rows] == ["later.example.com", "after.example.com", long_name[:255], "before.example.com"]
-    assert len(rows[1].rule) == 255
+    assert (len(rows[1].rule), len(rows[1].rule_words)) == (255, 1000)
 
 
 def test_alerts_two_processes_enqueue_reach_the_publisher_in_id_order(store):

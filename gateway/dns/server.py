@@ -32,11 +32,19 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True, frozen=True)
 class Decision:
     """The policy's answer for one query. With ``reply`` the server answers with those bytes (their ID is
-    replaced by the query's); without, it forwards and only records ``verdict`` and ``rule``."""
+    replaced by the query's); without, it forwards and only records ``verdict``, ``rule`` and ``rule_words``.
+    ``rule`` keys the policy rule that decided, ``rule_words`` says it to the owner; both go into the query log."""
 
     verdict: str
     rule: str | None = None
     reply: bytes | None = None
+    rule_words: str | None = None
+
+
+# What the server logs for a query no rule decided (or one it refused before any policy was asked).
+_ALLOWED = Decision("allowed")
+_REFUSED = Decision("refused")
+_RATELIMITED = Decision("ratelimited")
 
 
 MacFor = Callable[[str], "str | None"]
@@ -105,11 +113,11 @@ class _Upstream:
 class _Pending:
     """A query waiting for an upstream: who asked, how to answer, and what to log."""
 
-    __slots__ = ("query", "question", "sock", "addr", "fut", "client", "mac", "verdict", "rule", "key", "t0",
+    __slots__ = ("query", "question", "sock", "addr", "fut", "client", "mac", "decided", "key", "t0",
                  "client_max", "upstream", "tried", "sent_id", "deadline")
 
     def __init__(self, query: bytes, question: wire.Question, sock: socket.socket | None, addr: tuple,
-                 fut: asyncio.Future | None, client: _Client, mac: str | None, verdict: str, rule: str | None,
+                 fut: asyncio.Future | None, client: _Client, mac: str | None, decided: Decision,
                  key: bytes | None, t0: float, client_max: int) -> None:
         self.query = query
         self.question = question
@@ -118,8 +126,7 @@ class _Pending:
         self.fut = fut
         self.client = client
         self.mac = mac
-        self.verdict = verdict
-        self.rule = rule
+        self.decided = decided  # what the query log says decided it, unless the answer's CNAMEs are blocked
         self.key = key
         self.t0 = t0
         self.client_max = client_max
@@ -339,7 +346,7 @@ class DnsServer:
         if not client.allowed:
             self.counters.add("dns_refused")
             self._local(wire.error_reply(data, q.length, wire.REFUSED, bool(flags & wire.FLAG_EDNS)),
-                        sock, addr, fut, client, None, q, now, "refused", None)
+                        sock, addr, fut, client, None, q, now, _REFUSED)
             return
         if self._limit:
             if now - client.window >= RATE_WINDOW_S:
@@ -349,25 +356,24 @@ class DnsServer:
             if client.count > self._limit:
                 self.counters.add("dns_ratelimited")
                 self._local(wire.error_reply(data, q.length, wire.REFUSED, bool(flags & wire.FLAG_EDNS)),
-                            sock, addr, fut, client, None, q, now, "ratelimited", None)
+                            sock, addr, fut, client, None, q, now, _RATELIMITED)
                 return
         if q.qclass != CLASS_IN and q.qclass != CLASS_ANY:
             # CHAOS and the like are about the server, not the internet: forwarded, the upstream told anyone on
             # the LAN its software and version (version.bind) or, from dnsmasq, its own upstreams (servers.bind).
             self.counters.add("dns_class_refused")
             self._local(wire.error_reply(data, q.length, wire.REFUSED, bool(flags & wire.FLAG_EDNS)),
-                        sock, addr, fut, client, None, q, now, "refused", None)
+                        sock, addr, fut, client, None, q, now, _REFUSED)
             return
         mac = self.mac_for(client.ip) if self.mac_for is not None else None
-        verdict, rule = "allowed", None
+        decided = _ALLOWED
         if self.decide is not None:
             decision = self.decide(client.ip, mac, q.qname, q.qtype, data)
             if decision is not None:
                 if decision.reply is not None:
-                    self._local(data[:2] + decision.reply[2:], sock, addr, fut, client, mac, q, now,
-                                decision.verdict, decision.rule)
+                    self._local(data[:2] + decision.reply[2:], sock, addr, fut, client, mac, q, now, decision)
                     return
-                verdict, rule = decision.verdict, decision.rule
+                decided = decision
         key = None
         if self._cache.size:
             key = q.cache_keys[flags]
@@ -381,24 +387,24 @@ class DnsServer:
                 if self.check_response is not None:
                     decision = self.check_response(client.ip, mac, q.qname, response, data)
                     if decision is not None:
-                        verdict, rule = decision.verdict, decision.rule
+                        decided = decision
                         if decision.reply is not None:
                             response = data[:2] + decision.reply[2:]
-                self._local(response, sock, addr, fut, client, mac, q, now, verdict, rule)
+                self._local(response, sock, addr, fut, client, mac, q, now, decided)
                 return
-        pending = _Pending(wire.clamp_udp_size(data, 12 + q.length), q, sock, addr, fut, client, mac, verdict, rule,
+        pending = _Pending(wire.clamp_udp_size(data, 12 + q.length), q, sock, addr, fut, client, mac, decided,
                            key, now, client_max)
         if not self._send_upstream(pending, now):
             self._fail(pending)
 
     def _local(self, response: bytes, sock: socket.socket | None, addr: tuple, fut: asyncio.Future | None,
-               client: _Client, mac: str | None, q: wire.Question, t0: float, verdict: str,
-               rule: str | None) -> None:
+               client: _Client, mac: str | None, q: wire.Question, t0: float, decided: Decision) -> None:
         """Send an answer made here and log it."""
         self._reply(response, addr, sock, fut)
         if self.emit is not None:
             self.emit(DnsQuery(time.time(), client.ip, mac, q.qname, q.qtype, q.sld, response[3] & 0x0F,
-                               (time.monotonic() - t0) * 1000.0, verdict, rule, "server"))
+                               (time.monotonic() - t0) * 1000.0, decided.verdict, decided.rule, "server",
+                               decided.rule_words))
 
     def _send_upstream(self, p: _Pending, now: float) -> bool:
         """Send ``p`` to the first healthy upstream not yet tried (else the first untried); False if none is
@@ -498,12 +504,12 @@ class DnsServer:
         q = p.question
         if p.key is not None:
             self._cache.put(p.key, response, q.length, now)
-        verdict, rule = p.verdict, p.rule
+        decided = p.decided
         client = p.client
         if self.check_response is not None:
             decision = self.check_response(client.ip, p.mac, q.qname, response, p.query)
             if decision is not None:
-                verdict, rule = decision.verdict, decision.rule
+                decided = decision
                 if decision.reply is not None:
                     response = decision.reply
         query_id = p.query[:2]
@@ -521,7 +527,7 @@ class DnsServer:
             p.fut.set_result(response)
         if self.emit is not None:
             self.emit(DnsQuery(time.time(), client.ip, p.mac, q.qname, q.qtype, q.sld, response[3] & 0x0F,
-                               (now - p.t0) * 1000.0, verdict, rule, "server"))
+                               (now - p.t0) * 1000.0, decided.verdict, decided.rule, "server", decided.rule_words))
 
     # ---- failures, timeouts, truncation ------------------------------------------------------------------
 
@@ -530,7 +536,7 @@ class DnsServer:
         self.counters.add("dns_servfail")
         edns = wire.has_opt(p.query, 12 + p.question.length)
         self._local(wire.error_reply(p.query, p.question.length, wire.SERVFAIL, edns), p.sock, p.addr, p.fut,
-                    p.client, p.mac, p.question, p.t0, p.verdict, p.rule)
+                    p.client, p.mac, p.question, p.t0, p.decided)
 
     def _untried(self, p: _Pending) -> bool:
         return p.tried != (1 << len(self._upstreams)) - 1

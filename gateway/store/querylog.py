@@ -22,7 +22,7 @@ _row = attrgetter(*_COLUMNS)  # one C call per query gives its row as a tuple
 # The text columns a query's content can overflow (dnslib spells an unprintable byte as \ddd, so a legal 228-byte
 # name is 770 characters), as (position in the row, column length). PostgreSQL refuses an over-long value.
 _BOUNDED = tuple((i, Query.__table__.c[name].type.length) for i, name in enumerate(_COLUMNS)
-                 if name in ("qname", "sld", "rule"))
+                 if name in ("qname", "sld", "rule", "rule_words"))
 
 
 def _fit(row: tuple) -> tuple:

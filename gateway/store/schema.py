@@ -171,6 +171,15 @@ class Query(QueryLogBase):
     verdict: Mapped[str] = mapped_column(String(16))
     rule: Mapped[str | None] = mapped_column(String(255))
     source: Mapped[str] = mapped_column(String(16))
+    # The rule in the owner's words, as the policy engine said it when it decided (``Verdict.words``); NULL in rows
+    # written before it was kept, which show the key instead.
+    rule_words: Mapped[str | None] = mapped_column(String(1000))
+
+    @property
+    def rule_shown(self) -> str:
+        """The rule as the query log page and ``iotgw queries`` show it: its words, else its key. No words can
+        surely be read out of a key (an owner-given type or category name may hold " block " or "schedule=")."""
+        return self.rule_words or self.rule or ""
 
 
 class User(ConfigBase):
