@@ -166,3 +166,55 @@ def test_a_devices_identifications_of_one_time_keep_the_order_they_were_written_
                              model_version="v0"))
     models = [i.model_version for i in get_device(store, mac).identifications]
     assert models == ["v0", "v2", "v1", "v3"]
+
+
+def test_a_query_log_from_before_rule_words_keeps_its_rows_and_shows_their_keys(tmp_path):
+    """A query log at its first schema (querylog_0001) with a blocked row: opening it adds ``rule_words`` and keeps
+    the row; ``iotgw queries`` says that row's key (no words can surely be read out of one) and a new row's words,
+    and ``--json`` gives both fields."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+    from sqlalchemy import inspect
+
+    from gateway.store import db as store_db
+
+    url = f"sqlite:///{tmp_path / 'iotgw.sqlite'}"
+    old = Store(url, migrate=False)
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(store_db.MIGRATIONS))
+    with old.querylog_engine.begin() as conn:
+        cfg.attributes["connection"], cfg.attributes["metadata"] = conn, QueryLogBase.metadata
+        command.upgrade(cfg, "querylog_0001")
+        assert "rule_words" not in {c["name"] for c in inspect(conn).get_columns("queries")}
+        conn.exec_driver_sql(
+            "INSERT INTO queries (ts, client, mac, qname, qtype, sld, rcode, latency_ms, verdict, rule, source)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (time.time() - 60, "10.0.0.2", None, "old.example.com", 1, "example.com", 0, 1.0, "blocked",
+             "type:smart block speaker block name=old.example.com", "server"))
+    old.close()
+    store = Store(url)
+    try:
+        writer = QueryLogWriter(store)
+        writer.add([DnsQuery(time.time(), "10.0.0.2", None, "new.example.com", 1, "example.com", 0, 1.0, "blocked",
+                             "type:smart block speaker block name=new.example.com", "server",
+                             "type smart block speaker rule: block new.example.com")])
+        assert writer.flush() == 1
+        assert [(q.qname, q.rule_words) for q in recent(store)] == [
+            ("new.example.com", "type smart block speaker rule: block new.example.com"), ("old.example.com", None)]
+    finally:
+        store.close()
+    root = Path(__file__).resolve().parents[1]
+    cli = [sys.executable, "-m", "gateway.cli", "queries", "--db", url]
+    lines = subprocess.run(cli, capture_output=True, text=True, timeout=120, cwd=root, check=True).stdout.splitlines()
+    assert [line.split("  ")[-1] for line in lines] == [
+        "type smart block speaker rule: block new.example.com", "type:smart block speaker block name=old.example.com"]
+    rows = [json.loads(line) for line in subprocess.run([*cli, "--json"], capture_output=True, text=True, timeout=120,
+                                                        cwd=root, check=True).stdout.splitlines()]
+    assert [(r["rule"], r["rule_words"]) for r in rows] == [
+        ("type:smart block speaker block name=new.example.com", "type smart block speaker rule: block new.example.com"),
+        ("type:smart block speaker block name=old.example.com", None)]

@@ -276,6 +276,22 @@ def test_query_log_filters_and_pages(api):
     assert [q["qname"] for q in client.get(f"/api/v1/queries?mac={MAC}&q=c.oth").json] == ["c.other.net"]
 
 
+def test_a_query_logs_rule_comes_as_its_key_and_the_words_the_engine_said_it_in(api):
+    """The API gives ``rule_words`` beside ``rule`` (the web page's Rule column shows the words, the key as its
+    title); a row logged before the engine gave words has null words."""
+    client, store, _ = api
+    with store.querylog_session.begin() as s:
+        for i, words in enumerate((None, "type smart block speaker rule: block w.example")):
+            s.add(Query(ts=time.time() + i, client="192.168.1.9", mac=None, qname="w.example", qtype=1, sld="w.example",
+                        verdict="blocked", rule="type:smart block speaker block name=w.example", rule_words=words,
+                        source="server"))
+    rows = client.get("/api/v1/queries?q=w.example").json
+    assert [(q["rule"], q["rule_words"]) for q in rows] == [
+        ("type:smart block speaker block name=w.example", "type smart block speaker rule: block w.example"),
+        ("type:smart block speaker block name=w.example", None),
+    ]
+
+
 @pytest.mark.parametrize(
     "before", [str(2**63), str(-(2**63) - 1), "9" * 5000, "abc"], ids=["2**63", "-2**63-1", "5000 digits", "text"]
 )

@@ -965,37 +965,61 @@ def test_the_model_page_says_federations_last_round_in_words_and_how_to_take_par
     assert "None" not in text and "at:" not in text
 
 
-def test_the_query_logs_rule_column_says_which_rule_in_words(served, page):
-    """The Rule column showed the engine's key, "device:aa:bb:cc:00:00:48 block name=ads.example schedule=bedtime";
-    the key stays as the cell's title, for whoever debugs a rule."""
-    from gateway.store.schema import Query
+def test_the_query_logs_rule_column_says_which_rule_in_words(served, page, tmp_path):
+    """The Rule column showed the engine's key, "device:aa:bb:cc:00:00:48 block name=ads.example schedule=bedtime",
+    then words parsed back out of it, which left a key raw when the owner named a device type "smart block speaker"
+    and misread a list category named "ads schedule=night" as a rule with a schedule. The words are the engine's,
+    made as it decides; the key stays as the cell's title, for whoever debugs a rule. A row logged before the
+    engine gave words shows its key."""
+    from gateway.events import DnsQuery
+    from gateway.store.querylog import QueryLogWriter
+    from policy.engine import PolicyEngine
+    from policy.model import ListSpec, PolicySet, Rule
+    from policy.records import DeviceContext
+    from policy.schedule import Schedule
 
     base, store = served
     mac = "aa:bb:cc:00:00:48"
     add_device(store, mac)
-    rules = {
-        f"device:{mac} block name=ads.example schedule=bedtime": "its own rule: block ads.example during bedtime",
-        "global block list=oisd": "global rule: block list oisd",
-        "tag:device_camera block category=ads list=oisd": "category camera rule: block category ads (list oisd)",
-        "global block list=oisd exception": "global rule: block list oisd, but the list makes an exception",
-        "type:TP-LinkPlugHS110 block all": "type TP-LinkPlugHS110 rule: block everything",
-        f"device:{mac} paused": "its own mode: paused (internet off)",
-        "tag:device_plug strict": "category plug mode: strict (only its profile)",
-        "quarantine": "quarantine: not on its allowed list",
-        "quarantine allow": "quarantine: on its allowed list",
-        "cname cdn.example: global block name=cdn.example": "its alias cdn.example: global rule: block cdn.example",
-        "something new": "something new",  # a key this page does not know is shown as it is
-    }
-    with store.querylog_session.begin() as s:
-        for i, rule in enumerate(rules):
-            s.add(Query(ts=time.time() - 100 + i, client="192.168.1.50", mac=mac, qname=f"q{i}.example", qtype=1,
-                        sld="example", verdict="blocked", rule=rule, source="server"))
+    (tmp_path / "ads.txt").write_text("||tracker.example^\n")
+    ps = PolicySet(lists={"ads": ListSpec("ads.txt")}, categories={"ads schedule=night": ["ads"]})
+    ps.schedules["bedtime"] = Schedule("UTC", {d: (0, 86_400_000) for d in ("mon", "tue", "wed", "thu", "fri",
+                                                                           "sat", "sun")})
+    ps.policy(f"device:{mac}").rules.append(Rule("block", "name", "ads.example", schedule="bedtime"))
+    ps.policy("type:smart block speaker").rules.append(Rule("block", "name", "shop.example"))
+    ps.policy("type:smart block speaker").rules.append(Rule("block", "category", "ads schedule=night"))
+    ps.policy("tag:device_camera").paused = True
+    engine = PolicyEngine.build(ps, base_dir=tmp_path)
+    speaker = DeviceContext(mac, "smart block speaker", None, "approved")
+    camera = DeviceContext("aa:bb:cc:00:00:49", None, "camera", "approved")
+    asked = [(speaker, "ads.example"), (speaker, "shop.example"), (speaker, "tracker.example"), (camera, "x.example")]
+    verdicts = [engine.decide(ctx, name, time.time()) for ctx, name in asked]
+    writer = QueryLogWriter(store)
+    writer.add([DnsQuery(time.time() - 100 + i, "192.168.1.50", mac, name, 1, "example", 0, 1.0, v.action, v.rule,
+                         "server", v.words) for i, ((_, name), v) in enumerate(zip(asked, verdicts, strict=True))])
+    old = "type:smart block speaker block name=old.example"  # logged before the engine gave words
+    writer.add([DnsQuery(time.time(), "192.168.1.50", mac, "old.example", 1, "example", 0, 1.0, "blocked", old)])
+    assert writer.flush() == 5
+    words = [
+        "its own rule: block ads.example during bedtime",
+        "type smart block speaker rule: block shop.example",
+        "type smart block speaker rule: block category ads schedule=night (list ads)",
+        "category camera mode: paused (internet off)",
+        old,
+    ]
+    keys = [
+        f"device:{mac} block name=ads.example schedule=bedtime",
+        "type:smart block speaker block name=shop.example",
+        "type:smart block speaker block category=ads schedule=night list=ads",
+        "tag:device_camera paused",
+        old,
+    ]
     _login(page, base)
     for path in ("/queries", f"/devices/{mac}"):
         page.goto(base + path)
         cells = page.locator("table.queries td[data-label=Rule]")
-        assert cells.all_inner_texts()[::-1] == list(rules.values()), path
-        assert cells.evaluate_all("cs => cs.map(c => c.title)")[::-1] == list(rules), path
+        assert cells.all_inner_texts()[::-1] == words, path
+        assert cells.evaluate_all("cs => cs.map(c => c.title)")[::-1] == keys, path
 
 
 def test_a_password_change_lands_on_the_login_page_saying_what_happened(served, page):

@@ -82,7 +82,7 @@ def test_device_policy_put_shows_in_policy_json_and_in_iotgw_policy(api):
     assert shown["policies"][f"device:{MAC}"]["rules"][0]["value"] == "ads.example"
     verdict = json.loads(_cli(state_dir, "test", MAC, "x.ads.example").strip().splitlines()[-1])
     assert verdict == {"action": "blocked", "rule": f"device:{MAC} block name=ads.example", "answer": "nxdomain",
-                       "anomaly": False}
+                       "anomaly": False, "rule_words": "its own rule: block ads.example"}
     other = json.loads(_cli(state_dir, "test", "aa:bb:cc:00:00:02", "x.ads.example").strip().splitlines()[-1])
     assert other["action"] == "allowed"
 

@@ -105,3 +105,37 @@ def test_block_a_domain_for_one_device_in_the_browser_and_its_dns_is_blocked(tmp
         finally:
             server.stop()
             web_store.close()
+
+
+def test_the_query_log_says_a_type_rule_in_words_when_the_owner_named_the_type_freely(tmp_path, upstream, page):  # noqa: F811
+    """The owner labels a device "smart block speaker" and blocks a name for that type: the real daemon blocks
+    it, and the query log page says the rule in words. Parsed back out of the engine's key, the words took
+    " block " for where the rule began and the cell showed the raw key."""
+    from gateway import policies
+    from gateway.devices import service
+    from policy.model import Rule
+
+    with RunningGateway(tmp_path, upstream) as gw:
+        web_store = Store(gw.cfg.db_url)
+        accounts.set_password(web_store, PASSWORD)
+        server = serve_in_thread(web_store, gw.cfg, "127.0.0.1", 0)
+        base = server.url.rstrip("/")
+        try:
+            gw.dhcp(MAC, IP, "speaker")
+            assert answers(gw.ask("www.example.test", IP)) == {"192.0.2.10"}
+            eventually(lambda: any(d.mac == MAC for d in service.list_devices(web_store)))
+            service.label(web_store, MAC, manufacturer="Acme", device_type="smart block speaker", category="")
+            policies.add_rule(gw.cfg.state_dir, "type:smart block speaker", Rule("block", "name", "example.test"))
+            eventually(lambda: answers(gw.ask("www.example.test", IP)) == {"0.0.0.0"}, timeout=5)
+            _login(page, base)
+
+            def said_in_words() -> bool:
+                page.goto(f"{base}/queries?mac={MAC}&verdict=blocked")
+                return page.locator("td[data-label=Rule]").count() >= 1
+            eventually(said_in_words)
+            cell = page.locator("td[data-label=Rule]").first
+            assert cell.inner_text() == "type smart block speaker rule: block example.test"
+            assert cell.get_attribute("title") == "type:smart block speaker block name=example.test"
+        finally:
+            server.stop()
+            web_store.close()

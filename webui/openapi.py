@@ -122,6 +122,7 @@ DOCUMENT: dict = {
             "get": _op(
                 "Query log, newest first; page with before=<id of the last row>",
                 params=("q", "mac_query", "verdict", "before", "limit"),
+                schema="Queries",
             )
         },
         "/api/v1/alerts": {"get": _op("Alerts, newest first", params=("limit",))},
@@ -277,6 +278,29 @@ DOCUMENT: dict = {
         },
         "schemas": {
             "Error": {"type": "object", "properties": {"error": _STR}},
+            "Queries": {"type": "array", "items": {"$ref": "#/components/schemas/Query"}},
+            "Query": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer"},
+                    "ts": _NUM,
+                    "client": _STR,
+                    "mac": _NULL_STR,
+                    "qname": _STR,
+                    "qtype": {"type": "integer"},
+                    "sld": _STR,
+                    "rcode": {"type": ["integer", "null"]},
+                    "latency_ms": _NULL_NUM,
+                    "verdict": {"enum": ["allowed", "blocked", "refused", "ratelimited"]},
+                    "rule": {**_NULL_STR, "description": "the policy engine's key of the rule that decided"},
+                    "source": {"enum": ["server", "capture", "replay"]},
+                    "rule_words": {
+                        **_NULL_STR,
+                        "description": "the rule as the owner reads it, said by the policy engine when it decided; "
+                        "null without a rule and in rows logged before the words were kept (show the key)",
+                    },
+                },
+            },
             "Summary": {
                 "type": "object",
                 "properties": {

@@ -208,8 +208,8 @@ def queries():  # noqa: ANN201
 
 
 def _shown_queries(rows: list[Query]) -> list[dict]:
-    """Query log rows for a page, each with its rule in words beside the key the API gives."""
-    return [views.query(q) | {"rule_words": views.rule_words(q.rule)} for q in rows]
+    """Query log rows for a page, each with its rule as shown (its words, or the key of a row older than them)."""
+    return [views.query(q) | {"rule_shown": q.rule_shown} for q in rows]
 
 
 @bp.get("/alerts")

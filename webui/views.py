@@ -4,7 +4,6 @@ to the outside, so the pages and the API always agree."""
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,7 +12,6 @@ from gateway.devices.service import DeviceDetail
 from gateway.events import Alert
 from gateway.overview import DomainSeen, is_online
 from gateway.store.schema import Device, Identification, Query
-from policy.model import Rule
 
 
 class Words(dict):
@@ -354,57 +352,9 @@ def query(q: Query) -> dict[str, Any]:
         "verdict": q.verdict,
         "rule": q.rule,
         "source": q.source,
+        # the rule as the policy engine said it when it decided; None in rows written before it did (their key only)
+        "rule_words": q.rule_words,
     }
-
-
-# What matched a query, as ``policy.engine`` keys it in the query log: "<scope> <action> <kind>=<value>
-# [schedule=S] [list=L] [exception]", "<scope> paused|strict", "quarantine [allow]" and "cname <name>: <key>".
-_MODES = {"paused": "paused (internet off)", "strict": "strict (only its profile)"}
-# A list category is named freely by the owner ("social media"), as is a device category, a tag's name: spaces and
-# all; names, list ids and schedules have none.
-_RULE = re.compile(r"(?P<action>block|allow) (?:all|(?P<kind>name|list)=(?P<value>\S+)|category=(?P<category>.+?))"
-                   r"(?: schedule=(?P<schedule>\S+))?(?: list=(?P<list>\S+))?(?P<exception> exception)?")
-
-_SCOPED = re.compile(r"(?P<scope>global|device:\S+|tag:.+?|type:.+?) (?P<rest>paused|strict|(?:block|allow) .+)")
-
-
-def _scope_words(scope: str) -> str | None:
-    if scope == "global":
-        return "global"
-    kind, _, value = scope.partition(":")
-    if kind == "tag" and value:
-        return f"category {value.removeprefix('device_')}"
-    return {"device": "its own", "type": f"type {value}"}.get(kind) if value else None
-
-
-def rule_words(key: str | None) -> str:
-    """A query log's rule key in the owner's words ("its own rule: block ads.example during bedtime"); a key of
-    another form is given as it is."""
-    if not key:
-        return ""
-    if key in ("quarantine", "quarantine allow"):
-        return f"quarantine: {'on' if key.endswith('allow') else 'not on'} its allowed list"
-    if key.startswith("cname ") and ": " in key:
-        alias, _, inner = key[len("cname "):].partition(": ")
-        return f"its alias {alias}: {rule_words(inner)}"
-    # a type is named as the owner labelled it, spaces and all: its scope ends where the rule or mode begins
-    split = _SCOPED.fullmatch(key)
-    who = _scope_words(split["scope"]) if split else None
-    if who is None:
-        return key
-    rest = split["rest"]
-    if rest in _MODES:
-        return f"{who} mode: {_MODES[rest]}"
-    rule = _RULE.fullmatch(rest)
-    if rule is None:
-        return key
-    kind, value = ("category", rule["category"]) if rule["category"] else (rule["kind"] or "all", rule["value"] or "")
-    words = f"{who} rule: {Rule(rule['action'], kind, value, rule['schedule']).words()}"
-    if rule["list"]:
-        words += f" (list {rule['list']})"
-    if rule["exception"]:
-        words += ", but the list makes an exception"
-    return words
 
 
 def alert(a: Alert) -> dict[str, Any]:

@@ -71,12 +71,13 @@ def cmd_queries(args: argparse.Namespace) -> int:
                     limit=args.limit):
         row = {"ts": q.ts, "client": q.client, "mac": q.mac, "qname": q.qname, "qtype": q.qtype, "sld": q.sld,
                "rcode": q.rcode, "latency_ms": q.latency_ms, "verdict": q.verdict, "rule": q.rule,
-               "source": q.source}
+               "source": q.source, "rule_words": q.rule_words}
         if args.json:
             print(json.dumps(row))
         else:
             seen = time.strftime("%H:%M:%S", time.localtime(q.ts))
-            print(f"{seen} {q.client:<16} {q.mac or '':<20} {q.verdict:<11} {q.qname}")
+            rule = f"  {q.rule_shown}" if q.rule else ""  # as the web UI's query log says it
+            print(f"{seen} {q.client:<16} {q.mac or '':<20} {q.verdict:<11} {q.qname}{rule}")
     return 0
 
 

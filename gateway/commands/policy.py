@@ -278,5 +278,5 @@ def _test(args: argparse.Namespace) -> int:
     for error in errors[: policies.MAX_REPORTED_ERRORS]:
         print(f"  {error}", file=sys.stderr)
     print(json.dumps({"action": verdict.action, "rule": verdict.rule, "answer": verdict.answer,
-                      "anomaly": verdict.anomaly}))
+                      "anomaly": verdict.anomaly, "rule_words": verdict.words}))  # as the query log would say it
     return 0
