@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -39,6 +40,10 @@ from identifier.stream import NAME_VOTE_FLOOR, NAME_VOTE_NET_POWER, Identifier, 
 from identifier.train import answers_hash, name_vendors, type_info
 from tests.cooked_capture import SENTINEL_GATEWAY, as_cooked
 from tests.shared_data import CAPTURES, DOMAINS, needs_data
+
+# these train a net: the base install (no `train` extra) has no torch
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                                 reason="torch not installed (pip install -e '.[train]')")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -796,6 +801,7 @@ def lab_name_sets(source: str, devices: list[tuple[str, list[str]]]) -> list[Lab
     ]
 
 
+@needs_torch
 def test_the_nested_lab_search_chooses_values_on_the_other_labs_never_on_the_held_out_ones_windows():
     # Lab A is held out: its devices may say anything, the choice stays; lab B's devices of known vendors that
     # each query one name training never saw make a laxer new-names bar the better one, and it is chosen.
@@ -838,6 +844,7 @@ def test_the_nested_lab_objective_is_the_open_set_balance_and_picks_the_better_p
     assert {k: shipped[k] for k in OPEN_SET_GRID} in grid_points(OPEN_SET_GRID)
 
 
+@needs_torch
 def test_leaving_types_out_trains_once_per_type_when_there_are_fewer_types_than_rounds():
     # 3 types and the default 9 rounds: rounds 4 to 9 left nothing out and trained for nothing
     def capture(vendor: str, device_type: str, i: int) -> LabelledWindow:
