@@ -497,6 +497,29 @@ def test_quarantine_switch_end_to_end(store, broker, running):
     rec.close()
 
 
+def test_quarantine_and_policy_are_config_entities_that_device_and_area_actions_leave_alone(store, broker, running):
+    """Home Assistant expands an action aimed at a device or an area ("turn off everything in the kitchen", or a
+    smart plug's own device, which Home Assistant merges with ours by the MAC in ``connections``) to that device's
+    entities without an ``entity_category``: a plain quarantine switch was turned on or off with them."""
+    hostile = ('"Plug" #/+ <img src=x onerror=alert(1)>' + "x" * 300)[:200]  # a DHCP name: what a device sends
+    with store.transaction() as t:
+        t.get(Device, MAC1).name = hostile
+    rec = Recorder(broker, ["homeassistant/#"])
+    hooks = PolicyHooks(options=lambda: ["default", "strict"], current=lambda mac: "default",
+                        apply=lambda mac, choice: None)
+    make_alerts(store, broker.url, running, policy=hooks)
+    message = rec.wait(lambda m: m.topic == f"homeassistant/device/iotgw_{GW}_020000000001/config")[-1]
+    config = message.json()
+    assert config["device"]["name"] == hostile  # carried as JSON text; never part of a topic
+    by_platform = {c["platform"]: c for c in config["components"].values()}
+    assert by_platform["switch"]["entity_category"] == "config"
+    assert by_platform["select"]["entity_category"] == "config"
+    # What the owner watches stays primary: presence and the counters show on dashboards and answer area actions.
+    primary = [c for c in config["components"].values() if c["platform"] in ("device_tracker", "sensor")]
+    assert primary and not any("entity_category" in c for c in primary)
+    rec.close()
+
+
 def test_broker_outage_under_a_burst_loses_nothing_and_keeps_order(store, broker, running):
     rec = Recorder(broker, [f"iotgw/{GW}/event/#"])
     alerts = make_alerts(store, broker.url, running)

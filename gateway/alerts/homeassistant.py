@@ -187,6 +187,9 @@ def device_discovery(
             "state_on": "ON",
             "state_off": "OFF",
             "icon": "mdi:lock",
+            # A config entity: Home Assistant leaves it out of actions aimed at the device or its area, so "turn
+            # off the kitchen" (or a plug's own device, merged with this one by its MAC) never lifts a quarantine.
+            "entity_category": "config",
         },
     }
     if policy_options:
@@ -199,6 +202,7 @@ def device_discovery(
             "command_topic": command_topic(gateway, nid, "policy"),
             "options": list(policy_options),
             "icon": "mdi:filter",
+            "entity_category": "config",
         }
     payload = {
         "device": block,
