@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import jinja2
 import pytest
 
 from gateway.alerts import Alerts, PolicyHooks, recent_alerts
@@ -210,7 +211,12 @@ def discovery_rules(topic: str, payload: dict, gateway_id: str) -> None:
     for uid in dev.get("identifiers", []):
         assert ID.fullmatch(uid)
     for comp_id, comp in payload["components"].items():
-        assert ID.fullmatch(comp_id) and ID.fullmatch(comp["unique_id"])
+        assert ID.fullmatch(comp_id)
+        if comp["platform"] == "device_automation":  # a device trigger: no entity, no unique_id
+            assert comp["automation_type"] == "trigger" and comp["type"] and comp["subtype"]
+            assert re.fullmatch(r"[a-zA-Z0-9_/-]+", comp["topic"]), comp["topic"]
+            continue
+        assert ID.fullmatch(comp["unique_id"])
         assert comp["platform"] in {"sensor", "switch", "select", "device_tracker", "binary_sensor"}
         for key in ("state_topic", "command_topic"):
             if key in comp:
@@ -238,7 +244,7 @@ def test_home_assistant_discovery_and_removal(store, broker, running):
     p1 = by_topic[f"homeassistant/device/{dev1}/config"].json()
     assert p1["device"]["connections"] == [["mac", MAC1]]
     assert (p1["device"]["manufacturer"], p1["device"]["model"]) == ("TP-Link", "HS110")
-    platforms = sorted(c["platform"] for c in p1["components"].values())
+    platforms = sorted(c["platform"] for c in p1["components"].values() if c["platform"] != "device_automation")
     assert platforms == ["device_tracker", "select", "sensor", "sensor", "sensor", "sensor", "switch"]
     counters = [c for c in p1["components"].values() if c.get("state_class") == "total_increasing"]
     assert {c["name"] for c in counters} == {"Queries today", "Blocked today"}
@@ -517,6 +523,49 @@ def test_quarantine_and_policy_are_config_entities_that_device_and_area_actions_
     # What the owner watches stays primary: presence and the counters show on dashboards and answer area actions.
     primary = [c for c in config["components"].values() if c["platform"] in ("device_tracker", "sensor")]
     assert primary and not any("entity_category" in c for c in primary)
+    rec.close()
+
+
+def fires(trigger: dict, payload: bytes) -> bool:
+    """Whether Home Assistant's MQTT device trigger fires on ``payload``: its value template (Jinja, with
+    ``value_json``), if any, rendered and compared with the trigger's ``payload``, if any."""
+    if trigger.get("payload") is None:
+        return True
+    value = payload.decode()
+    if trigger.get("value_template"):
+        value = jinja2.Template(trigger["value_template"]).render(value_json=json.loads(payload))
+    return value == trigger["payload"]
+
+
+def test_alerts_are_device_triggers_in_home_assistant_for_the_gateway_and_for_each_device(store, broker, running):
+    """An automation "when the kitchen plug goes offline / is blocked / looks anomalous", or "when any new device
+    appears", is picked in Home Assistant's automation editor under the device: no topic, template or MAC to type."""
+    rec = Recorder(broker, ["homeassistant/#", f"iotgw/{GW}/event/#"])
+    alerts = make_alerts(store, broker.url, running)
+    gid = f"iotgw_{GW}"
+    dev1, dev2 = f"{gid}_020000000001", f"{gid}_020000000002"
+    configs = {m.topic.split("/")[2]: m.json() for m in rec.wait(lambda m: m.topic.endswith("/config"), count=3)}
+
+    def triggers(node: str) -> dict[str, dict]:
+        found = [c for c in configs[node]["components"].values() if c["platform"] == "device_automation"]
+        pairs = [(t["type"], t["subtype"]) for t in found]
+        assert len(set(pairs)) == len(pairs), "type and subtype must be unique within a device"
+        return {t["type"]: t for t in found}
+
+    on_gateway, on_dev1, on_dev2 = triggers(gid), triggers(dev1), triggers(dev2)
+    assert set(on_gateway) == set(ALERT_KINDS)
+    assert set(on_dev1) == set(on_dev2) == set(ALERT_KINDS) - {
+        "new_device", "model_updated", "federated_round", "alerts_dropped", "too_many_devices"}
+
+    for kind, mac in (("device_offline", MAC1), ("device_offline", MAC2), ("anomaly", MAC2), ("new_device", MAC2)):
+        alerts.send(Alert(kind, time.time(), mac, EXAMPLES[kind][1]))
+    published = rec.wait(lambda m: "/event/" in m.topic, count=4)
+    fired = {node: [(m.topic.rsplit("/", 1)[1], m.json()["mac"]) for m in published
+                    if (t := on.get(m.topic.rsplit("/", 1)[1])) and m.topic == t["topic"] and fires(t, m.payload)]
+             for node, on in ((gid, on_gateway), (dev1, on_dev1), (dev2, on_dev2))}
+    assert fired[gid] == [("device_offline", MAC1), ("device_offline", MAC2), ("anomaly", MAC2), ("new_device", MAC2)]
+    assert fired[dev1] == [("device_offline", MAC1)]
+    assert fired[dev2] == [("device_offline", MAC2), ("anomaly", MAC2)]
     rec.close()
 
 

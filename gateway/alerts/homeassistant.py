@@ -1,6 +1,7 @@
 """Home Assistant MQTT discovery, device-based: one retained ``<prefix>/device/<id>/config`` per device with
 its ``device`` block, ``origin`` and ``components``; the gateway is a device too and every client device
-hangs under it (``via_device``). Pure functions from store rows to (topic, payload); the publisher sends them.
+hangs under it (``via_device``). Alerts are device triggers: the gateway's for every alert, each client device's
+for its own. Pure functions from store rows to (topic, payload); the publisher sends them.
 
 Ids and topic levels are ``[a-zA-Z0-9_-]`` only, as Home Assistant requires.
 """
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.alerts.mqtt import topic_id
+from gateway.events import ALERT_KINDS
 from gateway.store.schema import Device
 from policy.model import is_mac
 
@@ -50,6 +52,46 @@ def parse_command(gateway: str, topic: str) -> tuple[str, str] | None:
     if len(parts) == 6 and parts[:3] == ["iotgw", topic_id(gateway), "device"] and parts[5] == "set":
         return parts[3], parts[4]
     return None
+
+
+def event_topic(gateway: str, kind: str) -> str:
+    return f"iotgw/{topic_id(gateway)}/event/{kind}"
+
+
+# The alerts of one device that Home Assistant offers as that device's triggers in the automation editor. A new
+# device's alert is not among them: it comes before the device's entities; the gateway offers it.
+DEVICE_TRIGGER_KINDS = (
+    "device_identified",
+    "unknown_device",
+    "device_online",
+    "device_offline",
+    "blocked_summary",
+    "anomaly",
+    "quarantine_entered",
+    "quarantine_lifted",
+)
+
+
+def _triggers(gateway: str, node_id: str, kinds: Sequence[str], mac: str | None) -> dict[str, dict[str, Any]]:
+    """Device triggers (``device_automation``) on the alert topics: an automation made in Home Assistant's editor
+    from "the device's alerts" needs no topic or payload to know. A client device's triggers fire only on alerts
+    whose ``mac`` is its own (the trigger compares the template's value with ``payload``); the gateway's fire on
+    every alert of the kind."""
+    triggers = {}
+    for kind in kinds:
+        trigger = {
+            "platform": "device_automation",
+            "automation_type": "trigger",
+            "topic": event_topic(gateway, kind),
+            "type": kind,
+            "subtype": "alert",
+            "qos": 1,
+        }
+        if mac is not None:
+            trigger["value_template"] = "{{ value_json.mac }}"
+            trigger["payload"] = mac
+        triggers[f"{node_id}_on_{kind}"] = trigger
+    return triggers
 
 
 def gateway_state_topic(gateway: str) -> str:
@@ -110,6 +152,7 @@ def gateway_discovery(gateway: str, prefix: str) -> tuple[str, dict[str, Any]]:
             "state_class": "measurement",
             "entity_category": "diagnostic",
         },
+        **_triggers(gateway, gid, ALERT_KINDS, None),
     }
     payload = {
         "device": {
@@ -204,6 +247,7 @@ def device_discovery(
             "icon": "mdi:filter",
             "entity_category": "config",
         }
+    components.update(_triggers(gateway, nid, DEVICE_TRIGGER_KINDS, device.mac))
     payload = {
         "device": block,
         "origin": ORIGIN,

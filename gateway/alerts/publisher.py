@@ -287,7 +287,7 @@ class Alerts:
         for row in rows:
             alert = Alert(row.kind, row.ts, row.mac, row.data)
             payload = envelope(alert, self.gateway, known.get(row.mac or ""))
-            mid = self.link.publish(f"iotgw/{self.gateway}/event/{row.kind}", payload)
+            mid = self.link.publish(ha.event_topic(self.gateway, row.kind), payload)
             self._inflight[mid] = row.id
             self._cursor = self.outbox.handed_over = row.id
 
