@@ -569,6 +569,36 @@ def test_alerts_are_device_triggers_in_home_assistant_for_the_gateway_and_for_ea
     rec.close()
 
 
+def test_an_alert_of_a_device_just_met_carries_its_device_once_the_store_has_it(store, broker, running):
+    """The daemon raises new_device (and often its identification) at a device's first packet; the tracker stores the
+    device at its next flush, up to 2 s later. The alert went out at once, its "device" null, so an automation's
+    message with ``payload_json.device.status`` (quarantined or not) worked for some devices and not others."""
+    mac3, gone = "02:00:00:00:00:03", "02:00:00:00:00:04"
+    rec = Recorder(broker, [f"iotgw/{GW}/event/#"])
+    alerts = make_alerts(store, broker.url, running)
+    assert alerts.device_wait_s == 5.0  # two flushes of 2 s and a second
+    alerts.device_wait_s = 60  # a slow machine must not turn the wait into a publish without the device
+    wait_until(alerts.link.connected.is_set)
+    alerts.send(Alert("new_device", time.time(), mac3, {"vendor": "Espressif", "name": None, "ip": "192.168.1.30"}))
+    alerts.send(Alert("device_offline", time.time(), MAC1, EXAMPLES["device_offline"][1]))
+    time.sleep(1.5)  # the tracker's flush comes later than the publisher's next pass
+    now = time.time()
+    with store.transaction() as t:
+        t.add(Device(mac=mac3, first_seen=now, last_seen=now, vendor="Espressif", status="quarantined"))
+    first, after = rec.wait(lambda m: "/event/" in m.topic, count=2)
+    assert first.json()["device"]["status"] == "quarantined" and first.json()["device"]["vendor"] == "Espressif"
+    assert after.json()["kind"] == "device_offline"  # waited behind it: the order holds
+
+    # A device forgotten (or never stored) before its alert went out does not hold the alerts forever.
+    alerts.device_wait_s = 0.5
+    alerts.send(Alert("new_device", time.time(), gone, {"vendor": None, "name": None, "ip": None}))
+    alerts.send(Alert("device_online", time.time(), MAC1, {"offline_s": 5.0}))
+    late = rec.wait(lambda m: "/event/" in m.topic, count=4)[2:]
+    assert [(m.json()["kind"], m.json()["device"]) for m in late][0] == ("new_device", None)
+    assert late[1].json()["kind"] == "device_online"
+    rec.close()
+
+
 def test_broker_outage_under_a_burst_loses_nothing_and_keeps_order(store, broker, running):
     rec = Recorder(broker, [f"iotgw/{GW}/event/#"])
     alerts = make_alerts(store, broker.url, running)

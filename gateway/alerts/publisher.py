@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 # Wall time and monotonic time between two ticks disagreeing by more than this is a clock jump, not scheduling.
 CLOCK_JUMP_S = 10.0
+# Alerts raised as a device is met, before the device tracker's next flush has stored it: their "device" block
+# (its name, vendor, status for a Home Assistant automation's message) is read from the store when published.
+AT_FIRST_SIGHT = frozenset({"new_device", "device_identified", "unknown_device"})
+DEVICE_WAIT_MAX_S = 10.0
 
 
 @dataclass
@@ -63,9 +67,12 @@ class Alerts:
         state_interval_s: float = 60.0,
         max_inflight: int = 100,
         presence_clock: str = "wall",
+        device_wait_s: float | None = None,
     ) -> None:
         """``presence_clock``: "wall" (live), "capture" (a replay in time order: presence on the frames' times,
-        ``CapturePresence``) or "frozen" (a replay out of time order: nobody goes offline)."""
+        ``CapturePresence``) or "frozen" (a replay out of time order: nobody goes offline).
+        ``device_wait_s``: how long an alert of a device just met waits for the store to have the device (default
+        two of the store's flushes and a second, at most ``DEVICE_WAIT_MAX_S``); the alerts after it wait too."""
         if presence_clock not in ("wall", "capture", "frozen"):
             raise ValueError(f"presence_clock {presence_clock!r}: expected 'wall', 'capture' or 'frozen'")
         self.store = store
@@ -76,6 +83,9 @@ class Alerts:
         self.policy = policy
         self.state_interval_s = state_interval_s
         self.max_inflight = max_inflight
+        self.device_wait_s = (min(2 * cfg.store.flush_interval_s + 1.0, DEVICE_WAIT_MAX_S)
+                              if device_wait_s is None else device_wait_s)
+        self._waiting: tuple[int, float] | None = None  # (outbox row, monotonic since) waiting for its device
         self.outbox = Outbox(store, max_rows=cfg.mqtt.outbox_max)
         self._wall = presence_clock == "wall"
         self.presence = (Presence(idle_timeout_s) if self._wall
@@ -285,11 +295,22 @@ class Alerts:
             return
         known = self._device_blocks({r.mac for r in rows if r.mac})
         for row in rows:
+            device = known.get(row.mac or "")
+            if device is None and row.kind in AT_FIRST_SIGHT and row.mac and not self._waited(row.id):
+                break  # and the alerts after it, to keep the order; the next pass (within a second) looks again
             alert = Alert(row.kind, row.ts, row.mac, row.data)
-            payload = envelope(alert, self.gateway, known.get(row.mac or ""))
+            payload = envelope(alert, self.gateway, device)
             mid = self.link.publish(ha.event_topic(self.gateway, row.kind), payload)
             self._inflight[mid] = row.id
             self._cursor = self.outbox.handed_over = row.id
+
+    def _waited(self, row_id: int) -> bool:
+        """Whether the alert ``row_id``, whose device the store does not have, has waited ``device_wait_s`` for it:
+        then it goes without (the device was forgotten, or made no room) rather than hold every alert after it."""
+        now = time.monotonic()
+        if self._waiting is None or self._waiting[0] != row_id:
+            self._waiting = (row_id, now)
+        return now - self._waiting[1] >= self.device_wait_s
 
     def _device_blocks(self, macs: set[str]) -> dict[str, dict[str, Any]]:
         if not macs:
