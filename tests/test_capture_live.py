@@ -449,7 +449,7 @@ def test_queries_to_the_gateways_own_dns_are_left_to_the_dns_server(veth):
 
 
 TCP_QUERIES = """
-import socket, sys
+import socket, sys, time
 from dnslib import DNSRecord
 def message(name):
     query = DNSRecord.question(name).pack()
@@ -459,6 +459,12 @@ for server, data in ((gw4, message("tcp4.example.com")), (gw6, message("tcp6.exa
                      (gw4, message("first.example.net") + message("second.example.net"))):
     with socket.create_connection((server, 53)) as s:  # a stub resolver's one write: length and query
         s.sendall(data)
+with socket.create_connection((gw4, 53)) as s:  # one writing the length and the query in two calls, as segments
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    data = message("two-writes.example.com")
+    s.sendall(data[:2])
+    time.sleep(0.05)  # so the kernel sends the two bytes alone, not joined to the rest (autocorking)
+    s.sendall(data[2:])
 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # sent last: once it is seen, so are the others
     s.sendto(DNSRecord.question("udp.example.com").pack(), (gw4, 53))
 """
@@ -484,7 +490,7 @@ def test_dns_queries_over_tcp_pass_the_kernel_filter_and_are_reported(veth):
     assert [(e.qname, e.client, e.mac) for e in got.events if isinstance(e, DnsQuery)] == [
         ("tcp4.example.com", veth.client_ip4, mac), ("tcp6.example.org", veth.client_ip6, mac),
         ("first.example.net", veth.client_ip4, mac), ("second.example.net", veth.client_ip4, mac),
-        ("udp.example.com", veth.client_ip4, mac)]
+        ("two-writes.example.com", veth.client_ip4, mac), ("udp.example.com", veth.client_ip4, mac)]
     assert sniffer.counters.get("capture_malformed") == sniffer.counters.get("capture_split_dns") == 0
 
 

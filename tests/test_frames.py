@@ -5,10 +5,12 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
 import struct
 import subprocess
 import sys
 import threading
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from gateway.capture.pcap import PcapError, Skipped, read_frames
 from gateway.capture.replay import replay
 from gateway.capture.windows import capture_windows
 from gateway.events import AddressSeen, DeviceSeen, DhcpSeen, DnsQuery, MdnsSeen, PacketSeen
+from identifier.observation import DnsObservation
 from tests.shared_data import CAPTURES, needs_data
 
 MAC = "02:11:22:33:44:55"
@@ -676,11 +679,11 @@ def test_an_mdns_packet_larger_than_rfc_6762_allows_is_malformed():
         parse_frame(_udp_frame(payload, 5353), 0.0)
 
 
-def _tcp_dns(data: bytes, v6: bool = False, flags: str = "PA", seq: int = 1) -> Ether:
+def _tcp_dns(data: bytes, v6: bool = False, flags: str = "PA", seq: int = 1, sport: int = 40000) -> Ether:
     """A device's TCP segment to port 53 carrying ``data``: what its resolver writes, each message after its
     2-byte length (RFC 1035 4.2.2)."""
     ip = IPv6(src="fd00::7", dst="fd00::53") if v6 else IP(src="10.0.0.7", dst="192.0.2.53")
-    return Ether(src=MAC, dst="02:00:00:00:00:01") / ip / TCP(sport=40000, dport=53, flags=flags, seq=seq) / data
+    return Ether(src=MAC, dst="02:00:00:00:00:01") / ip / TCP(sport=sport, dport=53, flags=flags, seq=seq) / data
 
 
 def _tcp_message(name: str) -> bytes:
@@ -743,7 +746,9 @@ def test_dns_over_tcp_in_a_capture_is_read_by_identify_replay_and_windows_and_sp
     frames = [_tcp_dns(b"", flags="S"), _tcp_dns(b"", flags="A", seq=2) / Padding(load=b"\0" * 6),
               _tcp_dns(message, seq=2),
               _tcp_dns(_tcp_message("v6.example.org"), v6=True),
-              _tcp_dns(message[:2], seq=30), _tcp_dns(message[2:], seq=32)]  # a resolver writing in two calls
+              # a resolver writing in two calls on a connection whose SYN came before the capture began: where its
+              # messages start is not known
+              _tcp_dns(message[:2], seq=30, sport=40001), _tcp_dns(message[2:], seq=32, sport=40001)]
     for i, frame in enumerate(frames):
         frame.time = 1700000000 + i
     pcap = tmp_path / "tcp.pcap"
@@ -767,4 +772,168 @@ def test_dns_over_tcp_in_a_capture_is_read_by_identify_replay_and_windows_and_sp
     assert proc.returncode == 0, proc.stderr
     assert f"iotgw identify: {pcap}: 2 packets skipped (2 DNS over TCP segments holding part of a message, " \
            "not reassembled)" in proc.stderr
+
+
+def _dns_names(pcap: Path) -> tuple[list[str], list[str], int, int]:
+    """The DNS names a capture gives ``iotgw identify`` (its windows) and a replay, in that order, and the split
+    DNS over TCP segments each counted."""
+    windows = capture_windows(pcap)
+    identified = [obs.name for dev in windows.devices.values() for obs in dev.observations
+                  if isinstance(obs, DnsObservation)]
+    got: list = []
+    result = replay([pcap], got.extend)
+    assert windows.malformed == result.malformed == 0
+    return (identified, [e.qname for e in got if isinstance(e, DnsQuery)], windows.skipped.split_dns,
+            result.skipped.split_dns)
+
+
+def test_a_retransmitted_dns_over_tcp_segment_is_one_query_to_identify_and_replay(tmp_path):
+    """A segment the device sent again (its ACK lost, or late) was a second query: the device seemed to have
+    queried the name twice, in the query log and in the identification features' query counts."""
+    first, second, mid = (_tcp_message(n) for n in ("cam.example.com", "ntp.example.com", "mid.example.org"))
+    frames = [_tcp_dns(b"", flags="S", seq=1000), _tcp_dns(first, seq=1001), _tcp_dns(first, seq=1001),
+              _tcp_dns(first + second, seq=1001),  # sent again with the next query behind it: only that one is new
+              _tcp_dns(second, seq=1001 + len(first)),
+              # a connection whose SYN came before the capture began: its retransmission too
+              _tcp_dns(mid, seq=77, sport=40001), _tcp_dns(mid, seq=77, sport=40001),
+              # a SYN sent again: the connection goes on where it was
+              _tcp_dns(b"", flags="S", seq=1000), _tcp_dns(second, seq=1001 + len(first))]
+    for i, frame in enumerate(frames):
+        frame.time = 1700000000 + i
+    pcap = tmp_path / "retransmitted.pcap"
+    wrpcap(str(pcap), frames)
+    names = ["cam.example.com", "ntp.example.com", "mid.example.org"]
+    assert _dns_names(pcap) == (names, names, 0, 0)
+
+
+def test_a_dns_message_split_across_segments_is_reassembled_in_any_order_once(tmp_path):
+    """Before, a query written as its length and then the message (two segments) was counted and never read."""
+    two, three, v6, gap = (_tcp_message(n) for n in ("two.example.com", "three-parts.example.com", "six.example.org",
+                                                      "gap.example.net"))
+    wrap = 0xFFFFFFF8  # the ISN of a connection whose sequence numbers wrap inside its message
+    at = (wrap + 1) & 0xFFFFFFFF
+    frames = [
+        _tcp_dns(b"", flags="S", seq=5000), _tcp_dns(two[:2], seq=5001), _tcp_dns(two[2:], seq=5003),
+        _tcp_dns(b"", flags="S", seq=wrap, sport=40001),
+        _tcp_dns(three[20:], seq=(at + 20) & 0xFFFFFFFF, sport=40001),  # the last part first
+        _tcp_dns(three[:6], seq=at, sport=40001),
+        # overlapping what came already, with other bytes there: each byte is the first segment's that held it
+        _tcp_dns(b"XXXX" + three[6:10], seq=(at + 2) & 0xFFFFFFFF, sport=40001),
+        _tcp_dns(three[6:24], seq=(at + 6) & 0xFFFFFFFF, sport=40001),  # fills the gap, overlapping both sides
+        _tcp_dns(three, seq=at, sport=40001),  # all of it again: a retransmission
+        _tcp_dns(b"", v6=True, flags="S", seq=9), _tcp_dns(v6[:2], v6=True, seq=10),
+        _tcp_dns(v6[2:] + two, v6=True, seq=12),  # the rest and a whole query behind it
+        # no SYN: where the messages start is not known, so each segment is read alone, and counted
+        _tcp_dns(two[:2], seq=30, sport=40002), _tcp_dns(two[2:], seq=32, sport=40002),
+        # the capture ends before the rest of this one: counted too
+        _tcp_dns(b"", flags="S", seq=70, sport=40003), _tcp_dns(three[:9], seq=71, sport=40003),
+        # the capture lost a segment: the queries after it wait for it until 16 do, then each is read alone
+        _tcp_dns(b"", flags="S", seq=200, sport=40004),
+        *(_tcp_dns(gap, seq=201 + len(two) + i * len(gap), sport=40004) for i in range(17)),
+    ]
+    for i, frame in enumerate(frames):
+        frame.time = 1700000000 + i
+    pcap = tmp_path / "split.pcap"
+    wrpcap(str(pcap), frames)
+    names = ["two.example.com", "three-parts.example.com", "six.example.org", "two.example.com",
+             *["gap.example.net"] * 17]
+    assert _dns_names(pcap) == (names, names, 3, 3)
+
+    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "identify", "--json", str(pcap)], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert f"iotgw identify: {pcap}: 3 packets skipped (3 DNS over TCP segments holding part of a message, " \
+           "not reassembled)" in proc.stderr
     assert [json.loads(line)["mac"] for line in proc.stdout.splitlines()] == [MAC]
+
+
+def test_connections_cut_shuffled_overlapped_and_sent_again_give_each_query_once_in_its_order(tmp_path):
+    """200 connections, each of 1 to 4 queries cut at random places, its segments shuffled, some bytes sent
+    again in segments of their own, interleaved: each query is read once, each connection's in its order. Before,
+    a segment waiting for a gap was passed over when an overlapping one filled the gap past its start."""
+    rng = random.Random(21)
+    want, connections = [], []
+    for conn in range(200):
+        names = [f"q{conn}-{k}.example.com" for k in range(rng.randrange(1, 5))]
+        want += names
+        stream = b"".join(_tcp_message(name) for name in names)
+        isn = rng.choice([rng.randrange(1 << 32), (1 << 32) - rng.randrange(1, 200)])  # some wrap
+        cuts = sorted(rng.sample(range(1, len(stream)), rng.randrange(0, 8)))
+        spans = list(zip([0, *cuts], [*cuts, len(stream)]))
+        for _ in range(rng.randrange(0, 4)):
+            start = rng.randrange(len(stream))
+            spans.append((start, rng.randrange(start + 1, len(stream) + 1)))
+        rng.shuffle(spans)
+        connections.append([_tcp_dns(b"", flags="S", seq=isn, sport=20000 + conn)] + [
+            _tcp_dns(stream[a:b], seq=(isn + 1 + a) & 0xFFFFFFFF, sport=20000 + conn) for a, b in spans])
+    frames = []
+    while connections:
+        conn = rng.choice(connections)
+        frames.append(conn.pop(0))
+        if not conn:
+            connections.remove(conn)
+    pcap = tmp_path / "shuffled.pcap"
+    wrpcap(str(pcap), frames)
+    identified, replayed, *split = _dns_names(pcap)
+    assert sorted(identified) == sorted(replayed) == sorted(want) and split == [0, 0]
+    for got in (identified, replayed):
+        for conn in range(200):
+            assert [name for name in got if name.startswith(f"q{conn}-")] == [
+                name for name in want if name.startswith(f"q{conn}-")]
+
+
+def test_a_flood_of_dns_over_tcp_connections_keeps_the_flow_state_bounded_and_later_queries_read(tmp_path):
+    """Any LAN host can open connections without end, each holding part of a 60,000-byte message: the state kept
+    for them stays within its bounds, in flows and in bytes, and a device's query after the flood is reassembled."""
+    from gateway.capture.frames import FLOW_MAX_BYTES, DnsStreams
+
+    attacker = "02:66:66:66:66:66"
+    before, after = _tcp_message("before.example.com"), _tcp_message("after.example.com")
+    piece = (60000).to_bytes(2, "big") + b"\0" * 1398
+    flood = Ether(src=attacker, dst="02:00:00:00:00:01") / IP(src="10.0.0.66", dst="192.0.2.53")
+    syn, data = bytes(flood / TCP(sport=0, dport=53, flags="S", seq=7)), bytes(
+        flood / TCP(sport=0, dport=53, flags="PA", seq=8) / piece)
+    pcap = tmp_path / "flood.pcap"
+    with PcapWriter(str(pcap), linktype=1, sync=False) as out:
+        out.write(_tcp_dns(b"", flags="S", seq=100, sport=50000))
+        out.write(_tcp_dns(before[:2], seq=101, sport=50000))
+        for i in range(9000):  # 4,000 bare SYNs, then 5,000 connections with a partial message each
+            out.write(_from_port(syn, 1024 + i))
+            if i >= 4000:
+                out.write(_from_port(data, 1024 + i))
+        out.write(_tcp_dns(before[2:], seq=103, sport=50000))  # its start was pushed out: read alone, counted
+        out.write(_tcp_dns(b"", flags="S", seq=500, sport=50001))
+        out.write(_tcp_dns(after[:2], seq=501, sport=50001))
+        out.write(_tcp_dns(after[2:], seq=503, sport=50001))
+
+    tracemalloc.start()
+    try:
+        streams = DnsStreams()
+        for ts, frame in read_frames(pcap):
+            try:
+                parse_frame(frame, ts, streams=streams)
+            except SplitDnsMessage:
+                pass
+            assert len(streams.flows) <= streams.max_flows == 4096
+            assert streams.bytes <= streams.max_bytes == 4 << 20
+        kept, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # the bytes held and ~300 bytes a flow (5.1 MiB here); kept whole, the flood held 7 MB of messages and 9,000 flows
+    assert kept < 7 << 20
+    held = sum(len(flow.buf) + sum(len(seg) for _seq, seg in flow.held) for flow in streams.flows.values())
+    assert held == streams.bytes and streams.bytes > (4 << 20) - FLOW_MAX_BYTES  # the bytes counted are the held ones
+
+    names = ["after.example.com"]
+    # 5,000 partial messages and the device's first, given up; the rest of it, read alone
+    assert _dns_names(pcap) == (names, names, 5002, 5002)
+
+
+def _from_port(frame: bytes, sport: int) -> bytes:
+    """An IPv4 TCP frame from port 0 (built once by scapy: 14,000 builds took 18 s) sent from ``sport`` instead,
+    its checksum updated for it (RFC 1624: the sum of the 16-bit words gains ``sport``)."""
+    total = ((frame[50] << 8) | frame[51]) ^ 0xFFFF
+    total += sport
+    total = (total & 0xFFFF) + (total >> 16)
+    total = (total & 0xFFFF) + (total >> 16)
+    return frame[:34] + sport.to_bytes(2, "big") + frame[36:50] + (total ^ 0xFFFF).to_bytes(2, "big") + frame[52:]

@@ -40,16 +40,11 @@ class MalformedPacket(ValueError):
 
 
 class SplitDnsMessage(MalformedPacket):
-    """A TCP segment to port 53 that does not hold whole DNS messages: one split across segments (or cut by a
-    capture's snapshot length). Not reassembled, and counted apart from malformed frames by the callers that
-    tell them apart (a ``MalformedPacket`` to those that do not): the device did nothing wrong.
-
-    Why not reassembled: a stub resolver writes its length and query in one call (glibc's and bionic's writev,
-    musl's sendmsg, Go, dnspython, systemd-resolved), so a query is one segment; only one longer than a segment
-    (over ~1,400 bytes) or written in two calls is split. Joining them would take per-flow state, sequence
-    numbers and retransmissions to track, which any LAN host could flood, for queries no device we know sends.
-    And without that state the segment cannot be read in part: a continuation starts inside a message, so its
-    first two bytes are no length, and only messages that fill the segment exactly show it starts on one.
+    """A TCP segment to port 53 holding part of a DNS message that cannot be read: the connection's start (its
+    SYN) was not seen, so where its messages begin is not known, or the segment was cut by a capture's snapshot
+    length. Counted apart from malformed frames by the callers that tell them apart (a ``MalformedPacket`` to
+    those that do not): the device did nothing wrong. A connection followed from its SYN by ``DnsStreams`` has
+    its messages reassembled instead, whichever segments they are split across.
     """
 
 
@@ -114,16 +109,18 @@ def _source_ip(frame: bytes) -> str | None:
 
 
 def parse_frame(frame: bytes, ts: float, *, others: bool = False, source: str = "capture",
-                skip_dns_to: frozenset[str] = frozenset()) -> list[Event]:
+                skip_dns_to: frozenset[str] = frozenset(), streams: DnsStreams | None = None) -> list[Event]:
     """Decode one Ethernet frame into events.
 
     ``others`` also reports packets that are not DNS, DHCP or mDNS (as ``PacketSeen``): replay wants them for
     identification of devices that send no DNS; live capture filters them out in the kernel.
     ``skip_dns_to``: DNS queries to these addresses are left out (the gateway's own DNS server reports them).
-    DNS queries are read over UDP and TCP (a TCP segment to port 53 holding whole length-prefixed messages).
+    DNS queries are read over UDP and TCP: ``streams``, one for the frames of a capture, follows its TCP
+    connections to port 53 (retransmissions read once, split messages reassembled); without it each segment to
+    port 53 is read alone, for the whole length-prefixed messages it holds.
     Raises ``MalformedPacket`` for a frame whose DNS, DHCP or mDNS payload does not decode, or whose IPv4 header
     length is impossible (whatever it carries: its ports and payload cannot be located), and its subclass
-    ``SplitDnsMessage`` for a TCP segment to port 53 holding part of a message.
+    ``SplitDnsMessage`` for a TCP segment to port 53 holding part of a message that cannot be reassembled.
     """
     if len(frame) < 14:
         raise MalformedPacket("frame shorter than an Ethernet header")
@@ -182,7 +179,7 @@ def parse_frame(frame: bytes, ts: float, *, others: bool = False, source: str = 
     if proto == 6:
         port = (frame[l4 + 2] << 8) | frame[l4 + 3] if len(frame) >= l4 + 4 else None
         if port == DNS_PORT:  # the one test other TCP pays
-            return _dns_over_tcp(frame, off, ethertype, l4, ts, src_ip, mac, others, source, skip_dns_to)
+            return _dns_over_tcp(frame, off, ethertype, l4, ts, src_ip, mac, others, source, skip_dns_to, streams)
         return [PacketSeen(ts, mac, src_ip, "tcp", port)] if others else []
     if proto != 17:
         if not others:
@@ -211,11 +208,12 @@ def parse_frame(frame: bytes, ts: float, *, others: bool = False, source: str = 
 
 
 def _dns_over_tcp(frame: bytes, off: int, ethertype: int, l4: int, ts: float, src_ip: str, mac: str, others: bool,
-                  source: str, skip_dns_to: frozenset[str]) -> list[Event]:
+                  source: str, skip_dns_to: frozenset[str], streams: DnsStreams | None) -> list[Event]:
     """The queries of a TCP segment to port 53: DNS over TCP (RFC 1035 4.2.2, RFC 7766) is each message after
     its 2-byte length, and one segment may hold several (pipelined queries; segments the kernel's GRO merged).
-    A segment with no data (handshake, ACK, FIN) is the other TCP packet it was before DNS over TCP was read;
-    one whose messages do not fill it exactly is ``SplitDnsMessage``."""
+    A segment with no data (handshake, ACK, FIN) is the other TCP packet it was before DNS over TCP was read.
+    Without ``streams`` each segment is read alone, and one whose messages do not fill it exactly is
+    ``SplitDnsMessage``; with it, see ``DnsStreams``."""
     if len(frame) < l4 + 20:
         raise MalformedPacket("truncated TCP header")
     data = l4 + (frame[l4 + 12] >> 4) * 4
@@ -224,27 +222,219 @@ def _dns_over_tcp(frame: bytes, off: int, ethertype: int, l4: int, ts: float, sr
     # The IP length, not the frame's: Ethernet pads a bare ACK to 60 bytes, and the padding is no DNS data.
     if ethertype == ETH_IPV4:
         end = off + ((frame[off + 2] << 8) | frame[off + 3])
+        key = frame[off + 12 : off + 20] + frame[l4 : l4 + 4]
     else:  # 0 is a jumbogram's, whose length is in an option: the frame's
         end = off + 40 + ((frame[off + 4] << 8) | frame[off + 5]) if frame[off + 4] | frame[off + 5] else len(frame)
+        key = frame[off + 8 : off + 40] + frame[l4 : l4 + 4]
     if data > end:
         raise MalformedPacket("TCP header runs past the IP packet")
+    flags = frame[l4 + 13]
+    if streams is not None and flags & (_SYN | _RST):
+        if not skip_dns_to or _dst_ip(frame, off, ethertype) not in skip_dns_to:
+            streams.control(key, int.from_bytes(frame[l4 + 4 : l4 + 8], "big"), flags)
     if data == end:
         return [PacketSeen(ts, mac, src_ip, "tcp", DNS_PORT)] if others else []
     if skip_dns_to and _dst_ip(frame, off, ethertype) in skip_dns_to:
         return []
-    if end > len(frame):
-        raise SplitDnsMessage(f"DNS over TCP: the segment's last {end - len(frame)} bytes were not captured")
-    # The lengths first, the messages only if they fill the segment: a continuation would otherwise have its first
-    # two bytes taken for a length and a slice of a message decoded, counted malformed
+    if streams is not None and flags & _RST:
+        return []  # the server's TCP drops a RST's data: no query reaches it
+    if streams is None:
+        if end > len(frame):
+            raise SplitDnsMessage(f"DNS over TCP: the segment's last {end - len(frame)} bytes were not captured")
+        messages = _whole_messages(frame[data:end])
+    else:
+        # a SYN's data (TCP Fast Open) starts after the SYN's own sequence number
+        seq = (int.from_bytes(frame[l4 + 4 : l4 + 8], "big") + (1 if flags & _SYN else 0)) & _SEQ_MASK
+        messages = streams.segment(key, seq, frame[data:end], end - data)
+    return [event for message in messages for event in _dns_query(message, ts, src_ip, mac, source)]
+
+
+def _whole_messages(payload: bytes) -> list[bytes]:
+    """The messages of a segment read alone, or ``SplitDnsMessage`` unless they fill it exactly: the lengths first,
+    the messages only if they fill it, since a continuation's first two bytes would otherwise be taken for a
+    length and a slice of a message decoded, counted malformed."""
     messages = []
-    at = data
+    at, end = 0, len(payload)
     while at < end:
-        size = (frame[at] << 8) | frame[at + 1] if at + 2 <= end else None
+        size = (payload[at] << 8) | payload[at + 1] if at + 2 <= end else None
         if size is None or at + 2 + size > end:
             raise SplitDnsMessage(f"DNS over TCP: a message runs past its segment ({end - at} bytes of it here)")
-        messages.append(frame[at + 2 : at + 2 + size])
+        messages.append(payload[at + 2 : at + 2 + size])
         at += 2 + size
-    return [event for message in messages for event in _dns_query(message, ts, src_ip, mac, source)]
+    return messages
+
+
+_SYN, _RST = 0x02, 0x04
+_SEQ_MASK = 0xFFFFFFFF
+_HALF = 1 << 31  # sequence numbers compare modulo 2**32 (RFC 793): a distance above this is behind
+# A flow's bytes held at once: the start of a message (under 65,535 bytes and its length) and as much again of
+# segments ahead of a gap, so one flow can never hold more than this however it is split.
+_MESSAGE_MAX = 2 + 65535
+FLOW_MAX_BYTES = 2 * _MESSAGE_MAX
+# Segments held ahead of a gap: a flow of 1-byte segments is no list of thousands, and queries after a segment the
+# capture lost are read (alone) after a few more, not never.
+_FLOW_MAX_HELD = 16
+
+
+class _Flow:
+    __slots__ = ("isn", "next", "aligned", "buf", "held", "size")
+
+    def __init__(self, isn: int | None, next_seq: int, aligned: bool) -> None:
+        self.isn = isn  # the SYN's sequence number: a retransmitted SYN leaves the flow as it is
+        self.next = next_seq  # the sequence number of the first byte not yet seen
+        self.aligned = aligned  # whether ``next`` is known to start a message (``buf`` holds from a message's start)
+        self.buf = bytearray()  # the start of a message not yet whole
+        self.held: list[tuple[int, bytes]] = []  # segments ahead of a gap, read once it is filled
+        self.size = 0  # len(buf) + the held segments' bytes, as counted in ``DnsStreams.bytes``
+
+
+class DnsStreams:
+    """The DNS over TCP connections of one capture, followed so a query is read once and whole: a retransmitted
+    segment (its bytes seen already) gives nothing, and a message split across segments (a resolver that writes
+    the length and the message in two calls; a query over ~1,400 bytes) is read when its last byte arrives, in
+    whatever order its segments come, overlapping or not, each byte taken from the first segment that held it.
+
+    A flow (addresses and ports) is followed from its SYN, which says where its first message starts. One first
+    seen later (its SYN before the capture began, or the flow forgotten) has each segment read alone, as
+    ``parse_frame`` without streams does (a segment of part of a message is ``SplitDnsMessage``), but its
+    retransmissions are still dropped, and after a segment of whole messages it is followed as from a SYN.
+
+    Bounded, since any LAN host can open connections without end: at most ``max_flows`` flows and ``max_bytes``
+    of partial messages and early segments in all, ``FLOW_MAX_BYTES`` in one. Past either bound the flow least
+    recently sent on is forgotten, so a flood of connections pushes out its own oldest flows and any a device
+    left idle; a device's flow forgotten so is then read segment by segment, as a flow without its SYN. A gap no
+    segment fills (the capture lost it) gives up the message it cuts once segments past a flow's own bound wait
+    behind it, which are then read each alone, as the flow's further segments are. Messages and segments so
+    given up are counted in ``given_up``, which callers add to their split DNS count, as are those still waiting
+    at ``close()``. A flow is forgotten at its RST; after a FIN it stays
+    (its data may yet be retransmitted) until pushed out.
+    """
+
+    def __init__(self, max_flows: int = 4096, max_bytes: int = 4 << 20) -> None:
+        if max_flows < 1 or max_bytes < FLOW_MAX_BYTES:
+            raise ValueError(f"DnsStreams: max_flows {max_flows} under 1 or max_bytes {max_bytes} under "
+                             f"{FLOW_MAX_BYTES}, one flow's bound")
+        self.flows: dict[bytes, _Flow] = {}  # in order of last use: the first is the one to forget
+        self.max_flows = max_flows
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.given_up = 0
+
+    def control(self, key: bytes, seq: int, flags: int) -> None:
+        """A SYN starts following ``key`` (one with another sequence number starts it anew); a RST forgets it."""
+        flow = self.flows.pop(key, None)
+        if flags & _RST:
+            if flow is not None:
+                self._forget(flow)
+            return
+        if flow is None or flow.isn != seq:
+            if flow is not None:
+                self._forget(flow)
+            flow = _Flow(seq, (seq + 1) & _SEQ_MASK, True)
+        self._keep(key, flow)
+
+    def segment(self, key: bytes, seq: int, payload: bytes, length: int) -> list[bytes]:
+        """The whole messages the ``length`` bytes at ``seq`` complete; ``payload`` is what the capture holds of
+        them (less when cut by its snapshot length). Raises ``SplitDnsMessage`` for a segment read alone that
+        holds part of a message."""
+        flow = self.flows.pop(key, None)
+        if flow is None:
+            flow = _Flow(None, seq, False)
+        self._keep(key, flow)  # first, so a flow pushed out below to make room is never this one
+        ahead = (seq - flow.next) & _SEQ_MASK
+        if ahead >= _HALF:  # starts before the first byte not yet seen: a retransmission, maybe with new bytes
+            behind = _SEQ_MASK + 1 - ahead
+            if behind >= length:
+                return []
+            payload, length, seq, ahead = payload[behind:], length - behind, flow.next, 0
+        if len(payload) < length:  # the capture lost bytes: where the next message starts is no longer known
+            self._unalign(flow, (seq + length) & _SEQ_MASK)
+            raise SplitDnsMessage(f"DNS over TCP: the segment's last {length - len(payload)} bytes were not captured")
+        if not flow.aligned:
+            # past a gap too: the gap's bytes, should they come, start nowhere known and are read alone anyway
+            flow.next = (seq + length) & _SEQ_MASK
+            messages = _whole_messages(payload)
+            flow.aligned = True  # whole messages: the next byte starts one
+            return messages
+        if ahead:
+            if len(flow.held) >= _FLOW_MAX_HELD or flow.size - len(flow.buf) + length > _MESSAGE_MAX:
+                return self._read_alone(flow, [*flow.held, (seq, payload)])
+            flow.held.append((seq, payload))
+            self._grow(flow, length)
+            return []
+        flow.buf += payload
+        flow.next = (seq + length) & _SEQ_MASK
+        added = length
+        while flow.held:  # segments that waited for this one, in sequence order
+            # the earliest: one now behind ``next`` (reached, or passed by an overlapping segment) before one ahead
+            i, (held_seq, held) = min(enumerate(flow.held), key=lambda item: ((item[1][0] - flow.next + _HALF)
+                                                                               & _SEQ_MASK))
+            gap = (held_seq - flow.next) & _SEQ_MASK
+            if 0 < gap < _HALF:
+                break
+            del flow.held[i]
+            added -= len(held)
+            behind = (flow.next - held_seq) & _SEQ_MASK
+            if behind < len(held):
+                flow.buf += held[behind:]
+                flow.next = (held_seq + len(held)) & _SEQ_MASK
+                added += len(held) - behind
+        messages = []
+        buf, at = flow.buf, 0
+        while len(buf) - at >= 2 and len(buf) - at - 2 >= (size := (buf[at] << 8) | buf[at + 1]):
+            messages.append(bytes(buf[at + 2 : at + 2 + size]))
+            at += 2 + size
+        del buf[:at]
+        self._grow(flow, added - at)
+        return messages
+
+    def _read_alone(self, flow: _Flow, segments: list[tuple[int, bytes]]) -> list[bytes]:
+        """A gap no segment fills (the capture lost it): the partial message is given up, and the segments that
+        waited and this one are read each alone, in sequence order, as in a flow whose SYN was not seen."""
+        segments.sort(key=lambda item: (item[0] - flow.next) & _SEQ_MASK)
+        flow.held = []  # not given up: read below
+        self._unalign(flow, flow.next)
+        messages = []
+        for seq, payload in segments:
+            behind = (flow.next - seq) & _SEQ_MASK
+            if behind < _HALF:  # overlapping the one before
+                if behind >= len(payload):
+                    continue
+                seq, payload = flow.next, payload[behind:]
+            flow.next = (seq + len(payload)) & _SEQ_MASK
+            try:
+                messages += _whole_messages(payload)
+                flow.aligned = True
+            except SplitDnsMessage:
+                self.given_up += 1
+                flow.aligned = False
+        return messages
+
+    def close(self) -> None:
+        """Forget every flow, counting what they held in ``given_up``: the capture ended before it was whole."""
+        for flow in self.flows.values():
+            self._forget(flow)
+        self.flows.clear()
+
+    def _keep(self, key: bytes, flow: _Flow) -> None:
+        self.flows[key] = flow
+        while len(self.flows) > self.max_flows:
+            self._forget(self.flows.pop(next(iter(self.flows))))
+
+    def _grow(self, flow: _Flow, by: int) -> None:
+        flow.size += by
+        self.bytes += by
+        while self.bytes > self.max_bytes:  # never the flow just grown: it is the last, and under the bound alone
+            self._forget(self.flows.pop(next(iter(self.flows))))
+
+    def _unalign(self, flow: _Flow, next_seq: int) -> None:
+        self._forget(flow)
+        flow.aligned, flow.next = False, next_seq
+
+    def _forget(self, flow: _Flow) -> None:
+        self.given_up += len(flow.held) + (1 if flow.buf else 0)
+        self.bytes -= flow.size
+        flow.buf, flow.held, flow.size = bytearray(), [], 0
 
 
 def _dst_ip(frame: bytes, off: int, ethertype: int) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.capture.frames import MalformedPacket, Senders, SplitDnsMessage, parse_frame
+from gateway.capture.frames import DnsStreams, MalformedPacket, Senders, SplitDnsMessage, parse_frame
 from gateway.capture.pcap import PcapError, Skipped, read_frames
 from gateway.capture.sniffer import Sink
 from gateway.events import Counters, Event
@@ -95,7 +95,8 @@ def replay(
     goes on.
     Malformed frames are counted (``replay_malformed``) and dropped; an exception in ``sink`` propagates.
     Packets of a Linux cooked capture that are no LAN device's frame (sent by the capturing host, from loopback
-    or a tunnel), and DNS over TCP segments holding part of a message, are counted in ``skipped`` and
+    or a tunnel), and DNS over TCP segments holding part of a message that could not be reassembled
+    (``gateway.capture.frames.DnsStreams``, one for the whole replay), are counted in ``skipped`` and
     ``replay_skipped``.
     As in live capture, each unicast source's first frame (in the whole replay) also gives a ``DeviceSeen``
     ahead of its own events, whether that frame says anything or decodes. Frames are not sorted (merged captures,
@@ -109,6 +110,7 @@ def replay(
     order = order if order is not None else timeline(paths)
     result = ReplayResult()
     senders = Senders()
+    streams = DnsStreams()  # for all the files: a connection may go on in the next file of a rotated capture
     stop = stop if stop is not None else threading.Event()
     for path in paths:
         if stop.is_set():
@@ -116,19 +118,25 @@ def replay(
         result.files += 1
         before = result.skipped.total
         try:
-            _replay_file(Path(path), sink, realtime, counters, result, senders, order.earliest, stop)
+            _replay_file(Path(path), sink, realtime, counters, result, senders, streams, order.earliest, stop)
         except PcapError as exc:  # the message names the file
             log.error("replay: %s", exc)
             result.errors.append(str(exc))
             counters.add("replay_errors")
         finally:
+            result.skipped.split_dns += streams.given_up
+            streams.given_up = 0
             if result.skipped.total > before:
                 counters.add("replay_skipped", result.skipped.total - before)
+    streams.close()  # messages still partial when the captures end
+    if streams.given_up:
+        result.skipped.split_dns += streams.given_up
+        counters.add("replay_skipped", streams.given_up)
     return result
 
 
 def _replay_file(path: Path, sink: Sink, realtime: bool, counters: Counters, result: ReplayResult,
-                 senders: Senders, earliest: dict[bytes, float], stop: threading.Event) -> None:
+                 senders: Senders, streams: DnsStreams, earliest: dict[bytes, float], stop: threading.Event) -> None:
     events: list[Event] = []
     known = senders.known
     pending = 0
@@ -152,7 +160,7 @@ def _replay_file(path: Path, sink: Sink, realtime: bool, counters: Counters, res
             if frame[6:12] not in known:
                 events += senders.first(frame, earliest.get(frame[6:12], ts))
             try:
-                events.extend(parse_frame(frame, ts, others=True, source="replay"))
+                events.extend(parse_frame(frame, ts, others=True, source="replay", streams=streams))
             except SplitDnsMessage:
                 result.skipped.split_dns += 1
             except MalformedPacket:

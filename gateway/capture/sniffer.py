@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import psutil
 
-from gateway.capture.frames import MalformedPacket, Senders, SplitDnsMessage, parse_frame
+from gateway.capture.frames import DnsStreams, MalformedPacket, Senders, SplitDnsMessage, parse_frame
 from gateway.events import Counters, Event
 
 log = logging.getLogger(__name__)
@@ -135,9 +135,9 @@ class Sniffer:
     ``sink`` gets one list of events per ring block (the frames of up to ~10 ms, at most 32 KiB of them);
     it runs on the sniffer's thread, so it should queue rather than block. ``ring_bytes`` is the kernel
     buffer that absorbs bursts and stalls while Python is busy. Counters: ``capture_frames``,
-    ``capture_malformed``, ``capture_split_dns`` (DNS over TCP segments holding part of a message, not read:
-    ``SplitDnsMessage``), ``capture_dropped`` (frames the kernel lost because the ring was full),
-    ``capture_sink_errors``, ``capture_errors`` (the interface went down).
+    ``capture_malformed``, ``capture_split_dns`` (DNS over TCP segments holding part of a message that could not
+    be reassembled: ``SplitDnsMessage``, and what ``DnsStreams`` gave up), ``capture_dropped`` (frames the kernel
+    lost because the ring was full), ``capture_sink_errors``, ``capture_errors`` (the interface went down).
 
     ``skip_dns_to_self`` leaves out DNS queries addressed to the interface's own addresses: when the gateway's
     DNS server answers there, it reports them itself, and capturing them too would count every query twice.
@@ -170,6 +170,7 @@ class Sniffer:
         self.skip_dns_to_self = skip_dns_to_self
         self._own: frozenset[str] = frozenset()
         self.senders = Senders()
+        self.dns_streams = DnsStreams()
 
     def start(self) -> None:
         """Open the socket (a missing interface or capability raises here) and start the thread."""
@@ -261,6 +262,8 @@ class Sniffer:
         unpack = _PKT_HDR.unpack_from
         senders = self.senders
         known = senders.known
+        streams = self.dns_streams
+        given_up = streams.given_up
         for _ in range(count):
             next_off, sec, nsec, snaplen, _len, _status, mac = unpack(ring, off)
             frame = ring[off + mac : off + mac + snaplen]
@@ -268,7 +271,7 @@ class Sniffer:
             if frame[6:12] not in known:  # the only presence cost for a sender already reported
                 events += senders.first(frame, ts)
             try:
-                events.extend(parse_frame(frame, ts, source="capture", skip_dns_to=self._own))
+                events.extend(parse_frame(frame, ts, source="capture", skip_dns_to=self._own, streams=streams))
             except SplitDnsMessage:
                 self.counters.add("capture_split_dns")
             except MalformedPacket:
@@ -280,6 +283,8 @@ class Sniffer:
                     log.exception("frame parser failed on %s (logged once; frame dropped)", frame[:128].hex())
             off += next_off
         self.counters.add("capture_frames", count)
+        if streams.given_up > given_up:
+            self.counters.add("capture_split_dns", streams.given_up - given_up)
         return events
 
     def _deliver(self, events: list[Event]) -> None:

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.capture.frames import MalformedPacket, SplitDnsMessage, parse_frame, sender
+from gateway.capture.frames import DnsStreams, MalformedPacket, SplitDnsMessage, parse_frame, sender
 from gateway.capture.pcap import PcapError, Skipped, read_frames
 from gateway.observations import to_observation
 from identifier.dataset import DataError, LabelledWindow, read_labels
@@ -51,6 +51,7 @@ def capture_windows(path: str | Path, window: float | None = None, keep_partial:
     first: dict[str, float] = {}  # each unicast source MAC's earliest frame, read before the frame is parsed
     malformed = 0
     skipped = Skipped()
+    streams = DnsStreams()
     frames = read_frames(path, skipped)
     while True:
         try:
@@ -60,6 +61,8 @@ def capture_windows(path: str | Path, window: float | None = None, keep_partial:
         except PcapError as exc:
             if not keep_partial:
                 raise
+            streams.close()
+            skipped.split_dns += streams.given_up
             return CaptureWindows(_windows(seen, first, window), malformed, str(exc), skipped)
         # the sender is present from this frame on even when it says nothing the parser reports (a DNS answer,
         # a BOOTREPLY, a nameless mDNS packet) or says it badly, as the daemon's ``Senders`` tells it; the
@@ -68,7 +71,7 @@ def capture_windows(path: str | Path, window: float | None = None, keep_partial:
         if src is not None:
             first[src] = min(first.get(src, ts), ts)
         try:
-            events = parse_frame(frame, ts, others=True, source="replay")
+            events = parse_frame(frame, ts, others=True, source="replay", streams=streams)
         except SplitDnsMessage:
             skipped.split_dns += 1
             continue
@@ -81,6 +84,8 @@ def capture_windows(path: str | Path, window: float | None = None, keep_partial:
             if obs is None or not mac:
                 continue
             seen.setdefault(mac, []).append(obs)
+    streams.close()
+    skipped.split_dns += streams.given_up
     return CaptureWindows(_windows(seen, first, window), malformed, skipped=skipped)
 
 
