@@ -57,7 +57,7 @@ class Skipped:
     short: int = 0  # shorter than the cooked header (cut by the snapshot length)
     bad_time: int = 0  # stamped past the year 9999 (a pcapng's 64-bit time): no clock, date or page can show it
     untimed: int = 0  # pcapng Simple Packet Blocks (no timestamp) before any frame whose time they could take
-    split_dns: int = 0  # counted by the frames' reader, not here: see gateway.capture.frames.SplitDnsMessage
+    split_dns: int = 0  # counted by the frames' reader, not here: gateway.capture.frames SplitDnsMessage, DnsStreams
 
     @property
     def total(self) -> int:
