@@ -11,6 +11,7 @@ import math
 import re
 import socket
 import tomllib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -320,7 +321,7 @@ def peer_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """The address a socket peer stands for, in one spelling: its scope id (``%eth0``) dropped, an IPv4-mapped
     IPv6 address (``::ffff:10.0.0.5``, a dual-stack socket's IPv4 client) as the IPv4 one, so that a LAN prefix
     or a per-address count sees one client. ValueError when ``text`` is no IP address. A link-local address says
-    nothing of its link here: the DNS server checks that from the peer's scope id (``link_local_interfaces``)."""
+    nothing of its link here: its scope says that (``on_lan_link``)."""
     address = ipaddress.ip_address(text.split("%", 1)[0])
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return address.ipv4_mapped
@@ -338,6 +339,26 @@ def link_local_interfaces(dns: DnsConfig, lan_interface: str | None) -> list[str
         if zone and zone not in names:
             names.append(zone)
     return names
+
+
+def on_lan_link(interface: str | int, links: Collection[str]) -> bool:
+    """Whether a link-local peer (fe80::/10) that came in on ``interface`` is on a LAN link: ``interface`` is one of
+    ``links`` (``link_local_interfaces``), by name or by index. ``interface`` is the peer address's scope: its index
+    (the 4th item of a socket's IPv6 peer address) or the zone of its text (``fe80::2%eth0``; an index there when
+    the interface had no name left). ``links`` are names or indexes as configured (``[fe80::1%3]:53``). No scope
+    (0 or empty) is no known link. Looked up for each peer rather than once at start: a bridge made again after a
+    restart of the network has a new index. A link-local address is only unique on its own link, so fe80::2 on the
+    WAN port is the ISP's modem or beyond, not the LAN's fe80::2."""
+    if not interface or not links:
+        return False
+    if str(interface) in links:  # as configured; an index matches without its name, which may be gone by now
+        return True
+    try:
+        if isinstance(interface, int):
+            return socket.if_indextoname(interface) in links
+        return str(socket.if_nametoindex(interface)) in links
+    except OSError:  # no such interface (any more)
+        return False
 
 
 def socket_address(host: str, port: int) -> tuple:

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import re
+import socket
 
 import pytest
 
 from gateway.cli import build_parser, config_from_args
-from gateway.config import Config, ConfigError, load
+from gateway.config import Config, ConfigError, DnsConfig, load, on_lan_link
+from gateway.dns import DnsServer
+from gateway.events import Counters
+from gateway.store.db import Store
+from tests.webui_seed import config
+from webui.app import create_app
 
 
 def write(tmp_path, text: str):
@@ -188,3 +194,45 @@ def test_a_malformed_db_or_mqtt_flag_is_refused_naming_the_flag(tmp_path, flag, 
 def test_a_store_url_that_is_no_database_url_names_file_line_and_key(tmp_path):
     with pytest.raises(ConfigError, match=r"iotgw\.toml:3: store\.url: 'sqlite:/x' is not a database URL"):
         load(write(tmp_path, '[store]\nquerylog_days = 9\nurl = "sqlite:/x"\n'))
+
+
+LO = socket.if_nametoindex("lo")
+GONE = 2**31 - 1  # an interface index no interface has (a link-local peer's interface removed since it came in)
+
+
+@pytest.mark.parametrize(("interface", "links", "expected"), [
+    ("lo", ["lo"], True),  # the zone of a peer's text, an interface configured by name
+    ("lo", [str(LO)], True),  # ... or by its index ([fe80::1%1]:53)
+    (LO, ["lo"], True),  # a socket peer's scope id
+    (LO, [str(LO)], True),
+    ("lo", ["eth9"], False),  # another link: the WAN port's fe80::2 is not the LAN's
+    (LO, ["eth9"], False),
+    (GONE, ["lo"], False),  # an unknown index: no name to match
+    (str(GONE), ["lo"], False),
+    ("eth9", ["eth9x", "1"], False),  # an unknown name: no index to match
+    ("", ["lo"], False),  # no zone, no scope id: no known link
+    (0, ["lo"], False),
+    ("lo", [], False),  # no LAN interface known: no link-local peer is trusted
+    (GONE, [str(GONE)], True),  # configured by index: it matches though the interface has no name any more
+    (str(GONE), [str(GONE)], True),
+])
+def test_a_link_local_peer_is_on_a_lan_link_by_its_interfaces_name_or_index(interface, links, expected):
+    assert on_lan_link(interface, links) is expected
+
+
+def test_the_dns_server_and_the_web_ui_trust_a_link_local_peer_alike(tmp_path):
+    """Both ask config.on_lan_link. Each had its own copy of the rule, and they parted on an interface configured
+    by index that is gone by the time its peer is checked: the web UI trusted fe80::7 from it, the DNS server
+    (which looked the index's name up first, and gave up) refused it."""
+    cfg = config(tmp_path)
+    cfg.dns.listen = ["[::]:53", f"[fe80::1%{GONE}]:53"]
+    dns = DnsServer(DnsConfig(listen=cfg.dns.listen, upstreams=["127.0.0.1"]), Counters())
+    store = Store(cfg.db_url)
+    try:
+        web = create_app(store, cfg).test_client()
+        for scope, trusted in ((GONE, True), (LO, False)):
+            web.environ_base["REMOTE_ADDR"] = f"fe80::7%{scope}"  # as webui.server's fix_addr spells a peer
+            assert (web.get("/login").status_code != 403) is trusted, scope  # 403: not from the LAN
+            assert dns._client(("fe80::7", 5353, 0, scope)).allowed is trusted, scope
+    finally:
+        store.close()

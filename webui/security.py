@@ -12,7 +12,6 @@ import hmac
 import ipaddress
 import logging
 import secrets
-import socket
 import time
 from urllib.parse import urlsplit
 
@@ -20,7 +19,15 @@ from flask import Flask, Response, g, jsonify, redirect, render_template, reques
 from werkzeug.exceptions import HTTPException
 
 from gateway import accounts
-from gateway.config import DEFAULT_PATH, Config, ConfigError, link_local_interfaces, parse_hostport, peer_ip
+from gateway.config import (
+    DEFAULT_PATH,
+    Config,
+    ConfigError,
+    link_local_interfaces,
+    on_lan_link,
+    parse_hostport,
+    peer_ip,
+)
 from webui.context import ctx
 
 log = logging.getLogger(__name__)
@@ -120,38 +127,32 @@ def give_device_cookie(response: Response, username: str, password_changed_at: f
 
 def from_lan() -> bool:
     """True for loopback and the LAN prefixes of ``[dns].lan``, a link-local one only from a LAN link (see
-    ``_on_lan_link``). The peer address is waitress's socket peer; X-Forwarded-For is deliberately not trusted."""
+    ``config.on_lan_link``). The peer address is waitress's socket peer; X-Forwarded-For is deliberately not
+    trusted."""
     peer = request.remote_addr or ""
     try:
-        addr = peer_ip(peer)  # the zone (see _on_lan_link) dropped
+        # The zone dropped: webui.server's fix_addr wrote the interface a link-local peer came in on there
+        addr = peer_ip(peer)
     except ValueError:
         return False
     if addr.is_loopback:
         return True
     if not any(addr in ipaddress.ip_network(prefix, strict=False) for prefix in ctx().cfg.dns.lan):
         return False
-    return not (addr.version == 6 and addr.is_link_local) or _on_lan_link(peer.partition("%")[2])
+    if addr.version == 6 and addr.is_link_local:
+        return on_lan_link(peer.partition("%")[2], _lan_links(ctx().cfg))
+    return True
 
 
-def _on_lan_link(zone: str) -> bool:
-    """Whether a link-local peer came in on an interface the gateway serves, by the DNS server's rule
-    (``config.link_local_interfaces``, with the zone of ``[web] listen`` besides): fe80::2 on the WAN port is the
-    ISP's modem or beyond, not the LAN's fe80::2. ``zone`` is the scope ``webui.server`` writes into REMOTE_ADDR
-    (an interface's name, or its index when it had none by then); without one, no link is known."""
-    if not zone:
-        return False
-    cfg = ctx().cfg
+def _lan_links(cfg: Config) -> list[str]:
+    """The interfaces a link-local peer is trusted on: the DNS server's (``config.link_local_interfaces``), with the
+    zone of ``[web] listen`` besides."""
     links = link_local_interfaces(cfg.dns, cfg.capture.interface)
     try:
-        links.append(parse_hostport(cfg.web.listen, 8080)[0].partition("%")[2])
+        zone = parse_hostport(cfg.web.listen, 8080)[0].partition("%")[2]
     except ValueError:  # `iotgw web` refuses it at start; an app served by a test listens elsewhere
-        pass
-    if zone in links:
-        return True
-    try:  # a zone configured as an index ("[fe80::1%3]:53")
-        return str(socket.if_nametoindex(zone)) in links
-    except OSError:
-        return False
+        return links
+    return [*links, zone] if zone else links
 
 
 def host_allowed(host: str, configured: list[str]) -> bool:

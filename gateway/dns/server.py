@@ -21,7 +21,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.config import DnsConfig, link_local_interfaces, parse_hostport, peer_ip, socket_address, upstream_address
+from gateway.config import (
+    DnsConfig,
+    link_local_interfaces,
+    on_lan_link,
+    parse_hostport,
+    peer_ip,
+    socket_address,
+    upstream_address,
+)
 from gateway.dns import wire
 from gateway.dns.cache import AnswerCache
 from gateway.events import Counters, DnsQuery
@@ -664,26 +672,13 @@ class DnsServer:
         address = peer_ip(raw)
         allowed = any(address in net for net in self._lan)
         if allowed and address.version == 6 and address.is_link_local:
-            allowed = self._on_lan_link(addr)
+            allowed = on_lan_link(addr[3] if len(addr) > 3 else 0, self._links)
         client = _Client(raw.split("%", 1)[0], allowed)
         table = self._clients if client.allowed else self._outsiders
         if len(table) >= MAX_CLIENTS:
             table.clear()
         table[key] = client
         return client
-
-    def _on_lan_link(self, addr: tuple) -> bool:
-        """Whether a link-local peer came in on a LAN interface: its scope id (the 4th item of an IPv6 peer
-        address) is the index of the interface it arrived on. Looked up by name for each new client rather than
-        once at start: a bridge made again after a restart of the network has a new index."""
-        scope = addr[3] if len(addr) > 3 else 0
-        if not scope or not self._links:
-            return False
-        try:
-            name = socket.if_indextoname(scope)
-        except OSError:  # gone since the packet came
-            return False
-        return name in self._links or str(scope) in self._links
 
     @property
     def _tcp_clients(self) -> int:
