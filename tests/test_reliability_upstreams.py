@@ -195,7 +195,7 @@ def test_the_bytes_of_queries_waiting_for_a_silent_upstream_are_capped(monkeypat
         assert srv.counters.get("dns_pending_full") == 19
         assert up.queries == 11
         # Every query has had its answer, so none waits and no byte is left counted.
-        assert srv.call(lambda: (len(srv.server._pending), srv.server._pending_bytes)) == (0, 0)
+        assert srv.call(lambda: (len(srv.server._pending), srv.server._pending.bytes)) == (0, 0)
 
 
 @needs_dnsmasq

@@ -144,6 +144,41 @@ class _Pending:
         self.deadline = 0.0
 
 
+class _PendingTable:
+    """The queries waiting for an upstream, by the ID each was sent with, and the bytes of those queries: counted
+    here with every insert and removal, so that no caller can change one without the other."""
+
+    __slots__ = ("_by_id", "bytes", "get")
+
+    def __init__(self) -> None:
+        self._by_id: dict[bytes, _Pending] = {}
+        self.bytes = 0
+        self.get = self._by_id.get  # the dict's own, for the hot path: no Python call per upstream answer
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __contains__(self, sent_id: bytes) -> bool:
+        return sent_id in self._by_id
+
+    def full(self) -> bool:
+        """No room for another (MAX_PENDING, MAX_PENDING_BYTES)."""
+        return len(self._by_id) >= MAX_PENDING or self.bytes >= MAX_PENDING_BYTES
+
+    def add(self, p: _Pending) -> None:
+        """``p``, sent with the ID ``p.sent_id``, which no waiting query holds."""
+        self._by_id[p.sent_id] = p
+        self.bytes += len(p.query)
+
+    def remove(self, p: _Pending) -> None:
+        del self._by_id[p.sent_id]
+        self.bytes -= len(p.query)
+
+    def waiting(self) -> list[_Pending]:
+        """A copy, so that the caller may remove some as it goes."""
+        return list(self._by_id.values())
+
+
 class DnsServer:
     """A forwarding DNS server for the LAN. ``start()`` binds every listen address (UDP and TCP on the same
     port); ``bound`` then lists the (host, port) pairs, which matters with port 0. ``lan_interface`` is the
@@ -175,8 +210,7 @@ class DnsServer:
         # Peer address text (with the scope id for a link-local one: see _client) -> LAN client, or outsider
         self._clients: dict[str | tuple[str, int], _Client] = {}
         self._outsiders: dict[str | tuple[str, int], _Client] = {}
-        self._pending: dict[bytes, _Pending] = {}
-        self._pending_bytes = 0  # of their queries, kept with every insert into and removal from _pending
+        self._pending = _PendingTable()
         # A heap of (deadline, upstream ID); answered queries leave their entry to expire here, so it holds no
         # reference to them. Not a FIFO: a late retry's deadline is cut to the query's budget, earlier than
         # those of queries sent before it, and must not wait behind them past timeout_s.
@@ -244,11 +278,10 @@ class DnsServer:
         # Awaited, so that each connection has closed its socket before stop() returns: left to the loop's end,
         # they ran on a closed loop ("Event loop is closed") wherever the caller closed it straight after.
         await asyncio.gather(*tasks, return_exceptions=True)
-        for pending in self._pending.values():
+        for pending in self._pending.waiting():
+            self._pending.remove(pending)
             if pending.fut is not None and not pending.fut.done():
                 pending.fut.cancel()
-        self._pending.clear()
-        self._pending_bytes = 0
         self._deadlines.clear()
 
     async def __aenter__(self) -> DnsServer:
@@ -434,7 +467,7 @@ class DnsServer:
                     choice = i
             if choice < 0:
                 return False
-        if len(self._pending) >= MAX_PENDING or self._pending_bytes >= MAX_PENDING_BYTES:
+        if self._pending.full():
             self.counters.add("dns_pending_full")
             return False
         bits = random.getrandbits(18)
@@ -451,8 +484,7 @@ class DnsServer:
             up.down_until = now + DOWN_FOR_S
             return self._send_upstream(p, now)
         p.deadline = min(now + self._attempt_s, p.t0 + self._timeout)
-        self._pending[new_id] = p
-        self._pending_bytes += len(p.query)
+        self._pending.add(p)
         heapq.heappush(self._deadlines, (p.deadline, new_id))
         return True
 
@@ -477,8 +509,7 @@ class DnsServer:
                     or data[12 : 12 + p.question.length] != p.query[12 : 12 + p.question.length]):
                 self.counters.add("dns_upstream_stray")
                 continue
-            del pending[key]
-            self._pending_bytes -= len(p.query)
+            pending.remove(p)
             if data[3] & 0x0F in (wire.SERVFAIL, wire.REFUSED) and self._untried(p):
                 # A broken or misconfigured upstream: another may answer (dnsmasq does the same).
                 self.counters.add("dns_upstream_failed")
@@ -561,8 +592,7 @@ class DnsServer:
             _, key = heapq.heappop(deadlines)
             p = pending.get(key)
             if p is not None and p.deadline <= now:  # else answered, and the ID maybe reused since
-                del pending[key]
-                self._pending_bytes -= len(p.query)
+                pending.remove(p)
                 self.counters.add("dns_upstream_timeouts")
                 self._upstreams[p.upstream].down_until = now + DOWN_FOR_S
                 self._retry(p, now)
@@ -574,10 +604,9 @@ class DnsServer:
         now = time.monotonic()
         up.down_until = now + DOWN_FOR_S
         self.counters.add("dns_upstream_refused")
-        for key, p in list(self._pending.items()):
+        for p in self._pending.waiting():
             if self._upstreams[p.upstream] is up:
-                del self._pending[key]
-                self._pending_bytes -= len(p.query)
+                self._pending.remove(p)
                 self._retry(p, now)
 
     def _tcp_retry_done(self, task: asyncio.Task) -> None:
