@@ -143,6 +143,13 @@ class _Pending:
         self.sent_id = b""
         self.deadline = 0.0
 
+    def answered_by(self, data: bytes) -> bool:
+        """Whether ``data`` (over UDP or TCP) answers this query as it was sent: its ID, QR set (our own query
+        reflected back, or any non-answer, would be passed on and cached), and the question echoed."""
+        end = 12 + self.question.length
+        return (data[:2] == self.sent_id and len(data) >= 12 and data[2] & 0x80 != 0
+                and data[12:end] == self.query[12:end])
+
 
 class _PendingTable:
     """The queries waiting for an upstream, by the ID each was sent with, and the bytes of those queries: counted
@@ -440,7 +447,7 @@ class DnsServer:
 
     def _local(self, response: bytes, sock: socket.socket | None, addr: tuple, fut: asyncio.Future | None,
                client: _Client, mac: str | None, q: wire.Question, t0: float, decided: Decision) -> None:
-        """Send an answer made here and log it."""
+        """Send an answer (made here, or an upstream's as the client gets it) and log it."""
         self._reply(response, addr, sock, fut)
         if self.emit is not None:
             self.emit(DnsQuery(time.time(), client.ip, mac, q.qname, q.qtype, q.sld, response[3] & 0x0F,
@@ -502,11 +509,8 @@ class DnsServer:
             except OSError as exc:
                 log.debug("dns: upstream %s receive error %s", up.host, exc)
                 return
-            key = data[:2]
-            p = pending.get(key)
-            # QR must be set: our own query reflected back, or any non-answer, would be passed on and cached.
-            if (p is None or self._upstreams[p.upstream] is not up or len(data) < 12 or not data[2] & 0x80
-                    or data[12 : 12 + p.question.length] != p.query[12 : 12 + p.question.length]):
+            p = pending.get(data[:2])
+            if p is None or self._upstreams[p.upstream] is not up or not p.answered_by(data):
                 self.counters.add("dns_upstream_stray")
                 continue
             pending.remove(p)
@@ -557,16 +561,7 @@ class DnsServer:
                                             wire.has_opt(p.query, 12 + q.length))
         else:
             response = query_id + response[2:]
-        if p.fut is None:
-            try:
-                p.sock.sendto(response, p.addr)  # type: ignore[union-attr]
-            except OSError:
-                self.counters.add("dns_send_errors")
-        elif not p.fut.done():
-            p.fut.set_result(response)
-        if self.emit is not None:
-            self.emit(DnsQuery(time.time(), client.ip, p.mac, q.qname, q.qtype, q.sld, response[3] & 0x0F,
-                               (now - p.t0) * 1000.0, decided.verdict, decided.rule, "server", decided.rule_words))
+        self._local(response, p.sock, p.addr, p.fut, client, p.mac, q, p.t0, decided)
 
     # ---- failures, timeouts, truncation ------------------------------------------------------------------
 
@@ -621,8 +616,7 @@ class DnsServer:
             # for the next upstream.
             response = await asyncio.wait_for(_tcp_exchange(up.host, up.port, p.sent_id + p.query[2:]),
                                               p.deadline - time.monotonic())
-            if (response[:2] != p.sent_id or len(response) < 12 or not response[2] & 0x80
-                    or response[12 : 12 + p.question.length] != p.query[12 : 12 + p.question.length]):
+            if not p.answered_by(response):
                 raise wire.Malformed("TCP answer does not match the question")
         except (OSError, TimeoutError, asyncio.IncompleteReadError, wire.Malformed) as exc:
             log.debug("dns: TCP retry to %s failed: %s", up.host, exc)
