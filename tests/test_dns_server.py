@@ -406,6 +406,29 @@ def test_the_query_log_keeps_each_rule_in_the_words_the_engine_said_it(tmp_path)
     ]
 
 
+def test_a_big_answer_from_the_cache_is_checked_whole_before_it_is_cut_to_the_clients_size(tmp_path):
+    """A CNAME chain to a blocked name, in an answer bigger than a 512-byte UDP client takes. The upstream's answer
+    was checked whole and came back blocked; the cached one was cut to its header first (TC), so the check saw no
+    chain: the client was told to ask again over TCP, and the query was logged as allowed."""
+    tracker = Dnsmasq(tmp_path, extra=["--local=/tracker.test/", "--cname=metrics.example.test,ads.tracker.test",
+                                       *[f"--host-record=ads.tracker.test,192.0.2.{i}" for i in range(1, 60)]])
+    tracker.start()
+    filtering = Filtering(store=None, state_dir=tmp_path)  # type: ignore[arg-type] - no device table needed
+    rules = PolicySet(policies={"global": Policy(rules=[Rule("block", "name", "tracker.test")])})
+    filtering.engine = PolicyEngine.build(rules, base_dir=tmp_path)
+    try:
+        with running(config([tracker.address]), decide=filtering.decide,
+                     check_response=filtering.check_response) as srv:
+            for source in ("upstream, again over TCP", "cache"):
+                reply = ask(srv.port, "metrics.example.test")
+                assert not reply.flags & dns.flags.TC, source
+                assert addresses(reply) == {"0.0.0.0"}, source
+            assert srv.counters.get("dns_tcp_retries") == 1 and srv.counters.get("dns_cache_hits") == 1
+    finally:
+        tracker.stop()
+    assert [e.verdict for e in srv.events] == ["blocked", "blocked"]
+
+
 def test_a_listen_address_in_use_is_a_clear_error(upstream):
     with running(config([upstream.address])) as srv:
         taken = f"127.0.0.1:{srv.port}"

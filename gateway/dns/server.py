@@ -428,16 +428,9 @@ class DnsServer:
             cached = self._cache.get(key, now)
             if cached is not None:
                 self.counters.add("dns_cache_hits")
-                if len(cached) > client_max:  # the client asks again over TCP and gets it whole
-                    response = wire.truncated_reply(data[:2], cached, question_bytes, bool(flags & wire.FLAG_EDNS))
-                else:
-                    response = data[:2] + cached[2:12] + question_bytes + cached[12 + q.length :]
-                if self.check_response is not None:
-                    decision = self.check_response(client.ip, mac, q.qname, response, data)
-                    if decision is not None:
-                        decided = decision
-                        if decision.reply is not None:
-                            response = data[:2] + decision.reply[2:]
+                response, decided = self._finish(
+                    data[:2] + cached[2:12] + question_bytes + cached[12 + q.length :], data, q, client, mac, decided,
+                    client_max)
                 self._local(response, sock, addr, fut, client, mac, q, now, decided)
                 return
         pending = _Pending(wire.clamp_udp_size(data, 12 + q.length), q, sock, addr, fut, client, mac, decided,
@@ -547,21 +540,27 @@ class DnsServer:
         q = p.question
         if p.key is not None:
             self._cache.put(p.key, response, q.length, now)
-        decided = p.decided
-        client = p.client
+        response, decided = self._finish(p.query[:2] + response[2:], p.query, q, p.client, p.mac, p.decided,
+                                         p.client_max)
+        self._local(response, p.sock, p.addr, p.fut, p.client, p.mac, q, p.t0, decided)
+
+    def _finish(self, response: bytes, query: bytes, q: wire.Question, client: _Client, mac: str | None,
+                decided: Decision, client_max: int) -> tuple[bytes, Decision]:
+        """The reply to ``query`` from ``response`` (an upstream's or the cache's answer, with the query's ID and
+        question), and what to log as deciding it: the policy checks the whole answer (``check_response``, whose
+        reply may replace it), and only then is it cut to a header and question with TC when bigger than the
+        client takes (it asks again over TCP). Cut first, a cached answer's CNAME chain to a blocked name was
+        hidden from the check."""
         if self.check_response is not None:
-            decision = self.check_response(client.ip, p.mac, q.qname, response, p.query)
+            decision = self.check_response(client.ip, mac, q.qname, response, query)
             if decision is not None:
                 decided = decision
                 if decision.reply is not None:
-                    response = decision.reply
-        query_id = p.query[:2]
-        if len(response) > p.client_max:
-            response = wire.truncated_reply(query_id, response, p.query[12 : 12 + q.length],
-                                            wire.has_opt(p.query, 12 + q.length))
-        else:
-            response = query_id + response[2:]
-        self._local(response, p.sock, p.addr, p.fut, client, p.mac, q, p.t0, decided)
+                    response = query[:2] + decision.reply[2:]
+        if len(response) > client_max:
+            end = 12 + q.length
+            response = wire.truncated_reply(query[:2], response, query[12:end], wire.has_opt(query, end))
+        return response, decided
 
     # ---- failures, timeouts, truncation ------------------------------------------------------------------
 
