@@ -20,10 +20,12 @@ import pytest
 
 from gateway.alerts import Alerts, PolicyHooks, recent_alerts
 from gateway.config import Config, ConfigError
+from gateway.daemon import record_identity
 from gateway.devices.service import forget, get_device, rename
 from gateway.events import ALERT_KINDS, Alert, DnsQuery
 from gateway.store.db import Store
 from gateway.store.schema import Device, OutboxMessage, Query
+from identifier.stream import Identity
 from tests.broker import Mosquitto, Recorder, make_ca, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -500,6 +502,35 @@ def test_quarantine_switch_end_to_end(store, broker, running):
     rec.publish(switch["command_topic"], "maybe")  # hostile payloads change nothing
     time.sleep(0.5)
     assert get_device(store, MAC2).device.status == "approved"
+    rec.close()
+
+
+def test_home_assistant_gets_no_unknown_manufacturer_or_model_only_what_is_known(store, broker, running):
+    """After an ``unknown_device`` answer the store holds "unknown" for every label, and a device never identified
+    has none: both went to Home Assistant's device registry as manufacturer and model "unknown", replacing the
+    MAC vendor and, for a device merged with ours by its MAC from another integration, that one's real model.
+    Home Assistant keeps a registry field that a config leaves out, so what is not known is left out."""
+    david, bare = "02:00:00:00:00:0d", "02:00:00:00:00:0e"
+    now = time.time()
+    with store.transaction() as t:
+        t.add(Device(mac=david, first_seen=now, last_seen=now, vendor="David Electronics Co., LTD.", status="new"))
+        t.add(Device(mac=bare, first_seen=now, last_seen=now, status="new"))  # a locally administered MAC: no OUI
+    with store.transaction() as t:  # what the daemon stores of an unknown_device answer
+        guess = Identity("TP-Link", "HS110", "plug", 0.31, False, 30.0, model_version="1")
+        record_identity(t, t.get(Device, david), now, guess.claimed())
+    assert get_device(store, david).device.manufacturer == "unknown"
+    rec = Recorder(broker, ["homeassistant/#", "iotgw/+/device/#"])
+    make_alerts(store, broker.url, running)
+
+    def block(mac: str) -> dict:
+        topic = f"homeassistant/device/iotgw_{GW}_{mac.replace(':', '')}/config"
+        return rec.wait(lambda m: m.topic == topic)[-1].json()["device"]
+
+    assert block(david)["manufacturer"] == "David Electronics Co., LTD." and "model" not in block(david)
+    assert "manufacturer" not in block(bare) and "model" not in block(bare)
+    assert (block(MAC1)["manufacturer"], block(MAC1)["model"]) == ("TP-Link", "HS110")
+    state = rec.wait(lambda m: m.topic == f"iotgw/{GW}/device/iotgw_{GW}_02000000000d/state")[-1].json()
+    assert state["manufacturer"] == "David Electronics Co., LTD." and state["category"] is None
     rec.close()
 
 

@@ -179,10 +179,15 @@ def device_discovery(
     block: dict[str, Any] = {
         "identifiers": [nid],
         "name": device.name or device.vendor or device.mac,
-        "manufacturer": device.manufacturer or device.vendor or "unknown",
-        "model": device.device_type or "unknown",
         "via_device": gateway_id(gateway),
     }
+    # Only what is known: Home Assistant's registry keeps a field a config leaves out, but takes any value sent,
+    # also for a device merged with ours by its MAC from another integration, whose real model an "unknown"
+    # replaced (and a null fails the whole config: the device schema takes strings only).
+    if manufacturer := _manufacturer(device):
+        block["manufacturer"] = manufacturer
+    if model := _identified(device, device.device_type):
+        block["model"] = model
     if is_mac(device.mac):
         block["connections"] = [["mac", device.mac]]
     components: dict[str, dict[str, Any]] = {
@@ -263,11 +268,22 @@ def device_state(
     """The retained state every component of a device reads its value from."""
     return {
         "presence": "home" if online else "not_home",
-        "device_type": device.device_type or "unknown",
-        "manufacturer": device.manufacturer or device.vendor or "unknown",
-        "category": device.category,
+        "device_type": _identified(device, device.device_type) or "unknown",
+        "manufacturer": _manufacturer(device) or "unknown",
+        "category": _identified(device, device.category),
         "queries_today": queries,
         "blocked_today": blocked,
         "quarantine": "ON" if device.status == "quarantined" else "OFF",
         "policy": policy,
     }
+
+
+def _identified(device: Device, value: str | None) -> str | None:
+    """``value``, the device's identified manufacturer or type, unless the identifier found the device like none
+    it knows: it then stores every label as "unknown", a word and not a manufacturer or a model."""
+    return None if device.known is False else value
+
+
+def _manufacturer(device: Device) -> str | None:
+    """The identified manufacturer, else the vendor of the MAC's OUI block; None when neither is known."""
+    return _identified(device, device.manufacturer) or device.vendor
