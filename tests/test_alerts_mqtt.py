@@ -534,6 +534,15 @@ def test_home_assistant_gets_no_unknown_manufacturer_or_model_only_what_is_known
     rec.close()
 
 
+def test_the_gateway_shows_in_home_assistant_by_its_configured_name(store, broker, running):
+    """``[gateway] name = "home gw"`` showed as "home_gw": the id's sanitised form was the device's name too."""
+    rec = Recorder(broker, ["homeassistant/#"])
+    make_alerts(store, broker.url, running, name="home gw")
+    config = rec.wait(lambda m: m.topic == f"homeassistant/device/iotgw_{GW}/config")[-1].json()
+    assert config["device"]["name"] == "home gw" and config["device"]["identifiers"] == [f"iotgw_{GW}"]
+    rec.close()
+
+
 def test_quarantine_and_policy_are_config_entities_that_device_and_area_actions_leave_alone(store, broker, running):
     """Home Assistant expands an action aimed at a device or an area ("turn off everything in the kitchen", or a
     smart plug's own device, which Home Assistant merges with ours by the MAC in ``connections``) to that device's

@@ -115,7 +115,9 @@ def _counter(uid: str, name: str, topic: str, field: str, icon: str) -> dict[str
     }
 
 
-def gateway_discovery(gateway: str, prefix: str) -> tuple[str, dict[str, Any]]:
+def gateway_discovery(gateway: str, prefix: str, name: str) -> tuple[str, dict[str, Any]]:
+    """The gateway's own config: ids and topics from ``gateway`` (the sanitised name), the device shown as
+    ``name``, ``[gateway] name`` as the owner wrote it ("home gw", not "home_gw")."""
     gid = gateway_id(gateway)
     topic = gateway_state_topic(gateway)
     components = {
@@ -157,7 +159,7 @@ def gateway_discovery(gateway: str, prefix: str) -> tuple[str, dict[str, Any]]:
     payload = {
         "device": {
             "identifiers": [gid],
-            "name": gateway,
+            "name": name,
             "manufacturer": "iotgw",
             "model": "IoT gateway",
             "sw_version": ORIGIN["sw_version"],

@@ -77,6 +77,7 @@ class Alerts:
             raise ValueError(f"presence_clock {presence_clock!r}: expected 'wall', 'capture' or 'frozen'")
         self.store = store
         self.gateway = topic_id(cfg.gateway.name)
+        self.gateway_name = cfg.gateway.name.strip() or self.gateway  # what Home Assistant shows
         self.prefix = cfg.mqtt.discovery_prefix
         self.ha_devices_max = cfg.mqtt.ha_devices_max
         self._left_out = 0  # devices beyond ha_devices_max at the last read; said once while there are any
@@ -451,7 +452,7 @@ class Alerts:
         if everything:  # a new connection or a restarted Home Assistant: send it all again
             self._published.clear()
             self._states.clear()
-            self._publish_json(*ha.gateway_discovery(self.gateway, self.prefix))
+            self._publish_json(*ha.gateway_discovery(self.gateway, self.prefix, self.gateway_name))
         if full:
             for device in self._read_nodes():
                 self._publish_config(device, options)
