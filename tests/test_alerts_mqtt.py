@@ -18,6 +18,7 @@ from pathlib import Path
 import jinja2
 import pytest
 
+from gateway import accounts
 from gateway.alerts import Alerts, PolicyHooks, recent_alerts
 from gateway.config import Config, ConfigError
 from gateway.daemon import record_identity
@@ -27,6 +28,8 @@ from gateway.store.db import Store
 from gateway.store.schema import Device, OutboxMessage, Query
 from identifier.stream import Identity
 from tests.broker import Mosquitto, Recorder, make_ca, wait_until
+from tests.webui_seed import config as web_config
+from webui.app import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 MAC1, MAC2 = "02:00:00:00:00:01", "02:00:00:00:00:02"
@@ -502,6 +505,53 @@ def test_quarantine_switch_end_to_end(store, broker, running):
     rec.publish(switch["command_topic"], "maybe")  # hostile payloads change nothing
     time.sleep(0.5)
     assert get_device(store, MAC2).device.status == "approved"
+    rec.close()
+
+
+def test_every_change_of_a_devices_quarantine_is_one_alert_saying_who_made_it(store, broker, running, tmp_path):
+    """quarantine_entered and quarantine_lifted went out only when Home Assistant's switch changed a quarantine:
+    the owner's changes in the web UI and through the API, most of them, raised none, and an automation on them
+    missed them. Now every change raises one, once, ``by`` whoever made it; Home Assistant's switch, whose status
+    write the daemon then reloads, still raises one."""
+    cfg = web_config(tmp_path)  # the store fixture's database, MQTT on: what the web UI's process reads
+    cfg.mqtt.url = broker.url
+    accounts.set_password(store, "correct horse battery")
+    _, secret = accounts.create_token(store, "script", "write")
+    app = create_app(store, cfg)
+    web, api = app.test_client(), app.test_client()
+    web.get("/login")
+    with web.session_transaction() as session:
+        csrf = session["csrf_token"]
+    assert web.post("/login", data={"username": "admin", "password": "correct horse battery",
+                                    "csrf_token": csrf}).status_code == 302
+    with web.session_transaction() as session:
+        csrf = session["csrf_token"]
+    api.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {secret}"
+    rec = Recorder(broker, ["homeassistant/#", "iotgw/+/event/#"])
+    alerts = make_alerts(store, broker.url, running)
+    config = rec.wait(lambda m: m.topic == f"homeassistant/device/iotgw_{GW}_020000000002/config")[-1].json()
+    switch = next(c for c in config["components"].values() if c["platform"] == "switch")
+
+    for _ in range(2):  # the second time the status is what it was: no change, no alert
+        r = web.post(f"/devices/{MAC2}/status", data={"status": "quarantined", "csrf_token": csrf})
+        assert r.status_code == 302
+    assert api.patch(f"/api/v1/devices/{MAC2}", json={"status": "approved"}).status_code == 200
+    assert api.patch(f"/api/v1/devices/{MAC2}", json={"status": "new"}).status_code == 200  # not quarantined either
+    rec.publish(switch["command_topic"], "ON")
+    wait_until(lambda: get_device(store, MAC2).device.status == "quarantined")
+    alerts.sync_devices()  # what the daemon does on the device table's new revision
+    rec.publish(switch["command_topic"], "OFF")
+    wait_until(lambda: get_device(store, MAC2).device.status == "approved")
+    alerts.sync_devices()
+    # In order behind everything before it: once it is here, so is every quarantine alert raised before it.
+    alerts.send(Alert("model_updated", time.time(), None, {"version": "2", "previous_version": "1"}))
+    rec.wait(lambda m: m.topic.endswith("/event/model_updated"))
+    said = [(m.json()["kind"], m.json()["mac"], m.json()["data"]["by"])
+            for m in rec.on(lambda m: "/event/quarantine_" in m.topic)]
+    assert said == [("quarantine_entered", MAC2, "web"), ("quarantine_lifted", MAC2, "api"),
+                    ("quarantine_entered", MAC2, "home_assistant"), ("quarantine_lifted", MAC2, "home_assistant")]
+    # The web UI's alert list has each once too.
+    assert [r.data["by"] for r in recent_alerts(store, kind="quarantine_entered")] == ["home_assistant", "web"]
     rec.close()
 
 

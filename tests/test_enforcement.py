@@ -2,7 +2,7 @@
 by MAC, a type's default applied after the daemon identified the device, and quarantine by DNS and nftables.
 
 Changes are made the way a user makes them: ``iotgw policy ...`` as its own process, and the device service
-(``set_status``, what the CLI and the web UI call) for approval. The daemon picks both up without a restart;
+(``set_status``, what the web UI and the API call) for approval. The daemon picks both up without a restart;
 the design says within a second (it re-reads twice a second). The polls below allow a few seconds, because
 the machine running the suite may be loaded; the time each change took is printed (``pytest -s``).
 """
@@ -146,7 +146,7 @@ def test_quarantine_restricts_dns_and_drops_forwarded_traffic_until_approved(tmp
         store = Store(daemon.db_url, migrate=False)
         poll(lambda: {a.mac, b.mac} <= {d.mac for d in list_devices(store)}, APPLIES_WITHIN_S,
              "the devices never reached the store")
-        set_status(store, a.mac, "approved")  # what the web UI's and the CLI's "approve" call
+        set_status(store, a.mac, "approved", by="web", publish=False)  # what the web UI's "approve" calls
         _until(a.agent, "shop.example.test", RESOLVED, "approval lifts the DNS restriction")
         seconds = poll(a.agent.connects, APPLIES_WITHIN_S,
                        lambda: f"approved device still dropped; nft set: {lan.nft_quarantined()}")
@@ -157,7 +157,7 @@ def test_quarantine_restricts_dns_and_drops_forwarded_traffic_until_approved(tmp
         assert not b.agent.connects()
         assert b.mac in lan.nft_quarantined()
 
-        set_status(store, a.mac, "quarantined")  # the owner puts a device back
+        set_status(store, a.mac, "quarantined", by="web", publish=False)  # the owner puts a device back
         _until(a.agent, "shop.example.test", NULL_BLOCKED, "quarantine again")
         poll(lambda: not a.agent.connects(), APPLIES_WITHIN_S, "re-quarantined device not dropped")
 
@@ -184,5 +184,5 @@ def test_quarantine_holds_for_a_device_that_never_asks_the_gateway_for_a_name(tm
         seconds = poll(lambda: not a.agent.connects(), APPLIES_WITHIN_S,
                        lambda: f"a silent new device passes; nft set: {lan.nft_quarantined()}")
         print(f"silent device dropped by nftables: {seconds:.2f} s")
-        set_status(store, a.mac, "approved")
+        set_status(store, a.mac, "approved", by="web", publish=False)
         poll(a.agent.connects, APPLIES_WITHIN_S, "approval did not lift the drop")

@@ -58,7 +58,7 @@ def test_approval_applies_and_a_forgotten_device_is_new_again(tmp_path):
     filtering.refresh()
     assert _decide(filtering, MAC, "shop.example") == "blocked"
 
-    set_status(store, MAC, "approved")
+    set_status(store, MAC, "approved", by="api", publish=False)
     assert filtering.refresh()  # the devices revision moved
     assert _decide(filtering, MAC, "shop.example") == "allowed"
 

@@ -494,7 +494,7 @@ def test_a_device_deleted_in_the_web_ui_is_forgotten_and_comes_back_as_new(tmp_p
     with RunningGateway(tmp_path, upstream) as gw:
         gw.dhcp(mac, "127.0.0.71", "old-name")
         first = eventually(lambda: get_device(gw.store, mac)).device.first_seen
-        set_status(gw.store, mac, "approved")
+        set_status(gw.store, mac, "approved", by="api", publish=False)
         time.sleep(0.05)
         forget(gw.store, mac)  # what the web UI's delete button calls
         eventually(lambda: mac not in gw.gateway.tracker.devices)

@@ -121,7 +121,7 @@ def test_devices_tracked_merged_renamed_and_forgotten(store):
     assert detail.fingerprints and detail.fingerprints[0].param_list == "1,3,6"
 
     rename(store, mac, "Front door")
-    set_status(store, mac, "approved")
+    set_status(store, mac, "approved", by="api", publish=False)
     assert list_devices(store, search="front")[0].status == "approved"
     tracker.observe(DhcpSeen(6.0, mac, "10.9.0.7", hostname="other"))
     tracker.flush()

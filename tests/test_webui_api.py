@@ -82,7 +82,7 @@ def test_list_search_and_filter(api):
     add_device(store, "aa:bb:cc:00:00:02", hostname="camera", ip="192.168.1.77")
     assert {d["mac"] for d in client.get("/api/v1/devices").json} == {MAC, "aa:bb:cc:00:00:02"}
     assert [d["mac"] for d in client.get("/api/v1/devices?q=192.168.1.77").json] == ["aa:bb:cc:00:00:02"]
-    service.set_status(store, MAC, "approved")
+    service.set_status(store, MAC, "approved", by="api", publish=False)
     assert [d["mac"] for d in client.get("/api/v1/devices?status=approved").json] == [MAC]
     assert client.get("/api/v1/devices?status=bogus").status_code == 400
     counts = {d["mac"]: (d["queries_24h"], d["blocked_24h"]) for d in client.get("/api/v1/devices").json}

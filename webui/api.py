@@ -77,7 +77,7 @@ def device_update(mac: str):  # noqa: ANN201
         if "name" in fields:  # checked first: a refused name must not leave the status changed
             service.owner_text("name", fields["name"], service.NAME_MAX)
         if "status" in fields:
-            service.set_status(store, mac, fields["status"])
+            service.set_status(store, mac, fields["status"], by="api", publish=bool(ctx().cfg.mqtt.url))
         if "name" in fields:
             service.rename(store, mac, fields["name"])
     except service.NotFound:

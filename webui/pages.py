@@ -150,8 +150,10 @@ def device_rename(mac: str):  # noqa: ANN201
 @bp.post("/devices/<mac>/status")
 def device_status(mac: str):  # noqa: ANN201
     status = request.form.get("status", "")
+    publish = bool(ctx().cfg.mqtt.url)
     return _device_action(
-        mac, lambda store, m: service.set_status(store, m, status), f"Status set to {status}."
+        mac, lambda store, m: service.set_status(store, m, status, by="web", publish=publish),
+        f"Status set to {status}.",
     )
 
 

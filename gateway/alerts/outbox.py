@@ -42,6 +42,20 @@ def lock_order(conn: Connection) -> None:
         conn.execute(_OUTBOX_ORDER)
 
 
+def record(conn: Connection, alert: Alert, *, publish: bool, history_keep: int = HISTORY_KEEP) -> None:
+    """Write ``alert`` to the history and (``publish``: MQTT is on) the outbox within the caller's transaction,
+    so that an alert about a change is written if and only if the change is. Never trims the outbox (only the
+    publisher's process may: see the module's docstring)."""
+    row = {"ts": alert.ts, "kind": alert.kind, "mac": alert.mac, "data": alert.data}
+    # Table-level statements on the connection: this runs once per alert, and the ORM's session machinery costs
+    # several times the SQL itself.
+    (record_id,) = conn.execute(_INSERT_ALERT, row).inserted_primary_key
+    conn.execute(_PRUNE_ALERTS, {"below": record_id - history_keep})
+    if publish:
+        lock_order(conn)
+        conn.execute(_INSERT_OUTBOX, row)
+
+
 class Outbox:
     """The outbox of one store. ``put`` is thread-safe; ``pending``/``remove`` are the publisher's."""
 
@@ -61,17 +75,11 @@ class Outbox:
     def put(self, alert: Alert, *, publish: bool = True) -> int:
         """Store ``alert`` in the history and (``publish``: MQTT is on) the outbox, in one transaction.
         Returns how many old alerts were dropped to make room."""
-        row = {"ts": alert.ts, "kind": alert.kind, "mac": alert.mac, "data": alert.data}
-        # Table-level statements on the connection: this runs once per alert, and the ORM's session
-        # machinery costs several times the SQL itself.
         with self._lock:
             with self.store.engine.begin() as conn:
-                (record_id,) = conn.execute(_INSERT_ALERT, row).inserted_primary_key
-                conn.execute(_PRUNE_ALERTS, {"below": record_id - self.history_keep})
+                record(conn, alert, publish=publish, history_keep=self.history_keep)
                 if not publish:
                     return 0
-                lock_order(conn)
-                conn.execute(_INSERT_OUTBOX, row)
                 full = self.trims and conn.execute(_COUNT_OUTBOX).scalar_one() > self.max_rows
             if not full:
                 return 0

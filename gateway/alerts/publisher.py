@@ -369,9 +369,9 @@ class Alerts:
             if (device.status == "quarantined") == (value == "ON"):
                 self.device_changed(mac)  # Home Assistant's view may be stale: tell it again
                 return
-            devices.set_status(self.store, mac, "quarantined" if value == "ON" else "approved")
-            kind = "quarantine_entered" if value == "ON" else "quarantine_lifted"
-            self.send(Alert(kind, time.time(), mac, {"by": "home_assistant"}))
+            # set_status raises the alert, as for a change from the web UI or the API.
+            devices.set_status(self.store, mac, "quarantined" if value == "ON" else "approved",
+                               by="home_assistant", publish=True)
             self.device_changed(mac)
         elif what == "policy" and self.policy is not None:
             if value not in self.policy.options():

@@ -8,8 +8,11 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete, func, or_, select
 
+from gateway.alerts.outbox import record
+from gateway.alerts.payloads import check
 from gateway.devices import device_key
 from gateway.devices.tracker import DEVICE_ROWS, NAME_MAX, best_own_name
+from gateway.events import Alert
 from gateway.store.db import Store
 from gateway.store.schema import (
     Address,
@@ -151,12 +154,25 @@ def routers(store: Store) -> frozenset[str]:
         return frozenset()
 
 
-def set_status(store: Store, mac: str, status: str) -> None:
-    """``approved`` lifts quarantine; ``quarantined`` puts the device back under its quarantine policy."""
+def set_status(store: Store, mac: str, status: str, *, by: str, publish: bool) -> None:
+    """``approved`` lifts quarantine; ``quarantined`` puts the device back under its quarantine policy.
+
+    Every status change of a device is made here, whoever makes it (``by``: ``web``, ``api``, ``home_assistant``),
+    so here its quarantine's changes are alerted: ``quarantine_entered`` or ``quarantine_lifted``, in the same
+    transaction, once per change (setting the status it has raises none), and in the outbox too when ``publish``
+    (MQTT is configured; the daemon's publisher sends it). The daemon, reloading the device table after it, raises
+    none of its own: Home Assistant's switch, then that reload, make one alert."""
     if status not in STATUSES:
         raise ValueError(f"status must be one of {', '.join(STATUSES)}")
     with store.transaction() as s:
-        _get(s, mac).status = status
+        device = _get(s, mac, lock=True)  # two owners switching at once: the second sees the first's status
+        was_in, goes_in = device.status == "quarantined", status == "quarantined"
+        device.status = status
+        if was_in != goes_in:
+            alert = Alert("quarantine_entered" if goes_in else "quarantine_lifted", time.time(), device.mac,
+                          {"by": by})
+            check(alert)
+            record(s.connection(), alert, publish=publish)
     store.bump_revision(DEVICES_REVISION)
 
 
@@ -214,8 +230,9 @@ def forget(store: Store, mac: str) -> None:
     store.bump_revision(DEVICES_REVISION)
 
 
-def _get(session, mac: str) -> Device:  # noqa: ANN001 - a Session
-    device = session.get(Device, device_key(mac))
+def _get(session, mac: str, *, lock: bool = False) -> Device:  # noqa: ANN001 - a Session
+    # lock: SELECT ... FOR UPDATE where the database has it (PostgreSQL); SQLite's writers are one at a time.
+    device = session.get(Device, device_key(mac), with_for_update=lock)
     if device is None:
         raise NotFound(mac)
     return device
