@@ -593,6 +593,59 @@ def test_the_gateway_shows_in_home_assistant_by_its_configured_name(store, broke
     rec.close()
 
 
+def left_behind(broker: Mosquitto, part: str) -> list[str]:
+    """The retained topics with ``part`` in their name that a Home Assistant starting now would get."""
+    late = Recorder(broker, ["homeassistant/#", "iotgw/#"], client_id=f"late-{time.monotonic_ns()}")
+    try:
+        # After the retained messages a new subscription gets: once it is here, they all are.
+        late.publish("iotgw/test/marker", b"x")
+        late.wait(lambda m: m.topic == "iotgw/test/marker")
+        return sorted(m.topic for m in late.on(lambda m: m.retain and m.payload and part in m.topic))
+    finally:
+        late.close()
+
+
+def test_renaming_the_gateway_clears_what_home_assistant_got_under_the_old_name(store, broker, running):
+    """Only configs under the current gateway id were ever cleared: after a rename of ``[gateway] name``, the
+    gateway and every device stayed in Home Assistant twice, the old ones unavailable, for good."""
+    rec = Recorder(broker, ["homeassistant/#", "iotgw/#"])
+    old = make_alerts(store, broker.url, running, name="old gw")
+    rec.wait(lambda m: m.topic.startswith("homeassistant/device/iotgw_old_gw") and m.payload, count=3)
+    rec.wait(lambda m: m.topic.startswith("iotgw/old_gw/device/") and m.topic.endswith("/state"), count=2)
+    running.remove(old)
+    old.stop(drain_s=0)
+    make_alerts(store, broker.url, running, name="home gw")
+    rec.wait(lambda m: m.topic.startswith(f"homeassistant/device/iotgw_{GW}") and m.payload, count=3)
+
+    wait_until(lambda: not left_behind(broker, "old_gw"))
+    # and the new name's are there, the devices under the new gateway
+    config = rec.on(lambda m: m.topic == f"homeassistant/device/iotgw_{GW}_020000000001/config")[-1].json()
+    assert config["device"]["via_device"] == f"iotgw_{GW}"
+    rec.close()
+
+
+def test_a_gateway_online_under_the_earlier_name_keeps_what_it_announced(store, broker, running):
+    """Two gateways on one broker, both named by default, and the owner renames one: the other, online under the
+    earlier name, keeps its gateway and devices in Home Assistant."""
+    rec = Recorder(broker, ["homeassistant/#", "iotgw/#"])
+    first = make_alerts(store, broker.url, running, name="iotgw")
+    rec.wait(lambda m: m.topic.startswith("homeassistant/device/iotgw_iotgw") and m.payload, count=3)
+    running.remove(first)
+    first.stop(drain_s=0)
+    rec.publish("iotgw/iotgw/status", "online", retain=True)  # the other home's gateway, connected
+    make_alerts(store, broker.url, running, name="kitchen")
+    rec.wait(lambda m: m.topic.startswith("homeassistant/device/iotgw_kitchen") and m.payload, count=3)
+    # The broker took the new gateway's subscriptions before its configs, so the retained messages are with it;
+    # Home Assistant's "online" comes after them and makes it announce everything again after handling them.
+    rec.publish("homeassistant/status", "online")
+    rec.wait(lambda m: m.topic.startswith("homeassistant/device/iotgw_kitchen") and m.payload, count=6)
+    kept = left_behind(broker, "iotgw")
+    assert [t for t in kept if t.endswith("/config") and "kitchen" not in t] == [
+        f"homeassistant/device/iotgw_iotgw{node}/config" for node in ("", "_020000000001", "_020000000002")]
+    assert {"iotgw/iotgw/status", "iotgw/iotgw/state"} <= set(kept)
+    rec.close()
+
+
 def test_quarantine_and_policy_are_config_entities_that_device_and_area_actions_leave_alone(store, broker, running):
     """Home Assistant expands an action aimed at a device or an area ("turn off everything in the kitchen", or a
     smart plug's own device, which Home Assistant merges with ours by the MAC in ``connections``) to that device's

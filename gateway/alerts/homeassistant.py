@@ -98,8 +98,13 @@ def gateway_state_topic(gateway: str) -> str:
     return f"iotgw/{topic_id(gateway)}/state"
 
 
+def status_topic(gateway: str) -> str:
+    """Where the gateway says ``online`` or ``offline`` (``MqttLink``'s status and last will)."""
+    return f"iotgw/{topic_id(gateway)}/status"
+
+
 def _availability(gateway: str) -> list[dict[str, str]]:
-    return [{"topic": f"iotgw/{topic_id(gateway)}/status"}]
+    return [{"topic": status_topic(gateway)}]
 
 
 def _counter(uid: str, name: str, topic: str, field: str, icon: str) -> dict[str, Any]:

@@ -43,6 +43,11 @@ CLOCK_JUMP_S = 10.0
 # (its name, vendor, status for a Home Assistant automation's message) is read from the store when published.
 AT_FIRST_SIGHT = frozenset({"new_device", "device_identified", "unknown_device"})
 DEVICE_WAIT_MAX_S = 10.0
+# The gateway ids (``[gateway] name`` as in topics) this store announced to Home Assistant, the current one last:
+# after a rename, the retained configs and states under the earlier ones are cleared at every connection (a broker
+# that was away at the first one still holds them). Bounded: a name dropped from it is left to clear by hand.
+ANNOUNCED_SETTING = "ha_gateways"
+ANNOUNCED_MAX = 10
 
 
 @dataclass
@@ -109,6 +114,8 @@ class Alerts:
         self._inflight: dict[int, int] = {}  # paho message id -> outbox row id
         self._cursor = 0  # the newest outbox row handed to paho
         self._node_macs: dict[str, str] = {}
+        self._retired: dict[str, str] = {}  # gateway id of an earlier [gateway] name -> that name as in topics
+        self._online_elsewhere: set[str] = set()  # of those, the ids a gateway said online under (this connection)
         self._published: dict[str, str] = {}  # node id -> the discovery config this connection last sent
         self._states: dict[str, str] = {}  # node id -> the state this connection last sent
         self._counts: dict[str, tuple[int, int]] = {}  # MAC -> (queries, blocked) today at the last full read
@@ -127,7 +134,7 @@ class Alerts:
                     # Retained configs of ours for devices forgotten while the daemon was down: removed.
                     ha.discovery_topic(self.prefix, "+"),
                 ],
-                on_connect=self._connected,
+                on_connect=self._link_connected,
                 on_message=self._message,
                 on_ack=self._ack,
                 max_inflight=max_inflight,
@@ -142,6 +149,9 @@ class Alerts:
         for device in devices.list_devices(self.store):
             self.presence.seed(device.mac, device.last_seen, now)
         if self.link:
+            self._retired = {ha.gateway_id(old): old for old in self._take_over_announcements()}
+            # Subscribed first: the broker hands over an earlier name's status before its devices' configs.
+            self.link.subscriptions[0:0] = [ha.status_topic(old) for old in self._retired.values()]
             self.link.start()
         self._thread = threading.Thread(target=self._run, name="alerts", daemon=True)
         self._thread.start()
@@ -165,6 +175,20 @@ class Alerts:
             self._thread.join(timeout=10)
         if self.link:
             self.link.stop()
+
+    def _take_over_announcements(self) -> list[str]:
+        """Record this gateway id as the one Home Assistant is told about; the earlier ones it was told about."""
+        try:
+            announced = [g for g in json.loads(self.store.get_setting(ANNOUNCED_SETTING) or "[]") if isinstance(g, str)]
+        except (ValueError, TypeError):
+            announced = []
+        earlier = [g for g in announced if g != self.gateway][-(ANNOUNCED_MAX - 1):]
+        if announced != [*earlier, self.gateway]:
+            self.store.set_setting(ANNOUNCED_SETTING, json.dumps([*earlier, self.gateway]))
+        if earlier:
+            log.info("Home Assistant: clearing what was announced under the earlier gateway names %s",
+                     ", ".join(earlier))
+        return earlier
 
     def send(self, alert: Alert) -> None:
         """Record ``alert`` durably and wake the publisher. Thread-safe; one small transaction.
@@ -233,6 +257,10 @@ class Alerts:
         self._clock = (now, mono)
 
     # --- paho's thread: record and wake
+
+    def _link_connected(self) -> None:
+        self._online_elsewhere.clear()  # the broker hands the retained statuses over again
+        self._connected()
 
     def _connected(self) -> None:
         with self._todo_lock:
@@ -340,6 +368,9 @@ class Alerts:
                 if payload.strip() == b"online":  # Home Assistant (re)started: it forgot non-retained state
                     self._connected()
                 continue
+            if retired := self._retired_status(topic):
+                self._retire(retired, payload)
+                continue
             if topic.startswith(f"{self.prefix}/device/"):
                 if payload and not nodes_read:
                     # The cached map may predate a deletion (retained configs met before the reconnect's
@@ -359,6 +390,26 @@ class Alerts:
                 self._command(mac, parsed[1], payload.decode("utf-8", "replace").strip())
             except Exception:
                 log.exception("MQTT command %s on %s failed", parsed[1], mac)
+
+    def _retired_status(self, topic: str) -> str | None:
+        """The earlier gateway name whose status ``topic`` is, if it is one."""
+        return next((old for old in self._retired.values() if topic == ha.status_topic(old)), None)
+
+    def _retire(self, old: str, status: bytes) -> None:
+        """The broker's retained status of the earlier gateway name ``old``: unless a gateway is online under it
+        (another home's on the same broker, named as this one was), clear what was announced under it. Its
+        devices' configs are cleared as the broker hands them over (``_check_retained_config``)."""
+        if not status:
+            return
+        if status.strip() == b"online":
+            log.warning("Home Assistant: a gateway is online under the earlier name %r; what it announced is "
+                        "left alone", old)
+            self._online_elsewhere.add(ha.gateway_id(old))
+            return
+        self._online_elsewhere.discard(ha.gateway_id(old))
+        self.link.publish(ha.discovery_topic(self.prefix, ha.gateway_id(old)), b"", retain=True)
+        self.link.publish(ha.gateway_state_topic(old), b"", retain=True)
+        self.link.publish(ha.status_topic(old), b"", retain=True)
 
     def _command(self, mac: str, what: str, value: str) -> None:
         if what == "quarantine":
@@ -400,6 +451,10 @@ class Alerts:
             self.link.publish(ha.state_topic(self.gateway, node_id), b"", retain=True)
             self._published.pop(node_id, None)
             self._states.pop(node_id, None)
+        elif via in self._retired and via not in self._online_elsewhere:
+            # announced under an earlier [gateway] name, and announced again under this one
+            self.link.publish(topic, b"", retain=True)
+            self.link.publish(ha.state_topic(self._retired[via], node_id), b"", retain=True)
 
     def _mac_of(self, node_id: str) -> str | None:
         if node_id not in self._node_macs:
