@@ -22,7 +22,7 @@ from gateway import accounts
 from gateway.alerts import Alerts, PolicyHooks, recent_alerts
 from gateway.config import Config, ConfigError
 from gateway.daemon import record_identity
-from gateway.devices.service import forget, get_device, rename
+from gateway.devices.service import forget, get_device, label, rename
 from gateway.events import ALERT_KINDS, Alert, DnsQuery
 from gateway.store.db import Store
 from gateway.store.schema import Device, OutboxMessage, Query
@@ -581,6 +581,37 @@ def test_home_assistant_gets_no_unknown_manufacturer_or_model_only_what_is_known
     assert (block(MAC1)["manufacturer"], block(MAC1)["model"]) == ("TP-Link", "HS110")
     state = rec.wait(lambda m: m.topic == f"iotgw/{GW}/device/iotgw_{GW}_02000000000d/state")[-1].json()
     assert state["manufacturer"] == "David Electronics Co., LTD." and state["category"] is None
+    rec.close()
+
+
+def test_home_assistant_shows_the_owners_labels_over_the_identifiers_answer(store, broker, running):
+    """The owner's correction is the device's identity everywhere else (policy, the web UI, federated training);
+    Home Assistant got the model's answer, or nothing for a device the model called unknown."""
+    david = "02:00:00:00:00:0d"
+    now = time.time()
+    with store.transaction() as t:
+        t.add(Device(mac=david, first_seen=now, last_seen=now, vendor="David Electronics Co., LTD.", status="new"))
+    with store.transaction() as t:
+        guess = Identity("TP-Link", "HS110", "plug", 0.31, False, 30.0, model_version="1")
+        record_identity(t, t.get(Device, david), now, guess.claimed())
+    label(store, MAC1, manufacturer="TP-Link", device_type="Kasa HS100", category="plug")
+    rec = Recorder(broker, ["homeassistant/#", "iotgw/+/device/#"])
+    alerts = make_alerts(store, broker.url, running)
+
+    def shown(mac: str) -> tuple[dict, dict]:
+        nid = f"iotgw_{GW}_{mac.replace(':', '')}"
+        config = rec.wait(lambda m: m.topic == f"homeassistant/device/{nid}/config")[-1].json()["device"]
+        state = rec.wait(lambda m: m.topic == f"iotgw/{GW}/device/{nid}/state")[-1].json()
+        return config, state
+
+    config, state = shown(MAC1)
+    assert (config["manufacturer"], config["model"], state["device_type"]) == ("TP-Link", "Kasa HS100", "Kasa HS100")
+    label(store, david, manufacturer="Withings", device_type="Body scale", category="health")
+    alerts.sync_devices()  # what the daemon does when the web UI or the CLI changed a device
+    wait_until(lambda: shown(david)[1]["device_type"] == "Body scale")
+    config, state = shown(david)
+    assert (config["manufacturer"], state["manufacturer"], state["device_type"], state["category"]) == (
+        "Withings", "Withings", "Body scale", "health")
     rec.close()
 
 

@@ -193,7 +193,7 @@ def device_discovery(
     # replaced (and a null fails the whole config: the device schema takes strings only).
     if manufacturer := _manufacturer(device):
         block["manufacturer"] = manufacturer
-    if model := _identified(device, device.device_type):
+    if model := _identified(device, "device_type"):
         block["model"] = model
     if is_mac(device.mac):
         block["connections"] = [["mac", device.mac]]
@@ -275,9 +275,9 @@ def device_state(
     """The retained state every component of a device reads its value from."""
     return {
         "presence": "home" if online else "not_home",
-        "device_type": _identified(device, device.device_type) or "unknown",
+        "device_type": _identified(device, "device_type") or "unknown",
         "manufacturer": _manufacturer(device) or "unknown",
-        "category": _identified(device, device.category),
+        "category": _identified(device, "category"),
         "queries_today": queries,
         "blocked_today": blocked,
         "quarantine": "ON" if device.status == "quarantined" else "OFF",
@@ -285,12 +285,15 @@ def device_state(
     }
 
 
-def _identified(device: Device, value: str | None) -> str | None:
-    """``value``, the device's identified manufacturer or type, unless the identifier found the device like none
-    it knows: it then stores every label as "unknown", a word and not a manufacturer or a model."""
-    return None if device.known is False else value
+def _identified(device: Device, field: str) -> str | None:
+    """The device's ``field`` (manufacturer, device_type or category) as the owner labelled it, else as identified,
+    unless the identifier found the device like none it knows: it then stores every label as "unknown", a word and
+    not a manufacturer or a model."""
+    if label := getattr(device, f"label_{field}"):
+        return label
+    return None if device.known is False else getattr(device, field)
 
 
 def _manufacturer(device: Device) -> str | None:
-    """The identified manufacturer, else the vendor of the MAC's OUI block; None when neither is known."""
-    return _identified(device, device.manufacturer) or device.vendor
+    """The labelled or identified manufacturer, else the vendor of the MAC's OUI block; None when none is known."""
+    return _identified(device, "manufacturer") or device.vendor

@@ -511,6 +511,8 @@ class Alerts:
         if full:
             for device in self._read_nodes():
                 self._publish_config(device, options)
+                if not states_due:  # a label, a name or a quarantine set in the web UI shows at once, not in a minute
+                    self._publish_device_state(device, self._counts.get(device.mac, (0, 0)))
         gone = {ha.device_id(self.gateway, mac) for mac in removed}
         if full:
             gone |= set(self._published) - set(self._node_macs)
