@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "gateway.commands.doctor",  # doctor
     "gateway.commands.setup",  # setup (first boot)
     "gateway.commands.identify",  # identify, train, evaluate
+    "gateway.commands.backup",  # backup, restore
 )
 
 

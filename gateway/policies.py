@@ -52,14 +52,14 @@ def load(state_dir: Path) -> PolicySet:
 @contextmanager
 def editing(state_dir: Path) -> Iterator[PolicySet]:
     """The policy to change in place; saved (validated, next revision) when the block ends without error."""
-    with _locked(state_dir):
+    with locked(state_dir):
         data = load_policy(Path(state_dir))
         yield data
         save_policy(Path(state_dir), data)
 
 
 @contextmanager
-def _locked(state_dir: Path) -> Iterator[None]:
+def locked(state_dir: Path) -> Iterator[None]:
     """Hold the policy's lock: every change to the policy, and to the list files it names, is made under it."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -348,7 +348,7 @@ def remove_list(state_dir: Path, list_id: str) -> None:
     The copy is deleted after the policy is saved without the list (a failed save leaves both) and before the
     lock is let go: an ``add_list`` of the same id waiting for the lock puts its new file there next."""
     state_dir = Path(state_dir)
-    with _locked(state_dir):
+    with locked(state_dir):
         data = load_policy(state_dir)
         spec = data.lists.pop(list_id, None)
         if spec is None:

@@ -8,6 +8,7 @@ replace, so when root creates or opens one here it is handed to the owner of the
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from pathlib import Path
 from typing import Literal, overload
@@ -93,3 +94,40 @@ def _own_like_parent(fd: int, path: Path) -> None:
     parent = path.parent.stat()
     if parent.st_uid != 0 and os.fstat(fd).st_uid == 0:
         os.fchown(fd, parent.st_uid, parent.st_gid)
+
+
+RUNNING_LOCK = ".running.lock"
+
+
+class StateInUse(Exception):
+    """The state directory is held: by ``iotgw run`` or ``iotgw web`` (for a restore), or by a restore (for them)."""
+
+
+def hold_running_lock(state_dir: Path) -> int:
+    """Mark ``state_dir`` in use by this process until it exits (the descriptor returned stays open): a shared
+    flock on ``<state_dir>/.running.lock``, which ``iotgw restore`` must take exclusively before it swaps the
+    directory away. A lock, not a pid file: the kernel drops it when the process dies, however it dies, so a
+    crashed daemon never leaves a restore refused. Raises StateInUse while a restore holds it."""
+    state_dir = Path(state_dir)
+    create_private(state_dir, directory=True)
+    fd = create_private(state_dir / RUNNING_LOCK, exclusive=False)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateInUse(f"{state_dir}: `iotgw restore` is replacing this state directory; start again once it "
+                         "has finished") from None
+    return fd
+
+
+def take_running_lock(state_dir: Path) -> int:
+    """The exclusive side of ``hold_running_lock``, for ``iotgw restore``: StateInUse when a daemon or web UI has
+    ``state_dir`` open. The descriptor returned holds the lock until closed."""
+    fd = create_private(Path(state_dir) / RUNNING_LOCK, exclusive=False)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateInUse(f"{state_dir} is in use by `iotgw run` or `iotgw web`: stop them first "
+                         "(`sudo systemctl stop iotgw iotgw-web`)") from None
+    return fd

@@ -97,11 +97,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         except OSError:
             where = "--interface" if args.interface else f"{cfg.source}: capture.interface"
             raise ConfigError(f"{where}: no network interface {cfg.capture.interface!r} here (see `ip link`)") from None
+    if not state_in_use(cfg):
+        return 1
     store = Store(cfg.db_url)
     # nftables quarantine needs CAP_NET_ADMIN and the nft tool; without them quarantine is DNS-only.
     firewall = shutil.which("nft") is not None and _has_net_admin()
     run_forever(Gateway(cfg, store, firewall=firewall))
     return 0
+
+
+def state_in_use(cfg) -> bool:  # noqa: ANN001 - gateway.config.Config
+    """Mark the state directory in use for as long as this process lives (``gateway.statedir.hold_running_lock``),
+    so ``iotgw restore`` refuses to swap it away underneath; False, said on stderr, while a restore holds it. A
+    state directory that does not exist is only made when the database is to live in it (no ``--db``)."""
+    from gateway.statedir import StateInUse, hold_running_lock
+
+    if not cfg.state_dir.is_dir() and cfg.store.url:
+        return True
+    try:
+        hold_running_lock(cfg.state_dir)  # its descriptor stays open, and the lock held, until the process exits
+    except StateInUse as exc:
+        print(f"iotgw: {exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def _has_net_admin() -> bool:

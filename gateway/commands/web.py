@@ -26,6 +26,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _web(args: argparse.Namespace) -> int:
     from gateway import accounts
+    from gateway.commands.daemon import state_in_use
     from gateway.store.db import Store
     from webui.server import serve  # lazily: the daemon and the other commands never import Flask
 
@@ -44,6 +45,8 @@ def _web(args: argparse.Namespace) -> int:
     # systemd stops the service with SIGTERM: it ends the server as Ctrl-C does (waitress's loop takes the
     # KeyboardInterrupt and returns), so the clean-up below runs, rather than the process dying where it stands.
     interrupt_on_stop_signals()
+    if not state_in_use(cfg):
+        return 1
     store = Store(cfg.db_url)
     try:
         shown = f"[{host}]" if ":" in host else host

@@ -188,3 +188,17 @@ def _upgrade(engine: Engine, metadata: MetaData, branch: str) -> None:
         cfg.attributes["connection"] = conn
         cfg.attributes["metadata"] = metadata
         command.upgrade(cfg, f"{branch}@head")
+
+
+def known_revision(revision: str) -> bool:
+    """Whether ``revision`` is one of this version's migrations: a database from a newer iotgw is not, and
+    migrating it would fail in alembic's words ("Can't locate revision")."""
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    try:
+        return ScriptDirectory.from_config(cfg).get_revision(revision) is not None
+    except CommandError:  # "Can't locate revision identified by ..."
+        return False
