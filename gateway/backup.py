@@ -432,7 +432,10 @@ def _build(archive: Path, building: Path, db_name: str, manifest: dict, result: 
     for name, target in (manifest.get("links") or {}).items():
         link = building / name.removeprefix("state/")
         link.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(target, link)
+        try:
+            os.symlink(target, link)
+        except FileExistsError:
+            raise BackupError(f"{archive}: the link {name} is also a file in it") from None
     # The database under this gateway's own name, and its query log beside it as Store expects
     db = building / db_name
     os.rename(unpacked / f"database/{source_db}", db)

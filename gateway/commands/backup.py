@@ -55,7 +55,8 @@ def _backup(args: argparse.Namespace) -> int:
     for note in manifest["notes"]:
         print(f"iotgw backup: {note}", file=sys.stderr)
     size = args.file.stat().st_size
-    print(f"wrote {args.file} ({size / 1e6:.1f} MB, {len(manifest['files'])} files, schema "
+    shown = f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size / 1e3:.1f} kB"
+    print(f"wrote {args.file} ({shown}, {len(manifest['files'])} files, schema "
           f"{manifest['schema']['config']}{', with the query log' if manifest['with_queries'] else ''}); "
           "it holds password hashes and private keys: keep it private")
     return 0
