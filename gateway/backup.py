@@ -25,10 +25,10 @@ old one, migrated to this version's schema, and swapped in with two renames; the
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import importlib.metadata
+import io
 import json
 import os
 import shutil
@@ -94,9 +94,9 @@ def sqlite_paths(cfg: Config, action: str) -> tuple[Path, Path]:
         raise BackupError(
             f"iotgw {action} handles the SQLite store only; this gateway's store is {url.get_backend_name()} "
             f"({url.render_as_string(hide_password=True)}): "
-            + ("back it up with pg_dump (`pg_dump -Fc -f iotgw.dump DBNAME`), then `iotgw backup` for the rest is "
-               "not possible either: copy the policy and config by hand" if action == "backup" else
-               "restore it with pg_restore")
+            + ("back it up with pg_dump (`pg_dump -Fc -f iotgw.dump DBNAME`), and copy the state directory (policy, "
+               "block lists, keys) and the config file as they are" if action == "backup" else
+               "restore its pg_dump with pg_restore, and the state directory and config by hand")
         )
     if url.database in (None, "", ":memory:"):
         raise BackupError(f"iotgw {action}: an in-memory database cannot be backed up or restored")
@@ -241,7 +241,7 @@ def _write_archive(out: Path, manifest: dict, files: dict[str, Path]) -> None:
     try:
         with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
             body = json.dumps(manifest, indent=2, sort_keys=True).encode()
-            _add(tar, MANIFEST, len(body), lambda: contextlib.nullcontext(_BytesReader(body)))
+            _add(tar, MANIFEST, len(body), lambda: io.BytesIO(body))
             for name, path in files.items():
                 _add(tar, name, path.stat().st_size, lambda p=path: open(p, "rb"))
             tar.close()
@@ -251,16 +251,6 @@ def _write_archive(out: Path, manifest: dict, files: dict[str, Path]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-class _BytesReader:
-    def __init__(self, data: bytes) -> None:
-        self._data, self._at = data, 0
-
-    def read(self, size: int = -1) -> bytes:
-        end = len(self._data) if size < 0 else self._at + size
-        chunk, self._at = self._data[self._at:end], min(end, len(self._data))
-        return chunk
 
 
 def _add(tar: tarfile.TarFile, name: str, size: int, opener) -> None:  # noqa: ANN001 - a callable giving a reader
