@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -307,3 +308,37 @@ def test_postgres_is_refused_naming_pg_dump(tmp_path):
     assert "pg_dump" in refused.stderr
     assert not (tmp_path / "b.tar.gz").exists()
 
+
+
+def test_the_settings_page_downloads_a_backup_after_the_password_is_given_again(home, tmp_path):
+    from webui.app import create_app
+
+    store = Store(home["cfg"].db_url)
+    try:
+        app = create_app(store, home["cfg"])
+        client = app.test_client()
+        client.get("/login")
+        with client.session_transaction() as sess:
+            csrf = sess["csrf_token"]
+        login = client.post("/login", data={"username": "admin", "password": PASSWORD, "csrf_token": csrf})
+        assert login.status_code == 302
+        with client.session_transaction() as sess:
+            csrf = sess["csrf_token"]
+        assert b'action="/settings/backup"' in client.get("/settings").data
+        wrong = client.post("/settings/backup", data={"current": "not it", "csrf_token": csrf})
+        assert wrong.status_code == 302 and wrong.mimetype != "application/gzip"
+        got = client.post("/settings/backup", data={"current": PASSWORD, "csrf_token": csrf})
+        assert got.status_code == 200 and got.mimetype == "application/gzip"
+        assert got.headers["Content-Disposition"].startswith("attachment; filename=iotgw-backup-")
+        assert got.headers["Cache-Control"] == "no-store"
+        backup = tmp_path / "downloaded.tar.gz"
+        backup.write_bytes(got.data)
+        got.close()
+    finally:
+        store.close()
+    assert not [p for p in Path(tempfile.gettempdir()).glob("iotgw-web-backup-*")]
+    fresh = tmp_path / "fresh"
+    iotgw("restore", "--config", str(tmp_path / "new.toml"), "--state-dir", str(fresh), str(backup))
+    devices = json.loads(iotgw("devices", "--db", f"sqlite:///{fresh / 'iotgw.sqlite'}", "--json").stdout)
+    assert {d["mac"]: d["name"] for d in devices} == {CAMERA: "Front door camera", PLUG: "plug-1"}
+    assert (tmp_path / "new.toml").read_text() == home["config"].read_text()

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
-from flask import Blueprint, abort, flash, redirect, render_template, request, send_from_directory, session, url_for
+from flask import (
+    Blueprint,
+    abort,
+    flash,
+    redirect,
+    render_template,
+    request,
+    send_file,
+    send_from_directory,
+    session,
+    url_for,
+)
 
 from gateway import accounts, overview, policies
 from gateway.alerts import recent_alerts
@@ -273,6 +287,38 @@ def settings_password():  # noqa: ANN201
             # password) locked the account again, minutes after the change.
             return give_device_cookie(redirect(url_for("auth.login")), accounts.ADMIN)
     return redirect(url_for("pages.settings"))
+
+
+@bp.post("/settings/backup")
+def settings_backup():  # noqa: ANN201
+    """The file ``iotgw backup`` writes (without the query log), as a download. It holds the password hash and the
+    federation key, so the current password is asked again, as for changing it: a session cookie alone (a browser
+    left logged in) must not be enough to carry them off."""
+    from gateway.backup import BackupError, create  # lazily: only this route needs it
+
+    try:
+        ok = accounts.verify_login(ctx().store, accounts.ADMIN, request.form.get("current", ""), request.remote_addr,
+                                   device=device_cookie())
+    except accounts.LockedOut as exc:
+        flash(locked_out_message(exc))
+        return redirect(url_for("pages.settings"))
+    if not ok:
+        flash("The current password is wrong.")
+        return redirect(url_for("pages.settings"))
+    cfg = ctx().cfg
+    name = f"iotgw-backup-{time.strftime('%Y-%m-%d-%H%M%S')}.tar.gz"
+    work = Path(tempfile.mkdtemp(prefix="iotgw-web-backup-"))
+    try:
+        create(cfg, work / name, config_file=Path(cfg.source) if Path(cfg.source).is_file() else None)
+        backup = open(work / name, "rb")  # noqa: SIM115 - send_file closes it once sent
+    except BackupError as exc:
+        flash(str(exc))
+        return redirect(url_for("pages.settings"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the open file stays readable until sent; nothing is left behind
+    response = send_file(backup, mimetype="application/gzip", as_attachment=True, download_name=name)
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 @bp.post("/settings/tokens")
