@@ -342,3 +342,26 @@ def test_the_settings_page_downloads_a_backup_after_the_password_is_given_again(
     devices = json.loads(iotgw("devices", "--db", f"sqlite:///{fresh / 'iotgw.sqlite'}", "--json").stdout)
     assert {d["mac"]: d["name"] for d in devices} == {CAMERA: "Front door camera", PLUG: "plug-1"}
     assert (tmp_path / "new.toml").read_text() == home["config"].read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing files to the service user needs root")
+def test_a_restore_run_as_root_gives_the_state_to_the_service_user_and_keeps_the_configs_owner(home, tmp_path):
+    backup = tmp_path / "b.tar.gz"
+    iotgw("backup", "--config", str(home["config"]), str(backup))
+    # An installed system: /var/lib/iotgw is the iotgw user's (0750), /etc/iotgw/iotgw.toml root:iotgw 0640
+    target = tmp_path / "installed"
+    state, config = target / "state", target / "iotgw.toml"
+    state.mkdir(parents=True)
+    os.chown(state, 4242, 4243)
+    state.chmod(0o750)
+    write_config(config, state)
+    os.chown(config, 0, 4243)
+    config.chmod(0o640)
+    iotgw("restore", "--config", str(config), str(backup))
+    made = [state, *state.rglob("*")]
+    assert {(p.lstat().st_uid, p.lstat().st_gid) for p in made} == {(4242, 4243)}
+    assert stat.S_IMODE(state.stat().st_mode) == 0o750
+    assert {stat.S_IMODE(p.stat().st_mode) for p in made if p.is_file() and not p.is_symlink()} == {0o600}
+    st = config.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 4243, 0o640)
+    assert config.read_text() == home["config"].read_text()
