@@ -365,3 +365,16 @@ def test_a_restore_run_as_root_gives_the_state_to_the_service_user_and_keeps_the
     st = config.stat()
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 4243, 0o640)
     assert config.read_text() == home["config"].read_text()
+
+
+def test_the_daemon_and_the_web_ui_do_not_start_on_a_state_dir_a_restore_is_replacing(home):
+    from gateway.statedir import take_running_lock
+
+    held = take_running_lock(home["state"])  # as `iotgw restore` holds it while it swaps the directory
+    try:
+        for argv in (["run", "--dns-listen", f"127.0.0.1:{free_port()}", "--no-sniff"],
+                     ["web", "--listen", f"127.0.0.1:{free_port()}"]):
+            refused = iotgw(*argv, "--config", str(home["config"]), check=1)
+            assert "`iotgw restore` is replacing this state directory" in refused.stderr
+    finally:
+        os.close(held)
