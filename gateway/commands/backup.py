@@ -6,7 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from gateway.cli import add_state_args, config_from_args, non_empty, non_empty_path
+from gateway.cli import (
+    add_state_args,
+    check_directory,
+    checked_flag,
+    config_from_args,
+    non_empty,
+    non_empty_path,
+)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -64,15 +71,18 @@ def _backup(args: argparse.Namespace) -> int:
 
 def _restore(args: argparse.Namespace) -> int:
     from gateway.backup import BackupError, restore
-    from gateway.config import DEFAULT_PATH
+    from gateway.config import DEFAULT_PATH, Config, check_database_url
 
     target = Path(args.config) if args.config else DEFAULT_PATH
     if args.config and not target.exists():
         # A reinstalled machine may have no config yet: the backup's goes there, and until then the defaults
-        # (with --state-dir, --db) say where the state goes.
-        args.config = None
-        cfg = config_from_args(args)
-        args.config = str(target)
+        # (with --state-dir, --db) say where the state goes; not /etc/iotgw/iotgw.toml's, which was not named.
+        cfg = Config()
+        if args.db:
+            cfg.store.url = checked_flag("--db", check_database_url, args.db)
+        if args.state_dir:
+            cfg.gateway.state_dir = args.state_dir
+        check_directory("--state-dir" if args.state_dir else "state directory", cfg.state_dir)
     else:
         cfg = config_from_args(args)
     try:
