@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import pwd
+import re
 import signal
 import subprocess
 import sys
@@ -215,10 +216,21 @@ def _server(args: argparse.Namespace) -> int:
 
     if _refuse_state_args(args):
         return 2
+    # Flower's connection file takes only absolute paths, and `flwr supernode register` runs in --state-dir:
+    # a path as the operator typed it (ca.pem, homes/alice.pub) is the operator's, relative to where they are.
+    for name in ("tls_ca", "tls_cert", "tls_key"):
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).absolute())
+    args.authorized_key = [key.absolute() for key in args.authorized_key]
     tls = _tls(args, server_side=True)
     if args.authorized_key and tls is None:
         raise SystemExit("iotgw federation: SuperNode authentication needs TLS (Flower refuses it without)")
     check_directory("--state-dir", args.state_dir)
+    # The SuperLink's own SuperExec, the ServerApp and flwr run reach it here and check its certificate
+    # for this address: one issued only for the name gateways use fails them all, and the run never starts.
+    connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    if tls is not None:
+        _check_certificate_names(tls.cert, connect_host)
     state = args.state_dir.resolve()
     out_dir = (args.out_dir or state / "model").resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -231,11 +243,10 @@ def _server(args: argparse.Namespace) -> int:
         link = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         interrupt_on_stop_signals()
-        connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         processes.wait_for_port(connect_host, args.port)
         processes.write_connection(state, CONNECTION, f"{connect_host}:{args.port}", tls.ca if tls else None)
         for key in args.authorized_key:
-            subprocess.run(processes.register_cmd(key, CONNECTION), env=env, check=True, cwd=state)
+            _register(key, env, state)
         run_config = processes.write_run_config(
             state / "run-config.toml",
             {
@@ -263,6 +274,71 @@ def _server(args: argparse.Namespace) -> int:
     finally:
         _stop(link)
         processes.stop_marked(mark)
+
+
+def _check_certificate_names(cert: Path, host: str) -> None:
+    """Exit naming the certificate when its subjectAltName does not cover ``host`` (TLS ignores its CN)."""
+    import ipaddress
+
+    from cryptography import x509
+
+    try:
+        parsed = x509.load_pem_x509_certificate(cert.read_bytes())
+    except ValueError as exc:
+        raise SystemExit(f"iotgw federation: --tls-cert {cert}: not a PEM certificate ({exc})") from None
+    try:
+        names = parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        names = x509.SubjectAlternativeName([])
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # a host name
+        address = None
+    if address is not None:
+        covered = address in names.get_values_for_type(x509.IPAddress)
+    else:
+        covered = any(_name_matches(pattern, host) for pattern in names.get_values_for_type(x509.DNSName))
+    if not covered:
+        shown = ", ".join(str(n.value) for n in names) or "none"
+        kind = "DNS" if address is None else "IP"
+        raise SystemExit(
+            f"iotgw federation: --tls-cert {cert} is not valid for {host} (its subjectAltName: {shown}), where "
+            f"this server's own Flower processes connect to the SuperLink: issue it with {kind}:{host} "
+            "beside the name gateways use (docs/federation.md, \"The fleet server\")"
+        )
+
+
+def _name_matches(pattern: str, host: str) -> bool:
+    """A certificate's DNS name against a host name; a wildcard stands for one leftmost label."""
+    pattern, host = pattern.lower().rstrip("."), host.lower().rstrip(".")
+    if pattern.startswith("*."):
+        return "." in host and host.split(".", 1)[1] == pattern[2:]
+    return pattern == host
+
+
+def _register(key: Path, env: dict[str, str], state: Path) -> None:
+    """Let the gateway holding ``key``'s private half join. A key the SuperLink's database already holds (this
+    server ran before from the same --state-dir, as it does every night) is registered: the SuperLink keeps
+    it, and Flower refuses to add it twice."""
+    from identifier.federated import processes
+
+    done = subprocess.run(
+        processes.register_cmd(key, CONNECTION), env=env, cwd=state, capture_output=True, text=True, check=False
+    )
+    said = " ".join((done.stdout + done.stderr).split())
+    if done.returncode == 0:
+        node = re.search(r"SuperNode (\d+) registered", said)
+        print(f"gateway key {key}: registered" + (f" as SuperNode {node[1]}" if node else ""))
+    elif "already in use" in said:
+        print(f"gateway key {key}: already registered")
+    else:
+        raise SystemExit(f"iotgw federation: cannot register the gateway key {key}: {_flower_error(said)}")
+
+
+def _flower_error(said: str) -> str:
+    """The message of a ``flwr`` command's error box, without the box drawing; all it said if it drew none."""
+    words = " ".join(re.sub("[\u2500-\u257f]", " ", said).split())
+    return words.split(" Error ", 1)[-1] or "no output"
 
 
 def _join(args: argparse.Namespace) -> int:
