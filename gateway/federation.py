@@ -113,12 +113,17 @@ class RoundAlerts:
       window ends), with the last stage it reached;
     - ``model_updated`` when the home installs a new global model.
 
-    Only entries written after it was created count: earlier nights were reported then.
+    Only entries written after it was created count: earlier nights were reported then. ``say``, when given,
+    is told each outcome in a line of words, a model the home refused included (no alert: nothing changed),
+    for whoever watches the join: its console, or the journal of the nightly unit.
     """
 
-    def __init__(self, log_path: Path, send: Callable[[Alert], None]) -> None:
+    def __init__(
+        self, log_path: Path, send: Callable[[Alert], None], say: Callable[[str], None] | None = None
+    ) -> None:
         self.log_path = log_path
         self.send = send
+        self.say = say or (lambda line: None)
         self.offset = log_path.stat().st_size if log_path.exists() else 0
         self.open: dict[tuple[int, int], str] = {}  # (run, round) -> last stage reached
 
@@ -161,12 +166,28 @@ class RoundAlerts:
                 "accuracy_before": entry.get("accuracy_before"),
             }
             self.send(Alert("model_updated", ts, None, data))
+            self.say(
+                f"model {data['version']} installed (was {data['previous_version']}){_accuracies(entry)}; "
+                "`iotgw federation rollback` puts the one before back"
+            )
+        elif entry.get("event") == "install":
+            self.say(f"model of round {entry.get('round')} not installed: {entry.get('reason')}{_accuracies(entry)}")
 
     def _close(self, key: tuple[int, int], status: str, ts: float | None = None) -> None:
         stage = self.open.pop(key)
         error = None if status == "ok" else f"stopped after the {stage} stage"
         data = {"round": key[1], "status": status, "error": error, "run_id": key[0]}
         self.send(Alert("federated_round", ts or time.time(), None, data))
+        outcome = "ok, this home's masked update is in the sum" if status == "ok" else f"failed, {error}"
+        self.say(f"round {key[1]} of run {key[0]}: {outcome}")
+
+
+def _accuracies(entry: dict) -> str:
+    """The install decision's figures, as the round log has them (None when there was nothing to compare)."""
+    before, after = entry.get("accuracy_before"), entry.get("accuracy")
+    if not isinstance(before, (int, float)) or not isinstance(after, (int, float)):
+        return ""
+    return f" (accuracy on this home's confirmed devices {before:.3f} before, {after:.3f} with it)"
 
 
 def _round_number(group_id: object) -> int:

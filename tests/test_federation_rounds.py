@@ -306,6 +306,9 @@ def test_a_gateway_joins_from_its_store_and_reports_the_round(fleet: LocalFleet,
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", node_port), timeout=2).close()
     assert "training data: 2 confirmed devices" in output
+    # what the owner (or the journal of the nightly unit) reads: the round and the install decision, in words
+    assert f"joined {fleet.address} for 600 s" in output
+    assert "round 1 of run " in output and ": ok, this home's masked update is in the sum" in output, output[-3000:]
     exported = homedata.load(gateway / "federation" / "confirmed.jsonl")
     assert {w.device_type for w in exported} == {"TP-LinkPlugHS110", "D-LinkDayCam"}
     (round_alert,) = recent_alerts(store, kind="federated_round")
@@ -316,8 +319,10 @@ def test_a_gateway_joins_from_its_store_and_reports_the_round(fleet: LocalFleet,
         (alert,) = recent_alerts(store, kind="model_updated")
         assert alert.data["version"] == manifest["version"] and alert.data["previous_version"] == Bundle.load().version
         assert Bundle.load(gateway / "federation" / "model" / "current").version == manifest["version"]
+        assert f"model {manifest['version']} installed (was {Bundle.load().version})" in output
     else:
         assert not recent_alerts(store, kind="model_updated") and "worse" in decision["reason"]
+        assert f"model of round 1 not installed: {decision['reason']}" in output
     store.close()
 
 

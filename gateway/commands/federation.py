@@ -374,7 +374,7 @@ def _join(args: argparse.Namespace) -> int:
         if owner is not None:
             _check_owner_can_use(owner, state, [data, ca, args.auth_key], bundle)
             env.update(_login_env(owner, state))
-        alerts = RoundAlerts(state / "rounds.log", outbox_sender(store, cfg))
+        alerts = RoundAlerts(state / "rounds.log", outbox_sender(store, cfg), say=lambda line: print(line, flush=True))
         with open(create_private(state / "supernode.log", exclusive=False), "ab") as log:
             node = subprocess.Popen(
                 cmd,
@@ -388,6 +388,8 @@ def _join(args: argparse.Namespace) -> int:
                 extra_groups=[] if owner else None,
             )
         deadline = time.monotonic() + args.window
+        print(f"joined {args.superlink} for {args.window:g} s; each round this home takes part in is reported here",
+              flush=True)
         try:
             interrupt_on_stop_signals()
             while time.monotonic() < deadline:
