@@ -128,6 +128,33 @@ def test_timer_runs_nightly_and_spreads_the_fleet() -> None:
     assert parser["Timer"]["RandomizedDelaySec"]
 
 
+def _seconds(span: str) -> float:
+    """A systemd time span (``90min``, ``1h 30min``, ``5400``) in seconds."""
+    units = {"": 1, "s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600, "hr": 3600}
+    parts = re.findall(r"(\d+)\s*([a-z]*)", span)
+    assert parts and "".join(n + u for n, u in parts) == span.replace(" ", ""), span
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+def test_every_home_of_the_fleet_is_joined_at_once_for_half_an_hour_a_night() -> None:
+    """Each home joins at 02:00 plus its own delay (up to RandomizedDelaySec) and stays for the join's window:
+    all of them are joined together only from the last start to the first end. The fleet server's rounds must
+    fit there (docs/federation.md, "When the server runs"). Before, a 90 min spread and a 60 min window left
+    no such moment: at best two thirds of the homes were joined at once, and a server started at 02:00 met
+    the few whose delay was under its --nodes-wait."""
+    from gateway.cli import build_parser
+
+    timer = configparser.ConfigParser(strict=False, interpolation=None)
+    timer.read(UNITS / "iotgw-federation.timer")
+    spread = _seconds(timer["Timer"]["RandomizedDelaySec"])
+    service = configparser.ConfigParser(strict=False, interpolation=None)
+    service.read(UNITS / "iotgw-federation.service")
+    argv = service["Service"]["ExecStart"].split()
+    assert argv[:3] == ["/usr/bin/iotgw", "federation", "join"]
+    window = build_parser().parse_args(argv[1:]).window  # the unit's join, with the flags it is given
+    assert window - spread >= 30 * 60, (window, spread)
+
+
 MDWE_PROBE = """
 import ctypes, sys
 libc = ctypes.CDLL(None, use_errno=True)
