@@ -220,8 +220,8 @@ def _server(args: argparse.Namespace) -> int:
     # a path as the operator typed it (ca.pem, homes/alice.pub) is the operator's, relative to where they are.
     for name in ("tls_ca", "tls_cert", "tls_key"):
         if getattr(args, name) is not None:
-            setattr(args, name, getattr(args, name).absolute())
-    args.authorized_key = [key.absolute() for key in args.authorized_key]
+            setattr(args, name, Path(os.path.abspath(getattr(args, name))))
+    args.authorized_key = [Path(os.path.abspath(key)) for key in args.authorized_key]
     tls = _tls(args, server_side=True)
     if args.authorized_key and tls is None:
         raise SystemExit("iotgw federation: SuperNode authentication needs TLS (Flower refuses it without)")
