@@ -227,11 +227,24 @@ def wait_answering(port: int, timeout_s: float = 15) -> None:
 
 
 def free_ports(n: int) -> list[int]:
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
+    """``n`` ports free for both UDP and TCP: a DNS server listens on both, and a port free for UDP alone was
+    sometimes another process's TCP listener (the benchmark's iotgw then failed to start)."""
+    socks: list[socket.socket] = []
+    ports: list[int] = []
     try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
+        while len(ports) < n:
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(tcp)
+            tcp.bind(("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks.append(udp)
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken for UDP: both stay bound until the end, so it is not offered again
+            ports.append(port)
+        return ports
     finally:
         for s in socks:
             s.close()
